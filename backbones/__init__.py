@@ -1,0 +1,5 @@
+"""The model families of recurzoo; importing this package registers them with timm."""
+from recurzoo.backbones import hornet  # noqa: F401
+
+# Modules whose ``@register_model`` functions make up the zoo (used by ``recurzoo.list_models``).
+FAMILY_MODULES = ("recurzoo.backbones.hornet",)

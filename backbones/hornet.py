@@ -1,0 +1,588 @@
+"""HorNet: high-order spatial interactions with recursive gated convolutions.
+
+Paper: "HorNet: Efficient High-Order Spatial Interactions with Recursive Gated Convolutions",
+Rao, Zhao, Tang, Zhou, Lim and Lu, NeurIPS 2022 (https://arxiv.org/abs/2207.14284).
+Official code and weights: https://github.com/raoyongming/HorNet (MIT license).
+
+A HorNet block is a ConvNeXt-style block whose depthwise convolution is replaced by the recursive
+gated convolution gnConv: one projection produces a gate and a stack of context maps at
+geometrically growing widths; a spatial mixer (a 7x7 depthwise conv, or the global-local filter
+that mixes half of the channels in the Fourier domain) filters the context; the gate is then
+multiplied by each context map in turn, widening through 1x1 convs between the orders.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, LayerNorm, calculate_drop_path_rates, LayerNorm2d, Mlp, NormMlpClassifierHead, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq
+
+from recurzoo.backbones._helpers import check_image_input, model_name
+from recurzoo.official import register_official
+
+__all__ = ["HorNet", "RecursiveGatedConv", "GlobalLocalFilter", "HorNetBlock", "HorNetStage"]
+
+_NORM_EPS = 1e-6
+
+
+def global_filter_size(img_size: int, reduction: int) -> Tuple[int, int]:
+    """Height and width of the learned frequency weights for a feature map of ``img_size / reduction``.
+
+    The real FFT of an ``s x s`` map keeps ``s // 2 + 1`` frequencies along the last axis.
+    """
+    side = img_size // reduction
+    return side, side // 2 + 1
+
+
+class GlobalLocalFilter(nn.Module):
+    """Mixes half of the channels with a 3x3 depthwise conv and half with a learned global filter.
+
+    The global half is multiplied, in the 2-D real Fourier domain, by a learned complex weight of
+    size ``filter_size``; a feature map of another size uses the weight resized bilinearly
+    (``align_corners=True``), as the official code does.
+    """
+
+    def __init__(self, dim: int, filter_size: Tuple[int, int] = (14, 8)) -> None:
+        super().__init__()
+        half = dim // 2
+        self.pre_norm = LayerNorm2d(dim, eps=_NORM_EPS)
+        self.dw = nn.Conv2d(half, half, kernel_size=3, padding=1, groups=half, bias=False)
+        self.complex_weight = nn.Parameter(torch.zeros(half, *filter_size, 2))
+        trunc_normal_(self.complex_weight, std=0.02)
+        self.post_norm = LayerNorm2d(dim, eps=_NORM_EPS)
+
+    def frequency_weight(self, height: int, width: int) -> torch.Tensor:
+        """The learned weight as a real ``(C, height, width // 2 + 1, 2)`` tensor for a map of that size."""
+        weight = self.complex_weight
+        size = (height, width // 2 + 1)
+        if tuple(weight.shape[1:3]) != size:
+            weight = F.interpolate(weight.permute(3, 0, 1, 2), size=size, mode="bilinear", align_corners=True)
+            weight = weight.permute(1, 2, 3, 0)
+        return weight
+
+    def global_filter(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        weight = torch.view_as_complex(self.frequency_weight(height, width).float().contiguous())
+        spectrum = torch.fft.rfft2(x.float(), dim=(2, 3), norm="ortho")
+        return torch.fft.irfft2(spectrum * weight, s=(height, width), dim=(2, 3), norm="ortho").to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pre_norm(x)
+        local_half, global_half = x.chunk(2, dim=1)
+        # The official layout interleaves the two halves channel by channel (local 0, global 0, ...).
+        x = torch.stack([self.dw(local_half), self.global_filter(global_half)], dim=2).flatten(1, 2)
+        return self.post_norm(x)
+
+
+class RecursiveGatedConv(nn.Module):
+    """gnConv: an order-``n`` recursive gated convolution.
+
+    ``proj_in`` yields a gate of width ``dim / 2**(n-1)`` and context maps of widths
+    ``dim / 2**(n-1), ..., dim / 2, dim``; after the spatial mixer, the gate is multiplied by the
+    first context map, then, for each higher order, widened by a 1x1 conv and multiplied by the next.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            order: int = 5,
+            scale: float = 1.0,
+            spatial_mixer: Optional[Callable[[int], nn.Module]] = None,
+    ) -> None:
+        super().__init__()
+        if dim % 2 ** (order - 1):
+            raise ValueError(f"RecursiveGatedConv: dim must be divisible by 2**(order-1) = {2 ** (order - 1)}, "
+                             f"received dim={dim}, order={order}")
+        self.order = order
+        self.scale = scale
+        self.widths = [dim // 2 ** i for i in reversed(range(order))]
+        context_width = sum(self.widths)
+        self.proj_in = nn.Conv2d(dim, self.widths[0] + context_width, kernel_size=1)
+        if spatial_mixer is None:
+            self.spatial_mixer = nn.Conv2d(context_width, context_width, kernel_size=7, padding=3, groups=context_width)
+        else:
+            self.spatial_mixer = spatial_mixer(context_width)
+        self.order_projs = nn.ModuleList(
+            nn.Conv2d(self.widths[i], self.widths[i + 1], kernel_size=1) for i in range(order - 1))
+        self.proj_out = nn.Conv2d(dim, dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, context = self.proj_in(x).split((self.widths[0], sum(self.widths)), dim=1)
+        contexts = (self.spatial_mixer(context) * self.scale).split(self.widths, dim=1)
+        x = gate * contexts[0]
+        for proj, context_map in zip(self.order_projs, contexts[1:]):
+            x = proj(x) * context_map
+        return self.proj_out(x)
+
+
+class HorNetBlock(nn.Module):
+    """Pre-norm residual block: gnConv, then a channels-last MLP (4x), each with a layer scale."""
+
+    def __init__(
+            self,
+            dim: int,
+            gnconv: Callable[[int], nn.Module],
+            mlp_ratio: float = 4.0,
+            drop_path: float = 0.0,
+            ls_init_value: Optional[float] = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm2d(dim, eps=_NORM_EPS)
+        self.gnconv = gnconv(dim)
+        self.norm2 = LayerNorm(dim, eps=_NORM_EPS)
+        self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=nn.GELU)
+        if ls_init_value:
+            self.gamma1 = nn.Parameter(torch.full((dim,), float(ls_init_value)))
+            self.gamma2 = nn.Parameter(torch.full((dim,), float(ls_init_value)))
+        else:
+            self.gamma1 = self.gamma2 = None
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.gnconv(self.norm1(x))
+        if self.gamma1 is not None:
+            y = y * self.gamma1.view(-1, 1, 1)
+        x = x + self.drop_path(y)
+
+        y = self.mlp(self.norm2(x.permute(0, 2, 3, 1)))
+        if self.gamma2 is not None:
+            y = y * self.gamma2
+        return x + self.drop_path(y.permute(0, 3, 1, 2))
+
+
+class HorNetStage(nn.Module):
+    """A downsampling layer (the stem for the first stage) followed by HorNet blocks."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            depth: int,
+            gnconv: Callable[[int], nn.Module],
+            drop_path_rates: Sequence[float],
+            ls_init_value: Optional[float],
+            mlp_ratio: float = 4.0,
+    ) -> None:
+        super().__init__()
+        self.grad_checkpointing = False
+        self.downsample = nn.Sequential(
+            LayerNorm2d(in_chs, eps=_NORM_EPS),
+            nn.Conv2d(in_chs, out_chs, kernel_size=2, stride=2),
+        )
+        self.blocks = nn.Sequential(*[
+            HorNetBlock(out_chs, gnconv, mlp_ratio, drop_path_rates[i], ls_init_value) for i in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+class HorNet(nn.Module):
+    """HorNet backbone and classifier with timm's model interface.
+
+    Args:
+        in_chans: input channels.
+        num_classes: classifier outputs (0 for none).
+        depths: blocks per stage.
+        dims: widths of the four stages (the official ``base_dim`` times 1, 2, 4, 8).
+        gnconv_orders: order of the recursive gated conv in each stage.
+        gnconv_scale: scale applied to the spatially mixed context (the paper uses 1/3).
+        global_filter_sizes: per stage, ``None`` for the 7x7 depthwise mixer, or the ``(h, w)`` of
+            the learned frequency weights of a global-local filter.
+        mlp_ratio: hidden width of the block MLP relative to the stage width.
+        ls_init_value: initial layer scale (``None`` or 0 disables it).
+        global_pool: pooling type of the head.
+        drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth, rising linearly over all blocks.
+        head_init_scale: multiplier of the initial classifier weights.
+    """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            depths: Sequence[int] = (2, 3, 18, 2),
+            dims: Sequence[int] = (64, 128, 256, 512),
+            gnconv_orders: Sequence[int] = (2, 3, 4, 5),
+            gnconv_scale: float = 1.0 / 3.0,
+            global_filter_sizes: Sequence[Optional[Tuple[int, int]]] = (None, None, None, None),
+            mlp_ratio: float = 4.0,
+            ls_init_value: Optional[float] = 1e-6,
+            global_pool: str = "avg",
+            drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
+            head_init_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if not len(depths) == len(dims) == len(gnconv_orders) == len(global_filter_sizes) == 4:
+            raise ValueError("HorNet: depths, dims, gnconv_orders and global_filter_sizes need one entry per stage "
+                             f"(4), received {len(depths)}, {len(dims)}, {len(gnconv_orders)}, "
+                             f"{len(global_filter_sizes)}")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4),
+            LayerNorm2d(dims[0], eps=_NORM_EPS),
+        )
+        drop_path_rates = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
+        stages: List[nn.Module] = []
+        self.feature_info: List[Dict[str, Any]] = []
+        for i in range(4):
+            spatial_mixer = None
+            if global_filter_sizes[i] is not None:
+                spatial_mixer = partial(GlobalLocalFilter, filter_size=tuple(global_filter_sizes[i]))
+            gnconv = partial(RecursiveGatedConv, order=gnconv_orders[i], scale=gnconv_scale,
+                             spatial_mixer=spatial_mixer)
+            blocks_args = dict(depth=depths[i], gnconv=gnconv, drop_path_rates=drop_path_rates[i],
+                               ls_init_value=ls_init_value, mlp_ratio=mlp_ratio)
+            if i == 0:
+                stage = HorNetStage(dims[0], dims[0], **blocks_args)
+                stage.downsample = nn.Identity()  # the stem downsamples for the first stage
+            else:
+                stage = HorNetStage(dims[i - 1], dims[i], **blocks_args)
+            stages.append(stage)
+            self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f"stages.{i}"))
+        self.stages = nn.Sequential(*stages)
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.norm_pre = nn.Identity()
+        self.head = NormMlpClassifierHead(
+            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
+            norm_layer=partial(LayerNorm2d, eps=_NORM_EPS))
+        self.apply(self._init_weights)
+        if num_classes:
+            self.head.fc.weight.data.mul_(head_init_scale)
+            self.head.fc.bias.data.mul_(head_init_scale)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    @property
+    def total_stride(self) -> int:
+        return self.feature_info[-1]["reduction"]
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^norm_pre", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        # Layer scales, norms and biases are 1-D and excluded by timm's optimizer factory already.
+        return {name for name, _ in self.named_parameters() if name.endswith("complex_weight")}
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool, reset_other=reset_other)
+        self.head_hidden_size = self.head.num_features
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_image_input(x, model_name(self), self.in_chans, min_size=self.total_stride)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Run the stages, returning the outputs of those in ``indices`` (all four by default)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"{model_name(self)}: output_fmt must be 'NCHW', received {output_fmt!r}")
+        self._check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages[:max_index + 1] if stop_early and not torch.jit.is_scripting() else self.stages
+        last_index = len(self.stages) - 1
+        intermediates = []
+        x = self.stem(x)
+        for index, stage in enumerate(stages):
+            x = stage(x)
+            if index in take_indices:
+                intermediates.append(self.norm_pre(x) if norm and index == last_index else x)
+        if intermediates_only:
+            return intermediates
+        if index == last_index:
+            x = self.norm_pre(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages (and head) that the requested intermediates do not need."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        if prune_norm or prune_end:
+            self.norm_pre = nn.Identity()
+        self.stages = self.stages[:max_index + 1]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "", reset_other=True)
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        x = self.stem(x)
+        x = self.stages(x)
+        return self.norm_pre(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+MODEL_CARD = dict(
+    title="HorNet",
+    summary="""
+HorNet replaces the depthwise convolution of a ConvNeXt block with the recursive gated convolution
+(gnConv), which builds spatial interactions of order 2 to 5 (one order more per stage) from
+convolutions and element-wise gating alone. The `_7x7` variants mix space with a 7x7 depthwise
+conv; the `_gf` variants use a global-local filter in stages 3 and 4 (half of the channels through a
+3x3 depthwise conv, half through a learned filter in the 2-D Fourier domain). The frequency weights
+are sized for the input resolution in the name (224 unless `_384`) and are resized bilinearly for
+any other input size, as the official code does, so every variant runs at any resolution that is a
+multiple of 32 or larger.
+""",
+    paper="HorNet: Efficient High-Order Spatial Interactions with Recursive Gated Convolutions "
+          "(Rao et al., NeurIPS 2022)",
+    paper_url="https://arxiv.org/abs/2207.14284",
+    code_url="https://github.com/raoyongming/HorNet",
+    license="MIT",
+    create_kwargs=dict(num_classes=1000),
+    example_model="hornet_tiny_7x7",
+    table_note="Parameters and fvcore GFLOPs (multiply-accumulates, FFTs counted as N log2 N per channel) "
+               "of one image at the input size shown, with a 1000-class head. The large models' official "
+               "weights are ImageNet-22k classifiers (21841 classes): `timm.create_model(name, pretrained=True)` "
+               "builds that head; pass `num_classes` to replace it.",
+    notes="""
+## Faithfulness
+
+`tests/test_parity.py` loads checkpoints captured from the official implementation through
+`checkpoint_filter_fn` and matches its eval-mode logits (7x7 and global-filter variants). Parameter
+counts equal the official code's; FLOPs are within 1% of it (the official figures count neither the
+channels-first LayerNorms, which the authors wrote as element-wise ops, nor the FFTs).
+""",
+)
+
+
+# Official names -> ours, applied in order to every key of an official checkpoint.
+_OFFICIAL_KEY_RENAMES = (
+    (r"^downsample_layers\.0\.", "stem."),
+    (r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample."),
+    (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."),
+    (r"\.gnconv\.dwconv\.", ".gnconv.spatial_mixer."),
+    (r"\.gnconv\.pws\.", ".gnconv.order_projs."),
+    (r"\.pwconv(\d)\.", r".mlp.fc\1."),
+    (r"^norm\.", "head.norm."),
+    (r"^head\.(weight|bias)$", r"head.fc.\1"),
+)
+
+
+def unwrap_checkpoint(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The state dict inside a training checkpoint's ``model``/``state_dict`` wrapper, if any."""
+    for key in ("model", "state_dict", "model_ema", "params_ema", "params"):
+        if key in checkpoint and isinstance(checkpoint[key], dict):
+            return checkpoint[key]
+    return checkpoint
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: HorNet) -> Dict[str, torch.Tensor]:
+    """Convert an official HorNet checkpoint (or a wrapped one) to this implementation's keys.
+
+    Checkpoints already in this layout pass through. Global-filter weights stored for another
+    feature size are resized bilinearly to the model's, as the official code does at run time.
+    """
+    import re
+
+    state_dict = unwrap_checkpoint(state_dict)
+    if "stem.0.weight" in state_dict:
+        converted = dict(state_dict)
+    else:
+        converted = {}
+        for key, value in state_dict.items():
+            for pattern, replacement in _OFFICIAL_KEY_RENAMES:
+                key = re.sub(pattern, replacement, key)
+            converted[key] = value
+    target = model.state_dict()
+    for key, value in converted.items():
+        if key.endswith("complex_weight") and key in target and value.shape != target[key].shape:
+            resized = F.interpolate(value.permute(3, 0, 1, 2), size=target[key].shape[1:3],
+                                    mode="bilinear", align_corners=True)
+            converted[key] = resized.permute(1, 2, 3, 0).contiguous()
+    return converted
+
+
+def _official_hornet(
+        depths: Sequence[int],
+        base_dim: int,
+        num_classes: int = 1000,
+        gnconv_orders: Sequence[int] = (2, 3, 4, 5),
+        gnconv_scale: float = 1.0 / 3.0,
+        global_filter: bool = False,
+        global_filter_hw: Optional[Sequence[Sequence[int]]] = None,
+        in_chans: int = 3,
+        drop_path_rate: float = 0.0,
+        **unused: Any,
+) -> HorNet:
+    """The official ``hornet.HorNet`` arguments mapped onto :class:`HorNet`."""
+    filter_sizes: List[Optional[Tuple[int, int]]] = [None, None, None, None]
+    if global_filter:
+        hw = global_filter_hw or [global_filter_size(224, 16), global_filter_size(224, 32)]
+        filter_sizes[2:] = [tuple(size) for size in hw]
+    return HorNet(
+        in_chans=in_chans, num_classes=num_classes, depths=depths, dims=[base_dim * 2 ** i for i in range(4)],
+        gnconv_orders=gnconv_orders, gnconv_scale=gnconv_scale, global_filter_sizes=filter_sizes,
+        drop_path_rate=drop_path_rate)
+
+
+register_official("hornet.HorNet", family="hornet", checkpoint_filter_fn=checkpoint_filter_fn)(_official_hornet)
+
+
+def _create_hornet(variant: str, pretrained: bool = False, **kwargs: Any) -> HorNet:
+    return build_model_with_cfg(
+        HorNet, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        **kwargs)
+
+
+def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
+    return {
+        "url": url,
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+        "crop_pct": 0.875, "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.0", "classifier": "head.fc",
+        "license": "mit",
+        "paper_ids": "arXiv:2207.14284",
+        "paper_name": "HorNet: Efficient High-Order Spatial Interactions with Recursive Gated Convolutions",
+        "origin_url": "https://github.com/raoyongming/HorNet",
+        **kwargs,
+    }
+
+
+_IN22K = dict(num_classes=21841)
+_AT_384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0)
+
+default_cfgs = generate_default_cfgs({
+    "hornet_tiny_7x7.in1k": _cfg(url="https://cloud.tsinghua.edu.cn/f/bac9690c72944d19aca1/?dl=1"),
+    "hornet_tiny_gf.in1k": _cfg(url="https://cloud.tsinghua.edu.cn/f/460e759c82324ea6bfa3/?dl=1"),
+    "hornet_small_7x7.in1k": _cfg(url="https://cloud.tsinghua.edu.cn/f/8ef64277da0e469ea857/?dl=1"),
+    "hornet_small_gf.in1k": _cfg(url="https://cloud.tsinghua.edu.cn/f/959603ca287d4c09ad49/?dl=1"),
+    "hornet_base_7x7.in1k": _cfg(url="https://cloud.tsinghua.edu.cn/f/13a748487711492e9704/?dl=1"),
+    "hornet_base_gf.in1k": _cfg(url="https://cloud.tsinghua.edu.cn/f/c212d1d8a3914b47a5c1/?dl=1"),
+    "hornet_base_gf_384": _cfg(**_AT_384),
+    "hornet_large_7x7.in22k": _cfg(url="https://cloud.tsinghua.edu.cn/f/c2fc23caae084a3aa73d/?dl=1", **_IN22K),
+    "hornet_large_gf.in22k": _cfg(url="https://cloud.tsinghua.edu.cn/f/8600206ebdfa485f98d0/?dl=1", **_IN22K),
+    "hornet_large_gf_384.in22k": _cfg(
+        url="https://cloud.tsinghua.edu.cn/f/eec48d5eca5a48d98fd2/?dl=1", **_IN22K, **_AT_384),
+})
+
+
+def _hornet_args(base_dim: int, global_filter: bool, img_size: int = 224) -> Dict[str, Any]:
+    """The official architecture: depths 2-3-18-2, widths base_dim x 1/2/4/8, gnConv orders 2-5."""
+    filter_sizes: List[Optional[Tuple[int, int]]] = [None, None, None, None]
+    if global_filter:
+        filter_sizes[2:] = [global_filter_size(img_size, 16), global_filter_size(img_size, 32)]
+    return dict(depths=(2, 3, 18, 2), dims=tuple(base_dim * 2 ** i for i in range(4)),
+                gnconv_orders=(2, 3, 4, 5), gnconv_scale=1.0 / 3.0, global_filter_sizes=tuple(filter_sizes))
+
+
+@register_model
+def hornet_tiny_7x7(pretrained: bool = False, **kwargs: Any) -> HorNet:
+    """HorNet-T (7x7): base width 64, 7x7 depthwise gnConv."""
+    return _create_hornet("hornet_tiny_7x7", pretrained, **dict(_hornet_args(64, global_filter=False), **kwargs))
+
+
+@register_model
+def hornet_tiny_gf(pretrained: bool = False, **kwargs: Any) -> HorNet:
+    """HorNet-T (GF): base width 64, global-local filters in stages 3 and 4."""
+    return _create_hornet("hornet_tiny_gf", pretrained, **dict(_hornet_args(64, global_filter=True), **kwargs))
+
+
+@register_model
+def hornet_small_7x7(pretrained: bool = False, **kwargs: Any) -> HorNet:
+    """HorNet-S (7x7): base width 96."""
+    return _create_hornet("hornet_small_7x7", pretrained, **dict(_hornet_args(96, global_filter=False), **kwargs))
+
+
+@register_model
+def hornet_small_gf(pretrained: bool = False, **kwargs: Any) -> HorNet:
+    """HorNet-S (GF): base width 96."""
+    return _create_hornet("hornet_small_gf", pretrained, **dict(_hornet_args(96, global_filter=True), **kwargs))
+
+
+@register_model
+def hornet_base_7x7(pretrained: bool = False, **kwargs: Any) -> HorNet:
+    """HorNet-B (7x7): base width 128."""
+    return _create_hornet("hornet_base_7x7", pretrained, **dict(_hornet_args(128, global_filter=False), **kwargs))
+
+
+@register_model
+def hornet_base_gf(pretrained: bool = False, **kwargs: Any) -> HorNet:
+    """HorNet-B (GF): base width 128."""
+    return _create_hornet("hornet_base_gf", pretrained, **dict(_hornet_args(128, global_filter=True), **kwargs))
+
+
+@register_model
+def hornet_base_gf_384(pretrained: bool = False, **kwargs: Any) -> HorNet:
+    """HorNet-B (GF) with frequency weights sized for 384x384 input."""
+    model_args = _hornet_args(128, global_filter=True, img_size=384)
+    return _create_hornet("hornet_base_gf_384", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def hornet_large_7x7(pretrained: bool = False, **kwargs: Any) -> HorNet:
+    """HorNet-L (7x7): base width 192."""
+    return _create_hornet("hornet_large_7x7", pretrained, **dict(_hornet_args(192, global_filter=False), **kwargs))
+
+
+@register_model
+def hornet_large_gf(pretrained: bool = False, **kwargs: Any) -> HorNet:
+    """HorNet-L (GF): base width 192."""
+    return _create_hornet("hornet_large_gf", pretrained, **dict(_hornet_args(192, global_filter=True), **kwargs))
+
+
+@register_model
+def hornet_large_gf_384(pretrained: bool = False, **kwargs: Any) -> HorNet:
+    """HorNet-L (GF) with frequency weights sized for 384x384 input."""
+    model_args = _hornet_args(192, global_filter=True, img_size=384)
+    return _create_hornet("hornet_large_gf_384", pretrained, **dict(model_args, **kwargs))

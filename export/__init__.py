@@ -1,0 +1,1 @@
+"""Exporters, FLOP/param reports and model cards."""

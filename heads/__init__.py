@@ -1,0 +1,1 @@
+"""Task heads: classification, super-resolution, camouflaged object detection."""

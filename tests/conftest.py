@@ -1,0 +1,21 @@
+"""Shared test settings: deterministic seeds and few threads on the 2-core CI machine."""
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_collection_modifyitems(items):
+    """Run the registry-wide tests model by model, so each model is built once and reused."""
+    def model_key(item):
+        callspec = getattr(item, "callspec", None)
+        if item.module.__name__.endswith("test_models") and callspec and "name" in callspec.params:
+            return (item.module.__name__, callspec.params["name"])
+        return (item.module.__name__, "")
+
+    order = {id(item): index for index, item in enumerate(items)}
+    items.sort(key=lambda item: (item.fspath.strpath, model_key(item)[1], order[id(item)]))

@@ -1,0 +1,43 @@
+"""The ``recurzoo`` command line: listing, model info, and one-line errors with exit code 2."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from recurzoo.cli import main
+
+
+def test_list_filters_by_pattern(capsys):
+    assert main(["list", "hornet_tiny*"]) == 0
+    assert capsys.readouterr().out.split() == ["hornet_tiny_7x7", "hornet_tiny_gf"]
+
+
+def test_info_prints_params_flops_and_strides(capsys):
+    assert main(["info", "hornet_tiny_7x7", "--input-size", "3", "224", "224"]) == 0
+    out = capsys.readouterr().out
+    assert "22.41 M" in out
+    assert "3.99" in out  # fvcore GFLOPs, LayerNorms counted
+    assert "[4, 8, 16, 32]" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["info", "no_such_model"], "unknown model 'no_such_model'"),
+    (["info", "hornet_tiny_7x7", "--input-size", "3", "16", "16"], "at least 32"),
+    (["info", "hornet_tiny_7x7", "--input-size", "3", "x", "16"], "invalid"),
+    (["list", "zzz*"], "no model of recurzoo matches"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_user_errors_are_one_line_on_stderr_with_exit_code_2(capsys, argv, message):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+
+
+def test_python_dash_m_runs_the_same_command_line():
+    result = subprocess.run([sys.executable, "-m", "recurzoo", "list", "hornet_large*"],
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["hornet_large_7x7", "hornet_large_gf", "hornet_large_gf_384"]

@@ -1,0 +1,64 @@
+"""Installation layout: one import package, importable from any directory, the checkout root included."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+IMPORT_CHECK = ("import recurzoo, timm; "
+                "m = timm.create_model('hornet_tiny_gf', features_only=True); "
+                "print(recurzoo.__file__); print(m.feature_info.reduction())")
+
+
+def _run(args, cwd, env=None):
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("cwd", [REPO_ROOT, Path("/")], ids=["checkout-root", "elsewhere"])
+def test_installed_package_imports_from_any_directory(cwd):
+    result = _run([sys.executable, "-c", IMPORT_CHECK], cwd)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[4, 8, 16, 32]"
+
+
+@pytest.fixture(scope="module")
+def regular_install(tmp_path_factory):
+    """A non-editable install of the checkout into a private folder (dependencies from this venv)."""
+    target = tmp_path_factory.mktemp("site")
+    result = _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
+                   "--target", str(target), str(REPO_ROOT)], cwd=tmp_path_factory.mktemp("build"))
+    if result.returncode != 0:
+        pytest.fail(f"pip install . failed: {result.stderr[-2000:]}")
+    return target
+
+
+def test_regular_install_contains_only_the_recurzoo_package(regular_install):
+    top_level = {p.name for p in regular_install.iterdir() if not p.name.endswith((".dist-info", ".egg-info"))}
+    top_level.discard("bin")
+    assert top_level == {"recurzoo"}
+    for sub in ("backbones", "heads", "train", "export"):
+        assert (regular_install / "recurzoo" / sub / "__init__.py").exists()
+
+
+@pytest.mark.parametrize("cwd", [REPO_ROOT, Path("/")], ids=["checkout-root", "elsewhere"])
+def test_regular_install_imports_from_any_directory(regular_install, cwd):
+    env = dict(os.environ, PYTHONPATH=str(regular_install))
+    # -c puts the working directory first on sys.path: at the checkout root, the bare recurzoo/
+    # folder is found before the installed package and must not break the import.
+    result = _run([sys.executable, "-c", IMPORT_CHECK], cwd, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[4, 8, 16, 32]"
+
+
+def test_import_downloads_nothing_and_is_quick():
+    code = ("import socket, time; start = time.perf_counter()\n"
+            "def refuse(*a, **k): raise AssertionError('network used at import')\n"
+            "socket.socket.connect = refuse; socket.create_connection = refuse\n"
+            "import recurzoo; print(time.perf_counter() - start)")
+    result = _run([sys.executable, "-c", code], "/")
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.strip()) < 10.0

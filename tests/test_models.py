@@ -1,0 +1,144 @@
+"""Every registered model honours timm's interface at a small input and a reduced width.
+
+Parametrized over ``recurzoo.list_models()``, so a new family is covered by registering it. Each
+variant is built through its own registered builder (so its architecture choices, such as the
+HorNet global filters, are exercised) with the width and depth overrides of ``REDUCED`` below;
+full-size models are counted in the family tests, not run here.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import timm
+import torch
+
+import recurzoo
+
+MODELS = recurzoo.list_models()
+SMALL_SIDE = 64
+
+# Per family (the module name): keyword overrides that shrink a variant to test size.
+REDUCED = {
+    "hornet": dict(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1)),
+}
+
+
+def _family(name: str) -> str:
+    for module_name in recurzoo.backbones.FAMILY_MODULES:
+        family = module_name.rsplit(".", 1)[-1]
+        if name in timm.list_models(module=family):
+            return family
+    raise KeyError(name)
+
+
+def _create(name: str, **kwargs) -> torch.nn.Module:
+    return timm.create_model(name, **REDUCED[_family(name)], **kwargs)
+
+
+@functools.lru_cache(maxsize=2)
+def _shared_model(name: str) -> torch.nn.Module:
+    """One instance per model for the tests that only read it (building large models is slow)."""
+    return _create(name).eval()
+
+
+def _fresh_model(name: str) -> torch.nn.Module:
+    """A private copy for tests that change the model."""
+    return copy.deepcopy(_shared_model(name))
+
+
+def _small_input(model: torch.nn.Module, batch: int = 2) -> torch.Tensor:
+    side = max(SMALL_SIDE, model.feature_info[-1]["reduction"] if getattr(model, "feature_info", None) else 1)
+    return torch.randn(batch, getattr(model, "in_chans", 3), side, side)
+
+
+def test_registry_lists_the_zoo():
+    assert "hornet_tiny_7x7" in MODELS and len(MODELS) >= 10
+    assert all(name in timm.list_models() for name in MODELS)
+
+
+def test_every_family_has_a_reduced_test_size():
+    families = {module_name.rsplit(".", 1)[-1] for module_name in recurzoo.backbones.FAMILY_MODULES}
+    assert families <= set(REDUCED), f"add REDUCED entries for {sorted(families - set(REDUCED))}"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_and_backward_at_small_input(name):
+    model = _fresh_model(name).train()
+    model.reset_classifier(7)
+    x = _small_input(model, batch=1)
+    out = model(x)
+    assert out.shape == (1, 7)
+    assert torch.isfinite(out).all()
+    out.square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads), "some parameter is not reached by the loss"
+    assert sum(g.abs().sum().item() for g in grads) > 0
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_features_only_matches_feature_info(name):
+    model = _create(name, features_only=True).eval()
+    x = _small_input(model, batch=1)
+    with torch.no_grad():
+        features = model(x)
+    assert len(features) == len(model.feature_info.reduction())
+    for feature, channels, reduction in zip(features, model.feature_info.channels(), model.feature_info.reduction()):
+        assert feature.shape[1] == channels
+        assert feature.shape[-1] == x.shape[-1] // reduction
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_intermediates_agree_with_forward_features(name):
+    model = _shared_model(name)
+    x = _small_input(model, batch=1)
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x)
+        features = model.forward_features(x)
+        only = model.forward_intermediates(x, indices=1, intermediates_only=True)
+    assert len(intermediates) == len(model.feature_info)
+    torch.testing.assert_close(final, features)
+    assert len(only) == 1
+    torch.testing.assert_close(only[0], intermediates[-1])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_prune_intermediate_layers_keeps_requested_outputs(name):
+    model = _fresh_model(name)
+    x = _small_input(model, batch=1)
+    with torch.no_grad():
+        reference = model.forward_intermediates(x, intermediates_only=True)
+        kept = model.prune_intermediate_layers(indices=[0])
+        pruned = model.forward_intermediates(x, indices=kept, intermediates_only=True)
+    torch.testing.assert_close(pruned[0], reference[0])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_reset_classifier_to_zero_gives_pooled_features(name):
+    model = _fresh_model(name)
+    model.reset_classifier(0)
+    x = _small_input(model, batch=1)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (1, model.num_features)
+    assert model.get_classifier() is not None
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_wrong_channel_count_raises_value_error_naming_model(name):
+    model = _shared_model(name)
+    x = _small_input(model, batch=1)
+    with pytest.raises(ValueError, match=name):
+        model(x[:, :1])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_input_smaller_than_total_stride_raises_value_error(name):
+    model = _shared_model(name)
+    stride = model.feature_info[-1]["reduction"]
+    if stride == 1:
+        pytest.skip(f"{name} has stride 1: every size is large enough")
+    x = torch.randn(1, model.in_chans, stride - 1, stride - 1)
+    with pytest.raises(ValueError, match=rf"{name}.*at least {stride}"):
+        model(x)

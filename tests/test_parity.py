@@ -1,0 +1,76 @@
+"""Parity with the authors' code: every fixture captured from an official implementation.
+
+Fixtures are ``*.pt`` files under ``../shared/parity`` (beside the repository) and under every
+directory listed in ``RECURZOO_PARITY_DIRS`` (``os.pathsep``-separated). Each one names the official
+constructor and its keyword arguments; the model is built from those through
+``recurzoo.official.build``, loads the official ``state_dict`` through the family's
+``checkpoint_filter_fn`` and must reproduce the official eval-mode output.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+
+import recurzoo
+from recurzoo import official
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def parity_dirs() -> List[Path]:
+    dirs = [REPO_ROOT.parent / "shared" / "parity"]
+    dirs += [Path(d) for d in os.environ.get("RECURZOO_PARITY_DIRS", "").split(os.pathsep) if d]
+    return [d for d in dirs if d.is_dir()]
+
+
+def fixture_files() -> List[Path]:
+    return sorted({path.resolve() for d in parity_dirs() for path in d.rglob("*.pt")})
+
+
+def _fixture_id(path: Path) -> str:
+    return f"{path.parent.name}-{path.stem}"
+
+
+def _assert_close(ours, theirs, where: str = "output") -> None:
+    if isinstance(theirs, (list, tuple)):
+        assert isinstance(ours, (list, tuple)) and len(ours) == len(theirs), f"{where}: structure differs"
+        for index, (a, b) in enumerate(zip(ours, theirs)):
+            _assert_close(a, b, f"{where}[{index}]")
+        return
+    if isinstance(theirs, dict):
+        for key in theirs:
+            _assert_close(ours[key], theirs[key], f"{where}[{key!r}]")
+        return
+    assert ours.shape == theirs.shape, f"{where}: shape {tuple(ours.shape)} != official {tuple(theirs.shape)}"
+    scale = max(1.0, theirs.abs().max().item())
+    max_diff = (ours - theirs).abs().max().item()
+    assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4 * scale), (
+        f"{where}: max abs difference {max_diff:.3e} (official scale {scale:.3g})")
+
+
+FIXTURES = fixture_files()
+
+
+def test_parity_fixtures_are_found():
+    """The shared fixture folder is beside the checkout in development and CI."""
+    if not parity_dirs():
+        pytest.skip("no parity fixture directory (../shared/parity or RECURZOO_PARITY_DIRS)")
+    assert FIXTURES, f"no *.pt fixtures under {[str(d) for d in parity_dirs()]}"
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=[_fixture_id(p) for p in FIXTURES])
+def test_matches_official_implementation(path: Path):
+    fixture = torch.load(path, map_location="cpu", weights_only=True)
+    constructor = fixture["official"]["constructor"]
+    if constructor not in official.registered_constructors():
+        pytest.skip(f"family {fixture['family']!r} is not implemented yet: "
+                    f"no model reproduces the official constructor {constructor!r}")
+    assert fixture.get("mode", "eval") == "eval"
+    model = recurzoo.build_official(constructor, fixture["official"]["kwargs"], fixture["state_dict"]).eval()
+    with torch.no_grad():
+        output = official.run(constructor, model, fixture["inputs"])
+    _assert_close(output, fixture["output"])
