@@ -1,5 +1,6 @@
 """The model families of recurzoo; importing this package registers them with timm."""
 from recurzoo.backbones import hornet  # noqa: F401
+from recurzoo.backbones import sret  # noqa: F401
 
 # Modules whose ``@register_model`` functions make up the zoo (used by ``recurzoo.list_models``).
-FAMILY_MODULES = ("recurzoo.backbones.hornet",)
+FAMILY_MODULES = ("recurzoo.backbones.hornet", "recurzoo.backbones.sret")

@@ -22,6 +22,7 @@ SMALL_SIDE = 64
 # Per family (the module name): keyword overrides that shrink a variant to test size.
 REDUCED = {
     "hornet": dict(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1)),
+    "sret": dict(embed_dims=(16, 32, 64), num_heads=(1, 2, 4), num_shared_blocks=(1, 2, 1)),
 }
 
 
