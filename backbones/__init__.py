@@ -1,6 +1,7 @@
 """The model families of recurzoo; importing this package registers them with timm."""
 from recurzoo.backbones import hornet  # noqa: F401
+from recurzoo.backbones import recurrent_vit  # noqa: F401
 from recurzoo.backbones import sret  # noqa: F401
 
 # Modules whose ``@register_model`` functions make up the zoo (used by ``recurzoo.list_models``).
-FAMILY_MODULES = ("recurzoo.backbones.hornet", "recurzoo.backbones.sret")
+FAMILY_MODULES = ("recurzoo.backbones.hornet", "recurzoo.backbones.recurrent_vit", "recurzoo.backbones.sret")

@@ -23,6 +23,8 @@ SMALL_SIDE = 64
 REDUCED = {
     "hornet": dict(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1)),
     "sret": dict(embed_dims=(16, 32, 64), num_heads=(1, 2, 4), num_shared_blocks=(1, 2, 1)),
+    "recurrent_vit": dict(embed_dim=32, num_heads=2, depth=6),
+    "rgt": dict(embed_dim=24, num_heads=2, blocks_per_group=2),
 }
 
 

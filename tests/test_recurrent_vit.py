@@ -1,0 +1,290 @@
+"""Recurrent ViT: conversion, phase discovery, relaxations, cost against the untied ViT, distillation."""
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import recurzoo
+from recurzoo.backbones.recurrent_vit import (
+    RecurrentViT, checkpoint_filter_fn, even_phases, find_phases, from_vit, layer_similarity, segment_phases,
+)
+from recurzoo.export.flops import count_flops, count_params
+from recurzoo.train import distill_recurrent
+
+MODELS = recurzoo.list_models("rvit_*")
+UNTIED = {"tiny": "vit_tiny_patch16_224", "small": "vit_small_patch16_224", "base": "vit_base_patch16_224"}
+
+
+def _untied_name(name: str) -> str:
+    return UNTIED[name.split("_")[1]]
+
+
+def _k(name: str) -> int:
+    return 3 if name.endswith("_k3") else 2
+
+
+@functools.lru_cache(maxsize=None)
+def _flops_and_block_params(name: str):
+    model = timm.create_model(name)
+    return count_flops(model), count_params(model.blocks), count_params(model)
+
+
+def _tiny_vit(**kwargs) -> torch.nn.Module:
+    args = dict(img_size=32, patch_size=8, depth=4, embed_dim=32, num_heads=2, num_classes=5)
+    args.update(kwargs)
+    return timm.create_model("vit_tiny_patch16_224", **args).eval()
+
+
+def _tiny_rvit(**kwargs) -> RecurrentViT:
+    args = dict(img_size=32, patch_size=8, depth=4, embed_dim=32, num_heads=2, num_classes=5, phases=[2, 2])
+    args.update(kwargs)
+    return timm.create_model("rvit_tiny_patch16_224", **args).eval()
+
+
+def test_registry_has_tiny_small_base_with_two_and_three_shared_blocks():
+    for width in ("tiny", "small", "base"):
+        assert f"rvit_{width}_patch16_224" in MODELS and f"rvit_{width}_patch16_224_k3" in MODELS
+    assert timm.create_model("rvit_small_patch16_224").phases == [6, 6]
+    assert timm.create_model("rvit_tiny_patch16_224_k3").phases == [4, 4, 4]
+    assert timm.create_model("rvit_tiny_patch16_224", phases=[7, 5]).schedule[6:8] == [(0, 6), (1, 0)]
+    assert even_phases(12, 5) == [3, 3, 2, 2, 2]
+
+
+def test_phases_not_summing_to_depth_raise_value_error():
+    with pytest.raises(ValueError, match=r"sum.*depth=12.*\[6, 5\]"):
+        timm.create_model("rvit_tiny_patch16_224", phases=[6, 5])
+
+
+def test_fixed_size_model_rejects_other_sizes_with_value_error_naming_it():
+    model = _tiny_rvit(dynamic_img_size=False)  # built for 32x32 only
+    with pytest.raises(ValueError, match=r"rvit_tiny_patch16_224: expects 32x32"):
+        model(torch.randn(1, 3, 48, 48))
+    dynamic = _tiny_rvit()  # registered models resample their position embedding
+    with pytest.raises(ValueError, match=r"rvit_tiny_patch16_224.*multiples of 8"):
+        dynamic(torch.randn(1, 3, 44, 44))
+    assert dynamic(torch.randn(1, 3, 48, 40)).shape == (1, 5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_flops_equal_the_untied_vit_and_block_params_are_k_over_depth(name):
+    flops, block_params, params = _flops_and_block_params(name)
+    vit_flops, vit_block_params, vit_params = _flops_and_block_params(_untied_name(name))
+    assert flops == vit_flops
+    assert block_params * 12 == vit_block_params * _k(name)
+    assert params - block_params == vit_params - vit_block_params  # embeddings, norms and head unchanged
+
+
+@pytest.mark.parametrize("vit_kwargs", [
+    dict(reg_tokens=2, init_values=0.1, no_embed_class=True, qk_norm=True),
+    dict(class_token=False, global_pool="avg", dynamic_img_size=True),
+])
+def test_from_vit_with_one_step_phases_computes_the_source_vit(vit_kwargs):
+    vit = _tiny_vit(**vit_kwargs)
+    with torch.no_grad():  # layer scales and biases away from their defaults, so every part shows
+        for parameter in vit.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    model = from_vit(vit, [1] * 4).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (model(x) - vit(x)).abs().max() < 1e-5
+        ours = model.forward_intermediates(x, output_fmt="NLC", norm=True)[1]
+        theirs = vit.forward_intermediates(x, output_fmt="NLC", norm=True)[1]
+    assert len(ours) == 4
+    assert max((a - b).abs().max().item() for a, b in zip(ours, theirs)) < 1e-5
+
+
+def test_from_vit_copies_each_phase_middle_block():
+    vit = _tiny_vit(depth=6)
+    model = from_vit(vit, [3, 1, 2])
+    for shared, source in zip(model.blocks, (1, 3, 4)):
+        assert torch.equal(shared.attn.qkv.weight, vit.blocks[source].attn.qkv.weight)
+        assert torch.equal(shared.mlp.fc2.bias, vit.blocks[source].mlp.fc2.bias)
+    first = from_vit(vit, [3, 1, 2], source_block="first")
+    assert torch.equal(first.blocks[2].norm1.weight, vit.blocks[4].norm1.weight)
+
+
+def test_checkpoint_filter_loads_an_untied_vit_state_dict_like_from_vit():
+    vit = _tiny_vit(depth=6)
+    model = _tiny_rvit(depth=6, phases=[4, 2])
+    model.load_state_dict(checkpoint_filter_fn(vit.state_dict(), model))
+    reference = from_vit(vit, [4, 2]).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=1e-6)
+    own = checkpoint_filter_fn({"model": model.state_dict()}, model)
+    assert own.keys() == model.state_dict().keys()
+
+
+def test_depth_conditioning_and_lora_start_at_identity_and_receive_gradients():
+    plain = _tiny_rvit()
+    relaxed = _tiny_rvit(depth_conditioning=True, lora_rank=3)
+    missing, unexpected = relaxed.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(".depth_scale." in k or ".lora." in k for k in missing)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(relaxed(x), plain(x))
+    relaxed.train()
+    relaxed(x).square().sum().backward()
+    for block in relaxed.blocks:
+        assert block.depth_scale.mlp.fc2.weight.grad.abs().sum() > 0
+        assert block.depth_scale.mlp.fc2.bias.grad.abs().sum() > 0
+        assert set(block.lora.keys()) == {"qkv", "proj", "fc1", "fc2"}
+        for lora in block.lora.values():
+            assert lora.up.grad.abs().sum() > 0
+    # the relaxations change the function once they move from their start
+    with torch.no_grad():
+        relaxed.blocks[0].lora["fc1"].up.add_(0.1)
+        relaxed.blocks[1].depth_scale.mlp.fc2.bias.add_(0.1)
+        assert (relaxed.eval()(x) - plain(x)).abs().max() > 1e-3
+
+
+def test_lora_svd_init_with_full_rank_recovers_each_step_weights():
+    vit = _tiny_vit()
+    model = from_vit(vit, [2, 2], lora_rank=32, lora_init="svd")
+    for block, start in zip(model.blocks, (0, 2)):
+        for step in range(2):
+            merged = block.attn.qkv.weight + block.lora["qkv"].delta(step)
+            torch.testing.assert_close(merged, vit.blocks[start + step].attn.qkv.weight, rtol=0, atol=1e-5)
+
+
+def test_grad_checkpointing_gives_the_same_output_and_gradients():
+    model = _tiny_rvit(depth_conditioning=True).train()
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for grad, expected in zip((p.grad for p in model.parameters()), reference):
+        torch.testing.assert_close(grad, expected)
+
+
+def test_features_only_is_single_scale_at_stride_16_one_map_per_requested_step():
+    full = timm.create_model("rvit_tiny_patch16_224").eval()
+    features = timm.create_model("rvit_tiny_patch16_224", features_only=True, out_indices=(1, 4)).eval()
+    missing, _ = features.model.load_state_dict(full.state_dict(), strict=False)
+    assert not missing
+    assert features.feature_info.reduction() == [16, 16]
+    assert len(features.model.blocks) == 1  # steps after 4 (the second shared block) were pruned
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        maps = features(x)
+        expected = full.forward_intermediates(x, indices=[1, 4], intermediates_only=True)
+    assert [tuple(m.shape) for m in maps] == [(1, 192, 4, 5)] * 2
+    for ours, theirs in zip(maps, expected):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_forward_intermediates_gives_one_output_per_step_with_prefix_tokens():
+    model = _tiny_rvit(reg_tokens=2)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        final, steps = model.forward_intermediates(x, return_prefix_tokens=True)
+    assert len(steps) == 4
+    assert steps[0][0].shape == (1, 32, 4, 4) and steps[0][1].shape == (1, 3, 32)
+
+
+def test_segment_phases_is_the_exact_optimum():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        similarity = torch.rand(7, 7, generator=generator)
+        distance = 1 - (similarity + similarity.T) / 2
+        for k in range(1, 5):
+            def cost(lengths):
+                edges = np.cumsum([0] + list(lengths))
+                return sum(distance[a:b, a:b].sum().item() for a, b in zip(edges[:-1], edges[1:]))
+            candidates = [c for c in itertools.product(range(1, 8), repeat=k) if sum(c) == 7]
+            best = min(cost(c) for c in candidates)
+            assert cost(segment_phases(similarity, k)) == pytest.approx(best, abs=1e-9)
+
+
+def test_find_phases_recovers_a_vit_built_with_known_phases(tmp_path):
+    # blocks 1, 3 and 4 are identities (zero output projections), so the block outputs are
+    # A A B B B C: phases [2, 3, 1] have zero within-phase distance and any other split does not.
+    vit = _tiny_vit(depth=6)
+    with torch.no_grad():
+        for index, block in enumerate(vit.blocks):
+            for layer in (block.attn.proj, block.mlp.fc2):
+                if index in (1, 3, 4):
+                    layer.weight.zero_()
+                    layer.bias.zero_()
+                else:
+                    layer.weight.normal_(0, 0.5)
+    images = [torch.randn(4, 3, 32, 32), (torch.randn(4, 3, 32, 32), torch.zeros(4))]
+    similarity = layer_similarity(vit, images)
+    assert similarity.shape == (6, 6)
+    assert similarity[0, 1] == pytest.approx(1.0, abs=1e-5) and similarity[1, 2] < 0.99
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "similarity.png"
+    split = find_phases(vit, images, k=3, save_path=str(path))
+    assert split.phases == [2, 3, 1] and split.boundaries == [2, 5]
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _write_image_folder(root, per_class: int = 8) -> None:
+    rng = np.random.default_rng(0)
+    for label in range(2):
+        folder = root / f"class{label}"
+        folder.mkdir(parents=True)
+        for index in range(per_class):
+            pixels = (rng.random((4, 4, 3)) * 255).astype(np.uint8)
+            Image.fromarray(pixels).resize((32, 32), Image.BILINEAR).save(folder / f"{index}.png")
+
+
+def _block_recurrent_teacher(path) -> list:
+    """A random tiny ViT whose blocks come in two similar pairs (as in a trained ViT), saved to ``path``."""
+    kwargs = dict(img_size=32, patch_size=8, depth=4, embed_dim=32, num_heads=2, num_classes=2)
+    teacher = timm.create_model("vit_tiny_patch16_224", **kwargs)
+    with torch.no_grad():
+        for block in teacher.blocks:
+            for parameter in block.parameters():
+                if parameter.ndim == 2:
+                    parameter.normal_(0, 0.05)
+        for source, target in ((0, 1), (2, 3)):
+            for a, b in zip(teacher.blocks[source].parameters(), teacher.blocks[target].parameters()):
+                b.copy_(a + 0.1 * a.std() * torch.randn_like(a) if a.ndim == 2 else a)
+    torch.save(teacher.state_dict(), path)
+    return [f"{key}={value}" for key, value in kwargs.items()]
+
+
+def test_distillation_drives_every_step_error_well_below_its_start_and_resumes(tmp_path):
+    _write_image_folder(tmp_path / "data")
+    teacher_kwargs = _block_recurrent_teacher(tmp_path / "teacher.pth")
+    output = tmp_path / "run"
+
+    def argv(stage2_steps: int, *extra: str) -> list:
+        return ["--teacher", "vit_tiny_patch16_224", "--teacher-kwargs", *teacher_kwargs,
+                "--teacher-checkpoint", str(tmp_path / "teacher.pth"), "--k", "2",
+                "--data-dir", str(tmp_path / "data"), "--output", str(output), "--batch-size", "8", "--workers", "0",
+                "--eval-images", "16", "--stage1-steps", "30", "--stage2-steps", str(stage2_steps),
+                "--lr1", "1e-3", "--lr2", "3e-4", "--init", "random", "--depth-conditioning", "--lora-rank", "2",
+                "--device", "cpu", "--no-progress", *extra]
+
+    result = distill_recurrent.main(argv(30))
+    assert result["phases"] == [2, 2]
+    initial, final = np.array(result["step_errors"]["initial"]), np.array(result["step_errors"]["final"])
+    assert len(initial) == 4
+    assert (final < 0.4 * initial).all(), (initial, final)
+    assert final.mean() < 0.2 * initial.mean(), (initial, final)
+    for name in ("student.safetensors", "student_config.json", "last.pt", "similarity.png", "step_errors.json"):
+        assert (output / name).exists(), name
+    assert not [name for name in os.listdir(output) if name.endswith(".tmp")]
+
+    # resume: the finished stage 2 goes on for 5 more steps from its checkpoint, stage 1 is not rerun
+    resumed = distill_recurrent.main(argv(35, "--resume", "auto"))
+    assert len(resumed["history"]["stage1"]) == 30 and len(resumed["history"]["stage2"]) == 35
+    assert resumed["history"]["stage2"][:30] == result["history"]["stage2"]
+
+
+def test_distillation_help_needs_no_data(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        distill_recurrent.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--teacher" in capsys.readouterr().out

@@ -1,0 +1,426 @@
+"""Distil a timm ViT into a recurrent ViT with ``k`` shared blocks (Raptor's two-stage recipe).
+
+    python -m recurzoo.train.distill_recurrent --teacher vit_small_patch16_224 --k 2 --data-dir DIR \\
+        --output runs/rvit_s_k2 [--teacher-checkpoint F] [--depth-conditioning] [--lora-rank 8]
+
+1. Phases: unless ``--phases`` gives them, the teacher's layer-by-layer token similarity on a fixed
+   set of images is segmented into ``k`` contiguous phases (``find_phases``; heat map saved as
+   ``similarity.png``). The student is the teacher rewritten by ``from_vit`` (each shared block
+   copied from its phase's middle block), or with freshly initialized blocks (``--init random``).
+2. Stage 1 trains every shared block on its own phase from the teacher's tokens: teacher-forced
+   (one step from each teacher activation of the phase) annealed into a roll-out of the whole
+   phase from the teacher's activation at the phase entry, both matched to the teacher's
+   activation after every step of the phase.
+3. Stage 2 fine-tunes the whole student (classifier head frozen) end to end, autoregressively from
+   the image: the tokens after every step (class, register and patch tokens, weighted) and the final
+   normalized features are matched to the teacher's.
+
+The per-step error of the student (``||student - teacher||^2 / ||teacher - channel mean||^2`` on a
+fixed set of images) is logged before, between and after the stages. Any ImageFolder-style data (a
+folder of class folders, or one with a ``train`` sub-folder) works. Runs under ``torchrun`` for
+data-parallel training; checkpoints (``last.pt``) are written atomically, ``--resume auto`` picks
+them up. The student ends in ``student.safetensors`` with ``student_config.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from contextlib import nullcontext
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from recurzoo.backbones.hornet import unwrap_checkpoint
+from recurzoo.backbones.recurrent_vit import (
+    RecurrentViT, even_phases, find_phases, from_vit, phase_starts, vit_step_tokens,
+)
+from recurzoo.train import common
+
+__all__ = ["build_parser", "main", "TokenLoss", "PhaseObjective", "SequenceObjective", "step_errors"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m recurzoo.train.distill_recurrent",
+        description="Distil a timm ViT teacher into a recurrent ViT with k shared blocks.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    group = parser.add_argument_group("teacher")
+    group.add_argument("--teacher", required=True, help="timm model name of the ViT teacher")
+    group.add_argument("--teacher-checkpoint", default=None,
+                       help="teacher weights (.safetensors, or a torch checkpoint read with weights_only=True)")
+    group.add_argument("--teacher-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="extra timm.create_model arguments of the teacher, e.g. img_size=32 depth=4")
+    group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                       help="load timm's pretrained teacher weights (default: when no --teacher-checkpoint)")
+    group = parser.add_argument_group("student")
+    group.add_argument("--k", type=int, default=2, help="number of shared blocks")
+    group.add_argument("--phases", type=int, nargs="+", default=None,
+                       help="phase lengths (sum = teacher depth); default: found by --phase-split")
+    group.add_argument("--phase-split", choices=("similarity", "even"), default="similarity",
+                       help="how phases are chosen when --phases is not given")
+    group.add_argument("--init", choices=("teacher", "random"), default="teacher",
+                       help="shared blocks copied from the teacher or freshly initialized")
+    group.add_argument("--source-block", choices=("first", "middle", "last"), default="middle",
+                       help="which teacher block of each phase the shared block is copied from")
+    group.add_argument("--depth-conditioning", action="store_true", help="Raptor's step-dependent scales")
+    group.add_argument("--lora-rank", type=int, default=0, help="per-step LoRA rank (0: none)")
+    group.add_argument("--lora-init", choices=("zero", "svd"), default="zero",
+                       help="per-step LoRA starting at zero or at the SVD of the teacher's per-step weights")
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-dir", required=True, help="ImageFolder root (class sub-folders, or a train/ split)")
+    group.add_argument("--split", default="train", help="sub-folder of --data-dir to use if it exists")
+    group.add_argument("--batch-size", type=int, default=64, help="images per process and step")
+    group.add_argument("--workers", type=int, default=4, help="data-loading processes")
+    group.add_argument("--eval-images", type=int, default=64,
+                       help="fixed images (eval transform) for phase discovery and per-step errors")
+    group.add_argument("--min-crop", type=float, default=0.25, help="smallest random-resized-crop area")
+    group = parser.add_argument_group("optimization")
+    group.add_argument("--stage1-steps", type=int, default=20000, help="teacher-forced phase training steps")
+    group.add_argument("--stage2-steps", type=int, default=20000, help="end-to-end autoregressive steps")
+    group.add_argument("--lr1", type=float, default=3e-4, help="stage-1 learning rate")
+    group.add_argument("--lr2", type=float, default=1e-4, help="stage-2 learning rate")
+    group.add_argument("--weight-decay", type=float, default=1e-4)
+    group.add_argument("--warmup-frac", type=float, default=0.05, help="warm-up share of each stage")
+    group.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clip (0: none)")
+    group.add_argument("--forcing-frac", type=float, default=0.25,
+                       help="share of stage 1 over which teacher forcing anneals from 1 to 0 into phase roll-outs")
+    group.add_argument("--cls-weight", type=float, default=0.45, help="loss weight of the class token")
+    group.add_argument("--reg-weight", type=float, default=0.10, help="loss weight of register tokens")
+    group.add_argument("--patch-weight", type=float, default=0.45, help="loss weight of patch tokens")
+    group.add_argument("--final-weight", type=float, default=1.0, help="stage-2 weight of the final features")
+    group.add_argument("--grad-checkpointing", action="store_true", help="recompute steps in stage 2's backward")
+    group.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
+    group = parser.add_argument_group("run")
+    group.add_argument("--output", default="output/distill_recurrent", help="folder for checkpoints, logs, plots")
+    group.add_argument("--resume", default=None, help="checkpoint to resume, or 'auto' for OUTPUT/last.pt")
+    group.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps")
+    group.add_argument("--log-every", type=int, default=50, help="log the loss every N steps")
+    group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+class TokenLoss(nn.Module):
+    """Mean squared error of token sequences, weighted by token kind (class, registers, patches).
+
+    Weights of kinds the model does not have are dropped and the rest renormalized to sum to one.
+    """
+
+    def __init__(self, num_class_tokens: int, num_reg_tokens: int, cls_weight: float, reg_weight: float,
+                 patch_weight: float) -> None:
+        super().__init__()
+        spans = [(0, num_class_tokens, cls_weight),
+                 (num_class_tokens, num_class_tokens + num_reg_tokens, reg_weight),
+                 (num_class_tokens + num_reg_tokens, None, patch_weight)]
+        spans = [(start, end, weight) for start, end, weight in spans if (end is None or end > start) and weight > 0]
+        if not spans:
+            raise ValueError("TokenLoss: every token kind present has weight 0")
+        total = sum(weight for _, _, weight in spans)
+        self.spans = [(start, end, weight / total) for start, end, weight in spans]
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return sum(weight * F.mse_loss(prediction[:, start:end].float(), target[:, start:end].float())
+                   for start, end, weight in self.spans)
+
+
+class PhaseObjective(nn.Module):
+    """Stage 1: each shared block trained on its own phase, from the teacher's tokens.
+
+    ``forcing`` mixes the teacher-forced loss (each step from the teacher's previous activation) with
+    the roll-out loss (the whole phase from the teacher's activation at phase entry); both compare
+    with the teacher's activation after every step of the phase.
+    """
+
+    def __init__(self, student: RecurrentViT, token_loss: TokenLoss) -> None:
+        super().__init__()
+        self.student = student
+        self.token_loss = token_loss
+
+    def forward(self, teacher_tokens: Sequence[torch.Tensor], forcing: float) -> torch.Tensor:
+        loss = teacher_tokens[0].new_zeros(())
+        for block, start, length in zip(self.student.blocks, phase_starts(self.student.phases), self.student.phases):
+            targets = teacher_tokens[start + 1:start + length + 1]
+            if forcing > 0:
+                forced = sum(self.token_loss(block(teacher_tokens[start + s], s), targets[s]) for s in range(length))
+                loss = loss + forcing * forced / length
+            if forcing < 1:
+                x, rolled = teacher_tokens[start], 0.0
+                for s in range(length):
+                    x = block(x, s)
+                    rolled = rolled + self.token_loss(x, targets[s])
+                loss = loss + (1.0 - forcing) * rolled / length
+        return loss
+
+
+class SequenceObjective(nn.Module):
+    """Stage 2: the student run from the image, matched step by step and at the end to the teacher."""
+
+    def __init__(self, student: RecurrentViT, token_loss: TokenLoss, final_weight: float) -> None:
+        super().__init__()
+        self.student = student
+        self.token_loss = token_loss
+        self.final_weight = final_weight
+
+    def forward(self, images: torch.Tensor, teacher_tokens: Sequence[torch.Tensor],
+                teacher_features: torch.Tensor) -> torch.Tensor:
+        x = self.student.embed_tokens(images)
+        loss = x.new_zeros(())
+        steps = len(self.student.schedule)
+        for step in range(steps):
+            x = self.student.forward_step(x, step)
+            loss = loss + self.token_loss(x, teacher_tokens[step + 1]) / steps
+        if self.final_weight:
+            loss = loss + self.final_weight * F.mse_loss(self.student.norm(x).float(), teacher_features.float())
+        return loss
+
+
+@torch.no_grad()
+def step_errors(student: RecurrentViT, teacher: nn.Module, batches: Sequence[torch.Tensor]) -> List[float]:
+    """Per step, ``sum ||student - teacher||^2 / sum ||teacher - its channel mean||^2`` over ``batches``.
+
+    The student runs autoregressively from the image; 0 is a perfect match, 1 is as far as the
+    teacher's own spread.
+    """
+    was_training = student.training
+    student.eval()
+    errors = denominators = None
+    for images in batches:
+        ours = torch.stack(vit_step_tokens(student, images)[1:]).float()
+        theirs = torch.stack(vit_step_tokens(teacher, images)[1:]).float()
+        error = (ours - theirs).square().sum(dim=(1, 2, 3))
+        spread = (theirs - theirs.mean(dim=(1, 2), keepdim=True)).square().sum(dim=(1, 2, 3))
+        errors = error if errors is None else errors + error
+        denominators = spread if denominators is None else denominators + spread
+    student.train(was_training)
+    return (errors / denominators.clamp_min(1e-12)).tolist()
+
+
+def _load_teacher(args: argparse.Namespace) -> nn.Module:
+    import timm
+
+    pretrained = args.pretrained if args.pretrained is not None else args.teacher_checkpoint is None
+    teacher = timm.create_model(args.teacher, pretrained=pretrained, **common.parse_kwargs(args.teacher_kwargs))
+    if args.teacher_checkpoint:
+        if args.teacher_checkpoint.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state_dict = load_file(args.teacher_checkpoint)
+        else:
+            state_dict = unwrap_checkpoint(common.load_checkpoint(args.teacher_checkpoint))
+        state_dict = {key[len("module."):] if key.startswith("module.") else key: value
+                      for key, value in state_dict.items()}
+        teacher.load_state_dict(state_dict)
+    return teacher.eval().requires_grad_(False)
+
+
+def _datasets(args: argparse.Namespace, teacher: nn.Module):
+    from timm.data import create_dataset, create_transform, resolve_data_config
+
+    data_config = resolve_data_config({}, model=teacher)
+    img_size = getattr(teacher.patch_embed, "img_size", None)  # the teacher's own size, when built for another
+    if img_size is not None:
+        data_config["input_size"] = (data_config["input_size"][0], *img_size)
+    train_transform = create_transform(**data_config, is_training=True, scale=(args.min_crop, 1.0),
+                                       hflip=0.5, color_jitter=None)
+    eval_transform = create_transform(**data_config, is_training=False)
+    train_set = create_dataset("", root=args.data_dir, split=args.split, is_training=True, transform=train_transform)
+    eval_set = create_dataset("", root=args.data_dir, split=args.split, transform=eval_transform)
+    if len(train_set) == 0:
+        raise ValueError(f"--data-dir {args.data_dir}: no images found")
+    eval_set = Subset(eval_set, range(min(args.eval_images, len(eval_set))))
+    return train_set, eval_set
+
+
+def _random_blocks(student: RecurrentViT) -> None:
+    """Re-initialize the shared blocks (timm's ViT init), keeping the teacher's embeddings, norms and head."""
+    for block in student.blocks:
+        for module in block.modules():
+            if module is not block and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        block.apply(RecurrentViT._init_linear)
+        block.reset_step_parameters()
+
+
+def _optimizer(model: RecurrentViT, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    from timm.optim import param_groups_weight_decay
+
+    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=model.no_weight_decay())
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def _train_stage(
+        stage: int, objective: nn.Module, student: RecurrentViT, teacher: nn.Module, loader: DataLoader,
+        args: argparse.Namespace, context: common.DistributedContext, logger: Any, state: Dict[str, Any],
+        start_step: int, resume_state: Optional[Dict[str, Any]],
+) -> None:
+    """Run one stage's optimization loop from ``start_step``, checkpointing into ``state``."""
+    total = args.stage1_steps if stage == 1 else args.stage2_steps
+    lr = args.lr1 if stage == 1 else args.lr2
+    optimizer = _optimizer(student, lr, args.weight_decay)
+    scheduler = common.cosine_schedule(optimizer, total, int(args.warmup_frac * total))
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+    wrapped = common.wrap_ddp(objective, context)
+    parameters = [p for p in student.parameters() if p.requires_grad]
+    history = state["history"].setdefault(f"stage{stage}", [])
+    use_amp = args.amp and context.device.type == "cuda"
+    batches = common.infinite_batches(loader, start_epoch=start_step // max(1, len(loader)))
+    bar = common.progress(total=total, initial=start_step, desc=f"stage {stage}",
+                          enabled=context.is_main and not args.no_progress)
+    student.train()
+    for step in range(start_step, total):
+        images = next(batches)[0].to(context.device, non_blocking=True)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
+        with torch.no_grad(), autocast:
+            teacher_tokens = vit_step_tokens(teacher, images)
+        with autocast:
+            if stage == 1:
+                forcing = max(0.0, 1.0 - step / max(1.0, args.forcing_frac * total)) if args.forcing_frac > 0 else 0.0
+                loss = wrapped(teacher_tokens, forcing)
+            else:
+                loss = wrapped(images, teacher_tokens, teacher.norm(teacher_tokens[-1]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.clip_grad:
+            torch.nn.utils.clip_grad_norm_(parameters, args.clip_grad)
+        optimizer.step()
+        scheduler.step()
+        history.append(float(loss.detach()))
+        bar.update(1)
+        done = step + 1
+        if context.is_main and (done % args.log_every == 0 or done == total):
+            recent = history[-args.log_every:]
+            logger.info(f"stage {stage} step {done}/{total} loss {sum(recent) / len(recent):.5f} "
+                        f"lr {scheduler.get_last_lr()[0]:.2e}")
+            common.append_jsonl(os.path.join(args.output, "metrics.jsonl"),
+                                dict(stage=stage, step=done, loss=history[-1], lr=scheduler.get_last_lr()[0]))
+        if context.is_main and (done % args.save_every == 0 or done == total):
+            state.update(stage=stage, step=done, student=student.state_dict(), optimizer=optimizer.state_dict(),
+                         scheduler=scheduler.state_dict())
+            common.save_checkpoint(os.path.join(args.output, "last.pt"), state)
+    bar.close()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Run the distillation; returns the phases, per-step errors and loss history."""
+    args = build_parser().parse_args(argv)
+    context = common.init_distributed(args.device)
+    try:
+        return _run(args, context)
+    finally:
+        common.cleanup_distributed()
+
+
+def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[str, Any]:
+    common.seed_everything(args.seed, context.rank)
+    logger = common.setup_logging(args.output, context.is_main, name="recurzoo.distill_recurrent")
+    resume_path = common.resolve_resume(args.resume, args.output)
+    resumed = common.load_checkpoint(resume_path) if resume_path else None
+
+    teacher = _load_teacher(args).to(context.device)
+    depth = len(teacher.blocks)
+    train_set, eval_set = _datasets(args, teacher)
+    sampler = DistributedSampler(train_set, seed=args.seed, drop_last=True) if context.distributed else None
+    loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, shuffle=sampler is None,
+                        num_workers=args.workers, drop_last=len(train_set) >= args.batch_size,
+                        pin_memory=context.device.type == "cuda", persistent_workers=args.workers > 0)
+    eval_batches = [images.to(context.device) for images, _ in
+                    DataLoader(eval_set, batch_size=args.batch_size, shuffle=False, num_workers=0)]
+
+    if resumed is not None:
+        phases = list(resumed["phases"])
+    elif args.phases:
+        phases = list(args.phases)
+    elif args.phase_split == "even":
+        phases = even_phases(depth, args.k)
+    else:
+        heatmap = os.path.join(args.output, "similarity.png") if context.is_main else None
+        try:
+            split = find_phases(teacher, eval_batches, args.k, save_path=heatmap)
+        except ImportError:  # matplotlib missing: keep the phases, skip the picture
+            logger.warning("matplotlib is not installed: similarity.png not written")
+            split = find_phases(teacher, eval_batches, args.k)
+        phases = split.phases
+        if context.is_main:
+            torch.save(split.similarity, os.path.join(args.output, "similarity.pt"))
+    logger.info(f"teacher {args.teacher}: depth {depth}, phases {phases}")
+
+    student = from_vit(teacher, phases, depth_conditioning=args.depth_conditioning, lora_rank=args.lora_rank,
+                       lora_init=args.lora_init, source_block=args.source_block)
+    if args.init == "random":
+        _random_blocks(student)
+    student.requires_grad_(True)
+    student.to(context.device)
+    token_loss = TokenLoss(int(student.has_class_token), student.num_reg_tokens,
+                           args.cls_weight, args.reg_weight, args.patch_weight)
+
+    state: Dict[str, Any] = dict(phases=phases, history={}, errors={}, args=vars(args))
+    start_stage, start_step = 1, 0
+    if resumed is not None:
+        student.load_state_dict(resumed["student"])
+        state.update(history=resumed["history"], errors=resumed["errors"])
+        start_stage, start_step = resumed["stage"], resumed["step"]
+        if start_stage == 1 and start_step >= args.stage1_steps:
+            start_stage, start_step = 2, 0
+        logger.info(f"resumed {resume_path} at stage {start_stage}, step {start_step}")
+    else:
+        state["errors"]["initial"] = step_errors(student, teacher, eval_batches)
+        logger.info(f"per-step error at start: {_format(state['errors']['initial'])}")
+
+    if start_stage == 1:
+        for name, parameter in student.named_parameters():
+            parameter.requires_grad_(name.startswith("blocks."))
+        _train_stage(1, PhaseObjective(student, token_loss), student, teacher, loader, args, context, logger,
+                     state, start_step, resumed if resumed is not None and resumed["stage"] == 1 else None)
+        state["errors"]["stage1"] = step_errors(student, teacher, eval_batches)
+        logger.info(f"per-step error after stage 1: {_format(state['errors']['stage1'])}")
+        start_step = 0
+
+    frozen = ("head.", "fc_norm.", "attn_pool.")
+    for name, parameter in student.named_parameters():
+        parameter.requires_grad_(not name.startswith(frozen))
+    student.set_grad_checkpointing(args.grad_checkpointing)
+    resume_stage2 = resumed if resumed is not None and resumed["stage"] == 2 and start_stage == 2 else None
+    _train_stage(2, SequenceObjective(student, token_loss, args.final_weight), student, teacher, loader, args,
+                 context, logger, state, start_step, resume_stage2)
+    student.set_grad_checkpointing(False)
+    state["errors"]["final"] = step_errors(student, teacher, eval_batches)
+    logger.info(f"per-step error at the end: {_format(state['errors']['final'])}")
+
+    if context.is_main:
+        _write_results(args, student, state, logger)
+    return dict(phases=phases, step_errors=state["errors"], history=state["history"], output=args.output)
+
+
+def _format(values: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
+
+
+def _write_results(args: argparse.Namespace, student: RecurrentViT, state: Dict[str, Any], logger: Any) -> None:
+    common.save_safetensors(os.path.join(args.output, "student.safetensors"), student.state_dict())
+    config = dict(teacher=args.teacher, teacher_kwargs=common.parse_kwargs(args.teacher_kwargs),
+                  phases=state["phases"], depth_conditioning=args.depth_conditioning, lora_rank=args.lora_rank,
+                  rebuild="from_vit(timm.create_model(teacher, **teacher_kwargs), phases, depth_conditioning, "
+                          "lora_rank).load_state_dict(safetensors.torch.load_file('student.safetensors'))")
+    with open(os.path.join(args.output, "student_config.json"), "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2)
+    with open(os.path.join(args.output, "step_errors.json"), "w", encoding="utf-8") as handle:
+        json.dump(state["errors"], handle, indent=2)
+    try:
+        common.plot_curves({f"stage {k[-1]}": v for k, v in state["history"].items()},
+                           os.path.join(args.output, "loss.png"), ylabel="loss", log_y=True)
+        common.plot_curves(state["errors"], os.path.join(args.output, "step_errors.png"), xlabel="step",
+                           ylabel="relative squared error", log_y=True)
+    except ImportError:
+        logger.warning("matplotlib is not installed: loss.png and step_errors.png not written")
+    logger.info(f"student written to {os.path.join(args.output, 'student.safetensors')}")
+
+
+if __name__ == "__main__":
+    main()
