@@ -39,7 +39,8 @@ from torch import nn
 __all__ = [
     "DistributedContext", "init_distributed", "cleanup_distributed", "wrap_ddp", "unwrap_model", "seed_everything",
     "setup_logging", "progress", "append_jsonl", "save_checkpoint", "load_checkpoint", "save_safetensors",
-    "resolve_resume", "cosine_schedule", "infinite_batches", "parse_kwargs", "plot_curves", "save_heatmap",
+    "resolve_resume", "cosine_schedule", "infinite_batches", "epoch_batches", "parse_kwargs", "plot_curves",
+    "save_heatmap",
     "TrainingInterrupted", "NonFiniteLossError", "parse_args_with_config", "save_args_yaml", "add_fault_arguments",
     "RunGuard", "create_checkpoint_saver", "restore_training_state", "trim_summary", "read_summary", "plot_summary",
     "run_cli",
@@ -220,6 +221,23 @@ def infinite_batches(loader: Iterable[Any], start_epoch: int = 0) -> Iterator[An
         if not yielded:
             raise ValueError("the data loader yields no batches (is the dataset smaller than one batch?)")
         epoch += 1
+
+
+def epoch_batches(loader: Iterable[Any], epoch: int, seed: int, rank: int = 0,
+                  skip: int = 0) -> Iterator[Any]:
+    """``(index, batch)`` pairs of one epoch, in an order that a resumed run reproduces.
+
+    The global RNGs are seeded from ``(seed, epoch, rank)`` and a distributed sampler is told the epoch
+    before iterating, so the epoch's sample order is the same when it is run again; the first
+    ``skip`` batches (trained before an interruption) are drawn and dropped without computing.
+    """
+    seed_everything(seed + 1_000_003 * (epoch + 1), rank)
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    for index, batch in enumerate(loader):
+        if index >= skip:
+            yield index, batch
 
 
 def parse_kwargs(items: Optional[Sequence[str]]) -> Dict[str, Any]:

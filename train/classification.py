@@ -1,0 +1,580 @@
+"""Train or fine-tune any classifier of the zoo (or of timm) on an image dataset, assembled from timm.
+
+    python -m recurzoo.train.classification --data-dir DIR --model sret_small --epochs 30 --lr 5e-4 \\
+        --initial-checkpoint sret_small.pth --num-classes 10 --mixup 0.8 --cutmix 1.0 --model-ema \\
+        --layer-decay 0.75 --output runs/sret_small_ft --plot
+    torchrun --nproc_per_node 8 -m recurzoo.train.classification --config recipe.yaml ...
+
+The parts are timm's: ``create_dataset``/``create_loader``/``resolve_data_config`` (any reader:
+ImageFolder, tar, ``torch/...``, ``hfds/...``), ``Mixup``/CutMix, ``create_optimizer_v2`` (with
+layer-wise learning-rate decay from the model's ``group_matcher``), ``create_scheduler_v2``,
+timm's losses, ``ModelEmaV3``, ``CheckpointSaver``, ``distribute_bn`` and ``update_summary``;
+flags carry timm's names. ``--config`` reads option defaults from YAML.
+
+Fine-tuning: ``--pretrained`` (timm's weights) or ``--initial-checkpoint FILE`` (a training
+checkpoint, state dict, safetensors or official file) into a model with ``--num-classes`` classes
+(default: the dataset's); a classifier of another class count starts fresh, everything else must fit.
+
+Knowledge distillation as SReT trains its distilled models (soft labels of a frozen teacher, as in
+MEAL V2): ``--teacher MODEL [--teacher-checkpoint FILE] --kd-temperature T --kd-weight W``. The loss
+is ``W * CE(softmax(teacher / T), student / T) + (1 - W) * task loss``; the default ``W = 1`` uses the
+soft labels only, as the paper does.
+
+Runs under ``torchrun`` (DDP: NCCL on GPU, Gloo on CPU; distributed samplers; rank 0 logs and
+writes checkpoints). Into ``--output``: ``last.pth.tar``, ranked ``checkpoint-<epoch>.pth.tar``,
+``model_best.pth.tar`` (atomic, loadable with ``weights_only=True``), ``summary.csv``, ``log.txt``,
+``args.yaml`` and with ``--plot`` ``loss.png``/``metrics.png``. ``--resume auto`` continues from
+``last.pth.tar``, mid-epoch included. SIGTERM/SIGINT write a final checkpoint and exit 128+signal;
+a NaN/inf loss stops the run (exit 3) before the bad update, keeping the last checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import time
+from collections import OrderedDict
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recurzoo.train import common
+from recurzoo.train.validate import (
+    add_preprocessing_arguments, autocast, checkpoint_num_classes, create_eval_loader, dataset_num_classes,
+    evaluate, load_weights, read_weights,
+)
+
+__all__ = ["build_parser", "main", "KnowledgeDistillationLoss", "create_teacher"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m recurzoo.train.classification",
+        description="Train or fine-tune a timm/recurzoo classifier with timm's components.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=None, metavar="YAML",
+                        help="YAML file of option defaults, keys as the flags' names (command-line flags win)")
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", required=True, help="timm model name, e.g. sret_small or hornet_tiny_7x7")
+    group.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights")
+    group.add_argument("--initial-checkpoint", default=None,
+                       help="start from these weights (classifier re-initialized if the class count differs)")
+    group.add_argument("--initial-use-ema", action=argparse.BooleanOptionalAction, default=True,
+                       help="take --initial-checkpoint's EMA weights when it has them")
+    group.add_argument("--num-classes", type=int, default=None, help="classes (default: the dataset's)")
+    group.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="extra timm.create_model arguments, e.g. 'dims=(16,32,64,128)' 'depths=(1,1,2,1)'")
+    group.add_argument("--drop", type=float, default=0.0, help="dropout before the classifier")
+    group.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
+    group.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-dir", required=True, help="dataset root (e.g. an ImageFolder with train/ and val/)")
+    group.add_argument("--dataset", default="", help="timm dataset type ('' = folder/tar, torch/..., hfds/...)")
+    group.add_argument("--train-split", default="train", help="training split (sub-folder for folders)")
+    group.add_argument("--val-split", default="validation",
+                       help="evaluation split (timm also looks for val/ and eval/); '' for no evaluation")
+    group.add_argument("--class-map", default="", help="file mapping class folder names to indices")
+    group.add_argument("--dataset-download", action="store_true", help="let torch/ and tfds/ datasets download")
+    group.add_argument("--batch-size", "-b", type=int, default=128, help="images per process and step")
+    group.add_argument("--validation-batch-size", type=int, default=None, help="eval batch (default: --batch-size)")
+    group.add_argument("--workers", "-j", type=int, default=4, help="data-loading processes per rank")
+    add_preprocessing_arguments(group)
+    group.add_argument("--train-interpolation", default="random", help="training resize interpolation")
+    group = parser.add_argument_group("augmentation and regularization")
+    group.add_argument("--no-aug", action="store_true", help="no training augmentation")
+    group.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), help="random-resized-crop area range")
+    group.add_argument("--ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), help="random-resized-crop aspect")
+    group.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
+    group.add_argument("--vflip", type=float, default=0.0, help="vertical flip probability")
+    group.add_argument("--color-jitter", type=float, default=0.4, help="colour jitter factor")
+    group.add_argument("--aa", default=None, help="auto-augment policy, e.g. rand-m9-mstd0.5-inc1")
+    group.add_argument("--reprob", type=float, default=0.0, help="random-erasing probability")
+    group.add_argument("--remode", default="pixel", help="random-erasing mode")
+    group.add_argument("--recount", type=int, default=1, help="random-erasing count")
+    group.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
+    group.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
+    group.add_argument("--cutmix-minmax", type=float, nargs=2, default=None, help="cutmix box ratio range")
+    group.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixing a batch")
+    group.add_argument("--mixup-switch-prob", type=float, default=0.5, help="probability of cutmix when both on")
+    group.add_argument("--mixup-mode", default="batch", choices=("batch", "pair", "elem"))
+    group.add_argument("--mixup-off-epoch", type=int, default=0, help="turn mixup off from this epoch (0: never)")
+    group.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    group.add_argument("--bce-loss", action="store_true", help="binary cross-entropy instead of softmax CE")
+    group = parser.add_argument_group("optimizer and schedule")
+    group.add_argument("--opt", default="adamw", help="timm optimizer name")
+    group.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
+    group.add_argument("--weight-decay", type=float, default=0.05)
+    group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    group.add_argument("--opt-eps", type=float, default=None, help="optimizer epsilon")
+    group.add_argument("--opt-betas", type=float, nargs="+", default=None, help="optimizer betas")
+    group.add_argument("--layer-decay", type=float, default=None, help="layer-wise learning-rate decay, e.g. 0.75")
+    group.add_argument("--clip-grad", type=float, default=None, help="gradient clipping value")
+    group.add_argument("--clip-mode", default="norm", choices=("norm", "value", "agc"))
+    group.add_argument("--sched", default="cosine", help="timm scheduler: cosine, step, multistep, ...")
+    group.add_argument("--sched-on-updates", action=argparse.BooleanOptionalAction, default=True,
+                       help="update the learning rate every step (else every epoch)")
+    group.add_argument("--epochs", type=int, default=300)
+    group.add_argument("--warmup-epochs", type=int, default=5)
+    group.add_argument("--warmup-lr", type=float, default=1e-6)
+    group.add_argument("--min-lr", type=float, default=1e-6)
+    group.add_argument("--warmup-prefix", action="store_true", help="warm-up epochs come before the schedule")
+    group.add_argument("--cooldown-epochs", type=int, default=0)
+    group.add_argument("--decay-epochs", type=float, default=90, help="step schedule interval")
+    group.add_argument("--decay-milestones", type=int, nargs="+", default=(90, 180, 270), help="multistep epochs")
+    group.add_argument("--decay-rate", type=float, default=0.1)
+    group = parser.add_argument_group("model EMA")
+    group.add_argument("--model-ema", action="store_true", help="keep an exponential moving average (ModelEmaV3)")
+    group.add_argument("--model-ema-decay", type=float, default=0.9998)
+    group.add_argument("--model-ema-warmup", action="store_true", help="ramp the EMA decay up early on")
+    group.add_argument("--model-ema-force-cpu", action="store_true", help="keep the EMA on the CPU")
+    group = parser.add_argument_group("knowledge distillation (SReT's soft-label KD)")
+    group.add_argument("--teacher", default=None, help="timm model name of a frozen teacher")
+    group.add_argument("--teacher-checkpoint", default=None, help="teacher weights (same class count as the data)")
+    group.add_argument("--teacher-pretrained", action=argparse.BooleanOptionalAction, default=None,
+                       help="timm's pretrained teacher weights (default: when no --teacher-checkpoint)")
+    group.add_argument("--teacher-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="extra timm.create_model arguments of the teacher")
+    group.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature T")
+    group.add_argument("--kd-weight", type=float, default=1.0,
+                       help="weight W of the soft-label loss; the task loss gets 1 - W")
+    group = parser.add_argument_group("run")
+    group.add_argument("--output", default="output/classification", help="folder for checkpoints, logs, plots")
+    group.add_argument("--resume", default=None, help="checkpoint to resume, or 'auto' for OUTPUT/last.pth.tar")
+    group.add_argument("--eval-metric", default="top1", help="metric ranking the checkpoints (top1, top5, loss)")
+    group.add_argument("--checkpoint-hist", type=int, default=3, help="ranked epoch checkpoints to keep")
+    group.add_argument("--checkpoint-every", type=int, default=0,
+                       help="also write last.pth.tar every N steps within an epoch (0: at epoch ends only)")
+    group.add_argument("--dist-bn", default="reduce", choices=("reduce", "broadcast", ""),
+                       help="sync BatchNorm statistics across ranks at epoch ends")
+    group.add_argument("--amp", action="store_true", help="mixed precision (autocast; GradScaler for float16)")
+    group.add_argument("--amp-dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    group.add_argument("--seed", type=int, default=42)
+    group.add_argument("--log-interval", type=int, default=50, help="log the training loss every N steps")
+    group.add_argument("--plot", action="store_true", help="write loss.png and metrics.png after every epoch")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    group.add_argument("--rank-weights", action="store_true",
+                       help="every rank also writes its final weights to OUTPUT/rank<R>.safetensors "
+                            "(to check that data-parallel replicas agree)")
+    common.add_fault_arguments(parser)
+    return parser
+
+
+class KnowledgeDistillationLoss(nn.Module):
+    """SReT's KD objective (soft labels of a frozen teacher, as MEAL V2) mixed with the task loss.
+
+    ``weight * CE(softmax(teacher / T), log_softmax(student / T)) + (1 - weight) * task(student, target)``
+    with timm's ``SoftTargetCrossEntropy`` as the soft cross-entropy (SReT's ``KDLoss``). The teacher
+    sees the student's input, renormalized when its mean/std differ; it runs without gradients.
+    """
+
+    def __init__(self, teacher: nn.Module, task_loss: nn.Module, temperature: float = 1.0, weight: float = 1.0,
+                 student_mean: Sequence[float] = (), student_std: Sequence[float] = ()) -> None:
+        super().__init__()
+        from timm.loss import SoftTargetCrossEntropy
+
+        if temperature <= 0 or not 0.0 <= weight <= 1.0:
+            raise ValueError(f"knowledge distillation: need --kd-temperature > 0 and 0 <= --kd-weight <= 1, "
+                             f"received {temperature} and {weight}")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.task_loss = task_loss
+        self.soft_loss = SoftTargetCrossEntropy()
+        self.temperature = temperature
+        self.weight = weight
+        cfg = getattr(teacher, "pretrained_cfg", {}) or {}
+        teacher_mean, teacher_std = cfg.get("mean"), cfg.get("std")
+        self.renormalize = bool(student_mean) and teacher_mean is not None and (
+            tuple(teacher_mean) != tuple(student_mean) or tuple(teacher_std) != tuple(student_std))
+        if self.renormalize:
+            def column(values: Sequence[float]) -> torch.Tensor:
+                return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
+
+            self.register_buffer("shift", (column(student_mean) - column(teacher_mean)) / column(teacher_std),
+                                 persistent=False)
+            self.register_buffer("scale", column(student_std) / column(teacher_std), persistent=False)
+        self.last: Dict[str, float] = {}
+
+    def train(self, mode: bool = True) -> "KnowledgeDistillationLoss":
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_input = images * self.scale + self.shift if self.renormalize else images
+            teacher_logits = self.teacher(teacher_input).float()
+        soft_targets = F.softmax(teacher_logits / self.temperature, dim=-1)
+        kd = self.soft_loss(logits.float() / self.temperature, soft_targets)
+        loss = self.weight * kd
+        task = None
+        if self.weight < 1.0:
+            task = self.task_loss(logits, target)
+            loss = loss + (1.0 - self.weight) * task
+        self.last = dict(kd_loss=kd.detach(), task_loss=task.detach() if task is not None else None)
+        return loss
+
+
+def create_teacher(args: argparse.Namespace, num_classes: int) -> nn.Module:
+    """The frozen teacher: timm's pretrained weights or ``--teacher-checkpoint``, with ``num_classes`` outputs."""
+    import timm
+
+    pretrained = args.teacher_pretrained if args.teacher_pretrained is not None else not args.teacher_checkpoint
+    kwargs = common.parse_kwargs(args.teacher_kwargs)
+    teacher = timm.create_model(args.teacher, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    if args.teacher_checkpoint:
+        fresh = load_weights(teacher, read_weights(args.teacher_checkpoint), source=args.teacher_checkpoint)
+        if fresh:
+            raise ValueError(f"--teacher-checkpoint {args.teacher_checkpoint}: its classifier does not have the "
+                             f"{num_classes} classes of the data, so the teacher could not teach them")
+    elif pretrained and teacher.pretrained_cfg.get("num_classes") not in (None, num_classes):
+        raise ValueError(f"--teacher {args.teacher}: its pretrained classifier has "
+                         f"{teacher.pretrained_cfg['num_classes']} classes, the data {num_classes}; give a "
+                         f"--teacher-checkpoint fine-tuned on these classes")
+    return teacher.eval().requires_grad_(False)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Train; returns the best metric and epoch, the last epoch's metrics and the output folder."""
+    args = common.parse_args_with_config(build_parser(), argv)
+    context = common.init_distributed(args.device)
+    try:
+        return _Training(args, context).run()
+    finally:
+        common.cleanup_distributed()
+
+
+class _Training:
+    """The state of one run: data, model, optimization, checkpoints; ``run`` trains epoch by epoch."""
+
+    def __init__(self, args: argparse.Namespace, context: common.DistributedContext) -> None:
+        self.args = args
+        self.context = context
+        self.logger = common.setup_logging(args.output, context.is_main, name="recurzoo.classification")
+        self.summary_path = os.path.join(args.output, "summary.csv")
+        self.num_updates = 0
+        self.epoch_sums = [0.0, 0]  # the current epoch's loss sum and step count (kept across a resume)
+        self.batches_done: Optional[int] = None
+
+    # ----------------------------------------------------------------------------------- set-up
+    def _datasets(self) -> None:
+        from timm.data import create_dataset
+
+        args = self.args
+        common_kwargs = dict(class_map=args.class_map or None, download=args.dataset_download,
+                             batch_size=args.batch_size, seed=args.seed)
+        self.train_set = create_dataset(args.dataset, root=args.data_dir, split=args.train_split,
+                                        is_training=True, **common_kwargs)
+        self.eval_set = None
+        if args.val_split:
+            self.eval_set = create_dataset(args.dataset, root=args.data_dir, split=args.val_split,
+                                           is_training=False, **common_kwargs)
+
+    def _model(self) -> None:
+        import timm
+
+        import recurzoo  # noqa: F401  (registers the zoo with timm)
+
+        args = self.args
+        weights = read_weights(args.initial_checkpoint, args.initial_use_ema) if args.initial_checkpoint else None
+        self.num_classes = args.num_classes or dataset_num_classes(self.train_set) or (
+            weights is not None and checkpoint_num_classes(weights, args.model)) or None
+        if not self.num_classes:
+            raise ValueError(f"--data-dir {args.data_dir}: cannot tell the class count, give --num-classes")
+        args.num_classes = self.num_classes
+        kwargs = dict(num_classes=self.num_classes, drop_rate=args.drop)
+        if args.drop_path is not None:
+            kwargs["drop_path_rate"] = args.drop_path
+        kwargs.update(common.parse_kwargs(args.model_kwargs))
+        common.seed_everything(args.seed)  # the same initial weights on every rank
+        model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+        if weights is not None:
+            fresh = load_weights(model, weights, source=args.initial_checkpoint)
+            self.logger.info(f"loaded {args.initial_checkpoint}" + (f"; new classifier {fresh}" if fresh else ""))
+        if args.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        self.model = model.to(self.context.device)
+        self.data_config = _resolve_data_config(args, model, self.context.is_main)
+
+    def _loaders(self) -> None:
+        from timm.data import create_loader
+
+        args, context, config = self.args, self.context, self.data_config
+        self.train_loader = create_loader(
+            self.train_set, input_size=config["input_size"], batch_size=args.batch_size, is_training=True,
+            no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+            scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip,
+            color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=args.train_interpolation,
+            mean=config["mean"], std=config["std"], num_workers=args.workers, distributed=context.distributed,
+            pin_memory=context.device.type == "cuda", device=context.device, use_prefetcher=False)
+        if len(self.train_loader) == 0:
+            raise ValueError(f"--data-dir {args.data_dir}: {len(self.train_set)} training images make no full "
+                             f"batch of {args.batch_size} per process; lower --batch-size")
+        self.eval_loader = None
+        if self.eval_set is not None:
+            self.eval_loader = create_eval_loader(self.eval_set, config, args.validation_batch_size or args.batch_size,
+                                                  args.workers, context)
+
+    def _objective(self) -> None:
+        from timm.data import Mixup
+        from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+        args = self.args
+        self.mixup = None
+        if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+            if args.batch_size % 2:
+                raise ValueError(f"--mixup/--cutmix need an even --batch-size, received {args.batch_size}")
+            self.mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                               prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                               label_smoothing=args.smoothing, num_classes=self.num_classes)
+        if args.bce_loss:
+            task: nn.Module = BinaryCrossEntropy(smoothing=0.0 if self.mixup else args.smoothing)
+        elif self.mixup is not None:
+            task = SoftTargetCrossEntropy()
+        elif args.smoothing:
+            task = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+        else:
+            task = nn.CrossEntropyLoss()
+        self.kd = None
+        if args.teacher:
+            teacher = create_teacher(args, self.num_classes).to(self.context.device)
+            self.kd = KnowledgeDistillationLoss(teacher, task, args.kd_temperature, args.kd_weight,
+                                                self.data_config["mean"], self.data_config["std"])
+            self.kd.to(self.context.device)
+            self.logger.info(f"knowledge distillation from {args.teacher}: T={args.kd_temperature}, "
+                             f"W={args.kd_weight}")
+        self.task_loss = task.to(self.context.device)
+
+    def _optimization(self) -> None:
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import create_scheduler_v2
+        from timm.utils import ModelEmaV3, NativeScaler
+
+        args = self.args
+        extra = {}
+        if args.opt_eps is not None:
+            extra["eps"] = args.opt_eps
+        if args.opt_betas is not None:
+            extra["betas"] = tuple(args.opt_betas)
+        self.optimizer = create_optimizer_v2(self.model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                             momentum=args.momentum, layer_decay=args.layer_decay, **extra)
+        self.scheduler, self.num_epochs = create_scheduler_v2(
+            self.optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+            decay_milestones=list(args.decay_milestones), cooldown_epochs=args.cooldown_epochs,
+            decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
+            warmup_epochs=args.warmup_epochs, warmup_prefix=args.warmup_prefix,
+            step_on_epochs=not args.sched_on_updates, updates_per_epoch=len(self.train_loader))
+        self.scaler = None
+        if args.amp and args.amp_dtype == "float16" and self.context.device.type == "cuda":
+            self.scaler = NativeScaler(device="cuda")
+        self.model_ema = None
+        if args.model_ema:
+            self.model_ema = ModelEmaV3(self.model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                                        device=torch.device("cpu") if args.model_ema_force_cpu else None)
+        self.saver = None
+        if self.context.is_main:
+            self.saver = common.create_checkpoint_saver(
+                self.model, self.optimizer, args.output, arch=args.model, run_args=vars(args),
+                model_ema=self.model_ema, amp_scaler=self.scaler, extra_state=self._position_state,
+                decreasing=args.eval_metric == "loss", max_history=args.checkpoint_hist)
+
+    def _position_state(self) -> Dict[str, Any]:
+        return dict(num_updates=self.num_updates, batches_done=self.batches_done, epoch_sums=list(self.epoch_sums),
+                    num_classes=self.num_classes)
+
+    def _resume(self) -> int:
+        """Restore ``--resume``'s state; returns the first epoch to run (``batches_done`` set if mid-epoch)."""
+        args = self.args
+        path = common.resolve_resume(args.resume, args.output, name="last.pth.tar")
+        if path is None:
+            return 0
+        state = common.load_checkpoint(path)
+        common.restore_training_state(state, self.model, self.optimizer, self.model_ema, self.scaler, self.saver)
+        self.num_updates = int(state.get("num_updates", 0))
+        self.batches_done = state.get("batches_done")
+        if self.batches_done is None:
+            start_epoch = int(state["epoch"]) + 1
+        else:
+            start_epoch = int(state["epoch"])
+            self.epoch_sums = list(state.get("epoch_sums", [0.0, 0]))
+        self.logger.info(f"resumed {path}: epoch {start_epoch}"
+                         + (f", after step {self.batches_done} of it" if self.batches_done else "")
+                         + f" ({self.num_updates} updates done)")
+        return start_epoch
+
+    # ------------------------------------------------------------------------------- training
+    def run(self) -> Dict[str, Any]:
+        args, context = self.args, self.context
+        if context.is_main:
+            os.makedirs(args.output, exist_ok=True)
+        self._datasets()
+        self._model()
+        self._loaders()
+        self._objective()
+        self._optimization()
+        start_epoch = self._resume()
+        if context.is_main:
+            common.save_args_yaml(args, os.path.join(args.output, "args.yaml"))
+            common.trim_summary(self.summary_path, start_epoch)
+        if self.scheduler is not None:
+            if args.sched_on_updates:
+                self.scheduler.step_update(self.num_updates)
+            else:
+                self.scheduler.step(start_epoch)
+        self.train_model = common.wrap_ddp(self.model, context)
+        params = sum(p.numel() for p in self.model.parameters())
+        self.logger.info(f"{args.model}: {params / 1e6:.2f} M parameters, {self.num_classes} classes, input "
+                         f"{tuple(self.data_config['input_size'])}, {len(self.train_loader)} steps per epoch "
+                         f"on {context.world_size} process(es)")
+        from timm.utils import distribute_bn, update_summary
+
+        best = (None, None)
+        eval_metrics: Dict[str, float] = {}
+        with common.RunGuard(context, args.fail_at_step, args.fail_mode) as guard, self._log_failure():
+            for epoch in range(start_epoch, self.num_epochs):
+                train_metrics = self._train_epoch(epoch, guard)
+                if train_metrics is None:  # a stop signal: final checkpoint written
+                    raise common.TrainingInterrupted(guard.received, self.saver.last_path if self.saver else None)
+                if context.distributed and args.dist_bn:
+                    distribute_bn(self.model, context.world_size, args.dist_bn == "reduce")
+                last_lr = max(group["lr"] for group in self.optimizer.param_groups)  # the epoch's last
+                eval_metrics = self._evaluate(epoch)
+                if self.scheduler is not None:
+                    self.scheduler.step(epoch + 1, eval_metrics.get(args.eval_metric))
+                self.batches_done, self.epoch_sums = None, [0.0, 0]
+                if context.is_main:
+                    update_summary(epoch, train_metrics, eval_metrics, self.summary_path, lr=last_lr)
+                    best = self.saver.save_checkpoint(epoch, metric=eval_metrics.get(args.eval_metric))
+                    if args.plot:
+                        common.plot_summary(self.summary_path, args.output)
+                    shown = {**{f"train_{k}": v for k, v in train_metrics.items()},
+                             **{f"eval_{k}": v for k, v in eval_metrics.items()}}
+                    self.logger.info(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+        if args.rank_weights:
+            common.save_safetensors(os.path.join(args.output, f"rank{context.rank}.safetensors"),
+                                    self.model.state_dict())
+        if best[0] is not None:
+            self.logger.info(f"best {args.eval_metric} {best[0]:.4f} at epoch {best[1]}")
+        return dict(best_metric=best[0], best_epoch=best[1], eval=eval_metrics, num_updates=self.num_updates,
+                    summary=self.summary_path, output=args.output)
+
+    @contextlib.contextmanager
+    def _log_failure(self):
+        """Record a NaN/inf stop in the log, naming the checkpoint that is kept."""
+        try:
+            yield
+        except common.NonFiniteLossError as error:
+            kept = self.saver.last_path if self.saver is not None and os.path.exists(self.saver.last_path) else None
+            self.logger.error(f"{error}: stopping; the last good checkpoint is {kept or 'none (none written yet)'}")
+            raise
+
+    def _train_epoch(self, epoch: int, guard: common.RunGuard) -> Optional[Dict[str, float]]:
+        """One epoch (from ``batches_done`` when resumed mid-epoch); None when stopped by a signal."""
+        args, context = self.args, self.context
+        if self.mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            self.mixup.mixup_enabled = False
+        skip = self.batches_done or 0
+        self.batches_done = skip
+        if not skip:
+            self.epoch_sums = [0.0, 0]
+        self.train_model.train()
+        if self.kd is not None:
+            self.kd.train()
+        total = len(self.train_loader)
+        bar = common.progress(total=total, initial=skip, desc=f"epoch {epoch}",
+                              enabled=context.is_main and not args.no_progress)
+        kd_sums = [0.0, 0.0]
+        started = time.perf_counter()
+        for index, (images, targets) in common.epoch_batches(self.train_loader, epoch, args.seed, context.rank, skip):
+            images = images.to(context.device, non_blocking=True)
+            targets = targets.to(context.device, non_blocking=True)
+            if self.mixup is not None:
+                images, targets = self.mixup(images, targets)
+            with autocast(context.device, args.amp, args.amp_dtype):
+                logits = self.train_model(images)
+                if self.kd is not None:
+                    loss = self.kd(logits, targets, images)
+                else:
+                    loss = self.task_loss(logits, targets)
+            if guard.check(loss, self.num_updates, where=f"epoch {epoch}, batch {index}"):
+                self._save_last(epoch)
+                bar.close()
+                return None
+            self._step(loss)
+            self.num_updates += 1
+            self.batches_done = index + 1
+            loss_value = loss.detach().float().item()
+            self.epoch_sums = [self.epoch_sums[0] + loss_value, self.epoch_sums[1] + 1]
+            if self.kd is not None:
+                kd_sums[0] += float(self.kd.last["kd_loss"])
+                kd_sums[1] += 1
+            if self.model_ema is not None:
+                self.model_ema.update(self.model, step=self.num_updates)
+            if self.scheduler is not None and args.sched_on_updates:
+                self.scheduler.step_update(num_updates=self.num_updates)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if context.is_main and (index + 1) % args.log_interval == 0:
+                self.logger.info(f"epoch {epoch} step {index + 1}/{total}: loss {loss_value:.4f}, "
+                                 f"lr {self.optimizer.param_groups[0]['lr']:.3e}")
+            if args.checkpoint_every and self.num_updates % args.checkpoint_every == 0 and index + 1 < total:
+                self._save_last(epoch)
+        bar.close()
+        metrics = OrderedDict(loss=self._mean_over_ranks(*self.epoch_sums))
+        if self.kd is not None:
+            metrics["kd_loss"] = self._mean_over_ranks(*kd_sums)
+        metrics["seconds"] = time.perf_counter() - started
+        return metrics
+
+    def _step(self, loss: torch.Tensor) -> None:
+        from timm.utils import dispatch_clip_grad
+
+        args = self.args
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler(loss, self.optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                        parameters=self.model.parameters())
+            return
+        loss.backward()
+        if args.clip_grad is not None:
+            dispatch_clip_grad(self.model.parameters(), args.clip_grad, mode=args.clip_mode)
+        self.optimizer.step()
+
+    def _save_last(self, epoch: int) -> None:
+        if self.saver is not None:
+            path = self.saver.save_last(epoch)
+            self.logger.info(f"checkpoint {path}: epoch {epoch}, step {self.batches_done} of it")
+
+    def _mean_over_ranks(self, total: float, count: float) -> float:
+        sums = torch.tensor([total, count], dtype=torch.float64, device=self.context.device)
+        if self.context.distributed:
+            torch.distributed.all_reduce(sums)
+        return (sums[0] / sums[1].clamp_min(1)).item()
+
+    def _evaluate(self, epoch: int) -> Dict[str, float]:
+        if self.eval_loader is None:
+            return {}
+        args = self.args
+        show = self.context.is_main and not args.no_progress
+        metrics = evaluate(self.model, self.eval_loader, self.context, args.amp, args.amp_dtype, show,
+                           desc=f"eval {epoch}")
+        metrics.pop("images")
+        if self.model_ema is not None:
+            ema = evaluate(self.model_ema.module, self.eval_loader, self.context, args.amp, args.amp_dtype, show,
+                           desc=f"eval EMA {epoch}")
+            metrics.update((f"ema_{key}", value) for key, value in ema.items() if key != "images")
+        if not all(math.isfinite(value) for value in metrics.values()):
+            self.logger.warning(f"epoch {epoch}: non-finite evaluation metrics {dict(metrics)}")
+        return metrics
+
+
+def _resolve_data_config(args: argparse.Namespace, model: nn.Module, verbose: bool) -> Dict[str, Any]:
+    from timm.data import resolve_data_config
+
+    return resolve_data_config(vars(args), model=model, verbose=verbose)
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

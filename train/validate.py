@@ -1,0 +1,259 @@
+"""Top-1/top-5 accuracy of a classifier on an image dataset, with the model's own preprocessing.
+
+    python -m recurzoo.train.validate --data-dir DIR --model sret_tiny --checkpoint runs/x/model_best.pth.tar
+    python -m recurzoo.train.validate --data-dir DIR --model hornet_tiny_7x7 --pretrained --split val
+
+Any dataset timm's ``create_dataset`` reads works: an ImageFolder (class sub-folders, or a folder
+holding a ``--split`` sub-folder), a tar of one, or ``--dataset torch/cifar10``, ``hfds/...``,
+``wds/...``. Images are resized, center-cropped and normalized as the model's pretrained cfg says
+(``input_size``, ``crop_pct``, ``interpolation``, ``mean``, ``std``); ``--img-size``,
+``--crop-pct`` and friends override it. Runs under ``torchrun`` too: each process scores its share
+and the counts are summed (the padding that evens the shares out is not counted).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import OrderedDict
+from contextlib import nullcontext
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from recurzoo.train import common
+
+__all__ = ["build_parser", "main", "evaluate", "read_weights", "checkpoint_num_classes", "load_weights",
+           "load_initial_checkpoint", "create_eval_loader", "autocast"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m recurzoo.train.validate",
+        description="Top-1/top-5 accuracy of a timm classifier (any recurzoo model) on an image dataset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", required=True, help="timm model name, e.g. sret_tiny")
+    group.add_argument("--checkpoint", "--initial-checkpoint", dest="checkpoint", default=None,
+                       help="weights: a training checkpoint, a state dict, safetensors or an official file")
+    group.add_argument("--pretrained", action="store_true", help="timm's pretrained weights of --model")
+    group.add_argument("--use-ema", action=argparse.BooleanOptionalAction, default=True,
+                       help="take the EMA weights when the checkpoint has them")
+    group.add_argument("--num-classes", type=int, default=None,
+                       help="classifier outputs (default: the checkpoint's, else the dataset's class count)")
+    group.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="extra timm.create_model arguments, e.g. dims='(16,32,64,128)'")
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-dir", required=True, help="dataset root")
+    group.add_argument("--dataset", default="", help="timm dataset type ('' = folder/tar, torch/..., hfds/...)")
+    group.add_argument("--split", default="validation", help="split (a sub-folder name for folders)")
+    group.add_argument("--class-map", default="", help="file mapping class folder names to indices")
+    group.add_argument("--batch-size", type=int, default=64, help="images per process and step")
+    group.add_argument("--workers", type=int, default=4, help="data-loading processes")
+    add_preprocessing_arguments(group)
+    group = parser.add_argument_group("run")
+    group.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
+    group.add_argument("--amp-dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    group.add_argument("--results-file", default=None, help="also write the results as JSON here")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def add_preprocessing_arguments(group: Any) -> None:
+    """timm's preprocessing overrides (all default to the model's pretrained cfg)."""
+    group.add_argument("--img-size", type=int, default=None, help="input image size")
+    group.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
+                       help="full input size (overrides --img-size)")
+    group.add_argument("--crop-pct", type=float, default=None, help="eval center-crop fraction")
+    group.add_argument("--crop-mode", default=None, help="eval crop mode: center, squash or border")
+    group.add_argument("--interpolation", default="", help="resize interpolation (bilinear, bicubic, ...)")
+    group.add_argument("--mean", type=float, nargs="+", default=None, help="normalization mean")
+    group.add_argument("--std", type=float, nargs="+", default=None, help="normalization std")
+
+
+def autocast(device: torch.device, enabled: bool, dtype: str = "bfloat16"):
+    """``torch.autocast`` on ``device`` when ``enabled``, else a no-op context."""
+    if not enabled:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+
+
+def read_weights(path: str, use_ema: bool = True) -> Dict[str, torch.Tensor]:
+    """The state dict in ``path`` (``weights_only=True``): a training checkpoint (its EMA weights when
+    ``use_ema`` and present), a bare state dict or a safetensors file; DDP prefixes removed."""
+    from timm.models import load_state_dict
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return load_state_dict(path, use_ema=use_ema, weights_only=True)
+
+
+def _classifier_prefixes(pretrained_cfg: Dict[str, Any]) -> tuple:
+    names = pretrained_cfg.get("classifier") or ()
+    return tuple(f"{name}." for name in ((names,) if isinstance(names, str) else names))
+
+
+def checkpoint_num_classes(state_dict: Dict[str, torch.Tensor], model_name: str) -> Optional[int]:
+    """The class count of the classifier in ``state_dict`` (timm layout), or None if it has none."""
+    from timm.models import get_pretrained_cfg_value
+
+    for prefix in _classifier_prefixes(dict(classifier=get_pretrained_cfg_value(model_name, "classifier"))):
+        weight = state_dict.get(prefix + "weight")
+        if weight is not None:
+            return int(weight.shape[0])
+    return None
+
+
+def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str = "the checkpoint") -> List[str]:
+    """Load ``state_dict`` into ``model``, leaving a classifier whose class count differs at its fresh init.
+
+    A state dict in a zoo family's official layout passes through that family's
+    ``checkpoint_filter_fn`` first (which also resizes position embeddings and global filters).
+    Every other tensor must fit: a missing or unexpected backbone key is a ``ValueError``, a shape
+    mismatch a ``RuntimeError``. Returns the classifier keys left at their fresh init.
+    """
+    import sys
+
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state_dict = filter_fn(state_dict, model)
+    own = model.state_dict()
+    prefixes = _classifier_prefixes(model.pretrained_cfg)
+
+    def is_classifier(key: str) -> bool:
+        return bool(prefixes) and key.startswith(prefixes)
+
+    state_dict = {key: value for key, value in state_dict.items()
+                  if not (is_classifier(key) and (key not in own or own[key].shape != value.shape))}
+    result = model.load_state_dict(state_dict, strict=False)
+    missing = [key for key in result.missing_keys if not is_classifier(key)]
+    if missing or result.unexpected_keys:
+        name = model.pretrained_cfg.get("architecture", type(model).__name__)
+        raise ValueError(f"{source} does not fit {name}: missing keys {missing[:8]}, unexpected keys "
+                         f"{result.unexpected_keys[:8]} (is it a checkpoint of this model, at this width?)")
+    return [key for key in own if is_classifier(key) and key not in state_dict]
+
+
+def load_initial_checkpoint(model: nn.Module, path: str, use_ema: bool = True) -> List[str]:
+    """:func:`read_weights` then :func:`load_weights`: fine-tuning from a checkpoint to any class count."""
+    return load_weights(model, read_weights(path, use_ema), source=path)
+
+
+def create_eval_loader(dataset: Any, data_config: Dict[str, Any], batch_size: int, workers: int,
+                       context: common.DistributedContext):
+    """timm's eval loader (resize, center crop, normalize) over ``dataset``, sharded across ranks."""
+    from timm.data import create_loader
+
+    return create_loader(
+        dataset, input_size=data_config["input_size"], batch_size=batch_size, is_training=False,
+        interpolation=data_config["interpolation"], mean=data_config["mean"], std=data_config["std"],
+        crop_pct=data_config["crop_pct"], crop_mode=data_config.get("crop_mode"), num_workers=workers,
+        distributed=context.distributed, pin_memory=context.device.type == "cuda", device=context.device,
+        use_prefetcher=False, persistent_workers=False)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, context: common.DistributedContext, amp: bool = False,
+             amp_dtype: str = "bfloat16", progress: bool = False, desc: str = "eval") -> Dict[str, float]:
+    """Cross-entropy loss, top-1 and top-5 accuracy (%) of ``model`` over ``loader``, summed over ranks.
+
+    Top-5 becomes top-k with k = the class count when there are fewer than five classes.
+    """
+    was_training = model.training
+    model.eval()
+    valid = getattr(getattr(loader, "sampler", None), "num_valid_samples", None)
+    sums = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, images
+    seen = 0
+    for images, targets in common.progress(loader, total=len(loader), desc=desc, enabled=progress):
+        images = images.to(context.device, non_blocking=True)
+        targets = targets.to(context.device, non_blocking=True)
+        if valid is not None:  # drop the samples that only pad this rank's share
+            keep = max(0, min(len(targets), valid - seen))
+            seen += len(targets)
+            images, targets = images[:keep], targets[:keep]
+            if keep == 0:
+                continue
+        with autocast(context.device, amp, amp_dtype):
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[-1])
+        ranked = logits.topk(k, dim=-1).indices
+        hits = ranked.eq(targets[:, None])
+        sums += torch.tensor([nn.functional.cross_entropy(logits, targets, reduction="sum").item(),
+                              hits[:, 0].sum().item(), hits.any(dim=-1).sum().item(), len(targets)],
+                             dtype=torch.float64)
+    if context.distributed:
+        reduced = sums.to(context.device)
+        dist.all_reduce(reduced)
+        sums = reduced.cpu()
+    model.train(was_training)
+    count = max(1.0, sums[3].item())
+    return OrderedDict(loss=sums[0].item() / count, top1=100.0 * sums[1].item() / count,
+                       top5=100.0 * sums[2].item() / count, images=int(sums[3].item()))
+
+
+def resolve_eval_data_config(args: argparse.Namespace, model: nn.Module, verbose: bool = False) -> Dict[str, Any]:
+    """The model's pretrained-cfg preprocessing with the command line's overrides."""
+    from timm.data import resolve_data_config
+
+    return resolve_data_config(vars(args), model=model, verbose=verbose)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Score the model; returns ``{'top1', 'top5', 'loss', 'images', ...}``."""
+    args = common.parse_args_with_config(build_parser(), argv)
+    context = common.init_distributed(args.device)
+    try:
+        return _run(args, context)
+    finally:
+        common.cleanup_distributed()
+
+
+def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[str, Any]:
+    import timm
+    from timm.data import create_dataset
+
+    import recurzoo  # noqa: F401  (registers the zoo with timm)
+
+    logger = common.setup_logging(None, context.is_main, name="recurzoo.validate")
+    dataset = create_dataset(args.dataset, root=args.data_dir, split=args.split, is_training=False,
+                             class_map=args.class_map or None, batch_size=args.batch_size)
+    weights = read_weights(args.checkpoint, args.use_ema) if args.checkpoint else None
+    num_classes = (args.num_classes or (weights is not None and checkpoint_num_classes(weights, args.model))
+                   or dataset_num_classes(dataset))
+    kwargs = dict(common.parse_kwargs(args.model_kwargs))
+    if num_classes:
+        kwargs["num_classes"] = num_classes
+    model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+    if weights is not None:
+        load_weights(model, weights, source=args.checkpoint)
+    model.to(context.device)
+    data_config = resolve_eval_data_config(args, model, verbose=context.is_main)
+    loader = create_eval_loader(dataset, data_config, args.batch_size, args.workers, context)
+    metrics = evaluate(model, loader, context, amp=args.amp, amp_dtype=args.amp_dtype,
+                       progress=context.is_main and not args.no_progress)
+    results = dict(model=args.model, checkpoint=args.checkpoint, split=args.split, num_classes=num_classes,
+                   input_size=list(data_config["input_size"]), crop_pct=data_config["crop_pct"], **metrics)
+    if context.is_main:
+        logger.info(f"{args.model}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+                    f"loss {metrics['loss']:.4f}  ({metrics['images']} images)")
+        print(json.dumps(results))
+        if args.results_file:
+            os.makedirs(os.path.dirname(os.path.abspath(args.results_file)), exist_ok=True)
+            with open(args.results_file, "w", encoding="utf-8") as handle:
+                json.dump(results, handle, indent=2)
+    return results
+
+
+def dataset_num_classes(dataset: Any) -> Optional[int]:
+    """The class count a folder/tar dataset found, when its reader knows it."""
+    reader = getattr(dataset, "reader", None) or getattr(dataset, "parser", None)
+    class_to_idx = getattr(reader, "class_to_idx", None)
+    return len(class_to_idx) if class_to_idx else None
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
