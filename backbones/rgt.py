@@ -1,0 +1,851 @@
+"""RGT: the Recursive Generalization Transformer for image super-resolution.
+
+Paper: "Recursive Generalization Transformer for Image Super-Resolution", Chen, Zhang, Gu, Kong and
+Yang, ICLR 2024 (https://arxiv.org/abs/2303.06373).
+Official code and weights: https://github.com/zhengchen1999/RGT (Apache-2.0 license).
+
+The body keeps the image's resolution: a 3x3 shallow conv, residual groups of transformer blocks
+(each group ends with a 3x3 conv and a skip), a norm and a 3x3 conv, plus a skip from the shallow
+conv. Inside a group, blocks alternate two attentions:
+
+* L-SA (local): rectangle-window self-attention. Half of the channels attend inside horizontal
+  windows (e.g. 8 x 32), the other half inside vertical ones (32 x 8), with a dynamic relative
+  position bias (a small MLP of the offsets); some blocks shift the windows by half their size;
+  a depthwise 3x3 conv of the values is added.
+* RG-SA (global): the map is pooled recursively by one shared 4x4 stride-4 depthwise conv into a
+  small representative map, which the full-resolution queries cross-attend to, in reduced channels.
+
+Every block adds its own input back scaled by a learnable vector (hybrid adaptive integration, HAI).
+``rgt`` and ``rgt_small`` are the bodies (image -> full-resolution features, plus a pooled classifier
+head for timm); ``rgt_x2`` ... ``rgt_small_x4`` are the complete super-resolution models (body +
+:class:`~recurzoo.heads.super_resolution.PixelShuffleUpsampler`).
+"""
+from __future__ import annotations
+
+import functools
+import re
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq
+
+from recurzoo.backbones._helpers import check_image_input, model_name
+from recurzoo.backbones.hornet import unwrap_checkpoint
+from recurzoo.heads.super_resolution import DIV2K_RGB_MEAN, PixelShuffleUpsampler, SuperResolutionModel
+from recurzoo.official import register_official
+
+__all__ = [
+    "RGT", "RGTBlock", "ResidualGroup", "RectangleWindowAttention", "RecursiveGeneralizationAttention",
+    "GatedConvMlp", "DynamicPositionBias", "recursion_steps", "checkpoint_filter_fn", "MODEL_CARD",
+]
+
+_MASK_VALUE = -100.0  # the official additive mask between regions of a shifted window
+
+
+def _floor_log4(value: int) -> int:
+    """``floor(log4(value))`` for ``value >= 1`` in integer arithmetic (0 for 0)."""
+    return max(value.bit_length() - 1, 0) // 2
+
+
+def recursion_steps(height: int, width: int, training: bool) -> int:
+    """How many times RG-SA pools a ``height x width`` map with its 4x4 stride-4 conv.
+
+    As in the official code: ``max(log4(H/4), log4(W/4))`` (floored) in training, and
+    ``max(log4(H/16), log4(W/16), 2)`` at evaluation. Where the official code fails (a side that
+    would be pooled to nothing), the count is capped so the smaller side keeps at least one pixel.
+    """
+    height, width = int(height), int(width)  # plain ints, also when traced
+    divisor = 4 if training else 16
+    steps = max(_floor_log4(height // divisor), _floor_log4(width // divisor))
+    if not training:
+        steps = max(steps, 2)
+    return min(steps, _floor_log4(min(height, width)))
+
+
+@functools.lru_cache(maxsize=16)
+def shifted_window_mask(height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int],
+                        device: torch.device) -> torch.Tensor:
+    """``(num_windows, N, N)`` additive mask of a shifted-window attention on a ``height x width`` map.
+
+    After the cyclic shift, the last window of each row/column mixes three regions of the original
+    map (before ``-window``, between ``-window`` and ``-shift``, after ``-shift``); tokens from
+    different regions may not attend to each other (``-100`` in the logits, as in Swin and RGT).
+    """
+    def region(length: int, size: int, offset: int) -> torch.Tensor:
+        index = torch.arange(length, device=device)
+        return (index >= length - size).long() + (index >= length - offset).long()
+
+    ids = region(height, window[0], shift[0])[:, None] * 3 + region(width, window[1], shift[1])[None, :]
+    ids = ids.view(height // window[0], window[0], width // window[1], window[1]).transpose(1, 2)
+    ids = ids.reshape(-1, window[0] * window[1])
+    different = ids[:, None, :] != ids[:, :, None]
+    return torch.zeros(different.shape, device=device).masked_fill_(different, _MASK_VALUE)
+
+
+class DynamicPositionBias(nn.Module):
+    """Relative position bias computed by an MLP of the offsets (CrossFormer's DPB, no residuals).
+
+    Maps every offset ``(dy, dx)`` inside a window to one bias per head: a linear layer to
+    ``hidden`` channels, then three (LayerNorm, ReLU, Linear) stages, the last one to ``num_heads``.
+    """
+
+    def __init__(self, hidden: int, num_heads: int) -> None:
+        super().__init__()
+        with warnings.catch_warnings():  # a zero width (tiny models) makes torch warn that init is a no-op
+            warnings.simplefilter("ignore")
+            self.proj_in = nn.Linear(2, hidden)
+            layers: List[nn.Module] = []
+            for out_features in (hidden, hidden, num_heads):
+                layers += [nn.LayerNorm(hidden), nn.ReLU(), nn.Linear(hidden, out_features)]
+            self.mlp = nn.Sequential(*layers)
+
+    def forward(self, offsets: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.proj_in(offsets))
+
+
+class RectangleWindowBranch(nn.Module):
+    """Multi-head attention inside ``window_size`` rectangles, with a dynamic position bias.
+
+    Takes the stacked ``(B, H, W, 3, C)`` queries, keys and values of a map whose sides are
+    multiples of the window; with ``shifted``, the map is rolled by half a window first (and back
+    after), and tokens from different regions are masked.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: Tuple[int, int], shifted: bool,
+                 qk_scale: Optional[float] = None, attn_drop: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.window_size = tuple(window_size)
+        self.shift_size = (window_size[0] // 2, window_size[1] // 2) if shifted else None
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.attn_drop = attn_drop
+        # The official bias MLP is a quarter of a quarter of the branch width wide.
+        self.position_bias = DynamicPositionBias((dim // 4) // 4, num_heads)
+        window_h, window_w = self.window_size
+        offsets_h = torch.arange(1 - window_h, window_h, dtype=torch.float32)
+        offsets_w = torch.arange(1 - window_w, window_w, dtype=torch.float32)
+        offsets = torch.stack(torch.meshgrid(offsets_h, offsets_w, indexing="ij"), dim=-1).reshape(-1, 2)
+        self.register_buffer("offsets", offsets, persistent=False)
+        coords = torch.stack(torch.meshgrid(torch.arange(window_h), torch.arange(window_w), indexing="ij")).flatten(1)
+        relative = coords[:, :, None] - coords[:, None, :]
+        index = (relative[0] + window_h - 1) * (2 * window_w - 1) + relative[1] + window_w - 1
+        self.register_buffer("relative_position_index", index, persistent=False)
+
+    def relative_position_bias(self) -> torch.Tensor:
+        """``(num_heads, N, N)`` bias of the attention logits inside one window."""
+        table = self.position_bias(self.offsets)
+        tokens = self.relative_position_index.shape[0]
+        return table[self.relative_position_index.view(-1)].view(tokens, tokens, -1).permute(2, 0, 1)
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        batch, height, width, _, channels = qkv.shape
+        window_h, window_w = self.window_size
+        if self.shift_size is not None:
+            qkv = torch.roll(qkv, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
+        rows, cols = height // window_h, width // window_w
+        head_dim = channels // self.num_heads
+        windows = qkv.reshape(batch, rows, window_h, cols, window_w, 3, self.num_heads, head_dim)
+        windows = windows.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(
+            3, batch * rows * cols, self.num_heads, window_h * window_w, head_dim)
+        q, k, v = windows.unbind(0)
+        bias = self.relative_position_bias()[None]  # (1, heads, N, N)
+        if self.shift_size is not None:
+            mask = shifted_window_mask(int(height), int(width), self.window_size, self.shift_size, qkv.device)
+            bias = bias + mask[:, None]  # (windows, heads, N, N), the same for every image
+            if batch > 1:
+                bias = bias.repeat(batch, 1, 1, 1)
+        # 4-D inputs with a 4-D mask keep SDPA on its fused kernels (a broadcast mask falls back to math)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
+        out = out.view(batch, rows, cols, self.num_heads, window_h, window_w, head_dim)
+        out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, height, width, channels)
+        if self.shift_size is not None:
+            out = torch.roll(out, shifts=self.shift_size, dims=(1, 2))
+        return out
+
+
+class RectangleWindowAttention(nn.Module):
+    """L-SA: horizontal- and vertical-rectangle window attention on the two channel halves.
+
+    The map is zero-padded (after the qkv projection) to a multiple of the longer window side,
+    as in the official code; a depthwise 3x3 conv of the (unpadded) values is added to the result.
+    """
+
+    def __init__(self, dim: int, num_heads: int, split_size: Sequence[int] = (8, 32), shifted: bool = False,
+                 qkv_bias: bool = True, qk_scale: Optional[float] = None, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0) -> None:
+        super().__init__()
+        if dim % 2 or num_heads % 2 or dim % num_heads:
+            raise ValueError(f"RectangleWindowAttention: dim and num_heads must be even and dim divisible by "
+                             f"num_heads, received dim={dim}, num_heads={num_heads}")
+        short, long = split_size
+        self.pad_multiple = max(short, long)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.branches = nn.ModuleList([
+            RectangleWindowBranch(dim // 2, num_heads // 2, (short, long), shifted, qk_scale, attn_drop),
+            RectangleWindowBranch(dim // 2, num_heads // 2, (long, short), shifted, qk_scale, attn_drop),
+        ])
+        self.local_conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, channels = x.shape
+        qkv = self.qkv(x)
+        values = qkv[..., 2 * channels:]
+        pad_bottom, pad_right = -height % self.pad_multiple, -width % self.pad_multiple
+        if pad_bottom or pad_right:
+            qkv = F.pad(qkv, (0, 0, 0, pad_right, 0, pad_bottom))
+        qkv = qkv.view(batch, height + pad_bottom, width + pad_right, 3, channels)
+        half = channels // 2
+        x = torch.cat([branch(qkv[..., i * half:(i + 1) * half])[:, :height, :width]
+                       for i, branch in enumerate(self.branches)], dim=-1)
+        x = x + self.local_conv(values.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.proj_drop(self.proj(x))
+
+
+class RecursiveGeneralizationAttention(nn.Module):
+    """RG-SA: cross-attention from every position to a recursively pooled summary of the map.
+
+    One depthwise 4x4 stride-4 conv is applied :func:`recursion_steps` times, then a depthwise 3x3
+    conv and a 1x1 conv to ``c_ratio * dim`` channels, LayerNorm and GELU give the representative
+    tokens. Queries and keys have ``c_ratio * dim`` channels, values ``dim``; a depthwise 3x3 conv of
+    the values over the pooled map (CPE) is added to them.
+    """
+
+    def __init__(self, dim: int, num_heads: int, c_ratio: float = 0.5, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.reduced_dim = int(dim * c_ratio)
+        if dim % num_heads or self.reduced_dim % num_heads:
+            raise ValueError(f"RecursiveGeneralizationAttention: dim={dim} and dim*c_ratio={self.reduced_dim} "
+                             f"must be divisible by num_heads={num_heads}")
+        self.scale = qk_scale or (dim // num_heads * c_ratio) ** -0.5
+        self.attn_drop = attn_drop
+        self.recursive_pool = nn.Conv2d(dim, dim, kernel_size=4, stride=4, groups=dim)
+        self.pooled_dwconv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.pooled_proj = nn.Conv2d(dim, self.reduced_dim, kernel_size=1)
+        self.pooled_norm = nn.LayerNorm(self.reduced_dim)
+        self.pooled_act = nn.GELU()
+        self.q = nn.Linear(dim, self.reduced_dim, bias=qkv_bias)
+        self.k = nn.Linear(self.reduced_dim, self.reduced_dim, bias=qkv_bias)
+        self.v = nn.Linear(self.reduced_dim, dim, bias=qkv_bias)
+        self.cpe = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, channels = x.shape
+        pooled = x.permute(0, 3, 1, 2)
+        for _ in range(recursion_steps(height, width, self.training)):
+            pooled = self.recursive_pool(pooled)
+        pooled = self.pooled_proj(self.pooled_dwconv(pooled))
+        pooled_h, pooled_w = pooled.shape[-2:]
+        tokens = self.pooled_act(self.pooled_norm(pooled.flatten(2).transpose(1, 2)))
+
+        heads = self.num_heads
+        q = self.q(x).reshape(batch, height * width, heads, -1).transpose(1, 2)
+        k = self.k(tokens).reshape(batch, -1, heads, self.reduced_dim // heads).transpose(1, 2)
+        v = self.v(tokens)
+        v = v + self.cpe(v.transpose(1, 2).reshape(batch, channels, pooled_h, pooled_w)).flatten(2).transpose(1, 2)
+        v = v.reshape(batch, -1, heads, channels // heads).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
+        out = out.transpose(1, 2).reshape(batch, height, width, channels)
+        return self.proj_drop(self.proj(out))
+
+
+class ConvGate(nn.Module):
+    """Spatial gate of the MLP: one half of the channels times a depthwise conv of the normed other half."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        passthrough, gate = x.chunk(2, dim=-1)
+        gate = self.conv(self.norm(gate).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return passthrough * gate
+
+
+class GatedConvMlp(nn.Module):
+    """Channels-last MLP with a convolutional gate: fc1, GELU, :class:`ConvGate` (halves the width), fc2."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.gate = ConvGate(hidden_dim // 2)
+        self.fc2 = nn.Linear(hidden_dim // 2, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.gate(self.act(self.fc1(x))))
+
+
+class RGTBlock(nn.Module):
+    """Pre-norm transformer block (L-SA or RG-SA, then the gated MLP) with HAI.
+
+    HAI adds the block's input back, multiplied by the learnable per-channel ``skip_scale``
+    (initialised to 1e-4), on top of the two usual residuals. Works on ``(B, H, W, C)`` maps.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            attention: str,
+            shifted: bool = False,
+            mlp_ratio: float = 2.0,
+            split_size: Sequence[int] = (8, 32),
+            c_ratio: float = 0.5,
+            qkv_bias: bool = True,
+            qk_scale: Optional[float] = None,
+            proj_drop: float = 0.0,
+            attn_drop: float = 0.0,
+            drop_path: float = 0.0,
+            skip_scale_init: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        if attention == "local":
+            self.attn = RectangleWindowAttention(dim, num_heads, split_size, shifted, qkv_bias, qk_scale,
+                                                 attn_drop, proj_drop)
+        elif attention == "recursive":
+            self.attn = RecursiveGeneralizationAttention(dim, num_heads, c_ratio, qkv_bias, qk_scale,
+                                                         attn_drop, proj_drop)
+        else:
+            raise ValueError(f"RGTBlock: attention must be 'local' or 'recursive', received {attention!r}")
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = GatedConvMlp(dim, int(dim * mlp_ratio))
+        self.skip_scale = nn.Parameter(torch.full((dim,), float(skip_scale_init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x + shortcut * self.skip_scale
+
+
+def is_shifted_block(group_index: int, block_index: int) -> bool:
+    """Whether the L-SA block ``block_index`` of group ``group_index`` shifts its windows (official rule).
+
+    Even groups shift blocks 2, 6, 10, ...; odd groups blocks 0, 4, 8, ...
+    """
+    return block_index % 4 == (2 if group_index % 2 == 0 else 0)
+
+
+def _residual_conv(dim: int, kind: str) -> nn.Module:
+    """The conv closing a residual group (and the body): ``'1conv'`` or the cheaper ``'3conv'``."""
+    if kind == "1conv":
+        return nn.Conv2d(dim, dim, 3, 1, 1)
+    if kind == "3conv":
+        return nn.Sequential(
+            nn.Conv2d(dim, dim // 4, 3, 1, 1), nn.LeakyReLU(negative_slope=0.2, inplace=True),
+            nn.Conv2d(dim // 4, dim // 4, 1, 1, 0), nn.LeakyReLU(negative_slope=0.2, inplace=True),
+            nn.Conv2d(dim // 4, dim, 3, 1, 1))
+    raise ValueError(f"RGT: resi_connection must be '1conv' or '3conv', received {kind!r}")
+
+
+class ResidualGroup(nn.Module):
+    """Blocks alternating L-SA (even positions) and RG-SA (odd), a 3x3 conv, and a skip over the group."""
+
+    def __init__(
+            self,
+            dim: int,
+            depth: int,
+            num_heads: int,
+            group_index: int,
+            drop_path_rates: Sequence[float],
+            resi_connection: str = "1conv",
+            **block_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.grad_checkpointing = False
+        self.blocks = nn.Sequential(*[
+            RGTBlock(dim, num_heads, "local" if i % 2 == 0 else "recursive",
+                     shifted=i % 2 == 0 and is_shifted_block(group_index, i), drop_path=drop_path_rates[i],
+                     **block_kwargs)
+            for i in range(depth)])
+        self.conv = _residual_conv(dim, resi_connection)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return shortcut + self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class RGT(nn.Module):
+    """The RGT body (image -> full-resolution features) with timm's model interface.
+
+    ``forward_features`` returns ``conv_after_body(norm(groups(norm_pre(s)))) + s`` with
+    ``s = conv_first(x)``: a ``(B, embed_dim, H, W)`` map for any input size. ``forward`` pools it
+    into timm's classifier head (``num_classes=0``, the default, gives pooled features).
+    The input is expected as the SR models feed it: ``x - DIV2K mean`` (times ``img_range``).
+
+    Args:
+        in_chans: input channels.
+        num_classes: classifier outputs (0 for none).
+        embed_dim: width of the body.
+        depths: blocks per residual group.
+        num_heads: attention heads, one number or one per group.
+        mlp_ratio: hidden width of the gated MLP relative to ``embed_dim``.
+        split_size: short and long side of the L-SA rectangles.
+        c_ratio: channel ratio of the RG-SA queries and keys.
+        qkv_bias: biases of the q, k, v projections.
+        qk_scale: overrides the attention scale (``head_dim ** -0.5``).
+        drop_rate: dropout before the classifier.
+        proj_drop_rate: dropout after the attention projections (the official ``drop_rate``).
+        attn_drop_rate: dropout of the attention weights.
+        drop_path_rate: stochastic depth, rising linearly over all blocks (0.1 in the official training).
+        resi_connection: ``'1conv'`` or ``'3conv'``, the conv ending each group and the body.
+        global_pool: pooling of the classifier head.
+    """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 0,
+            embed_dim: int = 180,
+            depths: Sequence[int] = (6, 6, 6, 6, 6, 6, 6, 6),
+            num_heads: Union[int, Sequence[int]] = 6,
+            mlp_ratio: float = 2.0,
+            split_size: Sequence[int] = (8, 32),
+            c_ratio: float = 0.5,
+            qkv_bias: bool = True,
+            qk_scale: Optional[float] = None,
+            drop_rate: float = 0.0,
+            proj_drop_rate: float = 0.0,
+            attn_drop_rate: float = 0.0,
+            drop_path_rate: float = 0.1,
+            resi_connection: str = "1conv",
+            global_pool: str = "avg",
+    ) -> None:
+        super().__init__()
+        heads = [num_heads] * len(depths) if isinstance(num_heads, int) else list(num_heads)
+        if len(heads) != len(depths):
+            raise ValueError(f"RGT: num_heads needs one entry per group ({len(depths)}), received {len(heads)}")
+        if len(split_size) != 2:
+            raise ValueError(f"RGT: split_size must be (short side, long side), received {split_size}")
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.drop_rate = drop_rate
+
+        self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
+        self.norm_pre = nn.LayerNorm(embed_dim)
+        rates = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)  # per group, per block
+        block_kwargs = dict(mlp_ratio=mlp_ratio, split_size=tuple(split_size), c_ratio=c_ratio, qkv_bias=qkv_bias,
+                            qk_scale=qk_scale, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate)
+        groups: List[nn.Module] = []
+        self.feature_info: List[Dict[str, Any]] = []
+        for i, depth in enumerate(depths):
+            groups.append(ResidualGroup(embed_dim, depth, heads[i], i, rates[i], resi_connection, **block_kwargs))
+            self.feature_info.append(dict(num_chs=embed_dim, reduction=1, module=f"groups.{i}"))
+        self.groups = nn.Sequential(*groups)
+        self.norm = nn.LayerNorm(embed_dim)
+        self.conv_after_body = _residual_conv(embed_dim, resi_connection)
+        self.num_features = self.head_hidden_size = embed_dim
+        self.head = ClassifierHead(embed_dim, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r"^conv_first|^norm_pre",
+            blocks=r"^groups\.(\d+)" if coarse else [
+                (r"^groups\.(\d+)\.blocks\.(\d+)", None),
+                (r"^groups\.(\d+)\.conv", (99999,)),
+                (r"^norm\.|^conv_after_body", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for group in self.groups:
+            group.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return set()
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_image_input(x, model_name(self), self.in_chans)
+
+    def _stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        shallow = self.conv_first(x)
+        return shallow, self.norm_pre(shallow.permute(0, 2, 3, 1))
+
+    def _body_output(self, x: torch.Tensor, shallow: torch.Tensor) -> torch.Tensor:
+        return self.conv_after_body(self.norm(x).permute(0, 3, 1, 2)) + shallow
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Run the groups, returning the outputs of those in ``indices`` (all by default).
+
+        Intermediates are the residual groups' outputs (``norm=True`` applies the final norm to the
+        last group's); the final output is :meth:`forward_features`'.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"{model_name(self)}: output_fmt must be 'NCHW' or 'NHWC', received {output_fmt!r}")
+        self._check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.groups), indices)
+        groups = self.groups[:max_index + 1] if stop_early and not torch.jit.is_scripting() else self.groups
+        last_index = len(self.groups) - 1
+        shallow, x = self._stem(x)
+        intermediates = []
+        for index, group in enumerate(groups):
+            x = group(x)
+            if index in take_indices:
+                feature = self.norm(x) if norm and index == last_index else x
+                intermediates.append(feature.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feature)
+        if intermediates_only:
+            return intermediates
+        return self._body_output(x, shallow), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the groups (and head) that the requested intermediates do not need."""
+        take_indices, max_index = feature_take_indices(len(self.groups), indices)
+        prune_end = max_index < len(self.groups) - 1
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        self.groups = self.groups[:max_index + 1]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        shallow, x = self._stem(x)
+        return self._body_output(self.groups(x), shallow)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+MODEL_CARD = dict(
+    title="RGT",
+    summary="""
+RGT (Recursive Generalization Transformer) is an image super-resolution transformer whose body keeps
+the input's resolution. Its residual groups alternate rectangle-window self-attention (L-SA: half of
+the channels in horizontal 8x32 windows, half in vertical 32x8 ones, some blocks shifted, with a
+dynamic relative position bias) with recursive-generalization self-attention (RG-SA: the map is
+pooled recursively by one shared 4x4 stride-4 depthwise conv into a small representative map that
+every position cross-attends to, in half the channels). Hybrid adaptive integration adds each
+block's input back with a learnable per-channel scale. `rgt` / `rgt_small` (8 / 6 residual groups
+of 6 blocks, width 180) are the bodies as timm backbones (one stride-1 feature map per group);
+`rgt_x2` ... `rgt_small_x4` are the complete super-resolution models (body + the pixel-shuffle
+upsampler of RGT/SwinIR), taking images in [0, 1] of any size.
+""",
+    paper="Recursive Generalization Transformer for Image Super-Resolution (Chen et al., ICLR 2024)",
+    paper_url="https://arxiv.org/abs/2303.06373",
+    code_url="https://github.com/zhengchen1999/RGT",
+    license="Apache-2.0",
+    create_kwargs={},
+    input_size=(3, 128, 128),
+    example_model="rgt_small_x4",
+    table_note="Parameters and fvcore GFLOPs (multiply-accumulates; attention counted as its two matmuls, as in "
+               "the official explicit attention) of one 3x128x128 input, i.e. a 3x512x512 output for the x4 "
+               "models, the size of the published figures (RGT 13.37 M / 251.07 G, RGT-S 10.20 M / 193.08 G). "
+               "The body rows exclude the upsampler. The authors' DF2K-trained weights of the six SR models are "
+               "shared as Google Drive / Baidu folders (links in the official README), without direct URLs, so "
+               "the weights column is empty: download them by hand and pass `pretrained_cfg_overlay=dict(file=...)`.",
+    usage="""
+```python
+import recurzoo, timm, torch
+
+sr = timm.create_model('rgt_small_x4').eval()  # random init
+# the authors' BasicSR checkpoint, downloaded by hand (nothing is fetched at import):
+sr = timm.create_model('rgt_small_x4', pretrained=True,
+                       pretrained_cfg_overlay=dict(file='/path/to/RGT_S_x4.pth')).eval()
+image = torch.rand(1, 3, 120, 97)               # RGB in [0, 1], any size
+out = sr(image)                                 # (1, 3, 480, 388), not clamped
+big = sr.super_resolve(torch.rand(1, 3, 1024, 1024), tile=256, tile_overlap=32)  # tiled, blended
+
+# the body alone (stride-1 features, one level per residual group), or with another head
+body = timm.create_model('rgt_small', features_only=True)
+sr2 = recurzoo.create_sr_model('rgt_small', scale=2, head='pixelshuffledirect')
+```
+
+Command line: `recurzoo sr photo.png folder/ --model rgt_small_x4 --checkpoint RGT_S_x4.pth --tile 256 --out out/`.
+Training and evaluation (PSNR/SSIM on Y, BasicSR's protocol):
+`python -m recurzoo.train.super_resolution --model rgt_small_x2 --train-data DF2K --val-data Set5 Set14 --output runs/rgt_s_x2`
+and `python -m recurzoo.train.super_resolution --model rgt_x4 --checkpoint RGT_x4.pth --eval-only --val-data Set5 Urban100`.
+""",
+    notes="""
+## Faithfulness
+
+`tests/test_parity.py` builds the models from the official constructor arguments, loads checkpoints
+captured from the official implementation through `checkpoint_filter_fn` (the BasicSR `params` /
+`params_ema` wrappers are unwrapped; the attention-mask and position-index buffers, which the
+official checkpoints store for their training size, are dropped and recomputed for every input)
+and matches the official eval-mode output, on inputs whose sides are not multiples of the window
+(padded as the official code pads them). Parameter and FLOP counts of `rgt_x4` and `rgt_small_x4`
+equal the published figures to their printed precision.
+
+As in the official code, RG-SA pools the map `max(log4(H/16), log4(W/16), 2)` times at evaluation
+and `max(log4(H/4), log4(W/4))` times in training, so the eval output depends on the input size
+(and tiles see a different summary than the whole image). Where the official code fails (a side
+under 16 pixels at evaluation, or an extreme aspect ratio), the count is capped so that the shorter
+side keeps at least one pixel; any input size works.
+
+## Large images
+
+`model.super_resolve(x, tile=256, tile_overlap=32)` (and `recurzoo sr --tile`) runs one tile at a
+time: in each overlap, the outer quarter on either side is discarded (it saw the tile's zero
+padding) and the middle half is cross-faded linearly, so no seam shows. Memory then stays that of
+one tile plus the output image: `rgt_small_x4` on a 1024x1024 input (a 4096x4096 output, 25 tiles
+of 256 with overlap 32) completed on a 2-core, 24 GB CPU machine in 2208 s on one thread (shared
+with other jobs), with a peak resident memory of 2.43 GB, against 2.07 GB for a single 256x256
+tile (the difference is the float output and its blending weights). RG-SA attends over the whole
+input it sees, so tiled outputs differ slightly from untiled ones; a model whose receptive field
+reaches at most `tile_overlap / 4` pixels gives identical results.
+""",
+)
+
+
+# Official names -> ours (body keys), applied in order to every key of an official checkpoint.
+_OFFICIAL_KEY_RENAMES = (
+    (r"^before_RG\.1\.", "norm_pre."),
+    (r"^layers\.(\d+)\.", r"groups.\1."),
+    (r"\.gamma$", ".skip_scale"),
+    (r"\.attn\.attns\.(\d+)\.pos\.pos_proj\.", r".attn.branches.\1.position_bias.proj_in."),
+    (r"\.attn\.attns\.(\d+)\.pos\.pos1\.(\d+)\.", lambda m: f".attn.branches.{m[1]}.position_bias.mlp.{int(m[2])}."),
+    (r"\.attn\.attns\.(\d+)\.pos\.pos2\.(\d+)\.", lambda m: f".attn.branches.{m[1]}.position_bias.mlp.{3 + int(m[2])}."),
+    (r"\.attn\.attns\.(\d+)\.pos\.pos3\.(\d+)\.", lambda m: f".attn.branches.{m[1]}.position_bias.mlp.{6 + int(m[2])}."),
+    (r"\.attn\.get_v\.", ".attn.local_conv."),
+    (r"\.attn\.reduction1\.", ".attn.recursive_pool."),
+    (r"\.attn\.dwconv\.", ".attn.pooled_dwconv."),
+    (r"\.attn\.conv\.", ".attn.pooled_proj."),
+    (r"\.attn\.norm_act\.0\.", ".attn.pooled_norm."),
+    (r"\.mlp\.sg\.", ".mlp.gate."),
+)
+# Buffers the official model stores but derives from its sizes: recomputed here, never loaded.
+_DERIVED_BUFFERS = re.compile(r"(attn_mask_\d|rpe_biases|relative_position_index)$")
+_OFFICIAL_HEAD_PREFIXES = ("conv_before_upsample.", "upsample.", "conv_last.")
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Convert an official RGT checkpoint (BasicSR layout, optionally wrapped) to ``model``'s keys.
+
+    ``model`` is a complete SR model (:class:`SuperResolutionModel`: body under ``backbone.``,
+    upsampler under ``head.``) or the body alone (:class:`RGT`: the upsampler is dropped).
+    Checkpoints already in this package's layout (SR model or body) pass through, re-prefixed as needed.
+    """
+    state_dict = {key: value for key, value in unwrap_checkpoint(state_dict).items()
+                  if not _DERIVED_BUFFERS.search(key)}
+    if any(key.startswith(("layers.", "before_RG.")) for key in state_dict):  # the official layout
+        sr_layout = {}
+        for key, value in state_dict.items():
+            if key.startswith(_OFFICIAL_HEAD_PREFIXES):
+                sr_layout["head." + key] = value
+                continue
+            for pattern, replacement in _OFFICIAL_KEY_RENAMES:
+                key = re.sub(pattern, replacement, key)
+            sr_layout["backbone." + key] = value
+    elif any(key.startswith("backbone.") for key in state_dict):  # one of our SR models
+        sr_layout = state_dict
+    else:  # one of our bodies (its classifier, if any, only fits a body)
+        if not isinstance(model, SuperResolutionModel):
+            return state_dict
+        sr_layout = {"backbone." + key: value for key, value in state_dict.items() if not key.startswith("head.")}
+    if isinstance(model, SuperResolutionModel):
+        return sr_layout
+    return {key[len("backbone."):]: value for key, value in sr_layout.items() if key.startswith("backbone.")}
+
+
+def _official_rgt(
+        upscale: int = 2,
+        in_chans: int = 3,
+        embed_dim: int = 180,
+        depth: Sequence[int] = (2, 2, 2, 2),
+        num_heads: Sequence[int] = (2, 2, 2, 2),
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_scale: Optional[float] = None,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        use_chk: bool = False,
+        img_range: float = 1.0,
+        resi_connection: str = "1conv",
+        split_size: Sequence[int] = (8, 8),
+        c_ratio: float = 0.5,
+        **unused: Any,
+) -> SuperResolutionModel:
+    """The official ``rgt_arch.RGT`` arguments (its defaults too) mapped onto body + upsampler.
+
+    ``img_size`` (the size of the stored masks) and ``upsampler`` are accepted and ignored: masks
+    are computed for each input and the official model always uses the pixel-shuffle upsampler.
+    """
+    body = RGT(in_chans=in_chans, embed_dim=embed_dim, depths=tuple(depth), num_heads=list(num_heads),
+               mlp_ratio=mlp_ratio, split_size=tuple(split_size), c_ratio=c_ratio, qkv_bias=qkv_bias,
+               qk_scale=qk_scale, proj_drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+               drop_path_rate=drop_path_rate, resi_connection=resi_connection)
+    body.set_grad_checkpointing(use_chk)
+    head = PixelShuffleUpsampler(embed_dim, upscale, out_chans=in_chans)
+    return SuperResolutionModel(body, head, img_range=img_range, name="rgt_arch.RGT")
+
+
+register_official("rgt_arch.RGT", family="rgt", checkpoint_filter_fn=checkpoint_filter_fn)(_official_rgt)
+
+
+def _feature_cfg(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    return dict(out_indices=tuple(range(len(kwargs["depths"]))), feature_cls="getter")
+
+
+def _create_rgt(variant: str, pretrained: bool = False, **kwargs: Any) -> RGT:
+    return build_model_with_cfg(
+        RGT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, feature_cfg=_feature_cfg(kwargs),
+        **kwargs)
+
+
+def _build_sr_model(upscale: int, num_classes: int = 0, in_chans: int = 3, img_range: float = 1.0,
+                    global_pool: Optional[str] = None, **body_kwargs: Any) -> SuperResolutionModel:
+    """Body + pixel-shuffle upsampler; ``num_classes > 0`` swaps the upsampler for a classifier."""
+    body = RGT(in_chans=in_chans, **body_kwargs)
+    model = SuperResolutionModel(body, PixelShuffleUpsampler(body.num_features, upscale, out_chans=in_chans),
+                                 img_range=img_range)
+    if num_classes:
+        model.reset_classifier(num_classes, global_pool)
+    return model
+
+
+def _create_rgt_sr(variant: str, upscale: int, pretrained: bool = False, **kwargs: Any) -> SuperResolutionModel:
+    return build_model_with_cfg(
+        _build_sr_model, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=_feature_cfg(kwargs), upscale=upscale, **kwargs)
+
+
+def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
+    return {
+        "url": url,
+        "num_classes": 0, "input_size": (3, 64, 64), "pool_size": None,
+        "crop_pct": 1.0, "interpolation": "bicubic",
+        "mean": DIV2K_RGB_MEAN, "std": (1.0, 1.0, 1.0),
+        "first_conv": "conv_first", "classifier": "head.fc",
+        "license": "apache-2.0",
+        "paper_ids": "arXiv:2303.06373",
+        "paper_name": "Recursive Generalization Transformer for Image Super-Resolution",
+        "origin_url": "https://github.com/zhengchen1999/RGT",
+        **kwargs,
+    }
+
+
+def _sr_cfg(scale: int, **kwargs: Any) -> Dict[str, Any]:
+    """SR models take images in [0, 1] (they subtract the mean themselves) and return ``scale`` times larger ones."""
+    return _cfg(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), first_conv="backbone.conv_first", classifier=None,
+                **kwargs)
+
+
+# The official SR weights (DF2K-trained x2/x3/x4, BasicSR files) are on Google Drive / Baidu only (see the
+# official README): download them by hand and pass ``pretrained_cfg_overlay=dict(file=...)``.
+default_cfgs = generate_default_cfgs({
+    "rgt": _cfg(),
+    "rgt_small": _cfg(),
+    "rgt_x2": _sr_cfg(2),
+    "rgt_x3": _sr_cfg(3),
+    "rgt_x4": _sr_cfg(4),
+    "rgt_small_x2": _sr_cfg(2),
+    "rgt_small_x3": _sr_cfg(3),
+    "rgt_small_x4": _sr_cfg(4),
+})
+
+
+def _rgt_args(num_groups: int, blocks_per_group: int = 6, **kwargs: Any) -> Dict[str, Any]:
+    """The official architecture: width 180, ``num_groups`` groups of 6 blocks, 6 heads, MLP ratio 2,
+    8x32 rectangles, channel ratio 0.5. ``blocks_per_group`` shrinks the groups (tests)."""
+    args = dict(embed_dim=180, depths=(blocks_per_group,) * num_groups, num_heads=6, mlp_ratio=2.0,
+                split_size=(8, 32), c_ratio=0.5)
+    args.update(kwargs)
+    return args
+
+
+@register_model
+def rgt(pretrained: bool = False, **kwargs: Any) -> RGT:
+    """RGT body: 8 residual groups of 6 blocks, width 180 (stride-1 features)."""
+    return _create_rgt("rgt", pretrained, **_rgt_args(8, **kwargs))
+
+
+@register_model
+def rgt_small(pretrained: bool = False, **kwargs: Any) -> RGT:
+    """RGT-S body: 6 residual groups of 6 blocks, width 180."""
+    return _create_rgt("rgt_small", pretrained, **_rgt_args(6, **kwargs))
+
+
+@register_model
+def rgt_x2(pretrained: bool = False, **kwargs: Any) -> SuperResolutionModel:
+    """RGT x2 super-resolution (body + pixel-shuffle upsampler)."""
+    return _create_rgt_sr("rgt_x2", 2, pretrained, **_rgt_args(8, **kwargs))
+
+
+@register_model
+def rgt_x3(pretrained: bool = False, **kwargs: Any) -> SuperResolutionModel:
+    """RGT x3 super-resolution."""
+    return _create_rgt_sr("rgt_x3", 3, pretrained, **_rgt_args(8, **kwargs))
+
+
+@register_model
+def rgt_x4(pretrained: bool = False, **kwargs: Any) -> SuperResolutionModel:
+    """RGT x4 super-resolution."""
+    return _create_rgt_sr("rgt_x4", 4, pretrained, **_rgt_args(8, **kwargs))
+
+
+@register_model
+def rgt_small_x2(pretrained: bool = False, **kwargs: Any) -> SuperResolutionModel:
+    """RGT-S x2 super-resolution (6 residual groups)."""
+    return _create_rgt_sr("rgt_small_x2", 2, pretrained, **_rgt_args(6, **kwargs))
+
+
+@register_model
+def rgt_small_x3(pretrained: bool = False, **kwargs: Any) -> SuperResolutionModel:
+    """RGT-S x3 super-resolution."""
+    return _create_rgt_sr("rgt_small_x3", 3, pretrained, **_rgt_args(6, **kwargs))
+
+
+@register_model
+def rgt_small_x4(pretrained: bool = False, **kwargs: Any) -> SuperResolutionModel:
+    """RGT-S x4 super-resolution."""
+    return _create_rgt_sr("rgt_small_x4", 4, pretrained, **_rgt_args(6, **kwargs))

@@ -1,0 +1,571 @@
+"""Super-resolution heads: from a stride-1 feature map to an upscaled image.
+
+A complete super-resolution model is a backbone whose ``forward_features`` keeps the input's
+resolution (reduction 1, e.g. ``rgt``) followed by one of the heads below, wrapped by
+:class:`SuperResolutionModel`, which also does the input/output scaling of the BasicSR code
+(subtract the training set's mean colour, multiply by ``img_range``; undo both on the output):
+
+* :class:`PixelShuffleUpsampler` -- the reconstruction of RGT, SwinIR and EDSR (BasicSR's
+  ``pixelshuffle`` upsampler): conv + LeakyReLU to 64 channels, one conv + PixelShuffle(2) per
+  doubling (or one conv + PixelShuffle(3) for x3), conv to the image. Scales 1, 2, 3, 4, 8, ...
+* :class:`OneStepPixelShuffle` -- SwinIR's lightweight ``pixelshuffledirect`` head: one conv to
+  ``out_chans * scale**2`` channels and a single PixelShuffle(scale). Any integer scale.
+
+``create_sr_model(backbone, scale, head=...)`` builds backbone + head for any backbone with a stride-1
+feature map and says what is missing otherwise; ``timm.create_model('rgt_x4')`` etc. are registered
+in :mod:`recurzoo.backbones.rgt`.
+
+Inference helpers: :func:`tiled_super_resolve` (fixed-size tiles with overlap and linear blending, so
+that memory does not grow with the image), :func:`super_resolve_image` (uint8 in, uint8 out),
+:func:`super_resolve_files` (the ``recurzoo sr`` command) and :func:`super_resolve_demo`.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from timm.layers import ClassifierHead
+
+from recurzoo.backbones._helpers import check_image_input, model_name
+
+__all__ = [
+    "DIV2K_RGB_MEAN", "SR_HEADS", "PixelShuffleUpsampler", "OneStepPixelShuffle", "SuperResolutionModel",
+    "create_sr_model", "tiled_super_resolve", "blend_weights", "tile_starts", "read_image", "write_png",
+    "collect_images", "super_resolve_image", "super_resolve_files", "super_resolve_demo",
+]
+
+# Mean colour of the DIV2K training images, subtracted by the BasicSR models (RGT, SwinIR, HAT...).
+DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _is_power_of_two(value: int) -> bool:
+    return value >= 1 and value & (value - 1) == 0
+
+
+class PixelShuffleUpsampler(nn.Module):
+    """The RGT/SwinIR reconstruction head (BasicSR's ``pixelshuffle`` upsampler).
+
+    Args:
+        in_chs: channels of the stride-1 feature map.
+        upscale: 1, a power of two (one conv + PixelShuffle(2) per doubling) or 3.
+        out_chans: image channels produced.
+        num_feat: width of the upsampling convs (64 in RGT and SwinIR).
+    """
+
+    feature_reduction = 1  # the feature map this head takes has the image's resolution
+
+    def __init__(self, in_chs: int, upscale: int, out_chans: int = 3, num_feat: int = 64) -> None:
+        super().__init__()
+        if not (_is_power_of_two(upscale) or upscale == 3):
+            raise ValueError(f"PixelShuffleUpsampler: upscale must be a power of two or 3, received {upscale}")
+        self.upscale = upscale
+        self.out_chans = out_chans
+        self.conv_before_upsample = nn.Sequential(nn.Conv2d(in_chs, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True))
+        stages: List[nn.Module] = []
+        if upscale == 3:
+            stages += [nn.Conv2d(num_feat, 9 * num_feat, 3, 1, 1), nn.PixelShuffle(3)]
+        else:
+            for _ in range(upscale.bit_length() - 1):
+                stages += [nn.Conv2d(num_feat, 4 * num_feat, 3, 1, 1), nn.PixelShuffle(2)]
+        self.upsample = nn.Sequential(*stages)
+        self.conv_last = nn.Conv2d(num_feat, out_chans, 3, 1, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.conv_last(self.upsample(self.conv_before_upsample(features)))
+
+
+class OneStepPixelShuffle(nn.Module):
+    """Lightweight head (SwinIR's ``pixelshuffledirect``): one 3x3 conv, then PixelShuffle(upscale)."""
+
+    feature_reduction = 1
+
+    def __init__(self, in_chs: int, upscale: int, out_chans: int = 3) -> None:
+        super().__init__()
+        if upscale < 1:
+            raise ValueError(f"OneStepPixelShuffle: upscale must be a positive integer, received {upscale}")
+        self.upscale = upscale
+        self.out_chans = out_chans
+        self.conv = nn.Conv2d(in_chs, out_chans * upscale ** 2, 3, 1, 1)
+        self.shuffle = nn.PixelShuffle(upscale)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.shuffle(self.conv(features))
+
+
+# Head names as BasicSR/SwinIR spell the ``upsampler`` option.
+SR_HEADS: Dict[str, Callable[..., nn.Module]] = {
+    "pixelshuffle": PixelShuffleUpsampler,
+    "pixelshuffledirect": OneStepPixelShuffle,
+}
+
+
+class SuperResolutionModel(nn.Module):
+    """A stride-1 backbone and a super-resolution head, with BasicSR's input/output scaling.
+
+    ``forward(x)`` takes images in ``[0, 1]`` of any size and returns them ``head.upscale`` times
+    larger: ``head(backbone.forward_features((x - mean) * img_range)) / img_range + mean``. The
+    backbone is only used through its public timm interface (``forward_features``,
+    ``forward_intermediates``, ``prune_intermediate_layers``, ``feature_info``).
+
+    It also behaves as a timm model: ``feature_info``/``forward_intermediates`` are the backbone's,
+    and ``reset_classifier(n)`` replaces the upsampler by timm's pooled classifier head on the
+    backbone features (``n=0``: pooled features), e.g. to reuse a trained SR body for recognition.
+
+    Args:
+        backbone: a module with ``forward_features`` returning a map of the input's size.
+        head: a super-resolution head (``upscale`` attribute).
+        img_mean: colour subtracted from the input (DIV2K's mean for 3 channels, 0 otherwise).
+        img_range: multiplier after the mean subtraction (1 for RGT; 255 in some BasicSR models).
+        name: the name used in error messages (timm's registered name when built by timm).
+    """
+
+    def __init__(
+            self,
+            backbone: nn.Module,
+            head: nn.Module,
+            img_mean: Optional[Sequence[float]] = None,
+            img_range: float = 1.0,
+            name: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.in_chans = int(getattr(backbone, "in_chans", 3))
+        self.upscale = int(head.upscale)
+        self.img_range = float(img_range)
+        if img_mean is None:
+            img_mean = DIV2K_RGB_MEAN if self.in_chans == 3 else (0.0,) * self.in_chans
+        if len(img_mean) != self.in_chans:
+            raise ValueError(f"SuperResolutionModel: img_mean needs {self.in_chans} entries, received {len(img_mean)}")
+        self.img_mean = tuple(float(v) for v in img_mean)  # a constant, as in the official code (no weight)
+        self.num_features = self.head_hidden_size = int(backbone.num_features)
+        self.num_classes = 0
+        self.feature_info = [dict(level, module=f"backbone.{level['module']}") if "module" in level else dict(level)
+                             for level in backbone.feature_info]
+        self.name = name
+
+    @property
+    def is_super_resolution(self) -> bool:
+        """True while the head is an upsampler (not replaced by ``reset_classifier``)."""
+        return not isinstance(self.head, (ClassifierHead, nn.Identity))
+
+    def _name(self) -> str:
+        return self.name or model_name(self)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        inner = self.backbone.group_matcher(coarse)
+
+        def prefixed(rule: Any) -> Any:
+            if isinstance(rule, str):
+                return "|".join(f"^backbone\\.{part.lstrip('^')}" for part in rule.split("|"))
+            return [(prefixed(pattern), suffix) for pattern, suffix in rule]
+
+        return {key: prefixed(rule) for key, rule in inner.items()}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.set_grad_checkpointing(enable)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        inner = getattr(self.backbone, "no_weight_decay", lambda: set())()
+        return {f"backbone.{name}" for name in inner}
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc if isinstance(self.head, ClassifierHead) else self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the upsampler by a pooled classifier (``num_classes=0``: pooled features)."""
+        self.num_classes = num_classes
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type="avg" if global_pool is None else global_pool)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_image_input(x, self._name(), self.in_chans)
+
+    def _mean(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_tensor(self.img_mean).view(1, -1, 1, 1)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> the backbone's input scale (mean subtracted, times ``img_range``)."""
+        return (x - self._mean(x)) * self.img_range
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's output -> images in [0, 1] (not clamped)."""
+        return x / self.img_range + self._mean(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return self.backbone.forward_features(self.normalize(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.is_super_resolution:
+            return self.denormalize(self.head(x))
+        if isinstance(self.head, ClassifierHead):
+            return self.head(x, pre_logits=pre_logits)
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The backbone's intermediates (and final features) for images in [0, 1]."""
+        self._check_input(x)
+        return self.backbone.forward_intermediates(
+            self.normalize(x), indices=indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
+            intermediates_only=intermediates_only)
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Prune the backbone; with ``prune_head`` the upsampler goes too (a feature extractor remains)."""
+        kept = self.backbone.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=True)
+        if prune_head:
+            self.reset_classifier(0, "")
+        return kept
+
+    @torch.no_grad()
+    def super_resolve(self, x: torch.Tensor, tile: Optional[int] = None, tile_overlap: int = 32,
+                      progress: bool = False) -> torch.Tensor:
+        """Eval-mode output for images in [0, 1], optionally tile by tile (see :func:`tiled_super_resolve`)."""
+        if not self.is_super_resolution:
+            raise ValueError(f"{self._name()}: the super-resolution head was replaced by reset_classifier")
+        was_training = self.training
+        self.eval()
+        try:
+            if tile is None:
+                return self(x)
+            return tiled_super_resolve(self, x, self.upscale, tile=tile, tile_overlap=tile_overlap,
+                                       progress=progress)
+        finally:
+            self.train(was_training)
+
+
+def _feature_reductions(backbone: nn.Module) -> List[int]:
+    info = getattr(backbone, "feature_info", None)
+    if info is None:
+        return []
+    if hasattr(info, "reduction") and callable(info.reduction):
+        return list(info.reduction())
+    return [level["reduction"] for level in info]
+
+
+def create_sr_model(
+        backbone: Union[str, nn.Module],
+        scale: int,
+        head: str = "pixelshuffle",
+        img_mean: Optional[Sequence[float]] = None,
+        img_range: float = 1.0,
+        head_kwargs: Optional[Dict[str, Any]] = None,
+        **backbone_kwargs: Any,
+) -> SuperResolutionModel:
+    """A super-resolution model: ``backbone`` (a timm name or module) + the head ``head`` for ``scale``.
+
+    The backbone must map an image to a feature map of the same size (``forward_features`` with the
+    last ``feature_info`` reduction 1) and declare ``num_features``. A ``ValueError`` says which of
+    these is missing. ``backbone_kwargs`` go to ``timm.create_model`` when a name is given.
+    """
+    if head not in SR_HEADS:
+        raise ValueError(f"create_sr_model: unknown head {head!r}; choose one of {sorted(SR_HEADS)}")
+    if isinstance(backbone, str):
+        import timm
+
+        name = backbone
+        backbone_kwargs.setdefault("num_classes", 0)
+        backbone = timm.create_model(name, **backbone_kwargs)
+    else:
+        if backbone_kwargs:
+            raise ValueError("create_sr_model: backbone keyword arguments need a backbone name, not a module")
+        name = model_name(backbone)
+    reductions = _feature_reductions(backbone)
+    missing = []
+    if not callable(getattr(backbone, "forward_features", None)):
+        missing.append("a forward_features method")
+    if not reductions:
+        missing.append("feature_info (timm's list of feature levels with their reductions)")
+    elif reductions[-1] != SR_HEADS[head].feature_reduction:
+        missing.append(f"a stride-1 feature map: its forward_features has stride {reductions[-1]} "
+                       f"(feature reductions {reductions})")
+    if getattr(backbone, "num_features", None) is None:
+        missing.append("num_features (the channels of its feature map)")
+    if missing:
+        raise ValueError(f"create_sr_model: the {head!r} head needs a backbone with " + "; ".join(missing)
+                         + f" -- backbone {name!r} lacks it")
+    sr_head = SR_HEADS[head](int(backbone.num_features), scale, out_chans=int(getattr(backbone, "in_chans", 3)),
+                             **(head_kwargs or {}))
+    return SuperResolutionModel(backbone, sr_head, img_mean=img_mean, img_range=img_range,
+                                name=f"{name}+{head}_x{scale}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiled inference
+# ----------------------------------------------------------------------------------------------
+
+def tile_starts(length: int, tile: int, overlap: int) -> List[int]:
+    """Start offsets of tiles of size ``tile`` covering ``[0, length)`` with at least ``overlap`` shared."""
+    if tile >= length:
+        return [0]
+    step = tile - overlap
+    starts = list(range(0, length - tile, step))
+    return starts + [length - tile]
+
+
+def blend_weights(length: int, margin: int, ramp: int, ramp_start: bool, ramp_end: bool) -> torch.Tensor:
+    """Per-pixel weights along one side of a tile: at an interior end, ``margin`` pixels of weight 0
+    (they saw the tile's zero padding), then a linear ramp over ``ramp`` pixels up to 1.
+
+    Two tiles overlapping by ``2 * margin + ramp`` pixels get weights summing to one across the
+    overlap: one tile alone, a linear cross-fade, the other tile alone.
+    """
+    position = torch.arange(length, dtype=torch.float64) + 0.5
+    weight = torch.ones(length, dtype=torch.float64)
+    if ramp_start:
+        weight = torch.minimum(weight, ((position - margin) / max(ramp, 1)).clamp(min=0))
+    if ramp_end:
+        weight = torch.minimum(weight, ((length - position - margin) / max(ramp, 1)).clamp(min=0))
+    return weight
+
+
+@torch.no_grad()
+def tiled_super_resolve(
+        model: Callable[[torch.Tensor], torch.Tensor],
+        image: torch.Tensor,
+        scale: int,
+        tile: int = 256,
+        tile_overlap: int = 32,
+        output_device: Optional[Union[str, torch.device]] = None,
+        progress: bool = False,
+) -> torch.Tensor:
+    """Run ``model`` (x ``scale``) on ``tile x tile`` crops of ``image`` and blend them.
+
+    Tiles overlap by at least ``tile_overlap`` input pixels. In each overlap the outer quarter on
+    either side is discarded (those pixels saw the tile's zero padding) and the middle half is
+    cross-faded linearly (:func:`blend_weights`), so tile borders leave no seam. Only one tile is on
+    the model's device at a time, so the model's memory does not grow with the image; the input and
+    the output (on ``output_device``, default the input's device) are the only full-size tensors.
+    With a model whose receptive field reaches at most ``tile_overlap / 4`` input pixels, the result
+    equals the untiled one.
+    """
+    if tile < 1 or tile_overlap < 0 or tile_overlap >= tile:
+        raise ValueError(f"tiled inference needs tile >= 1 and 0 <= tile_overlap < tile, "
+                         f"received tile={tile}, tile_overlap={tile_overlap}")
+    batch, channels, height, width = image.shape
+    model_device = next((p.device for p in getattr(model, "parameters", lambda: iter(()))()), image.device)
+    output_device = torch.device(output_device) if output_device is not None else image.device
+    rows, cols = tile_starts(height, tile, tile_overlap), tile_starts(width, tile, tile_overlap)
+    output: Optional[torch.Tensor] = None
+    weight_sum = torch.zeros(height * scale, width * scale, dtype=torch.float32, device=output_device)
+    margin = (tile_overlap // 4) * scale
+    ramp = (tile_overlap - 2 * (tile_overlap // 4)) * scale
+    from tqdm import tqdm
+
+    with tqdm(total=len(rows) * len(cols), desc="tiles", unit="tile", disable=not progress, leave=False) as bar:
+        for top in rows:
+            tile_h = min(tile, height)
+            weight_y = blend_weights(tile_h * scale, margin, ramp, top > 0, top + tile_h < height)
+            for left in cols:
+                tile_w = min(tile, width)
+                weight_x = blend_weights(tile_w * scale, margin, ramp, left > 0, left + tile_w < width)
+                crop = image[:, :, top:top + tile_h, left:left + tile_w].to(model_device)
+                result = model(crop).to(output_device, torch.float32)
+                if output is None:
+                    output = torch.zeros(batch, result.shape[1], height * scale, width * scale,
+                                         dtype=torch.float32, device=output_device)
+                weight = (weight_y[:, None] * weight_x[None, :]).to(output_device, torch.float32)
+                rows_out = slice(top * scale, (top + tile_h) * scale)
+                cols_out = slice(left * scale, (left + tile_w) * scale)
+                output[:, :, rows_out, cols_out] += result * weight
+                weight_sum[rows_out, cols_out] += weight
+                bar.update(1)
+    assert output is not None
+    return (output / weight_sum).to(image.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Images and files
+# ----------------------------------------------------------------------------------------------
+
+def read_image(path: Union[str, Path]) -> np.ndarray:
+    """An image file as an ``(H, W, 3)`` uint8 RGB array (grey and RGBA images are converted)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"cannot read {path} as an image ({type(error).__name__}: {error})") from None
+
+
+def write_png(path: Union[str, Path], image: np.ndarray) -> None:
+    """Write an ``(H, W, C)`` uint8 array as a PNG (folders are created)."""
+    from PIL import Image
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path, format="PNG")
+
+
+def collect_images(inputs: Iterable[Union[str, Path]]) -> List[Path]:
+    """PNG/JPEG files among ``inputs``, folders expanded (sorted, not recursive)."""
+    files: List[Path] = []
+    for entry in inputs:
+        path = Path(entry)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ValueError(f"no PNG or JPEG images in folder {path}")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {path}")
+    return files
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """``(H, W, C)`` uint8 -> ``(1, C, H, W)`` float in [0, 1]."""
+    image = np.ascontiguousarray(image)
+    if not image.flags.writeable:  # PIL and albumentations may hand out read-only arrays
+        image = image.copy()
+    return torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255.0)
+
+
+def tensor_to_image(tensor: torch.Tensor) -> np.ndarray:
+    """``(1, C, H, W)`` in [0, 1] -> ``(H, W, C)`` uint8, clamped and rounded (BasicSR's tensor2img)."""
+    return tensor[0].clamp(0, 1).mul(255.0).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+@torch.no_grad()
+def super_resolve_image(model: SuperResolutionModel, image: np.ndarray, tile: Optional[int] = None,
+                        tile_overlap: int = 32, progress: bool = False) -> np.ndarray:
+    """Super-resolve one uint8 ``(H, W, 3)`` image with ``model`` (eval mode), optionally tiled."""
+    device = next(model.parameters()).device
+    x = image_to_tensor(image)
+    if tile is None:
+        x = x.to(device)
+    return tensor_to_image(model.super_resolve(x, tile=tile, tile_overlap=tile_overlap, progress=progress))
+
+
+def load_sr_model(model: str, checkpoint: Optional[str] = None, device: Optional[str] = None,
+                  **kwargs: Any) -> SuperResolutionModel:
+    """``timm.create_model(model)`` in eval mode, with the weights of ``checkpoint`` when given.
+
+    ``checkpoint`` may be an official BasicSR file (``params``/``params_ema``) or one of ours.
+    """
+    import timm
+
+    import recurzoo  # noqa: F401  (registers the models)
+
+    if checkpoint is not None:
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"no such checkpoint: {checkpoint}")
+        try:
+            net = timm.create_model(model, pretrained=True, pretrained_cfg_overlay=dict(file=checkpoint), **kwargs)
+        except (RuntimeError, KeyError, OSError, EOFError, pickle.UnpicklingError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"cannot load {checkpoint} into {model}: {first_line}") from None
+    else:
+        net = timm.create_model(model, **kwargs)
+    if not isinstance(net, SuperResolutionModel):
+        raise ValueError(f"{model} is not a super-resolution model (try one of recurzoo.list_models('*_x*'))")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return net.to(device).eval()
+
+
+def super_resolve_files(
+        inputs: Sequence[Union[str, Path]],
+        out_dir: Union[str, Path],
+        model: str = "rgt_small_x4",
+        checkpoint: Optional[str] = None,
+        tile: Optional[int] = None,
+        tile_overlap: int = 32,
+        device: Optional[str] = None,
+        progress: bool = True,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+) -> List[Path]:
+    """Super-resolve PNG/JPEG files (or folders of them) into ``out_dir/<name>.png``.
+
+    Every input is checked (exists, decodes) before the model is built. Raises ``FileNotFoundError``
+    or ``ValueError`` with a one-line message for the user's mistakes.
+    """
+    from tqdm import tqdm
+
+    files = collect_images(inputs)
+    if tile is not None and (tile < 1 or not 0 <= tile_overlap < tile):
+        raise ValueError(f"--tile must be positive and larger than --tile-overlap, received {tile} and {tile_overlap}")
+    targets: Dict[Path, Path] = {}
+    for path in files:
+        read_image(path)  # fail early on an unreadable image
+        target = Path(out_dir) / f"{path.stem}.png"
+        if target in targets.values():
+            raise ValueError(f"two inputs would both be written to {target}")
+        targets[path] = target
+    net = load_sr_model(model, checkpoint, device, **(model_kwargs or {}))
+    written = []
+    for path in tqdm(files, desc=f"{model} x{net.upscale}", unit="image", disable=not progress):
+        write_png(targets[path], super_resolve_image(net, read_image(path), tile, tile_overlap, progress=progress))
+        written.append(targets[path])
+    return written
+
+
+def super_resolve_demo(
+        out_dir: Optional[Union[str, Path]] = None,
+        model: str = "rgt_small_x4",
+        checkpoint: Optional[str] = None,
+        side: int = 64,
+        tile: Optional[int] = None,
+        device: Optional[str] = None,
+        **model_kwargs: Any,
+) -> Dict[str, Any]:
+    """Super-resolve a bundled photograph (scikit-image's Chelsea the cat, public domain).
+
+    The photo is centre-cropped, reduced to ``side x side`` with bicubic interpolation and
+    super-resolved by ``model`` (random weights unless ``checkpoint``: then the output is noise,
+    which the returned dict says). Returns shapes, timing and, when ``out_dir`` is given, the paths
+    of the low-resolution input, the bicubic upscaling and the model's output (PNGs). Nothing is
+    downloaded.
+    """
+    from PIL import Image
+    from skimage import data
+
+    net = load_sr_model(model, checkpoint, device, **model_kwargs)
+    photo = data.chelsea()
+    crop = min(photo.shape[:2])
+    top, left = (photo.shape[0] - crop) // 2, (photo.shape[1] - crop) // 2
+    photo = Image.fromarray(photo[top:top + crop, left:left + crop])
+    low_res = np.asarray(photo.resize((side, side), Image.BICUBIC))
+    start = time.perf_counter()
+    output = super_resolve_image(net, low_res, tile=tile)
+    seconds = time.perf_counter() - start
+    bicubic = np.asarray(Image.fromarray(low_res).resize(output.shape[1::-1], Image.BICUBIC))
+    result: Dict[str, Any] = dict(model=model, scale=net.upscale, input_shape=low_res.shape,
+                                  output_shape=output.shape, seconds=seconds, pretrained=checkpoint is not None)
+    if out_dir is not None:
+        out = Path(out_dir)
+        paths = dict(low_res=out / "chelsea_lr.png", bicubic=out / f"chelsea_bicubic_x{net.upscale}.png",
+                     output=out / f"chelsea_{model}.png")
+        for key, image in (("low_res", low_res), ("bicubic", bicubic), ("output", output)):
+            write_png(paths[key], image)
+        result["paths"] = {key: str(path) for key, path in paths.items()}
+    return result

@@ -1,0 +1,530 @@
+"""Train and evaluate super-resolution models (RGT, or any stride-1 backbone + SR head) as BasicSR does.
+
+    python -m recurzoo.train.super_resolution --model rgt_small_x2 --train-data datasets/DF2K \\
+        --val-data datasets/benchmark/Set5 --output runs/rgt_small_x2
+    python -m recurzoo.train.super_resolution --model rgt_x4 --checkpoint RGT_x4.pth --eval-only \\
+        --val-data datasets/benchmark/{Set5,Set14,B100,Urban100,Manga109} --output runs/eval_rgt_x4
+
+Data (``--train-data`` / ``--val-data``, any number of each), one of:
+
+* a root with ``HR/`` and ``LR_bicubic/X{scale}/`` (DF2K and the benchmark sets Set5, Set14, B100,
+  Urban100, Manga109 as the RGT repository lays them out); LR files are matched to HR files by
+  name (``baby.png`` <- ``baby.png``, ``babyx4.png`` or ``baby_LRBI_x4.png``);
+* a DIV2K HR folder ``.../DIV2K_train_HR`` with its sibling ``DIV2K_train_LR_bicubic/X{scale}``;
+* ``HR_DIR:LR_DIR`` explicitly;
+* a folder of HR images only (or a root whose ``HR/`` has no ``LR_bicubic/X{scale}``): low-resolution
+  images are made on the fly by bicubic downscaling (PIL, antialiased, a = -0.5 like MATLAB's
+  ``imresize``) of the HR image cropped to a multiple of the scale.
+
+Training follows the official recipe by default: random LR patches of 64x64 with the matching HR
+patch, random flips and transposition (the 8 symmetries of the square, albumentations, applied to
+both), L1 loss, Adam (2e-4, betas 0.9/0.99), learning rate halved at 50/80/90/95% of the steps
+(the official 250k/400k/450k/475k of 500k), EMA of the weights (``timm.utils.ModelEmaV3``).
+Checkpoints (``last.pt``) are written atomically and ``--resume auto`` continues from them; the final
+weights (EMA if used) are saved as ``model.safetensors``, loadable with
+``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))``.
+
+Evaluation reproduces BasicSR's ``calculate_psnr`` / ``calculate_ssim`` with ``test_y_channel=True``:
+outputs are clamped and rounded to 8 bits, the HR image is cropped to ``scale x`` the LR size,
+``scale`` pixels are cropped at every border, and PSNR/SSIM are computed on the BT.601 luma
+(Y in [16, 235], float64) with scikit-image (SSIM: Gaussian weights, sigma 1.5, population
+covariance, data range 255). Per-dataset means are written as ``eval.json`` and ``eval.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from recurzoo.heads.super_resolution import (
+    IMAGE_SUFFIXES, SuperResolutionModel, create_sr_model, image_to_tensor, read_image, tensor_to_image,
+)
+from recurzoo.train import common
+
+__all__ = [
+    "rgb_to_y", "psnr_y", "ssim_y", "SRDataSpec", "resolve_dataset", "bicubic_downscale", "SRTrainDataset",
+    "SREvalDataset", "evaluate", "format_markdown", "build_parser", "main", "OFFICIAL_MILESTONES",
+]
+
+# The official schedule: halve the rate at 250k, 400k, 450k and 475k of 500k iterations.
+OFFICIAL_MILESTONES = (0.5, 0.8, 0.9, 0.95)
+# ITU-R BT.601 luma for 8-bit RGB, as BasicSR's bgr2ycbcr(y_only=True): Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255.
+_Y_WEIGHTS = np.array([65.481, 128.553, 24.966], dtype=np.float64) / 255.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+
+def rgb_to_y(image: np.ndarray) -> np.ndarray:
+    """BT.601 luma of an ``(H, W, 3)`` RGB image with values in [0, 255]: float64 in [16, 235]."""
+    return image.astype(np.float64) @ _Y_WEIGHTS + 16.0
+
+
+def _prepare_y(output: np.ndarray, target: np.ndarray, crop_border: int) -> Tuple[np.ndarray, np.ndarray]:
+    if output.shape != target.shape:
+        raise ValueError(f"output and target shapes differ: {output.shape} vs {target.shape}")
+    if crop_border:
+        output = output[crop_border:-crop_border, crop_border:-crop_border]
+        target = target[crop_border:-crop_border, crop_border:-crop_border]
+    return rgb_to_y(output), rgb_to_y(target)
+
+
+def psnr_y(output: np.ndarray, target: np.ndarray, crop_border: int) -> float:
+    """PSNR (dB) on the Y channel after cropping ``crop_border`` pixels (BasicSR's ``test_y_channel``)."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    output_y, target_y = _prepare_y(output, target, crop_border)
+    if np.array_equal(output_y, target_y):
+        return float("inf")
+    return float(peak_signal_noise_ratio(target_y, output_y, data_range=255.0))
+
+
+def ssim_y(output: np.ndarray, target: np.ndarray, crop_border: int) -> float:
+    """SSIM on the Y channel: 11x11 Gaussian window (sigma 1.5), population covariance, data range 255."""
+    from skimage.metrics import structural_similarity
+
+    output_y, target_y = _prepare_y(output, target, crop_border)
+    return float(structural_similarity(target_y, output_y, gaussian_weights=True, sigma=1.5,
+                                       use_sample_covariance=False, data_range=255.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SRDataSpec:
+    """A dataset: HR images and, unless degraded on the fly, the matching LR images."""
+
+    name: str
+    hr_files: Tuple[Path, ...]
+    lr_files: Optional[Tuple[Path, ...]]
+
+    @property
+    def paired(self) -> bool:
+        return self.lr_files is not None
+
+
+def _images_in(folder: Path) -> List[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _match_lr(hr_files: Sequence[Path], lr_dir: Path, scale: int) -> Tuple[Path, ...]:
+    by_stem = {p.stem: p for p in _images_in(lr_dir)}
+    matched, missing = [], []
+    for hr in hr_files:
+        candidates = (hr.stem, f"{hr.stem}x{scale}", f"{hr.stem}_LRBI_x{scale}", f"{hr.stem}_x{scale}")
+        found = next((by_stem[c] for c in candidates if c in by_stem), None)
+        (matched if found else missing).append(found or hr)
+    if missing:
+        names = ", ".join(p.name for p in missing[:3])
+        raise ValueError(f"{len(missing)} HR images have no LR image in {lr_dir} (e.g. {names})")
+    return tuple(matched)
+
+
+def resolve_dataset(spec: str, scale: int) -> SRDataSpec:
+    """Find the HR (and LR) images of a dataset given as described in the module docstring."""
+    if ":" in spec and not Path(spec).exists():
+        hr_text, lr_text = spec.split(":", 1)
+        hr_dir, lr_dir, name = Path(hr_text), Path(lr_text), Path(hr_text).name
+    else:
+        root = Path(spec)
+        if not root.is_dir():
+            raise FileNotFoundError(f"no such dataset folder: {spec}")
+        lr_dir = None
+        if (root / "HR").is_dir():
+            hr_dir, name = root / "HR", root.name
+            candidates = [root / "LR_bicubic" / f"X{scale}", root / "LR_bicubic" / f"x{scale}"]
+        else:
+            hr_dir, name = root, root.name
+            prefix = root.name[:-3] if root.name.endswith("_HR") else None
+            candidates = [root.parent / f"{prefix}_LR_bicubic" / f"X{scale}"] if prefix else []
+        lr_dir = next((c for c in candidates if c.is_dir()), None)
+    if not hr_dir.is_dir():
+        raise FileNotFoundError(f"no such HR folder: {hr_dir}")
+    hr_files = _images_in(hr_dir)
+    if not hr_files:
+        raise ValueError(f"no PNG or JPEG images in {hr_dir}")
+    if lr_dir is None:
+        return SRDataSpec(name, tuple(hr_files), None)
+    if not lr_dir.is_dir():
+        raise FileNotFoundError(f"no such LR folder: {lr_dir}")
+    return SRDataSpec(name, tuple(hr_files), _match_lr(hr_files, lr_dir, scale))
+
+
+def bicubic_downscale(image: np.ndarray, scale: int) -> np.ndarray:
+    """``image`` (uint8 HWC, sides multiples of ``scale``) reduced ``scale`` times, antialiased bicubic."""
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    return np.asarray(Image.fromarray(image).resize((width // scale, height // scale), Image.BICUBIC))
+
+
+def _mod_crop(image: np.ndarray, scale: int) -> np.ndarray:
+    height, width = image.shape[:2]
+    return image[:height - height % scale, :width - width % scale]
+
+
+def _square_symmetries(**targets: str) -> Any:
+    """Random flips and transposition (the 8 symmetries of the square), shared by all targets."""
+    import albumentations as A
+
+    return A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.Transpose(p=0.5)],
+                     additional_targets=targets, is_check_shapes=False)
+
+
+class SRTrainDataset(Dataset):
+    """Random LR patches (``patch x patch``) with their HR patches, flipped and transposed at random.
+
+    Paired data: the LR patch position is drawn and the HR patch is the same region ``scale`` times
+    larger. HR-only data: an HR patch is cropped (albumentations ``RandomCrop``) and downscaled.
+    """
+
+    def __init__(self, specs: Sequence[SRDataSpec], scale: int, patch: int = 64, repeat: int = 1) -> None:
+        import albumentations as A
+
+        self.items = [(hr, lr if spec.paired else None) for spec in specs
+                      for hr, lr in zip(spec.hr_files, spec.lr_files or spec.hr_files)]
+        if not self.items:
+            raise ValueError("no training images")
+        self.scale, self.patch, self.repeat = scale, patch, max(1, repeat)
+        self.symmetries = _square_symmetries(hr="image")
+        self.hr_crop = A.Compose([A.RandomCrop(patch * scale, patch * scale), A.HorizontalFlip(p=0.5),
+                                  A.VerticalFlip(p=0.5), A.Transpose(p=0.5)])
+
+    def __len__(self) -> int:
+        return len(self.items) * self.repeat
+
+    def _check_size(self, image: np.ndarray, size: int, path: Path) -> None:
+        if min(image.shape[:2]) < size:
+            raise ValueError(f"{path}: {image.shape[1]}x{image.shape[0]} is smaller than the {size}x{size} patch")
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        hr_path, lr_path = self.items[index % len(self.items)]
+        hr = read_image(hr_path)
+        if lr_path is None:
+            self._check_size(hr, self.patch * self.scale, hr_path)
+            hr = self.hr_crop(image=hr)["image"]
+            lr = bicubic_downscale(hr, self.scale)
+        else:
+            lr = read_image(lr_path)
+            self._check_size(lr, self.patch, lr_path)
+            top = np.random.randint(0, lr.shape[0] - self.patch + 1)
+            left = np.random.randint(0, lr.shape[1] - self.patch + 1)
+            lr = lr[top:top + self.patch, left:left + self.patch]
+            s = self.scale
+            hr = hr[top * s:(top + self.patch) * s, left * s:(left + self.patch) * s]
+            augmented = self.symmetries(image=lr, hr=hr)
+            lr, hr = augmented["image"], augmented["hr"]
+        return image_to_tensor(lr)[0], image_to_tensor(hr)[0]
+
+
+class SREvalDataset(Dataset):
+    """Whole images: the LR input (float CHW in [0, 1]), the HR target (uint8 HWC) and the file stem."""
+
+    def __init__(self, spec: SRDataSpec, scale: int) -> None:
+        self.spec, self.scale = spec, scale
+
+    def __len__(self) -> int:
+        return len(self.spec.hr_files)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, np.ndarray, str]:
+        hr_path = self.spec.hr_files[index]
+        hr = read_image(hr_path)
+        if self.spec.lr_files is None:
+            hr = _mod_crop(hr, self.scale)
+            lr = bicubic_downscale(hr, self.scale)
+        else:
+            lr = read_image(self.spec.lr_files[index])
+            hr = hr[:lr.shape[0] * self.scale, :lr.shape[1] * self.scale]  # BasicSR's crop of unmatched GT
+        return image_to_tensor(lr)[0], hr, hr_path.stem
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: SuperResolutionModel, specs: Sequence[SRDataSpec], scale: int, device: torch.device,
+             tile: Optional[int] = None, tile_overlap: int = 32, progress: bool = True,
+             save_dir: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
+    """Mean PSNR/SSIM (Y channel, ``scale`` pixels of border cropped) per dataset, with per-image values."""
+    from recurzoo.heads.super_resolution import write_png
+
+    was_training = model.training
+    model.eval()
+    results: Dict[str, Dict[str, Any]] = {}
+    try:
+        for spec in specs:
+            dataset = SREvalDataset(spec, scale)
+            per_image = {}
+            for index in common.progress(range(len(dataset)), desc=f"eval {spec.name}", enabled=progress):
+                lr, hr, stem = dataset[index]
+                lr = lr[None] if tile is not None else lr[None].to(device)
+                output = tensor_to_image(model.super_resolve(lr, tile=tile, tile_overlap=tile_overlap))
+                if output.shape != hr.shape:
+                    raise ValueError(f"{spec.name}/{stem}: output {output.shape} does not match HR {hr.shape}")
+                per_image[stem] = dict(psnr=psnr_y(output, hr, scale), ssim=ssim_y(output, hr, scale))
+                if save_dir:
+                    write_png(Path(save_dir) / spec.name / f"{stem}.png", output)
+            results[spec.name] = dict(
+                psnr=float(np.mean([v["psnr"] for v in per_image.values()])),
+                ssim=float(np.mean([v["ssim"] for v in per_image.values()])),
+                images=len(per_image), per_image=per_image)
+    finally:
+        model.train(was_training)
+    return results
+
+
+def format_markdown(results: Dict[str, Dict[str, Any]], model_name: str, scale: int) -> str:
+    """A markdown table of per-dataset PSNR/SSIM."""
+    lines = [f"# {model_name} x{scale}", "",
+             f"PSNR (dB) / SSIM on the Y channel, {scale} border pixels cropped (BasicSR protocol).", "",
+             "| dataset | images | PSNR | SSIM |", "| --- | --- | --- | --- |"]
+    lines += [f"| {name} | {r['images']} | {r['psnr']:.2f} | {r['ssim']:.4f} |" for name, r in results.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _write_report(results: Dict[str, Dict[str, Any]], output: str, model_name: str, scale: int,
+                  step: Optional[int] = None) -> None:
+    summary = {name: {k: v for k, v in r.items()} for name, r in results.items()}
+    payload = dict(model=model_name, scale=scale, step=step, results=summary)
+    with open(os.path.join(output, "eval.json"), "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2)
+    with open(os.path.join(output, "eval.md"), "w", encoding="utf-8") as handle:
+        handle.write(format_markdown(results, model_name, scale))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m recurzoo.train.super_resolution",
+        description="Train and evaluate super-resolution models (BasicSR recipe and metrics).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=None, help="registered SR model, e.g. rgt_small_x2")
+    group.add_argument("--backbone", default=None,
+                       help="instead of --model: any stride-1 timm backbone, combined with --head and --scale")
+    group.add_argument("--head", default="pixelshuffle", help="SR head for --backbone")
+    group.add_argument("--scale", type=int, default=None, help="upscaling factor for --backbone")
+    group.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="extra timm.create_model arguments, e.g. embed_dim=60 blocks_per_group=2")
+    group.add_argument("--checkpoint", default=None,
+                       help="initial weights: an official BasicSR file or one of ours (params/params_ema unwrapped)")
+    group = parser.add_argument_group("data")
+    group.add_argument("--train-data", nargs="*", default=[], help="training datasets (see the module docstring)")
+    group.add_argument("--val-data", nargs="*", default=[], help="evaluation datasets, reported one by one")
+    group.add_argument("--patch-size", type=int, default=64, help="LR training patch side (HR: x scale)")
+    group.add_argument("--batch-size", type=int, default=8, help="patches per process and step")
+    group.add_argument("--workers", type=int, default=4, help="data-loading processes")
+    group.add_argument("--repeat", type=int, default=1,
+                       help="passes over the training images per epoch (BasicSR's dataset_enlarge_ratio)")
+    group = parser.add_argument_group("optimization")
+    group.add_argument("--steps", type=int, default=500000, help="training iterations")
+    group.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate")
+    group.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.99), help="Adam betas")
+    group.add_argument("--weight-decay", type=float, default=0.0)
+    group.add_argument("--milestones", type=float, nargs="*", default=list(OFFICIAL_MILESTONES),
+                       help="fractions of --steps at which the rate is multiplied by --gamma")
+    group.add_argument("--gamma", type=float, default=0.5, help="multiplier at each milestone")
+    group.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the weights (0: no EMA)")
+    group.add_argument("--clip-grad", type=float, default=0.0, help="gradient-norm clip (0: none)")
+    group.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in the backward pass")
+    group.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on --val-data and exit")
+    group.add_argument("--eval-at-start", action="store_true", help="also evaluate before the first step")
+    group.add_argument("--tile", type=int, default=None, help="evaluate tile by tile (input pixels)")
+    group.add_argument("--tile-overlap", type=int, default=32, help="overlap of the tiles (input pixels)")
+    group.add_argument("--save-images", action="store_true", help="write the evaluated outputs as PNGs")
+    group = parser.add_argument_group("run")
+    group.add_argument("--output", default="output/super_resolution", help="folder for checkpoints, logs, reports")
+    group.add_argument("--resume", default=None, help="checkpoint to resume, or 'auto' for OUTPUT/last.pt")
+    group.add_argument("--val-every", type=int, default=5000, help="evaluate every N steps")
+    group.add_argument("--save-every", type=int, default=5000, help="checkpoint every N steps")
+    group.add_argument("--log-every", type=int, default=200, help="log the loss every N steps")
+    group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    group.add_argument("--seed", type=int, default=10, help="random seed (the official one)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def build_model(args: argparse.Namespace) -> Tuple[SuperResolutionModel, str]:
+    """The SR model the arguments describe, with ``--checkpoint`` loaded when given."""
+    import timm
+
+    import recurzoo  # noqa: F401  (registers the models)
+
+    kwargs = common.parse_kwargs(args.model_kwargs)
+    if bool(args.model) == bool(args.backbone):
+        raise ValueError("give either --model (a registered SR model) or --backbone with --scale")
+    if args.model:
+        if args.checkpoint:
+            model = timm.create_model(args.model, pretrained=True,
+                                      pretrained_cfg_overlay=dict(file=args.checkpoint), **kwargs)
+        else:
+            model = timm.create_model(args.model, **kwargs)
+        name = args.model
+    else:
+        if not args.scale:
+            raise ValueError("--backbone needs --scale")
+        model = create_sr_model(args.backbone, args.scale, head=args.head, **kwargs)
+        name = f"{args.backbone}_{args.head}_x{args.scale}"
+        if args.checkpoint:
+            from recurzoo.backbones.hornet import unwrap_checkpoint
+
+            state = common.load_checkpoint(args.checkpoint)
+            model.load_state_dict(unwrap_checkpoint(state), strict=True)
+    if not isinstance(model, SuperResolutionModel):
+        raise ValueError(f"{name} is not a super-resolution model")
+    return model, name
+
+
+def _multistep(optimizer: torch.optim.Optimizer, steps: int, fractions: Sequence[float],
+               gamma: float) -> torch.optim.lr_scheduler.MultiStepLR:
+    milestones = sorted({max(1, int(round(f * steps))) for f in fractions})
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=gamma)
+
+
+def _log_eval(logger: Any, results: Dict[str, Dict[str, Any]], step: int, output: str) -> None:
+    for name, r in results.items():
+        logger.info(f"step {step} {name}: PSNR {r['psnr']:.3f} dB, SSIM {r['ssim']:.4f} ({r['images']} images)")
+        common.append_jsonl(os.path.join(output, "metrics.jsonl"),
+                            dict(step=step, dataset=name, psnr=r["psnr"], ssim=r["ssim"]))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Run training and/or evaluation; returns the last evaluation results and the output folder."""
+    from timm.utils import ModelEmaV3
+
+    args = build_parser().parse_args(argv)
+    if args.eval_only and not args.val_data:
+        raise ValueError("--eval-only needs --val-data")
+    if not args.eval_only and not args.train_data:
+        raise ValueError("training needs --train-data (or use --eval-only)")
+    context = common.init_distributed(args.device)
+    common.seed_everything(args.seed, context.rank)
+    os.makedirs(args.output, exist_ok=True)
+    logger = common.setup_logging(args.output, context.is_main, name="recurzoo.sr")
+    show = context.is_main and not args.no_progress
+
+    model, name = build_model(args)
+    scale = model.upscale
+    val_specs = [resolve_dataset(spec, scale) for spec in args.val_data]
+    model = model.to(context.device)
+    results: Dict[str, Dict[str, Any]] = {}
+
+    if args.eval_only:
+        if context.is_main:
+            results = evaluate(model, val_specs, scale, context.device, args.tile, args.tile_overlap, show,
+                               os.path.join(args.output, "images") if args.save_images else None)
+            _log_eval(logger, results, 0, args.output)
+            _write_report(results, args.output, name, scale)
+            print(format_markdown(results, name, scale))
+        common.cleanup_distributed()
+        return dict(results=results, output=args.output)
+
+    train_specs = [resolve_dataset(spec, scale) for spec in args.train_data]
+    dataset = SRTrainDataset(train_specs, scale, args.patch_size, args.repeat)
+    sampler = DistributedSampler(dataset, shuffle=True) if context.distributed else None
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
+                        num_workers=args.workers, pin_memory=context.device.type == "cuda", drop_last=True,
+                        persistent_workers=args.workers > 0)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.betas),
+                                 weight_decay=args.weight_decay)
+    scheduler = _multistep(optimizer, args.steps, args.milestones, args.gamma)
+    ema = ModelEmaV3(model, decay=args.ema_decay) if args.ema_decay > 0 else None
+    start_step = 0
+    resume = common.resolve_resume(args.resume, args.output)
+    if resume:
+        state = common.load_checkpoint(resume, map_location=context.device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.module.load_state_dict(state["ema"])
+        start_step = int(state["step"])
+        logger.info(f"resumed from {resume} at step {start_step}")
+    train_model = common.wrap_ddp(model, context)
+    loss_fn = nn.L1Loss()
+    eval_model = ema.module if ema is not None else model
+
+    def save(step: int) -> None:
+        if context.is_main:
+            common.save_checkpoint(os.path.join(args.output, "last.pt"), dict(
+                model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                ema=ema.module.state_dict() if ema is not None else None, step=step, model_name=name,
+                args=vars(args)))
+
+    if args.eval_at_start and val_specs and context.is_main and start_step == 0:
+        results = evaluate(eval_model, val_specs, scale, context.device, args.tile, args.tile_overlap, show)
+        _log_eval(logger, results, 0, args.output)
+
+    logger.info(f"training {name} x{scale} on {len(dataset)} images for {args.steps} steps "
+                f"({context.world_size} process(es), batch {args.batch_size} each)")
+    batches = common.infinite_batches(loader, start_epoch=start_step // max(1, len(loader)))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and context.device.type == "cuda")
+    losses: List[float] = []
+    started = time.perf_counter()
+    bar = common.progress(total=args.steps, initial=start_step, desc="train", enabled=show)
+    model.train()
+    for step in range(start_step + 1, args.steps + 1):
+        lr, hr = next(batches)
+        lr, hr = lr.to(context.device, non_blocking=True), hr.to(context.device, non_blocking=True)
+        with autocast:
+            loss = loss_fn(train_model(lr).float(), hr)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.clip_grad > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update(model, step=step)
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if step % args.log_every == 0 and context.is_main:
+            logger.info(f"step {step}: L1 {np.mean(losses[-args.log_every:]):.5f}, "
+                        f"lr {scheduler.get_last_lr()[0]:.3e}, {time.perf_counter() - started:.0f} s")
+            common.append_jsonl(os.path.join(args.output, "metrics.jsonl"),
+                                dict(step=step, loss=float(np.mean(losses[-args.log_every:]))))
+        if val_specs and context.is_main and (step % args.val_every == 0 or step == args.steps):
+            results = evaluate(eval_model, val_specs, scale, context.device, args.tile, args.tile_overlap, show)
+            _log_eval(logger, results, step, args.output)
+            _write_report(results, args.output, name, scale, step)
+        if step % args.save_every == 0 or step == args.steps:
+            save(step)
+    bar.close()
+    if context.is_main:
+        common.save_safetensors(os.path.join(args.output, "model.safetensors"), eval_model.state_dict(),
+                                metadata=dict(model=name, step=str(args.steps)))
+        if losses:
+            common.plot_curves({"L1": losses}, os.path.join(args.output, "loss.png"), ylabel="L1 loss", log_y=True)
+    common.cleanup_distributed()
+    return dict(results=results, output=args.output)
+
+
+if __name__ == "__main__":
+    import sys
+
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        print(f"recurzoo.train.super_resolution: error: {error}", file=sys.stderr)
+        sys.exit(2)
