@@ -1,0 +1,401 @@
+"""MSRNet camouflaged object detection: the head, the backbone factory, checkpoints, training, evaluation, CLI.
+
+Training runs use a generated camouflage set (objects textured like their background, written as
+image/mask PNG folders under a temporary directory); nothing is downloaded.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import recurzoo
+from recurzoo.heads.camouflage import (
+    PYRAMID_REDUCTIONS, MultiGranularityFusion, ScaleIntegrationUnit, checkpoint_filter_fn, create_cod_model,
+)
+from recurzoo.train import camouflage as cod
+
+FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "parity" / "msrnet" / "msrnet_pvt_v2_b0.pt"
+SMALL_HEAD = dict(mid_dim=16, scale_groups=2, fusion_groups=3, predictor_dim=8)
+# Three backbone kinds at test width: one of this zoo, a PVTv2 and a CNN.
+SMALL_BACKBONES = {
+    "hornet_tiny_7x7": dict(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1)),
+    "pvt_v2_b0": dict(depths=(1, 1, 1, 1)),
+    "resnet18": dict(channels=(16, 32, 64, 128), stem_width=16),
+}
+BASE = 64
+BATCH = "2"
+STEPS = 40
+LR = {"pvt_v2_b0": "3e-3"}  # per backbone, default 1e-2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread (and do not fight the other test workers for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------ generated data set
+
+
+def _texture(rng: np.random.Generator, height: int, width: int, cells: int) -> np.ndarray:
+    """Smooth coloured noise: random colours on a coarse grid, bilinearly upsampled, plus fine grain."""
+    coarse = torch.from_numpy(rng.uniform(0.25, 0.85, size=(1, 3, cells, cells)).astype(np.float32))
+    smooth = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)[0]
+    grain = torch.from_numpy(rng.normal(0.0, 0.04, size=(3, height, width)).astype(np.float32))
+    return (smooth + grain).permute(1, 2, 0).numpy()
+
+
+def _camouflage_pair(rng: np.random.Generator, height: int, width: int):
+    """A background texture and an ellipse filled with the same kind of texture, slightly darker."""
+    background = _texture(rng, height, width, cells=6)
+    foreground = _texture(rng, height, width, cells=6) * 0.7
+    yy, xx = np.mgrid[0:height, 0:width]
+    cy, cx = rng.uniform(0.3, 0.7) * height, rng.uniform(0.3, 0.7) * width
+    ry, rx = rng.uniform(0.15, 0.3) * height, rng.uniform(0.15, 0.3) * width
+    inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+    image = np.where(inside[..., None], foreground, background)
+    image = (np.clip(image, 0, 1) * 255).astype(np.uint8)
+    return image, inside.astype(np.uint8) * 255
+
+
+def write_camouflage_set(root: Path, count: int, seed: int, image_dir: str = "Image", mask_dir: str = "Mask"):
+    """``count`` image/mask PNG pairs of varying original sizes under ``root``."""
+    rng = np.random.default_rng(seed)
+    (root / image_dir).mkdir(parents=True)
+    (root / mask_dir).mkdir(parents=True)
+    for index in range(count):
+        height, width = (72, 80) if index % 2 else (64, 56)
+        image, mask = _camouflage_pair(rng, height, width)
+        Image.fromarray(image).save(root / image_dir / f"cam_{index:03d}.png")
+        Image.fromarray(mask).save(root / mask_dir / f"cam_{index:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def camouflage_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cod")
+    return dict(train=write_camouflage_set(root / "train", 16, seed=1),
+                test=write_camouflage_set(root / "test", 6, seed=2, image_dir="Imgs", mask_dir="GT"))
+
+
+def _train_args(backbone: str, data, output: Path, steps: int, *extra: str):
+    kwargs = dict(SMALL_HEAD, backbone_kwargs=SMALL_BACKBONES[backbone])
+    return ["--backbone", backbone, "--model-kwargs", *[f"{k}={v!r}" for k, v in kwargs.items()],
+            "--train-sets", str(data["train"]), "--test-sets", str(data["test"]), "--base-size", str(BASE),
+            "--batch-size", BATCH, "--steps", str(steps), "--lr", LR.get(backbone, "1e-2"),
+            "--backbone-lr-factor", "1", "--milestone", "1",
+            "--workers", "0", "--no-progress", "--log-every", "5", "--output", str(output), *extra]
+
+
+@pytest.fixture(scope="module")
+def trained_hornet(camouflage_data, tmp_path_factory):
+    """One short training run (reused by the resume and CLI tests)."""
+    output = tmp_path_factory.mktemp("hornet_run")
+    torch.manual_seed(0)
+    results = cod.main(_train_args("hornet_tiny_7x7", camouflage_data, output, STEPS, "--eval-at-start"))
+    return output, results
+
+
+# ------------------------------------------------------------------------------------- the model
+
+
+def _small_model(backbone: str = "hornet_tiny_7x7", **kwargs):
+    return create_cod_model(backbone, backbone_kwargs=SMALL_BACKBONES.get(backbone, {}), **dict(SMALL_HEAD, **kwargs))
+
+
+def test_forward_makes_the_three_scales_and_returns_logits_at_base_size():
+    model = _small_model().eval()
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        logits = model(x)
+        image_s, image_m, image_l = model.make_scales(x)
+        explicit = model.forward_multiscale(image_s, image_m, image_l)
+    assert logits.shape == (2, 1, 64, 96)
+    assert image_s.shape[-2:] == (96, 144) and image_m.shape[-2:] == (64, 96) and image_l.shape[-2:] == (128, 192)
+    torch.testing.assert_close(image_s, F.interpolate(x, size=(96, 144), mode="bilinear", align_corners=False))
+    torch.testing.assert_close(logits, explicit, rtol=0, atol=0)
+
+
+def test_every_decoder_level_receives_all_coarser_outputs():
+    """Recursive feedback: shifting one coarser level's output (the others pinned) shifts the finest input by it."""
+    model = _small_model().eval()
+    fusions = model.decoder.fusions
+    outputs, finest_inputs = {}, []
+    fusions[0].register_forward_pre_hook(lambda module, args: finest_inputs.append(args[0]))
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        recorders = [fusions[level].register_forward_hook(
+            lambda module, args, output, level=level: outputs.setdefault(level, output)) for level in (1, 2, 3)]
+        model(x)
+        for recorder in recorders:
+            recorder.remove()
+        for shifted in (1, 2, 3):
+            pins = [fusions[level].register_forward_hook(
+                lambda module, args, output, level=level: outputs[level] + float(level == shifted))
+                for level in (1, 2, 3)]
+            model(x)
+            for pin in pins:
+                pin.remove()
+            # +1 on a coarse map resizes to +1 everywhere at stride 4
+            torch.testing.assert_close(finest_inputs[-1] - finest_inputs[0], torch.ones_like(finest_inputs[0]))
+
+
+def test_scale_attention_weights_are_a_softmax_over_the_three_scales():
+    unit = ScaleIntegrationUnit(8, num_groups=2).eval()
+    same = torch.rand(1, 8, 4, 4)
+    with torch.no_grad():  # equal value maps: a convex combination returns them unchanged
+        unit.conv_l = unit.conv_m = unit.conv_s = torch.nn.Identity()
+        unit.pre_conv_l = unit.pre_conv_s = torch.nn.Identity()
+        unit.value_proj = torch.nn.Identity()
+        # same-size max + average pooling doubles the 1.5x/2.0x maps: halve them
+        merged = unit(same / 2, same, same / 2)
+    torch.testing.assert_close(merged, same)
+
+
+def test_fusion_unit_rejects_a_single_group():
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        MultiGranularityFusion(16, num_groups=1)
+
+
+def test_wrong_channel_count_raises_value_error_naming_model():
+    model = _small_model()
+    with pytest.raises(ValueError, match=r"msrnet_hornet_tiny_7x7.*3 input channels"):
+        model(torch.rand(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="at least 32"):
+        model(torch.rand(1, 3, 16, 16))
+
+
+def test_recurrent_vit_gets_a_vitdet_style_pyramid():
+    model = create_cod_model("rvit_tiny_patch16_224", backbone_kwargs=dict(embed_dim=48, num_heads=2, depth=2,
+                                                                            num_unique_blocks=1), **SMALL_HEAD)
+    assert [level["reduction"] for level in model.feature_info] == list(PYRAMID_REDUCTIONS)
+    assert [level["num_chs"] for level in model.feature_info] == [12, 24, 48, 48]
+    logits = model(torch.rand(2, 3, 64, 64))  # training mode: the global-context BatchNorm needs 2 images
+    assert logits.shape == (2, 1, 64, 64)
+    logits.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_sret_gets_its_missing_stride_4_level_by_a_transposed_conv():
+    model = create_cod_model("sret_tiny", backbone_kwargs=dict(embed_dims=(16, 32, 64), num_heads=(1, 2, 4),
+                                                               num_shared_blocks=(1, 1, 1)), **SMALL_HEAD)
+    assert [level["num_chs"] for level in model.feature_info] == [8, 16, 32, 64]
+    assert isinstance(model.neck.levels[0][0], torch.nn.ConvTranspose2d)
+    assert model.eval()(torch.rand(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+
+
+def test_factory_says_which_strides_are_missing():
+    with pytest.raises(ValueError, match=r"'sret_tiny'.*strides \[4\] are missing"):
+        create_cod_model("sret_tiny", simple_pyramid=False)
+
+
+def test_factory_rejects_a_stride_that_is_not_a_power_of_two():
+    with pytest.raises(ValueError, match="stride 14 is not a power of two"):
+        create_cod_model("vit_small_patch14_dinov2")
+
+
+def test_factory_rejects_unknown_backbones():
+    with pytest.raises(ValueError, match="unknown backbone 'no_such_net'"):
+        create_cod_model("no_such_net")
+
+
+def test_registered_variants_read_a_stride_4_to_32_pyramid_of_their_backbone():
+    expected = {"msrnet_pvt_v2_b2": 512, "msrnet_pvt_v2_b5": 512, "msrnet_hornet_tiny_7x7": 512,
+                "msrnet_sret_small": 504, "msrnet_resnet50": 2048}
+    assert set(expected) <= set(recurzoo.list_models("msrnet_*"))
+    for name, deepest in expected.items():
+        with torch.device("meta"):
+            model = timm.create_model(name)
+        assert [level["reduction"] for level in model.feature_info] == [4, 8, 16, 32], name
+        assert model.feature_info[-1]["num_chs"] == deepest
+        assert model.decoder.laterals[3].reduce.conv.in_channels == deepest
+        assert model.pretrained_cfg["input_size"] == (3, 384, 384)
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+
+def _to_official_pvt_names(key: str) -> str:
+    """timm features_only pvt_v2 names -> the authors' own PVTv2 names (the inverse of the mapping under test)."""
+    key = key.replace("patch_embed.", "patch_embed1.")
+    key = re.sub(r"stages_(\d)\.downsample\.", lambda m: f"patch_embed{int(m.group(1)) + 1}.", key)
+    key = re.sub(r"stages_(\d)\.blocks\.", lambda m: f"block{int(m.group(1)) + 1}.", key)
+    key = re.sub(r"stages_(\d)\.norm\.", lambda m: f"norm{int(m.group(1)) + 1}.", key)
+    return key.replace("mlp.dwconv.", "mlp.dwconv.dwconv.")
+
+
+@pytest.mark.skipif(not FIXTURE.exists(), reason="no MSRNet parity fixture")
+def test_checkpoint_with_the_authors_pvt_names_loads_like_the_timm_layout():
+    fixture = torch.load(FIXTURE, map_location="cpu", weights_only=True)
+    state = fixture["state_dict"]
+    official = {("encoder." + _to_official_pvt_names(k[len("encoder.net."):]) if k.startswith("encoder.net.") else k): v
+                for k, v in state.items()}
+    assert "encoder.block1.0.mlp.dwconv.dwconv.weight" in official
+    from_timm_layout = checkpoint_filter_fn(dict(state))
+    from_official = checkpoint_filter_fn({"state_dict": official})
+    assert from_official.keys() == from_timm_layout.keys()
+    assert all(torch.equal(from_official[k], from_timm_layout[k]) for k in from_official)
+    assert not any("temperal" in k or "normalizer" in k for k in from_official)
+    model = recurzoo.build_official(fixture["official"]["constructor"], fixture["official"]["kwargs"])
+    model.load_state_dict(from_official, strict=True)
+
+
+def test_five_level_official_checkpoint_is_rejected_clearly():
+    with pytest.raises(ValueError, match="five-level"):
+        checkpoint_filter_fn({"siu_1.conv_m.conv.weight": torch.zeros(1), "encoder.conv1.weight": torch.zeros(1)})
+
+
+# ------------------------------------------------------------------------------ loss and schedule
+
+
+def test_uncertainty_weight_ramps_as_a_half_cosine_from_zero_to_one():
+    assert [cod.ual_coefficient(p) for p in (0.0, 0.25, 0.5, 1.0)] == pytest.approx(
+        [0.0, (1 - math.cos(math.pi / 4)) / 2, 0.5, 1.0])
+
+
+def test_loss_is_bce_plus_weighted_uncertainty():
+    logits = torch.tensor([[[[0.0, 2.0], [-1.0, 3.0]]]])
+    mask = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
+    loss, parts = cod.cod_loss(logits, mask, progress=0.5)
+    p = logits.sigmoid()
+    bce = -(mask * p.log() + (1 - mask) * (1 - p).log()).mean()
+    uncertainty = (1 - (2 * p - 1) ** 2).mean()
+    assert float(loss) == pytest.approx(float(bce + 0.5 * uncertainty), rel=1e-6)
+    assert parts["ual_weight"] == pytest.approx(0.5)
+
+
+def test_step_schedule_drops_the_rate_tenfold_at_two_thirds():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([parameter], lr=1.0)
+    scheduler = cod.step_schedule(optimizer, total_steps=30)
+    rates = []
+    for _ in range(30):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:19] == [1.0] * 19 and rates[19:] == pytest.approx([0.1] * 11)
+
+
+def test_optimizer_freezes_the_pvt_patch_embedding_and_slows_the_backbone():
+    model = _small_model("pvt_v2_b0")
+    optimizer = cod.build_optimizer(model, lr=1e-4)
+    assert not any(p.requires_grad for p in model.backbone.patch_embed.parameters())
+    backbone_group, head_group = optimizer.param_groups
+    assert backbone_group["lr"] == pytest.approx(1e-5) and head_group["lr"] == pytest.approx(1e-4)
+    assert len(head_group["params"]) == len(list(model.decoder.parameters()))
+
+
+# ---------------------------------------------------------------------------------------- datasets
+
+
+def test_dataset_skips_unreadable_images_with_a_counted_warning(tmp_path):
+    root = write_camouflage_set(tmp_path / "set", 4, seed=3)
+    (root / "Image" / "cam_001.png").write_bytes(b"not an image")
+    (root / "Image" / "cam_002.png").write_bytes(b"")
+    with pytest.warns(cod.DatasetWarning, match=r"skipped 2 of 4 .*cam_001\.png.*cam_002\.png"):
+        samples = cod.find_pairs(cod.resolve_dataset(str(root)))
+    assert [s.name for s in samples] == ["cam_000", "cam_003"]
+
+
+def test_size_mismatch_warning_names_both_files(tmp_path):
+    root = write_camouflage_set(tmp_path / "set", 2, seed=4)
+    Image.new("L", (10, 12)).save(root / "Mask" / "cam_000.png")
+    with pytest.warns(cod.DatasetWarning, match=r"Image/cam_000\.png \(56x64\) vs .*Mask/cam_000\.png \(10x12\)"):
+        samples = cod.find_pairs(cod.resolve_dataset(str(root)))
+    item = cod.CamouflageTrainSet(samples, base_size=32, augment=False)[0]
+    assert item["image_m"].shape == (3, 32, 32) and item["mask"].shape == (1, 32, 32)
+
+
+def test_dataset_yaml_in_the_official_layout(tmp_path):
+    write_camouflage_set(tmp_path / "NC4K", 3, seed=5, image_dir="Imgs", mask_dir="GT")
+    config = tmp_path / "dataset.yaml"
+    config.write_text(f"nc4k: {{root: '{tmp_path / 'NC4K'}', image: {{path: Imgs, suffix: .png}}, "
+                      f"mask: {{path: GT, suffix: .png}}}}\n")
+    specs = cod.load_dataset_config(str(config))
+    assert len(cod.find_pairs(cod.resolve_dataset("nc4k", specs))) == 3
+
+
+def test_empty_dataset_fails_before_training_starts(tmp_path, camouflage_data):
+    (tmp_path / "empty" / "Image").mkdir(parents=True)
+    (tmp_path / "empty" / "Mask").mkdir()
+    output = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"dataset 'empty': no readable image/mask pairs"):
+        cod.main(_train_args("hornet_tiny_7x7", dict(camouflage_data, train=tmp_path / "empty"), output, 2))
+    assert not (output / "last.pt").exists()
+
+
+def test_training_sample_gives_three_scales_and_a_binary_mask_at_base_size(camouflage_data):
+    samples = cod.find_pairs(cod.resolve_dataset(str(camouflage_data["train"])))
+    item = cod.CamouflageTrainSet(samples, base_size=BASE)[1]
+    assert [tuple(item[n].shape) for n in cod.SCALE_NAMES] == [(3, 96, 96), (3, 64, 64), (3, 128, 128)]
+    assert 0.0 <= float(item["image_l"].min()) and float(item["image_l"].max()) <= 1.0
+    assert float(item["mask"].min()) == 0.0 and float(item["mask"].max()) == 1.0
+
+
+# --------------------------------------------------------------------------- training and evaluation
+
+
+def _assert_trained(output: Path, results, test_root: Path) -> None:
+    start, end = results["initial_metrics"]["test"], results["metrics"]["test"]
+    assert end["mae"] < 0.8 * start["mae"], (start["mae"], end["mae"])
+    assert set(end) >= {"sm", "wfm", "mae", "mean_em", "max_em", "mean_fm", "images"} and end["images"] == 6
+    assert json.loads((output / "eval" / "metrics.json").read_text())["test"]["mae"] == pytest.approx(end["mae"])
+    assert "| test | 6 |" in (output / "eval" / "metrics.md").read_text()
+    for image_path in sorted((test_root / "Imgs").glob("*.png")):
+        prediction = Image.open(output / "eval" / "test" / image_path.name)
+        assert prediction.size == Image.open(image_path).size and prediction.mode == "L"
+
+
+def test_hornet_cod_model_learns_the_generated_set(trained_hornet, camouflage_data):
+    output, results = trained_hornet
+    _assert_trained(output, results, camouflage_data["test"])
+    assert len(results["history"]) == STEPS and (output / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("backbone", ["pvt_v2_b0", "resnet18"])
+def test_cod_model_learns_the_generated_set(backbone, camouflage_data, tmp_path):
+    torch.manual_seed(0)
+    results = cod.main(_train_args(backbone, camouflage_data, tmp_path, STEPS, "--eval-at-start",
+                                   "--save-every", "100"))
+    _assert_trained(tmp_path, results, camouflage_data["test"])
+
+
+def test_training_resumes_from_its_last_checkpoint(trained_hornet, camouflage_data, tmp_path):
+    output, results = trained_hornet
+    (tmp_path / "last.pt").write_bytes((output / "last.pt").read_bytes())
+    resumed = cod.main(_train_args("hornet_tiny_7x7", camouflage_data, tmp_path, STEPS + 2, "--resume", "auto"))
+    assert len(resumed["history"]) == STEPS + 2 and resumed["history"][:STEPS] == results["history"]
+
+
+def test_cod_command_writes_masks_and_metrics(trained_hornet, camouflage_data, tmp_path):
+    from recurzoo.cli import main as cli
+
+    output, results = trained_hornet
+    single = sorted((camouflage_data["train"] / "Image").glob("*.png"))[1]
+    code = cli(["cod", str(camouflage_data["test"]), str(single), "--checkpoint", str(output / "model.safetensors"),
+                "--out", str(tmp_path), "--base-size", str(BASE), "--device", "cpu"])
+    assert code == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["test"]["mae"] == pytest.approx(results["metrics"]["test"]["mae"], abs=1e-6)
+    assert Image.open(tmp_path / "images" / single.name).size == Image.open(single).size
+
+
+def test_cod_command_reports_bad_input_in_one_line(tmp_path, capsys):
+    from recurzoo.cli import main as cli
+
+    code = cli(["cod", str(tmp_path / "missing"), "--model", "msrnet_pvt_v2_b2", "--checkpoint", "x.pt",
+                "--out", str(tmp_path)])
+    assert code == 2
+    assert "missing" in capsys.readouterr().err

@@ -1,0 +1,811 @@
+"""Train and evaluate MSRNet camouflaged-object detectors on COD10K / CAMO / CHAMELEON / NC4K folders.
+
+    python -m recurzoo.train.camouflage --model msrnet_pvt_v2_b2 --pretrained-backbone \\
+        --data-config dataset.yaml --train-sets cod10k_tr camo_tr \\
+        --test-sets chameleon camo_te cod10k_te nc4k --output runs/msrnet_b2
+
+Datasets are named in a YAML file laid out like the official ``dataset.yaml`` (``name: {root: ...,
+image: {path: Image, suffix: .jpg}, mask: {path: Mask, suffix: .png}}``), or given as folders
+holding an image and a mask folder (``Image``/``Mask``, ``Imgs``/``GT``, ``images``/``masks``),
+files matched by name. Unreadable files are skipped with one counted warning per dataset; an
+image whose size differs from its mask's is resized to the mask (as the official code does) with
+a warning naming both files; a dataset without a usable pair is an error before anything runs.
+
+The recipe is the official one: albumentations flips, rotations and colour jitter applied to
+image and mask together; the image resized from its original to 1.5x, 1.0x and 2.0x the base size
+(384); Adam at 1e-4 (backbone x0.1, PVT patch embedding frozen, backbone BatchNorm frozen), a
+x0.1 step at two thirds of the iterations, 150 epochs of batch 8, mixed precision on CUDA; the loss
+is BCE plus the uncertainty-aware loss ``mean(1 - |2p - 1|^2)`` weighted by a cosine ramp from 0
+to 1 over training. Evaluation reports the metrics COD papers use (S-measure, weighted F-measure,
+mean/max/adaptive E-measure, mean/max/adaptive F-measure, MAE), computed by PySODMetrics, per
+dataset as ``metrics.json`` and ``metrics.md``, and writes each predicted mask as a PNG at its
+image's original size. Runs under ``torchrun``; ``--resume auto`` continues from ``OUTPUT/last.pt``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from recurzoo.backbones.hornet import unwrap_checkpoint
+from recurzoo.train import common
+
+__all__ = [
+    "DatasetSpec", "DatasetWarning", "load_dataset_config", "resolve_dataset", "find_pairs",
+    "CamouflageTrainSet", "CamouflageTestSet", "train_augmentation", "ual_coefficient", "cod_loss",
+    "build_optimizer", "step_schedule", "CODMetrics", "evaluate", "build_model", "load_model",
+    "build_parser", "main", "predict",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# (image folder, mask folder) layouts of the public COD datasets and common exports.
+KNOWN_LAYOUTS = (("Image", "Mask"), ("Imgs", "GT"), ("Imgs", "GT_Object"), ("images", "masks"), ("Images", "Masks"),
+                 ("image", "mask"), ("img", "gt"))
+SCALE_NAMES = ("image_s", "image_m", "image_l")
+
+
+class DatasetWarning(UserWarning):
+    """Files of a COD dataset that are skipped or adjusted."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a dataset's images (and masks, if any) are; ``None`` suffix means any image extension."""
+
+    name: str
+    image_dir: str
+    mask_dir: Optional[str] = None
+    image_suffix: Optional[str] = None
+    mask_suffix: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image (and its mask, if known) of a dataset."""
+
+    name: str
+    image_path: str
+    mask_path: Optional[str]
+
+
+# ----------------------------------------------------------------------------------------- datasets
+
+
+def load_dataset_config(path: str) -> Dict[str, DatasetSpec]:
+    """The datasets of a YAML file in the official ``dataset.yaml`` layout, by name."""
+    import yaml
+
+    with open(path, encoding="utf-8") as handle:
+        entries = yaml.safe_load(handle) or {}
+    specs = {}
+    for name, entry in entries.items():
+        try:
+            root, image, mask = entry["root"], entry["image"], entry.get("mask")
+            specs[name] = DatasetSpec(
+                name, os.path.join(root, image["path"]), os.path.join(root, mask["path"]) if mask else None,
+                image.get("suffix"), mask.get("suffix") if mask else None)
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{path}: dataset {name!r} needs root, image: {{path, suffix}} and mask: {{path, suffix}}"
+                             f" ({error!r} missing or malformed)") from None
+    return specs
+
+
+def resolve_dataset(name_or_path: str, config: Optional[Mapping[str, DatasetSpec]] = None) -> DatasetSpec:
+    """A dataset named in ``config``, or a folder: with image/mask sub-folders, or of images alone."""
+    if config and name_or_path in config:
+        return config[name_or_path]
+    path = name_or_path.rstrip("/\\") or name_or_path
+    if not os.path.isdir(path):
+        known = f" (known names: {', '.join(sorted(config))})" if config else ""
+        raise FileNotFoundError(f"dataset {name_or_path!r} is neither a folder nor a name of the data config{known}")
+    name = os.path.basename(os.path.abspath(path))
+    for image_dir, mask_dir in KNOWN_LAYOUTS:
+        if os.path.isdir(os.path.join(path, image_dir)) and os.path.isdir(os.path.join(path, mask_dir)):
+            return DatasetSpec(name, os.path.join(path, image_dir), os.path.join(path, mask_dir))
+    return DatasetSpec(name, path)
+
+
+def _list_images(folder: str, suffix: Optional[str]) -> Dict[str, str]:
+    """``{stem: path}`` of the files of ``folder`` with ``suffix`` (or any image extension)."""
+    found = {}
+    for entry in sorted(os.listdir(folder)):
+        lower = entry.lower()
+        if suffix is not None:
+            if entry.endswith(suffix):
+                found[entry[:-len(suffix)]] = os.path.join(folder, entry)
+        elif lower.endswith(IMAGE_EXTENSIONS):
+            found.setdefault(os.path.splitext(entry)[0], os.path.join(folder, entry))
+    return found
+
+
+def _image_size(path: str) -> Tuple[int, int]:
+    """(height, width) from the file header; raises on files that are not readable images."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.verify()
+        width, height = image.size
+    return height, width
+
+
+def _summarize(items: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def find_pairs(spec: DatasetSpec, require_masks: bool = True) -> List[Sample]:
+    """The readable (image, mask) pairs of ``spec``, matched by file name.
+
+    Unreadable files are skipped with one :class:`DatasetWarning` that counts and names them;
+    images whose size differs from their mask's are named in another. Raises ``ValueError`` when
+    no usable sample is left.
+    """
+    if not os.path.isdir(spec.image_dir):
+        raise FileNotFoundError(f"dataset {spec.name!r}: image folder {spec.image_dir} does not exist")
+    images = _list_images(spec.image_dir, spec.image_suffix)
+    masks: Dict[str, str] = {}
+    if spec.mask_dir is not None:
+        if not os.path.isdir(spec.mask_dir):
+            raise FileNotFoundError(f"dataset {spec.name!r}: mask folder {spec.mask_dir} does not exist")
+        masks = _list_images(spec.mask_dir, spec.mask_suffix)
+    elif require_masks:
+        raise ValueError(f"dataset {spec.name!r}: no mask folder (looked for {', '.join(m for _, m in KNOWN_LAYOUTS)} "
+                         f"beside the images in {spec.image_dir})")
+    names = sorted(set(images) & set(masks)) if require_masks or masks else sorted(images)
+    unreadable, mismatched, samples = [], [], []
+    for name in names:
+        mask_path = masks.get(name)
+        try:
+            image_size = _image_size(images[name])
+        except Exception as error:  # PIL raises several types for broken files
+            unreadable.append(f"{images[name]} ({type(error).__name__})")
+            continue
+        if mask_path is not None:
+            try:
+                mask_size = _image_size(mask_path)
+            except Exception as error:
+                unreadable.append(f"{mask_path} ({type(error).__name__})")
+                continue
+            if mask_size != image_size:
+                mismatched.append(f"{images[name]} ({image_size[1]}x{image_size[0]}) vs {mask_path} "
+                                  f"({mask_size[1]}x{mask_size[0]})")
+        samples.append(Sample(name, images[name], mask_path))
+    if unreadable:
+        warnings.warn(f"dataset {spec.name!r}: skipped {len(unreadable)} of {len(names)} samples with unreadable "
+                      f"files: {_summarize(unreadable)}", DatasetWarning, stacklevel=2)
+    if mismatched:
+        warnings.warn(f"dataset {spec.name!r}: {len(mismatched)} images differ in size from their masks and are "
+                      f"resized to the mask: {_summarize(mismatched)}", DatasetWarning, stacklevel=2)
+    if not samples:
+        what = "image/mask pairs (files matched by name)" if require_masks else "images"
+        raise ValueError(f"dataset {spec.name!r}: no readable {what} in {spec.image_dir}"
+                         + (f" and {spec.mask_dir}" if spec.mask_dir else ""))
+    return samples
+
+
+def read_rgb(path: str) -> Optional[np.ndarray]:
+    """An RGB uint8 array, or ``None`` when the file cannot be decoded."""
+    import cv2
+
+    bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def read_mask(path: str) -> Optional[np.ndarray]:
+    """A binary float32 mask (pixels > 0 are the object), or ``None`` when undecodable."""
+    import cv2
+
+    gray = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    return None if gray is None else (gray > 0).astype(np.float32)
+
+
+def resize_array(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize (OpenCV's ``INTER_LINEAR``, as the official pipeline)."""
+    import cv2
+
+    if array.shape[:2] == (height, width):
+        return array
+    return cv2.resize(array, dsize=(width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def image_scales(image: np.ndarray, base_size: int, scales: Sequence[float]) -> Dict[str, torch.Tensor]:
+    """``image_s``/``image_m``/``image_l``: the uint8 image resized to ``base_size * scale``, in [0, 1]."""
+    return {name: torch.from_numpy(resize_array(image, int(base_size * s), int(base_size * s))).permute(2, 0, 1)
+            .float().div(255) for name, s in zip(SCALE_NAMES, scales)}
+
+
+def train_augmentation(seed: Optional[int] = None):
+    """The official augmentation, applied to image and mask together (albumentations, own random state)."""
+    import albumentations as A
+    import cv2
+
+    return A.Compose([
+        A.HorizontalFlip(p=0.5),
+        A.Rotate(limit=90, p=0.5, interpolation=cv2.INTER_LINEAR, border_mode=cv2.BORDER_REPLICATE),
+        A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
+        A.HueSaturationValue(hue_shift_limit=5, sat_shift_limit=10, val_shift_limit=10, p=0.5),
+    ], seed=seed)
+
+
+class CamouflageTrainSet(Dataset):
+    """Augmented training samples: the three image scales and the mask at the base size."""
+
+    def __init__(self, samples: Sequence[Sample], base_size: int = 384, scales: Sequence[float] = (1.5, 1.0, 2.0),
+                 augment: bool = True, seed: Optional[int] = None) -> None:
+        if not samples:
+            raise ValueError("CamouflageTrainSet: no samples")
+        self.samples = list(samples)
+        self.base_size = base_size
+        self.scales = tuple(scales)
+        self.augment = train_augmentation(seed) if augment else None
+        self.undecodable: List[str] = []
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, index: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        sample = self.samples[index]
+        image, mask = read_rgb(sample.image_path), read_mask(sample.mask_path)
+        if image is None or mask is None:
+            self.undecodable.append(sample.image_path if image is None else sample.mask_path)
+            warnings.warn(f"cannot decode {self.undecodable[-1]}: skipped ({len(self.undecodable)} so far in this "
+                          f"worker)", DatasetWarning, stacklevel=2)
+            return None
+        if image.shape[:2] != mask.shape:
+            image = resize_array(image, *mask.shape)
+        return image, mask
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        for offset in range(len(self.samples)):
+            loaded = self._load((index + offset) % len(self.samples))
+            if loaded is not None:
+                break
+        else:
+            raise RuntimeError("CamouflageTrainSet: no sample of the dataset can be decoded")
+        image, mask = loaded
+        if self.augment is not None:
+            transformed = self.augment(image=image, mask=mask)
+            image, mask = transformed["image"], transformed["mask"]
+        item = image_scales(image, self.base_size, self.scales)
+        item["mask"] = torch.from_numpy(resize_array(mask, self.base_size, self.base_size)).unsqueeze(0)
+        return item
+
+
+def seed_augmentation_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a distinct, reproducible augmentation stream per worker."""
+    info = torch.utils.data.get_worker_info()
+    augment = getattr(info.dataset, "augment", None) if info is not None else None
+    if augment is not None:
+        augment.set_random_seed(info.seed % 2 ** 32)
+
+
+class CamouflageTestSet(Dataset):
+    """Evaluation samples: the three image scales and the sample's index (masks are read at full size)."""
+
+    def __init__(self, samples: Sequence[Sample], base_size: int = 384, scales: Sequence[float] = (1.5, 1.0, 2.0)):
+        self.samples = list(samples)
+        self.base_size = base_size
+        self.scales = tuple(scales)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        image = read_rgb(self.samples[index].image_path)
+        if image is None:
+            warnings.warn(f"cannot decode {self.samples[index].image_path}: no prediction for it", DatasetWarning,
+                          stacklevel=2)
+            image = np.zeros((self.base_size, self.base_size, 3), np.uint8)
+            height = width = 0
+        else:
+            height, width = image.shape[:2]
+        item: Dict[str, Any] = image_scales(image, self.base_size, self.scales)
+        item.update(index=index, height=height, width=width)
+        return item
+
+
+# ------------------------------------------------------------------------------------ optimization
+
+
+def ual_coefficient(progress: float) -> float:
+    """Weight of the uncertainty-aware loss: a cosine ramp from 0 (start) to 1 (end of training)."""
+    progress = min(max(progress, 0.0), 1.0)
+    return (1.0 - math.cos(progress * math.pi)) / 2.0
+
+
+def cod_loss(logits: torch.Tensor, mask: torch.Tensor, progress: float) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """BCE + ``ual_coefficient(progress) * mean(1 - |2 sigmoid(logits) - 1|^2)`` (the official loss)."""
+    logits = logits.float()
+    bce = F.binary_cross_entropy_with_logits(logits, mask.float())
+    coefficient = ual_coefficient(progress)
+    uncertainty = (1.0 - (2.0 * logits.sigmoid() - 1.0).abs().pow(2)).mean()
+    loss = bce + coefficient * uncertainty
+    return loss, dict(bce=float(bce.detach()), ual=float(uncertainty.detach()), ual_weight=coefficient)
+
+
+def freeze_backbone_batchnorm(model: nn.Module) -> None:
+    """BatchNorm layers of the backbone in eval mode (statistics frozen) -- official ``freeze_status``."""
+    for module in model.backbone.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def build_optimizer(model: nn.Module, lr: float = 1e-4, backbone_lr_factor: float = 0.1,
+                    freeze_patch_embed: bool = True, freeze_bn_affine: bool = True) -> torch.optim.Adam:
+    """Adam without weight decay: backbone at ``lr * backbone_lr_factor``, the rest at ``lr``.
+
+    As the official ``finetune`` grouping: the PVT patch embedding (``backbone.patch_embed``) and the
+    backbone's BatchNorm affine parameters are frozen.
+    """
+    frozen_types = (nn.modules.batchnorm._BatchNorm,) if freeze_bn_affine else ()
+    for module in model.backbone.modules():
+        if isinstance(module, frozen_types):
+            module.requires_grad_(False)
+    backbone, head = [], []
+    for name, parameter in model.named_parameters():
+        if freeze_patch_embed and name.startswith("backbone.patch_embed."):
+            parameter.requires_grad_(False)
+        if parameter.requires_grad:
+            (backbone if name.startswith("backbone.") else head).append(parameter)
+    groups = [dict(params=backbone, lr=lr * backbone_lr_factor), dict(params=head, lr=lr)]
+    return torch.optim.Adam([g for g in groups if g["params"]], lr=lr, weight_decay=0.0)
+
+
+def step_schedule(optimizer: torch.optim.Optimizer, total_steps: int, milestone_fraction: float = 2 / 3,
+                  gamma: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    """The official step decay: the rates times ``gamma`` from ``milestone_fraction`` of the steps on."""
+    milestone = max(1, int(total_steps * milestone_fraction))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: gamma ** ((step + 1) // milestone))
+
+
+# -------------------------------------------------------------------------------------- evaluation
+
+
+class CODMetrics:
+    """The COD metrics of one dataset, accumulated image by image with PySODMetrics."""
+
+    def __init__(self) -> None:
+        import py_sod_metrics as metrics
+
+        self.smeasure = metrics.Smeasure()
+        self.weighted_fmeasure = metrics.WeightedFmeasure()
+        self.emeasure = metrics.Emeasure()
+        self.mae = metrics.MAE()
+        self.fmeasure = metrics.FmeasureV2(metric_handlers=dict(fm=metrics.FmeasureHandler(
+            with_dynamic=True, with_adaptive=True, with_binary=False, beta=0.3)))
+        self.count = 0
+
+    def step(self, prediction: np.ndarray, mask: np.ndarray) -> None:
+        """``prediction``: uint8 probability map; ``mask``: uint8 ground truth (object > 128), same size."""
+        for metric in (self.smeasure, self.weighted_fmeasure, self.emeasure, self.mae, self.fmeasure):
+            metric.step(prediction, mask)
+        self.count += 1
+
+    def results(self) -> Dict[str, float]:
+        emeasure = self.emeasure.get_results()["em"]
+        fmeasure = self.fmeasure.get_results()["fm"]
+        return dict(
+            sm=float(self.smeasure.get_results()["sm"]),
+            wfm=float(self.weighted_fmeasure.get_results()["wfm"]),
+            mae=float(self.mae.get_results()["mae"]),
+            mean_em=float(emeasure["curve"].mean()), max_em=float(emeasure["curve"].max()),
+            adp_em=float(emeasure["adp"]),
+            mean_fm=float(fmeasure["dynamic"].mean()), max_fm=float(fmeasure["dynamic"].max()),
+            adp_fm=float(fmeasure["adaptive"]),
+            images=self.count,
+        )
+
+
+METRIC_COLUMNS = (("sm", "S<sub>m</sub>"), ("wfm", "F<sup>w</sup><sub>b</sub>"), ("mae", "MAE"),
+                  ("mean_em", "mean E<sub>m</sub>"), ("max_em", "max E<sub>m</sub>"), ("adp_em", "adp E<sub>m</sub>"),
+                  ("mean_fm", "mean F<sub>b</sub>"), ("max_fm", "max F<sub>b</sub>"), ("adp_fm", "adp F<sub>b</sub>"))
+
+
+def metrics_markdown(results: Mapping[str, Mapping[str, float]], title: str = "") -> str:
+    """A markdown table of per-dataset metrics."""
+    lines = [f"# {title}", ""] if title else []
+    lines += ["| dataset | images | " + " | ".join(label for _, label in METRIC_COLUMNS) + " |",
+              "| --- | --- |" + " --- |" * len(METRIC_COLUMNS)]
+    for name, values in results.items():
+        cells = " | ".join(f"{values[key]:.3f}" for key, _ in METRIC_COLUMNS)
+        lines.append(f"| {name} | {values['images']} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def _save_png(path: str, array: np.ndarray) -> None:
+    import cv2
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not cv2.imwrite(path, array):
+        raise OSError(f"cannot write {path}")
+
+
+@torch.no_grad()
+def evaluate(
+        model: nn.Module,
+        datasets: Mapping[str, Sequence[Sample]],
+        device: torch.device,
+        base_size: int = 384,
+        out_dir: Optional[str] = None,
+        save_masks: bool = True,
+        batch_size: int = 8,
+        workers: int = 0,
+        amp: bool = False,
+        show_progress: bool = False,
+) -> Dict[str, Dict[str, float]]:
+    """Predict every sample of each dataset; metrics for the datasets with masks.
+
+    Predictions (sigmoid x 255, resized bilinearly to each image's original size) are written as
+    ``out_dir/<dataset>/<name>.png`` when ``save_masks``; the metrics go to ``out_dir/metrics.json``
+    and ``out_dir/metrics.md`` when ``out_dir`` is given. Returns ``{dataset: metrics}``.
+    """
+    import cv2
+
+    was_training = model.training
+    model.eval()
+    results: Dict[str, Dict[str, float]] = {}
+    scales = getattr(model, "scales", (1.5, 1.0, 2.0))
+    for dataset_name, samples in datasets.items():
+        loader = DataLoader(CamouflageTestSet(samples, base_size, scales), batch_size=batch_size, shuffle=False,
+                            num_workers=workers)
+        metrics = CODMetrics() if all(s.mask_path for s in samples) else None
+        for batch in common.progress(loader, desc=f"eval {dataset_name}", enabled=show_progress):
+            autocast = torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda" else nullcontext()
+            with autocast:
+                logits = model.forward_multiscale(*(batch[n].to(device, non_blocking=True) for n in SCALE_NAMES))
+            probabilities = logits.float().sigmoid()[:, 0].cpu().numpy()
+            for probability, index, height, width in zip(probabilities, batch["index"].tolist(),
+                                                         batch["height"].tolist(), batch["width"].tolist()):
+                if not height:
+                    continue  # undecodable image (warned by the dataset)
+                sample = samples[index]
+                prediction = np.clip(resize_array(probability, height, width) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+                if save_masks and out_dir:
+                    _save_png(os.path.join(out_dir, dataset_name, sample.name + ".png"), prediction)
+                if metrics is not None:
+                    gray = cv2.imread(sample.mask_path, cv2.IMREAD_GRAYSCALE)
+                    mask = np.where(gray > 0, 255, 0).astype(np.uint8)
+                    if mask.shape != prediction.shape:
+                        prediction = resize_array(probability, *mask.shape)
+                        prediction = np.clip(prediction * 255.0 + 0.5, 0, 255).astype(np.uint8)
+                    metrics.step(prediction, mask)
+        if metrics is not None and metrics.count:
+            results[dataset_name] = metrics.results()
+    if out_dir and results:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
+        with open(os.path.join(out_dir, "metrics.md"), "w", encoding="utf-8") as handle:
+            handle.write(metrics_markdown(results, title="Camouflaged object detection"))
+    model.train(was_training)
+    return results
+
+
+# ---------------------------------------------------------------------------------------- models
+
+
+def build_model(model: Optional[str] = None, backbone: Optional[str] = None, pretrained_backbone: bool = False,
+                **kwargs: Any) -> nn.Module:
+    """A registered COD model (``msrnet_*``) or ``create_cod_model(backbone)``, with ``kwargs``.
+
+    The arguments are recorded as ``cod_config`` on the model (checkpoints store it).
+    """
+    import timm
+
+    import recurzoo
+    from recurzoo.heads.camouflage import create_cod_model
+
+    if model:
+        if model not in recurzoo.list_models("msrnet_*"):
+            raise ValueError(f"unknown COD model {model!r}; registered: {', '.join(recurzoo.list_models('msrnet_*'))}"
+                             f" (or give a timm backbone name with --backbone)")
+        network = timm.create_model(model, pretrained_backbone=pretrained_backbone, **kwargs)
+    elif backbone:
+        network = create_cod_model(backbone, pretrained_backbone=pretrained_backbone, **kwargs)
+    else:
+        raise ValueError("give --model (a registered msrnet_* model) or --backbone (any timm backbone)")
+    # how to build it again: stored with the checkpoints, so that evaluation needs only the weights
+    network.cod_config = dict(model=model, backbone=None if model else backbone, kwargs=kwargs)
+    return network
+
+
+def _read_state(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]:
+    """Weights and, when stored with them, the model's build config (this module's checkpoints)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        config = json.loads(metadata["model_config"]) if "model_config" in metadata else None
+        return load_file(path), config
+    checkpoint = common.load_checkpoint(path)
+    config = checkpoint.get("model_config") if isinstance(checkpoint, dict) else None
+    return unwrap_checkpoint(checkpoint), config
+
+
+def load_model(checkpoint: str, model: Optional[str] = None, backbone: Optional[str] = None,
+               **kwargs: Any) -> nn.Module:
+    """A COD model with the weights of ``checkpoint`` (this module's, or an official MSRNet one).
+
+    Without ``model``/``backbone`` the build config stored in the checkpoint is used.
+    """
+    from recurzoo.heads.camouflage import checkpoint_filter_fn
+
+    state, config = _read_state(checkpoint)
+    if not model and not backbone:
+        if config is None:
+            raise ValueError(f"checkpoint {checkpoint} does not record its model: give --model")
+        model, backbone = config.get("model"), config.get("backbone")
+        kwargs = dict(config.get("kwargs", {}), **kwargs)
+    network = build_model(model, backbone, **kwargs)
+    try:
+        network.load_state_dict(checkpoint_filter_fn(state, network))
+    except RuntimeError as error:
+        name = model or backbone
+        raise ValueError(f"checkpoint {checkpoint} does not fit {name}: {str(error).splitlines()[0]}") from None
+    return network
+
+
+# -------------------------------------------------------------------------------------- training
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m recurzoo.train.camouflage",
+        description="Train and evaluate MSRNet camouflaged-object detectors.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=None, help="registered COD model, e.g. msrnet_pvt_v2_b2")
+    group.add_argument("--backbone", default=None, help="any timm backbone (instead of --model): create_cod_model")
+    group.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="model arguments, e.g. mid_dim=32 backbone_kwargs=\"{'depths': (1, 1, 1, 1)}\"")
+    group.add_argument("--pretrained-backbone", action="store_true", help="timm's ImageNet weights (downloads them)")
+    group.add_argument("--checkpoint", default=None, help="initial weights (ours or an official MSRNet checkpoint)")
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-config", default=None, help="YAML of the datasets (the official dataset.yaml layout)")
+    group.add_argument("--train-sets", nargs="*", default=[], help="training dataset names or folders")
+    group.add_argument("--test-sets", nargs="*", default=[], help="evaluation dataset names or folders")
+    group.add_argument("--base-size", type=int, default=384, help="side of the 1.0x image (and the mask)")
+    group.add_argument("--batch-size", type=int, default=8, help="images per process and step")
+    group.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    group.add_argument("--no-augment", action="store_true", help="no flips, rotations or colour jitter")
+    group = parser.add_argument_group("optimization")
+    group.add_argument("--epochs", type=int, default=150)
+    group.add_argument("--steps", type=int, default=None, help="total steps (overrides --epochs)")
+    group.add_argument("--lr", type=float, default=1e-4)
+    group.add_argument("--backbone-lr-factor", type=float, default=0.1, help="backbone learning rate / --lr")
+    group.add_argument("--milestone", type=float, default=2 / 3, help="fraction of the steps where the rate drops")
+    group.add_argument("--gamma", type=float, default=0.1, help="rate factor at the milestone")
+    group.add_argument("--train-patch-embed", action="store_true", help="do not freeze the PVT patch embedding")
+    group.add_argument("--train-backbone-bn", action="store_true",
+                       help="update the backbone's BatchNorm statistics and affine parameters")
+    group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                       help="float16 autocast with loss scaling (default: on CUDA)")
+    group = parser.add_argument_group("run")
+    group.add_argument("--output", default="output/camouflage", help="folder for checkpoints, logs, predictions")
+    group.add_argument("--resume", default=None, help="checkpoint to resume, or 'auto' for OUTPUT/last.pt")
+    group.add_argument("--evaluate", action="store_true", help="evaluate only (no training)")
+    group.add_argument("--eval-at-start", action="store_true", help="also evaluate before training")
+    group.add_argument("--save-masks", action=argparse.BooleanOptionalAction, default=True,
+                       help="write the predicted masks of the test sets as PNGs")
+    group.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: every epoch)")
+    group.add_argument("--log-every", type=int, default=20, help="log the loss every N steps")
+    group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    group.add_argument("--seed", type=int, default=112358)
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def _datasets(names: Sequence[str], config: Optional[Mapping[str, DatasetSpec]]) -> Dict[str, List[Sample]]:
+    datasets: Dict[str, List[Sample]] = {}
+    for name in names:
+        spec = resolve_dataset(name, config)
+        key = spec.name if spec.name not in datasets else name
+        datasets[key] = find_pairs(spec)
+    return datasets
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Train (unless ``--evaluate``) and evaluate; returns the loss history and the metrics."""
+    args = build_parser().parse_args(argv)
+    context = common.init_distributed(args.device)
+    try:
+        return _run(args, context)
+    finally:
+        common.cleanup_distributed()
+
+
+def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[str, Any]:
+    common.seed_everything(args.seed, context.rank)
+    logger = common.setup_logging(args.output, context.is_main, name="recurzoo.camouflage")
+    config = load_dataset_config(args.data_config) if args.data_config else None
+    # every dataset is checked before the model is built or anything trained
+    train_sets = _datasets(args.train_sets, config) if not args.evaluate else {}
+    test_sets = _datasets(args.test_sets, config)
+    if args.evaluate and not test_sets:
+        raise ValueError("--evaluate needs --test-sets")
+    if not args.evaluate:
+        _check_batches(sum(len(samples) for samples in train_sets.values()), args.batch_size, context.world_size)
+
+    kwargs = common.parse_kwargs(args.model_kwargs)
+    if args.checkpoint:
+        model = load_model(args.checkpoint, args.model, args.backbone, pretrained_backbone=args.pretrained_backbone,
+                           **kwargs)
+    else:
+        model = build_model(args.model, args.backbone, pretrained_backbone=args.pretrained_backbone, **kwargs)
+    model.to(context.device)
+    use_amp = (context.device.type == "cuda") if args.amp is None else (args.amp and context.device.type == "cuda")
+    results: Dict[str, Any] = dict(output=args.output, history=[], metrics={})
+    evaluate_kwargs = dict(device=context.device, base_size=args.base_size, batch_size=args.batch_size, amp=use_amp,
+                           show_progress=context.is_main and not args.no_progress)
+    if test_sets and context.is_main and (args.evaluate or args.eval_at_start):
+        start = evaluate(model, test_sets, out_dir=os.path.join(args.output, "eval_start"), save_masks=False,
+                         **evaluate_kwargs)
+        results["initial_metrics"] = start
+        for name, values in start.items():
+            logger.info(f"before training, {name}: " + _format_metrics(values))
+    if not args.evaluate:
+        results["history"] = _train(model, train_sets, args, context, logger, use_amp)
+    if test_sets and context.is_main:
+        final = evaluate(model, test_sets, out_dir=os.path.join(args.output, "eval"), save_masks=args.save_masks,
+                         **evaluate_kwargs)
+        results["metrics"] = final
+        for name, values in final.items():
+            logger.info(f"{name}: " + _format_metrics(values))
+    return results
+
+
+def _format_metrics(values: Mapping[str, float]) -> str:
+    return ", ".join(f"{key} {values[key]:.3f}" for key, _ in METRIC_COLUMNS)
+
+
+def _check_batches(num_samples: int, batch_size: int, world_size: int) -> None:
+    if batch_size < 2:
+        raise ValueError("--batch-size must be at least 2: the decoder's global-context BatchNorm normalizes one "
+                         "value per image")
+    if num_samples < batch_size * world_size:
+        raise ValueError(f"the training data ({num_samples} pairs) is smaller than one batch "
+                         f"({batch_size} x {world_size} processes)")
+
+
+def _train(model: nn.Module, train_sets: Mapping[str, Sequence[Sample]], args: argparse.Namespace,
+           context: common.DistributedContext, logger: Any, use_amp: bool) -> List[float]:
+    samples = [sample for dataset in train_sets.values() for sample in dataset]
+    for name, dataset in train_sets.items():
+        logger.info(f"training set {name}: {len(dataset)} pairs")
+    dataset = CamouflageTrainSet(samples, args.base_size, getattr(model, "scales", (1.5, 1.0, 2.0)),
+                                 augment=not args.no_augment, seed=args.seed + context.rank)
+    sampler = DistributedSampler(dataset, seed=args.seed, drop_last=True) if context.distributed else None
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, shuffle=sampler is None,
+                        num_workers=args.workers, drop_last=True, pin_memory=context.device.type == "cuda",
+                        persistent_workers=args.workers > 0, worker_init_fn=seed_augmentation_worker)
+    steps_per_epoch = len(loader)
+    total = args.steps or args.epochs * steps_per_epoch
+    save_every = args.save_every or steps_per_epoch
+
+    optimizer = build_optimizer(model, args.lr, args.backbone_lr_factor, freeze_patch_embed=not args.train_patch_embed,
+                                freeze_bn_affine=not args.train_backbone_bn)
+    scheduler = step_schedule(optimizer, total, args.milestone, args.gamma)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    history: List[float] = []
+    start_step = 0
+    resume_path = common.resolve_resume(args.resume, args.output)
+    if resume_path:
+        state = common.load_checkpoint(resume_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_step, history = int(state["step"]), list(state["history"])
+        logger.info(f"resumed {resume_path} at step {start_step}/{total}")
+
+    wrapped = common.wrap_ddp(_MultiscaleForward(model), context)
+    model.train()
+    if not args.train_backbone_bn:
+        freeze_backbone_batchnorm(model)
+    batches = common.infinite_batches(loader, start_epoch=start_step // steps_per_epoch)
+    bar = common.progress(total=total, initial=start_step, desc="train",
+                          enabled=context.is_main and not args.no_progress)
+    for step in range(start_step, total):
+        batch = next(batches)
+        images = [batch[name].to(context.device, non_blocking=True) for name in SCALE_NAMES]
+        mask = batch["mask"].to(context.device, non_blocking=True)
+        autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext()
+        with autocast:
+            logits = wrapped(*images)
+        loss, parts = cod_loss(logits, mask, progress=step / total)
+        optimizer.zero_grad(set_to_none=False)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        history.append(float(loss.detach()))
+        bar.update(1)
+        done = step + 1
+        if context.is_main and (done % args.log_every == 0 or done == total):
+            recent = history[-args.log_every:]
+            logger.info(f"step {done}/{total} loss {sum(recent) / len(recent):.5f} (bce {parts['bce']:.4f}, "
+                        f"ual {parts['ual']:.4f} x {parts['ual_weight']:.3f}) lr {scheduler.get_last_lr()[-1]:.2e}")
+            common.append_jsonl(os.path.join(args.output, "metrics.jsonl"),
+                                dict(step=done, loss=history[-1], lr=scheduler.get_last_lr()[-1], **parts))
+        if context.is_main and (done % save_every == 0 or done == total):
+            common.save_checkpoint(os.path.join(args.output, "last.pt"), dict(
+                model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict(), step=done, history=history, model_config=model.cod_config,
+                args=vars(args)))
+    bar.close()
+    if context.is_main:
+        common.save_safetensors(os.path.join(args.output, "model.safetensors"), model.state_dict(),
+                                metadata=dict(model_config=json.dumps(model.cod_config)))
+        try:
+            common.plot_curves(dict(loss=history), os.path.join(args.output, "loss.png"), ylabel="loss")
+        except ImportError:
+            logger.warning("matplotlib is not installed: loss.png not written")
+    return history
+
+
+class _MultiscaleForward(nn.Module):
+    """Makes a COD model's ``forward_multiscale`` the ``forward`` of a module (what DDP wraps)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_s: torch.Tensor, image_m: torch.Tensor, image_l: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_multiscale(image_s, image_m, image_l)
+
+
+# ------------------------------------------------------------------------------------- prediction
+
+
+def predict(
+        inputs: Sequence[str],
+        out_dir: str,
+        checkpoint: str,
+        model: Optional[str] = None,
+        model_kwargs: Optional[Mapping[str, Any]] = None,
+        data_config: Optional[str] = None,
+        base_size: int = 384,
+        batch_size: int = 8,
+        device: Optional[str] = None,
+        show_progress: bool = True,
+) -> Dict[str, Dict[str, float]]:
+    """Masks for images, folders or datasets (``recurzoo cod``); metrics for those with masks.
+
+    Each input is an image file, a folder of images, a dataset folder (image and mask
+    sub-folders) or a dataset name of ``data_config``. Masks go to ``out_dir/<input name>/``.
+    """
+    config = load_dataset_config(data_config) if data_config else None
+    datasets: Dict[str, List[Sample]] = {}
+    for item in inputs:
+        if os.path.isfile(item):
+            name = os.path.splitext(os.path.basename(item))[0]
+            datasets.setdefault("images", []).append(Sample(name, item, None))
+            continue
+        spec = resolve_dataset(item, config)
+        datasets[spec.name if spec.name not in datasets else item] = find_pairs(spec, require_masks=False)
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    network = load_model(checkpoint, model, **dict(model_kwargs or {})).to(target)
+    with_masks = {name: samples for name, samples in datasets.items() if all(s.mask_path for s in samples)}
+    without = {name: samples for name, samples in datasets.items() if name not in with_masks}
+    results = evaluate(network, with_masks, target, base_size, out_dir, True, batch_size, show_progress=show_progress)
+    evaluate(network, without, target, base_size, out_dir, True, batch_size, show_progress=show_progress)
+    return results
+
+
+if __name__ == "__main__":
+    main()
