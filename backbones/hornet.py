@@ -12,7 +12,7 @@ multiplied by each context map in turn, widening through 1x1 convs between the o
 """
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -42,12 +42,47 @@ def global_filter_size(img_size: int, reduction: int) -> Tuple[int, int]:
     return side, side // 2 + 1
 
 
+@lru_cache(maxsize=16)
+def real_dft_matrices(height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Real matrices that compute ``rfft2``/``irfft2`` (``norm='ortho'``) of ``height x width`` maps as matmuls.
+
+    Returns float32 ``(row_rfft, col_dft, col_idft, row_irfft)``, with
+    ``F = C + iS`` the unitary DFT (``C = cos / sqrt(n)``, ``S = -sin / sqrt(n)``):
+
+    * ``row_rfft`` ``(width, 2 * (width // 2 + 1))``: ``x @ row_rfft = [Re | Im]`` of the real FFT of each row;
+    * ``col_dft`` ``(2 * height, 2 * height)``: ``[Re^T | Im^T] @ col_dft`` is the complex DFT over the
+      columns (``[[C, S], [-S, C]]``), and ``col_idft`` the inverse (``[[C, -S], [S, C]]``);
+    * ``row_irfft`` ``(2 * (width // 2 + 1), width)``: ``[Re | Im] @ row_irfft`` is the inverse real
+      FFT of each row: the non-redundant frequencies count twice, the imaginary parts of the zero and
+      Nyquist frequencies are ignored (their sines vanish), as ``torch.fft.irfft`` does.
+    """
+    def angles(frequencies: int, length: int) -> torch.Tensor:
+        k = torch.arange(frequencies, dtype=torch.float64, device="cpu")  # cached: never on a default device
+        n = torch.arange(length, dtype=torch.float64, device="cpu")
+        return 2 * torch.pi * torch.outer(k, n) / length  # (frequencies, length)
+
+    num_freq = width // 2 + 1
+    row = angles(num_freq, width)
+    row_rfft = torch.cat([row.cos(), -row.sin()], dim=0).t() / width ** 0.5
+    twice = torch.full((num_freq, 1), 2.0, dtype=torch.float64, device="cpu")
+    twice[0] = 1.0
+    if width % 2 == 0:
+        twice[-1] = 1.0
+    row_irfft = torch.cat([twice * row.cos(), -twice * row.sin()], dim=0) / width ** 0.5
+    col = angles(height, height)
+    cos, sin = col.cos() / height ** 0.5, -col.sin() / height ** 0.5  # symmetric matrices
+    col_dft = torch.cat([torch.cat([cos, sin], dim=1), torch.cat([-sin, cos], dim=1)], dim=0)
+    col_idft = torch.cat([torch.cat([cos, -sin], dim=1), torch.cat([sin, cos], dim=1)], dim=0)
+    return tuple(m.float() for m in (row_rfft, col_dft, col_idft, row_irfft))
+
+
 class GlobalLocalFilter(nn.Module):
     """Mixes half of the channels with a 3x3 depthwise conv and half with a learned global filter.
 
     The global half is multiplied, in the 2-D real Fourier domain, by a learned complex weight of
     size ``filter_size``; a feature map of another size uses the weight resized bilinearly
-    (``align_corners=True``), as the official code does.
+    (``align_corners=True``), as the official code does. During ONNX export the filter runs as
+    real matrix products (:meth:`global_filter_real`), which ONNX expresses for any opset.
     """
 
     def __init__(self, dim: int, filter_size: Tuple[int, int] = (14, 8)) -> None:
@@ -69,10 +104,34 @@ class GlobalLocalFilter(nn.Module):
         return weight
 
     def global_filter(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return self.global_filter_real(x)
         height, width = x.shape[-2:]
         weight = torch.view_as_complex(self.frequency_weight(height, width).float().contiguous())
         spectrum = torch.fft.rfft2(x.float(), dim=(2, 3), norm="ortho")
         return torch.fft.irfft2(spectrum * weight, s=(height, width), dim=(2, 3), norm="ortho").to(x.dtype)
+
+    def global_filter_real(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`global_filter` as real matmuls with the DFT matrices of this map size (eval and export).
+
+        Equal to the FFT version up to float32 rounding. The sizes become constants when traced,
+        so an exported graph is fixed to the traced feature size.
+        """
+        batch, channels = x.shape[:2]
+        height, width = int(x.shape[-2]), int(x.shape[-1])
+        num_freq = width // 2 + 1
+        row_rfft, col_dft, col_idft, row_irfft = (m.to(x.device) for m in real_dft_matrices(height, width))
+        weight = self.frequency_weight(height, width).float().permute(0, 2, 3, 1)  # (C, freq, 2, height)
+        weight_re, weight_im = weight[:, :, 0], weight[:, :, 1]
+
+        # rows: [Re | Im] (B, C, H, 2F), then columns in the transposed layout (B, C, F, [Re^T | Im^T])
+        spectrum = (x.float() @ row_rfft).view(batch, channels, height, 2, num_freq)
+        spectrum = spectrum.permute(0, 1, 4, 3, 2).reshape(batch, channels, num_freq, 2 * height) @ col_dft
+        real, imag = spectrum.view(batch, channels, num_freq, 2, height).unbind(3)
+        filtered = torch.cat([real * weight_re - imag * weight_im, real * weight_im + imag * weight_re], dim=-1)
+        filtered = (filtered @ col_idft).view(batch, channels, num_freq, 2, height)
+        filtered = filtered.permute(0, 1, 4, 3, 2).reshape(batch, channels, height, 2 * num_freq) @ row_irfft
+        return filtered.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pre_norm(x)

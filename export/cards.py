@@ -17,6 +17,7 @@ from timm.models import get_pretrained_cfg
 
 import recurzoo
 from recurzoo.export.flops import create_uninitialized, model_report
+from recurzoo.export.onnx import DEFAULT_OPSET, PARITY_TOLERANCE, ExportSupport, export_support
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "model_cards"
 
@@ -41,17 +42,61 @@ def _weights_cell(model_name: str) -> str:
     for full_name in pretrained_tags(model_name):
         cfg = get_pretrained_cfg(full_name)
         tag = full_name.split(".", 1)[1]
-        cells.append(f"[`{tag}`]({cfg.url})" if cfg.url else f"`{tag}`")
+        url = cfg.url[0] if isinstance(cfg.url, (tuple, list)) else cfg.url
+        cells.append(f"[`{tag}`]({url})" if url else f"`{tag}`")
     return ", ".join(cells) or "none published"
 
 
 def variant_row(model_name: str, create_kwargs: Dict[str, Any], input_size: Optional[Sequence[int]]) -> str:
+    """The variant's row of the Variants table (counted on the full-size model)."""
     model = create_uninitialized(model_name, **create_kwargs)
     size = tuple(input_size or model.pretrained_cfg["input_size"])
     report = model_report(model, size)
     strides = "/".join(str(r) for r in report["reductions"]) or "-"
     return (f"| `{model_name}` | {report['params'] / 1e6:.2f} | {report['gflops']:.2f} | "
-            f"{'x'.join(str(s) for s in size)} | {strides} | {_weights_cell(model_name)} |")
+            f"{'x'.join(str(s) for s in size)} | {strides} | {report['unrolled_params'] / 1e6:.2f} | "
+            f"{_weights_cell(model_name)} |")
+
+
+def variant_export_support(model_name: str, create_kwargs: Dict[str, Any]) -> ExportSupport:
+    """What the variant's ONNX export can take (from its modules: built on the meta device, nothing counted)."""
+    import torch
+
+    with torch.device("meta"):
+        model = timm.create_model(model_name, **create_kwargs)
+    return export_support(model)
+
+
+def export_section(models: Sequence[str], supports: Sequence[ExportSupport],
+                   shown: Optional[Sequence[str]] = None) -> List[str]:
+    """The ONNX export status of the variants (all, or those in ``shown``), with the reasons where
+    height/width cannot be dynamic (numbered over all variants, so that the notes do not depend on ``shown``)."""
+    reasons: List[str] = []
+    rows = []
+    for name, support in zip(models, supports):
+        cell = "yes"
+        if not support.dynamic_hw:
+            if support.reason not in reasons:
+                reasons.append(support.reason)
+            cell = f"no ({reasons.index(support.reason) + 1})"
+        if shown is None or name in shown:
+            rows.append(f"| `{name}` | yes | yes | {cell} |")
+    lines = [
+        "## ONNX export",
+        "",
+        f"`recurzoo export NAME [--dynamic batch|batch,hw] [--checkpoint FILE]` writes `NAME.onnx` (torch.onnx, "
+        f"opset {DEFAULT_OPSET}) with its FLOP/parameter report and checks it in onnxruntime against PyTorch "
+        f"(random inputs and a photograph; at most {PARITY_TOLERANCE:.0e} of the output scale). "
+        "`tests/test_export.py` exports every variant at a reduced width this way, with the dynamic axes below.",
+        "",
+        "| model | exports | dynamic batch | dynamic height/width |",
+        "| --- | --- | --- | --- |",
+        *rows,
+    ]
+    if reasons:
+        lines += ["", "Where height and width are not dynamic, the graph takes the size it was exported at:", ""]
+        lines += [f"{i}. {reason[0].upper()}{reason[1:]}." for i, reason in enumerate(reasons, start=1)]
+    return lines
 
 
 def default_usage(example: str) -> str:
@@ -73,14 +118,25 @@ def default_usage(example: str) -> str:
     ])
 
 
-def render_card(module_name: str) -> str:
-    """The markdown card of one family module (one that defines ``MODEL_CARD``)."""
+def family_models(module_name: str) -> List[str]:
+    """The models a family module registers, in the order of its card."""
+    return timm.list_models(module=family_name(module_name))
+
+
+def render_card(module_name: str, only: Optional[Sequence[str]] = None) -> str:
+    """The markdown card of one family module (one that defines ``MODEL_CARD``).
+
+    ``only`` restricts the variants table to those models (for checks that cannot afford to count
+    every large model); the rest of the card is unchanged.
+    """
     module = importlib.import_module(module_name)
     card: Dict[str, Any] = module.MODEL_CARD
-    models = timm.list_models(module=family_name(module_name))
+    all_models = family_models(module_name)
+    models = [name for name in all_models if only is None or name in only]
     create_kwargs = card.get("create_kwargs", {})
     rows = [variant_row(name, create_kwargs, card.get("input_size")) for name in models]
-    example = card.get("example_model", models[0])
+    supports = [variant_export_support(name, create_kwargs) for name in all_models]
+    example = card.get("example_model", family_models(module_name)[0])
     lines = [
         f"# {card['title']}",
         "",
@@ -96,10 +152,14 @@ def render_card(module_name: str) -> str:
         "",
         card.get("table_note", "Parameters and fvcore GFLOPs (multiply-accumulates) of one image at the input size "
                               "shown, counted on the model as created below.").strip(),
+        "Unrolled parameters count each parameter once per use in the forward pass (weights reused by "
+        "recursion count at every use); `python -m recurzoo.export.report` gives the per-module figures.",
         "",
-        "| model | params (M) | GFLOPs | input | feature strides | official weights |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| model | params (M) | GFLOPs | input | feature strides | unrolled params (M) | official weights |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
         *rows,
+        "",
+        *export_section(all_models, supports, shown=models),
         "",
         "## Usage",
         "",

@@ -7,14 +7,18 @@ totals match the authors' code (which writes attention as two matmuls).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from typing import Any, Dict, List, Sequence, Tuple
+from collections import Counter
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["create_uninitialized", "count_params", "flop_analysis", "count_flops", "model_report", "EXTRA_FLOP_HANDLES"]
+__all__ = ["create_uninitialized", "count_params", "flop_analysis", "activation_analysis", "count_flops",
+           "count_calls", "count_unrolled_params", "model_report", "EXTRA_FLOP_HANDLES", "EXTRA_ACTIVATION_HANDLES",
+           "HANDLE_NOTES"]
 
 
 def _shape(value: Any) -> List[int]:
@@ -37,10 +41,53 @@ def fft2_flops(inputs: List[Any], outputs: List[Any]) -> int:
     return math.prod(real_shape[:-2]) * points * math.ceil(math.log2(max(points, 2)))
 
 
+def bicubic_flops(inputs: List[Any], outputs: List[Any]) -> int:
+    """Bicubic resampling (e.g. of a position embedding): 16 taps per output element.
+
+    fvcore's convention for bilinear resampling is one FLOP per tap (4 per output element).
+    """
+    return 16 * math.prod(_shape(outputs[0]))
+
+
+def sdpa_activations(inputs: List[Any], outputs: List[Any]) -> int:
+    """The outputs of the two matmuls of explicit attention: ``L*S`` scores plus ``L*Ev`` values."""
+    query, key, value = (_shape(v) for v in inputs[:3])
+    return math.prod(query[:-2]) * query[-2] * (key[-2] + value[-1])
+
+
+def fft2_activations(inputs: List[Any], outputs: List[Any]) -> int:
+    """Real numbers produced by an FFT (a complex output counts two)."""
+    shape = _shape(outputs[0])
+    is_complex = "Complex" in str(outputs[0].type().scalarType())
+    return math.prod(shape) * (2 if is_complex else 1)
+
+
 EXTRA_FLOP_HANDLES = {
     "aten::scaled_dot_product_attention": sdpa_flops,
     "aten::fft_rfft2": fft2_flops,
     "aten::fft_irfft2": fft2_flops,
+    "aten::_upsample_bicubic2d_aa": bicubic_flops,
+    "aten::upsample_bicubic2d": bicubic_flops,
+}
+
+# fvcore counts activations as the outputs of convolutions and matmuls; these add the operators
+# that hide matmuls (attention) or act as dense linear maps (FFTs).
+EXTRA_ACTIVATION_HANDLES = {
+    "aten::scaled_dot_product_attention": sdpa_activations,
+    "aten::fft_rfft2": fft2_activations,
+    "aten::fft_irfft2": fft2_activations,
+}
+
+# How the operators with this package's handles are counted, for the reports.
+HANDLE_NOTES = {
+    "aten::scaled_dot_product_attention": "FLOPs: the two matmuls softmax(q k^T) v, L*S*(E + Ev) per batch element "
+                                         "and head (softmax and scaling not counted); activations: their "
+                                         "outputs, L*S + L*Ev",
+    "aten::fft_rfft2": "FLOPs: N*ceil(log2 N) per channel for an N-point 2-D FFT (zero in the HorNet paper's "
+                       "convention); activations: the real numbers produced",
+    "aten::fft_irfft2": "as aten::fft_rfft2",
+    "aten::_upsample_bicubic2d_aa": "FLOPs: 16 taps per output element (fvcore counts 4 for bilinear)",
+    "aten::upsample_bicubic2d": "FLOPs: 16 taps per output element (fvcore counts 4 for bilinear)",
 }
 
 
@@ -66,6 +113,39 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@contextlib.contextmanager
+def count_calls(model: nn.Module) -> Iterator[Counter]:
+    """Count the forward calls of every submodule of ``model`` while the block runs.
+
+    Yields a ``Counter`` keyed by module object; a module reused by recursion is counted at every use.
+    """
+    calls: Counter = Counter()
+    handles = [module.register_forward_hook(lambda module, args, output: calls.update((module,)))
+               for module in model.modules()]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def count_unrolled_params(model: nn.Module, calls: Counter) -> int:
+    """Parameters counted once per use: each parameter times the forward calls of the module owning it.
+
+    A module applied recursively (a shared block, a pooling conv applied k times) contributes its
+    parameters at each application. A parameter whose module is not called as a module (a position
+    embedding read by its parent, LoRA factors read by index) counts once.
+    """
+    total, seen = 0, set()
+    for module in model.modules():
+        for parameter in module.parameters(recurse=False):
+            if id(parameter) in seen:
+                continue
+            seen.add(id(parameter))
+            total += parameter.numel() * max(calls[module], 1)
+    return total
+
+
 def flop_analysis(model: nn.Module, inputs: Tuple[torch.Tensor, ...], count_fft: bool = True):
     """An fvcore ``FlopCountAnalysis`` of ``model(*inputs)`` with this package's extra handles.
 
@@ -78,6 +158,15 @@ def flop_analysis(model: nn.Module, inputs: Tuple[torch.Tensor, ...], count_fft:
     if not count_fft:
         handles.update({name: None for name in handles if "fft" in name})
     analysis = FlopCountAnalysis(model, inputs).set_op_handle(**handles)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    return analysis
+
+
+def activation_analysis(model: nn.Module, inputs: Tuple[torch.Tensor, ...]):
+    """An fvcore ``ActivationCountAnalysis`` of ``model(*inputs)`` with this package's extra handles."""
+    from fvcore.nn import ActivationCountAnalysis
+
+    analysis = ActivationCountAnalysis(model, inputs).set_op_handle(**EXTRA_ACTIVATION_HANDLES)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     return analysis
 
@@ -101,11 +190,17 @@ def count_flops(
 
 
 def model_report(model: nn.Module, input_size: Sequence[int]) -> Dict[str, Any]:
-    """Params, GFLOPs and feature strides of ``model`` at ``input_size``, for tables and cards."""
+    """Params (distinct and unrolled), GFLOPs and feature strides of ``model`` at ``input_size``.
+
+    The calls counted for the unrolled parameters are those of fvcore's traced forward pass.
+    """
     info = getattr(model, "feature_info", None) or []
+    with count_calls(model) as calls:
+        flops = count_flops(model, input_size)
     return dict(
         params=count_params(model),
-        gflops=count_flops(model, input_size) / 1e9,
+        unrolled_params=count_unrolled_params(model, calls),
+        gflops=flops / 1e9,
         reductions=[level["reduction"] for level in info],
         channels=[level["num_chs"] for level in info],
     )

@@ -1,0 +1,623 @@
+"""ONNX export of any registered model, checked in onnxruntime against PyTorch.
+
+``export_model('sret_small', out_dir='out')`` builds the model (optionally loading a checkpoint
+through the family's pretrained filter), exports its eval-mode forward pass with
+``torch.onnx.export`` (the TorchScript-based exporter, ``dynamo=False``: measured 30-50x faster
+than the dynamo exporter on these models, which also fails on RGT's 5-D attention, and it covers
+every operator of the zoo with the additions below), checks the graph with ``onnx.checker``, runs
+it in onnxruntime on random
+inputs and on a real photograph, and compares with PyTorch: the export fails when the largest
+absolute difference exceeds ``1e-4`` of the output's scale (its largest magnitude). The FLOP /
+parameter report (:mod:`recurzoo.export.report`) is written beside the ``.onnx``.
+
+Dynamic axes: the batch is dynamic for every model; height and width are dynamic where the
+architecture allows it (:func:`export_support` says which models do not, and why). The ``recurzoo
+export`` command calls :func:`export_model`.
+
+Operators the exporter lacks, added for the duration of an export: bicubic antialiased
+resampling (position embeddings resized to another input size; ONNX ``Resize`` with
+``antialias=1``, opset 18), and adaptive pooling to a size that does not divide the input (the
+scale merging of MSRNet), traced as an exact decomposition into fixed pools and a ``Gather`` for
+the traced size.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "DEFAULT_OPSET", "PARITY_TOLERANCE", "ExportSupport", "ParityCheck", "ExportResult", "export_support",
+    "read_checkpoint", "checkpoint_filter", "create_model", "photo_batch", "export_model", "export_symbolics",
+]
+
+DEFAULT_OPSET = 18  # Resize with antialias (position-embedding resampling) needs opset 18
+PARITY_TOLERANCE = 1e-4  # largest |ONNX - PyTorch| allowed, relative to the largest |PyTorch output|
+_INT64 = 7  # ONNX TensorProto.INT64
+
+
+# --------------------------------------------------------------------------------------------------
+# What each architecture allows
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ExportSupport:
+    """What an exported graph of a model can take: a dynamic batch always; dynamic height/width or not, and why."""
+
+    dynamic_hw: bool
+    reason: str = ""
+
+    def describe(self) -> str:
+        return "yes" if self.dynamic_hw else f"no: {self.reason}"
+
+
+def _size_dependent_parts(model: nn.Module) -> List[str]:
+    """Why the graph of ``model`` is tied to the traced height and width (one line per cause)."""
+    from recurzoo.backbones.hornet import GlobalLocalFilter
+    from recurzoo.backbones.rgt import RecursiveGeneralizationAttention, RectangleWindowAttention
+    from recurzoo.backbones.sret import SlicedGroupAttention
+    from recurzoo.heads.camouflage import MSRNet
+
+    reasons: Dict[str, None] = {}  # ordered set
+    for module in model.modules():
+        if isinstance(module, GlobalLocalFilter):
+            reasons["the global filter runs as DFT matrices, and with frequency weights resized, for the traced "
+                    "feature-map size"] = None
+        elif isinstance(module, SlicedGroupAttention) and max(module.num_groups, module.recursive_num_groups) > 1:
+            reasons["sliced attention pads the token sequence to a multiple of the slice count and shapes the "
+                    "slices for the traced token count"] = None
+        elif isinstance(module, RecursiveGeneralizationAttention):
+            reasons["RG-SA pools the map log4(side)-many times, a count fixed when traced"] = None
+        elif isinstance(module, RectangleWindowAttention):
+            reasons["the rectangle windows pad the map to a multiple of their size and mask shifted windows "
+                    "for the traced size"] = None
+        elif isinstance(module, MSRNet):
+            reasons["the sizes of the three input scales and of the scale-merging pools are fixed when "
+                    "traced"] = None
+        elif getattr(module, "dynamic_img_size", True) is False:
+            reasons["built with dynamic_img_size=False (a fixed position embedding)"] = None
+    return list(reasons)
+
+
+def export_support(model: nn.Module) -> ExportSupport:
+    """Whether ``model``'s exported graph can take other heights and widths than the traced ones.
+
+    Declared per architecture here and verified by ``tests/test_export.py``, which runs every
+    model that claims dynamic height/width at a second size in onnxruntime.
+    """
+    reasons = _size_dependent_parts(model)
+    return ExportSupport(dynamic_hw=not reasons, reason="; ".join(reasons))
+
+
+# --------------------------------------------------------------------------------------------------
+# Models and checkpoints
+# --------------------------------------------------------------------------------------------------
+
+def read_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file or a ``torch.save`` file (loaded with ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} is not a file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a pickle with objects weights_only refuses, or not a checkpoint at all
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read as tensors only (weights_only=True): "
+                         f"{str(error).splitlines()[0]}") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"checkpoint {str(path)!r} holds a {type(checkpoint).__name__}, not a state dict")
+    return checkpoint
+
+
+def checkpoint_filter(model_name: str) -> Optional[Callable[..., Dict[str, torch.Tensor]]]:
+    """The ``checkpoint_filter_fn`` of the family module that registers ``model_name`` (None if it has none)."""
+    from timm.models import model_entrypoint
+
+    module = sys.modules[model_entrypoint(model_name).__module__]
+    return getattr(module, "checkpoint_filter_fn", None)
+
+
+def _checkpoint_num_classes(
+        model_name: str, state_dict: Dict[str, torch.Tensor], kwargs: Dict[str, Any]) -> Optional[int]:
+    """The class count of the classifier stored in ``state_dict`` (after the family's filter), if any."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(model_name, **kwargs)
+    except Exception:  # a constructor that computes on its tensors
+        probe = timm.create_model(model_name, **kwargs)
+    filter_fn = checkpoint_filter(model_name)
+    filtered = filter_fn(state_dict, probe) if filter_fn is not None else state_dict
+    classifier = (getattr(probe, "pretrained_cfg", None) or {}).get("classifier")
+    weight = filtered.get(f"{classifier}.weight") if classifier else None
+    if weight is None or weight.ndim < 1 or weight.shape[0] == getattr(probe, "num_classes", None):
+        return None
+    return int(weight.shape[0])
+
+
+def create_model(
+        model_name: str,
+        checkpoint: Optional[Union[str, Path]] = None,
+        features_only: bool = False,
+        **kwargs: Any,
+) -> nn.Module:
+    """``timm.create_model(model_name)`` in eval mode, with ``checkpoint``'s weights when given.
+
+    The checkpoint is a state dict saved from the model (``torch.save(model.state_dict())`` or
+    safetensors) or an official checkpoint: timm passes it through the family's pretrained filter
+    (``checkpoint_filter_fn``) and loads it strictly. A classifier stored for another class count
+    sets ``num_classes``.
+    """
+    import timm
+
+    if checkpoint is None:
+        return timm.create_model(model_name, features_only=features_only, **kwargs).eval()
+    state_dict = read_checkpoint(checkpoint)
+    num_classes = kwargs.get("num_classes") or _checkpoint_num_classes(model_name, state_dict, kwargs)
+    overlay: Dict[str, Any] = dict(state_dict=state_dict)
+    if num_classes is not None:
+        overlay["num_classes"] = kwargs["num_classes"] = num_classes
+    model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay,
+                              features_only=features_only, **kwargs)
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict):
+        cfg.pop("state_dict", None)  # the weights are in the model now; keep the cfg printable
+    return model.eval()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside timm's ``features_only`` getter wrapper (other models as they are)."""
+    return getattr(model, "model", model) if type(model).__name__ == "FeatureGetterNet" else model
+
+
+def takes_unit_range(model: nn.Module) -> bool:
+    """True for models that take images in [0, 1] and normalise them themselves (SR and COD models)."""
+    return callable(getattr(_unwrap(model), "normalize", None))
+
+
+def photo_batch(model: nn.Module, batch: int, height: int, width: int) -> torch.Tensor:
+    """A public-domain photograph (scikit-image's Chelsea) resized to ``height x width``, as ``model`` takes it.
+
+    Normalised with the model's pretrained cfg mean/std, or left in [0, 1] for models that
+    normalise their input themselves.
+    """
+    from skimage import data
+
+    image = torch.from_numpy(np.ascontiguousarray(data.chelsea())).permute(2, 0, 1).float().div(255)
+    image = F.interpolate(image[None], size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    channels = int(getattr(_unwrap(model), "in_chans", 3))
+    image = image[:, :channels] if channels <= 3 else image.repeat(1, math.ceil(channels / 3), 1, 1)[:, :channels]
+    if not takes_unit_range(model):
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        mean = torch.tensor(cfg.get("mean") or (0.485, 0.456, 0.406))[:channels].view(1, -1, 1, 1)
+        std = torch.tensor(cfg.get("std") or (0.229, 0.224, 0.225))[:channels].view(1, -1, 1, 1)
+        image = (image - mean) / std
+    return image.expand(batch, -1, -1, -1).contiguous()
+
+
+def _random_batch(model: nn.Module, batch: int, channels: int, height: int, width: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if takes_unit_range(model):
+        return torch.rand(batch, channels, height, width, generator=generator)
+    return torch.randn(batch, channels, height, width, generator=generator)
+
+
+# --------------------------------------------------------------------------------------------------
+# Symbolics the TorchScript exporter lacks
+# --------------------------------------------------------------------------------------------------
+
+def _size_tensor(g: Any, output_size: Any) -> Any:
+    """An INT64 1-D tensor of the sizes in ``output_size`` (constant or traced values)."""
+    from torch.onnx import symbolic_helper as helper
+
+    if helper._is_constant(output_size) or not helper._is_value(output_size):
+        return g.op("Constant", value_t=torch.tensor(helper._maybe_get_const(output_size, "is"), dtype=torch.int64))
+    if not helper._is_packed_list(output_size):
+        return g.op("Cast", output_size, to_i=_INT64)
+    axis = g.op("Constant", value_t=torch.tensor([0]))
+    parts = []
+    for item in helper._unpack_list(output_size):
+        if helper._is_constant(item):
+            parts.append(g.op("Constant", value_t=torch.tensor([helper._get_const(item, "i", "size")])))
+        else:
+            parts.append(g.op("Unsqueeze", g.op("Cast", item, to_i=_INT64), axis))
+    return g.op("Concat", *parts, axis_i=0)
+
+
+def _bicubic_antialias_symbolic(g: Any, x: Any, output_size: Any, align_corners: Any, *scales: Any) -> Any:
+    """``aten::_upsample_bicubic2d_aa`` as ``Resize`` (cubic, a = -0.5, antialias, as PyTorch and PIL resample)."""
+    from torch.onnx import symbolic_helper as helper
+
+    batch_channels = g.op("Slice", g.op("Shape", x), g.op("Constant", value_t=torch.tensor([0])),
+                          g.op("Constant", value_t=torch.tensor([2])))
+    sizes = g.op("Concat", batch_channels, _size_tensor(g, output_size), axis_i=0)
+    empty = g.op("Constant", value_t=torch.tensor([], dtype=torch.float32))
+    corners = bool(helper._maybe_get_const(align_corners, "b"))
+    return g.op("Resize", x, empty, empty, sizes, mode_s="cubic", cubic_coeff_a_f=-0.5, antialias_i=1,
+                exclude_outside_i=1, coordinate_transformation_mode_s="align_corners" if corners else "half_pixel")
+
+
+def _pool_axis(x: torch.Tensor, axis: int, size_out: int, pool: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """Adaptive pooling along one spatial axis with PyTorch's bins ``[floor(i*n/m), ceil((i+1)*n/m))``.
+
+    Uses only fixed-window pools and one ``index_select``: each distinct bin length ``k`` is pooled at
+    every position (window ``k``, stride 1) and the bins are gathered from the concatenation.
+    """
+    size_in = int(x.shape[axis])
+    if size_in == size_out:
+        return x
+
+    def window(k: int) -> Tuple[int, int]:
+        return (k, 1) if axis == 2 else (1, k)
+
+    if size_in % size_out == 0:
+        k = size_in // size_out
+        return pool(x, window(k), window(k))
+    starts = [i * size_in // size_out for i in range(size_out)]
+    lengths = [-(-(i + 1) * size_in // size_out) - start for i, start in enumerate(starts)]
+    pooled, offsets, offset = [], {}, 0
+    for k in sorted(set(lengths)):
+        pooled.append(pool(x, window(k), (1, 1)))
+        offsets[k] = offset
+        offset += size_in - k + 1
+    index = torch.tensor([offsets[k] + start for k, start in zip(lengths, starts)], device=x.device)
+    return torch.cat(pooled, dim=axis).index_select(axis, index)
+
+
+def _static_adaptive_pool(original: Callable[..., Any], pool: Callable[..., torch.Tensor]) -> Callable[..., Any]:
+    """``F.adaptive_*_pool2d`` that, while traced for export, pools to a size fixed at the traced one.
+
+    The TorchScript exporter only exports adaptive pooling to a constant size that divides the input;
+    MSRNet pools 1.5x maps to 1x (to sizes taken from another tensor's traced shape). Global pooling
+    (output 1x1) stays global, for any input size.
+    """
+    def adaptive_pool(x: torch.Tensor, output_size: Any, *args: Any, **kwargs: Any) -> Any:
+        if not torch.jit.is_tracing() or args or kwargs.get("return_indices"):
+            return original(x, output_size, *args, **kwargs)
+        sizes = [output_size] * 2 if isinstance(output_size, int) else list(output_size)
+        sizes = [int(x.shape[2 + i]) if size is None else int(size) for i, size in enumerate(sizes)]
+        if sizes == [1, 1]:  # global pooling, for any input size (a constant size for the exporter)
+            return original(x, 1, *args, **kwargs)
+        for axis, size in zip((2, 3), sizes):
+            x = _pool_axis(x, axis, size, pool)
+        return x
+
+    return adaptive_pool
+
+
+@contextlib.contextmanager
+def export_symbolics(opset: int) -> Iterator[None]:
+    """While the block runs: the bicubic-antialias symbolic is registered with the TorchScript
+    exporter, and adaptive pooling to sizes that do not divide the input traces as fixed pools."""
+    from torch.onnx import register_custom_op_symbolic, unregister_custom_op_symbolic
+
+    def max_pool(x: torch.Tensor, kernel: Tuple[int, int], stride: Tuple[int, int]) -> torch.Tensor:
+        return F.max_pool2d(x, kernel, stride)
+
+    def avg_pool(x: torch.Tensor, kernel: Tuple[int, int], stride: Tuple[int, int]) -> torch.Tensor:
+        return F.avg_pool2d(x, kernel, stride)
+
+    originals = dict(adaptive_max_pool2d=F.adaptive_max_pool2d, adaptive_avg_pool2d=F.adaptive_avg_pool2d)
+    F.adaptive_max_pool2d = _static_adaptive_pool(originals["adaptive_max_pool2d"], max_pool)
+    F.adaptive_avg_pool2d = _static_adaptive_pool(originals["adaptive_avg_pool2d"], avg_pool)
+    registered = opset >= 18
+    if registered:
+        register_custom_op_symbolic("aten::_upsample_bicubic2d_aa", _bicubic_antialias_symbolic, opset)
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(F, name, function)
+        if registered:
+            unregister_custom_op_symbolic("aten::_upsample_bicubic2d_aa", opset)
+
+
+# --------------------------------------------------------------------------------------------------
+# Export and parity
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class ParityCheck:
+    """ONNX Runtime against PyTorch on one input: largest absolute difference and its ratio to the output scale."""
+
+    name: str
+    input_shape: Tuple[int, ...]
+    max_abs: float
+    scale: float
+
+    @property
+    def max_rel(self) -> float:
+        return self.max_abs / self.scale if self.scale > 0 else self.max_abs
+
+    @property
+    def ok(self) -> bool:
+        return math.isfinite(self.max_abs) and self.max_rel <= PARITY_TOLERANCE
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_model` wrote and measured."""
+
+    model_name: str
+    onnx_path: str
+    input_size: Tuple[int, int, int]
+    batch: int
+    dynamic_batch: bool
+    dynamic_hw: bool
+    support: ExportSupport
+    opset: int
+    features_only: bool = False
+    simplified: bool = False
+    exporter: str = "torch.onnx.export (TorchScript, dynamo=False)"
+    checks: List[ParityCheck] = field(default_factory=list)
+    export_seconds: float = 0.0
+    onnx_nodes: int = 0
+    latency_ms: Dict[str, float] = field(default_factory=dict)  # onnxruntime, pytorch, threads
+    report_paths: List[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(check.ok for check in self.checks)
+
+    @property
+    def speed_ratio(self) -> Optional[float]:
+        """Eager PyTorch latency over ONNX Runtime latency (above 1: ONNX Runtime is faster)."""
+        if "onnxruntime" in self.latency_ms and "pytorch" in self.latency_ms:
+            return self.latency_ms["pytorch"] / self.latency_ms["onnxruntime"]
+        return None
+
+    def parity_line(self) -> str:
+        """One line: the file, its dynamic axes and the largest ONNX Runtime vs PyTorch differences."""
+        axes = "batch" + (", height, width" if self.dynamic_hw else "")
+        worst = max(self.checks, key=lambda check: check.max_rel) if self.checks else None
+        photo = next((check for check in self.checks if check.name.startswith("photo")), None)
+        parts = [f"{self.model_name}: {'OK' if self.ok else 'FAILED'} {Path(self.onnx_path).name} "
+                 f"(opset {self.opset}, dynamic {axes}), onnxruntime vs PyTorch"]
+        if worst is not None:
+            parts.append(f"max abs diff {max(c.max_abs for c in self.checks):.2e}, "
+                         f"max rel {worst.max_rel:.2e} over {len(self.checks)} inputs "
+                         f"(tolerance {PARITY_TOLERANCE:.0e})")
+        if photo is not None:
+            parts.append(f"photo {photo.max_abs:.2e}")
+        if self.speed_ratio is not None:
+            parts.append(f"latency {self.latency_ms['onnxruntime']:.1f} ms vs eager "
+                         f"{self.latency_ms['pytorch']:.1f} ms ({self.speed_ratio:.2f}x, "
+                         f"{self.latency_ms.get('threads', '?')} thread(s))")
+        return "; ".join(parts)
+
+    def to_dict(self) -> Dict[str, Any]:
+        result = asdict(self)
+        result["checks"] = [dict(asdict(check), max_rel=check.max_rel, ok=check.ok) for check in self.checks]
+        result.update(ok=self.ok, speed_ratio=self.speed_ratio, support=dict(
+            dynamic_batch=True, dynamic_hw=self.support.dynamic_hw, reason=self.support.reason))
+        return result
+
+
+def _as_list(output: Any) -> List[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        return [value for value in output.values()]
+    return list(output)
+
+
+def _output_names(model: nn.Module, outputs: Sequence[torch.Tensor], features_only: bool) -> List[str]:
+    if len(outputs) == 1 and not features_only:
+        return ["output"]
+    return [f"feature_{i}" if features_only else f"output_{i}" for i in range(len(outputs))]
+
+
+def _dynamic_axes(
+        output_names: Sequence[str], outputs: Sequence[torch.Tensor], dynamic_hw: bool) -> Dict[str, Dict[int, str]]:
+    axes: Dict[str, Dict[int, str]] = {"input": {0: "batch"}}
+    if dynamic_hw:
+        axes["input"].update({2: "height", 3: "width"})
+    for name, output in zip(output_names, outputs):
+        axes[name] = {0: "batch"}
+        if dynamic_hw and output.ndim == 4:
+            axes[name].update({2: f"{name}_height", 3: f"{name}_width"})
+    return axes
+
+
+def _compare(reference: Sequence[torch.Tensor], onnx_outputs: Sequence[np.ndarray], name: str,
+             shape: Tuple[int, ...]) -> ParityCheck:
+    max_abs, scale = 0.0, 0.0
+    if len(reference) != len(onnx_outputs):
+        return ParityCheck(name, shape, float("inf"), 1.0)
+    for expected, actual in zip(reference, onnx_outputs):
+        expected = expected.detach().float().numpy()
+        if expected.shape != actual.shape:
+            return ParityCheck(name, shape, float("inf"), 1.0)
+        max_abs = max(max_abs, float(np.abs(actual.astype(np.float64) - expected).max(initial=0.0)))
+        scale = max(scale, float(np.abs(expected).max(initial=0.0)))
+    return ParityCheck(name, shape, max_abs, scale)
+
+
+def _median_ms(run: Callable[[], Any], repeats: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1000)
+    return float(np.median(times))
+
+
+def _benchmark(model: nn.Module, onnx_path: str, x: torch.Tensor, runs: int, threads: int) -> Dict[str, float]:
+    """Median latency (ms) of onnxruntime and of eager PyTorch on ``x``, both with ``threads`` threads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        feed = {"input": x.numpy()}
+        onnx_ms = _median_ms(lambda: session.run(None, feed), runs)
+        with torch.no_grad():
+            eager_ms = _median_ms(lambda: model(x), runs)
+    finally:
+        torch.set_num_threads(torch_threads)
+    return dict(onnxruntime=onnx_ms, pytorch=eager_ms, threads=threads)
+
+
+def _parse_dynamic(dynamic: Union[str, Sequence[str], None]) -> bool:
+    """``'batch'`` or ``'batch,hw'`` -> whether height/width are dynamic (the batch always is)."""
+    if dynamic is None:
+        return False
+    parts = {part.strip().lower() for part in (dynamic.split(",") if isinstance(dynamic, str) else dynamic)}
+    unknown = parts - {"batch", "hw", ""}
+    if unknown or "batch" not in parts:
+        raise ValueError(f"dynamic axes must be 'batch' or 'batch,hw', received {dynamic!r}")
+    return "hw" in parts
+
+
+def _second_size(height: int, width: int, stride: int) -> Tuple[int, int]:
+    """Another input size for tracing or checking a dynamic-size graph: larger by one or two strides."""
+    return height + stride, width + 2 * stride
+
+
+def export_model(
+        model_name: str,
+        out_dir: Union[str, Path] = "out",
+        checkpoint: Optional[Union[str, Path]] = None,
+        input_size: Optional[Sequence[int]] = None,
+        batch: int = 1,
+        dynamic: Union[str, Sequence[str]] = "batch",
+        opset: int = DEFAULT_OPSET,
+        features_only: bool = False,
+        simplify: bool = False,
+        report: bool = True,
+        benchmark: bool = True,
+        benchmark_runs: int = 5,
+        benchmark_threads: int = 1,
+        model: Optional[nn.Module] = None,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        num_threads: Optional[int] = None,
+) -> ExportResult:
+    """Export ``model_name`` to ``out_dir/<model_name>.onnx`` and check it in onnxruntime.
+
+    Args:
+        model_name: a registered model (``recurzoo.list_models()``).
+        out_dir: folder of the ``.onnx`` and of the report (``<stem>.report.json`` / ``.md``).
+        checkpoint: weights to load (see :func:`create_model`); random weights otherwise.
+        input_size: ``(C, H, W)`` to export at (default: the model's pretrained cfg).
+        batch: batch of the example input and of the parity checks.
+        dynamic: ``'batch'`` or ``'batch,hw'`` (dynamic height and width, where the model allows it).
+        opset: ONNX opset (18 or later for models that resample a position embedding).
+        features_only: export timm's ``features_only`` form (one output per feature level).
+        simplify: run onnxscript's optimizer (constant folding, dead-code removal) on the graph.
+        report: write the FLOP/parameter report of the model at ``input_size`` beside the ``.onnx``.
+        benchmark: time ONNX Runtime and eager PyTorch on the photo batch (median of ``benchmark_runs``,
+            both with ``benchmark_threads`` threads: one by default, comparable on a loaded machine).
+        model: an already built model to export instead of creating ``model_name`` (tests).
+        model_kwargs: more ``timm.create_model`` arguments.
+        num_threads: onnxruntime's intra-op threads (default: its own choice, all cores).
+
+    Returns:
+        An :class:`ExportResult`; ``result.ok`` is False when a parity check exceeds the tolerance.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    dynamic_hw = _parse_dynamic(dynamic)
+    if batch < 1:
+        raise ValueError(f"{model_name}: batch must be positive, received {batch}")
+    if model is None:
+        model = create_model(model_name, checkpoint, features_only=features_only, **(model_kwargs or {}))
+    model = model.eval()
+    support = export_support(model)
+    if dynamic_hw and not support.dynamic_hw:
+        raise ValueError(f"{model_name}: dynamic height/width is not possible: {support.reason}")
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    channels, height, width = (int(v) for v in (input_size or cfg.get("input_size") or (3, 224, 224)))
+    info = getattr(model, "feature_info", None)
+    reductions = info.reduction() if hasattr(info, "reduction") else [level["reduction"] for level in info or []]
+    stride = max(max(reductions, default=1), 8)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = model_name + ("_features" if features_only else "")
+    onnx_path = out_dir / f"{stem}.onnx"
+
+    # The parity inputs: the photo at the requested batch, random inputs at another batch (the
+    # batch is dynamic) and, for a dynamic size, at another size.
+    inputs = [(f"photo batch {batch}", photo_batch(model, batch, height, width)),
+              (f"random batch {batch + 1}", _random_batch(model, batch + 1, channels, height, width, seed=1))]
+    if dynamic_hw:
+        other_h, other_w = _second_size(height, width, stride)
+        inputs.append((f"random {other_h}x{other_w}", _random_batch(model, batch, channels, other_h, other_w, seed=2)))
+    with torch.no_grad():
+        references = [_as_list(model(x)) for _, x in inputs]
+    output_names = _output_names(model, references[0], features_only)
+
+    # Trace with a batch of at least 2 (a batch of 1 can get folded into the graph) and, for a
+    # dynamic size, at another size than the requested one (size-dependent steps such as a
+    # position-embedding resampling are then in the graph).
+    trace_hw = _second_size(height, width, stride) if dynamic_hw else (height, width)
+    example = _random_batch(model, max(batch, 2), channels, *trace_hw, seed=0)
+    start = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings(), export_symbolics(opset):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example,), str(onnx_path), dynamo=False, opset_version=opset, input_names=["input"],
+            output_names=output_names, dynamic_axes=_dynamic_axes(output_names, references[0], dynamic_hw),
+            do_constant_folding=True)
+    onnx.checker.check_model(str(onnx_path))
+    if simplify:
+        from onnxscript import optimizer
+
+        proto = optimizer.optimize(onnx.load(str(onnx_path)))
+        onnx.save(proto, str(onnx_path))
+        onnx.checker.check_model(str(onnx_path))
+    export_seconds = time.perf_counter() - start
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if num_threads:
+        options.intra_op_num_threads = num_threads
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+    def run_onnx(x: torch.Tensor) -> List[np.ndarray]:
+        return session.run(None, {"input": x.numpy()})
+
+    checks = []
+    for (name, x), reference in zip(inputs, references):
+        try:
+            outputs = run_onnx(x)
+        except Exception as error:  # onnxruntime refuses the input: the graph does not take it
+            warnings.warn(f"{model_name}: onnxruntime failed on {name}: {str(error).splitlines()[0]}")
+            outputs = []
+        checks.append(_compare(reference, outputs, name, tuple(x.shape)))
+
+    latency = _benchmark(model, str(onnx_path), inputs[0][1], benchmark_runs, benchmark_threads) if benchmark else {}
+
+    result = ExportResult(
+        model_name=model_name, onnx_path=str(onnx_path), input_size=(channels, height, width), batch=batch,
+        dynamic_batch=True, dynamic_hw=dynamic_hw, support=support, opset=opset, features_only=features_only,
+        simplified=simplify, checks=checks, export_seconds=export_seconds, onnx_nodes=len(graph.node),
+        latency_ms=latency)
+    if report:
+        from recurzoo.export.report import build_report, write_report
+
+        model_report = build_report(model, (channels, height, width), name=stem)
+        model_report["export"] = result.to_dict()
+        result.report_paths = [str(path) for path in write_report(model_report, out_dir, stem)]
+    return result

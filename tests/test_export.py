@@ -1,0 +1,233 @@
+"""ONNX export of every registered model, checked in onnxruntime, and the FLOP/parameter reports.
+
+Every model is exported at a small input and the reduced widths of ``tests/test_models.py``
+(``REDUCED``), with a dynamic batch and, where :func:`export_support` claims it, dynamic height and
+width (then checked at a second size). The full-size FLOP counts are compared with the published
+figures.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import recurzoo
+from recurzoo.backbones.hornet import GlobalLocalFilter
+from recurzoo.cli import main
+from recurzoo.export.flops import create_uninitialized
+from recurzoo.export.onnx import PARITY_TOLERANCE, ExportResult, _pool_axis, export_model, export_support
+from recurzoo.export.report import build_report, plot_zoo, render_markdown
+
+MODELS = recurzoo.list_models()
+PARITY_DIR = Path(__file__).resolve().parents[2] / "shared" / "parity"
+
+
+def _load_reduced() -> dict:
+    """``REDUCED`` of tests/test_models.py (the tests folder is not a package)."""
+    spec = importlib.util.spec_from_file_location("_zoo_test_models", Path(__file__).with_name("test_models.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.REDUCED
+
+
+REDUCED = _load_reduced()
+
+# Export-test adjustments on top of REDUCED, and why:
+# - rgt: at embed_dim 24 the position-bias MLP of each window branch is (12 // 4) // 4 = 0 wide, and
+#   onnxruntime rejects a LayerNorm over zero channels; 32 gives it one channel.
+# - camouflage: REDUCED shrinks the decoder only; the timm backbones of the MSRNet variants are
+#   shrunk here too (the zoo's own backbones take their REDUCED entry), or one export takes a minute.
+EXPORT_OVERRIDES = {"rgt": dict(embed_dim=32)}
+TIMM_BACKBONES_REDUCED = {
+    "pvt_v2": dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 1, 2, 4), depths=(1, 1, 1, 1)),
+    "resnet": dict(layers=(1, 1, 1, 1)),
+}
+# Input sides: the smallest that exercise every stage (stride-1 RGT and MSRNet's three scales are costly).
+SIDES = {"rgt": 32, "camouflage": 32, "recurrent_vit": 32}
+
+
+def _family(name: str) -> str:
+    for module_name in recurzoo.backbones.FAMILY_MODULES:
+        family = module_name.rsplit(".", 1)[-1]
+        if name in timm.list_models(module=family):
+            return family
+    raise KeyError(name)
+
+
+def _backbone_kwargs(backbone: str) -> dict:
+    if backbone in MODELS:
+        return dict(REDUCED[_family(backbone)], **EXPORT_OVERRIDES.get(_family(backbone), {}))
+    return next((kwargs for prefix, kwargs in TIMM_BACKBONES_REDUCED.items() if backbone.startswith(prefix)), {})
+
+
+def _reduced_kwargs(name: str) -> dict:
+    family = _family(name)
+    if family not in REDUCED:
+        pytest.skip(f"tests/test_models.py has no REDUCED entry for the {family} family yet")
+    kwargs = dict(REDUCED[family], **EXPORT_OVERRIDES.get(family, {}))
+    if family == "camouflage" and "backbone_kwargs" not in kwargs:
+        backbone = timm.create_model(name, pretrained=False, **kwargs).backbone_name
+        kwargs["backbone_kwargs"] = _backbone_kwargs(backbone)
+    return kwargs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on the shared 2-core machine, small exports run fastest that way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _export(name: str, tmp_path: Path, features_only: bool = False, **kwargs) -> ExportResult:
+    model = timm.create_model(name, features_only=features_only, **_reduced_kwargs(name)).eval()
+    side = SIDES.get(_family(name), 64)
+    dynamic = "batch,hw" if export_support(model).dynamic_hw else "batch"
+    return export_model(name, out_dir=tmp_path, model=model, input_size=(3, side, side), dynamic=dynamic,
+                        features_only=features_only, report=False, benchmark=False, num_threads=1, **kwargs)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_exports_and_matches_pytorch_in_onnxruntime(name, tmp_path):
+    result = _export(name, tmp_path)
+    assert result.ok, result.parity_line()
+    assert Path(result.onnx_path).exists() and result.onnx_nodes > 0
+    names = [check.name for check in result.checks]
+    assert any(n.startswith("photo") for n in names) and "random batch 2" in names  # real image, dynamic batch
+    assert result.dynamic_hw == any(n.startswith("random ") and "x" in n for n in names)
+
+
+@pytest.mark.parametrize("name", ["hornet_tiny_gf", "sret_tiny", "rvit_tiny_patch16_224", "rgt_small"])
+def test_features_only_backbones_export_one_output_per_level(name, tmp_path):
+    result = _export(name, tmp_path, features_only=True)
+    assert result.ok, result.parity_line()
+    session = ort.InferenceSession(result.onnx_path, providers=["CPUExecutionProvider"])
+    model = timm.create_model(name, features_only=True, **_reduced_kwargs(name))
+    levels = len(model.feature_info.channels())
+    assert levels > 1 and [o.name for o in session.get_outputs()] == [f"feature_{i}" for i in range(levels)]
+
+
+def test_official_checkpoint_exports_to_the_official_output(tmp_path):
+    """The official HorNet-GF fixture: official keys and a 10-class head, through the filter, to ONNX."""
+    fixture_path = PARITY_DIR / "hornet" / "hornet_gf_small_dims.pt"
+    if not fixture_path.exists():
+        pytest.skip(f"{fixture_path} is not here")
+    fixture = torch.load(fixture_path, weights_only=True)
+    checkpoint = tmp_path / "official.pth"
+    torch.save(fixture["state_dict"], checkpoint)
+    result = export_model("hornet_tiny_gf", out_dir=tmp_path, checkpoint=checkpoint, input_size=(3, 224, 224),
+                          model_kwargs=REDUCED["hornet"], report=False, benchmark=False, num_threads=1)
+    assert result.ok, result.parity_line()
+    session = ort.InferenceSession(result.onnx_path, providers=["CPUExecutionProvider"])
+    output = session.run(None, {"input": fixture["inputs"]["x"].numpy()})[0]
+    expected = fixture["output"].numpy()
+    assert output.shape == expected.shape == (2, 10)
+    assert np.abs(output - expected).max() <= PARITY_TOLERANCE * max(1.0, np.abs(expected).max())
+
+
+def test_own_state_dict_as_safetensors_round_trips_through_the_simplified_graph(tmp_path):
+    from safetensors.torch import save_file
+
+    kwargs = dict(REDUCED["sret"], num_classes=7)
+    model = timm.create_model("sret_tiny", **kwargs).eval()
+    save_file(model.state_dict(), str(tmp_path / "weights.safetensors"))
+    result = export_model("sret_tiny", out_dir=tmp_path, checkpoint=tmp_path / "weights.safetensors",
+                          input_size=(3, 64, 64), model_kwargs=REDUCED["sret"], simplify=True, report=False,
+                          benchmark=False, num_threads=1)
+    assert result.ok and result.simplified, result.parity_line()
+    x = torch.randn(2, 3, 64, 64)
+    session = ort.InferenceSession(result.onnx_path, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model(x).numpy()
+    output = session.run(None, {"input": x.numpy()})[0]
+    assert output.shape == (2, 7)  # the class count comes from the checkpoint
+    assert np.abs(output - expected).max() < 1e-4 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("height, width, filter_size", [(14, 14, (14, 8)), (7, 7, (7, 4)), (12, 10, (14, 8)),
+                                                        (5, 9, (7, 4))])
+def test_hornet_global_filter_as_real_dft_matmuls_equals_fft(height, width, filter_size):
+    mixer = GlobalLocalFilter(32, filter_size).eval()
+    with torch.no_grad():
+        mixer.complex_weight.normal_()
+        x = torch.randn(2, 16, height, width)
+        expected, actual = mixer.global_filter(x), mixer.global_filter_real(x)
+    assert (actual - expected).abs().max() < 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("size_in, size_out", [(18, 12), (5, 3), (24, 12), (13, 4)])
+def test_adaptive_pooling_decomposition_is_exact(size_in, size_out):
+    x = torch.randn(2, 3, size_in, size_in + 1)
+    max_pool = lambda t, k, s: F.max_pool2d(t, k, s)  # noqa: E731
+    avg_pool = lambda t, k, s: F.avg_pool2d(t, k, s)  # noqa: E731
+    pooled_max = _pool_axis(_pool_axis(x, 2, size_out, max_pool), 3, size_out, max_pool)
+    pooled_avg = _pool_axis(_pool_axis(x, 2, size_out, avg_pool), 3, size_out, avg_pool)
+    torch.testing.assert_close(pooled_max, F.adaptive_max_pool2d(x, size_out), rtol=0, atol=0)
+    torch.testing.assert_close(pooled_avg, F.adaptive_avg_pool2d(x, size_out))
+
+
+def test_dynamic_size_is_refused_with_the_reason_for_fixed_size_models(tmp_path):
+    model = timm.create_model("hornet_tiny_gf", **REDUCED["hornet"])
+    with pytest.raises(ValueError, match="hornet_tiny_gf: dynamic height/width is not possible: the global filter"):
+        export_model("hornet_tiny_gf", out_dir=tmp_path, model=model, dynamic="batch,hw", report=False)
+
+
+def test_cli_export_writes_onnx_report_and_parity_line(tmp_path, capsys):
+    code = main(["export", "sret_tiny", "--dynamic", "batch", "--input-size", "3", "64", "64", "--no-benchmark",
+                 "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "sret_tiny: OK sret_tiny.onnx (opset 18, dynamic batch)" in out
+    report = json.loads((tmp_path / "sret_tiny.report.json").read_text())
+    assert report["export"]["ok"] and report["totals"]["unrolled_params"] > report["totals"]["params"]
+    assert "## ONNX export" in (tmp_path / "sret_tiny.report.md").read_text()
+
+
+def test_cli_export_of_a_fixed_size_model_with_dynamic_hw_is_a_usage_error(capsys):
+    assert main(["export", "hornet_tiny_gf", "--dynamic", "batch,hw", "--no-report"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dynamic height/width is not possible" in err[0]
+
+
+def test_report_counts_shared_blocks_once_per_use():
+    model = timm.create_model("sret_tiny", **REDUCED["sret"])
+    report = build_report(model, (3, 64, 64))
+    shared = sum(sum(p.numel() for p in block.shared.parameters()) * (len(block.projections) - 1)
+                 for stage in model.stages for block in stage.blocks)
+    totals = report["totals"]
+    assert shared > 0 and totals["unrolled_params"] == totals["params"] + shared
+    rows = {row["module"]: row for row in report["modules"]}
+    top_level = [row for name, row in rows.items() if "." not in name]  # children and the model's own ops
+    assert "(own operators)" in rows  # the position embedding, resampled from 224 to the 64-pixel input
+    assert sum(row["gflops"] for row in top_level) == pytest.approx(totals["gflops"], rel=1e-6)
+    attention = next(op for op in report["operators"] if op["operator"] == "scaled_dot_product_attention")
+    assert attention["gflops"] > 0 and "recurzoo handle" in attention["counted_as"]
+    assert totals["activations"] > 0 and "| `stages.1.blocks.1` |" in render_markdown(report)
+
+
+@pytest.mark.parametrize("name, input_size, published, count_fft", [
+    ("hornet_tiny_7x7", (3, 224, 224), 3.98, False),  # official convention (FFTs uncounted; none in 7x7)
+    ("sret_small", (3, 224, 224), 4.19, True),
+    ("rgt_x4", (3, 128, 128), 251.07, True),
+])
+def test_report_reproduces_published_gflops_within_one_percent(name, input_size, published, count_fft):
+    if name not in MODELS:
+        pytest.skip(f"{name} is not registered yet")
+    report = build_report(create_uninitialized(name), input_size, count_fft=count_fft, activations=False)
+    assert report["totals"]["gflops"] == pytest.approx(published, rel=0.01)
+
+
+def test_zoo_scatter_plot_is_written(tmp_path):
+    reports = [dict(model="a", family="hornet", totals=dict(params=2e7, unrolled_params=2e7, gflops=4.0)),
+               dict(model="b", family="sret", totals=dict(params=2e7, unrolled_params=3e7, gflops=4.2),
+                    export=dict(latency_ms=dict(onnxruntime=12.0, pytorch=15.0)))]
+    path = plot_zoo(reports, tmp_path / "zoo.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
