@@ -2,6 +2,9 @@
 from recurzoo.backbones import hornet  # noqa: F401
 from recurzoo.backbones import recurrent_vit  # noqa: F401
 from recurzoo.backbones import sret  # noqa: F401
+from recurzoo.backbones import rgt  # noqa: F401
+from recurzoo.heads import camouflage  # noqa: F401,E402  (MSRNet COD models over the backbones above)
 
 # Modules whose ``@register_model`` functions make up the zoo (used by ``recurzoo.list_models``).
-FAMILY_MODULES = ("recurzoo.backbones.hornet", "recurzoo.backbones.recurrent_vit", "recurzoo.backbones.sret")
+FAMILY_MODULES = ("recurzoo.backbones.hornet", "recurzoo.backbones.recurrent_vit", "recurzoo.backbones.sret",
+                  "recurzoo.backbones.rgt", "recurzoo.heads.camouflage")

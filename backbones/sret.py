@@ -33,13 +33,12 @@ from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ConvNormAct, DropPath, LayerNorm2d, Mlp, NormMlpClassifierHead, resample_abs_pos_embed
 from timm.layers import to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
-from timm.models._hub import download_cached_file
 from timm.models._manipulate import checkpoint_seq
 
-from recurzoo.backbones._helpers import check_image_input, model_name
+from recurzoo.backbones._helpers import build_with_weights, check_image_input, model_name
 from recurzoo.backbones.hornet import unwrap_checkpoint
 from recurzoo.official import register_official
 
@@ -121,7 +120,7 @@ class SlicedGroupAttention(nn.Module):
     def attend(self, x: torch.Tensor, num_groups: int, interleaved: bool) -> torch.Tensor:
         """Attention within ``num_groups`` slices: contiguous runs of tokens, or every ``num_groups``-th token."""
         batch, num_tokens, dim = x.shape
-        group_size = -(-num_tokens // num_groups)
+        group_size = (num_tokens + num_groups - 1) // num_groups  # ceil; ONNX integer division truncates
         padding = group_size * num_groups - num_tokens
         mask = None
         if padding:
@@ -594,24 +593,22 @@ def _create_sret(variant: str, pretrained: bool = False, **kwargs: Any) -> SReT:
     pretrained_cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
     # The fine-tuned tags are stored for 384 and 512 inputs: their position embedding is built at that size.
     kwargs.setdefault("img_size", pretrained_cfg.input_size[-2:])
-    if pretrained and pretrained_cfg.url and not (pretrained_cfg.file or pretrained_cfg.state_dict):
-        # Every Google Drive link ends in the same path ("uc"), which timm would use as the cache
-        # file name: download once under the tag's own name instead.
-        file = download_cached_file((pretrained_cfg.url, f"{variant}.{pretrained_cfg.tag}.pth"),
-                                    check_hash=False, progress=True, cache_dir=kwargs.get("cache_dir"))
-        kwargs["pretrained_cfg_overlay"] = dict(kwargs.get("pretrained_cfg_overlay") or {}, file=file)
-    return build_model_with_cfg(
+    return build_with_weights(
         SReT, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2), feature_cls="getter"),
         **kwargs)
 
 
-def _drive(file_id: str) -> str:
-    return f"https://drive.google.com/uc?export=download&confirm=t&id={file_id}"
+def _drive(file_id: str) -> Tuple[str, str]:
+    """A Google Drive download and the cache file name timm stores it under.
+
+    Every Drive link ends in the same path (``uc``), which timm would otherwise take as the file name.
+    """
+    return f"https://drive.google.com/uc?export=download&confirm=t&id={file_id}", f"sret_{file_id}.pth"
 
 
-def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
+def _cfg(url: Union[str, Tuple[str, str]] = "", **kwargs: Any) -> Dict[str, Any]:
     return {
         "url": url,
         "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),

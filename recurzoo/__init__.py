@@ -12,10 +12,12 @@ __path__ = pkgutil.extend_path(__path__, __name__)
 
 from recurzoo import backbones  # noqa: E402,F401  (registers the models with timm)
 from recurzoo.official import build as build_official  # noqa: E402,F401
+from recurzoo.heads.camouflage import create_cod_model  # noqa: E402,F401
+from recurzoo.heads.super_resolution import create_sr_model  # noqa: E402,F401
 
 __version__ = "0.1.0"
 
-__all__ = ["backbones", "build_official", "list_models", "__version__"]
+__all__ = ["backbones", "build_official", "create_cod_model", "create_sr_model", "list_models", "__version__"]
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 EXIT_USAGE = 2
@@ -79,6 +80,20 @@ def _sample_image(side: int) -> "torch.Tensor":
     return (image - mean) / std
 
 
+def _family_card(model_name: str) -> dict:
+    """The ``MODEL_CARD`` of the family module that registers ``model_name``."""
+    import importlib
+
+    import timm
+
+    import recurzoo
+
+    for module_name in recurzoo.backbones.FAMILY_MODULES:
+        if model_name in timm.list_models(module=module_name.rsplit(".", 1)[-1]):
+            return getattr(importlib.import_module(module_name), "MODEL_CARD", {})
+    return {}
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import time
 
@@ -94,9 +109,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UsageError(f"no model of recurzoo matches {args.pattern!r}")
     rows = []
     for name in tqdm(names, desc="counting params and FLOPs", unit="model", file=sys.stderr):
-        model = create_uninitialized(name)
-        size = tuple(model.pretrained_cfg["input_size"])
+        card = _family_card(name)
+        model = create_uninitialized(name, **card.get("create_kwargs", {}))
+        size = tuple(card.get("input_size") or model.pretrained_cfg["input_size"])
         rows.append((name, size, model_report(model, size)))
+    print("Params and fvcore GFLOPs as in the model cards (classifiers with 1000 classes):")
     print(f"{'model':<28} {'input':>10} {'params (M)':>11} {'GFLOPs':>8}  feature strides")
     for name, size, report in rows:
         strides = "/".join(str(r) for r in report["reductions"])
@@ -120,7 +137,142 @@ def cmd_demo(args: argparse.Namespace) -> int:
         elapsed = (time.perf_counter() - start) * 1000
         print(f"  {family:<14} {smallest:<28} input {tuple(image.shape)} -> output {tuple(output.shape)} "
               f"in {elapsed:.0f} ms")
+
+    _demo_super_resolution("rgt_small_x4", out_dir=Path("out/demo"))
+    _demo_export("sret_tiny")
     return 0
+
+
+def _demo_super_resolution(name: str, out_dir: Path) -> None:
+    from recurzoo.heads.super_resolution import super_resolve_demo
+
+    result = super_resolve_demo(out_dir, model=name, side=48)
+    print(f"\nSuper-resolution of a bundled photo with {name} (random weights; pass a checkpoint to "
+          f"`recurzoo sr` for real output): {tuple(result['input_shape'])} -> {tuple(result['output_shape'])} "
+          f"in {result['seconds']:.1f} s, PNGs in {out_dir}/")
+
+
+def _demo_export(name: str) -> None:
+    """Export one model to ONNX in a temporary folder and print its onnxruntime parity line."""
+    import tempfile
+
+    from recurzoo.export.onnx import export_model
+
+    print(f"\nONNX export of {name} (recurzoo export {name} --out DIR keeps the files and writes the "
+          "FLOP/parameter report):")
+    with tempfile.TemporaryDirectory() as folder:
+        result = export_model(name, out_dir=folder, dynamic="batch", report=False)
+    print("  " + result.parity_line())
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from recurzoo.export.bench import add_arguments
+
+    add_arguments(parser)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import timm
+
+    import recurzoo  # noqa: F401  (registers the zoo)
+    from recurzoo.export.bench import run_from_args
+
+    unknown = [name for name in args.models if name not in timm.list_models()]
+    if unknown:
+        raise UsageError(f"unknown model(s) {', '.join(unknown)}: neither in recurzoo nor in timm")
+    return run_from_args(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """ONNX export checked in onnxruntime, with the FLOP/parameter report beside the ``.onnx``."""
+    from recurzoo.export.onnx import export_model
+
+    name = _resolve_model(args.model)
+    try:
+        result = export_model(
+            name, out_dir=args.out, checkpoint=args.checkpoint, input_size=args.input_size, batch=args.batch,
+            dynamic=args.dynamic, opset=args.opset, features_only=args.features, simplify=args.simplify,
+            report=not args.no_report, benchmark=not args.no_benchmark)
+    except ValueError as error:
+        raise UsageError(f"export: {error}") from None
+    print(f"wrote {result.onnx_path}" + "".join(f", {path}" for path in result.report_paths))
+    print(result.parity_line())
+    return 0 if result.ok else 1
+
+
+def cmd_cod(args: argparse.Namespace) -> int:
+    """Camouflaged-object masks (PNG, original size) for images or datasets; metrics where masks exist."""
+    import os
+
+    from recurzoo.train import camouflage
+
+    names = _dataset_names(args.data_config)
+    missing = [item for item in args.inputs if not os.path.exists(item) and item not in names]
+    if missing:
+        raise UsageError(f"cod: no such image, folder or dataset: {', '.join(missing)}")
+    try:
+        from recurzoo.train.common import parse_kwargs
+
+        results = camouflage.predict(
+            args.inputs, args.out, args.checkpoint, model=args.model, model_kwargs=parse_kwargs(args.model_kwargs),
+            data_config=args.data_config, base_size=args.base_size, batch_size=args.batch_size, device=args.device)
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(f"cod: {error}") from None
+    for name, values in results.items():
+        print(f"{name}: " + ", ".join(f"{key} {values[key]:.3f}" for key, _ in camouflage.METRIC_COLUMNS))
+    print(f"masks written under {args.out}")
+    return 0
+
+
+def cmd_sr(args: argparse.Namespace) -> int:
+    """Super-resolve PNG/JPEG files or folders with an SR model; PNGs are written to ``--out``."""
+    from recurzoo.heads.super_resolution import super_resolve_files
+    from recurzoo.train.common import parse_kwargs
+
+    _resolve_model(args.model)
+    try:
+        written = super_resolve_files(args.inputs, args.out, model=args.model, checkpoint=args.checkpoint,
+                                      tile=args.tile, tile_overlap=args.tile_overlap, device=args.device,
+                                      model_kwargs=parse_kwargs(args.model_kwargs))
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(f"sr: {error}") from None
+    if args.checkpoint is None:
+        print("recurzoo sr: no --checkpoint given: the model has random weights", file=sys.stderr)
+    print(f"{len(written)} image(s) written under {args.out}")
+    return 0
+
+
+# Training scripts reachable as sub-commands; everything after the sub-command goes to the script.
+TRAINING_COMMANDS = {
+    "train": ("recurzoo.train.classification", "train or fine-tune a classifier (timm's flags; --help for them)"),
+    "validate": ("recurzoo.train.validate", "top-1/top-5 of a classifier on an image dataset"),
+    "train-detection": ("recurzoo.train.detection", "Faster/Mask R-CNN with an FPN on a zoo backbone, COCO data"),
+}
+
+
+def cmd_training(args: argparse.Namespace) -> int:
+    """Run a training script with the rest of the command line (exit codes as ``python -m`` gives them)."""
+    import importlib
+
+    from recurzoo.train.common import run_cli
+
+    module = importlib.import_module(TRAINING_COMMANDS[args.command][0])
+    try:
+        run_cli(module.main, args.script_args)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    return 0
+
+
+def _dataset_names(path: Optional[str]) -> List[str]:
+    if not path:
+        return []
+    from recurzoo.train.camouflage import load_dataset_config
+
+    try:
+        return list(load_dataset_config(path))
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cod: --data-config: {error}") from None
 
 
 def _input_size(text: str) -> int:
@@ -143,6 +295,56 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--input-size", nargs=3, type=_input_size, metavar=("C", "H", "W"),
                       help="input size (default: the model's default cfg)")
     info.set_defaults(handler=cmd_info)
+
+    bench = commands.add_parser("bench", help="latency, throughput, memory and FLOP rate against timm's peers")
+    _add_bench_arguments(bench)
+    bench.set_defaults(handler=cmd_bench)
+
+    export = commands.add_parser("export", help="ONNX export checked in onnxruntime, with a FLOP/param report")
+    export.add_argument("model")
+    export.add_argument("--checkpoint", default=None,
+                        help="weights: a state_dict of the model (.pth/.safetensors) or an official checkpoint")
+    export.add_argument("--input-size", nargs=3, type=_input_size, metavar=("C", "H", "W"),
+                        help="input size to export at (default: the model's default cfg)")
+    export.add_argument("--batch", type=_input_size, default=1, help="batch of the example and parity inputs")
+    export.add_argument("--dynamic", choices=("batch", "batch,hw"), default="batch",
+                        help="dynamic axes: the batch, or batch, height and width (where the model allows)")
+    export.add_argument("--opset", type=_input_size, default=18, help="ONNX opset (default: 18)")
+    export.add_argument("--features", action="store_true", help="export the features_only backbone")
+    export.add_argument("--simplify", action="store_true", help="simplify the graph with onnxscript's optimizer")
+    export.add_argument("--no-report", action="store_true", help="skip the FLOP/parameter report")
+    export.add_argument("--no-benchmark", action="store_true", help="skip the latency comparison")
+    export.add_argument("--out", default="out", help="output folder (default: out)")
+    export.set_defaults(handler=cmd_export)
+
+    cod = commands.add_parser("cod", help="camouflaged-object masks and COD metrics with an MSRNet model")
+    cod.add_argument("inputs", nargs="+", metavar="INPUT",
+                     help="image files, folders of images, dataset folders (image + mask folders) or dataset names")
+    cod.add_argument("--model", default=None, help="registered COD model (default: recorded in the checkpoint)")
+    cod.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE", help="extra model arguments")
+    cod.add_argument("--checkpoint", required=True, help="weights: recurzoo's or an official MSRNet checkpoint")
+    cod.add_argument("--out", required=True, help="output folder (masks per input, metrics.json, metrics.md)")
+    cod.add_argument("--data-config", default=None, help="YAML of named datasets (the official dataset.yaml layout)")
+    cod.add_argument("--base-size", type=_input_size, default=384, help="side of the 1.0x image")
+    cod.add_argument("--batch-size", type=_input_size, default=8)
+    cod.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    cod.set_defaults(handler=cmd_cod)
+
+    sr = commands.add_parser("sr", help="super-resolve PNG/JPEG images with an SR model (e.g. rgt_small_x4)")
+    sr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
+    sr.add_argument("--model", default="rgt_small_x4", help="registered SR model")
+    sr.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE", help="extra model arguments")
+    sr.add_argument("--checkpoint", default=None, help="weights: an official RGT (BasicSR) file or one of ours")
+    sr.add_argument("--tile", type=_input_size, default=None, help="process tiles of this many input pixels")
+    sr.add_argument("--tile-overlap", type=int, default=32, help="overlap of neighbouring tiles (input pixels)")
+    sr.add_argument("--out", required=True, help="output folder (one PNG per input)")
+    sr.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    sr.set_defaults(handler=cmd_sr)
+
+    for name, (_, summary) in TRAINING_COMMANDS.items():
+        script = commands.add_parser(name, help=summary, prefix_chars="+", add_help=False)  # flags go through
+        script.add_argument("script_args", nargs=argparse.REMAINDER)
+        script.set_defaults(handler=cmd_training)
 
     demo = commands.add_parser("demo", help="the zoo's table and one forward pass per family (no download)")
     demo.add_argument("pattern", nargs="?", default="*", help="wildcard filter of the models in the table")

@@ -1,6 +1,12 @@
-"""Shared test settings: deterministic seeds and few threads on the 2-core CI machine."""
+"""Shared test settings: deterministic seeds and one intra-op thread per test process.
+
+``make test`` runs two pytest workers (pytest-xdist) on the 2-core CI machine; with one thread each,
+the small models of the suite do not pay for thread barriers on a core the other worker is using.
+"""
 import pytest
 import torch
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -233,21 +233,20 @@ def test_pretrained_file_in_official_layout_loads_through_timm(tmp_path):
     assert all(torch.equal(value, expected[key]) for key, value in model.state_dict().items())
 
 
-def test_drive_weights_are_cached_under_the_tags_own_file_name(tmp_path, monkeypatch):
+def test_every_drive_download_has_its_own_cache_file_name():
     # Every Google Drive url ends in ".../uc": timm would cache all tags in one file of that name.
-    source = _randomize_(timm.create_model("sret_tiny"))
-    path = tmp_path / "downloaded.pth"
-    torch.save({"model": to_official_state_dict(source)}, path)
-    requests = []
+    urls = [timm.models.get_pretrained_cfg(name).url for name in timm.list_pretrained("sret_*")]
+    assert urls and all(isinstance(url, tuple) for url in urls)
+    assert len({file_name for _, file_name in urls}) == len(urls)
 
-    def fake_download(url_and_name, **kwargs):
-        requests.append(url_and_name)
-        return str(path)
 
-    monkeypatch.setattr(sret, "download_cached_file", fake_download)
-    model = timm.create_model("sret_tiny.distill_in1k", pretrained=True)
-    assert requests == [(sret._drive("1xzG4VQyQyxWJfQTcGCE-fuMuK3BwPCjK"), "sret_tiny.distill_in1k.pth")]
-    torch.testing.assert_close(model.pos_embed.data, source.pos_embed.data)
+def test_pretrained_without_network_fails_fast_with_instructions(monkeypatch):
+    from recurzoo.backbones import _helpers
+
+    monkeypatch.setattr(_helpers, "_reachable", lambda url, timeout: False)
+    monkeypatch.setenv("TORCH_HOME", "/nonexistent-cache")
+    with pytest.raises(RuntimeError, match=r"sret_tiny.*pretrained_cfg_overlay=dict\(file="):
+        timm.create_model("sret_tiny.distill_in1k", pretrained=True)
 
 
 def test_pos_embed_is_resampled_on_load_and_agrees_with_dynamic_resampling(tmp_path):

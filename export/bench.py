@@ -1,0 +1,307 @@
+"""Latency, throughput, peak memory and achieved FLOP rate of models of the zoo and of timm's peers.
+
+``recurzoo bench MODEL... --batch 1,8 --backends eager,compile,onnxruntime`` runs every
+(model, backend, batch) in a fresh process, so that peak memory (the process's maximum resident set
+on CPU, the allocator's peak on CUDA) belongs to that configuration alone. Each run warms up, then
+times ``--repeats`` forward passes and reports the median latency and the spread (25th-75th
+percentile). The achieved rate is ``2 x`` the fvcore multiply-accumulates of the batch over the
+median latency, compared with the peak of a large fp32 matmul measured in the same process with the
+same thread count (also counted as 2 FLOPs per multiply-accumulate).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+__all__ = ["BenchResult", "measure_matmul_peak", "time_forward", "bench_in_process", "bench", "to_markdown",
+           "to_csv", "main"]
+
+BACKENDS = ("eager", "compile", "onnxruntime")
+
+
+@dataclass
+class BenchResult:
+    """One timed configuration."""
+
+    model: str
+    backend: str
+    batch: int
+    input_size: str
+    threads: int
+    device: str
+    latency_ms: float
+    latency_p25_ms: float
+    latency_p75_ms: float
+    images_per_s: float
+    peak_memory_mb: float
+    gmacs_per_image: float
+    achieved_gflops: float
+    matmul_peak_gflops: float
+    peak_fraction: float
+    error: str = ""
+
+
+def measure_matmul_peak(device: str = "cpu", size: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of the best of ``repeats`` ``size x size`` fp32 matmuls (2 n^3 FLOPs each)."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        start = _now(device)
+        torch.mm(a, b)
+        best = min(best, _now(device) - start)
+    return 2 * size ** 3 / best / 1e9
+
+
+def _now(device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def time_forward(run: Callable[[], object], device: str, warmup: int, repeats: int) -> List[float]:
+    """Seconds of each of ``repeats`` calls of ``run`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = _now(device)
+        run()
+        times.append(_now(device) - start)
+    return times
+
+
+def _create(model_name: str) -> torch.nn.Module:
+    import timm
+
+    import recurzoo  # noqa: F401  (registers the zoo)
+
+    if model_name not in timm.list_models():
+        raise ValueError(f"unknown model {model_name!r}: neither in recurzoo nor in timm")
+    return timm.create_model(model_name).eval()
+
+
+def _runner(model: torch.nn.Module, backend: str, inputs: torch.Tensor, workdir: str) -> Callable[[], object]:
+    if backend == "eager":
+        return lambda: model(inputs)
+    if backend == "compile":
+        compiled = torch.compile(model)
+        return lambda: compiled(inputs)
+    if backend == "onnxruntime":
+        import onnxruntime as ort
+
+        path = os.path.join(workdir, "model.onnx")
+        torch.onnx.export(model, (inputs,), path, input_names=["input"], output_names=["output"], dynamo=False)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        feed = {"input": inputs.cpu().numpy()}
+        return lambda: session.run(None, feed)
+    raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+
+
+def bench_in_process(
+        model_name: str,
+        backend: str = "eager",
+        batch: int = 1,
+        input_size: Optional[Sequence[int]] = None,
+        threads: Optional[int] = None,
+        device: str = "cpu",
+        warmup: int = 3,
+        repeats: int = 10,
+) -> BenchResult:
+    """Time one configuration in this process (peak memory is this process's high-water mark)."""
+    from recurzoo.export.flops import count_flops
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = _create(model_name).to(device)
+    size = tuple(input_size or model.pretrained_cfg["input_size"])
+    macs = count_flops(model, size) / 1e9
+    inputs = torch.randn(batch, *size, device=device)
+    peak_gflops = measure_matmul_peak(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
+        run = _runner(model, backend, inputs, workdir)
+        times = time_forward(run, device, warmup, repeats)
+    if device.startswith("cuda"):
+        peak_memory = torch.cuda.max_memory_allocated() / 2 ** 20
+    else:
+        peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    median = statistics.median(times)
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [median, median, median]
+    achieved = 2 * macs * batch / median
+    return BenchResult(
+        model=model_name, backend=backend, batch=batch, input_size="x".join(map(str, size)),
+        threads=torch.get_num_threads(), device=device, latency_ms=median * 1e3,
+        latency_p25_ms=quartiles[0] * 1e3, latency_p75_ms=quartiles[2] * 1e3, images_per_s=batch / median,
+        peak_memory_mb=peak_memory, gmacs_per_image=macs, achieved_gflops=achieved,
+        matmul_peak_gflops=peak_gflops, peak_fraction=achieved / peak_gflops)
+
+
+def _failed(model_name: str, backend: str, batch: int, threads: int, device: str, error: str) -> BenchResult:
+    nan = float("nan")
+    return BenchResult(model_name, backend, batch, "", threads, device, nan, nan, nan, nan, nan, nan, nan, nan, nan,
+                       error=error)
+
+
+def bench(
+        models: Sequence[str],
+        backends: Sequence[str] = ("eager",),
+        batches: Sequence[int] = (1,),
+        input_size: Optional[Sequence[int]] = None,
+        threads: Optional[int] = None,
+        device: str = "cpu",
+        warmup: int = 3,
+        repeats: int = 10,
+        progress: bool = True,
+) -> List[BenchResult]:
+    """Time every (model, backend, batch) in its own process; failures are recorded, not raised."""
+    from tqdm import tqdm
+
+    threads = threads or torch.get_num_threads()
+    configs = [(m, b, n) for m in models for b in backends for n in batches]
+    results = []
+    for model_name, backend, batch in tqdm(configs, desc="benchmark", unit="run", disable=not progress,
+                                           file=sys.stderr):
+        request = dict(model_name=model_name, backend=backend, batch=batch, input_size=input_size,
+                       threads=threads, device=device, warmup=warmup, repeats=repeats)
+        worker = subprocess.run([sys.executable, "-m", "recurzoo.export.bench", "--worker", json.dumps(request)],
+                                capture_output=True, text=True)
+        if worker.returncode == 0:
+            results.append(BenchResult(**json.loads(worker.stdout.strip().splitlines()[-1])))
+        else:
+            last_line = (worker.stderr.strip().splitlines() or ["failed"])[-1]
+            results.append(_failed(model_name, backend, batch, threads, device, last_line))
+    return results
+
+
+_COLUMNS = [("model", "{}"), ("backend", "{}"), ("batch", "{}"), ("input_size", "{}"), ("threads", "{}"),
+            ("latency_ms", "{:.1f}"), ("latency_p25_ms", "{:.1f}"), ("latency_p75_ms", "{:.1f}"),
+            ("images_per_s", "{:.1f}"), ("peak_memory_mb", "{:.0f}"), ("gmacs_per_image", "{:.2f}"),
+            ("achieved_gflops", "{:.1f}"), ("peak_fraction", "{:.0%}")]
+
+
+def to_markdown(results: Sequence[BenchResult]) -> str:
+    """A markdown table of the results (the matmul peak of the run in a line above it)."""
+    peaks = [r.matmul_peak_gflops for r in results if not r.error]
+    header = f"fp32 matmul peak measured in the same runs: {statistics.median(peaks):.1f} GFLOP/s\n\n" if peaks else ""
+    names = [name.replace("_", " ") for name, _ in _COLUMNS]
+    lines = ["| " + " | ".join(names) + " |", "|" + " --- |" * len(names)]
+    for result in results:
+        if result.error:
+            lines.append(f"| {result.model} | {result.backend} | {result.batch} | failed: {result.error} |")
+            continue
+        values = [fmt.format(getattr(result, name)) for name, fmt in _COLUMNS]
+        lines.append("| " + " | ".join(values) + " |")
+    return header + "\n".join(lines) + "\n"
+
+
+def to_csv(results: Sequence[BenchResult]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(BenchResult)])
+    writer.writeheader()
+    for result in results:
+        writer.writerow(asdict(result))
+    return buffer.getvalue()
+
+
+def _int_list(text: str) -> List[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, received {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, received {text!r}")
+    return values
+
+
+def _backend_list(text: str) -> List[str]:
+    values = [part for part in text.split(",") if part]
+    unknown = sorted(set(values) - set(BACKENDS))
+    if unknown or not values:
+        raise argparse.ArgumentTypeError(f"unknown backend(s) {unknown or text!r}; choose from {', '.join(BACKENDS)}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``recurzoo bench`` (shared with ``python -m recurzoo.export.bench``)."""
+    parser.add_argument("models", nargs="+", help="zoo models or timm peers, e.g. hornet_tiny_7x7 convnext_tiny")
+    parser.add_argument("--batch", type=_int_list, default=[1], help="comma-separated batch sizes (default 1)")
+    parser.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"),
+                        help="input size (default: each model's default cfg)")
+    parser.add_argument("--backends", type=_backend_list, default=["eager"],
+                        help=f"comma-separated, from {','.join(BACKENDS)} (default eager)")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's default)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=None, help="write FILE.md and FILE.csv (suffix replaced)")
+    parser.add_argument("--readme", type=Path, default=None,
+                        help=f"replace the table between {README_START} and {README_END} in this file")
+
+
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def update_readme(path: Path, markdown: str, machine: str) -> None:
+    """Put ``markdown`` between the benchmark markers of ``path`` (which must contain both)."""
+    text = path.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{path} has no {README_START} ... {README_END} section to update")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    path.write_text(f"{head}{README_START}\n{machine}\n\n{markdown}{README_END}{tail}")
+
+
+def _machine_line(threads: int, device: str) -> str:
+    import platform
+
+    processor = platform.processor() or platform.machine()
+    return (f"Measured by `make bench` on {os.cpu_count()} CPU cores ({processor}), {threads} threads, "
+            f"device {device}, torch {torch.__version__}.")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the benchmark described by parsed arguments; print the table and write the files."""
+    results = bench(args.models, args.backends, args.batch, args.input_size, args.threads, args.device,
+                    args.warmup, args.repeats)
+    markdown = to_markdown(results)
+    print(markdown)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(markdown)
+        args.out.with_suffix(".csv").write_text(to_csv(results))
+    if args.readme:
+        update_readme(args.readme, markdown, _machine_line(results[0].threads, args.device))
+    return 0 if all(not r.error for r in results) else 1
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--worker"]:  # one configuration, run by bench() in a fresh process
+        result = bench_in_process(**json.loads(argv[1]))
+        print(json.dumps(asdict(result)))
+        return 0
+    parser = argparse.ArgumentParser(prog="python -m recurzoo.export.bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Checkpoints: nothing in a file can run code, bad files fail clearly, weights round-trip."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+import timm
+import torch
+
+import recurzoo  # noqa: F401
+from recurzoo.checkpoint import load_weights, read_state_dict, save_weights
+
+SMALL = dict(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1), num_classes=5)
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: a loader that runs code would create the marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as handle:  # a legacy (non-zip) pickle, and a zip one below
+        pickle.dump({"state_dict": {"w": torch.zeros(1)}, "payload": _RunsCode(marker)}, handle)
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": _RunsCode(marker)}, tmp_path / "evil_zip.pth")
+    for candidate in (path, tmp_path / "evil_zip.pth"):
+        with pytest.raises(ValueError, match="refused to load"):
+            read_state_dict(candidate)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_truncated_file_gives_a_clear_error(tmp_path, suffix):
+    model = timm.create_model("hornet_tiny_7x7", **SMALL)
+    path = save_weights(model, tmp_path / "w.safetensors") if suffix == ".safetensors" else tmp_path / "w.pth"
+    if suffix == ".pth":
+        torch.save(model.state_dict(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        read_state_dict(path)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ValueError, match="no such checkpoint file"):
+        read_state_dict(tmp_path / "absent.pth")
+
+
+def test_checkpoint_of_another_architecture_lists_keys_and_shapes_in_one_message(tmp_path):
+    source = timm.create_model("hornet_tiny_7x7", **SMALL)
+    path = tmp_path / "other.pth"
+    torch.save(source.state_dict(), path)
+    target = timm.create_model("hornet_tiny_gf", dims=(16, 32, 64, 128), depths=(1, 1, 2, 1), num_classes=7)
+    with pytest.raises(ValueError) as error:
+        load_weights(target, path)
+    message = str(error.value)
+    assert "hornet_tiny_gf" in message and "missing keys" in message and "unexpected keys" in message
+    assert "head.fc.weight (5, 128) vs (7, 128)" in message
+    assert len(message.splitlines()) == 1
+
+
+def test_safetensors_round_trip_writes_config_beside_weights(tmp_path):
+    model = timm.create_model("hornet_tiny_gf", **SMALL).eval()
+    path = save_weights(model, tmp_path / "model", config=dict(epochs=3))
+    assert path.suffix == ".safetensors"
+    record = json.loads(path.with_suffix(".json").read_text())
+    assert record["architecture"] == "hornet_tiny_gf" and record["config"] == {"epochs": 3}
+    clone = load_weights(timm.create_model("hornet_tiny_gf", **SMALL).eval(), path)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(clone(x), model(x))
+
+
+def test_official_layout_is_converted_by_the_family_filter(tmp_path):
+    model = timm.create_model("hornet_tiny_7x7", **SMALL)
+    path = tmp_path / "official.pth"
+    torch.save({"model": _to_official(model.state_dict())}, path)
+    clone = load_weights(timm.create_model("hornet_tiny_7x7", **SMALL), path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(clone.state_dict()[key], value)
+
+
+def _to_official(state_dict):
+    """Our HorNet keys written back in the official layout (inverse of the family's renames)."""
+    import re
+
+    renames = [
+        (r"^stem\.", "downsample_layers.0."),
+        (r"^stages\.(\d+)\.downsample\.", r"downsample_layers.\1."),
+        (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2."),
+        (r"\.gnconv\.spatial_mixer\.", ".gnconv.dwconv."),
+        (r"\.gnconv\.order_projs\.", ".gnconv.pws."),
+        (r"\.mlp\.fc(\d)\.", r".pwconv\1."),
+        (r"^head\.norm\.", "norm."),
+        (r"^head\.fc\.", "head."),
+    ]
+    converted = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in renames:
+            key = re.sub(pattern, replacement, key)
+        converted[key] = value
+    return converted
