@@ -21,11 +21,11 @@ from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm, calculate_drop_path_rates, LayerNorm2d, Mlp, NormMlpClassifierHead, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-from recurzoo.backbones._helpers import check_image_input, model_name
+from recurzoo.backbones._helpers import build_with_weights, check_image_input, model_name
 from recurzoo.official import register_official
 
 __all__ = ["HorNet", "RecursiveGatedConv", "GlobalLocalFilter", "HorNetBlock", "HorNetStage"]
@@ -536,14 +536,19 @@ register_official("hornet.HorNet", family="hornet", checkpoint_filter_fn=checkpo
 
 
 def _create_hornet(variant: str, pretrained: bool = False, **kwargs: Any) -> HorNet:
-    return build_model_with_cfg(
+    return build_with_weights(
         HorNet, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
         **kwargs)
 
 
-def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
+def _tsinghua(file_id: str) -> Tuple[str, str]:
+    """A Tsinghua Cloud download and the cache file name timm stores it under (its URL path has none)."""
+    return f"https://cloud.tsinghua.edu.cn/f/{file_id}/?dl=1", f"hornet_{file_id}.pth"
+
+
+def _cfg(url: Union[str, Tuple[str, str]] = "", **kwargs: Any) -> Dict[str, Any]:
     return {
         "url": url,
         "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
@@ -562,17 +567,17 @@ _IN22K = dict(num_classes=21841)
 _AT_384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0)
 
 default_cfgs = generate_default_cfgs({
-    "hornet_tiny_7x7.in1k": _cfg(url="https://cloud.tsinghua.edu.cn/f/bac9690c72944d19aca1/?dl=1"),
-    "hornet_tiny_gf.in1k": _cfg(url="https://cloud.tsinghua.edu.cn/f/460e759c82324ea6bfa3/?dl=1"),
-    "hornet_small_7x7.in1k": _cfg(url="https://cloud.tsinghua.edu.cn/f/8ef64277da0e469ea857/?dl=1"),
-    "hornet_small_gf.in1k": _cfg(url="https://cloud.tsinghua.edu.cn/f/959603ca287d4c09ad49/?dl=1"),
-    "hornet_base_7x7.in1k": _cfg(url="https://cloud.tsinghua.edu.cn/f/13a748487711492e9704/?dl=1"),
-    "hornet_base_gf.in1k": _cfg(url="https://cloud.tsinghua.edu.cn/f/c212d1d8a3914b47a5c1/?dl=1"),
+    "hornet_tiny_7x7.in1k": _cfg(url=_tsinghua("bac9690c72944d19aca1")),
+    "hornet_tiny_gf.in1k": _cfg(url=_tsinghua("460e759c82324ea6bfa3")),
+    "hornet_small_7x7.in1k": _cfg(url=_tsinghua("8ef64277da0e469ea857")),
+    "hornet_small_gf.in1k": _cfg(url=_tsinghua("959603ca287d4c09ad49")),
+    "hornet_base_7x7.in1k": _cfg(url=_tsinghua("13a748487711492e9704")),
+    "hornet_base_gf.in1k": _cfg(url=_tsinghua("c212d1d8a3914b47a5c1")),
     "hornet_base_gf_384": _cfg(**_AT_384),
-    "hornet_large_7x7.in22k": _cfg(url="https://cloud.tsinghua.edu.cn/f/c2fc23caae084a3aa73d/?dl=1", **_IN22K),
-    "hornet_large_gf.in22k": _cfg(url="https://cloud.tsinghua.edu.cn/f/8600206ebdfa485f98d0/?dl=1", **_IN22K),
+    "hornet_large_7x7.in22k": _cfg(url=_tsinghua("c2fc23caae084a3aa73d"), **_IN22K),
+    "hornet_large_gf.in22k": _cfg(url=_tsinghua("8600206ebdfa485f98d0"), **_IN22K),
     "hornet_large_gf_384.in22k": _cfg(
-        url="https://cloud.tsinghua.edu.cn/f/eec48d5eca5a48d98fd2/?dl=1", **_IN22K, **_AT_384),
+        url=_tsinghua("eec48d5eca5a48d98fd2"), **_IN22K, **_AT_384),
 })
 
 
