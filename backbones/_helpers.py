@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -93,3 +93,110 @@ def build_with_weights(model_cls: Callable[..., nn.Module], variant: str, pretra
                 f"by hand and load it with timm.create_model('{variant}', pretrained=True, "
                 f"pretrained_cfg_overlay=dict(file='/path/to/checkpoint.pth')).")
     return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
+
+
+class StagedClassifierMixin:
+    """timm's model interface for a network made of ``embed`` -> ``stages`` -> ``norm_pre`` -> ``head``.
+
+    The model defines ``stages`` (an ``nn.Sequential`` of modules with a ``grad_checkpointing``
+    flag), ``norm_pre``, ``head`` (a timm ``NormMlpClassifierHead``), ``feature_info``,
+    ``num_features``, ``in_chans``, ``embed(x)`` (the stem, up to the first stage) and may override
+    ``check_input(x)`` and ``stem_pattern`` (the regex of the stem's parameter names).
+    """
+
+    stem_pattern = r"^stem"
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x)
+
+    @property
+    def total_stride(self) -> int:
+        return self.feature_info[-1]["reduction"]
+
+    def check_input(self, x: torch.Tensor) -> None:
+        check_image_input(x, model_name(self), self.in_chans, min_size=self.total_stride)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=self.stem_pattern,
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^norm_pre", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool, reset_other=reset_other)
+        self.head_hidden_size = self.head.num_features
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Run the stages, returning the outputs of those in ``indices`` (all by default)."""
+        from timm.models._features import feature_take_indices
+
+        if output_fmt != "NCHW":
+            raise ValueError(f"{model_name(self)}: output_fmt must be 'NCHW', received {output_fmt!r}")
+        self.check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages[:max_index + 1] if stop_early and not torch.jit.is_scripting() else self.stages
+        last_index = len(self.stages) - 1
+        intermediates = []
+        x = self.embed(x)
+        for index, stage in enumerate(stages):
+            x = stage(x)
+            if index in take_indices:
+                intermediates.append(self.norm_pre(x) if norm and index == last_index else x)
+        if intermediates_only:
+            return intermediates
+        if index == last_index:
+            x = self.norm_pre(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages (and head) that the requested intermediates do not need."""
+        from timm.models._features import feature_take_indices
+
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        if prune_norm or prune_end:
+            self.norm_pre = nn.Identity()
+        self.stages = self.stages[:max_index + 1]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "", reset_other=True)
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return self.norm_pre(self.stages(self.embed(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

@@ -22,10 +22,9 @@ from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm, calculate_drop_path_rates, LayerNorm2d, Mlp, NormMlpClassifierHead, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-from recurzoo.backbones._helpers import build_with_weights, check_image_input, model_name
+from recurzoo.backbones._helpers import StagedClassifierMixin, build_with_weights
 from recurzoo.official import register_official
 
 __all__ = ["HorNet", "RecursiveGatedConv", "GlobalLocalFilter", "HorNetBlock", "HorNetStage"]
@@ -246,7 +245,7 @@ class HorNetStage(nn.Module):
         return self.blocks(x)
 
 
-class HorNet(nn.Module):
+class HorNet(StagedClassifierMixin, nn.Module):
     """HorNet backbone and classifier with timm's model interface.
 
     Args:
@@ -332,100 +331,10 @@ class HorNet(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    @property
-    def total_stride(self) -> int:
-        return self.feature_info[-1]["reduction"]
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r"^stem",
-            blocks=r"^stages\.(\d+)" if coarse else [
-                (r"^stages\.(\d+)\.downsample", (0,)),
-                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^norm_pre", (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         # Layer scales, norms and biases are 1-D and excluded by timm's optimizer factory already.
         return {name for name, _ in self.named_parameters() if name.endswith("complex_weight")}
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool, reset_other=reset_other)
-        self.head_hidden_size = self.head.num_features
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        check_image_input(x, model_name(self), self.in_chans, min_size=self.total_stride)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Run the stages, returning the outputs of those in ``indices`` (all four by default)."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"{model_name(self)}: output_fmt must be 'NCHW', received {output_fmt!r}")
-        self._check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages[:max_index + 1] if stop_early and not torch.jit.is_scripting() else self.stages
-        last_index = len(self.stages) - 1
-        intermediates = []
-        x = self.stem(x)
-        for index, stage in enumerate(stages):
-            x = stage(x)
-            if index in take_indices:
-                intermediates.append(self.norm_pre(x) if norm and index == last_index else x)
-        if intermediates_only:
-            return intermediates
-        if index == last_index:
-            x = self.norm_pre(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages (and head) that the requested intermediates do not need."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        prune_end = max_index < len(self.stages) - 1
-        if prune_norm or prune_end:
-            self.norm_pre = nn.Identity()
-        self.stages = self.stages[:max_index + 1]
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-        if prune_head or prune_end:
-            self.reset_classifier(0, "", reset_other=True)
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        x = self.stem(x)
-        x = self.stages(x)
-        return self.norm_pre(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 MODEL_CARD = dict(

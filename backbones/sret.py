@@ -35,10 +35,9 @@ from timm.layers import ConvNormAct, DropPath, LayerNorm2d, Mlp, NormMlpClassifi
 from timm.layers import to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
-from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-from recurzoo.backbones._helpers import build_with_weights, check_image_input, model_name
+from recurzoo.backbones._helpers import StagedClassifierMixin, build_with_weights, check_image_input, model_name
 from recurzoo.backbones.hornet import unwrap_checkpoint
 from recurzoo.official import register_official
 
@@ -289,7 +288,7 @@ class RecursiveStage(nn.Module):
         return x.transpose(1, 2).reshape(batch, channels, height, width)
 
 
-class SReT(nn.Module):
+class SReT(StagedClassifierMixin, nn.Module):
     """Sliced Recursive Transformer backbone and classifier with timm's model interface.
 
     Args:
@@ -318,6 +317,8 @@ class SReT(nn.Module):
         random_slices: random slicing of the recursive passes in training (see
             :class:`SlicedGroupAttention`).
     """
+
+    stem_pattern = r"^stem|^pos_embed"
 
     def __init__(
             self,
@@ -387,107 +388,21 @@ class SReT(nn.Module):
         # The official code keeps PyTorch's default initialisation except for the position embedding.
         trunc_normal_(self.pos_embed, std=0.02)
 
-    @property
-    def total_stride(self) -> int:
-        return self.feature_info[-1]["reduction"]
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r"^stem|^pos_embed",
-            blocks=r"^stages\.(\d+)" if coarse else [
-                (r"^stages\.(\d+)\.downsample", (0,)),
-                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^norm_pre", (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         # The scalar gains, norms and biases are 1-D and excluded by timm's optimizer factory already.
         return {"pos_embed"}
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool, reset_other=reset_other)
-        self.head_hidden_size = self.head.num_features
-
-    def _check_input(self, x: torch.Tensor) -> None:
+    def check_input(self, x: torch.Tensor) -> None:
         name = model_name(self)
         check_image_input(x, name, self.in_chans, min_size=self.total_stride)
         if not self.dynamic_img_size and tuple(x.shape[-2:]) != self.img_size and not torch.jit.is_tracing():
             raise ValueError(f"{name}: built with dynamic_img_size=False expects inputs of size {self.img_size}, "
                              f"received shape {tuple(x.shape)}")
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         return self.pos_drop(x + resample_pos_embed(self.pos_embed, x.shape[-2:]))
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Run the stages, returning the outputs of those in ``indices`` (all three by default)."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"{model_name(self)}: output_fmt must be 'NCHW', received {output_fmt!r}")
-        self._check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages[:max_index + 1] if stop_early and not torch.jit.is_scripting() else self.stages
-        last_index = len(self.stages) - 1
-        intermediates = []
-        x = self._embed(x)
-        for index, stage in enumerate(stages):
-            x = stage(x)
-            if index in take_indices:
-                intermediates.append(self.norm_pre(x) if norm and index == last_index else x)
-        if intermediates_only:
-            return intermediates
-        if index == last_index:
-            x = self.norm_pre(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages (and head) that the requested intermediates do not need."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        prune_end = max_index < len(self.stages) - 1
-        if prune_norm or prune_end:
-            self.norm_pre = nn.Identity()
-        self.stages = self.stages[:max_index + 1]
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-        if prune_head or prune_end:
-            self.reset_classifier(0, "", reset_other=True)
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        x = self.stages(self._embed(x))
-        return self.norm_pre(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _official_key_map(model: SReT) -> Dict[str, str]:
