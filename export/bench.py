@@ -95,7 +95,8 @@ def _create(model_name: str) -> torch.nn.Module:
     return timm.create_model(model_name).eval()
 
 
-def _runner(model: torch.nn.Module, backend: str, inputs: torch.Tensor, workdir: str) -> Callable[[], object]:
+def _runner(model_name: str, model: torch.nn.Module, backend: str, inputs: torch.Tensor,
+            workdir: str) -> Callable[[], object]:
     if backend == "eager":
         return lambda: model(inputs)
     if backend == "compile":
@@ -104,12 +105,17 @@ def _runner(model: torch.nn.Module, backend: str, inputs: torch.Tensor, workdir:
     if backend == "onnxruntime":
         import onnxruntime as ort
 
-        path = os.path.join(workdir, "model.onnx")
-        torch.onnx.export(model, (inputs,), path, input_names=["input"], output_names=["output"], dynamo=False)
+        from recurzoo.export.onnx import export_model
+
+        # the project's exporter: export-friendly eval paths (HorNet's DFT filter, ...) and a parity check
+        result = export_model(model_name, out_dir=workdir, input_size=tuple(inputs.shape[1:]),
+                              batch=inputs.shape[0], report=False, benchmark=False, model=model)
+        if not result.ok:
+            raise RuntimeError(result.parity_line())
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        feed = {"input": inputs.cpu().numpy()}
+        session = ort.InferenceSession(result.onnx_path, options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: inputs.cpu().numpy()}
         return lambda: session.run(None, feed)
     raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
 
@@ -137,7 +143,7 @@ def bench_in_process(
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
-        run = _runner(model, backend, inputs, workdir)
+        run = _runner(model_name, model, backend, inputs, workdir)
         times = time_forward(run, device, warmup, repeats)
     if device.startswith("cuda"):
         peak_memory = torch.cuda.max_memory_allocated() / 2 ** 20

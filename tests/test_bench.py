@@ -42,3 +42,9 @@ def test_readme_without_markers_is_refused(tmp_path, result):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="bench:start"):
         update_readme(readme, to_markdown([result]), "machine")
+
+
+def test_onnxruntime_backend_runs_the_projects_export():
+    result = bench_in_process("hornet_tiny_gf", backend="onnxruntime", batch=1, input_size=(3, 64, 64),
+                              warmup=1, repeats=2)
+    assert result.backend == "onnxruntime" and result.latency_ms > 0 and not result.error
