@@ -25,25 +25,33 @@ def check_image_input(
         in_chans: int,
         min_size: int = 1,
         multiple_of: Optional[int] = None,
+        dtype: Optional[torch.dtype] = None,
 ) -> None:
     """Raise a ``ValueError`` naming the model when ``x`` is not an image batch it can take.
 
     Args:
-        x: the input batch, expected ``(B, in_chans, H, W)`` floating point.
+        x: the input batch, expected ``(B, in_chans, H, W)`` floating point with ``B >= 1``.
         name: the model's name, for the message.
         in_chans: the channel count the model expects.
         min_size: the smallest height and width the model accepts (its total stride).
         multiple_of: when set, height and width must be multiples of it.
+        dtype: when set, the weights' dtype, which a floating input must match outside autocast
+            (a float64 numpy batch would otherwise fail deep inside the first layer).
     """
     if _skip_checks():
         return
     shape = tuple(int(size) for size in x.shape)
     if x.ndim != 4:
         raise ValueError(f"{name}: expects a 4-D image batch (B, {in_chans}, H, W), received shape {shape}")
+    if shape[0] == 0:  # an empty batch would fail deep inside (FFTs, reshapes), model by model
+        raise ValueError(f"{name}: expects at least one image in the batch, received shape {shape}")
     if x.shape[1] != in_chans:
         raise ValueError(f"{name}: expects {in_chans} input channels (B, {in_chans}, H, W), received shape {shape}")
     if not x.is_floating_point():
         raise ValueError(f"{name}: expects a floating-point image batch, received dtype {x.dtype} with shape {shape}")
+    if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"{name}: expects {dtype} input like its weights (or torch.autocast for mixed precision), "
+                         f"received dtype {x.dtype} with shape {shape}")
     height, width = shape[-2:]
     if height < min_size or width < min_size:
         raise ValueError(
@@ -114,7 +122,7 @@ class StagedClassifierMixin:
         return self.feature_info[-1]["reduction"]
 
     def check_input(self, x: torch.Tensor) -> None:
-        check_image_input(x, model_name(self), self.in_chans, min_size=self.total_stride)
+        check_image_input(x, model_name(self), self.in_chans, min_size=self.total_stride, dtype=next(self.parameters()).dtype)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:

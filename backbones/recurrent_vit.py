@@ -481,7 +481,8 @@ class RecurrentViT(nn.Module):
         patch = self.patch_embed.patch_size
         dynamic_pad = getattr(self.patch_embed, "dynamic_img_pad", False)
         check_image_input(x, name, self.in_chans, min_size=max(patch),
-                          multiple_of=None if dynamic_pad or patch[0] != patch[1] else patch[0])
+                          multiple_of=None if dynamic_pad or patch[0] != patch[1] else patch[0],
+                          dtype=next(self.parameters()).dtype)
         img_size = self.patch_embed.img_size
         if (getattr(self.patch_embed, "strict_img_size", False) and img_size is not None
                 and not (torch.jit.is_tracing() or torch.compiler.is_compiling())

@@ -89,6 +89,17 @@ def shifted_window_mask(height: int, width: int, window: Tuple[int, int], shift:
     return torch.zeros(different.shape, device=device).masked_fill_(different, _MASK_VALUE)
 
 
+def copy_rolled(out: torch.Tensor, source: torch.Tensor, shifts: Tuple[int, int]) -> None:
+    """``out[:] = torch.roll(source, shifts, dims=(1, 2))`` in one pass: four block copies, no temporary."""
+    height, width = source.shape[1:3]
+    shift_h, shift_w = shifts[0] % height, shifts[1] % width
+    for rows_out, rows_in in ((slice(shift_h, None), slice(None, height - shift_h)),
+                              (slice(None, shift_h), slice(height - shift_h, None))):
+        for cols_out, cols_in in ((slice(shift_w, None), slice(None, width - shift_w)),
+                                  (slice(None, shift_w), slice(width - shift_w, None))):
+            out[:, rows_out, cols_out].copy_(source[:, rows_in, cols_in])
+
+
 class DynamicPositionBias(nn.Module):
     """Relative position bias computed by an MLP of the offsets (CrossFormer's DPB, no residuals).
 
@@ -144,7 +155,13 @@ class RectangleWindowBranch(nn.Module):
         tokens = self.relative_position_index.shape[0]
         return table[self.relative_position_index.view(-1)].view(tokens, tokens, -1).permute(2, 0, 1)
 
-    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+    def forward(self, qkv: torch.Tensor, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Attend within windows of ``qkv`` ``(B, H, W, 3, C)``; the result is ``(B, H, W, C)``.
+
+        With ``out`` (a channel slice of the caller's tensor) the result is written there, which
+        fuses the window reversal (and the roll back of a shifted branch) with the concatenation of
+        the two branches; without it (the exporters' path) the result is returned.
+        """
         batch, height, width, _, channels = qkv.shape
         window_h, window_w = self.window_size
         if self.shift_size is not None:
@@ -152,23 +169,33 @@ class RectangleWindowBranch(nn.Module):
         rows, cols = height // window_h, width // window_w
         head_dim = channels // self.num_heads
         windows = qkv.reshape(batch, rows, window_h, cols, window_w, 3, self.num_heads, head_dim)
+        # (3, B, windows * heads, N, head_dim): windows and heads share one axis, so the per-window
+        # shift mask broadcasts over the batch without being repeated for every image
         windows = windows.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(
-            3, batch * rows * cols, self.num_heads, window_h * window_w, head_dim)
+            3, batch, rows * cols * self.num_heads, window_h * window_w, head_dim)
         q, k, v = windows.unbind(0)
-        bias = self.relative_position_bias()[None]  # (1, heads, N, N)
+        bias = self.relative_position_bias()  # (heads, N, N)
         if self.shift_size is not None:
             mask = shifted_window_mask(int(height), int(width), self.window_size, self.shift_size, qkv.device)
-            bias = bias + mask[:, None]  # (windows, heads, N, N), the same for every image
-            if batch > 1:
-                bias = bias.repeat(batch, 1, 1, 1)
-        # 4-D inputs with a 4-D mask keep SDPA on its fused kernels (a broadcast mask falls back to math)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
-        out = out.view(batch, rows, cols, self.num_heads, window_h, window_w, head_dim)
-        out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, height, width, channels)
-        if self.shift_size is not None:
-            out = torch.roll(out, shifts=self.shift_size, dims=(1, 2))
-        return out
+            bias = (bias + mask[:, None]).flatten(0, 1)  # (windows * heads, N, N)
+        else:  # one bias for every window: put the windows on the batch axis instead
+            q, k, v = (t.reshape(batch * rows * cols, self.num_heads, *t.shape[2:]) for t in (q, k, v))
+        # 4-D inputs with a mask broadcast over the first axis only keep SDPA on its fused kernel
+        attended = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias[None].to(q.dtype), dropout_p=self.attn_drop if self.training else 0.0,
+            scale=self.scale)
+        # (B, rows, window_h, cols, window_w, heads, head_dim): the window order of the map
+        attended = attended.view(batch, rows, cols, self.num_heads, window_h, window_w, head_dim)
+        attended = attended.permute(0, 1, 4, 2, 5, 3, 6)
+        if out is None:
+            attended = attended.reshape(batch, height, width, channels)
+            return attended if self.shift_size is None else torch.roll(attended, self.shift_size, dims=(1, 2))
+        if self.shift_size is None:
+            out.unflatten(1, (rows, window_h)).unflatten(3, (cols, window_w)).unflatten(5, (
+                self.num_heads, head_dim)).copy_(attended)
+        else:
+            copy_rolled(out, attended.reshape(batch, height, width, channels), self.shift_size)
+        return None
 
 
 class RectangleWindowAttention(nn.Module):
@@ -205,8 +232,14 @@ class RectangleWindowAttention(nn.Module):
             qkv = F.pad(qkv, (0, 0, 0, pad_right, 0, pad_bottom))
         qkv = qkv.view(batch, height + pad_bottom, width + pad_right, 3, channels)
         half = channels // 2
-        x = torch.cat([branch(qkv[..., i * half:(i + 1) * half])[:, :height, :width]
-                       for i, branch in enumerate(self.branches)], dim=-1)
+        halves = [qkv[..., i * half:(i + 1) * half] for i in range(2)]
+        if torch.jit.is_tracing():  # the ONNX exporter needs out-of-place ops
+            x = torch.cat([branch(part) for branch, part in zip(self.branches, halves)], dim=-1)
+        else:
+            x = qkv.new_empty(batch, height + pad_bottom, width + pad_right, channels)
+            for i, (branch, part) in enumerate(zip(self.branches, halves)):
+                branch(part, out=x[..., i * half:(i + 1) * half])
+        x = x[:, :height, :width]
         x = x + self.local_conv(values.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.proj_drop(self.proj(x))
 
@@ -333,7 +366,7 @@ class RGTBlock(nn.Module):
         shortcut = x
         x = x + self.drop_path(self.attn(self.norm1(x)))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x + shortcut * self.skip_scale
+        return torch.addcmul(x, shortcut, self.skip_scale)  # HAI skip in one pass
 
 
 def is_shifted_block(group_index: int, block_index: int) -> bool:
@@ -497,7 +530,7 @@ class RGT(nn.Module):
         self.head.reset(num_classes, global_pool)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        check_image_input(x, model_name(self), self.in_chans)
+        check_image_input(x, model_name(self), self.in_chans, dtype=next(self.parameters()).dtype)
 
     def _stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         shallow = self.conv_first(x)

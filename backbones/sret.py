@@ -395,7 +395,7 @@ class SReT(StagedClassifierMixin, nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         name = model_name(self)
-        check_image_input(x, name, self.in_chans, min_size=self.total_stride)
+        check_image_input(x, name, self.in_chans, min_size=self.total_stride, dtype=next(self.parameters()).dtype)
         if not self.dynamic_img_size and tuple(x.shape[-2:]) != self.img_size and not torch.jit.is_tracing():
             raise ValueError(f"{name}: built with dynamic_img_size=False expects inputs of size {self.img_size}, "
                              f"received shape {tuple(x.shape)}")

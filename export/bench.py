@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -52,6 +52,7 @@ class BenchResult:
     achieved_gflops: float
     matmul_peak_gflops: float
     peak_fraction: float
+    graph_breaks: int = -1  # torch.compile only: breaks dynamo reported in the model (-1: not traced)
     error: str = ""
 
 
@@ -73,16 +74,37 @@ def _now(device: str) -> float:
     return time.perf_counter()
 
 
-def time_forward(run: Callable[[], object], device: str, warmup: int, repeats: int) -> List[float]:
-    """Seconds of each of ``repeats`` calls of ``run`` after ``warmup`` untimed ones."""
+def time_forward(run: Callable[[], object], device: str, warmup: int, repeats: int,
+                 max_seconds: Optional[float] = None) -> List[float]:
+    """Seconds of each of ``repeats`` calls of ``run`` after ``warmup`` untimed ones.
+
+    With ``max_seconds``, timing stops early once three calls are timed and the budget is spent
+    (large models keep the whole benchmark within minutes).
+    """
     for _ in range(warmup):
         run()
-    times = []
+    times: List[float] = []
     for _ in range(repeats):
         start = _now(device)
         run()
         times.append(_now(device) - start)
+        if max_seconds is not None and len(times) >= 3 and sum(times) > max_seconds:
+            break
     return times
+
+
+def parse_model_spec(spec: str) -> Tuple[str, Optional[Tuple[int, ...]]]:
+    """``"rgt_small_x2@3x64x64"`` -> ``("rgt_small_x2", (3, 64, 64))``; a plain name has no size."""
+    name, _, size = spec.partition("@")
+    if not size:
+        return name, None
+    try:
+        dims = tuple(int(part) for part in size.split("x"))
+    except ValueError:
+        dims = ()
+    if len(dims) != 3 or min(dims) < 1:
+        raise ValueError(f"model spec {spec!r}: the size after '@' must be CxHxW, e.g. {name}@3x224x224")
+    return name, dims
 
 
 def _create(model_name: str) -> torch.nn.Module:
@@ -129,6 +151,7 @@ def bench_in_process(
         device: str = "cpu",
         warmup: int = 3,
         repeats: int = 10,
+        max_seconds: Optional[float] = None,
 ) -> BenchResult:
     """Time one configuration in this process (peak memory is this process's high-water mark)."""
     from recurzoo.export.flops import count_flops
@@ -140,11 +163,12 @@ def bench_in_process(
     macs = count_flops(model, size) / 1e9
     inputs = torch.randn(batch, *size, device=device)
     peak_gflops = measure_matmul_peak(device)
+    breaks = count_graph_breaks(model, inputs) if backend == "compile" else -1
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
         run = _runner(model_name, model, backend, inputs, workdir)
-        times = time_forward(run, device, warmup, repeats)
+        times = time_forward(run, device, warmup, repeats, max_seconds)
     if device.startswith("cuda"):
         peak_memory = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
@@ -157,13 +181,40 @@ def bench_in_process(
         threads=torch.get_num_threads(), device=device, latency_ms=median * 1e3,
         latency_p25_ms=quartiles[0] * 1e3, latency_p75_ms=quartiles[2] * 1e3, images_per_s=batch / median,
         peak_memory_mb=peak_memory, gmacs_per_image=macs, achieved_gflops=achieved,
-        matmul_peak_gflops=peak_gflops, peak_fraction=achieved / peak_gflops)
+        matmul_peak_gflops=peak_gflops, peak_fraction=achieved / peak_gflops, graph_breaks=breaks)
+
+
+def count_graph_breaks(model: torch.nn.Module, inputs: torch.Tensor) -> int:
+    """Graph breaks dynamo finds when tracing ``model(inputs)`` (0: one graph)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(inputs)
+    torch._dynamo.reset()
+    return int(explanation.graph_break_count)
 
 
 def _failed(model_name: str, backend: str, batch: int, threads: int, device: str, error: str) -> BenchResult:
     nan = float("nan")
     return BenchResult(model_name, backend, batch, "", threads, device, nan, nan, nan, nan, nan, nan, nan, nan, nan,
                        error=error)
+
+
+def run_worker(request: Dict[str, Any], timeout: Optional[float] = None) -> Dict[str, Any]:
+    """Run ``request`` (a ``kind`` and its keyword arguments) in a fresh interpreter; return its JSON.
+
+    A fresh process per configuration keeps peak memory and compiled state from leaking between
+    runs. Failures come back as ``{"error": "<last line of stderr>"}``.
+    """
+    command = [sys.executable, "-m", "recurzoo.export.bench", "--worker", json.dumps(request)]
+    try:
+        worker = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if worker.returncode != 0:
+        return {"error": (worker.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(worker.stdout.strip().splitlines()[-1])
 
 
 def bench(
@@ -176,24 +227,31 @@ def bench(
         warmup: int = 3,
         repeats: int = 10,
         progress: bool = True,
+        compare_batches: Optional[Sequence[int]] = None,
+        max_seconds: Optional[float] = None,
+        timeout: Optional[float] = None,
 ) -> List[BenchResult]:
-    """Time every (model, backend, batch) in its own process; failures are recorded, not raised."""
+    """Time every (model, backend, batch) in its own process; failures are recorded, not raised.
+
+    ``models`` may carry their own input size (``name@CxHxW``, else ``input_size`` or the model's
+    default). Backends other than eager run only at ``compare_batches`` when given.
+    """
     from tqdm import tqdm
 
     threads = threads or torch.get_num_threads()
-    configs = [(m, b, n) for m in models for b in backends for n in batches]
+    configs = [(spec, backend, batch) for spec in models for backend in backends for batch in batches
+               if backend == "eager" or compare_batches is None or batch in compare_batches]
     results = []
-    for model_name, backend, batch in tqdm(configs, desc="benchmark", unit="run", disable=not progress,
-                                           file=sys.stderr):
-        request = dict(model_name=model_name, backend=backend, batch=batch, input_size=input_size,
-                       threads=threads, device=device, warmup=warmup, repeats=repeats)
-        worker = subprocess.run([sys.executable, "-m", "recurzoo.export.bench", "--worker", json.dumps(request)],
-                                capture_output=True, text=True)
-        if worker.returncode == 0:
-            results.append(BenchResult(**json.loads(worker.stdout.strip().splitlines()[-1])))
+    for spec, backend, batch in tqdm(configs, desc="benchmark", unit="run", disable=not progress, file=sys.stderr):
+        model_name, size = parse_model_spec(spec)
+        request = dict(kind="latency", model_name=model_name, backend=backend, batch=batch,
+                       input_size=size or input_size, threads=threads, device=device, warmup=warmup,
+                       repeats=repeats, max_seconds=max_seconds)
+        outcome = run_worker(request, timeout)
+        if "error" in outcome and len(outcome) == 1:
+            results.append(_failed(model_name, backend, batch, threads, device, outcome["error"]))
         else:
-            last_line = (worker.stderr.strip().splitlines() or ["failed"])[-1]
-            results.append(_failed(model_name, backend, batch, threads, device, last_line))
+            results.append(BenchResult(**outcome))
     return results
 
 
@@ -203,17 +261,26 @@ _COLUMNS = [("model", "{}"), ("backend", "{}"), ("batch", "{}"), ("input_size", 
             ("achieved_gflops", "{:.1f}"), ("peak_fraction", "{:.0%}")]
 
 
+def speedups_over_eager(results: Sequence[BenchResult]) -> List[Optional[float]]:
+    """Eager latency over each result's latency, for the same model, batch and input size."""
+    eager = {(r.model, r.batch, r.input_size): r.latency_ms for r in results if r.backend == "eager" and not r.error}
+    return [None if r.error or (r.model, r.batch, r.input_size) not in eager
+            else eager[(r.model, r.batch, r.input_size)] / r.latency_ms for r in results]
+
+
 def to_markdown(results: Sequence[BenchResult]) -> str:
     """A markdown table of the results (the matmul peak of the run in a line above it)."""
     peaks = [r.matmul_peak_gflops for r in results if not r.error]
     header = f"fp32 matmul peak measured in the same runs: {statistics.median(peaks):.1f} GFLOP/s\n\n" if peaks else ""
-    names = [name.replace("_", " ") for name, _ in _COLUMNS]
+    names = [name.replace("_", " ") for name, _ in _COLUMNS] + ["speed-up vs eager", "graph breaks"]
     lines = ["| " + " | ".join(names) + " |", "|" + " --- |" * len(names)]
-    for result in results:
+    for result, speedup in zip(results, speedups_over_eager(results)):
         if result.error:
             lines.append(f"| {result.model} | {result.backend} | {result.batch} | failed: {result.error} |")
             continue
         values = [fmt.format(getattr(result, name)) for name, fmt in _COLUMNS]
+        values.append("" if speedup is None or result.backend == "eager" else f"{speedup:.2f}x")
+        values.append(str(result.graph_breaks) if result.graph_breaks >= 0 else "")
         lines.append("| " + " | ".join(values) + " |")
     return header + "\n".join(lines) + "\n"
 
@@ -247,32 +314,53 @@ def _backend_list(text: str) -> List[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``recurzoo bench`` (shared with ``python -m recurzoo.export.bench``)."""
-    parser.add_argument("models", nargs="+", help="zoo models or timm peers, e.g. hornet_tiny_7x7 convnext_tiny")
+    parser.add_argument("models", nargs="+",
+                        help="zoo models or timm peers, each optionally with its input size: "
+                             "hornet_tiny_7x7 convnext_tiny rgt_small_x2@3x64x64")
     parser.add_argument("--batch", type=_int_list, default=[1], help="comma-separated batch sizes (default 1)")
     parser.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"),
                         help="input size (default: each model's default cfg)")
     parser.add_argument("--backends", type=_backend_list, default=["eager"],
                         help=f"comma-separated, from {','.join(BACKENDS)} (default eager)")
+    parser.add_argument("--compare-batch", type=_int_list, default=None,
+                        help="run the non-eager backends only at these batch sizes (default: every --batch)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="stop timing a configuration after this many seconds (at least 3 runs)")
+    parser.add_argument("--timeout", type=float, default=None, help="give up on one configuration after this long")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--train-memory", action="store_true",
+                      help="instead: peak memory of one training step without and with grad checkpointing "
+                           "(batch: the first --batch)")
+    mode.add_argument("--growth", type=_int_list, default=None, metavar="SIDES",
+                      help="instead: latency and memory at these square input sides, with fitted exponents")
+    parser.add_argument("--tile", type=int, default=0, help="with --growth: tiled super-resolution at this tile")
+    parser.add_argument("--tile-overlap", type=int, default=32)
     parser.add_argument("--out", type=Path, default=None, help="write FILE.md and FILE.csv (suffix replaced)")
     parser.add_argument("--readme", type=Path, default=None,
-                        help=f"replace the table between {README_START} and {README_END} in this file")
+                        help="replace this mode's section between its markers in this file "
+                             f"({README_START} ... {README_END} for the latency table)")
 
 
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
-def update_readme(path: Path, markdown: str, machine: str) -> None:
-    """Put ``markdown`` between the benchmark markers of ``path`` (which must contain both)."""
+def _markers(section: str) -> Tuple[str, str]:
+    return f"<!-- {section}:start -->", f"<!-- {section}:end -->"
+
+
+def update_readme(path: Path, markdown: str, machine: str, section: str = "bench") -> None:
+    """Put ``markdown`` between the markers of ``section`` in ``path`` (which must contain both)."""
+    start, end = _markers(section)
     text = path.read_text()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{path} has no {README_START} ... {README_END} section to update")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    path.write_text(f"{head}{README_START}\n{machine}\n\n{markdown}{README_END}{tail}")
+    if start not in text or end not in text:
+        raise ValueError(f"{path} has no {start} ... {end} section to update")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{start}\n{machine}\n\n{markdown}{end}{tail}")
 
 
 def _machine_line(threads: int, device: str) -> str:
@@ -283,10 +371,47 @@ def _machine_line(threads: int, device: str) -> str:
             f"device {device}, torch {torch.__version__}.")
 
 
+def _model_sizes(args: argparse.Namespace) -> List[Tuple[str, Optional[Tuple[int, ...]]]]:
+    specs = [parse_model_spec(spec) for spec in args.models]
+    return [(name, size or (tuple(args.input_size) if args.input_size else None)) for name, size in specs]
+
+
+def _run_scaling(args: argparse.Namespace, threads: int) -> int:
+    from recurzoo.export import scaling
+
+    if args.train_memory:
+        models = [(name, size or _default_input_size(name)) for name, size in _model_sizes(args)]
+        rows = scaling.measure_train_memory(models, args.batch[0], threads, args.device, args.timeout)
+        markdown, section = scaling.memory_markdown(rows), "bench-memory"
+    else:
+        rows = scaling.measure_growth([name for name, _ in _model_sizes(args)], args.growth, args.tile,
+                                      args.tile_overlap, threads, args.device, args.timeout)
+        markdown, section = scaling.growth_markdown(rows), f"bench-growth-{'tiled' if args.tile else 'whole'}"
+    print(markdown)
+    scaling.write_outputs(markdown, scaling.to_csv_rows(rows), args.out)
+    if args.readme:
+        update_readme(args.readme, markdown, _machine_line(threads, args.device), section)
+    return 0 if all(not row.error for row in rows) else 1
+
+
+def _default_input_size(model_name: str) -> Tuple[int, ...]:
+    import timm
+
+    import recurzoo  # noqa: F401
+
+    return tuple(timm.get_pretrained_cfg(model_name).input_size)
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the benchmark described by parsed arguments; print the table and write the files."""
-    results = bench(args.models, args.backends, args.batch, args.input_size, args.threads, args.device,
-                    args.warmup, args.repeats)
+    for spec in args.models:
+        parse_model_spec(spec)  # a malformed size fails before anything runs
+    threads = args.threads or torch.get_num_threads()
+    if args.train_memory or args.growth:
+        return _run_scaling(args, threads)
+    results = bench(args.models, args.backends, args.batch, args.input_size, threads, args.device,
+                    args.warmup, args.repeats, compare_batches=args.compare_batch, max_seconds=args.max_seconds,
+                    timeout=args.timeout)
     markdown = to_markdown(results)
     print(markdown)
     if args.out:
@@ -294,15 +419,28 @@ def run_from_args(args: argparse.Namespace) -> int:
         args.out.with_suffix(".md").write_text(markdown)
         args.out.with_suffix(".csv").write_text(to_csv(results))
     if args.readme:
-        update_readme(args.readme, markdown, _machine_line(results[0].threads, args.device))
+        update_readme(args.readme, markdown, _machine_line(threads, args.device))
     return 0 if all(not r.error for r in results) else 1
+
+
+def _run_worker_request(request: Dict[str, Any]) -> Dict[str, Any]:
+    """One configuration, in the fresh process :func:`run_worker` started."""
+    from recurzoo.export import scaling
+
+    kind = request.pop("kind", "latency")
+    if kind == "latency":
+        return asdict(bench_in_process(**request))
+    if kind == "train_memory":
+        return asdict(scaling.train_step_memory(**request))
+    if kind == "growth":
+        return asdict(scaling.growth_point(**request))
+    raise ValueError(f"unknown benchmark kind {kind!r}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--worker"]:  # one configuration, run by bench() in a fresh process
-        result = bench_in_process(**json.loads(argv[1]))
-        print(json.dumps(asdict(result)))
+    if argv[:1] == ["--worker"]:
+        print(json.dumps(_run_worker_request(json.loads(argv[1]))))
         return 0
     parser = argparse.ArgumentParser(prog="python -m recurzoo.export.bench", description=__doc__.splitlines()[0])
     add_arguments(parser)

@@ -453,7 +453,8 @@ class MSRNet(nn.Module):
                                                       align_corners=False) for s in self.scales)
 
     def _check(self, x: torch.Tensor, min_size: int) -> None:
-        check_image_input(x, model_name(self), self.in_chans, min_size=min_size)
+        check_image_input(x, model_name(self), self.in_chans, min_size=min_size,
+                          dtype=next(self.parameters()).dtype)
 
     def forward_multiscale(self, image_s: torch.Tensor, image_m: torch.Tensor, image_l: torch.Tensor) -> torch.Tensor:
         """Mask logits at the size of ``image_m`` from the three scales (each in [0, 1]).

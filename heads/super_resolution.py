@@ -190,7 +190,7 @@ class SuperResolutionModel(nn.Module):
         self.head = ClassifierHead(self.num_features, num_classes, pool_type="avg" if global_pool is None else global_pool)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        check_image_input(x, self._name(), self.in_chans)
+        check_image_input(x, self._name(), self.in_chans, dtype=next(self.parameters()).dtype)
 
     def _mean(self, x: torch.Tensor) -> torch.Tensor:
         return x.new_tensor(self.img_mean).view(1, -1, 1, 1)

@@ -178,11 +178,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import timm
 
     import recurzoo  # noqa: F401  (registers the zoo)
-    from recurzoo.export.bench import run_from_args
+    from recurzoo.export.bench import parse_model_spec, run_from_args
 
-    unknown = [name for name in args.models if name not in timm.list_models()]
+    try:
+        names = [parse_model_spec(spec)[0] for spec in args.models]
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    unknown = [name for name in names if name not in timm.list_models()]
     if unknown:
         raise UsageError(f"unknown model(s) {', '.join(unknown)}: neither in recurzoo nor in timm")
+    if args.tile and not args.growth:
+        raise UsageError("--tile applies to --growth only")
     return run_from_args(args)
 
 

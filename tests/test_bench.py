@@ -48,3 +48,54 @@ def test_onnxruntime_backend_runs_the_projects_export():
     result = bench_in_process("hornet_tiny_gf", backend="onnxruntime", batch=1, input_size=(3, 64, 64),
                               warmup=1, repeats=2)
     assert result.backend == "onnxruntime" and result.latency_ms > 0 and not result.error
+
+
+def test_model_spec_carries_its_own_input_size():
+    from recurzoo.export.bench import parse_model_spec
+
+    assert parse_model_spec("rgt_small_x2@3x64x48") == ("rgt_small_x2", (3, 64, 48))
+    assert parse_model_spec("convnext_tiny") == ("convnext_tiny", None)
+    with pytest.raises(ValueError, match="CxHxW"):
+        parse_model_spec("convnext_tiny@224")
+
+
+def test_markdown_states_speedup_over_eager_at_the_same_batch(result):
+    from dataclasses import replace
+
+    faster = replace(result, backend="onnxruntime", latency_ms=result.latency_ms / 2, graph_breaks=-1)
+    compiled = replace(result, backend="compile", latency_ms=result.latency_ms * 4, graph_breaks=0)
+    other_batch = replace(result, backend="compile", batch=5)
+    lines = to_markdown([result, faster, compiled, other_batch]).splitlines()
+    assert lines[-3].endswith("| 2.00x |  |")
+    assert lines[-2].endswith("| 0.25x | 0 |")
+    assert lines[-1].endswith("|  |  |")  # no eager run at batch 5, not traced
+
+
+def test_growth_exponent_fits_power_laws():
+    from recurzoo.export.scaling import fit_exponent
+
+    sides = [256, 512, 1024]
+    pixels = [s * s for s in sides]
+    assert fit_exponent(pixels, [3e-6 * p for p in pixels]) == pytest.approx(1.0)
+    assert fit_exponent(pixels, [0.5 * p ** 1.5 for p in pixels]) == pytest.approx(1.5)
+    assert fit_exponent(pixels, [700.0] * 3) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError):
+        fit_exponent([1], [1])
+
+
+def test_memory_table_states_the_saving_of_checkpointing():
+    from recurzoo.export.scaling import MemoryResult, memory_markdown
+
+    rows = [MemoryResult("rgt", "3x64x64", 2, False, 1.0, 3000.0, 2000.0),
+            MemoryResult("rgt", "3x64x64", 2, True, 1.3, 1700.0, 700.0)]
+    table = memory_markdown(rows)
+    assert table.splitlines()[-1].endswith("| 65% |")
+
+
+def test_training_step_memory_and_growth_points_are_measured():
+    from recurzoo.export.scaling import growth_point, train_step_memory
+
+    memory = train_step_memory("hornet_tiny_7x7", (3, 64, 64), batch=1, grad_checkpointing=True)
+    assert memory.peak_memory_mb >= memory.step_memory_mb > 0 and memory.step_seconds > 0
+    point = growth_point("sret_tiny", side=64)
+    assert point.latency_s > 0 and point.peak_memory_mb > 0 and point.side == 64

@@ -18,14 +18,7 @@ import recurzoo
 
 SMALL_SIDE = 64
 
-# Per family (the module name): keyword overrides that shrink a variant to test size.
-REDUCED = {
-    "hornet": dict(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1)),
-    "sret": dict(embed_dims=(16, 32, 64), num_heads=(1, 2, 4), num_shared_blocks=(1, 2, 1)),
-    "recurrent_vit": dict(embed_dim=32, num_heads=2, depth=6),
-    "rgt": dict(embed_dim=24, num_heads=2, blocks_per_group=2),
-    "camouflage": dict(mid_dim=16, scale_groups=2, fusion_groups=3, predictor_dim=8),  # decoder only
-}
+from _reduced import REDUCED  # per-family test widths, shared with other test files
 
 
 def _family(name: str) -> str:
