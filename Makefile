@@ -6,10 +6,13 @@ INSTALLED := $(VENV)/.installed
 
 .PHONY: demo test install cards bench clean
 
-# One model per family next to its timm peer; the README table between the bench markers is rewritten.
-BENCH_MODELS ?= hornet_tiny_7x7 hornet_tiny_gf convnext_tiny sret_tiny sret_small deit_tiny_patch16_224 \
-	deit_small_patch16_224 rvit_small_patch16_224 vit_small_patch16_224
+# One model per family next to its timm peer (SR and COD models at their own sizes); the README's
+# benchmark sections, benchmarks/*.{md,csv} and the cards' speed tables are rewritten.
+BENCH_MODELS ?= hornet_tiny_7x7 hornet_tiny_gf convnext_tiny sret_tiny deit_tiny_patch16_224 sret_small \
+	deit_small_patch16_224 rvit_small_patch16_224 vit_small_patch16_224 rgt_small_x2@3x64x64 \
+	msrnet_pvt_v2_b2 pvt_v2_b2
 BENCH_BACKENDS ?= eager,compile,onnxruntime
+BENCH := $(BIN)/recurzoo bench
 
 # pip installs torch and torchvision at the pinned versions (constraints.txt), which these machines
 # serve from a local cache, and the project editable, with the test extras.
@@ -30,8 +33,12 @@ cards: $(INSTALLED)
 	$(BIN)/python -m recurzoo.export.cards
 
 bench: $(INSTALLED)
-	$(BIN)/recurzoo bench $(BENCH_MODELS) --batch 1,8 --backends $(BENCH_BACKENDS) \
-		--out benchmarks/cpu --readme README.md
+	$(BENCH) $(BENCH_MODELS) --batch 1,8 --compare-batch 1 --backends $(BENCH_BACKENDS) --warmup 2 \
+		--max-seconds 20 --timeout 1800 --out benchmarks/cpu --readme README.md
+	$(BENCH) hornet_base_7x7 rgt@3x64x64 --train-memory --batch 4 --out benchmarks/cpu_train_memory --readme README.md
+	$(BENCH) sret_small rvit_small_patch16_224 --growth 224,384,512 --out benchmarks/cpu_growth --readme README.md
+	$(BENCH) rgt_small_x4 --growth 256,512,1024 --tile 288 --out benchmarks/cpu_growth_tiled --readme README.md
+	$(BIN)/python -m recurzoo.export.cards
 
 clean:
 	rm -rf $(VENV) build *.egg-info

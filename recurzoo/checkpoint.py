@@ -17,18 +17,19 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tup
 import torch
 from torch import nn
 
-__all__ = ["read_state_dict", "load_weights", "save_weights", "compare_state_dict", "Mismatch"]
+__all__ = ["read_checkpoint", "read_state_dict", "load_weights", "save_weights", "compare_state_dict", "Mismatch"]
 
 PathLike = Union[str, os.PathLike]
-_WRAPPER_KEYS = ("state_dict_ema", "model_ema", "params_ema", "state_dict", "model", "params")
+_EMA_KEYS = ("state_dict_ema", "model_ema", "params_ema")
+_WRAPPER_KEYS = _EMA_KEYS + ("state_dict", "model", "params")
 
 
-def _unwrap(checkpoint: Any, path: PathLike) -> Dict[str, torch.Tensor]:
+def _unwrap(checkpoint: Any, path: PathLike, use_ema: bool = True) -> Dict[str, torch.Tensor]:
     """The tensor mapping inside a training checkpoint's wrapper (EMA weights first, as timm does)."""
     if isinstance(checkpoint, Mapping):
-        for key in _WRAPPER_KEYS:
+        for key in _WRAPPER_KEYS if use_ema else _WRAPPER_KEYS[len(_EMA_KEYS):]:
             if isinstance(checkpoint.get(key), Mapping):
-                return _unwrap(checkpoint[key], path)
+                return _unwrap(checkpoint[key], path, use_ema)
         tensors = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
         if tensors:
             return tensors
@@ -36,11 +37,12 @@ def _unwrap(checkpoint: Any, path: PathLike) -> Dict[str, torch.Tensor]:
                      f"{'/'.join(_WRAPPER_KEYS)})")
 
 
-def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file, without running any code stored in it.
+def read_checkpoint(path: PathLike, map_location: Any = "cpu") -> Any:
+    """Everything stored in a checkpoint file (tensors and plain values), without running any code.
 
-    ``.safetensors`` files are read with safetensors; anything else with
-    ``torch.load(weights_only=True)``, unwrapping ``model``/``state_dict``/``params``/EMA entries.
+    A ``.safetensors`` file gives its tensors; anything else is read with
+    ``torch.load(weights_only=True)`` (training checkpoints with optimizer state, step counters, ...).
+    A file that would run code, or that is truncated or corrupt, raises a one-line ``ValueError``.
     """
     path = Path(path)
     if not path.is_file():
@@ -49,12 +51,13 @@ def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        device = map_location if isinstance(map_location, str) else "cpu"
         try:
-            return load_file(str(path))
+            return load_file(str(path), device=device)
         except (SafetensorError, OSError) as error:
             raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {error}") from None
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         first_line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         raise ValueError(
@@ -63,7 +66,16 @@ def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
             "in an environment you trust.") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {error}") from None
-    return _unwrap(checkpoint, path)
+
+
+def read_state_dict(path: PathLike, use_ema: bool = True) -> Dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, without running any code stored in it.
+
+    ``.safetensors`` files are read with safetensors; anything else with
+    ``torch.load(weights_only=True)``, unwrapping ``model``/``state_dict``/``params`` entries (their EMA
+    counterparts first, unless ``use_ema`` is False).
+    """
+    return _unwrap(read_checkpoint(path), path, use_ema)
 
 
 class Mismatch(NamedTuple):

@@ -69,3 +69,46 @@ def make_coco(root: str, images: Sequence[int] = (12, 6), side: int = 64, max_bo
         with open(os.path.join(root, "annotations", f"instances_{split}.json"), "w", encoding="utf-8") as handle:
             json.dump(dict(images=entries, annotations=annotations, categories=categories), handle)
     return root
+
+
+def write_unreadable_images(folder: str, stem: str = "broken", side: int = 40, seed: int = 0) -> Tuple[str, str]:
+    """Two files a dataset must survive in ``folder``: a JPEG cut off halfway (its header reads, its
+    pixels do not decode) and a text file named ``.png``. Returns their paths."""
+    import io
+
+    os.makedirs(folder, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(pixels).save(encoded, format="JPEG")
+    truncated = os.path.join(folder, f"{stem}_truncated.jpg")
+    with open(truncated, "wb") as handle:
+        handle.write(encoded.getvalue()[: len(encoded.getvalue()) // 2])
+    not_an_image = os.path.join(folder, f"{stem}_text.png")
+    with open(not_an_image, "w", encoding="utf-8") as handle:
+        handle.write("this is not an image\n")
+    return truncated, not_an_image
+
+
+class _RunsCode:
+    """Unpickling this calls ``os.system``: a loader that runs code creates the marker file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_code_running_checkpoints(folder: str, marker: str) -> Tuple[str, str]:
+    """Two crafted checkpoints whose unpickling would run ``touch marker``: a legacy (non-zip) pickle with
+    a ``state_dict``, and a zip ``torch.save`` file with a ``model`` entry (tensors beside the payload)."""
+    import pickle
+
+    import torch
+
+    os.makedirs(folder, exist_ok=True)
+    legacy, zipped = os.path.join(folder, "evil.pth"), os.path.join(folder, "evil_zip.pth")
+    with open(legacy, "wb") as handle:
+        pickle.dump({"state_dict": {"w": torch.zeros(1)}, "payload": _RunsCode(marker)}, handle)
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": _RunsCode(marker)}, zipped)
+    return legacy, zipped

@@ -92,10 +92,12 @@ def test_memory_table_states_the_saving_of_checkpointing():
     assert table.splitlines()[-1].endswith("| 65% |")
 
 
-def test_training_step_memory_and_growth_points_are_measured():
-    from recurzoo.export.scaling import growth_point, train_step_memory
+def test_training_step_memory_and_growth_points_are_measured_in_fresh_processes():
+    from recurzoo.export.scaling import measure_growth, measure_train_memory
 
-    memory = train_step_memory("hornet_tiny_7x7", (3, 64, 64), batch=1, grad_checkpointing=True)
-    assert memory.peak_memory_mb >= memory.step_memory_mb > 0 and memory.step_seconds > 0
-    point = growth_point("sret_tiny", side=64)
-    assert point.latency_s > 0 and point.peak_memory_mb > 0 and point.side == 64
+    plain, checkpointed = measure_train_memory([("hornet_tiny_7x7", (3, 64, 64))], batch=2, threads=1)
+    for row in (plain, checkpointed):
+        assert not row.error and row.peak_memory_mb >= row.step_memory_mb > 0 and row.step_seconds > 0
+    assert (plain.grad_checkpointing, checkpointed.grad_checkpointing) == (False, True)
+    (point,) = measure_growth(["sret_tiny"], [64], threads=1)
+    assert not point.error and point.latency_s > 0 and point.peak_memory_mb > 0 and point.side == 64

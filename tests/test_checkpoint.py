@@ -3,38 +3,36 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
+import sys
 
 import pytest
 import timm
 import torch
 
 import recurzoo  # noqa: F401
-from recurzoo.checkpoint import load_weights, read_state_dict, save_weights
+from recurzoo.checkpoint import load_weights, read_checkpoint, read_state_dict, save_weights
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _train_data import write_code_running_checkpoints  # noqa: E402
 
 SMALL = dict(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1), num_classes=5)
 
 
-class _RunsCode:
-    """Unpickling this calls os.system: a loader that runs code would create the marker file."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
     marker = tmp_path / "code_ran"
-    path = tmp_path / "evil.pth"
-    with open(path, "wb") as handle:  # a legacy (non-zip) pickle, and a zip one below
-        pickle.dump({"state_dict": {"w": torch.zeros(1)}, "payload": _RunsCode(marker)}, handle)
-    torch.save({"model": {"w": torch.zeros(1)}, "payload": _RunsCode(marker)}, tmp_path / "evil_zip.pth")
-    for candidate in (path, tmp_path / "evil_zip.pth"):
-        with pytest.raises(ValueError, match="refused to load"):
-            read_state_dict(candidate)
+    for candidate in write_code_running_checkpoints(str(tmp_path), str(marker)):  # legacy pickle and zip
+        for read in (read_state_dict, read_checkpoint):
+            with pytest.raises(ValueError, match="refused to load"):
+                read(candidate)
     assert not marker.exists()
+
+
+def test_use_ema_false_takes_the_plain_weights_of_a_training_checkpoint(tmp_path):
+    path = tmp_path / "train.pth"
+    torch.save(dict(state_dict=dict(w=torch.zeros(2)), state_dict_ema=dict(w=torch.ones(2)), epoch=3), path)
+    assert torch.equal(read_state_dict(path)["w"], torch.ones(2))
+    assert torch.equal(read_state_dict(path, use_ema=False)["w"], torch.zeros(2))
+    assert read_checkpoint(path)["epoch"] == 3
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])

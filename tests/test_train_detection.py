@@ -175,3 +175,19 @@ def test_two_torchrun_processes_end_with_identical_detector_weights(coco_root, t
         assert torch.equal(rank0[key], rank1[key]), key
     (row,) = _summary(output)
     assert 0.0 <= float(row["eval_map"]) <= 1.0
+
+
+def test_backbone_checkpoint_flag_starts_the_backbone_from_a_classifier(coco_root, tmp_path):
+    """--backbone-checkpoint is read by recurzoo.checkpoint (EMA weights first) and loaded through timm's
+    filter; with a learning rate of 0 the trained backbone still equals the classifier."""
+    from safetensors.torch import load_file
+
+    classifier = timm.create_model("hornet_tiny_7x7", num_classes=7, **common.parse_kwargs(HORNET))
+    torch.save(dict(state_dict_ema=classifier.state_dict(), epoch=3), tmp_path / "classifier.pth")
+    detection.main(_args(coco_root, tmp_path / "run", epochs=1) + [
+        "--backbone-checkpoint", str(tmp_path / "classifier.pth"), "--lr", "0", "--rank-weights"])
+    weights = load_file(str(tmp_path / "run" / "rank0.safetensors"))
+    body = {key[len("backbone.body."):]: value for key, value in weights.items() if key.startswith("backbone.body.")}
+    assert len(body) > 20
+    for key, value in body.items():  # FeatureListNet flattens 'stages.0' into 'stages_0'
+        assert torch.equal(value, classifier.state_dict()[key.replace("stem_", "stem.").replace("stages_", "stages.")])

@@ -55,8 +55,7 @@ KNOWN_LAYOUTS = (("Image", "Mask"), ("Imgs", "GT"), ("Imgs", "GT_Object"), ("ima
 SCALE_NAMES = ("image_s", "image_m", "image_l")
 
 
-class DatasetWarning(UserWarning):
-    """Files of a COD dataset that are skipped or adjusted."""
+DatasetWarning = common.DatasetWarning  # files of a dataset that are skipped or adjusted
 
 
 @dataclass(frozen=True)
@@ -129,21 +128,6 @@ def _list_images(folder: str, suffix: Optional[str]) -> Dict[str, str]:
     return found
 
 
-def _image_size(path: str) -> Tuple[int, int]:
-    """(height, width) from the file header; raises on files that are not readable images."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        image.verify()
-        width, height = image.size
-    return height, width
-
-
-def _summarize(items: Sequence[str], limit: int = 5) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
-
-
 def find_pairs(spec: DatasetSpec, require_masks: bool = True) -> List[Sample]:
     """The readable (image, mask) pairs of ``spec``, matched by file name.
 
@@ -167,26 +151,21 @@ def find_pairs(spec: DatasetSpec, require_masks: bool = True) -> List[Sample]:
     for name in names:
         mask_path = masks.get(name)
         try:
-            image_size = _image_size(images[name])
-        except Exception as error:  # PIL raises several types for broken files
-            unreadable.append(f"{images[name]} ({type(error).__name__})")
+            image_size = common.image_size(images[name], verify=True)
+            mask_size = common.image_size(mask_path, verify=True) if mask_path is not None else image_size
+        except common.UnreadableImageError as error:
+            unreadable.append(str(error))
             continue
-        if mask_path is not None:
-            try:
-                mask_size = _image_size(mask_path)
-            except Exception as error:
-                unreadable.append(f"{mask_path} ({type(error).__name__})")
-                continue
-            if mask_size != image_size:
-                mismatched.append(f"{images[name]} ({image_size[1]}x{image_size[0]}) vs {mask_path} "
-                                  f"({mask_size[1]}x{mask_size[0]})")
+        if mask_size != image_size:
+            mismatched.append(f"{images[name]} ({image_size[1]}x{image_size[0]}) vs {mask_path} "
+                              f"({mask_size[1]}x{mask_size[0]})")
         samples.append(Sample(name, images[name], mask_path))
     if unreadable:
         warnings.warn(f"dataset {spec.name!r}: skipped {len(unreadable)} of {len(names)} samples with unreadable "
-                      f"files: {_summarize(unreadable)}", DatasetWarning, stacklevel=2)
+                      f"files: {common.summarize(unreadable)}", DatasetWarning, stacklevel=2)
     if mismatched:
         warnings.warn(f"dataset {spec.name!r}: {len(mismatched)} images differ in size from their masks and are "
-                      f"resized to the mask: {_summarize(mismatched)}", DatasetWarning, stacklevel=2)
+                      f"resized to the mask: {common.summarize(mismatched)}", DatasetWarning, stacklevel=2)
     if not samples:
         what = "image/mask pairs (files matched by name)" if require_masks else "images"
         raise ValueError(f"dataset {spec.name!r}: no readable {what} in {spec.image_dir}"
@@ -226,68 +205,59 @@ def image_scales(image: np.ndarray, base_size: int, scales: Sequence[float]) -> 
 
 
 def train_augmentation(seed: Optional[int] = None):
-    """The official augmentation, applied to image and mask together (albumentations, own random state)."""
+    """The official augmentation, applied to image and mask together (albumentations, own random state:
+    one generator shared by the four transforms, so that each is applied independently)."""
     import albumentations as A
     import cv2
 
-    return A.Compose([
+    return common.seed_albumentations(A.Compose([
         A.HorizontalFlip(p=0.5),
         A.Rotate(limit=90, p=0.5, interpolation=cv2.INTER_LINEAR, border_mode=cv2.BORDER_REPLICATE),
         A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
         A.HueSaturationValue(hue_shift_limit=5, sat_shift_limit=10, val_shift_limit=10, p=0.5),
-    ], seed=seed)
+    ]), seed)
 
 
 class CamouflageTrainSet(Dataset):
-    """Augmented training samples: the three image scales and the mask at the base size."""
+    """Augmented training samples: the three image scales and the mask at the base size.
+
+    The augmentation of each sample is seeded from NumPy's global generator (which the DataLoader
+    seeds in every worker), so a run is reproducible from its seed and resumes exactly. A sample
+    whose file cannot be decoded is replaced by the next one with a counted warning.
+    """
 
     def __init__(self, samples: Sequence[Sample], base_size: int = 384, scales: Sequence[float] = (1.5, 1.0, 2.0),
-                 augment: bool = True, seed: Optional[int] = None) -> None:
+                 augment: bool = True) -> None:
         if not samples:
             raise ValueError("CamouflageTrainSet: no samples")
         self.samples = list(samples)
         self.base_size = base_size
         self.scales = tuple(scales)
-        self.augment = train_augmentation(seed) if augment else None
-        self.undecodable: List[str] = []
+        self.augment = train_augmentation() if augment else None
+        self.skip_unreadable = common.SkipUnreadable("training set")
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _load(self, index: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    def _load(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
         sample = self.samples[index]
         image, mask = read_rgb(sample.image_path), read_mask(sample.mask_path)
         if image is None or mask is None:
-            self.undecodable.append(sample.image_path if image is None else sample.mask_path)
-            warnings.warn(f"cannot decode {self.undecodable[-1]}: skipped ({len(self.undecodable)} so far in this "
-                          f"worker)", DatasetWarning, stacklevel=2)
-            return None
+            unreadable = sample.image_path if image is None else sample.mask_path
+            raise common.UnreadableImageError(f"cannot decode {unreadable}")
         if image.shape[:2] != mask.shape:
             image = resize_array(image, *mask.shape)
         return image, mask
 
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
-        for offset in range(len(self.samples)):
-            loaded = self._load((index + offset) % len(self.samples))
-            if loaded is not None:
-                break
-        else:
-            raise RuntimeError("CamouflageTrainSet: no sample of the dataset can be decoded")
-        image, mask = loaded
+        image, mask = self.skip_unreadable(self._load, index, len(self.samples))
         if self.augment is not None:
+            common.seed_albumentations(self.augment, int(np.random.randint(2 ** 31)))
             transformed = self.augment(image=image, mask=mask)
             image, mask = transformed["image"], transformed["mask"]
         item = image_scales(image, self.base_size, self.scales)
         item["mask"] = torch.from_numpy(resize_array(mask, self.base_size, self.base_size)).unsqueeze(0)
         return item
-
-
-def seed_augmentation_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: a distinct, reproducible augmentation stream per worker."""
-    info = torch.utils.data.get_worker_info()
-    augment = getattr(info.dataset, "augment", None) if info is not None else None
-    if augment is not None:
-        augment.set_random_seed(info.seed % 2 ** 32)
 
 
 class CamouflageTestSet(Dataset):
@@ -521,19 +491,23 @@ def build_model(model: Optional[str] = None, backbone: Optional[str] = None, pre
 
 
 def _read_state(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]:
-    """Weights and, when stored with them, the model's build config (this module's checkpoints)."""
+    """Weights and, when stored with them, the model's build config (this module's checkpoints).
+
+    Read through :mod:`recurzoo.checkpoint` (safetensors, or ``weights_only=True``): a file that would
+    run code, or a truncated one, is refused with a one-line ``ValueError``.
+    """
+    from recurzoo.checkpoint import read_checkpoint
+
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    checkpoint = read_checkpoint(path)
+    config = checkpoint.get("model_config") if isinstance(checkpoint, dict) else None
     if path.endswith(".safetensors"):
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
         config = json.loads(metadata["model_config"]) if "model_config" in metadata else None
-        return load_file(path), config
-    checkpoint = common.load_checkpoint(path)
-    config = checkpoint.get("model_config") if isinstance(checkpoint, dict) else None
     return unwrap_checkpoint(checkpoint), config
 
 
@@ -564,7 +538,7 @@ def load_model(checkpoint: str, model: Optional[str] = None, backbone: Optional[
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = common.ArgumentParser(
         prog="python -m recurzoo.train.camouflage",
         description="Train and evaluate MSRNet camouflaged-object detectors.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -622,11 +596,7 @@ def _datasets(names: Sequence[str], config: Optional[Mapping[str, DatasetSpec]])
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Train (unless ``--evaluate``) and evaluate; returns the loss history and the metrics."""
     args = build_parser().parse_args(argv)
-    context = common.init_distributed(args.device)
-    try:
-        return _run(args, context)
-    finally:
-        common.cleanup_distributed()
+    return common.run_distributed(_run, args)
 
 
 def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[str, Any]:
@@ -688,11 +658,11 @@ def _train(model: nn.Module, train_sets: Mapping[str, Sequence[Sample]], args: a
     for name, dataset in train_sets.items():
         logger.info(f"training set {name}: {len(dataset)} pairs")
     dataset = CamouflageTrainSet(samples, args.base_size, getattr(model, "scales", (1.5, 1.0, 2.0)),
-                                 augment=not args.no_augment, seed=args.seed + context.rank)
+                                 augment=not args.no_augment)
     sampler = DistributedSampler(dataset, seed=args.seed, drop_last=True) if context.distributed else None
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, shuffle=sampler is None,
-                        num_workers=args.workers, drop_last=True, pin_memory=context.device.type == "cuda",
-                        persistent_workers=args.workers > 0, worker_init_fn=seed_augmentation_worker)
+                        num_workers=args.workers, drop_last=True, pin_memory=context.device.type == "cuda")
+    # (workers are not persistent: seeded afresh each epoch, as a resumed run seeds them)
     steps_per_epoch = len(loader)
     total = args.steps or args.epochs * steps_per_epoch
     save_every = args.save_every or steps_per_epoch
@@ -702,22 +672,26 @@ def _train(model: nn.Module, train_sets: Mapping[str, Sequence[Sample]], args: a
     scheduler = step_schedule(optimizer, total, args.milestone, args.gamma)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     history: List[float] = []
-    start_step = 0
+    start_step, resume_rng = 0, None
     resume_path = common.resolve_resume(args.resume, args.output)
     if resume_path:
         state = common.load_checkpoint(resume_path)
-        model.load_state_dict(state["model"])
+        if not {"model", "optimizer", "scheduler", "scaler", "step", "history"} <= set(state):
+            raise ValueError(f"--resume {resume_path}: not a checkpoint of this script (needs model, optimizer, "
+                             f"scheduler, scaler, step and history entries)")
+        common.load_fitting_state_dict(model, state["model"], f"--resume {resume_path}")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_step, history = int(state["step"]), list(state["history"])
+        resume_rng = common.rank_rng_state(state.get("rng"), context, logger)
         logger.info(f"resumed {resume_path} at step {start_step}/{total}")
 
     wrapped = common.wrap_ddp(_MultiscaleForward(model), context)
     model.train()
     if not args.train_backbone_bn:
         freeze_backbone_batchnorm(model)
-    batches = common.infinite_batches(loader, start_epoch=start_step // steps_per_epoch)
+    batches = common.StepBatches(loader, args.seed, context.rank, start_step, resume_rng)
     bar = common.progress(total=total, initial=start_step, desc="train",
                           enabled=context.is_main and not args.no_progress)
     for step in range(start_step, total):
@@ -742,11 +716,13 @@ def _train(model: nn.Module, train_sets: Mapping[str, Sequence[Sample]], args: a
                         f"ual {parts['ual']:.4f} x {parts['ual_weight']:.3f}) lr {scheduler.get_last_lr()[-1]:.2e}")
             common.append_jsonl(os.path.join(args.output, "metrics.jsonl"),
                                 dict(step=done, loss=history[-1], lr=scheduler.get_last_lr()[-1], **parts))
-        if context.is_main and (done % save_every == 0 or done == total):
-            common.save_checkpoint(os.path.join(args.output, "last.pt"), dict(
-                model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict(), step=done, history=history, model_config=model.cod_config,
-                args=vars(args)))
+        if done % save_every == 0 or done == total:
+            rng = common.gather_rng_states(context, batches.resume_rng_state())  # a collective: every rank
+            if context.is_main:
+                common.save_checkpoint(os.path.join(args.output, "last.pt"), dict(
+                    model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    scaler=scaler.state_dict(), step=done, history=history, rng=rng, model_config=model.cod_config,
+                    args=vars(args)))
     bar.close()
     if context.is_main:
         common.save_safetensors(os.path.join(args.output, "model.safetensors"), model.state_dict(),
@@ -808,4 +784,4 @@ def predict(
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main)

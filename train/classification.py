@@ -23,14 +23,18 @@ soft labels only, as the paper does.
 Runs under ``torchrun`` (DDP: NCCL on GPU, Gloo on CPU; distributed samplers; rank 0 logs and
 writes checkpoints). Into ``--output``: ``last.pth.tar``, ranked ``checkpoint-<epoch>.pth.tar``,
 ``model_best.pth.tar`` (atomic, loadable with ``weights_only=True``), ``summary.csv``, ``log.txt``,
-``args.yaml`` and with ``--plot`` ``loss.png``/``metrics.png``. ``--resume auto`` continues from
-``last.pth.tar``, mid-epoch included. SIGTERM/SIGINT write a final checkpoint and exit 128+signal;
-a NaN/inf loss stops the run (exit 3) before the bad update, keeping the last checkpoint.
+``args.yaml``, ``metrics.jsonl`` (the loss every ``--log-interval`` steps) and with ``--plot``
+``loss.png``/``metrics.png``. ``--resume auto`` continues from ``last.pth.tar``, mid-epoch included,
+exactly: model, optimizer, scheduler, EMA, grad scaler and every rank's RNG states are restored, so
+the resumed run repeats the losses of an uninterrupted one. SIGTERM/SIGINT write a final checkpoint
+and exit 128+signal; a NaN/inf loss stops the run (exit 3) before the bad update, keeping the last
+checkpoint. Training images that cannot be decoded are replaced by the next one, counted and reported
+per epoch; a missing or empty data folder, a bad option or a checkpoint that does not fit (or would
+run code) is one line on stderr with exit code 2.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import time
@@ -51,7 +55,7 @@ __all__ = ["build_parser", "main", "KnowledgeDistillationLoss", "create_teacher"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = common.ArgumentParser(
         prog="python -m recurzoo.train.classification",
         description="Train or fine-tune a timm/recurzoo classifier with timm's components.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -239,38 +243,29 @@ def create_teacher(args: argparse.Namespace, num_classes: int) -> nn.Module:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Train; returns the best metric and epoch, the last epoch's metrics and the output folder."""
     args = common.parse_args_with_config(build_parser(), argv)
-    context = common.init_distributed(args.device)
-    try:
-        return _Training(args, context).run()
-    finally:
-        common.cleanup_distributed()
+    return common.run_distributed(lambda args, context: _Training(args, context).run(), args)
 
 
-class _Training:
+class _Training(common.EpochTraining):
     """The state of one run: data, model, optimization, checkpoints; ``run`` trains epoch by epoch."""
 
     def __init__(self, args: argparse.Namespace, context: common.DistributedContext) -> None:
-        self.args = args
-        self.context = context
-        self.logger = common.setup_logging(args.output, context.is_main, name="recurzoo.classification")
-        self.summary_path = os.path.join(args.output, "summary.csv")
-        self.num_updates = 0
-        self.epoch_sums = [0.0, 0]  # the current epoch's loss sum and step count (kept across a resume)
-        self.batches_done: Optional[int] = None
+        super().__init__(args, context, "classification")
+        self.epoch_sums = [0.0, 0]  # the current epoch's loss sum and step count
+        self.skipped_images = 0
 
     # ----------------------------------------------------------------------------------- set-up
     def _datasets(self) -> None:
-        from timm.data import create_dataset
-
         args = self.args
         common_kwargs = dict(class_map=args.class_map or None, download=args.dataset_download,
                              batch_size=args.batch_size, seed=args.seed)
-        self.train_set = create_dataset(args.dataset, root=args.data_dir, split=args.train_split,
-                                        is_training=True, **common_kwargs)
+        self.train_set = common.create_image_dataset(args.dataset, args.data_dir, args.train_split,
+                                                     skip_unreadable="training set", is_training=True,
+                                                     **common_kwargs)
         self.eval_set = None
         if args.val_split:
-            self.eval_set = create_dataset(args.dataset, root=args.data_dir, split=args.val_split,
-                                           is_training=False, **common_kwargs)
+            self.eval_set = common.create_image_dataset(args.dataset, args.data_dir, args.val_split,
+                                                        is_training=False, **common_kwargs)
 
     def _model(self) -> None:
         import timm
@@ -308,7 +303,8 @@ class _Training:
             scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip,
             color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=args.train_interpolation,
             mean=config["mean"], std=config["std"], num_workers=args.workers, distributed=context.distributed,
-            pin_memory=context.device.type == "cuda", device=context.device, use_prefetcher=False)
+            pin_memory=context.device.type == "cuda", device=context.device, use_prefetcher=False,
+            persistent_workers=False)  # workers seeded afresh each epoch, as a resumed run seeds them
         if len(self.train_loader) == 0:
             raise ValueError(f"--data-dir {args.data_dir}: {len(self.train_set)} training images make no full "
                              f"batch of {args.batch_size} per process; lower --batch-size")
@@ -381,8 +377,7 @@ class _Training:
                 decreasing=args.eval_metric == "loss", max_history=args.checkpoint_hist)
 
     def _position_state(self) -> Dict[str, Any]:
-        return dict(num_updates=self.num_updates, batches_done=self.batches_done, epoch_sums=list(self.epoch_sums),
-                    num_classes=self.num_classes)
+        return dict(self.position_state(), num_classes=self.num_classes)
 
     def _resume(self) -> int:
         """Restore ``--resume``'s state; returns the first epoch to run (``batches_done`` set if mid-epoch)."""
@@ -391,18 +386,9 @@ class _Training:
         if path is None:
             return 0
         state = common.load_checkpoint(path)
-        common.restore_training_state(state, self.model, self.optimizer, self.model_ema, self.scaler, self.saver)
-        self.num_updates = int(state.get("num_updates", 0))
-        self.batches_done = state.get("batches_done")
-        if self.batches_done is None:
-            start_epoch = int(state["epoch"]) + 1
-        else:
-            start_epoch = int(state["epoch"])
-            self.epoch_sums = list(state.get("epoch_sums", [0.0, 0]))
-        self.logger.info(f"resumed {path}: epoch {start_epoch}"
-                         + (f", after step {self.batches_done} of it" if self.batches_done else "")
-                         + f" ({self.num_updates} updates done)")
-        return start_epoch
+        common.restore_training_state(state, self.model, self.optimizer, self.model_ema, self.scaler, self.saver,
+                                      source=f"--resume {path}")
+        return self.restore_position(state, path)
 
     # ------------------------------------------------------------------------------- training
     def run(self) -> Dict[str, Any]:
@@ -432,7 +418,7 @@ class _Training:
 
         best = (None, None)
         eval_metrics: Dict[str, float] = {}
-        with common.RunGuard(context, args.fail_at_step, args.fail_mode) as guard, self._log_failure():
+        with common.RunGuard(context, args.fail_at_step, args.fail_mode) as guard, self.log_failure():
             for epoch in range(start_epoch, self.num_epochs):
                 train_metrics = self._train_epoch(epoch, guard)
                 if train_metrics is None:  # a stop signal: final checkpoint written
@@ -458,17 +444,7 @@ class _Training:
         if best[0] is not None:
             self.logger.info(f"best {args.eval_metric} {best[0]:.4f} at epoch {best[1]}")
         return dict(best_metric=best[0], best_epoch=best[1], eval=eval_metrics, num_updates=self.num_updates,
-                    summary=self.summary_path, output=args.output)
-
-    @contextlib.contextmanager
-    def _log_failure(self):
-        """Record a NaN/inf stop in the log, naming the checkpoint that is kept."""
-        try:
-            yield
-        except common.NonFiniteLossError as error:
-            kept = self.saver.last_path if self.saver is not None and os.path.exists(self.saver.last_path) else None
-            self.logger.error(f"{error}: stopping; the last good checkpoint is {kept or 'none (none written yet)'}")
-            raise
+                    summary=self.summary_path, output=args.output, skipped_images=self.skipped_images)
 
     def _train_epoch(self, epoch: int, guard: common.RunGuard) -> Optional[Dict[str, float]]:
         """One epoch (from ``batches_done`` when resumed mid-epoch); None when stopped by a signal."""
@@ -487,7 +463,8 @@ class _Training:
                               enabled=context.is_main and not args.no_progress)
         kd_sums = [0.0, 0.0]
         started = time.perf_counter()
-        for index, (images, targets) in common.epoch_batches(self.train_loader, epoch, args.seed, context.rank, skip):
+        batches = self.epoch_batches(self.train_loader, epoch)
+        for index, (images, targets) in batches:
             images = images.to(context.device, non_blocking=True)
             targets = targets.to(context.device, non_blocking=True)
             if self.mixup is not None:
@@ -499,10 +476,10 @@ class _Training:
                 else:
                     loss = self.task_loss(logits, targets)
             if guard.check(loss, self.num_updates, where=f"epoch {epoch}, batch {index}"):
-                self._save_last(epoch)
+                self.save_last(epoch, batches, pending=True)  # this batch is trained again on resume
                 bar.close()
                 return None
-            self._step(loss)
+            self.optimizer_step(loss, args.clip_mode)
             self.num_updates += 1
             self.batches_done = index + 1
             loss_value = loss.detach().float().item()
@@ -517,35 +494,24 @@ class _Training:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
             if context.is_main and (index + 1) % args.log_interval == 0:
-                self.logger.info(f"epoch {epoch} step {index + 1}/{total}: loss {loss_value:.4f}, "
-                                 f"lr {self.optimizer.param_groups[0]['lr']:.3e}")
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.logger.info(f"epoch {epoch} step {index + 1}/{total}: loss {loss_value:.4f}, lr {lr:.3e}")
+                common.append_jsonl(os.path.join(args.output, "metrics.jsonl"),
+                                    dict(epoch=epoch, step=self.num_updates, loss=loss_value, lr=lr))
             if args.checkpoint_every and self.num_updates % args.checkpoint_every == 0 and index + 1 < total:
-                self._save_last(epoch)
+                self.save_last(epoch, batches)
         bar.close()
+        self.skipped_images += self._report_skips(f"epoch {epoch}")
         metrics = OrderedDict(loss=self._mean_over_ranks(*self.epoch_sums))
         if self.kd is not None:
             metrics["kd_loss"] = self._mean_over_ranks(*kd_sums)
         metrics["seconds"] = time.perf_counter() - started
         return metrics
 
-    def _step(self, loss: torch.Tensor) -> None:
-        from timm.utils import dispatch_clip_grad
-
-        args = self.args
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler(loss, self.optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                        parameters=self.model.parameters())
-            return
-        loss.backward()
-        if args.clip_grad is not None:
-            dispatch_clip_grad(self.model.parameters(), args.clip_grad, mode=args.clip_mode)
-        self.optimizer.step()
-
-    def _save_last(self, epoch: int) -> None:
-        if self.saver is not None:
-            path = self.saver.save_last(epoch)
-            self.logger.info(f"checkpoint {path}: epoch {epoch}, step {self.batches_done} of it")
+    def _report_skips(self, when: str) -> int:
+        """Report (and return) the unreadable training images skipped since the last report, all ranks."""
+        skipper = getattr(self.train_set, "skip_unreadable", None)
+        return skipper.report(self.logger, when, self.context) if skipper is not None else 0
 
     def _mean_over_ranks(self, total: float, count: float) -> float:
         sums = torch.tensor([total, count], dtype=torch.float64, device=self.context.device)

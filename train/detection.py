@@ -43,7 +43,7 @@ __all__ = ["build_parser", "main", "CocoDetection", "coco_evaluate", "detections
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = common.ArgumentParser(
         prog="python -m recurzoo.train.detection",
         description="Faster/Mask R-CNN (torchvision) with an FPN over any timm/recurzoo features_only backbone, "
                     "on COCO-format data; COCO mAP from pycocotools.",
@@ -294,24 +294,15 @@ def evaluate(model: nn.Module, dataset: CocoDetection, args: argparse.Namespace,
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Train (or with ``--test-only`` evaluate); returns the best mAP and epoch, the last metrics, the output."""
     args = common.parse_args_with_config(build_parser(), argv)
-    context = common.init_distributed(args.device)
-    try:
-        return _Training(args, context).run()
-    finally:
-        common.cleanup_distributed()
+    return common.run_distributed(lambda args, context: _Training(args, context).run(), args)
 
 
-class _Training:
+class _Training(common.EpochTraining):
     """One detection run: data, detector, optimization, checkpoints; ``run`` trains epoch by epoch."""
 
     def __init__(self, args: argparse.Namespace, context: common.DistributedContext) -> None:
-        self.args = args
-        self.context = context
-        self.logger = common.setup_logging(args.output, context.is_main, name="recurzoo.detection")
-        self.summary_path = os.path.join(args.output, "summary.csv")
-        self.num_updates = 0
-        self.batches_done: Optional[int] = None
-        self.epoch_sums: Dict[str, float] = {}
+        super().__init__(args, context, "detection")
+        self.epoch_sums: Dict[str, float] = {}  # the current epoch's loss sums and step count
 
     def _setup(self) -> None:
         from timm.optim import create_optimizer_v2
@@ -330,10 +321,18 @@ class _Training:
             if self.train_set.category_ids != self.val_set.category_ids:
                 raise ValueError("the training and evaluation annotation files list different categories")
         common.seed_everything(args.seed)  # the same initial weights on every rank
+        backbone_kwargs = common.parse_kwargs(args.backbone_kwargs)
+        if args.backbone_checkpoint:  # read safely here; timm's loader applies the family's filter to it
+            from timm.models import clean_state_dict
+
+            from recurzoo.checkpoint import read_state_dict
+
+            weights = clean_state_dict(read_state_dict(args.backbone_checkpoint))
+            backbone_kwargs["pretrained_cfg_overlay"] = dict(state_dict=weights)
         backbone = create_fpn_backbone(
             args.backbone, out_indices=args.out_indices, fpn_channels=args.fpn_channels,
-            pretrained=args.pretrained_backbone, checkpoint=args.backbone_checkpoint, frozen_bn=args.frozen_bn,
-            **common.parse_kwargs(args.backbone_kwargs))
+            pretrained=args.pretrained_backbone or bool(args.backbone_checkpoint), frozen_bn=args.frozen_bn,
+            **backbone_kwargs)
         self.model = create_detector(args.detector, backbone, self.val_set.num_classes, min_size=args.min_size,
                                      max_size=args.max_size, anchor_scale=args.anchor_scale,
                                      box_score_thresh=args.box_score_thresh,
@@ -367,8 +366,7 @@ class _Training:
                 amp_scaler=self.scaler, extra_state=self._position_state, max_history=args.checkpoint_hist)
 
     def _position_state(self) -> Dict[str, Any]:
-        return dict(num_updates=self.num_updates, batches_done=self.batches_done, epoch_sums=dict(self.epoch_sums),
-                    category_ids=list(self.val_set.category_ids))
+        return dict(self.position_state(), category_ids=list(self.val_set.category_ids))
 
     def _resume(self) -> int:
         args = self.args
@@ -379,15 +377,8 @@ class _Training:
             return 0
         state = common.load_checkpoint(path)
         common.restore_training_state(state, self.model, None if args.test_only else self.optimizer, None,
-                                      self.scaler, self.saver)
-        self.num_updates = int(state.get("num_updates", 0))
-        self.batches_done = state.get("batches_done")
-        start_epoch = int(state["epoch"]) + (1 if self.batches_done is None else 0)
-        if self.batches_done is not None:
-            self.epoch_sums = dict(state.get("epoch_sums", {}))
-        self.logger.info(f"resumed {path}: epoch {start_epoch}"
-                         + (f", after step {self.batches_done} of it" if self.batches_done else ""))
-        return start_epoch
+                                      self.scaler, self.saver, source=f"--resume {path}")
+        return self.restore_position(state, path)
 
     def run(self) -> Dict[str, Any]:
         from timm.utils import distribute_bn, update_summary
@@ -410,7 +401,7 @@ class _Training:
                          f"{context.world_size} process(es)")
         best: Tuple[Optional[float], Optional[int]] = (None, None)
         eval_metrics: Dict[str, float] = {}
-        with common.RunGuard(context, args.fail_at_step, args.fail_mode) as guard, self._log_failure():
+        with common.RunGuard(context, args.fail_at_step, args.fail_mode) as guard, self.log_failure():
             for epoch in range(start_epoch, self.num_epochs):
                 train_metrics = self._train_epoch(epoch, guard)
                 if train_metrics is None:
@@ -437,16 +428,6 @@ class _Training:
         return dict(best_map=best[0], best_epoch=best[1], eval=eval_metrics, num_updates=self.num_updates,
                     summary=self.summary_path, output=args.output)
 
-    @contextlib.contextmanager
-    def _log_failure(self):
-        """Record a NaN/inf stop in the log, naming the checkpoint that is kept."""
-        try:
-            yield
-        except common.NonFiniteLossError as error:
-            kept = self.saver.last_path if self.saver is not None and os.path.exists(self.saver.last_path) else None
-            self.logger.error(f"{error}: stopping; the last good checkpoint is {kept or 'none (none written yet)'}")
-            raise
-
     def _train_epoch(self, epoch: int, guard: common.RunGuard) -> Optional[Dict[str, float]]:
         args, context = self.args, self.context
         skip = self.batches_done or 0
@@ -458,7 +439,8 @@ class _Training:
         bar = common.progress(total=total, initial=skip, desc=f"epoch {epoch}",
                               enabled=context.is_main and not args.no_progress)
         started = time.perf_counter()
-        for index, (images, targets) in common.epoch_batches(self.train_loader, epoch, args.seed, context.rank, skip):
+        batches = self.epoch_batches(self.train_loader, epoch)
+        for index, (images, targets) in batches:
             images = [image.to(context.device, non_blocking=True) for image in images]
             targets = [{key: value.to(context.device, non_blocking=True) for key, value in target.items()}
                        for target in targets]
@@ -466,11 +448,10 @@ class _Training:
                 losses = self.train_model(images, targets)
             loss = sum(losses.values())
             if guard.check(loss, self.num_updates, where=f"epoch {epoch}, batch {index}"):
-                if self.saver is not None:
-                    self.logger.info(f"checkpoint {self.saver.save_last(epoch)}: epoch {epoch}, step {index} of it")
+                self.save_last(epoch, batches, pending=True)  # this batch is trained again on resume
                 bar.close()
                 return None
-            self._step(loss)
+            self.optimizer_step(loss)
             self.num_updates += 1
             self.batches_done = index + 1
             values = {"loss": loss.detach().float().item(),
@@ -485,9 +466,8 @@ class _Training:
                 self.logger.info(f"epoch {epoch} step {index + 1}/{total}: " + ", ".join(
                     f"{key} {value:.4f}" for key, value in values.items())
                     + f", lr {self.optimizer.param_groups[0]['lr']:.3e}")
-            if args.checkpoint_every and self.num_updates % args.checkpoint_every == 0 and index + 1 < total \
-                    and self.saver is not None:
-                self.saver.save_last(epoch)
+            if args.checkpoint_every and self.num_updates % args.checkpoint_every == 0 and index + 1 < total:
+                self.save_last(epoch, batches)
         bar.close()
         keys = sorted(key for key in self.epoch_sums if key != "steps")
         sums = torch.tensor([self.epoch_sums[key] for key in keys] + [self.epoch_sums.get("steps", 0)],
@@ -499,19 +479,6 @@ class _Training:
         metrics.move_to_end("loss", last=False)
         metrics["seconds"] = time.perf_counter() - started
         return metrics
-
-    def _step(self, loss: torch.Tensor) -> None:
-        from timm.utils import dispatch_clip_grad
-
-        args = self.args
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler(loss, self.optimizer, clip_grad=args.clip_grad, parameters=self.model.parameters())
-            return
-        loss.backward()
-        if args.clip_grad is not None:
-            dispatch_clip_grad(self.model.parameters(), args.clip_grad)
-        self.optimizer.step()
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from recurzoo.backbones.hornet import unwrap_checkpoint
 from recurzoo.backbones.recurrent_vit import (
     RecurrentViT, even_phases, find_phases, from_vit, phase_starts, vit_step_tokens,
 )
@@ -44,7 +43,7 @@ __all__ = ["build_parser", "main", "TokenLoss", "PhaseObjective", "SequenceObjec
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = common.ArgumentParser(
         prog="python -m recurzoo.train.distill_recurrent",
         description="Distil a timm ViT teacher into a recurrent ViT with k shared blocks.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -206,20 +205,17 @@ def _load_teacher(args: argparse.Namespace) -> nn.Module:
     pretrained = args.pretrained if args.pretrained is not None else args.teacher_checkpoint is None
     teacher = timm.create_model(args.teacher, pretrained=pretrained, **common.parse_kwargs(args.teacher_kwargs))
     if args.teacher_checkpoint:
-        if args.teacher_checkpoint.endswith(".safetensors"):
-            from safetensors.torch import load_file
+        from timm.models import clean_state_dict
 
-            state_dict = load_file(args.teacher_checkpoint)
-        else:
-            state_dict = unwrap_checkpoint(common.load_checkpoint(args.teacher_checkpoint))
-        state_dict = {key[len("module."):] if key.startswith("module.") else key: value
-                      for key, value in state_dict.items()}
-        teacher.load_state_dict(state_dict)
+        from recurzoo.checkpoint import read_state_dict
+
+        state_dict = clean_state_dict(read_state_dict(args.teacher_checkpoint))  # DDP prefixes removed
+        common.load_fitting_state_dict(teacher, state_dict, f"--teacher-checkpoint {args.teacher_checkpoint}")
     return teacher.eval().requires_grad_(False)
 
 
 def _datasets(args: argparse.Namespace, teacher: nn.Module):
-    from timm.data import create_dataset, create_transform, resolve_data_config
+    from timm.data import create_transform, resolve_data_config
 
     data_config = resolve_data_config({}, model=teacher)
     img_size = getattr(teacher.patch_embed, "img_size", None)  # the teacher's own size, when built for another
@@ -228,10 +224,9 @@ def _datasets(args: argparse.Namespace, teacher: nn.Module):
     train_transform = create_transform(**data_config, is_training=True, scale=(args.min_crop, 1.0),
                                        hflip=0.5, color_jitter=None)
     eval_transform = create_transform(**data_config, is_training=False)
-    train_set = create_dataset("", root=args.data_dir, split=args.split, is_training=True, transform=train_transform)
-    eval_set = create_dataset("", root=args.data_dir, split=args.split, transform=eval_transform)
-    if len(train_set) == 0:
-        raise ValueError(f"--data-dir {args.data_dir}: no images found")
+    train_set = common.create_image_dataset("", args.data_dir, args.split, skip_unreadable="training set",
+                                            is_training=True, transform=train_transform)
+    eval_set = common.create_image_dataset("", args.data_dir, args.split, transform=eval_transform)
     eval_set = Subset(eval_set, range(min(args.eval_images, len(eval_set))))
     return train_set, eval_set
 
@@ -270,7 +265,8 @@ def _train_stage(
     parameters = [p for p in student.parameters() if p.requires_grad]
     history = state["history"].setdefault(f"stage{stage}", [])
     use_amp = args.amp and context.device.type == "cuda"
-    batches = common.infinite_batches(loader, start_epoch=start_step // max(1, len(loader)))
+    resume_rng = common.rank_rng_state(resume_state.get("rng"), context, logger) if resume_state is not None else None
+    batches = common.StepBatches(loader, args.seed, context.rank, start_step, resume_rng)
     bar = common.progress(total=total, initial=start_step, desc=f"stage {stage}",
                           enabled=context.is_main and not args.no_progress)
     student.train()
@@ -300,21 +296,19 @@ def _train_stage(
                         f"lr {scheduler.get_last_lr()[0]:.2e}")
             common.append_jsonl(os.path.join(args.output, "metrics.jsonl"),
                                 dict(stage=stage, step=done, loss=history[-1], lr=scheduler.get_last_lr()[0]))
-        if context.is_main and (done % args.save_every == 0 or done == total):
-            state.update(stage=stage, step=done, student=student.state_dict(), optimizer=optimizer.state_dict(),
-                         scheduler=scheduler.state_dict())
-            common.save_checkpoint(os.path.join(args.output, "last.pt"), state)
+        if done % args.save_every == 0 or done == total:
+            rng = common.gather_rng_states(context, batches.resume_rng_state())  # a collective: every rank
+            if context.is_main:
+                state.update(stage=stage, step=done, student=student.state_dict(), optimizer=optimizer.state_dict(),
+                             scheduler=scheduler.state_dict(), rng=rng)
+                common.save_checkpoint(os.path.join(args.output, "last.pt"), state)
     bar.close()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run the distillation; returns the phases, per-step errors and loss history."""
     args = build_parser().parse_args(argv)
-    context = common.init_distributed(args.device)
-    try:
-        return _run(args, context)
-    finally:
-        common.cleanup_distributed()
+    return common.run_distributed(_run, args)
 
 
 def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[str, Any]:
@@ -322,6 +316,9 @@ def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[s
     logger = common.setup_logging(args.output, context.is_main, name="recurzoo.distill_recurrent")
     resume_path = common.resolve_resume(args.resume, args.output)
     resumed = common.load_checkpoint(resume_path) if resume_path else None
+    if resumed is not None and not {"phases", "student", "stage", "step", "history", "errors"} <= set(resumed):
+        raise ValueError(f"--resume {resume_path}: not a checkpoint of this script (needs phases, student, stage, "
+                         f"step, history and errors entries)")
 
     teacher = _load_teacher(args).to(context.device)
     depth = len(teacher.blocks)
@@ -329,7 +326,7 @@ def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[s
     sampler = DistributedSampler(train_set, seed=args.seed, drop_last=True) if context.distributed else None
     loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, shuffle=sampler is None,
                         num_workers=args.workers, drop_last=len(train_set) >= args.batch_size,
-                        pin_memory=context.device.type == "cuda", persistent_workers=args.workers > 0)
+                        pin_memory=context.device.type == "cuda")  # workers seeded afresh each epoch (exact resume)
     eval_batches = [images.to(context.device) for images, _ in
                     DataLoader(eval_set, batch_size=args.batch_size, shuffle=False, num_workers=0)]
 
@@ -363,7 +360,7 @@ def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[s
     state: Dict[str, Any] = dict(phases=phases, history={}, errors={}, args=vars(args))
     start_stage, start_step = 1, 0
     if resumed is not None:
-        student.load_state_dict(resumed["student"])
+        common.load_fitting_state_dict(student, resumed["student"], f"--resume {resume_path}")
         state.update(history=resumed["history"], errors=resumed["errors"])
         start_stage, start_step = resumed["stage"], resumed["step"]
         if start_stage == 1 and start_step >= args.stage1_steps:
@@ -423,4 +420,4 @@ def _write_results(args: argparse.Namespace, student: RecurrentViT, state: Dict[
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main)

@@ -20,9 +20,14 @@ Training follows the official recipe by default: random LR patches of 64x64 with
 patch, random flips and transposition (the 8 symmetries of the square, albumentations, applied to
 both), L1 loss, Adam (2e-4, betas 0.9/0.99), learning rate halved at 50/80/90/95% of the steps
 (the official 250k/400k/450k/475k of 500k), EMA of the weights (``timm.utils.ModelEmaV3``).
-Checkpoints (``last.pt``) are written atomically and ``--resume auto`` continues from them; the final
-weights (EMA if used) are saved as ``model.safetensors``, loadable with
-``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))``.
+Checkpoints (``last.pt``) are written atomically, with every rank's RNG states, and ``--resume auto``
+continues from them exactly (the resumed run repeats an uninterrupted run's losses); SIGTERM/SIGINT
+write a final checkpoint, a NaN/inf loss stops the run keeping the last one. The final weights (EMA if
+used) are saved as ``model.safetensors``, loadable with
+``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))``. Files that are
+not readable images are left out with one counted warning; images smaller than the patch are left out
+with a warning naming them; a truncated image met during training is replaced by the next one and
+counted; a dataset without a usable image fails before training.
 
 Evaluation reproduces BasicSR's ``calculate_psnr`` / ``calculate_ssim`` with ``test_y_channel=True``:
 outputs are clamped and rounded to 8 bits, the HR image is cropped to ``scale x`` the LR size,
@@ -36,6 +41,7 @@ import argparse
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -119,6 +125,26 @@ def _images_in(folder: Path) -> List[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def _without_unreadable(name: str, hr_files: Sequence[Path], lr_files: Optional[Sequence[Path]]
+                        ) -> Tuple[Tuple[Path, ...], Optional[Tuple[Path, ...]]]:
+    """The (HR, LR) files whose headers are readable images; the others are dropped with one counted
+    :class:`~recurzoo.train.common.DatasetWarning`. (Truncated files pass this check; training skips them.)"""
+    kept_hr, kept_lr, unreadable = [], [], []
+    for hr, lr in zip(hr_files, lr_files or hr_files):
+        try:
+            for path in dict.fromkeys((hr, lr)):  # HR first; once when unpaired
+                common.image_size(str(path))
+        except common.UnreadableImageError as error:
+            unreadable.append(str(error))
+            continue
+        kept_hr.append(hr)
+        kept_lr.append(lr)
+    if unreadable:
+        warnings.warn(f"dataset {name!r}: skipped {len(unreadable)} of {len(hr_files)} images with unreadable files: "
+                      f"{common.summarize(unreadable)}", common.DatasetWarning, stacklevel=3)
+    return tuple(kept_hr), (tuple(kept_lr) if lr_files is not None else None)
+
+
 def _match_lr(hr_files: Sequence[Path], lr_dir: Path, scale: int) -> Tuple[Path, ...]:
     by_stem = {p.stem: p for p in _images_in(lr_dir)}
     matched, missing = [], []
@@ -155,11 +181,15 @@ def resolve_dataset(spec: str, scale: int) -> SRDataSpec:
     hr_files = _images_in(hr_dir)
     if not hr_files:
         raise ValueError(f"no PNG or JPEG images in {hr_dir}")
-    if lr_dir is None:
-        return SRDataSpec(name, tuple(hr_files), None)
-    if not lr_dir.is_dir():
-        raise FileNotFoundError(f"no such LR folder: {lr_dir}")
-    return SRDataSpec(name, tuple(hr_files), _match_lr(hr_files, lr_dir, scale))
+    lr_files = None
+    if lr_dir is not None:
+        if not lr_dir.is_dir():
+            raise FileNotFoundError(f"no such LR folder: {lr_dir}")
+        lr_files = _match_lr(hr_files, lr_dir, scale)
+    hr_kept, lr_kept = _without_unreadable(name, hr_files, lr_files)
+    if not hr_kept:
+        raise ValueError(f"no readable images in {hr_dir}" + (f" and {lr_dir}" if lr_dir is not None else ""))
+    return SRDataSpec(name, hr_kept, lr_kept)
 
 
 def bicubic_downscale(image: np.ndarray, scale: int) -> np.ndarray:
@@ -183,47 +213,77 @@ def _square_symmetries(**targets: str) -> Any:
                      additional_targets=targets, is_check_shapes=False)
 
 
+def _read_training_image(path: Path) -> np.ndarray:
+    try:
+        return read_image(path)
+    except (ValueError, OSError) as error:
+        raise common.UnreadableImageError(str(error)) from None
+
+
 class SRTrainDataset(Dataset):
     """Random LR patches (``patch x patch``) with their HR patches, flipped and transposed at random.
 
     Paired data: the LR patch position is drawn and the HR patch is the same region ``scale`` times
-    larger. HR-only data: an HR patch is cropped (albumentations ``RandomCrop``) and downscaled.
+    larger. HR-only data: an HR patch is cropped (albumentations ``RandomCrop``) and downscaled. The
+    random draws come from NumPy's global generator (albumentations is reseeded from it per sample),
+    so a run is reproducible from its seed and resumes exactly. Images smaller than the patch are left
+    out with a warning naming them; an image that cannot be decoded during training is replaced by
+    the next one with a counted warning (``skip_unreadable``).
     """
 
     def __init__(self, specs: Sequence[SRDataSpec], scale: int, patch: int = 64, repeat: int = 1) -> None:
         import albumentations as A
 
-        self.items = [(hr, lr if spec.paired else None) for spec in specs
-                      for hr, lr in zip(spec.hr_files, spec.lr_files or spec.hr_files)]
-        if not self.items:
+        items = [(hr, lr if spec.paired else None) for spec in specs
+                 for hr, lr in zip(spec.hr_files, spec.lr_files or spec.hr_files)]
+        if not items:
             raise ValueError("no training images")
         self.scale, self.patch, self.repeat = scale, patch, max(1, repeat)
+        self.items = self._large_enough(items)
         self.symmetries = _square_symmetries(hr="image")
         self.hr_crop = A.Compose([A.RandomCrop(patch * scale, patch * scale), A.HorizontalFlip(p=0.5),
                                   A.VerticalFlip(p=0.5), A.Transpose(p=0.5)])
+        self.skip_unreadable = common.SkipUnreadable("training set")
+
+    def _large_enough(self, items: Sequence[Tuple[Path, Optional[Path]]]) -> List[Tuple[Path, Optional[Path]]]:
+        kept, small = [], []
+        for hr, lr in items:
+            path, side = (hr, self.patch * self.scale) if lr is None else (lr, self.patch)
+            height, width = common.image_size(str(path))
+            if min(height, width) < side:
+                small.append(f"{path} ({width}x{height})")
+            else:
+                kept.append((hr, lr))
+        if small:
+            warnings.warn(f"{len(small)} of {len(items)} training images are too small for the "
+                          f"{self.patch}x{self.patch} LR patch (x{self.scale}) and are left out: "
+                          f"{common.summarize(small)}", common.DatasetWarning, stacklevel=3)
+        if not kept:
+            raise ValueError(f"no training image is large enough for --patch-size {self.patch} at x{self.scale} "
+                             f"(e.g. {small[0]})")
+        return kept
 
     def __len__(self) -> int:
         return len(self.items) * self.repeat
 
-    def _check_size(self, image: np.ndarray, size: int, path: Path) -> None:
-        if min(image.shape[:2]) < size:
-            raise ValueError(f"{path}: {image.shape[1]}x{image.shape[0]} is smaller than the {size}x{size} patch")
-
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.skip_unreadable(self._sample, index, len(self))
+
+    def _sample(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         hr_path, lr_path = self.items[index % len(self.items)]
-        hr = read_image(hr_path)
+        hr = _read_training_image(hr_path)
         if lr_path is None:
-            self._check_size(hr, self.patch * self.scale, hr_path)
+            common.seed_albumentations(self.hr_crop, int(np.random.randint(2 ** 31)))
             hr = self.hr_crop(image=hr)["image"]
             lr = bicubic_downscale(hr, self.scale)
         else:
-            lr = read_image(lr_path)
-            self._check_size(lr, self.patch, lr_path)
+            lr = _read_training_image(lr_path)
             top = np.random.randint(0, lr.shape[0] - self.patch + 1)
             left = np.random.randint(0, lr.shape[1] - self.patch + 1)
             lr = lr[top:top + self.patch, left:left + self.patch]
             s = self.scale
             hr = hr[top * s:(top + self.patch) * s, left * s:(left + self.patch) * s]
+            common.seed_albumentations(self.symmetries, int(np.random.randint(2 ** 31)))
             augmented = self.symmetries(image=lr, hr=hr)
             lr, hr = augmented["image"], augmented["hr"]
         return image_to_tensor(lr)[0], image_to_tensor(hr)[0]
@@ -310,7 +370,7 @@ def _write_report(results: Dict[str, Dict[str, Any]], output: str, model_name: s
 # ----------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = common.ArgumentParser(
         prog="python -m recurzoo.train.super_resolution",
         description="Train and evaluate super-resolution models (BasicSR recipe and metrics).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -359,37 +419,38 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     group.add_argument("--seed", type=int, default=10, help="random seed (the official one)")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    common.add_fault_arguments(parser)
     return parser
 
 
 def build_model(args: argparse.Namespace) -> Tuple[SuperResolutionModel, str]:
-    """The SR model the arguments describe, with ``--checkpoint`` loaded when given."""
+    """The SR model the arguments describe, with ``--checkpoint`` loaded when given.
+
+    The checkpoint is read by :func:`recurzoo.checkpoint.load_weights` (safetensors or a
+    ``weights_only`` torch file; official BasicSR layouts converted by the family's filter).
+    """
     import timm
 
     import recurzoo  # noqa: F401  (registers the models)
+    from recurzoo.checkpoint import load_weights
 
     kwargs = common.parse_kwargs(args.model_kwargs)
     if bool(args.model) == bool(args.backbone):
         raise ValueError("give either --model (a registered SR model) or --backbone with --scale")
     if args.model:
-        if args.checkpoint:
-            model = timm.create_model(args.model, pretrained=True,
-                                      pretrained_cfg_overlay=dict(file=args.checkpoint), **kwargs)
-        else:
-            model = timm.create_model(args.model, **kwargs)
+        if not timm.is_model(args.model):
+            raise ValueError(f"--model {args.model}: no such model (list them with: recurzoo list '*_x*')")
+        model = timm.create_model(args.model, **kwargs)
         name = args.model
     else:
         if not args.scale:
             raise ValueError("--backbone needs --scale")
         model = create_sr_model(args.backbone, args.scale, head=args.head, **kwargs)
         name = f"{args.backbone}_{args.head}_x{args.scale}"
-        if args.checkpoint:
-            from recurzoo.backbones.hornet import unwrap_checkpoint
-
-            state = common.load_checkpoint(args.checkpoint)
-            model.load_state_dict(unwrap_checkpoint(state), strict=True)
     if not isinstance(model, SuperResolutionModel):
         raise ValueError(f"{name} is not a super-resolution model")
+    if args.checkpoint:
+        load_weights(model, args.checkpoint, filter_fn=common.registered_filter_fn(args.model) if args.model else None)
     return model, name
 
 
@@ -408,14 +469,15 @@ def _log_eval(logger: Any, results: Dict[str, Dict[str, Any]], step: int, output
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run training and/or evaluation; returns the last evaluation results and the output folder."""
-    from timm.utils import ModelEmaV3
-
     args = build_parser().parse_args(argv)
     if args.eval_only and not args.val_data:
         raise ValueError("--eval-only needs --val-data")
     if not args.eval_only and not args.train_data:
         raise ValueError("training needs --train-data (or use --eval-only)")
-    context = common.init_distributed(args.device)
+    return common.run_distributed(_run, args)
+
+
+def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[str, Any]:
     common.seed_everything(args.seed, context.rank)
     os.makedirs(args.output, exist_ok=True)
     logger = common.setup_logging(args.output, context.is_main, name="recurzoo.sr")
@@ -426,7 +488,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     val_specs = [resolve_dataset(spec, scale) for spec in args.val_data]
     model = model.to(context.device)
     results: Dict[str, Dict[str, Any]] = {}
-
     if args.eval_only:
         if context.is_main:
             results = evaluate(model, val_specs, scale, context.device, args.tile, args.tile_overlap, show,
@@ -434,97 +495,114 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             _log_eval(logger, results, 0, args.output)
             _write_report(results, args.output, name, scale)
             print(format_markdown(results, name, scale))
-        common.cleanup_distributed()
         return dict(results=results, output=args.output)
+    # every training image is checked before anything is trained
+    dataset = SRTrainDataset([resolve_dataset(spec, scale) for spec in args.train_data], scale, args.patch_size,
+                             args.repeat)
+    return _train(args, context, logger, model, name, dataset, val_specs)
 
-    train_specs = [resolve_dataset(spec, scale) for spec in args.train_data]
-    dataset = SRTrainDataset(train_specs, scale, args.patch_size, args.repeat)
+
+def _train(args: argparse.Namespace, context: common.DistributedContext, logger: Any, model: SuperResolutionModel,
+           name: str, dataset: SRTrainDataset, val_specs: Sequence[SRDataSpec]) -> Dict[str, Any]:
+    """The training loop: checkpoints with every RNG state (exact resume), stop signals and the NaN guard."""
+    from timm.utils import ModelEmaV3
+
+    scale, show = model.upscale, context.is_main and not args.no_progress
     sampler = DistributedSampler(dataset, shuffle=True) if context.distributed else None
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
                         num_workers=args.workers, pin_memory=context.device.type == "cuda", drop_last=True,
-                        persistent_workers=args.workers > 0)
+                        persistent_workers=False)  # workers seeded afresh each epoch, as a resumed run seeds them
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.betas),
                                  weight_decay=args.weight_decay)
     scheduler = _multistep(optimizer, args.steps, args.milestones, args.gamma)
     ema = ModelEmaV3(model, decay=args.ema_decay) if args.ema_decay > 0 else None
-    start_step = 0
+    start_step, resume_rng = 0, None
     resume = common.resolve_resume(args.resume, args.output)
     if resume:
         state = common.load_checkpoint(resume, map_location=context.device)
-        model.load_state_dict(state["model"])
+        if not {"model", "optimizer", "scheduler", "step"} <= set(state):
+            raise ValueError(f"--resume {resume}: not a checkpoint of this script (needs model, optimizer, "
+                             f"scheduler and step entries)")
+        common.load_fitting_state_dict(model, state["model"], f"--resume {resume}")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None and state.get("ema") is not None:
             ema.module.load_state_dict(state["ema"])
         start_step = int(state["step"])
+        resume_rng = common.rank_rng_state(state.get("rng"), context, logger)
         logger.info(f"resumed from {resume} at step {start_step}")
+    batches = common.StepBatches(loader, args.seed, context.rank, start_step, resume_rng)
     train_model = common.wrap_ddp(model, context)
     loss_fn = nn.L1Loss()
     eval_model = ema.module if ema is not None else model
+    last_path = os.path.join(args.output, "last.pt")
 
-    def save(step: int) -> None:
+    def save(step: int, pending: bool = False) -> None:
+        rng = common.gather_rng_states(context, batches.resume_rng_state(pending))  # a collective: every rank
         if context.is_main:
-            common.save_checkpoint(os.path.join(args.output, "last.pt"), dict(
+            common.save_checkpoint(last_path, dict(
                 model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                ema=ema.module.state_dict() if ema is not None else None, step=step, model_name=name,
+                ema=ema.module.state_dict() if ema is not None else None, step=step, rng=rng, model_name=name,
                 args=vars(args)))
 
+    results: Dict[str, Dict[str, Any]] = {}
     if args.eval_at_start and val_specs and context.is_main and start_step == 0:
         results = evaluate(eval_model, val_specs, scale, context.device, args.tile, args.tile_overlap, show)
         _log_eval(logger, results, 0, args.output)
 
     logger.info(f"training {name} x{scale} on {len(dataset)} images for {args.steps} steps "
                 f"({context.world_size} process(es), batch {args.batch_size} each)")
-    batches = common.infinite_batches(loader, start_epoch=start_step // max(1, len(loader)))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and context.device.type == "cuda")
     losses: List[float] = []
+    skipped = 0  # unreadable training images, all ranks
     started = time.perf_counter()
     bar = common.progress(total=args.steps, initial=start_step, desc="train", enabled=show)
     model.train()
-    for step in range(start_step + 1, args.steps + 1):
-        lr, hr = next(batches)
-        lr, hr = lr.to(context.device, non_blocking=True), hr.to(context.device, non_blocking=True)
-        with autocast:
-            loss = loss_fn(train_model(lr).float(), hr)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.clip_grad > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        optimizer.step()
-        scheduler.step()
-        if ema is not None:
-            ema.update(model, step=step)
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        if step % args.log_every == 0 and context.is_main:
-            logger.info(f"step {step}: L1 {np.mean(losses[-args.log_every:]):.5f}, "
-                        f"lr {scheduler.get_last_lr()[0]:.3e}, {time.perf_counter() - started:.0f} s")
-            common.append_jsonl(os.path.join(args.output, "metrics.jsonl"),
-                                dict(step=step, loss=float(np.mean(losses[-args.log_every:]))))
-        if val_specs and context.is_main and (step % args.val_every == 0 or step == args.steps):
-            results = evaluate(eval_model, val_specs, scale, context.device, args.tile, args.tile_overlap, show)
-            _log_eval(logger, results, step, args.output)
-            _write_report(results, args.output, name, scale, step)
-        if step % args.save_every == 0 or step == args.steps:
-            save(step)
+    with common.RunGuard(context, args.fail_at_step, args.fail_mode) as guard:
+        for step in range(start_step + 1, args.steps + 1):
+            lr, hr = next(batches)
+            lr, hr = lr.to(context.device, non_blocking=True), hr.to(context.device, non_blocking=True)
+            with autocast:
+                loss = loss_fn(train_model(lr).float(), hr)
+            if guard.check(loss, step - 1, where=f"step {step}"):  # a stop signal: this step is trained on resume
+                save(step - 1, pending=True)
+                bar.close()
+                raise common.TrainingInterrupted(guard.received, last_path if context.is_main else None)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip_grad > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update(model, step=step)
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if step % args.log_every == 0:
+                skipped += dataset.skip_unreadable.report(logger, f"up to step {step}", context)
+                if context.is_main:
+                    logger.info(f"step {step}: L1 {np.mean(losses[-args.log_every:]):.5f}, "
+                                f"lr {scheduler.get_last_lr()[0]:.3e}, {time.perf_counter() - started:.0f} s")
+                    common.append_jsonl(os.path.join(args.output, "metrics.jsonl"),
+                                        dict(step=step, loss=float(np.mean(losses[-args.log_every:]))))
+            if val_specs and context.is_main and (step % args.val_every == 0 or step == args.steps):
+                results = evaluate(eval_model, val_specs, scale, context.device, args.tile, args.tile_overlap, show)
+                _log_eval(logger, results, step, args.output)
+                _write_report(results, args.output, name, scale, step)
+            if step % args.save_every == 0 or step == args.steps:
+                save(step)
     bar.close()
+    skipped += dataset.skip_unreadable.report(logger, "training", context)
     if context.is_main:
         common.save_safetensors(os.path.join(args.output, "model.safetensors"), eval_model.state_dict(),
                                 metadata=dict(model=name, step=str(args.steps)))
         if losses:
             common.plot_curves({"L1": losses}, os.path.join(args.output, "loss.png"), ylabel="L1 loss", log_y=True)
-    common.cleanup_distributed()
-    return dict(results=results, output=args.output)
+    return dict(results=results, output=args.output, skipped_images=skipped)
 
 
 if __name__ == "__main__":
-    import sys
-
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as error:
-        print(f"recurzoo.train.super_resolution: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    common.run_cli(main)

@@ -30,7 +30,7 @@ __all__ = ["build_parser", "main", "evaluate", "read_weights", "checkpoint_num_c
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = common.ArgumentParser(
         prog="python -m recurzoo.train.validate",
         description="Top-1/top-5 accuracy of a timm classifier (any recurzoo model) on an image dataset.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -82,13 +82,14 @@ def autocast(device: torch.device, enabled: bool, dtype: str = "bfloat16"):
 
 
 def read_weights(path: str, use_ema: bool = True) -> Dict[str, torch.Tensor]:
-    """The state dict in ``path`` (``weights_only=True``): a training checkpoint (its EMA weights when
-    ``use_ema`` and present), a bare state dict or a safetensors file; DDP prefixes removed."""
-    from timm.models import load_state_dict
+    """The state dict in ``path``, read by :func:`recurzoo.checkpoint.read_state_dict` (safetensors or
+    ``weights_only=True``: a file that would run code is refused): a training checkpoint (its EMA weights
+    when ``use_ema`` and present), a bare state dict or a safetensors file; DDP prefixes removed."""
+    from timm.models import clean_state_dict
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    return load_state_dict(path, use_ema=use_ema, weights_only=True)
+    from recurzoo.checkpoint import read_state_dict
+
+    return clean_state_dict(read_state_dict(path, use_ema=use_ema))
 
 
 def _classifier_prefixes(pretrained_cfg: Dict[str, Any]) -> tuple:
@@ -112,10 +113,12 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: 
 
     A state dict in a zoo family's official layout passes through that family's
     ``checkpoint_filter_fn`` first (which also resizes position embeddings and global filters).
-    Every other tensor must fit: a missing or unexpected backbone key is a ``ValueError``, a shape
-    mismatch a ``RuntimeError``. Returns the classifier keys left at their fresh init.
+    Every other tensor must fit: a missing or unexpected backbone key or a shape mismatch is one
+    ``ValueError`` listing them all. Returns the classifier keys left at their fresh init.
     """
     import sys
+
+    from recurzoo.checkpoint import Mismatch, compare_state_dict
 
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
@@ -128,12 +131,12 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: 
 
     state_dict = {key: value for key, value in state_dict.items()
                   if not (is_classifier(key) and (key not in own or own[key].shape != value.shape))}
-    result = model.load_state_dict(state_dict, strict=False)
-    missing = [key for key in result.missing_keys if not is_classifier(key)]
-    if missing or result.unexpected_keys:
+    mismatch = compare_state_dict(model, state_dict)
+    missing = [key for key in mismatch.missing if not is_classifier(key)]
+    if missing or mismatch.unexpected or mismatch.shapes:
         name = model.pretrained_cfg.get("architecture", type(model).__name__)
-        raise ValueError(f"{source} does not fit {name}: missing keys {missing[:8]}, unexpected keys "
-                         f"{result.unexpected_keys[:8]} (is it a checkpoint of this model, at this width?)")
+        raise ValueError(f"{source}: " + Mismatch(missing, mismatch.unexpected, mismatch.shapes).describe(name))
+    model.load_state_dict(state_dict, strict=False)
     return [key for key in own if is_classifier(key) and key not in state_dict]
 
 
@@ -205,22 +208,17 @@ def resolve_eval_data_config(args: argparse.Namespace, model: nn.Module, verbose
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Score the model; returns ``{'top1', 'top5', 'loss', 'images', ...}``."""
     args = common.parse_args_with_config(build_parser(), argv)
-    context = common.init_distributed(args.device)
-    try:
-        return _run(args, context)
-    finally:
-        common.cleanup_distributed()
+    return common.run_distributed(_run, args)
 
 
 def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[str, Any]:
     import timm
-    from timm.data import create_dataset
 
     import recurzoo  # noqa: F401  (registers the zoo with timm)
 
     logger = common.setup_logging(None, context.is_main, name="recurzoo.validate")
-    dataset = create_dataset(args.dataset, root=args.data_dir, split=args.split, is_training=False,
-                             class_map=args.class_map or None, batch_size=args.batch_size)
+    dataset = common.create_image_dataset(args.dataset, args.data_dir, args.split, is_training=False,
+                                          class_map=args.class_map or None, batch_size=args.batch_size)
     weights = read_weights(args.checkpoint, args.use_ema) if args.checkpoint else None
     num_classes = (args.num_classes or (weights is not None and checkpoint_num_classes(weights, args.model))
                    or dataset_num_classes(dataset))
