@@ -33,7 +33,7 @@ cards: $(INSTALLED)
 	$(BIN)/python -m recurzoo.export.cards
 
 bench: $(INSTALLED)
-	$(BENCH) $(BENCH_MODELS) --batch 1,8 --compare-batch 1 --backends $(BENCH_BACKENDS) --warmup 2 \
+	$(BENCH) $(BENCH_MODELS) --batch 1,8 --compare-batch 1 --backends $(BENCH_BACKENDS) --threads 1 --warmup 3 \
 		--max-seconds 20 --timeout 1800 --out benchmarks/cpu --readme README.md
 	$(BENCH) hornet_base_7x7 rgt@3x64x64 --train-memory --batch 4 --out benchmarks/cpu_train_memory --readme README.md
 	$(BENCH) sret_small rvit_small_patch16_224 --growth 224,384,512 --out benchmarks/cpu_growth --readme README.md

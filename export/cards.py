@@ -20,6 +20,8 @@ from recurzoo.export.flops import create_uninitialized, model_report
 from recurzoo.export.onnx import DEFAULT_OPSET, PARITY_TOLERANCE, ExportSupport, export_support
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "model_cards"
+# Written by `make bench` (recurzoo bench ... --out benchmarks/cpu); the cards quote its rows.
+BENCH_CSV = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu.csv"
 
 
 def family_name(module_name: str) -> str:
@@ -99,6 +101,59 @@ def export_section(models: Sequence[str], supports: Sequence[ExportSupport],
     return lines
 
 
+def load_bench_rows(path: Path = BENCH_CSV) -> List[Dict[str, str]]:
+    """The rows of the committed benchmark CSV (none when it was never generated)."""
+    import csv
+
+    if not path.exists():
+        return []
+    with path.open(newline="") as handle:
+        return [row for row in csv.DictReader(handle) if not row.get("error")]
+
+
+def latency_cell(model_name: str, bench_rows: Sequence[Dict[str, str]]) -> str:
+    """Eager CPU latency in ms per benchmarked batch, e.g. ``"41 (b1), 290 (b8) at 3x224x224"``; ``-`` if none."""
+    eager = [row for row in bench_rows if row["model"] == model_name and row["backend"] == "eager"]
+    if not eager:
+        return "-"
+    cells = ", ".join(f"{float(row['latency_ms']):.0f} (b{row['batch']})" for row in eager)
+    return f"{cells} at {eager[0]['input_size']}"
+
+
+def speed_section(models: Sequence[str], bench_rows: Sequence[Dict[str, str]], note: str,
+                  shown: Optional[Sequence[str]] = None) -> List[str]:
+    """Every benchmark row of the family's models (those in ``shown``), with the family's performance note."""
+    from recurzoo.export.bench import BenchResult, speedups_over_eager
+
+    if not any(row["model"] in models for row in bench_rows):
+        return []
+    rows = [row for row in bench_rows if row["model"] in models and (shown is None or row["model"] in shown)]
+    results = [BenchResult(**{k: (v if k in ("model", "backend", "input_size", "device", "error") else
+                                  (int(v) if k in ("batch", "threads", "graph_breaks") else float(v)))
+                              for k, v in row.items()}) for row in rows]
+    lines = [
+        "## Speed on CPU",
+        "",
+        "Measured by `make bench` (see the README's Benchmark section for the machine and the timm peers): "
+        "median latency, throughput, achieved GFLOP/s (2 x fvcore multiply-accumulates over the latency) as "
+        "a fraction of an fp32 matmul measured in the same process, and each backend's speed-up over eager "
+        "PyTorch at the same batch.",
+        "",
+        "| model | backend | batch | input | threads | latency ms | images/s | of matmul peak | vs eager | "
+        "graph breaks |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for result, speedup in zip(results, speedups_over_eager(results)):
+        vs_eager = "" if speedup is None or result.backend == "eager" else f"{speedup:.2f}x"
+        breaks = str(result.graph_breaks) if result.graph_breaks >= 0 else ""
+        lines.append(f"| `{result.model}` | {result.backend} | {result.batch} | {result.input_size} | "
+                     f"{result.threads} | {result.latency_ms:.1f} | {result.images_per_s:.1f} | "
+                     f"{result.peak_fraction:.0%} | {vs_eager} | {breaks} |")
+    if note:
+        lines += ["", note.strip()]
+    return lines + [""]
+
+
 def default_usage(example: str) -> str:
     """The usage section of a classification family with official checkpoints."""
     return "\n".join([
@@ -134,7 +189,9 @@ def render_card(module_name: str, only: Optional[Sequence[str]] = None) -> str:
     all_models = family_models(module_name)
     models = [name for name in all_models if only is None or name in only]
     create_kwargs = card.get("create_kwargs", {})
-    rows = [variant_row(name, create_kwargs, card.get("input_size")) for name in models]
+    bench_rows = load_bench_rows()
+    rows = [variant_row(name, create_kwargs, card.get("input_size")) + f" {latency_cell(name, bench_rows)} |"
+            for name in models]
     supports = [variant_export_support(name, create_kwargs) for name in all_models]
     example = card.get("example_model", family_models(module_name)[0])
     lines = [
@@ -155,10 +212,12 @@ def render_card(module_name: str, only: Optional[Sequence[str]] = None) -> str:
         "Unrolled parameters count each parameter once per use in the forward pass (weights reused by "
         "recursion count at every use); `python -m recurzoo.export.report` gives the per-module figures.",
         "",
-        "| model | params (M) | GFLOPs | input | feature strides | unrolled params (M) | official weights |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| model | params (M) | GFLOPs | input | feature strides | unrolled params (M) | official weights | "
+        "CPU latency ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
         *rows,
         "",
+        *speed_section(all_models, bench_rows, card.get("performance_note", ""), shown=models),
         *export_section(all_models, supports, shown=models),
         "",
         "## Usage",

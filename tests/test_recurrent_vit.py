@@ -283,6 +283,32 @@ def test_distillation_drives_every_step_error_well_below_its_start_and_resumes(t
     assert resumed["history"]["stage2"][:30] == result["history"]["stage2"]
 
 
+def test_distillation_stops_on_a_signal_or_a_nan_keeping_a_checkpoint_it_resumes_from(tmp_path):
+    from recurzoo.train import common
+
+    _write_image_folder(tmp_path / "data")
+    teacher_kwargs = _block_recurrent_teacher(tmp_path / "teacher.pth")
+
+    def argv(output: str, *extra: str) -> list:
+        return ["--teacher", "vit_tiny_patch16_224", "--teacher-kwargs", *teacher_kwargs,
+                "--teacher-checkpoint", str(tmp_path / "teacher.pth"), "--k", "2", "--data-dir", str(tmp_path / "data"),
+                "--output", str(tmp_path / output), "--batch-size", "8", "--workers", "0", "--eval-images", "8",
+                "--stage1-steps", "4", "--stage2-steps", "4", "--save-every", "2", "--init", "random",
+                "--device", "cpu", "--no-progress", *extra]
+
+    with pytest.raises(common.TrainingInterrupted):  # SIGTERM at the second step of stage 2
+        distill_recurrent.main(argv("signal", "--fail-at-step", "5", "--fail-mode", "sigterm"))
+    state = torch.load(tmp_path / "signal/last.pt", weights_only=True)
+    assert (state["stage"], state["step"]) == (2, 1)  # the step in flight is trained again on resume
+    resumed = distill_recurrent.main(argv("signal", "--resume", "auto"))
+    assert len(resumed["history"]["stage2"]) == 4
+
+    with pytest.raises(common.NonFiniteLossError):  # a NaN at stage 1's fourth step: the step-2 checkpoint stays
+        distill_recurrent.main(argv("nan", "--fail-at-step", "3", "--fail-mode", "nan"))
+    state = torch.load(tmp_path / "nan/last.pt", weights_only=True)
+    assert (state["stage"], state["step"]) == (1, 2)
+
+
 def test_distillation_help_needs_no_data(capsys):
     with pytest.raises(SystemExit) as exit_info:
         distill_recurrent.main(["--help"])

@@ -31,8 +31,12 @@ def image_folder(tmp_path_factory):
     return make_image_folder(str(tmp_path_factory.mktemp("colours")))
 
 
+# SReT: BatchNorm in its stem (running statistics a stopped step must not leave moved), random slicing
+SRET = ["embed_dims=(16,32,64)", "num_heads=(1,2,4)", "num_shared_blocks=(1,1,1)"]
+
+
 def _classification_args(data_dir, output):
-    return ["--data-dir", str(data_dir), "--model", "hornet_tiny_7x7", "--model-kwargs", *HORNET,
+    return ["--data-dir", str(data_dir), "--model", "sret_tiny", "--model-kwargs", *SRET,
             "--img-size", "32", "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "1", "--lr", "2e-3",
             "--drop-path", "0.3", "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.5", "--model-ema",
             "--model-ema-decay", "0.8", "--val-split", "", "--workers", "0", "--log-interval", "1",
@@ -212,9 +216,8 @@ def test_resumed_detection_run_ends_with_the_uninterrupted_weights(tmp_path):
 
 # ------------------------------------------------------------------------- camouflaged object detection
 
-def test_resumed_camouflage_run_repeats_the_uninterrupted_losses_and_weights(tmp_path, monkeypatch):
-    import shutil
-
+@pytest.mark.parametrize("stop", ["sigterm", "nan"])
+def test_resumed_camouflage_run_repeats_the_uninterrupted_losses_and_weights(tmp_path, stop):
     from PIL import Image
 
     from recurzoo.train import camouflage as cod
@@ -233,18 +236,16 @@ def test_resumed_camouflage_run_repeats_the_uninterrupted_losses_and_weights(tmp
                 "--base-size", "32", "--batch-size", "2", "--steps", "7", "--lr", "1e-2", "--save-every", "2",
                 "--workers", "0", "--no-progress", "--device", "cpu", "--output", str(output), *extra]
 
-    save = common.save_checkpoint
-
-    def save_and_keep_step_4(path, state):  # the checkpoint a run stopped after step 4 would have left
-        save(path, state)
-        if state.get("step") == 4:
-            shutil.copy(path, tmp_path / "step4.pt")
-
-    monkeypatch.setattr(common, "save_checkpoint", save_and_keep_step_4)
     once = cod.main(args(tmp_path / "once"))
-    (tmp_path / "resumed").mkdir()
-    shutil.copy(tmp_path / "step4.pt", tmp_path / "resumed" / "last.pt")
-    resumed = cod.main(args(tmp_path / "resumed", "--resume", "auto"))
+    stopped = tmp_path / "stopped"
+    if stop == "sigterm":  # before the update of step 5: the final checkpoint holds 4 steps
+        with pytest.raises(common.TrainingInterrupted):
+            cod.main(args(stopped, "--fail-at-step", "4", "--fail-mode", "sigterm"))
+    else:  # the NaN at step 6 keeps the checkpoint written after step 4
+        with pytest.raises(common.NonFiniteLossError):
+            cod.main(args(stopped, "--fail-at-step", "5", "--fail-mode", "nan"))
+    assert torch.load(stopped / "last.pt", weights_only=True)["step"] == 4
+    resumed = cod.main(args(stopped, "--resume", "auto"))
     assert len(once["history"]) == 7 and resumed["history"] == once["history"]  # steps 5 to 7 computed again
-    _assert_identical(torch.load(tmp_path / "resumed/last.pt", weights_only=True)["model"],
+    _assert_identical(torch.load(stopped / "last.pt", weights_only=True)["model"],
                       torch.load(tmp_path / "once/last.pt", weights_only=True)["model"], "model")

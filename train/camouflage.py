@@ -581,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     group.add_argument("--seed", type=int, default=112358)
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    common.add_fault_arguments(parser)
     return parser
 
 
@@ -692,37 +693,50 @@ def _train(model: nn.Module, train_sets: Mapping[str, Sequence[Sample]], args: a
     if not args.train_backbone_bn:
         freeze_backbone_batchnorm(model)
     batches = common.StepBatches(loader, args.seed, context.rank, start_step, resume_rng)
+    last_path = os.path.join(args.output, "last.pt")
+
+    buffers_before_step = common.BufferSnapshot(model)
+
+    def save(done: int, pending: bool = False) -> None:
+        rng = common.gather_rng_states(context, batches.resume_rng_state(pending))  # a collective: every rank
+        if pending:  # the forward of the step in flight moved the BatchNorm statistics
+            buffers_before_step.restore()
+        if context.is_main:
+            common.save_checkpoint(last_path, dict(
+                model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict(), step=done, history=history, rng=rng, model_config=model.cod_config,
+                args=vars(args)))
+
     bar = common.progress(total=total, initial=start_step, desc="train",
                           enabled=context.is_main and not args.no_progress)
-    for step in range(start_step, total):
-        batch = next(batches)
-        images = [batch[name].to(context.device, non_blocking=True) for name in SCALE_NAMES]
-        mask = batch["mask"].to(context.device, non_blocking=True)
-        autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext()
-        with autocast:
-            logits = wrapped(*images)
-        loss, parts = cod_loss(logits, mask, progress=step / total)
-        optimizer.zero_grad(set_to_none=False)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        history.append(float(loss.detach()))
-        bar.update(1)
-        done = step + 1
-        if context.is_main and (done % args.log_every == 0 or done == total):
-            recent = history[-args.log_every:]
-            logger.info(f"step {done}/{total} loss {sum(recent) / len(recent):.5f} (bce {parts['bce']:.4f}, "
-                        f"ual {parts['ual']:.4f} x {parts['ual_weight']:.3f}) lr {scheduler.get_last_lr()[-1]:.2e}")
-            common.append_jsonl(os.path.join(args.output, "metrics.jsonl"),
-                                dict(step=done, loss=history[-1], lr=scheduler.get_last_lr()[-1], **parts))
-        if done % save_every == 0 or done == total:
-            rng = common.gather_rng_states(context, batches.resume_rng_state())  # a collective: every rank
-            if context.is_main:
-                common.save_checkpoint(os.path.join(args.output, "last.pt"), dict(
-                    model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                    scaler=scaler.state_dict(), step=done, history=history, rng=rng, model_config=model.cod_config,
-                    args=vars(args)))
+    with common.RunGuard(context, args.fail_at_step, args.fail_mode) as guard:
+        for step in range(start_step, total):
+            batch = next(batches)
+            images = [batch[name].to(context.device, non_blocking=True) for name in SCALE_NAMES]
+            mask = batch["mask"].to(context.device, non_blocking=True)
+            autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext()
+            buffers_before_step.take()
+            with autocast:
+                logits = wrapped(*images)
+            loss, parts = cod_loss(logits, mask, progress=step / total)
+            guard.stop_on_signal(loss, step, lambda: save(step, pending=True), last_path, f"step {step + 1}", bar)
+            optimizer.zero_grad(set_to_none=False)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            history.append(float(loss.detach()))
+            bar.update(1)
+            done = step + 1
+            if context.is_main and (done % args.log_every == 0 or done == total):
+                recent = history[-args.log_every:]
+                logger.info(f"step {done}/{total} loss {sum(recent) / len(recent):.5f} (bce {parts['bce']:.4f}, "
+                            f"ual {parts['ual']:.4f} x {parts['ual_weight']:.3f}) "
+                            f"lr {scheduler.get_last_lr()[-1]:.2e}")
+                common.append_jsonl(os.path.join(args.output, "metrics.jsonl"),
+                                    dict(step=done, loss=history[-1], lr=scheduler.get_last_lr()[-1], **parts))
+            if done % save_every == 0 or done == total:
+                save(done)
     bar.close()
     if context.is_main:
         common.save_safetensors(os.path.join(args.output, "model.safetensors"), model.state_dict(),

@@ -469,6 +469,7 @@ class _Training(common.EpochTraining):
             targets = targets.to(context.device, non_blocking=True)
             if self.mixup is not None:
                 images, targets = self.mixup(images, targets)
+            self.snapshot_buffers()
             with autocast(context.device, args.amp, args.amp_dtype):
                 logits = self.train_model(images)
                 if self.kd is not None:

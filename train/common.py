@@ -58,7 +58,7 @@ __all__ = [
     "DatasetWarning", "UnreadableImageError", "image_size", "summarize", "seed_albumentations", "SkipUnreadable",
     "ImageFolderDataset", "create_image_dataset", "registered_filter_fn",
     "TrainingInterrupted", "NonFiniteLossError", "ArgumentParser", "parse_args_with_config", "save_args_yaml",
-    "add_fault_arguments", "RunGuard", "create_checkpoint_saver", "restore_training_state", "trim_summary",
+    "add_fault_arguments", "RunGuard", "BufferSnapshot", "create_checkpoint_saver", "restore_training_state", "trim_summary",
     "read_summary", "plot_summary", "run_cli", "load_fitting_state_dict", "EpochTraining", "run_distributed",
 ]
 
@@ -810,6 +810,43 @@ class RunGuard:
             self.received = int(signum)
         return bool(signum)
 
+    def stop_on_signal(self, loss: torch.Tensor, step: int, save_pending: Callable[[], None], checkpoint: str,
+                       where: str = "", bar: Any = None) -> None:
+        """:meth:`check`; after a stop signal, write the final checkpoint and raise :class:`TrainingInterrupted`.
+
+        ``save_pending`` saves the state from before the step in flight (trained again on resume); it
+        runs on every rank, since gathering the RNG states is a collective.
+        """
+        if self.check(loss, step, where):
+            save_pending()
+            if bar is not None:
+                bar.close()
+            raise TrainingInterrupted(self.received, checkpoint if self.context.is_main else None)
+
+
+class BufferSnapshot:
+    """The normalization statistics (BatchNorm running mean/var/count) of a module before the step in flight.
+
+    A stop signal is seen after the step's forward pass, which has already moved the running
+    statistics; restoring them before the final checkpoint lets the resumed run repeat that step
+    exactly. Call :meth:`take` before each forward pass and :meth:`restore` before a pending save.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        from torch.nn.modules.batchnorm import _NormBase
+
+        self._buffers = [buffer for layer in module.modules() if isinstance(layer, _NormBase)
+                         for buffer in layer.buffers(recurse=False)]
+        self._saved: List[torch.Tensor] = []
+
+    def take(self) -> None:
+        self._saved = [buffer.detach().clone() for buffer in self._buffers]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for buffer, saved in zip(self._buffers, self._saved):
+                buffer.copy_(saved)
+
 
 def _checkpoint_saver_class():
     from timm.utils import CheckpointSaver
@@ -928,6 +965,13 @@ class EpochTraining:
         self.optimizer: torch.optim.Optimizer
         self.scaler: Any = None
         self.saver: Any = None
+        self.buffers_before_step: Optional[BufferSnapshot] = None
+
+    def snapshot_buffers(self) -> None:
+        """Remember the normalization statistics before a forward pass (see :class:`BufferSnapshot`)."""
+        if self.buffers_before_step is None:
+            self.buffers_before_step = BufferSnapshot(self.model)
+        self.buffers_before_step.take()
 
     def position_state(self) -> Dict[str, Any]:
         """The run's position, stored in every checkpoint (with the RNG states when mid-epoch)."""
@@ -964,6 +1008,8 @@ class EpochTraining:
         drawn was not trained (a stop signal before its update) and is trained again on resume.
         A collective under torchrun: every rank calls it."""
         self.rng_states = gather_rng_states(self.context, batches.resume_rng_state(pending))
+        if pending and self.buffers_before_step is not None:
+            self.buffers_before_step.restore()
         if self.saver is not None:
             path = self.saver.save_last(epoch)
             self.logger.info(f"checkpoint {path}: epoch {epoch}, step {self.batches_done} of it")

@@ -444,6 +444,7 @@ class _Training(common.EpochTraining):
             images = [image.to(context.device, non_blocking=True) for image in images]
             targets = [{key: value.to(context.device, non_blocking=True) for key, value in target.items()}
                        for target in targets]
+            self.snapshot_buffers()
             with autocast(context.device, args.amp, args.amp_dtype):
                 losses = self.train_model(images, targets)
             loss = sum(losses.values())

@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    common.add_fault_arguments(parser)
     return parser
 
 
@@ -267,41 +268,51 @@ def _train_stage(
     use_amp = args.amp and context.device.type == "cuda"
     resume_rng = common.rank_rng_state(resume_state.get("rng"), context, logger) if resume_state is not None else None
     batches = common.StepBatches(loader, args.seed, context.rank, start_step, resume_rng)
+    last_path = os.path.join(args.output, "last.pt")
+
+    def save(done: int, pending: bool = False) -> None:
+        rng = common.gather_rng_states(context, batches.resume_rng_state(pending))  # a collective: every rank
+        if context.is_main:
+            state.update(stage=stage, step=done, student=student.state_dict(), optimizer=optimizer.state_dict(),
+                         scheduler=scheduler.state_dict(), rng=rng)
+            common.save_checkpoint(last_path, state)
+
     bar = common.progress(total=total, initial=start_step, desc=f"stage {stage}",
                           enabled=context.is_main and not args.no_progress)
+    steps_before = args.stage1_steps if stage == 2 else 0  # the guard counts steps over the whole run
     student.train()
-    for step in range(start_step, total):
-        images = next(batches)[0].to(context.device, non_blocking=True)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
-        with torch.no_grad(), autocast:
-            teacher_tokens = vit_step_tokens(teacher, images)
-        with autocast:
-            if stage == 1:
-                forcing = max(0.0, 1.0 - step / max(1.0, args.forcing_frac * total)) if args.forcing_frac > 0 else 0.0
-                loss = wrapped(teacher_tokens, forcing)
-            else:
-                loss = wrapped(images, teacher_tokens, teacher.norm(teacher_tokens[-1]))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.clip_grad:
-            torch.nn.utils.clip_grad_norm_(parameters, args.clip_grad)
-        optimizer.step()
-        scheduler.step()
-        history.append(float(loss.detach()))
-        bar.update(1)
-        done = step + 1
-        if context.is_main and (done % args.log_every == 0 or done == total):
-            recent = history[-args.log_every:]
-            logger.info(f"stage {stage} step {done}/{total} loss {sum(recent) / len(recent):.5f} "
-                        f"lr {scheduler.get_last_lr()[0]:.2e}")
-            common.append_jsonl(os.path.join(args.output, "metrics.jsonl"),
-                                dict(stage=stage, step=done, loss=history[-1], lr=scheduler.get_last_lr()[0]))
-        if done % args.save_every == 0 or done == total:
-            rng = common.gather_rng_states(context, batches.resume_rng_state())  # a collective: every rank
-            if context.is_main:
-                state.update(stage=stage, step=done, student=student.state_dict(), optimizer=optimizer.state_dict(),
-                             scheduler=scheduler.state_dict(), rng=rng)
-                common.save_checkpoint(os.path.join(args.output, "last.pt"), state)
+    with common.RunGuard(context, args.fail_at_step, args.fail_mode) as guard:
+        for step in range(start_step, total):
+            images = next(batches)[0].to(context.device, non_blocking=True)
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
+            with torch.no_grad(), autocast:
+                teacher_tokens = vit_step_tokens(teacher, images)
+            with autocast:
+                if stage == 1:
+                    forcing = (max(0.0, 1.0 - step / max(1.0, args.forcing_frac * total))
+                               if args.forcing_frac > 0 else 0.0)
+                    loss = wrapped(teacher_tokens, forcing)
+                else:
+                    loss = wrapped(images, teacher_tokens, teacher.norm(teacher_tokens[-1]))
+            guard.stop_on_signal(loss, steps_before + step, lambda: save(step, pending=True), last_path,
+                                 f"stage {stage} step {step + 1}", bar)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip_grad:
+                torch.nn.utils.clip_grad_norm_(parameters, args.clip_grad)
+            optimizer.step()
+            scheduler.step()
+            history.append(float(loss.detach()))
+            bar.update(1)
+            done = step + 1
+            if context.is_main and (done % args.log_every == 0 or done == total):
+                recent = history[-args.log_every:]
+                logger.info(f"stage {stage} step {done}/{total} loss {sum(recent) / len(recent):.5f} "
+                            f"lr {scheduler.get_last_lr()[0]:.2e}")
+                common.append_jsonl(os.path.join(args.output, "metrics.jsonl"),
+                                    dict(stage=stage, step=done, loss=history[-1], lr=scheduler.get_last_lr()[0]))
+            if done % args.save_every == 0 or done == total:
+                save(done)
     bar.close()
 
 

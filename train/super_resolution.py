@@ -566,10 +566,7 @@ def _train(args: argparse.Namespace, context: common.DistributedContext, logger:
             lr, hr = lr.to(context.device, non_blocking=True), hr.to(context.device, non_blocking=True)
             with autocast:
                 loss = loss_fn(train_model(lr).float(), hr)
-            if guard.check(loss, step - 1, where=f"step {step}"):  # a stop signal: this step is trained on resume
-                save(step - 1, pending=True)
-                bar.close()
-                raise common.TrainingInterrupted(guard.received, last_path if context.is_main else None)
+            guard.stop_on_signal(loss, step - 1, lambda: save(step - 1, pending=True), last_path, f"step {step}", bar)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.clip_grad > 0:
