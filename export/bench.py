@@ -107,7 +107,8 @@ def parse_model_spec(spec: str) -> Tuple[str, Optional[Tuple[int, ...]]]:
     return name, dims
 
 
-def _create(model_name: str) -> torch.nn.Module:
+def create_model(model_name: str) -> torch.nn.Module:
+    """A zoo model or timm peer by name, in eval mode (a clear error for an unknown name)."""
     import timm
 
     import recurzoo  # noqa: F401  (registers the zoo)
@@ -158,7 +159,7 @@ def bench_in_process(
 
     if threads:
         torch.set_num_threads(threads)
-    model = _create(model_name).to(device)
+    model = create_model(model_name).to(device)
     size = tuple(input_size or model.pretrained_cfg["input_size"])
     macs = count_flops(model, size) / 1e9
     inputs = torch.randn(batch, *size, device=device)

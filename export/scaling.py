@@ -22,6 +22,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from recurzoo.export.bench import create_model, run_worker
+
 __all__ = ["MemoryResult", "GrowthPoint", "train_step_memory", "growth_point", "fit_exponent",
            "measure_train_memory", "measure_growth", "memory_markdown", "growth_markdown"]
 
@@ -55,15 +57,11 @@ class GrowthPoint:
 
 def _resident_mb() -> float:
     """This process's current resident set (Linux ``/proc``)."""
-    with open("/proc/self/statm") as statm:
-        pages = int(statm.read().split()[1])
-    return pages * _page_size() / 2 ** 20
-
-
-def _page_size() -> int:
     import resource
 
-    return resource.getpagesize()
+    with open("/proc/self/statm") as statm:
+        pages = int(statm.read().split()[1])
+    return pages * resource.getpagesize() / 2 ** 20
 
 
 def _reset_peak_resident() -> None:
@@ -100,20 +98,12 @@ def _measure_peak(device: str, run: Callable[[], object]) -> Tuple[float, float,
     return time.perf_counter() - start, peak, peak - before
 
 
-def _create(model_name: str, **kwargs) -> torch.nn.Module:
-    import timm
-
-    import recurzoo  # noqa: F401  (registers the zoo)
-
-    return timm.create_model(model_name, **kwargs)
-
-
 def train_step_memory(model_name: str, input_size: Sequence[int], batch: int, grad_checkpointing: bool,
                       threads: Optional[int] = None, device: str = "cpu") -> MemoryResult:
     """Peak memory of one forward + backward pass of ``model_name`` in train mode (in this process)."""
     if threads:
         torch.set_num_threads(threads)
-    model = _create(model_name).to(device).train()
+    model = create_model(model_name).to(device).train()
     model.set_grad_checkpointing(grad_checkpointing)
     inputs = torch.randn(batch, *input_size, device=device)
 
@@ -132,7 +122,7 @@ def growth_point(model_name: str, side: int, tile: int = 0, tile_overlap: int = 
     """
     if threads:
         torch.set_num_threads(threads)
-    model = _create(model_name).to(device).eval()
+    model = create_model(model_name).to(device).eval()
     images = torch.randn(1, in_chans, side, side, device=device)
     warm_side = min(side, tile) if tile else side
     if tile and not hasattr(model, "super_resolve"):
@@ -164,8 +154,6 @@ def fit_exponent(sizes: Sequence[float], values: Sequence[float]) -> float:
 def measure_train_memory(models: Sequence[Tuple[str, Sequence[int]]], batch: int, threads: Optional[int] = None,
                          device: str = "cpu", timeout: Optional[float] = None) -> List[MemoryResult]:
     """Training-step memory of each (model, input size), without and with gradient checkpointing."""
-    from recurzoo.export.bench import run_worker
-
     results = []
     for model_name, size in models:
         for checkpointing in (False, True):
@@ -185,8 +173,6 @@ def measure_growth(models: Sequence[str], sides: Sequence[int], tile: int = 0, t
                    threads: Optional[int] = None, device: str = "cpu",
                    timeout: Optional[float] = None) -> List[GrowthPoint]:
     """Latency and memory of each model at each side (fresh process per point)."""
-    from recurzoo.export.bench import run_worker
-
     points = []
     for model_name in models:
         for side in sides:

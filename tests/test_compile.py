@@ -27,8 +27,8 @@ CASES = [
 
 
 def _build(name: str, extra: dict) -> torch.nn.Module:
-    module = timm.models._registry._model_to_module[name].rsplit(".", 1)[-1]
-    return timm.create_model(name, **REDUCED[module], **extra).eval()
+    (family,) = [family for family in REDUCED if name in timm.list_models(module=family)]
+    return timm.create_model(name, **REDUCED[family], **extra).eval()
 
 
 @pytest.fixture(autouse=True)
