@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test install cards bench clean
+.PHONY: demo test lint install cards bench clean
 
 # One model per family next to its timm peer (SR and COD models at their own sizes); the README's
 # benchmark sections, benchmarks/*.{md,csv} and the cards' speed tables are rewritten.
@@ -26,7 +26,11 @@ install: $(INSTALLED)
 demo: $(INSTALLED)
 	$(BIN)/recurzoo demo
 
-test: $(INSTALLED)
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	$(BIN)/python -m pytest -p no:cacheprovider -q -n 2 --dist loadfile
 
 cards: $(INSTALLED)

@@ -1,4 +1,5 @@
 """Small helpers shared by the model families."""
+
 from __future__ import annotations
 
 import os
@@ -20,12 +21,12 @@ def _skip_checks() -> bool:
 
 
 def check_image_input(
-        x: torch.Tensor,
-        name: str,
-        in_chans: int,
-        min_size: int = 1,
-        multiple_of: Optional[int] = None,
-        dtype: Optional[torch.dtype] = None,
+    x: torch.Tensor,
+    name: str,
+    in_chans: int,
+    min_size: int = 1,
+    multiple_of: Optional[int] = None,
+    dtype: Optional[torch.dtype] = None,
 ) -> None:
     """Raise a ``ValueError`` naming the model when ``x`` is not an image batch it can take.
 
@@ -50,14 +51,19 @@ def check_image_input(
     if not x.is_floating_point():
         raise ValueError(f"{name}: expects a floating-point image batch, received dtype {x.dtype} with shape {shape}")
     if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
-        raise ValueError(f"{name}: expects {dtype} input like its weights (or torch.autocast for mixed precision), "
-                         f"received dtype {x.dtype} with shape {shape}")
+        raise ValueError(
+            f"{name}: expects {dtype} input like its weights (or torch.autocast for mixed precision), "
+            f"received dtype {x.dtype} with shape {shape}"
+        )
     height, width = shape[-2:]
     if height < min_size or width < min_size:
         raise ValueError(
-            f"{name}: expects height and width of at least {min_size} (its total stride), received shape {shape}")
+            f"{name}: expects height and width of at least {min_size} (its total stride), received shape {shape}"
+        )
     if multiple_of and (height % multiple_of or width % multiple_of):
-        raise ValueError(f"{name}: expects height and width that are multiples of {multiple_of}, received shape {shape}")
+        raise ValueError(
+            f"{name}: expects height and width that are multiples of {multiple_of}, received shape {shape}"
+        )
 
 
 def _weights_url(pretrained_cfg: Any) -> Optional[str]:
@@ -71,8 +77,9 @@ def _reachable(url: str, timeout: float) -> bool:
 
     parts = urlparse(url)
     try:
-        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
-                                 timeout=timeout).close()
+        socket.create_connection(
+            (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout=timeout
+        ).close()
         return True
     except OSError:
         return False
@@ -99,7 +106,8 @@ def build_with_weights(model_cls: Callable[..., nn.Module], variant: str, pretra
             raise RuntimeError(
                 f"{variant}: cannot download the pretrained weights ({url} is out of reach). Download the file "
                 f"by hand and load it with timm.create_model('{variant}', pretrained=True, "
-                f"pretrained_cfg_overlay=dict(file='/path/to/checkpoint.pth')).")
+                f"pretrained_cfg_overlay=dict(file='/path/to/checkpoint.pth'))."
+            )
     return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
 
 
@@ -122,13 +130,17 @@ class StagedClassifierMixin:
         return self.feature_info[-1]["reduction"]
 
     def check_input(self, x: torch.Tensor) -> None:
-        check_image_input(x, model_name(self), self.in_chans, min_size=self.total_stride, dtype=next(self.parameters()).dtype)
+        check_image_input(
+            x, model_name(self), self.in_chans, min_size=self.total_stride, dtype=next(self.parameters()).dtype
+        )
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(
             stem=self.stem_pattern,
-            blocks=r"^stages\.(\d+)" if coarse else [
+            blocks=r"^stages\.(\d+)"
+            if coarse
+            else [
                 (r"^stages\.(\d+)\.downsample", (0,)),
                 (r"^stages\.(\d+)\.blocks\.(\d+)", None),
                 (r"^norm_pre", (99999,)),
@@ -150,13 +162,13 @@ class StagedClassifierMixin:
         self.head_hidden_size = self.head.num_features
 
     def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Run the stages, returning the outputs of those in ``indices`` (all by default)."""
         from timm.models._features import feature_take_indices
@@ -165,7 +177,7 @@ class StagedClassifierMixin:
             raise ValueError(f"{model_name(self)}: output_fmt must be 'NCHW', received {output_fmt!r}")
         self.check_input(x)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages[:max_index + 1] if stop_early and not torch.jit.is_scripting() else self.stages
+        stages = self.stages[: max_index + 1] if stop_early and not torch.jit.is_scripting() else self.stages
         last_index = len(self.stages) - 1
         intermediates = []
         x = self.embed(x)
@@ -180,10 +192,10 @@ class StagedClassifierMixin:
         return x, intermediates
 
     def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
+        self,
+        indices: Union[int, List[int]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
     ) -> List[int]:
         """Drop the stages (and head) that the requested intermediates do not need."""
         from timm.models._features import feature_take_indices
@@ -192,7 +204,7 @@ class StagedClassifierMixin:
         prune_end = max_index < len(self.stages) - 1
         if prune_norm or prune_end:
             self.norm_pre = nn.Identity()
-        self.stages = self.stages[:max_index + 1]
+        self.stages = self.stages[: max_index + 1]
         if prune_end:
             self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
         if prune_head or prune_end:

@@ -10,6 +10,7 @@ geometrically growing widths; a spatial mixer (a 7x7 depthwise conv, or the glob
 that mixes half of the channels in the Fourier domain) filters the context; the gate is then
 multiplied by each context map in turn, widening through 1x1 convs between the orders.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache, partial
@@ -17,12 +18,19 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm, calculate_drop_path_rates, LayerNorm2d, Mlp, NormMlpClassifierHead, trunc_normal_
+from timm.layers import (
+    DropPath,
+    LayerNorm,
+    LayerNorm2d,
+    Mlp,
+    NormMlpClassifierHead,
+    calculate_drop_path_rates,
+    trunc_normal_,
+)
 from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint_seq
+from torch import nn
 
 from recurzoo.backbones._helpers import StagedClassifierMixin, build_with_weights
 from recurzoo.official import register_official
@@ -55,6 +63,7 @@ def real_dft_matrices(height: int, width: int) -> Tuple[torch.Tensor, torch.Tens
       FFT of each row: the non-redundant frequencies count twice, the imaginary parts of the zero and
       Nyquist frequencies are ignored (their sines vanish), as ``torch.fft.irfft`` does.
     """
+
     def angles(frequencies: int, length: int) -> torch.Tensor:
         k = torch.arange(frequencies, dtype=torch.float64, device="cpu")  # cached: never on a default device
         n = torch.arange(length, dtype=torch.float64, device="cpu")
@@ -62,14 +71,14 @@ def real_dft_matrices(height: int, width: int) -> Tuple[torch.Tensor, torch.Tens
 
     num_freq = width // 2 + 1
     row = angles(num_freq, width)
-    row_rfft = torch.cat([row.cos(), -row.sin()], dim=0).t() / width ** 0.5
+    row_rfft = torch.cat([row.cos(), -row.sin()], dim=0).t() / width**0.5
     twice = torch.full((num_freq, 1), 2.0, dtype=torch.float64, device="cpu")
     twice[0] = 1.0
     if width % 2 == 0:
         twice[-1] = 1.0
-    row_irfft = torch.cat([twice * row.cos(), -twice * row.sin()], dim=0) / width ** 0.5
+    row_irfft = torch.cat([twice * row.cos(), -twice * row.sin()], dim=0) / width**0.5
     col = angles(height, height)
-    cos, sin = col.cos() / height ** 0.5, -col.sin() / height ** 0.5  # symmetric matrices
+    cos, sin = col.cos() / height**0.5, -col.sin() / height**0.5  # symmetric matrices
     col_dft = torch.cat([torch.cat([cos, sin], dim=1), torch.cat([-sin, cos], dim=1)], dim=0)
     col_idft = torch.cat([torch.cat([cos, -sin], dim=1), torch.cat([sin, cos], dim=1)], dim=0)
     return tuple(m.float() for m in (row_rfft, col_dft, col_idft, row_irfft))
@@ -149,19 +158,21 @@ class RecursiveGatedConv(nn.Module):
     """
 
     def __init__(
-            self,
-            dim: int,
-            order: int = 5,
-            scale: float = 1.0,
-            spatial_mixer: Optional[Callable[[int], nn.Module]] = None,
+        self,
+        dim: int,
+        order: int = 5,
+        scale: float = 1.0,
+        spatial_mixer: Optional[Callable[[int], nn.Module]] = None,
     ) -> None:
         super().__init__()
         if dim % 2 ** (order - 1):
-            raise ValueError(f"RecursiveGatedConv: dim must be divisible by 2**(order-1) = {2 ** (order - 1)}, "
-                             f"received dim={dim}, order={order}")
+            raise ValueError(
+                f"RecursiveGatedConv: dim must be divisible by 2**(order-1) = {2 ** (order - 1)}, "
+                f"received dim={dim}, order={order}"
+            )
         self.order = order
         self.scale = scale
-        self.widths = [dim // 2 ** i for i in reversed(range(order))]
+        self.widths = [dim // 2**i for i in reversed(range(order))]
         context_width = sum(self.widths)
         self.proj_in = nn.Conv2d(dim, self.widths[0] + context_width, kernel_size=1)
         if spatial_mixer is None:
@@ -169,7 +180,8 @@ class RecursiveGatedConv(nn.Module):
         else:
             self.spatial_mixer = spatial_mixer(context_width)
         self.order_projs = nn.ModuleList(
-            nn.Conv2d(self.widths[i], self.widths[i + 1], kernel_size=1) for i in range(order - 1))
+            nn.Conv2d(self.widths[i], self.widths[i + 1], kernel_size=1) for i in range(order - 1)
+        )
         self.proj_out = nn.Conv2d(dim, dim, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,12 +197,12 @@ class HorNetBlock(nn.Module):
     """Pre-norm residual block: gnConv, then a channels-last MLP (4x), each with a layer scale."""
 
     def __init__(
-            self,
-            dim: int,
-            gnconv: Callable[[int], nn.Module],
-            mlp_ratio: float = 4.0,
-            drop_path: float = 0.0,
-            ls_init_value: Optional[float] = 1e-6,
+        self,
+        dim: int,
+        gnconv: Callable[[int], nn.Module],
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        ls_init_value: Optional[float] = 1e-6,
     ) -> None:
         super().__init__()
         self.norm1 = LayerNorm2d(dim, eps=_NORM_EPS)
@@ -220,14 +232,14 @@ class HorNetStage(nn.Module):
     """A downsampling layer (the stem for the first stage) followed by HorNet blocks."""
 
     def __init__(
-            self,
-            in_chs: int,
-            out_chs: int,
-            depth: int,
-            gnconv: Callable[[int], nn.Module],
-            drop_path_rates: Sequence[float],
-            ls_init_value: Optional[float],
-            mlp_ratio: float = 4.0,
+        self,
+        in_chs: int,
+        out_chs: int,
+        depth: int,
+        gnconv: Callable[[int], nn.Module],
+        drop_path_rates: Sequence[float],
+        ls_init_value: Optional[float],
+        mlp_ratio: float = 4.0,
     ) -> None:
         super().__init__()
         self.grad_checkpointing = False
@@ -235,8 +247,9 @@ class HorNetStage(nn.Module):
             LayerNorm2d(in_chs, eps=_NORM_EPS),
             nn.Conv2d(in_chs, out_chs, kernel_size=2, stride=2),
         )
-        self.blocks = nn.Sequential(*[
-            HorNetBlock(out_chs, gnconv, mlp_ratio, drop_path_rates[i], ls_init_value) for i in range(depth)])
+        self.blocks = nn.Sequential(
+            *[HorNetBlock(out_chs, gnconv, mlp_ratio, drop_path_rates[i], ls_init_value) for i in range(depth)]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
@@ -266,26 +279,28 @@ class HorNet(StagedClassifierMixin, nn.Module):
     """
 
     def __init__(
-            self,
-            in_chans: int = 3,
-            num_classes: int = 1000,
-            depths: Sequence[int] = (2, 3, 18, 2),
-            dims: Sequence[int] = (64, 128, 256, 512),
-            gnconv_orders: Sequence[int] = (2, 3, 4, 5),
-            gnconv_scale: float = 1.0 / 3.0,
-            global_filter_sizes: Sequence[Optional[Tuple[int, int]]] = (None, None, None, None),
-            mlp_ratio: float = 4.0,
-            ls_init_value: Optional[float] = 1e-6,
-            global_pool: str = "avg",
-            drop_rate: float = 0.0,
-            drop_path_rate: float = 0.0,
-            head_init_scale: float = 1.0,
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        depths: Sequence[int] = (2, 3, 18, 2),
+        dims: Sequence[int] = (64, 128, 256, 512),
+        gnconv_orders: Sequence[int] = (2, 3, 4, 5),
+        gnconv_scale: float = 1.0 / 3.0,
+        global_filter_sizes: Sequence[Optional[Tuple[int, int]]] = (None, None, None, None),
+        mlp_ratio: float = 4.0,
+        ls_init_value: Optional[float] = 1e-6,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        head_init_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if not len(depths) == len(dims) == len(gnconv_orders) == len(global_filter_sizes) == 4:
-            raise ValueError("HorNet: depths, dims, gnconv_orders and global_filter_sizes need one entry per stage "
-                             f"(4), received {len(depths)}, {len(dims)}, {len(gnconv_orders)}, "
-                             f"{len(global_filter_sizes)}")
+            raise ValueError(
+                "HorNet: depths, dims, gnconv_orders and global_filter_sizes need one entry per stage "
+                f"(4), received {len(depths)}, {len(dims)}, {len(gnconv_orders)}, "
+                f"{len(global_filter_sizes)}"
+            )
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
@@ -302,23 +317,33 @@ class HorNet(StagedClassifierMixin, nn.Module):
             spatial_mixer = None
             if global_filter_sizes[i] is not None:
                 spatial_mixer = partial(GlobalLocalFilter, filter_size=tuple(global_filter_sizes[i]))
-            gnconv = partial(RecursiveGatedConv, order=gnconv_orders[i], scale=gnconv_scale,
-                             spatial_mixer=spatial_mixer)
-            blocks_args = dict(depth=depths[i], gnconv=gnconv, drop_path_rates=drop_path_rates[i],
-                               ls_init_value=ls_init_value, mlp_ratio=mlp_ratio)
+            gnconv = partial(
+                RecursiveGatedConv, order=gnconv_orders[i], scale=gnconv_scale, spatial_mixer=spatial_mixer
+            )
+            blocks_args = dict(
+                depth=depths[i],
+                gnconv=gnconv,
+                drop_path_rates=drop_path_rates[i],
+                ls_init_value=ls_init_value,
+                mlp_ratio=mlp_ratio,
+            )
             if i == 0:
                 stage = HorNetStage(dims[0], dims[0], **blocks_args)
                 stage.downsample = nn.Identity()  # the stem downsamples for the first stage
             else:
                 stage = HorNetStage(dims[i - 1], dims[i], **blocks_args)
             stages.append(stage)
-            self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f"stages.{i}"))
+            self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = dims[-1]
         self.norm_pre = nn.Identity()
         self.head = NormMlpClassifierHead(
-            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
-            norm_layer=partial(LayerNorm2d, eps=_NORM_EPS))
+            self.num_features,
+            num_classes,
+            pool_type=global_pool,
+            drop_rate=drop_rate,
+            norm_layer=partial(LayerNorm2d, eps=_NORM_EPS),
+        )
         self.apply(self._init_weights)
         if num_classes:
             self.head.fc.weight.data.mul_(head_init_scale)
@@ -350,16 +375,16 @@ any other input size, as the official code does, so every variant runs at any re
 multiple of 32 or larger.
 """,
     paper="HorNet: Efficient High-Order Spatial Interactions with Recursive Gated Convolutions "
-          "(Rao et al., NeurIPS 2022)",
+    "(Rao et al., NeurIPS 2022)",
     paper_url="https://arxiv.org/abs/2207.14284",
     code_url="https://github.com/raoyongming/HorNet",
     license="MIT",
     create_kwargs=dict(num_classes=1000),
     example_model="hornet_tiny_7x7",
     table_note="Parameters and fvcore GFLOPs (multiply-accumulates, FFTs counted as N log2 N per channel) "
-               "of one image at the input size shown, with a 1000-class head. The large models' official "
-               "weights are ImageNet-22k classifiers (21841 classes): `timm.create_model(name, pretrained=True)` "
-               "builds that head; pass `num_classes` to replace it.",
+    "of one image at the input size shown, with a 1000-class head. The large models' official "
+    "weights are ImageNet-22k classifiers (21841 classes): `timm.create_model(name, pretrained=True)` "
+    "builds that head; pass `num_classes` to replace it.",
     notes="""
 ## Faithfulness
 
@@ -414,23 +439,24 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: HorNet) -> Dict[str,
     target = model.state_dict()
     for key, value in converted.items():
         if key.endswith("complex_weight") and key in target and value.shape != target[key].shape:
-            resized = F.interpolate(value.permute(3, 0, 1, 2), size=target[key].shape[1:3],
-                                    mode="bilinear", align_corners=True)
+            resized = F.interpolate(
+                value.permute(3, 0, 1, 2), size=target[key].shape[1:3], mode="bilinear", align_corners=True
+            )
             converted[key] = resized.permute(1, 2, 3, 0).contiguous()
     return converted
 
 
 def _official_hornet(
-        depths: Sequence[int],
-        base_dim: int,
-        num_classes: int = 1000,
-        gnconv_orders: Sequence[int] = (2, 3, 4, 5),
-        gnconv_scale: float = 1.0 / 3.0,
-        global_filter: bool = False,
-        global_filter_hw: Optional[Sequence[Sequence[int]]] = None,
-        in_chans: int = 3,
-        drop_path_rate: float = 0.0,
-        **unused: Any,
+    depths: Sequence[int],
+    base_dim: int,
+    num_classes: int = 1000,
+    gnconv_orders: Sequence[int] = (2, 3, 4, 5),
+    gnconv_scale: float = 1.0 / 3.0,
+    global_filter: bool = False,
+    global_filter_hw: Optional[Sequence[Sequence[int]]] = None,
+    in_chans: int = 3,
+    drop_path_rate: float = 0.0,
+    **unused: Any,
 ) -> HorNet:
     """The official ``hornet.HorNet`` arguments mapped onto :class:`HorNet`."""
     filter_sizes: List[Optional[Tuple[int, int]]] = [None, None, None, None]
@@ -438,9 +464,15 @@ def _official_hornet(
         hw = global_filter_hw or [global_filter_size(224, 16), global_filter_size(224, 32)]
         filter_sizes[2:] = [tuple(size) for size in hw]
     return HorNet(
-        in_chans=in_chans, num_classes=num_classes, depths=depths, dims=[base_dim * 2 ** i for i in range(4)],
-        gnconv_orders=gnconv_orders, gnconv_scale=gnconv_scale, global_filter_sizes=filter_sizes,
-        drop_path_rate=drop_path_rate)
+        in_chans=in_chans,
+        num_classes=num_classes,
+        depths=depths,
+        dims=[base_dim * 2**i for i in range(4)],
+        gnconv_orders=gnconv_orders,
+        gnconv_scale=gnconv_scale,
+        global_filter_sizes=filter_sizes,
+        drop_path_rate=drop_path_rate,
+    )
 
 
 register_official("hornet.HorNet", family="hornet", checkpoint_filter_fn=checkpoint_filter_fn)(_official_hornet)
@@ -448,10 +480,13 @@ register_official("hornet.HorNet", family="hornet", checkpoint_filter_fn=checkpo
 
 def _create_hornet(variant: str, pretrained: bool = False, **kwargs: Any) -> HorNet:
     return build_with_weights(
-        HorNet, variant, pretrained,
+        HorNet,
+        variant,
+        pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
-        **kwargs)
+        **kwargs,
+    )
 
 
 def _tsinghua(file_id: str) -> Tuple[str, str]:
@@ -462,10 +497,15 @@ def _tsinghua(file_id: str) -> Tuple[str, str]:
 def _cfg(url: Union[str, Tuple[str, str]] = "", **kwargs: Any) -> Dict[str, Any]:
     return {
         "url": url,
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.0", "classifier": "head.fc",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.0",
+        "classifier": "head.fc",
         "license": "mit",
         "paper_ids": "arXiv:2207.14284",
         "paper_name": "HorNet: Efficient High-Order Spatial Interactions with Recursive Gated Convolutions",
@@ -477,19 +517,20 @@ def _cfg(url: Union[str, Tuple[str, str]] = "", **kwargs: Any) -> Dict[str, Any]
 _IN22K = dict(num_classes=21841)
 _AT_384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0)
 
-default_cfgs = generate_default_cfgs({
-    "hornet_tiny_7x7.in1k": _cfg(url=_tsinghua("bac9690c72944d19aca1")),
-    "hornet_tiny_gf.in1k": _cfg(url=_tsinghua("460e759c82324ea6bfa3")),
-    "hornet_small_7x7.in1k": _cfg(url=_tsinghua("8ef64277da0e469ea857")),
-    "hornet_small_gf.in1k": _cfg(url=_tsinghua("959603ca287d4c09ad49")),
-    "hornet_base_7x7.in1k": _cfg(url=_tsinghua("13a748487711492e9704")),
-    "hornet_base_gf.in1k": _cfg(url=_tsinghua("c212d1d8a3914b47a5c1")),
-    "hornet_base_gf_384": _cfg(**_AT_384),
-    "hornet_large_7x7.in22k": _cfg(url=_tsinghua("c2fc23caae084a3aa73d"), **_IN22K),
-    "hornet_large_gf.in22k": _cfg(url=_tsinghua("8600206ebdfa485f98d0"), **_IN22K),
-    "hornet_large_gf_384.in22k": _cfg(
-        url=_tsinghua("eec48d5eca5a48d98fd2"), **_IN22K, **_AT_384),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "hornet_tiny_7x7.in1k": _cfg(url=_tsinghua("bac9690c72944d19aca1")),
+        "hornet_tiny_gf.in1k": _cfg(url=_tsinghua("460e759c82324ea6bfa3")),
+        "hornet_small_7x7.in1k": _cfg(url=_tsinghua("8ef64277da0e469ea857")),
+        "hornet_small_gf.in1k": _cfg(url=_tsinghua("959603ca287d4c09ad49")),
+        "hornet_base_7x7.in1k": _cfg(url=_tsinghua("13a748487711492e9704")),
+        "hornet_base_gf.in1k": _cfg(url=_tsinghua("c212d1d8a3914b47a5c1")),
+        "hornet_base_gf_384": _cfg(**_AT_384),
+        "hornet_large_7x7.in22k": _cfg(url=_tsinghua("c2fc23caae084a3aa73d"), **_IN22K),
+        "hornet_large_gf.in22k": _cfg(url=_tsinghua("8600206ebdfa485f98d0"), **_IN22K),
+        "hornet_large_gf_384.in22k": _cfg(url=_tsinghua("eec48d5eca5a48d98fd2"), **_IN22K, **_AT_384),
+    }
+)
 
 
 def _hornet_args(base_dim: int, global_filter: bool, img_size: int = 224) -> Dict[str, Any]:
@@ -497,8 +538,13 @@ def _hornet_args(base_dim: int, global_filter: bool, img_size: int = 224) -> Dic
     filter_sizes: List[Optional[Tuple[int, int]]] = [None, None, None, None]
     if global_filter:
         filter_sizes[2:] = [global_filter_size(img_size, 16), global_filter_size(img_size, 32)]
-    return dict(depths=(2, 3, 18, 2), dims=tuple(base_dim * 2 ** i for i in range(4)),
-                gnconv_orders=(2, 3, 4, 5), gnconv_scale=1.0 / 3.0, global_filter_sizes=tuple(filter_sizes))
+    return dict(
+        depths=(2, 3, 18, 2),
+        dims=tuple(base_dim * 2**i for i in range(4)),
+        gnconv_orders=(2, 3, 4, 5),
+        gnconv_scale=1.0 / 3.0,
+        global_filter_sizes=tuple(filter_sizes),
+    )
 
 
 @register_model

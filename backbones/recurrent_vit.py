@@ -22,6 +22,7 @@ relaxations of the weight tying:
 ``find_phases`` finds the schedule from the layer-by-layer similarity of a trained ViT's tokens.
 Distillation from a ViT teacher is ``python -m recurzoo.train.distill_recurrent``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,26 +32,42 @@ from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Se
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.func import functional_call
-
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import (
-    LayerNorm, Mlp, PatchEmbed, calculate_drop_path_rates, drop_path, get_act_layer, get_norm_layer,
-    resample_abs_pos_embed, trunc_normal_,
+    LayerNorm,
+    Mlp,
+    PatchEmbed,
+    calculate_drop_path_rates,
+    drop_path,
+    get_act_layer,
+    get_norm_layer,
+    resample_abs_pos_embed,
+    trunc_normal_,
 )
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import Block, VisionTransformer, global_pool_nlc
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
+from torch import nn
+from torch.func import functional_call
 
 from recurzoo.backbones._helpers import check_image_input, model_name
 from recurzoo.backbones.hornet import unwrap_checkpoint
 
 __all__ = [
-    "RecurrentViT", "RecurrentBlock", "DepthScale", "StepLoRA", "from_vit", "find_phases", "PhaseSplit",
-    "layer_similarity", "segment_phases", "even_phases", "vit_step_tokens", "MODEL_CARD",
+    "RecurrentViT",
+    "RecurrentBlock",
+    "DepthScale",
+    "StepLoRA",
+    "from_vit",
+    "find_phases",
+    "PhaseSplit",
+    "layer_similarity",
+    "segment_phases",
+    "even_phases",
+    "vit_step_tokens",
+    "MODEL_CARD",
 ]
 
 MODEL_CARD = dict(
@@ -61,9 +78,10 @@ MODEL_CARD = dict(
         "parameters are k/L of it. Optional Raptor depth conditioning (each shared block scales its "
         "attention residual, MLP residual and output by learned functions of the normalized step, "
         "starting at the identity) and relaxed recursion (per-step LoRA on qkv, proj, fc1 and fc2, "
-        "starting at zero)."),
+        "starting at zero)."
+    ),
     paper="Block-Recurrent Dynamics in Vision Transformers (Jacobs, Fel, Hakim et al., 2025); "
-          "Relaxed Recursive Transformers (Bae et al., 2024)",
+    "Relaxed Recursive Transformers (Bae et al., 2024)",
     paper_url="https://arxiv.org/abs/2512.19941",
     code_url="https://github.com/KempnerInstitute/raptor",
     license="MIT (Raptor code); the registered architectures have no released weights",
@@ -72,7 +90,8 @@ MODEL_CARD = dict(
         "Parameters and fvcore GFLOPs (multiply-accumulates) of one image at the input size shown, counted on "
         "the model as created below. The FLOPs equal those of timm's untied `vit_tiny/small/base_patch16_224` "
         "(1.26 / 4.61 / 17.58 GFLOPs, 5.72 / 22.05 / 86.57 M parameters); the block parameters are k/12 of "
-        "theirs."),
+        "theirs."
+    ),
     performance_note=(
         "onnxruntime over eager at batch 1 is 1.18x in the committed run, under the 1.2x target (an earlier "
         "one-thread run measured 1.41x; the timm peer `vit_small_patch16_224` gets 1.24x). Eager PyTorch already "
@@ -92,7 +111,8 @@ MODEL_CARD = dict(
         "blocks then become the shared blocks. `recurzoo.backbones.recurrent_vit.from_vit(vit, phases)` "
         "converts a built ViT and `find_phases(vit, images, k)` proposes the phases. Raptor feeds the integer "
         "layer index to its depth conditioning; this module feeds `(step + 1) / depth`. The registered "
-        "models take any input size that is a multiple of 16 (`dynamic_img_size=True`)."),
+        "models take any input size that is a multiple of 16 (`dynamic_img_size=True`)."
+    ),
 )
 
 _NORM_EPS = 1e-6
@@ -110,23 +130,25 @@ def even_phases(depth: int, num_unique_blocks: int) -> List[int]:
 
 
 def resolve_phases(
-        depth: int,
-        num_unique_blocks: Optional[int] = None,
-        phases: Optional[Sequence[int]] = None,
-        name: str = "RecurrentViT",
+    depth: int,
+    num_unique_blocks: Optional[int] = None,
+    phases: Optional[Sequence[int]] = None,
+    name: str = "RecurrentViT",
 ) -> List[int]:
     """The phase lengths for ``depth`` steps: ``phases`` checked, or derived evenly from ``num_unique_blocks``."""
     if phases is None:
         if num_unique_blocks is None or not 1 <= num_unique_blocks <= depth:
-            raise ValueError(f"{name}: num_unique_blocks must be between 1 and depth={depth}, "
-                             f"received {num_unique_blocks}")
+            raise ValueError(
+                f"{name}: num_unique_blocks must be between 1 and depth={depth}, received {num_unique_blocks}"
+            )
         return even_phases(depth, num_unique_blocks)
     phases = [int(p) for p in phases]
     if not phases or min(phases) < 1 or sum(phases) != depth:
         raise ValueError(f"{name}: phases must be positive lengths summing to depth={depth}, received {phases}")
     if num_unique_blocks is not None and num_unique_blocks != len(phases):
-        raise ValueError(f"{name}: num_unique_blocks={num_unique_blocks} disagrees with the {len(phases)} "
-                         f"phases {phases}")
+        raise ValueError(
+            f"{name}: num_unique_blocks={num_unique_blocks} disagrees with the {len(phases)} phases {phases}"
+        )
     return phases
 
 
@@ -215,26 +237,29 @@ class RecurrentBlock(nn.Module):
     """
 
     def __init__(
-            self,
-            block: nn.Module,
-            step_indices: Sequence[int],
-            depth: int,
-            drop_path_rates: Optional[Sequence[float]] = None,
-            depth_conditioning: bool = False,
-            depth_hidden: int = 16,
-            lora_rank: int = 0,
+        self,
+        block: nn.Module,
+        step_indices: Sequence[int],
+        depth: int,
+        drop_path_rates: Optional[Sequence[float]] = None,
+        depth_conditioning: bool = False,
+        depth_hidden: int = 16,
+        lora_rank: int = 0,
     ) -> None:
         super().__init__()
         for part in ("norm1", "attn", "ls1", "norm2", "mlp", "ls2"):
             if not hasattr(block, part):
-                raise ValueError(f"RecurrentBlock: needs a pre-norm ViT block with `{part}`, "
-                                 f"received {type(block).__name__}")
+                raise ValueError(
+                    f"RecurrentBlock: needs a pre-norm ViT block with `{part}`, received {type(block).__name__}"
+                )
             setattr(self, part, getattr(block, part))
         self.num_steps = len(step_indices)
         self.drop_path_rates = [float(r) for r in (drop_path_rates or [0.0] * self.num_steps)]
         if len(self.drop_path_rates) != self.num_steps:
-            raise ValueError(f"RecurrentBlock: needs one drop-path rate per step ({self.num_steps}), "
-                             f"received {len(self.drop_path_rates)}")
+            raise ValueError(
+                f"RecurrentBlock: needs one drop-path rate per step ({self.num_steps}), "
+                f"received {len(self.drop_path_rates)}"
+            )
         step_times = (torch.tensor(step_indices, dtype=torch.float32) + 1.0) / depth
         self.register_buffer("step_times", step_times.unsqueeze(-1), persistent=False)
         dim = self.attn.qkv.in_features
@@ -265,7 +290,8 @@ class RecurrentBlock(nn.Module):
             return module(x)
         weights = {
             f"{name}.weight": getattr(module, name).weight + self.lora[name].delta(step)
-            for owner, name in _LORA_TARGETS if owner == parent and name in self.lora
+            for owner, name in _LORA_TARGETS
+            if owner == parent and name in self.lora
         }
         return functional_call(module, weights, (x,)) if weights else module(x)
 
@@ -327,44 +353,45 @@ class RecurrentViT(nn.Module):
     """
 
     def __init__(
-            self,
-            img_size: Union[int, Tuple[int, int]] = 224,
-            patch_size: Union[int, Tuple[int, int]] = 16,
-            in_chans: int = 3,
-            num_classes: int = 1000,
-            global_pool: str = "token",
-            embed_dim: int = 768,
-            depth: int = 12,
-            num_heads: int = 12,
-            mlp_ratio: float = 4.0,
-            qkv_bias: bool = True,
-            qk_norm: bool = False,
-            init_values: Optional[float] = None,
-            class_token: bool = True,
-            reg_tokens: int = 0,
-            no_embed_class: bool = False,
-            pre_norm: bool = False,
-            final_norm: bool = True,
-            fc_norm: Optional[bool] = None,
-            dynamic_img_size: bool = False,
-            dynamic_img_pad: bool = False,
-            num_unique_blocks: Optional[int] = 2,
-            phases: Optional[Sequence[int]] = None,
-            depth_conditioning: bool = False,
-            depth_hidden: int = 16,
-            lora_rank: int = 0,
-            drop_rate: float = 0.0,
-            pos_drop_rate: float = 0.0,
-            proj_drop_rate: float = 0.0,
-            attn_drop_rate: float = 0.0,
-            drop_path_rate: float = 0.0,
-            norm_layer: Optional[Any] = None,
-            act_layer: Optional[Any] = None,
+        self,
+        img_size: Union[int, Tuple[int, int]] = 224,
+        patch_size: Union[int, Tuple[int, int]] = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        init_values: Optional[float] = None,
+        class_token: bool = True,
+        reg_tokens: int = 0,
+        no_embed_class: bool = False,
+        pre_norm: bool = False,
+        final_norm: bool = True,
+        fc_norm: Optional[bool] = None,
+        dynamic_img_size: bool = False,
+        dynamic_img_pad: bool = False,
+        num_unique_blocks: Optional[int] = 2,
+        phases: Optional[Sequence[int]] = None,
+        depth_conditioning: bool = False,
+        depth_hidden: int = 16,
+        lora_rank: int = 0,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        norm_layer: Optional[Any] = None,
+        act_layer: Optional[Any] = None,
     ) -> None:
         super().__init__()
         if global_pool not in ("", "token", "avg", "avgmax", "max"):
-            raise ValueError(f"RecurrentViT: global_pool must be '', 'token', 'avg', 'avgmax' or 'max', "
-                             f"received {global_pool!r}")
+            raise ValueError(
+                f"RecurrentViT: global_pool must be '', 'token', 'avg', 'avgmax' or 'max', received {global_pool!r}"
+            )
         if global_pool == "token" and not class_token:
             raise ValueError("RecurrentViT: global_pool='token' needs class_token=True")
         phases = resolve_phases(depth, None if phases is not None else num_unique_blocks, phases)
@@ -388,8 +415,14 @@ class RecurrentViT(nn.Module):
         if dynamic_img_size:
             embed_args.update(strict_img_size=False, output_fmt="NHWC")
         self.patch_embed = PatchEmbed(
-            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-            bias=not pre_norm, dynamic_img_pad=dynamic_img_pad, **embed_args)
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            bias=not pre_norm,
+            dynamic_img_pad=dynamic_img_pad,
+            **embed_args,
+        )
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
@@ -403,12 +436,28 @@ class RecurrentViT(nn.Module):
         blocks = []
         for start, length in zip(phase_starts(phases), phases):
             block = Block(
-                dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm,
-                init_values=init_values, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
-                norm_layer=norm_layer, act_layer=act_layer)
-            blocks.append(RecurrentBlock(
-                block, range(start, start + length), depth, step_drop_rates[start:start + length],
-                depth_conditioning=depth_conditioning, depth_hidden=depth_hidden, lora_rank=lora_rank))
+                dim=embed_dim,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                qk_norm=qk_norm,
+                init_values=init_values,
+                proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate,
+                norm_layer=norm_layer,
+                act_layer=act_layer,
+            )
+            blocks.append(
+                RecurrentBlock(
+                    block,
+                    range(start, start + length),
+                    depth,
+                    step_drop_rates[start : start + length],
+                    depth_conditioning=depth_conditioning,
+                    depth_hidden=depth_hidden,
+                    lora_rank=lora_rank,
+                )
+            )
         self.blocks = nn.ModuleList(blocks)
         self._set_schedule(phases, depth)
 
@@ -426,7 +475,8 @@ class RecurrentViT(nn.Module):
         self.schedule: List[Tuple[int, int]] = [(j, s) for j, length in enumerate(self.phases) for s in range(length)]
         reduction = self.patch_embed.feat_ratio() if hasattr(self.patch_embed, "feat_ratio") else 16
         self.feature_info = [
-            dict(module=f"blocks.{j}", num_chs=self.embed_dim, reduction=reduction) for j, _ in self.schedule]
+            dict(module=f"blocks.{j}", num_chs=self.embed_dim, reduction=reduction) for j, _ in self.schedule
+        ]
 
     def init_weights(self) -> None:
         """timm's ViT initialization (truncated normal, std 0.02); step parameters at their identity."""
@@ -473,8 +523,10 @@ class RecurrentViT(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             if global_pool not in ("", "token", "avg", "avgmax", "max"):
-                raise ValueError(f"{model_name(self)}: global_pool must be '', 'token', 'avg', 'avgmax' or "
-                                 f"'max', received {global_pool!r}")
+                raise ValueError(
+                    f"{model_name(self)}: global_pool must be '', 'token', 'avg', 'avgmax' or "
+                    f"'max', received {global_pool!r}"
+                )
             if global_pool == "token" and not self.has_class_token:
                 raise ValueError(f"{model_name(self)}: global_pool='token' needs a class token")
             self.attn_pool = None
@@ -486,15 +538,25 @@ class RecurrentViT(nn.Module):
         name = model_name(self)
         patch = self.patch_embed.patch_size
         dynamic_pad = getattr(self.patch_embed, "dynamic_img_pad", False)
-        check_image_input(x, name, self.in_chans, min_size=max(patch),
-                          multiple_of=None if dynamic_pad or patch[0] != patch[1] else patch[0],
-                          dtype=next(self.parameters()).dtype)
+        check_image_input(
+            x,
+            name,
+            self.in_chans,
+            min_size=max(patch),
+            multiple_of=None if dynamic_pad or patch[0] != patch[1] else patch[0],
+            dtype=next(self.parameters()).dtype,
+        )
         img_size = self.patch_embed.img_size
-        if (getattr(self.patch_embed, "strict_img_size", False) and img_size is not None
-                and not (torch.jit.is_tracing() or torch.compiler.is_compiling())
-                and tuple(x.shape[-2:]) != tuple(img_size)):
-            raise ValueError(f"{name}: expects {img_size[0]}x{img_size[1]} images (create it with "
-                             f"dynamic_img_size=True or img_size=... for others), received shape {tuple(x.shape)}")
+        if (
+            getattr(self.patch_embed, "strict_img_size", False)
+            and img_size is not None
+            and not (torch.jit.is_tracing() or torch.compiler.is_compiling())
+            and tuple(x.shape[-2:]) != tuple(img_size)
+        ):
+            raise ValueError(
+                f"{name}: expects {img_size[0]}x{img_size[1]} images (create it with "
+                f"dynamic_img_size=True or img_size=... for others), received shape {tuple(x.shape)}"
+            )
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         prefix = []
@@ -507,8 +569,11 @@ class RecurrentViT(nn.Module):
             batch, height, width, dim = x.shape
             if pos_embed is not None:
                 pos_embed = resample_abs_pos_embed(
-                    pos_embed, new_size=(height, width), old_size=self.patch_embed.grid_size,
-                    num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens)
+                    pos_embed,
+                    new_size=(height, width),
+                    old_size=self.patch_embed.grid_size,
+                    num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
+                )
             x = x.view(batch, height * width, dim)
         if pos_embed is None:
             return torch.cat(prefix + [x], dim=1) if prefix else x
@@ -535,14 +600,14 @@ class RecurrentViT(nn.Module):
         return block(x, step_in_phase)
 
     def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            return_prefix_tokens: bool = False,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
     ) -> Union[List[Any], Tuple[torch.Tensor, List[Any]]]:
         """Run the steps, returning the tokens after each step in ``indices`` (all steps by default).
 
@@ -561,8 +626,8 @@ class RecurrentViT(nn.Module):
             x = self.forward_step(x, step)
             if step in take_indices:
                 intermediates.append(self.norm(x) if norm else x)
-        prefix_tokens = [y[:, :self.num_prefix_tokens] for y in intermediates]
-        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
+        prefix_tokens = [y[:, : self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
         if output_fmt == "NCHW":
             grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
             intermediates = [y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2) for y in intermediates]
@@ -573,14 +638,14 @@ class RecurrentViT(nn.Module):
         return self.norm(x), intermediates
 
     def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
+        self,
+        indices: Union[int, List[int]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
     ) -> List[int]:
         """Drop the steps (and shared blocks), norm and head that the requested intermediates do not need."""
         take_indices, max_index = feature_take_indices(len(self.schedule), indices)
-        kept = self.schedule[:max_index + 1]
+        kept = self.schedule[: max_index + 1]
         num_blocks = kept[-1][0] + 1
         phases = [sum(1 for j, _ in kept if j == block) for block in range(num_blocks)]
         self.blocks = self.blocks[:num_blocks]
@@ -602,10 +667,13 @@ class RecurrentViT(nn.Module):
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         if self.attn_pool is not None:
-            return self.attn_pool(x if self.pool_include_prefix else x[:, self.num_prefix_tokens:])
+            return self.attn_pool(x if self.pool_include_prefix else x[:, self.num_prefix_tokens :])
         return global_pool_nlc(
-            x, pool_type=self.global_pool if pool_type is None else pool_type,
-            num_prefix_tokens=self.num_prefix_tokens, reduce_include_prefix=self.pool_include_prefix)
+            x,
+            pool_type=self.global_pool if pool_type is None else pool_type,
+            num_prefix_tokens=self.num_prefix_tokens,
+            reduce_include_prefix=self.pool_include_prefix,
+        )
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(self.fc_norm(self.pool(x)))
@@ -618,6 +686,7 @@ class RecurrentViT(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Conversion from an untied ViT
 # --------------------------------------------------------------------------------------------------
+
 
 def _drop_path_rate(block: nn.Module) -> float:
     module = getattr(block, "drop_path1", None)
@@ -647,13 +716,13 @@ def _lora_from_svd(model: RecurrentViT, vit: VisionTransformer, rank: int) -> No
 
 
 def from_vit(
-        vit: VisionTransformer,
-        phases: Sequence[int],
-        depth_conditioning: bool = False,
-        lora_rank: int = 0,
-        lora_init: str = "zero",
-        source_block: str = "middle",
-        depth_hidden: int = 16,
+    vit: VisionTransformer,
+    phases: Sequence[int],
+    depth_conditioning: bool = False,
+    lora_rank: int = 0,
+    lora_init: str = "zero",
+    source_block: str = "middle",
+    depth_hidden: int = 16,
 ) -> RecurrentViT:
     """Rewrite a timm ``VisionTransformer`` as a :class:`RecurrentViT` with the given phase schedule.
 
@@ -681,22 +750,36 @@ def from_vit(
         raise ValueError(f"from_vit: lora_init must be 'zero' or 'svd', received {lora_init!r}")
     for index, block in enumerate(vit.blocks):
         if not isinstance(block, Block):
-            raise ValueError(f"from_vit: block {index} is a {type(block).__name__}; only timm's pre-norm "
-                             "vision_transformer.Block can be shared")
+            raise ValueError(
+                f"from_vit: block {index} is a {type(block).__name__}; only timm's pre-norm "
+                "vision_transformer.Block can be shared"
+            )
 
     patch_embed = vit.patch_embed
     model = RecurrentViT(
-        img_size=patch_embed.img_size or 224, patch_size=patch_embed.patch_size, in_chans=vit.in_chans,
-        num_classes=0, global_pool="", embed_dim=vit.embed_dim, depth=depth,
-        num_heads=vit.blocks[0].attn.num_heads, class_token=vit.has_class_token,
-        reg_tokens=vit.num_reg_tokens, no_embed_class=vit.no_embed_class, phases=phases,
-        dynamic_img_size=vit.dynamic_img_size)
+        img_size=patch_embed.img_size or 224,
+        patch_size=patch_embed.patch_size,
+        in_chans=vit.in_chans,
+        num_classes=0,
+        global_pool="",
+        embed_dim=vit.embed_dim,
+        depth=depth,
+        num_heads=vit.blocks[0].attn.num_heads,
+        class_token=vit.has_class_token,
+        reg_tokens=vit.num_reg_tokens,
+        no_embed_class=vit.no_embed_class,
+        phases=phases,
+        dynamic_img_size=vit.dynamic_img_size,
+    )
     for name in ("patch_embed", "pos_drop", "patch_drop", "norm_pre", "norm", "fc_norm", "head_drop", "head"):
         setattr(model, name, copy.deepcopy(getattr(vit, name)))
     for name in ("cls_token", "reg_token", "pos_embed"):
         value = getattr(vit, name)
-        setattr(model, name, None if value is None else nn.Parameter(value.detach().clone(),
-                                                                      requires_grad=value.requires_grad))
+        setattr(
+            model,
+            name,
+            None if value is None else nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad),
+        )
     model.attn_pool = copy.deepcopy(vit.attn_pool)
     model.global_pool = vit.global_pool
     model.pool_include_prefix = vit.pool_include_prefix
@@ -707,10 +790,17 @@ def from_vit(
     blocks = []
     for start, length in zip(phase_starts(phases), phases):
         source = copy.deepcopy(vit.blocks[source_step(start, length, source_block)])
-        blocks.append(RecurrentBlock(
-            source, range(start, start + length), depth,
-            [_drop_path_rate(vit.blocks[i]) for i in range(start, start + length)],
-            depth_conditioning=depth_conditioning, depth_hidden=depth_hidden, lora_rank=lora_rank))
+        blocks.append(
+            RecurrentBlock(
+                source,
+                range(start, start + length),
+                depth,
+                [_drop_path_rate(vit.blocks[i]) for i in range(start, start + length)],
+                depth_conditioning=depth_conditioning,
+                depth_hidden=depth_hidden,
+                lora_rank=lora_rank,
+            )
+        )
     model.blocks = nn.ModuleList(blocks)
     model._set_schedule(phases, depth)
     if lora_rank and lora_init == "svd":
@@ -722,6 +812,7 @@ def from_vit(
 # --------------------------------------------------------------------------------------------------
 # Phase discovery
 # --------------------------------------------------------------------------------------------------
+
 
 def vit_step_tokens(vit: nn.Module, images: torch.Tensor) -> List[torch.Tensor]:
     """Tokens of a timm ViT (or a RecurrentViT) at the entry of step 0 and after each step.
@@ -825,15 +916,22 @@ def save_similarity_heatmap(split: PhaseSplit, path: str, title: str = "") -> No
     """Save the layer-similarity matrix of ``split`` as a PNG heat map with its phase boundaries."""
     from recurzoo.train.common import save_heatmap
 
-    save_heatmap(split.similarity.numpy(), path, title=title or f"phases {split.phases}",
-                 label="cosine similarity", xlabel="block", ylabel="block", lines=split.boundaries)
+    save_heatmap(
+        split.similarity.numpy(),
+        path,
+        title=title or f"phases {split.phases}",
+        label="cosine similarity",
+        xlabel="block",
+        ylabel="block",
+        lines=split.boundaries,
+    )
 
 
 def find_phases(
-        vit: nn.Module,
-        images: Union[torch.Tensor, Iterable[Any]],
-        k: int,
-        save_path: Optional[str] = None,
+    vit: nn.Module,
+    images: Union[torch.Tensor, Iterable[Any]],
+    k: int,
+    save_path: Optional[str] = None,
 ) -> PhaseSplit:
     """Find the contiguous ``k``-phase schedule of a ViT from its layer-by-layer token similarity.
 
@@ -853,6 +951,7 @@ def find_phases(
 # Checkpoints, registry
 # --------------------------------------------------------------------------------------------------
 
+
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RecurrentViT) -> Dict[str, torch.Tensor]:
     """Load a RecurrentViT checkpoint, or start one from an untied timm ViT checkpoint.
 
@@ -865,8 +964,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RecurrentViT) -> Dic
     block_ids = {int(match.group(1)) for match in map(pattern.match, state_dict) if match}
     if not block_ids or max(block_ids) < len(model.blocks):
         return state_dict
-    sources = {source_step(start, length): j for j, (start, length)
-               in enumerate(zip(phase_starts(model.phases), model.phases))}
+    sources = {
+        source_step(start, length): j for j, (start, length) in enumerate(zip(phase_starts(model.phases), model.phases))
+    }
     converted = {}
     for key, value in state_dict.items():
         match = pattern.match(key)
@@ -883,19 +983,28 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RecurrentViT) -> Dic
 def _create_recurrent_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> RecurrentViT:
     out_indices = kwargs.pop("out_indices", 3)
     return build_model_with_cfg(
-        RecurrentViT, variant, pretrained,
+        RecurrentViT,
+        variant,
+        pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs)
+        **kwargs,
+    )
 
 
 def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
     return {
         "url": url,
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
-        "crop_pct": 0.9, "interpolation": "bicubic", "fixed_input_size": False,
-        "mean": IMAGENET_INCEPTION_MEAN, "std": IMAGENET_INCEPTION_STD,
-        "first_conv": "patch_embed.proj", "classifier": "head",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": IMAGENET_INCEPTION_MEAN,
+        "std": IMAGENET_INCEPTION_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
         "license": "mit",
         "paper_ids": "arXiv:2512.19941",
         "paper_name": "Block-Recurrent Dynamics in Vision Transformers",
@@ -904,22 +1013,30 @@ def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
     }
 
 
-default_cfgs = generate_default_cfgs({
-    "rvit_tiny_patch16_224": _cfg(),
-    "rvit_tiny_patch16_224_k3": _cfg(),
-    "rvit_small_patch16_224": _cfg(),
-    "rvit_small_patch16_224_k3": _cfg(),
-    "rvit_base_patch16_224": _cfg(),
-    "rvit_base_patch16_224_k3": _cfg(),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "rvit_tiny_patch16_224": _cfg(),
+        "rvit_tiny_patch16_224_k3": _cfg(),
+        "rvit_small_patch16_224": _cfg(),
+        "rvit_small_patch16_224_k3": _cfg(),
+        "rvit_base_patch16_224": _cfg(),
+        "rvit_base_patch16_224_k3": _cfg(),
+    }
+)
 
 _WIDTHS = dict(tiny=(192, 3), small=(384, 6), base=(768, 12))  # timm's ViT-Ti/S/B: embed_dim, num_heads
 
 
 def _rvit_args(width: str, num_unique_blocks: int) -> Dict[str, Any]:
     embed_dim, num_heads = _WIDTHS[width]
-    return dict(patch_size=16, embed_dim=embed_dim, depth=12, num_heads=num_heads,
-                num_unique_blocks=num_unique_blocks, dynamic_img_size=True)
+    return dict(
+        patch_size=16,
+        embed_dim=embed_dim,
+        depth=12,
+        num_heads=num_heads,
+        num_unique_blocks=num_unique_blocks,
+        dynamic_img_size=True,
+    )
 
 
 def _build(variant: str, width: str, k: int, pretrained: bool, kwargs: Dict[str, Any]) -> RecurrentViT:

@@ -20,6 +20,7 @@ Every block adds its own input back scaled by a learnable vector (hybrid adaptiv
 head for timm); ``rgt_x2`` ... ``rgt_small_x4`` are the complete super-resolution models (body +
 :class:`~recurzoo.heads.super_resolution.PixelShuffleUpsampler`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,12 +30,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
+from torch import nn
 
 from recurzoo.backbones._helpers import check_image_input, model_name
 from recurzoo.backbones.hornet import unwrap_checkpoint
@@ -42,8 +42,16 @@ from recurzoo.heads.super_resolution import DIV2K_RGB_MEAN, PixelShuffleUpsample
 from recurzoo.official import register_official
 
 __all__ = [
-    "RGT", "RGTBlock", "ResidualGroup", "RectangleWindowAttention", "RecursiveGeneralizationAttention",
-    "GatedConvMlp", "DynamicPositionBias", "recursion_steps", "checkpoint_filter_fn", "MODEL_CARD",
+    "RGT",
+    "RGTBlock",
+    "ResidualGroup",
+    "RectangleWindowAttention",
+    "RecursiveGeneralizationAttention",
+    "GatedConvMlp",
+    "DynamicPositionBias",
+    "recursion_steps",
+    "checkpoint_filter_fn",
+    "MODEL_CARD",
 ]
 
 _MASK_VALUE = -100.0  # the official additive mask between regions of a shifted window
@@ -70,14 +78,16 @@ def recursion_steps(height: int, width: int, training: bool) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def shifted_window_mask(height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int],
-                        device: torch.device) -> torch.Tensor:
+def shifted_window_mask(
+    height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int], device: torch.device
+) -> torch.Tensor:
     """``(num_windows, N, N)`` additive mask of a shifted-window attention on a ``height x width`` map.
 
     After the cyclic shift, the last window of each row/column mixes three regions of the original
     map (before ``-window``, between ``-window`` and ``-shift``, after ``-shift``); tokens from
     different regions may not attend to each other (``-100`` in the logits, as in Swin and RGT).
     """
+
     def region(length: int, size: int, offset: int) -> torch.Tensor:
         index = torch.arange(length, device=device)
         return (index >= length - size).long() + (index >= length - offset).long()
@@ -93,10 +103,14 @@ def copy_rolled(out: torch.Tensor, source: torch.Tensor, shifts: Tuple[int, int]
     """``out[:] = torch.roll(source, shifts, dims=(1, 2))`` in one pass: four block copies, no temporary."""
     height, width = source.shape[1:3]
     shift_h, shift_w = shifts[0] % height, shifts[1] % width
-    for rows_out, rows_in in ((slice(shift_h, None), slice(None, height - shift_h)),
-                              (slice(None, shift_h), slice(height - shift_h, None))):
-        for cols_out, cols_in in ((slice(shift_w, None), slice(None, width - shift_w)),
-                                  (slice(None, shift_w), slice(width - shift_w, None))):
+    for rows_out, rows_in in (
+        (slice(shift_h, None), slice(None, height - shift_h)),
+        (slice(None, shift_h), slice(height - shift_h, None)),
+    ):
+        for cols_out, cols_in in (
+            (slice(shift_w, None), slice(None, width - shift_w)),
+            (slice(None, shift_w), slice(width - shift_w, None)),
+        ):
             out[:, rows_out, cols_out].copy_(source[:, rows_in, cols_in])
 
 
@@ -129,8 +143,15 @@ class RectangleWindowBranch(nn.Module):
     after), and tokens from different regions are masked.
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: Tuple[int, int], shifted: bool,
-                 qk_scale: Optional[float] = None, attn_drop: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: Tuple[int, int],
+        shifted: bool,
+        qk_scale: Optional[float] = None,
+        attn_drop: float = 0.0,
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.window_size = tuple(window_size)
@@ -172,7 +193,8 @@ class RectangleWindowBranch(nn.Module):
         # (3, B, windows * heads, N, head_dim): windows and heads share one axis, so the per-window
         # shift mask broadcasts over the batch without being repeated for every image
         windows = windows.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(
-            3, batch, rows * cols * self.num_heads, window_h * window_w, head_dim)
+            3, batch, rows * cols * self.num_heads, window_h * window_w, head_dim
+        )
         q, k, v = windows.unbind(0)
         bias = self.relative_position_bias()  # (heads, N, N)
         if self.shift_size is not None:
@@ -182,8 +204,13 @@ class RectangleWindowBranch(nn.Module):
             q, k, v = (t.reshape(batch * rows * cols, self.num_heads, *t.shape[2:]) for t in (q, k, v))
         # 4-D inputs with a mask broadcast over the first axis only keep SDPA on its fused kernel
         attended = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias[None].to(q.dtype), dropout_p=self.attn_drop if self.training else 0.0,
-            scale=self.scale)
+            q,
+            k,
+            v,
+            attn_mask=bias[None].to(q.dtype),
+            dropout_p=self.attn_drop if self.training else 0.0,
+            scale=self.scale,
+        )
         # (B, rows, window_h, cols, window_w, heads, head_dim): the window order of the map
         attended = attended.view(batch, rows, cols, self.num_heads, window_h, window_w, head_dim)
         attended = attended.permute(0, 1, 4, 2, 5, 3, 6)
@@ -191,8 +218,9 @@ class RectangleWindowBranch(nn.Module):
             attended = attended.reshape(batch, height, width, channels)
             return attended if self.shift_size is None else torch.roll(attended, self.shift_size, dims=(1, 2))
         if self.shift_size is None:
-            out.unflatten(1, (rows, window_h)).unflatten(3, (cols, window_w)).unflatten(5, (
-                self.num_heads, head_dim)).copy_(attended)
+            out.unflatten(1, (rows, window_h)).unflatten(3, (cols, window_w)).unflatten(
+                5, (self.num_heads, head_dim)
+            ).copy_(attended)
         else:
             copy_rolled(out, attended.reshape(batch, height, width, channels), self.shift_size)
         return None
@@ -205,20 +233,32 @@ class RectangleWindowAttention(nn.Module):
     as in the official code; a depthwise 3x3 conv of the (unpadded) values is added to the result.
     """
 
-    def __init__(self, dim: int, num_heads: int, split_size: Sequence[int] = (8, 32), shifted: bool = False,
-                 qkv_bias: bool = True, qk_scale: Optional[float] = None, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        split_size: Sequence[int] = (8, 32),
+        shifted: bool = False,
+        qkv_bias: bool = True,
+        qk_scale: Optional[float] = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
         super().__init__()
         if dim % 2 or num_heads % 2 or dim % num_heads:
-            raise ValueError(f"RectangleWindowAttention: dim and num_heads must be even and dim divisible by "
-                             f"num_heads, received dim={dim}, num_heads={num_heads}")
+            raise ValueError(
+                f"RectangleWindowAttention: dim and num_heads must be even and dim divisible by "
+                f"num_heads, received dim={dim}, num_heads={num_heads}"
+            )
         short, long = split_size
         self.pad_multiple = max(short, long)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.branches = nn.ModuleList([
-            RectangleWindowBranch(dim // 2, num_heads // 2, (short, long), shifted, qk_scale, attn_drop),
-            RectangleWindowBranch(dim // 2, num_heads // 2, (long, short), shifted, qk_scale, attn_drop),
-        ])
+        self.branches = nn.ModuleList(
+            [
+                RectangleWindowBranch(dim // 2, num_heads // 2, (short, long), shifted, qk_scale, attn_drop),
+                RectangleWindowBranch(dim // 2, num_heads // 2, (long, short), shifted, qk_scale, attn_drop),
+            ]
+        )
         self.local_conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -226,19 +266,19 @@ class RectangleWindowAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, channels = x.shape
         qkv = self.qkv(x)
-        values = qkv[..., 2 * channels:]
+        values = qkv[..., 2 * channels :]
         pad_bottom, pad_right = -height % self.pad_multiple, -width % self.pad_multiple
         if pad_bottom or pad_right:
             qkv = F.pad(qkv, (0, 0, 0, pad_right, 0, pad_bottom))
         qkv = qkv.view(batch, height + pad_bottom, width + pad_right, 3, channels)
         half = channels // 2
-        halves = [qkv[..., i * half:(i + 1) * half] for i in range(2)]
+        halves = [qkv[..., i * half : (i + 1) * half] for i in range(2)]
         if torch.jit.is_tracing():  # the ONNX exporter needs out-of-place ops
             x = torch.cat([branch(part) for branch, part in zip(self.branches, halves)], dim=-1)
         else:
             x = qkv.new_empty(batch, height + pad_bottom, width + pad_right, channels)
             for i, (branch, part) in enumerate(zip(self.branches, halves)):
-                branch(part, out=x[..., i * half:(i + 1) * half])
+                branch(part, out=x[..., i * half : (i + 1) * half])
         x = x[:, :height, :width]
         x = x + self.local_conv(values.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.proj_drop(self.proj(x))
@@ -253,14 +293,24 @@ class RecursiveGeneralizationAttention(nn.Module):
     the values over the pooled map (CPE) is added to them.
     """
 
-    def __init__(self, dim: int, num_heads: int, c_ratio: float = 0.5, qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        c_ratio: float = 0.5,
+        qkv_bias: bool = True,
+        qk_scale: Optional[float] = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.reduced_dim = int(dim * c_ratio)
         if dim % num_heads or self.reduced_dim % num_heads:
-            raise ValueError(f"RecursiveGeneralizationAttention: dim={dim} and dim*c_ratio={self.reduced_dim} "
-                             f"must be divisible by num_heads={num_heads}")
+            raise ValueError(
+                f"RecursiveGeneralizationAttention: dim={dim} and dim*c_ratio={self.reduced_dim} "
+                f"must be divisible by num_heads={num_heads}"
+            )
         self.scale = qk_scale or (dim // num_heads * c_ratio) ** -0.5
         self.attn_drop = attn_drop
         self.recursive_pool = nn.Conv2d(dim, dim, kernel_size=4, stride=4, groups=dim)
@@ -291,7 +341,8 @@ class RecursiveGeneralizationAttention(nn.Module):
         v = v + self.cpe(v.transpose(1, 2).reshape(batch, channels, pooled_h, pooled_w)).flatten(2).transpose(1, 2)
         v = v.reshape(batch, -1, heads, channels // heads).transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
+            q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
+        )
         out = out.transpose(1, 2).reshape(batch, height, width, channels)
         return self.proj_drop(self.proj(out))
 
@@ -332,29 +383,31 @@ class RGTBlock(nn.Module):
     """
 
     def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            attention: str,
-            shifted: bool = False,
-            mlp_ratio: float = 2.0,
-            split_size: Sequence[int] = (8, 32),
-            c_ratio: float = 0.5,
-            qkv_bias: bool = True,
-            qk_scale: Optional[float] = None,
-            proj_drop: float = 0.0,
-            attn_drop: float = 0.0,
-            drop_path: float = 0.0,
-            skip_scale_init: float = 1e-4,
+        self,
+        dim: int,
+        num_heads: int,
+        attention: str,
+        shifted: bool = False,
+        mlp_ratio: float = 2.0,
+        split_size: Sequence[int] = (8, 32),
+        c_ratio: float = 0.5,
+        qkv_bias: bool = True,
+        qk_scale: Optional[float] = None,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        skip_scale_init: float = 1e-4,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         if attention == "local":
-            self.attn = RectangleWindowAttention(dim, num_heads, split_size, shifted, qkv_bias, qk_scale,
-                                                 attn_drop, proj_drop)
+            self.attn = RectangleWindowAttention(
+                dim, num_heads, split_size, shifted, qkv_bias, qk_scale, attn_drop, proj_drop
+            )
         elif attention == "recursive":
-            self.attn = RecursiveGeneralizationAttention(dim, num_heads, c_ratio, qkv_bias, qk_scale,
-                                                         attn_drop, proj_drop)
+            self.attn = RecursiveGeneralizationAttention(
+                dim, num_heads, c_ratio, qkv_bias, qk_scale, attn_drop, proj_drop
+            )
         else:
             raise ValueError(f"RGTBlock: attention must be 'local' or 'recursive', received {attention!r}")
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
@@ -383,9 +436,12 @@ def _residual_conv(dim: int, kind: str) -> nn.Module:
         return nn.Conv2d(dim, dim, 3, 1, 1)
     if kind == "3conv":
         return nn.Sequential(
-            nn.Conv2d(dim, dim // 4, 3, 1, 1), nn.LeakyReLU(negative_slope=0.2, inplace=True),
-            nn.Conv2d(dim // 4, dim // 4, 1, 1, 0), nn.LeakyReLU(negative_slope=0.2, inplace=True),
-            nn.Conv2d(dim // 4, dim, 3, 1, 1))
+            nn.Conv2d(dim, dim // 4, 3, 1, 1),
+            nn.LeakyReLU(negative_slope=0.2, inplace=True),
+            nn.Conv2d(dim // 4, dim // 4, 1, 1, 0),
+            nn.LeakyReLU(negative_slope=0.2, inplace=True),
+            nn.Conv2d(dim // 4, dim, 3, 1, 1),
+        )
     raise ValueError(f"RGT: resi_connection must be '1conv' or '3conv', received {kind!r}")
 
 
@@ -393,22 +449,30 @@ class ResidualGroup(nn.Module):
     """Blocks alternating L-SA (even positions) and RG-SA (odd), a 3x3 conv, and a skip over the group."""
 
     def __init__(
-            self,
-            dim: int,
-            depth: int,
-            num_heads: int,
-            group_index: int,
-            drop_path_rates: Sequence[float],
-            resi_connection: str = "1conv",
-            **block_kwargs: Any,
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        group_index: int,
+        drop_path_rates: Sequence[float],
+        resi_connection: str = "1conv",
+        **block_kwargs: Any,
     ) -> None:
         super().__init__()
         self.grad_checkpointing = False
-        self.blocks = nn.Sequential(*[
-            RGTBlock(dim, num_heads, "local" if i % 2 == 0 else "recursive",
-                     shifted=i % 2 == 0 and is_shifted_block(group_index, i), drop_path=drop_path_rates[i],
-                     **block_kwargs)
-            for i in range(depth)])
+        self.blocks = nn.Sequential(
+            *[
+                RGTBlock(
+                    dim,
+                    num_heads,
+                    "local" if i % 2 == 0 else "recursive",
+                    shifted=i % 2 == 0 and is_shifted_block(group_index, i),
+                    drop_path=drop_path_rates[i],
+                    **block_kwargs,
+                )
+                for i in range(depth)
+            ]
+        )
         self.conv = _residual_conv(dim, resi_connection)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -448,23 +512,23 @@ class RGT(nn.Module):
     """
 
     def __init__(
-            self,
-            in_chans: int = 3,
-            num_classes: int = 0,
-            embed_dim: int = 180,
-            depths: Sequence[int] = (6, 6, 6, 6, 6, 6, 6, 6),
-            num_heads: Union[int, Sequence[int]] = 6,
-            mlp_ratio: float = 2.0,
-            split_size: Sequence[int] = (8, 32),
-            c_ratio: float = 0.5,
-            qkv_bias: bool = True,
-            qk_scale: Optional[float] = None,
-            drop_rate: float = 0.0,
-            proj_drop_rate: float = 0.0,
-            attn_drop_rate: float = 0.0,
-            drop_path_rate: float = 0.1,
-            resi_connection: str = "1conv",
-            global_pool: str = "avg",
+        self,
+        in_chans: int = 3,
+        num_classes: int = 0,
+        embed_dim: int = 180,
+        depths: Sequence[int] = (6, 6, 6, 6, 6, 6, 6, 6),
+        num_heads: Union[int, Sequence[int]] = 6,
+        mlp_ratio: float = 2.0,
+        split_size: Sequence[int] = (8, 32),
+        c_ratio: float = 0.5,
+        qkv_bias: bool = True,
+        qk_scale: Optional[float] = None,
+        drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        resi_connection: str = "1conv",
+        global_pool: str = "avg",
     ) -> None:
         super().__init__()
         heads = [num_heads] * len(depths) if isinstance(num_heads, int) else list(num_heads)
@@ -480,8 +544,15 @@ class RGT(nn.Module):
         self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
         self.norm_pre = nn.LayerNorm(embed_dim)
         rates = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)  # per group, per block
-        block_kwargs = dict(mlp_ratio=mlp_ratio, split_size=tuple(split_size), c_ratio=c_ratio, qkv_bias=qkv_bias,
-                            qk_scale=qk_scale, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate)
+        block_kwargs = dict(
+            mlp_ratio=mlp_ratio,
+            split_size=tuple(split_size),
+            c_ratio=c_ratio,
+            qkv_bias=qkv_bias,
+            qk_scale=qk_scale,
+            proj_drop=proj_drop_rate,
+            attn_drop=attn_drop_rate,
+        )
         groups: List[nn.Module] = []
         self.feature_info: List[Dict[str, Any]] = []
         for i, depth in enumerate(depths):
@@ -505,7 +576,9 @@ class RGT(nn.Module):
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(
             stem=r"^conv_first|^norm_pre",
-            blocks=r"^groups\.(\d+)" if coarse else [
+            blocks=r"^groups\.(\d+)"
+            if coarse
+            else [
                 (r"^groups\.(\d+)\.blocks\.(\d+)", None),
                 (r"^groups\.(\d+)\.conv", (99999,)),
                 (r"^norm\.|^conv_after_body", (99999,)),
@@ -540,13 +613,13 @@ class RGT(nn.Module):
         return self.conv_after_body(self.norm(x).permute(0, 3, 1, 2)) + shallow
 
     def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Run the groups, returning the outputs of those in ``indices`` (all by default).
 
@@ -557,7 +630,7 @@ class RGT(nn.Module):
             raise ValueError(f"{model_name(self)}: output_fmt must be 'NCHW' or 'NHWC', received {output_fmt!r}")
         self._check_input(x)
         take_indices, max_index = feature_take_indices(len(self.groups), indices)
-        groups = self.groups[:max_index + 1] if stop_early and not torch.jit.is_scripting() else self.groups
+        groups = self.groups[: max_index + 1] if stop_early and not torch.jit.is_scripting() else self.groups
         last_index = len(self.groups) - 1
         shallow, x = self._stem(x)
         intermediates = []
@@ -571,17 +644,17 @@ class RGT(nn.Module):
         return self._body_output(x, shallow), intermediates
 
     def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
+        self,
+        indices: Union[int, List[int]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
     ) -> List[int]:
         """Drop the groups (and head) that the requested intermediates do not need."""
         take_indices, max_index = feature_take_indices(len(self.groups), indices)
         prune_end = max_index < len(self.groups) - 1
         if prune_norm or prune_end:
             self.norm = nn.Identity()
-        self.groups = self.groups[:max_index + 1]
+        self.groups = self.groups[: max_index + 1]
         if prune_head or prune_end:
             self.reset_classifier(0, "")
         return take_indices
@@ -620,11 +693,11 @@ upsampler of RGT/SwinIR), taking images in [0, 1] of any size.
     input_size=(3, 128, 128),
     example_model="rgt_small_x4",
     table_note="Parameters and fvcore GFLOPs (multiply-accumulates; attention counted as its two matmuls, as in "
-               "the official explicit attention) of one 3x128x128 input, i.e. a 3x512x512 output for the x4 "
-               "models, the size of the published figures (RGT 13.37 M / 251.07 G, RGT-S 10.20 M / 193.08 G). "
-               "The body rows exclude the upsampler. The authors' DF2K-trained weights of the six SR models are "
-               "shared as Google Drive / Baidu folders (links in the official README), without direct URLs, so "
-               "the weights column is empty: download them by hand and pass `pretrained_cfg_overlay=dict(file=...)`.",
+    "the official explicit attention) of one 3x128x128 input, i.e. a 3x512x512 output for the x4 "
+    "models, the size of the published figures (RGT 13.37 M / 251.07 G, RGT-S 10.20 M / 193.08 G). "
+    "The body rows exclude the upsampler. The authors' DF2K-trained weights of the six SR models are "
+    "shared as Google Drive / Baidu folders (links in the official README), without direct URLs, so "
+    "the weights column is empty: download them by hand and pass `pretrained_cfg_overlay=dict(file=...)`.",
     usage="""
 ```python
 import recurzoo, timm, torch
@@ -644,8 +717,9 @@ sr2 = recurzoo.create_sr_model('rgt_small', scale=2, head='pixelshuffledirect')
 
 Command line: `recurzoo sr photo.png folder/ --model rgt_small_x4 --checkpoint RGT_S_x4.pth --tile 256 --out out/`.
 Training and evaluation (PSNR/SSIM on Y, BasicSR's protocol):
-`python -m recurzoo.train.super_resolution --model rgt_small_x2 --train-data DF2K --val-data Set5 Set14 --output runs/rgt_s_x2`
-and `python -m recurzoo.train.super_resolution --model rgt_x4 --checkpoint RGT_x4.pth --eval-only --val-data Set5 Urban100`.
+`python -m recurzoo.train.super_resolution --model rgt_small_x2 --train-data DF2K --val-data Set5 Set14
+--output runs/rgt_s_x2` and `python -m recurzoo.train.super_resolution --model rgt_x4 --checkpoint RGT_x4.pth
+--eval-only --val-data Set5 Urban100`.
 """,
     performance_note="""
 **Close to the 45%-of-peak target at batch 8, and why (measured).** On one thread `rgt_small_x2`
@@ -702,8 +776,14 @@ _OFFICIAL_KEY_RENAMES = (
     (r"\.gamma$", ".skip_scale"),
     (r"\.attn\.attns\.(\d+)\.pos\.pos_proj\.", r".attn.branches.\1.position_bias.proj_in."),
     (r"\.attn\.attns\.(\d+)\.pos\.pos1\.(\d+)\.", lambda m: f".attn.branches.{m[1]}.position_bias.mlp.{int(m[2])}."),
-    (r"\.attn\.attns\.(\d+)\.pos\.pos2\.(\d+)\.", lambda m: f".attn.branches.{m[1]}.position_bias.mlp.{3 + int(m[2])}."),
-    (r"\.attn\.attns\.(\d+)\.pos\.pos3\.(\d+)\.", lambda m: f".attn.branches.{m[1]}.position_bias.mlp.{6 + int(m[2])}."),
+    (
+        r"\.attn\.attns\.(\d+)\.pos\.pos2\.(\d+)\.",
+        lambda m: f".attn.branches.{m[1]}.position_bias.mlp.{3 + int(m[2])}.",
+    ),
+    (
+        r"\.attn\.attns\.(\d+)\.pos\.pos3\.(\d+)\.",
+        lambda m: f".attn.branches.{m[1]}.position_bias.mlp.{6 + int(m[2])}.",
+    ),
     (r"\.attn\.get_v\.", ".attn.local_conv."),
     (r"\.attn\.reduction1\.", ".attn.recursive_pool."),
     (r"\.attn\.dwconv\.", ".attn.pooled_dwconv."),
@@ -723,8 +803,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
     upsampler under ``head.``) or the body alone (:class:`RGT`: the upsampler is dropped).
     Checkpoints already in this package's layout (SR model or body) pass through, re-prefixed as needed.
     """
-    state_dict = {key: value for key, value in unwrap_checkpoint(state_dict).items()
-                  if not _DERIVED_BUFFERS.search(key)}
+    state_dict = {
+        key: value for key, value in unwrap_checkpoint(state_dict).items() if not _DERIVED_BUFFERS.search(key)
+    }
     if any(key.startswith(("layers.", "before_RG.")) for key in state_dict):  # the official layout
         sr_layout = {}
         for key, value in state_dict.items():
@@ -742,37 +823,48 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
         sr_layout = {"backbone." + key: value for key, value in state_dict.items() if not key.startswith("head.")}
     if isinstance(model, SuperResolutionModel):
         return sr_layout
-    return {key[len("backbone."):]: value for key, value in sr_layout.items() if key.startswith("backbone.")}
+    return {key[len("backbone.") :]: value for key, value in sr_layout.items() if key.startswith("backbone.")}
 
 
 def _official_rgt(
-        upscale: int = 2,
-        in_chans: int = 3,
-        embed_dim: int = 180,
-        depth: Sequence[int] = (2, 2, 2, 2),
-        num_heads: Sequence[int] = (2, 2, 2, 2),
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        qk_scale: Optional[float] = None,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.1,
-        use_chk: bool = False,
-        img_range: float = 1.0,
-        resi_connection: str = "1conv",
-        split_size: Sequence[int] = (8, 8),
-        c_ratio: float = 0.5,
-        **unused: Any,
+    upscale: int = 2,
+    in_chans: int = 3,
+    embed_dim: int = 180,
+    depth: Sequence[int] = (2, 2, 2, 2),
+    num_heads: Sequence[int] = (2, 2, 2, 2),
+    mlp_ratio: float = 4.0,
+    qkv_bias: bool = True,
+    qk_scale: Optional[float] = None,
+    drop_rate: float = 0.0,
+    attn_drop_rate: float = 0.0,
+    drop_path_rate: float = 0.1,
+    use_chk: bool = False,
+    img_range: float = 1.0,
+    resi_connection: str = "1conv",
+    split_size: Sequence[int] = (8, 8),
+    c_ratio: float = 0.5,
+    **unused: Any,
 ) -> SuperResolutionModel:
     """The official ``rgt_arch.RGT`` arguments (its defaults too) mapped onto body + upsampler.
 
     ``img_size`` (the size of the stored masks) and ``upsampler`` are accepted and ignored: masks
     are computed for each input and the official model always uses the pixel-shuffle upsampler.
     """
-    body = RGT(in_chans=in_chans, embed_dim=embed_dim, depths=tuple(depth), num_heads=list(num_heads),
-               mlp_ratio=mlp_ratio, split_size=tuple(split_size), c_ratio=c_ratio, qkv_bias=qkv_bias,
-               qk_scale=qk_scale, proj_drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
-               drop_path_rate=drop_path_rate, resi_connection=resi_connection)
+    body = RGT(
+        in_chans=in_chans,
+        embed_dim=embed_dim,
+        depths=tuple(depth),
+        num_heads=list(num_heads),
+        mlp_ratio=mlp_ratio,
+        split_size=tuple(split_size),
+        c_ratio=c_ratio,
+        qkv_bias=qkv_bias,
+        qk_scale=qk_scale,
+        proj_drop_rate=drop_rate,
+        attn_drop_rate=attn_drop_rate,
+        drop_path_rate=drop_path_rate,
+        resi_connection=resi_connection,
+    )
     body.set_grad_checkpointing(use_chk)
     head = PixelShuffleUpsampler(embed_dim, upscale, out_chans=in_chans)
     return SuperResolutionModel(body, head, img_range=img_range, name="rgt_arch.RGT")
@@ -787,16 +879,23 @@ def _feature_cfg(kwargs: Dict[str, Any]) -> Dict[str, Any]:
 
 def _create_rgt(variant: str, pretrained: bool = False, **kwargs: Any) -> RGT:
     return build_model_with_cfg(
-        RGT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, feature_cfg=_feature_cfg(kwargs),
-        **kwargs)
+        RGT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, feature_cfg=_feature_cfg(kwargs), **kwargs
+    )
 
 
-def _build_sr_model(upscale: int, num_classes: int = 0, in_chans: int = 3, img_range: float = 1.0,
-                    global_pool: Optional[str] = None, **body_kwargs: Any) -> SuperResolutionModel:
+def _build_sr_model(
+    upscale: int,
+    num_classes: int = 0,
+    in_chans: int = 3,
+    img_range: float = 1.0,
+    global_pool: Optional[str] = None,
+    **body_kwargs: Any,
+) -> SuperResolutionModel:
     """Body + pixel-shuffle upsampler; ``num_classes > 0`` swaps the upsampler for a classifier."""
     body = RGT(in_chans=in_chans, **body_kwargs)
-    model = SuperResolutionModel(body, PixelShuffleUpsampler(body.num_features, upscale, out_chans=in_chans),
-                                 img_range=img_range)
+    model = SuperResolutionModel(
+        body, PixelShuffleUpsampler(body.num_features, upscale, out_chans=in_chans), img_range=img_range
+    )
     if num_classes:
         model.reset_classifier(num_classes, global_pool)
     return model
@@ -804,17 +903,28 @@ def _build_sr_model(upscale: int, num_classes: int = 0, in_chans: int = 3, img_r
 
 def _create_rgt_sr(variant: str, upscale: int, pretrained: bool = False, **kwargs: Any) -> SuperResolutionModel:
     return build_model_with_cfg(
-        _build_sr_model, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=_feature_cfg(kwargs), upscale=upscale, **kwargs)
+        _build_sr_model,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=_feature_cfg(kwargs),
+        upscale=upscale,
+        **kwargs,
+    )
 
 
 def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
     return {
         "url": url,
-        "num_classes": 0, "input_size": (3, 64, 64), "pool_size": None,
-        "crop_pct": 1.0, "interpolation": "bicubic",
-        "mean": DIV2K_RGB_MEAN, "std": (1.0, 1.0, 1.0),
-        "first_conv": "conv_first", "classifier": "head.fc",
+        "num_classes": 0,
+        "input_size": (3, 64, 64),
+        "pool_size": None,
+        "crop_pct": 1.0,
+        "interpolation": "bicubic",
+        "mean": DIV2K_RGB_MEAN,
+        "std": (1.0, 1.0, 1.0),
+        "first_conv": "conv_first",
+        "classifier": "head.fc",
         "license": "apache-2.0",
         "paper_ids": "arXiv:2303.06373",
         "paper_name": "Recursive Generalization Transformer for Image Super-Resolution",
@@ -825,29 +935,36 @@ def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
 
 def _sr_cfg(scale: int, **kwargs: Any) -> Dict[str, Any]:
     """SR models take images in [0, 1] (they subtract the mean themselves) and return ``scale`` times larger ones."""
-    return _cfg(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), first_conv="backbone.conv_first", classifier=None,
-                **kwargs)
+    return _cfg(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), first_conv="backbone.conv_first", classifier=None, **kwargs)
 
 
 # The official SR weights (DF2K-trained x2/x3/x4, BasicSR files) are on Google Drive / Baidu only (see the
 # official README): download them by hand and pass ``pretrained_cfg_overlay=dict(file=...)``.
-default_cfgs = generate_default_cfgs({
-    "rgt": _cfg(),
-    "rgt_small": _cfg(),
-    "rgt_x2": _sr_cfg(2),
-    "rgt_x3": _sr_cfg(3),
-    "rgt_x4": _sr_cfg(4),
-    "rgt_small_x2": _sr_cfg(2),
-    "rgt_small_x3": _sr_cfg(3),
-    "rgt_small_x4": _sr_cfg(4),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "rgt": _cfg(),
+        "rgt_small": _cfg(),
+        "rgt_x2": _sr_cfg(2),
+        "rgt_x3": _sr_cfg(3),
+        "rgt_x4": _sr_cfg(4),
+        "rgt_small_x2": _sr_cfg(2),
+        "rgt_small_x3": _sr_cfg(3),
+        "rgt_small_x4": _sr_cfg(4),
+    }
+)
 
 
 def _rgt_args(num_groups: int, blocks_per_group: int = 6, **kwargs: Any) -> Dict[str, Any]:
     """The official architecture: width 180, ``num_groups`` groups of 6 blocks, 6 heads, MLP ratio 2,
     8x32 rectangles, channel ratio 0.5. ``blocks_per_group`` shrinks the groups (tests)."""
-    args = dict(embed_dim=180, depths=(blocks_per_group,) * num_groups, num_heads=6, mlp_ratio=2.0,
-                split_size=(8, 32), c_ratio=0.5)
+    args = dict(
+        embed_dim=180,
+        depths=(blocks_per_group,) * num_groups,
+        num_heads=6,
+        mlp_ratio=2.0,
+        split_size=(8, 32),
+        c_ratio=0.5,
+    )
     args.update(kwargs)
     return args
 

@@ -19,6 +19,7 @@ When the token count is not a multiple of the group count, the sequence is padde
 multiple and the padded keys are masked out of the attention: the groups then differ in size by
 at most one token, and nothing else changes.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,21 +29,35 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ConvNormAct, DropPath, LayerNorm2d, Mlp, NormMlpClassifierHead, resample_abs_pos_embed
-from timm.layers import to_2tuple, trunc_normal_
+from timm.layers import (
+    ConvNormAct,
+    DropPath,
+    LayerNorm2d,
+    Mlp,
+    NormMlpClassifierHead,
+    resample_abs_pos_embed,
+    to_2tuple,
+    trunc_normal_,
+)
 from timm.models import generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._manipulate import checkpoint_seq
+from torch import nn
 
 from recurzoo.backbones._helpers import StagedClassifierMixin, build_with_weights, check_image_input, model_name
 from recurzoo.backbones.hornet import unwrap_checkpoint
 from recurzoo.official import register_official
 
-__all__ = ["SReT", "SlicedGroupAttention", "TransformerBlock", "NonLinearProjection", "RecursiveBlock",
-           "RecursiveStage", "resample_pos_embed"]
+__all__ = [
+    "SReT",
+    "SlicedGroupAttention",
+    "TransformerBlock",
+    "NonLinearProjection",
+    "RecursiveBlock",
+    "RecursiveStage",
+    "resample_pos_embed",
+]
 
 _NORM_EPS = 1e-6
 _STEM_STRIDE = 8
@@ -60,7 +75,8 @@ def resample_pos_embed(pos_embed: torch.Tensor, size: Sequence[int]) -> torch.Te
         return pos_embed
     channels, old_size = pos_embed.shape[1], pos_embed.shape[-2:]
     tokens = resample_abs_pos_embed(
-        pos_embed.flatten(2).transpose(1, 2), new_size=list(size), old_size=list(old_size), num_prefix_tokens=0)
+        pos_embed.flatten(2).transpose(1, 2), new_size=list(size), old_size=list(old_size), num_prefix_tokens=0
+    )
     return tokens.transpose(1, 2).reshape(1, channels, *size)
 
 
@@ -79,23 +95,25 @@ class SlicedGroupAttention(nn.Module):
     """
 
     def __init__(
-            self,
-            dim: int,
-            num_heads: int = 8,
-            num_groups: int = 1,
-            recursive_num_groups: int = 1,
-            qkv_bias: bool = True,
-            attn_drop: float = 0.0,
-            proj_drop: float = 0.0,
-            random_slices: bool = True,
+        self,
+        dim: int,
+        num_heads: int = 8,
+        num_groups: int = 1,
+        recursive_num_groups: int = 1,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        random_slices: bool = True,
     ) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"SlicedGroupAttention: dim must be divisible by num_heads, "
-                             f"received dim={dim}, num_heads={num_heads}")
+            raise ValueError(
+                f"SlicedGroupAttention: dim must be divisible by num_heads, received dim={dim}, num_heads={num_heads}"
+            )
         if num_groups < 1 or recursive_num_groups < 1:
-            raise ValueError(f"SlicedGroupAttention: group counts must be positive, "
-                             f"received {num_groups} and {recursive_num_groups}")
+            raise ValueError(
+                f"SlicedGroupAttention: group counts must be positive, received {num_groups} and {recursive_num_groups}"
+            )
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.num_groups = num_groups
@@ -130,10 +148,13 @@ class SlicedGroupAttention(nn.Module):
             # token i = slot * G + group: move the group axis in front (the one copy of this mode)
             x = x.view(batch, group_size, num_groups, dim).transpose(1, 2)
         x = x.reshape(batch * num_groups, group_size, dim)
-        q, k, v = self.qkv(x).view(batch * num_groups, group_size, 3, self.num_heads, self.head_dim).permute(
-            2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.attn_drop if self.training else 0.0)
+        q, k, v = (
+            self.qkv(x)
+            .view(batch * num_groups, group_size, 3, self.num_heads, self.head_dim)
+            .permute(2, 0, 3, 1, 4)
+            .unbind(0)
+        )
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0)
         # (B, G, heads, slot, head_dim) back to row-major tokens
         x = x.view(batch, num_groups, self.num_heads, group_size, self.head_dim)
         x = x.permute(0, 3, 1, 2, 4) if interleaved else x.permute(0, 1, 3, 2, 4)
@@ -144,7 +165,11 @@ class SlicedGroupAttention(nn.Module):
 
 
 def _slice_padding_mask(
-        num_tokens: int, num_groups: int, group_size: int, interleaved: bool, device: torch.device,
+    num_tokens: int,
+    num_groups: int,
+    group_size: int,
+    interleaved: bool,
+    device: torch.device,
 ) -> torch.Tensor:
     """``(1, G, 1, 1, n)`` booleans: which keys of each slice are real tokens of a padded sequence.
 
@@ -165,22 +190,30 @@ class TransformerBlock(nn.Module):
     """
 
     def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            num_groups: int = 1,
-            recursive_num_groups: int = 1,
-            mlp_ratio: float = 4.0,
-            qkv_bias: bool = True,
-            proj_drop: float = 0.0,
-            attn_drop: float = 0.0,
-            drop_path: float = 0.0,
-            random_slices: bool = True,
+        self,
+        dim: int,
+        num_heads: int,
+        num_groups: int = 1,
+        recursive_num_groups: int = 1,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        random_slices: bool = True,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=_NORM_EPS)
-        self.attn = SlicedGroupAttention(dim, num_heads, num_groups, recursive_num_groups, qkv_bias=qkv_bias,
-                                         attn_drop=attn_drop, proj_drop=proj_drop, random_slices=random_slices)
+        self.attn = SlicedGroupAttention(
+            dim,
+            num_heads,
+            num_groups,
+            recursive_num_groups,
+            qkv_bias=qkv_bias,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            random_slices=random_slices,
+        )
         self.norm2 = nn.LayerNorm(dim, eps=_NORM_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
@@ -217,12 +250,15 @@ class RecursiveBlock(nn.Module):
     recursive group count).
     """
 
-    def __init__(self, shared: TransformerBlock, projections: Sequence[NonLinearProjection],
-                 recursive_passes: Sequence[bool]) -> None:
+    def __init__(
+        self, shared: TransformerBlock, projections: Sequence[NonLinearProjection], recursive_passes: Sequence[bool]
+    ) -> None:
         super().__init__()
         if len(projections) != len(recursive_passes):
-            raise ValueError("RecursiveBlock: one projection per application is needed, "
-                             f"received {len(projections)} projections for {len(recursive_passes)} applications")
+            raise ValueError(
+                "RecursiveBlock: one projection per application is needed, "
+                f"received {len(projections)} projections for {len(recursive_passes)} applications"
+            )
         self.shared = shared
         self.projections = nn.ModuleList(projections)
         self.recursive_passes = tuple(bool(flag) for flag in recursive_passes)
@@ -243,25 +279,27 @@ class RecursiveStage(nn.Module):
     """
 
     def __init__(
-            self,
-            in_chs: int,
-            dim: int,
-            num_heads: int,
-            num_shared_blocks: int,
-            recursions: int = 2,
-            num_groups: int = 1,
-            recursive_num_groups: int = 1,
-            mlp_ratio: float = 4.0,
-            projection_mlp_ratio: float = 1.0,
-            downsample: bool = True,
-            proj_drop: float = 0.0,
-            drop_path_rates: Optional[Sequence[float]] = None,
-            **block_kwargs: Any,
+        self,
+        in_chs: int,
+        dim: int,
+        num_heads: int,
+        num_shared_blocks: int,
+        recursions: int = 2,
+        num_groups: int = 1,
+        recursive_num_groups: int = 1,
+        mlp_ratio: float = 4.0,
+        projection_mlp_ratio: float = 1.0,
+        downsample: bool = True,
+        proj_drop: float = 0.0,
+        drop_path_rates: Optional[Sequence[float]] = None,
+        **block_kwargs: Any,
     ) -> None:
         super().__init__()
         if num_shared_blocks < 1 or recursions < 1:
-            raise ValueError(f"RecursiveStage: needs at least one shared block and one recursion, "
-                             f"received num_shared_blocks={num_shared_blocks}, recursions={recursions}")
+            raise ValueError(
+                f"RecursiveStage: needs at least one shared block and one recursion, "
+                f"received num_shared_blocks={num_shared_blocks}, recursions={recursions}"
+            )
         self.grad_checkpointing = False
         if downsample:
             self.downsample = nn.Conv2d(in_chs, dim, kernel_size=3, stride=2, padding=1, groups=in_chs)
@@ -270,8 +308,16 @@ class RecursiveStage(nn.Module):
         drop_path_rates = drop_path_rates or [0.0] * num_shared_blocks
         blocks = []
         for index in range(num_shared_blocks):
-            shared = TransformerBlock(dim, num_heads, num_groups, recursive_num_groups, mlp_ratio,
-                                      proj_drop=proj_drop, drop_path=drop_path_rates[index], **block_kwargs)
+            shared = TransformerBlock(
+                dim,
+                num_heads,
+                num_groups,
+                recursive_num_groups,
+                mlp_ratio,
+                proj_drop=proj_drop,
+                drop_path=drop_path_rates[index],
+                **block_kwargs,
+            )
             projections = [NonLinearProjection(dim, projection_mlp_ratio, proj_drop) for _ in range(recursions)]
             passes = [(index * recursions + r) % 2 == 1 for r in range(recursions)]
             blocks.append(RecursiveBlock(shared, projections, passes))
@@ -321,47 +367,59 @@ class SReT(StagedClassifierMixin, nn.Module):
     stem_pattern = r"^stem|^pos_embed"
 
     def __init__(
-            self,
-            img_size: Union[int, Tuple[int, int]] = 224,
-            in_chans: int = 3,
-            num_classes: int = 1000,
-            global_pool: str = "avg",
-            embed_dims: Sequence[int] = (64, 128, 256),
-            num_heads: Sequence[int] = (2, 4, 8),
-            num_shared_blocks: Sequence[int] = (2, 5, 3),
-            recursions: Union[int, Sequence[int]] = 2,
-            num_groups: Sequence[int] = (8, 4, 1),
-            recursive_num_groups: Sequence[int] = (2, 1, 1),
-            mlp_ratio: float = 3.6,
-            projection_mlp_ratio: float = 1.0,
-            qkv_bias: bool = True,
-            drop_rate: float = 0.0,
-            pos_drop_rate: float = 0.0,
-            proj_drop_rate: float = 0.0,
-            attn_drop_rate: float = 0.0,
-            drop_path_rate: float = 0.0,
-            dynamic_img_size: bool = True,
-            random_slices: bool = True,
+        self,
+        img_size: Union[int, Tuple[int, int]] = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        embed_dims: Sequence[int] = (64, 128, 256),
+        num_heads: Sequence[int] = (2, 4, 8),
+        num_shared_blocks: Sequence[int] = (2, 5, 3),
+        recursions: Union[int, Sequence[int]] = 2,
+        num_groups: Sequence[int] = (8, 4, 1),
+        recursive_num_groups: Sequence[int] = (2, 1, 1),
+        mlp_ratio: float = 3.6,
+        projection_mlp_ratio: float = 1.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        dynamic_img_size: bool = True,
+        random_slices: bool = True,
     ) -> None:
         super().__init__()
         num_stages = len(embed_dims)
         recursions = (recursions,) * num_stages if isinstance(recursions, int) else tuple(recursions)
-        per_stage = dict(num_heads=num_heads, num_shared_blocks=num_shared_blocks, recursions=recursions,
-                         num_groups=num_groups, recursive_num_groups=recursive_num_groups)
+        per_stage = dict(
+            num_heads=num_heads,
+            num_shared_blocks=num_shared_blocks,
+            recursions=recursions,
+            num_groups=num_groups,
+            recursive_num_groups=recursive_num_groups,
+        )
         if any(len(value) != num_stages for value in per_stage.values()):
             lengths = ", ".join(f"{key}={len(value)}" for key, value in per_stage.items())
-            raise ValueError(f"SReT: every per-stage argument needs {num_stages} entries (one per embed_dims), "
-                             f"received {lengths}")
+            raise ValueError(
+                f"SReT: every per-stage argument needs {num_stages} entries (one per embed_dims), received {lengths}"
+            )
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.img_size = to_2tuple(img_size)
         self.dynamic_img_size = dynamic_img_size
         self.drop_rate = drop_rate
 
-        self.stem = nn.Sequential(*[
-            ConvNormAct(chs_in, chs_out, kernel_size=3, stride=2, padding=1, bias=True, act_layer=nn.ReLU)
-            for chs_in, chs_out in ((in_chans, embed_dims[0] // 2), (embed_dims[0] // 2, embed_dims[0]),
-                                    (embed_dims[0], embed_dims[0]))])
+        self.stem = nn.Sequential(
+            *[
+                ConvNormAct(chs_in, chs_out, kernel_size=3, stride=2, padding=1, bias=True, act_layer=nn.ReLU)
+                for chs_in, chs_out in (
+                    (in_chans, embed_dims[0] // 2),
+                    (embed_dims[0] // 2, embed_dims[0]),
+                    (embed_dims[0], embed_dims[0]),
+                )
+            ]
+        )
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_dims[0], *stem_grid(self.img_size)))
         self.pos_drop = nn.Dropout(pos_drop_rate)
 
@@ -372,19 +430,36 @@ class SReT(StagedClassifierMixin, nn.Module):
         for i in range(num_stages):
             rates = [drop_path_rate * (first_block + j) / total_depth for j in range(num_shared_blocks[i])]
             first_block += depths[i]
-            stages.append(RecursiveStage(
-                embed_dims[max(i - 1, 0)], embed_dims[i], num_heads[i], num_shared_blocks[i], recursions[i],
-                num_groups[i], recursive_num_groups[i], mlp_ratio, projection_mlp_ratio, downsample=i > 0,
-                drop_path_rates=rates, qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
-                random_slices=random_slices))
-            self.feature_info.append(
-                dict(num_chs=embed_dims[i], reduction=_STEM_STRIDE * 2 ** i, module=f"stages.{i}"))
+            stages.append(
+                RecursiveStage(
+                    embed_dims[max(i - 1, 0)],
+                    embed_dims[i],
+                    num_heads[i],
+                    num_shared_blocks[i],
+                    recursions[i],
+                    num_groups[i],
+                    recursive_num_groups[i],
+                    mlp_ratio,
+                    projection_mlp_ratio,
+                    downsample=i > 0,
+                    drop_path_rates=rates,
+                    qkv_bias=qkv_bias,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                    random_slices=random_slices,
+                )
+            )
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=_STEM_STRIDE * 2**i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.norm_pre = nn.Identity()
         self.head = NormMlpClassifierHead(
-            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
-            norm_layer=partial(LayerNorm2d, eps=_NORM_EPS))
+            self.num_features,
+            num_classes,
+            pool_type=global_pool,
+            drop_rate=drop_rate,
+            norm_layer=partial(LayerNorm2d, eps=_NORM_EPS),
+        )
         # The official code keeps PyTorch's default initialisation except for the position embedding.
         trunc_normal_(self.pos_embed, std=0.02)
 
@@ -397,8 +472,10 @@ class SReT(StagedClassifierMixin, nn.Module):
         name = model_name(self)
         check_image_input(x, name, self.in_chans, min_size=self.total_stride, dtype=next(self.parameters()).dtype)
         if not self.dynamic_img_size and tuple(x.shape[-2:]) != self.img_size and not torch.jit.is_tracing():
-            raise ValueError(f"{name}: built with dynamic_img_size=False expects inputs of size {self.img_size}, "
-                             f"received shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{name}: built with dynamic_img_size=False expects inputs of size {self.img_size}, "
+                f"received shape {tuple(x.shape)}"
+            )
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -426,13 +503,22 @@ def _official_key_map(model: SReT) -> Dict[str, str]:
 
 
 # Official names of the scalar gains and the projection's norm -> ours, by module kind.
-_SHARED_RENAMES = {"coefficient1.bias": "attn_skip_gain", "coefficient2.bias": "attn_gain",
-                   "coefficient3.bias": "mlp_skip_gain", "coefficient4.bias": "mlp_gain"}
-_PROJECTION_RENAMES = {"coefficient1.bias": "skip_gain", "coefficient2.bias": "mlp_gain",
-                       "norm1.weight": "norm.weight", "norm1.bias": "norm.bias"}
+_SHARED_RENAMES = {
+    "coefficient1.bias": "attn_skip_gain",
+    "coefficient2.bias": "attn_gain",
+    "coefficient3.bias": "mlp_skip_gain",
+    "coefficient4.bias": "mlp_gain",
+}
+_PROJECTION_RENAMES = {
+    "coefficient1.bias": "skip_gain",
+    "coefficient2.bias": "mlp_gain",
+    "norm1.weight": "norm.weight",
+    "norm1.bias": "norm.bias",
+}
 # An official key: the prefix of its module (a key of ``_official_key_map``), then the parameter's name.
 _OFFICIAL_PREFIX = re.compile(
-    r"^(patch_embed\.(?:conv|bn)\d\.|transformers\.\d+\.blocks\.\d+\.|pools\.\d+\.conv\.|norm\.|head\.)(.+)$")
+    r"^(patch_embed\.(?:conv|bn)\d\.|transformers\.\d+\.blocks\.\d+\.|pools\.\d+\.conv\.|norm\.|head\.)(.+)$"
+)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: SReT) -> Dict[str, torch.Tensor]:
@@ -466,32 +552,41 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: SReT) -> Dict[str, t
 
 
 def _official_sret(
-        image_size: int,
-        base_dims: Sequence[int],
-        depth: Sequence[int],
-        recursive_num: Sequence[int],
-        heads: Sequence[int],
-        mlp_ratio: float,
-        np_mlp_ratio: float,
-        groups1: Optional[Sequence[int]] = None,
-        groups2: Optional[Sequence[int]] = None,
-        num_classes: int = 1000,
-        in_chans: int = 3,
-        attn_drop_rate: float = 0.0,
-        drop_rate: float = 0.0,
-        drop_path_rate: float = 0.1,
-        **unused: Any,  # patch_size and stride: the official stem ignores them
+    image_size: int,
+    base_dims: Sequence[int],
+    depth: Sequence[int],
+    recursive_num: Sequence[int],
+    heads: Sequence[int],
+    mlp_ratio: float,
+    np_mlp_ratio: float,
+    groups1: Optional[Sequence[int]] = None,
+    groups2: Optional[Sequence[int]] = None,
+    num_classes: int = 1000,
+    in_chans: int = 3,
+    attn_drop_rate: float = 0.0,
+    drop_rate: float = 0.0,
+    drop_path_rate: float = 0.1,
+    **unused: Any,  # patch_size and stride: the official stem ignores them
 ) -> SReT:
     """The official ``SReT.SReT`` arguments mapped onto :class:`SReT`."""
     ones = [1] * len(depth)
     return SReT(
-        img_size=image_size, in_chans=in_chans, num_classes=num_classes,
-        embed_dims=[dim * head for dim, head in zip(base_dims, heads)], num_heads=heads,
-        num_shared_blocks=recursive_num, recursions=[d // r for d, r in zip(depth, recursive_num)],
-        num_groups=groups1 or ones, recursive_num_groups=groups2 or ones,
-        mlp_ratio=mlp_ratio, projection_mlp_ratio=np_mlp_ratio,
-        pos_drop_rate=drop_rate, proj_drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
-        drop_path_rate=drop_path_rate)
+        img_size=image_size,
+        in_chans=in_chans,
+        num_classes=num_classes,
+        embed_dims=[dim * head for dim, head in zip(base_dims, heads)],
+        num_heads=heads,
+        num_shared_blocks=recursive_num,
+        recursions=[d // r for d, r in zip(depth, recursive_num)],
+        num_groups=groups1 or ones,
+        recursive_num_groups=groups2 or ones,
+        mlp_ratio=mlp_ratio,
+        projection_mlp_ratio=np_mlp_ratio,
+        pos_drop_rate=drop_rate,
+        proj_drop_rate=drop_rate,
+        attn_drop_rate=attn_drop_rate,
+        drop_path_rate=drop_path_rate,
+    )
 
 
 def _official_sret_without_slices(drop_path_rate: float = 0.0, **kwargs: Any) -> SReT:
@@ -500,8 +595,9 @@ def _official_sret_without_slices(drop_path_rate: float = 0.0, **kwargs: Any) ->
 
 
 register_official("SReT.SReT", family="sret", checkpoint_filter_fn=checkpoint_filter_fn)(_official_sret)
-register_official("SReT_wo_slice.RecursiveTransformer", family="sret",
-                  checkpoint_filter_fn=checkpoint_filter_fn)(_official_sret_without_slices)
+register_official("SReT_wo_slice.RecursiveTransformer", family="sret", checkpoint_filter_fn=checkpoint_filter_fn)(
+    _official_sret_without_slices
+)
 
 
 def _create_sret(variant: str, pretrained: bool = False, **kwargs: Any) -> SReT:
@@ -509,10 +605,13 @@ def _create_sret(variant: str, pretrained: bool = False, **kwargs: Any) -> SReT:
     # The fine-tuned tags are stored for 384 and 512 inputs: their position embedding is built at that size.
     kwargs.setdefault("img_size", pretrained_cfg.input_size[-2:])
     return build_with_weights(
-        SReT, variant, pretrained,
+        SReT,
+        variant,
+        pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2), feature_cls="getter"),
-        **kwargs)
+        **kwargs,
+    )
 
 
 def _drive(file_id: str) -> Tuple[str, str]:
@@ -526,10 +625,15 @@ def _drive(file_id: str) -> Tuple[str, str]:
 def _cfg(url: Union[str, Tuple[str, str]] = "", **kwargs: Any) -> Dict[str, Any]:
     return {
         "url": url,
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.0.conv", "classifier": "head.fc",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.0.conv",
+        "classifier": "head.fc",
         "license": "mit",
         "paper_ids": "arXiv:2111.05297",
         "paper_name": "Sliced Recursive Transformer",
@@ -541,21 +645,23 @@ def _cfg(url: Union[str, Tuple[str, str]] = "", **kwargs: Any) -> Dict[str, Any]
 _AT_384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0)
 _AT_512 = dict(input_size=(3, 512, 512), pool_size=(16, 16), crop_pct=1.0)
 
-default_cfgs = generate_default_cfgs({
-    "sret_tiny.in1k": _cfg(url=_drive("1FDTpva6y-I_bKmyVmLFDn_3BlDq3dwni")),
-    "sret_tiny.distill_in1k": _cfg(url=_drive("1xzG4VQyQyxWJfQTcGCE-fuMuK3BwPCjK")),
-    "sret_tiny_lt.in1k": _cfg(url=_drive("1uSWvoVLHmOH6rNYiXSxD_rlN5dSBvEm3")),
-    "sret_tiny_lt.distill_in1k": _cfg(url=_drive("1l6u0q4kwli5czEyo4TeJANtqsulh-J5G")),
-    "sret_small.in1k": _cfg(url=_drive("1y6F_bCgS1sagm7pxjAtuSPUB5HoNb8Ed")),
-    "sret_tiny_noslice.in1k": _cfg(url=_drive("1wHM7NRSkz-WykCSES17xFV56h_m5RMXj")),
-    "sret_tiny_noslice.distill_in1k": _cfg(url=_drive("1P1qK-j1Cac5le8-DNUFBbjmIpRThuiVp")),
-    "sret_tiny_noslice.distill_in1k_384": _cfg(url=_drive("11mWAktu6LrNa0Qt61WJGA0eTWoKYD1Be"), **_AT_384),
-    "sret_tiny_lt_noslice.in1k": _cfg(url=_drive("1EXwfiMMa1UVQ_tmY6YQJ-Se0b3bW5NpC")),
-    "sret_tiny_lt_noslice.distill_in1k": _cfg(url=_drive("1FDqkfkw5nZEuTcBmiBKg3lvPJOPQWS6i")),
-    "sret_small_noslice.in1k": _cfg(url=_drive("1vlsxJieKhfnw-F6xFiwczvXBuk7ugXxm")),
-    "sret_small_noslice.distill_in1k_384": _cfg(url=_drive("1z5whJpXbbtFdjLpS1pCPvKcJhVnYCeo-"), **_AT_384),
-    "sret_small_noslice.distill_in1k_512": _cfg(url=_drive("1AZXIGMiGboI-nkoKuPnHnhDlBwZumuiB"), **_AT_512),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "sret_tiny.in1k": _cfg(url=_drive("1FDTpva6y-I_bKmyVmLFDn_3BlDq3dwni")),
+        "sret_tiny.distill_in1k": _cfg(url=_drive("1xzG4VQyQyxWJfQTcGCE-fuMuK3BwPCjK")),
+        "sret_tiny_lt.in1k": _cfg(url=_drive("1uSWvoVLHmOH6rNYiXSxD_rlN5dSBvEm3")),
+        "sret_tiny_lt.distill_in1k": _cfg(url=_drive("1l6u0q4kwli5czEyo4TeJANtqsulh-J5G")),
+        "sret_small.in1k": _cfg(url=_drive("1y6F_bCgS1sagm7pxjAtuSPUB5HoNb8Ed")),
+        "sret_tiny_noslice.in1k": _cfg(url=_drive("1wHM7NRSkz-WykCSES17xFV56h_m5RMXj")),
+        "sret_tiny_noslice.distill_in1k": _cfg(url=_drive("1P1qK-j1Cac5le8-DNUFBbjmIpRThuiVp")),
+        "sret_tiny_noslice.distill_in1k_384": _cfg(url=_drive("11mWAktu6LrNa0Qt61WJGA0eTWoKYD1Be"), **_AT_384),
+        "sret_tiny_lt_noslice.in1k": _cfg(url=_drive("1EXwfiMMa1UVQ_tmY6YQJ-Se0b3bW5NpC")),
+        "sret_tiny_lt_noslice.distill_in1k": _cfg(url=_drive("1FDqkfkw5nZEuTcBmiBKg3lvPJOPQWS6i")),
+        "sret_small_noslice.in1k": _cfg(url=_drive("1vlsxJieKhfnw-F6xFiwczvXBuk7ugXxm")),
+        "sret_small_noslice.distill_in1k_384": _cfg(url=_drive("1z5whJpXbbtFdjLpS1pCPvKcJhVnYCeo-"), **_AT_384),
+        "sret_small_noslice.distill_in1k_512": _cfg(url=_drive("1AZXIGMiGboI-nkoKuPnHnhDlBwZumuiB"), **_AT_512),
+    }
+)
 
 
 def _sret_args(size: str, sliced: bool) -> Dict[str, Any]:
@@ -563,10 +669,17 @@ def _sret_args(size: str, sliced: bool) -> Dict[str, Any]:
     if size == "small":
         args = dict(embed_dims=(126, 252, 504), num_heads=(3, 6, 12), mlp_ratio=3.0, projection_mlp_ratio=2.0)
     else:
-        args = dict(embed_dims=(64, 128, 256), num_heads=(2, 4, 8), mlp_ratio=4.0 if size == "tiny_lt" else 3.6,
-                    projection_mlp_ratio=1.0)
-    groups = dict(num_groups=(8, 4, 1), recursive_num_groups=(2, 1, 1)) if sliced else dict(
-        num_groups=(1, 1, 1), recursive_num_groups=(1, 1, 1))
+        args = dict(
+            embed_dims=(64, 128, 256),
+            num_heads=(2, 4, 8),
+            mlp_ratio=4.0 if size == "tiny_lt" else 3.6,
+            projection_mlp_ratio=1.0,
+        )
+    groups = (
+        dict(num_groups=(8, 4, 1), recursive_num_groups=(2, 1, 1))
+        if sliced
+        else dict(num_groups=(1, 1, 1), recursive_num_groups=(1, 1, 1))
+    )
     return dict(num_shared_blocks=(2, 5, 3), recursions=2, **groups, **args)
 
 
@@ -613,7 +726,8 @@ MODEL_CARD = dict(
         "transformer blocks are each applied twice, every application followed by a light non-shared "
         "MLP (the non-linear projection), with learnable scalar gains on all residuals. Sliced group "
         "attention restricts attention to groups of tokens: contiguous slices on first passes, slices "
-        "across the sequence on recursive passes. The `_noslice` models attend over all tokens."),
+        "across the sequence on recursive passes. The `_noslice` models attend over all tokens."
+    ),
     paper="Sliced Recursive Transformer (Shen, Liu and Xing, ECCV 2022)",
     paper_url="https://arxiv.org/abs/2111.05297",
     code_url="https://github.com/szq0214/SReT",
@@ -633,5 +747,6 @@ MODEL_CARD = dict(
         "tags are fine-tuned at that size and build their position embedding for it.\n"
         "- Weights are on Google Drive. If the download fails, fetch the file by hand and pass "
         "`pretrained_cfg_overlay=dict(file=path)`; checkpoints that also store training arguments must "
-        "first be re-saved as their `model` entry for timm's `weights_only` loading."),
+        "first be re-saved as their `model` entry for timm's `weights_only` loading."
+    ),
 )

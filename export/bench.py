@@ -8,6 +8,7 @@ percentile). The achieved rate is ``2 x`` the fvcore multiply-accumulates of the
 median latency, compared with the peak of a large fp32 matmul measured in the same process with the
 same thread count (also counted as 2 FLOPs per multiply-accumulate).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["BenchResult", "measure_matmul_peak", "time_forward", "bench_in_process", "bench", "to_markdown",
-           "to_csv", "main"]
+__all__ = [
+    "BenchResult",
+    "measure_matmul_peak",
+    "time_forward",
+    "bench_in_process",
+    "bench",
+    "to_markdown",
+    "to_csv",
+    "main",
+]
 
 BACKENDS = ("eager", "compile", "onnxruntime")
 
@@ -65,7 +74,7 @@ def measure_matmul_peak(device: str = "cpu", size: int = 2048, repeats: int = 5)
         start = _now(device)
         torch.mm(a, b)
         best = min(best, _now(device) - start)
-    return 2 * size ** 3 / best / 1e9
+    return 2 * size**3 / best / 1e9
 
 
 def _now(device: str) -> float:
@@ -74,8 +83,9 @@ def _now(device: str) -> float:
     return time.perf_counter()
 
 
-def time_forward(run: Callable[[], object], device: str, warmup: int, repeats: int,
-                 max_seconds: Optional[float] = None) -> List[float]:
+def time_forward(
+    run: Callable[[], object], device: str, warmup: int, repeats: int, max_seconds: Optional[float] = None
+) -> List[float]:
     """Seconds of each of ``repeats`` calls of ``run`` after ``warmup`` untimed ones.
 
     With ``max_seconds``, timing stops early once three calls are timed and the budget is spent
@@ -118,8 +128,9 @@ def create_model(model_name: str) -> torch.nn.Module:
     return timm.create_model(model_name).eval()
 
 
-def _runner(model_name: str, model: torch.nn.Module, backend: str, inputs: torch.Tensor,
-            workdir: str) -> Callable[[], object]:
+def _runner(
+    model_name: str, model: torch.nn.Module, backend: str, inputs: torch.Tensor, workdir: str
+) -> Callable[[], object]:
     if backend == "eager":
         return lambda: model(inputs)
     if backend == "compile":
@@ -131,8 +142,15 @@ def _runner(model_name: str, model: torch.nn.Module, backend: str, inputs: torch
         from recurzoo.export.onnx import export_model
 
         # the project's exporter: export-friendly eval paths (HorNet's DFT filter, ...) and a parity check
-        result = export_model(model_name, out_dir=workdir, input_size=tuple(inputs.shape[1:]),
-                              batch=inputs.shape[0], report=False, benchmark=False, model=model)
+        result = export_model(
+            model_name,
+            out_dir=workdir,
+            input_size=tuple(inputs.shape[1:]),
+            batch=inputs.shape[0],
+            report=False,
+            benchmark=False,
+            model=model,
+        )
         if not result.ok:
             raise RuntimeError(result.parity_line())
         options = ort.SessionOptions()
@@ -144,15 +162,15 @@ def _runner(model_name: str, model: torch.nn.Module, backend: str, inputs: torch
 
 
 def bench_in_process(
-        model_name: str,
-        backend: str = "eager",
-        batch: int = 1,
-        input_size: Optional[Sequence[int]] = None,
-        threads: Optional[int] = None,
-        device: str = "cpu",
-        warmup: int = 3,
-        repeats: int = 10,
-        max_seconds: Optional[float] = None,
+    model_name: str,
+    backend: str = "eager",
+    batch: int = 1,
+    input_size: Optional[Sequence[int]] = None,
+    threads: Optional[int] = None,
+    device: str = "cpu",
+    warmup: int = 3,
+    repeats: int = 10,
+    max_seconds: Optional[float] = None,
 ) -> BenchResult:
     """Time one configuration in this process (peak memory is this process's high-water mark)."""
     from recurzoo.export.flops import count_flops
@@ -171,18 +189,30 @@ def bench_in_process(
         run = _runner(model_name, model, backend, inputs, workdir)
         times = time_forward(run, device, warmup, repeats, max_seconds)
     if device.startswith("cuda"):
-        peak_memory = torch.cuda.max_memory_allocated() / 2 ** 20
+        peak_memory = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
     median = statistics.median(times)
     quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [median, median, median]
     achieved = 2 * macs * batch / median
     return BenchResult(
-        model=model_name, backend=backend, batch=batch, input_size="x".join(map(str, size)),
-        threads=torch.get_num_threads(), device=device, latency_ms=median * 1e3,
-        latency_p25_ms=quartiles[0] * 1e3, latency_p75_ms=quartiles[2] * 1e3, images_per_s=batch / median,
-        peak_memory_mb=peak_memory, gmacs_per_image=macs, achieved_gflops=achieved,
-        matmul_peak_gflops=peak_gflops, peak_fraction=achieved / peak_gflops, graph_breaks=breaks)
+        model=model_name,
+        backend=backend,
+        batch=batch,
+        input_size="x".join(map(str, size)),
+        threads=torch.get_num_threads(),
+        device=device,
+        latency_ms=median * 1e3,
+        latency_p25_ms=quartiles[0] * 1e3,
+        latency_p75_ms=quartiles[2] * 1e3,
+        images_per_s=batch / median,
+        peak_memory_mb=peak_memory,
+        gmacs_per_image=macs,
+        achieved_gflops=achieved,
+        matmul_peak_gflops=peak_gflops,
+        peak_fraction=achieved / peak_gflops,
+        graph_breaks=breaks,
+    )
 
 
 def count_graph_breaks(model: torch.nn.Module, inputs: torch.Tensor) -> int:
@@ -198,8 +228,9 @@ def count_graph_breaks(model: torch.nn.Module, inputs: torch.Tensor) -> int:
 
 def _failed(model_name: str, backend: str, batch: int, threads: int, device: str, error: str) -> BenchResult:
     nan = float("nan")
-    return BenchResult(model_name, backend, batch, "", threads, device, nan, nan, nan, nan, nan, nan, nan, nan, nan,
-                       error=error)
+    return BenchResult(
+        model_name, backend, batch, "", threads, device, nan, nan, nan, nan, nan, nan, nan, nan, nan, error=error
+    )
 
 
 def run_worker(request: Dict[str, Any], timeout: Optional[float] = None) -> Dict[str, Any]:
@@ -219,18 +250,18 @@ def run_worker(request: Dict[str, Any], timeout: Optional[float] = None) -> Dict
 
 
 def bench(
-        models: Sequence[str],
-        backends: Sequence[str] = ("eager",),
-        batches: Sequence[int] = (1,),
-        input_size: Optional[Sequence[int]] = None,
-        threads: Optional[int] = None,
-        device: str = "cpu",
-        warmup: int = 3,
-        repeats: int = 10,
-        progress: bool = True,
-        compare_batches: Optional[Sequence[int]] = None,
-        max_seconds: Optional[float] = None,
-        timeout: Optional[float] = None,
+    models: Sequence[str],
+    backends: Sequence[str] = ("eager",),
+    batches: Sequence[int] = (1,),
+    input_size: Optional[Sequence[int]] = None,
+    threads: Optional[int] = None,
+    device: str = "cpu",
+    warmup: int = 3,
+    repeats: int = 10,
+    progress: bool = True,
+    compare_batches: Optional[Sequence[int]] = None,
+    max_seconds: Optional[float] = None,
+    timeout: Optional[float] = None,
 ) -> List[BenchResult]:
     """Time every (model, backend, batch) in its own process; failures are recorded, not raised.
 
@@ -240,14 +271,28 @@ def bench(
     from tqdm import tqdm
 
     threads = threads or torch.get_num_threads()
-    configs = [(spec, backend, batch) for spec in models for backend in backends for batch in batches
-               if backend == "eager" or compare_batches is None or batch in compare_batches]
+    configs = [
+        (spec, backend, batch)
+        for spec in models
+        for backend in backends
+        for batch in batches
+        if backend == "eager" or compare_batches is None or batch in compare_batches
+    ]
     results = []
     for spec, backend, batch in tqdm(configs, desc="benchmark", unit="run", disable=not progress, file=sys.stderr):
         model_name, size = parse_model_spec(spec)
-        request = dict(kind="latency", model_name=model_name, backend=backend, batch=batch,
-                       input_size=size or input_size, threads=threads, device=device, warmup=warmup,
-                       repeats=repeats, max_seconds=max_seconds)
+        request = dict(
+            kind="latency",
+            model_name=model_name,
+            backend=backend,
+            batch=batch,
+            input_size=size or input_size,
+            threads=threads,
+            device=device,
+            warmup=warmup,
+            repeats=repeats,
+            max_seconds=max_seconds,
+        )
         outcome = run_worker(request, timeout)
         if "error" in outcome and len(outcome) == 1:
             results.append(_failed(model_name, backend, batch, threads, device, outcome["error"]))
@@ -256,17 +301,32 @@ def bench(
     return results
 
 
-_COLUMNS = [("model", "{}"), ("backend", "{}"), ("batch", "{}"), ("input_size", "{}"), ("threads", "{}"),
-            ("latency_ms", "{:.1f}"), ("latency_p25_ms", "{:.1f}"), ("latency_p75_ms", "{:.1f}"),
-            ("images_per_s", "{:.1f}"), ("peak_memory_mb", "{:.0f}"), ("gmacs_per_image", "{:.2f}"),
-            ("achieved_gflops", "{:.1f}"), ("peak_fraction", "{:.0%}")]
+_COLUMNS = [
+    ("model", "{}"),
+    ("backend", "{}"),
+    ("batch", "{}"),
+    ("input_size", "{}"),
+    ("threads", "{}"),
+    ("latency_ms", "{:.1f}"),
+    ("latency_p25_ms", "{:.1f}"),
+    ("latency_p75_ms", "{:.1f}"),
+    ("images_per_s", "{:.1f}"),
+    ("peak_memory_mb", "{:.0f}"),
+    ("gmacs_per_image", "{:.2f}"),
+    ("achieved_gflops", "{:.1f}"),
+    ("peak_fraction", "{:.0%}"),
+]
 
 
 def speedups_over_eager(results: Sequence[BenchResult]) -> List[Optional[float]]:
     """Eager latency over each result's latency, for the same model, batch and input size."""
     eager = {(r.model, r.batch, r.input_size): r.latency_ms for r in results if r.backend == "eager" and not r.error}
-    return [None if r.error or (r.model, r.batch, r.input_size) not in eager
-            else eager[(r.model, r.batch, r.input_size)] / r.latency_ms for r in results]
+    return [
+        None
+        if r.error or (r.model, r.batch, r.input_size) not in eager
+        else eager[(r.model, r.batch, r.input_size)] / r.latency_ms
+        for r in results
+    ]
 
 
 def to_markdown(results: Sequence[BenchResult]) -> str:
@@ -315,35 +375,66 @@ def _backend_list(text: str) -> List[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``recurzoo bench`` (shared with ``python -m recurzoo.export.bench``)."""
-    parser.add_argument("models", nargs="+",
-                        help="zoo models or timm peers, each optionally with its input size: "
-                             "hornet_tiny_7x7 convnext_tiny rgt_small_x2@3x64x64")
+    parser.add_argument(
+        "models",
+        nargs="+",
+        help="zoo models or timm peers, each optionally with its input size: "
+        "hornet_tiny_7x7 convnext_tiny rgt_small_x2@3x64x64",
+    )
     parser.add_argument("--batch", type=_int_list, default=[1], help="comma-separated batch sizes (default 1)")
-    parser.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"),
-                        help="input size (default: each model's default cfg)")
-    parser.add_argument("--backends", type=_backend_list, default=["eager"],
-                        help=f"comma-separated, from {','.join(BACKENDS)} (default eager)")
-    parser.add_argument("--compare-batch", type=_int_list, default=None,
-                        help="run the non-eager backends only at these batch sizes (default: every --batch)")
+    parser.add_argument(
+        "--input-size",
+        nargs=3,
+        type=int,
+        metavar=("C", "H", "W"),
+        help="input size (default: each model's default cfg)",
+    )
+    parser.add_argument(
+        "--backends",
+        type=_backend_list,
+        default=["eager"],
+        help=f"comma-separated, from {','.join(BACKENDS)} (default eager)",
+    )
+    parser.add_argument(
+        "--compare-batch",
+        type=_int_list,
+        default=None,
+        help="run the non-eager backends only at these batch sizes (default: every --batch)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--max-seconds", type=float, default=None,
-                        help="stop timing a configuration after this many seconds (at least 3 runs)")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="stop timing a configuration after this many seconds (at least 3 runs)",
+    )
     parser.add_argument("--timeout", type=float, default=None, help="give up on one configuration after this long")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--train-memory", action="store_true",
-                      help="instead: peak memory of one training step without and with grad checkpointing "
-                           "(batch: the first --batch)")
-    mode.add_argument("--growth", type=_int_list, default=None, metavar="SIDES",
-                      help="instead: latency and memory at these square input sides, with fitted exponents")
+    mode.add_argument(
+        "--train-memory",
+        action="store_true",
+        help="instead: peak memory of one training step without and with grad checkpointing (batch: the first --batch)",
+    )
+    mode.add_argument(
+        "--growth",
+        type=_int_list,
+        default=None,
+        metavar="SIDES",
+        help="instead: latency and memory at these square input sides, with fitted exponents",
+    )
     parser.add_argument("--tile", type=int, default=0, help="with --growth: tiled super-resolution at this tile")
     parser.add_argument("--tile-overlap", type=int, default=32)
     parser.add_argument("--out", type=Path, default=None, help="write FILE.md and FILE.csv (suffix replaced)")
-    parser.add_argument("--readme", type=Path, default=None,
-                        help="replace this mode's section between its markers in this file "
-                             f"({README_START} ... {README_END} for the latency table)")
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        default=None,
+        help="replace this mode's section between its markers in this file "
+        f"({README_START} ... {README_END} for the latency table)",
+    )
 
 
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -368,8 +459,10 @@ def _machine_line(threads: int, device: str) -> str:
     import platform
 
     processor = platform.processor() or platform.machine()
-    return (f"Measured by `make bench` on {os.cpu_count()} CPU cores ({processor}), {threads} threads, "
-            f"device {device}, torch {torch.__version__}.")
+    return (
+        f"Measured by `make bench` on {os.cpu_count()} CPU cores ({processor}), {threads} threads, "
+        f"device {device}, torch {torch.__version__}."
+    )
 
 
 def _model_sizes(args: argparse.Namespace) -> List[Tuple[str, Optional[Tuple[int, ...]]]]:
@@ -385,8 +478,15 @@ def _run_scaling(args: argparse.Namespace, threads: int) -> int:
         rows = scaling.measure_train_memory(models, args.batch[0], threads, args.device, args.timeout)
         markdown, section = scaling.memory_markdown(rows), "bench-memory"
     else:
-        rows = scaling.measure_growth([name for name, _ in _model_sizes(args)], args.growth, args.tile,
-                                      args.tile_overlap, threads, args.device, args.timeout)
+        rows = scaling.measure_growth(
+            [name for name, _ in _model_sizes(args)],
+            args.growth,
+            args.tile,
+            args.tile_overlap,
+            threads,
+            args.device,
+            args.timeout,
+        )
         markdown, section = scaling.growth_markdown(rows), f"bench-growth-{'tiled' if args.tile else 'whole'}"
     print(markdown)
     scaling.write_outputs(markdown, scaling.to_csv_rows(rows), args.out)
@@ -410,9 +510,19 @@ def run_from_args(args: argparse.Namespace) -> int:
     threads = args.threads or torch.get_num_threads()
     if args.train_memory or args.growth:
         return _run_scaling(args, threads)
-    results = bench(args.models, args.backends, args.batch, args.input_size, threads, args.device,
-                    args.warmup, args.repeats, compare_batches=args.compare_batch, max_seconds=args.max_seconds,
-                    timeout=args.timeout)
+    results = bench(
+        args.models,
+        args.backends,
+        args.batch,
+        args.input_size,
+        threads,
+        args.device,
+        args.warmup,
+        args.repeats,
+        compare_batches=args.compare_batch,
+        max_seconds=args.max_seconds,
+        timeout=args.timeout,
+    )
     markdown = to_markdown(results)
     print(markdown)
     if args.out:

@@ -4,6 +4,7 @@ Every figure in a card is computed here: parameters and fvcore GFLOPs of each re
 its feature strides and its pretrained tags. Run ``python -m recurzoo.export.cards`` after changing
 a model; ``--check`` exits non-zero when a committed card differs from what would be written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,9 +56,11 @@ def variant_row(model_name: str, create_kwargs: Dict[str, Any], input_size: Opti
     size = tuple(input_size or model.pretrained_cfg["input_size"])
     report = model_report(model, size)
     strides = "/".join(str(r) for r in report["reductions"]) or "-"
-    return (f"| `{model_name}` | {report['params'] / 1e6:.2f} | {report['gflops']:.2f} | "
-            f"{'x'.join(str(s) for s in size)} | {strides} | {report['unrolled_params'] / 1e6:.2f} | "
-            f"{_weights_cell(model_name)} |")
+    return (
+        f"| `{model_name}` | {report['params'] / 1e6:.2f} | {report['gflops']:.2f} | "
+        f"{'x'.join(str(s) for s in size)} | {strides} | {report['unrolled_params'] / 1e6:.2f} | "
+        f"{_weights_cell(model_name)} |"
+    )
 
 
 def variant_export_support(model_name: str, create_kwargs: Dict[str, Any]) -> ExportSupport:
@@ -69,8 +72,9 @@ def variant_export_support(model_name: str, create_kwargs: Dict[str, Any]) -> Ex
     return export_support(model)
 
 
-def export_section(models: Sequence[str], supports: Sequence[ExportSupport],
-                   shown: Optional[Sequence[str]] = None) -> List[str]:
+def export_section(
+    models: Sequence[str], supports: Sequence[ExportSupport], shown: Optional[Sequence[str]] = None
+) -> List[str]:
     """The ONNX export status of the variants (all, or those in ``shown``), with the reasons where
     height/width cannot be dynamic (numbered over all variants, so that the notes do not depend on ``shown``)."""
     reasons: List[str] = []
@@ -120,17 +124,28 @@ def latency_cell(model_name: str, bench_rows: Sequence[Dict[str, str]]) -> str:
     return f"{cells} at {eager[0]['input_size']}"
 
 
-def speed_section(models: Sequence[str], bench_rows: Sequence[Dict[str, str]], note: str,
-                  shown: Optional[Sequence[str]] = None) -> List[str]:
+def speed_section(
+    models: Sequence[str], bench_rows: Sequence[Dict[str, str]], note: str, shown: Optional[Sequence[str]] = None
+) -> List[str]:
     """Every benchmark row of the family's models (those in ``shown``), with the family's performance note."""
     from recurzoo.export.bench import BenchResult, speedups_over_eager
 
     if not any(row["model"] in models for row in bench_rows):
         return []
     rows = [row for row in bench_rows if row["model"] in models and (shown is None or row["model"] in shown)]
-    results = [BenchResult(**{k: (v if k in ("model", "backend", "input_size", "device", "error") else
-                                  (int(v) if k in ("batch", "threads", "graph_breaks") else float(v)))
-                              for k, v in row.items()}) for row in rows]
+    results = [
+        BenchResult(
+            **{
+                k: (
+                    v
+                    if k in ("model", "backend", "input_size", "device", "error")
+                    else (int(v) if k in ("batch", "threads", "graph_breaks") else float(v))
+                )
+                for k, v in row.items()
+            }
+        )
+        for row in rows
+    ]
     lines = [
         "## Speed on CPU",
         "",
@@ -146,9 +161,11 @@ def speed_section(models: Sequence[str], bench_rows: Sequence[Dict[str, str]], n
     for result, speedup in zip(results, speedups_over_eager(results)):
         vs_eager = "" if speedup is None or result.backend == "eager" else f"{speedup:.2f}x"
         breaks = str(result.graph_breaks) if result.graph_breaks >= 0 else ""
-        lines.append(f"| `{result.model}` | {result.backend} | {result.batch} | {result.input_size} | "
-                     f"{result.threads} | {result.latency_ms:.1f} | {result.images_per_s:.1f} | "
-                     f"{result.peak_fraction:.0%} | {vs_eager} | {breaks} |")
+        lines.append(
+            f"| `{result.model}` | {result.backend} | {result.batch} | {result.input_size} | "
+            f"{result.threads} | {result.latency_ms:.1f} | {result.images_per_s:.1f} | "
+            f"{result.peak_fraction:.0%} | {vs_eager} | {breaks} |"
+        )
     if note:
         lines += ["", note.strip()]
     return lines + [""]
@@ -156,21 +173,23 @@ def speed_section(models: Sequence[str], bench_rows: Sequence[Dict[str, str]], n
 
 def default_usage(example: str) -> str:
     """The usage section of a classification family with official checkpoints."""
-    return "\n".join([
-        "```python",
-        "import recurzoo, timm",
-        "",
-        f"model = timm.create_model('{example}')  # random init",
-        "# the authors' checkpoint, downloaded by hand (nothing is fetched at import):",
-        f"model = timm.create_model('{example}', pretrained=True,",
-        "                          pretrained_cfg_overlay=dict(file='/path/to/official_checkpoint.pth'))",
-        "# fine-tune on another label set: the classifier is re-initialised, the rest is loaded",
-        f"model = timm.create_model('{example}', pretrained=True, num_classes=10,",
-        "                          pretrained_cfg_overlay=dict(file='/path/to/official_checkpoint.pth'))",
-        "# a feature pyramid for dense tasks",
-        f"backbone = timm.create_model('{example}', features_only=True)",
-        "```",
-    ])
+    return "\n".join(
+        [
+            "```python",
+            "import recurzoo, timm",
+            "",
+            f"model = timm.create_model('{example}')  # random init",
+            "# the authors' checkpoint, downloaded by hand (nothing is fetched at import):",
+            f"model = timm.create_model('{example}', pretrained=True,",
+            "                          pretrained_cfg_overlay=dict(file='/path/to/official_checkpoint.pth'))",
+            "# fine-tune on another label set: the classifier is re-initialised, the rest is loaded",
+            f"model = timm.create_model('{example}', pretrained=True, num_classes=10,",
+            "                          pretrained_cfg_overlay=dict(file='/path/to/official_checkpoint.pth'))",
+            "# a feature pyramid for dense tasks",
+            f"backbone = timm.create_model('{example}', features_only=True)",
+            "```",
+        ]
+    )
 
 
 def family_models(module_name: str) -> List[str]:
@@ -190,8 +209,10 @@ def render_card(module_name: str, only: Optional[Sequence[str]] = None) -> str:
     models = [name for name in all_models if only is None or name in only]
     create_kwargs = card.get("create_kwargs", {})
     bench_rows = load_bench_rows()
-    rows = [variant_row(name, create_kwargs, card.get("input_size")) + f" {latency_cell(name, bench_rows)} |"
-            for name in models]
+    rows = [
+        variant_row(name, create_kwargs, card.get("input_size")) + f" {latency_cell(name, bench_rows)} |"
+        for name in models
+    ]
     supports = [variant_export_support(name, create_kwargs) for name in all_models]
     example = card.get("example_model", family_models(module_name)[0])
     lines = [
@@ -207,8 +228,11 @@ def render_card(module_name: str, only: Optional[Sequence[str]] = None) -> str:
         "",
         "## Variants",
         "",
-        card.get("table_note", "Parameters and fvcore GFLOPs (multiply-accumulates) of one image at the input size "
-                              "shown, counted on the model as created below.").strip(),
+        card.get(
+            "table_note",
+            "Parameters and fvcore GFLOPs (multiply-accumulates) of one image at the input size "
+            "shown, counted on the model as created below.",
+        ).strip(),
         "Unrolled parameters count each parameter once per use in the forward pass (weights reused by "
         "recursion count at every use); `python -m recurzoo.export.report` gives the per-module figures.",
         "",

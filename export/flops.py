@@ -5,6 +5,7 @@ tracer sees ``scaled_dot_product_attention`` and the FFTs as single operators it
 for; the handles below count them as the equivalent explicit computation would be counted, so that
 totals match the authors' code (which writes attention as two matmuls).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,9 +17,19 @@ from typing import Any, Dict, Iterator, List, Sequence, Tuple
 import torch
 from torch import nn
 
-__all__ = ["create_uninitialized", "count_params", "flop_analysis", "activation_analysis", "count_flops",
-           "count_calls", "count_unrolled_params", "model_report", "EXTRA_FLOP_HANDLES", "EXTRA_ACTIVATION_HANDLES",
-           "HANDLE_NOTES"]
+__all__ = [
+    "create_uninitialized",
+    "count_params",
+    "flop_analysis",
+    "activation_analysis",
+    "count_flops",
+    "count_calls",
+    "count_unrolled_params",
+    "model_report",
+    "EXTRA_FLOP_HANDLES",
+    "EXTRA_ACTIVATION_HANDLES",
+    "HANDLE_NOTES",
+]
 
 
 def _shape(value: Any) -> List[int]:
@@ -81,10 +92,10 @@ EXTRA_ACTIVATION_HANDLES = {
 # How the operators with this package's handles are counted, for the reports.
 HANDLE_NOTES = {
     "aten::scaled_dot_product_attention": "FLOPs: the two matmuls softmax(q k^T) v, L*S*(E + Ev) per batch element "
-                                         "and head (softmax and scaling not counted); activations: their "
-                                         "outputs, L*S + L*Ev",
+    "and head (softmax and scaling not counted); activations: their "
+    "outputs, L*S + L*Ev",
     "aten::fft_rfft2": "FLOPs: N*ceil(log2 N) per channel for an N-point 2-D FFT (zero in the HorNet paper's "
-                       "convention); activations: the real numbers produced",
+    "convention); activations: the real numbers produced",
     "aten::fft_irfft2": "as aten::fft_rfft2",
     "aten::_upsample_bicubic2d_aa": "FLOPs: 16 taps per output element (fvcore counts 4 for bilinear)",
     "aten::upsample_bicubic2d": "FLOPs: 16 taps per output element (fvcore counts 4 for bilinear)",
@@ -120,8 +131,9 @@ def count_calls(model: nn.Module) -> Iterator[Counter]:
     Yields a ``Counter`` keyed by module object; a module reused by recursion is counted at every use.
     """
     calls: Counter = Counter()
-    handles = [module.register_forward_hook(lambda module, args, output: calls.update((module,)))
-               for module in model.modules()]
+    handles = [
+        module.register_forward_hook(lambda module, args, output: calls.update((module,))) for module in model.modules()
+    ]
     try:
         yield calls
     finally:
@@ -172,10 +184,10 @@ def activation_analysis(model: nn.Module, inputs: Tuple[torch.Tensor, ...]):
 
 
 def count_flops(
-        model: nn.Module,
-        input_size: Sequence[int] = (3, 224, 224),
-        batch_size: int = 1,
-        count_fft: bool = True,
+    model: nn.Module,
+    input_size: Sequence[int] = (3, 224, 224),
+    batch_size: int = 1,
+    count_fft: bool = True,
 ) -> int:
     """fvcore FLOPs (multiply-accumulates) of one eval-mode forward pass at ``input_size``."""
     was_training = model.training

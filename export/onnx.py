@@ -20,6 +20,7 @@ resampling (position embeddings resized to another input size; ONNX ``Resize`` w
 scale merging of MSRNet), traced as an exact decomposition into fixed pools and a ``Gather`` for
 the traced size.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,8 +38,18 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "DEFAULT_OPSET", "PARITY_TOLERANCE", "ExportSupport", "ParityCheck", "ExportResult", "export_support",
-    "read_checkpoint", "checkpoint_filter", "create_model", "photo_batch", "export_model", "export_symbolics",
+    "DEFAULT_OPSET",
+    "PARITY_TOLERANCE",
+    "ExportSupport",
+    "ParityCheck",
+    "ExportResult",
+    "export_support",
+    "read_checkpoint",
+    "checkpoint_filter",
+    "create_model",
+    "photo_batch",
+    "export_model",
+    "export_symbolics",
 ]
 
 DEFAULT_OPSET = 18  # Resize with antialias (position-embedding resampling) needs opset 18
@@ -49,6 +60,7 @@ _INT64 = 7  # ONNX TensorProto.INT64
 # --------------------------------------------------------------------------------------------------
 # What each architecture allows
 # --------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ExportSupport:
@@ -64,26 +76,31 @@ class ExportSupport:
 def _size_dependent_parts(model: nn.Module) -> List[str]:
     """Why the graph of ``model`` is tied to the traced height and width (one line per cause)."""
     from recurzoo.backbones.hornet import GlobalLocalFilter
-    from recurzoo.backbones.rgt import RecursiveGeneralizationAttention, RectangleWindowAttention
+    from recurzoo.backbones.rgt import RectangleWindowAttention, RecursiveGeneralizationAttention
     from recurzoo.backbones.sret import SlicedGroupAttention
     from recurzoo.heads.camouflage import MSRNet
 
     reasons: Dict[str, None] = {}  # ordered set
     for module in model.modules():
         if isinstance(module, GlobalLocalFilter):
-            reasons["the global filter runs as DFT matrices, and with frequency weights resized, for the traced "
-                    "feature-map size"] = None
+            reasons[
+                "the global filter runs as DFT matrices, and with frequency weights resized, for the traced "
+                "feature-map size"
+            ] = None
         elif isinstance(module, SlicedGroupAttention) and max(module.num_groups, module.recursive_num_groups) > 1:
-            reasons["sliced attention pads the token sequence to a multiple of the slice count and shapes the "
-                    "slices for the traced token count"] = None
+            reasons[
+                "sliced attention pads the token sequence to a multiple of the slice count and shapes the "
+                "slices for the traced token count"
+            ] = None
         elif isinstance(module, RecursiveGeneralizationAttention):
             reasons["RG-SA pools the map log4(side)-many times, a count fixed when traced"] = None
         elif isinstance(module, RectangleWindowAttention):
-            reasons["the rectangle windows pad the map to a multiple of their size and mask shifted windows "
-                    "for the traced size"] = None
+            reasons[
+                "the rectangle windows pad the map to a multiple of their size and mask shifted windows "
+                "for the traced size"
+            ] = None
         elif isinstance(module, MSRNet):
-            reasons["the sizes of the three input scales and of the scale-merging pools are fixed when "
-                    "traced"] = None
+            reasons["the sizes of the three input scales and of the scale-merging pools are fixed when traced"] = None
         elif getattr(module, "dynamic_img_size", True) is False:
             reasons["built with dynamic_img_size=False (a fixed position embedding)"] = None
     return list(reasons)
@@ -103,6 +120,7 @@ def export_support(model: nn.Module) -> ExportSupport:
 # Models and checkpoints
 # --------------------------------------------------------------------------------------------------
 
+
 def read_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     """A state dict from a ``.safetensors`` file or a ``torch.save`` file (loaded with ``weights_only=True``)."""
     path = Path(path)
@@ -115,8 +133,9 @@ def read_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a pickle with objects weights_only refuses, or not a checkpoint at all
-        raise ValueError(f"checkpoint {str(path)!r} cannot be read as tensors only (weights_only=True): "
-                         f"{str(error).splitlines()[0]}") from None
+        raise ValueError(
+            f"checkpoint {str(path)!r} cannot be read as tensors only (weights_only=True): {str(error).splitlines()[0]}"
+        ) from None
     if not isinstance(checkpoint, dict):
         raise ValueError(f"checkpoint {str(path)!r} holds a {type(checkpoint).__name__}, not a state dict")
     return checkpoint
@@ -131,7 +150,8 @@ def checkpoint_filter(model_name: str) -> Optional[Callable[..., Dict[str, torch
 
 
 def _checkpoint_num_classes(
-        model_name: str, state_dict: Dict[str, torch.Tensor], kwargs: Dict[str, Any]) -> Optional[int]:
+    model_name: str, state_dict: Dict[str, torch.Tensor], kwargs: Dict[str, Any]
+) -> Optional[int]:
     """The class count of the classifier stored in ``state_dict`` (after the family's filter), if any."""
     import timm
 
@@ -150,10 +170,10 @@ def _checkpoint_num_classes(
 
 
 def create_model(
-        model_name: str,
-        checkpoint: Optional[Union[str, Path]] = None,
-        features_only: bool = False,
-        **kwargs: Any,
+    model_name: str,
+    checkpoint: Optional[Union[str, Path]] = None,
+    features_only: bool = False,
+    **kwargs: Any,
 ) -> nn.Module:
     """``timm.create_model(model_name)`` in eval mode, with ``checkpoint``'s weights when given.
 
@@ -171,8 +191,9 @@ def create_model(
     overlay: Dict[str, Any] = dict(state_dict=state_dict)
     if num_classes is not None:
         overlay["num_classes"] = kwargs["num_classes"] = num_classes
-    model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay,
-                              features_only=features_only, **kwargs)
+    model = timm.create_model(
+        model_name, pretrained=True, pretrained_cfg_overlay=overlay, features_only=features_only, **kwargs
+    )
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict):
         cfg.pop("state_dict", None)  # the weights are in the model now; keep the cfg printable
@@ -220,6 +241,7 @@ def _random_batch(model: nn.Module, batch: int, channels: int, height: int, widt
 # Symbolics the TorchScript exporter lacks
 # --------------------------------------------------------------------------------------------------
 
+
 def _size_tensor(g: Any, output_size: Any) -> Any:
     """An INT64 1-D tensor of the sizes in ``output_size`` (constant or traced values)."""
     from torch.onnx import symbolic_helper as helper
@@ -242,13 +264,27 @@ def _bicubic_antialias_symbolic(g: Any, x: Any, output_size: Any, align_corners:
     """``aten::_upsample_bicubic2d_aa`` as ``Resize`` (cubic, a = -0.5, antialias, as PyTorch and PIL resample)."""
     from torch.onnx import symbolic_helper as helper
 
-    batch_channels = g.op("Slice", g.op("Shape", x), g.op("Constant", value_t=torch.tensor([0])),
-                          g.op("Constant", value_t=torch.tensor([2])))
+    batch_channels = g.op(
+        "Slice",
+        g.op("Shape", x),
+        g.op("Constant", value_t=torch.tensor([0])),
+        g.op("Constant", value_t=torch.tensor([2])),
+    )
     sizes = g.op("Concat", batch_channels, _size_tensor(g, output_size), axis_i=0)
     empty = g.op("Constant", value_t=torch.tensor([], dtype=torch.float32))
     corners = bool(helper._maybe_get_const(align_corners, "b"))
-    return g.op("Resize", x, empty, empty, sizes, mode_s="cubic", cubic_coeff_a_f=-0.5, antialias_i=1,
-                exclude_outside_i=1, coordinate_transformation_mode_s="align_corners" if corners else "half_pixel")
+    return g.op(
+        "Resize",
+        x,
+        empty,
+        empty,
+        sizes,
+        mode_s="cubic",
+        cubic_coeff_a_f=-0.5,
+        antialias_i=1,
+        exclude_outside_i=1,
+        coordinate_transformation_mode_s="align_corners" if corners else "half_pixel",
+    )
 
 
 def _pool_axis(x: torch.Tensor, axis: int, size_out: int, pool: Callable[..., torch.Tensor]) -> torch.Tensor:
@@ -285,6 +321,7 @@ def _static_adaptive_pool(original: Callable[..., Any], pool: Callable[..., torc
     MSRNet pools 1.5x maps to 1x (to sizes taken from another tensor's traced shape). Global pooling
     (output 1x1) stays global, for any input size.
     """
+
     def adaptive_pool(x: torch.Tensor, output_size: Any, *args: Any, **kwargs: Any) -> Any:
         if not torch.jit.is_tracing() or args or kwargs.get("return_indices"):
             return original(x, output_size, *args, **kwargs)
@@ -329,6 +366,7 @@ def export_symbolics(opset: int) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------------
 # Export and parity
 # --------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class ParityCheck:
@@ -385,25 +423,34 @@ class ExportResult:
         axes = "batch" + (", height, width" if self.dynamic_hw else "")
         worst = max(self.checks, key=lambda check: check.max_rel) if self.checks else None
         photo = next((check for check in self.checks if check.name.startswith("photo")), None)
-        parts = [f"{self.model_name}: {'OK' if self.ok else 'FAILED'} {Path(self.onnx_path).name} "
-                 f"(opset {self.opset}, dynamic {axes}), onnxruntime vs PyTorch"]
+        parts = [
+            f"{self.model_name}: {'OK' if self.ok else 'FAILED'} {Path(self.onnx_path).name} "
+            f"(opset {self.opset}, dynamic {axes}), onnxruntime vs PyTorch"
+        ]
         if worst is not None:
-            parts.append(f"max abs diff {max(c.max_abs for c in self.checks):.2e}, "
-                         f"max rel {worst.max_rel:.2e} over {len(self.checks)} inputs "
-                         f"(tolerance {PARITY_TOLERANCE:.0e})")
+            parts.append(
+                f"max abs diff {max(c.max_abs for c in self.checks):.2e}, "
+                f"max rel {worst.max_rel:.2e} over {len(self.checks)} inputs "
+                f"(tolerance {PARITY_TOLERANCE:.0e})"
+            )
         if photo is not None:
             parts.append(f"photo {photo.max_abs:.2e}")
         if self.speed_ratio is not None:
-            parts.append(f"latency {self.latency_ms['onnxruntime']:.1f} ms vs eager "
-                         f"{self.latency_ms['pytorch']:.1f} ms ({self.speed_ratio:.2f}x, "
-                         f"{self.latency_ms.get('threads', '?')} thread(s))")
+            parts.append(
+                f"latency {self.latency_ms['onnxruntime']:.1f} ms vs eager "
+                f"{self.latency_ms['pytorch']:.1f} ms ({self.speed_ratio:.2f}x, "
+                f"{self.latency_ms.get('threads', '?')} thread(s))"
+            )
         return "; ".join(parts)
 
     def to_dict(self) -> Dict[str, Any]:
         result = asdict(self)
         result["checks"] = [dict(asdict(check), max_rel=check.max_rel, ok=check.ok) for check in self.checks]
-        result.update(ok=self.ok, speed_ratio=self.speed_ratio, support=dict(
-            dynamic_batch=True, dynamic_hw=self.support.dynamic_hw, reason=self.support.reason))
+        result.update(
+            ok=self.ok,
+            speed_ratio=self.speed_ratio,
+            support=dict(dynamic_batch=True, dynamic_hw=self.support.dynamic_hw, reason=self.support.reason),
+        )
         return result
 
 
@@ -422,7 +469,8 @@ def _output_names(model: nn.Module, outputs: Sequence[torch.Tensor], features_on
 
 
 def _dynamic_axes(
-        output_names: Sequence[str], outputs: Sequence[torch.Tensor], dynamic_hw: bool) -> Dict[str, Dict[int, str]]:
+    output_names: Sequence[str], outputs: Sequence[torch.Tensor], dynamic_hw: bool
+) -> Dict[str, Dict[int, str]]:
     axes: Dict[str, Dict[int, str]] = {"input": {0: "batch"}}
     if dynamic_hw:
         axes["input"].update({2: "height", 3: "width"})
@@ -433,8 +481,9 @@ def _dynamic_axes(
     return axes
 
 
-def _compare(reference: Sequence[torch.Tensor], onnx_outputs: Sequence[np.ndarray], name: str,
-             shape: Tuple[int, ...]) -> ParityCheck:
+def _compare(
+    reference: Sequence[torch.Tensor], onnx_outputs: Sequence[np.ndarray], name: str, shape: Tuple[int, ...]
+) -> ParityCheck:
     max_abs, scale = 0.0, 0.0
     if len(reference) != len(onnx_outputs):
         return ParityCheck(name, shape, float("inf"), 1.0)
@@ -494,22 +543,22 @@ def _second_size(height: int, width: int, stride: int) -> Tuple[int, int]:
 
 
 def export_model(
-        model_name: str,
-        out_dir: Union[str, Path] = "out",
-        checkpoint: Optional[Union[str, Path]] = None,
-        input_size: Optional[Sequence[int]] = None,
-        batch: int = 1,
-        dynamic: Union[str, Sequence[str]] = "batch",
-        opset: int = DEFAULT_OPSET,
-        features_only: bool = False,
-        simplify: bool = False,
-        report: bool = True,
-        benchmark: bool = True,
-        benchmark_runs: int = 5,
-        benchmark_threads: int = 1,
-        model: Optional[nn.Module] = None,
-        model_kwargs: Optional[Dict[str, Any]] = None,
-        num_threads: Optional[int] = None,
+    model_name: str,
+    out_dir: Union[str, Path] = "out",
+    checkpoint: Optional[Union[str, Path]] = None,
+    input_size: Optional[Sequence[int]] = None,
+    batch: int = 1,
+    dynamic: Union[str, Sequence[str]] = "batch",
+    opset: int = DEFAULT_OPSET,
+    features_only: bool = False,
+    simplify: bool = False,
+    report: bool = True,
+    benchmark: bool = True,
+    benchmark_runs: int = 5,
+    benchmark_threads: int = 1,
+    model: Optional[nn.Module] = None,
+    model_kwargs: Optional[Dict[str, Any]] = None,
+    num_threads: Optional[int] = None,
 ) -> ExportResult:
     """Export ``model_name`` to ``out_dir/<model_name>.onnx`` and check it in onnxruntime.
 
@@ -558,8 +607,10 @@ def export_model(
 
     # The parity inputs: the photo at the requested batch, random inputs at another batch (the
     # batch is dynamic) and, for a dynamic size, at another size.
-    inputs = [(f"photo batch {batch}", photo_batch(model, batch, height, width)),
-              (f"random batch {batch + 1}", _random_batch(model, batch + 1, channels, height, width, seed=1))]
+    inputs = [
+        (f"photo batch {batch}", photo_batch(model, batch, height, width)),
+        (f"random batch {batch + 1}", _random_batch(model, batch + 1, channels, height, width, seed=1)),
+    ]
     if dynamic_hw:
         other_h, other_w = _second_size(height, width, stride)
         inputs.append((f"random {other_h}x{other_w}", _random_batch(model, batch, channels, other_h, other_w, seed=2)))
@@ -576,9 +627,16 @@ def export_model(
     with torch.no_grad(), warnings.catch_warnings(), export_symbolics(opset):
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (example,), str(onnx_path), dynamo=False, opset_version=opset, input_names=["input"],
-            output_names=output_names, dynamic_axes=_dynamic_axes(output_names, references[0], dynamic_hw),
-            do_constant_folding=True)
+            model,
+            (example,),
+            str(onnx_path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["input"],
+            output_names=output_names,
+            dynamic_axes=_dynamic_axes(output_names, references[0], dynamic_hw),
+            do_constant_folding=True,
+        )
     onnx.checker.check_model(str(onnx_path))
     if simplify:
         from onnxscript import optimizer
@@ -603,17 +661,28 @@ def export_model(
         try:
             outputs = run_onnx(x)
         except Exception as error:  # onnxruntime refuses the input: the graph does not take it
-            warnings.warn(f"{model_name}: onnxruntime failed on {name}: {str(error).splitlines()[0]}")
+            warnings.warn(f"{model_name}: onnxruntime failed on {name}: {str(error).splitlines()[0]}", stacklevel=2)
             outputs = []
         checks.append(_compare(reference, outputs, name, tuple(x.shape)))
 
     latency = _benchmark(model, str(onnx_path), inputs[0][1], benchmark_runs, benchmark_threads) if benchmark else {}
 
     result = ExportResult(
-        model_name=model_name, onnx_path=str(onnx_path), input_size=(channels, height, width), batch=batch,
-        dynamic_batch=True, dynamic_hw=dynamic_hw, support=support, opset=opset, features_only=features_only,
-        simplified=simplify, checks=checks, export_seconds=export_seconds, onnx_nodes=len(graph.node),
-        latency_ms=latency)
+        model_name=model_name,
+        onnx_path=str(onnx_path),
+        input_size=(channels, height, width),
+        batch=batch,
+        dynamic_batch=True,
+        dynamic_hw=dynamic_hw,
+        support=support,
+        opset=opset,
+        features_only=features_only,
+        simplified=simplify,
+        checks=checks,
+        export_seconds=export_seconds,
+        onnx_nodes=len(graph.node),
+        latency_ms=latency,
+    )
     if report:
         from recurzoo.export.report import build_report, write_report
 

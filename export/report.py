@@ -16,6 +16,7 @@ fvcore has no formula for) and returns totals and a per-module table (stem, stag
 model-card sizes and a scatter plot of GFLOPs against parameters (``zoo_gflops_params.png``),
 annotated with the latency measured by ``recurzoo export`` where a report in ``DIR`` has one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,14 @@ import torch
 from torch import nn
 
 from recurzoo.export.flops import (
-    EXTRA_ACTIVATION_HANDLES, EXTRA_FLOP_HANDLES, HANDLE_NOTES, activation_analysis, count_calls, count_params,
-    count_unrolled_params, flop_analysis,
+    EXTRA_ACTIVATION_HANDLES,
+    EXTRA_FLOP_HANDLES,
+    HANDLE_NOTES,
+    activation_analysis,
+    count_calls,
+    count_params,
+    count_unrolled_params,
+    flop_analysis,
 )
 
 __all__ = ["build_report", "report_rows", "render_markdown", "write_report", "plot_zoo", "zoo_report", "main"]
@@ -86,12 +93,12 @@ def _example_input(model: nn.Module, input_size: Sequence[int], batch: int) -> t
 
 
 def build_report(
-        model: nn.Module,
-        input_size: Sequence[int],
-        name: Optional[str] = None,
-        batch: int = 1,
-        count_fft: bool = True,
-        activations: bool = True,
+    model: nn.Module,
+    input_size: Sequence[int],
+    name: Optional[str] = None,
+    batch: int = 1,
+    count_fft: bool = True,
+    activations: bool = True,
 ) -> Dict[str, Any]:
     """FLOPs, parameters (distinct and unrolled) and activations of ``model`` at ``input_size``.
 
@@ -139,26 +146,49 @@ def build_report(
         row_acts = acts_by_module.get(row, 0)
         if not (unique or row_flops or row_acts):
             continue  # identities, dropouts, activations
-        rows.append(dict(module=row, type=type(module).__name__, calls=calls[module], params=unique,
-                         unrolled_params=count_unrolled_params(module, calls), gflops=row_flops / 1e9,
-                         activations=row_acts))
+        rows.append(
+            dict(
+                module=row,
+                type=type(module).__name__,
+                calls=calls[module],
+                params=unique,
+                unrolled_params=count_unrolled_params(module, calls),
+                gflops=row_flops / 1e9,
+                activations=row_acts,
+            )
+        )
     children = sum(flops_by_module.get(name, 0) for name, _ in model.named_children())
     own_flops = flops_by_module.get("", total_flops) - children
     if own_flops:  # operators of the model's own forward, e.g. a position embedding resampled to the input
         own_acts = acts_by_module.get("", 0) - sum(acts_by_module.get(name, 0) for name, _ in model.named_children())
-        rows.insert(0, dict(module="(own operators)", type=type(model).__name__, calls=calls[model], params=0,
-                            unrolled_params=0, gflops=own_flops / 1e9, activations=own_acts))
-    operators = [dict(operator=op, gflops=count / 1e9, counted_as=_operator_note(op))
-                 for op, count in sorted(flops_by_operator.items(), key=lambda item: -item[1])]
+        rows.insert(
+            0,
+            dict(
+                module="(own operators)",
+                type=type(model).__name__,
+                calls=calls[model],
+                params=0,
+                unrolled_params=0,
+                gflops=own_flops / 1e9,
+                activations=own_acts,
+            ),
+        )
+    operators = [
+        dict(operator=op, gflops=count / 1e9, counted_as=_operator_note(op))
+        for op, count in sorted(flops_by_operator.items(), key=lambda item: -item[1])
+    ]
     return dict(
         model=name or model_name(model),
         input_size=list(int(v) for v in input_size),
         batch=batch,
         convention="fvcore: one FLOP per multiply-accumulate; elementwise ops, softmax and data movement count "
-                   "zero" + ("" if count_fft else "; FFTs count zero"),
-        totals=dict(gflops=total_flops / 1e9, params=count_params(model),
-                    unrolled_params=count_unrolled_params(model, calls),
-                    activations=total_acts),
+        "zero" + ("" if count_fft else "; FFTs count zero"),
+        totals=dict(
+            gflops=total_flops / 1e9,
+            params=count_params(model),
+            unrolled_params=count_unrolled_params(model, calls),
+            activations=total_acts,
+        ),
         modules=rows,
         operators=operators,
         uncounted={op: int(n) for op, n in sorted(uncounted.items())},
@@ -192,33 +222,49 @@ def render_markdown(report: Dict[str, Any]) -> str:
     ]
     for row in report["modules"]:
         module = row["module"] if row["module"].startswith("(") else f"`{row['module']}`"
-        lines.append(f"| {module} | {row['type']} | {row['calls']} | {_millions(row['params'])} | "
-                     f"{_millions(row['unrolled_params'])} | {row['gflops']:.3f} | {_millions(row['activations'])} |")
+        lines.append(
+            f"| {module} | {row['type']} | {row['calls']} | {_millions(row['params'])} | "
+            f"{_millions(row['unrolled_params'])} | {row['gflops']:.3f} | {_millions(row['activations'])} |"
+        )
     lines += ["", "## How the operators were counted", "", "| operator | GFLOPs | counted as |", "| --- | --- | --- |"]
     lines += [f"| `{op['operator']}` | {op['gflops']:.3f} | {op['counted_as']} |" for op in report["operators"]]
     if report["uncounted"]:
-        lines += ["", "Counted as zero (no multiply-accumulates in fvcore's convention; calls in brackets): "
-                  + ", ".join(f"`{op}` ({n})" for op, n in report["uncounted"].items()) + "."]
+        lines += [
+            "",
+            "Counted as zero (no multiply-accumulates in fvcore's convention; calls in brackets): "
+            + ", ".join(f"`{op}` ({n})" for op, n in report["uncounted"].items())
+            + ".",
+        ]
     export = report.get("export")
     if export:
-        lines += ["", "## ONNX export", "",
-                  f"`{Path(export['onnx_path']).name}`: opset {export['opset']}, {export['onnx_nodes']} nodes, "
-                  f"dynamic batch, dynamic height/width: "
-                  f"{'yes' if export['dynamic_hw'] else 'no'}"
-                  + ("" if export["support"]["dynamic_hw"] else f" (not possible: {export['support']['reason']})")
-                  + f". Exported in {export['export_seconds']:.1f} s with {export['exporter']}.",
-                  "", "| input | shape | max abs diff | max diff / output scale | ok |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "## ONNX export",
+            "",
+            f"`{Path(export['onnx_path']).name}`: opset {export['opset']}, {export['onnx_nodes']} nodes, "
+            f"dynamic batch, dynamic height/width: "
+            f"{'yes' if export['dynamic_hw'] else 'no'}"
+            + ("" if export["support"]["dynamic_hw"] else f" (not possible: {export['support']['reason']})")
+            + f". Exported in {export['export_seconds']:.1f} s with {export['exporter']}.",
+            "",
+            "| input | shape | max abs diff | max diff / output scale | ok |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for check in export["checks"]:
             shape = "x".join(str(v) for v in check["input_shape"])
-            lines.append(f"| {check['name']} | {shape} | {check['max_abs']:.2e} | {check['max_rel']:.2e} | "
-                         f"{'yes' if check['ok'] else 'NO'} |")
+            lines.append(
+                f"| {check['name']} | {shape} | {check['max_abs']:.2e} | {check['max_rel']:.2e} | "
+                f"{'yes' if check['ok'] else 'NO'} |"
+            )
         latency = export.get("latency_ms") or {}
         if latency:
-            lines += ["", f"Latency (median, CPU, {latency.get('threads', '?')} thread(s), batch {export['batch']}): "
-                          f"onnxruntime "
-                          f"{latency['onnxruntime']:.1f} ms, eager PyTorch {latency['pytorch']:.1f} ms "
-                          f"(ratio {export['speed_ratio']:.2f})."]
+            lines += [
+                "",
+                f"Latency (median, CPU, {latency.get('threads', '?')} thread(s), batch {export['batch']}): "
+                f"onnxruntime "
+                f"{latency['onnxruntime']:.1f} ms, eager PyTorch {latency['pytorch']:.1f} ms "
+                f"(ratio {export['speed_ratio']:.2f}).",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -235,6 +281,7 @@ def write_report(report: Dict[str, Any], directory: Path, stem: str) -> Tuple[Pa
 # --------------------------------------------------------------------------------------------------
 # The zoo
 # --------------------------------------------------------------------------------------------------
+
 
 def _family_of(model_name: str) -> Tuple[str, Dict[str, Any]]:
     """The family name and ``MODEL_CARD`` of the module that registers ``model_name``."""
@@ -335,8 +382,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recurzoo.export.report", description=__doc__.splitlines()[0])
     parser.add_argument("patterns", nargs="*", default=["*"], help="wildcards of the models (default: the zoo)")
     parser.add_argument("--out", type=Path, default=Path("out"), help="folder of the reports and the plot")
-    parser.add_argument("--latency", action="store_true",
-                        help="measure eager latency of models that have no export report in --out")
+    parser.add_argument(
+        "--latency", action="store_true", help="measure eager latency of models that have no export report in --out"
+    )
     args = parser.parse_args(argv)
     names = sorted({name for pattern in args.patterns for name in recurzoo.list_models(pattern)})
     if not names:
@@ -352,8 +400,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write_report(report, args.out, name)
         reports.append(report)
         totals = report["totals"]
-        print(f"{name:<28} {totals['gflops']:9.2f} GFLOPs {totals['params'] / 1e6:8.2f} M params "
-              f"{totals['unrolled_params'] / 1e6:8.2f} M unrolled", flush=True)
+        print(
+            f"{name:<28} {totals['gflops']:9.2f} GFLOPs {totals['params'] / 1e6:8.2f} M params "
+            f"{totals['unrolled_params'] / 1e6:8.2f} M unrolled",
+            flush=True,
+        )
     plot = plot_zoo(reports, args.out / "zoo_gflops_params.png")
     print(f"wrote {len(reports)} reports and {plot}")
     return 0

@@ -11,6 +11,7 @@ like every benchmark configuration, each point runs in a fresh process (:func:`r
   super-resolution models optionally tiled, ``--tile``), with the exponents of a least-squares fit
   ``latency ~ pixels ** a`` and ``memory ~ pixels ** b`` (1 is linear; 0 is flat).
 """
+
 from __future__ import annotations
 
 import gc
@@ -24,8 +25,17 @@ import torch
 
 from recurzoo.export.bench import create_model, run_worker
 
-__all__ = ["MemoryResult", "GrowthPoint", "train_step_memory", "growth_point", "fit_exponent",
-           "measure_train_memory", "measure_growth", "memory_markdown", "growth_markdown"]
+__all__ = [
+    "MemoryResult",
+    "GrowthPoint",
+    "train_step_memory",
+    "growth_point",
+    "fit_exponent",
+    "measure_train_memory",
+    "measure_growth",
+    "memory_markdown",
+    "growth_markdown",
+]
 
 
 @dataclass
@@ -61,7 +71,7 @@ def _resident_mb() -> float:
 
     with open("/proc/self/statm") as statm:
         pages = int(statm.read().split()[1])
-    return pages * resource.getpagesize() / 2 ** 20
+    return pages * resource.getpagesize() / 2**20
 
 
 def _reset_peak_resident() -> None:
@@ -83,7 +93,7 @@ def _measure_peak(device: str, run: Callable[[], object]) -> Tuple[float, float,
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated() / 2 ** 20
+        before = torch.cuda.memory_allocated() / 2**20
         torch.cuda.reset_peak_memory_stats()
     else:
         before = _resident_mb()
@@ -92,14 +102,20 @@ def _measure_peak(device: str, run: Callable[[], object]) -> Tuple[float, float,
     run()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+        peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = _peak_resident_mb()
     return time.perf_counter() - start, peak, peak - before
 
 
-def train_step_memory(model_name: str, input_size: Sequence[int], batch: int, grad_checkpointing: bool,
-                      threads: Optional[int] = None, device: str = "cpu") -> MemoryResult:
+def train_step_memory(
+    model_name: str,
+    input_size: Sequence[int],
+    batch: int,
+    grad_checkpointing: bool,
+    threads: Optional[int] = None,
+    device: str = "cpu",
+) -> MemoryResult:
     """Peak memory of one forward + backward pass of ``model_name`` in train mode (in this process)."""
     if threads:
         torch.set_num_threads(threads)
@@ -114,8 +130,15 @@ def train_step_memory(model_name: str, input_size: Sequence[int], batch: int, gr
     return MemoryResult(model_name, "x".join(map(str, input_size)), batch, grad_checkpointing, seconds, peak, above)
 
 
-def growth_point(model_name: str, side: int, tile: int = 0, tile_overlap: int = 32, threads: Optional[int] = None,
-                 device: str = "cpu", in_chans: int = 3) -> GrowthPoint:
+def growth_point(
+    model_name: str,
+    side: int,
+    tile: int = 0,
+    tile_overlap: int = 32,
+    threads: Optional[int] = None,
+    device: str = "cpu",
+    in_chans: int = 3,
+) -> GrowthPoint:
     """Latency and memory of one inference at ``side x side`` (tiled when ``tile``), in this process.
 
     One untimed pass at the smaller of ``side`` and ``tile`` warms the kernels first.
@@ -151,38 +174,77 @@ def fit_exponent(sizes: Sequence[float], values: Sequence[float]) -> float:
     return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / spread
 
 
-def measure_train_memory(models: Sequence[Tuple[str, Sequence[int]]], batch: int, threads: Optional[int] = None,
-                         device: str = "cpu", timeout: Optional[float] = None) -> List[MemoryResult]:
+def measure_train_memory(
+    models: Sequence[Tuple[str, Sequence[int]]],
+    batch: int,
+    threads: Optional[int] = None,
+    device: str = "cpu",
+    timeout: Optional[float] = None,
+) -> List[MemoryResult]:
     """Training-step memory of each (model, input size), without and with gradient checkpointing."""
     results = []
     for model_name, size in models:
         for checkpointing in (False, True):
-            request = dict(kind="train_memory", model_name=model_name, input_size=list(size), batch=batch,
-                           grad_checkpointing=checkpointing, threads=threads, device=device)
+            request = dict(
+                kind="train_memory",
+                model_name=model_name,
+                input_size=list(size),
+                batch=batch,
+                grad_checkpointing=checkpointing,
+                threads=threads,
+                device=device,
+            )
             outcome = run_worker(request, timeout)
             if set(outcome) == {"error"}:
                 nan = float("nan")
-                outcome = dict(model=model_name, input_size="x".join(map(str, size)), batch=batch,
-                               grad_checkpointing=checkpointing, step_seconds=nan, peak_memory_mb=nan,
-                               step_memory_mb=nan, error=outcome["error"])
+                outcome = dict(
+                    model=model_name,
+                    input_size="x".join(map(str, size)),
+                    batch=batch,
+                    grad_checkpointing=checkpointing,
+                    step_seconds=nan,
+                    peak_memory_mb=nan,
+                    step_memory_mb=nan,
+                    error=outcome["error"],
+                )
             results.append(MemoryResult(**outcome))
     return results
 
 
-def measure_growth(models: Sequence[str], sides: Sequence[int], tile: int = 0, tile_overlap: int = 32,
-                   threads: Optional[int] = None, device: str = "cpu",
-                   timeout: Optional[float] = None) -> List[GrowthPoint]:
+def measure_growth(
+    models: Sequence[str],
+    sides: Sequence[int],
+    tile: int = 0,
+    tile_overlap: int = 32,
+    threads: Optional[int] = None,
+    device: str = "cpu",
+    timeout: Optional[float] = None,
+) -> List[GrowthPoint]:
     """Latency and memory of each model at each side (fresh process per point)."""
     points = []
     for model_name in models:
         for side in sides:
-            request = dict(kind="growth", model_name=model_name, side=side, tile=tile, tile_overlap=tile_overlap,
-                           threads=threads, device=device)
+            request = dict(
+                kind="growth",
+                model_name=model_name,
+                side=side,
+                tile=tile,
+                tile_overlap=tile_overlap,
+                threads=threads,
+                device=device,
+            )
             outcome = run_worker(request, timeout)
             if set(outcome) == {"error"}:
                 nan = float("nan")
-                outcome = dict(model=model_name, side=side, tile=tile, latency_s=nan, peak_memory_mb=nan,
-                               step_memory_mb=nan, error=outcome["error"])
+                outcome = dict(
+                    model=model_name,
+                    side=side,
+                    tile=tile,
+                    latency_s=nan,
+                    peak_memory_mb=nan,
+                    step_memory_mb=nan,
+                    error=outcome["error"],
+                )
             points.append(GrowthPoint(**outcome))
     return points
 
@@ -190,17 +252,20 @@ def measure_growth(models: Sequence[str], sides: Sequence[int], tile: int = 0, t
 def memory_markdown(results: Sequence[MemoryResult]) -> str:
     """Markdown table of training-step memory; each checkpointed row states its saving."""
     plain = {(r.model, r.input_size, r.batch): r for r in results if not r.grad_checkpointing and not r.error}
-    lines = ["| model | input size | batch | grad checkpointing | step s | peak MB | step MB | step memory saved |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| model | input size | batch | grad checkpointing | step s | peak MB | step MB | step memory saved |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in results:
         if r.error:
             lines.append(f"| {r.model} | {r.input_size} | {r.batch} | {r.grad_checkpointing} | failed: {r.error} |")
             continue
         reference = plain.get((r.model, r.input_size, r.batch))
-        saved = (f"{1 - r.step_memory_mb / reference.step_memory_mb:.0%}"
-                 if r.grad_checkpointing and reference else "")
-        lines.append(f"| {r.model} | {r.input_size} | {r.batch} | {'yes' if r.grad_checkpointing else 'no'} | "
-                     f"{r.step_seconds:.1f} | {r.peak_memory_mb:.0f} | {r.step_memory_mb:.0f} | {saved} |")
+        saved = f"{1 - r.step_memory_mb / reference.step_memory_mb:.0%}" if r.grad_checkpointing and reference else ""
+        lines.append(
+            f"| {r.model} | {r.input_size} | {r.batch} | {'yes' if r.grad_checkpointing else 'no'} | "
+            f"{r.step_seconds:.1f} | {r.peak_memory_mb:.0f} | {r.step_memory_mb:.0f} | {saved} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -210,9 +275,11 @@ def growth_exponents(points: Sequence[GrowthPoint]) -> Dict[str, Tuple[float, fl
     for model in dict.fromkeys(p.model for p in points):
         good = [p for p in points if p.model == model and not p.error]
         if len(good) >= 2:
-            pixels = [p.side ** 2 for p in good]
-            exponents[model] = (fit_exponent(pixels, [p.latency_s for p in good]),
-                                fit_exponent(pixels, [max(p.step_memory_mb, 1.0) for p in good]))
+            pixels = [p.side**2 for p in good]
+            exponents[model] = (
+                fit_exponent(pixels, [p.latency_s for p in good]),
+                fit_exponent(pixels, [max(p.step_memory_mb, 1.0) for p in good]),
+            )
     return exponents
 
 
@@ -224,8 +291,10 @@ def growth_markdown(points: Sequence[GrowthPoint]) -> str:
         if p.error:
             lines.append(f"| {p.model} | {p.side}x{p.side} | {tile} | failed: {p.error} |")
         else:
-            lines.append(f"| {p.model} | {p.side}x{p.side} | {tile} | {p.latency_s:.2f} | "
-                         f"{p.peak_memory_mb:.0f} | {p.step_memory_mb:.0f} |")
+            lines.append(
+                f"| {p.model} | {p.side}x{p.side} | {tile} | {p.latency_s:.2f} | "
+                f"{p.peak_memory_mb:.0f} | {p.step_memory_mb:.0f} |"
+            )
     lines.append("")
     for model, (time_exp, memory_exp) in growth_exponents(points).items():
         lines.append(f"- `{model}`: latency ~ pixels^{time_exp:.2f}, inference memory ~ pixels^{memory_exp:.2f}")

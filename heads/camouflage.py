@@ -23,6 +23,7 @@ The finest decoded map is upsampled twice (x2, x2) into mask logits at the 1.0x 
 A backbone whose pyramid lacks some of the strides 4-32 (a plain ViT at stride 16, SReT at 8-32)
 gets them ViTDet-style: transposed convolutions from its finest map, max-pooling from its coarsest.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,19 +33,26 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import timm
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ConvNormAct, LayerNorm2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
 
 from recurzoo.backbones._helpers import check_image_input, model_name
 from recurzoo.backbones.hornet import unwrap_checkpoint
 from recurzoo.official import register_official
 
 __all__ = [
-    "MSRNet", "MSRNetDecoder", "SimpleASPP", "ScaleIntegrationUnit", "MultiGranularityFusion",
-    "SimpleFeaturePyramid", "create_cod_model", "checkpoint_filter_fn", "PYRAMID_REDUCTIONS", "DEFAULT_SCALES",
+    "MSRNet",
+    "MSRNetDecoder",
+    "SimpleASPP",
+    "ScaleIntegrationUnit",
+    "MultiGranularityFusion",
+    "SimpleFeaturePyramid",
+    "create_cod_model",
+    "checkpoint_filter_fn",
+    "PYRAMID_REDUCTIONS",
+    "DEFAULT_SCALES",
 ]
 
 # The strides of the four pyramid levels the decoder reads, finest first.
@@ -147,8 +155,10 @@ class MultiGranularityFusion(nn.Module):
     def __init__(self, dim: int, num_groups: int = 6) -> None:
         super().__init__()
         if num_groups < 2 or dim % 2:
-            raise ValueError(f"MultiGranularityFusion: needs an even dim and at least 2 groups, "
-                             f"received dim={dim}, num_groups={num_groups}")
+            raise ValueError(
+                f"MultiGranularityFusion: needs an even dim and at least 2 groups, "
+                f"received dim={dim}, num_groups={num_groups}"
+            )
         self.num_groups = num_groups
         hidden = dim // 2
         self.expand = conv_bn_relu(dim, hidden * num_groups, 1)
@@ -157,7 +167,8 @@ class MultiGranularityFusion(nn.Module):
         self.branches = nn.ModuleList(
             [conv_bn_relu(hidden, 3 * hidden, 3)]
             + [conv_bn_relu(2 * hidden, 3 * hidden, 3) for _ in range(num_groups - 2)]
-            + [conv_bn_relu(2 * hidden, 2 * hidden, 3)])
+            + [conv_bn_relu(2 * hidden, 2 * hidden, 3)]
+        )
         self.fuse = conv_bn_relu(hidden * num_groups, dim, 3, act=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,20 +201,21 @@ class MSRNetDecoder(nn.Module):
     """
 
     def __init__(
-            self,
-            in_channels: Sequence[int],
-            mid_dim: int = 64,
-            scale_groups: int = 4,
-            fusion_groups: int = 6,
-            predictor_dim: int = 32,
-            num_classes: int = 1,
+        self,
+        in_channels: Sequence[int],
+        mid_dim: int = 64,
+        scale_groups: int = 4,
+        fusion_groups: int = 6,
+        predictor_dim: int = 32,
+        num_classes: int = 1,
     ) -> None:
         super().__init__()
         if len(in_channels) < 2:
             raise ValueError(f"MSRNetDecoder: needs at least 2 pyramid levels, received {len(in_channels)}")
         self.num_levels = len(in_channels)
         self.laterals = nn.ModuleList(
-            [conv_bn_relu(chs, mid_dim, 3) for chs in in_channels[:-1]] + [SimpleASPP(in_channels[-1], mid_dim)])
+            [conv_bn_relu(chs, mid_dim, 3) for chs in in_channels[:-1]] + [SimpleASPP(in_channels[-1], mid_dim)]
+        )
         self.scale_merges = nn.ModuleList([ScaleIntegrationUnit(mid_dim, scale_groups) for _ in in_channels])
         self.fusions = nn.ModuleList([MultiGranularityFusion(mid_dim, fusion_groups) for _ in in_channels])
         self.upsample_conv = conv_bn_relu(mid_dim, mid_dim, 3)
@@ -211,17 +223,18 @@ class MSRNetDecoder(nn.Module):
         self.mask_logits = nn.Conv2d(predictor_dim, num_classes, 1)
 
     def forward(
-            self,
-            features_l: Sequence[torch.Tensor],
-            features_m: Sequence[torch.Tensor],
-            features_s: Sequence[torch.Tensor],
+        self,
+        features_l: Sequence[torch.Tensor],
+        features_m: Sequence[torch.Tensor],
+        features_s: Sequence[torch.Tensor],
     ) -> torch.Tensor:
         """Mask logits at 4x the resolution of the finest level of ``features_m``."""
         decoded: List[torch.Tensor] = []  # coarsest first
         for level in reversed(range(self.num_levels)):
             lateral = self.laterals[level]
             merged = self.scale_merges[level](
-                lateral(features_l[level]), lateral(features_m[level]), lateral(features_s[level]))
+                lateral(features_l[level]), lateral(features_m[level]), lateral(features_s[level])
+            )
             for coarser in decoded:  # recursive feedback: every coarser decoded map
                 merged = merged + resize_to(coarser, merged.shape[-2:])
             decoded.append(self.fusions[level](merged))
@@ -254,8 +267,12 @@ class SimpleFeaturePyramid(nn.Module):
         target_reductions: the strides to output.
     """
 
-    def __init__(self, in_channels: Sequence[int], in_reductions: Sequence[int],
-                 target_reductions: Sequence[int] = PYRAMID_REDUCTIONS) -> None:
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        in_reductions: Sequence[int],
+        target_reductions: Sequence[int] = PYRAMID_REDUCTIONS,
+    ) -> None:
         super().__init__()
         self.sources: List[int] = []
         self.out_channels: List[int] = []
@@ -272,7 +289,7 @@ class SimpleFeaturePyramid(nn.Module):
             else:
                 steps = round(math.log2(ratio))
                 levels.append(_upsampler(channels, steps))
-                channels //= 2 ** steps
+                channels //= 2**steps
             self.sources.append(source)
             self.out_channels.append(channels)
         self.levels = nn.ModuleList(levels)
@@ -289,8 +306,10 @@ def _is_power_of_two(value: int) -> bool:
 def _probe_feature_info(backbone: str, backbone_kwargs: Mapping[str, Any]) -> List[Dict[str, Any]]:
     """The ``feature_info`` of timm's ``backbone`` (built on the meta device: no weights, no init)."""
     if not timm.is_model(backbone.split(".")[0]):
-        raise ValueError(f"create_cod_model: unknown backbone {backbone!r}: not a model in timm's registry "
-                         f"(import recurzoo registers the zoo's own backbones)")
+        raise ValueError(
+            f"create_cod_model: unknown backbone {backbone!r}: not a model in timm's registry "
+            f"(import recurzoo registers the zoo's own backbones)"
+        )
     try:
         with torch.device("meta"):
             probe = timm.create_model(backbone, **backbone_kwargs)
@@ -298,16 +317,18 @@ def _probe_feature_info(backbone: str, backbone_kwargs: Mapping[str, Any]) -> Li
         probe = timm.create_model(backbone, **backbone_kwargs)
     info = getattr(probe, "feature_info", None)
     if not info:
-        raise ValueError(f"create_cod_model: backbone {backbone!r} has no feature_info, so timm cannot extract "
-                         f"its feature maps (features_only); the MSRNet head needs a feature pyramid")
+        raise ValueError(
+            f"create_cod_model: backbone {backbone!r} has no feature_info, so timm cannot extract "
+            f"its feature maps (features_only); the MSRNet head needs a feature pyramid"
+        )
     return [dict(level) for level in info]
 
 
 def _choose_levels(
-        backbone: str,
-        info: Sequence[Mapping[str, Any]],
-        out_indices: Optional[Sequence[int]],
-        simple_pyramid: bool,
+    backbone: str,
+    info: Sequence[Mapping[str, Any]],
+    out_indices: Optional[Sequence[int]],
+    simple_pyramid: bool,
 ) -> List[int]:
     """Indices of ``info`` to extract: for each stride of 4-32 the backbone has, its deepest level."""
     strides = sorted({int(level["reduction"]) for level in info})
@@ -323,14 +344,18 @@ def _choose_levels(
     if not deepest:
         odd = [s for s in strides if not _is_power_of_two(s)]
         why = f" (stride {odd[0]} is not a power of two)" if odd else ""
-        raise ValueError(f"create_cod_model: backbone {backbone!r} gives feature strides {strides}{why}; the MSRNet "
-                         f"head needs a feature pyramid at strides {needed}, or at least one of them to build the "
-                         f"others from")
+        raise ValueError(
+            f"create_cod_model: backbone {backbone!r} gives feature strides {strides}{why}; the MSRNet "
+            f"head needs a feature pyramid at strides {needed}, or at least one of them to build the "
+            f"others from"
+        )
     missing = [r for r in PYRAMID_REDUCTIONS if r not in deepest]
     if missing and not simple_pyramid:
-        raise ValueError(f"create_cod_model: backbone {backbone!r} gives feature strides {sorted(deepest)} of the "
-                         f"{needed} the MSRNet head needs: strides {missing} are missing (pass simple_pyramid=True "
-                         f"to build them ViTDet-style)")
+        raise ValueError(
+            f"create_cod_model: backbone {backbone!r} gives feature strides {sorted(deepest)} of the "
+            f"{needed} the MSRNet head needs: strides {missing} are missing (pass simple_pyramid=True "
+            f"to build them ViTDet-style)"
+        )
     return [deepest[r] for r in sorted(deepest)]
 
 
@@ -359,27 +384,28 @@ class MSRNet(nn.Module):
     """
 
     def __init__(
-            self,
-            backbone: str = "pvt_v2_b2",
-            in_chans: int = 3,
-            num_classes: int = 1,
-            mid_dim: int = 64,
-            scale_groups: int = 4,
-            fusion_groups: int = 6,
-            predictor_dim: int = 32,
-            scales: Sequence[float] = DEFAULT_SCALES,
-            input_norm: bool = True,
-            mean: Optional[Sequence[float]] = None,
-            std: Optional[Sequence[float]] = None,
-            pretrained_backbone: bool = False,
-            backbone_kwargs: Optional[Mapping[str, Any]] = None,
-            out_indices: Optional[Sequence[int]] = None,
-            simple_pyramid: bool = True,
+        self,
+        backbone: str = "pvt_v2_b2",
+        in_chans: int = 3,
+        num_classes: int = 1,
+        mid_dim: int = 64,
+        scale_groups: int = 4,
+        fusion_groups: int = 6,
+        predictor_dim: int = 32,
+        scales: Sequence[float] = DEFAULT_SCALES,
+        input_norm: bool = True,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        pretrained_backbone: bool = False,
+        backbone_kwargs: Optional[Mapping[str, Any]] = None,
+        out_indices: Optional[Sequence[int]] = None,
+        simple_pyramid: bool = True,
     ) -> None:
         super().__init__()
         if len(scales) != 3 or min(scales) <= 0:
-            raise ValueError(f"MSRNet: scales must be three positive factors (image_s, image_m, image_l), "
-                             f"received {tuple(scales)}")
+            raise ValueError(
+                f"MSRNet: scales must be three positive factors (image_s, image_m, image_l), received {tuple(scales)}"
+            )
         backbone_kwargs = dict(backbone_kwargs or {})
         self.backbone_name = backbone
         self.in_chans = in_chans
@@ -390,25 +416,41 @@ class MSRNet(nn.Module):
         info = _probe_feature_info(backbone, dict(backbone_kwargs, in_chans=in_chans))
         indices = _choose_levels(backbone, info, out_indices, simple_pyramid)
         try:
-            self.backbone = timm.create_model(backbone, features_only=True, out_indices=tuple(indices),
-                                              pretrained=pretrained_backbone, in_chans=in_chans, **backbone_kwargs)
+            self.backbone = timm.create_model(
+                backbone,
+                features_only=True,
+                out_indices=tuple(indices),
+                pretrained=pretrained_backbone,
+                in_chans=in_chans,
+                **backbone_kwargs,
+            )
         except Exception as error:
-            raise ValueError(f"create_cod_model: backbone {backbone!r} cannot be built with features_only=True "
-                             f"(timm's feature extraction): {error}") from error
+            raise ValueError(
+                f"create_cod_model: backbone {backbone!r} cannot be built with features_only=True "
+                f"(timm's feature extraction): {error}"
+            ) from error
         channels = list(self.backbone.feature_info.channels())
         reductions = list(self.backbone.feature_info.reduction())
         modules = [f"backbone.{m}" for m in self.backbone.feature_info.module_name()]
         self.channels_last_features = getattr(self.backbone, "output_fmt", "NCHW") == "NHWC"  # e.g. timm's Swin
         if reductions != list(PYRAMID_REDUCTIONS):
             self.neck: Optional[SimpleFeaturePyramid] = SimpleFeaturePyramid(channels, reductions)
-            modules = [modules[s] if isinstance(level, nn.Identity) else f"neck.levels.{i}"
-                       for i, (level, s) in enumerate(zip(self.neck.levels, self.neck.sources))]
+            modules = [
+                modules[s] if isinstance(level, nn.Identity) else f"neck.levels.{i}"
+                for i, (level, s) in enumerate(zip(self.neck.levels, self.neck.sources))
+            ]
             channels, reductions = self.neck.out_channels, self.neck.out_reductions
         else:
             self.neck = None
         self.feature_info = [dict(num_chs=c, reduction=r, module=m) for c, r, m in zip(channels, reductions, modules)]
-        self.decoder = MSRNetDecoder(channels, mid_dim=mid_dim, scale_groups=scale_groups,
-                                     fusion_groups=fusion_groups, predictor_dim=predictor_dim, num_classes=num_classes)
+        self.decoder = MSRNetDecoder(
+            channels,
+            mid_dim=mid_dim,
+            scale_groups=scale_groups,
+            fusion_groups=fusion_groups,
+            predictor_dim=predictor_dim,
+            num_classes=num_classes,
+        )
 
         backbone_cfg = getattr(self.backbone, "pretrained_cfg", None) or {}
         mean = tuple(mean or backbone_cfg.get("mean") or IMAGENET_DEFAULT_MEAN)
@@ -422,8 +464,10 @@ class MSRNet(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(stem=r"^backbone\.(model\.)?(patch_embed|stem|conv1|bn1|pos_embed)",
-                    blocks=[(r"^backbone\.", (0,)), (r"^(neck|decoder)\.", (1,))])
+        return dict(
+            stem=r"^backbone\.(model\.)?(patch_embed|stem|conv1|bn1|pos_embed)",
+            blocks=[(r"^backbone\.", (0,)), (r"^(neck|decoder)\.", (1,))],
+        )
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -449,12 +493,15 @@ class MSRNet(nn.Module):
     def make_scales(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``image_s``, ``image_m``, ``image_l``: ``x`` resized bilinearly by ``self.scales``."""
         height, width = x.shape[-2:]
-        return tuple(x if s == 1.0 else F.interpolate(x, size=(int(height * s), int(width * s)), mode="bilinear",
-                                                      align_corners=False) for s in self.scales)
+        return tuple(
+            x
+            if s == 1.0
+            else F.interpolate(x, size=(int(height * s), int(width * s)), mode="bilinear", align_corners=False)
+            for s in self.scales
+        )
 
     def _check(self, x: torch.Tensor, min_size: int) -> None:
-        check_image_input(x, model_name(self), self.in_chans, min_size=min_size,
-                          dtype=next(self.parameters()).dtype)
+        check_image_input(x, model_name(self), self.in_chans, min_size=min_size, dtype=next(self.parameters()).dtype)
 
     def forward_multiscale(self, image_s: torch.Tensor, image_m: torch.Tensor, image_l: torch.Tensor) -> torch.Tensor:
         """Mask logits at the size of ``image_m`` from the three scales (each in [0, 1]).
@@ -463,8 +510,9 @@ class MSRNet(nn.Module):
         """
         for image in (image_s, image_m, image_l):
             self._check(image, self.total_stride)
-        logits = self.decoder(self.forward_features(image_l), self.forward_features(image_m),
-                              self.forward_features(image_s))
+        logits = self.decoder(
+            self.forward_features(image_l), self.forward_features(image_m), self.forward_features(image_s)
+        )
         if logits.shape[-2:] != image_m.shape[-2:]:
             logits = resize_to(logits, image_m.shape[-2:])
         return logits
@@ -484,8 +532,11 @@ def create_cod_model(backbone: str, pretrained_backbone: bool = False, **kwargs:
     ``pretrained_backbone=True`` loads (downloads) timm's weights of the backbone.
     """
     model = MSRNet(backbone=backbone, pretrained_backbone=pretrained_backbone, **kwargs)
-    model.pretrained_cfg = _cfg(architecture=f"msrnet_{backbone}", mean=tuple(model.mean.flatten().tolist()),
-                                std=tuple(model.std.flatten().tolist()))
+    model.pretrained_cfg = _cfg(
+        architecture=f"msrnet_{backbone}",
+        mean=tuple(model.mean.flatten().tolist()),
+        std=tuple(model.std.flatten().tolist()),
+    )
     return model
 
 
@@ -498,7 +549,8 @@ MODEL_CARD = dict(
         "multi-granularity fusion unit (MGFU) refines the merged map together with every coarser "
         "level's decoded map (recursive feedback). The decoder is a head over any timm "
         "`features_only` backbone; backbones without strides 4-32 (a plain ViT, SReT) get the "
-        "missing levels ViTDet-style (transposed convs / max-pooling)."),
+        "missing levels ViTDet-style (transposed convs / max-pooling)."
+    ),
     paper="MSRNet: A Multi-Scale Recursive Network for Camouflaged Object Detection (Alghamdi et al., 2025)",
     paper_url="https://arxiv.org/abs/2511.12810",
     code_url="https://github.com/linaagh98/MSRNet (decoder units from https://github.com/lartpang/ZoomNeXt)",
@@ -507,7 +559,8 @@ MODEL_CARD = dict(
     table_note=(
         "Parameters and fvcore GFLOPs (multiply-accumulates) of one image at the base size shown: the "
         "count covers the three backbone passes (at 576, 384 and 768 pixels) and the decoder. Feature "
-        "strides are those of the pyramid the decoder reads."),
+        "strides are those of the pyramid the decoder reads."
+    ),
     usage="""
 ```python
 import recurzoo, timm, torch
@@ -587,7 +640,7 @@ _OFFICIAL_DECODER_RENAMES: Tuple[Tuple[str, Any], ...] = (
 def _official_encoder_keys(encoder: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The official encoder's keys as those of timm's ``features_only`` backbone."""
     if any(k.startswith("net.") for k in encoder):  # timm features_only inside a wrapper (the parity fixtures)
-        return {k[len("net."):]: v for k, v in encoder.items()}
+        return {k[len("net.") :]: v for k, v in encoder.items()}
     if "patch_embed1.proj.weight" in encoder:  # the authors' PVTv2 (pvt_v2_eff_*): timm's layout, then its features
         from timm.models.pvt_v2 import checkpoint_filter_fn as pvt_v2_filter
 
@@ -605,13 +658,15 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: Optional[MSRNet] = N
     Checkpoints in this layout (``backbone.*``/``decoder.*``) pass through.
     """
     state_dict = unwrap_checkpoint(state_dict)
-    state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    state_dict = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state_dict.items()}
     if any(k.startswith("decoder.") for k in state_dict):
         return dict(state_dict)
     if any(k.startswith(("siu_1.", "hmu_1.")) for k in state_dict):
-        raise ValueError("checkpoint_filter_fn: this is an official five-level MSRNet (RN50_MSRNet / EffB*_MSRNet "
-                         "decode a stride-2 level too); recurzoo reproduces the four-level PVTv2 design only")
-    encoder = {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
+        raise ValueError(
+            "checkpoint_filter_fn: this is an official five-level MSRNet (RN50_MSRNet / EffB*_MSRNet "
+            "decode a stride-2 level too); recurzoo reproduces the four-level PVTv2 design only"
+        )
+    encoder = {k[len("encoder.") :]: v for k, v in state_dict.items() if k.startswith("encoder.")}
     converted = {f"backbone.{k}": v for k, v in _official_encoder_keys(encoder).items()}
     for key, value in state_dict.items():
         if key.startswith(("encoder.", "normalizer.")) or _OFFICIAL_VIDEO_KEYS.search(key):
@@ -636,14 +691,14 @@ def _official_backbone(encoder: str) -> Tuple[str, Optional[Tuple[int, ...]]]:
 
 
 def _official_msrnet(
-        encoder: str = "timm:pvt_v2_b2",
-        mid_dim: int = 64,
-        siu_groups: int = 4,
-        hmu_groups: int = 6,
-        input_norm: bool = True,
-        scales: Optional[Mapping[str, float]] = None,
-        num_frames: int = 1,
-        **unused: Any,
+    encoder: str = "timm:pvt_v2_b2",
+    mid_dim: int = 64,
+    siu_groups: int = 4,
+    hmu_groups: int = 6,
+    input_norm: bool = True,
+    scales: Optional[Mapping[str, float]] = None,
+    num_frames: int = 1,
+    **unused: Any,
 ) -> MSRNet:
     """The official ``PvtV2B*_MSRNet`` arguments mapped onto :class:`MSRNet`."""
     if num_frames != 1:
@@ -651,33 +706,48 @@ def _official_msrnet(
     backbone, out_indices = _official_backbone(encoder)
     scales = scales or dict(zip(("image_s", "image_m", "image_l"), DEFAULT_SCALES))
     return create_cod_model(
-        backbone, mid_dim=mid_dim, scale_groups=siu_groups, fusion_groups=hmu_groups, input_norm=input_norm,
-        scales=(scales["image_s"], scales["image_m"], scales["image_l"]), out_indices=out_indices,
-        simple_pyramid=False)
+        backbone,
+        mid_dim=mid_dim,
+        scale_groups=siu_groups,
+        fusion_groups=hmu_groups,
+        input_norm=input_norm,
+        scales=(scales["image_s"], scales["image_m"], scales["image_l"]),
+        out_indices=out_indices,
+        simple_pyramid=False,
+    )
 
 
 def _official_forward(model: MSRNet, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return model.forward_multiscale(inputs["image_s"], inputs["image_m"], inputs["image_l"])
 
 
-register_official(_OFFICIAL_CONSTRUCTOR, family="msrnet", checkpoint_filter_fn=checkpoint_filter_fn,
-                  forward_fn=_official_forward)(_official_msrnet)
+register_official(
+    _OFFICIAL_CONSTRUCTOR, family="msrnet", checkpoint_filter_fn=checkpoint_filter_fn, forward_fn=_official_forward
+)(_official_msrnet)
 
 
 def _create_msrnet(variant: str, pretrained: bool = False, **kwargs: Any) -> MSRNet:
     if kwargs.pop("features_only", False):
-        raise ValueError(f"{variant}: a camouflaged-object detector has no features_only form; create its "
-                         f"backbone ({kwargs.get('backbone')!r}) with features_only=True instead")
+        raise ValueError(
+            f"{variant}: a camouflaged-object detector has no features_only form; create its "
+            f"backbone ({kwargs.get('backbone')!r}) with features_only=True instead"
+        )
     return build_model_with_cfg(MSRNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
     return {
         "url": url,
-        "num_classes": 1, "input_size": (3, 384, 384), "pool_size": None,
-        "crop_pct": 1.0, "interpolation": "bilinear", "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "", "classifier": "decoder.mask_logits",
+        "num_classes": 1,
+        "input_size": (3, 384, 384),
+        "pool_size": None,
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "",
+        "classifier": "decoder.mask_logits",
         "license": "unknown",
         "paper_ids": "arXiv:2511.12810",
         "paper_name": "MSRNet: A Multi-Scale Recursive Network for Camouflaged Object Detection",
@@ -686,15 +756,17 @@ def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
     }
 
 
-default_cfgs = generate_default_cfgs({
-    "msrnet_pvt_v2_b2": _cfg(first_conv="backbone.patch_embed.proj"),
-    "msrnet_pvt_v2_b3": _cfg(first_conv="backbone.patch_embed.proj"),
-    "msrnet_pvt_v2_b4": _cfg(first_conv="backbone.patch_embed.proj"),
-    "msrnet_pvt_v2_b5": _cfg(first_conv="backbone.patch_embed.proj"),
-    "msrnet_hornet_tiny_7x7": _cfg(first_conv="backbone.stem_0"),
-    "msrnet_sret_small": _cfg(first_conv="backbone.model.stem.0.conv"),
-    "msrnet_resnet50": _cfg(first_conv="backbone.conv1"),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "msrnet_pvt_v2_b2": _cfg(first_conv="backbone.patch_embed.proj"),
+        "msrnet_pvt_v2_b3": _cfg(first_conv="backbone.patch_embed.proj"),
+        "msrnet_pvt_v2_b4": _cfg(first_conv="backbone.patch_embed.proj"),
+        "msrnet_pvt_v2_b5": _cfg(first_conv="backbone.patch_embed.proj"),
+        "msrnet_hornet_tiny_7x7": _cfg(first_conv="backbone.stem_0"),
+        "msrnet_sret_small": _cfg(first_conv="backbone.model.stem.0.conv"),
+        "msrnet_resnet50": _cfg(first_conv="backbone.conv1"),
+    }
+)
 
 
 def _build(variant: str, backbone: str, pretrained: bool, kwargs: Dict[str, Any]) -> MSRNet:

@@ -9,6 +9,7 @@ top, with anchors and RoI poolers sized from the backbone's feature strides.
     backbone = create_fpn_backbone("hornet_tiny_7x7", checkpoint="hornet_tiny_7x7.pth")
     model = create_detector("maskrcnn", backbone, num_classes=81)
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -52,8 +53,9 @@ class FeaturePyramidBackbone(nn.Module):
         reductions = body.feature_info.reduction()
         self.positions = list(positions) if positions is not None else _distinct_stride_positions(reductions)
         self.body = body
-        self.fpn = FeaturePyramidNetwork([channels[p] for p in self.positions], out_channels,
-                                         extra_blocks=LastLevelMaxPool())
+        self.fpn = FeaturePyramidNetwork(
+            [channels[p] for p in self.positions], out_channels, extra_blocks=LastLevelMaxPool()
+        )
         self.out_channels = out_channels
         self.level_names = [str(i) for i in range(len(self.positions))]
         self.strides = [reductions[p] for p in self.positions] + [2 * reductions[self.positions[-1]]]
@@ -66,13 +68,13 @@ class FeaturePyramidBackbone(nn.Module):
 
 
 def create_fpn_backbone(
-        name: str,
-        out_indices: Optional[Sequence[int]] = None,
-        fpn_channels: int = 256,
-        pretrained: bool = False,
-        checkpoint: Optional[str] = None,
-        frozen_bn: Optional[bool] = None,
-        **kwargs: Any,
+    name: str,
+    out_indices: Optional[Sequence[int]] = None,
+    fpn_channels: int = 256,
+    pretrained: bool = False,
+    checkpoint: Optional[str] = None,
+    frozen_bn: Optional[bool] = None,
+    **kwargs: Any,
 ) -> FeaturePyramidBackbone:
     """A :class:`FeaturePyramidBackbone` over ``timm.create_model(name, features_only=True, ...)``.
 
@@ -111,16 +113,16 @@ def create_fpn_backbone(
 
 
 def create_detector(
-        kind: str,
-        backbone: FeaturePyramidBackbone,
-        num_classes: int,
-        min_size: int = 800,
-        max_size: int = 1333,
-        anchor_scale: float = 8.0,
-        aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
-        image_mean: Optional[Sequence[float]] = None,
-        image_std: Optional[Sequence[float]] = None,
-        **kwargs: Any,
+    kind: str,
+    backbone: FeaturePyramidBackbone,
+    num_classes: int,
+    min_size: int = 800,
+    max_size: int = 1333,
+    anchor_scale: float = 8.0,
+    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+    image_mean: Optional[Sequence[float]] = None,
+    image_std: Optional[Sequence[float]] = None,
+    **kwargs: Any,
 ) -> nn.Module:
     """torchvision's Faster R-CNN (``'fasterrcnn'``) or Mask R-CNN (``'maskrcnn'``) on ``backbone``.
 
@@ -141,15 +143,24 @@ def create_detector(
     if kind not in DETECTORS:
         raise ValueError(f"detector must be one of {DETECTORS}, received {kind!r}")
     cfg = getattr(backbone.body, "pretrained_cfg", {}) or {}
-    anchors = AnchorGenerator(sizes=tuple((int(round(anchor_scale * stride)),) for stride in backbone.strides),
-                              aspect_ratios=(tuple(aspect_ratios),) * len(backbone.strides))
-    options = dict(min_size=min_size, max_size=max_size, rpn_anchor_generator=anchors,
-                   image_mean=list(image_mean or cfg.get("mean", (0.485, 0.456, 0.406))),
-                   image_std=list(image_std or cfg.get("std", (0.229, 0.224, 0.225))),
-                   box_roi_pool=MultiScaleRoIAlign(backbone.level_names, output_size=7, sampling_ratio=2))
+    anchors = AnchorGenerator(
+        sizes=tuple((int(round(anchor_scale * stride)),) for stride in backbone.strides),
+        aspect_ratios=(tuple(aspect_ratios),) * len(backbone.strides),
+    )
+    options = dict(
+        min_size=min_size,
+        max_size=max_size,
+        rpn_anchor_generator=anchors,
+        image_mean=list(image_mean or cfg.get("mean", (0.485, 0.456, 0.406))),
+        image_std=list(image_std or cfg.get("std", (0.229, 0.224, 0.225))),
+        box_roi_pool=MultiScaleRoIAlign(backbone.level_names, output_size=7, sampling_ratio=2),
+    )
     options.update(kwargs)
     if kind == "fasterrcnn":
         return FasterRCNN(backbone, num_classes=num_classes, **options)
-    return MaskRCNN(backbone, num_classes=num_classes,
-                    mask_roi_pool=MultiScaleRoIAlign(backbone.level_names, output_size=14, sampling_ratio=2),
-                    **options)
+    return MaskRCNN(
+        backbone,
+        num_classes=num_classes,
+        mask_roi_pool=MultiScaleRoIAlign(backbone.level_names, output_size=14, sampling_ratio=2),
+        **options,
+    )

@@ -19,6 +19,7 @@ Inference helpers: :func:`tiled_super_resolve` (fixed-size tiles with overlap an
 that memory does not grow with the image), :func:`super_resolve_image` (uint8 in, uint8 out),
 :func:`super_resolve_files` (the ``recurzoo sr`` command) and :func:`super_resolve_demo`.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,16 +30,27 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import numpy as np
 import torch
-from torch import nn
-
 from timm.layers import ClassifierHead
+from torch import nn
 
 from recurzoo.backbones._helpers import check_image_input, model_name
 
 __all__ = [
-    "DIV2K_RGB_MEAN", "SR_HEADS", "PixelShuffleUpsampler", "OneStepPixelShuffle", "SuperResolutionModel",
-    "create_sr_model", "tiled_super_resolve", "blend_weights", "tile_starts", "read_image", "write_png",
-    "collect_images", "super_resolve_image", "super_resolve_files", "super_resolve_demo",
+    "DIV2K_RGB_MEAN",
+    "SR_HEADS",
+    "PixelShuffleUpsampler",
+    "OneStepPixelShuffle",
+    "SuperResolutionModel",
+    "create_sr_model",
+    "tiled_super_resolve",
+    "blend_weights",
+    "tile_starts",
+    "read_image",
+    "write_png",
+    "collect_images",
+    "super_resolve_image",
+    "super_resolve_files",
+    "super_resolve_demo",
 ]
 
 # Mean colour of the DIV2K training images, subtracted by the BasicSR models (RGT, SwinIR, HAT...).
@@ -93,7 +105,7 @@ class OneStepPixelShuffle(nn.Module):
             raise ValueError(f"OneStepPixelShuffle: upscale must be a positive integer, received {upscale}")
         self.upscale = upscale
         self.out_chans = out_chans
-        self.conv = nn.Conv2d(in_chs, out_chans * upscale ** 2, 3, 1, 1)
+        self.conv = nn.Conv2d(in_chs, out_chans * upscale**2, 3, 1, 1)
         self.shuffle = nn.PixelShuffle(upscale)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -128,12 +140,12 @@ class SuperResolutionModel(nn.Module):
     """
 
     def __init__(
-            self,
-            backbone: nn.Module,
-            head: nn.Module,
-            img_mean: Optional[Sequence[float]] = None,
-            img_range: float = 1.0,
-            name: Optional[str] = None,
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        img_mean: Optional[Sequence[float]] = None,
+        img_range: float = 1.0,
+        name: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -148,8 +160,10 @@ class SuperResolutionModel(nn.Module):
         self.img_mean = tuple(float(v) for v in img_mean)  # a constant, as in the official code (no weight)
         self.num_features = self.head_hidden_size = int(backbone.num_features)
         self.num_classes = 0
-        self.feature_info = [dict(level, module=f"backbone.{level['module']}") if "module" in level else dict(level)
-                             for level in backbone.feature_info]
+        self.feature_info = [
+            dict(level, module=f"backbone.{level['module']}") if "module" in level else dict(level)
+            for level in backbone.feature_info
+        ]
         self.name = name
 
     @property
@@ -187,7 +201,9 @@ class SuperResolutionModel(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Replace the upsampler by a pooled classifier (``num_classes=0``: pooled features)."""
         self.num_classes = num_classes
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type="avg" if global_pool is None else global_pool)
+        self.head = ClassifierHead(
+            self.num_features, num_classes, pool_type="avg" if global_pool is None else global_pool
+        )
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_image_input(x, self._name(), self.in_chans, dtype=next(self.parameters()).dtype)
@@ -218,25 +234,30 @@ class SuperResolutionModel(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """The backbone's intermediates (and final features) for images in [0, 1]."""
         self._check_input(x)
         return self.backbone.forward_intermediates(
-            self.normalize(x), indices=indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
-            intermediates_only=intermediates_only)
+            self.normalize(x),
+            indices=indices,
+            norm=norm,
+            stop_early=stop_early,
+            output_fmt=output_fmt,
+            intermediates_only=intermediates_only,
+        )
 
     def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
+        self,
+        indices: Union[int, List[int]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
     ) -> List[int]:
         """Prune the backbone; with ``prune_head`` the upsampler goes too (a feature extractor remains)."""
         kept = self.backbone.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=True)
@@ -245,8 +266,9 @@ class SuperResolutionModel(nn.Module):
         return kept
 
     @torch.no_grad()
-    def super_resolve(self, x: torch.Tensor, tile: Optional[int] = None, tile_overlap: int = 32,
-                      progress: bool = False) -> torch.Tensor:
+    def super_resolve(
+        self, x: torch.Tensor, tile: Optional[int] = None, tile_overlap: int = 32, progress: bool = False
+    ) -> torch.Tensor:
         """Eval-mode output for images in [0, 1], optionally tile by tile (see :func:`tiled_super_resolve`)."""
         if not self.is_super_resolution:
             raise ValueError(f"{self._name()}: the super-resolution head was replaced by reset_classifier")
@@ -255,8 +277,7 @@ class SuperResolutionModel(nn.Module):
         try:
             if tile is None:
                 return self(x)
-            return tiled_super_resolve(self, x, self.upscale, tile=tile, tile_overlap=tile_overlap,
-                                       progress=progress)
+            return tiled_super_resolve(self, x, self.upscale, tile=tile, tile_overlap=tile_overlap, progress=progress)
         finally:
             self.train(was_training)
 
@@ -271,13 +292,13 @@ def _feature_reductions(backbone: nn.Module) -> List[int]:
 
 
 def create_sr_model(
-        backbone: Union[str, nn.Module],
-        scale: int,
-        head: str = "pixelshuffle",
-        img_mean: Optional[Sequence[float]] = None,
-        img_range: float = 1.0,
-        head_kwargs: Optional[Dict[str, Any]] = None,
-        **backbone_kwargs: Any,
+    backbone: Union[str, nn.Module],
+    scale: int,
+    head: str = "pixelshuffle",
+    img_mean: Optional[Sequence[float]] = None,
+    img_range: float = 1.0,
+    head_kwargs: Optional[Dict[str, Any]] = None,
+    **backbone_kwargs: Any,
 ) -> SuperResolutionModel:
     """A super-resolution model: ``backbone`` (a timm name or module) + the head ``head`` for ``scale``.
 
@@ -304,22 +325,30 @@ def create_sr_model(
     if not reductions:
         missing.append("feature_info (timm's list of feature levels with their reductions)")
     elif reductions[-1] != SR_HEADS[head].feature_reduction:
-        missing.append(f"a stride-1 feature map: its forward_features has stride {reductions[-1]} "
-                       f"(feature reductions {reductions})")
+        missing.append(
+            f"a stride-1 feature map: its forward_features has stride {reductions[-1]} "
+            f"(feature reductions {reductions})"
+        )
     if getattr(backbone, "num_features", None) is None:
         missing.append("num_features (the channels of its feature map)")
     if missing:
-        raise ValueError(f"create_sr_model: the {head!r} head needs a backbone with " + "; ".join(missing)
-                         + f" -- backbone {name!r} lacks it")
-    sr_head = SR_HEADS[head](int(backbone.num_features), scale, out_chans=int(getattr(backbone, "in_chans", 3)),
-                             **(head_kwargs or {}))
-    return SuperResolutionModel(backbone, sr_head, img_mean=img_mean, img_range=img_range,
-                                name=f"{name}+{head}_x{scale}")
+        raise ValueError(
+            f"create_sr_model: the {head!r} head needs a backbone with "
+            + "; ".join(missing)
+            + f" -- backbone {name!r} lacks it"
+        )
+    sr_head = SR_HEADS[head](
+        int(backbone.num_features), scale, out_chans=int(getattr(backbone, "in_chans", 3)), **(head_kwargs or {})
+    )
+    return SuperResolutionModel(
+        backbone, sr_head, img_mean=img_mean, img_range=img_range, name=f"{name}+{head}_x{scale}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Tiled inference
 # ----------------------------------------------------------------------------------------------
+
 
 def tile_starts(length: int, tile: int, overlap: int) -> List[int]:
     """Start offsets of tiles of size ``tile`` covering ``[0, length)`` with at least ``overlap`` shared."""
@@ -348,13 +377,13 @@ def blend_weights(length: int, margin: int, ramp: int, ramp_start: bool, ramp_en
 
 @torch.no_grad()
 def tiled_super_resolve(
-        model: Callable[[torch.Tensor], torch.Tensor],
-        image: torch.Tensor,
-        scale: int,
-        tile: int = 256,
-        tile_overlap: int = 32,
-        output_device: Optional[Union[str, torch.device]] = None,
-        progress: bool = False,
+    model: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    scale: int,
+    tile: int = 256,
+    tile_overlap: int = 32,
+    output_device: Optional[Union[str, torch.device]] = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Run ``model`` (x ``scale``) on ``tile x tile`` crops of ``image`` and blend them.
 
@@ -367,8 +396,10 @@ def tiled_super_resolve(
     equals the untiled one.
     """
     if tile < 1 or tile_overlap < 0 or tile_overlap >= tile:
-        raise ValueError(f"tiled inference needs tile >= 1 and 0 <= tile_overlap < tile, "
-                         f"received tile={tile}, tile_overlap={tile_overlap}")
+        raise ValueError(
+            f"tiled inference needs tile >= 1 and 0 <= tile_overlap < tile, "
+            f"received tile={tile}, tile_overlap={tile_overlap}"
+        )
     batch, channels, height, width = image.shape
     model_device = next((p.device for p in getattr(model, "parameters", lambda: iter(()))()), image.device)
     output_device = torch.device(output_device) if output_device is not None else image.device
@@ -386,11 +417,12 @@ def tiled_super_resolve(
             for left in cols:
                 tile_w = min(tile, width)
                 weight_x = blend_weights(tile_w * scale, margin, ramp, left > 0, left + tile_w < width)
-                crop = image[:, :, top:top + tile_h, left:left + tile_w].to(model_device)
+                crop = image[:, :, top : top + tile_h, left : left + tile_w].to(model_device)
                 result = model(crop).to(output_device, torch.float32)
                 if output is None:
-                    output = torch.zeros(batch, result.shape[1], height * scale, width * scale,
-                                         dtype=torch.float32, device=output_device)
+                    output = torch.zeros(
+                        batch, result.shape[1], height * scale, width * scale, dtype=torch.float32, device=output_device
+                    )
                 weight = (weight_y[:, None] * weight_x[None, :]).to(output_device, torch.float32)
                 rows_out = slice(top * scale, (top + tile_h) * scale)
                 cols_out = slice(left * scale, (left + tile_w) * scale)
@@ -404,6 +436,7 @@ def tiled_super_resolve(
 # ----------------------------------------------------------------------------------------------
 # Images and files
 # ----------------------------------------------------------------------------------------------
+
 
 def read_image(path: Union[str, Path]) -> np.ndarray:
     """An image file as an ``(H, W, 3)`` uint8 RGB array (grey and RGBA images are converted)."""
@@ -457,8 +490,13 @@ def tensor_to_image(tensor: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def super_resolve_image(model: SuperResolutionModel, image: np.ndarray, tile: Optional[int] = None,
-                        tile_overlap: int = 32, progress: bool = False) -> np.ndarray:
+def super_resolve_image(
+    model: SuperResolutionModel,
+    image: np.ndarray,
+    tile: Optional[int] = None,
+    tile_overlap: int = 32,
+    progress: bool = False,
+) -> np.ndarray:
     """Super-resolve one uint8 ``(H, W, 3)`` image with ``model`` (eval mode), optionally tiled."""
     device = next(model.parameters()).device
     x = image_to_tensor(image)
@@ -467,8 +505,9 @@ def super_resolve_image(model: SuperResolutionModel, image: np.ndarray, tile: Op
     return tensor_to_image(model.super_resolve(x, tile=tile, tile_overlap=tile_overlap, progress=progress))
 
 
-def load_sr_model(model: str, checkpoint: Optional[str] = None, device: Optional[str] = None,
-                  **kwargs: Any) -> SuperResolutionModel:
+def load_sr_model(
+    model: str, checkpoint: Optional[str] = None, device: Optional[str] = None, **kwargs: Any
+) -> SuperResolutionModel:
     """``timm.create_model(model)`` in eval mode, with the weights of ``checkpoint`` when given.
 
     ``checkpoint`` may be an official BasicSR file (``params``/``params_ema``) or one of ours.
@@ -494,15 +533,15 @@ def load_sr_model(model: str, checkpoint: Optional[str] = None, device: Optional
 
 
 def super_resolve_files(
-        inputs: Sequence[Union[str, Path]],
-        out_dir: Union[str, Path],
-        model: str = "rgt_small_x4",
-        checkpoint: Optional[str] = None,
-        tile: Optional[int] = None,
-        tile_overlap: int = 32,
-        device: Optional[str] = None,
-        progress: bool = True,
-        model_kwargs: Optional[Dict[str, Any]] = None,
+    inputs: Sequence[Union[str, Path]],
+    out_dir: Union[str, Path],
+    model: str = "rgt_small_x4",
+    checkpoint: Optional[str] = None,
+    tile: Optional[int] = None,
+    tile_overlap: int = 32,
+    device: Optional[str] = None,
+    progress: bool = True,
+    model_kwargs: Optional[Dict[str, Any]] = None,
 ) -> List[Path]:
     """Super-resolve PNG/JPEG files (or folders of them) into ``out_dir/<name>.png``.
 
@@ -530,13 +569,13 @@ def super_resolve_files(
 
 
 def super_resolve_demo(
-        out_dir: Optional[Union[str, Path]] = None,
-        model: str = "rgt_small_x4",
-        checkpoint: Optional[str] = None,
-        side: int = 64,
-        tile: Optional[int] = None,
-        device: Optional[str] = None,
-        **model_kwargs: Any,
+    out_dir: Optional[Union[str, Path]] = None,
+    model: str = "rgt_small_x4",
+    checkpoint: Optional[str] = None,
+    side: int = 64,
+    tile: Optional[int] = None,
+    device: Optional[str] = None,
+    **model_kwargs: Any,
 ) -> Dict[str, Any]:
     """Super-resolve a bundled photograph (scikit-image's Chelsea the cat, public domain).
 
@@ -553,18 +592,27 @@ def super_resolve_demo(
     photo = data.chelsea()
     crop = min(photo.shape[:2])
     top, left = (photo.shape[0] - crop) // 2, (photo.shape[1] - crop) // 2
-    photo = Image.fromarray(photo[top:top + crop, left:left + crop])
+    photo = Image.fromarray(photo[top : top + crop, left : left + crop])
     low_res = np.asarray(photo.resize((side, side), Image.BICUBIC))
     start = time.perf_counter()
     output = super_resolve_image(net, low_res, tile=tile)
     seconds = time.perf_counter() - start
     bicubic = np.asarray(Image.fromarray(low_res).resize(output.shape[1::-1], Image.BICUBIC))
-    result: Dict[str, Any] = dict(model=model, scale=net.upscale, input_shape=low_res.shape,
-                                  output_shape=output.shape, seconds=seconds, pretrained=checkpoint is not None)
+    result: Dict[str, Any] = dict(
+        model=model,
+        scale=net.upscale,
+        input_shape=low_res.shape,
+        output_shape=output.shape,
+        seconds=seconds,
+        pretrained=checkpoint is not None,
+    )
     if out_dir is not None:
         out = Path(out_dir)
-        paths = dict(low_res=out / "chelsea_lr.png", bicubic=out / f"chelsea_bicubic_x{net.upscale}.png",
-                     output=out / f"chelsea_{model}.png")
+        paths = dict(
+            low_res=out / "chelsea_lr.png",
+            bicubic=out / f"chelsea_bicubic_x{net.upscale}.png",
+            output=out / f"chelsea_{model}.png",
+        )
         for key, image in (("low_res", low_res), ("bicubic", bicubic), ("output", output)):
             write_png(paths[key], image)
         result["paths"] = {key: str(path) for key, path in paths.items()}

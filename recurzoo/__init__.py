@@ -3,6 +3,7 @@
 Importing this package registers every model of the zoo with timm's registry, so that
 ``timm.create_model('hornet_tiny_7x7')`` works after ``import recurzoo``. Nothing is downloaded.
 """
+
 import pkgutil
 
 # A source checkout keeps the code folders (backbones/, heads/, ...) beside this folder and the
@@ -11,9 +12,9 @@ import pkgutil
 __path__ = pkgutil.extend_path(__path__, __name__)
 
 from recurzoo import backbones  # noqa: E402,F401  (registers the models with timm)
-from recurzoo.official import build as build_official  # noqa: E402,F401
 from recurzoo.heads.camouflage import create_cod_model  # noqa: E402,F401
 from recurzoo.heads.super_resolution import create_sr_model  # noqa: E402,F401
+from recurzoo.official import build as build_official  # noqa: E402,F401
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,5 @@
 """``python -m recurzoo``: the command line."""
+
 import sys
 
 from recurzoo.cli import main

@@ -4,6 +4,7 @@ Every checkpoint this package reads goes through :func:`read_state_dict`: safete
 PyTorch files loaded with ``torch.load(..., weights_only=True)``, which refuses any pickle that would
 run code. Failures are ``ValueError`` messages that name the file and say what to do.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,14 +28,13 @@ _WRAPPER_KEYS = _EMA_KEYS + ("state_dict", "model", "params")
 def _unwrap(checkpoint: Any, path: PathLike, use_ema: bool = True) -> Dict[str, torch.Tensor]:
     """The tensor mapping inside a training checkpoint's wrapper (EMA weights first, as timm does)."""
     if isinstance(checkpoint, Mapping):
-        for key in _WRAPPER_KEYS if use_ema else _WRAPPER_KEYS[len(_EMA_KEYS):]:
+        for key in _WRAPPER_KEYS if use_ema else _WRAPPER_KEYS[len(_EMA_KEYS) :]:
             if isinstance(checkpoint.get(key), Mapping):
                 return _unwrap(checkpoint[key], path, use_ema)
         tensors = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
         if tensors:
             return tensors
-    raise ValueError(f"{path}: holds no tensors (expected a state_dict, or one under "
-                     f"{'/'.join(_WRAPPER_KEYS)})")
+    raise ValueError(f"{path}: holds no tensors (expected a state_dict, or one under {'/'.join(_WRAPPER_KEYS)})")
 
 
 def read_checkpoint(path: PathLike, map_location: Any = "cpu") -> Any:
@@ -63,7 +63,8 @@ def read_checkpoint(path: PathLike, map_location: Any = "cpu") -> Any:
         raise ValueError(
             f"{path}: refused to load: the file contains pickled objects that would run code ({first_line}). "
             "Only tensors are accepted: re-save it as torch.save(model.state_dict()) or as safetensors "
-            "in an environment you trust.") from None
+            "in an environment you trust."
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {error}") from None
 
@@ -89,8 +90,11 @@ class Mismatch(NamedTuple):
         """One readable paragraph ('' when nothing differs)."""
         parts = []
         shapes = [f"{key} {ours} vs {theirs}" for key, ours, theirs in self.shapes]
-        for label, items in (("missing keys", self.missing), ("unexpected keys", self.unexpected),
-                             ("shape mismatches (checkpoint vs model)", shapes)):
+        for label, items in (
+            ("missing keys", self.missing),
+            ("unexpected keys", self.unexpected),
+            ("shape mismatches (checkpoint vs model)", shapes),
+        ):
             if items:
                 shown = ", ".join(items[:8]) + (f", ... ({len(items) - 8} more)" if len(items) > 8 else "")
                 parts.append(f"{len(items)} {label}: {shown}")
@@ -105,8 +109,12 @@ def compare_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor])
     return Mismatch(
         missing=sorted(set(expected) - set(state_dict)),
         unexpected=sorted(set(state_dict) - set(expected)),
-        shapes=[(key, tuple(state_dict[key].shape), tuple(expected[key].shape))
-                for key in sorted(set(expected) & set(state_dict)) if state_dict[key].shape != expected[key].shape])
+        shapes=[
+            (key, tuple(state_dict[key].shape), tuple(expected[key].shape))
+            for key in sorted(set(expected) & set(state_dict))
+            if state_dict[key].shape != expected[key].shape
+        ],
+    )
 
 
 def _family_filter(model: nn.Module) -> Optional[Callable[[Dict[str, torch.Tensor], nn.Module], Dict]]:
@@ -114,10 +122,10 @@ def _family_filter(model: nn.Module) -> Optional[Callable[[Dict[str, torch.Tenso
 
 
 def load_weights(
-        model: nn.Module,
-        path: PathLike,
-        strict: bool = True,
-        filter_fn: Optional[Callable[[Dict[str, torch.Tensor], nn.Module], Dict[str, torch.Tensor]]] = None,
+    model: nn.Module,
+    path: PathLike,
+    strict: bool = True,
+    filter_fn: Optional[Callable[[Dict[str, torch.Tensor], nn.Module], Dict[str, torch.Tensor]]] = None,
 ) -> nn.Module:
     """Load a checkpoint file into ``model``, converting official layouts with the family's filter.
 
@@ -153,7 +161,10 @@ def save_weights(model: nn.Module, path: PathLike, config: Optional[Mapping[str,
     save_model(model, str(temporary))
     os.replace(temporary, path)
     pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    record = dict(architecture=pretrained_cfg.get("architecture", type(model).__name__),
-                  pretrained_cfg=pretrained_cfg, config=dict(config or {}))
+    record = dict(
+        architecture=pretrained_cfg.get("architecture", type(model).__name__),
+        pretrained_cfg=pretrained_cfg,
+        config=dict(config or {}),
+    )
     path.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str, sort_keys=True) + "\n")
     return path

@@ -3,6 +3,7 @@
 Every failure the user can cause (an unknown model, a bad argument, an input the model cannot
 take) is reported as one line on stderr with exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -120,11 +121,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"{'model':<28} {'input':>10} {'params (M)':>11} {'GFLOPs':>8}  feature strides")
     for name, size, report in rows:
         strides = "/".join(str(r) for r in report["reductions"])
-        print(f"{name:<28} {'x'.join(map(str, size)):>10} {report['params'] / 1e6:>11.2f} "
-              f"{report['gflops']:>8.2f}  {strides}")
+        print(
+            f"{name:<28} {'x'.join(map(str, size)):>10} {report['params'] / 1e6:>11.2f} "
+            f"{report['gflops']:>8.2f}  {strides}"
+        )
 
-    print("\nOne forward pass of each family's smallest model on a built-in photo (random weights, "
-          "nothing downloaded):")
+    print(
+        "\nOne forward pass of each family's smallest model on a built-in photo (random weights, nothing downloaded):"
+    )
     for module_name in recurzoo.backbones.FAMILY_MODULES:
         family = module_name.rsplit(".", 1)[-1]
         members = [n for n in timm.list_models(module=family) if n in names]
@@ -138,8 +142,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         with torch.no_grad():
             output = model(image)
         elapsed = (time.perf_counter() - start) * 1000
-        print(f"  {family:<14} {smallest:<28} input {tuple(image.shape)} -> output {tuple(output.shape)} "
-              f"in {elapsed:.0f} ms")
+        print(
+            f"  {family:<14} {smallest:<28} input {tuple(image.shape)} -> output {tuple(output.shape)} "
+            f"in {elapsed:.0f} ms"
+        )
 
     _demo_super_resolution("rgt_small_x4", out_dir=Path("out/demo"))
     _demo_export("sret_tiny")
@@ -150,9 +156,11 @@ def _demo_super_resolution(name: str, out_dir: Path) -> None:
     from recurzoo.heads.super_resolution import super_resolve_demo
 
     result = super_resolve_demo(out_dir, model=name, side=48)
-    print(f"\nSuper-resolution of a bundled photo with {name} (random weights; pass a checkpoint to "
-          f"`recurzoo sr` for real output): {tuple(result['input_shape'])} -> {tuple(result['output_shape'])} "
-          f"in {result['seconds']:.1f} s, PNGs in {out_dir}/")
+    print(
+        f"\nSuper-resolution of a bundled photo with {name} (random weights; pass a checkpoint to "
+        f"`recurzoo sr` for real output): {tuple(result['input_shape'])} -> {tuple(result['output_shape'])} "
+        f"in {result['seconds']:.1f} s, PNGs in {out_dir}/"
+    )
 
 
 def _demo_export(name: str) -> None:
@@ -161,8 +169,10 @@ def _demo_export(name: str) -> None:
 
     from recurzoo.export.onnx import export_model
 
-    print(f"\nONNX export of {name} (recurzoo export {name} --out DIR keeps the files and writes the "
-          "FLOP/parameter report):")
+    print(
+        f"\nONNX export of {name} (recurzoo export {name} --out DIR keeps the files and writes the "
+        "FLOP/parameter report):"
+    )
     with tempfile.TemporaryDirectory() as folder:
         result = export_model(name, out_dir=folder, dynamic="batch", report=False)
     print("  " + result.parity_line())
@@ -199,9 +209,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     name = _resolve_model(args.model)
     try:
         result = export_model(
-            name, out_dir=args.out, checkpoint=args.checkpoint, input_size=args.input_size, batch=args.batch,
-            dynamic=args.dynamic, opset=args.opset, features_only=args.features, simplify=args.simplify,
-            report=not args.no_report, benchmark=not args.no_benchmark)
+            name,
+            out_dir=args.out,
+            checkpoint=args.checkpoint,
+            input_size=args.input_size,
+            batch=args.batch,
+            dynamic=args.dynamic,
+            opset=args.opset,
+            features_only=args.features,
+            simplify=args.simplify,
+            report=not args.no_report,
+            benchmark=not args.no_benchmark,
+        )
     except ValueError as error:
         raise UsageError(f"export: {error}") from None
     print(f"wrote {result.onnx_path}" + "".join(f", {path}" for path in result.report_paths))
@@ -223,8 +242,16 @@ def cmd_cod(args: argparse.Namespace) -> int:
         from recurzoo.train.common import parse_kwargs
 
         results = camouflage.predict(
-            args.inputs, args.out, args.checkpoint, model=args.model, model_kwargs=parse_kwargs(args.model_kwargs),
-            data_config=args.data_config, base_size=args.base_size, batch_size=args.batch_size, device=args.device)
+            args.inputs,
+            args.out,
+            args.checkpoint,
+            model=args.model,
+            model_kwargs=parse_kwargs(args.model_kwargs),
+            data_config=args.data_config,
+            base_size=args.base_size,
+            batch_size=args.batch_size,
+            device=args.device,
+        )
     except (ValueError, FileNotFoundError) as error:
         raise UsageError(f"cod: {error}") from None
     for name, values in results.items():
@@ -240,9 +267,16 @@ def cmd_sr(args: argparse.Namespace) -> int:
 
     _resolve_model(args.model)
     try:
-        written = super_resolve_files(args.inputs, args.out, model=args.model, checkpoint=args.checkpoint,
-                                      tile=args.tile, tile_overlap=args.tile_overlap, device=args.device,
-                                      model_kwargs=parse_kwargs(args.model_kwargs))
+        written = super_resolve_files(
+            args.inputs,
+            args.out,
+            model=args.model,
+            checkpoint=args.checkpoint,
+            tile=args.tile,
+            tile_overlap=args.tile_overlap,
+            device=args.device,
+            model_kwargs=parse_kwargs(args.model_kwargs),
+        )
     except (ValueError, FileNotFoundError) as error:
         raise UsageError(f"sr: {error}") from None
     if args.checkpoint is None:
@@ -301,8 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="params, GFLOPs, feature strides and default cfg of a model")
     info.add_argument("model")
-    info.add_argument("--input-size", nargs=3, type=_input_size, metavar=("C", "H", "W"),
-                      help="input size (default: the model's default cfg)")
+    info.add_argument(
+        "--input-size",
+        nargs=3,
+        type=_input_size,
+        metavar=("C", "H", "W"),
+        help="input size (default: the model's default cfg)",
+    )
     info.set_defaults(handler=cmd_info)
 
     bench = commands.add_parser("bench", help="latency, throughput, memory and FLOP rate against timm's peers")
@@ -311,13 +350,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="ONNX export checked in onnxruntime, with a FLOP/param report")
     export.add_argument("model")
-    export.add_argument("--checkpoint", default=None,
-                        help="weights: a state_dict of the model (.pth/.safetensors) or an official checkpoint")
-    export.add_argument("--input-size", nargs=3, type=_input_size, metavar=("C", "H", "W"),
-                        help="input size to export at (default: the model's default cfg)")
+    export.add_argument(
+        "--checkpoint",
+        default=None,
+        help="weights: a state_dict of the model (.pth/.safetensors) or an official checkpoint",
+    )
+    export.add_argument(
+        "--input-size",
+        nargs=3,
+        type=_input_size,
+        metavar=("C", "H", "W"),
+        help="input size to export at (default: the model's default cfg)",
+    )
     export.add_argument("--batch", type=_input_size, default=1, help="batch of the example and parity inputs")
-    export.add_argument("--dynamic", choices=("batch", "batch,hw"), default="batch",
-                        help="dynamic axes: the batch, or batch, height and width (where the model allows)")
+    export.add_argument(
+        "--dynamic",
+        choices=("batch", "batch,hw"),
+        default="batch",
+        help="dynamic axes: the batch, or batch, height and width (where the model allows)",
+    )
     export.add_argument("--opset", type=_input_size, default=18, help="ONNX opset (default: 18)")
     export.add_argument("--features", action="store_true", help="export the features_only backbone")
     export.add_argument("--simplify", action="store_true", help="simplify the graph with onnxscript's optimizer")
@@ -327,8 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(handler=cmd_export)
 
     cod = commands.add_parser("cod", help="camouflaged-object masks and COD metrics with an MSRNet model")
-    cod.add_argument("inputs", nargs="+", metavar="INPUT",
-                     help="image files, folders of images, dataset folders (image + mask folders) or dataset names")
+    cod.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="image files, folders of images, dataset folders (image + mask folders) or dataset names",
+    )
     cod.add_argument("--model", default=None, help="registered COD model (default: recorded in the checkpoint)")
     cod.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE", help="extra model arguments")
     cod.add_argument("--checkpoint", required=True, help="weights: recurzoo's or an official MSRNet checkpoint")

@@ -4,6 +4,7 @@ Each family registers, for every official class it reproduces, a function that t
 keyword arguments into the equivalent model of this package, and the checkpoint filter that maps
 the official ``state_dict`` onto it. ``build`` is what the parity tests and checkpoint converters use.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,17 +34,19 @@ _REGISTRY: Dict[str, OfficialConstructor] = {}
 
 
 def register_official(
-        constructor: str,
-        family: str,
-        checkpoint_filter_fn: Callable,
-        forward_fn: Callable = _forward_image,
+    constructor: str,
+    family: str,
+    checkpoint_filter_fn: Callable,
+    forward_fn: Callable = _forward_image,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator: register ``fn(**official_kwargs) -> model`` for the official class ``constructor``."""
+
     def decorator(build_fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if constructor in _REGISTRY:
             raise ValueError(f"official constructor {constructor!r} is registered twice")
         _REGISTRY[constructor] = OfficialConstructor(family, build_fn, checkpoint_filter_fn, forward_fn)
         return build_fn
+
     return decorator
 
 
@@ -60,9 +63,9 @@ def _lookup(constructor: str) -> OfficialConstructor:
 
 
 def build(
-        constructor: str,
-        kwargs: Mapping[str, Any],
-        state_dict: Optional[Mapping[str, torch.Tensor]] = None,
+    constructor: str,
+    kwargs: Mapping[str, Any],
+    state_dict: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> nn.Module:
     """Build the model that ``constructor(**kwargs)`` of the official code describes.
 

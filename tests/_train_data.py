@@ -1,4 +1,5 @@
 """Tiny datasets in real on-disk formats for the training-script tests (generated, nothing downloaded)."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,13 @@ from PIL import Image
 CLASS_COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 70, 220)}
 
 
-def make_image_folder(root: str, per_class: Sequence[int] = (12, 6), side: int = 40, seed: int = 0,
-                      splits: Sequence[str] = ("train", "val")) -> str:
+def make_image_folder(
+    root: str,
+    per_class: Sequence[int] = (12, 6),
+    side: int = 40,
+    seed: int = 0,
+    splits: Sequence[str] = ("train", "val"),
+) -> str:
     """``root/<split>/<class>/<i>.png``: noisy images dominated by their class colour, with random stripes."""
     rng = np.random.default_rng(seed)
     for split, count in zip(splits, per_class):
@@ -37,13 +43,19 @@ def _box_image(rng: np.random.Generator, side: int, max_boxes: int) -> Tuple[np.
         label = int(rng.integers(0, len(CLASS_COLOURS)))
         width, height = (int(v) for v in rng.integers(side // 4, side // 2, size=2))
         x0, y0 = int(rng.integers(0, side - width)), int(rng.integers(0, side - height))
-        image[y0:y0 + height, x0:x0 + width] = list(CLASS_COLOURS.values())[label]
+        image[y0 : y0 + height, x0 : x0 + width] = list(CLASS_COLOURS.values())[label]
         boxes.append((label, x0, y0, width, height))
     return image.clip(0, 255).astype(np.uint8), boxes
 
 
-def make_coco(root: str, images: Sequence[int] = (12, 6), side: int = 64, max_boxes: int = 2, seed: int = 0,
-              splits: Sequence[str] = ("train2017", "val2017")) -> str:
+def make_coco(
+    root: str,
+    images: Sequence[int] = (12, 6),
+    side: int = 64,
+    max_boxes: int = 2,
+    seed: int = 0,
+    splits: Sequence[str] = ("train2017", "val2017"),
+) -> str:
     """COCO layout: ``root/<split>/*.png`` and ``root/annotations/instances_<split>.json`` with boxes
     and polygon masks of coloured rectangles (category ids 1, 3, 5: not contiguous, on purpose)."""
     rng = np.random.default_rng(seed)
@@ -62,9 +74,17 @@ def make_coco(root: str, images: Sequence[int] = (12, 6), side: int = 64, max_bo
             entries.append(dict(id=image_id, file_name=file_name, width=side, height=side))
             for label, x0, y0, width, height in boxes:
                 polygon = [x0, y0, x0 + width, y0, x0 + width, y0 + height, x0, y0 + height]
-                annotations.append(dict(id=annotation_id, image_id=image_id, category_id=category_ids[label],
-                                        bbox=[x0, y0, width, height], area=width * height, iscrowd=0,
-                                        segmentation=[polygon]))
+                annotations.append(
+                    dict(
+                        id=annotation_id,
+                        image_id=image_id,
+                        category_id=category_ids[label],
+                        bbox=[x0, y0, width, height],
+                        area=width * height,
+                        iscrowd=0,
+                        segmentation=[polygon],
+                    )
+                )
                 annotation_id += 1
         with open(os.path.join(root, "annotations", f"instances_{split}.json"), "w", encoding="utf-8") as handle:
             json.dump(dict(images=entries, annotations=annotations, categories=categories), handle)

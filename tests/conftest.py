@@ -3,6 +3,7 @@
 ``make test`` runs two pytest workers (pytest-xdist) on the 2-core CI machine; with one thread each,
 the small models of the suite do not pay for thread barriers on a core the other worker is using.
 """
+
 import pytest
 import torch
 
@@ -17,6 +18,7 @@ def _seed_everything():
 
 def pytest_collection_modifyitems(items):
     """Run the registry-wide tests model by model, so each model is built once and reused."""
+
     def model_key(item):
         callspec = getattr(item, "callspec", None)
         if item.module.__name__.endswith("test_models") and callspec and "name" in callspec.params:

@@ -1,4 +1,5 @@
 """The benchmark's mechanics (not its numbers): results, tables and the README section."""
+
 from __future__ import annotations
 
 import pytest
@@ -45,8 +46,9 @@ def test_readme_without_markers_is_refused(tmp_path, result):
 
 
 def test_onnxruntime_backend_runs_the_projects_export():
-    result = bench_in_process("hornet_tiny_gf", backend="onnxruntime", batch=1, input_size=(3, 64, 64),
-                              warmup=1, repeats=2)
+    result = bench_in_process(
+        "hornet_tiny_gf", backend="onnxruntime", batch=1, input_size=(3, 64, 64), warmup=1, repeats=2
+    )
     assert result.backend == "onnxruntime" and result.latency_ms > 0 and not result.error
 
 
@@ -77,7 +79,7 @@ def test_growth_exponent_fits_power_laws():
     sides = [256, 512, 1024]
     pixels = [s * s for s in sides]
     assert fit_exponent(pixels, [3e-6 * p for p in pixels]) == pytest.approx(1.0)
-    assert fit_exponent(pixels, [0.5 * p ** 1.5 for p in pixels]) == pytest.approx(1.5)
+    assert fit_exponent(pixels, [0.5 * p**1.5 for p in pixels]) == pytest.approx(1.5)
     assert fit_exponent(pixels, [700.0] * 3) == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError):
         fit_exponent([1], [1])
@@ -86,8 +88,10 @@ def test_growth_exponent_fits_power_laws():
 def test_memory_table_states_the_saving_of_checkpointing():
     from recurzoo.export.scaling import MemoryResult, memory_markdown
 
-    rows = [MemoryResult("rgt", "3x64x64", 2, False, 1.0, 3000.0, 2000.0),
-            MemoryResult("rgt", "3x64x64", 2, True, 1.3, 1700.0, 700.0)]
+    rows = [
+        MemoryResult("rgt", "3x64x64", 2, False, 1.0, 3000.0, 2000.0),
+        MemoryResult("rgt", "3x64x64", 2, True, 1.3, 1700.0, 700.0),
+    ]
     table = memory_markdown(rows)
     assert table.splitlines()[-1].endswith("| 65% |")
 

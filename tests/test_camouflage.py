@@ -3,6 +3,7 @@
 Training runs use a generated camouflage set (objects textured like their background, written as
 image/mask PNG folders under a temporary directory); nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,11 @@ from PIL import Image
 
 import recurzoo
 from recurzoo.heads.camouflage import (
-    PYRAMID_REDUCTIONS, MultiGranularityFusion, ScaleIntegrationUnit, checkpoint_filter_fn, create_cod_model,
+    PYRAMID_REDUCTIONS,
+    MultiGranularityFusion,
+    ScaleIntegrationUnit,
+    checkpoint_filter_fn,
+    create_cod_model,
 )
 from recurzoo.train import camouflage as cod
 
@@ -86,17 +91,44 @@ def write_camouflage_set(root: Path, count: int, seed: int, image_dir: str = "Im
 @pytest.fixture(scope="module")
 def camouflage_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("cod")
-    return dict(train=write_camouflage_set(root / "train", 16, seed=1),
-                test=write_camouflage_set(root / "test", 6, seed=2, image_dir="Imgs", mask_dir="GT"))
+    return dict(
+        train=write_camouflage_set(root / "train", 16, seed=1),
+        test=write_camouflage_set(root / "test", 6, seed=2, image_dir="Imgs", mask_dir="GT"),
+    )
 
 
 def _train_args(backbone: str, data, output: Path, steps: int, *extra: str):
     kwargs = dict(SMALL_HEAD, backbone_kwargs=SMALL_BACKBONES[backbone])
-    return ["--backbone", backbone, "--model-kwargs", *[f"{k}={v!r}" for k, v in kwargs.items()],
-            "--train-sets", str(data["train"]), "--test-sets", str(data["test"]), "--base-size", str(BASE),
-            "--batch-size", BATCH, "--steps", str(steps), "--lr", LR.get(backbone, "1e-2"),
-            "--backbone-lr-factor", "1", "--milestone", "1",
-            "--workers", "0", "--no-progress", "--log-every", "5", "--output", str(output), *extra]
+    return [
+        "--backbone",
+        backbone,
+        "--model-kwargs",
+        *[f"{k}={v!r}" for k, v in kwargs.items()],
+        "--train-sets",
+        str(data["train"]),
+        "--test-sets",
+        str(data["test"]),
+        "--base-size",
+        str(BASE),
+        "--batch-size",
+        BATCH,
+        "--steps",
+        str(steps),
+        "--lr",
+        LR.get(backbone, "1e-2"),
+        "--backbone-lr-factor",
+        "1",
+        "--milestone",
+        "1",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--log-every",
+        "5",
+        "--output",
+        str(output),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -136,15 +168,22 @@ def test_every_decoder_level_receives_all_coarser_outputs():
     fusions[0].register_forward_pre_hook(lambda module, args: finest_inputs.append(args[0]))
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
-        recorders = [fusions[level].register_forward_hook(
-            lambda module, args, output, level=level: outputs.setdefault(level, output)) for level in (1, 2, 3)]
+        recorders = [
+            fusions[level].register_forward_hook(
+                lambda module, args, output, level=level: outputs.setdefault(level, output)
+            )
+            for level in (1, 2, 3)
+        ]
         model(x)
         for recorder in recorders:
             recorder.remove()
         for shifted in (1, 2, 3):
-            pins = [fusions[level].register_forward_hook(
-                lambda module, args, output, level=level: outputs[level] + float(level == shifted))
-                for level in (1, 2, 3)]
+            pins = [
+                fusions[level].register_forward_hook(
+                    lambda module, args, output, level=level, shifted=shifted: outputs[level] + float(level == shifted)
+                )
+                for level in (1, 2, 3)
+            ]
             model(x)
             for pin in pins:
                 pin.remove()
@@ -178,8 +217,11 @@ def test_wrong_channel_count_raises_value_error_naming_model():
 
 
 def test_recurrent_vit_gets_a_vitdet_style_pyramid():
-    model = create_cod_model("rvit_tiny_patch16_224", backbone_kwargs=dict(embed_dim=48, num_heads=2, depth=2,
-                                                                            num_unique_blocks=1), **SMALL_HEAD)
+    model = create_cod_model(
+        "rvit_tiny_patch16_224",
+        backbone_kwargs=dict(embed_dim=48, num_heads=2, depth=2, num_unique_blocks=1),
+        **SMALL_HEAD,
+    )
     assert [level["reduction"] for level in model.feature_info] == list(PYRAMID_REDUCTIONS)
     assert [level["num_chs"] for level in model.feature_info] == [12, 24, 48, 48]
     logits = model(torch.rand(2, 3, 64, 64))  # training mode: the global-context BatchNorm needs 2 images
@@ -189,8 +231,11 @@ def test_recurrent_vit_gets_a_vitdet_style_pyramid():
 
 
 def test_sret_gets_its_missing_stride_4_level_by_a_transposed_conv():
-    model = create_cod_model("sret_tiny", backbone_kwargs=dict(embed_dims=(16, 32, 64), num_heads=(1, 2, 4),
-                                                               num_shared_blocks=(1, 1, 1)), **SMALL_HEAD)
+    model = create_cod_model(
+        "sret_tiny",
+        backbone_kwargs=dict(embed_dims=(16, 32, 64), num_heads=(1, 2, 4), num_shared_blocks=(1, 1, 1)),
+        **SMALL_HEAD,
+    )
     assert [level["num_chs"] for level in model.feature_info] == [8, 16, 32, 64]
     assert isinstance(model.neck.levels[0][0], torch.nn.ConvTranspose2d)
     assert model.eval()(torch.rand(1, 3, 64, 64)).shape == (1, 1, 64, 64)
@@ -212,8 +257,13 @@ def test_factory_rejects_unknown_backbones():
 
 
 def test_registered_variants_read_a_stride_4_to_32_pyramid_of_their_backbone():
-    expected = {"msrnet_pvt_v2_b2": 512, "msrnet_pvt_v2_b5": 512, "msrnet_hornet_tiny_7x7": 512,
-                "msrnet_sret_small": 504, "msrnet_resnet50": 2048}
+    expected = {
+        "msrnet_pvt_v2_b2": 512,
+        "msrnet_pvt_v2_b5": 512,
+        "msrnet_hornet_tiny_7x7": 512,
+        "msrnet_sret_small": 504,
+        "msrnet_resnet50": 2048,
+    }
     assert set(expected) <= set(recurzoo.list_models("msrnet_*"))
     for name, deepest in expected.items():
         with torch.device("meta"):
@@ -240,8 +290,10 @@ def _to_official_pvt_names(key: str) -> str:
 def test_checkpoint_with_the_authors_pvt_names_loads_like_the_timm_layout():
     fixture = torch.load(FIXTURE, map_location="cpu", weights_only=True)
     state = fixture["state_dict"]
-    official = {("encoder." + _to_official_pvt_names(k[len("encoder.net."):]) if k.startswith("encoder.net.") else k): v
-                for k, v in state.items()}
+    official = {
+        ("encoder." + _to_official_pvt_names(k[len("encoder.net.") :]) if k.startswith("encoder.net.") else k): v
+        for k, v in state.items()
+    }
     assert "encoder.block1.0.mlp.dwconv.dwconv.weight" in official
     from_timm_layout = checkpoint_filter_fn(dict(state))
     from_official = checkpoint_filter_fn({"state_dict": official})
@@ -262,7 +314,8 @@ def test_five_level_official_checkpoint_is_rejected_clearly():
 
 def test_uncertainty_weight_ramps_as_a_half_cosine_from_zero_to_one():
     assert [cod.ual_coefficient(p) for p in (0.0, 0.25, 0.5, 1.0)] == pytest.approx(
-        [0.0, (1 - math.cos(math.pi / 4)) / 2, 0.5, 1.0])
+        [0.0, (1 - math.cos(math.pi / 4)) / 2, 0.5, 1.0]
+    )
 
 
 def test_loss_is_bce_plus_weighted_uncertainty():
@@ -321,8 +374,10 @@ def test_size_mismatch_warning_names_both_files(tmp_path):
 def test_dataset_yaml_in_the_official_layout(tmp_path):
     write_camouflage_set(tmp_path / "NC4K", 3, seed=5, image_dir="Imgs", mask_dir="GT")
     config = tmp_path / "dataset.yaml"
-    config.write_text(f"nc4k: {{root: '{tmp_path / 'NC4K'}', image: {{path: Imgs, suffix: .png}}, "
-                      f"mask: {{path: GT, suffix: .png}}}}\n")
+    config.write_text(
+        f"nc4k: {{root: '{tmp_path / 'NC4K'}', image: {{path: Imgs, suffix: .png}}, "
+        f"mask: {{path: GT, suffix: .png}}}}\n"
+    )
     specs = cod.load_dataset_config(str(config))
     assert len(cod.find_pairs(cod.resolve_dataset("nc4k", specs))) == 3
 
@@ -367,8 +422,9 @@ def test_hornet_cod_model_learns_the_generated_set(trained_hornet, camouflage_da
 @pytest.mark.parametrize("backbone", ["pvt_v2_b0", "resnet18"])
 def test_cod_model_learns_the_generated_set(backbone, camouflage_data, tmp_path):
     torch.manual_seed(0)
-    results = cod.main(_train_args(backbone, camouflage_data, tmp_path, STEPS, "--eval-at-start",
-                                   "--save-every", "100"))
+    results = cod.main(
+        _train_args(backbone, camouflage_data, tmp_path, STEPS, "--eval-at-start", "--save-every", "100")
+    )
     _assert_trained(tmp_path, results, camouflage_data["test"])
 
 
@@ -384,8 +440,21 @@ def test_cod_command_writes_masks_and_metrics(trained_hornet, camouflage_data, t
 
     output, results = trained_hornet
     single = sorted((camouflage_data["train"] / "Image").glob("*.png"))[1]
-    code = cli(["cod", str(camouflage_data["test"]), str(single), "--checkpoint", str(output / "model.safetensors"),
-                "--out", str(tmp_path), "--base-size", str(BASE), "--device", "cpu"])
+    code = cli(
+        [
+            "cod",
+            str(camouflage_data["test"]),
+            str(single),
+            "--checkpoint",
+            str(output / "model.safetensors"),
+            "--out",
+            str(tmp_path),
+            "--base-size",
+            str(BASE),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["test"]["mae"] == pytest.approx(results["metrics"]["test"]["mae"], abs=1e-6)
@@ -395,7 +464,17 @@ def test_cod_command_writes_masks_and_metrics(trained_hornet, camouflage_data, t
 def test_cod_command_reports_bad_input_in_one_line(tmp_path, capsys):
     from recurzoo.cli import main as cli
 
-    code = cli(["cod", str(tmp_path / "missing"), "--model", "msrnet_pvt_v2_b2", "--checkpoint", "x.pt",
-                "--out", str(tmp_path)])
+    code = cli(
+        [
+            "cod",
+            str(tmp_path / "missing"),
+            "--model",
+            "msrnet_pvt_v2_b2",
+            "--checkpoint",
+            "x.pt",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 2
     assert "missing" in capsys.readouterr().err

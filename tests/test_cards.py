@@ -1,4 +1,5 @@
 """The committed model cards are exactly what the generator writes from the registry."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,8 +35,7 @@ def test_committed_card_is_up_to_date(module_name):
         assert set(keep) <= set(models)
         assert all(f"| `{name}` |" in committed for name in models), f"{path} misses variants"
         committed = _without_rows_except(committed, keep, models)
-    assert committed == render_card(module_name, only=keep), (
-        f"{path} is stale: run python -m recurzoo.export.cards")
+    assert committed == render_card(module_name, only=keep), f"{path} is stale: run python -m recurzoo.export.cards"
 
 
 def test_hornet_card_lists_every_variant_with_its_figures():

@@ -1,4 +1,5 @@
 """Checkpoints: nothing in a file can run code, bad files fail clearly, weights round-trip."""
+
 from __future__ import annotations
 
 import json

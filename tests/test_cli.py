@@ -1,4 +1,5 @@
 """The ``recurzoo`` command line: listing, model info, and one-line errors with exit code 2."""
+
 from __future__ import annotations
 
 import subprocess
@@ -22,13 +23,16 @@ def test_info_prints_params_flops_and_strides(capsys):
     assert "[4, 8, 16, 32]" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["info", "no_such_model"], "unknown model 'no_such_model'"),
-    (["info", "hornet_tiny_7x7", "--input-size", "3", "16", "16"], "at least 32"),
-    (["info", "hornet_tiny_7x7", "--input-size", "3", "x", "16"], "invalid"),
-    (["list", "zzz*"], "no model of recurzoo matches"),
-    (["frobnicate"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["info", "no_such_model"], "unknown model 'no_such_model'"),
+        (["info", "hornet_tiny_7x7", "--input-size", "3", "16", "16"], "at least 32"),
+        (["info", "hornet_tiny_7x7", "--input-size", "3", "x", "16"], "invalid"),
+        (["list", "zzz*"], "no model of recurzoo matches"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
 def test_user_errors_are_one_line_on_stderr_with_exit_code_2(capsys, argv, message):
     assert main(argv) == 2
     captured = capsys.readouterr()
@@ -38,6 +42,7 @@ def test_user_errors_are_one_line_on_stderr_with_exit_code_2(capsys, argv, messa
 
 
 def test_python_dash_m_runs_the_same_command_line():
-    result = subprocess.run([sys.executable, "-m", "recurzoo", "list", "hornet_large*"],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "recurzoo", "list", "hornet_large*"], capture_output=True, text=True, check=True
+    )
     assert result.stdout.split() == ["hornet_large_7x7", "hornet_large_gf", "hornet_large_gf_384"]

@@ -5,12 +5,12 @@ runs the traced graph through AOTAutograd's functionalization (which rewrites th
 writes of RGT) without inductor's C++ build, so the test stays fast on the CI machine. Inductor
 itself is exercised by ``recurzoo bench --backends compile``.
 """
+
 from __future__ import annotations
 
 import pytest
 import timm
 import torch
-
 from _reduced import REDUCED
 
 # One model per family, with the options that change its traced code (global filters, slicing, Raptor

@@ -5,6 +5,7 @@ Every model is exported at a small input and the reduced widths of ``tests/test_
 width (then checked at a second size). The full-size FLOP counts are compared with the published
 figures.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -91,8 +92,18 @@ def _export(name: str, tmp_path: Path, features_only: bool = False, **kwargs) ->
     model = timm.create_model(name, features_only=features_only, **_reduced_kwargs(name)).eval()
     side = SIDES.get(_family(name), 64)
     dynamic = "batch,hw" if export_support(model).dynamic_hw else "batch"
-    return export_model(name, out_dir=tmp_path, model=model, input_size=(3, side, side), dynamic=dynamic,
-                        features_only=features_only, report=False, benchmark=False, num_threads=1, **kwargs)
+    return export_model(
+        name,
+        out_dir=tmp_path,
+        model=model,
+        input_size=(3, side, side),
+        dynamic=dynamic,
+        features_only=features_only,
+        report=False,
+        benchmark=False,
+        num_threads=1,
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -123,8 +134,16 @@ def test_official_checkpoint_exports_to_the_official_output(tmp_path):
     fixture = torch.load(fixture_path, weights_only=True)
     checkpoint = tmp_path / "official.pth"
     torch.save(fixture["state_dict"], checkpoint)
-    result = export_model("hornet_tiny_gf", out_dir=tmp_path, checkpoint=checkpoint, input_size=(3, 224, 224),
-                          model_kwargs=REDUCED["hornet"], report=False, benchmark=False, num_threads=1)
+    result = export_model(
+        "hornet_tiny_gf",
+        out_dir=tmp_path,
+        checkpoint=checkpoint,
+        input_size=(3, 224, 224),
+        model_kwargs=REDUCED["hornet"],
+        report=False,
+        benchmark=False,
+        num_threads=1,
+    )
     assert result.ok, result.parity_line()
     session = ort.InferenceSession(result.onnx_path, providers=["CPUExecutionProvider"])
     output = session.run(None, {"input": fixture["inputs"]["x"].numpy()})[0]
@@ -139,9 +158,17 @@ def test_own_state_dict_as_safetensors_round_trips_through_the_simplified_graph(
     kwargs = dict(REDUCED["sret"], num_classes=7)
     model = timm.create_model("sret_tiny", **kwargs).eval()
     save_file(model.state_dict(), str(tmp_path / "weights.safetensors"))
-    result = export_model("sret_tiny", out_dir=tmp_path, checkpoint=tmp_path / "weights.safetensors",
-                          input_size=(3, 64, 64), model_kwargs=REDUCED["sret"], simplify=True, report=False,
-                          benchmark=False, num_threads=1)
+    result = export_model(
+        "sret_tiny",
+        out_dir=tmp_path,
+        checkpoint=tmp_path / "weights.safetensors",
+        input_size=(3, 64, 64),
+        model_kwargs=REDUCED["sret"],
+        simplify=True,
+        report=False,
+        benchmark=False,
+        num_threads=1,
+    )
     assert result.ok and result.simplified, result.parity_line()
     x = torch.randn(2, 3, 64, 64)
     session = ort.InferenceSession(result.onnx_path, providers=["CPUExecutionProvider"])
@@ -152,8 +179,9 @@ def test_own_state_dict_as_safetensors_round_trips_through_the_simplified_graph(
     assert np.abs(output - expected).max() < 1e-4 * np.abs(expected).max()
 
 
-@pytest.mark.parametrize("height, width, filter_size", [(14, 14, (14, 8)), (7, 7, (7, 4)), (12, 10, (14, 8)),
-                                                        (5, 9, (7, 4))])
+@pytest.mark.parametrize(
+    "height, width, filter_size", [(14, 14, (14, 8)), (7, 7, (7, 4)), (12, 10, (14, 8)), (5, 9, (7, 4))]
+)
 def test_hornet_global_filter_as_real_dft_matmuls_equals_fft(height, width, filter_size):
     mixer = GlobalLocalFilter(32, filter_size).eval()
     with torch.no_grad():
@@ -181,8 +209,21 @@ def test_dynamic_size_is_refused_with_the_reason_for_fixed_size_models(tmp_path)
 
 
 def test_cli_export_writes_onnx_report_and_parity_line(tmp_path, capsys):
-    code = main(["export", "sret_tiny", "--dynamic", "batch", "--input-size", "3", "64", "64", "--no-benchmark",
-                 "--out", str(tmp_path)])
+    code = main(
+        [
+            "export",
+            "sret_tiny",
+            "--dynamic",
+            "batch",
+            "--input-size",
+            "3",
+            "64",
+            "64",
+            "--no-benchmark",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "sret_tiny: OK sret_tiny.onnx (opset 18, dynamic batch)" in out
@@ -200,8 +241,11 @@ def test_cli_export_of_a_fixed_size_model_with_dynamic_hw_is_a_usage_error(capsy
 def test_report_counts_shared_blocks_once_per_use():
     model = timm.create_model("sret_tiny", **REDUCED["sret"])
     report = build_report(model, (3, 64, 64))
-    shared = sum(sum(p.numel() for p in block.shared.parameters()) * (len(block.projections) - 1)
-                 for stage in model.stages for block in stage.blocks)
+    shared = sum(
+        sum(p.numel() for p in block.shared.parameters()) * (len(block.projections) - 1)
+        for stage in model.stages
+        for block in stage.blocks
+    )
     totals = report["totals"]
     assert shared > 0 and totals["unrolled_params"] == totals["params"] + shared
     rows = {row["module"]: row for row in report["modules"]}
@@ -213,11 +257,14 @@ def test_report_counts_shared_blocks_once_per_use():
     assert totals["activations"] > 0 and "| `stages.1.blocks.1` |" in render_markdown(report)
 
 
-@pytest.mark.parametrize("name, input_size, published, count_fft", [
-    ("hornet_tiny_7x7", (3, 224, 224), 3.98, False),  # official convention (FFTs uncounted; none in 7x7)
-    ("sret_small", (3, 224, 224), 4.19, True),
-    ("rgt_x4", (3, 128, 128), 251.07, True),
-])
+@pytest.mark.parametrize(
+    "name, input_size, published, count_fft",
+    [
+        ("hornet_tiny_7x7", (3, 224, 224), 3.98, False),  # official convention (FFTs uncounted; none in 7x7)
+        ("sret_small", (3, 224, 224), 4.19, True),
+        ("rgt_x4", (3, 128, 128), 251.07, True),
+    ],
+)
 def test_report_reproduces_published_gflops_within_one_percent(name, input_size, published, count_fft):
     if name not in MODELS:
         pytest.skip(f"{name} is not registered yet")
@@ -226,8 +273,14 @@ def test_report_reproduces_published_gflops_within_one_percent(name, input_size,
 
 
 def test_zoo_scatter_plot_is_written(tmp_path):
-    reports = [dict(model="a", family="hornet", totals=dict(params=2e7, unrolled_params=2e7, gflops=4.0)),
-               dict(model="b", family="sret", totals=dict(params=2e7, unrolled_params=3e7, gflops=4.2),
-                    export=dict(latency_ms=dict(onnxruntime=12.0, pytorch=15.0)))]
+    reports = [
+        dict(model="a", family="hornet", totals=dict(params=2e7, unrolled_params=2e7, gflops=4.0)),
+        dict(
+            model="b",
+            family="sret",
+            totals=dict(params=2e7, unrolled_params=3e7, gflops=4.2),
+            export=dict(latency_ms=dict(onnxruntime=12.0, pytorch=15.0)),
+        ),
+    ]
     path = plot_zoo(reports, tmp_path / "zoo.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000

@@ -2,11 +2,12 @@
 
 Hypothesis draws batches of 1-3 images with sides of 1-96 pixels (biased towards each model's limits),
 and in about half of the examples one more fault: an unbatched 3-D or a 5-D tensor, an empty batch,
-1, 2 or 4 channels, an integer dtype, or float64 (numpy's default) for float32 weights. For each model the expectation is computed from its
-documented input constraints (``CONSTRAINTS``): either the output has the documented shape, or a
-ValueError names the model and the received shape. Any other exception fails the test.
+1, 2 or 4 channels, an integer dtype, or float64 (numpy's default) for float32 weights. For each model the
+expectation is computed from its documented input constraints (``CONSTRAINTS``): either the output
+has the documented shape, or a ValueError names the model and the received shape. Any other exception fails the test.
 Examples are derandomized (the same on every run) and few, so that the file stays fast.
 """
+
 from __future__ import annotations
 
 import os
@@ -152,8 +153,13 @@ def test_input_gives_output_shape_or_documented_value_error(name):
     constraint = CONSTRAINTS[name]
     model = _model(name)
 
-    @settings(max_examples=MAX_EXAMPLES.get(name, DEFAULT_EXAMPLES), deadline=None, derandomize=True,
-              database=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(
+        max_examples=MAX_EXAMPLES.get(name, DEFAULT_EXAMPLES),
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
     @given(image_inputs(constraint))
     def check(drawn):
         shape, dtype = drawn

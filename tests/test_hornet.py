@@ -1,4 +1,5 @@
 """HorNet: published figures, the recursive gated convolution, global filters, official checkpoints."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -54,7 +55,7 @@ def _reference_gnconv(module: RecursiveGatedConv, x: torch.Tensor) -> torch.Tens
     context = module.spatial_mixer(context) * module.scale
     start, maps = 0, []
     for width in module.widths:
-        maps.append(context[:, start:start + width])
+        maps.append(context[:, start : start + width])
         start += width
     p = gate * maps[0]
     for k in range(module.order - 1):
@@ -68,7 +69,7 @@ def test_gnconv_follows_the_recursive_formula(order):
     x = torch.randn(2, 32, 9, 11)
     with torch.no_grad():
         torch.testing.assert_close(module(x), _reference_gnconv(module, x))
-    assert module.widths == [32 // 2 ** i for i in reversed(range(order))]
+    assert module.widths == [32 // 2**i for i in reversed(range(order))]
 
 
 def test_gnconv_rejects_width_not_divisible_by_its_order():
@@ -115,17 +116,22 @@ def _official_fixture(case: str) -> dict:
     return torch.load(path, weights_only=True)
 
 
-@pytest.mark.parametrize("case, variant", [("hornet_7x7_small_dims", "hornet_tiny_7x7"),
-                                           ("hornet_gf_small_dims", "hornet_tiny_gf")])
+@pytest.mark.parametrize(
+    "case, variant", [("hornet_7x7_small_dims", "hornet_tiny_7x7"), ("hornet_gf_small_dims", "hornet_tiny_gf")]
+)
 def test_official_checkpoint_file_loads_through_pretrained_cfg_overlay(tmp_path, case, variant):
     fixture = _official_fixture(case)
     kwargs = fixture["official"]["kwargs"]
     path = tmp_path / "official.pth"
     torch.save({"model": fixture["state_dict"], "epoch": 300}, path)  # the official training wrapper
     model = timm.create_model(
-        variant, pretrained=True, num_classes=kwargs["num_classes"],
+        variant,
+        pretrained=True,
+        num_classes=kwargs["num_classes"],
         pretrained_cfg_overlay=dict(file=str(path), num_classes=kwargs["num_classes"]),
-        depths=kwargs["depths"], dims=[kwargs["base_dim"] * 2 ** i for i in range(4)]).eval()
+        depths=kwargs["depths"],
+        dims=[kwargs["base_dim"] * 2**i for i in range(4)],
+    ).eval()
     with torch.no_grad():
         out = model(fixture["inputs"]["x"])
     torch.testing.assert_close(out, fixture["output"], rtol=1e-4, atol=1e-4)
@@ -136,8 +142,14 @@ def test_fine_tuning_from_official_checkpoint_replaces_only_the_classifier(tmp_p
     kwargs = fixture["official"]["kwargs"]
     path = tmp_path / "official.pth"
     torch.save({"model": fixture["state_dict"]}, path)
-    model = timm.create_model("hornet_tiny_7x7", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
-                              num_classes=4, depths=kwargs["depths"], dims=[16, 32, 64, 128])
+    model = timm.create_model(
+        "hornet_tiny_7x7",
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(path)),
+        num_classes=4,
+        depths=kwargs["depths"],
+        dims=[16, 32, 64, 128],
+    )
     assert model.get_classifier().out_features == 4
     torch.testing.assert_close(model.stem[0].weight, fixture["state_dict"]["downsample_layers.0.0.weight"])
 

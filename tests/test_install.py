@@ -1,4 +1,5 @@
 """Installation layout: one import package, importable from any directory, the checkout root included."""
+
 from __future__ import annotations
 
 import os
@@ -9,9 +10,11 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-IMPORT_CHECK = ("import recurzoo, timm; "
-                "m = timm.create_model('hornet_tiny_gf', features_only=True); "
-                "print(recurzoo.__file__); print(m.feature_info.reduction())")
+IMPORT_CHECK = (
+    "import recurzoo, timm; "
+    "m = timm.create_model('hornet_tiny_gf', features_only=True); "
+    "print(recurzoo.__file__); print(m.feature_info.reduction())"
+)
 
 
 def _run(args, cwd, env=None):
@@ -29,8 +32,21 @@ def test_installed_package_imports_from_any_directory(cwd):
 def regular_install(tmp_path_factory):
     """A non-editable install of the checkout into a private folder (dependencies from this venv)."""
     target = tmp_path_factory.mktemp("site")
-    result = _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
-                   "--target", str(target), str(REPO_ROOT)], cwd=tmp_path_factory.mktemp("build"))
+    result = _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "--target",
+            str(target),
+            str(REPO_ROOT),
+        ],
+        cwd=tmp_path_factory.mktemp("build"),
+    )
     if result.returncode != 0:
         pytest.fail(f"pip install . failed: {result.stderr[-2000:]}")
     return target
@@ -55,10 +71,12 @@ def test_regular_install_imports_from_any_directory(regular_install, cwd):
 
 
 def test_import_downloads_nothing_and_is_quick():
-    code = ("import socket, time; start = time.perf_counter()\n"
-            "def refuse(*a, **k): raise AssertionError('network used at import')\n"
-            "socket.socket.connect = refuse; socket.create_connection = refuse\n"
-            "import recurzoo; print(time.perf_counter() - start)")
+    code = (
+        "import socket, time; start = time.perf_counter()\n"
+        "def refuse(*a, **k): raise AssertionError('network used at import')\n"
+        "socket.socket.connect = refuse; socket.create_connection = refuse\n"
+        "import recurzoo; print(time.perf_counter() - start)"
+    )
     result = _run([sys.executable, "-c", code], "/")
     assert result.returncode == 0, result.stderr
     assert float(result.stdout.strip()) < 10.0

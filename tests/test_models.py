@@ -5,6 +5,7 @@ variant is built through its own registered builder (so its architecture choices
 HorNet global filters, are exercised) with the width and depth overrides of ``REDUCED`` below;
 full-size models are counted in the family tests, not run here.
 """
+
 from __future__ import annotations
 
 import copy
@@ -13,12 +14,11 @@ import functools
 import pytest
 import timm
 import torch
+from _reduced import REDUCED  # per-family test widths, shared with other test files
 
 import recurzoo
 
 SMALL_SIDE = 64
-
-from _reduced import REDUCED  # per-family test widths, shared with other test files
 
 
 def _family(name: str) -> str:

@@ -9,6 +9,7 @@ fp32 output's standard deviation (its spread: SR and COD outputs sit on a large 
 inputs' own scale and 100x larger. Overflow is provoked directly: gnConv gates whose squares exceed
 fp16's range, attention logits past the point where exp overflows.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,13 @@ CASES = {
     "msrnet_hornet_tiny_7x7": ("camouflage", dict(backbone_kwargs=REDUCED["hornet"])),
 }
 GATED_CASES = ["hornet_tiny_7x7", "hornet_tiny_gf"]
-ATTENTION_CASES = ["sret_tiny", "sret_tiny_noslice", "rvit_tiny_patch16_224", "rvit_tiny_patch16_224-relaxed",
-                   "rgt_small_x2"]
+ATTENTION_CASES = [
+    "sret_tiny",
+    "sret_tiny_noslice",
+    "rvit_tiny_patch16_224",
+    "rvit_tiny_patch16_224-relaxed",
+    "rgt_small_x2",
+]
 
 # Largest RMS error / fp32 output std allowed, per family, in bf16 (CPU) autocast. bf16 keeps 8
 # significant bits: each rounding is off by up to 2**-9 (0.2%), an op that rounds its inputs and its
@@ -61,8 +67,14 @@ FP16_TOLERANCE = {family: tolerance / 4 for family, tolerance in BF16_TOLERANCE.
 
 PRECISIONS = [
     pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
-    pytest.param("cuda", torch.float16, id="cuda-fp16", marks=pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="fp16 autocast is checked on CUDA; no CUDA device here")),
+    pytest.param(
+        "cuda",
+        torch.float16,
+        id="cuda-fp16",
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="fp16 autocast is checked on CUDA; no CUDA device here"
+        ),
+    ),
 ]
 
 # gnConv gates large enough that their squares overflow fp16 (max 65504), and attention logits past
@@ -173,7 +185,7 @@ def _scale_queries_and_keys(model: nn.Module, gain: float) -> None:
         for name, module in model.named_modules():
             leaf = name.rsplit(".", 1)[-1]
             if isinstance(module, nn.Linear) and leaf == "qkv":
-                module.weight[:2 * module.out_features // 3].mul_(gain)
+                module.weight[: 2 * module.out_features // 3].mul_(gain)
             elif isinstance(module, nn.Linear) and leaf in ("q", "k"):
                 module.weight.mul_(gain)
 

@@ -6,6 +6,7 @@ constructor and its keyword arguments; the model is built from those through
 ``recurzoo.official.build``, loads the official ``state_dict`` through the family's
 ``checkpoint_filter_fn`` and must reproduce the official eval-mode output.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,7 +50,8 @@ def _assert_close(ours, theirs, where: str = "output") -> None:
     scale = max(1.0, theirs.abs().max().item())
     max_diff = (ours - theirs).abs().max().item()
     assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4 * scale), (
-        f"{where}: max abs difference {max_diff:.3e} (official scale {scale:.3g})")
+        f"{where}: max abs difference {max_diff:.3e} (official scale {scale:.3g})"
+    )
 
 
 FIXTURES = fixture_files()
@@ -67,8 +69,10 @@ def test_matches_official_implementation(path: Path):
     fixture = torch.load(path, map_location="cpu", weights_only=True)
     constructor = fixture["official"]["constructor"]
     if constructor not in official.registered_constructors():
-        pytest.skip(f"family {fixture['family']!r} is not implemented yet: "
-                    f"no model reproduces the official constructor {constructor!r}")
+        pytest.skip(
+            f"family {fixture['family']!r} is not implemented yet: "
+            f"no model reproduces the official constructor {constructor!r}"
+        )
     assert fixture.get("mode", "eval") == "eval"
     model = recurzoo.build_official(constructor, fixture["official"]["kwargs"], fixture["state_dict"]).eval()
     with torch.no_grad():

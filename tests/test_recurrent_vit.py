@@ -1,4 +1,5 @@
 """Recurrent ViT: conversion, phase discovery, relaxations, cost against the untied ViT, distillation."""
+
 from __future__ import annotations
 
 import functools
@@ -13,7 +14,13 @@ from PIL import Image
 
 import recurzoo
 from recurzoo.backbones.recurrent_vit import (
-    RecurrentViT, checkpoint_filter_fn, even_phases, find_phases, from_vit, layer_similarity, segment_phases,
+    RecurrentViT,
+    checkpoint_filter_fn,
+    even_phases,
+    find_phases,
+    from_vit,
+    layer_similarity,
+    segment_phases,
 )
 from recurzoo.export.flops import count_flops, count_params
 from recurzoo.train import distill_recurrent
@@ -81,10 +88,13 @@ def test_flops_equal_the_untied_vit_and_block_params_are_k_over_depth(name):
     assert params - block_params == vit_params - vit_block_params  # embeddings, norms and head unchanged
 
 
-@pytest.mark.parametrize("vit_kwargs", [
-    dict(reg_tokens=2, init_values=0.1, no_embed_class=True, qk_norm=True),
-    dict(class_token=False, global_pool="avg", dynamic_img_size=True),
-])
+@pytest.mark.parametrize(
+    "vit_kwargs",
+    [
+        dict(reg_tokens=2, init_values=0.1, no_embed_class=True, qk_norm=True),
+        dict(class_token=False, global_pool="avg", dynamic_img_size=True),
+    ],
+)
 def test_from_vit_with_one_step_phases_computes_the_source_vit(vit_kwargs):
     vit = _tiny_vit(**vit_kwargs)
     with torch.no_grad():  # layer scales and biases away from their defaults, so every part shows
@@ -197,9 +207,11 @@ def test_segment_phases_is_the_exact_optimum():
         similarity = torch.rand(7, 7, generator=generator)
         distance = 1 - (similarity + similarity.T) / 2
         for k in range(1, 5):
-            def cost(lengths):
+
+            def cost(lengths, distance=distance):
                 edges = np.cumsum([0] + list(lengths))
                 return sum(distance[a:b, a:b].sum().item() for a, b in zip(edges[:-1], edges[1:]))
+
             candidates = [c for c in itertools.product(range(1, 8), repeat=k) if sum(c) == 7]
             best = min(cost(c) for c in candidates)
             assert cost(segment_phases(similarity, k)) == pytest.approx(best, abs=1e-9)
@@ -260,12 +272,43 @@ def test_distillation_drives_every_step_error_well_below_its_start_and_resumes(t
     output = tmp_path / "run"
 
     def argv(stage2_steps: int, *extra: str) -> list:
-        return ["--teacher", "vit_tiny_patch16_224", "--teacher-kwargs", *teacher_kwargs,
-                "--teacher-checkpoint", str(tmp_path / "teacher.pth"), "--k", "2",
-                "--data-dir", str(tmp_path / "data"), "--output", str(output), "--batch-size", "8", "--workers", "0",
-                "--eval-images", "16", "--stage1-steps", "30", "--stage2-steps", str(stage2_steps),
-                "--lr1", "1e-3", "--lr2", "3e-4", "--init", "random", "--depth-conditioning", "--lora-rank", "2",
-                "--device", "cpu", "--no-progress", *extra]
+        return [
+            "--teacher",
+            "vit_tiny_patch16_224",
+            "--teacher-kwargs",
+            *teacher_kwargs,
+            "--teacher-checkpoint",
+            str(tmp_path / "teacher.pth"),
+            "--k",
+            "2",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--output",
+            str(output),
+            "--batch-size",
+            "8",
+            "--workers",
+            "0",
+            "--eval-images",
+            "16",
+            "--stage1-steps",
+            "30",
+            "--stage2-steps",
+            str(stage2_steps),
+            "--lr1",
+            "1e-3",
+            "--lr2",
+            "3e-4",
+            "--init",
+            "random",
+            "--depth-conditioning",
+            "--lora-rank",
+            "2",
+            "--device",
+            "cpu",
+            "--no-progress",
+            *extra,
+        ]
 
     result = distill_recurrent.main(argv(30))
     assert result["phases"] == [2, 2]
@@ -290,11 +333,38 @@ def test_distillation_stops_on_a_signal_or_a_nan_keeping_a_checkpoint_it_resumes
     teacher_kwargs = _block_recurrent_teacher(tmp_path / "teacher.pth")
 
     def argv(output: str, *extra: str) -> list:
-        return ["--teacher", "vit_tiny_patch16_224", "--teacher-kwargs", *teacher_kwargs,
-                "--teacher-checkpoint", str(tmp_path / "teacher.pth"), "--k", "2", "--data-dir", str(tmp_path / "data"),
-                "--output", str(tmp_path / output), "--batch-size", "8", "--workers", "0", "--eval-images", "8",
-                "--stage1-steps", "4", "--stage2-steps", "4", "--save-every", "2", "--init", "random",
-                "--device", "cpu", "--no-progress", *extra]
+        return [
+            "--teacher",
+            "vit_tiny_patch16_224",
+            "--teacher-kwargs",
+            *teacher_kwargs,
+            "--teacher-checkpoint",
+            str(tmp_path / "teacher.pth"),
+            "--k",
+            "2",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--output",
+            str(tmp_path / output),
+            "--batch-size",
+            "8",
+            "--workers",
+            "0",
+            "--eval-images",
+            "8",
+            "--stage1-steps",
+            "4",
+            "--stage2-steps",
+            "4",
+            "--save-every",
+            "2",
+            "--init",
+            "random",
+            "--device",
+            "cpu",
+            "--no-progress",
+            *extra,
+        ]
 
     with pytest.raises(common.TrainingInterrupted):  # SIGTERM at the second step of stage 2
         distill_recurrent.main(argv("signal", "--fail-at-step", "5", "--fail-mode", "sigterm"))

@@ -1,4 +1,5 @@
 """RGT: published figures, official checkpoints, the two attentions, HAI, any input size."""
+
 from __future__ import annotations
 
 import math
@@ -10,8 +11,14 @@ import torch
 
 import recurzoo  # noqa: F401  (registers the models)
 from recurzoo.backbones.rgt import (
-    RGT, RectangleWindowAttention, RecursiveGeneralizationAttention, RGTBlock, checkpoint_filter_fn,
-    is_shifted_block, recursion_steps, shifted_window_mask,
+    RGT,
+    RectangleWindowAttention,
+    RecursiveGeneralizationAttention,
+    RGTBlock,
+    checkpoint_filter_fn,
+    is_shifted_block,
+    recursion_steps,
+    shifted_window_mask,
 )
 from recurzoo.export.flops import count_flops, count_params, create_uninitialized
 from recurzoo.heads.super_resolution import SuperResolutionModel
@@ -48,19 +55,33 @@ def test_official_basicsr_checkpoint_loads_through_timm_file_overlay(tmp_path, w
     kwargs = fixture["official"]["kwargs"]
     path = tmp_path / "RGT_x2.pth"
     torch.save({wrapper: fixture["state_dict"]}, path)  # as BasicSR stores them, mask buffers included
-    model = timm.create_model("rgt_x2", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
-                              embed_dim=kwargs["embed_dim"], depths=tuple(kwargs["depth"]),
-                              num_heads=kwargs["num_heads"], mlp_ratio=kwargs["mlp_ratio"]).eval()
+    model = timm.create_model(
+        "rgt_x2",
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(path)),
+        embed_dim=kwargs["embed_dim"],
+        depths=tuple(kwargs["depth"]),
+        num_heads=kwargs["num_heads"],
+        mlp_ratio=kwargs["mlp_ratio"],
+    ).eval()
     with torch.no_grad():
         output = model(fixture["inputs"]["x"])
     torch.testing.assert_close(output, fixture["output"], rtol=1e-4, atol=1e-4 * fixture["output"].abs().max().item())
 
-    body = timm.create_model("rgt", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
-                             embed_dim=kwargs["embed_dim"], depths=tuple(kwargs["depth"]),
-                             num_heads=kwargs["num_heads"], mlp_ratio=kwargs["mlp_ratio"]).eval()
+    body = timm.create_model(
+        "rgt",
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(path)),
+        embed_dim=kwargs["embed_dim"],
+        depths=tuple(kwargs["depth"]),
+        num_heads=kwargs["num_heads"],
+        mlp_ratio=kwargs["mlp_ratio"],
+    ).eval()
     with torch.no_grad():
-        torch.testing.assert_close(body.forward_features(model.normalize(fixture["inputs"]["x"])),
-                                   model.forward_features(fixture["inputs"]["x"]))
+        torch.testing.assert_close(
+            body.forward_features(model.normalize(fixture["inputs"]["x"])),
+            model.forward_features(fixture["inputs"]["x"]),
+        )
 
 
 def test_checkpoint_filter_drops_derived_buffers_and_maps_every_official_key():
@@ -68,7 +89,9 @@ def test_checkpoint_filter_drops_derived_buffers_and_maps_every_official_key():
     official = fixture["state_dict"]
     model = recurzoo.build_official("rgt_arch.RGT", fixture["official"]["kwargs"])
     converted = checkpoint_filter_fn(official, model)
-    derived = [k for k in official if k.endswith(("attn_mask_0", "attn_mask_1", "rpe_biases", "relative_position_index"))]
+    derived = [
+        k for k in official if k.endswith(("attn_mask_0", "attn_mask_1", "rpe_biases", "relative_position_index"))
+    ]
     assert derived and len(converted) == len(official) - len(derived)
     assert set(converted) == set(model.state_dict())
     # our own SR checkpoint loads into the body alone, and back
@@ -78,10 +101,20 @@ def test_checkpoint_filter_drops_derived_buffers_and_maps_every_official_key():
     assert set(checkpoint_filter_fn(body_state, model)) == {k for k in model.state_dict() if k.startswith("backbone.")}
 
 
-@pytest.mark.parametrize("height,width,training", [
-    (64, 64, False), (128, 200, False), (256, 256, False), (1024, 64, False), (17, 400, False),
-    (64, 64, True), (256, 72, True), (40, 24, True), (1024, 1024, True),
-])
+@pytest.mark.parametrize(
+    "height,width,training",
+    [
+        (64, 64, False),
+        (128, 200, False),
+        (256, 256, False),
+        (1024, 64, False),
+        (17, 400, False),
+        (64, 64, True),
+        (256, 72, True),
+        (40, 24, True),
+        (1024, 1024, True),
+    ],
+)
 def test_recursion_steps_follow_the_official_rule_where_it_runs(height, width, training):
     if training:
         expected = max(int(math.log(height // 4, 4)), int(math.log(width // 4, 4)))
@@ -90,12 +123,19 @@ def test_recursion_steps_follow_the_official_rule_where_it_runs(height, width, t
     assert recursion_steps(height, width, training) == expected
 
 
-@pytest.mark.parametrize("height,width,training,expected", [
-    (8, 8, False, 1), (15, 200, False, 1), (3, 3, False, 0), (1030, 16, False, 2), (2, 64, True, 0),
-])
+@pytest.mark.parametrize(
+    "height,width,training,expected",
+    [
+        (8, 8, False, 1),
+        (15, 200, False, 1),
+        (3, 3, False, 0),
+        (1030, 16, False, 2),
+        (2, 64, True, 0),
+    ],
+)
 def test_recursion_steps_are_capped_where_the_official_code_fails(height, width, training, expected):
     steps = recursion_steps(height, width, training)
-    assert steps == expected and min(height, width) // 4 ** steps >= 1
+    assert steps == expected and min(height, width) // 4**steps >= 1
 
 
 def _reference_region_ids(height, width, window, shift):
@@ -127,8 +167,11 @@ def test_window_shifts_follow_the_official_pattern():
     for group_index, group in enumerate(model.groups):
         kinds = [type(block.attn).__name__ for block in group.blocks]
         assert kinds == ["RectangleWindowAttention", "RecursiveGeneralizationAttention"] * 3
-        shifted = [i for i, block in enumerate(group.blocks)
-                   if isinstance(block.attn, RectangleWindowAttention) and block.attn.branches[0].shift_size]
+        shifted = [
+            i
+            for i, block in enumerate(group.blocks)
+            if isinstance(block.attn, RectangleWindowAttention) and block.attn.branches[0].shift_size
+        ]
         assert shifted == ([2] if group_index % 2 == 0 else [0, 4])
 
 

@@ -2,6 +2,7 @@
 
 Parity with the official code runs through tests/test_parity.py (fixtures in shared/parity/sret).
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,16 @@ from recurzoo.export.flops import count_flops, count_params
 
 def _tiny(**kwargs) -> sret.SReT:
     """A reduced-width SReT with slicing in every stage."""
-    args = dict(img_size=64, embed_dims=(16, 32, 64), num_heads=(2, 2, 4), num_shared_blocks=(2, 2, 1),
-                num_groups=(8, 4, 2), recursive_num_groups=(2, 2, 2), mlp_ratio=2.0, num_classes=10)
+    args = dict(
+        img_size=64,
+        embed_dims=(16, 32, 64),
+        num_heads=(2, 2, 4),
+        num_shared_blocks=(2, 2, 1),
+        num_groups=(8, 4, 2),
+        recursive_num_groups=(2, 2, 2),
+        mlp_ratio=2.0,
+        num_classes=10,
+    )
     args.update(kwargs)
     return sret.SReT(**args)
 
@@ -75,8 +84,10 @@ def test_params_and_flops_match_published_within_one_percent(name):
 
 # --- sliced group attention ----------------------------------------------------------------------
 
-def _reference_group_attention(attn: sret.SlicedGroupAttention, x: torch.Tensor,
-                               groups: List[List[int]]) -> torch.Tensor:
+
+def _reference_group_attention(
+    attn: sret.SlicedGroupAttention, x: torch.Tensor, groups: List[List[int]]
+) -> torch.Tensor:
     """Attention written out with explicit softmax, one group of token indices at a time."""
     batch, _, dim = x.shape
     heads, head_dim = attn.num_heads, dim // attn.num_heads
@@ -131,6 +142,7 @@ def test_recursive_passes_are_the_odd_applications_of_a_stage():
 
 # --- determinism and training-mode slicing -------------------------------------------------------
 
+
 def test_two_eval_forwards_are_bit_identical():
     model = _randomize_(_tiny()).eval()
     x = torch.randn(2, 3, 64, 64)
@@ -151,6 +163,7 @@ def test_training_mode_draws_random_slices_unless_disabled():
 
 
 # --- any input size ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("side", [72, 40, 33])
 def test_token_counts_not_divisible_by_the_groups_give_finite_outputs(side):
@@ -175,12 +188,21 @@ def test_fixed_size_model_rejects_other_sizes_by_name():
 
 # --- official checkpoints ------------------------------------------------------------------------
 
+
 def to_official_state_dict(model: sret.SReT) -> Dict[str, torch.Tensor]:
     """This implementation's weights in the official layout (written independently of the filter)."""
-    shared_names = {"attn_skip_gain": "coefficient1.bias", "attn_gain": "coefficient2.bias",
-                    "mlp_skip_gain": "coefficient3.bias", "mlp_gain": "coefficient4.bias"}
-    projection_names = {"skip_gain": "coefficient1.bias", "mlp_gain": "coefficient2.bias",
-                        "norm.weight": "norm1.weight", "norm.bias": "norm1.bias"}
+    shared_names = {
+        "attn_skip_gain": "coefficient1.bias",
+        "attn_gain": "coefficient2.bias",
+        "mlp_skip_gain": "coefficient3.bias",
+        "mlp_gain": "coefficient4.bias",
+    }
+    projection_names = {
+        "skip_gain": "coefficient1.bias",
+        "mlp_gain": "coefficient2.bias",
+        "norm.weight": "norm1.weight",
+        "norm.bias": "norm1.bias",
+    }
     official = {}
     for key, value in model.state_dict().items():
         if match := re.fullmatch(r"stem\.(\d)\.(conv|bn)\.(.+)", key):
@@ -199,9 +221,9 @@ def to_official_state_dict(model: sret.SReT) -> Dict[str, torch.Tensor]:
                 leaf = projection_names.get(match[5], match[5])
                 official[f"transformers.{stage}.blocks.{2 * use + 1}.{leaf}"] = value
         elif key.startswith("head.norm."):
-            official["norm." + key[len("head.norm."):]] = value
+            official["norm." + key[len("head.norm.") :]] = value
         elif key.startswith("head.fc."):
-            official["head." + key[len("head.fc."):]] = value
+            official["head." + key[len("head.fc.") :]] = value
         else:
             official[key] = value
     return official
@@ -266,8 +288,9 @@ def test_fine_tuned_tag_builds_at_its_size_and_resamples_a_224_checkpoint(tmp_pa
     source = _randomize_(timm.create_model("sret_tiny_noslice"))
     path = tmp_path / "SReT_T_wo_slice.pth"
     torch.save({"model": to_official_state_dict(source)}, path)
-    model = timm.create_model("sret_tiny_noslice.distill_in1k_384", pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(path)))
+    model = timm.create_model(
+        "sret_tiny_noslice.distill_in1k_384", pretrained=True, pretrained_cfg_overlay=dict(file=str(path))
+    )
     assert model.pos_embed.shape == (1, 64, 48, 48)
     torch.testing.assert_close(model.pos_embed.data, sret.resample_pos_embed(source.pos_embed.data, (48, 48)))
     torch.testing.assert_close(model.head.fc.weight.data, source.head.fc.weight.data)
@@ -275,16 +298,22 @@ def test_fine_tuned_tag_builds_at_its_size_and_resamples_a_224_checkpoint(tmp_pa
 
 # --- depth scaling and timm interface ------------------------------------------------------------
 
+
 def test_recursions_add_only_projection_parameters():
     base, deep = _tiny(recursions=2), _tiny(recursions=5)
-    projection_params = sum(
-        count_params(block.projections[0]) for stage in base.stages for block in stage.blocks)
+    projection_params = sum(count_params(block.projections[0]) for stage in base.stages for block in stage.blocks)
     assert count_params(deep) - count_params(base) == 3 * projection_params
 
 
 def test_more_than_100_layer_sret_trains_without_nans():
-    model = _tiny(img_size=32, num_shared_blocks=(2, 2, 2), recursions=18, num_groups=(4, 2, 1),
-                  recursive_num_groups=(2, 2, 1), drop_path_rate=0.1)
+    model = _tiny(
+        img_size=32,
+        num_shared_blocks=(2, 2, 2),
+        recursions=18,
+        num_groups=(4, 2, 1),
+        recursive_num_groups=(2, 2, 1),
+        drop_path_rate=0.1,
+    )
     applications = sum(len(block.projections) for stage in model.stages for block in stage.blocks)
     assert applications == 108  # shared-block applications, each followed by a projection
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

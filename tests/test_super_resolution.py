@@ -1,4 +1,5 @@
 """Super-resolution heads, tiled inference, metrics, data layouts, training and the ``sr`` command."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,15 @@ from torch import nn
 import recurzoo
 from recurzoo.cli import main as cli_main
 from recurzoo.heads.super_resolution import (
-    DIV2K_RGB_MEAN, OneStepPixelShuffle, PixelShuffleUpsampler, SuperResolutionModel, blend_weights,
-    create_sr_model, read_image, super_resolve_demo, tiled_super_resolve,
+    DIV2K_RGB_MEAN,
+    OneStepPixelShuffle,
+    PixelShuffleUpsampler,
+    SuperResolutionModel,
+    blend_weights,
+    create_sr_model,
+    read_image,
+    super_resolve_demo,
+    tiled_super_resolve,
 )
 from recurzoo.train import super_resolution as sr_train
 
@@ -23,6 +31,7 @@ TINY = dict(embed_dim=24, num_heads=2, blocks_per_group=2)
 
 
 # ---------------------------------------------------------------------------------------------- heads
+
 
 @pytest.mark.parametrize("scale,shuffles", [(2, 1), (3, 1), (4, 2), (8, 3)])
 def test_pixel_shuffle_upsampler_has_one_stage_per_factor(scale, shuffles):
@@ -39,7 +48,7 @@ def test_pixel_shuffle_upsampler_rejects_unsupported_scales():
 @pytest.mark.parametrize("scale", [2, 3, 4, 5])
 def test_one_step_head_is_a_single_conv_and_shuffle(scale):
     head = OneStepPixelShuffle(16, scale, out_chans=3)
-    assert head.conv.out_channels == 3 * scale ** 2
+    assert head.conv.out_channels == 3 * scale**2
     assert head(torch.randn(1, 16, 6, 4)).shape == (1, 3, 6 * scale, 4 * scale)
 
 
@@ -94,6 +103,7 @@ def test_create_sr_model_says_what_a_strided_backbone_lacks():
 
 # ---------------------------------------------------------------------------------------------- tiling
 
+
 def test_tiled_inference_equals_untiled_for_a_limited_receptive_field():
     torch.manual_seed(0)
     model = create_sr_model(_ConvBody(), 2).eval()  # reaches 4.5 input pixels: 2 body + 2 head convs + 1 at x2
@@ -107,6 +117,7 @@ def test_tiled_inference_equals_untiled_for_a_limited_receptive_field():
 
 def test_tile_borders_cross_fade_without_seams():
     """A model whose output is each tile's mean: the blend must ramp linearly across every overlap."""
+
     def tile_mean(x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=(1, 2, 3), keepdim=True).expand(-1, 1, x.shape[2] * 2, x.shape[3] * 2)
 
@@ -114,7 +125,7 @@ def test_tile_borders_cross_fade_without_seams():
     out = tiled_super_resolve(tile_mean, image, scale=2, tile=16, tile_overlap=8)[0, 0, 0]
     # tiles start at 0, 8, 16, 24 (step 8): every output column is a convex mix of neighbouring tile means
     steps = out.diff().abs()
-    means = torch.tensor([image[0, 0, 0, s:s + 16].mean() for s in (0, 8, 16, 24)])
+    means = torch.tensor([image[0, 0, 0, s : s + 16].mean() for s in (0, 8, 16, 24)])
     ramp = (8 - 2 * 2) * 2  # the middle half of each overlap, in output pixels
     assert steps.max() <= means.diff().abs().max() / ramp * 1.01  # no jump larger than one ramp step
     assert out.min() >= means.min() - 1e-6 and out.max() <= means.max() + 1e-6
@@ -137,12 +148,15 @@ def test_tiled_rgt_matches_its_shape_and_stays_close_to_untiled():
 
 # ---------------------------------------------------------------------------------------------- metrics
 
+
 def test_y_channel_uses_bt601_coefficients():
-    colours = np.array([[[255, 255, 255], [0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128]]],
-                       dtype=np.uint8)
+    colours = np.array(
+        [[[255, 255, 255], [0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128]]], dtype=np.uint8
+    )
     y = sr_train.rgb_to_y(colours)[0]
-    np.testing.assert_allclose(y, [235.0, 16.0, 16 + 65.481, 16 + 128.553, 16 + 24.966, 16 + 219 * 128 / 255],
-                               atol=1e-9)
+    np.testing.assert_allclose(
+        y, [235.0, 16.0, 16 + 65.481, 16 + 128.553, 16 + 24.966, 16 + 219 * 128 / 255], atol=1e-9
+    )
 
 
 def test_psnr_and_ssim_follow_basicsr_on_the_cropped_y_channel():
@@ -158,18 +172,19 @@ def test_psnr_and_ssim_follow_basicsr_on_the_cropped_y_channel():
     assert sr_train.psnr_y(output, target, crop) == pytest.approx(20 * np.log10(255 / np.sqrt(mse)), abs=1e-9)
 
     # BasicSR's _ssim: 11x11 Gaussian window (sigma 1.5), 'valid' filtering, C1/C2 for data range 255
-    axis = np.exp(-((np.arange(11) - 5) ** 2) / (2 * 1.5 ** 2))
+    axis = np.exp(-((np.arange(11) - 5) ** 2) / (2 * 1.5**2))
     window = np.outer(axis, axis) / axis.sum() ** 2
     filt = lambda a: convolve2d(a, window, mode="valid")  # noqa: E731
     mu1, mu2 = filt(y_out), filt(y_ref)
-    s11, s22, s12 = filt(y_out ** 2) - mu1 ** 2, filt(y_ref ** 2) - mu2 ** 2, filt(y_out * y_ref) - mu1 * mu2
+    s11, s22, s12 = filt(y_out**2) - mu1**2, filt(y_ref**2) - mu2**2, filt(y_out * y_ref) - mu1 * mu2
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    expected = np.mean((2 * mu1 * mu2 + c1) * (2 * s12 + c2) / ((mu1 ** 2 + mu2 ** 2 + c1) * (s11 + s22 + c2)))
+    expected = np.mean((2 * mu1 * mu2 + c1) * (2 * s12 + c2) / ((mu1**2 + mu2**2 + c1) * (s11 + s22 + c2)))
     assert sr_train.ssim_y(output, target, crop) == pytest.approx(expected, abs=1e-9)
     assert sr_train.ssim_y(target, target, crop) == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------------------------------------- data
+
 
 def _save(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,6 +230,7 @@ def test_paired_random_crops_and_symmetries_stay_aligned(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- training
 
+
 def _photo_folders(root: Path) -> tuple:
     from skimage import data
 
@@ -222,19 +238,49 @@ def _photo_folders(root: Path) -> tuple:
         photo = getattr(data, name)()
         h, w = photo.shape[:2]
         _save(root / "train" / f"{name}.png", photo[:192, :192])
-        _save(root / "val" / f"{name}.png", photo[h // 2 - 48:h // 2 + 48, w // 2 - 48:w // 2 + 48])
+        _save(root / "val" / f"{name}.png", photo[h // 2 - 48 : h // 2 + 48, w // 2 - 48 : w // 2 + 48])
     return root / "train", root / "val"
 
 
 def test_training_on_photographs_raises_validation_psnr(tmp_path):
     train_dir, val_dir = _photo_folders(tmp_path)
     output = tmp_path / "run"
-    sr_train.main([
-        "--model", "rgt_small_x2", "--model-kwargs", "embed_dim=24", "num_heads=2", "blocks_per_group=2",
-        "--train-data", str(train_dir), "--val-data", str(val_dir), "--output", str(output),
-        "--steps", "40", "--batch-size", "4", "--patch-size", "24", "--lr", "2e-3", "--repeat", "8",
-        "--workers", "0", "--val-every", "20", "--save-every", "40", "--eval-at-start", "--ema-decay", "0",
-        "--no-progress"])
+    sr_train.main(
+        [
+            "--model",
+            "rgt_small_x2",
+            "--model-kwargs",
+            "embed_dim=24",
+            "num_heads=2",
+            "blocks_per_group=2",
+            "--train-data",
+            str(train_dir),
+            "--val-data",
+            str(val_dir),
+            "--output",
+            str(output),
+            "--steps",
+            "40",
+            "--batch-size",
+            "4",
+            "--patch-size",
+            "24",
+            "--lr",
+            "2e-3",
+            "--repeat",
+            "8",
+            "--workers",
+            "0",
+            "--val-every",
+            "20",
+            "--save-every",
+            "40",
+            "--eval-at-start",
+            "--ema-decay",
+            "0",
+            "--no-progress",
+        ]
+    )
     records = [json.loads(line) for line in open(output / "metrics.jsonl")]
     psnr = [r["psnr"] for r in records if r.get("dataset") == "val"]
     # validation PSNR rises above the untrained model's by step 20 and well above it by step 40 (at step 20
@@ -246,18 +292,50 @@ def test_training_on_photographs_raises_validation_psnr(tmp_path):
     assert torch.load(output / "last.pt", weights_only=True)["step"] == 40
 
     # the saved weights evaluate identically through --eval-only (safetensors through timm's file loader)
-    evaluated = sr_train.main([
-        "--model", "rgt_small_x2", "--model-kwargs", "embed_dim=24", "num_heads=2", "blocks_per_group=2",
-        "--checkpoint", str(output / "model.safetensors"), "--eval-only", "--val-data", str(val_dir),
-        "--output", str(tmp_path / "eval"), "--no-progress"])
+    evaluated = sr_train.main(
+        [
+            "--model",
+            "rgt_small_x2",
+            "--model-kwargs",
+            "embed_dim=24",
+            "num_heads=2",
+            "blocks_per_group=2",
+            "--checkpoint",
+            str(output / "model.safetensors"),
+            "--eval-only",
+            "--val-data",
+            str(val_dir),
+            "--output",
+            str(tmp_path / "eval"),
+            "--no-progress",
+        ]
+    )
     assert evaluated["results"]["val"]["psnr"] == pytest.approx(psnr[-1], abs=1e-6)
 
 
 def test_training_resumes_from_its_last_checkpoint(tmp_path):
     train_dir, _ = _photo_folders(tmp_path)
-    args = ["--model", "rgt_small_x2", "--model-kwargs", "embed_dim=12", "num_heads=2", "blocks_per_group=2",
-            "--train-data", str(train_dir), "--output", str(tmp_path / "run"), "--batch-size", "2",
-            "--patch-size", "16", "--workers", "0", "--save-every", "2", "--no-progress"]
+    args = [
+        "--model",
+        "rgt_small_x2",
+        "--model-kwargs",
+        "embed_dim=12",
+        "num_heads=2",
+        "blocks_per_group=2",
+        "--train-data",
+        str(train_dir),
+        "--output",
+        str(tmp_path / "run"),
+        "--batch-size",
+        "2",
+        "--patch-size",
+        "16",
+        "--workers",
+        "0",
+        "--save-every",
+        "2",
+        "--no-progress",
+    ]
     sr_train.main(args + ["--steps", "2"])
     first = torch.load(tmp_path / "run/last.pt", weights_only=True)
     sr_train.main(args + ["--steps", "4", "--resume", "auto"])
@@ -269,6 +347,7 @@ def test_training_resumes_from_its_last_checkpoint(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- command line
 
+
 def test_sr_command_writes_upscaled_pngs_equal_to_direct_inference(tmp_path, capsys):
     model = timm.create_model("rgt_small_x2", **TINY).eval()
     checkpoint = tmp_path / "model.pth"
@@ -276,9 +355,25 @@ def test_sr_command_writes_upscaled_pngs_equal_to_direct_inference(tmp_path, cap
     rng = np.random.default_rng(0)
     _save(tmp_path / "in/a.png", rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
     _save(tmp_path / "more/b.jpg", rng.integers(0, 256, (18, 16, 3), dtype=np.uint8))
-    code = cli_main(["sr", str(tmp_path / "in/a.png"), str(tmp_path / "more"), "--model", "rgt_small_x2",
-                     "--model-kwargs", "embed_dim=24", "num_heads=2", "blocks_per_group=2",
-                     "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    code = cli_main(
+        [
+            "sr",
+            str(tmp_path / "in/a.png"),
+            str(tmp_path / "more"),
+            "--model",
+            "rgt_small_x2",
+            "--model-kwargs",
+            "embed_dim=24",
+            "num_heads=2",
+            "blocks_per_group=2",
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     a, b = read_image(tmp_path / "out/a.png"), read_image(tmp_path / "out/b.png")
     assert a.shape == (40, 60, 3) and b.shape == (36, 32, 3)
@@ -295,8 +390,23 @@ def test_sr_command_reports_missing_or_broken_inputs_in_one_line(tmp_path, capsy
         error = capsys.readouterr().err.strip()
         assert error.count("\n") == 0 and ("no such file" in error or "cannot read" in error)
     _save(tmp_path / "ok.png", np.zeros((8, 8, 3), dtype=np.uint8))
-    assert cli_main(["sr", str(tmp_path / "ok.png"), "--model", "rgt_small", "--model-kwargs", "embed_dim=24",
-                     "num_heads=2", "blocks_per_group=2", "--out", str(tmp_path / "out")]) == 2
+    assert (
+        cli_main(
+            [
+                "sr",
+                str(tmp_path / "ok.png"),
+                "--model",
+                "rgt_small",
+                "--model-kwargs",
+                "embed_dim=24",
+                "num_heads=2",
+                "blocks_per_group=2",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
     assert "not a super-resolution model" in capsys.readouterr().err
 
 
@@ -308,5 +418,6 @@ def test_demo_super_resolves_the_bundled_photo(tmp_path):
 
 
 def test_sr_models_are_listed_in_the_zoo():
-    assert {"rgt", "rgt_small", "rgt_x2", "rgt_x3", "rgt_x4", "rgt_small_x2", "rgt_small_x3",
-            "rgt_small_x4"} <= set(recurzoo.list_models("rgt*"))
+    assert {"rgt", "rgt_small", "rgt_x2", "rgt_x3", "rgt_x4", "rgt_small_x2", "rgt_small_x3", "rgt_small_x4"} <= set(
+        recurzoo.list_models("rgt*")
+    )

@@ -3,6 +3,7 @@
 The data: three classes told apart by colour (PNG files, 40 px, 24 training and 6 validation images
 per class), trained at 32 px with reduced widths, so each run takes about a second of compute.
 """
+
 from __future__ import annotations
 
 import csv
@@ -32,9 +33,31 @@ def _kwargs_flags(kwargs):
 
 
 def _base_args(data_dir, output, model, kwargs, epochs=2):
-    return ["--data-dir", str(data_dir), "--model", model, "--model-kwargs", *_kwargs_flags(kwargs),
-            "--img-size", "32", "--batch-size", "8", "--epochs", str(epochs), "--warmup-epochs", "0",
-            "--lr", "2e-3", "--workers", "0", "--output", str(output), "--no-progress", "--seed", "1"]
+    return [
+        "--data-dir",
+        str(data_dir),
+        "--model",
+        model,
+        "--model-kwargs",
+        *_kwargs_flags(kwargs),
+        "--img-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--epochs",
+        str(epochs),
+        "--warmup-epochs",
+        "0",
+        "--lr",
+        "2e-3",
+        "--workers",
+        "0",
+        "--output",
+        str(output),
+        "--no-progress",
+        "--seed",
+        "1",
+    ]
 
 
 def _summary(output):
@@ -71,8 +94,15 @@ def _save_random_classifier(path, name, kwargs, num_classes):
 def test_cli_fine_tunes_from_a_checkpoint_to_a_new_class_count_above_chance(image_folder, tmp_path, name, kwargs):
     source = _save_random_classifier(tmp_path / "source10.pth", name, kwargs, num_classes=10)
     output = tmp_path / "run"
-    command = [sys.executable, "-m", "recurzoo.train.classification", *_base_args(image_folder, output, name, kwargs),
-               "--initial-checkpoint", str(tmp_path / "source10.pth"), "--plot"]
+    command = [
+        sys.executable,
+        "-m",
+        "recurzoo.train.classification",
+        *_base_args(image_folder, output, name, kwargs),
+        "--initial-checkpoint",
+        str(tmp_path / "source10.pth"),
+        "--plot",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_env())
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -100,8 +130,10 @@ def test_cli_fine_tunes_from_a_checkpoint_to_a_new_class_count_above_chance(imag
 
 def test_sret_fine_tunes_above_chance_with_ema_and_layer_decay(image_folder, tmp_path):
     output = tmp_path / "run"
-    result = classification.main(_base_args(image_folder, output, "sret_tiny", SRET) + [
-        "--model-ema", "--model-ema-decay", "0.5", "--layer-decay", "0.8", "--smoothing", "0"])
+    result = classification.main(
+        _base_args(image_folder, output, "sret_tiny", SRET)
+        + ["--model-ema", "--model-ema-decay", "0.5", "--layer-decay", "0.8", "--smoothing", "0"]
+    )
     rows = _summary(output)
     assert [int(row["epoch"]) for row in rows] == [0, 1]
     assert float(rows[-1]["eval_top1"]) > CHANCE + 25, rows
@@ -110,7 +142,7 @@ def test_sret_fine_tunes_above_chance_with_ema_and_layer_decay(image_folder, tmp
     state = common.load_checkpoint(str(output / "model_best.pth.tar"))
     assert "state_dict_ema" in state and state["epoch"] == result["best_epoch"]
     scales = sorted({group["lr_scale"] for group in state["optimizer"]["param_groups"]})
-    assert len(scales) > 3 and scales[-1] == pytest.approx(1.0) and scales[0] < 0.8 ** 3  # layer-wise decay
+    assert len(scales) > 3 and scales[-1] == pytest.approx(1.0) and scales[0] < 0.8**3  # layer-wise decay
 
 
 def test_initial_checkpoint_keeps_the_backbone_and_resets_a_classifier_of_another_size(tmp_path):
@@ -156,35 +188,68 @@ def test_kd_loss_is_sret_soft_label_cross_entropy_mixed_with_the_task_loss():
     soft = -(soft_labels * F.log_softmax(student_logits / temperature, -1)).sum(-1).mean()
     expected = 0.7 * soft + 0.3 * F.cross_entropy(student_logits, targets)
     torch.testing.assert_close(loss(student_logits, targets, images), expected)
-    only_soft = classification.KnowledgeDistillationLoss(teacher, torch.nn.CrossEntropyLoss(), temperature, 1.0,
-                                                         mean, std)
+    only_soft = classification.KnowledgeDistillationLoss(
+        teacher, torch.nn.CrossEntropyLoss(), temperature, 1.0, mean, std
+    )
     torch.testing.assert_close(only_soft(student_logits, targets, images), soft)
 
 
 def test_distillation_run_with_mixup_from_a_frozen_teacher_checkpoint(image_folder, tmp_path):
     _save_random_classifier(tmp_path / "teacher3.pth", "hornet_tiny_7x7", HORNET, num_classes=3)
     _save_random_classifier(tmp_path / "teacher10.pth", "hornet_tiny_7x7", HORNET, num_classes=10)
-    teacher_flags = ["--teacher", "hornet_tiny_7x7", "--teacher-kwargs", *_kwargs_flags(HORNET),
-                     "--kd-temperature", "2", "--kd-weight", "1"]
+    teacher_flags = [
+        "--teacher",
+        "hornet_tiny_7x7",
+        "--teacher-kwargs",
+        *_kwargs_flags(HORNET),
+        "--kd-temperature",
+        "2",
+        "--kd-weight",
+        "1",
+    ]
     output = tmp_path / "kd"
-    classification.main(_base_args(image_folder, output, "sret_tiny", SRET, epochs=1) + teacher_flags + [
-        "--teacher-checkpoint", str(tmp_path / "teacher3.pth"), "--mixup", "0.8", "--cutmix", "1.0"])
+    classification.main(
+        _base_args(image_folder, output, "sret_tiny", SRET, epochs=1)
+        + teacher_flags
+        + ["--teacher-checkpoint", str(tmp_path / "teacher3.pth"), "--mixup", "0.8", "--cutmix", "1.0"]
+    )
     (row,) = _summary(output)
     assert float(row["train_kd_loss"]) == pytest.approx(float(row["train_loss"]))  # W = 1: soft labels only
     assert 0 < float(row["train_kd_loss"]) < 10
     with pytest.raises(ValueError, match="10|classes"):
-        classification.main(_base_args(image_folder, tmp_path / "bad", "sret_tiny", SRET, epochs=1) + teacher_flags
-                            + ["--teacher-checkpoint", str(tmp_path / "teacher10.pth")])
+        classification.main(
+            _base_args(image_folder, tmp_path / "bad", "sret_tiny", SRET, epochs=1)
+            + teacher_flags
+            + ["--teacher-checkpoint", str(tmp_path / "teacher10.pth")]
+        )
 
 
 def test_validate_matches_a_hand_computed_top1_and_top5(image_folder, tmp_path, capsys):
     model = _save_random_classifier(tmp_path / "model.pth", "hornet_tiny_7x7", HORNET, num_classes=3).eval()
     from recurzoo.cli import main as recurzoo_cli
 
-    code = recurzoo_cli(["validate", "--data-dir", str(image_folder), "--model", "hornet_tiny_7x7", "--model-kwargs",
-                         *_kwargs_flags(HORNET), "--checkpoint", str(tmp_path / "model.pth"), "--img-size", "32",
-                         "--batch-size", "5", "--workers", "0", "--no-progress",
-                         "--results-file", str(tmp_path / "results.json")])
+    code = recurzoo_cli(
+        [
+            "validate",
+            "--data-dir",
+            str(image_folder),
+            "--model",
+            "hornet_tiny_7x7",
+            "--model-kwargs",
+            *_kwargs_flags(HORNET),
+            "--checkpoint",
+            str(tmp_path / "model.pth"),
+            "--img-size",
+            "32",
+            "--batch-size",
+            "5",
+            "--workers",
+            "0",
+            "--no-progress",
+            "--results-file",
+            str(tmp_path / "results.json"),
+        ]
+    )
     assert code == 0
     results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert results == json.loads((tmp_path / "results.json").read_text())
@@ -215,8 +280,9 @@ def test_config_yaml_gives_defaults_and_flags_win(tmp_path):
     assert (args.model, args.data_dir, args.lr, args.batch_size, args.mixup) == ("sret_tiny", "/data", 0.01, 16, 0.8)
     config.write_text("learning_rate: 0.1\n")
     with pytest.raises(SystemExit):
-        common.parse_args_with_config(classification.build_parser(), ["--config", str(config), "--model", "x",
-                                                                      "--data-dir", "y"])
+        common.parse_args_with_config(
+            classification.build_parser(), ["--config", str(config), "--model", "x", "--data-dir", "y"]
+        )
 
 
 def test_recurzoo_cli_forwards_its_training_sub_commands(capsys):

@@ -1,6 +1,7 @@
 """The training scripts as commands: a user's mistake (a bad flag or value, missing data, a checkpoint that
 does not fit or would run code) is one line on stderr with exit code 2, never a usage block or traceback;
 every checkpoint flag reads through recurzoo.checkpoint, so a crafted pickle's payload never runs."""
+
 from __future__ import annotations
 
 import importlib
@@ -20,16 +21,22 @@ from recurzoo.train import common
 sys.path.insert(0, os.path.dirname(__file__))
 from _train_data import make_coco, make_image_folder, write_code_running_checkpoints  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools",
-                                        "ignore:Detected pickle protocol:UserWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::DeprecationWarning:pycocotools", "ignore:Detected pickle protocol:UserWarning"
+)
 
 HORNET = ["--model-kwargs", "dims=(8,16,32,64)", "depths=(1,1,1,1)"]
 
 
 def _command(module, *arguments):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", f"recurzoo.train.{module}", *arguments], capture_output=True,
-                          text=True, timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", f"recurzoo.train.{module}", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +52,8 @@ def data(tmp_path_factory):
         (root / "cod" / sub).mkdir(parents=True)
         for name in ("a", "b"):
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).convert(
-                "L" if sub == "Mask" else "RGB").save(root / "cod" / sub / f"{name}.png")
+                "L" if sub == "Mask" else "RGB"
+            ).save(root / "cod" / sub / f"{name}.png")
     marker = root / "payload_ran"
     legacy, zipped = write_code_running_checkpoints(str(root / "evil"), str(marker))
     return dict(root=root, marker=marker, evil=legacy, evil_zip=zipped)
@@ -70,23 +78,38 @@ def _one_error_line(stderr, prog):
 
 # ------------------------------------------------------------------------------------ real commands
 
+
 def test_unknown_flag_is_one_line_with_exit_code_2_from_the_command_line():
     result = _command("classification", "--model", "x", "--data-dir", "y", "--no-such-flag")
     assert result.returncode == 2
-    assert result.stderr.strip() == ("python -m recurzoo.train.classification: error: unrecognized arguments: "
-                                     "--no-such-flag")
+    assert result.stderr.strip() == (
+        "python -m recurzoo.train.classification: error: unrecognized arguments: --no-such-flag"
+    )
 
 
 def test_bad_value_is_one_line_with_exit_code_2_from_the_command_line():
     result = _command("super_resolution", "--model", "rgt_small_x2", "--lr", "fast")
     assert result.returncode == 2
-    assert result.stderr.strip() == ("python -m recurzoo.train.super_resolution: error: argument --lr: invalid "
-                                     "float value: 'fast'")
+    assert result.stderr.strip() == (
+        "python -m recurzoo.train.super_resolution: error: argument --lr: invalid float value: 'fast'"
+    )
 
 
 def test_crafted_checkpoint_is_refused_in_one_line_and_its_payload_never_runs(data, tmp_path):
-    result = _command("classification", "--data-dir", str(data["root"] / "folder"), "--model", "hornet_tiny_7x7",
-                      *HORNET, "--initial-checkpoint", data["evil_zip"], "--output", str(tmp_path), "--device", "cpu")
+    result = _command(
+        "classification",
+        "--data-dir",
+        str(data["root"] / "folder"),
+        "--model",
+        "hornet_tiny_7x7",
+        *HORNET,
+        "--initial-checkpoint",
+        data["evil_zip"],
+        "--output",
+        str(tmp_path),
+        "--device",
+        "cpu",
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1, result.stderr  # nothing else printed before it
     line = _one_error_line(result.stderr, "recurzoo.train.classification")
@@ -96,42 +119,174 @@ def test_crafted_checkpoint_is_refused_in_one_line_and_its_payload_never_runs(da
 
 # -------------------------------------------------- every script's checkpoint flags (through run_cli)
 
+
 def _evil_cases():
-    folder = ["--data-dir", "<root>/folder", "--model", "hornet_tiny_7x7", *HORNET, "--img-size", "32",
-              "--batch-size", "2", "--workers", "0", "--device", "cpu", "--output", "<out>"]
-    coco = ["--data-dir", "<root>/coco", "--backbone", "hornet_tiny_7x7", "--backbone-kwargs", "dims=(8,16,32,64)",
-            "depths=(1,1,1,1)", "--workers", "0", "--device", "cpu", "--output", "<out>"]
-    sr = ["--model", "rgt_small_x2", "--model-kwargs", "embed_dim=12", "num_heads=2", "blocks_per_group=1",
-          "--train-data", "<root>/sr", "--patch-size", "12", "--batch-size", "1", "--workers", "0", "--device", "cpu",
-          "--output", "<out>"]
+    folder = [
+        "--data-dir",
+        "<root>/folder",
+        "--model",
+        "hornet_tiny_7x7",
+        *HORNET,
+        "--img-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--output",
+        "<out>",
+    ]
+    coco = [
+        "--data-dir",
+        "<root>/coco",
+        "--backbone",
+        "hornet_tiny_7x7",
+        "--backbone-kwargs",
+        "dims=(8,16,32,64)",
+        "depths=(1,1,1,1)",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--output",
+        "<out>",
+    ]
+    sr = [
+        "--model",
+        "rgt_small_x2",
+        "--model-kwargs",
+        "embed_dim=12",
+        "num_heads=2",
+        "blocks_per_group=1",
+        "--train-data",
+        "<root>/sr",
+        "--patch-size",
+        "12",
+        "--batch-size",
+        "1",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--output",
+        "<out>",
+    ]
     return [
         ("classification", folder + ["--initial-checkpoint", "<evil>"]),
-        ("classification", folder + ["--teacher", "hornet_tiny_7x7", "--teacher-kwargs", "dims=(8,16,32,64)",
-                                     "depths=(1,1,1,1)", "--teacher-checkpoint", "<evil>"]),
+        (
+            "classification",
+            folder
+            + [
+                "--teacher",
+                "hornet_tiny_7x7",
+                "--teacher-kwargs",
+                "dims=(8,16,32,64)",
+                "depths=(1,1,1,1)",
+                "--teacher-checkpoint",
+                "<evil>",
+            ],
+        ),
         ("classification", folder + ["--resume", "<evil>"]),
-        ("validate", ["--data-dir", "<root>/folder", "--split", "val", "--model", "hornet_tiny_7x7", *HORNET,
-                      "--workers", "0", "--device", "cpu", "--checkpoint", "<evil>"]),
+        (
+            "validate",
+            [
+                "--data-dir",
+                "<root>/folder",
+                "--split",
+                "val",
+                "--model",
+                "hornet_tiny_7x7",
+                *HORNET,
+                "--workers",
+                "0",
+                "--device",
+                "cpu",
+                "--checkpoint",
+                "<evil>",
+            ],
+        ),
         ("detection", coco + ["--backbone-checkpoint", "<evil>"]),
         ("detection", coco + ["--resume", "<evil>"]),
         ("super_resolution", sr + ["--checkpoint", "<evil>"]),
         ("super_resolution", sr + ["--resume", "<evil>"]),
-        ("camouflage", ["--backbone", "hornet_tiny_7x7", "--model-kwargs",
-                        "backbone_kwargs={'dims': (8, 16, 32, 64), 'depths': (1, 1, 1, 1)}", "--evaluate",
-                        "--test-sets", "<root>/cod", "--device", "cpu", "--output", "<out>", "--checkpoint", "<evil>"]),
-        ("camouflage", ["--backbone", "hornet_tiny_7x7", "--model-kwargs",
-                        "backbone_kwargs={'dims': (8, 16, 32, 64), 'depths': (1, 1, 1, 1)}", "--train-sets",
-                        "<root>/cod", "--batch-size", "2", "--workers", "0", "--device", "cpu", "--output", "<out>",
-                        "--resume", "<evil>"]),
-        ("distill_recurrent", ["--teacher", "vit_tiny_patch16_224", "--teacher-kwargs", "img_size=32", "depth=2",
-                               "--data-dir", "<root>/folder", "--device", "cpu", "--output", "<out>",
-                               "--teacher-checkpoint", "<evil>"]),
-        ("distill_recurrent", ["--teacher", "vit_tiny_patch16_224", "--data-dir", "<root>/folder", "--device", "cpu",
-                               "--output", "<out>", "--resume", "<evil>"]),
+        (
+            "camouflage",
+            [
+                "--backbone",
+                "hornet_tiny_7x7",
+                "--model-kwargs",
+                "backbone_kwargs={'dims': (8, 16, 32, 64), 'depths': (1, 1, 1, 1)}",
+                "--evaluate",
+                "--test-sets",
+                "<root>/cod",
+                "--device",
+                "cpu",
+                "--output",
+                "<out>",
+                "--checkpoint",
+                "<evil>",
+            ],
+        ),
+        (
+            "camouflage",
+            [
+                "--backbone",
+                "hornet_tiny_7x7",
+                "--model-kwargs",
+                "backbone_kwargs={'dims': (8, 16, 32, 64), 'depths': (1, 1, 1, 1)}",
+                "--train-sets",
+                "<root>/cod",
+                "--batch-size",
+                "2",
+                "--workers",
+                "0",
+                "--device",
+                "cpu",
+                "--output",
+                "<out>",
+                "--resume",
+                "<evil>",
+            ],
+        ),
+        (
+            "distill_recurrent",
+            [
+                "--teacher",
+                "vit_tiny_patch16_224",
+                "--teacher-kwargs",
+                "img_size=32",
+                "depth=2",
+                "--data-dir",
+                "<root>/folder",
+                "--device",
+                "cpu",
+                "--output",
+                "<out>",
+                "--teacher-checkpoint",
+                "<evil>",
+            ],
+        ),
+        (
+            "distill_recurrent",
+            [
+                "--teacher",
+                "vit_tiny_patch16_224",
+                "--data-dir",
+                "<root>/folder",
+                "--device",
+                "cpu",
+                "--output",
+                "<out>",
+                "--resume",
+                "<evil>",
+            ],
+        ),
     ]
 
 
-@pytest.mark.parametrize("module, arguments", _evil_cases(),
-                         ids=[f"{m}-{a[-2].lstrip('-')}" for m, a in _evil_cases()])
+@pytest.mark.parametrize("module, arguments", _evil_cases(), ids=[f"{m}-{a[-2].lstrip('-')}" for m, a in _evil_cases()])
 def test_every_checkpoint_flag_refuses_a_crafted_pickle_in_one_line(data, tmp_path, capsys, module, arguments):
     script = importlib.import_module(f"recurzoo.train.{module}")
     for evil in (data["evil"], data["evil_zip"]):
@@ -146,19 +301,47 @@ def test_every_checkpoint_flag_refuses_a_crafted_pickle_in_one_line(data, tmp_pa
 
 # ------------------------------------------------------------------------------------ other mistakes
 
-@pytest.mark.parametrize("module, arguments, message", [
-    ("classification", ["--data-dir", "<tmp>/absent", "--model", "hornet_tiny_7x7"], "absent: no such folder"),
-    ("validate", ["--data-dir", "<tmp>/absent", "--model", "hornet_tiny_7x7"], "absent: no such folder"),
-    ("detection", ["--data-dir", "<tmp>/absent"], "absent/val2017 does not exist"),
-    ("super_resolution", ["--model", "rgt_small_x2", "--model-kwargs", "embed_dim=12", "num_heads=2",
-                          "blocks_per_group=1", "--train-data", "<tmp>/absent"], "no such dataset folder"),
-    ("camouflage", ["--backbone", "resnet18", "--train-sets", "<tmp>/absent"], "neither a folder nor a name"),
-    ("distill_recurrent", ["--teacher", "vit_tiny_patch16_224", "--teacher-kwargs", "img_size=32", "depth=2",
-                           "--teacher-checkpoint", "<tmp>/absent.pth", "--data-dir", "<tmp>"],
-     "absent.pth: no such checkpoint file"),
-    ("super_resolution", ["--model", "no_such_model_x2", "--train-data", "<tmp>"], "--model no_such_model_x2"),
-    ("classification", ["--config", "<tmp>/absent.yaml"], "--config .*absent.yaml"),
-])
+
+@pytest.mark.parametrize(
+    "module, arguments, message",
+    [
+        ("classification", ["--data-dir", "<tmp>/absent", "--model", "hornet_tiny_7x7"], "absent: no such folder"),
+        ("validate", ["--data-dir", "<tmp>/absent", "--model", "hornet_tiny_7x7"], "absent: no such folder"),
+        ("detection", ["--data-dir", "<tmp>/absent"], "absent/val2017 does not exist"),
+        (
+            "super_resolution",
+            [
+                "--model",
+                "rgt_small_x2",
+                "--model-kwargs",
+                "embed_dim=12",
+                "num_heads=2",
+                "blocks_per_group=1",
+                "--train-data",
+                "<tmp>/absent",
+            ],
+            "no such dataset folder",
+        ),
+        ("camouflage", ["--backbone", "resnet18", "--train-sets", "<tmp>/absent"], "neither a folder nor a name"),
+        (
+            "distill_recurrent",
+            [
+                "--teacher",
+                "vit_tiny_patch16_224",
+                "--teacher-kwargs",
+                "img_size=32",
+                "depth=2",
+                "--teacher-checkpoint",
+                "<tmp>/absent.pth",
+                "--data-dir",
+                "<tmp>",
+            ],
+            "absent.pth: no such checkpoint file",
+        ),
+        ("super_resolution", ["--model", "no_such_model_x2", "--train-data", "<tmp>"], "--model no_such_model_x2"),
+        ("classification", ["--config", "<tmp>/absent.yaml"], "--config .*absent.yaml"),
+    ],
+)
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, module, arguments, message):
     script = importlib.import_module(f"recurzoo.train.{module}")
     argv = _fill(arguments, tmp=tmp_path) + ["--device", "cpu"]
@@ -179,12 +362,29 @@ def test_checkpoint_of_another_width_is_one_line_naming_the_mismatch(data, tmp_p
 
     wide = timm.create_model("hornet_tiny_7x7", num_classes=3, dims=(16, 32, 64, 128), depths=(1, 1, 1, 1))
     torch.save(dict(state_dict=wide.state_dict()), tmp_path / "wide.pth")
-    argv = ["--data-dir", str(data["root"] / "folder"), "--model", "hornet_tiny_7x7", *HORNET, "--img-size", "32",
-            "--workers", "0", "--device", "cpu", "--output", str(tmp_path / "out"),
-            "--initial-checkpoint", str(tmp_path / "wide.pth")]
+    argv = [
+        "--data-dir",
+        str(data["root"] / "folder"),
+        "--model",
+        "hornet_tiny_7x7",
+        *HORNET,
+        "--img-size",
+        "32",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--output",
+        str(tmp_path / "out"),
+        "--initial-checkpoint",
+        str(tmp_path / "wide.pth"),
+    ]
     with pytest.raises(SystemExit) as exited:
         common.run_cli(classification.main, argv)
     assert exited.value.code == 2
     line = _one_error_line(capsys.readouterr().err, "recurzoo.train.classification")
-    assert re.search(r"wide\.pth: checkpoint does not fit hornet_tiny_7x7 .*: \d+ shape mismatches \(checkpoint vs "
-                     r"model\): .*\(32, 16, 1, 1\) vs \(16, 8, 1, 1\)", line), line
+    assert re.search(
+        r"wide\.pth: checkpoint does not fit hornet_tiny_7x7 .*: \d+ shape mismatches \(checkpoint vs "
+        r"model\): .*\(32, 16, 1, 1\) vs \(16, 8, 1, 1\)",
+        line,
+    ), line

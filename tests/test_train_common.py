@@ -1,4 +1,5 @@
 """The shared training mechanics: checkpoints, resume, schedules, argument parsing, plots."""
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,16 @@ def test_checkpoint_round_trip_is_atomic_and_weights_only(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters())
     model(torch.randn(4, 3)).sum().backward()
     optimizer.step()
-    common.save_checkpoint(str(path), dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=7,
-                                           history=[0.5, 0.25], args=dict(lr=1e-3, phases=[6, 6], resume=None)))
+    common.save_checkpoint(
+        str(path),
+        dict(
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            step=7,
+            history=[0.5, 0.25],
+            args=dict(lr=1e-3, phases=[6, 6], resume=None),
+        ),
+    )
     assert os.listdir(path.parent) == ["last.pt"]  # no temporary file left behind
     state = common.load_checkpoint(str(path))
     assert state["step"] == 7 and state["args"]["phases"] == [6, 6]
@@ -71,7 +80,8 @@ def test_cosine_schedule_warms_up_then_decays_to_min_ratio():
 
 def test_parse_kwargs_reads_literals_and_strings():
     assert common.parse_kwargs(["depth=4", "img_size=(32, 32)", "act_layer=gelu", "flag=True"]) == dict(
-        depth=4, img_size=(32, 32), act_layer="gelu", flag=True)
+        depth=4, img_size=(32, 32), act_layer="gelu", flag=True
+    )
     with pytest.raises(ValueError, match="KEY=VALUE"):
         common.parse_kwargs(["depth"])
 

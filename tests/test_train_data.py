@@ -1,5 +1,6 @@
 """Training data that is partly broken: unreadable images are skipped with a counted warning instead of
 ending the run mid-epoch, and a dataset without usable images fails before anything is trained."""
+
 from __future__ import annotations
 
 import os
@@ -22,9 +23,31 @@ HORNET = ["dims=(8,16,32,64)", "depths=(1,1,1,1)"]
 
 
 def _classification_args(data_dir, output):
-    return ["--data-dir", str(data_dir), "--model", "hornet_tiny_7x7", "--model-kwargs", *HORNET, "--img-size", "32",
-            "--batch-size", "4", "--epochs", "1", "--warmup-epochs", "0", "--val-split", "", "--workers", "0",
-            "--output", str(output), "--no-progress", "--device", "cpu"]
+    return [
+        "--data-dir",
+        str(data_dir),
+        "--model",
+        "hornet_tiny_7x7",
+        "--model-kwargs",
+        *HORNET,
+        "--img-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "0",
+        "--val-split",
+        "",
+        "--workers",
+        "0",
+        "--output",
+        str(output),
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
 
 
 def test_classification_epoch_skips_a_truncated_jpeg_and_a_non_image_and_counts_them(tmp_path):
@@ -53,9 +76,31 @@ def test_classification_fails_before_training_on_a_missing_or_empty_folder(tmp_p
 
 
 def _sr_args(train_dir, output, steps=2):
-    return ["--model", "rgt_small_x2", "--model-kwargs", "embed_dim=12", "num_heads=2", "blocks_per_group=1",
-            "--train-data", str(train_dir), "--output", str(output), "--batch-size", "5", "--patch-size", "12",
-            "--steps", str(steps), "--ema-decay", "0", "--workers", "0", "--no-progress", "--device", "cpu"]
+    return [
+        "--model",
+        "rgt_small_x2",
+        "--model-kwargs",
+        "embed_dim=12",
+        "num_heads=2",
+        "blocks_per_group=1",
+        "--train-data",
+        str(train_dir),
+        "--output",
+        str(output),
+        "--batch-size",
+        "5",
+        "--patch-size",
+        "12",
+        "--steps",
+        str(steps),
+        "--ema-decay",
+        "0",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
 
 
 def test_super_resolution_drops_non_images_up_front_and_skips_truncated_ones_while_training(tmp_path):
@@ -87,8 +132,10 @@ def test_super_resolution_fails_before_training_without_usable_images(tmp_path):
     small = tmp_path / "small"
     small.mkdir()
     Image.new("RGB", (16, 16)).save(small / "tiny.png")
-    with pytest.warns(common.DatasetWarning, match="too small"), \
-            pytest.raises(ValueError, match="no training image is large enough for --patch-size 12"):
+    with (
+        pytest.warns(common.DatasetWarning, match="too small"),
+        pytest.raises(ValueError, match="no training image is large enough for --patch-size 12"),
+    ):
         sr_train.main(_sr_args(small, tmp_path / "run"))
     assert not (tmp_path / "run" / "last.pt").exists()
 
@@ -136,8 +183,9 @@ def test_seeded_augmentations_draw_their_transforms_independently():
     from recurzoo.train.camouflage import train_augmentation
 
     image = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
-    flips = common.seed_albumentations(A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5),
-                                                  A.Transpose(p=0.5)]), seed=0)
+    flips = common.seed_albumentations(
+        A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.Transpose(p=0.5)]), seed=0
+    )
     assert len({flips(image=image)["image"].tobytes() for _ in range(100)}) == 8  # all symmetries of the square
     # COD's four transforms (p = 0.5 each) in all 16 combinations, not all-or-nothing
     augment = train_augmentation(seed=0)
@@ -148,8 +196,10 @@ def test_seeded_augmentations_draw_their_transforms_independently():
         combinations.add(tuple(sorted(name for name, _ in applied["applied_transforms"])))
     assert len(combinations) == 16
     # the same seed gives the same stream (a run is reproducible)
-    again = common.seed_albumentations(A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5),
-                                                  A.Transpose(p=0.5)]), seed=0)
+    again = common.seed_albumentations(
+        A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.Transpose(p=0.5)]), seed=0
+    )
     first = common.seed_albumentations(flips, seed=0)
-    assert [first(image=image)["image"].tobytes() for _ in range(20)] == \
-        [again(image=image)["image"].tobytes() for _ in range(20)]
+    assert [first(image=image)["image"].tobytes() for _ in range(20)] == [
+        again(image=image)["image"].tobytes() for _ in range(20)
+    ]

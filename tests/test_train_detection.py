@@ -4,6 +4,7 @@ The data: 64 px images of one or two coloured rectangles (three categories with 
 ids 1, 3, 5), with boxes and polygon masks in COCO JSON. Detectors run with reduced backbones, a
 32-channel pyramid and few sampled proposals, so a run takes seconds on 2 cores.
 """
+
 from __future__ import annotations
 
 import csv
@@ -26,8 +27,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools"
 
 HORNET = ["dims=(16,32,64,128)", "depths=(1,1,1,1)"]
 SRET = ["embed_dims=(16,32,64)", "num_heads=(1,2,4)", "num_shared_blocks=(1,1,1)"]
-SMALL_DETECTOR = ["rpn_pre_nms_top_n_train=200", "rpn_post_nms_top_n_train=100", "rpn_pre_nms_top_n_test=100",
-                  "rpn_post_nms_top_n_test=50", "box_batch_size_per_image=64", "rpn_batch_size_per_image=64"]
+SMALL_DETECTOR = [
+    "rpn_pre_nms_top_n_train=200",
+    "rpn_post_nms_top_n_train=100",
+    "rpn_pre_nms_top_n_test=100",
+    "rpn_post_nms_top_n_test=50",
+    "box_batch_size_per_image=64",
+    "rpn_batch_size_per_image=64",
+]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -44,11 +51,45 @@ def coco_root(tmp_path_factory):
 
 
 def _args(root, output, backbone="hornet_tiny_7x7", kwargs=HORNET, epochs=3):
-    return ["--data-dir", str(root), "--backbone", backbone, "--backbone-kwargs", *kwargs, "--min-size", "64",
-            "--max-size", "64", "--fpn-channels", "32", "--batch-size", "4", "--epochs", str(epochs),
-            "--opt", "adamw", "--lr", "2e-3", "--weight-decay", "0.01", "--sched", "cosine", "--warmup-epochs", "0",
-            "--anchor-scale", "4", "--workers", "0", "--no-progress", "--device", "cpu", "--output", str(output),
-            "--detector-kwargs", *SMALL_DETECTOR]
+    return [
+        "--data-dir",
+        str(root),
+        "--backbone",
+        backbone,
+        "--backbone-kwargs",
+        *kwargs,
+        "--min-size",
+        "64",
+        "--max-size",
+        "64",
+        "--fpn-channels",
+        "32",
+        "--batch-size",
+        "4",
+        "--epochs",
+        str(epochs),
+        "--opt",
+        "adamw",
+        "--lr",
+        "2e-3",
+        "--weight-decay",
+        "0.01",
+        "--sched",
+        "cosine",
+        "--warmup-epochs",
+        "0",
+        "--anchor-scale",
+        "4",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--output",
+        str(output),
+        "--detector-kwargs",
+        *SMALL_DETECTOR,
+    ]
 
 
 def _summary(output):
@@ -65,8 +106,9 @@ def test_help_needs_no_data(capsys):
 
 
 def test_dataset_gives_torchvision_targets_with_contiguous_labels(coco_root):
-    dataset = detection.CocoDetection(os.path.join(coco_root, "val2017"),
-                                      os.path.join(coco_root, "annotations", "instances_val2017.json"), masks=True)
+    dataset = detection.CocoDetection(
+        os.path.join(coco_root, "val2017"), os.path.join(coco_root, "annotations", "instances_val2017.json"), masks=True
+    )
     assert dataset.category_ids == [1, 3, 5] and dataset.num_classes == 4
     image, target = dataset[0]
     annotations = dataset.coco.loadAnns(dataset.coco.getAnnIds(imgIds=dataset.ids[0]))
@@ -79,14 +121,19 @@ def test_dataset_gives_torchvision_targets_with_contiguous_labels(coco_root):
 
 
 def test_coco_evaluation_scores_perfect_detections_one_and_worse_ones_lower(coco_root):
-    dataset = detection.CocoDetection(os.path.join(coco_root, "val2017"),
-                                      os.path.join(coco_root, "annotations", "instances_val2017.json"), masks=True)
+    dataset = detection.CocoDetection(
+        os.path.join(coco_root, "val2017"), os.path.join(coco_root, "annotations", "instances_val2017.json"), masks=True
+    )
     perfect, shifted, mislabelled = [], [], []
     for index in range(len(dataset)):
         _, target = dataset[index]
         count = len(target["labels"])
-        output = dict(boxes=target["boxes"], labels=target["labels"], scores=torch.linspace(0.9, 0.8, count),
-                      masks=target["masks"][:, None].float())
+        output = dict(
+            boxes=target["boxes"],
+            labels=target["labels"],
+            scores=torch.linspace(0.9, 0.8, count),
+            masks=target["masks"][:, None].float(),
+        )
         perfect.append(output)
         shifted.append({**output, "boxes": target["boxes"] + torch.tensor([6.0, 0.0, 6.0, 0.0])})
         mislabelled.append({**output, "labels": target["labels"] % 3 + 1})
@@ -105,8 +152,9 @@ def test_fpn_backbone_loads_a_classification_checkpoint(tmp_path):
     kwargs = common.parse_kwargs(HORNET)
     classifier = timm.create_model("hornet_tiny_7x7", num_classes=7, **kwargs)
     torch.save(dict(state_dict=classifier.state_dict()), tmp_path / "classifier.pth")
-    backbone = create_fpn_backbone("hornet_tiny_7x7", checkpoint=str(tmp_path / "classifier.pth"), fpn_channels=32,
-                                   **kwargs)
+    backbone = create_fpn_backbone(
+        "hornet_tiny_7x7", checkpoint=str(tmp_path / "classifier.pth"), fpn_channels=32, **kwargs
+    )
     expected = classifier.state_dict()
     loaded = backbone.body.state_dict()
     assert len(loaded) > 20
@@ -142,8 +190,9 @@ def test_fasterrcnn_fine_tuning_learns_and_reports_map(coco_root, tmp_path):
     for file in ("last.pth.tar", "model_best.pth.tar", "loss.png", "metrics.png"):
         assert (output / file).exists(), file
     # --test-only on the saved weights reproduces the last evaluation
-    tested = detection.main(_args(coco_root, tmp_path / "test")
-                            + ["--test-only", "--resume", str(output / "last.pth.tar")])
+    tested = detection.main(
+        _args(coco_root, tmp_path / "test") + ["--test-only", "--resume", str(output / "last.pth.tar")]
+    )
     assert tested["eval"]["map"] == pytest.approx(float(rows[-1]["eval_map"]))
 
 
@@ -160,11 +209,23 @@ def test_maskrcnn_on_sret_reports_box_and_mask_map(coco_root, tmp_path):
 
 def test_two_torchrun_processes_end_with_identical_detector_weights(coco_root, tmp_path):
     output = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--module",
-               "recurzoo.train.detection", *_args(coco_root, output, backbone="sret_tiny", kwargs=SRET, epochs=1),
-               "--batch-size", "2", "--rank-weights"]  # SReT's stem has BatchNorm: its statistics are synced too
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "--module",
+        "recurzoo.train.detection",
+        *_args(coco_root, output, backbone="sret_tiny", kwargs=SRET, epochs=1),
+        "--batch-size",
+        "2",
+        "--rank-weights",
+    ]  # SReT's stem has BatchNorm: its statistics are synced too
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "6 steps per epoch on 2 process(es)" in result.stderr  # 24 images, 2 per process and step
     from safetensors.torch import load_file
@@ -184,10 +245,12 @@ def test_backbone_checkpoint_flag_starts_the_backbone_from_a_classifier(coco_roo
 
     classifier = timm.create_model("hornet_tiny_7x7", num_classes=7, **common.parse_kwargs(HORNET))
     torch.save(dict(state_dict_ema=classifier.state_dict(), epoch=3), tmp_path / "classifier.pth")
-    detection.main(_args(coco_root, tmp_path / "run", epochs=1) + [
-        "--backbone-checkpoint", str(tmp_path / "classifier.pth"), "--lr", "0", "--rank-weights"])
+    detection.main(
+        _args(coco_root, tmp_path / "run", epochs=1)
+        + ["--backbone-checkpoint", str(tmp_path / "classifier.pth"), "--lr", "0", "--rank-weights"]
+    )
     weights = load_file(str(tmp_path / "run" / "rank0.safetensors"))
-    body = {key[len("backbone.body."):]: value for key, value in weights.items() if key.startswith("backbone.body.")}
+    body = {key[len("backbone.body.") :]: value for key, value in weights.items() if key.startswith("backbone.body.")}
     assert len(body) > 20
     for key, value in body.items():  # FeatureListNet flattens 'stages.0' into 'stages_0'
         assert torch.equal(value, classifier.state_dict()[key.replace("stem_", "stem.").replace("stages_", "stages.")])

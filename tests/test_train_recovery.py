@@ -3,6 +3,7 @@
 Uses recurzoo.train.classification with a reduced model on a tiny colour ImageFolder: 36 training
 images in batches of 8 make 4 steps per epoch (2 x 4 images per step under 2 processes).
 """
+
 from __future__ import annotations
 
 import csv
@@ -39,15 +40,38 @@ def image_folder(tmp_path_factory):
 
 
 def _args(data_dir, output, epochs=3, batch_size=8, model="hornet_tiny_7x7", kwargs=HORNET):
-    return ["--data-dir", str(data_dir), "--model", model, "--model-kwargs", *kwargs, "--img-size", "32",
-            "--batch-size", str(batch_size), "--epochs", str(epochs), "--warmup-epochs", "0", "--lr", "2e-3",
-            "--workers", "0", "--output", str(output), "--no-progress", "--device", "cpu"]
+    return [
+        "--data-dir",
+        str(data_dir),
+        "--model",
+        model,
+        "--model-kwargs",
+        *kwargs,
+        "--img-size",
+        "32",
+        "--batch-size",
+        str(batch_size),
+        "--epochs",
+        str(epochs),
+        "--warmup-epochs",
+        "0",
+        "--lr",
+        "2e-3",
+        "--workers",
+        "0",
+        "--output",
+        str(output),
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
 
 
 def _run_cli(arguments, launcher=(sys.executable, "-m")):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*launcher, "recurzoo.train.classification", *arguments], capture_output=True, text=True,
-                          timeout=300, env=env)
+    return subprocess.run(
+        [*launcher, "recurzoo.train.classification", *arguments], capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 def _epochs(output):
@@ -104,8 +128,9 @@ def test_resuming_an_earlier_checkpoint_rewrites_the_later_summary_rows(image_fo
     output = tmp_path / "run"
     classification.main(_args(image_folder, output, epochs=2))
     first = (output / "summary.csv").read_text().splitlines()
-    result = classification.main(_args(image_folder, output, epochs=2) + ["--resume",
-                                                                          str(output / "checkpoint-0.pth.tar")])
+    result = classification.main(
+        _args(image_folder, output, epochs=2) + ["--resume", str(output / "checkpoint-0.pth.tar")]
+    )
     assert result["num_updates"] == 2 * STEPS_PER_EPOCH
     again = (output / "summary.csv").read_text().splitlines()
     assert _epochs(output) == [0, 1] and again[:2] == first[:2]  # epoch 1 was trained again, recorded once
@@ -114,8 +139,10 @@ def test_resuming_an_earlier_checkpoint_rewrites_the_later_summary_rows(image_fo
 def test_nan_loss_exits_with_code_3_and_a_message_from_the_command_line(image_folder, tmp_path, capsys):
     # ``python -m recurzoo.train.classification`` runs ``common.run_cli(main)``
     with pytest.raises(SystemExit) as exited:
-        common.run_cli(classification.main, _args(image_folder, tmp_path / "run", epochs=1)
-                       + ["--fail-at-step", "1", "--fail-mode", "nan"])
+        common.run_cli(
+            classification.main,
+            _args(image_folder, tmp_path / "run", epochs=1) + ["--fail-at-step", "1", "--fail-mode", "nan"],
+        )
     assert exited.value.code == common.EXIT_NON_FINITE == 3
     message = capsys.readouterr().err
     assert "non-finite loss" in message and "last good checkpoint" in message
@@ -123,8 +150,7 @@ def test_nan_loss_exits_with_code_3_and_a_message_from_the_command_line(image_fo
 
 def test_two_torchrun_processes_end_with_identical_weights(image_folder, tmp_path):
     output = tmp_path / "ddp"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "--module"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--module"]
     args = _args(image_folder, output, epochs=2, batch_size=4, model="sret_tiny", kwargs=SRET)
     result = _run_cli(args + ["--rank-weights", "--model-ema", "--model-ema-decay", "0.9"], launcher=torchrun)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -5,6 +5,7 @@ The classification runs use stochastic depth, mixup/cutmix, random erasing and f
 data order, the augmentation and the model's own randomness all have to be restored; the
 super-resolution runs use random crops and albumentations' flips/transpositions with an EMA.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,11 +37,46 @@ SRET = ["embed_dims=(16,32,64)", "num_heads=(1,2,4)", "num_shared_blocks=(1,1,1)
 
 
 def _classification_args(data_dir, output):
-    return ["--data-dir", str(data_dir), "--model", "sret_tiny", "--model-kwargs", *SRET,
-            "--img-size", "32", "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "1", "--lr", "2e-3",
-            "--drop-path", "0.3", "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.5", "--model-ema",
-            "--model-ema-decay", "0.8", "--val-split", "", "--workers", "0", "--log-interval", "1",
-            "--output", str(output), "--no-progress", "--device", "cpu"]
+    return [
+        "--data-dir",
+        str(data_dir),
+        "--model",
+        "sret_tiny",
+        "--model-kwargs",
+        *SRET,
+        "--img-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "1",
+        "--lr",
+        "2e-3",
+        "--drop-path",
+        "0.3",
+        "--mixup",
+        "0.8",
+        "--cutmix",
+        "1.0",
+        "--reprob",
+        "0.5",
+        "--model-ema",
+        "--model-ema-decay",
+        "0.8",
+        "--val-split",
+        "",
+        "--workers",
+        "0",
+        "--log-interval",
+        "1",
+        "--output",
+        str(output),
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
 
 
 def _step_losses(output):
@@ -82,19 +118,23 @@ def _assert_same_final_state(resumed_dir, reference_dir):
 
 @pytest.mark.parametrize("stop", ["sigterm", "nan"])
 def test_resumed_classification_run_repeats_the_uninterrupted_losses_and_weights(
-        image_folder, uninterrupted, tmp_path, stop):
+    image_folder, uninterrupted, tmp_path, stop
+):
     output = tmp_path / "run"
     if stop == "sigterm":
         # stopped before the update of step 6 (the second of epoch 1): that batch is trained again
         with pytest.raises(common.TrainingInterrupted):
-            classification.main(_classification_args(image_folder, output)
-                                + ["--fail-at-step", "5", "--fail-mode", "sigterm"])
+            classification.main(
+                _classification_args(image_folder, output) + ["--fail-at-step", "5", "--fail-mode", "sigterm"]
+            )
         expected = (1, 1, 5)
     else:
         # checkpoints after steps 2 and 6 (mid-epoch); the NaN at step 8 keeps the one after step 6
         with pytest.raises(common.NonFiniteLossError):
-            classification.main(_classification_args(image_folder, output)
-                                + ["--checkpoint-every", "2", "--fail-at-step", "7", "--fail-mode", "nan"])
+            classification.main(
+                _classification_args(image_folder, output)
+                + ["--checkpoint-every", "2", "--fail-at-step", "7", "--fail-mode", "nan"]
+            )
         expected = (1, 2, 6)
     last = common.load_checkpoint(str(output / "last.pth.tar"))
     assert (last["epoch"], last["batches_done"], last["num_updates"]) == expected
@@ -135,12 +175,14 @@ def test_grad_scaler_state_round_trips_through_the_training_checkpoint(tmp_path)
     saved = common.load_checkpoint(saver.last_path)
     assert saved[scaler.state_dict_key]["scale"] == 512.0
     restored = NativeScaler(device="cpu")
-    common.restore_training_state(saved, torch.nn.Linear(3, 2), torch.optim.SGD(model.parameters(), lr=0.1),
-                                  amp_scaler=restored)
+    common.restore_training_state(
+        saved, torch.nn.Linear(3, 2), torch.optim.SGD(model.parameters(), lr=0.1), amp_scaler=restored
+    )
     assert restored.state_dict() == scaler.state_dict() and restored._scaler.get_scale() == 512.0
 
 
 # ------------------------------------------------------------------------------------ super-resolution
+
 
 def _photos(root):
     from PIL import Image
@@ -153,10 +195,39 @@ def _photos(root):
 
 def _sr_args(train_dir, output):
     # 2 photos x repeat 3 = 6 patches a pass, batches of 2: 3 steps an epoch
-    return ["--model", "rgt_small_x2", "--model-kwargs", "embed_dim=12", "num_heads=2", "blocks_per_group=1",
-            "--train-data", str(train_dir), "--output", str(output), "--batch-size", "2", "--patch-size", "12",
-            "--repeat", "3", "--steps", "7", "--milestones", "0.5", "--ema-decay", "0.5", "--workers", "0",
-            "--save-every", "2", "--log-every", "1", "--no-progress", "--device", "cpu"]
+    return [
+        "--model",
+        "rgt_small_x2",
+        "--model-kwargs",
+        "embed_dim=12",
+        "num_heads=2",
+        "blocks_per_group=1",
+        "--train-data",
+        str(train_dir),
+        "--output",
+        str(output),
+        "--batch-size",
+        "2",
+        "--patch-size",
+        "12",
+        "--repeat",
+        "3",
+        "--steps",
+        "7",
+        "--milestones",
+        "0.5",
+        "--ema-decay",
+        "0.5",
+        "--workers",
+        "0",
+        "--save-every",
+        "2",
+        "--log-every",
+        "1",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
 
 
 @pytest.mark.parametrize("stop", ["sigterm", "nan"])
@@ -187,6 +258,7 @@ def test_resumed_super_resolution_run_repeats_the_uninterrupted_losses_and_weigh
 
 # ------------------------------------------------------------------------------------------- detection
 
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools")
 def test_resumed_detection_run_ends_with_the_uninterrupted_weights(tmp_path):
     from _train_data import make_coco
@@ -196,11 +268,45 @@ def test_resumed_detection_run_ends_with_the_uninterrupted_weights(tmp_path):
     root = make_coco(str(tmp_path / "coco"), images=(12, 2), max_boxes=1)  # batches of 4: 3 steps an epoch
 
     def args(output):
-        return ["--data-dir", root, "--backbone", "hornet_tiny_7x7", "--backbone-kwargs", *HORNET,
-                "--min-size", "64", "--max-size", "64", "--fpn-channels", "16", "--batch-size", "4", "--epochs", "2",
-                "--opt", "adamw", "--lr", "1e-3", "--sched", "cosine", "--warmup-epochs", "0", "--eval-every", "5",
-                "--workers", "0", "--no-progress", "--device", "cpu", "--output", str(output), "--detector-kwargs",
-                "rpn_batch_size_per_image=32", "box_batch_size_per_image=32", "rpn_post_nms_top_n_train=50"]
+        return [
+            "--data-dir",
+            root,
+            "--backbone",
+            "hornet_tiny_7x7",
+            "--backbone-kwargs",
+            *HORNET,
+            "--min-size",
+            "64",
+            "--max-size",
+            "64",
+            "--fpn-channels",
+            "16",
+            "--batch-size",
+            "4",
+            "--epochs",
+            "2",
+            "--opt",
+            "adamw",
+            "--lr",
+            "1e-3",
+            "--sched",
+            "cosine",
+            "--warmup-epochs",
+            "0",
+            "--eval-every",
+            "5",
+            "--workers",
+            "0",
+            "--no-progress",
+            "--device",
+            "cpu",
+            "--output",
+            str(output),
+            "--detector-kwargs",
+            "rpn_batch_size_per_image=32",
+            "box_batch_size_per_image=32",
+            "rpn_post_nms_top_n_train=50",
+        ]
 
     detection.main(args(tmp_path / "once"))
     with pytest.raises(common.TrainingInterrupted):  # before the update of step 5 (the second of epoch 1)
@@ -216,6 +322,7 @@ def test_resumed_detection_run_ends_with_the_uninterrupted_weights(tmp_path):
 
 # ------------------------------------------------------------------------- camouflaged object detection
 
+
 @pytest.mark.parametrize("stop", ["sigterm", "nan"])
 def test_resumed_camouflage_run_repeats_the_uninterrupted_losses_and_weights(tmp_path, stop):
     from PIL import Image
@@ -227,14 +334,44 @@ def test_resumed_camouflage_run_repeats_the_uninterrupted_losses_and_weights(tmp
         (tmp_path / "cod" / sub).mkdir(parents=True)
     for index in range(6):
         Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "cod/Image" / f"{index}.png")
-        Image.fromarray((rng.random((40, 48)) > 0.5).astype(np.uint8) * 255).save(tmp_path / "cod/Mask" / f"{index}.png")
-    model_kwargs = ["mid_dim=8", "scale_groups=2", "fusion_groups=2", "predictor_dim=8",
-                    "backbone_kwargs={'dims': (8, 16, 32, 64), 'depths': (1, 1, 1, 1), 'drop_path_rate': 0.2}"]
+        Image.fromarray((rng.random((40, 48)) > 0.5).astype(np.uint8) * 255).save(
+            tmp_path / "cod/Mask" / f"{index}.png"
+        )
+    model_kwargs = [
+        "mid_dim=8",
+        "scale_groups=2",
+        "fusion_groups=2",
+        "predictor_dim=8",
+        "backbone_kwargs={'dims': (8, 16, 32, 64), 'depths': (1, 1, 1, 1), 'drop_path_rate': 0.2}",
+    ]
 
     def args(output, *extra):  # 6 pairs in batches of 2: 3 steps an epoch; checkpoints every 2 steps
-        return ["--backbone", "hornet_tiny_7x7", "--model-kwargs", *model_kwargs, "--train-sets", str(tmp_path / "cod"),
-                "--base-size", "32", "--batch-size", "2", "--steps", "7", "--lr", "1e-2", "--save-every", "2",
-                "--workers", "0", "--no-progress", "--device", "cpu", "--output", str(output), *extra]
+        return [
+            "--backbone",
+            "hornet_tiny_7x7",
+            "--model-kwargs",
+            *model_kwargs,
+            "--train-sets",
+            str(tmp_path / "cod"),
+            "--base-size",
+            "32",
+            "--batch-size",
+            "2",
+            "--steps",
+            "7",
+            "--lr",
+            "1e-2",
+            "--save-every",
+            "2",
+            "--workers",
+            "0",
+            "--no-progress",
+            "--device",
+            "cpu",
+            "--output",
+            str(output),
+            *extra,
+        ]
 
     once = cod.main(args(tmp_path / "once"))
     stopped = tmp_path / "stopped"
@@ -247,5 +384,8 @@ def test_resumed_camouflage_run_repeats_the_uninterrupted_losses_and_weights(tmp
     assert torch.load(stopped / "last.pt", weights_only=True)["step"] == 4
     resumed = cod.main(args(stopped, "--resume", "auto"))
     assert len(once["history"]) == 7 and resumed["history"] == once["history"]  # steps 5 to 7 computed again
-    _assert_identical(torch.load(stopped / "last.pt", weights_only=True)["model"],
-                      torch.load(tmp_path / "once/last.pt", weights_only=True)["model"], "model")
+    _assert_identical(
+        torch.load(stopped / "last.pt", weights_only=True)["model"],
+        torch.load(tmp_path / "once/last.pt", weights_only=True)["model"],
+        "model",
+    )

@@ -21,6 +21,7 @@ mean/max/adaptive E-measure, mean/max/adaptive F-measure, MAE), computed by PySO
 dataset as ``metrics.json`` and ``metrics.md``, and writes each predicted mask as a PNG at its
 image's original size. Runs under ``torchrun``; ``--resume auto`` continues from ``OUTPUT/last.pt``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,16 +43,38 @@ from recurzoo.backbones.hornet import unwrap_checkpoint
 from recurzoo.train import common
 
 __all__ = [
-    "DatasetSpec", "DatasetWarning", "load_dataset_config", "resolve_dataset", "find_pairs",
-    "CamouflageTrainSet", "CamouflageTestSet", "train_augmentation", "ual_coefficient", "cod_loss",
-    "build_optimizer", "step_schedule", "CODMetrics", "evaluate", "build_model", "load_model",
-    "build_parser", "main", "predict",
+    "DatasetSpec",
+    "DatasetWarning",
+    "load_dataset_config",
+    "resolve_dataset",
+    "find_pairs",
+    "CamouflageTrainSet",
+    "CamouflageTestSet",
+    "train_augmentation",
+    "ual_coefficient",
+    "cod_loss",
+    "build_optimizer",
+    "step_schedule",
+    "CODMetrics",
+    "evaluate",
+    "build_model",
+    "load_model",
+    "build_parser",
+    "main",
+    "predict",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # (image folder, mask folder) layouts of the public COD datasets and common exports.
-KNOWN_LAYOUTS = (("Image", "Mask"), ("Imgs", "GT"), ("Imgs", "GT_Object"), ("images", "masks"), ("Images", "Masks"),
-                 ("image", "mask"), ("img", "gt"))
+KNOWN_LAYOUTS = (
+    ("Image", "Mask"),
+    ("Imgs", "GT"),
+    ("Imgs", "GT_Object"),
+    ("images", "masks"),
+    ("Images", "Masks"),
+    ("image", "mask"),
+    ("img", "gt"),
+)
 SCALE_NAMES = ("image_s", "image_m", "image_l")
 
 
@@ -92,11 +115,17 @@ def load_dataset_config(path: str) -> Dict[str, DatasetSpec]:
         try:
             root, image, mask = entry["root"], entry["image"], entry.get("mask")
             specs[name] = DatasetSpec(
-                name, os.path.join(root, image["path"]), os.path.join(root, mask["path"]) if mask else None,
-                image.get("suffix"), mask.get("suffix") if mask else None)
+                name,
+                os.path.join(root, image["path"]),
+                os.path.join(root, mask["path"]) if mask else None,
+                image.get("suffix"),
+                mask.get("suffix") if mask else None,
+            )
         except (KeyError, TypeError) as error:
-            raise ValueError(f"{path}: dataset {name!r} needs root, image: {{path, suffix}} and mask: {{path, suffix}}"
-                             f" ({error!r} missing or malformed)") from None
+            raise ValueError(
+                f"{path}: dataset {name!r} needs root, image: {{path, suffix}} and mask: {{path, suffix}}"
+                f" ({error!r} missing or malformed)"
+            ) from None
     return specs
 
 
@@ -122,7 +151,7 @@ def _list_images(folder: str, suffix: Optional[str]) -> Dict[str, str]:
         lower = entry.lower()
         if suffix is not None:
             if entry.endswith(suffix):
-                found[entry[:-len(suffix)]] = os.path.join(folder, entry)
+                found[entry[: -len(suffix)]] = os.path.join(folder, entry)
         elif lower.endswith(IMAGE_EXTENSIONS):
             found.setdefault(os.path.splitext(entry)[0], os.path.join(folder, entry))
     return found
@@ -144,8 +173,10 @@ def find_pairs(spec: DatasetSpec, require_masks: bool = True) -> List[Sample]:
             raise FileNotFoundError(f"dataset {spec.name!r}: mask folder {spec.mask_dir} does not exist")
         masks = _list_images(spec.mask_dir, spec.mask_suffix)
     elif require_masks:
-        raise ValueError(f"dataset {spec.name!r}: no mask folder (looked for {', '.join(m for _, m in KNOWN_LAYOUTS)} "
-                         f"beside the images in {spec.image_dir})")
+        raise ValueError(
+            f"dataset {spec.name!r}: no mask folder (looked for {', '.join(m for _, m in KNOWN_LAYOUTS)} "
+            f"beside the images in {spec.image_dir})"
+        )
     names = sorted(set(images) & set(masks)) if require_masks or masks else sorted(images)
     unreadable, mismatched, samples = [], [], []
     for name in names:
@@ -157,19 +188,30 @@ def find_pairs(spec: DatasetSpec, require_masks: bool = True) -> List[Sample]:
             unreadable.append(str(error))
             continue
         if mask_size != image_size:
-            mismatched.append(f"{images[name]} ({image_size[1]}x{image_size[0]}) vs {mask_path} "
-                              f"({mask_size[1]}x{mask_size[0]})")
+            mismatched.append(
+                f"{images[name]} ({image_size[1]}x{image_size[0]}) vs {mask_path} ({mask_size[1]}x{mask_size[0]})"
+            )
         samples.append(Sample(name, images[name], mask_path))
     if unreadable:
-        warnings.warn(f"dataset {spec.name!r}: skipped {len(unreadable)} of {len(names)} samples with unreadable "
-                      f"files: {common.summarize(unreadable)}", DatasetWarning, stacklevel=2)
+        warnings.warn(
+            f"dataset {spec.name!r}: skipped {len(unreadable)} of {len(names)} samples with unreadable "
+            f"files: {common.summarize(unreadable)}",
+            DatasetWarning,
+            stacklevel=2,
+        )
     if mismatched:
-        warnings.warn(f"dataset {spec.name!r}: {len(mismatched)} images differ in size from their masks and are "
-                      f"resized to the mask: {common.summarize(mismatched)}", DatasetWarning, stacklevel=2)
+        warnings.warn(
+            f"dataset {spec.name!r}: {len(mismatched)} images differ in size from their masks and are "
+            f"resized to the mask: {common.summarize(mismatched)}",
+            DatasetWarning,
+            stacklevel=2,
+        )
     if not samples:
         what = "image/mask pairs (files matched by name)" if require_masks else "images"
-        raise ValueError(f"dataset {spec.name!r}: no readable {what} in {spec.image_dir}"
-                         + (f" and {spec.mask_dir}" if spec.mask_dir else ""))
+        raise ValueError(
+            f"dataset {spec.name!r}: no readable {what} in {spec.image_dir}"
+            + (f" and {spec.mask_dir}" if spec.mask_dir else "")
+        )
     return samples
 
 
@@ -200,8 +242,13 @@ def resize_array(array: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def image_scales(image: np.ndarray, base_size: int, scales: Sequence[float]) -> Dict[str, torch.Tensor]:
     """``image_s``/``image_m``/``image_l``: the uint8 image resized to ``base_size * scale``, in [0, 1]."""
-    return {name: torch.from_numpy(resize_array(image, int(base_size * s), int(base_size * s))).permute(2, 0, 1)
-            .float().div(255) for name, s in zip(SCALE_NAMES, scales)}
+    return {
+        name: torch.from_numpy(resize_array(image, int(base_size * s), int(base_size * s)))
+        .permute(2, 0, 1)
+        .float()
+        .div(255)
+        for name, s in zip(SCALE_NAMES, scales)
+    }
 
 
 def train_augmentation(seed: Optional[int] = None):
@@ -210,12 +257,17 @@ def train_augmentation(seed: Optional[int] = None):
     import albumentations as A
     import cv2
 
-    return common.seed_albumentations(A.Compose([
-        A.HorizontalFlip(p=0.5),
-        A.Rotate(limit=90, p=0.5, interpolation=cv2.INTER_LINEAR, border_mode=cv2.BORDER_REPLICATE),
-        A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
-        A.HueSaturationValue(hue_shift_limit=5, sat_shift_limit=10, val_shift_limit=10, p=0.5),
-    ]), seed)
+    return common.seed_albumentations(
+        A.Compose(
+            [
+                A.HorizontalFlip(p=0.5),
+                A.Rotate(limit=90, p=0.5, interpolation=cv2.INTER_LINEAR, border_mode=cv2.BORDER_REPLICATE),
+                A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
+                A.HueSaturationValue(hue_shift_limit=5, sat_shift_limit=10, val_shift_limit=10, p=0.5),
+            ]
+        ),
+        seed,
+    )
 
 
 class CamouflageTrainSet(Dataset):
@@ -226,8 +278,13 @@ class CamouflageTrainSet(Dataset):
     whose file cannot be decoded is replaced by the next one with a counted warning.
     """
 
-    def __init__(self, samples: Sequence[Sample], base_size: int = 384, scales: Sequence[float] = (1.5, 1.0, 2.0),
-                 augment: bool = True) -> None:
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        base_size: int = 384,
+        scales: Sequence[float] = (1.5, 1.0, 2.0),
+        augment: bool = True,
+    ) -> None:
         if not samples:
             raise ValueError("CamouflageTrainSet: no samples")
         self.samples = list(samples)
@@ -252,7 +309,7 @@ class CamouflageTrainSet(Dataset):
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
         image, mask = self.skip_unreadable(self._load, index, len(self.samples))
         if self.augment is not None:
-            common.seed_albumentations(self.augment, int(np.random.randint(2 ** 31)))
+            common.seed_albumentations(self.augment, int(np.random.randint(2**31)))
             transformed = self.augment(image=image, mask=mask)
             image, mask = transformed["image"], transformed["mask"]
         item = image_scales(image, self.base_size, self.scales)
@@ -274,8 +331,9 @@ class CamouflageTestSet(Dataset):
     def __getitem__(self, index: int) -> Dict[str, Any]:
         image = read_rgb(self.samples[index].image_path)
         if image is None:
-            warnings.warn(f"cannot decode {self.samples[index].image_path}: no prediction for it", DatasetWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"cannot decode {self.samples[index].image_path}: no prediction for it", DatasetWarning, stacklevel=2
+            )
             image = np.zeros((self.base_size, self.base_size, 3), np.uint8)
             height = width = 0
         else:
@@ -311,8 +369,13 @@ def freeze_backbone_batchnorm(model: nn.Module) -> None:
             module.eval()
 
 
-def build_optimizer(model: nn.Module, lr: float = 1e-4, backbone_lr_factor: float = 0.1,
-                    freeze_patch_embed: bool = True, freeze_bn_affine: bool = True) -> torch.optim.Adam:
+def build_optimizer(
+    model: nn.Module,
+    lr: float = 1e-4,
+    backbone_lr_factor: float = 0.1,
+    freeze_patch_embed: bool = True,
+    freeze_bn_affine: bool = True,
+) -> torch.optim.Adam:
     """Adam without weight decay: backbone at ``lr * backbone_lr_factor``, the rest at ``lr``.
 
     As the official ``finetune`` grouping: the PVT patch embedding (``backbone.patch_embed``) and the
@@ -332,8 +395,9 @@ def build_optimizer(model: nn.Module, lr: float = 1e-4, backbone_lr_factor: floa
     return torch.optim.Adam([g for g in groups if g["params"]], lr=lr, weight_decay=0.0)
 
 
-def step_schedule(optimizer: torch.optim.Optimizer, total_steps: int, milestone_fraction: float = 2 / 3,
-                  gamma: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+def step_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, milestone_fraction: float = 2 / 3, gamma: float = 0.1
+) -> torch.optim.lr_scheduler.LambdaLR:
     """The official step decay: the rates times ``gamma`` from ``milestone_fraction`` of the steps on."""
     milestone = max(1, int(total_steps * milestone_fraction))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: gamma ** ((step + 1) // milestone))
@@ -352,8 +416,11 @@ class CODMetrics:
         self.weighted_fmeasure = metrics.WeightedFmeasure()
         self.emeasure = metrics.Emeasure()
         self.mae = metrics.MAE()
-        self.fmeasure = metrics.FmeasureV2(metric_handlers=dict(fm=metrics.FmeasureHandler(
-            with_dynamic=True, with_adaptive=True, with_binary=False, beta=0.3)))
+        self.fmeasure = metrics.FmeasureV2(
+            metric_handlers=dict(
+                fm=metrics.FmeasureHandler(with_dynamic=True, with_adaptive=True, with_binary=False, beta=0.3)
+            )
+        )
         self.count = 0
 
     def step(self, prediction: np.ndarray, mask: np.ndarray) -> None:
@@ -369,24 +436,36 @@ class CODMetrics:
             sm=float(self.smeasure.get_results()["sm"]),
             wfm=float(self.weighted_fmeasure.get_results()["wfm"]),
             mae=float(self.mae.get_results()["mae"]),
-            mean_em=float(emeasure["curve"].mean()), max_em=float(emeasure["curve"].max()),
+            mean_em=float(emeasure["curve"].mean()),
+            max_em=float(emeasure["curve"].max()),
             adp_em=float(emeasure["adp"]),
-            mean_fm=float(fmeasure["dynamic"].mean()), max_fm=float(fmeasure["dynamic"].max()),
+            mean_fm=float(fmeasure["dynamic"].mean()),
+            max_fm=float(fmeasure["dynamic"].max()),
             adp_fm=float(fmeasure["adaptive"]),
             images=self.count,
         )
 
 
-METRIC_COLUMNS = (("sm", "S<sub>m</sub>"), ("wfm", "F<sup>w</sup><sub>b</sub>"), ("mae", "MAE"),
-                  ("mean_em", "mean E<sub>m</sub>"), ("max_em", "max E<sub>m</sub>"), ("adp_em", "adp E<sub>m</sub>"),
-                  ("mean_fm", "mean F<sub>b</sub>"), ("max_fm", "max F<sub>b</sub>"), ("adp_fm", "adp F<sub>b</sub>"))
+METRIC_COLUMNS = (
+    ("sm", "S<sub>m</sub>"),
+    ("wfm", "F<sup>w</sup><sub>b</sub>"),
+    ("mae", "MAE"),
+    ("mean_em", "mean E<sub>m</sub>"),
+    ("max_em", "max E<sub>m</sub>"),
+    ("adp_em", "adp E<sub>m</sub>"),
+    ("mean_fm", "mean F<sub>b</sub>"),
+    ("max_fm", "max F<sub>b</sub>"),
+    ("adp_fm", "adp F<sub>b</sub>"),
+)
 
 
 def metrics_markdown(results: Mapping[str, Mapping[str, float]], title: str = "") -> str:
     """A markdown table of per-dataset metrics."""
     lines = [f"# {title}", ""] if title else []
-    lines += ["| dataset | images | " + " | ".join(label for _, label in METRIC_COLUMNS) + " |",
-              "| --- | --- |" + " --- |" * len(METRIC_COLUMNS)]
+    lines += [
+        "| dataset | images | " + " | ".join(label for _, label in METRIC_COLUMNS) + " |",
+        "| --- | --- |" + " --- |" * len(METRIC_COLUMNS),
+    ]
     for name, values in results.items():
         cells = " | ".join(f"{values[key]:.3f}" for key, _ in METRIC_COLUMNS)
         lines.append(f"| {name} | {values['images']} | {cells} |")
@@ -403,16 +482,16 @@ def _save_png(path: str, array: np.ndarray) -> None:
 
 @torch.no_grad()
 def evaluate(
-        model: nn.Module,
-        datasets: Mapping[str, Sequence[Sample]],
-        device: torch.device,
-        base_size: int = 384,
-        out_dir: Optional[str] = None,
-        save_masks: bool = True,
-        batch_size: int = 8,
-        workers: int = 0,
-        amp: bool = False,
-        show_progress: bool = False,
+    model: nn.Module,
+    datasets: Mapping[str, Sequence[Sample]],
+    device: torch.device,
+    base_size: int = 384,
+    out_dir: Optional[str] = None,
+    save_masks: bool = True,
+    batch_size: int = 8,
+    workers: int = 0,
+    amp: bool = False,
+    show_progress: bool = False,
 ) -> Dict[str, Dict[str, float]]:
     """Predict every sample of each dataset; metrics for the datasets with masks.
 
@@ -427,16 +506,18 @@ def evaluate(
     results: Dict[str, Dict[str, float]] = {}
     scales = getattr(model, "scales", (1.5, 1.0, 2.0))
     for dataset_name, samples in datasets.items():
-        loader = DataLoader(CamouflageTestSet(samples, base_size, scales), batch_size=batch_size, shuffle=False,
-                            num_workers=workers)
+        loader = DataLoader(
+            CamouflageTestSet(samples, base_size, scales), batch_size=batch_size, shuffle=False, num_workers=workers
+        )
         metrics = CODMetrics() if all(s.mask_path for s in samples) else None
         for batch in common.progress(loader, desc=f"eval {dataset_name}", enabled=show_progress):
             autocast = torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda" else nullcontext()
             with autocast:
                 logits = model.forward_multiscale(*(batch[n].to(device, non_blocking=True) for n in SCALE_NAMES))
             probabilities = logits.float().sigmoid()[:, 0].cpu().numpy()
-            for probability, index, height, width in zip(probabilities, batch["index"].tolist(),
-                                                         batch["height"].tolist(), batch["width"].tolist()):
+            for probability, index, height, width in zip(
+                probabilities, batch["index"].tolist(), batch["height"].tolist(), batch["width"].tolist()
+            ):
                 if not height:
                     continue  # undecodable image (warned by the dataset)
                 sample = samples[index]
@@ -465,8 +546,9 @@ def evaluate(
 # ---------------------------------------------------------------------------------------- models
 
 
-def build_model(model: Optional[str] = None, backbone: Optional[str] = None, pretrained_backbone: bool = False,
-                **kwargs: Any) -> nn.Module:
+def build_model(
+    model: Optional[str] = None, backbone: Optional[str] = None, pretrained_backbone: bool = False, **kwargs: Any
+) -> nn.Module:
     """A registered COD model (``msrnet_*``) or ``create_cod_model(backbone)``, with ``kwargs``.
 
     The arguments are recorded as ``cod_config`` on the model (checkpoints store it).
@@ -478,8 +560,10 @@ def build_model(model: Optional[str] = None, backbone: Optional[str] = None, pre
 
     if model:
         if model not in recurzoo.list_models("msrnet_*"):
-            raise ValueError(f"unknown COD model {model!r}; registered: {', '.join(recurzoo.list_models('msrnet_*'))}"
-                             f" (or give a timm backbone name with --backbone)")
+            raise ValueError(
+                f"unknown COD model {model!r}; registered: {', '.join(recurzoo.list_models('msrnet_*'))}"
+                f" (or give a timm backbone name with --backbone)"
+            )
         network = timm.create_model(model, pretrained_backbone=pretrained_backbone, **kwargs)
     elif backbone:
         network = create_cod_model(backbone, pretrained_backbone=pretrained_backbone, **kwargs)
@@ -511,8 +595,9 @@ def _read_state(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, 
     return unwrap_checkpoint(checkpoint), config
 
 
-def load_model(checkpoint: str, model: Optional[str] = None, backbone: Optional[str] = None,
-               **kwargs: Any) -> nn.Module:
+def load_model(
+    checkpoint: str, model: Optional[str] = None, backbone: Optional[str] = None, **kwargs: Any
+) -> nn.Module:
     """A COD model with the weights of ``checkpoint`` (this module's, or an official MSRNet one).
 
     Without ``model``/``backbone`` the build config stored in the checkpoint is used.
@@ -541,12 +626,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = common.ArgumentParser(
         prog="python -m recurzoo.train.camouflage",
         description="Train and evaluate MSRNet camouflaged-object detectors.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None, help="registered COD model, e.g. msrnet_pvt_v2_b2")
     group.add_argument("--backbone", default=None, help="any timm backbone (instead of --model): create_cod_model")
-    group.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                       help="model arguments, e.g. mid_dim=32 backbone_kwargs=\"{'depths': (1, 1, 1, 1)}\"")
+    group.add_argument(
+        "--model-kwargs",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model arguments, e.g. mid_dim=32 backbone_kwargs=\"{'depths': (1, 1, 1, 1)}\"",
+    )
     group.add_argument("--pretrained-backbone", action="store_true", help="timm's ImageNet weights (downloads them)")
     group.add_argument("--checkpoint", default=None, help="initial weights (ours or an official MSRNet checkpoint)")
     group = parser.add_argument_group("data")
@@ -565,17 +656,28 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--milestone", type=float, default=2 / 3, help="fraction of the steps where the rate drops")
     group.add_argument("--gamma", type=float, default=0.1, help="rate factor at the milestone")
     group.add_argument("--train-patch-embed", action="store_true", help="do not freeze the PVT patch embedding")
-    group.add_argument("--train-backbone-bn", action="store_true",
-                       help="update the backbone's BatchNorm statistics and affine parameters")
-    group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                       help="float16 autocast with loss scaling (default: on CUDA)")
+    group.add_argument(
+        "--train-backbone-bn",
+        action="store_true",
+        help="update the backbone's BatchNorm statistics and affine parameters",
+    )
+    group.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="float16 autocast with loss scaling (default: on CUDA)",
+    )
     group = parser.add_argument_group("run")
     group.add_argument("--output", default="output/camouflage", help="folder for checkpoints, logs, predictions")
     group.add_argument("--resume", default=None, help="checkpoint to resume, or 'auto' for OUTPUT/last.pt")
     group.add_argument("--evaluate", action="store_true", help="evaluate only (no training)")
     group.add_argument("--eval-at-start", action="store_true", help="also evaluate before training")
-    group.add_argument("--save-masks", action=argparse.BooleanOptionalAction, default=True,
-                       help="write the predicted masks of the test sets as PNGs")
+    group.add_argument(
+        "--save-masks",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write the predicted masks of the test sets as PNGs",
+    )
     group.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: every epoch)")
     group.add_argument("--log-every", type=int, default=20, help="log the loss every N steps")
     group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
@@ -614,26 +716,34 @@ def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[s
 
     kwargs = common.parse_kwargs(args.model_kwargs)
     if args.checkpoint:
-        model = load_model(args.checkpoint, args.model, args.backbone, pretrained_backbone=args.pretrained_backbone,
-                           **kwargs)
+        model = load_model(
+            args.checkpoint, args.model, args.backbone, pretrained_backbone=args.pretrained_backbone, **kwargs
+        )
     else:
         model = build_model(args.model, args.backbone, pretrained_backbone=args.pretrained_backbone, **kwargs)
     model.to(context.device)
     use_amp = (context.device.type == "cuda") if args.amp is None else (args.amp and context.device.type == "cuda")
     results: Dict[str, Any] = dict(output=args.output, history=[], metrics={})
-    evaluate_kwargs = dict(device=context.device, base_size=args.base_size, batch_size=args.batch_size, amp=use_amp,
-                           show_progress=context.is_main and not args.no_progress)
+    evaluate_kwargs = dict(
+        device=context.device,
+        base_size=args.base_size,
+        batch_size=args.batch_size,
+        amp=use_amp,
+        show_progress=context.is_main and not args.no_progress,
+    )
     if test_sets and context.is_main and (args.evaluate or args.eval_at_start):
-        start = evaluate(model, test_sets, out_dir=os.path.join(args.output, "eval_start"), save_masks=False,
-                         **evaluate_kwargs)
+        start = evaluate(
+            model, test_sets, out_dir=os.path.join(args.output, "eval_start"), save_masks=False, **evaluate_kwargs
+        )
         results["initial_metrics"] = start
         for name, values in start.items():
             logger.info(f"before training, {name}: " + _format_metrics(values))
     if not args.evaluate:
         results["history"] = _train(model, train_sets, args, context, logger, use_amp)
     if test_sets and context.is_main:
-        final = evaluate(model, test_sets, out_dir=os.path.join(args.output, "eval"), save_masks=args.save_masks,
-                         **evaluate_kwargs)
+        final = evaluate(
+            model, test_sets, out_dir=os.path.join(args.output, "eval"), save_masks=args.save_masks, **evaluate_kwargs
+        )
         results["metrics"] = final
         for name, values in final.items():
             logger.info(f"{name}: " + _format_metrics(values))
@@ -646,30 +756,51 @@ def _format_metrics(values: Mapping[str, float]) -> str:
 
 def _check_batches(num_samples: int, batch_size: int, world_size: int) -> None:
     if batch_size < 2:
-        raise ValueError("--batch-size must be at least 2: the decoder's global-context BatchNorm normalizes one "
-                         "value per image")
+        raise ValueError(
+            "--batch-size must be at least 2: the decoder's global-context BatchNorm normalizes one value per image"
+        )
     if num_samples < batch_size * world_size:
-        raise ValueError(f"the training data ({num_samples} pairs) is smaller than one batch "
-                         f"({batch_size} x {world_size} processes)")
+        raise ValueError(
+            f"the training data ({num_samples} pairs) is smaller than one batch ({batch_size} x {world_size} processes)"
+        )
 
 
-def _train(model: nn.Module, train_sets: Mapping[str, Sequence[Sample]], args: argparse.Namespace,
-           context: common.DistributedContext, logger: Any, use_amp: bool) -> List[float]:
+def _train(
+    model: nn.Module,
+    train_sets: Mapping[str, Sequence[Sample]],
+    args: argparse.Namespace,
+    context: common.DistributedContext,
+    logger: Any,
+    use_amp: bool,
+) -> List[float]:
     samples = [sample for dataset in train_sets.values() for sample in dataset]
     for name, dataset in train_sets.items():
         logger.info(f"training set {name}: {len(dataset)} pairs")
-    dataset = CamouflageTrainSet(samples, args.base_size, getattr(model, "scales", (1.5, 1.0, 2.0)),
-                                 augment=not args.no_augment)
+    dataset = CamouflageTrainSet(
+        samples, args.base_size, getattr(model, "scales", (1.5, 1.0, 2.0)), augment=not args.no_augment
+    )
     sampler = DistributedSampler(dataset, seed=args.seed, drop_last=True) if context.distributed else None
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, shuffle=sampler is None,
-                        num_workers=args.workers, drop_last=True, pin_memory=context.device.type == "cuda")
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        shuffle=sampler is None,
+        num_workers=args.workers,
+        drop_last=True,
+        pin_memory=context.device.type == "cuda",
+    )
     # (workers are not persistent: seeded afresh each epoch, as a resumed run seeds them)
     steps_per_epoch = len(loader)
     total = args.steps or args.epochs * steps_per_epoch
     save_every = args.save_every or steps_per_epoch
 
-    optimizer = build_optimizer(model, args.lr, args.backbone_lr_factor, freeze_patch_embed=not args.train_patch_embed,
-                                freeze_bn_affine=not args.train_backbone_bn)
+    optimizer = build_optimizer(
+        model,
+        args.lr,
+        args.backbone_lr_factor,
+        freeze_patch_embed=not args.train_patch_embed,
+        freeze_bn_affine=not args.train_backbone_bn,
+    )
     scheduler = step_schedule(optimizer, total, args.milestone, args.gamma)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     history: List[float] = []
@@ -678,8 +809,10 @@ def _train(model: nn.Module, train_sets: Mapping[str, Sequence[Sample]], args: a
     if resume_path:
         state = common.load_checkpoint(resume_path)
         if not {"model", "optimizer", "scheduler", "scaler", "step", "history"} <= set(state):
-            raise ValueError(f"--resume {resume_path}: not a checkpoint of this script (needs model, optimizer, "
-                             f"scheduler, scaler, step and history entries)")
+            raise ValueError(
+                f"--resume {resume_path}: not a checkpoint of this script (needs model, optimizer, "
+                f"scheduler, scaler, step and history entries)"
+            )
         common.load_fitting_state_dict(model, state["model"], f"--resume {resume_path}")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -702,13 +835,24 @@ def _train(model: nn.Module, train_sets: Mapping[str, Sequence[Sample]], args: a
         if pending:  # the forward of the step in flight moved the BatchNorm statistics
             buffers_before_step.restore()
         if context.is_main:
-            common.save_checkpoint(last_path, dict(
-                model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict(), step=done, history=history, rng=rng, model_config=model.cod_config,
-                args=vars(args)))
+            common.save_checkpoint(
+                last_path,
+                dict(
+                    model=model.state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(),
+                    scaler=scaler.state_dict(),
+                    step=done,
+                    history=history,
+                    rng=rng,
+                    model_config=model.cod_config,
+                    args=vars(args),
+                ),
+            )
 
-    bar = common.progress(total=total, initial=start_step, desc="train",
-                          enabled=context.is_main and not args.no_progress)
+    bar = common.progress(
+        total=total, initial=start_step, desc="train", enabled=context.is_main and not args.no_progress
+    )
     with common.RunGuard(context, args.fail_at_step, args.fail_mode) as guard:
         for step in range(start_step, total):
             batch = next(batches)
@@ -719,7 +863,9 @@ def _train(model: nn.Module, train_sets: Mapping[str, Sequence[Sample]], args: a
             with autocast:
                 logits = wrapped(*images)
             loss, parts = cod_loss(logits, mask, progress=step / total)
-            guard.stop_on_signal(loss, step, lambda: save(step, pending=True), last_path, f"step {step + 1}", bar)
+            guard.stop_on_signal(
+                loss, step, lambda step=step: save(step, pending=True), last_path, f"step {step + 1}", bar
+            )
             optimizer.zero_grad(set_to_none=False)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -729,18 +875,25 @@ def _train(model: nn.Module, train_sets: Mapping[str, Sequence[Sample]], args: a
             bar.update(1)
             done = step + 1
             if context.is_main and (done % args.log_every == 0 or done == total):
-                recent = history[-args.log_every:]
-                logger.info(f"step {done}/{total} loss {sum(recent) / len(recent):.5f} (bce {parts['bce']:.4f}, "
-                            f"ual {parts['ual']:.4f} x {parts['ual_weight']:.3f}) "
-                            f"lr {scheduler.get_last_lr()[-1]:.2e}")
-                common.append_jsonl(os.path.join(args.output, "metrics.jsonl"),
-                                    dict(step=done, loss=history[-1], lr=scheduler.get_last_lr()[-1], **parts))
+                recent = history[-args.log_every :]
+                logger.info(
+                    f"step {done}/{total} loss {sum(recent) / len(recent):.5f} (bce {parts['bce']:.4f}, "
+                    f"ual {parts['ual']:.4f} x {parts['ual_weight']:.3f}) "
+                    f"lr {scheduler.get_last_lr()[-1]:.2e}"
+                )
+                common.append_jsonl(
+                    os.path.join(args.output, "metrics.jsonl"),
+                    dict(step=done, loss=history[-1], lr=scheduler.get_last_lr()[-1], **parts),
+                )
             if done % save_every == 0 or done == total:
                 save(done)
     bar.close()
     if context.is_main:
-        common.save_safetensors(os.path.join(args.output, "model.safetensors"), model.state_dict(),
-                                metadata=dict(model_config=json.dumps(model.cod_config)))
+        common.save_safetensors(
+            os.path.join(args.output, "model.safetensors"),
+            model.state_dict(),
+            metadata=dict(model_config=json.dumps(model.cod_config)),
+        )
         try:
             common.plot_curves(dict(loss=history), os.path.join(args.output, "loss.png"), ylabel="loss")
         except ImportError:
@@ -763,16 +916,16 @@ class _MultiscaleForward(nn.Module):
 
 
 def predict(
-        inputs: Sequence[str],
-        out_dir: str,
-        checkpoint: str,
-        model: Optional[str] = None,
-        model_kwargs: Optional[Mapping[str, Any]] = None,
-        data_config: Optional[str] = None,
-        base_size: int = 384,
-        batch_size: int = 8,
-        device: Optional[str] = None,
-        show_progress: bool = True,
+    inputs: Sequence[str],
+    out_dir: str,
+    checkpoint: str,
+    model: Optional[str] = None,
+    model_kwargs: Optional[Mapping[str, Any]] = None,
+    data_config: Optional[str] = None,
+    base_size: int = 384,
+    batch_size: int = 8,
+    device: Optional[str] = None,
+    show_progress: bool = True,
 ) -> Dict[str, Dict[str, float]]:
     """Masks for images, folders or datasets (``recurzoo cod``); metrics for those with masks.
 

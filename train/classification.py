@@ -32,6 +32,7 @@ checkpoint. Training images that cannot be decoded are replaced by the next one,
 per epoch; a missing or empty data folder, a bad option or a checkpoint that does not fit (or would
 run code) is one line on stderr with exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,14 @@ from torch import nn
 
 from recurzoo.train import common
 from recurzoo.train.validate import (
-    add_preprocessing_arguments, autocast, checkpoint_num_classes, create_eval_loader, dataset_num_classes,
-    evaluate, load_weights, read_weights,
+    add_preprocessing_arguments,
+    autocast,
+    checkpoint_num_classes,
+    create_eval_loader,
+    dataset_num_classes,
+    evaluate,
+    load_weights,
+    read_weights,
 )
 
 __all__ = ["build_parser", "main", "KnowledgeDistillationLoss", "create_teacher"]
@@ -58,19 +65,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser = common.ArgumentParser(
         prog="python -m recurzoo.train.classification",
         description="Train or fine-tune a timm/recurzoo classifier with timm's components.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", default=None, metavar="YAML",
-                        help="YAML file of option defaults, keys as the flags' names (command-line flags win)")
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="YAML",
+        help="YAML file of option defaults, keys as the flags' names (command-line flags win)",
+    )
     group = parser.add_argument_group("model")
     group.add_argument("--model", required=True, help="timm model name, e.g. sret_small or hornet_tiny_7x7")
     group.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights")
-    group.add_argument("--initial-checkpoint", default=None,
-                       help="start from these weights (classifier re-initialized if the class count differs)")
-    group.add_argument("--initial-use-ema", action=argparse.BooleanOptionalAction, default=True,
-                       help="take --initial-checkpoint's EMA weights when it has them")
+    group.add_argument(
+        "--initial-checkpoint",
+        default=None,
+        help="start from these weights (classifier re-initialized if the class count differs)",
+    )
+    group.add_argument(
+        "--initial-use-ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="take --initial-checkpoint's EMA weights when it has them",
+    )
     group.add_argument("--num-classes", type=int, default=None, help="classes (default: the dataset's)")
-    group.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                       help="extra timm.create_model arguments, e.g. 'dims=(16,32,64,128)' 'depths=(1,1,2,1)'")
+    group.add_argument(
+        "--model-kwargs",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra timm.create_model arguments, e.g. 'dims=(16,32,64,128)' 'depths=(1,1,2,1)'",
+    )
     group.add_argument("--drop", type=float, default=0.0, help="dropout before the classifier")
     group.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
     group.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
@@ -78,8 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--data-dir", required=True, help="dataset root (e.g. an ImageFolder with train/ and val/)")
     group.add_argument("--dataset", default="", help="timm dataset type ('' = folder/tar, torch/..., hfds/...)")
     group.add_argument("--train-split", default="train", help="training split (sub-folder for folders)")
-    group.add_argument("--val-split", default="validation",
-                       help="evaluation split (timm also looks for val/ and eval/); '' for no evaluation")
+    group.add_argument(
+        "--val-split",
+        default="validation",
+        help="evaluation split (timm also looks for val/ and eval/); '' for no evaluation",
+    )
     group.add_argument("--class-map", default="", help="file mapping class folder names to indices")
     group.add_argument("--dataset-download", action="store_true", help="let torch/ and tfds/ datasets download")
     group.add_argument("--batch-size", "-b", type=int, default=128, help="images per process and step")
@@ -118,8 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--clip-grad", type=float, default=None, help="gradient clipping value")
     group.add_argument("--clip-mode", default="norm", choices=("norm", "value", "agc"))
     group.add_argument("--sched", default="cosine", help="timm scheduler: cosine, step, multistep, ...")
-    group.add_argument("--sched-on-updates", action=argparse.BooleanOptionalAction, default=True,
-                       help="update the learning rate every step (else every epoch)")
+    group.add_argument(
+        "--sched-on-updates",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="update the learning rate every step (else every epoch)",
+    )
     group.add_argument("--epochs", type=int, default=300)
     group.add_argument("--warmup-epochs", type=int, default=5)
     group.add_argument("--warmup-lr", type=float, default=1e-6)
@@ -137,22 +168,40 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("knowledge distillation (SReT's soft-label KD)")
     group.add_argument("--teacher", default=None, help="timm model name of a frozen teacher")
     group.add_argument("--teacher-checkpoint", default=None, help="teacher weights (same class count as the data)")
-    group.add_argument("--teacher-pretrained", action=argparse.BooleanOptionalAction, default=None,
-                       help="timm's pretrained teacher weights (default: when no --teacher-checkpoint)")
-    group.add_argument("--teacher-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                       help="extra timm.create_model arguments of the teacher")
+    group.add_argument(
+        "--teacher-pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="timm's pretrained teacher weights (default: when no --teacher-checkpoint)",
+    )
+    group.add_argument(
+        "--teacher-kwargs",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra timm.create_model arguments of the teacher",
+    )
     group.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature T")
-    group.add_argument("--kd-weight", type=float, default=1.0,
-                       help="weight W of the soft-label loss; the task loss gets 1 - W")
+    group.add_argument(
+        "--kd-weight", type=float, default=1.0, help="weight W of the soft-label loss; the task loss gets 1 - W"
+    )
     group = parser.add_argument_group("run")
     group.add_argument("--output", default="output/classification", help="folder for checkpoints, logs, plots")
     group.add_argument("--resume", default=None, help="checkpoint to resume, or 'auto' for OUTPUT/last.pth.tar")
     group.add_argument("--eval-metric", default="top1", help="metric ranking the checkpoints (top1, top5, loss)")
     group.add_argument("--checkpoint-hist", type=int, default=3, help="ranked epoch checkpoints to keep")
-    group.add_argument("--checkpoint-every", type=int, default=0,
-                       help="also write last.pth.tar every N steps within an epoch (0: at epoch ends only)")
-    group.add_argument("--dist-bn", default="reduce", choices=("reduce", "broadcast", ""),
-                       help="sync BatchNorm statistics across ranks at epoch ends")
+    group.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="also write last.pth.tar every N steps within an epoch (0: at epoch ends only)",
+    )
+    group.add_argument(
+        "--dist-bn",
+        default="reduce",
+        choices=("reduce", "broadcast", ""),
+        help="sync BatchNorm statistics across ranks at epoch ends",
+    )
     group.add_argument("--amp", action="store_true", help="mixed precision (autocast; GradScaler for float16)")
     group.add_argument("--amp-dtype", choices=("bfloat16", "float16"), default="bfloat16")
     group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
@@ -160,9 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--log-interval", type=int, default=50, help="log the training loss every N steps")
     group.add_argument("--plot", action="store_true", help="write loss.png and metrics.png after every epoch")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
-    group.add_argument("--rank-weights", action="store_true",
-                       help="every rank also writes its final weights to OUTPUT/rank<R>.safetensors "
-                            "(to check that data-parallel replicas agree)")
+    group.add_argument(
+        "--rank-weights",
+        action="store_true",
+        help="every rank also writes its final weights to OUTPUT/rank<R>.safetensors "
+        "(to check that data-parallel replicas agree)",
+    )
     common.add_fault_arguments(parser)
     return parser
 
@@ -175,14 +227,23 @@ class KnowledgeDistillationLoss(nn.Module):
     sees the student's input, renormalized when its mean/std differ; it runs without gradients.
     """
 
-    def __init__(self, teacher: nn.Module, task_loss: nn.Module, temperature: float = 1.0, weight: float = 1.0,
-                 student_mean: Sequence[float] = (), student_std: Sequence[float] = ()) -> None:
+    def __init__(
+        self,
+        teacher: nn.Module,
+        task_loss: nn.Module,
+        temperature: float = 1.0,
+        weight: float = 1.0,
+        student_mean: Sequence[float] = (),
+        student_std: Sequence[float] = (),
+    ) -> None:
         super().__init__()
         from timm.loss import SoftTargetCrossEntropy
 
         if temperature <= 0 or not 0.0 <= weight <= 1.0:
-            raise ValueError(f"knowledge distillation: need --kd-temperature > 0 and 0 <= --kd-weight <= 1, "
-                             f"received {temperature} and {weight}")
+            raise ValueError(
+                f"knowledge distillation: need --kd-temperature > 0 and 0 <= --kd-weight <= 1, "
+                f"received {temperature} and {weight}"
+            )
         self.teacher = teacher.eval().requires_grad_(False)
         self.task_loss = task_loss
         self.soft_loss = SoftTargetCrossEntropy()
@@ -190,14 +251,19 @@ class KnowledgeDistillationLoss(nn.Module):
         self.weight = weight
         cfg = getattr(teacher, "pretrained_cfg", {}) or {}
         teacher_mean, teacher_std = cfg.get("mean"), cfg.get("std")
-        self.renormalize = bool(student_mean) and teacher_mean is not None and (
-            tuple(teacher_mean) != tuple(student_mean) or tuple(teacher_std) != tuple(student_std))
+        self.renormalize = (
+            bool(student_mean)
+            and teacher_mean is not None
+            and (tuple(teacher_mean) != tuple(student_mean) or tuple(teacher_std) != tuple(student_std))
+        )
         if self.renormalize:
+
             def column(values: Sequence[float]) -> torch.Tensor:
                 return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
 
-            self.register_buffer("shift", (column(student_mean) - column(teacher_mean)) / column(teacher_std),
-                                 persistent=False)
+            self.register_buffer(
+                "shift", (column(student_mean) - column(teacher_mean)) / column(teacher_std), persistent=False
+            )
             self.register_buffer("scale", column(student_std) / column(teacher_std), persistent=False)
         self.last: Dict[str, float] = {}
 
@@ -231,12 +297,16 @@ def create_teacher(args: argparse.Namespace, num_classes: int) -> nn.Module:
     if args.teacher_checkpoint:
         fresh = load_weights(teacher, read_weights(args.teacher_checkpoint), source=args.teacher_checkpoint)
         if fresh:
-            raise ValueError(f"--teacher-checkpoint {args.teacher_checkpoint}: its classifier does not have the "
-                             f"{num_classes} classes of the data, so the teacher could not teach them")
+            raise ValueError(
+                f"--teacher-checkpoint {args.teacher_checkpoint}: its classifier does not have the "
+                f"{num_classes} classes of the data, so the teacher could not teach them"
+            )
     elif pretrained and teacher.pretrained_cfg.get("num_classes") not in (None, num_classes):
-        raise ValueError(f"--teacher {args.teacher}: its pretrained classifier has "
-                         f"{teacher.pretrained_cfg['num_classes']} classes, the data {num_classes}; give a "
-                         f"--teacher-checkpoint fine-tuned on these classes")
+        raise ValueError(
+            f"--teacher {args.teacher}: its pretrained classifier has "
+            f"{teacher.pretrained_cfg['num_classes']} classes, the data {num_classes}; give a "
+            f"--teacher-checkpoint fine-tuned on these classes"
+        )
     return teacher.eval().requires_grad_(False)
 
 
@@ -257,15 +327,22 @@ class _Training(common.EpochTraining):
     # ----------------------------------------------------------------------------------- set-up
     def _datasets(self) -> None:
         args = self.args
-        common_kwargs = dict(class_map=args.class_map or None, download=args.dataset_download,
-                             batch_size=args.batch_size, seed=args.seed)
-        self.train_set = common.create_image_dataset(args.dataset, args.data_dir, args.train_split,
-                                                     skip_unreadable="training set", is_training=True,
-                                                     **common_kwargs)
+        common_kwargs = dict(
+            class_map=args.class_map or None, download=args.dataset_download, batch_size=args.batch_size, seed=args.seed
+        )
+        self.train_set = common.create_image_dataset(
+            args.dataset,
+            args.data_dir,
+            args.train_split,
+            skip_unreadable="training set",
+            is_training=True,
+            **common_kwargs,
+        )
         self.eval_set = None
         if args.val_split:
-            self.eval_set = common.create_image_dataset(args.dataset, args.data_dir, args.val_split,
-                                                        is_training=False, **common_kwargs)
+            self.eval_set = common.create_image_dataset(
+                args.dataset, args.data_dir, args.val_split, is_training=False, **common_kwargs
+            )
 
     def _model(self) -> None:
         import timm
@@ -274,8 +351,12 @@ class _Training(common.EpochTraining):
 
         args = self.args
         weights = read_weights(args.initial_checkpoint, args.initial_use_ema) if args.initial_checkpoint else None
-        self.num_classes = args.num_classes or dataset_num_classes(self.train_set) or (
-            weights is not None and checkpoint_num_classes(weights, args.model)) or None
+        self.num_classes = (
+            args.num_classes
+            or dataset_num_classes(self.train_set)
+            or (weights is not None and checkpoint_num_classes(weights, args.model))
+            or None
+        )
         if not self.num_classes:
             raise ValueError(f"--data-dir {args.data_dir}: cannot tell the class count, give --num-classes")
         args.num_classes = self.num_classes
@@ -298,20 +379,40 @@ class _Training(common.EpochTraining):
 
         args, context, config = self.args, self.context, self.data_config
         self.train_loader = create_loader(
-            self.train_set, input_size=config["input_size"], batch_size=args.batch_size, is_training=True,
-            no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
-            scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip,
-            color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=args.train_interpolation,
-            mean=config["mean"], std=config["std"], num_workers=args.workers, distributed=context.distributed,
-            pin_memory=context.device.type == "cuda", device=context.device, use_prefetcher=False,
-            persistent_workers=False)  # workers seeded afresh each epoch, as a resumed run seeds them
+            self.train_set,
+            input_size=config["input_size"],
+            batch_size=args.batch_size,
+            is_training=True,
+            no_aug=args.no_aug,
+            re_prob=args.reprob,
+            re_mode=args.remode,
+            re_count=args.recount,
+            scale=tuple(args.scale),
+            ratio=tuple(args.ratio),
+            hflip=args.hflip,
+            vflip=args.vflip,
+            color_jitter=args.color_jitter,
+            auto_augment=args.aa,
+            interpolation=args.train_interpolation,
+            mean=config["mean"],
+            std=config["std"],
+            num_workers=args.workers,
+            distributed=context.distributed,
+            pin_memory=context.device.type == "cuda",
+            device=context.device,
+            use_prefetcher=False,
+            persistent_workers=False,
+        )  # workers seeded afresh each epoch, as a resumed run seeds them
         if len(self.train_loader) == 0:
-            raise ValueError(f"--data-dir {args.data_dir}: {len(self.train_set)} training images make no full "
-                             f"batch of {args.batch_size} per process; lower --batch-size")
+            raise ValueError(
+                f"--data-dir {args.data_dir}: {len(self.train_set)} training images make no full "
+                f"batch of {args.batch_size} per process; lower --batch-size"
+            )
         self.eval_loader = None
         if self.eval_set is not None:
-            self.eval_loader = create_eval_loader(self.eval_set, config, args.validation_batch_size or args.batch_size,
-                                                  args.workers, context)
+            self.eval_loader = create_eval_loader(
+                self.eval_set, config, args.validation_batch_size or args.batch_size, args.workers, context
+            )
 
     def _objective(self) -> None:
         from timm.data import Mixup
@@ -322,9 +423,16 @@ class _Training(common.EpochTraining):
         if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
             if args.batch_size % 2:
                 raise ValueError(f"--mixup/--cutmix need an even --batch-size, received {args.batch_size}")
-            self.mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                               prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                               label_smoothing=args.smoothing, num_classes=self.num_classes)
+            self.mixup = Mixup(
+                mixup_alpha=args.mixup,
+                cutmix_alpha=args.cutmix,
+                cutmix_minmax=args.cutmix_minmax,
+                prob=args.mixup_prob,
+                switch_prob=args.mixup_switch_prob,
+                mode=args.mixup_mode,
+                label_smoothing=args.smoothing,
+                num_classes=self.num_classes,
+            )
         if args.bce_loss:
             task: nn.Module = BinaryCrossEntropy(smoothing=0.0 if self.mixup else args.smoothing)
         elif self.mixup is not None:
@@ -336,11 +444,11 @@ class _Training(common.EpochTraining):
         self.kd = None
         if args.teacher:
             teacher = create_teacher(args, self.num_classes).to(self.context.device)
-            self.kd = KnowledgeDistillationLoss(teacher, task, args.kd_temperature, args.kd_weight,
-                                                self.data_config["mean"], self.data_config["std"])
+            self.kd = KnowledgeDistillationLoss(
+                teacher, task, args.kd_temperature, args.kd_weight, self.data_config["mean"], self.data_config["std"]
+            )
             self.kd.to(self.context.device)
-            self.logger.info(f"knowledge distillation from {args.teacher}: T={args.kd_temperature}, "
-                             f"W={args.kd_weight}")
+            self.logger.info(f"knowledge distillation from {args.teacher}: T={args.kd_temperature}, W={args.kd_weight}")
         self.task_loss = task.to(self.context.device)
 
     def _optimization(self) -> None:
@@ -354,27 +462,55 @@ class _Training(common.EpochTraining):
             extra["eps"] = args.opt_eps
         if args.opt_betas is not None:
             extra["betas"] = tuple(args.opt_betas)
-        self.optimizer = create_optimizer_v2(self.model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                             momentum=args.momentum, layer_decay=args.layer_decay, **extra)
+        self.optimizer = create_optimizer_v2(
+            self.model,
+            opt=args.opt,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            momentum=args.momentum,
+            layer_decay=args.layer_decay,
+            **extra,
+        )
         self.scheduler, self.num_epochs = create_scheduler_v2(
-            self.optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-            decay_milestones=list(args.decay_milestones), cooldown_epochs=args.cooldown_epochs,
-            decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
-            warmup_epochs=args.warmup_epochs, warmup_prefix=args.warmup_prefix,
-            step_on_epochs=not args.sched_on_updates, updates_per_epoch=len(self.train_loader))
+            self.optimizer,
+            sched=args.sched,
+            num_epochs=args.epochs,
+            decay_epochs=args.decay_epochs,
+            decay_milestones=list(args.decay_milestones),
+            cooldown_epochs=args.cooldown_epochs,
+            decay_rate=args.decay_rate,
+            min_lr=args.min_lr,
+            warmup_lr=args.warmup_lr,
+            warmup_epochs=args.warmup_epochs,
+            warmup_prefix=args.warmup_prefix,
+            step_on_epochs=not args.sched_on_updates,
+            updates_per_epoch=len(self.train_loader),
+        )
         self.scaler = None
         if args.amp and args.amp_dtype == "float16" and self.context.device.type == "cuda":
             self.scaler = NativeScaler(device="cuda")
         self.model_ema = None
         if args.model_ema:
-            self.model_ema = ModelEmaV3(self.model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
-                                        device=torch.device("cpu") if args.model_ema_force_cpu else None)
+            self.model_ema = ModelEmaV3(
+                self.model,
+                decay=args.model_ema_decay,
+                use_warmup=args.model_ema_warmup,
+                device=torch.device("cpu") if args.model_ema_force_cpu else None,
+            )
         self.saver = None
         if self.context.is_main:
             self.saver = common.create_checkpoint_saver(
-                self.model, self.optimizer, args.output, arch=args.model, run_args=vars(args),
-                model_ema=self.model_ema, amp_scaler=self.scaler, extra_state=self._position_state,
-                decreasing=args.eval_metric == "loss", max_history=args.checkpoint_hist)
+                self.model,
+                self.optimizer,
+                args.output,
+                arch=args.model,
+                run_args=vars(args),
+                model_ema=self.model_ema,
+                amp_scaler=self.scaler,
+                extra_state=self._position_state,
+                decreasing=args.eval_metric == "loss",
+                max_history=args.checkpoint_hist,
+            )
 
     def _position_state(self) -> Dict[str, Any]:
         return dict(self.position_state(), num_classes=self.num_classes)
@@ -386,8 +522,9 @@ class _Training(common.EpochTraining):
         if path is None:
             return 0
         state = common.load_checkpoint(path)
-        common.restore_training_state(state, self.model, self.optimizer, self.model_ema, self.scaler, self.saver,
-                                      source=f"--resume {path}")
+        common.restore_training_state(
+            state, self.model, self.optimizer, self.model_ema, self.scaler, self.saver, source=f"--resume {path}"
+        )
         return self.restore_position(state, path)
 
     # ------------------------------------------------------------------------------- training
@@ -411,9 +548,11 @@ class _Training(common.EpochTraining):
                 self.scheduler.step(start_epoch)
         self.train_model = common.wrap_ddp(self.model, context)
         params = sum(p.numel() for p in self.model.parameters())
-        self.logger.info(f"{args.model}: {params / 1e6:.2f} M parameters, {self.num_classes} classes, input "
-                         f"{tuple(self.data_config['input_size'])}, {len(self.train_loader)} steps per epoch "
-                         f"on {context.world_size} process(es)")
+        self.logger.info(
+            f"{args.model}: {params / 1e6:.2f} M parameters, {self.num_classes} classes, input "
+            f"{tuple(self.data_config['input_size'])}, {len(self.train_loader)} steps per epoch "
+            f"on {context.world_size} process(es)"
+        )
         from timm.utils import distribute_bn, update_summary
 
         best = (None, None)
@@ -435,16 +574,26 @@ class _Training(common.EpochTraining):
                     best = self.saver.save_checkpoint(epoch, metric=eval_metrics.get(args.eval_metric))
                     if args.plot:
                         common.plot_summary(self.summary_path, args.output)
-                    shown = {**{f"train_{k}": v for k, v in train_metrics.items()},
-                             **{f"eval_{k}": v for k, v in eval_metrics.items()}}
+                    shown = {
+                        **{f"train_{k}": v for k, v in train_metrics.items()},
+                        **{f"eval_{k}": v for k, v in eval_metrics.items()},
+                    }
                     self.logger.info(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
         if args.rank_weights:
-            common.save_safetensors(os.path.join(args.output, f"rank{context.rank}.safetensors"),
-                                    self.model.state_dict())
+            common.save_safetensors(
+                os.path.join(args.output, f"rank{context.rank}.safetensors"), self.model.state_dict()
+            )
         if best[0] is not None:
             self.logger.info(f"best {args.eval_metric} {best[0]:.4f} at epoch {best[1]}")
-        return dict(best_metric=best[0], best_epoch=best[1], eval=eval_metrics, num_updates=self.num_updates,
-                    summary=self.summary_path, output=args.output, skipped_images=self.skipped_images)
+        return dict(
+            best_metric=best[0],
+            best_epoch=best[1],
+            eval=eval_metrics,
+            num_updates=self.num_updates,
+            summary=self.summary_path,
+            output=args.output,
+            skipped_images=self.skipped_images,
+        )
 
     def _train_epoch(self, epoch: int, guard: common.RunGuard) -> Optional[Dict[str, float]]:
         """One epoch (from ``batches_done`` when resumed mid-epoch); None when stopped by a signal."""
@@ -459,8 +608,9 @@ class _Training(common.EpochTraining):
         if self.kd is not None:
             self.kd.train()
         total = len(self.train_loader)
-        bar = common.progress(total=total, initial=skip, desc=f"epoch {epoch}",
-                              enabled=context.is_main and not args.no_progress)
+        bar = common.progress(
+            total=total, initial=skip, desc=f"epoch {epoch}", enabled=context.is_main and not args.no_progress
+        )
         kd_sums = [0.0, 0.0]
         started = time.perf_counter()
         batches = self.epoch_batches(self.train_loader, epoch)
@@ -497,8 +647,10 @@ class _Training(common.EpochTraining):
             if context.is_main and (index + 1) % args.log_interval == 0:
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.logger.info(f"epoch {epoch} step {index + 1}/{total}: loss {loss_value:.4f}, lr {lr:.3e}")
-                common.append_jsonl(os.path.join(args.output, "metrics.jsonl"),
-                                    dict(epoch=epoch, step=self.num_updates, loss=loss_value, lr=lr))
+                common.append_jsonl(
+                    os.path.join(args.output, "metrics.jsonl"),
+                    dict(epoch=epoch, step=self.num_updates, loss=loss_value, lr=lr),
+                )
             if args.checkpoint_every and self.num_updates % args.checkpoint_every == 0 and index + 1 < total:
                 self.save_last(epoch, batches)
         bar.close()
@@ -525,12 +677,20 @@ class _Training(common.EpochTraining):
             return {}
         args = self.args
         show = self.context.is_main and not args.no_progress
-        metrics = evaluate(self.model, self.eval_loader, self.context, args.amp, args.amp_dtype, show,
-                           desc=f"eval {epoch}")
+        metrics = evaluate(
+            self.model, self.eval_loader, self.context, args.amp, args.amp_dtype, show, desc=f"eval {epoch}"
+        )
         metrics.pop("images")
         if self.model_ema is not None:
-            ema = evaluate(self.model_ema.module, self.eval_loader, self.context, args.amp, args.amp_dtype, show,
-                           desc=f"eval EMA {epoch}")
+            ema = evaluate(
+                self.model_ema.module,
+                self.eval_loader,
+                self.context,
+                args.amp,
+                args.amp_dtype,
+                show,
+                desc=f"eval EMA {epoch}",
+            )
             metrics.update((f"ema_{key}", value) for key, value in ema.items() if key != "images")
         if not all(math.isfinite(value) for value in metrics.values()):
             self.logger.warning(f"epoch {epoch}: non-finite evaluation metrics {dict(metrics)}")

@@ -27,6 +27,7 @@ helpers so that they behave alike:
 * Command line: ``ArgumentParser`` (argparse whose errors are one line and exit code 2) and
   ``run_cli`` (user errors one line with exit 2, never a traceback; exit codes of signal and NaN stops).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,16 +51,57 @@ from timm.data import ImageDataset
 from torch import nn
 
 __all__ = [
-    "DistributedContext", "init_distributed", "cleanup_distributed", "wrap_ddp", "unwrap_model", "seed_everything",
-    "setup_logging", "progress", "append_jsonl", "save_checkpoint", "load_checkpoint", "save_safetensors",
-    "resolve_resume", "cosine_schedule", "infinite_batches", "epoch_batches", "parse_kwargs", "plot_curves",
-    "save_heatmap", "rng_state", "set_rng_state", "gather_rng_states", "rank_rng_state", "EpochBatches",
+    "DistributedContext",
+    "init_distributed",
+    "cleanup_distributed",
+    "wrap_ddp",
+    "unwrap_model",
+    "seed_everything",
+    "setup_logging",
+    "progress",
+    "append_jsonl",
+    "save_checkpoint",
+    "load_checkpoint",
+    "save_safetensors",
+    "resolve_resume",
+    "cosine_schedule",
+    "infinite_batches",
+    "epoch_batches",
+    "parse_kwargs",
+    "plot_curves",
+    "save_heatmap",
+    "rng_state",
+    "set_rng_state",
+    "gather_rng_states",
+    "rank_rng_state",
+    "EpochBatches",
     "StepBatches",
-    "DatasetWarning", "UnreadableImageError", "image_size", "summarize", "seed_albumentations", "SkipUnreadable",
-    "ImageFolderDataset", "create_image_dataset", "registered_filter_fn",
-    "TrainingInterrupted", "NonFiniteLossError", "ArgumentParser", "parse_args_with_config", "save_args_yaml",
-    "add_fault_arguments", "RunGuard", "BufferSnapshot", "create_checkpoint_saver", "restore_training_state", "trim_summary",
-    "read_summary", "plot_summary", "run_cli", "load_fitting_state_dict", "EpochTraining", "run_distributed",
+    "DatasetWarning",
+    "UnreadableImageError",
+    "image_size",
+    "summarize",
+    "seed_albumentations",
+    "SkipUnreadable",
+    "ImageFolderDataset",
+    "create_image_dataset",
+    "registered_filter_fn",
+    "TrainingInterrupted",
+    "NonFiniteLossError",
+    "ArgumentParser",
+    "parse_args_with_config",
+    "save_args_yaml",
+    "add_fault_arguments",
+    "RunGuard",
+    "BufferSnapshot",
+    "create_checkpoint_saver",
+    "restore_training_state",
+    "trim_summary",
+    "read_summary",
+    "plot_summary",
+    "run_cli",
+    "load_fitting_state_dict",
+    "EpochTraining",
+    "run_distributed",
 ]
 
 
@@ -132,7 +174,7 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 
     seed = seed + rank
     random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
@@ -153,13 +195,17 @@ def setup_logging(output_dir: Optional[str], is_main: bool = True, name: str = "
     return logger
 
 
-def progress(iterable: Optional[Iterable[Any]] = None, total: Optional[int] = None, desc: str = "",
-             enabled: bool = True, initial: int = 0):
+def progress(
+    iterable: Optional[Iterable[Any]] = None,
+    total: Optional[int] = None,
+    desc: str = "",
+    enabled: bool = True,
+    initial: int = 0,
+):
     """A tqdm progress bar (silent when ``enabled`` is False, e.g. on non-main ranks)."""
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, disable=not enabled, initial=initial, dynamic_ncols=True,
-                leave=False)
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, initial=initial, dynamic_ncols=True, leave=False)
 
 
 def append_jsonl(path: str, record: Mapping[str, Any]) -> None:
@@ -200,7 +246,9 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     return checkpoint
 
 
-def save_safetensors(path: str, state_dict: Mapping[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
+def save_safetensors(
+    path: str, state_dict: Mapping[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None
+) -> None:
     """Atomically write model weights as safetensors (tensors made contiguous and moved to the CPU)."""
     from safetensors.torch import save_file
 
@@ -220,9 +268,11 @@ def resolve_resume(resume: Optional[str], output_dir: str, name: str = "last.pt"
     return resume
 
 
-def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
-                    min_ratio: float = 0.01) -> torch.optim.lr_scheduler.LambdaLR:
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.01
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup_steps``, then cosine decay to ``min_ratio`` of the base rate."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -257,9 +307,15 @@ def rng_state() -> Dict[str, Any]:
     kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     state: Dict[str, Any] = dict(
         python=[version, list(internal), gauss_next],
-        numpy=dict(kind=str(kind), keys=torch.from_numpy(keys.astype(np.int64)), position=int(position),
-                   has_gauss=int(has_gauss), cached_gaussian=float(cached_gaussian)),
-        torch=torch.get_rng_state())
+        numpy=dict(
+            kind=str(kind),
+            keys=torch.from_numpy(keys.astype(np.int64)),
+            position=int(position),
+            has_gauss=int(has_gauss),
+            cached_gaussian=float(cached_gaussian),
+        ),
+        torch=torch.get_rng_state(),
+    )
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -272,8 +328,15 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     numpy_state = state["numpy"]
-    np.random.set_state((numpy_state["kind"], numpy_state["keys"].cpu().numpy().astype(np.uint32),
-                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].cpu().numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].cpu())
@@ -290,16 +353,19 @@ def gather_rng_states(context: DistributedContext, state: Optional[Dict[str, Any
     return gathered
 
 
-def rank_rng_state(states: Optional[Sequence[Dict[str, Any]]], context: DistributedContext,
-                   logger: Optional[logging.Logger] = None) -> Optional[Dict[str, Any]]:
+def rank_rng_state(
+    states: Optional[Sequence[Dict[str, Any]]], context: DistributedContext, logger: Optional[logging.Logger] = None
+) -> Optional[Dict[str, Any]]:
     """This rank's entry of :func:`gather_rng_states`' list, or None (with a warning) when the checkpoint
     was written by another number of processes (the resumed run is then not bit-exact)."""
     if not states:
         return None
     if len(states) != context.world_size:
         if logger is not None:
-            logger.warning(f"the checkpoint holds the random state of {len(states)} process(es), this run has "
-                           f"{context.world_size}: resuming with fresh random streams (not bit-exact)")
+            logger.warning(
+                f"the checkpoint holds the random state of {len(states)} process(es), this run has "
+                f"{context.world_size}: resuming with fresh random streams (not bit-exact)"
+            )
         return None
     return states[context.rank]
 
@@ -319,8 +385,15 @@ class EpochBatches:
     keep their random streams across epochs).
     """
 
-    def __init__(self, loader: Iterable[Any], epoch: int, seed: int, rank: int = 0, skip: int = 0,
-                 rng_state: Optional[Mapping[str, Any]] = None) -> None:
+    def __init__(
+        self,
+        loader: Iterable[Any],
+        epoch: int,
+        seed: int,
+        rank: int = 0,
+        skip: int = 0,
+        rng_state: Optional[Mapping[str, Any]] = None,
+    ) -> None:
         self.loader = loader
         self.epoch = epoch
         self.seed = seed
@@ -356,8 +429,14 @@ class EpochBatches:
         return rng_state()
 
 
-def epoch_batches(loader: Iterable[Any], epoch: int, seed: int, rank: int = 0, skip: int = 0,
-                  rng_state: Optional[Mapping[str, Any]] = None) -> EpochBatches:
+def epoch_batches(
+    loader: Iterable[Any],
+    epoch: int,
+    seed: int,
+    rank: int = 0,
+    skip: int = 0,
+    rng_state: Optional[Mapping[str, Any]] = None,
+) -> EpochBatches:
     """The :class:`EpochBatches` of ``loader``'s epoch ``epoch`` (see there)."""
     return EpochBatches(loader, epoch, seed, rank, skip, rng_state)
 
@@ -371,11 +450,14 @@ class StepBatches:
     Raises ``ValueError`` at once when the loader has no batch (a dataset smaller than one batch).
     """
 
-    def __init__(self, loader: Any, seed: int, rank: int = 0, start_step: int = 0,
-                 rng_state: Optional[Mapping[str, Any]] = None) -> None:
+    def __init__(
+        self, loader: Any, seed: int, rank: int = 0, start_step: int = 0, rng_state: Optional[Mapping[str, Any]] = None
+    ) -> None:
         if len(loader) == 0:
-            raise ValueError(f"the training data ({len(loader.dataset)} samples) makes no full batch of "
-                             f"{loader.batch_size}; lower the batch size")
+            raise ValueError(
+                f"the training data ({len(loader.dataset)} samples) makes no full batch of "
+                f"{loader.batch_size}; lower the batch size"
+            )
         self.loader = loader
         self.seed = seed
         self.rank = rank
@@ -431,8 +513,14 @@ def _integer_ticks(axis: Any) -> None:
     axis.set_major_locator(MaxNLocator(integer=True))
 
 
-def plot_curves(curves: Mapping[str, Sequence[float]], path: str, xlabel: str = "step", ylabel: str = "",
-                title: str = "", log_y: bool = False) -> None:
+def plot_curves(
+    curves: Mapping[str, Sequence[float]],
+    path: str,
+    xlabel: str = "step",
+    ylabel: str = "",
+    title: str = "",
+    log_y: bool = False,
+) -> None:
     """Save line plots of named series (e.g. losses per step) to a PNG."""
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(6, 4))
@@ -452,8 +540,15 @@ def plot_curves(curves: Mapping[str, Sequence[float]], path: str, xlabel: str = 
     plt.close(figure)
 
 
-def save_heatmap(matrix: Any, path: str, title: str = "", label: str = "", xlabel: str = "", ylabel: str = "",
-                 lines: Sequence[float] = ()) -> None:
+def save_heatmap(
+    matrix: Any,
+    path: str,
+    title: str = "",
+    label: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    lines: Sequence[float] = (),
+) -> None:
     """Save a 2-D array as a PNG heat map with a colour bar; ``lines`` draws separators before those indices."""
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(6, 5))
@@ -547,8 +642,10 @@ class SkipUnreadable:
             except UnreadableImageError as error:
                 failures.append(str(error))
                 self._record(str(error))
-        raise ValueError(f"{self.name}: {len(failures)} samples in a row from index {index} cannot be read "
-                         f"(e.g. {failures[0]}); is the dataset intact?")
+        raise ValueError(
+            f"{self.name}: {len(failures)} samples in a row from index {index} cannot be read "
+            f"(e.g. {failures[0]}); is the dataset intact?"
+        )
 
     def _record(self, what: str) -> None:
         with self._count.get_lock():
@@ -556,8 +653,12 @@ class SkipUnreadable:
             count = self._count.value
         if what not in self._warned:
             self._warned.add(what)
-            warnings.warn(f"{self.name}: skipped an unreadable image, the next sample is used instead: {what} "
-                          f"({count} skipped so far)", DatasetWarning, stacklevel=3)
+            warnings.warn(
+                f"{self.name}: skipped an unreadable image, the next sample is used instead: {what} "
+                f"({count} skipped so far)",
+                DatasetWarning,
+                stacklevel=3,
+            )
 
     @property
     def count(self) -> int:
@@ -574,8 +675,10 @@ class SkipUnreadable:
             dist.all_reduce(total)
             new = int(total.item())
         if new:
-            logger.warning(f"{when}: {new} unreadable images of the {self.name} skipped (each replaced by the next "
-                           f"readable sample); remove or repair them")
+            logger.warning(
+                f"{when}: {new} unreadable images of the {self.name} skipped (each replaced by the next "
+                f"readable sample); remove or repair them"
+            )
         return new
 
 
@@ -602,8 +705,9 @@ class ImageFolderDataset(ImageDataset):
                 if self.input_img_mode:
                     image = image.convert(self.input_img_mode)  # decodes the pixels
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            raise UnreadableImageError(f"{self.filename(index, absolute=True)} ({type(error).__name__}: "
-                                       f"{_one_line(error)})") from None
+            raise UnreadableImageError(
+                f"{self.filename(index, absolute=True)} ({type(error).__name__}: {_one_line(error)})"
+            ) from None
         if self.transform is not None:
             image = self.transform(image)
         if target is None:
@@ -622,8 +726,9 @@ def registered_filter_fn(model_name: str) -> Optional[Callable[..., Dict[str, to
     return getattr(module, "checkpoint_filter_fn", None)
 
 
-def create_image_dataset(name: str, root: str, split: str, skip_unreadable: Optional[str] = None,
-                         flag: str = "--data-dir", **kwargs: Any) -> Any:
+def create_image_dataset(
+    name: str, root: str, split: str, skip_unreadable: Optional[str] = None, flag: str = "--data-dir", **kwargs: Any
+) -> Any:
     """timm's ``create_dataset(name, root=root, split=split, **kwargs)`` that fails clearly before training.
 
     A missing folder raises ``FileNotFoundError`` and a split without images ``ValueError``, both naming
@@ -645,9 +750,15 @@ def create_image_dataset(name: str, root: str, split: str, skip_unreadable: Opti
         raise ValueError(f"{flag} {root}: split {split!r} holds no images")
     if skip_unreadable and type(dataset) is ImageDataset:
         dataset = ImageFolderDataset(
-            root, reader=dataset.reader, load_bytes=dataset.load_bytes, input_img_mode=dataset.input_img_mode,
-            transform=dataset.transform, target_transform=dataset.target_transform,
-            additional_features=dataset.additional_features, unreadable_name=skip_unreadable)
+            root,
+            reader=dataset.reader,
+            load_bytes=dataset.load_bytes,
+            input_img_mode=dataset.input_img_mode,
+            transform=dataset.transform,
+            target_transform=dataset.target_transform,
+            additional_features=dataset.additional_features,
+            unreadable_name=skip_unreadable,
+        )
     return dataset
 
 
@@ -682,8 +793,9 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
-def parse_args_with_config(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None,
-                           config_flag: str = "--config") -> argparse.Namespace:
+def parse_args_with_config(
+    parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None, config_flag: str = "--config"
+) -> argparse.Namespace:
     """Parse ``argv`` with defaults taken from the YAML file named by ``--config`` (timm's scheme).
 
     The file maps option names (``lr``, ``batch_size`` or ``batch-size``) to values; flags given on the
@@ -693,8 +805,9 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Optional[Seque
     import yaml
 
     if not any(config_flag in action.option_strings for action in parser._actions):
-        parser.add_argument(config_flag, default=None, metavar="YAML",
-                            help="YAML file of option defaults (command-line flags win)")
+        parser.add_argument(
+            config_flag, default=None, metavar="YAML", help="YAML file of option defaults (command-line flags win)"
+        )
     pre_parser = ArgumentParser(prog=parser.prog, add_help=False)
     pre_parser.add_argument(config_flag, default=None)
     known, _ = pre_parser.parse_known_args(argv)
@@ -734,11 +847,20 @@ def save_args_yaml(args: argparse.Namespace, path: str) -> None:
 def add_fault_arguments(parser: argparse.ArgumentParser) -> None:
     """The documented fault-injection options (``--fail-at-step``, ``--fail-mode``) of :class:`RunGuard`."""
     group = parser.add_argument_group("fault injection (test recovery: resume, signals, the NaN guard)")
-    group.add_argument("--fail-at-step", type=int, default=None, metavar="N",
-                       help="fail when the run reaches optimizer step N (counted over the whole run)")
-    group.add_argument("--fail-mode", choices=FAULT_MODES, default="sigkill",
-                       help="how: send this process SIGTERM/SIGINT (final checkpoint, clean stop), SIGKILL "
-                            "(a hard crash: no final checkpoint), or make the loss NaN (the guard stops the run)")
+    group.add_argument(
+        "--fail-at-step",
+        type=int,
+        default=None,
+        metavar="N",
+        help="fail when the run reaches optimizer step N (counted over the whole run)",
+    )
+    group.add_argument(
+        "--fail-mode",
+        choices=FAULT_MODES,
+        default="sigkill",
+        help="how: send this process SIGTERM/SIGINT (final checkpoint, clean stop), SIGKILL "
+        "(a hard crash: no final checkpoint), or make the loss NaN (the guard stops the run)",
+    )
 
 
 class RunGuard:
@@ -752,8 +874,13 @@ class RunGuard:
     every rank stops at the same step and the main one writes the final checkpoint.
     """
 
-    def __init__(self, context: DistributedContext, fail_at_step: Optional[int] = None,
-                 fail_mode: str = "sigkill", signals: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        context: DistributedContext,
+        fail_at_step: Optional[int] = None,
+        fail_mode: str = "sigkill",
+        signals: Sequence[int] = (),
+    ) -> None:
         import signal as signal_module
 
         if fail_mode not in FAULT_MODES:
@@ -789,8 +916,9 @@ class RunGuard:
 
         if self.fail_mode == "nan":
             return loss * float("nan")
-        signum = {"sigterm": signal_module.SIGTERM, "sigint": signal_module.SIGINT,
-                  "sigkill": signal_module.SIGKILL}[self.fail_mode]
+        signum = {"sigterm": signal_module.SIGTERM, "sigint": signal_module.SIGINT, "sigkill": signal_module.SIGKILL}[
+            self.fail_mode
+        ]
         os.kill(os.getpid(), signum)
         return loss
 
@@ -798,20 +926,30 @@ class RunGuard:
         """Raise on a non-finite loss (any rank); return True when a stop signal arrived (any rank)."""
         if self.fail_at_step is not None and step == self.fail_at_step:
             loss = self._inject(loss)
-        flags = torch.stack([torch.tensor(float(self.received), device=loss.device),
-                             (~torch.isfinite(loss.detach())).any().float()])
+        flags = torch.stack(
+            [torch.tensor(float(self.received), device=loss.device), (~torch.isfinite(loss.detach())).any().float()]
+        )
         if self.context.distributed:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         signum, non_finite = flags.tolist()
         if non_finite:
-            raise NonFiniteLossError(f"non-finite loss ({float(loss.detach().float().sum())}) at step {step}"
-                                     + (f" ({where})" if where else ""))
+            raise NonFiniteLossError(
+                f"non-finite loss ({float(loss.detach().float().sum())}) at step {step}"
+                + (f" ({where})" if where else "")
+            )
         if signum and not self.received:
             self.received = int(signum)
         return bool(signum)
 
-    def stop_on_signal(self, loss: torch.Tensor, step: int, save_pending: Callable[[], None], checkpoint: str,
-                       where: str = "", bar: Any = None) -> None:
+    def stop_on_signal(
+        self,
+        loss: torch.Tensor,
+        step: int,
+        save_pending: Callable[[], None],
+        checkpoint: str,
+        where: str = "",
+        bar: Any = None,
+    ) -> None:
         """:meth:`check`; after a stop signal, write the final checkpoint and raise :class:`TrainingInterrupted`.
 
         ``save_pending`` saves the state from before the step in flight (trained again on resume); it
@@ -835,8 +973,12 @@ class BufferSnapshot:
     def __init__(self, module: nn.Module) -> None:
         from torch.nn.modules.batchnorm import _NormBase
 
-        self._buffers = [buffer for layer in module.modules() if isinstance(layer, _NormBase)
-                         for buffer in layer.buffers(recurse=False)]
+        self._buffers = [
+            buffer
+            for layer in module.modules()
+            if isinstance(layer, _NormBase)
+            for buffer in layer.buffers(recurse=False)
+        ]
         self._saved: List[torch.Tensor] = []
 
     def take(self) -> None:
@@ -858,21 +1000,42 @@ def _checkpoint_saver_class():
         carry the resume state ``extra_state()`` returns (position in the epoch, scheduler, ...).
         """
 
-        def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, output_dir: str, arch: str,
-                     run_args: Optional[Mapping[str, Any]] = None, model_ema: Optional[nn.Module] = None,
-                     amp_scaler: Any = None, extra_state: Optional[Any] = None, decreasing: bool = False,
-                     max_history: int = 3) -> None:
-            super().__init__(model, optimizer, model_ema=model_ema, amp_scaler=amp_scaler,
-                             checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=decreasing,
-                             max_history=max_history)  # timm's unwrap_fn: DDP, compiled and EMA wrappers
+        def __init__(
+            self,
+            model: nn.Module,
+            optimizer: torch.optim.Optimizer,
+            output_dir: str,
+            arch: str,
+            run_args: Optional[Mapping[str, Any]] = None,
+            model_ema: Optional[nn.Module] = None,
+            amp_scaler: Any = None,
+            extra_state: Optional[Any] = None,
+            decreasing: bool = False,
+            max_history: int = 3,
+        ) -> None:
+            super().__init__(
+                model,
+                optimizer,
+                model_ema=model_ema,
+                amp_scaler=amp_scaler,
+                checkpoint_dir=output_dir,
+                recovery_dir=output_dir,
+                decreasing=decreasing,
+                max_history=max_history,
+            )  # timm's unwrap_fn: DDP, compiled and EMA wrappers
             self.arch = arch
             self.run_args = dict(run_args or {})
             self.extra_state = extra_state
 
         def _save(self, save_path: str, epoch: int, metric: Optional[float] = None) -> None:
-            state: Dict[str, Any] = dict(epoch=epoch, arch=self.arch, version=2, args=self.run_args,
-                                         state_dict=get_state_dict(self.model, self.unwrap_fn),
-                                         optimizer=self.optimizer.state_dict())
+            state: Dict[str, Any] = dict(
+                epoch=epoch,
+                arch=self.arch,
+                version=2,
+                args=self.run_args,
+                state_dict=get_state_dict(self.model, self.unwrap_fn),
+                optimizer=self.optimizer.state_dict(),
+            )
             if self.amp_scaler is not None:
                 state[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
             if self.model_ema is not None:
@@ -899,8 +1062,9 @@ def _checkpoint_saver_class():
     return TrainCheckpointSaver
 
 
-def create_checkpoint_saver(model: nn.Module, optimizer: torch.optim.Optimizer, output_dir: str, arch: str,
-                            **kwargs: Any):
+def create_checkpoint_saver(
+    model: nn.Module, optimizer: torch.optim.Optimizer, output_dir: str, arch: str, **kwargs: Any
+):
     """A ``TrainCheckpointSaver`` (timm's ``CheckpointSaver`` writing atomic, weights-only checkpoints)."""
     return _checkpoint_saver_class()(model, optimizer, output_dir, arch, **kwargs)
 
@@ -916,9 +1080,15 @@ def load_fitting_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Te
     module.load_state_dict(state_dict)
 
 
-def restore_training_state(checkpoint: Mapping[str, Any], model: nn.Module,
-                           optimizer: Optional[torch.optim.Optimizer] = None, model_ema: Optional[nn.Module] = None,
-                           amp_scaler: Any = None, saver: Any = None, source: str = "--resume") -> None:
+def restore_training_state(
+    checkpoint: Mapping[str, Any],
+    model: nn.Module,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    model_ema: Optional[nn.Module] = None,
+    amp_scaler: Any = None,
+    saver: Any = None,
+    source: str = "--resume",
+) -> None:
     """Load what a ``TrainCheckpointSaver`` wrote back into the model, optimizer, EMA, scaler and saver.
 
     A checkpoint without ``state_dict`` or whose weights do not fit the model raises a ``ValueError``
@@ -975,8 +1145,9 @@ class EpochTraining:
 
     def position_state(self) -> Dict[str, Any]:
         """The run's position, stored in every checkpoint (with the RNG states when mid-epoch)."""
-        state: Dict[str, Any] = dict(num_updates=self.num_updates, batches_done=self.batches_done,
-                                     epoch_sums=self.epoch_sums)
+        state: Dict[str, Any] = dict(
+            num_updates=self.num_updates, batches_done=self.batches_done, epoch_sums=self.epoch_sums
+        )
         if self.batches_done is not None:
             state["rng"] = self.rng_states
         return state
@@ -991,15 +1162,18 @@ class EpochTraining:
             start_epoch = int(state["epoch"])
             self.epoch_sums = state.get("epoch_sums", self.epoch_sums)
             self.resume_rng = rank_rng_state(state.get("rng"), self.context, self.logger)
-        self.logger.info(f"resumed {path}: epoch {start_epoch}"
-                         + (f", after step {self.batches_done} of it" if self.batches_done else "")
-                         + f" ({self.num_updates} updates done)")
+        self.logger.info(
+            f"resumed {path}: epoch {start_epoch}"
+            + (f", after step {self.batches_done} of it" if self.batches_done else "")
+            + f" ({self.num_updates} updates done)"
+        )
         return start_epoch
 
     def epoch_batches(self, loader: Any, epoch: int) -> EpochBatches:
         """The epoch's batches, from ``batches_done`` on with the saved RNG state when resumed mid-epoch."""
-        batches = EpochBatches(loader, epoch, self.args.seed, self.context.rank, self.batches_done or 0,
-                               self.resume_rng)
+        batches = EpochBatches(
+            loader, epoch, self.args.seed, self.context.rank, self.batches_done or 0, self.resume_rng
+        )
         self.resume_rng = None
         return batches
 
@@ -1021,8 +1195,9 @@ class EpochTraining:
         clip_grad = self.args.clip_grad
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
-            self.scaler(loss, self.optimizer, clip_grad=clip_grad, clip_mode=clip_mode,
-                        parameters=self.model.parameters())
+            self.scaler(
+                loss, self.optimizer, clip_grad=clip_grad, clip_mode=clip_mode, parameters=self.model.parameters()
+            )
             return
         loss.backward()
         if clip_grad is not None:

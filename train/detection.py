@@ -20,6 +20,7 @@ for the evaluation. Runs under ``torchrun`` (DDP, rank-0 logging and checkpoints
 ``--resume auto``, signals, the NaN guard, ``summary.csv`` and ``--plot`` work as in
 ``recurzoo.train.classification``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,13 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = common.ArgumentParser(
         prog="python -m recurzoo.train.detection",
         description="Faster/Mask R-CNN (torchvision) with an FPN over any timm/recurzoo features_only backbone, "
-                    "on COCO-format data; COCO mAP from pycocotools.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", default=None, metavar="YAML",
-                        help="YAML file of option defaults, keys as the flags' names (command-line flags win)")
+        "on COCO-format data; COCO mAP from pycocotools.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="YAML",
+        help="YAML file of option defaults, keys as the flags' names (command-line flags win)",
+    )
     group = parser.add_argument_group("data (COCO format)")
-    group.add_argument("--data-dir", required=True,
-                       help="COCO root: <split>/ images and annotations/instances_<split>.json")
+    group.add_argument(
+        "--data-dir", required=True, help="COCO root: <split>/ images and annotations/instances_<split>.json"
+    )
     group.add_argument("--train-split", default="train2017", help="training image folder under --data-dir")
     group.add_argument("--val-split", default="val2017", help="evaluation image folder under --data-dir")
     group.add_argument("--train-images", default=None, help="training image folder (overrides --train-split)")
@@ -65,24 +72,46 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--min-size", type=int, default=800, help="shorter image side after resizing")
     group.add_argument("--max-size", type=int, default=1333, help="longest image side after resizing")
     group = parser.add_argument_group("model")
-    group.add_argument("--detector", choices=("fasterrcnn", "maskrcnn"), default="fasterrcnn",
-                       help="torchvision detector (maskrcnn adds instance masks and mask mAP)")
+    group.add_argument(
+        "--detector",
+        choices=("fasterrcnn", "maskrcnn"),
+        default="fasterrcnn",
+        help="torchvision detector (maskrcnn adds instance masks and mask mAP)",
+    )
     group.add_argument("--backbone", default="hornet_tiny_7x7", help="timm/recurzoo model with features_only")
-    group.add_argument("--backbone-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                       help="extra timm.create_model arguments, e.g. 'dims=(16,32,64,128)'")
+    group.add_argument(
+        "--backbone-kwargs",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra timm.create_model arguments, e.g. 'dims=(16,32,64,128)'",
+    )
     group.add_argument("--pretrained-backbone", action="store_true", help="timm's pretrained backbone weights")
     group.add_argument("--backbone-checkpoint", default=None, help="backbone weights from a classification checkpoint")
-    group.add_argument("--out-indices", type=int, nargs="+", default=None,
-                       help="backbone feature levels (default: the deepest map of each stride)")
+    group.add_argument(
+        "--out-indices",
+        type=int,
+        nargs="+",
+        default=None,
+        help="backbone feature levels (default: the deepest map of each stride)",
+    )
     group.add_argument("--fpn-channels", type=int, default=256, help="feature-pyramid width")
-    group.add_argument("--frozen-bn", action=argparse.BooleanOptionalAction, default=None,
-                       help="freeze the backbone's BatchNorm (default: when backbone weights are loaded)")
+    group.add_argument(
+        "--frozen-bn",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="freeze the backbone's BatchNorm (default: when backbone weights are loaded)",
+    )
     group.add_argument("--anchor-scale", type=float, default=8.0, help="anchor side in units of the level's stride")
     group.add_argument("--box-score-thresh", type=float, default=0.05, help="lowest score of a kept detection")
     group.add_argument("--box-detections-per-img", type=int, default=100, help="detections kept per image")
-    group.add_argument("--detector-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                       help="further torchvision detector arguments, e.g. box_batch_size_per_image=128 "
-                            "rpn_post_nms_top_n_train=1000")
+    group.add_argument(
+        "--detector-kwargs",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="further torchvision detector arguments, e.g. box_batch_size_per_image=128 rpn_post_nms_top_n_train=1000",
+    )
     group = parser.add_argument_group("optimizer and schedule")
     group.add_argument("--opt", default="momentum", help="timm optimizer name (momentum = SGD as torchvision's)")
     group.add_argument("--lr", type=float, default=0.02, help="peak learning rate (0.02 for 16 images per step)")
@@ -102,10 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--test-only", action="store_true", help="only evaluate (the --resume weights)")
     group.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     group.add_argument("--checkpoint-hist", type=int, default=3, help="ranked epoch checkpoints to keep")
-    group.add_argument("--checkpoint-every", type=int, default=0,
-                       help="also write last.pth.tar every N steps within an epoch (0: at epoch ends only)")
-    group.add_argument("--dist-bn", default="reduce", choices=("reduce", "broadcast", ""),
-                       help="sync the backbone's BatchNorm statistics across ranks at epoch ends")
+    group.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="also write last.pth.tar every N steps within an epoch (0: at epoch ends only)",
+    )
+    group.add_argument(
+        "--dist-bn",
+        default="reduce",
+        choices=("reduce", "broadcast", ""),
+        help="sync the backbone's BatchNorm statistics across ranks at epoch ends",
+    )
     group.add_argument("--amp", action="store_true", help="mixed precision (autocast; GradScaler for float16)")
     group.add_argument("--amp-dtype", choices=("bfloat16", "float16"), default="float16")
     group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
@@ -113,8 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--log-interval", type=int, default=20, help="log the losses every N steps")
     group.add_argument("--plot", action="store_true", help="write loss.png and metrics.png after every epoch")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
-    group.add_argument("--rank-weights", action="store_true",
-                       help="every rank also writes its final weights to OUTPUT/rank<R>.safetensors")
+    group.add_argument(
+        "--rank-weights",
+        action="store_true",
+        help="every rank also writes its final weights to OUTPUT/rank<R>.safetensors",
+    )
     common.add_fault_arguments(parser)
     return parser
 
@@ -129,8 +169,9 @@ class CocoDetection(Dataset):
     images left without annotations, and images are flipped horizontally with probability ``hflip``.
     """
 
-    def __init__(self, image_dir: str, annotation_file: str, train: bool = False, masks: bool = False,
-                 hflip: float = 0.5) -> None:
+    def __init__(
+        self, image_dir: str, annotation_file: str, train: bool = False, masks: bool = False, hflip: float = 0.5
+    ) -> None:
         from pycocotools.coco import COCO
 
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
@@ -172,14 +213,17 @@ class CocoDetection(Dataset):
         boxes[:, 0::2].clamp_(0, width)
         boxes[:, 1::2].clamp_(0, height)
         target: Dict[str, torch.Tensor] = dict(
-            boxes=boxes, labels=torch.tensor([self.label_of[a["category_id"]] for a in annotations], dtype=torch.int64),
-            image_id=torch.tensor(image_id))
+            boxes=boxes,
+            labels=torch.tensor([self.label_of[a["category_id"]] for a in annotations], dtype=torch.int64),
+            image_id=torch.tensor(image_id),
+        )
         if self.masks:
             import numpy as np
 
             masks = [self.coco.annToMask(a) for a in annotations]
-            target["masks"] = (torch.from_numpy(np.stack(masks)) if masks
-                               else torch.zeros((0, height, width), dtype=torch.uint8))
+            target["masks"] = (
+                torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, height, width), dtype=torch.uint8)
+            )
         if self.hflip and random.random() < self.hflip:
             image = image.flip(-1)
             target["boxes"] = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
@@ -198,14 +242,20 @@ def _paths(args: argparse.Namespace, split: str, images: Optional[str], annotati
     annotation_file = annotations or os.path.join(args.data_dir, "annotations", f"instances_{split}.json")
     for path in (image_dir, annotation_file):
         if not os.path.exists(path):
-            raise FileNotFoundError(f"--data-dir {args.data_dir}: {path} does not exist (COCO layout: <split>/ and "
-                                    f"annotations/instances_<split>.json)")
+            raise FileNotFoundError(
+                f"--data-dir {args.data_dir}: {path} does not exist (COCO layout: <split>/ and "
+                f"annotations/instances_<split>.json)"
+            )
     return image_dir, annotation_file
 
 
 # ------------------------------------------------------------------------------------- evaluation
-def detections_to_coco(outputs: Sequence[Dict[str, torch.Tensor]], image_ids: Sequence[int],
-                       category_ids: Sequence[int], masks: bool = False) -> List[Dict[str, Any]]:
+def detections_to_coco(
+    outputs: Sequence[Dict[str, torch.Tensor]],
+    image_ids: Sequence[int],
+    category_ids: Sequence[int],
+    masks: bool = False,
+) -> List[Dict[str, Any]]:
     """torchvision detector outputs -> COCO result records (``bbox`` as x, y, w, h; labels 1..K -> ids).
 
     With ``masks``, each detection's mask (probabilities, thresholded at 0.5) becomes an RLE ``segmentation``.
@@ -232,8 +282,9 @@ def detections_to_coco(outputs: Sequence[Dict[str, torch.Tensor]], image_ids: Se
     return records
 
 
-def coco_evaluate(coco_gt: Any, records: Sequence[Dict[str, Any]], image_ids: Sequence[int],
-                  iou_types: Sequence[str] = ("bbox",)) -> Tuple[Dict[str, float], str]:
+def coco_evaluate(
+    coco_gt: Any, records: Sequence[Dict[str, Any]], image_ids: Sequence[int], iou_types: Sequence[str] = ("bbox",)
+) -> Tuple[Dict[str, float], str]:
     """COCO AP with pycocotools: ``{'map', 'map50', 'map75'}`` for boxes (``mask_*`` for ``segm``) and
     the printed summary tables. No detections at all score 0."""
     from pycocotools.cocoeval import COCOeval
@@ -258,21 +309,26 @@ def coco_evaluate(coco_gt: Any, records: Sequence[Dict[str, Any]], image_ids: Se
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: CocoDetection, args: argparse.Namespace,
-             context: common.DistributedContext, logger: Any = None) -> Dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    dataset: CocoDetection,
+    args: argparse.Namespace,
+    context: common.DistributedContext,
+    logger: Any = None,
+) -> Dict[str, float]:
     """COCO mAP of ``model`` on ``dataset``; each rank detects on its share, rank 0 scores, all get it."""
     was_training = model.training
     model.eval()
     share = Subset(dataset, range(context.rank, len(dataset), context.world_size))
-    loader = DataLoader(share, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-                        collate_fn=collate)
+    loader = DataLoader(share, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, collate_fn=collate)
     records: List[Dict[str, Any]] = []
     for images, targets in common.progress(loader, desc="eval", enabled=context.is_main and not args.no_progress):
         images = [image.to(context.device, non_blocking=True) for image in images]
         with autocast(context.device, args.amp, args.amp_dtype):
             outputs = model(images)
-        records += detections_to_coco(outputs, [int(t["image_id"]) for t in targets], dataset.category_ids,
-                                      masks=dataset.masks)
+        records += detections_to_coco(
+            outputs, [int(t["image_id"]) for t in targets], dataset.category_ids, masks=dataset.masks
+        )
     if context.distributed:
         gathered: List[Any] = [None] * context.world_size
         dist.all_gather_object(gathered, records)
@@ -316,8 +372,12 @@ class _Training(common.EpochTraining):
         self.val_set = CocoDetection(*_paths(args, args.val_split, args.val_images, args.val_ann), masks=masks)
         self.train_set = None
         if not args.test_only:
-            self.train_set = CocoDetection(*_paths(args, args.train_split, args.train_images, args.train_ann),
-                                           train=True, masks=masks, hflip=args.hflip)
+            self.train_set = CocoDetection(
+                *_paths(args, args.train_split, args.train_images, args.train_ann),
+                train=True,
+                masks=masks,
+                hflip=args.hflip,
+            )
             if self.train_set.category_ids != self.val_set.category_ids:
                 raise ValueError("the training and evaluation annotation files list different categories")
         common.seed_everything(args.seed)  # the same initial weights on every rank
@@ -330,40 +390,75 @@ class _Training(common.EpochTraining):
             weights = clean_state_dict(read_state_dict(args.backbone_checkpoint))
             backbone_kwargs["pretrained_cfg_overlay"] = dict(state_dict=weights)
         backbone = create_fpn_backbone(
-            args.backbone, out_indices=args.out_indices, fpn_channels=args.fpn_channels,
-            pretrained=args.pretrained_backbone or bool(args.backbone_checkpoint), frozen_bn=args.frozen_bn,
-            **backbone_kwargs)
-        self.model = create_detector(args.detector, backbone, self.val_set.num_classes, min_size=args.min_size,
-                                     max_size=args.max_size, anchor_scale=args.anchor_scale,
-                                     box_score_thresh=args.box_score_thresh,
-                                     box_detections_per_img=args.box_detections_per_img,
-                                     **common.parse_kwargs(args.detector_kwargs)).to(context.device)
-        self.optimizer = create_optimizer_v2(self.model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                             momentum=args.momentum)
+            args.backbone,
+            out_indices=args.out_indices,
+            fpn_channels=args.fpn_channels,
+            pretrained=args.pretrained_backbone or bool(args.backbone_checkpoint),
+            frozen_bn=args.frozen_bn,
+            **backbone_kwargs,
+        )
+        self.model = create_detector(
+            args.detector,
+            backbone,
+            self.val_set.num_classes,
+            min_size=args.min_size,
+            max_size=args.max_size,
+            anchor_scale=args.anchor_scale,
+            box_score_thresh=args.box_score_thresh,
+            box_detections_per_img=args.box_detections_per_img,
+            **common.parse_kwargs(args.detector_kwargs),
+        ).to(context.device)
+        self.optimizer = create_optimizer_v2(
+            self.model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
+        )
         self.train_loader = None
         self.scheduler, self.num_epochs = None, args.epochs
         if self.train_set is not None:
             sampler = DistributedSampler(self.train_set, seed=args.seed) if context.distributed else None
-            self.train_loader = DataLoader(self.train_set, batch_size=args.batch_size, sampler=sampler,
-                                           shuffle=sampler is None, num_workers=args.workers, collate_fn=collate,
-                                           drop_last=True, pin_memory=context.device.type == "cuda",
-                                           persistent_workers=args.workers > 0)
+            self.train_loader = DataLoader(
+                self.train_set,
+                batch_size=args.batch_size,
+                sampler=sampler,
+                shuffle=sampler is None,
+                num_workers=args.workers,
+                collate_fn=collate,
+                drop_last=True,
+                pin_memory=context.device.type == "cuda",
+                persistent_workers=args.workers > 0,
+            )
             if len(self.train_loader) == 0:
-                raise ValueError(f"{len(self.train_set)} training images make no full batch of {args.batch_size} "
-                                 f"per process; lower --batch-size")
+                raise ValueError(
+                    f"{len(self.train_set)} training images make no full batch of {args.batch_size} "
+                    f"per process; lower --batch-size"
+                )
             self.scheduler, self.num_epochs = create_scheduler_v2(
-                self.optimizer, sched=args.sched, num_epochs=args.epochs, decay_milestones=list(args.lr_steps),
-                decay_epochs=args.lr_steps[0], decay_rate=args.lr_gamma, min_lr=args.min_lr,
-                warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, step_on_epochs=False,
-                updates_per_epoch=len(self.train_loader))
+                self.optimizer,
+                sched=args.sched,
+                num_epochs=args.epochs,
+                decay_milestones=list(args.lr_steps),
+                decay_epochs=args.lr_steps[0],
+                decay_rate=args.lr_gamma,
+                min_lr=args.min_lr,
+                warmup_lr=args.warmup_lr,
+                warmup_epochs=args.warmup_epochs,
+                step_on_epochs=False,
+                updates_per_epoch=len(self.train_loader),
+            )
         self.scaler = None
         if args.amp and args.amp_dtype == "float16" and context.device.type == "cuda":
             self.scaler = NativeScaler(device="cuda")
         self.saver = None
         if context.is_main and not args.test_only:
             self.saver = common.create_checkpoint_saver(
-                self.model, self.optimizer, args.output, arch=f"{args.detector}_{args.backbone}", run_args=vars(args),
-                amp_scaler=self.scaler, extra_state=self._position_state, max_history=args.checkpoint_hist)
+                self.model,
+                self.optimizer,
+                args.output,
+                arch=f"{args.detector}_{args.backbone}",
+                run_args=vars(args),
+                amp_scaler=self.scaler,
+                extra_state=self._position_state,
+                max_history=args.checkpoint_hist,
+            )
 
     def _position_state(self) -> Dict[str, Any]:
         return dict(self.position_state(), category_ids=list(self.val_set.category_ids))
@@ -376,8 +471,15 @@ class _Training(common.EpochTraining):
                 self.logger.warning("--test-only without --resume: evaluating untrained detection heads")
             return 0
         state = common.load_checkpoint(path)
-        common.restore_training_state(state, self.model, None if args.test_only else self.optimizer, None,
-                                      self.scaler, self.saver, source=f"--resume {path}")
+        common.restore_training_state(
+            state,
+            self.model,
+            None if args.test_only else self.optimizer,
+            None,
+            self.scaler,
+            self.saver,
+            source=f"--resume {path}",
+        )
         return self.restore_position(state, path)
 
     def run(self) -> Dict[str, Any]:
@@ -395,10 +497,12 @@ class _Training(common.EpochTraining):
             common.trim_summary(self.summary_path, start_epoch)
         self.scheduler.step_update(self.num_updates)
         self.train_model = common.wrap_ddp(self.model, context)
-        self.logger.info(f"{args.detector} on {args.backbone} (pyramid strides {self.model.backbone.strides}): "
-                         f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M parameters, "
-                         f"{self.val_set.num_classes - 1} classes, {len(self.train_loader)} steps per epoch on "
-                         f"{context.world_size} process(es)")
+        self.logger.info(
+            f"{args.detector} on {args.backbone} (pyramid strides {self.model.backbone.strides}): "
+            f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M parameters, "
+            f"{self.val_set.num_classes - 1} classes, {len(self.train_loader)} steps per epoch on "
+            f"{context.world_size} process(es)"
+        )
         best: Tuple[Optional[float], Optional[int]] = (None, None)
         eval_metrics: Dict[str, float] = {}
         with common.RunGuard(context, args.fail_at_step, args.fail_mode) as guard, self.log_failure():
@@ -419,14 +523,23 @@ class _Training(common.EpochTraining):
                     best = self.saver.save_checkpoint(epoch, metric=eval_metrics.get("map"))
                     if args.plot:
                         common.plot_summary(self.summary_path, args.output)
-                    shown = {**{f"train_{k}": v for k, v in train_metrics.items()},
-                             **{f"eval_{k}": v for k, v in eval_metrics.items()}}
+                    shown = {
+                        **{f"train_{k}": v for k, v in train_metrics.items()},
+                        **{f"eval_{k}": v for k, v in eval_metrics.items()},
+                    }
                     self.logger.info(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
         if args.rank_weights:
-            common.save_safetensors(os.path.join(args.output, f"rank{context.rank}.safetensors"),
-                                    self.model.state_dict())
-        return dict(best_map=best[0], best_epoch=best[1], eval=eval_metrics, num_updates=self.num_updates,
-                    summary=self.summary_path, output=args.output)
+            common.save_safetensors(
+                os.path.join(args.output, f"rank{context.rank}.safetensors"), self.model.state_dict()
+            )
+        return dict(
+            best_map=best[0],
+            best_epoch=best[1],
+            eval=eval_metrics,
+            num_updates=self.num_updates,
+            summary=self.summary_path,
+            output=args.output,
+        )
 
     def _train_epoch(self, epoch: int, guard: common.RunGuard) -> Optional[Dict[str, float]]:
         args, context = self.args, self.context
@@ -436,14 +549,17 @@ class _Training(common.EpochTraining):
             self.epoch_sums = {}
         self.train_model.train()
         total = len(self.train_loader)
-        bar = common.progress(total=total, initial=skip, desc=f"epoch {epoch}",
-                              enabled=context.is_main and not args.no_progress)
+        bar = common.progress(
+            total=total, initial=skip, desc=f"epoch {epoch}", enabled=context.is_main and not args.no_progress
+        )
         started = time.perf_counter()
         batches = self.epoch_batches(self.train_loader, epoch)
         for index, (images, targets) in batches:
             images = [image.to(context.device, non_blocking=True) for image in images]
-            targets = [{key: value.to(context.device, non_blocking=True) for key, value in target.items()}
-                       for target in targets]
+            targets = [
+                {key: value.to(context.device, non_blocking=True) for key, value in target.items()}
+                for target in targets
+            ]
             self.snapshot_buffers()
             with autocast(context.device, args.amp, args.amp_dtype):
                 losses = self.train_model(images, targets)
@@ -455,8 +571,10 @@ class _Training(common.EpochTraining):
             self.optimizer_step(loss)
             self.num_updates += 1
             self.batches_done = index + 1
-            values = {"loss": loss.detach().float().item(),
-                      **{key: value.detach().float().item() for key, value in losses.items()}}
+            values = {
+                "loss": loss.detach().float().item(),
+                **{key: value.detach().float().item() for key, value in losses.items()},
+            }
             for key, value in values.items():
                 self.epoch_sums[key] = self.epoch_sums.get(key, 0.0) + value
             self.epoch_sums["steps"] = self.epoch_sums.get("steps", 0) + 1
@@ -464,15 +582,20 @@ class _Training(common.EpochTraining):
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.4f}")
             if context.is_main and (index + 1) % args.log_interval == 0:
-                self.logger.info(f"epoch {epoch} step {index + 1}/{total}: " + ", ".join(
-                    f"{key} {value:.4f}" for key, value in values.items())
-                    + f", lr {self.optimizer.param_groups[0]['lr']:.3e}")
+                self.logger.info(
+                    f"epoch {epoch} step {index + 1}/{total}: "
+                    + ", ".join(f"{key} {value:.4f}" for key, value in values.items())
+                    + f", lr {self.optimizer.param_groups[0]['lr']:.3e}"
+                )
             if args.checkpoint_every and self.num_updates % args.checkpoint_every == 0 and index + 1 < total:
                 self.save_last(epoch, batches)
         bar.close()
         keys = sorted(key for key in self.epoch_sums if key != "steps")
-        sums = torch.tensor([self.epoch_sums[key] for key in keys] + [self.epoch_sums.get("steps", 0)],
-                            dtype=torch.float64, device=context.device)
+        sums = torch.tensor(
+            [self.epoch_sums[key] for key in keys] + [self.epoch_sums.get("steps", 0)],
+            dtype=torch.float64,
+            device=context.device,
+        )
         if context.distributed:
             dist.all_reduce(sums)
         steps = max(1.0, sums[-1].item())

@@ -21,6 +21,7 @@ folder of class folders, or one with a ``train`` sub-folder) works. Runs under `
 data-parallel training; checkpoints (``last.pt``) are written atomically, ``--resume auto`` picks
 them up. The student ends in ``student.safetensors`` with ``student_config.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,12 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from recurzoo.backbones.recurrent_vit import (
-    RecurrentViT, even_phases, find_phases, from_vit, phase_starts, vit_step_tokens,
+    RecurrentViT,
+    even_phases,
+    find_phases,
+    from_vit,
+    phase_starts,
+    vit_step_tokens,
 )
 from recurzoo.train import common
 
@@ -46,36 +52,74 @@ def build_parser() -> argparse.ArgumentParser:
     parser = common.ArgumentParser(
         prog="python -m recurzoo.train.distill_recurrent",
         description="Distil a timm ViT teacher into a recurrent ViT with k shared blocks.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     group = parser.add_argument_group("teacher")
     group.add_argument("--teacher", required=True, help="timm model name of the ViT teacher")
-    group.add_argument("--teacher-checkpoint", default=None,
-                       help="teacher weights (.safetensors, or a torch checkpoint read with weights_only=True)")
-    group.add_argument("--teacher-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                       help="extra timm.create_model arguments of the teacher, e.g. img_size=32 depth=4")
-    group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
-                       help="load timm's pretrained teacher weights (default: when no --teacher-checkpoint)")
+    group.add_argument(
+        "--teacher-checkpoint",
+        default=None,
+        help="teacher weights (.safetensors, or a torch checkpoint read with weights_only=True)",
+    )
+    group.add_argument(
+        "--teacher-kwargs",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra timm.create_model arguments of the teacher, e.g. img_size=32 depth=4",
+    )
+    group.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="load timm's pretrained teacher weights (default: when no --teacher-checkpoint)",
+    )
     group = parser.add_argument_group("student")
     group.add_argument("--k", type=int, default=2, help="number of shared blocks")
-    group.add_argument("--phases", type=int, nargs="+", default=None,
-                       help="phase lengths (sum = teacher depth); default: found by --phase-split")
-    group.add_argument("--phase-split", choices=("similarity", "even"), default="similarity",
-                       help="how phases are chosen when --phases is not given")
-    group.add_argument("--init", choices=("teacher", "random"), default="teacher",
-                       help="shared blocks copied from the teacher or freshly initialized")
-    group.add_argument("--source-block", choices=("first", "middle", "last"), default="middle",
-                       help="which teacher block of each phase the shared block is copied from")
+    group.add_argument(
+        "--phases",
+        type=int,
+        nargs="+",
+        default=None,
+        help="phase lengths (sum = teacher depth); default: found by --phase-split",
+    )
+    group.add_argument(
+        "--phase-split",
+        choices=("similarity", "even"),
+        default="similarity",
+        help="how phases are chosen when --phases is not given",
+    )
+    group.add_argument(
+        "--init",
+        choices=("teacher", "random"),
+        default="teacher",
+        help="shared blocks copied from the teacher or freshly initialized",
+    )
+    group.add_argument(
+        "--source-block",
+        choices=("first", "middle", "last"),
+        default="middle",
+        help="which teacher block of each phase the shared block is copied from",
+    )
     group.add_argument("--depth-conditioning", action="store_true", help="Raptor's step-dependent scales")
     group.add_argument("--lora-rank", type=int, default=0, help="per-step LoRA rank (0: none)")
-    group.add_argument("--lora-init", choices=("zero", "svd"), default="zero",
-                       help="per-step LoRA starting at zero or at the SVD of the teacher's per-step weights")
+    group.add_argument(
+        "--lora-init",
+        choices=("zero", "svd"),
+        default="zero",
+        help="per-step LoRA starting at zero or at the SVD of the teacher's per-step weights",
+    )
     group = parser.add_argument_group("data")
     group.add_argument("--data-dir", required=True, help="ImageFolder root (class sub-folders, or a train/ split)")
     group.add_argument("--split", default="train", help="sub-folder of --data-dir to use if it exists")
     group.add_argument("--batch-size", type=int, default=64, help="images per process and step")
     group.add_argument("--workers", type=int, default=4, help="data-loading processes")
-    group.add_argument("--eval-images", type=int, default=64,
-                       help="fixed images (eval transform) for phase discovery and per-step errors")
+    group.add_argument(
+        "--eval-images",
+        type=int,
+        default=64,
+        help="fixed images (eval transform) for phase discovery and per-step errors",
+    )
     group.add_argument("--min-crop", type=float, default=0.25, help="smallest random-resized-crop area")
     group = parser.add_argument_group("optimization")
     group.add_argument("--stage1-steps", type=int, default=20000, help="teacher-forced phase training steps")
@@ -85,8 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--weight-decay", type=float, default=1e-4)
     group.add_argument("--warmup-frac", type=float, default=0.05, help="warm-up share of each stage")
     group.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clip (0: none)")
-    group.add_argument("--forcing-frac", type=float, default=0.25,
-                       help="share of stage 1 over which teacher forcing anneals from 1 to 0 into phase roll-outs")
+    group.add_argument(
+        "--forcing-frac",
+        type=float,
+        default=0.25,
+        help="share of stage 1 over which teacher forcing anneals from 1 to 0 into phase roll-outs",
+    )
     group.add_argument("--cls-weight", type=float, default=0.45, help="loss weight of the class token")
     group.add_argument("--reg-weight", type=float, default=0.10, help="loss weight of register tokens")
     group.add_argument("--patch-weight", type=float, default=0.45, help="loss weight of patch tokens")
@@ -111,12 +159,15 @@ class TokenLoss(nn.Module):
     Weights of kinds the model does not have are dropped and the rest renormalized to sum to one.
     """
 
-    def __init__(self, num_class_tokens: int, num_reg_tokens: int, cls_weight: float, reg_weight: float,
-                 patch_weight: float) -> None:
+    def __init__(
+        self, num_class_tokens: int, num_reg_tokens: int, cls_weight: float, reg_weight: float, patch_weight: float
+    ) -> None:
         super().__init__()
-        spans = [(0, num_class_tokens, cls_weight),
-                 (num_class_tokens, num_class_tokens + num_reg_tokens, reg_weight),
-                 (num_class_tokens + num_reg_tokens, None, patch_weight)]
+        spans = [
+            (0, num_class_tokens, cls_weight),
+            (num_class_tokens, num_class_tokens + num_reg_tokens, reg_weight),
+            (num_class_tokens + num_reg_tokens, None, patch_weight),
+        ]
         spans = [(start, end, weight) for start, end, weight in spans if (end is None or end > start) and weight > 0]
         if not spans:
             raise ValueError("TokenLoss: every token kind present has weight 0")
@@ -124,8 +175,10 @@ class TokenLoss(nn.Module):
         self.spans = [(start, end, weight / total) for start, end, weight in spans]
 
     def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return sum(weight * F.mse_loss(prediction[:, start:end].float(), target[:, start:end].float())
-                   for start, end, weight in self.spans)
+        return sum(
+            weight * F.mse_loss(prediction[:, start:end].float(), target[:, start:end].float())
+            for start, end, weight in self.spans
+        )
 
 
 class PhaseObjective(nn.Module):
@@ -144,7 +197,7 @@ class PhaseObjective(nn.Module):
     def forward(self, teacher_tokens: Sequence[torch.Tensor], forcing: float) -> torch.Tensor:
         loss = teacher_tokens[0].new_zeros(())
         for block, start, length in zip(self.student.blocks, phase_starts(self.student.phases), self.student.phases):
-            targets = teacher_tokens[start + 1:start + length + 1]
+            targets = teacher_tokens[start + 1 : start + length + 1]
             if forcing > 0:
                 forced = sum(self.token_loss(block(teacher_tokens[start + s], s), targets[s]) for s in range(length))
                 loss = loss + forcing * forced / length
@@ -166,8 +219,9 @@ class SequenceObjective(nn.Module):
         self.token_loss = token_loss
         self.final_weight = final_weight
 
-    def forward(self, images: torch.Tensor, teacher_tokens: Sequence[torch.Tensor],
-                teacher_features: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, teacher_tokens: Sequence[torch.Tensor], teacher_features: torch.Tensor
+    ) -> torch.Tensor:
         x = self.student.embed_tokens(images)
         loss = x.new_zeros(())
         steps = len(self.student.schedule)
@@ -222,11 +276,13 @@ def _datasets(args: argparse.Namespace, teacher: nn.Module):
     img_size = getattr(teacher.patch_embed, "img_size", None)  # the teacher's own size, when built for another
     if img_size is not None:
         data_config["input_size"] = (data_config["input_size"][0], *img_size)
-    train_transform = create_transform(**data_config, is_training=True, scale=(args.min_crop, 1.0),
-                                       hflip=0.5, color_jitter=None)
+    train_transform = create_transform(
+        **data_config, is_training=True, scale=(args.min_crop, 1.0), hflip=0.5, color_jitter=None
+    )
     eval_transform = create_transform(**data_config, is_training=False)
-    train_set = common.create_image_dataset("", args.data_dir, args.split, skip_unreadable="training set",
-                                            is_training=True, transform=train_transform)
+    train_set = common.create_image_dataset(
+        "", args.data_dir, args.split, skip_unreadable="training set", is_training=True, transform=train_transform
+    )
     eval_set = common.create_image_dataset("", args.data_dir, args.split, transform=eval_transform)
     eval_set = Subset(eval_set, range(min(args.eval_images, len(eval_set))))
     return train_set, eval_set
@@ -250,9 +306,17 @@ def _optimizer(model: RecurrentViT, lr: float, weight_decay: float) -> torch.opt
 
 
 def _train_stage(
-        stage: int, objective: nn.Module, student: RecurrentViT, teacher: nn.Module, loader: DataLoader,
-        args: argparse.Namespace, context: common.DistributedContext, logger: Any, state: Dict[str, Any],
-        start_step: int, resume_state: Optional[Dict[str, Any]],
+    stage: int,
+    objective: nn.Module,
+    student: RecurrentViT,
+    teacher: nn.Module,
+    loader: DataLoader,
+    args: argparse.Namespace,
+    context: common.DistributedContext,
+    logger: Any,
+    state: Dict[str, Any],
+    start_step: int,
+    resume_state: Optional[Dict[str, Any]],
 ) -> None:
     """Run one stage's optimization loop from ``start_step``, checkpointing into ``state``."""
     total = args.stage1_steps if stage == 1 else args.stage2_steps
@@ -273,12 +337,19 @@ def _train_stage(
     def save(done: int, pending: bool = False) -> None:
         rng = common.gather_rng_states(context, batches.resume_rng_state(pending))  # a collective: every rank
         if context.is_main:
-            state.update(stage=stage, step=done, student=student.state_dict(), optimizer=optimizer.state_dict(),
-                         scheduler=scheduler.state_dict(), rng=rng)
+            state.update(
+                stage=stage,
+                step=done,
+                student=student.state_dict(),
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                rng=rng,
+            )
             common.save_checkpoint(last_path, state)
 
-    bar = common.progress(total=total, initial=start_step, desc=f"stage {stage}",
-                          enabled=context.is_main and not args.no_progress)
+    bar = common.progress(
+        total=total, initial=start_step, desc=f"stage {stage}", enabled=context.is_main and not args.no_progress
+    )
     steps_before = args.stage1_steps if stage == 2 else 0  # the guard counts steps over the whole run
     student.train()
     with common.RunGuard(context, args.fail_at_step, args.fail_mode) as guard:
@@ -289,13 +360,20 @@ def _train_stage(
                 teacher_tokens = vit_step_tokens(teacher, images)
             with autocast:
                 if stage == 1:
-                    forcing = (max(0.0, 1.0 - step / max(1.0, args.forcing_frac * total))
-                               if args.forcing_frac > 0 else 0.0)
+                    forcing = (
+                        max(0.0, 1.0 - step / max(1.0, args.forcing_frac * total)) if args.forcing_frac > 0 else 0.0
+                    )
                     loss = wrapped(teacher_tokens, forcing)
                 else:
                     loss = wrapped(images, teacher_tokens, teacher.norm(teacher_tokens[-1]))
-            guard.stop_on_signal(loss, steps_before + step, lambda: save(step, pending=True), last_path,
-                                 f"stage {stage} step {step + 1}", bar)
+            guard.stop_on_signal(
+                loss,
+                steps_before + step,
+                lambda step=step: save(step, pending=True),
+                last_path,
+                f"stage {stage} step {step + 1}",
+                bar,
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.clip_grad:
@@ -306,11 +384,15 @@ def _train_stage(
             bar.update(1)
             done = step + 1
             if context.is_main and (done % args.log_every == 0 or done == total):
-                recent = history[-args.log_every:]
-                logger.info(f"stage {stage} step {done}/{total} loss {sum(recent) / len(recent):.5f} "
-                            f"lr {scheduler.get_last_lr()[0]:.2e}")
-                common.append_jsonl(os.path.join(args.output, "metrics.jsonl"),
-                                    dict(stage=stage, step=done, loss=history[-1], lr=scheduler.get_last_lr()[0]))
+                recent = history[-args.log_every :]
+                logger.info(
+                    f"stage {stage} step {done}/{total} loss {sum(recent) / len(recent):.5f} "
+                    f"lr {scheduler.get_last_lr()[0]:.2e}"
+                )
+                common.append_jsonl(
+                    os.path.join(args.output, "metrics.jsonl"),
+                    dict(stage=stage, step=done, loss=history[-1], lr=scheduler.get_last_lr()[0]),
+                )
             if done % args.save_every == 0 or done == total:
                 save(done)
     bar.close()
@@ -328,18 +410,28 @@ def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[s
     resume_path = common.resolve_resume(args.resume, args.output)
     resumed = common.load_checkpoint(resume_path) if resume_path else None
     if resumed is not None and not {"phases", "student", "stage", "step", "history", "errors"} <= set(resumed):
-        raise ValueError(f"--resume {resume_path}: not a checkpoint of this script (needs phases, student, stage, "
-                         f"step, history and errors entries)")
+        raise ValueError(
+            f"--resume {resume_path}: not a checkpoint of this script (needs phases, student, stage, "
+            f"step, history and errors entries)"
+        )
 
     teacher = _load_teacher(args).to(context.device)
     depth = len(teacher.blocks)
     train_set, eval_set = _datasets(args, teacher)
     sampler = DistributedSampler(train_set, seed=args.seed, drop_last=True) if context.distributed else None
-    loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, shuffle=sampler is None,
-                        num_workers=args.workers, drop_last=len(train_set) >= args.batch_size,
-                        pin_memory=context.device.type == "cuda")  # workers seeded afresh each epoch (exact resume)
-    eval_batches = [images.to(context.device) for images, _ in
-                    DataLoader(eval_set, batch_size=args.batch_size, shuffle=False, num_workers=0)]
+    loader = DataLoader(
+        train_set,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        shuffle=sampler is None,
+        num_workers=args.workers,
+        drop_last=len(train_set) >= args.batch_size,
+        pin_memory=context.device.type == "cuda",
+    )  # workers seeded afresh each epoch (exact resume)
+    eval_batches = [
+        images.to(context.device)
+        for images, _ in DataLoader(eval_set, batch_size=args.batch_size, shuffle=False, num_workers=0)
+    ]
 
     if resumed is not None:
         phases = list(resumed["phases"])
@@ -359,14 +451,21 @@ def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[s
             torch.save(split.similarity, os.path.join(args.output, "similarity.pt"))
     logger.info(f"teacher {args.teacher}: depth {depth}, phases {phases}")
 
-    student = from_vit(teacher, phases, depth_conditioning=args.depth_conditioning, lora_rank=args.lora_rank,
-                       lora_init=args.lora_init, source_block=args.source_block)
+    student = from_vit(
+        teacher,
+        phases,
+        depth_conditioning=args.depth_conditioning,
+        lora_rank=args.lora_rank,
+        lora_init=args.lora_init,
+        source_block=args.source_block,
+    )
     if args.init == "random":
         _random_blocks(student)
     student.requires_grad_(True)
     student.to(context.device)
-    token_loss = TokenLoss(int(student.has_class_token), student.num_reg_tokens,
-                           args.cls_weight, args.reg_weight, args.patch_weight)
+    token_loss = TokenLoss(
+        int(student.has_class_token), student.num_reg_tokens, args.cls_weight, args.reg_weight, args.patch_weight
+    )
 
     state: Dict[str, Any] = dict(phases=phases, history={}, errors={}, args=vars(args))
     start_stage, start_step = 1, 0
@@ -384,8 +483,19 @@ def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[s
     if start_stage == 1:
         for name, parameter in student.named_parameters():
             parameter.requires_grad_(name.startswith("blocks."))
-        _train_stage(1, PhaseObjective(student, token_loss), student, teacher, loader, args, context, logger,
-                     state, start_step, resumed if resumed is not None and resumed["stage"] == 1 else None)
+        _train_stage(
+            1,
+            PhaseObjective(student, token_loss),
+            student,
+            teacher,
+            loader,
+            args,
+            context,
+            logger,
+            state,
+            start_step,
+            resumed if resumed is not None and resumed["stage"] == 1 else None,
+        )
         state["errors"]["stage1"] = step_errors(student, teacher, eval_batches)
         logger.info(f"per-step error after stage 1: {_format(state['errors']['stage1'])}")
         start_step = 0
@@ -395,8 +505,19 @@ def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[s
         parameter.requires_grad_(not name.startswith(frozen))
     student.set_grad_checkpointing(args.grad_checkpointing)
     resume_stage2 = resumed if resumed is not None and resumed["stage"] == 2 and start_stage == 2 else None
-    _train_stage(2, SequenceObjective(student, token_loss, args.final_weight), student, teacher, loader, args,
-                 context, logger, state, start_step, resume_stage2)
+    _train_stage(
+        2,
+        SequenceObjective(student, token_loss, args.final_weight),
+        student,
+        teacher,
+        loader,
+        args,
+        context,
+        logger,
+        state,
+        start_step,
+        resume_stage2,
+    )
     student.set_grad_checkpointing(False)
     state["errors"]["final"] = step_errors(student, teacher, eval_batches)
     logger.info(f"per-step error at the end: {_format(state['errors']['final'])}")
@@ -412,19 +533,33 @@ def _format(values: Sequence[float]) -> str:
 
 def _write_results(args: argparse.Namespace, student: RecurrentViT, state: Dict[str, Any], logger: Any) -> None:
     common.save_safetensors(os.path.join(args.output, "student.safetensors"), student.state_dict())
-    config = dict(teacher=args.teacher, teacher_kwargs=common.parse_kwargs(args.teacher_kwargs),
-                  phases=state["phases"], depth_conditioning=args.depth_conditioning, lora_rank=args.lora_rank,
-                  rebuild="from_vit(timm.create_model(teacher, **teacher_kwargs), phases, depth_conditioning, "
-                          "lora_rank).load_state_dict(safetensors.torch.load_file('student.safetensors'))")
+    config = dict(
+        teacher=args.teacher,
+        teacher_kwargs=common.parse_kwargs(args.teacher_kwargs),
+        phases=state["phases"],
+        depth_conditioning=args.depth_conditioning,
+        lora_rank=args.lora_rank,
+        rebuild="from_vit(timm.create_model(teacher, **teacher_kwargs), phases, depth_conditioning, "
+        "lora_rank).load_state_dict(safetensors.torch.load_file('student.safetensors'))",
+    )
     with open(os.path.join(args.output, "student_config.json"), "w", encoding="utf-8") as handle:
         json.dump(config, handle, indent=2)
     with open(os.path.join(args.output, "step_errors.json"), "w", encoding="utf-8") as handle:
         json.dump(state["errors"], handle, indent=2)
     try:
-        common.plot_curves({f"stage {k[-1]}": v for k, v in state["history"].items()},
-                           os.path.join(args.output, "loss.png"), ylabel="loss", log_y=True)
-        common.plot_curves(state["errors"], os.path.join(args.output, "step_errors.png"), xlabel="step",
-                           ylabel="relative squared error", log_y=True)
+        common.plot_curves(
+            {f"stage {k[-1]}": v for k, v in state["history"].items()},
+            os.path.join(args.output, "loss.png"),
+            ylabel="loss",
+            log_y=True,
+        )
+        common.plot_curves(
+            state["errors"],
+            os.path.join(args.output, "step_errors.png"),
+            xlabel="step",
+            ylabel="relative squared error",
+            log_y=True,
+        )
     except ImportError:
         logger.warning("matplotlib is not installed: loss.png and step_errors.png not written")
     logger.info(f"student written to {os.path.join(args.output, 'student.safetensors')}")

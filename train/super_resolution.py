@@ -35,6 +35,7 @@ outputs are clamped and rounded to 8 bits, the HR image is cropped to ``scale x`
 (Y in [16, 235], float64) with scikit-image (SSIM: Gaussian weights, sigma 1.5, population
 covariance, data range 255). Per-dataset means are written as ``eval.json`` and ``eval.md``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,24 +53,42 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from recurzoo.heads.super_resolution import (
-    IMAGE_SUFFIXES, SuperResolutionModel, create_sr_model, image_to_tensor, read_image, tensor_to_image,
+    IMAGE_SUFFIXES,
+    SuperResolutionModel,
+    create_sr_model,
+    image_to_tensor,
+    read_image,
+    tensor_to_image,
 )
 from recurzoo.train import common
 
 __all__ = [
-    "rgb_to_y", "psnr_y", "ssim_y", "SRDataSpec", "resolve_dataset", "bicubic_downscale", "SRTrainDataset",
-    "SREvalDataset", "evaluate", "format_markdown", "build_parser", "main", "OFFICIAL_MILESTONES",
+    "rgb_to_y",
+    "psnr_y",
+    "ssim_y",
+    "SRDataSpec",
+    "resolve_dataset",
+    "bicubic_downscale",
+    "SRTrainDataset",
+    "SREvalDataset",
+    "evaluate",
+    "format_markdown",
+    "build_parser",
+    "main",
+    "OFFICIAL_MILESTONES",
 ]
 
 # The official schedule: halve the rate at 250k, 400k, 450k and 475k of 500k iterations.
 OFFICIAL_MILESTONES = (0.5, 0.8, 0.9, 0.95)
-# ITU-R BT.601 luma for 8-bit RGB, as BasicSR's bgr2ycbcr(y_only=True): Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255.
+# ITU-R BT.601 luma for 8-bit RGB, as BasicSR's bgr2ycbcr(y_only=True):
+# Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255.
 _Y_WEIGHTS = np.array([65.481, 128.553, 24.966], dtype=np.float64) / 255.0
 
 
 # ----------------------------------------------------------------------------------------------
 # Metrics
 # ----------------------------------------------------------------------------------------------
+
 
 def rgb_to_y(image: np.ndarray) -> np.ndarray:
     """BT.601 luma of an ``(H, W, 3)`` RGB image with values in [0, 255]: float64 in [16, 235]."""
@@ -100,13 +119,17 @@ def ssim_y(output: np.ndarray, target: np.ndarray, crop_border: int) -> float:
     from skimage.metrics import structural_similarity
 
     output_y, target_y = _prepare_y(output, target, crop_border)
-    return float(structural_similarity(target_y, output_y, gaussian_weights=True, sigma=1.5,
-                                       use_sample_covariance=False, data_range=255.0))
+    return float(
+        structural_similarity(
+            target_y, output_y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255.0
+        )
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SRDataSpec:
@@ -125,8 +148,9 @@ def _images_in(folder: Path) -> List[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _without_unreadable(name: str, hr_files: Sequence[Path], lr_files: Optional[Sequence[Path]]
-                        ) -> Tuple[Tuple[Path, ...], Optional[Tuple[Path, ...]]]:
+def _without_unreadable(
+    name: str, hr_files: Sequence[Path], lr_files: Optional[Sequence[Path]]
+) -> Tuple[Tuple[Path, ...], Optional[Tuple[Path, ...]]]:
     """The (HR, LR) files whose headers are readable images; the others are dropped with one counted
     :class:`~recurzoo.train.common.DatasetWarning`. (Truncated files pass this check; training skips them.)"""
     kept_hr, kept_lr, unreadable = [], [], []
@@ -140,8 +164,12 @@ def _without_unreadable(name: str, hr_files: Sequence[Path], lr_files: Optional[
         kept_hr.append(hr)
         kept_lr.append(lr)
     if unreadable:
-        warnings.warn(f"dataset {name!r}: skipped {len(unreadable)} of {len(hr_files)} images with unreadable files: "
-                      f"{common.summarize(unreadable)}", common.DatasetWarning, stacklevel=3)
+        warnings.warn(
+            f"dataset {name!r}: skipped {len(unreadable)} of {len(hr_files)} images with unreadable files: "
+            f"{common.summarize(unreadable)}",
+            common.DatasetWarning,
+            stacklevel=3,
+        )
     return tuple(kept_hr), (tuple(kept_lr) if lr_files is not None else None)
 
 
@@ -202,15 +230,18 @@ def bicubic_downscale(image: np.ndarray, scale: int) -> np.ndarray:
 
 def _mod_crop(image: np.ndarray, scale: int) -> np.ndarray:
     height, width = image.shape[:2]
-    return image[:height - height % scale, :width - width % scale]
+    return image[: height - height % scale, : width - width % scale]
 
 
 def _square_symmetries(**targets: str) -> Any:
     """Random flips and transposition (the 8 symmetries of the square), shared by all targets."""
     import albumentations as A
 
-    return A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.Transpose(p=0.5)],
-                     additional_targets=targets, is_check_shapes=False)
+    return A.Compose(
+        [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.Transpose(p=0.5)],
+        additional_targets=targets,
+        is_check_shapes=False,
+    )
 
 
 def _read_training_image(path: Path) -> np.ndarray:
@@ -234,15 +265,24 @@ class SRTrainDataset(Dataset):
     def __init__(self, specs: Sequence[SRDataSpec], scale: int, patch: int = 64, repeat: int = 1) -> None:
         import albumentations as A
 
-        items = [(hr, lr if spec.paired else None) for spec in specs
-                 for hr, lr in zip(spec.hr_files, spec.lr_files or spec.hr_files)]
+        items = [
+            (hr, lr if spec.paired else None)
+            for spec in specs
+            for hr, lr in zip(spec.hr_files, spec.lr_files or spec.hr_files)
+        ]
         if not items:
             raise ValueError("no training images")
         self.scale, self.patch, self.repeat = scale, patch, max(1, repeat)
         self.items = self._large_enough(items)
         self.symmetries = _square_symmetries(hr="image")
-        self.hr_crop = A.Compose([A.RandomCrop(patch * scale, patch * scale), A.HorizontalFlip(p=0.5),
-                                  A.VerticalFlip(p=0.5), A.Transpose(p=0.5)])
+        self.hr_crop = A.Compose(
+            [
+                A.RandomCrop(patch * scale, patch * scale),
+                A.HorizontalFlip(p=0.5),
+                A.VerticalFlip(p=0.5),
+                A.Transpose(p=0.5),
+            ]
+        )
         self.skip_unreadable = common.SkipUnreadable("training set")
 
     def _large_enough(self, items: Sequence[Tuple[Path, Optional[Path]]]) -> List[Tuple[Path, Optional[Path]]]:
@@ -255,12 +295,17 @@ class SRTrainDataset(Dataset):
             else:
                 kept.append((hr, lr))
         if small:
-            warnings.warn(f"{len(small)} of {len(items)} training images are too small for the "
-                          f"{self.patch}x{self.patch} LR patch (x{self.scale}) and are left out: "
-                          f"{common.summarize(small)}", common.DatasetWarning, stacklevel=3)
+            warnings.warn(
+                f"{len(small)} of {len(items)} training images are too small for the "
+                f"{self.patch}x{self.patch} LR patch (x{self.scale}) and are left out: "
+                f"{common.summarize(small)}",
+                common.DatasetWarning,
+                stacklevel=3,
+            )
         if not kept:
-            raise ValueError(f"no training image is large enough for --patch-size {self.patch} at x{self.scale} "
-                             f"(e.g. {small[0]})")
+            raise ValueError(
+                f"no training image is large enough for --patch-size {self.patch} at x{self.scale} (e.g. {small[0]})"
+            )
         return kept
 
     def __len__(self) -> int:
@@ -273,17 +318,17 @@ class SRTrainDataset(Dataset):
         hr_path, lr_path = self.items[index % len(self.items)]
         hr = _read_training_image(hr_path)
         if lr_path is None:
-            common.seed_albumentations(self.hr_crop, int(np.random.randint(2 ** 31)))
+            common.seed_albumentations(self.hr_crop, int(np.random.randint(2**31)))
             hr = self.hr_crop(image=hr)["image"]
             lr = bicubic_downscale(hr, self.scale)
         else:
             lr = _read_training_image(lr_path)
             top = np.random.randint(0, lr.shape[0] - self.patch + 1)
             left = np.random.randint(0, lr.shape[1] - self.patch + 1)
-            lr = lr[top:top + self.patch, left:left + self.patch]
+            lr = lr[top : top + self.patch, left : left + self.patch]
             s = self.scale
-            hr = hr[top * s:(top + self.patch) * s, left * s:(left + self.patch) * s]
-            common.seed_albumentations(self.symmetries, int(np.random.randint(2 ** 31)))
+            hr = hr[top * s : (top + self.patch) * s, left * s : (left + self.patch) * s]
+            common.seed_albumentations(self.symmetries, int(np.random.randint(2**31)))
             augmented = self.symmetries(image=lr, hr=hr)
             lr, hr = augmented["image"], augmented["hr"]
         return image_to_tensor(lr)[0], image_to_tensor(hr)[0]
@@ -306,7 +351,7 @@ class SREvalDataset(Dataset):
             lr = bicubic_downscale(hr, self.scale)
         else:
             lr = read_image(self.spec.lr_files[index])
-            hr = hr[:lr.shape[0] * self.scale, :lr.shape[1] * self.scale]  # BasicSR's crop of unmatched GT
+            hr = hr[: lr.shape[0] * self.scale, : lr.shape[1] * self.scale]  # BasicSR's crop of unmatched GT
         return image_to_tensor(lr)[0], hr, hr_path.stem
 
 
@@ -314,10 +359,18 @@ class SREvalDataset(Dataset):
 # Evaluation
 # ----------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def evaluate(model: SuperResolutionModel, specs: Sequence[SRDataSpec], scale: int, device: torch.device,
-             tile: Optional[int] = None, tile_overlap: int = 32, progress: bool = True,
-             save_dir: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
+def evaluate(
+    model: SuperResolutionModel,
+    specs: Sequence[SRDataSpec],
+    scale: int,
+    device: torch.device,
+    tile: Optional[int] = None,
+    tile_overlap: int = 32,
+    progress: bool = True,
+    save_dir: Optional[str] = None,
+) -> Dict[str, Dict[str, Any]]:
     """Mean PSNR/SSIM (Y channel, ``scale`` pixels of border cropped) per dataset, with per-image values."""
     from recurzoo.heads.super_resolution import write_png
 
@@ -340,7 +393,9 @@ def evaluate(model: SuperResolutionModel, specs: Sequence[SRDataSpec], scale: in
             results[spec.name] = dict(
                 psnr=float(np.mean([v["psnr"] for v in per_image.values()])),
                 ssim=float(np.mean([v["ssim"] for v in per_image.values()])),
-                images=len(per_image), per_image=per_image)
+                images=len(per_image),
+                per_image=per_image,
+            )
     finally:
         model.train(was_training)
     return results
@@ -348,15 +403,21 @@ def evaluate(model: SuperResolutionModel, specs: Sequence[SRDataSpec], scale: in
 
 def format_markdown(results: Dict[str, Dict[str, Any]], model_name: str, scale: int) -> str:
     """A markdown table of per-dataset PSNR/SSIM."""
-    lines = [f"# {model_name} x{scale}", "",
-             f"PSNR (dB) / SSIM on the Y channel, {scale} border pixels cropped (BasicSR protocol).", "",
-             "| dataset | images | PSNR | SSIM |", "| --- | --- | --- | --- |"]
+    lines = [
+        f"# {model_name} x{scale}",
+        "",
+        f"PSNR (dB) / SSIM on the Y channel, {scale} border pixels cropped (BasicSR protocol).",
+        "",
+        "| dataset | images | PSNR | SSIM |",
+        "| --- | --- | --- | --- |",
+    ]
     lines += [f"| {name} | {r['images']} | {r['psnr']:.2f} | {r['ssim']:.4f} |" for name, r in results.items()]
     return "\n".join(lines) + "\n"
 
 
-def _write_report(results: Dict[str, Dict[str, Any]], output: str, model_name: str, scale: int,
-                  step: Optional[int] = None) -> None:
+def _write_report(
+    results: Dict[str, Dict[str, Any]], output: str, model_name: str, scale: int, step: Optional[int] = None
+) -> None:
     summary = {name: {k: v for k, v in r.items()} for name, r in results.items()}
     payload = dict(model=model_name, scale=scale, step=step, results=summary)
     with open(os.path.join(output, "eval.json"), "w", encoding="utf-8") as handle:
@@ -369,36 +430,58 @@ def _write_report(results: Dict[str, Dict[str, Any]], output: str, model_name: s
 # Command line
 # ----------------------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = common.ArgumentParser(
         prog="python -m recurzoo.train.super_resolution",
         description="Train and evaluate super-resolution models (BasicSR recipe and metrics).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None, help="registered SR model, e.g. rgt_small_x2")
-    group.add_argument("--backbone", default=None,
-                       help="instead of --model: any stride-1 timm backbone, combined with --head and --scale")
+    group.add_argument(
+        "--backbone",
+        default=None,
+        help="instead of --model: any stride-1 timm backbone, combined with --head and --scale",
+    )
     group.add_argument("--head", default="pixelshuffle", help="SR head for --backbone")
     group.add_argument("--scale", type=int, default=None, help="upscaling factor for --backbone")
-    group.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                       help="extra timm.create_model arguments, e.g. embed_dim=60 blocks_per_group=2")
-    group.add_argument("--checkpoint", default=None,
-                       help="initial weights: an official BasicSR file or one of ours (params/params_ema unwrapped)")
+    group.add_argument(
+        "--model-kwargs",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra timm.create_model arguments, e.g. embed_dim=60 blocks_per_group=2",
+    )
+    group.add_argument(
+        "--checkpoint",
+        default=None,
+        help="initial weights: an official BasicSR file or one of ours (params/params_ema unwrapped)",
+    )
     group = parser.add_argument_group("data")
     group.add_argument("--train-data", nargs="*", default=[], help="training datasets (see the module docstring)")
     group.add_argument("--val-data", nargs="*", default=[], help="evaluation datasets, reported one by one")
     group.add_argument("--patch-size", type=int, default=64, help="LR training patch side (HR: x scale)")
     group.add_argument("--batch-size", type=int, default=8, help="patches per process and step")
     group.add_argument("--workers", type=int, default=4, help="data-loading processes")
-    group.add_argument("--repeat", type=int, default=1,
-                       help="passes over the training images per epoch (BasicSR's dataset_enlarge_ratio)")
+    group.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="passes over the training images per epoch (BasicSR's dataset_enlarge_ratio)",
+    )
     group = parser.add_argument_group("optimization")
     group.add_argument("--steps", type=int, default=500000, help="training iterations")
     group.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate")
     group.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.99), help="Adam betas")
     group.add_argument("--weight-decay", type=float, default=0.0)
-    group.add_argument("--milestones", type=float, nargs="*", default=list(OFFICIAL_MILESTONES),
-                       help="fractions of --steps at which the rate is multiplied by --gamma")
+    group.add_argument(
+        "--milestones",
+        type=float,
+        nargs="*",
+        default=list(OFFICIAL_MILESTONES),
+        help="fractions of --steps at which the rate is multiplied by --gamma",
+    )
     group.add_argument("--gamma", type=float, default=0.5, help="multiplier at each milestone")
     group.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the weights (0: no EMA)")
     group.add_argument("--clip-grad", type=float, default=0.0, help="gradient-norm clip (0: none)")
@@ -454,8 +537,9 @@ def build_model(args: argparse.Namespace) -> Tuple[SuperResolutionModel, str]:
     return model, name
 
 
-def _multistep(optimizer: torch.optim.Optimizer, steps: int, fractions: Sequence[float],
-               gamma: float) -> torch.optim.lr_scheduler.MultiStepLR:
+def _multistep(
+    optimizer: torch.optim.Optimizer, steps: int, fractions: Sequence[float], gamma: float
+) -> torch.optim.lr_scheduler.MultiStepLR:
     milestones = sorted({max(1, int(round(f * steps))) for f in fractions})
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=gamma)
 
@@ -463,8 +547,9 @@ def _multistep(optimizer: torch.optim.Optimizer, steps: int, fractions: Sequence
 def _log_eval(logger: Any, results: Dict[str, Dict[str, Any]], step: int, output: str) -> None:
     for name, r in results.items():
         logger.info(f"step {step} {name}: PSNR {r['psnr']:.3f} dB, SSIM {r['ssim']:.4f} ({r['images']} images)")
-        common.append_jsonl(os.path.join(output, "metrics.jsonl"),
-                            dict(step=step, dataset=name, psnr=r["psnr"], ssim=r["ssim"]))
+        common.append_jsonl(
+            os.path.join(output, "metrics.jsonl"), dict(step=step, dataset=name, psnr=r["psnr"], ssim=r["ssim"])
+        )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -490,32 +575,56 @@ def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[s
     results: Dict[str, Dict[str, Any]] = {}
     if args.eval_only:
         if context.is_main:
-            results = evaluate(model, val_specs, scale, context.device, args.tile, args.tile_overlap, show,
-                               os.path.join(args.output, "images") if args.save_images else None)
+            results = evaluate(
+                model,
+                val_specs,
+                scale,
+                context.device,
+                args.tile,
+                args.tile_overlap,
+                show,
+                os.path.join(args.output, "images") if args.save_images else None,
+            )
             _log_eval(logger, results, 0, args.output)
             _write_report(results, args.output, name, scale)
             print(format_markdown(results, name, scale))
         return dict(results=results, output=args.output)
     # every training image is checked before anything is trained
-    dataset = SRTrainDataset([resolve_dataset(spec, scale) for spec in args.train_data], scale, args.patch_size,
-                             args.repeat)
+    dataset = SRTrainDataset(
+        [resolve_dataset(spec, scale) for spec in args.train_data], scale, args.patch_size, args.repeat
+    )
     return _train(args, context, logger, model, name, dataset, val_specs)
 
 
-def _train(args: argparse.Namespace, context: common.DistributedContext, logger: Any, model: SuperResolutionModel,
-           name: str, dataset: SRTrainDataset, val_specs: Sequence[SRDataSpec]) -> Dict[str, Any]:
+def _train(
+    args: argparse.Namespace,
+    context: common.DistributedContext,
+    logger: Any,
+    model: SuperResolutionModel,
+    name: str,
+    dataset: SRTrainDataset,
+    val_specs: Sequence[SRDataSpec],
+) -> Dict[str, Any]:
     """The training loop: checkpoints with every RNG state (exact resume), stop signals and the NaN guard."""
     from timm.utils import ModelEmaV3
 
     scale, show = model.upscale, context.is_main and not args.no_progress
     sampler = DistributedSampler(dataset, shuffle=True) if context.distributed else None
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
-                        num_workers=args.workers, pin_memory=context.device.type == "cuda", drop_last=True,
-                        persistent_workers=False)  # workers seeded afresh each epoch, as a resumed run seeds them
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=args.workers,
+        pin_memory=context.device.type == "cuda",
+        drop_last=True,
+        persistent_workers=False,
+    )  # workers seeded afresh each epoch, as a resumed run seeds them
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.betas),
-                                 weight_decay=args.weight_decay)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay
+    )
     scheduler = _multistep(optimizer, args.steps, args.milestones, args.gamma)
     ema = ModelEmaV3(model, decay=args.ema_decay) if args.ema_decay > 0 else None
     start_step, resume_rng = 0, None
@@ -523,8 +632,10 @@ def _train(args: argparse.Namespace, context: common.DistributedContext, logger:
     if resume:
         state = common.load_checkpoint(resume, map_location=context.device)
         if not {"model", "optimizer", "scheduler", "step"} <= set(state):
-            raise ValueError(f"--resume {resume}: not a checkpoint of this script (needs model, optimizer, "
-                             f"scheduler and step entries)")
+            raise ValueError(
+                f"--resume {resume}: not a checkpoint of this script (needs model, optimizer, "
+                f"scheduler and step entries)"
+            )
         common.load_fitting_state_dict(model, state["model"], f"--resume {resume}")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -542,18 +653,29 @@ def _train(args: argparse.Namespace, context: common.DistributedContext, logger:
     def save(step: int, pending: bool = False) -> None:
         rng = common.gather_rng_states(context, batches.resume_rng_state(pending))  # a collective: every rank
         if context.is_main:
-            common.save_checkpoint(last_path, dict(
-                model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                ema=ema.module.state_dict() if ema is not None else None, step=step, rng=rng, model_name=name,
-                args=vars(args)))
+            common.save_checkpoint(
+                last_path,
+                dict(
+                    model=model.state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(),
+                    ema=ema.module.state_dict() if ema is not None else None,
+                    step=step,
+                    rng=rng,
+                    model_name=name,
+                    args=vars(args),
+                ),
+            )
 
     results: Dict[str, Dict[str, Any]] = {}
     if args.eval_at_start and val_specs and context.is_main and start_step == 0:
         results = evaluate(eval_model, val_specs, scale, context.device, args.tile, args.tile_overlap, show)
         _log_eval(logger, results, 0, args.output)
 
-    logger.info(f"training {name} x{scale} on {len(dataset)} images for {args.steps} steps "
-                f"({context.world_size} process(es), batch {args.batch_size} each)")
+    logger.info(
+        f"training {name} x{scale} on {len(dataset)} images for {args.steps} steps "
+        f"({context.world_size} process(es), batch {args.batch_size} each)"
+    )
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and context.device.type == "cuda")
     losses: List[float] = []
     skipped = 0  # unreadable training images, all ranks
@@ -566,7 +688,9 @@ def _train(args: argparse.Namespace, context: common.DistributedContext, logger:
             lr, hr = lr.to(context.device, non_blocking=True), hr.to(context.device, non_blocking=True)
             with autocast:
                 loss = loss_fn(train_model(lr).float(), hr)
-            guard.stop_on_signal(loss, step - 1, lambda: save(step - 1, pending=True), last_path, f"step {step}", bar)
+            guard.stop_on_signal(
+                loss, step - 1, lambda step=step: save(step - 1, pending=True), last_path, f"step {step}", bar
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.clip_grad > 0:
@@ -581,10 +705,14 @@ def _train(args: argparse.Namespace, context: common.DistributedContext, logger:
             if step % args.log_every == 0:
                 skipped += dataset.skip_unreadable.report(logger, f"up to step {step}", context)
                 if context.is_main:
-                    logger.info(f"step {step}: L1 {np.mean(losses[-args.log_every:]):.5f}, "
-                                f"lr {scheduler.get_last_lr()[0]:.3e}, {time.perf_counter() - started:.0f} s")
-                    common.append_jsonl(os.path.join(args.output, "metrics.jsonl"),
-                                        dict(step=step, loss=float(np.mean(losses[-args.log_every:]))))
+                    logger.info(
+                        f"step {step}: L1 {np.mean(losses[-args.log_every :]):.5f}, "
+                        f"lr {scheduler.get_last_lr()[0]:.3e}, {time.perf_counter() - started:.0f} s"
+                    )
+                    common.append_jsonl(
+                        os.path.join(args.output, "metrics.jsonl"),
+                        dict(step=step, loss=float(np.mean(losses[-args.log_every :]))),
+                    )
             if val_specs and context.is_main and (step % args.val_every == 0 or step == args.steps):
                 results = evaluate(eval_model, val_specs, scale, context.device, args.tile, args.tile_overlap, show)
                 _log_eval(logger, results, step, args.output)
@@ -594,8 +722,11 @@ def _train(args: argparse.Namespace, context: common.DistributedContext, logger:
     bar.close()
     skipped += dataset.skip_unreadable.report(logger, "training", context)
     if context.is_main:
-        common.save_safetensors(os.path.join(args.output, "model.safetensors"), eval_model.state_dict(),
-                                metadata=dict(model=name, step=str(args.steps)))
+        common.save_safetensors(
+            os.path.join(args.output, "model.safetensors"),
+            eval_model.state_dict(),
+            metadata=dict(model=name, step=str(args.steps)),
+        )
         if losses:
             common.plot_curves({"L1": losses}, os.path.join(args.output, "loss.png"), ylabel="L1 loss", log_y=True)
     return dict(results=results, output=args.output, skipped_images=skipped)

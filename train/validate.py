@@ -10,6 +10,7 @@ holding a ``--split`` sub-folder), a tar of one, or ``--dataset torch/cifar10``,
 ``--crop-pct`` and friends override it. Runs under ``torchrun`` too: each process scores its share
 and the counts are summed (the padding that evens the shares out is not counted).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,26 +26,54 @@ from torch import nn
 
 from recurzoo.train import common
 
-__all__ = ["build_parser", "main", "evaluate", "read_weights", "checkpoint_num_classes", "load_weights",
-           "load_initial_checkpoint", "create_eval_loader", "autocast"]
+__all__ = [
+    "build_parser",
+    "main",
+    "evaluate",
+    "read_weights",
+    "checkpoint_num_classes",
+    "load_weights",
+    "load_initial_checkpoint",
+    "create_eval_loader",
+    "autocast",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = common.ArgumentParser(
         prog="python -m recurzoo.train.validate",
         description="Top-1/top-5 accuracy of a timm classifier (any recurzoo model) on an image dataset.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     group = parser.add_argument_group("model")
     group.add_argument("--model", required=True, help="timm model name, e.g. sret_tiny")
-    group.add_argument("--checkpoint", "--initial-checkpoint", dest="checkpoint", default=None,
-                       help="weights: a training checkpoint, a state dict, safetensors or an official file")
+    group.add_argument(
+        "--checkpoint",
+        "--initial-checkpoint",
+        dest="checkpoint",
+        default=None,
+        help="weights: a training checkpoint, a state dict, safetensors or an official file",
+    )
     group.add_argument("--pretrained", action="store_true", help="timm's pretrained weights of --model")
-    group.add_argument("--use-ema", action=argparse.BooleanOptionalAction, default=True,
-                       help="take the EMA weights when the checkpoint has them")
-    group.add_argument("--num-classes", type=int, default=None,
-                       help="classifier outputs (default: the checkpoint's, else the dataset's class count)")
-    group.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                       help="extra timm.create_model arguments, e.g. dims='(16,32,64,128)'")
+    group.add_argument(
+        "--use-ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="take the EMA weights when the checkpoint has them",
+    )
+    group.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="classifier outputs (default: the checkpoint's, else the dataset's class count)",
+    )
+    group.add_argument(
+        "--model-kwargs",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra timm.create_model arguments, e.g. dims='(16,32,64,128)'",
+    )
     group = parser.add_argument_group("data")
     group.add_argument("--data-dir", required=True, help="dataset root")
     group.add_argument("--dataset", default="", help="timm dataset type ('' = folder/tar, torch/..., hfds/...)")
@@ -65,8 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
 def add_preprocessing_arguments(group: Any) -> None:
     """timm's preprocessing overrides (all default to the model's pretrained cfg)."""
     group.add_argument("--img-size", type=int, default=None, help="input image size")
-    group.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
-                       help="full input size (overrides --img-size)")
+    group.add_argument(
+        "--input-size",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("C", "H", "W"),
+        help="full input size (overrides --img-size)",
+    )
     group.add_argument("--crop-pct", type=float, default=None, help="eval center-crop fraction")
     group.add_argument("--crop-mode", default=None, help="eval crop mode: center, squash or border")
     group.add_argument("--interpolation", default="", help="resize interpolation (bilinear, bicubic, ...)")
@@ -129,8 +164,11 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: 
     def is_classifier(key: str) -> bool:
         return bool(prefixes) and key.startswith(prefixes)
 
-    state_dict = {key: value for key, value in state_dict.items()
-                  if not (is_classifier(key) and (key not in own or own[key].shape != value.shape))}
+    state_dict = {
+        key: value
+        for key, value in state_dict.items()
+        if not (is_classifier(key) and (key not in own or own[key].shape != value.shape))
+    }
     mismatch = compare_state_dict(model, state_dict)
     missing = [key for key in mismatch.missing if not is_classifier(key)]
     if missing or mismatch.unexpected or mismatch.shapes:
@@ -145,22 +183,41 @@ def load_initial_checkpoint(model: nn.Module, path: str, use_ema: bool = True) -
     return load_weights(model, read_weights(path, use_ema), source=path)
 
 
-def create_eval_loader(dataset: Any, data_config: Dict[str, Any], batch_size: int, workers: int,
-                       context: common.DistributedContext):
+def create_eval_loader(
+    dataset: Any, data_config: Dict[str, Any], batch_size: int, workers: int, context: common.DistributedContext
+):
     """timm's eval loader (resize, center crop, normalize) over ``dataset``, sharded across ranks."""
     from timm.data import create_loader
 
     return create_loader(
-        dataset, input_size=data_config["input_size"], batch_size=batch_size, is_training=False,
-        interpolation=data_config["interpolation"], mean=data_config["mean"], std=data_config["std"],
-        crop_pct=data_config["crop_pct"], crop_mode=data_config.get("crop_mode"), num_workers=workers,
-        distributed=context.distributed, pin_memory=context.device.type == "cuda", device=context.device,
-        use_prefetcher=False, persistent_workers=False)
+        dataset,
+        input_size=data_config["input_size"],
+        batch_size=batch_size,
+        is_training=False,
+        interpolation=data_config["interpolation"],
+        mean=data_config["mean"],
+        std=data_config["std"],
+        crop_pct=data_config["crop_pct"],
+        crop_mode=data_config.get("crop_mode"),
+        num_workers=workers,
+        distributed=context.distributed,
+        pin_memory=context.device.type == "cuda",
+        device=context.device,
+        use_prefetcher=False,
+        persistent_workers=False,
+    )
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, context: common.DistributedContext, amp: bool = False,
-             amp_dtype: str = "bfloat16", progress: bool = False, desc: str = "eval") -> Dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    loader: Any,
+    context: common.DistributedContext,
+    amp: bool = False,
+    amp_dtype: str = "bfloat16",
+    progress: bool = False,
+    desc: str = "eval",
+) -> Dict[str, float]:
     """Cross-entropy loss, top-1 and top-5 accuracy (%) of ``model`` over ``loader``, summed over ranks.
 
     Top-5 becomes top-k with k = the class count when there are fewer than five classes.
@@ -185,17 +242,27 @@ def evaluate(model: nn.Module, loader: Any, context: common.DistributedContext, 
         k = min(5, logits.shape[-1])
         ranked = logits.topk(k, dim=-1).indices
         hits = ranked.eq(targets[:, None])
-        sums += torch.tensor([nn.functional.cross_entropy(logits, targets, reduction="sum").item(),
-                              hits[:, 0].sum().item(), hits.any(dim=-1).sum().item(), len(targets)],
-                             dtype=torch.float64)
+        sums += torch.tensor(
+            [
+                nn.functional.cross_entropy(logits, targets, reduction="sum").item(),
+                hits[:, 0].sum().item(),
+                hits.any(dim=-1).sum().item(),
+                len(targets),
+            ],
+            dtype=torch.float64,
+        )
     if context.distributed:
         reduced = sums.to(context.device)
         dist.all_reduce(reduced)
         sums = reduced.cpu()
     model.train(was_training)
     count = max(1.0, sums[3].item())
-    return OrderedDict(loss=sums[0].item() / count, top1=100.0 * sums[1].item() / count,
-                       top5=100.0 * sums[2].item() / count, images=int(sums[3].item()))
+    return OrderedDict(
+        loss=sums[0].item() / count,
+        top1=100.0 * sums[1].item() / count,
+        top5=100.0 * sums[2].item() / count,
+        images=int(sums[3].item()),
+    )
 
 
 def resolve_eval_data_config(args: argparse.Namespace, model: nn.Module, verbose: bool = False) -> Dict[str, Any]:
@@ -217,11 +284,20 @@ def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[s
     import recurzoo  # noqa: F401  (registers the zoo with timm)
 
     logger = common.setup_logging(None, context.is_main, name="recurzoo.validate")
-    dataset = common.create_image_dataset(args.dataset, args.data_dir, args.split, is_training=False,
-                                          class_map=args.class_map or None, batch_size=args.batch_size)
+    dataset = common.create_image_dataset(
+        args.dataset,
+        args.data_dir,
+        args.split,
+        is_training=False,
+        class_map=args.class_map or None,
+        batch_size=args.batch_size,
+    )
     weights = read_weights(args.checkpoint, args.use_ema) if args.checkpoint else None
-    num_classes = (args.num_classes or (weights is not None and checkpoint_num_classes(weights, args.model))
-                   or dataset_num_classes(dataset))
+    num_classes = (
+        args.num_classes
+        or (weights is not None and checkpoint_num_classes(weights, args.model))
+        or dataset_num_classes(dataset)
+    )
     kwargs = dict(common.parse_kwargs(args.model_kwargs))
     if num_classes:
         kwargs["num_classes"] = num_classes
@@ -231,13 +307,28 @@ def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[s
     model.to(context.device)
     data_config = resolve_eval_data_config(args, model, verbose=context.is_main)
     loader = create_eval_loader(dataset, data_config, args.batch_size, args.workers, context)
-    metrics = evaluate(model, loader, context, amp=args.amp, amp_dtype=args.amp_dtype,
-                       progress=context.is_main and not args.no_progress)
-    results = dict(model=args.model, checkpoint=args.checkpoint, split=args.split, num_classes=num_classes,
-                   input_size=list(data_config["input_size"]), crop_pct=data_config["crop_pct"], **metrics)
+    metrics = evaluate(
+        model,
+        loader,
+        context,
+        amp=args.amp,
+        amp_dtype=args.amp_dtype,
+        progress=context.is_main and not args.no_progress,
+    )
+    results = dict(
+        model=args.model,
+        checkpoint=args.checkpoint,
+        split=args.split,
+        num_classes=num_classes,
+        input_size=list(data_config["input_size"]),
+        crop_pct=data_config["crop_pct"],
+        **metrics,
+    )
     if context.is_main:
-        logger.info(f"{args.model}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
-                    f"loss {metrics['loss']:.4f}  ({metrics['images']} images)")
+        logger.info(
+            f"{args.model}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+            f"loss {metrics['loss']:.4f}  ({metrics['images']} images)"
+        )
         print(json.dumps(results))
         if args.results_file:
             os.makedirs(os.path.dirname(os.path.abspath(args.results_file)), exist_ok=True)
