@@ -26,9 +26,14 @@ install: $(INSTALLED)
 demo: $(INSTALLED)
 	$(BIN)/recurzoo demo
 
+# import-linter reads the package from disk; the code folders are mapped into it on installation, so
+# the check runs on a copy laid out as installed.
 lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	rm -rf build/layers && mkdir -p build/layers && cp -r recurzoo build/layers/
+	for folder in backbones heads train export; do cp -r $$folder build/layers/recurzoo/; done
+	cd build/layers && PYTHONPATH=. ../../$(BIN)/lint-imports --config ../../pyproject.toml
 
 test: lint
 	$(BIN)/python -m pytest -p no:cacheprovider -q -n 2 --dist loadfile

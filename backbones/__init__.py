@@ -1,18 +1,16 @@
 """The model families of recurzoo; importing this package registers them with timm."""
 
-from recurzoo.backbones import (
-    hornet,  # noqa: F401
-    recurrent_vit,  # noqa: F401
-    rgt,  # noqa: F401
-    sret,  # noqa: F401
-)
-from recurzoo.heads import camouflage  # noqa: F401,E402  (MSRNet COD models over the backbones above)
+from recurzoo.backbones import hornet, recurrent_vit, rgt, sret
+from recurzoo.registry import register_family_module
 
-# Modules whose ``@register_model`` functions make up the zoo (used by ``recurzoo.list_models``).
+# The modules whose ``@register_model`` functions are zoo models, and the family (card) of each.
 FAMILY_MODULES = (
     "recurzoo.backbones.hornet",
-    "recurzoo.backbones.recurrent_vit",
     "recurzoo.backbones.sret",
+    "recurzoo.backbones.recurrent_vit",
     "recurzoo.backbones.rgt",
-    "recurzoo.heads.camouflage",
 )
+for _module in (hornet, sret, recurrent_vit, rgt):
+    register_family_module(_module.__name__)
+
+__all__ = ["FAMILY_MODULES", "hornet", "recurrent_vit", "rgt", "sret"]

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -66,49 +65,50 @@ def check_image_input(
         )
 
 
-def _weights_url(pretrained_cfg: Any) -> Optional[str]:
-    url = getattr(pretrained_cfg, "url", None)
-    return url[0] if isinstance(url, (tuple, list)) else url
-
-
-def _reachable(url: str, timeout: float) -> bool:
-    import socket
-    from urllib.parse import urlparse
-
-    parts = urlparse(url)
-    try:
-        socket.create_connection(
-            (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout=timeout
-        ).close()
-        return True
-    except OSError:
-        return False
-
-
 def build_with_weights(model_cls: Callable[..., nn.Module], variant: str, pretrained: bool, **kwargs: Any) -> nn.Module:
-    """timm's ``build_model_with_cfg`` that fails fast, with instructions, when weights cannot be fetched.
+    """timm's ``build_model_with_cfg``, with pretrained weights read by :mod:`recurzoo.checkpoint`.
 
-    With ``pretrained=True`` and neither a local ``file`` in the pretrained cfg nor a cached download,
-    the weights' host is probed for a few seconds first; when it is out of reach (no network, as on
-    air-gapped machines) a ``RuntimeError`` says how to load a file downloaded by hand instead of
-    letting the download hang or fail deep inside.
+    The cfg's ``file``, its URL's file in timm's cache or a download is read safely
+    (``weights_only`` or safetensors) and handed to timm as a state dict, so timm's first-conv
+    adaptation and classifier handling apply unchanged. Before timm loads it, the converted weights
+    are checked against the model: what does not fit is one ``CheckpointError`` line, a dropped
+    classifier a WARNING. Offline, a missing file fails within seconds and names where to put it.
+    Task models (not in timm's registry) take their cfg from :mod:`recurzoo.registry`.
     """
     from timm.models import build_model_with_cfg
     from timm.models._builder import resolve_pretrained_cfg
-    from timm.models._hub import get_cache_dir
 
+    from recurzoo import registry
+    from recurzoo.checkpoint import check_pretrained_fit, pretrained_state_dict
+
+    pretrained_cfg = kwargs.pop("pretrained_cfg", None)
+    if pretrained_cfg is None:
+        pretrained_cfg = registry.get_pretrained_cfg(variant)
+    overlay = kwargs.pop("pretrained_cfg_overlay", None)
     if pretrained:
-        cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
-        url = _weights_url(cfg)
-        cached_name = cfg.url[1] if isinstance(cfg.url, (tuple, list)) else None
-        cached = cached_name and os.path.exists(os.path.join(get_cache_dir(), cached_name))
-        if url and not (cfg.file or cfg.state_dict or cached) and not _reachable(url, timeout=5.0):
-            raise RuntimeError(
-                f"{variant}: cannot download the pretrained weights ({url} is out of reach). Download the file "
-                f"by hand and load it with timm.create_model('{variant}', pretrained=True, "
-                f"pretrained_cfg_overlay=dict(file='/path/to/checkpoint.pth'))."
-            )
-    return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
+        resolved = resolve_pretrained_cfg(variant, pretrained_cfg, overlay)
+        weights = pretrained_state_dict(variant, resolved)
+        if weights is not None:
+            state_dict, source = weights
+            family_fn = kwargs.pop("pretrained_filter_fn", None)
+
+            def checked_filter(checkpoint: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+                converted = family_fn(checkpoint, model) if family_fn is not None else checkpoint
+                num_classes = 0 if kwargs.get("features_only") else getattr(model, "num_classes", 1000)
+                check_pretrained_fit(
+                    converted, model, resolved.to_dict(), num_classes, kwargs.get("in_chans", 3), source
+                )
+                return converted
+
+            kwargs["pretrained_filter_fn"] = checked_filter
+            overlay = dict(overlay or {}, state_dict=state_dict)
+    model = build_model_with_cfg(
+        model_cls, variant, pretrained, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay, **kwargs
+    )
+    for cfg in (getattr(model, "pretrained_cfg", None), getattr(getattr(model, "model", None), "pretrained_cfg", None)):
+        if isinstance(cfg, dict):
+            cfg.pop("state_dict", None)  # the weights are in the model now; keep the cfg printable
+    return model
 
 
 class StagedClassifierMixin:

@@ -33,6 +33,7 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from recurzoo.backbones._helpers import StagedClassifierMixin, build_with_weights
+from recurzoo.checkpoint import unwrap_state_dict
 from recurzoo.official import register_official
 
 __all__ = ["HorNet", "RecursiveGatedConv", "GlobalLocalFilter", "HorNetBlock", "HorNetStage"]
@@ -362,42 +363,6 @@ class HorNet(StagedClassifierMixin, nn.Module):
         return {name for name, _ in self.named_parameters() if name.endswith("complex_weight")}
 
 
-MODEL_CARD = dict(
-    title="HorNet",
-    summary="""
-HorNet replaces the depthwise convolution of a ConvNeXt block with the recursive gated convolution
-(gnConv), which builds spatial interactions of order 2 to 5 (one order more per stage) from
-convolutions and element-wise gating alone. The `_7x7` variants mix space with a 7x7 depthwise
-conv; the `_gf` variants use a global-local filter in stages 3 and 4 (half of the channels through a
-3x3 depthwise conv, half through a learned filter in the 2-D Fourier domain). The frequency weights
-are sized for the input resolution in the name (224 unless `_384`) and are resized bilinearly for
-any other input size, as the official code does, so every variant runs at any resolution that is a
-multiple of 32 or larger.
-""",
-    paper="HorNet: Efficient High-Order Spatial Interactions with Recursive Gated Convolutions "
-    "(Rao et al., NeurIPS 2022)",
-    paper_url="https://arxiv.org/abs/2207.14284",
-    code_url="https://github.com/raoyongming/HorNet",
-    license="MIT",
-    create_kwargs=dict(num_classes=1000),
-    example_model="hornet_tiny_7x7",
-    table_note="Parameters and fvcore GFLOPs (multiply-accumulates, FFTs counted as N log2 N per channel) "
-    "of one image at the input size shown, with a 1000-class head. The large models' official "
-    "weights are ImageNet-22k classifiers (21841 classes): `timm.create_model(name, pretrained=True)` "
-    "builds that head; pass `num_classes` to replace it.",
-    notes="""
-## Faithfulness
-
-`tests/test_parity.py` loads checkpoints captured from the official implementation through
-`checkpoint_filter_fn` and matches its eval-mode logits (7x7 and global-filter variants). Parameter
-counts equal the official code's. The official FLOP figures were measured with plain fvcore, which
-counts neither the FFTs nor the channels-first LayerNorms (written as element-wise ops); counted the
-same way, every variant here is within 1% of them (`tests/test_hornet.py`). The table above also
-counts the FFTs, which puts `hornet_tiny_gf` 1.0% above its official figure.
-""",
-)
-
-
 # Official names -> ours, applied in order to every key of an official checkpoint.
 _OFFICIAL_KEY_RENAMES = (
     (r"^downsample_layers\.0\.", "stem."),
@@ -411,14 +376,6 @@ _OFFICIAL_KEY_RENAMES = (
 )
 
 
-def unwrap_checkpoint(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-    """The state dict inside a training checkpoint's ``model``/``state_dict`` wrapper, if any."""
-    for key in ("model", "state_dict", "model_ema", "params_ema", "params"):
-        if key in checkpoint and isinstance(checkpoint[key], dict):
-            return checkpoint[key]
-    return checkpoint
-
-
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: HorNet) -> Dict[str, torch.Tensor]:
     """Convert an official HorNet checkpoint (or a wrapped one) to this implementation's keys.
 
@@ -427,7 +384,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: HorNet) -> Dict[str,
     """
     import re
 
-    state_dict = unwrap_checkpoint(state_dict)
+    state_dict = unwrap_state_dict(state_dict)
     if "stem.0.weight" in state_dict:
         converted = dict(state_dict)
     else:

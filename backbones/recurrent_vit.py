@@ -53,7 +53,7 @@ from torch import nn
 from torch.func import functional_call
 
 from recurzoo.backbones._helpers import check_image_input, model_name
-from recurzoo.backbones.hornet import unwrap_checkpoint
+from recurzoo.checkpoint import unwrap_state_dict
 
 __all__ = [
     "RecurrentViT",
@@ -67,53 +67,8 @@ __all__ = [
     "segment_phases",
     "even_phases",
     "vit_step_tokens",
-    "MODEL_CARD",
 ]
 
-MODEL_CARD = dict(
-    title="Recurrent ViT (Raptor-style block-recurrent Vision Transformer)",
-    summary=(
-        "A ViT whose `depth` steps are executed by `k` shared timm ViT blocks along a contiguous phase "
-        "schedule (e.g. 12 steps as phases `[6, 6]` for k = 2). FLOPs equal the untied ViT's; block "
-        "parameters are k/L of it. Optional Raptor depth conditioning (each shared block scales its "
-        "attention residual, MLP residual and output by learned functions of the normalized step, "
-        "starting at the identity) and relaxed recursion (per-step LoRA on qkv, proj, fc1 and fc2, "
-        "starting at zero)."
-    ),
-    paper="Block-Recurrent Dynamics in Vision Transformers (Jacobs, Fel, Hakim et al., 2025); "
-    "Relaxed Recursive Transformers (Bae et al., 2024)",
-    paper_url="https://arxiv.org/abs/2512.19941",
-    code_url="https://github.com/KempnerInstitute/raptor",
-    license="MIT (Raptor code); the registered architectures have no released weights",
-    example_model="rvit_small_patch16_224",
-    table_note=(
-        "Parameters and fvcore GFLOPs (multiply-accumulates) of one image at the input size shown, counted on "
-        "the model as created below. The FLOPs equal those of timm's untied `vit_tiny/small/base_patch16_224` "
-        "(1.26 / 4.61 / 17.58 GFLOPs, 5.72 / 22.05 / 86.57 M parameters); the block parameters are k/12 of "
-        "theirs."
-    ),
-    performance_note=(
-        "onnxruntime over eager at batch 1 is 1.18x in the committed run, under the 1.2x target (an earlier "
-        "one-thread run measured 1.41x; the timm peer `vit_small_patch16_224` gets 1.24x). Eager PyTorch already "
-        "runs this model at 87% of the matmul peak (the shared blocks are timm's fused-attention ViT blocks) "
-        "and onnxruntime at about 100%, so little is left to gain."
-    ),
-    notes=(
-        "No pretrained weights: make them by distilling a timm ViT, "
-        "`python -m recurzoo.train.distill_recurrent --teacher vit_small_patch16_224 --k 2 --data-dir DIR`, "
-        "which finds the phases (`find_phases`), converts the teacher (`from_vit`, each phase's shared "
-        "block copied from the phase's middle block), trains each shared block teacher-forced on its "
-        "phase and then the whole model autoregressively against the teacher's per-step tokens. "
-        "`_k3` names use three shared blocks (phases `[4, 4, 4]`); pass `phases=[...]`, "
-        "`depth_conditioning=True` or `lora_rank=r` to `timm.create_model` for other schedules and the "
-        "relaxations. The checkpoint file given to `pretrained_cfg_overlay` can be a distilled "
-        "`student.safetensors` or an untied timm ViT checkpoint of the same width, whose phases' middle "
-        "blocks then become the shared blocks. `recurzoo.backbones.recurrent_vit.from_vit(vit, phases)` "
-        "converts a built ViT and `find_phases(vit, images, k)` proposes the phases. Raptor feeds the integer "
-        "layer index to its depth conditioning; this module feeds `(step + 1) / depth`. The registered "
-        "models take any input size that is a multiple of 16 (`dynamic_img_size=True`)."
-    ),
-)
 
 _NORM_EPS = 1e-6
 _LORA_TARGETS = (("attn", "qkv"), ("attn", "proj"), ("mlp", "fc1"), ("mlp", "fc2"))
@@ -912,39 +867,20 @@ class PhaseSplit(NamedTuple):
         return [b - a for a, b in zip(edges[:-1], edges[1:])]
 
 
-def save_similarity_heatmap(split: PhaseSplit, path: str, title: str = "") -> None:
-    """Save the layer-similarity matrix of ``split`` as a PNG heat map with its phase boundaries."""
-    from recurzoo.train.common import save_heatmap
-
-    save_heatmap(
-        split.similarity.numpy(),
-        path,
-        title=title or f"phases {split.phases}",
-        label="cosine similarity",
-        xlabel="block",
-        ylabel="block",
-        lines=split.boundaries,
-    )
-
-
 def find_phases(
     vit: nn.Module,
     images: Union[torch.Tensor, Iterable[Any]],
     k: int,
-    save_path: Optional[str] = None,
 ) -> PhaseSplit:
     """Find the contiguous ``k``-phase schedule of a ViT from its layer-by-layer token similarity.
 
     Computes :func:`layer_similarity` on ``images`` and segments it exactly with
-    :func:`segment_phases`. With ``save_path`` the matrix is also saved as a heat-map PNG
-    (needs matplotlib).
+    :func:`segment_phases`. ``recurzoo.plots.save_heatmap`` draws the result's ``similarity`` with
+    its ``boundaries``.
     """
     similarity = layer_similarity(vit, images)
     lengths = segment_phases(similarity, k)
-    split = PhaseSplit(boundaries=phase_starts(lengths)[1:], similarity=similarity)
-    if save_path:
-        save_similarity_heatmap(split, save_path)
-    return split
+    return PhaseSplit(boundaries=phase_starts(lengths)[1:], similarity=similarity)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -959,7 +895,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RecurrentViT) -> Dic
     knows). When the checkpoint has more blocks than the model has shared blocks, it is an untied
     ViT of depth ``sum(phases)``: each shared block takes the weights of its phase's middle block.
     """
-    state_dict = vit_checkpoint_filter_fn(unwrap_checkpoint(state_dict), model)
+    state_dict = vit_checkpoint_filter_fn(unwrap_state_dict(state_dict), model)
     pattern = re.compile(r"^blocks\.(\d+)\.(.*)$")
     block_ids = {int(match.group(1)) for match in map(pattern.match, state_dict) if match}
     if not block_ids or max(block_ids) < len(model.blocks):

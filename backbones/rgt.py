@@ -17,8 +17,8 @@ conv. Inside a group, blocks alternate two attentions:
 
 Every block adds its own input back scaled by a learnable vector (hybrid adaptive integration, HAI).
 ``rgt`` and ``rgt_small`` are the bodies (image -> full-resolution features, plus a pooled classifier
-head for timm); ``rgt_x2`` ... ``rgt_small_x4`` are the complete super-resolution models (body +
-:class:`~recurzoo.heads.super_resolution.PixelShuffleUpsampler`).
+head for timm). The complete super-resolution models ``rgt_x2`` ... ``rgt_small_x4`` (body + pixel-shuffle
+upsampler) are task models of :mod:`recurzoo.heads.super_resolution`.
 """
 
 from __future__ import annotations
@@ -31,15 +31,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
-from recurzoo.backbones._helpers import check_image_input, model_name
-from recurzoo.backbones.hornet import unwrap_checkpoint
-from recurzoo.heads.super_resolution import DIV2K_RGB_MEAN, PixelShuffleUpsampler, SuperResolutionModel
-from recurzoo.official import register_official
+from recurzoo.backbones._helpers import build_with_weights, check_image_input, model_name
+from recurzoo.checkpoint import unwrap_state_dict
 
 __all__ = [
     "RGT",
@@ -51,9 +49,14 @@ __all__ = [
     "DynamicPositionBias",
     "recursion_steps",
     "checkpoint_filter_fn",
-    "MODEL_CARD",
+    "rgt_args",
+    "rgt_cfg",
+    "DIV2K_RGB_MEAN",
+    "OFFICIAL_UPSAMPLER_PREFIXES",
 ]
 
+# Mean colour of the DIV2K training images, subtracted from the input by the official model (BasicSR).
+DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 _MASK_VALUE = -100.0  # the official additive mask between regions of a shifted window
 
 
@@ -671,104 +674,6 @@ class RGT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-MODEL_CARD = dict(
-    title="RGT",
-    summary="""
-RGT (Recursive Generalization Transformer) is an image super-resolution transformer whose body keeps
-the input's resolution. Its residual groups alternate rectangle-window self-attention (L-SA: half of
-the channels in horizontal 8x32 windows, half in vertical 32x8 ones, some blocks shifted, with a
-dynamic relative position bias) with recursive-generalization self-attention (RG-SA: the map is
-pooled recursively by one shared 4x4 stride-4 depthwise conv into a small representative map that
-every position cross-attends to, in half the channels). Hybrid adaptive integration adds each
-block's input back with a learnable per-channel scale. `rgt` / `rgt_small` (8 / 6 residual groups
-of 6 blocks, width 180) are the bodies as timm backbones (one stride-1 feature map per group);
-`rgt_x2` ... `rgt_small_x4` are the complete super-resolution models (body + the pixel-shuffle
-upsampler of RGT/SwinIR), taking images in [0, 1] of any size.
-""",
-    paper="Recursive Generalization Transformer for Image Super-Resolution (Chen et al., ICLR 2024)",
-    paper_url="https://arxiv.org/abs/2303.06373",
-    code_url="https://github.com/zhengchen1999/RGT",
-    license="Apache-2.0",
-    create_kwargs={},
-    input_size=(3, 128, 128),
-    example_model="rgt_small_x4",
-    table_note="Parameters and fvcore GFLOPs (multiply-accumulates; attention counted as its two matmuls, as in "
-    "the official explicit attention) of one 3x128x128 input, i.e. a 3x512x512 output for the x4 "
-    "models, the size of the published figures (RGT 13.37 M / 251.07 G, RGT-S 10.20 M / 193.08 G). "
-    "The body rows exclude the upsampler. The authors' DF2K-trained weights of the six SR models are "
-    "shared as Google Drive / Baidu folders (links in the official README), without direct URLs, so "
-    "the weights column is empty: download them by hand and pass `pretrained_cfg_overlay=dict(file=...)`.",
-    usage="""
-```python
-import recurzoo, timm, torch
-
-sr = timm.create_model('rgt_small_x4').eval()  # random init
-# the authors' BasicSR checkpoint, downloaded by hand (nothing is fetched at import):
-sr = timm.create_model('rgt_small_x4', pretrained=True,
-                       pretrained_cfg_overlay=dict(file='/path/to/RGT_S_x4.pth')).eval()
-image = torch.rand(1, 3, 120, 97)               # RGB in [0, 1], any size
-out = sr(image)                                 # (1, 3, 480, 388), not clamped
-big = sr.super_resolve(torch.rand(1, 3, 1024, 1024), tile=256, tile_overlap=32)  # tiled, blended
-
-# the body alone (stride-1 features, one level per residual group), or with another head
-body = timm.create_model('rgt_small', features_only=True)
-sr2 = recurzoo.create_sr_model('rgt_small', scale=2, head='pixelshuffledirect')
-```
-
-Command line: `recurzoo sr photo.png folder/ --model rgt_small_x4 --checkpoint RGT_S_x4.pth --tile 256 --out out/`.
-Training and evaluation (PSNR/SSIM on Y, BasicSR's protocol):
-`python -m recurzoo.train.super_resolution --model rgt_small_x2 --train-data DF2K --val-data Set5 Set14
---output runs/rgt_s_x2` and `python -m recurzoo.train.super_resolution --model rgt_x4 --checkpoint RGT_x4.pth
---eval-only --val-data Set5 Urban100`.
-""",
-    performance_note="""
-**Close to the 45%-of-peak target at batch 8, and why (measured).** On one thread `rgt_small_x2`
-reaches 54% of the fp32 matmul peak at batch 1 and 46% at batch 8; on two threads, 35-38% at batch 8
-(two `make bench` runs). Three measured causes:
-(1) its linear layers are only 180 channels wide, and a `(32768 x 180) @ (180 x 540)` product
-(`F.linear`, one thread) runs at 49 GFLOP/s where the 2048^3 matmul runs at 93; (2) window
-attention with 30-channel heads runs in SDPA's CPU flash kernel at about 45% of the peak; (3) at
-batch 8 each activation exceeds 32 MB, glibc's largest `mmap` threshold, so every one is a fresh
-mapping whose pages fault in on first touch. With `MALLOC_MMAP_THRESHOLD_=4294967296
-MALLOC_TRIM_THRESHOLD_=4294967296` in the environment, the same batch-8 run on one thread goes from
-43% to 59% of the peak (17.96 s to 13.47 s); use those settings when running RGT on CPU at large
-batches. The implementation itself adds no copies the attention does not need: the shifted-window
-mask broadcasts over the batch (windows share the head axis of one SDPA call instead of repeating
-the mask per image), and each branch writes its reversed windows straight into its channel slice of
-the block's output (one copy instead of reshape, roll and concatenation).
-""",
-    notes="""
-## Faithfulness
-
-`tests/test_parity.py` builds the models from the official constructor arguments, loads checkpoints
-captured from the official implementation through `checkpoint_filter_fn` (the BasicSR `params` /
-`params_ema` wrappers are unwrapped; the attention-mask and position-index buffers, which the
-official checkpoints store for their training size, are dropped and recomputed for every input)
-and matches the official eval-mode output, on inputs whose sides are not multiples of the window
-(padded as the official code pads them). Parameter and FLOP counts of `rgt_x4` and `rgt_small_x4`
-equal the published figures to their printed precision.
-
-As in the official code, RG-SA pools the map `max(log4(H/16), log4(W/16), 2)` times at evaluation
-and `max(log4(H/4), log4(W/4))` times in training, so the eval output depends on the input size
-(and tiles see a different summary than the whole image). Where the official code fails (a side
-under 16 pixels at evaluation, or an extreme aspect ratio), the count is capped so that the shorter
-side keeps at least one pixel; any input size works.
-
-## Large images
-
-`model.super_resolve(x, tile=256, tile_overlap=32)` (and `recurzoo sr --tile`) runs one tile at a
-time: in each overlap, the outer quarter on either side is discarded (it saw the tile's zero
-padding) and the middle half is cross-faded linearly, so no seam shows. Memory then stays that of
-one tile plus the output image: `rgt_small_x4` on a 1024x1024 input (a 4096x4096 output, 25 tiles
-of 256 with overlap 32) completed on a 2-core, 24 GB CPU machine in 2208 s on one thread (shared
-with other jobs), with a peak resident memory of 2.43 GB, against 2.07 GB for a single 256x256
-tile (the difference is the float output and its blending weights). RG-SA attends over the whole
-input it sees, so tiled outputs differ slightly from untiled ones; a model whose receptive field
-reaches at most `tile_overlap / 4` pixels gives identical results.
-""",
-)
-
-
 # Official names -> ours (body keys), applied in order to every key of an official checkpoint.
 _OFFICIAL_KEY_RENAMES = (
     (r"^before_RG\.1\.", "norm_pre."),
@@ -793,84 +698,33 @@ _OFFICIAL_KEY_RENAMES = (
 )
 # Buffers the official model stores but derives from its sizes: recomputed here, never loaded.
 _DERIVED_BUFFERS = re.compile(r"(attn_mask_\d|rpe_biases|relative_position_index)$")
-_OFFICIAL_HEAD_PREFIXES = ("conv_before_upsample.", "upsample.", "conv_last.")
+# The upsampler of the official super-resolution model (loaded by recurzoo.heads.super_resolution).
+OFFICIAL_UPSAMPLER_PREFIXES = ("conv_before_upsample.", "upsample.", "conv_last.")
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Convert an official RGT checkpoint (BasicSR layout, optionally wrapped) to ``model``'s keys.
+    """Convert an RGT checkpoint to the keys of the body :class:`RGT`.
 
-    ``model`` is a complete SR model (:class:`SuperResolutionModel`: body under ``backbone.``,
-    upsampler under ``head.``) or the body alone (:class:`RGT`: the upsampler is dropped).
-    Checkpoints already in this package's layout (SR model or body) pass through, re-prefixed as needed.
+    Reads the official layout (BasicSR, optionally wrapped: its upsampler is dropped), the body of one
+    of this package's super-resolution models (keys under ``backbone.``) and the body's own layout.
+    The attention masks and position indices the official file stores are derived from sizes and
+    dropped; the body computes them for each input.
     """
     state_dict = {
-        key: value for key, value in unwrap_checkpoint(state_dict).items() if not _DERIVED_BUFFERS.search(key)
+        key: value for key, value in unwrap_state_dict(state_dict).items() if not _DERIVED_BUFFERS.search(key)
     }
-    if any(key.startswith(("layers.", "before_RG.")) for key in state_dict):  # the official layout
-        sr_layout = {}
-        for key, value in state_dict.items():
-            if key.startswith(_OFFICIAL_HEAD_PREFIXES):
-                sr_layout["head." + key] = value
-                continue
-            for pattern, replacement in _OFFICIAL_KEY_RENAMES:
-                key = re.sub(pattern, replacement, key)
-            sr_layout["backbone." + key] = value
-    elif any(key.startswith("backbone.") for key in state_dict):  # one of our SR models
-        sr_layout = state_dict
-    else:  # one of our bodies (its classifier, if any, only fits a body)
-        if not isinstance(model, SuperResolutionModel):
-            return state_dict
-        sr_layout = {"backbone." + key: value for key, value in state_dict.items() if not key.startswith("head.")}
-    if isinstance(model, SuperResolutionModel):
-        return sr_layout
-    return {key[len("backbone.") :]: value for key, value in sr_layout.items() if key.startswith("backbone.")}
-
-
-def _official_rgt(
-    upscale: int = 2,
-    in_chans: int = 3,
-    embed_dim: int = 180,
-    depth: Sequence[int] = (2, 2, 2, 2),
-    num_heads: Sequence[int] = (2, 2, 2, 2),
-    mlp_ratio: float = 4.0,
-    qkv_bias: bool = True,
-    qk_scale: Optional[float] = None,
-    drop_rate: float = 0.0,
-    attn_drop_rate: float = 0.0,
-    drop_path_rate: float = 0.1,
-    use_chk: bool = False,
-    img_range: float = 1.0,
-    resi_connection: str = "1conv",
-    split_size: Sequence[int] = (8, 8),
-    c_ratio: float = 0.5,
-    **unused: Any,
-) -> SuperResolutionModel:
-    """The official ``rgt_arch.RGT`` arguments (its defaults too) mapped onto body + upsampler.
-
-    ``img_size`` (the size of the stored masks) and ``upsampler`` are accepted and ignored: masks
-    are computed for each input and the official model always uses the pixel-shuffle upsampler.
-    """
-    body = RGT(
-        in_chans=in_chans,
-        embed_dim=embed_dim,
-        depths=tuple(depth),
-        num_heads=list(num_heads),
-        mlp_ratio=mlp_ratio,
-        split_size=tuple(split_size),
-        c_ratio=c_ratio,
-        qkv_bias=qkv_bias,
-        qk_scale=qk_scale,
-        proj_drop_rate=drop_rate,
-        attn_drop_rate=attn_drop_rate,
-        drop_path_rate=drop_path_rate,
-        resi_connection=resi_connection,
-    )
-    body.set_grad_checkpointing(use_chk)
-    head = PixelShuffleUpsampler(embed_dim, upscale, out_chans=in_chans)
-    return SuperResolutionModel(body, head, img_range=img_range, name="rgt_arch.RGT")
-
-
-register_official("rgt_arch.RGT", family="rgt", checkpoint_filter_fn=checkpoint_filter_fn)(_official_rgt)
+    if any(key.startswith("backbone.") for key in state_dict):  # a super-resolution model's body
+        return {key[len("backbone.") :]: value for key, value in state_dict.items() if key.startswith("backbone.")}
+    if not any(key.startswith(("layers.", "before_RG.")) for key in state_dict):  # already the body's layout
+        return state_dict
+    converted = {}
+    for key, value in state_dict.items():
+        if key.startswith(OFFICIAL_UPSAMPLER_PREFIXES):
+            continue
+        for pattern, replacement in _OFFICIAL_KEY_RENAMES:
+            key = re.sub(pattern, replacement, key)
+        converted[key] = value
+    return converted
 
 
 def _feature_cfg(kwargs: Dict[str, Any]) -> Dict[str, Any]:
@@ -878,42 +732,18 @@ def _feature_cfg(kwargs: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _create_rgt(variant: str, pretrained: bool = False, **kwargs: Any) -> RGT:
-    return build_model_with_cfg(
-        RGT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, feature_cfg=_feature_cfg(kwargs), **kwargs
-    )
-
-
-def _build_sr_model(
-    upscale: int,
-    num_classes: int = 0,
-    in_chans: int = 3,
-    img_range: float = 1.0,
-    global_pool: Optional[str] = None,
-    **body_kwargs: Any,
-) -> SuperResolutionModel:
-    """Body + pixel-shuffle upsampler; ``num_classes > 0`` swaps the upsampler for a classifier."""
-    body = RGT(in_chans=in_chans, **body_kwargs)
-    model = SuperResolutionModel(
-        body, PixelShuffleUpsampler(body.num_features, upscale, out_chans=in_chans), img_range=img_range
-    )
-    if num_classes:
-        model.reset_classifier(num_classes, global_pool)
-    return model
-
-
-def _create_rgt_sr(variant: str, upscale: int, pretrained: bool = False, **kwargs: Any) -> SuperResolutionModel:
-    return build_model_with_cfg(
-        _build_sr_model,
+    return build_with_weights(
+        RGT,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=_feature_cfg(kwargs),
-        upscale=upscale,
         **kwargs,
     )
 
 
-def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
+def rgt_cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
+    """The default cfg of an RGT model: inputs minus the DIV2K mean colour, any size, Apache-2.0 weights."""
     return {
         "url": url,
         "num_classes": 0,
@@ -933,28 +763,15 @@ def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
     }
 
 
-def _sr_cfg(scale: int, **kwargs: Any) -> Dict[str, Any]:
-    """SR models take images in [0, 1] (they subtract the mean themselves) and return ``scale`` times larger ones."""
-    return _cfg(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), first_conv="backbone.conv_first", classifier=None, **kwargs)
-
-
-# The official SR weights (DF2K-trained x2/x3/x4, BasicSR files) are on Google Drive / Baidu only (see the
-# official README): download them by hand and pass ``pretrained_cfg_overlay=dict(file=...)``.
 default_cfgs = generate_default_cfgs(
     {
-        "rgt": _cfg(),
-        "rgt_small": _cfg(),
-        "rgt_x2": _sr_cfg(2),
-        "rgt_x3": _sr_cfg(3),
-        "rgt_x4": _sr_cfg(4),
-        "rgt_small_x2": _sr_cfg(2),
-        "rgt_small_x3": _sr_cfg(3),
-        "rgt_small_x4": _sr_cfg(4),
+        "rgt": rgt_cfg(),
+        "rgt_small": rgt_cfg(),
     }
 )
 
 
-def _rgt_args(num_groups: int, blocks_per_group: int = 6, **kwargs: Any) -> Dict[str, Any]:
+def rgt_args(num_groups: int, blocks_per_group: int = 6, **kwargs: Any) -> Dict[str, Any]:
     """The official architecture: width 180, ``num_groups`` groups of 6 blocks, 6 heads, MLP ratio 2,
     8x32 rectangles, channel ratio 0.5. ``blocks_per_group`` shrinks the groups (tests)."""
     args = dict(
@@ -972,46 +789,10 @@ def _rgt_args(num_groups: int, blocks_per_group: int = 6, **kwargs: Any) -> Dict
 @register_model
 def rgt(pretrained: bool = False, **kwargs: Any) -> RGT:
     """RGT body: 8 residual groups of 6 blocks, width 180 (stride-1 features)."""
-    return _create_rgt("rgt", pretrained, **_rgt_args(8, **kwargs))
+    return _create_rgt("rgt", pretrained, **rgt_args(8, **kwargs))
 
 
 @register_model
 def rgt_small(pretrained: bool = False, **kwargs: Any) -> RGT:
     """RGT-S body: 6 residual groups of 6 blocks, width 180."""
-    return _create_rgt("rgt_small", pretrained, **_rgt_args(6, **kwargs))
-
-
-@register_model
-def rgt_x2(pretrained: bool = False, **kwargs: Any) -> SuperResolutionModel:
-    """RGT x2 super-resolution (body + pixel-shuffle upsampler)."""
-    return _create_rgt_sr("rgt_x2", 2, pretrained, **_rgt_args(8, **kwargs))
-
-
-@register_model
-def rgt_x3(pretrained: bool = False, **kwargs: Any) -> SuperResolutionModel:
-    """RGT x3 super-resolution."""
-    return _create_rgt_sr("rgt_x3", 3, pretrained, **_rgt_args(8, **kwargs))
-
-
-@register_model
-def rgt_x4(pretrained: bool = False, **kwargs: Any) -> SuperResolutionModel:
-    """RGT x4 super-resolution."""
-    return _create_rgt_sr("rgt_x4", 4, pretrained, **_rgt_args(8, **kwargs))
-
-
-@register_model
-def rgt_small_x2(pretrained: bool = False, **kwargs: Any) -> SuperResolutionModel:
-    """RGT-S x2 super-resolution (6 residual groups)."""
-    return _create_rgt_sr("rgt_small_x2", 2, pretrained, **_rgt_args(6, **kwargs))
-
-
-@register_model
-def rgt_small_x3(pretrained: bool = False, **kwargs: Any) -> SuperResolutionModel:
-    """RGT-S x3 super-resolution."""
-    return _create_rgt_sr("rgt_small_x3", 3, pretrained, **_rgt_args(6, **kwargs))
-
-
-@register_model
-def rgt_small_x4(pretrained: bool = False, **kwargs: Any) -> SuperResolutionModel:
-    """RGT-S x4 super-resolution."""
-    return _create_rgt_sr("rgt_small_x4", 4, pretrained, **_rgt_args(6, **kwargs))
+    return _create_rgt("rgt_small", pretrained, **rgt_args(6, **kwargs))

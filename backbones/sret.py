@@ -46,7 +46,7 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from recurzoo.backbones._helpers import StagedClassifierMixin, build_with_weights, check_image_input, model_name
-from recurzoo.backbones.hornet import unwrap_checkpoint
+from recurzoo.checkpoint import unwrap_state_dict
 from recurzoo.official import register_official
 
 __all__ = [
@@ -528,7 +528,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: SReT) -> Dict[str, t
     already in this layout pass through. A position embedding stored for another input size is
     resampled (bicubic, timm's ``resample_abs_pos_embed``) to the model's.
     """
-    state_dict = unwrap_checkpoint(state_dict)
+    state_dict = unwrap_state_dict(state_dict)
     if "stem.0.conv.weight" in state_dict:
         converted = dict(state_dict)
     else:
@@ -717,36 +717,3 @@ def sret_tiny_lt_noslice(pretrained: bool = False, **kwargs: Any) -> SReT:
 def sret_small_noslice(pretrained: bool = False, **kwargs: Any) -> SReT:
     """SReT-S without slicing."""
     return _create_sret("sret_small_noslice", pretrained, **dict(_sret_args("small", sliced=False), **kwargs))
-
-
-MODEL_CARD = dict(
-    title="SReT: Sliced Recursive Transformer",
-    summary=(
-        "A weight-shared vision transformer: in each of three stages (strides 8, 16, 32) a few "
-        "transformer blocks are each applied twice, every application followed by a light non-shared "
-        "MLP (the non-linear projection), with learnable scalar gains on all residuals. Sliced group "
-        "attention restricts attention to groups of tokens: contiguous slices on first passes, slices "
-        "across the sequence on recursive passes. The `_noslice` models attend over all tokens."
-    ),
-    paper="Sliced Recursive Transformer (Shen, Liu and Xing, ECCV 2022)",
-    paper_url="https://arxiv.org/abs/2111.05297",
-    code_url="https://github.com/szq0214/SReT",
-    license="MIT",
-    notes=(
-        "- Eval mode is deterministic: on a recursive pass with G > 1 slices, token i (row-major) goes to "
-        "slice i mod G, where the official code draws a random permutation at every forward (it still does "
-        "in training; `random_slices=False` turns that off).\n"
-        "- Token counts that are not a multiple of the slice count are padded to the next multiple and the "
-        "padded keys are masked out, so any input size works; the position embedding is resampled "
-        "(bicubic) on the fly when the input is not `img_size` (`dynamic_img_size=True`, the default), "
-        "and when loading a checkpoint stored for another size.\n"
-        "- `recursions` (default 2) applies each shared block more times, each with its own projection, "
-        "to build much deeper models with few more parameters.\n"
-        "- `.distill_*` weights were trained with soft-label knowledge distillation; the official "
-        "`Distilled_SReT` has the same architecture, so they load into the same models. `_384`/`_512` "
-        "tags are fine-tuned at that size and build their position embedding for it.\n"
-        "- Weights are on Google Drive. If the download fails, fetch the file by hand and pass "
-        "`pretrained_cfg_overlay=dict(file=path)`; checkpoints that also store training arguments must "
-        "first be re-saved as their `model` entry for timm's `weights_only` loading."
-    ),
-)

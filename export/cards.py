@@ -1,66 +1,103 @@
-"""Generate the model cards (``model_cards/<family>.md``) from timm's registry.
+"""Generate the model cards (``model_cards/<family>.md``) from their templates and the registry.
 
-Every figure in a card is computed here: parameters and fvcore GFLOPs of each registered variant,
-its feature strides and its pretrained tags. Run ``python -m recurzoo.export.cards`` after changing
-a model; ``--check`` exits non-zero when a committed card differs from what would be written.
+A family's prose and counting settings are in ``model_cards/templates/<family>.yaml`` (title, paper,
+licence, summary, notes, ``create_kwargs`` and ``input_size`` for the figures). Every figure in a card
+is computed here: parameters and fvcore GFLOPs of each registered variant, its feature strides and
+its pretrained tags. Run ``python -m recurzoo.export.cards`` after changing a model; ``--check``
+exits non-zero when a committed card differs from what would be written.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
-
-import timm
-from timm.models import get_pretrained_cfg
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import recurzoo
 from recurzoo.export.flops import create_uninitialized, model_report
 from recurzoo.export.onnx import DEFAULT_OPSET, PARITY_TOLERANCE, ExportSupport, export_support
+from recurzoo.registry import pretrained_cfgs
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "model_cards"
+# The committed figures of every variant, packaged for `recurzoo demo`.
+ZOO_FIGURES = Path(__file__).resolve().parents[1] / "recurzoo" / "assets" / "zoo.csv"
+TEMPLATES = DEFAULT_OUT / "templates"
 # Written by `make bench` (recurzoo bench ... --out benchmarks/cpu); the cards quote its rows.
 BENCH_CSV = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu.csv"
 
 
-def family_name(module_name: str) -> str:
-    """``recurzoo.backbones.hornet`` -> ``hornet``."""
-    return module_name.rsplit(".", 1)[-1]
+@lru_cache(maxsize=None)
+def load_template(family: str) -> Dict[str, Any]:
+    """The prose and counting settings of a family's card (``model_cards/templates/<family>.yaml``)."""
+    import yaml
+
+    path = TEMPLATES / f"{family}.yaml"
+    if not path.is_file():
+        raise ValueError(f"no card template for family {family!r}: {path} is missing")
+    return yaml.safe_load(path.read_text())
+
+
+def counting_settings(model_name: str) -> Tuple[Dict[str, Any], Optional[Tuple[int, ...]]]:
+    """The ``create_kwargs`` and input size a zoo model's card figures are counted with."""
+    from recurzoo.registry import model_family
+
+    template = load_template(model_family(model_name))
+    size = template.get("input_size")
+    return dict(template.get("create_kwargs") or {}), tuple(size) if size else None
 
 
 def pretrained_tags(model_name: str) -> List[str]:
     """The ``name.tag`` entries of the model's default cfgs that point at weights."""
-    tags = []
-    for full_name in timm.list_pretrained(f"{model_name}.*"):
-        cfg = get_pretrained_cfg(full_name)
-        if cfg is not None and (cfg.url or cfg.hf_hub_id or cfg.file):
-            tags.append(full_name)
-    return tags
+    return list(pretrained_cfgs(model_name))
 
 
 def _weights_cell(model_name: str) -> str:
     cells = []
-    for full_name in pretrained_tags(model_name):
-        cfg = get_pretrained_cfg(full_name)
+    for full_name, cfg in pretrained_cfgs(model_name).items():
         tag = full_name.split(".", 1)[1]
         url = cfg.url[0] if isinstance(cfg.url, (tuple, list)) else cfg.url
         cells.append(f"[`{tag}`]({url})" if url else f"`{tag}`")
     return ", ".join(cells) or "none published"
 
 
-def variant_row(model_name: str, create_kwargs: Dict[str, Any], input_size: Optional[Sequence[int]]) -> str:
-    """The variant's row of the Variants table (counted on the full-size model)."""
+def variant_figures(model_name: str) -> Dict[str, str]:
+    """The figures of a variant's row, counted on the full-size model with its card's settings."""
+    create_kwargs, input_size = counting_settings(model_name)
     model = create_uninitialized(model_name, **create_kwargs)
     size = tuple(input_size or model.pretrained_cfg["input_size"])
     report = model_report(model, size)
-    strides = "/".join(str(r) for r in report["reductions"]) or "-"
+    return {
+        "model": model_name,
+        "family": recurzoo.model_family(model_name),
+        "task": recurzoo.model_task(model_name),
+        "input_size": "x".join(str(s) for s in size),
+        "params_m": f"{report['params'] / 1e6:.2f}",
+        "gflops": f"{report['gflops']:.2f}",
+        "strides": "/".join(str(r) for r in report["reductions"]) or "-",
+        "unrolled_params_m": f"{report['unrolled_params'] / 1e6:.2f}",
+    }
+
+
+def variant_row(figures: Dict[str, str]) -> str:
+    """The variant's row of the Variants table."""
     return (
-        f"| `{model_name}` | {report['params'] / 1e6:.2f} | {report['gflops']:.2f} | "
-        f"{'x'.join(str(s) for s in size)} | {strides} | {report['unrolled_params'] / 1e6:.2f} | "
-        f"{_weights_cell(model_name)} |"
+        f"| `{figures['model']}` | {figures['params_m']} | {figures['gflops']} | {figures['input_size']} | "
+        f"{figures['strides']} | {figures['unrolled_params_m']} | {_weights_cell(figures['model'])} |"
     )
+
+
+def write_zoo_figures(rows: Sequence[Dict[str, str]], path: Path = ZOO_FIGURES) -> None:
+    """The figures of every variant as the CSV that ``recurzoo demo`` shows."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path.write_text(buffer.getvalue())
 
 
 def variant_export_support(model_name: str, create_kwargs: Dict[str, Any]) -> ExportSupport:
@@ -68,7 +105,7 @@ def variant_export_support(model_name: str, create_kwargs: Dict[str, Any]) -> Ex
     import torch
 
     with torch.device("meta"):
-        model = timm.create_model(model_name, **create_kwargs)
+        model = recurzoo.create_model(model_name, **create_kwargs)
     return export_support(model)
 
 
@@ -192,29 +229,31 @@ def default_usage(example: str) -> str:
     )
 
 
-def family_models(module_name: str) -> List[str]:
-    """The models a family module registers, in the order of its card."""
-    return timm.list_models(module=family_name(module_name))
+def family_models(family: str) -> List[str]:
+    """The models of a family, in the order of its card."""
+    return recurzoo.list_models(family=family)
 
 
-def render_card(module_name: str, only: Optional[Sequence[str]] = None) -> str:
-    """The markdown card of one family module (one that defines ``MODEL_CARD``).
+def render_card(
+    family: str, only: Optional[Sequence[str]] = None, figures: Optional[List[Dict[str, str]]] = None
+) -> str:
+    """The markdown card of one family, from its template and its registered models.
 
     ``only`` restricts the variants table to those models (for checks that cannot afford to count
-    every large model); the rest of the card is unchanged.
+    every large model); the rest of the card is unchanged. The variants' figures are appended to
+    ``figures`` when given.
     """
-    module = importlib.import_module(module_name)
-    card: Dict[str, Any] = module.MODEL_CARD
-    all_models = family_models(module_name)
+    card = load_template(family)
+    all_models = family_models(family)
     models = [name for name in all_models if only is None or name in only]
-    create_kwargs = card.get("create_kwargs", {})
+    create_kwargs = card.get("create_kwargs") or {}
     bench_rows = load_bench_rows()
-    rows = [
-        variant_row(name, create_kwargs, card.get("input_size")) + f" {latency_cell(name, bench_rows)} |"
-        for name in models
-    ]
+    counted = [variant_figures(name) for name in models]
+    if figures is not None:
+        figures.extend(counted)
+    rows = [variant_row(row) + f" {latency_cell(row['model'], bench_rows)} |" for row in counted]
     supports = [variant_export_support(name, create_kwargs) for name in all_models]
-    example = card.get("example_model", family_models(module_name)[0])
+    example = card.get("example_model", all_models[0])
     lines = [
         f"# {card['title']}",
         "",
@@ -260,11 +299,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder of the cards")
     parser.add_argument("--check", action="store_true", help="compare with the files instead of writing them")
     args = parser.parse_args(argv)
-    modules = [m for m in recurzoo.backbones.FAMILY_MODULES if not args.families or family_name(m) in args.families]
-    stale = []
-    for module_name in modules:
-        path = args.out / f"{family_name(module_name)}.md"
-        text = render_card(module_name)
+    families = [f for f in recurzoo.registry.list_families() if not args.families or f in args.families]
+    stale, figures = [], []
+    for family in families:
+        path = args.out / f"{family}.md"
+        text = render_card(family, figures=figures)
         if args.check:
             if not path.exists() or path.read_text() != text:
                 stale.append(str(path))
@@ -272,6 +311,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.out.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
             print(f"wrote {path}")
+    if not args.check and not args.families:
+        write_zoo_figures(figures)
+        print(f"wrote {ZOO_FIGURES}")
     if stale:
         print("stale model cards (run python -m recurzoo.export.cards): " + ", ".join(stale), file=sys.stderr)
         return 1

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -143,23 +142,22 @@ def read_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
 
 def checkpoint_filter(model_name: str) -> Optional[Callable[..., Dict[str, torch.Tensor]]]:
     """The ``checkpoint_filter_fn`` of the family module that registers ``model_name`` (None if it has none)."""
-    from timm.models import model_entrypoint
+    from recurzoo.checkpoint import family_filter
 
-    module = sys.modules[model_entrypoint(model_name).__module__]
-    return getattr(module, "checkpoint_filter_fn", None)
+    return family_filter(model_name)
 
 
 def _checkpoint_num_classes(
     model_name: str, state_dict: Dict[str, torch.Tensor], kwargs: Dict[str, Any]
 ) -> Optional[int]:
     """The class count of the classifier stored in ``state_dict`` (after the family's filter), if any."""
-    import timm
+    from recurzoo.registry import create_model as create_any
 
     try:
         with torch.device("meta"):
-            probe = timm.create_model(model_name, **kwargs)
+            probe = create_any(model_name, **kwargs)
     except Exception:  # a constructor that computes on its tensors
-        probe = timm.create_model(model_name, **kwargs)
+        probe = create_any(model_name, **kwargs)
     filter_fn = checkpoint_filter(model_name)
     filtered = filter_fn(state_dict, probe) if filter_fn is not None else state_dict
     classifier = (getattr(probe, "pretrained_cfg", None) or {}).get("classifier")
@@ -182,16 +180,16 @@ def create_model(
     (``checkpoint_filter_fn``) and loads it strictly. A classifier stored for another class count
     sets ``num_classes``.
     """
-    import timm
+    from recurzoo.registry import create_model as create_any
 
     if checkpoint is None:
-        return timm.create_model(model_name, features_only=features_only, **kwargs).eval()
+        return create_any(model_name, features_only=features_only, **kwargs).eval()
     state_dict = read_checkpoint(checkpoint)
     num_classes = kwargs.get("num_classes") or _checkpoint_num_classes(model_name, state_dict, kwargs)
     overlay: Dict[str, Any] = dict(state_dict=state_dict)
     if num_classes is not None:
         overlay["num_classes"] = kwargs["num_classes"] = num_classes
-    model = timm.create_model(
+    model = create_any(
         model_name, pretrained=True, pretrained_cfg_overlay=overlay, features_only=features_only, **kwargs
     )
     cfg = getattr(model, "pretrained_cfg", None)
@@ -211,23 +209,19 @@ def takes_unit_range(model: nn.Module) -> bool:
 
 
 def photo_batch(model: nn.Module, batch: int, height: int, width: int) -> torch.Tensor:
-    """A public-domain photograph (scikit-image's Chelsea) resized to ``height x width``, as ``model`` takes it.
+    """The sample photograph resized to ``height x width``, as ``model`` takes it.
 
     Normalised with the model's pretrained cfg mean/std, or left in [0, 1] for models that
     normalise their input themselves.
     """
-    from skimage import data
+    from recurzoo.images import normalized_photo_batch
 
-    image = torch.from_numpy(np.ascontiguousarray(data.chelsea())).permute(2, 0, 1).float().div(255)
-    image = F.interpolate(image[None], size=(height, width), mode="bilinear", antialias=True, align_corners=False)
     channels = int(getattr(_unwrap(model), "in_chans", 3))
-    image = image[:, :channels] if channels <= 3 else image.repeat(1, math.ceil(channels / 3), 1, 1)[:, :channels]
-    if not takes_unit_range(model):
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        mean = torch.tensor(cfg.get("mean") or (0.485, 0.456, 0.406))[:channels].view(1, -1, 1, 1)
-        std = torch.tensor(cfg.get("std") or (0.229, 0.224, 0.225))[:channels].view(1, -1, 1, 1)
-        image = (image - mean) / std
-    return image.expand(batch, -1, -1, -1).contiguous()
+    if takes_unit_range(model):
+        return normalized_photo_batch(batch, height, width, channels=channels)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean") or (0.485, 0.456, 0.406), cfg.get("std") or (0.229, 0.224, 0.225)
+    return normalized_photo_batch(batch, height, width, mean, std, channels=channels)
 
 
 def _random_batch(model: nn.Module, batch: int, channels: int, height: int, width: int, seed: int) -> torch.Tensor:

@@ -20,14 +20,13 @@ annotated with the latency measured by ``recurzoo export`` where a report in ``D
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import re
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -42,8 +41,9 @@ from recurzoo.export.flops import (
     count_unrolled_params,
     flop_analysis,
 )
+from recurzoo.plots import plot_zoo, report_latency
 
-__all__ = ["build_report", "report_rows", "render_markdown", "write_report", "plot_zoo", "zoo_report", "main"]
+__all__ = ["build_report", "report_rows", "render_markdown", "write_report", "zoo_report", "main"]
 
 # fvcore's own formulas, for the "how counted" table (keys as fvcore's ``by_operator`` names them).
 _FVCORE_NOTES = {
@@ -283,29 +283,19 @@ def write_report(report: Dict[str, Any], directory: Path, stem: str) -> Tuple[Pa
 # --------------------------------------------------------------------------------------------------
 
 
-def _family_of(model_name: str) -> Tuple[str, Dict[str, Any]]:
-    """The family name and ``MODEL_CARD`` of the module that registers ``model_name``."""
-    import timm
-
-    import recurzoo
-
-    for module_name in recurzoo.backbones.FAMILY_MODULES:
-        family = module_name.rsplit(".", 1)[-1]
-        if model_name in timm.list_models(module=family):
-            return family, getattr(importlib.import_module(module_name), "MODEL_CARD", {})
-    raise KeyError(model_name)
-
-
 def zoo_report(model_name: str, latency: bool = False) -> Dict[str, Any]:
     """The report of one zoo model at its model-card size (uninitialised weights; counts only).
 
     With ``latency`` the eager PyTorch latency of one image (median of 3 runs) is measured too.
     """
+    from recurzoo.export.cards import counting_settings
     from recurzoo.export.flops import create_uninitialized
+    from recurzoo.registry import model_family
 
-    family, card = _family_of(model_name)
-    model = create_uninitialized(model_name, **card.get("create_kwargs", {})).eval()
-    size = tuple(card.get("input_size") or model.pretrained_cfg["input_size"])
+    create_kwargs, input_size = counting_settings(model_name)
+    family = model_family(model_name)
+    model = create_uninitialized(model_name, **create_kwargs).eval()
+    size = tuple(input_size or model.pretrained_cfg["input_size"])
     report = build_report(model, size, name=model_name)
     report["family"] = family
     if latency:
@@ -319,61 +309,6 @@ def zoo_report(model_name: str, latency: bool = False) -> Dict[str, Any]:
                 times.append((time.perf_counter() - start) * 1000)
         report["latency_ms"] = dict(pytorch=sorted(times)[1])
     return report
-
-
-def _latency_of(report: Dict[str, Any]) -> Optional[Tuple[str, float]]:
-    export = report.get("export") or {}
-    latency = export.get("latency_ms") or report.get("latency_ms") or {}
-    if "onnxruntime" in latency:
-        return "onnxruntime", latency["onnxruntime"]
-    if "pytorch" in latency:
-        return "eager", latency["pytorch"]
-    return None
-
-
-def plot_zoo(reports: Iterable[Dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Scatter plot of GFLOPs against parameters for ``reports`` (PNG).
-
-    Filled markers are distinct parameters, hollow ones the unrolled parameters of the same model
-    (joined by a line: the weight sharing); measured latencies are written beside the points.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    reports = list(reports)
-    families = sorted({report.get("family", "other") for report in reports})
-    colours = {family: plt.get_cmap("tab10")(i % 10) for i, family in enumerate(families)}
-    figure, axes = plt.subplots(figsize=(14, 10))
-    for report in reports:
-        totals, colour = report["totals"], colours[report.get("family", "other")]
-        params, unrolled, gflops = totals["params"] / 1e6, totals["unrolled_params"] / 1e6, totals["gflops"]
-        if unrolled > params * 1.001:
-            axes.plot([params, unrolled], [gflops, gflops], color=colour, linewidth=0.8, alpha=0.6)
-            axes.scatter([unrolled], [gflops], facecolors="none", edgecolors=[colour], s=36)
-        axes.scatter([params], [gflops], color=colour, s=36)
-        label = report["model"]
-        measured = _latency_of(report)
-        if measured is not None:
-            label += f" ({measured[1]:.0f} ms {measured[0]})"
-        axes.annotate(label, (params, gflops), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    for family in families:
-        axes.scatter([], [], color=colours[family], label=family)
-    axes.scatter([], [], facecolors="none", edgecolors="gray", label="unrolled params (weights counted per use)")
-    axes.set_xscale("log")
-    axes.set_yscale("log")
-    axes.set_xlabel("parameters (M)")
-    axes.set_ylabel("GFLOPs (fvcore, multiply-accumulates)")
-    axes.set_title(title or "recurzoo: GFLOPs vs parameters at the model-card input sizes")
-    axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=150)
-    plt.close(figure)
-    return path
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -394,7 +329,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in names:
         existing = args.out / f"{name}.report.json"
         previous = json.loads(existing.read_text()) if existing.exists() else {}
-        report = zoo_report(name, latency=args.latency and _latency_of(previous) is None)
+        report = zoo_report(name, latency=args.latency and report_latency(previous) is None)
         if previous.get("export") and previous.get("input_size") == report["input_size"]:
             report["export"] = previous["export"]
         write_report(report, args.out, name)

@@ -35,12 +35,13 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ConvNormAct, LayerNorm2d
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs
 from torch import nn
 
-from recurzoo.backbones._helpers import check_image_input, model_name
-from recurzoo.backbones.hornet import unwrap_checkpoint
+from recurzoo.backbones._helpers import build_with_weights, check_image_input, model_name
+from recurzoo.checkpoint import unwrap_state_dict
 from recurzoo.official import register_official
+from recurzoo.registry import register_task_model
 
 __all__ = [
     "MSRNet",
@@ -540,77 +541,6 @@ def create_cod_model(backbone: str, pretrained_backbone: bool = False, **kwargs:
     return model
 
 
-MODEL_CARD = dict(
-    title="MSRNet: Multi-Scale Recursive Network for camouflaged object detection",
-    summary=(
-        "A camouflaged-object detector: one backbone with shared weights extracts a four-level "
-        "pyramid (strides 4-32) from the image at 1.5x, 1.0x and 2.0x a base size; per level an "
-        "attention-based scale integration unit (ABSIU) merges the three scales, and a "
-        "multi-granularity fusion unit (MGFU) refines the merged map together with every coarser "
-        "level's decoded map (recursive feedback). The decoder is a head over any timm "
-        "`features_only` backbone; backbones without strides 4-32 (a plain ViT, SReT) get the "
-        "missing levels ViTDet-style (transposed convs / max-pooling)."
-    ),
-    paper="MSRNet: A Multi-Scale Recursive Network for Camouflaged Object Detection (Alghamdi et al., 2025)",
-    paper_url="https://arxiv.org/abs/2511.12810",
-    code_url="https://github.com/linaagh98/MSRNet (decoder units from https://github.com/lartpang/ZoomNeXt)",
-    license="no license file in the official repository; the PVTv2-B4 weights are shared on Google Drive",
-    input_size=(3, 384, 384),
-    table_note=(
-        "Parameters and fvcore GFLOPs (multiply-accumulates) of one image at the base size shown: the "
-        "count covers the three backbone passes (at 576, 384 and 768 pixels) and the decoder. Feature "
-        "strides are those of the pyramid the decoder reads."
-    ),
-    usage="""
-```python
-import recurzoo, timm, torch
-
-model = timm.create_model('msrnet_pvt_v2_b2').eval()          # random init, nothing downloaded
-image = torch.rand(1, 3, 384, 384)                              # RGB in [0, 1] at the base size
-mask_logits = model(image)                                      # (1, 1, 384, 384)
-# the three scales given explicitly (the official pipeline resizes each from the original photo)
-image_s, image_m, image_l = model.make_scales(image)            # 576, 384 and 768 pixels
-mask_logits = model.forward_multiscale(image_s, image_m, image_l)
-# the authors' checkpoint (PvtV2B4_MSRNet), downloaded by hand:
-model = timm.create_model('msrnet_pvt_v2_b4', pretrained=True,
-                          pretrained_cfg_overlay=dict(file='/path/to/PvtV2B4_MSRNet.pth'))
-# ImageNet weights for the backbone before training (downloads them)
-model = timm.create_model('msrnet_pvt_v2_b2', pretrained_backbone=True)
-# any timm backbone; a stride-16 ViT gets the strides 4/8/32 ViTDet-style
-model = recurzoo.create_cod_model('rvit_small_patch16_224', mid_dim=64)
-```
-
-Training and evaluation (COD10K/CAMO/CHAMELEON/NC4K folders described in a YAML like the official
-`dataset.yaml`; metrics by PySODMetrics):
-
-```bash
-python -m recurzoo.train.camouflage --model msrnet_pvt_v2_b2 --pretrained-backbone \\
-    --data-config dataset.yaml --train-sets cod10k_tr camo_tr \\
-    --test-sets chameleon camo_te cod10k_te nc4k --output runs/msrnet_b2
-recurzoo cod test_images/ --model msrnet_pvt_v2_b2 --checkpoint runs/msrnet_b2/model.safetensors --out preds/
-```
-""",
-    notes="""
-## Faithfulness
-
-`tests/test_parity.py` builds the official `PvtV2B2_MSRNet` (its PVTv2 encoder replaced by timm's
-`pvt_v2_*` with `features_only`), loads its `state_dict` through `checkpoint_filter_fn` and
-matches its eval-mode mask logits. `checkpoint_filter_fn` also maps the official checkpoints whose
-encoder is the authors' own PVTv2 (`encoder.patch_embed1.*`, `encoder.block1.*` ...) onto timm's
-`pvt_v2_*`, and drops the video-only `*.fuse.0.temperal_*` parameters (that module is the identity on
-single images). Parameter counts equal the official models' less those video parameters (80).
-The official ResNet-50 and EfficientNet variants decode five levels (stride 2 too);
-`msrnet_resnet50` here uses the four-level PVT design, so their checkpoints do not load.
-`msrnet_hornet_tiny_7x7`, `msrnet_sret_small` and `msrnet_resnet50` have no official weights.
-
-Training follows the official recipe: Adam, learning rate 1e-4 (backbone 1e-5, PVT patch
-embedding frozen), a step decay x0.1 at two thirds of the iterations, batch 8, 150 epochs, base size
-384, mixed precision, backbone BatchNorm frozen, BCE plus the uncertainty-aware loss
-`mean(1 - |2p - 1|^2)` weighted by a cosine ramp from 0 to 1 over training.
-""",
-)
-
-
 _OFFICIAL_VIDEO_KEYS = re.compile(r"\.fuse\.0\.temperal_")
 # Official decoder names -> ours, as (pattern, replacement) applied in order.
 _OFFICIAL_DECODER_RENAMES: Tuple[Tuple[str, Any], ...] = (
@@ -657,7 +587,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: Optional[MSRNet] = N
     parameters (``*.fuse.0.temperal_*``, the identity on images) and the normalizer's mean/std.
     Checkpoints in this layout (``backbone.*``/``decoder.*``) pass through.
     """
-    state_dict = unwrap_checkpoint(state_dict)
+    state_dict = unwrap_state_dict(state_dict)
     state_dict = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state_dict.items()}
     if any(k.startswith("decoder.") for k in state_dict):
         return dict(state_dict)
@@ -732,7 +662,7 @@ def _create_msrnet(variant: str, pretrained: bool = False, **kwargs: Any) -> MSR
             f"{variant}: a camouflaged-object detector has no features_only form; create its "
             f"backbone ({kwargs.get('backbone')!r}) with features_only=True instead"
         )
-    return build_model_with_cfg(MSRNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    return build_with_weights(MSRNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
@@ -773,43 +703,43 @@ def _build(variant: str, backbone: str, pretrained: bool, kwargs: Dict[str, Any]
     return _create_msrnet(variant, pretrained, **dict(dict(backbone=backbone), **kwargs))
 
 
-@register_model
+@register_task_model("cod", family="camouflage")
 def msrnet_pvt_v2_b2(pretrained: bool = False, **kwargs: Any) -> MSRNet:
     """MSRNet with a PVTv2-B2 backbone (official ``PvtV2B2_MSRNet``)."""
     return _build("msrnet_pvt_v2_b2", "pvt_v2_b2", pretrained, kwargs)
 
 
-@register_model
+@register_task_model("cod", family="camouflage")
 def msrnet_pvt_v2_b3(pretrained: bool = False, **kwargs: Any) -> MSRNet:
     """MSRNet with a PVTv2-B3 backbone (official ``PvtV2B3_MSRNet``)."""
     return _build("msrnet_pvt_v2_b3", "pvt_v2_b3", pretrained, kwargs)
 
 
-@register_model
+@register_task_model("cod", family="camouflage")
 def msrnet_pvt_v2_b4(pretrained: bool = False, **kwargs: Any) -> MSRNet:
     """MSRNet with a PVTv2-B4 backbone (official ``PvtV2B4_MSRNet``, the released checkpoint)."""
     return _build("msrnet_pvt_v2_b4", "pvt_v2_b4", pretrained, kwargs)
 
 
-@register_model
+@register_task_model("cod", family="camouflage")
 def msrnet_pvt_v2_b5(pretrained: bool = False, **kwargs: Any) -> MSRNet:
     """MSRNet with a PVTv2-B5 backbone (official ``PvtV2B5_MSRNet``)."""
     return _build("msrnet_pvt_v2_b5", "pvt_v2_b5", pretrained, kwargs)
 
 
-@register_model
+@register_task_model("cod", family="camouflage")
 def msrnet_hornet_tiny_7x7(pretrained: bool = False, **kwargs: Any) -> MSRNet:
     """MSRNet decoder over HorNet-T (7x7) of this zoo."""
     return _build("msrnet_hornet_tiny_7x7", "hornet_tiny_7x7", pretrained, kwargs)
 
 
-@register_model
+@register_task_model("cod", family="camouflage")
 def msrnet_sret_small(pretrained: bool = False, **kwargs: Any) -> MSRNet:
     """MSRNet decoder over SReT-S of this zoo (strides 8-32; stride 4 by a transposed conv)."""
     return _build("msrnet_sret_small", "sret_small", pretrained, kwargs)
 
 
-@register_model
+@register_task_model("cod", family="camouflage")
 def msrnet_resnet50(pretrained: bool = False, **kwargs: Any) -> MSRNet:
     """MSRNet (four-level PVT design) over timm's ResNet-50 (strides 4-32)."""
     return _build("msrnet_resnet50", "resnet50", pretrained, kwargs)

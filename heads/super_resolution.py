@@ -12,28 +12,31 @@ resolution (reduction 1, e.g. ``rgt``) followed by one of the heads below, wrapp
   ``out_chans * scale**2`` channels and a single PixelShuffle(scale). Any integer scale.
 
 ``create_sr_model(backbone, scale, head=...)`` builds backbone + head for any backbone with a stride-1
-feature map and says what is missing otherwise; ``timm.create_model('rgt_x4')`` etc. are registered
-in :mod:`recurzoo.backbones.rgt`.
+feature map and says what is missing otherwise. The RGT super-resolution models ``rgt[_small]_x{2,3,4}``
+are task models registered here (``recurzoo.create_model('rgt_small_x4')``), with the filter that reads
+the authors' BasicSR checkpoints.
 
 Inference helpers: :func:`tiled_super_resolve` (fixed-size tiles with overlap and linear blending, so
-that memory does not grow with the image), :func:`super_resolve_image` (uint8 in, uint8 out),
-:func:`super_resolve_files` (the ``recurzoo sr`` command) and :func:`super_resolve_demo`.
+that memory does not grow with the image) and :func:`super_resolve_image` (uint8 array in, uint8 array
+out). Reading and writing image files is :mod:`recurzoo.images`'; the ``recurzoo sr`` command is
+:mod:`recurzoo.apps`'.
 """
 
 from __future__ import annotations
 
-import os
-import pickle
-import time
-from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from timm.layers import ClassifierHead
+from timm.models import generate_default_cfgs
 from torch import nn
 
-from recurzoo.backbones._helpers import check_image_input, model_name
+from recurzoo.backbones._helpers import build_with_weights, check_image_input, model_name
+from recurzoo.backbones.rgt import DIV2K_RGB_MEAN, OFFICIAL_UPSAMPLER_PREFIXES, RGT, rgt_args, rgt_cfg
+from recurzoo.checkpoint import family_filter, unwrap_state_dict
+from recurzoo.official import register_official
+from recurzoo.registry import register_task_model
 
 __all__ = [
     "DIV2K_RGB_MEAN",
@@ -45,17 +48,11 @@ __all__ = [
     "tiled_super_resolve",
     "blend_weights",
     "tile_starts",
-    "read_image",
-    "write_png",
-    "collect_images",
+    "image_to_tensor",
+    "tensor_to_image",
     "super_resolve_image",
-    "super_resolve_files",
-    "super_resolve_demo",
+    "checkpoint_filter_fn",
 ]
-
-# Mean colour of the DIV2K training images, subtracted by the BasicSR models (RGT, SwinIR, HAT...).
-DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def _is_power_of_two(value: int) -> bool:
@@ -345,6 +342,156 @@ def create_sr_model(
     )
 
 
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: SuperResolutionModel) -> Dict[str, torch.Tensor]:
+    """Convert a super-resolution checkpoint to ``model``'s keys (body under ``backbone.``, upsampler under ``head.``).
+
+    Reads this package's layout, a body's weights alone (the upsampler keeps its initialisation, so
+    load those with ``strict=False``) and the official BasicSR layout (RGT, SwinIR-style files, also
+    wrapped in ``params``/``params_ema``): the upsampler's keys go to the head, the rest through the
+    backbone family's own filter.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    if any(key.startswith("backbone.") for key in state_dict):
+        return state_dict
+    head = {f"head.{key}": value for key, value in state_dict.items() if key.startswith(OFFICIAL_UPSAMPLER_PREFIXES)}
+    body = {key: value for key, value in state_dict.items() if not key.startswith(OFFICIAL_UPSAMPLER_PREFIXES)}
+    body_filter = family_filter(model.backbone)
+    if body_filter is not None:
+        body = body_filter(body, model.backbone)
+    if not head:  # a body alone: its classifier (if any) has no place in an SR model
+        body = {key: value for key, value in body.items() if not key.startswith("head.")}
+    return {**{f"backbone.{key}": value for key, value in body.items()}, **head}
+
+
+def _official_rgt(
+    upscale: int = 2,
+    in_chans: int = 3,
+    embed_dim: int = 180,
+    depth: Sequence[int] = (2, 2, 2, 2),
+    num_heads: Sequence[int] = (2, 2, 2, 2),
+    mlp_ratio: float = 4.0,
+    qkv_bias: bool = True,
+    qk_scale: Optional[float] = None,
+    drop_rate: float = 0.0,
+    attn_drop_rate: float = 0.0,
+    drop_path_rate: float = 0.1,
+    use_chk: bool = False,
+    img_range: float = 1.0,
+    resi_connection: str = "1conv",
+    split_size: Sequence[int] = (8, 8),
+    c_ratio: float = 0.5,
+    **unused: Any,
+) -> SuperResolutionModel:
+    """The official ``rgt_arch.RGT`` arguments (its defaults too) mapped onto body + upsampler.
+
+    ``img_size`` (the size of the stored masks) and ``upsampler`` are accepted and ignored: masks
+    are computed for each input and the official model always uses the pixel-shuffle upsampler.
+    """
+    body = RGT(
+        in_chans=in_chans,
+        embed_dim=embed_dim,
+        depths=tuple(depth),
+        num_heads=list(num_heads),
+        mlp_ratio=mlp_ratio,
+        split_size=tuple(split_size),
+        c_ratio=c_ratio,
+        qkv_bias=qkv_bias,
+        qk_scale=qk_scale,
+        proj_drop_rate=drop_rate,
+        attn_drop_rate=attn_drop_rate,
+        drop_path_rate=drop_path_rate,
+        resi_connection=resi_connection,
+    )
+    body.set_grad_checkpointing(use_chk)
+    head = PixelShuffleUpsampler(embed_dim, upscale, out_chans=in_chans)
+    return SuperResolutionModel(body, head, img_range=img_range, name="rgt_arch.RGT")
+
+
+register_official("rgt_arch.RGT", family="rgt", checkpoint_filter_fn=checkpoint_filter_fn)(_official_rgt)
+
+
+def _build_rgt_sr(upscale: int, in_chans: int = 3, img_range: float = 1.0, **body_kwargs: Any) -> SuperResolutionModel:
+    """RGT body + pixel-shuffle upsampler."""
+    body = RGT(in_chans=in_chans, **body_kwargs)
+    head = PixelShuffleUpsampler(body.num_features, upscale, out_chans=in_chans)
+    return SuperResolutionModel(body, head, img_range=img_range)
+
+
+def _create_rgt_sr(variant: str, upscale: int, pretrained: bool = False, **kwargs: Any) -> SuperResolutionModel:
+    return build_with_weights(
+        _build_rgt_sr,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=tuple(range(len(kwargs["depths"]))), feature_cls="getter"),
+        upscale=upscale,
+        **kwargs,
+    )
+
+
+def _sr_cfg(**kwargs: Any) -> Dict[str, Any]:
+    """SR models take images in [0, 1] (they subtract the mean themselves) and return larger ones."""
+    return rgt_cfg(
+        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), first_conv="backbone.conv_first", classifier=None, **kwargs
+    )
+
+
+# The official SR weights (DF2K-trained x2/x3/x4, BasicSR files) are on Google Drive / Baidu only (see the
+# official README): download them by hand and pass ``pretrained_cfg_overlay=dict(file=...)``.
+default_cfgs = generate_default_cfgs(
+    {
+        "rgt_x2": _sr_cfg(),
+        "rgt_x3": _sr_cfg(),
+        "rgt_x4": _sr_cfg(),
+        "rgt_small_x2": _sr_cfg(),
+        "rgt_small_x3": _sr_cfg(),
+        "rgt_small_x4": _sr_cfg(),
+    }
+)
+
+
+def _rgt_sr(
+    variant: str, upscale: int, num_groups: int, pretrained: bool, kwargs: Dict[str, Any]
+) -> SuperResolutionModel:
+    return _create_rgt_sr(variant, upscale, pretrained, **rgt_args(num_groups, **kwargs))
+
+
+@register_task_model("sr", family="rgt")
+def rgt_x2(pretrained: bool = False, **kwargs: Any) -> SuperResolutionModel:
+    """RGT x2 super-resolution (body of 8 residual groups + pixel-shuffle upsampler)."""
+    return _rgt_sr("rgt_x2", 2, 8, pretrained, kwargs)
+
+
+@register_task_model("sr", family="rgt")
+def rgt_x3(pretrained: bool = False, **kwargs: Any) -> SuperResolutionModel:
+    """RGT x3 super-resolution."""
+    return _rgt_sr("rgt_x3", 3, 8, pretrained, kwargs)
+
+
+@register_task_model("sr", family="rgt")
+def rgt_x4(pretrained: bool = False, **kwargs: Any) -> SuperResolutionModel:
+    """RGT x4 super-resolution."""
+    return _rgt_sr("rgt_x4", 4, 8, pretrained, kwargs)
+
+
+@register_task_model("sr", family="rgt")
+def rgt_small_x2(pretrained: bool = False, **kwargs: Any) -> SuperResolutionModel:
+    """RGT-S x2 super-resolution (6 residual groups)."""
+    return _rgt_sr("rgt_small_x2", 2, 6, pretrained, kwargs)
+
+
+@register_task_model("sr", family="rgt")
+def rgt_small_x3(pretrained: bool = False, **kwargs: Any) -> SuperResolutionModel:
+    """RGT-S x3 super-resolution."""
+    return _rgt_sr("rgt_small_x3", 3, 6, pretrained, kwargs)
+
+
+@register_task_model("sr", family="rgt")
+def rgt_small_x4(pretrained: bool = False, **kwargs: Any) -> SuperResolutionModel:
+    """RGT-S x4 super-resolution."""
+    return _rgt_sr("rgt_small_x4", 4, 6, pretrained, kwargs)
+
+
 # ----------------------------------------------------------------------------------------------
 # Tiled inference
 # ----------------------------------------------------------------------------------------------
@@ -434,46 +581,8 @@ def tiled_super_resolve(
 
 
 # ----------------------------------------------------------------------------------------------
-# Images and files
+# Images as arrays
 # ----------------------------------------------------------------------------------------------
-
-
-def read_image(path: Union[str, Path]) -> np.ndarray:
-    """An image file as an ``(H, W, 3)`` uint8 RGB array (grey and RGBA images are converted)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return np.array(image.convert("RGB"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no such file: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"cannot read {path} as an image ({type(error).__name__}: {error})") from None
-
-
-def write_png(path: Union[str, Path], image: np.ndarray) -> None:
-    """Write an ``(H, W, C)`` uint8 array as a PNG (folders are created)."""
-    from PIL import Image
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path, format="PNG")
-
-
-def collect_images(inputs: Iterable[Union[str, Path]]) -> List[Path]:
-    """PNG/JPEG files among ``inputs``, folders expanded (sorted, not recursive)."""
-    files: List[Path] = []
-    for entry in inputs:
-        path = Path(entry)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise ValueError(f"no PNG or JPEG images in folder {path}")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"no such file or folder: {path}")
-    return files
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -503,117 +612,3 @@ def super_resolve_image(
     if tile is None:
         x = x.to(device)
     return tensor_to_image(model.super_resolve(x, tile=tile, tile_overlap=tile_overlap, progress=progress))
-
-
-def load_sr_model(
-    model: str, checkpoint: Optional[str] = None, device: Optional[str] = None, **kwargs: Any
-) -> SuperResolutionModel:
-    """``timm.create_model(model)`` in eval mode, with the weights of ``checkpoint`` when given.
-
-    ``checkpoint`` may be an official BasicSR file (``params``/``params_ema``) or one of ours.
-    """
-    import timm
-
-    import recurzoo  # noqa: F401  (registers the models)
-
-    if checkpoint is not None:
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"no such checkpoint: {checkpoint}")
-        try:
-            net = timm.create_model(model, pretrained=True, pretrained_cfg_overlay=dict(file=checkpoint), **kwargs)
-        except (RuntimeError, KeyError, OSError, EOFError, pickle.UnpicklingError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ValueError(f"cannot load {checkpoint} into {model}: {first_line}") from None
-    else:
-        net = timm.create_model(model, **kwargs)
-    if not isinstance(net, SuperResolutionModel):
-        raise ValueError(f"{model} is not a super-resolution model (try one of recurzoo.list_models('*_x*'))")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return net.to(device).eval()
-
-
-def super_resolve_files(
-    inputs: Sequence[Union[str, Path]],
-    out_dir: Union[str, Path],
-    model: str = "rgt_small_x4",
-    checkpoint: Optional[str] = None,
-    tile: Optional[int] = None,
-    tile_overlap: int = 32,
-    device: Optional[str] = None,
-    progress: bool = True,
-    model_kwargs: Optional[Dict[str, Any]] = None,
-) -> List[Path]:
-    """Super-resolve PNG/JPEG files (or folders of them) into ``out_dir/<name>.png``.
-
-    Every input is checked (exists, decodes) before the model is built. Raises ``FileNotFoundError``
-    or ``ValueError`` with a one-line message for the user's mistakes.
-    """
-    from tqdm import tqdm
-
-    files = collect_images(inputs)
-    if tile is not None and (tile < 1 or not 0 <= tile_overlap < tile):
-        raise ValueError(f"--tile must be positive and larger than --tile-overlap, received {tile} and {tile_overlap}")
-    targets: Dict[Path, Path] = {}
-    for path in files:
-        read_image(path)  # fail early on an unreadable image
-        target = Path(out_dir) / f"{path.stem}.png"
-        if target in targets.values():
-            raise ValueError(f"two inputs would both be written to {target}")
-        targets[path] = target
-    net = load_sr_model(model, checkpoint, device, **(model_kwargs or {}))
-    written = []
-    for path in tqdm(files, desc=f"{model} x{net.upscale}", unit="image", disable=not progress):
-        write_png(targets[path], super_resolve_image(net, read_image(path), tile, tile_overlap, progress=progress))
-        written.append(targets[path])
-    return written
-
-
-def super_resolve_demo(
-    out_dir: Optional[Union[str, Path]] = None,
-    model: str = "rgt_small_x4",
-    checkpoint: Optional[str] = None,
-    side: int = 64,
-    tile: Optional[int] = None,
-    device: Optional[str] = None,
-    **model_kwargs: Any,
-) -> Dict[str, Any]:
-    """Super-resolve a bundled photograph (scikit-image's Chelsea the cat, public domain).
-
-    The photo is centre-cropped, reduced to ``side x side`` with bicubic interpolation and
-    super-resolved by ``model`` (random weights unless ``checkpoint``: then the output is noise,
-    which the returned dict says). Returns shapes, timing and, when ``out_dir`` is given, the paths
-    of the low-resolution input, the bicubic upscaling and the model's output (PNGs). Nothing is
-    downloaded.
-    """
-    from PIL import Image
-    from skimage import data
-
-    net = load_sr_model(model, checkpoint, device, **model_kwargs)
-    photo = data.chelsea()
-    crop = min(photo.shape[:2])
-    top, left = (photo.shape[0] - crop) // 2, (photo.shape[1] - crop) // 2
-    photo = Image.fromarray(photo[top : top + crop, left : left + crop])
-    low_res = np.asarray(photo.resize((side, side), Image.BICUBIC))
-    start = time.perf_counter()
-    output = super_resolve_image(net, low_res, tile=tile)
-    seconds = time.perf_counter() - start
-    bicubic = np.asarray(Image.fromarray(low_res).resize(output.shape[1::-1], Image.BICUBIC))
-    result: Dict[str, Any] = dict(
-        model=model,
-        scale=net.upscale,
-        input_shape=low_res.shape,
-        output_shape=output.shape,
-        seconds=seconds,
-        pretrained=checkpoint is not None,
-    )
-    if out_dir is not None:
-        out = Path(out_dir)
-        paths = dict(
-            low_res=out / "chelsea_lr.png",
-            bicubic=out / f"chelsea_bicubic_x{net.upscale}.png",
-            output=out / f"chelsea_{model}.png",
-        )
-        for key, image in (("low_res", low_res), ("bicubic", bicubic), ("output", output)):
-            write_png(paths[key], image)
-        result["paths"] = {key: str(path) for key, path in paths.items()}
-    return result

@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional, Sequence
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 EXIT_USAGE = 2
 
@@ -28,10 +27,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _resolve_model(name: str) -> str:
+    """``name`` (or ``name.tag``) when it is a zoo model; a one-line error otherwise."""
     import recurzoo
+    from recurzoo.registry import split_model_name
 
-    if name not in recurzoo.list_models():
-        close = recurzoo.list_models(f"*{name.split('_')[0]}*")[:5]
+    base = split_model_name(name)[0]
+    if base not in recurzoo.list_models():
+        close = recurzoo.list_models(f"*{base.split('_')[0]}*")[:5]
         hint = f"; similar: {', '.join(close)}" if close else "; run 'recurzoo list' to see them"
         raise UsageError(f"unknown model {name!r}{hint}")
     return name
@@ -48,12 +50,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    import timm
-
+    import recurzoo
     from recurzoo.export.flops import model_report
 
     name = _resolve_model(args.model)
-    model = timm.create_model(name)
+    model = recurzoo.create_model(name)
     input_size = tuple(args.input_size or model.pretrained_cfg["input_size"])
     try:
         report = model_report(model, input_size)
@@ -70,112 +71,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample_image(side: int) -> "torch.Tensor":
-    """A public-domain photograph shipped with scikit-image (Chelsea the cat), as a normalised batch."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-    from skimage import data
-
-    image = torch.from_numpy(np.ascontiguousarray(data.chelsea())).permute(2, 0, 1).float().div(255)
-    image = F.interpolate(image[None], size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    return (image - mean) / std
-
-
-def _family_card(model_name: str) -> dict:
-    """The ``MODEL_CARD`` of the family module that registers ``model_name``."""
-    import importlib
-
-    import timm
-
-    import recurzoo
-
-    for module_name in recurzoo.backbones.FAMILY_MODULES:
-        if model_name in timm.list_models(module=module_name.rsplit(".", 1)[-1]):
-            return getattr(importlib.import_module(module_name), "MODEL_CARD", {})
-    return {}
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    import time
+    from recurzoo.apps import run_demo
 
-    import timm
-    import torch
-    from tqdm import tqdm
-
-    import recurzoo
-    from recurzoo.export.flops import count_params, create_uninitialized, model_report
-
-    names = recurzoo.list_models(args.pattern)
-    if not names:
-        raise UsageError(f"no model of recurzoo matches {args.pattern!r}")
-    rows = []
-    for name in tqdm(names, desc="counting params and FLOPs", unit="model", file=sys.stderr):
-        card = _family_card(name)
-        model = create_uninitialized(name, **card.get("create_kwargs", {}))
-        size = tuple(card.get("input_size") or model.pretrained_cfg["input_size"])
-        rows.append((name, size, model_report(model, size)))
-    print("Params and fvcore GFLOPs as in the model cards (classifiers with 1000 classes):")
-    print(f"{'model':<28} {'input':>10} {'params (M)':>11} {'GFLOPs':>8}  feature strides")
-    for name, size, report in rows:
-        strides = "/".join(str(r) for r in report["reductions"])
-        print(
-            f"{name:<28} {'x'.join(map(str, size)):>10} {report['params'] / 1e6:>11.2f} "
-            f"{report['gflops']:>8.2f}  {strides}"
-        )
-
-    print(
-        "\nOne forward pass of each family's smallest model on a built-in photo (random weights, nothing downloaded):"
-    )
-    for module_name in recurzoo.backbones.FAMILY_MODULES:
-        family = module_name.rsplit(".", 1)[-1]
-        members = [n for n in timm.list_models(module=family) if n in names]
-        if not members:
-            continue
-        smallest = min(members, key=lambda n: count_params(create_uninitialized(n)))
-        model = timm.create_model(smallest).eval()
-        side = model.pretrained_cfg["input_size"][-1]
-        image = _sample_image(side)
-        start = time.perf_counter()
-        with torch.no_grad():
-            output = model(image)
-        elapsed = (time.perf_counter() - start) * 1000
-        print(
-            f"  {family:<14} {smallest:<28} input {tuple(image.shape)} -> output {tuple(output.shape)} "
-            f"in {elapsed:.0f} ms"
-        )
-
-    _demo_super_resolution("rgt_small_x4", out_dir=Path("out/demo"))
-    _demo_export("sret_tiny")
+    try:
+        run_demo(args.pattern, out_dir=args.out)
+    except ValueError as error:
+        raise UsageError(f"demo: {error}") from None
     return 0
-
-
-def _demo_super_resolution(name: str, out_dir: Path) -> None:
-    from recurzoo.heads.super_resolution import super_resolve_demo
-
-    result = super_resolve_demo(out_dir, model=name, side=48)
-    print(
-        f"\nSuper-resolution of a bundled photo with {name} (random weights; pass a checkpoint to "
-        f"`recurzoo sr` for real output): {tuple(result['input_shape'])} -> {tuple(result['output_shape'])} "
-        f"in {result['seconds']:.1f} s, PNGs in {out_dir}/"
-    )
-
-
-def _demo_export(name: str) -> None:
-    """Export one model to ONNX in a temporary folder and print its onnxruntime parity line."""
-    import tempfile
-
-    from recurzoo.export.onnx import export_model
-
-    print(
-        f"\nONNX export of {name} (recurzoo export {name} --out DIR keeps the files and writes the "
-        "FLOP/parameter report):"
-    )
-    with tempfile.TemporaryDirectory() as folder:
-        result = export_model(name, out_dir=folder, dynamic="batch", report=False)
-    print("  " + result.parity_line())
 
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -185,16 +88,15 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import timm
-
     import recurzoo  # noqa: F401  (registers the zoo)
     from recurzoo.export.bench import parse_model_spec, run_from_args
+    from recurzoo.registry import is_model
 
     try:
         names = [parse_model_spec(spec)[0] for spec in args.models]
     except ValueError as error:
         raise UsageError(str(error)) from None
-    unknown = [name for name in names if name not in timm.list_models()]
+    unknown = [name for name in names if not is_model(name)]
     if unknown:
         raise UsageError(f"unknown model(s) {', '.join(unknown)}: neither in recurzoo nor in timm")
     if args.tile and not args.growth:
@@ -262,7 +164,7 @@ def cmd_cod(args: argparse.Namespace) -> int:
 
 def cmd_sr(args: argparse.Namespace) -> int:
     """Super-resolve PNG/JPEG files or folders with an SR model; PNGs are written to ``--out``."""
-    from recurzoo.heads.super_resolution import super_resolve_files
+    from recurzoo.apps import super_resolve_files
     from recurzoo.train.common import parse_kwargs
 
     _resolve_model(args.model)
@@ -412,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the zoo's table and one forward pass per family (no download)")
     demo.add_argument("pattern", nargs="?", default="*", help="wildcard filter of the models in the table")
+    demo.add_argument("--out", default=None, help="folder for the demo's pictures (default: a temporary folder)")
     demo.set_defaults(handler=cmd_demo)
     return parser
 

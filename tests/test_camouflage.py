@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -267,7 +266,7 @@ def test_registered_variants_read_a_stride_4_to_32_pyramid_of_their_backbone():
     assert set(expected) <= set(recurzoo.list_models("msrnet_*"))
     for name, deepest in expected.items():
         with torch.device("meta"):
-            model = timm.create_model(name)
+            model = recurzoo.create_model(name)
         assert [level["reduction"] for level in model.feature_info] == [4, 8, 16, 32], name
         assert model.feature_info[-1]["num_chs"] == deepest
         assert model.decoder.laterals[3].reduce.conv.in_channels == deepest

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 import recurzoo
-from recurzoo.export.cards import DEFAULT_OUT, family_models, family_name, render_card
+from recurzoo.export.cards import DEFAULT_OUT, ZOO_FIGURES, family_models, render_card
 
-FAMILIES = list(recurzoo.backbones.FAMILY_MODULES)
+FAMILIES = recurzoo.registry.list_families()
 
 # Families whose full-size counts take minutes (task models on large inputs, several passes per
 # image): the check recounts these variants and compares everything else in the card verbatim.
@@ -24,22 +24,41 @@ def _without_rows_except(text: str, keep: list[str], models: list[str]) -> str:
     return "".join(line for line in text.splitlines(keepends=True) if not line.startswith(tuple(dropped)))
 
 
-@pytest.mark.parametrize("module_name", FAMILIES, ids=[family_name(m) for m in FAMILIES])
-def test_committed_card_is_up_to_date(module_name):
-    path = Path(DEFAULT_OUT) / f"{family_name(module_name)}.md"
+@pytest.mark.parametrize("family", FAMILIES)
+def test_committed_card_is_up_to_date(family):
+    path = Path(DEFAULT_OUT) / f"{family}.md"
     assert path.exists(), f"{path} is missing: run python -m recurzoo.export.cards"
     committed = path.read_text()
-    keep = ROWS_CHECKED.get(family_name(module_name))
+    keep = ROWS_CHECKED.get(family)
     if keep is not None:
-        models = family_models(module_name)
+        models = family_models(family)
         assert set(keep) <= set(models)
         assert all(f"| `{name}` |" in committed for name in models), f"{path} misses variants"
         committed = _without_rows_except(committed, keep, models)
-    assert committed == render_card(module_name, only=keep), f"{path} is stale: run python -m recurzoo.export.cards"
+    assert committed == render_card(family, only=keep), f"{path} is stale: run python -m recurzoo.export.cards"
 
 
 def test_hornet_card_lists_every_variant_with_its_figures():
-    text = render_card("recurzoo.backbones.hornet")
+    text = render_card("hornet")
     for name in recurzoo.list_models("hornet_*"):
         assert f"| `{name}` |" in text
     assert "| `hornet_tiny_7x7` | 22.41 | 3.99 | 3x224x224 | 4/8/16/32 |" in text
+
+
+def test_demo_figures_are_the_cards_figures():
+    """``recurzoo demo`` prints the packaged zoo.csv: every row must be its model's row in the (checked) card."""
+    import csv
+
+    with ZOO_FIGURES.open(newline="") as handle:
+        rows = {row["model"]: row for row in csv.DictReader(handle)}
+    assert set(rows) == set(recurzoo.list_models())
+    for family in FAMILIES:
+        card = (Path(DEFAULT_OUT) / f"{family}.md").read_text()
+        for name in family_models(family):
+            row = rows[name]
+            assert row["family"] == family and row["task"] == recurzoo.model_task(name)
+            expected = (
+                f"| `{name}` | {row['params_m']} | {row['gflops']} | {row['input_size']} | {row['strides']} | "
+                f"{row['unrolled_params_m']} |"
+            )
+            assert expected in card, f"{ZOO_FIGURES} row of {name} differs from {family}.md: run make cards"

@@ -7,7 +7,6 @@ import os
 import sys
 
 import pytest
-import timm
 import torch
 
 import recurzoo  # noqa: F401
@@ -38,7 +37,7 @@ def test_use_ema_false_takes_the_plain_weights_of_a_training_checkpoint(tmp_path
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_truncated_file_gives_a_clear_error(tmp_path, suffix):
-    model = timm.create_model("hornet_tiny_7x7", **SMALL)
+    model = recurzoo.create_model("hornet_tiny_7x7", **SMALL)
     path = save_weights(model, tmp_path / "w.safetensors") if suffix == ".safetensors" else tmp_path / "w.pth"
     if suffix == ".pth":
         torch.save(model.state_dict(), path)
@@ -54,10 +53,10 @@ def test_missing_file_is_named(tmp_path):
 
 
 def test_checkpoint_of_another_architecture_lists_keys_and_shapes_in_one_message(tmp_path):
-    source = timm.create_model("hornet_tiny_7x7", **SMALL)
+    source = recurzoo.create_model("hornet_tiny_7x7", **SMALL)
     path = tmp_path / "other.pth"
     torch.save(source.state_dict(), path)
-    target = timm.create_model("hornet_tiny_gf", dims=(16, 32, 64, 128), depths=(1, 1, 2, 1), num_classes=7)
+    target = recurzoo.create_model("hornet_tiny_gf", dims=(16, 32, 64, 128), depths=(1, 1, 2, 1), num_classes=7)
     with pytest.raises(ValueError) as error:
         load_weights(target, path)
     message = str(error.value)
@@ -67,22 +66,22 @@ def test_checkpoint_of_another_architecture_lists_keys_and_shapes_in_one_message
 
 
 def test_safetensors_round_trip_writes_config_beside_weights(tmp_path):
-    model = timm.create_model("hornet_tiny_gf", **SMALL).eval()
+    model = recurzoo.create_model("hornet_tiny_gf", **SMALL).eval()
     path = save_weights(model, tmp_path / "model", config=dict(epochs=3))
     assert path.suffix == ".safetensors"
     record = json.loads(path.with_suffix(".json").read_text())
     assert record["architecture"] == "hornet_tiny_gf" and record["config"] == {"epochs": 3}
-    clone = load_weights(timm.create_model("hornet_tiny_gf", **SMALL).eval(), path)
+    clone = load_weights(recurzoo.create_model("hornet_tiny_gf", **SMALL).eval(), path)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(clone(x), model(x))
 
 
 def test_official_layout_is_converted_by_the_family_filter(tmp_path):
-    model = timm.create_model("hornet_tiny_7x7", **SMALL)
+    model = recurzoo.create_model("hornet_tiny_7x7", **SMALL)
     path = tmp_path / "official.pth"
     torch.save({"model": _to_official(model.state_dict())}, path)
-    clone = load_weights(timm.create_model("hornet_tiny_7x7", **SMALL), path)
+    clone = load_weights(recurzoo.create_model("hornet_tiny_7x7", **SMALL), path)
     for key, value in model.state_dict().items():
         assert torch.equal(clone.state_dict()[key], value)
 

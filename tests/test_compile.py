@@ -9,9 +9,10 @@ itself is exercised by ``recurzoo bench --backends compile``.
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 from _reduced import REDUCED
+
+import recurzoo
 
 # One model per family, with the options that change its traced code (global filters, slicing, Raptor
 # conditioning, shifted windows, the three-scale decoder); task models at their reduced widths.
@@ -27,8 +28,7 @@ CASES = [
 
 
 def _build(name: str, extra: dict) -> torch.nn.Module:
-    (family,) = [family for family in REDUCED if name in timm.list_models(module=family)]
-    return timm.create_model(name, **REDUCED[family], **extra).eval()
+    return recurzoo.create_model(name, **REDUCED[recurzoo.model_family(name)], **extra).eval()
 
 
 @pytest.fixture(autouse=True)

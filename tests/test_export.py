@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
@@ -55,11 +54,7 @@ SIDES = {"rgt": 32, "camouflage": 32, "recurrent_vit": 32}
 
 
 def _family(name: str) -> str:
-    for module_name in recurzoo.backbones.FAMILY_MODULES:
-        family = module_name.rsplit(".", 1)[-1]
-        if name in timm.list_models(module=family):
-            return family
-    raise KeyError(name)
+    return recurzoo.model_family(name)
 
 
 def _backbone_kwargs(backbone: str) -> dict:
@@ -74,7 +69,7 @@ def _reduced_kwargs(name: str) -> dict:
         pytest.skip(f"tests/test_models.py has no REDUCED entry for the {family} family yet")
     kwargs = dict(REDUCED[family], **EXPORT_OVERRIDES.get(family, {}))
     if family == "camouflage" and "backbone_kwargs" not in kwargs:
-        backbone = timm.create_model(name, pretrained=False, **kwargs).backbone_name
+        backbone = recurzoo.create_model(name, pretrained=False, **kwargs).backbone_name
         kwargs["backbone_kwargs"] = _backbone_kwargs(backbone)
     return kwargs
 
@@ -89,7 +84,7 @@ def _one_thread():
 
 
 def _export(name: str, tmp_path: Path, features_only: bool = False, **kwargs) -> ExportResult:
-    model = timm.create_model(name, features_only=features_only, **_reduced_kwargs(name)).eval()
+    model = recurzoo.create_model(name, features_only=features_only, **_reduced_kwargs(name)).eval()
     side = SIDES.get(_family(name), 64)
     dynamic = "batch,hw" if export_support(model).dynamic_hw else "batch"
     return export_model(
@@ -121,7 +116,7 @@ def test_features_only_backbones_export_one_output_per_level(name, tmp_path):
     result = _export(name, tmp_path, features_only=True)
     assert result.ok, result.parity_line()
     session = ort.InferenceSession(result.onnx_path, providers=["CPUExecutionProvider"])
-    model = timm.create_model(name, features_only=True, **_reduced_kwargs(name))
+    model = recurzoo.create_model(name, features_only=True, **_reduced_kwargs(name))
     levels = len(model.feature_info.channels())
     assert levels > 1 and [o.name for o in session.get_outputs()] == [f"feature_{i}" for i in range(levels)]
 
@@ -156,7 +151,7 @@ def test_own_state_dict_as_safetensors_round_trips_through_the_simplified_graph(
     from safetensors.torch import save_file
 
     kwargs = dict(REDUCED["sret"], num_classes=7)
-    model = timm.create_model("sret_tiny", **kwargs).eval()
+    model = recurzoo.create_model("sret_tiny", **kwargs).eval()
     save_file(model.state_dict(), str(tmp_path / "weights.safetensors"))
     result = export_model(
         "sret_tiny",
@@ -203,7 +198,7 @@ def test_adaptive_pooling_decomposition_is_exact(size_in, size_out):
 
 
 def test_dynamic_size_is_refused_with_the_reason_for_fixed_size_models(tmp_path):
-    model = timm.create_model("hornet_tiny_gf", **REDUCED["hornet"])
+    model = recurzoo.create_model("hornet_tiny_gf", **REDUCED["hornet"])
     with pytest.raises(ValueError, match="hornet_tiny_gf: dynamic height/width is not possible: the global filter"):
         export_model("hornet_tiny_gf", out_dir=tmp_path, model=model, dynamic="batch,hw", report=False)
 
@@ -239,7 +234,7 @@ def test_cli_export_of_a_fixed_size_model_with_dynamic_hw_is_a_usage_error(capsy
 
 
 def test_report_counts_shared_blocks_once_per_use():
-    model = timm.create_model("sret_tiny", **REDUCED["sret"])
+    model = recurzoo.create_model("sret_tiny", **REDUCED["sret"])
     report = build_report(model, (3, 64, 64))
     shared = sum(
         sum(p.numel() for p in block.shared.parameters()) * (len(block.projections) - 1)

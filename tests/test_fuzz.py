@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import pytest
-import timm
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -71,7 +70,7 @@ def _build(name: str) -> torch.nn.Module:
         kwargs["num_classes"] = NUM_CLASSES
     if constraint.family == "camouflage":
         kwargs["backbone_kwargs"] = REDUCED["hornet"]
-    return timm.create_model(name, **kwargs).eval()
+    return recurzoo.create_model(name, **kwargs).eval()
 
 
 _MODELS = {}

@@ -91,15 +91,15 @@ def test_global_filter_with_unit_weight_is_the_identity_at_any_size(side):
 
 
 def test_gf_model_runs_at_a_resolution_other_than_its_weights():
-    model = timm.create_model("hornet_tiny_gf", **SMALL, num_classes=3).eval()
+    model = recurzoo.create_model("hornet_tiny_gf", **SMALL, num_classes=3).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 288, 192))
     assert out.shape == (1, 3) and torch.isfinite(out).all()
 
 
 def test_checkpoint_at_224_loads_into_384_model_with_resized_filters():
-    source = timm.create_model("hornet_tiny_gf", **SMALL)
-    target = timm.create_model("hornet_base_gf_384", **SMALL)
+    source = recurzoo.create_model("hornet_tiny_gf", **SMALL)
+    target = recurzoo.create_model("hornet_base_gf_384", **SMALL)
     converted = checkpoint_filter_fn(source.state_dict(), target)
     target.load_state_dict(converted)
     weight = target.stages[2].blocks[0].gnconv.spatial_mixer.complex_weight
@@ -124,7 +124,7 @@ def test_official_checkpoint_file_loads_through_pretrained_cfg_overlay(tmp_path,
     kwargs = fixture["official"]["kwargs"]
     path = tmp_path / "official.pth"
     torch.save({"model": fixture["state_dict"], "epoch": 300}, path)  # the official training wrapper
-    model = timm.create_model(
+    model = recurzoo.create_model(
         variant,
         pretrained=True,
         num_classes=kwargs["num_classes"],
@@ -142,7 +142,7 @@ def test_fine_tuning_from_official_checkpoint_replaces_only_the_classifier(tmp_p
     kwargs = fixture["official"]["kwargs"]
     path = tmp_path / "official.pth"
     torch.save({"model": fixture["state_dict"]}, path)
-    model = timm.create_model(
+    model = recurzoo.create_model(
         "hornet_tiny_7x7",
         pretrained=True,
         pretrained_cfg_overlay=dict(file=str(path)),
@@ -155,7 +155,7 @@ def test_fine_tuning_from_official_checkpoint_replaces_only_the_classifier(tmp_p
 
 
 def test_grad_checkpointing_gives_the_same_gradients():
-    model = timm.create_model("hornet_tiny_gf", **SMALL, num_classes=5)
+    model = recurzoo.create_model("hornet_tiny_gf", **SMALL, num_classes=5)
     x = torch.randn(2, 3, 64, 64)
     model(x).sum().backward()
     expected = [p.grad.clone() for p in model.parameters()]
@@ -167,7 +167,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
 
 
 def test_drop_path_is_random_in_training_and_off_in_eval():
-    model = timm.create_model("hornet_tiny_7x7", **SMALL, drop_path_rate=0.5)
+    model = recurzoo.create_model("hornet_tiny_7x7", **SMALL, drop_path_rate=0.5)
     x = torch.randn(2, 3, 64, 64)
     model.train()
     assert not torch.equal(model(x), model(x))
@@ -177,14 +177,14 @@ def test_drop_path_is_random_in_training_and_off_in_eval():
 
 
 def test_no_weight_decay_lists_the_frequency_weights():
-    model = timm.create_model("hornet_tiny_gf", **SMALL)
+    model = recurzoo.create_model("hornet_tiny_gf", **SMALL)
     names = model.no_weight_decay()
     assert names and all(name.endswith("complex_weight") for name in names)
     assert len(names) == sum(model_depth for model_depth in SMALL["depths"][2:])
 
 
 def test_group_matcher_covers_every_parameter():
-    model = timm.create_model("hornet_tiny_7x7", **SMALL)
+    model = recurzoo.create_model("hornet_tiny_7x7", **SMALL)
     groups = timm.models.group_parameters(model, model.group_matcher())
     assert sum(len(names) for names in groups.values()) == len(list(model.named_parameters()))
 
@@ -197,9 +197,11 @@ def test_weight_downloads_have_distinct_named_cache_files():
 
 
 def test_pretrained_without_network_fails_fast_with_instructions(monkeypatch):
-    from recurzoo.backbones import _helpers
+    from recurzoo import checkpoint
 
-    monkeypatch.setattr(_helpers, "_reachable", lambda url, timeout: False)
+    monkeypatch.setattr(checkpoint, "_reachable", lambda url, timeout: False)
     monkeypatch.setenv("TORCH_HOME", "/nonexistent-cache")
-    with pytest.raises(RuntimeError, match=r"hornet_tiny_7x7.*pretrained_cfg_overlay=dict\(file="):
-        timm.create_model("hornet_tiny_7x7", pretrained=True)
+    with pytest.raises(
+        ValueError, match=r"hornet_tiny_7x7.*out of reach.*nonexistent-cache.*pretrained_cfg_overlay=dict\(file="
+    ):
+        recurzoo.create_model("hornet_tiny_7x7", pretrained=True)

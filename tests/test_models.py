@@ -22,15 +22,11 @@ SMALL_SIDE = 64
 
 
 def _family(name: str) -> str:
-    for module_name in recurzoo.backbones.FAMILY_MODULES:
-        family = module_name.rsplit(".", 1)[-1]
-        if name in timm.list_models(module=family):
-            return family
-    raise KeyError(name)
+    return recurzoo.model_family(name)
 
 
 def _create(name: str, **kwargs) -> torch.nn.Module:
-    return timm.create_model(name, **REDUCED[_family(name)], **kwargs)
+    return recurzoo.create_model(name, **REDUCED[_family(name)], **kwargs)
 
 
 def _is_backbone(name: str) -> bool:
@@ -63,11 +59,13 @@ def _small_input(model: torch.nn.Module, batch: int = 2) -> torch.Tensor:
 
 def test_registry_lists_the_zoo():
     assert "hornet_tiny_7x7" in MODELS and len(MODELS) >= 10
-    assert all(name in timm.list_models() for name in ALL_MODELS)
+    assert all(recurzoo.registry.is_model(name) for name in ALL_MODELS)
+    assert set(recurzoo.list_models(task="sr")) == {f"rgt{size}_x{s}" for size in ("", "_small") for s in (2, 3, 4)}
+    assert not any(timm.is_model(name) for name in recurzoo.list_models(task="sr") + recurzoo.list_models(task="cod"))
 
 
 def test_every_family_has_a_reduced_test_size():
-    families = {module_name.rsplit(".", 1)[-1] for module_name in recurzoo.backbones.FAMILY_MODULES}
+    families = set(recurzoo.registry.list_families())
     assert families <= set(REDUCED), f"add REDUCED entries for {sorted(families - set(REDUCED))}"
 
 

@@ -16,7 +16,6 @@ import os
 import sys
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -109,7 +108,7 @@ def _trained_scale(model: nn.Module) -> nn.Module:
 
 def _build(case: str, device: str) -> nn.Module:
     family, kwargs = CASES[case]
-    model = timm.create_model(case.split("-")[0], **REDUCED[family], **kwargs)
+    model = recurzoo.create_model(case.split("-")[0], **REDUCED[family], **kwargs)
     return _trained_scale(model).to(device).eval()
 
 

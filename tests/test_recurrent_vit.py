@@ -8,7 +8,6 @@ import os
 
 import numpy as np
 import pytest
-import timm
 import torch
 from PIL import Image
 
@@ -23,6 +22,7 @@ from recurzoo.backbones.recurrent_vit import (
     segment_phases,
 )
 from recurzoo.export.flops import count_flops, count_params
+from recurzoo.plots import save_phase_heatmap
 from recurzoo.train import distill_recurrent
 
 MODELS = recurzoo.list_models("rvit_*")
@@ -39,34 +39,34 @@ def _k(name: str) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _flops_and_block_params(name: str):
-    model = timm.create_model(name)
+    model = recurzoo.create_model(name)
     return count_flops(model), count_params(model.blocks), count_params(model)
 
 
 def _tiny_vit(**kwargs) -> torch.nn.Module:
     args = dict(img_size=32, patch_size=8, depth=4, embed_dim=32, num_heads=2, num_classes=5)
     args.update(kwargs)
-    return timm.create_model("vit_tiny_patch16_224", **args).eval()
+    return recurzoo.create_model("vit_tiny_patch16_224", **args).eval()
 
 
 def _tiny_rvit(**kwargs) -> RecurrentViT:
     args = dict(img_size=32, patch_size=8, depth=4, embed_dim=32, num_heads=2, num_classes=5, phases=[2, 2])
     args.update(kwargs)
-    return timm.create_model("rvit_tiny_patch16_224", **args).eval()
+    return recurzoo.create_model("rvit_tiny_patch16_224", **args).eval()
 
 
 def test_registry_has_tiny_small_base_with_two_and_three_shared_blocks():
     for width in ("tiny", "small", "base"):
         assert f"rvit_{width}_patch16_224" in MODELS and f"rvit_{width}_patch16_224_k3" in MODELS
-    assert timm.create_model("rvit_small_patch16_224").phases == [6, 6]
-    assert timm.create_model("rvit_tiny_patch16_224_k3").phases == [4, 4, 4]
-    assert timm.create_model("rvit_tiny_patch16_224", phases=[7, 5]).schedule[6:8] == [(0, 6), (1, 0)]
+    assert recurzoo.create_model("rvit_small_patch16_224").phases == [6, 6]
+    assert recurzoo.create_model("rvit_tiny_patch16_224_k3").phases == [4, 4, 4]
+    assert recurzoo.create_model("rvit_tiny_patch16_224", phases=[7, 5]).schedule[6:8] == [(0, 6), (1, 0)]
     assert even_phases(12, 5) == [3, 3, 2, 2, 2]
 
 
 def test_phases_not_summing_to_depth_raise_value_error():
     with pytest.raises(ValueError, match=r"sum.*depth=12.*\[6, 5\]"):
-        timm.create_model("rvit_tiny_patch16_224", phases=[6, 5])
+        recurzoo.create_model("rvit_tiny_patch16_224", phases=[6, 5])
 
 
 def test_fixed_size_model_rejects_other_sizes_with_value_error_naming_it():
@@ -177,8 +177,8 @@ def test_grad_checkpointing_gives_the_same_output_and_gradients():
 
 
 def test_features_only_is_single_scale_at_stride_16_one_map_per_requested_step():
-    full = timm.create_model("rvit_tiny_patch16_224").eval()
-    features = timm.create_model("rvit_tiny_patch16_224", features_only=True, out_indices=(1, 4)).eval()
+    full = recurzoo.create_model("rvit_tiny_patch16_224").eval()
+    features = recurzoo.create_model("rvit_tiny_patch16_224", features_only=True, out_indices=(1, 4)).eval()
     missing, _ = features.model.load_state_dict(full.state_dict(), strict=False)
     assert not missing
     assert features.feature_info.reduction() == [16, 16]
@@ -235,8 +235,9 @@ def test_find_phases_recovers_a_vit_built_with_known_phases(tmp_path):
     assert similarity[0, 1] == pytest.approx(1.0, abs=1e-5) and similarity[1, 2] < 0.99
     pytest.importorskip("matplotlib")
     path = tmp_path / "similarity.png"
-    split = find_phases(vit, images, k=3, save_path=str(path))
+    split = find_phases(vit, images, k=3)
     assert split.phases == [2, 3, 1] and split.boundaries == [2, 5]
+    save_phase_heatmap(split, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -253,7 +254,7 @@ def _write_image_folder(root, per_class: int = 8) -> None:
 def _block_recurrent_teacher(path) -> list:
     """A random tiny ViT whose blocks come in two similar pairs (as in a trained ViT), saved to ``path``."""
     kwargs = dict(img_size=32, patch_size=8, depth=4, embed_dim=32, num_heads=2, num_classes=2)
-    teacher = timm.create_model("vit_tiny_patch16_224", **kwargs)
+    teacher = recurzoo.create_model("vit_tiny_patch16_224", **kwargs)
     with torch.no_grad():
         for block in teacher.blocks:
             for parameter in block.parameters():

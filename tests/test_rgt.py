@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 
 import recurzoo  # noqa: F401  (registers the models)
@@ -22,6 +21,7 @@ from recurzoo.backbones.rgt import (
 )
 from recurzoo.export.flops import count_flops, count_params, create_uninitialized
 from recurzoo.heads.super_resolution import SuperResolutionModel
+from recurzoo.heads.super_resolution import checkpoint_filter_fn as sr_checkpoint_filter_fn
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "parity" / "rgt"
 TINY = dict(embed_dim=24, num_heads=2, blocks_per_group=2)
@@ -55,7 +55,7 @@ def test_official_basicsr_checkpoint_loads_through_timm_file_overlay(tmp_path, w
     kwargs = fixture["official"]["kwargs"]
     path = tmp_path / "RGT_x2.pth"
     torch.save({wrapper: fixture["state_dict"]}, path)  # as BasicSR stores them, mask buffers included
-    model = timm.create_model(
+    model = recurzoo.create_model(
         "rgt_x2",
         pretrained=True,
         pretrained_cfg_overlay=dict(file=str(path)),
@@ -68,7 +68,7 @@ def test_official_basicsr_checkpoint_loads_through_timm_file_overlay(tmp_path, w
         output = model(fixture["inputs"]["x"])
     torch.testing.assert_close(output, fixture["output"], rtol=1e-4, atol=1e-4 * fixture["output"].abs().max().item())
 
-    body = timm.create_model(
+    body = recurzoo.create_model(
         "rgt",
         pretrained=True,
         pretrained_cfg_overlay=dict(file=str(path)),
@@ -88,7 +88,7 @@ def test_checkpoint_filter_drops_derived_buffers_and_maps_every_official_key():
     fixture = _fixture("rgt_x4_small_dims")
     official = fixture["state_dict"]
     model = recurzoo.build_official("rgt_arch.RGT", fixture["official"]["kwargs"])
-    converted = checkpoint_filter_fn(official, model)
+    converted = sr_checkpoint_filter_fn(official, model)
     derived = [
         k for k in official if k.endswith(("attn_mask_0", "attn_mask_1", "rpe_biases", "relative_position_index"))
     ]
@@ -98,7 +98,9 @@ def test_checkpoint_filter_drops_derived_buffers_and_maps_every_official_key():
     body = RGT(embed_dim=24, depths=(2, 2), num_heads=4, mlp_ratio=2)
     body_state = checkpoint_filter_fn(model.state_dict(), body)
     assert set(body_state) == set(body.state_dict())
-    assert set(checkpoint_filter_fn(body_state, model)) == {k for k in model.state_dict() if k.startswith("backbone.")}
+    assert set(sr_checkpoint_filter_fn(body_state, model)) == {
+        k for k in model.state_dict() if k.startswith("backbone.")
+    }
 
 
 @pytest.mark.parametrize(
@@ -206,7 +208,7 @@ def test_hybrid_adaptive_integration_adds_the_scaled_input():
 
 @pytest.mark.parametrize("size", [(5, 7), (24, 40), (33, 70)])
 def test_sr_model_takes_any_input_size(size):
-    model = timm.create_model("rgt_small_x2", **TINY).eval()
+    model = recurzoo.create_model("rgt_small_x2", **TINY).eval()
     with torch.no_grad():
         out = model(torch.rand(1, 3, *size))
     assert out.shape == (1, 3, 2 * size[0], 2 * size[1]) and torch.isfinite(out).all()
@@ -214,7 +216,7 @@ def test_sr_model_takes_any_input_size(size):
 
 def test_eval_is_deterministic_and_grad_checkpointing_keeps_gradients():
     torch.manual_seed(0)
-    model = timm.create_model("rgt_x2", drop_path_rate=0.0, **TINY)
+    model = recurzoo.create_model("rgt_x2", drop_path_rate=0.0, **TINY)
     x = torch.rand(1, 3, 20, 36)
     model.eval()
     with torch.no_grad():
@@ -230,9 +232,9 @@ def test_eval_is_deterministic_and_grad_checkpointing_keeps_gradients():
 
 
 def test_body_exposes_one_stride_one_level_per_group():
-    body = timm.create_model("rgt_small", **TINY)
+    body = recurzoo.create_model("rgt_small", **TINY)
     assert [level["reduction"] for level in body.feature_info] == [1] * 6
     assert not isinstance(body, SuperResolutionModel) and body.num_features == 24
-    features = timm.create_model("rgt_small", features_only=True, out_indices=(1, 5), **TINY)
+    features = recurzoo.create_model("rgt_small", features_only=True, out_indices=(1, 5), **TINY)
     outs = features(torch.randn(1, 3, 20, 28))
     assert [tuple(o.shape) for o in outs] == [(1, 24, 20, 28)] * 2

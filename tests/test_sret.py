@@ -74,7 +74,7 @@ FLOPS_SKIPPED = {"sret_small_noslice.distill_in1k_384", "sret_small_noslice.dist
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_params_and_flops_match_published_within_one_percent(name):
     params, gflops = PUBLISHED[name]
-    model = timm.create_model(name)
+    model = recurzoo.create_model(name)
     input_size = model.pretrained_cfg["input_size"]
     assert model.pos_embed.shape[-1] == input_size[-1] // 8
     assert count_params(model) / 1e6 == pytest.approx(params, rel=0.01)
@@ -175,13 +175,13 @@ def test_token_counts_not_divisible_by_the_groups_give_finite_outputs(side):
 
 
 def test_sret_small_runs_at_288():
-    model = timm.create_model("sret_small").eval()
+    model = recurzoo.create_model("sret_small").eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 288, 288)).shape == (1, 1000)
 
 
 def test_fixed_size_model_rejects_other_sizes_by_name():
-    model = timm.create_model("sret_tiny", dynamic_img_size=False).eval()
+    model = recurzoo.create_model("sret_tiny", dynamic_img_size=False).eval()
     with pytest.raises(ValueError, match=r"sret_tiny.*\(224, 224\)"):
         model(torch.randn(1, 3, 256, 256))
 
@@ -247,10 +247,10 @@ def test_official_checkpoint_converts_and_converts_back_exactly(fixture_name):
 
 
 def test_pretrained_file_in_official_layout_loads_through_timm(tmp_path):
-    source = _randomize_(timm.create_model("sret_tiny"))
+    source = _randomize_(recurzoo.create_model("sret_tiny"))
     path = tmp_path / "SReT_T.pth"
     torch.save({"model": to_official_state_dict(source), "epoch": 299}, path)
-    model = timm.create_model("sret_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    model = recurzoo.create_model("sret_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     expected = source.state_dict()
     assert all(torch.equal(value, expected[key]) for key, value in model.state_dict().items())
 
@@ -263,12 +263,14 @@ def test_every_drive_download_has_its_own_cache_file_name():
 
 
 def test_pretrained_without_network_fails_fast_with_instructions(monkeypatch):
-    from recurzoo.backbones import _helpers
+    from recurzoo import checkpoint
 
-    monkeypatch.setattr(_helpers, "_reachable", lambda url, timeout: False)
+    monkeypatch.setattr(checkpoint, "_reachable", lambda url, timeout: False)
     monkeypatch.setenv("TORCH_HOME", "/nonexistent-cache")
-    with pytest.raises(RuntimeError, match=r"sret_tiny.*pretrained_cfg_overlay=dict\(file="):
-        timm.create_model("sret_tiny.distill_in1k", pretrained=True)
+    with pytest.raises(
+        ValueError, match=r"sret_tiny.*out of reach.*nonexistent-cache.*pretrained_cfg_overlay=dict\(file="
+    ):
+        recurzoo.create_model("sret_tiny.distill_in1k", pretrained=True)
 
 
 def test_pos_embed_is_resampled_on_load_and_agrees_with_dynamic_resampling(tmp_path):
@@ -285,10 +287,10 @@ def test_pos_embed_is_resampled_on_load_and_agrees_with_dynamic_resampling(tmp_p
 
 
 def test_fine_tuned_tag_builds_at_its_size_and_resamples_a_224_checkpoint(tmp_path):
-    source = _randomize_(timm.create_model("sret_tiny_noslice"))
+    source = _randomize_(recurzoo.create_model("sret_tiny_noslice"))
     path = tmp_path / "SReT_T_wo_slice.pth"
     torch.save({"model": to_official_state_dict(source)}, path)
-    model = timm.create_model(
+    model = recurzoo.create_model(
         "sret_tiny_noslice.distill_in1k_384", pretrained=True, pretrained_cfg_overlay=dict(file=str(path))
     )
     assert model.pos_embed.shape == (1, 64, 48, 48)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
 import torch
 from PIL import Image
 from torch import nn
 
 import recurzoo
+from recurzoo.apps import super_resolve_demo
 from recurzoo.cli import main as cli_main
 from recurzoo.heads.super_resolution import (
     DIV2K_RGB_MEAN,
@@ -21,10 +21,9 @@ from recurzoo.heads.super_resolution import (
     SuperResolutionModel,
     blend_weights,
     create_sr_model,
-    read_image,
-    super_resolve_demo,
     tiled_super_resolve,
 )
+from recurzoo.images import read_image
 from recurzoo.train import super_resolution as sr_train
 
 TINY = dict(embed_dim=24, num_heads=2, blocks_per_group=2)
@@ -136,7 +135,7 @@ def test_tile_borders_cross_fade_without_seams():
 
 
 def test_tiled_rgt_matches_its_shape_and_stays_close_to_untiled():
-    model = timm.create_model("rgt_small_x2", **TINY).eval()
+    model = recurzoo.create_model("rgt_small_x2", **TINY).eval()
     image = torch.rand(1, 3, 40, 56)
     with torch.no_grad():
         whole = model(image)
@@ -349,7 +348,7 @@ def test_training_resumes_from_its_last_checkpoint(tmp_path):
 
 
 def test_sr_command_writes_upscaled_pngs_equal_to_direct_inference(tmp_path, capsys):
-    model = timm.create_model("rgt_small_x2", **TINY).eval()
+    model = recurzoo.create_model("rgt_small_x2", **TINY).eval()
     checkpoint = tmp_path / "model.pth"
     torch.save({"params": model.state_dict()}, checkpoint)
     rng = np.random.default_rng(0)

@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
@@ -85,7 +84,7 @@ def image_folder(tmp_path_factory):
 
 def _save_random_classifier(path, name, kwargs, num_classes):
     """A 'pretrained' checkpoint of another class count, in the training-checkpoint layout."""
-    model = timm.create_model(name, num_classes=num_classes, **kwargs)
+    model = recurzoo.create_model(name, num_classes=num_classes, **kwargs)
     torch.save(dict(state_dict=model.state_dict(), epoch=3), path)
     return model
 
@@ -120,7 +119,7 @@ def test_cli_fine_tunes_from_a_checkpoint_to_a_new_class_count_above_chance(imag
     # the backbone started from the checkpoint: 18 AdamW steps of 2e-3 moved it a little from there, while
     # the fresh init the run would otherwise have used (seed 1) lies far away
     common.seed_everything(1)
-    fresh = timm.create_model(name, num_classes=3, **kwargs).state_dict()
+    fresh = recurzoo.create_model(name, num_classes=3, **kwargs).state_dict()
     keys = [key for key, value in fresh.items() if value.dim() > 1 and not key.startswith("head.")]
     for key in (keys[0], keys[-1]):
         trained, start = state["state_dict"][key], source.state_dict()[key]
@@ -147,7 +146,7 @@ def test_sret_fine_tunes_above_chance_with_ema_and_layer_decay(image_folder, tmp
 
 def test_initial_checkpoint_keeps_the_backbone_and_resets_a_classifier_of_another_size(tmp_path):
     source = _save_random_classifier(tmp_path / "source.pth", "sret_tiny", SRET, num_classes=10)
-    target = timm.create_model("sret_tiny", num_classes=4, **SRET)
+    target = recurzoo.create_model("sret_tiny", num_classes=4, **SRET)
     fresh_head = target.head.fc.weight.detach().clone()
     fresh = validate.load_initial_checkpoint(target, str(tmp_path / "source.pth"))
     assert fresh == ["head.fc.weight", "head.fc.bias"]
@@ -156,11 +155,11 @@ def test_initial_checkpoint_keeps_the_backbone_and_resets_a_classifier_of_anothe
             torch.testing.assert_close(target.state_dict()[key], value, msg=key)
     assert torch.equal(target.head.fc.weight, fresh_head)
     # the same class count loads the classifier too
-    same = timm.create_model("sret_tiny", num_classes=10, **SRET)
+    same = recurzoo.create_model("sret_tiny", num_classes=10, **SRET)
     assert validate.load_initial_checkpoint(same, str(tmp_path / "source.pth")) == []
     torch.testing.assert_close(same.head.fc.weight, source.head.fc.weight)
     # another width is refused
-    wider = timm.create_model("sret_tiny", num_classes=4, **{**SRET, "embed_dims": (64, 128, 256)})
+    wider = recurzoo.create_model("sret_tiny", num_classes=4, **{**SRET, "embed_dims": (64, 128, 256)})
     with pytest.raises((ValueError, RuntimeError)):
         validate.load_initial_checkpoint(wider, str(tmp_path / "source.pth"))
 

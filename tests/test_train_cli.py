@@ -356,11 +356,10 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, module, arg
 
 
 def test_checkpoint_of_another_width_is_one_line_naming_the_mismatch(data, tmp_path, capsys):
-    import timm
 
     from recurzoo.train import classification
 
-    wide = timm.create_model("hornet_tiny_7x7", num_classes=3, dims=(16, 32, 64, 128), depths=(1, 1, 1, 1))
+    wide = recurzoo.create_model("hornet_tiny_7x7", num_classes=3, dims=(16, 32, 64, 128), depths=(1, 1, 1, 1))
     torch.save(dict(state_dict=wide.state_dict()), tmp_path / "wide.pth")
     argv = [
         "--data-dir",

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from recurzoo.plots import plot_curves, save_heatmap
 from recurzoo.train import common
 
 
@@ -95,7 +96,7 @@ def test_infinite_batches_cycles_epochs():
 
 def test_plots_are_png(tmp_path):
     pytest.importorskip("matplotlib")
-    common.plot_curves({"loss": [1.0, 0.5, 0.25]}, str(tmp_path / "loss.png"), log_y=True)
-    common.save_heatmap([[1.0, 0.5], [0.5, 1.0]], str(tmp_path / "map.png"), lines=[1])
+    plot_curves({"loss": [1.0, 0.5, 0.25]}, str(tmp_path / "loss.png"), log_y=True)
+    save_heatmap([[1.0, 0.5], [0.5, 1.0]], str(tmp_path / "map.png"), lines=[1])
     for name in ("loss.png", "map.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"

@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-import timm
 import torch
 
 import recurzoo  # noqa: F401
@@ -150,7 +149,7 @@ def test_coco_evaluation_scores_perfect_detections_one_and_worse_ones_lower(coco
 
 def test_fpn_backbone_loads_a_classification_checkpoint(tmp_path):
     kwargs = common.parse_kwargs(HORNET)
-    classifier = timm.create_model("hornet_tiny_7x7", num_classes=7, **kwargs)
+    classifier = recurzoo.create_model("hornet_tiny_7x7", num_classes=7, **kwargs)
     torch.save(dict(state_dict=classifier.state_dict()), tmp_path / "classifier.pth")
     backbone = create_fpn_backbone(
         "hornet_tiny_7x7", checkpoint=str(tmp_path / "classifier.pth"), fpn_channels=32, **kwargs
@@ -243,7 +242,7 @@ def test_backbone_checkpoint_flag_starts_the_backbone_from_a_classifier(coco_roo
     filter; with a learning rate of 0 the trained backbone still equals the classifier."""
     from safetensors.torch import load_file
 
-    classifier = timm.create_model("hornet_tiny_7x7", num_classes=7, **common.parse_kwargs(HORNET))
+    classifier = recurzoo.create_model("hornet_tiny_7x7", num_classes=7, **common.parse_kwargs(HORNET))
     torch.save(dict(state_dict_ema=classifier.state_dict(), epoch=3), tmp_path / "classifier.pth")
     detection.main(
         _args(coco_root, tmp_path / "run", epochs=1)

@@ -168,7 +168,6 @@ def test_two_torchrun_processes_end_with_identical_weights(image_folder, tmp_pat
         assert torch.equal(value, rank0[key]), key
     # trained: the ranks moved away from their common starting point
     common.seed_everything(42)
-    import timm
 
-    start = timm.create_model("sret_tiny", num_classes=3, **common.parse_kwargs(SRET)).state_dict()
+    start = recurzoo.create_model("sret_tiny", num_classes=3, **common.parse_kwargs(SRET)).state_dict()
     assert not torch.equal(start["stem.0.conv.weight"], rank0["stem.0.conv.weight"])

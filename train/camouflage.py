@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from recurzoo.backbones.hornet import unwrap_checkpoint
+from recurzoo.checkpoint import unwrap_state_dict
+from recurzoo.plots import plot_curves
 from recurzoo.train import common
 
 __all__ = [
@@ -553,7 +554,6 @@ def build_model(
 
     The arguments are recorded as ``cod_config`` on the model (checkpoints store it).
     """
-    import timm
 
     import recurzoo
     from recurzoo.heads.camouflage import create_cod_model
@@ -564,7 +564,7 @@ def build_model(
                 f"unknown COD model {model!r}; registered: {', '.join(recurzoo.list_models('msrnet_*'))}"
                 f" (or give a timm backbone name with --backbone)"
             )
-        network = timm.create_model(model, pretrained_backbone=pretrained_backbone, **kwargs)
+        network = recurzoo.create_model(model, pretrained_backbone=pretrained_backbone, **kwargs)
     elif backbone:
         network = create_cod_model(backbone, pretrained_backbone=pretrained_backbone, **kwargs)
     else:
@@ -592,7 +592,7 @@ def _read_state(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, 
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
         config = json.loads(metadata["model_config"]) if "model_config" in metadata else None
-    return unwrap_checkpoint(checkpoint), config
+    return unwrap_state_dict(checkpoint), config
 
 
 def load_model(
@@ -895,7 +895,7 @@ def _train(
             metadata=dict(model_config=json.dumps(model.cod_config)),
         )
         try:
-            common.plot_curves(dict(loss=history), os.path.join(args.output, "loss.png"), ylabel="loss")
+            plot_curves(dict(loss=history), os.path.join(args.output, "loss.png"), ylabel="loss")
         except ImportError:
             logger.warning("matplotlib is not installed: loss.png not written")
     return history

@@ -345,7 +345,6 @@ class _Training(common.EpochTraining):
             )
 
     def _model(self) -> None:
-        import timm
 
         import recurzoo  # noqa: F401  (registers the zoo with timm)
 
@@ -365,7 +364,7 @@ class _Training(common.EpochTraining):
             kwargs["drop_path_rate"] = args.drop_path
         kwargs.update(common.parse_kwargs(args.model_kwargs))
         common.seed_everything(args.seed)  # the same initial weights on every rank
-        model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+        model = recurzoo.create_model(args.model, pretrained=args.pretrained, **kwargs)
         if weights is not None:
             fresh = load_weights(model, weights, source=args.initial_checkpoint)
             self.logger.info(f"loaded {args.initial_checkpoint}" + (f"; new classifier {fresh}" if fresh else ""))

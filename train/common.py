@@ -11,7 +11,6 @@ helpers so that they behave alike:
   Python values only and ``load_checkpoint`` reads them with ``weights_only=True``.
 * ``setup_logging``, ``progress``, ``append_jsonl``: console/file log, tqdm bars and a metrics log,
   all active on the main process only.
-* ``plot_curves`` and ``save_heatmap`` write PNGs with matplotlib (imported when called).
 * Epoch-based scripts also share: ``parse_args_with_config`` (a ``--config`` YAML of defaults),
   ``RunGuard`` (SIGTERM/SIGINT -> final checkpoint, NaN/inf loss -> stop, ``--fail-at-step`` fault
   injection), ``create_checkpoint_saver`` (timm's ``CheckpointSaver`` writing atomic weights-only
@@ -40,7 +39,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -49,6 +47,9 @@ import torch
 import torch.distributed as dist
 from timm.data import ImageDataset
 from torch import nn
+
+from recurzoo.checkpoint import atomic_write
+from recurzoo.plots import plot_curves
 
 __all__ = [
     "DistributedContext",
@@ -68,8 +69,6 @@ __all__ = [
     "infinite_batches",
     "epoch_batches",
     "parse_kwargs",
-    "plot_curves",
-    "save_heatmap",
     "rng_state",
     "set_rng_state",
     "gather_rng_states",
@@ -214,22 +213,9 @@ def append_jsonl(path: str, record: Mapping[str, Any]) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
-def _atomic_write(path: str, write: Any) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 def save_checkpoint(path: str, state: Mapping[str, Any]) -> None:
     """Atomically ``torch.save`` a checkpoint of tensors and plain Python values (dicts, lists, numbers, str)."""
-    _atomic_write(path, lambda temporary: torch.save(dict(state), temporary))
+    atomic_write(path, lambda temporary: torch.save(dict(state), temporary))
 
 
 def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
@@ -253,7 +239,7 @@ def save_safetensors(
     from safetensors.torch import save_file
 
     tensors = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
-    _atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
+    atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
 
 
 def resolve_resume(resume: Optional[str], output_dir: str, name: str = "last.pt") -> Optional[str]:
@@ -498,78 +484,6 @@ def parse_kwargs(items: Optional[Sequence[str]]) -> Dict[str, Any]:
     return parsed
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _integer_ticks(axis: Any) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    axis.set_major_locator(MaxNLocator(integer=True))
-
-
-def plot_curves(
-    curves: Mapping[str, Sequence[float]],
-    path: str,
-    xlabel: str = "step",
-    ylabel: str = "",
-    title: str = "",
-    log_y: bool = False,
-) -> None:
-    """Save line plots of named series (e.g. losses per step) to a PNG."""
-    plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for label, values in curves.items():
-        axes.plot(range(len(values)), list(values), label=label)
-    axes.set_xlabel(xlabel)
-    axes.set_ylabel(ylabel)
-    _integer_ticks(axes.xaxis)
-    if log_y:
-        axes.set_yscale("log")
-    if title:
-        axes.set_title(title)
-    if len(curves) > 1:
-        axes.legend()
-    figure.tight_layout()
-    _atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=120))
-    plt.close(figure)
-
-
-def save_heatmap(
-    matrix: Any,
-    path: str,
-    title: str = "",
-    label: str = "",
-    xlabel: str = "",
-    ylabel: str = "",
-    lines: Sequence[float] = (),
-) -> None:
-    """Save a 2-D array as a PNG heat map with a colour bar; ``lines`` draws separators before those indices."""
-    plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(6, 5))
-    image = axes.imshow(matrix, cmap="viridis", origin="upper")
-    colorbar = figure.colorbar(image, ax=axes)
-    if label:
-        colorbar.set_label(label)
-    for position in lines:
-        axes.axhline(position - 0.5, color="white", linewidth=1.5)
-        axes.axvline(position - 0.5, color="white", linewidth=1.5)
-    axes.set_xlabel(xlabel)
-    axes.set_ylabel(ylabel)
-    _integer_ticks(axes.xaxis)
-    _integer_ticks(axes.yaxis)
-    if title:
-        axes.set_title(title)
-    figure.tight_layout()
-    _atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=120))
-    plt.close(figure)
-
-
 # --------------------------------------------------------------------------------------------------
 # Data: images that cannot be read are skipped with a counted warning instead of ending the run.
 # --------------------------------------------------------------------------------------------------
@@ -718,12 +632,11 @@ class ImageFolderDataset(ImageDataset):
 
 
 def registered_filter_fn(model_name: str) -> Optional[Callable[..., Dict[str, torch.Tensor]]]:
-    """The ``checkpoint_filter_fn`` of the module that registers ``model_name`` with timm (official
-    layouts -> this package's), or None when it has none."""
-    from timm.models import model_entrypoint
+    """The ``checkpoint_filter_fn`` of the module that registers ``model_name`` (official layouts ->
+    this package's), or None when it has none."""
+    from recurzoo.checkpoint import family_filter
 
-    module = sys.modules.get(model_entrypoint(model_name).__module__)
-    return getattr(module, "checkpoint_filter_fn", None)
+    return family_filter(model_name)
 
 
 def create_image_dataset(
@@ -841,7 +754,7 @@ def save_args_yaml(args: argparse.Namespace, path: str) -> None:
         with open(temporary, "w", encoding="utf-8") as handle:
             handle.write(text)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def add_fault_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1245,7 +1158,7 @@ def trim_summary(path: str, start_epoch: int) -> None:
                 writer.writerow(rows[0])
                 writer.writerows(kept)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def read_summary(path: str) -> Dict[str, List[float]]:
@@ -1268,6 +1181,7 @@ def read_summary(path: str) -> Dict[str, List[float]]:
 def plot_summary(summary_path: str, output_dir: str) -> List[str]:
     """Plot a summary CSV's per-epoch curves: ``loss.png`` (the ``*loss*`` columns) and ``metrics.png``
     (the other ``eval_*`` columns); returns the files written."""
+
     columns = read_summary(summary_path)
     losses = {key: values for key, values in columns.items() if "loss" in key}
     metrics = {key: values for key, values in columns.items() if key.startswith("eval_") and "loss" not in key}

@@ -43,6 +43,7 @@ from recurzoo.backbones.recurrent_vit import (
     phase_starts,
     vit_step_tokens,
 )
+from recurzoo.plots import plot_curves, save_phase_heatmap
 from recurzoo.train import common
 
 __all__ = ["build_parser", "main", "TokenLoss", "PhaseObjective", "SequenceObjective", "step_errors"]
@@ -440,14 +441,10 @@ def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[s
     elif args.phase_split == "even":
         phases = even_phases(depth, args.k)
     else:
-        heatmap = os.path.join(args.output, "similarity.png") if context.is_main else None
-        try:
-            split = find_phases(teacher, eval_batches, args.k, save_path=heatmap)
-        except ImportError:  # matplotlib missing: keep the phases, skip the picture
-            logger.warning("matplotlib is not installed: similarity.png not written")
-            split = find_phases(teacher, eval_batches, args.k)
+        split = find_phases(teacher, eval_batches, args.k)
         phases = split.phases
         if context.is_main:
+            save_phase_heatmap(split, os.path.join(args.output, "similarity.png"))
             torch.save(split.similarity, os.path.join(args.output, "similarity.pt"))
     logger.info(f"teacher {args.teacher}: depth {depth}, phases {phases}")
 
@@ -547,13 +544,13 @@ def _write_results(args: argparse.Namespace, student: RecurrentViT, state: Dict[
     with open(os.path.join(args.output, "step_errors.json"), "w", encoding="utf-8") as handle:
         json.dump(state["errors"], handle, indent=2)
     try:
-        common.plot_curves(
+        plot_curves(
             {f"stage {k[-1]}": v for k, v in state["history"].items()},
             os.path.join(args.output, "loss.png"),
             ylabel="loss",
             log_y=True,
         )
-        common.plot_curves(
+        plot_curves(
             state["errors"],
             os.path.join(args.output, "step_errors.png"),
             xlabel="step",

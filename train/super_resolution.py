@@ -52,14 +52,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from recurzoo.heads.super_resolution import (
-    IMAGE_SUFFIXES,
-    SuperResolutionModel,
-    create_sr_model,
-    image_to_tensor,
-    read_image,
-    tensor_to_image,
-)
+from recurzoo.heads.super_resolution import SuperResolutionModel, create_sr_model, image_to_tensor, tensor_to_image
+from recurzoo.images import IMAGE_SUFFIXES, read_image, write_png
+from recurzoo.plots import plot_curves
 from recurzoo.train import common
 
 __all__ = [
@@ -372,7 +367,6 @@ def evaluate(
     save_dir: Optional[str] = None,
 ) -> Dict[str, Dict[str, Any]]:
     """Mean PSNR/SSIM (Y channel, ``scale`` pixels of border cropped) per dataset, with per-image values."""
-    from recurzoo.heads.super_resolution import write_png
 
     was_training = model.training
     model.eval()
@@ -512,18 +506,17 @@ def build_model(args: argparse.Namespace) -> Tuple[SuperResolutionModel, str]:
     The checkpoint is read by :func:`recurzoo.checkpoint.load_weights` (safetensors or a
     ``weights_only`` torch file; official BasicSR layouts converted by the family's filter).
     """
-    import timm
-
-    import recurzoo  # noqa: F401  (registers the models)
+    import recurzoo
     from recurzoo.checkpoint import load_weights
 
     kwargs = common.parse_kwargs(args.model_kwargs)
     if bool(args.model) == bool(args.backbone):
         raise ValueError("give either --model (a registered SR model) or --backbone with --scale")
     if args.model:
-        if not timm.is_model(args.model):
-            raise ValueError(f"--model {args.model}: no such model (list them with: recurzoo list '*_x*')")
-        model = timm.create_model(args.model, **kwargs)
+        if recurzoo.model_task(args.model) != "sr":
+            known = ", ".join(recurzoo.list_models(task="sr"))
+            raise ValueError(f"--model {args.model}: not a super-resolution model of the zoo ({known})")
+        model = recurzoo.create_model(args.model, **kwargs)
         name = args.model
     else:
         if not args.scale:
@@ -728,7 +721,7 @@ def _train(
             metadata=dict(model=name, step=str(args.steps)),
         )
         if losses:
-            common.plot_curves({"L1": losses}, os.path.join(args.output, "loss.png"), ylabel="L1 loss", log_y=True)
+            plot_curves({"L1": losses}, os.path.join(args.output, "loss.png"), ylabel="L1 loss", log_y=True)
     return dict(results=results, output=args.output, skipped_images=skipped)
 
 

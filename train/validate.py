@@ -279,7 +279,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[str, Any]:
-    import timm
 
     import recurzoo  # noqa: F401  (registers the zoo with timm)
 
@@ -301,7 +300,7 @@ def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[s
     kwargs = dict(common.parse_kwargs(args.model_kwargs))
     if num_classes:
         kwargs["num_classes"] = num_classes
-    model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+    model = recurzoo.create_model(args.model, pretrained=args.pretrained, **kwargs)
     if weights is not None:
         load_weights(model, weights, source=args.checkpoint)
     model.to(context.device)

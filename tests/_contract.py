@@ -1,0 +1,122 @@
+"""Checks of timm's model contract, shared by the family tests (after timm 1.0.31's tests/test_models.py).
+
+Each helper builds the model through ``recurzoo.create_model`` (so zoo task models and timm-registered
+families alike), asserts one part of the contract and says which in its message. Pass reduced
+widths in ``kwargs``: the checks are meant to run in seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Sequence
+
+import pytest
+import torch
+
+import recurzoo
+
+
+def _tensors(model: torch.nn.Module):
+    return [*model.named_parameters(), *model.named_buffers()]
+
+
+def assert_factory_device_and_dtype(name: str, device: str = "meta", dtype=torch.float64, **kwargs: Any) -> None:
+    """``create_model(device=..., dtype=...)`` puts every parameter and floating buffer there."""
+    model = recurzoo.create_model(name, device=device, dtype=dtype, **kwargs)
+    misplaced = [n for n, t in _tensors(model) if t.device != torch.device(device)]
+    assert not misplaced, f"{name}: tensors not created on {device}: {misplaced[:5]}"
+    wrong = [n for n, t in _tensors(model) if t.is_floating_point() and t.dtype != dtype]
+    assert not wrong, f"{name}: floating tensors not created as {dtype}: {wrong[:5]}"
+
+
+def assert_meta_init_gives_a_working_model(
+    name: str, input_size: Sequence[int], init: Callable[[torch.nn.Module], None] = None, **kwargs: Any
+) -> torch.nn.Module:
+    """Built on ``meta``, then ``to_empty(cpu)`` and ``init_weights()``: every tensor finite, forward finite.
+
+    Storage is poisoned with NaN first, so a tensor the initialisation forgets (a size-derived
+    buffer, say) fails the check instead of passing on whatever memory held.
+    """
+    model = recurzoo.create_model(name, device="meta", dtype=torch.float64, **kwargs)
+    model = model.to_empty(device="cpu").eval()
+    with torch.no_grad():
+        for _, tensor in _tensors(model):
+            if tensor.is_floating_point():
+                tensor.fill_(float("nan"))
+    (init or (lambda m: m.init_weights()))(model)
+    bad = [n for n, t in _tensors(model) if t.is_floating_point() and not torch.isfinite(t).all()]
+    assert not bad, f"{name}: not initialised after to_empty + init_weights: {bad[:5]}"
+    with torch.no_grad():
+        output = model(torch.rand(1, *input_size, dtype=torch.float64))
+    output = output[0] if isinstance(output, (list, tuple)) else output
+    assert torch.isfinite(output).all(), f"{name}: non-finite output after meta init"
+    return model
+
+
+def assert_unknown_argument_raises(name: str, **kwargs: Any) -> None:
+    """An argument the model does not take is a ``TypeError``, never silently ignored."""
+    with pytest.raises(TypeError):
+        recurzoo.create_model(name, device="meta", not_a_model_arg=1, **kwargs)
+
+
+def assert_dtype_change_after_forward(model: torch.nn.Module, x: torch.Tensor, dtype=torch.bfloat16) -> None:
+    """A forward, then ``.to(dtype)``: the next output is in ``dtype`` (no stale float32 cache)."""
+    model.eval()
+    with torch.no_grad():
+        model(x)
+        model.to(dtype)
+        output = model(x.to(dtype))
+    output = output[0] if isinstance(output, (list, tuple)) else output
+    assert output.dtype == dtype, f"output dtype {output.dtype} != {dtype} after .to({dtype})"
+    model.to(torch.float32)
+
+
+def assert_fx_features_trace(name: str, x: torch.Tensor, **kwargs: Any) -> Dict[str, torch.Tensor]:
+    """``features_only`` with ``feature_cls='fx'`` traces, matches the eager features and back-propagates."""
+    eager = recurzoo.create_model(name, features_only=True, **kwargs).eval()
+    traced = recurzoo.create_model(name, features_only=True, feature_cls="fx", **kwargs).eval()
+    traced.load_state_dict(eager.state_dict())
+    with torch.no_grad():
+        expected = eager(x)
+        actual = traced(x)
+    actual = list(actual.values()) if isinstance(actual, dict) else list(actual)
+    assert len(actual) == len(expected)
+    for got, want in zip(actual, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    traced.train()
+    outputs = traced(x)
+    outputs = outputs.values() if isinstance(outputs, dict) else outputs
+    sum(feature.float().mean() for feature in outputs).backward()
+    assert any(p.grad is not None for p in traced.parameters()), f"{name}: no gradient through the fx graph"
+    return dict(enumerate(actual))
+
+
+def assert_torchvision_feature_extractor(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """torchvision's ``create_feature_extractor`` traces the whole model (with timm's leaf modules and
+    autowrapped functions) and gives the eager output."""
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    model.eval()
+    _, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    extractor = create_feature_extractor(model, return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs)
+    with torch.no_grad():
+        expected = model(x)
+        actual = next(iter(extractor(x).values()))
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def assert_grad_checkpointing_keeps_gradients(name: str, x: torch.Tensor, **kwargs: Any) -> None:
+    """``set_grad_checkpointing()`` leaves the loss's gradients unchanged (``features_only`` when the model has it)."""
+    grads = []
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        model = recurzoo.create_model(name, **kwargs).train()
+        model.set_grad_checkpointing(enabled)
+        output = model(x)
+        outputs = output if isinstance(output, (list, tuple)) else [output]
+        sum(o.float().pow(2).mean() for o in outputs).backward()
+        grads.append([p.grad for p in model.parameters() if p.grad is not None])
+    assert grads[0] and len(grads[0]) == len(grads[1])
+    for without, with_checkpoints in zip(*grads):
+        torch.testing.assert_close(with_checkpoints, without, rtol=1e-4, atol=1e-6)
