@@ -435,7 +435,9 @@ def pretrained_state_dict(
     if getattr(cfg, "state_dict", None) is not None:
         source = f"{variant} pretrained_cfg state_dict"
         return unwrap_state_dict(cfg.state_dict, source), source
-    if getattr(cfg, "source", "") in ("hf-hub", "local-dir"):
+    if getattr(cfg, "source", "") == "local-dir":  # a Hub folder on disk (timm's `local-dir:` names)
+        return _read_hub_folder(Path(cfg.file))
+    if getattr(cfg, "source", "") == "hf-hub":
         return None
     if getattr(cfg, "file", None):
         return read_state_dict(cfg.file), str(cfg.file)
@@ -460,6 +462,14 @@ def pretrained_state_dict(
 
     downloaded = download_cached_file(cfg.url, progress=True)
     return read_state_dict(downloaded), str(downloaded)
+
+
+def _read_hub_folder(folder: Path) -> Tuple[Dict[str, torch.Tensor], str]:
+    """The weights of a Hugging Face Hub folder: ``model.safetensors``, else ``pytorch_model.bin``."""
+    for name in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        if (folder / name).is_file():
+            return read_state_dict(folder / name), str(folder / name)
+    raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin in this Hub folder")
 
 
 def check_pretrained_fit(

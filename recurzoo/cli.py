@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional, Sequence
 
 if TYPE_CHECKING:
@@ -102,6 +103,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.tile and not args.growth:
         raise UsageError("--tile applies to --growth only")
     return run_from_args(args)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """The authors' checkpoints as timm Hub folders, each loaded back and checked against the checkpoint."""
+    from recurzoo.export import hub
+    from recurzoo.train.common import parse_kwargs
+
+    if bool(args.all) == bool(args.model):
+        raise UsageError("convert: give MODEL CHECKPOINT, or --all DOWNLOAD_DIR")
+    try:
+        if args.all:
+            results = hub.convert_all(args.all, args.out, overwrite=args.overwrite)
+        else:
+            if not args.checkpoint:
+                raise UsageError("convert: give the checkpoint file after MODEL")
+            name = _resolve_model(args.model if not args.tag else f"{args.model}.{args.tag}")
+            results = [hub.convert(name, args.checkpoint, args.out, parse_kwargs(args.model_kwargs), args.overwrite)]
+            print(
+                f"wrote {results[0].folder} ({', '.join(Path(f).name for f in results[0].files)}); loaded back "
+                f"with local-dir:, max abs difference to the checkpoint {results[0].max_abs_diff:.1e}"
+            )
+        if args.push:
+            if len(results) != 1 or not results[0].ok:
+                raise UsageError("convert: --push takes one successful conversion")
+            print(f"pushed to {hub.push(results[0].folder, args.push)}")
+    except ValueError as error:
+        raise UsageError(f"convert: {error}") from None
+    return 0 if results and all(result.ok for result in results) else 1
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -278,6 +307,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-benchmark", action="store_true", help="skip the latency comparison")
     export.add_argument("--out", default="out", help="output folder (default: out)")
     export.set_defaults(handler=cmd_export)
+
+    convert = commands.add_parser(
+        "convert", help="the authors' checkpoint as a timm Hugging Face Hub folder, loaded back and checked"
+    )
+    convert.add_argument("model", nargs="?", help="zoo model with its pretrained tag, e.g. hornet_tiny_7x7.in1k")
+    convert.add_argument("checkpoint", nargs="?", help="the authors' checkpoint file, downloaded by hand")
+    convert.add_argument("--all", metavar="DOWNLOAD_DIR", help="convert every checkpoint file in this folder")
+    convert.add_argument("--out", required=True, help="parent folder of the Hub folders (one per model.tag)")
+    convert.add_argument("--tag", default=None, help="pretrained tag, when MODEL has none (e.g. in1k)")
+    convert.add_argument(
+        "--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE", help="architecture arguments (recorded)"
+    )
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing Hub folder")
+    convert.add_argument("--push", metavar="ORG/NAME", help="publish the folder to the Hugging Face Hub")
+    convert.set_defaults(handler=cmd_convert)
 
     cod = commands.add_parser("cod", help="camouflaged-object masks and COD metrics with an MSRNet model")
     cod.add_argument(

@@ -254,7 +254,9 @@ def create_model(
 
     kwargs = {key: value for key, value in kwargs.items() if value is not None}
     name, tag = split_model_name(model_name)
-    if ":" in model_name:  # hf-hub: and local-dir: sources are timm's
+    if model_name.startswith("local-dir:") and _local_architecture(model_name) in _TASK_MODELS:
+        model = _create_task_model_from_folder(model_name, pretrained, pretrained_cfg_overlay, kwargs)
+    elif ":" in model_name:  # hf-hub: and local-dir: sources of timm models
         model = timm.create_model(
             model_name, pretrained=pretrained, pretrained_cfg_overlay=pretrained_cfg_overlay, **kwargs
         )
@@ -263,6 +265,7 @@ def create_model(
         model = _TASK_MODELS[name].builder(
             pretrained=pretrained, pretrained_cfg=cfg, pretrained_cfg_overlay=pretrained_cfg_overlay, **kwargs
         )
+        model._model_args = {key: value for key, value in kwargs.items() if key not in ("device", "dtype")}
     elif timm.is_model(name):
         model = timm.create_model(
             model_name,
@@ -277,4 +280,33 @@ def create_model(
         from recurzoo.checkpoint import load_weights
 
         load_weights(model, checkpoint_path)
+    return model
+
+
+def _local_architecture(model_name: str) -> Optional[str]:
+    """The architecture a ``local-dir:`` folder's ``config.json`` names (None when it has none)."""
+    import json
+    from pathlib import Path
+
+    config = Path(model_name.partition(":")[2]) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("architecture")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _create_task_model_from_folder(
+    model_name: str, pretrained: bool, overlay: Optional[Dict[str, Any]], kwargs: Dict[str, Any]
+) -> nn.Module:
+    """A task model from a Hub folder (``config.json`` + weights) written by ``recurzoo convert``."""
+    from timm.models._hub import load_model_config_from_path
+
+    cfg, architecture, model_args = load_model_config_from_path(model_name.partition(":")[2])
+    arguments = dict(model_args, **kwargs)
+    model = _TASK_MODELS[architecture].builder(
+        pretrained=pretrained, pretrained_cfg=cfg, pretrained_cfg_overlay=overlay, **arguments
+    )
+    model._model_args = {key: value for key, value in arguments.items() if key not in ("device", "dtype")}
     return model
