@@ -44,7 +44,7 @@ from timm.models._manipulate import reinit_non_persistent_buffers
 from torch import nn
 
 from recurzoo.backbones._helpers import build_with_weights, check_image_input, model_name
-from recurzoo.checkpoint import unwrap_state_dict
+from recurzoo.checkpoint import timm_pretrained_overlay, unwrap_state_dict
 from recurzoo.official import register_official
 from recurzoo.registry import register_task_model
 
@@ -395,7 +395,11 @@ def _create_backbone(
     device: Optional[torch.device],
     dtype: Optional[torch.dtype],
 ) -> nn.Module:
-    """timm's ``features_only`` form of ``name``, built once (on ``device``, as ``dtype``)."""
+    """timm's ``features_only`` form of ``name``, built once (on ``device``, as ``dtype``).
+
+    With ``pretrained``, the weights are found (or their host probed) before timm builds anything, so
+    that offline it fails within seconds and says which file to use.
+    """
     if not timm.is_model(name):
         raise ValueError(
             f"create_cod_model: unknown backbone {name!r}: not a model in timm's registry "
@@ -404,6 +408,13 @@ def _create_backbone(
     kwargs = dict(backbone_kwargs, in_chans=in_chans, device=device, dtype=dtype)
     if out_indices is not None:
         kwargs["out_indices"] = tuple(out_indices)
+    if pretrained:
+        kwargs["pretrained_cfg_overlay"] = timm_pretrained_overlay(
+            name,
+            pretrained_cfg=kwargs.get("pretrained_cfg"),
+            pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
+            label=f"create_cod_model: backbone {name!r} (pass its pretrained_cfg_overlay in backbone_kwargs)",
+        )
     try:
         return timm.create_model(name, features_only=True, pretrained=pretrained, **kwargs)
     except AttributeError as error:  # timm's feature wrappers read the model's feature_info
@@ -463,7 +474,8 @@ class MSRNet(nn.Module):
         scales: sizes of ``image_s``, ``image_m``, ``image_l`` relative to the base size.
         input_norm: normalize the [0, 1] input with ``mean``/``std`` inside the model.
         mean, std: normalization (default: the backbone's pretrained cfg, else ImageNet's).
-        pretrained_backbone: load timm's pretrained weights of the backbone (downloads them).
+        pretrained_backbone: load timm's pretrained weights of the backbone (from a local file or
+            cache, else downloaded; offline it fails within seconds naming the file to use).
         backbone_kwargs: extra ``timm.create_model`` arguments of the backbone.
         out_indices: the backbone feature levels timm extracts (default: timm's ``features_only``
             levels); the decoder reads the deepest one of each stride 4-32 among them.
@@ -770,7 +782,9 @@ def create_cod_model(backbone: str, pretrained_backbone: bool = False, **kwargs:
     ``backbone`` is a timm model name; ``kwargs`` are :class:`MSRNet`'s (``mid_dim``,
     ``scale_groups``, ``fusion_groups``, ``scales``, ``backbone_kwargs``, ``simple_pyramid``,
     ``device``, ``dtype`` ...). A backbone that cannot give the pyramid raises ``ValueError`` saying
-    what is missing. ``pretrained_backbone=True`` loads (downloads) timm's weights of the backbone.
+    what is missing. ``pretrained_backbone=True`` loads timm's weights of the backbone: from
+    ``backbone_kwargs=dict(pretrained_cfg_overlay=dict(file=...))``, timm's or the Hugging Face
+    cache, else downloaded; offline it fails within seconds with a ``ValueError`` naming the file.
     """
     model = MSRNet(backbone=backbone, pretrained_backbone=pretrained_backbone, **kwargs)
     model.pretrained_cfg = _cfg(architecture=f"msrnet_{backbone}", mean=model.input_mean, std=model.input_std)

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN
 
 import recurzoo
+from recurzoo import checkpoint
 from recurzoo.heads.camouflage import (
     PYRAMID_REDUCTIONS,
     MultiGranularityFusion,
@@ -418,6 +420,77 @@ def test_vit_backbone_keeps_its_weight_decay_exclusions_and_grad_checkpointing()
     assert_parameter_groups_match(model)
     model.set_grad_checkpointing()
     assert model.backbone.model.grad_checkpointing
+
+
+# ------------------------------------------------------------------------------- pretrained backbones
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network and empty weight caches; timm must not be asked to download anything."""
+    from huggingface_hub import constants
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("timm was asked to download weights")
+
+    monkeypatch.setattr(checkpoint, "_reachable", lambda url, timeout: False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(timm.models._builder, "load_state_dict_from_hf", no_download)
+    monkeypatch.setattr(timm.models._builder, "load_state_dict_from_url", no_download)
+    return tmp_path / "hf"
+
+
+NARROW_PVT = dict(depths=(1, 1, 1, 1))
+
+
+@pytest.fixture
+def pvt_weights(tmp_path):
+    """A narrowed pvt_v2_b0 classifier with random weights, saved as safetensors."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    source = timm.create_model("pvt_v2_b0", **NARROW_PVT)
+    path = tmp_path / "pvt_v2_b0.safetensors"
+    save_file(source.state_dict(), str(path))
+    return source, path
+
+
+def _assert_backbone_weights(model, source) -> None:
+    torch.testing.assert_close(model.backbone.patch_embed.proj.weight, source.patch_embed.proj.weight, rtol=0, atol=0)
+    ours, theirs = model.backbone.stages_3.blocks[0].attn.kv.weight, source.stages[3].blocks[0].attn.kv.weight
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_pretrained_backbone_offline_fails_within_seconds_naming_the_file(offline):
+    from huggingface_hub import constants
+
+    start = time.monotonic()
+    with pytest.raises(ValueError) as error:
+        create_cod_model("pvt_v2_b0", pretrained_backbone=True, backbone_kwargs=NARROW_PVT, **SMALL_HEAD)
+    assert time.monotonic() - start < 10
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("create_cod_model: backbone 'pvt_v2_b0'")
+    assert f"{constants.ENDPOINT}/timm/pvt_v2_b0.in1k/resolve/main/model.safetensors" in message
+    assert "pretrained_cfg_overlay=dict(file=" in message and "backbone_kwargs" in message
+
+
+def test_pretrained_backbone_loads_a_local_file_without_network(offline, pvt_weights):
+    source, path = pvt_weights
+    backbone_kwargs = dict(NARROW_PVT, pretrained_cfg_overlay=dict(file=str(path)))
+    model = create_cod_model("pvt_v2_b0", pretrained_backbone=True, backbone_kwargs=backbone_kwargs, **SMALL_HEAD)
+    _assert_backbone_weights(model, source)
+
+
+def test_pretrained_backbone_reads_the_hugging_face_cache_without_network(offline, pvt_weights):
+    source, path = pvt_weights
+    repository = offline / "models--timm--pvt_v2_b0.in1k"
+    (repository / "snapshots" / "0123abcd").mkdir(parents=True)
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text("0123abcd")
+    (repository / "snapshots" / "0123abcd" / "model.safetensors").write_bytes(path.read_bytes())
+    model = create_cod_model("pvt_v2_b0", pretrained_backbone=True, backbone_kwargs=NARROW_PVT, **SMALL_HEAD)
+    _assert_backbone_weights(model, source)
 
 
 # ---------------------------------------------------------------------------------- checkpoints
