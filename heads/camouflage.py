@@ -530,7 +530,7 @@ class MSRNet(nn.Module):
         modules = [f"backbone.{levels[i]['module']}" for i in self.feature_levels]
         self.channels_last_features = getattr(self.backbone, "output_fmt", "NCHW") == "NHWC"  # e.g. timm's Swin
         if reductions != list(PYRAMID_REDUCTIONS):
-            self.neck: Optional[SimpleFeaturePyramid] = SimpleFeaturePyramid(channels, reductions, **dd)
+            self.neck: Optional[SimpleFeaturePyramid] = SimpleFeaturePyramid(channels, in_reductions=reductions, **dd)
             modules = [
                 modules[s] if isinstance(level, nn.Identity) else f"neck.levels.{i}"
                 for i, (level, s) in enumerate(zip(self.neck.levels, self.neck.sources))
