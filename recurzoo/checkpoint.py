@@ -463,6 +463,56 @@ def pretrained_state_dict(
     return read_state_dict(downloaded), str(downloaded)
 
 
+def check_pretrained_fit(
+    state_dict: Mapping[str, torch.Tensor],
+    model: nn.Module,
+    pretrained_cfg: Mapping[str, Any],
+    num_classes: int,
+    in_chans: int,
+    source: str,
+) -> None:
+    """Raise unless timm's ``load_pretrained`` will load ``state_dict`` (already converted) into ``model``.
+
+    timm drops the classifier when ``num_classes`` differs from the cfg's and adapts the first conv
+    to ``in_chans``; every other key must be present with its shape. A classifier left at its fresh
+    initialisation is reported with a WARNING that names its keys.
+    """
+    classifiers = _as_sequence(pretrained_cfg.get("classifier"))
+    drop_classifier = num_classes != pretrained_cfg.get("num_classes")
+    adapted = set()
+    if in_chans != (pretrained_cfg.get("input_size") or (3,))[0]:
+        adapted = {f"{name}.weight" for name in _as_sequence(pretrained_cfg.get("first_conv"))}
+
+    def classifier_key(key: str) -> bool:
+        return key.rsplit(".", 1)[0] in classifiers
+
+    mismatch = compare_state_dict(model, state_dict)
+    if drop_classifier:
+        mismatch = Mismatch(
+            [key for key in mismatch.missing if not classifier_key(key)],
+            [key for key in mismatch.unexpected if not classifier_key(key)],
+            [shape for shape in mismatch.shapes if not classifier_key(shape[0])],
+        )
+    mismatch = Mismatch(mismatch.missing, mismatch.unexpected, [s for s in mismatch.shapes if s[0] not in adapted])
+    if mismatch:
+        raise CheckpointError(f"{source}: {mismatch.describe(_model_label(model) or 'the model')}")
+    stored = [key for key in state_dict if classifier_key(key)]
+    if drop_classifier and stored and num_classes:
+        shapes = ", ".join(f"{key} {tuple(state_dict[key].shape)}" for key in stored)
+        _logger.warning(
+            f"{source}: the checkpoint's classifier ({shapes}) is not loaded: num_classes={num_classes} "
+            f"differs from the pretrained cfg's {pretrained_cfg.get('num_classes')}, so it is re-initialised. "
+            "To load your own fine-tuned checkpoint use recurzoo.create_model(name, num_classes=..., "
+            "checkpoint_path=...)."
+        )
+
+
+def _as_sequence(value: Union[str, Sequence[str], None]) -> Tuple[str, ...]:
+    if not value:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 def _hub_state_dict(
     label: str, hub_location: Union[str, Sequence[str]], timeout: float, read: bool = True
 ) -> Optional[Tuple[Dict[str, torch.Tensor], str]]:
@@ -541,53 +591,3 @@ def timm_pretrained_overlay(
     if weights is not None:
         overlay["state_dict"] = weights[0]
     return overlay
-
-
-def check_pretrained_fit(
-    state_dict: Mapping[str, torch.Tensor],
-    model: nn.Module,
-    pretrained_cfg: Mapping[str, Any],
-    num_classes: int,
-    in_chans: int,
-    source: str,
-) -> None:
-    """Raise unless timm's ``load_pretrained`` will load ``state_dict`` (already converted) into ``model``.
-
-    timm drops the classifier when ``num_classes`` differs from the cfg's and adapts the first conv
-    to ``in_chans``; every other key must be present with its shape. A classifier left at its fresh
-    initialisation is reported with a WARNING that names its keys.
-    """
-    classifiers = _as_sequence(pretrained_cfg.get("classifier"))
-    drop_classifier = num_classes != pretrained_cfg.get("num_classes")
-    adapted = set()
-    if in_chans != (pretrained_cfg.get("input_size") or (3,))[0]:
-        adapted = {f"{name}.weight" for name in _as_sequence(pretrained_cfg.get("first_conv"))}
-
-    def classifier_key(key: str) -> bool:
-        return key.rsplit(".", 1)[0] in classifiers
-
-    mismatch = compare_state_dict(model, state_dict)
-    if drop_classifier:
-        mismatch = Mismatch(
-            [key for key in mismatch.missing if not classifier_key(key)],
-            [key for key in mismatch.unexpected if not classifier_key(key)],
-            [shape for shape in mismatch.shapes if not classifier_key(shape[0])],
-        )
-    mismatch = Mismatch(mismatch.missing, mismatch.unexpected, [s for s in mismatch.shapes if s[0] not in adapted])
-    if mismatch:
-        raise CheckpointError(f"{source}: {mismatch.describe(_model_label(model) or 'the model')}")
-    stored = [key for key in state_dict if classifier_key(key)]
-    if drop_classifier and stored and num_classes:
-        shapes = ", ".join(f"{key} {tuple(state_dict[key].shape)}" for key in stored)
-        _logger.warning(
-            f"{source}: the checkpoint's classifier ({shapes}) is not loaded: num_classes={num_classes} "
-            f"differs from the pretrained cfg's {pretrained_cfg.get('num_classes')}, so it is re-initialised. "
-            "To load your own fine-tuned checkpoint use recurzoo.create_model(name, num_classes=..., "
-            "checkpoint_path=...)."
-        )
-
-
-def _as_sequence(value: Union[str, Sequence[str], None]) -> Tuple[str, ...]:
-    if not value:
-        return ()
-    return (value,) if isinstance(value, str) else tuple(value)
