@@ -98,8 +98,11 @@ def reset_parameters(module: nn.Module, owner: str) -> None:
     uncovered = [
         f"{name}.{tensor_name}" if name else tensor_name
         for name, m in module.named_modules()
-        if not hasattr(m, "reset_parameters") and not hasattr(m, "init_non_persistent_buffers")
-        for tensor_name, _ in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
+        if not hasattr(m, "reset_parameters")
+        for tensor_name, _ in [
+            *m.named_parameters(recurse=False),
+            *(m.named_buffers(recurse=False) if not hasattr(m, "init_non_persistent_buffers") else ()),
+        ]
     ]
     if uncovered:
         more = f", ... ({len(uncovered) - 5} more)" if len(uncovered) > 5 else ""
