@@ -22,6 +22,10 @@ the decoder
 The finest decoded map is upsampled twice (x2, x2) into mask logits at the 1.0x image size.
 A backbone whose pyramid lacks some of the strides 4-32 (a plain ViT at stride 16, SReT at 8-32)
 gets them ViTDet-style: transposed convolutions from its finest map, max-pooling from its coarsest.
+
+``recurzoo.create_model('msrnet_pvt_v2_b2')`` builds a registered variant; :func:`create_cod_model`
+puts the decoder over any timm backbone. Both take ``device``/``dtype``: a model built on ``meta``
+and moved with ``to_empty()`` is made usable by :meth:`MSRNet.init_weights`.
 """
 
 from __future__ import annotations
@@ -36,10 +40,11 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ConvNormAct, LayerNorm2d
 from timm.models import generate_default_cfgs
+from timm.models._manipulate import reinit_non_persistent_buffers
 from torch import nn
 
 from recurzoo.backbones._helpers import build_with_weights, check_image_input, model_name
-from recurzoo.checkpoint import unwrap_state_dict
+from recurzoo.checkpoint import timm_pretrained_overlay, unwrap_state_dict
 from recurzoo.official import register_official
 from recurzoo.registry import register_task_model
 
@@ -67,9 +72,47 @@ def resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def conv_bn_relu(in_chs: int, out_chs: int, kernel_size: int = 1, dilation: int = 1, act: bool = True) -> ConvNormAct:
+def conv_bn_relu(
+    in_chs: int,
+    out_chs: int,
+    kernel_size: int = 1,
+    dilation: int = 1,
+    act: bool = True,
+    device: Optional[torch.device] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> ConvNormAct:
     """Conv (no bias, 'same' padding) + BatchNorm (+ ReLU): the official ``ConvBNReLU``."""
-    return ConvNormAct(in_chs, out_chs, kernel_size, dilation=dilation, apply_act=act)
+    return ConvNormAct(
+        in_chs, out_chs, kernel_size=kernel_size, dilation=dilation, apply_act=act, device=device, dtype=dtype
+    )
+
+
+def reset_parameters(module: nn.Module, owner: str) -> None:
+    """PyTorch's initialisation again for every submodule of ``module`` (after ``to_empty()``, say).
+
+    Raises:
+        ValueError: naming the tensors that no ``reset_parameters()`` (or timm's
+            ``init_non_persistent_buffers()``) of their module sets, before anything is changed.
+    """
+    resettable = [m for m in module.modules() if hasattr(m, "reset_parameters")]
+    uncovered = [
+        f"{name}.{tensor_name}" if name else tensor_name
+        for name, m in module.named_modules()
+        if not hasattr(m, "reset_parameters")
+        for tensor_name, _ in [
+            *m.named_parameters(recurse=False),
+            *(m.named_buffers(recurse=False) if not hasattr(m, "init_non_persistent_buffers") else ()),
+        ]
+    ]
+    if uncovered:
+        more = f", ... ({len(uncovered) - 5} more)" if len(uncovered) > 5 else ""
+        raise ValueError(
+            f"{owner}: cannot re-initialise {', '.join(uncovered[:5])}{more}: no reset_parameters() of their "
+            f"module sets them; build the model on a real device instead of meta"
+        )
+    for m in resettable:
+        m.reset_parameters()
+    reinit_non_persistent_buffers(module)
 
 
 class SimpleASPP(nn.Module):
@@ -80,12 +123,25 @@ class SimpleASPP(nn.Module):
     (the global branch). The five maps are fused by a 1x1 and a 3x3 conv.
     """
 
-    def __init__(self, in_chs: int, out_chs: int, dilation: int = 3) -> None:
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        dilation: int = 3,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
         super().__init__()
-        self.reduce = conv_bn_relu(in_chs, 2 * out_chs, 1)
-        self.global_proj = conv_bn_relu(out_chs, out_chs, 1)
-        self.dilated = nn.ModuleList([conv_bn_relu(out_chs, out_chs, 3, dilation=dilation) for _ in range(3)])
-        self.fuse = nn.Sequential(conv_bn_relu(5 * out_chs, out_chs, 1), conv_bn_relu(out_chs, out_chs, 3))
+        dd = {"device": device, "dtype": dtype}
+        self.reduce = conv_bn_relu(in_chs, 2 * out_chs, kernel_size=1, **dd)
+        self.global_proj = conv_bn_relu(out_chs, out_chs, kernel_size=1, **dd)
+        self.dilated = nn.ModuleList(
+            [conv_bn_relu(out_chs, out_chs, kernel_size=3, dilation=dilation, **dd) for _ in range(3)]
+        )
+        self.fuse = nn.Sequential(
+            conv_bn_relu(5 * out_chs, out_chs, kernel_size=1, **dd),
+            conv_bn_relu(out_chs, out_chs, kernel_size=3, **dd),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local, context = self.reduce(x).chunk(2, dim=1)
@@ -105,23 +161,30 @@ class ScaleIntegrationUnit(nn.Module):
     softmax weights over the three scales, which weight the sum of the scales' value maps.
     """
 
-    def __init__(self, dim: int, num_groups: int = 4) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_groups: int = 4,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
         super().__init__()
         if dim % num_groups:
             raise ValueError(f"ScaleIntegrationUnit: dim ({dim}) must be divisible by num_groups ({num_groups})")
+        dd = {"device": device, "dtype": dtype}
         self.num_groups = num_groups
         group_dim = dim // num_groups
-        self.pre_conv_l = conv_bn_relu(dim, dim, 3)
-        self.pre_conv_s = conv_bn_relu(dim, dim, 3)
-        self.conv_l = conv_bn_relu(dim, dim, 3)
-        self.conv_m = conv_bn_relu(dim, dim, 3)
-        self.conv_s = conv_bn_relu(dim, dim, 3)
-        self.attention_proj = conv_bn_relu(3 * dim, 3 * dim, 1)
-        self.value_proj = conv_bn_relu(3 * dim, 3 * dim, 1)
+        self.pre_conv_l = conv_bn_relu(dim, dim, kernel_size=3, **dd)
+        self.pre_conv_s = conv_bn_relu(dim, dim, kernel_size=3, **dd)
+        self.conv_l = conv_bn_relu(dim, dim, kernel_size=3, **dd)
+        self.conv_m = conv_bn_relu(dim, dim, kernel_size=3, **dd)
+        self.conv_s = conv_bn_relu(dim, dim, kernel_size=3, **dd)
+        self.attention_proj = conv_bn_relu(3 * dim, 3 * dim, kernel_size=1, **dd)
+        self.value_proj = conv_bn_relu(3 * dim, 3 * dim, kernel_size=1, **dd)
         self.attention_head = nn.Sequential(
-            conv_bn_relu(3 * group_dim, group_dim, 1),
-            conv_bn_relu(group_dim, group_dim, 3),
-            nn.Conv2d(group_dim, 3, 1),
+            conv_bn_relu(3 * group_dim, group_dim, kernel_size=1, **dd),
+            conv_bn_relu(group_dim, group_dim, kernel_size=3, **dd),
+            nn.Conv2d(group_dim, 3, kernel_size=1, **dd),
         )
 
     @staticmethod
@@ -153,24 +216,31 @@ class MultiGranularityFusion(nn.Module):
     fused back to ``dim`` channels and added to the input.
     """
 
-    def __init__(self, dim: int, num_groups: int = 6) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_groups: int = 6,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
         super().__init__()
         if num_groups < 2 or dim % 2:
             raise ValueError(
                 f"MultiGranularityFusion: needs an even dim and at least 2 groups, "
                 f"received dim={dim}, num_groups={num_groups}"
             )
+        dd = {"device": device, "dtype": dtype}
         self.num_groups = num_groups
         hidden = dim // 2
-        self.expand = conv_bn_relu(dim, hidden * num_groups, 1)
-        self.gate_reduce = nn.Conv2d(hidden * num_groups, hidden, 1)
-        self.gate_expand = nn.Conv2d(hidden, hidden * num_groups, 1)
+        self.expand = conv_bn_relu(dim, hidden * num_groups, kernel_size=1, **dd)
+        self.gate_reduce = nn.Conv2d(hidden * num_groups, hidden, kernel_size=1, **dd)
+        self.gate_expand = nn.Conv2d(hidden, hidden * num_groups, kernel_size=1, **dd)
         self.branches = nn.ModuleList(
-            [conv_bn_relu(hidden, 3 * hidden, 3)]
-            + [conv_bn_relu(2 * hidden, 3 * hidden, 3) for _ in range(num_groups - 2)]
-            + [conv_bn_relu(2 * hidden, 2 * hidden, 3)]
+            [conv_bn_relu(hidden, 3 * hidden, kernel_size=3, **dd)]
+            + [conv_bn_relu(2 * hidden, 3 * hidden, kernel_size=3, **dd) for _ in range(num_groups - 2)]
+            + [conv_bn_relu(2 * hidden, 2 * hidden, kernel_size=3, **dd)]
         )
-        self.fuse = conv_bn_relu(hidden * num_groups, dim, 3, act=False)
+        self.fuse = conv_bn_relu(hidden * num_groups, dim, kernel_size=3, act=False, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         groups = self.expand(x).chunk(self.num_groups, dim=1)
@@ -199,6 +269,7 @@ class MSRNetDecoder(nn.Module):
         fusion_groups: channel groups of the fusion chain (MGFU).
         predictor_dim: width of the last conv before the mask logits.
         num_classes: mask channels (1 for camouflaged object detection).
+        device, dtype: where and as what the parameters are created.
     """
 
     def __init__(
@@ -209,19 +280,27 @@ class MSRNetDecoder(nn.Module):
         fusion_groups: int = 6,
         predictor_dim: int = 32,
         num_classes: int = 1,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         if len(in_channels) < 2:
             raise ValueError(f"MSRNetDecoder: needs at least 2 pyramid levels, received {len(in_channels)}")
+        dd = {"device": device, "dtype": dtype}
         self.num_levels = len(in_channels)
         self.laterals = nn.ModuleList(
-            [conv_bn_relu(chs, mid_dim, 3) for chs in in_channels[:-1]] + [SimpleASPP(in_channels[-1], mid_dim)]
+            [conv_bn_relu(chs, mid_dim, kernel_size=3, **dd) for chs in in_channels[:-1]]
+            + [SimpleASPP(in_channels[-1], mid_dim, **dd)]
         )
-        self.scale_merges = nn.ModuleList([ScaleIntegrationUnit(mid_dim, scale_groups) for _ in in_channels])
-        self.fusions = nn.ModuleList([MultiGranularityFusion(mid_dim, fusion_groups) for _ in in_channels])
-        self.upsample_conv = conv_bn_relu(mid_dim, mid_dim, 3)
-        self.mask_conv = conv_bn_relu(mid_dim, predictor_dim, 3)
-        self.mask_logits = nn.Conv2d(predictor_dim, num_classes, 1)
+        self.scale_merges = nn.ModuleList(
+            [ScaleIntegrationUnit(mid_dim, num_groups=scale_groups, **dd) for _ in in_channels]
+        )
+        self.fusions = nn.ModuleList(
+            [MultiGranularityFusion(mid_dim, num_groups=fusion_groups, **dd) for _ in in_channels]
+        )
+        self.upsample_conv = conv_bn_relu(mid_dim, mid_dim, kernel_size=3, **dd)
+        self.mask_conv = conv_bn_relu(mid_dim, predictor_dim, kernel_size=3, **dd)
+        self.mask_logits = nn.Conv2d(predictor_dim, num_classes, kernel_size=1, **dd)
 
     def forward(
         self,
@@ -244,13 +323,16 @@ class MSRNetDecoder(nn.Module):
         return self.mask_logits(x)
 
 
-def _upsampler(channels: int, steps: int) -> nn.Sequential:
+def _upsampler(
+    channels: int, steps: int, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None
+) -> nn.Sequential:
     """ViTDet-style x2**steps upsampling: transposed 2x2 convs halving the width, LayerNorm + GELU between."""
+    dd = {"device": device, "dtype": dtype}
     layers: List[nn.Module] = []
     for step in range(steps):
         if step:
-            layers += [LayerNorm2d(channels), nn.GELU()]
-        layers.append(nn.ConvTranspose2d(channels, channels // 2, kernel_size=2, stride=2))
+            layers += [LayerNorm2d(channels, **dd), nn.GELU()]
+        layers.append(nn.ConvTranspose2d(channels, channels // 2, kernel_size=2, stride=2, **dd))
         channels //= 2
     return nn.Sequential(*layers)
 
@@ -266,6 +348,7 @@ class SimpleFeaturePyramid(nn.Module):
         in_channels: channels of the backbone's levels.
         in_reductions: their strides (powers of two, ascending).
         target_reductions: the strides to output.
+        device, dtype: where and as what the parameters are created.
     """
 
     def __init__(
@@ -273,6 +356,8 @@ class SimpleFeaturePyramid(nn.Module):
         in_channels: Sequence[int],
         in_reductions: Sequence[int],
         target_reductions: Sequence[int] = PYRAMID_REDUCTIONS,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         self.sources: List[int] = []
@@ -289,7 +374,7 @@ class SimpleFeaturePyramid(nn.Module):
                 levels.append(nn.MaxPool2d(kernel_size=round(1 / ratio), stride=round(1 / ratio)))
             else:
                 steps = round(math.log2(ratio))
-                levels.append(_upsampler(channels, steps))
+                levels.append(_upsampler(channels, steps, device=device, dtype=dtype))
                 channels //= 2**steps
             self.sources.append(source)
             self.out_channels.append(channels)
@@ -304,60 +389,74 @@ def _is_power_of_two(value: int) -> bool:
     return value > 0 and value & (value - 1) == 0
 
 
-def _probe_feature_info(backbone: str, backbone_kwargs: Mapping[str, Any]) -> List[Dict[str, Any]]:
-    """The ``feature_info`` of timm's ``backbone`` (built on the meta device: no weights, no init)."""
-    if not timm.is_model(backbone.split(".")[0]):
+def _create_backbone(
+    name: str,
+    in_chans: int,
+    pretrained: bool,
+    out_indices: Optional[Sequence[int]],
+    backbone_kwargs: Mapping[str, Any],
+    device: Optional[torch.device],
+    dtype: Optional[torch.dtype],
+) -> nn.Module:
+    """timm's ``features_only`` form of ``name``, built once (on ``device``, as ``dtype``).
+
+    With ``pretrained``, the weights are found (or their host probed) before timm builds anything, so
+    that offline it fails within seconds and says which file to use.
+    """
+    if not timm.is_model(name):
         raise ValueError(
-            f"create_cod_model: unknown backbone {backbone!r}: not a model in timm's registry "
+            f"create_cod_model: unknown backbone {name!r}: not a model in timm's registry "
             f"(import recurzoo registers the zoo's own backbones)"
         )
-    try:
-        with torch.device("meta"):
-            probe = timm.create_model(backbone, **backbone_kwargs)
-    except Exception:  # a constructor that computes on its tensors: build it for real
-        probe = timm.create_model(backbone, **backbone_kwargs)
-    info = getattr(probe, "feature_info", None)
-    if not info:
-        raise ValueError(
-            f"create_cod_model: backbone {backbone!r} has no feature_info, so timm cannot extract "
-            f"its feature maps (features_only); the MSRNet head needs a feature pyramid"
-        )
-    return [dict(level) for level in info]
-
-
-def _choose_levels(
-    backbone: str,
-    info: Sequence[Mapping[str, Any]],
-    out_indices: Optional[Sequence[int]],
-    simple_pyramid: bool,
-) -> List[int]:
-    """Indices of ``info`` to extract: for each stride of 4-32 the backbone has, its deepest level."""
-    strides = sorted({int(level["reduction"]) for level in info})
+    kwargs = dict(backbone_kwargs, in_chans=in_chans, device=device, dtype=dtype)
     if out_indices is not None:
-        candidates = [(i % len(info), int(info[i]["reduction"])) for i in out_indices]
-    else:
-        candidates = [(i, int(level["reduction"])) for i, level in enumerate(info)]
-    deepest: Dict[int, int] = {}
-    for index, reduction in candidates:
-        if reduction in PYRAMID_REDUCTIONS:
-            deepest[reduction] = index
+        kwargs["out_indices"] = tuple(out_indices)
+    if pretrained:
+        kwargs["pretrained_cfg_overlay"] = timm_pretrained_overlay(
+            name,
+            pretrained_cfg=kwargs.get("pretrained_cfg"),
+            pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
+            label=f"create_cod_model: backbone {name!r} (pass its pretrained_cfg_overlay in backbone_kwargs)",
+        )
+    try:
+        return timm.create_model(name, features_only=True, pretrained=pretrained, **kwargs)
+    except AttributeError as error:  # timm's feature wrappers read the model's feature_info
+        if "feature_info" not in str(error):
+            raise
+        raise ValueError(
+            f"create_cod_model: backbone {name!r} has no feature_info, so timm cannot extract its feature maps "
+            f"(features_only); the MSRNet head needs a feature pyramid"
+        ) from None
+
+
+def _choose_levels(name: str, info: Sequence[Mapping[str, Any]], simple_pyramid: bool) -> List[int]:
+    """Positions in ``info`` (the backbone's feature levels) to decode: the deepest one of each stride 4-32."""
+    deepest = {int(level["reduction"]): index for index, level in enumerate(info)}
+    deepest = {reduction: index for reduction, index in deepest.items() if reduction in PYRAMID_REDUCTIONS}
     needed = ", ".join(map(str, PYRAMID_REDUCTIONS))
     if not deepest:
+        strides = sorted({int(level["reduction"]) for level in info})
         odd = [s for s in strides if not _is_power_of_two(s)]
         why = f" (stride {odd[0]} is not a power of two)" if odd else ""
         raise ValueError(
-            f"create_cod_model: backbone {backbone!r} gives feature strides {strides}{why}; the MSRNet "
+            f"create_cod_model: backbone {name!r} gives feature strides {strides}{why}; the MSRNet "
             f"head needs a feature pyramid at strides {needed}, or at least one of them to build the "
             f"others from"
         )
     missing = [r for r in PYRAMID_REDUCTIONS if r not in deepest]
     if missing and not simple_pyramid:
         raise ValueError(
-            f"create_cod_model: backbone {backbone!r} gives feature strides {sorted(deepest)} of the "
+            f"create_cod_model: backbone {name!r} gives feature strides {sorted(deepest)} of the "
             f"{needed} the MSRNet head needs: strides {missing} are missing (pass simple_pyramid=True "
             f"to build them ViTDet-style)"
         )
     return [deepest[r] for r in sorted(deepest)]
+
+
+def _backbone_model(backbone: nn.Module) -> nn.Module:
+    """The model inside timm's ``FeatureGetterNet`` (which keeps it whole), else the feature wrapper itself."""
+    inner = getattr(backbone, "model", None)
+    return inner if isinstance(inner, nn.Module) else backbone
 
 
 class MSRNet(nn.Module):
@@ -378,10 +477,13 @@ class MSRNet(nn.Module):
         scales: sizes of ``image_s``, ``image_m``, ``image_l`` relative to the base size.
         input_norm: normalize the [0, 1] input with ``mean``/``std`` inside the model.
         mean, std: normalization (default: the backbone's pretrained cfg, else ImageNet's).
-        pretrained_backbone: load timm's pretrained weights of the backbone (downloads them).
+        pretrained_backbone: load timm's pretrained weights of the backbone (from a local file or
+            cache, else downloaded; offline it fails within seconds naming the file to use).
         backbone_kwargs: extra ``timm.create_model`` arguments of the backbone.
-        out_indices: which backbone feature levels to read (default: the deepest of each stride 4-32).
+        out_indices: the backbone feature levels timm extracts (default: timm's ``features_only``
+            levels); the decoder reads the deepest one of each stride 4-32 among them.
         simple_pyramid: build strides the backbone lacks (ViTDet-style); if False they are an error.
+        device, dtype: where and as what every parameter and buffer is created (the backbone's too).
     """
 
     def __init__(
@@ -401,41 +503,37 @@ class MSRNet(nn.Module):
         backbone_kwargs: Optional[Mapping[str, Any]] = None,
         out_indices: Optional[Sequence[int]] = None,
         simple_pyramid: bool = True,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         if len(scales) != 3 or min(scales) <= 0:
             raise ValueError(
                 f"MSRNet: scales must be three positive factors (image_s, image_m, image_l), received {tuple(scales)}"
             )
-        backbone_kwargs = dict(backbone_kwargs or {})
+        dd = {"device": device, "dtype": dtype}
         self.backbone_name = backbone
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.scales = tuple(float(s) for s in scales)
         self.input_norm = input_norm
 
-        info = _probe_feature_info(backbone, dict(backbone_kwargs, in_chans=in_chans))
-        indices = _choose_levels(backbone, info, out_indices, simple_pyramid)
-        try:
-            self.backbone = timm.create_model(
-                backbone,
-                features_only=True,
-                out_indices=tuple(indices),
-                pretrained=pretrained_backbone,
-                in_chans=in_chans,
-                **backbone_kwargs,
-            )
-        except Exception as error:
-            raise ValueError(
-                f"create_cod_model: backbone {backbone!r} cannot be built with features_only=True "
-                f"(timm's feature extraction): {error}"
-            ) from error
-        channels = list(self.backbone.feature_info.channels())
-        reductions = list(self.backbone.feature_info.reduction())
-        modules = [f"backbone.{m}" for m in self.backbone.feature_info.module_name()]
+        self.backbone = _create_backbone(
+            backbone,
+            in_chans=in_chans,
+            pretrained=pretrained_backbone,
+            out_indices=out_indices,
+            backbone_kwargs=backbone_kwargs or {},
+            **dd,
+        )
+        levels = self.backbone.feature_info.get_dicts()
+        self.feature_levels = _choose_levels(backbone, levels, simple_pyramid)
+        channels = [levels[i]["num_chs"] for i in self.feature_levels]
+        reductions = [levels[i]["reduction"] for i in self.feature_levels]
+        modules = [f"backbone.{levels[i]['module']}" for i in self.feature_levels]
         self.channels_last_features = getattr(self.backbone, "output_fmt", "NCHW") == "NHWC"  # e.g. timm's Swin
         if reductions != list(PYRAMID_REDUCTIONS):
-            self.neck: Optional[SimpleFeaturePyramid] = SimpleFeaturePyramid(channels, reductions)
+            self.neck: Optional[SimpleFeaturePyramid] = SimpleFeaturePyramid(channels, in_reductions=reductions, **dd)
             modules = [
                 modules[s] if isinstance(level, nn.Identity) else f"neck.levels.{i}"
                 for i, (level, s) in enumerate(zip(self.neck.levels, self.neck.sources))
@@ -451,34 +549,60 @@ class MSRNet(nn.Module):
             fusion_groups=fusion_groups,
             predictor_dim=predictor_dim,
             num_classes=num_classes,
+            **dd,
         )
 
         backbone_cfg = getattr(self.backbone, "pretrained_cfg", None) or {}
-        mean = tuple(mean or backbone_cfg.get("mean") or IMAGENET_DEFAULT_MEAN)
-        std = tuple(std or backbone_cfg.get("std") or IMAGENET_DEFAULT_STD)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.input_mean = tuple(mean or backbone_cfg.get("mean") or IMAGENET_DEFAULT_MEAN)
+        self.input_std = tuple(std or backbone_cfg.get("std") or IMAGENET_DEFAULT_STD)
+        self.register_buffer("mean", torch.tensor(self.input_mean, **dd).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.input_std, **dd).view(1, -1, 1, 1), persistent=False)
 
     @property
     def total_stride(self) -> int:
         return self.feature_info[-1]["reduction"]
 
+    def init_weights(self) -> None:
+        """Initialise every parameter and buffer again, e.g. after ``to_empty()`` of a model built on ``meta``.
+
+        The backbone runs its own ``init_weights`` when timm's feature wrapper kept it, else PyTorch's
+        ``reset_parameters`` of each layer (and timm's ``init_non_persistent_buffers``); the neck and
+        decoder get PyTorch's initialisation, as at construction; ``mean``/``std`` their values.
+
+        Raises:
+            ValueError: when the backbone has tensors that neither way initialises (named).
+        """
+        backbone = _backbone_model(self.backbone)
+        if callable(getattr(backbone, "init_weights", None)):
+            backbone.init_weights()
+            reinit_non_persistent_buffers(backbone)
+        else:
+            reset_parameters(self.backbone, f"{model_name(self)}.init_weights: the backbone {self.backbone_name!r}")
+        for part in (self.neck, self.decoder):
+            if part is not None:
+                reset_parameters(part, f"{model_name(self)}.init_weights")
+        with torch.no_grad():
+            self.mean.copy_(torch.tensor(self.input_mean).view(1, -1, 1, 1))
+            self.std.copy_(torch.tensor(self.input_std).view(1, -1, 1, 1))
+
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(
-            stem=r"^backbone\.(model\.)?(patch_embed|stem|conv1|bn1|pos_embed)",
-            blocks=[(r"^backbone\.", (0,)), (r"^(neck|decoder)\.", (1,))],
+            stem=r"^backbone\.(?:model\.)?(?:patch_embed|stem|conv1|bn1|pos_embed|cls_token)",
+            blocks=[(r"^backbone\.", (0,)), (r"^(?:neck|decoder)\.", (1,))],
         )
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if hasattr(self.backbone, "set_grad_checkpointing"):
-            self.backbone.set_grad_checkpointing(enable)
+        """Recompute the backbone's activations in the backward pass (the decoder is small)."""
+        _backbone_model(self.backbone).set_grad_checkpointing(enable)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        inner = getattr(self.backbone, "no_weight_decay", None)
-        return {f"backbone.{name}" for name in (inner() if callable(inner) else ())}
+        backbone = _backbone_model(self.backbone)
+        prefix = "backbone." if backbone is self.backbone else "backbone.model."
+        names = backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else ()
+        return {prefix + name for name in names}
 
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         """[0, 1] image -> the backbone's input normalization (identity with ``input_norm=False``)."""
@@ -487,9 +611,10 @@ class MSRNet(nn.Module):
     def forward_features(self, image: torch.Tensor) -> List[torch.Tensor]:
         """The four pyramid levels (strides 4-32) of one [0, 1] image batch."""
         features = self.backbone(self.normalize(image))
+        features = [features[i] for i in self.feature_levels]
         if self.channels_last_features:
             features = [f.permute(0, 3, 1, 2) for f in features]
-        return self.neck(features) if self.neck is not None else list(features)
+        return self.neck(features) if self.neck is not None else features
 
     def make_scales(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``image_s``, ``image_m``, ``image_l``: ``x`` resized bilinearly by ``self.scales``."""
@@ -501,7 +626,13 @@ class MSRNet(nn.Module):
             for s in self.scales
         )
 
-    def _check(self, x: torch.Tensor, min_size: int) -> None:
+    def check_input(self, x: torch.Tensor, min_size: Optional[int] = None) -> None:
+        """Raise a ``ValueError`` naming the model unless ``x`` is an image batch it takes.
+
+        ``min_size`` defaults to the smallest base size: the total stride at the smallest scale.
+        """
+        if min_size is None:
+            min_size = math.ceil(self.total_stride / min(self.scales))
         check_image_input(x, model_name(self), self.in_chans, min_size=min_size, dtype=next(self.parameters()).dtype)
 
     def forward_multiscale(self, image_s: torch.Tensor, image_m: torch.Tensor, image_l: torch.Tensor) -> torch.Tensor:
@@ -510,7 +641,7 @@ class MSRNet(nn.Module):
         With the default scales ``image_s`` is 1.5x, ``image_m`` 1.0x and ``image_l`` 2.0x the base size.
         """
         for image in (image_s, image_m, image_l):
-            self._check(image, self.total_stride)
+            self.check_input(image, min_size=self.total_stride)
         logits = self.decoder(
             self.forward_features(image_l), self.forward_features(image_m), self.forward_features(image_s)
         )
@@ -520,25 +651,8 @@ class MSRNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Mask logits at the size of ``x`` (images in [0, 1] at the base size)."""
-        self._check(x, math.ceil(self.total_stride / min(self.scales)))
+        self.check_input(x)
         return self.forward_multiscale(*self.make_scales(x))
-
-
-def create_cod_model(backbone: str, pretrained_backbone: bool = False, **kwargs: Any) -> MSRNet:
-    """An MSRNet camouflaged object detector over any timm backbone with (or given) a 4-level pyramid.
-
-    ``backbone`` is a timm model name; ``kwargs`` are :class:`MSRNet`'s (``mid_dim``,
-    ``scale_groups``, ``fusion_groups``, ``scales``, ``backbone_kwargs``, ``simple_pyramid`` ...).
-    A backbone that cannot give the pyramid raises ``ValueError`` saying what is missing.
-    ``pretrained_backbone=True`` loads (downloads) timm's weights of the backbone.
-    """
-    model = MSRNet(backbone=backbone, pretrained_backbone=pretrained_backbone, **kwargs)
-    model.pretrained_cfg = _cfg(
-        architecture=f"msrnet_{backbone}",
-        mean=tuple(model.mean.flatten().tolist()),
-        std=tuple(model.std.flatten().tolist()),
-    )
-    return model
 
 
 _OFFICIAL_VIDEO_KEYS = re.compile(r"\.fuse\.0\.temperal_")
@@ -665,6 +779,21 @@ def _create_msrnet(variant: str, pretrained: bool = False, **kwargs: Any) -> MSR
     return build_with_weights(MSRNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
+def create_cod_model(backbone: str, pretrained_backbone: bool = False, **kwargs: Any) -> MSRNet:
+    """An MSRNet camouflaged object detector over any timm backbone with (or given) a 4-level pyramid.
+
+    ``backbone`` is a timm model name; ``kwargs`` are :class:`MSRNet`'s (``mid_dim``,
+    ``scale_groups``, ``fusion_groups``, ``scales``, ``backbone_kwargs``, ``simple_pyramid``,
+    ``device``, ``dtype`` ...). A backbone that cannot give the pyramid raises ``ValueError`` saying
+    what is missing. ``pretrained_backbone=True`` loads timm's weights of the backbone: from
+    ``backbone_kwargs=dict(pretrained_cfg_overlay=dict(file=...))``, timm's or the Hugging Face
+    cache, else downloaded; offline it fails within seconds with a ``ValueError`` naming the file.
+    """
+    model = MSRNet(backbone=backbone, pretrained_backbone=pretrained_backbone, **kwargs)
+    model.pretrained_cfg = _cfg(architecture=f"msrnet_{backbone}", mean=model.input_mean, std=model.input_std)
+    return model
+
+
 def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
     return {
         "url": url,
@@ -699,47 +828,50 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-def _build(variant: str, backbone: str, pretrained: bool, kwargs: Dict[str, Any]) -> MSRNet:
-    return _create_msrnet(variant, pretrained, **dict(dict(backbone=backbone), **kwargs))
-
-
 @register_task_model("cod", family="camouflage")
 def msrnet_pvt_v2_b2(pretrained: bool = False, **kwargs: Any) -> MSRNet:
     """MSRNet with a PVTv2-B2 backbone (official ``PvtV2B2_MSRNet``)."""
-    return _build("msrnet_pvt_v2_b2", "pvt_v2_b2", pretrained, kwargs)
+    model_args = dict(backbone="pvt_v2_b2")
+    return _create_msrnet("msrnet_pvt_v2_b2", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_task_model("cod", family="camouflage")
 def msrnet_pvt_v2_b3(pretrained: bool = False, **kwargs: Any) -> MSRNet:
     """MSRNet with a PVTv2-B3 backbone (official ``PvtV2B3_MSRNet``)."""
-    return _build("msrnet_pvt_v2_b3", "pvt_v2_b3", pretrained, kwargs)
+    model_args = dict(backbone="pvt_v2_b3")
+    return _create_msrnet("msrnet_pvt_v2_b3", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_task_model("cod", family="camouflage")
 def msrnet_pvt_v2_b4(pretrained: bool = False, **kwargs: Any) -> MSRNet:
     """MSRNet with a PVTv2-B4 backbone (official ``PvtV2B4_MSRNet``, the released checkpoint)."""
-    return _build("msrnet_pvt_v2_b4", "pvt_v2_b4", pretrained, kwargs)
+    model_args = dict(backbone="pvt_v2_b4")
+    return _create_msrnet("msrnet_pvt_v2_b4", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_task_model("cod", family="camouflage")
 def msrnet_pvt_v2_b5(pretrained: bool = False, **kwargs: Any) -> MSRNet:
     """MSRNet with a PVTv2-B5 backbone (official ``PvtV2B5_MSRNet``)."""
-    return _build("msrnet_pvt_v2_b5", "pvt_v2_b5", pretrained, kwargs)
+    model_args = dict(backbone="pvt_v2_b5")
+    return _create_msrnet("msrnet_pvt_v2_b5", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_task_model("cod", family="camouflage")
 def msrnet_hornet_tiny_7x7(pretrained: bool = False, **kwargs: Any) -> MSRNet:
     """MSRNet decoder over HorNet-T (7x7) of this zoo."""
-    return _build("msrnet_hornet_tiny_7x7", "hornet_tiny_7x7", pretrained, kwargs)
+    model_args = dict(backbone="hornet_tiny_7x7")
+    return _create_msrnet("msrnet_hornet_tiny_7x7", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_task_model("cod", family="camouflage")
 def msrnet_sret_small(pretrained: bool = False, **kwargs: Any) -> MSRNet:
     """MSRNet decoder over SReT-S of this zoo (strides 8-32; stride 4 by a transposed conv)."""
-    return _build("msrnet_sret_small", "sret_small", pretrained, kwargs)
+    model_args = dict(backbone="sret_small")
+    return _create_msrnet("msrnet_sret_small", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_task_model("cod", family="camouflage")
 def msrnet_resnet50(pretrained: bool = False, **kwargs: Any) -> MSRNet:
     """MSRNet (four-level PVT design) over timm's ResNet-50 (strides 4-32)."""
-    return _build("msrnet_resnet50", "resnet50", pretrained, kwargs)
+    model_args = dict(backbone="resnet50")
+    return _create_msrnet("msrnet_resnet50", pretrained=pretrained, **dict(model_args, **kwargs))

@@ -44,6 +44,7 @@ __all__ = [
     "save_weights",
     "atomic_write",
     "pretrained_state_dict",
+    "timm_pretrained_overlay",
     "check_pretrained_fit",
 ]
 
@@ -520,3 +521,83 @@ def _as_sequence(value: Union[str, Sequence[str], None]) -> Tuple[str, ...]:
     if not value:
         return ()
     return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _hub_state_dict(
+    label: str, hub_location: Union[str, Sequence[str]], timeout: float, read: bool = True
+) -> Optional[Tuple[Dict[str, torch.Tensor], str]]:
+    """A Hugging Face hub file (as timm names it) from the hub cache, else None after a probe of the hub.
+
+    ``read=False`` (weights that timm loads with a custom loader) only checks that the file is cached
+    or the hub is in reach.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+    from timm.models._hub import HF_WEIGHTS_NAME, _get_safe_alternatives, hf_split
+
+    hub_id, file_name = (hub_location, HF_WEIGHTS_NAME) if isinstance(hub_location, str) else hub_location
+    repo_id, revision = hf_split(hub_id)
+    names = [*_get_safe_alternatives(file_name), file_name]  # timm tries the safetensors file first
+    for name in names:
+        cached = try_to_load_from_cache(repo_id, name, revision=revision)
+        if isinstance(cached, str):
+            return (read_state_dict(cached), cached) if read else None
+    if _reachable(constants.ENDPOINT, timeout):
+        return None
+    url = f"{constants.ENDPOINT}/{repo_id}/resolve/{revision or 'main'}/{names[0]}"
+    raise CheckpointError(
+        f"{label}: cannot download the pretrained weights ({constants.ENDPOINT} is out of reach): download "
+        f"{url} by hand and pass pretrained_cfg_overlay=dict(file='/path/to/{names[0]}'), or fetch it once "
+        f"online into the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    )
+
+
+def timm_pretrained_overlay(
+    model_name: str,
+    pretrained_cfg: Any = None,
+    pretrained_cfg_overlay: Optional[Mapping[str, Any]] = None,
+    label: Optional[str] = None,
+    timeout: float = 5.0,
+) -> Dict[str, Any]:
+    """The ``pretrained_cfg_overlay`` that lets ``timm.create_model(model_name, pretrained=True)`` load offline.
+
+    The weights timm would fetch for the model's cfg (with ``pretrained_cfg`` and the overlay applied)
+    are looked for first: a ``file`` named in the cfg, the URL's file in timm's cache or the hub file in
+    the Hugging Face cache is read here (:func:`read_state_dict`) and returned as the overlay's
+    ``state_dict``, so timm downloads nothing; a download is left to timm only after a probe found its
+    host (as :func:`pretrained_state_dict` does for the zoo's models). Then the overlay is returned as given.
+
+    Args:
+        model_name: a timm model name, optionally with its pretrained tag (``pvt_v2_b2.in1k``).
+        pretrained_cfg, pretrained_cfg_overlay: as ``timm.create_model`` takes them.
+        label: what the message calls the model (default ``model_name``).
+        timeout: seconds the probe of the weights' host may take.
+
+    Raises:
+        CheckpointError: within ``timeout`` seconds when the weights are neither local nor in reach; the
+            message names the file to fetch and where to put it, or the ``pretrained_cfg_overlay`` to pass.
+    """
+    from timm.models import split_model_name_tag
+    from timm.models._builder import _resolve_pretrained_source, resolve_pretrained_cfg
+
+    name, tag = split_model_name_tag(model_name)
+    cfg = resolve_pretrained_cfg(
+        name, pretrained_cfg=pretrained_cfg or tag or None, pretrained_cfg_overlay=pretrained_cfg_overlay
+    )
+    source, location = _resolve_pretrained_source(cfg.to_dict())
+    label = label or model_name
+    if source == "hf-hub":
+        weights = _hub_state_dict(label, location, timeout, read=not cfg.custom_load)
+    elif cfg.custom_load:  # a format only the model's own loader reads (timm's npz files): probe, don't read
+        weights = None
+        url, cached = _weights_url(cfg)[0], cached_weights_path(cfg)
+        if source == "url" and not (cached and cached.is_file()) and not _reachable(url, timeout):
+            raise CheckpointError(
+                f"{label}: cannot download the pretrained weights ({url} is out of reach): download the "
+                f"file by hand and put it at {cached} (timm's cache)"
+            )
+    else:
+        weights = pretrained_state_dict(label, cfg, timeout)
+    overlay = dict(pretrained_cfg_overlay or {})
+    if weights is not None:
+        overlay["state_dict"] = weights[0]
+    return overlay

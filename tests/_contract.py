@@ -120,3 +120,24 @@ def assert_grad_checkpointing_keeps_gradients(name: str, x: torch.Tensor, **kwar
     assert grads[0] and len(grads[0]) == len(grads[1])
     for without, with_checkpoints in zip(*grads):
         torch.testing.assert_close(with_checkpoints, without, rtol=1e-4, atol=1e-6)
+
+
+def assert_parameter_groups_match(model: torch.nn.Module) -> None:
+    """``group_matcher()`` splits the parameters into more than one group, and each ``no_weight_decay()``
+    entry matches a parameter or names an optional one this configuration leaves unset (timm's rule)."""
+    import fnmatch
+
+    from timm.models import group_parameters
+
+    groups = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    assert len(set(groups.values())) > 1, "group_matcher() puts all parameters in a single group"
+    names = [name for name, _ in model.named_parameters()]
+    for pattern in model.no_weight_decay():
+        if any(fnmatch.fnmatch(name, pattern) for name in names):
+            continue
+        owner = model
+        for attribute in pattern.split("."):
+            owner = getattr(owner, attribute, None)
+            if owner is None:
+                break
+        assert owner is None, f"no_weight_decay() entry {pattern!r} matches no parameter"

@@ -8,27 +8,48 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
+from _contract import (
+    assert_dtype_change_after_forward,
+    assert_factory_device_and_dtype,
+    assert_grad_checkpointing_keeps_gradients,
+    assert_meta_init_gives_a_working_model,
+    assert_parameter_groups_match,
+    assert_unknown_argument_raises,
+)
+from _reduced import REDUCED
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN
 
 import recurzoo
+from recurzoo import checkpoint
 from recurzoo.heads.camouflage import (
     PYRAMID_REDUCTIONS,
     MultiGranularityFusion,
     ScaleIntegrationUnit,
     checkpoint_filter_fn,
     create_cod_model,
+    reset_parameters,
 )
 from recurzoo.train import camouflage as cod
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "parity" / "msrnet" / "msrnet_pvt_v2_b0.pt"
-SMALL_HEAD = dict(mid_dim=16, scale_groups=2, fusion_groups=3, predictor_dim=8)
+# The parity fixture: beside the checkout, or under a folder of RECURZOO_PARITY_DIRS (as in test_parity.py).
+_FIXTURE_NAME = Path("msrnet") / "msrnet_pvt_v2_b0.pt"
+_PARITY_DIRS = [Path(__file__).resolve().parents[2] / "shared" / "parity"]
+_PARITY_DIRS += [Path(d) for d in os.environ.get("RECURZOO_PARITY_DIRS", "").split(os.pathsep) if d]
+FIXTURE = next(
+    (d / _FIXTURE_NAME for d in _PARITY_DIRS if (d / _FIXTURE_NAME).exists()), _PARITY_DIRS[0] / _FIXTURE_NAME
+)
+SMALL_HEAD = REDUCED["camouflage"]
 # Three backbone kinds at test width: one of this zoo, a PVTv2 and a CNN.
 SMALL_BACKBONES = {
     "hornet_tiny_7x7": dict(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1)),
@@ -218,7 +239,7 @@ def test_wrong_channel_count_raises_value_error_naming_model():
 def test_recurrent_vit_gets_a_vitdet_style_pyramid():
     model = create_cod_model(
         "rvit_tiny_patch16_224",
-        backbone_kwargs=dict(embed_dim=48, num_heads=2, depth=2, num_unique_blocks=1),
+        backbone_kwargs=dict(embed_dim=48, num_heads=2, depth=3, num_unique_blocks=1),  # features: last 3 blocks
         **SMALL_HEAD,
     )
     assert [level["reduction"] for level in model.feature_info] == list(PYRAMID_REDUCTIONS)
@@ -271,6 +292,205 @@ def test_registered_variants_read_a_stride_4_to_32_pyramid_of_their_backbone():
         assert model.feature_info[-1]["num_chs"] == deepest
         assert model.decoder.laterals[3].reduce.conv.in_channels == deepest
         assert model.pretrained_cfg["input_size"] == (3, 384, 384)
+
+
+# ------------------------------------------------------------------ construction and timm's model contract
+
+# Registered variants at test size: the decoder of REDUCED over their timm backbones, narrowed.
+CONTRACT_CASES = {
+    "msrnet_pvt_v2_b2": dict(
+        SMALL_HEAD, backbone_kwargs=dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 4))
+    ),
+    "msrnet_resnet50": dict(
+        SMALL_HEAD, backbone_kwargs=dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8)
+    ),
+}
+CONTRACT_SIDE = 32  # the smallest base size: the total stride at scale 1.0
+
+
+def test_backbone_is_built_once_in_its_features_only_form(monkeypatch):
+    calls = []
+    create = timm.create_model
+
+    def recording_create(name, **kwargs):
+        calls.append((name, kwargs.get("features_only"), kwargs.get("device")))
+        return create(name, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", recording_create)
+    recurzoo.create_model("msrnet_resnet50", device="meta", **CONTRACT_CASES["msrnet_resnet50"])
+    assert calls == [("resnet50", True, "meta")]
+
+
+def test_backbone_without_feature_info_is_one_value_error(monkeypatch):
+    from timm.models import _registry, build_model_with_cfg
+
+    class PlainNet(torch.nn.Module):
+        def __init__(self, in_chans: int = 3, num_classes: int = 1000) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(in_chans, 8, 3)
+
+    def plain_net(pretrained=False, **kwargs):
+        return build_model_with_cfg(PlainNet, "plain_net", pretrained, **dict(kwargs, pretrained_cfg={}))
+
+    monkeypatch.setitem(_registry._model_entrypoints, "plain_net", plain_net)
+    with pytest.raises(ValueError, match=r"^create_cod_model: backbone 'plain_net' has no feature_info"):
+        create_cod_model("plain_net")
+
+
+@pytest.mark.parametrize("name", CONTRACT_CASES)
+def test_factory_creates_every_tensor_on_the_given_device_and_dtype(name):
+    assert_factory_device_and_dtype(name, **CONTRACT_CASES[name])
+
+
+@pytest.mark.parametrize("name", CONTRACT_CASES)
+def test_meta_build_then_init_weights_gives_a_working_model(name):
+    model = assert_meta_init_gives_a_working_model(name, (3, CONTRACT_SIDE, CONTRACT_SIDE), **CONTRACT_CASES[name])
+    torch.testing.assert_close(model.mean.flatten(), torch.tensor(IMAGENET_DEFAULT_MEAN, dtype=torch.float64))
+    statistics = model.decoder.mask_conv.bn
+    assert statistics.running_mean.eq(0).all() and statistics.running_var.eq(1).all()
+
+
+def test_full_size_model_built_on_meta_initialises_every_tensor():
+    model = recurzoo.create_model("msrnet_pvt_v2_b2", device="meta").to_empty(device="cpu")
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point():
+                tensor.fill_(float("nan"))
+    model.init_weights()
+    bad = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if not torch.isfinite(t).all()]
+    assert not bad
+
+
+def test_init_weights_names_backbone_tensors_no_layer_initialises():
+    model = create_cod_model(
+        "convnext_atto", backbone_kwargs=dict(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1)), **SMALL_HEAD
+    )
+    before = model.backbone.stem_0.weight.clone()
+    with pytest.raises(
+        ValueError, match=r"msrnet_convnext_atto\.init_weights: .*'convnext_atto'.*stages_0\.blocks\.0\.gamma"
+    ):
+        model.init_weights()
+    assert torch.equal(model.backbone.stem_0.weight, before)  # nothing half-initialised
+
+
+def test_reset_parameters_reinitialises_the_decoder_as_at_construction():
+    unit = MultiGranularityFusion(8, num_groups=2)
+    with torch.no_grad():
+        for tensor in unit.parameters():
+            tensor.fill_(7.0)
+    reset_parameters(unit, "unit")
+    assert unit.expand.bn.weight.eq(1).all() and unit.expand.bn.bias.eq(0).all()
+    bound = 1 / math.sqrt(unit.expand.conv.weight[0].numel())  # PyTorch's default conv init
+    assert 0 < unit.expand.conv.weight.abs().max() <= bound
+
+
+@pytest.mark.parametrize("name", CONTRACT_CASES)
+def test_unknown_constructor_argument_is_a_type_error(name):
+    assert_unknown_argument_raises(name, **CONTRACT_CASES[name])
+
+
+@pytest.mark.parametrize("name", CONTRACT_CASES)
+def test_grad_checkpointing_keeps_gradients(name):
+    x = torch.rand(2, 3, CONTRACT_SIDE, CONTRACT_SIDE)
+    assert_grad_checkpointing_keeps_gradients(name, x, **CONTRACT_CASES[name])
+    model = recurzoo.create_model(name, device="meta", **CONTRACT_CASES[name])
+    model.set_grad_checkpointing()
+    assert model.backbone.grad_checkpointing
+
+
+@pytest.mark.parametrize("name", CONTRACT_CASES)
+def test_dtype_change_after_a_forward_gives_output_in_the_new_dtype(name):
+    model = recurzoo.create_model(name, **CONTRACT_CASES[name])
+    assert_dtype_change_after_forward(model, torch.rand(1, 3, CONTRACT_SIDE, CONTRACT_SIDE))
+
+
+@pytest.mark.parametrize("name", CONTRACT_CASES)
+def test_parameter_groups_and_weight_decay_exclusions_name_parameters(name):
+    assert_parameter_groups_match(recurzoo.create_model(name, device="meta", **CONTRACT_CASES[name]))
+
+
+def test_vit_backbone_keeps_its_weight_decay_exclusions_and_grad_checkpointing():
+    model = create_cod_model(
+        "vit_tiny_patch16_224",
+        backbone_kwargs=dict(embed_dim=48, num_heads=2, depth=3, dynamic_img_size=True),
+        device="meta",
+        **SMALL_HEAD,
+    )
+    assert {"backbone.model.pos_embed", "backbone.model.cls_token"} <= model.no_weight_decay()
+    assert_parameter_groups_match(model)
+    model.set_grad_checkpointing()
+    assert model.backbone.model.grad_checkpointing
+
+
+# ------------------------------------------------------------------------------- pretrained backbones
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network and empty weight caches; timm must not be asked to download anything."""
+    from huggingface_hub import constants
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("timm was asked to download weights")
+
+    monkeypatch.setattr(checkpoint, "_reachable", lambda url, timeout: False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(timm.models._builder, "load_state_dict_from_hf", no_download)
+    monkeypatch.setattr(timm.models._builder, "load_state_dict_from_url", no_download)
+    return tmp_path / "hf"
+
+
+NARROW_PVT = dict(depths=(1, 1, 1, 1))
+
+
+@pytest.fixture
+def pvt_weights(tmp_path):
+    """A narrowed pvt_v2_b0 classifier with random weights, saved as safetensors."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    source = timm.create_model("pvt_v2_b0", **NARROW_PVT)
+    path = tmp_path / "pvt_v2_b0.safetensors"
+    save_file(source.state_dict(), str(path))
+    return source, path
+
+
+def _assert_backbone_weights(model, source) -> None:
+    torch.testing.assert_close(model.backbone.patch_embed.proj.weight, source.patch_embed.proj.weight, rtol=0, atol=0)
+    ours, theirs = model.backbone.stages_3.blocks[0].attn.kv.weight, source.stages[3].blocks[0].attn.kv.weight
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_pretrained_backbone_offline_fails_within_seconds_naming_the_file(offline):
+    from huggingface_hub import constants
+
+    start = time.monotonic()
+    with pytest.raises(ValueError) as error:
+        create_cod_model("pvt_v2_b0", pretrained_backbone=True, backbone_kwargs=NARROW_PVT, **SMALL_HEAD)
+    assert time.monotonic() - start < 10
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("create_cod_model: backbone 'pvt_v2_b0'")
+    assert f"{constants.ENDPOINT}/timm/pvt_v2_b0.in1k/resolve/main/model.safetensors" in message
+    assert "pretrained_cfg_overlay=dict(file=" in message and "backbone_kwargs" in message
+
+
+def test_pretrained_backbone_loads_a_local_file_without_network(offline, pvt_weights):
+    source, path = pvt_weights
+    backbone_kwargs = dict(NARROW_PVT, pretrained_cfg_overlay=dict(file=str(path)))
+    model = create_cod_model("pvt_v2_b0", pretrained_backbone=True, backbone_kwargs=backbone_kwargs, **SMALL_HEAD)
+    _assert_backbone_weights(model, source)
+
+
+def test_pretrained_backbone_reads_the_hugging_face_cache_without_network(offline, pvt_weights):
+    source, path = pvt_weights
+    repository = offline / "models--timm--pvt_v2_b0.in1k"
+    (repository / "snapshots" / "0123abcd").mkdir(parents=True)
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text("0123abcd")
+    (repository / "snapshots" / "0123abcd" / "model.safetensors").write_bytes(path.read_bytes())
+    model = create_cod_model("pvt_v2_b0", pretrained_backbone=True, backbone_kwargs=NARROW_PVT, **SMALL_HEAD)
+    _assert_backbone_weights(model, source)
 
 
 # ---------------------------------------------------------------------------------- checkpoints
