@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import recurzoo  # noqa: F401
-from recurzoo.train import common
+from recurzoo.train.arguments import run_cli
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _train_data import make_coco, make_image_folder, write_code_running_checkpoints  # noqa: E402
@@ -292,7 +292,7 @@ def test_every_checkpoint_flag_refuses_a_crafted_pickle_in_one_line(data, tmp_pa
     for evil in (data["evil"], data["evil_zip"]):
         argv = _fill(arguments, root=data["root"], out=tmp_path / "out", evil=evil)
         with pytest.raises(SystemExit) as exited:
-            common.run_cli(script.main, argv)
+            run_cli(script.main, argv)
         assert exited.value.code == 2
         line = _one_error_line(capsys.readouterr().err, f"recurzoo.train.{module}")
         assert f"{os.path.basename(evil)}: refused to load" in line
@@ -348,7 +348,7 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, module, arg
     if module != "validate":  # validate writes nothing
         argv += ["--output", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as exited:
-        common.run_cli(script.main, argv)
+        run_cli(script.main, argv)
     assert exited.value.code == 2
     stderr = capsys.readouterr().err
     line = [line for line in stderr.splitlines() if ": error: " in line]
@@ -379,7 +379,7 @@ def test_checkpoint_of_another_width_is_one_line_naming_the_mismatch(data, tmp_p
         str(tmp_path / "wide.pth"),
     ]
     with pytest.raises(SystemExit) as exited:
-        common.run_cli(classification.main, argv)
+        run_cli(classification.main, argv)
     assert exited.value.code == 2
     line = _one_error_line(capsys.readouterr().err, "recurzoo.train.classification")
     assert re.search(

@@ -36,12 +36,33 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.utils import random_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from recurzoo.checkpoint import unwrap_state_dict
+from recurzoo.checkpoint import load_state_dict, unwrap_state_dict
 from recurzoo.plots import plot_curves
-from recurzoo.train import common
+from recurzoo.train.arguments import ArgumentParser, ParseKwargs, add_fault_arguments, run_cli
+from recurzoo.train.data import (
+    DatasetWarning,
+    SkipUnreadable,
+    UnreadableImageError,
+    image_size,
+    seed_albumentations,
+    summarize,
+)
+from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
+from recurzoo.train.resume import (
+    BufferSnapshot,
+    StepBatches,
+    gather_rng_states,
+    load_checkpoint,
+    rank_rng_state,
+    resolve_resume,
+    save_checkpoint,
+    save_safetensors,
+)
+from recurzoo.train.run import RunGuard, append_jsonl, progress_bar, setup_logging
 
 __all__ = [
     "DatasetSpec",
@@ -77,9 +98,6 @@ KNOWN_LAYOUTS = (
     ("img", "gt"),
 )
 SCALE_NAMES = ("image_s", "image_m", "image_l")
-
-
-DatasetWarning = common.DatasetWarning  # files of a dataset that are skipped or adjusted
 
 
 @dataclass(frozen=True)
@@ -183,27 +201,27 @@ def find_pairs(spec: DatasetSpec, require_masks: bool = True) -> List[Sample]:
     for name in names:
         mask_path = masks.get(name)
         try:
-            image_size = common.image_size(images[name], verify=True)
-            mask_size = common.image_size(mask_path, verify=True) if mask_path is not None else image_size
-        except common.UnreadableImageError as error:
+            image_shape = image_size(images[name], verify=True)
+            mask_shape = image_size(mask_path, verify=True) if mask_path is not None else image_shape
+        except UnreadableImageError as error:
             unreadable.append(str(error))
             continue
-        if mask_size != image_size:
+        if mask_shape != image_shape:
             mismatched.append(
-                f"{images[name]} ({image_size[1]}x{image_size[0]}) vs {mask_path} ({mask_size[1]}x{mask_size[0]})"
+                f"{images[name]} ({image_shape[1]}x{image_shape[0]}) vs {mask_path} ({mask_shape[1]}x{mask_shape[0]})"
             )
         samples.append(Sample(name, images[name], mask_path))
     if unreadable:
         warnings.warn(
             f"dataset {spec.name!r}: skipped {len(unreadable)} of {len(names)} samples with unreadable "
-            f"files: {common.summarize(unreadable)}",
+            f"files: {summarize(unreadable)}",
             DatasetWarning,
             stacklevel=2,
         )
     if mismatched:
         warnings.warn(
             f"dataset {spec.name!r}: {len(mismatched)} images differ in size from their masks and are "
-            f"resized to the mask: {common.summarize(mismatched)}",
+            f"resized to the mask: {summarize(mismatched)}",
             DatasetWarning,
             stacklevel=2,
         )
@@ -258,7 +276,7 @@ def train_augmentation(seed: Optional[int] = None):
     import albumentations as A
     import cv2
 
-    return common.seed_albumentations(
+    return seed_albumentations(
         A.Compose(
             [
                 A.HorizontalFlip(p=0.5),
@@ -292,7 +310,7 @@ class CamouflageTrainSet(Dataset):
         self.base_size = base_size
         self.scales = tuple(scales)
         self.augment = train_augmentation() if augment else None
-        self.skip_unreadable = common.SkipUnreadable("training set")
+        self.skip_unreadable = SkipUnreadable("training set")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -302,7 +320,7 @@ class CamouflageTrainSet(Dataset):
         image, mask = read_rgb(sample.image_path), read_mask(sample.mask_path)
         if image is None or mask is None:
             unreadable = sample.image_path if image is None else sample.mask_path
-            raise common.UnreadableImageError(f"cannot decode {unreadable}")
+            raise UnreadableImageError(f"cannot decode {unreadable}")
         if image.shape[:2] != mask.shape:
             image = resize_array(image, *mask.shape)
         return image, mask
@@ -310,7 +328,7 @@ class CamouflageTrainSet(Dataset):
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
         image, mask = self.skip_unreadable(self._load, index, len(self.samples))
         if self.augment is not None:
-            common.seed_albumentations(self.augment, int(np.random.randint(2**31)))
+            seed_albumentations(self.augment, int(np.random.randint(2**31)))
             transformed = self.augment(image=image, mask=mask)
             image, mask = transformed["image"], transformed["mask"]
         item = image_scales(image, self.base_size, self.scales)
@@ -511,7 +529,7 @@ def evaluate(
             CamouflageTestSet(samples, base_size, scales), batch_size=batch_size, shuffle=False, num_workers=workers
         )
         metrics = CODMetrics() if all(s.mask_path for s in samples) else None
-        for batch in common.progress(loader, desc=f"eval {dataset_name}", enabled=show_progress):
+        for batch in progress_bar(loader, desc=f"eval {dataset_name}", enabled=show_progress):
             autocast = torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda" else nullcontext()
             with autocast:
                 logits = model.forward_multiscale(*(batch[n].to(device, non_blocking=True) for n in SCALE_NAMES))
@@ -623,7 +641,7 @@ def load_model(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = common.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m recurzoo.train.camouflage",
         description="Train and evaluate MSRNet camouflaged-object detectors.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -634,7 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--model-kwargs",
         nargs="*",
-        default=[],
+        default={},
+        action=ParseKwargs,
         metavar="KEY=VALUE",
         help="model arguments, e.g. mid_dim=32 backbone_kwargs=\"{'depths': (1, 1, 1, 1)}\"",
     )
@@ -683,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     group.add_argument("--seed", type=int, default=112358)
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
-    common.add_fault_arguments(parser)
+    add_fault_arguments(parser)
     return parser
 
 
@@ -699,12 +718,12 @@ def _datasets(names: Sequence[str], config: Optional[Mapping[str, DatasetSpec]])
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Train (unless ``--evaluate``) and evaluate; returns the loss history and the metrics."""
     args = build_parser().parse_args(argv)
-    return common.run_distributed(_run, args)
+    return run_distributed(_run, args)
 
 
-def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[str, Any]:
-    common.seed_everything(args.seed, context.rank)
-    logger = common.setup_logging(args.output, context.is_main, name="recurzoo.camouflage")
+def _run(args: argparse.Namespace, context: DistributedContext) -> Dict[str, Any]:
+    random_seed(args.seed, context.rank)
+    logger = setup_logging(args.output, context.is_main, name="recurzoo.camouflage")
     config = load_dataset_config(args.data_config) if args.data_config else None
     # every dataset is checked before the model is built or anything trained
     train_sets = _datasets(args.train_sets, config) if not args.evaluate else {}
@@ -714,7 +733,7 @@ def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[s
     if not args.evaluate:
         _check_batches(sum(len(samples) for samples in train_sets.values()), args.batch_size, context.world_size)
 
-    kwargs = common.parse_kwargs(args.model_kwargs)
+    kwargs = dict(args.model_kwargs)
     if args.checkpoint:
         model = load_model(
             args.checkpoint, args.model, args.backbone, pretrained_backbone=args.pretrained_backbone, **kwargs
@@ -769,7 +788,7 @@ def _train(
     model: nn.Module,
     train_sets: Mapping[str, Sequence[Sample]],
     args: argparse.Namespace,
-    context: common.DistributedContext,
+    context: DistributedContext,
     logger: Any,
     use_amp: bool,
 ) -> List[float]:
@@ -805,37 +824,37 @@ def _train(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     history: List[float] = []
     start_step, resume_rng = 0, None
-    resume_path = common.resolve_resume(args.resume, args.output)
+    resume_path = resolve_resume(args.resume, args.output)
     if resume_path:
-        state = common.load_checkpoint(resume_path)
+        state = load_checkpoint(resume_path)
         if not {"model", "optimizer", "scheduler", "scaler", "step", "history"} <= set(state):
             raise ValueError(
                 f"--resume {resume_path}: not a checkpoint of this script (needs model, optimizer, "
                 f"scheduler, scaler, step and history entries)"
             )
-        common.load_fitting_state_dict(model, state["model"], f"--resume {resume_path}")
+        load_state_dict(model, state["model"], f"--resume {resume_path}", use_family_filter=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_step, history = int(state["step"]), list(state["history"])
-        resume_rng = common.rank_rng_state(state.get("rng"), context, logger)
+        resume_rng = rank_rng_state(state.get("rng"), context, logger)
         logger.info(f"resumed {resume_path} at step {start_step}/{total}")
 
-    wrapped = common.wrap_ddp(_MultiscaleForward(model), context)
+    wrapped = wrap_ddp(_MultiscaleForward(model), context)
     model.train()
     if not args.train_backbone_bn:
         freeze_backbone_batchnorm(model)
-    batches = common.StepBatches(loader, args.seed, context.rank, start_step, resume_rng)
+    batches = StepBatches(loader, args.seed, context.rank, start_step, resume_rng)
     last_path = os.path.join(args.output, "last.pt")
 
-    buffers_before_step = common.BufferSnapshot(model)
+    buffers_before_step = BufferSnapshot(model)
 
     def save(done: int, pending: bool = False) -> None:
-        rng = common.gather_rng_states(context, batches.resume_rng_state(pending))  # a collective: every rank
+        rng = gather_rng_states(context, batches.resume_rng_state(pending))  # a collective: every rank
         if pending:  # the forward of the step in flight moved the BatchNorm statistics
             buffers_before_step.restore()
         if context.is_main:
-            common.save_checkpoint(
+            save_checkpoint(
                 last_path,
                 dict(
                     model=model.state_dict(),
@@ -850,10 +869,8 @@ def _train(
                 ),
             )
 
-    bar = common.progress(
-        total=total, initial=start_step, desc="train", enabled=context.is_main and not args.no_progress
-    )
-    with common.RunGuard(context, args.fail_at_step, args.fail_mode) as guard:
+    bar = progress_bar(total=total, initial=start_step, desc="train", enabled=context.is_main and not args.no_progress)
+    with RunGuard(context, args.fail_at_step, args.fail_mode) as guard:
         for step in range(start_step, total):
             batch = next(batches)
             images = [batch[name].to(context.device, non_blocking=True) for name in SCALE_NAMES]
@@ -881,7 +898,7 @@ def _train(
                     f"ual {parts['ual']:.4f} x {parts['ual_weight']:.3f}) "
                     f"lr {scheduler.get_last_lr()[-1]:.2e}"
                 )
-                common.append_jsonl(
+                append_jsonl(
                     os.path.join(args.output, "metrics.jsonl"),
                     dict(step=done, loss=history[-1], lr=scheduler.get_last_lr()[-1], **parts),
                 )
@@ -889,7 +906,7 @@ def _train(
                 save(done)
     bar.close()
     if context.is_main:
-        common.save_safetensors(
+        save_safetensors(
             os.path.join(args.output, "model.safetensors"),
             model.state_dict(),
             metadata=dict(model_config=json.dumps(model.cod_config)),
@@ -951,4 +968,4 @@ def predict(
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    run_cli(main)

@@ -44,9 +44,28 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.utils import random_seed
 from torch import nn
 
-from recurzoo.train import common
+from recurzoo.train.arguments import (
+    ArgumentParser,
+    ParseKwargs,
+    add_fault_arguments,
+    parse_args_with_config,
+    run_cli,
+    save_args_yaml,
+)
+from recurzoo.train.data import create_image_dataset
+from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
+from recurzoo.train.loops import EpochTraining
+from recurzoo.train.resume import (
+    create_checkpoint_saver,
+    load_checkpoint,
+    resolve_resume,
+    restore_training_state,
+    save_safetensors,
+)
+from recurzoo.train.run import RunGuard, TrainingInterrupted, append_jsonl, plot_summary, progress_bar, trim_summary
 from recurzoo.train.validate import (
     add_preprocessing_arguments,
     autocast,
@@ -62,7 +81,7 @@ __all__ = ["build_parser", "main", "KnowledgeDistillationLoss", "create_teacher"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = common.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m recurzoo.train.classification",
         description="Train or fine-tune a timm/recurzoo classifier with timm's components.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -91,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--model-kwargs",
         nargs="*",
-        default=[],
+        default={},
+        action=ParseKwargs,
         metavar="KEY=VALUE",
         help="extra timm.create_model arguments, e.g. 'dims=(16,32,64,128)' 'depths=(1,1,2,1)'",
     )
@@ -177,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--teacher-kwargs",
         nargs="*",
-        default=[],
+        default={},
+        action=ParseKwargs,
         metavar="KEY=VALUE",
         help="extra timm.create_model arguments of the teacher",
     )
@@ -215,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="every rank also writes its final weights to OUTPUT/rank<R>.safetensors "
         "(to check that data-parallel replicas agree)",
     )
-    common.add_fault_arguments(parser)
+    add_fault_arguments(parser)
     return parser
 
 
@@ -292,7 +313,7 @@ def create_teacher(args: argparse.Namespace, num_classes: int) -> nn.Module:
     import timm
 
     pretrained = args.teacher_pretrained if args.teacher_pretrained is not None else not args.teacher_checkpoint
-    kwargs = common.parse_kwargs(args.teacher_kwargs)
+    kwargs = dict(args.teacher_kwargs)
     teacher = timm.create_model(args.teacher, pretrained=pretrained, num_classes=num_classes, **kwargs)
     if args.teacher_checkpoint:
         fresh = load_weights(teacher, read_weights(args.teacher_checkpoint), source=args.teacher_checkpoint)
@@ -312,14 +333,14 @@ def create_teacher(args: argparse.Namespace, num_classes: int) -> nn.Module:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Train; returns the best metric and epoch, the last epoch's metrics and the output folder."""
-    args = common.parse_args_with_config(build_parser(), argv)
-    return common.run_distributed(lambda args, context: _Training(args, context).run(), args)
+    args = parse_args_with_config(build_parser(), argv)
+    return run_distributed(lambda args, context: _Training(args, context).run(), args)
 
 
-class _Training(common.EpochTraining):
+class _Training(EpochTraining):
     """The state of one run: data, model, optimization, checkpoints; ``run`` trains epoch by epoch."""
 
-    def __init__(self, args: argparse.Namespace, context: common.DistributedContext) -> None:
+    def __init__(self, args: argparse.Namespace, context: DistributedContext) -> None:
         super().__init__(args, context, "classification")
         self.epoch_sums = [0.0, 0]  # the current epoch's loss sum and step count
         self.skipped_images = 0
@@ -330,7 +351,7 @@ class _Training(common.EpochTraining):
         common_kwargs = dict(
             class_map=args.class_map or None, download=args.dataset_download, batch_size=args.batch_size, seed=args.seed
         )
-        self.train_set = common.create_image_dataset(
+        self.train_set = create_image_dataset(
             args.dataset,
             args.data_dir,
             args.train_split,
@@ -340,7 +361,7 @@ class _Training(common.EpochTraining):
         )
         self.eval_set = None
         if args.val_split:
-            self.eval_set = common.create_image_dataset(
+            self.eval_set = create_image_dataset(
                 args.dataset, args.data_dir, args.val_split, is_training=False, **common_kwargs
             )
 
@@ -362,8 +383,8 @@ class _Training(common.EpochTraining):
         kwargs = dict(num_classes=self.num_classes, drop_rate=args.drop)
         if args.drop_path is not None:
             kwargs["drop_path_rate"] = args.drop_path
-        kwargs.update(common.parse_kwargs(args.model_kwargs))
-        common.seed_everything(args.seed)  # the same initial weights on every rank
+        kwargs.update(args.model_kwargs)
+        random_seed(args.seed)  # the same initial weights on every rank
         model = recurzoo.create_model(args.model, pretrained=args.pretrained, **kwargs)
         if weights is not None:
             fresh = load_weights(model, weights, source=args.initial_checkpoint)
@@ -498,7 +519,7 @@ class _Training(common.EpochTraining):
             )
         self.saver = None
         if self.context.is_main:
-            self.saver = common.create_checkpoint_saver(
+            self.saver = create_checkpoint_saver(
                 self.model,
                 self.optimizer,
                 args.output,
@@ -517,11 +538,11 @@ class _Training(common.EpochTraining):
     def _resume(self) -> int:
         """Restore ``--resume``'s state; returns the first epoch to run (``batches_done`` set if mid-epoch)."""
         args = self.args
-        path = common.resolve_resume(args.resume, args.output, name="last.pth.tar")
+        path = resolve_resume(args.resume, args.output, name="last.pth.tar")
         if path is None:
             return 0
-        state = common.load_checkpoint(path)
-        common.restore_training_state(
+        state = load_checkpoint(path)
+        restore_training_state(
             state, self.model, self.optimizer, self.model_ema, self.scaler, self.saver, source=f"--resume {path}"
         )
         return self.restore_position(state, path)
@@ -538,14 +559,14 @@ class _Training(common.EpochTraining):
         self._optimization()
         start_epoch = self._resume()
         if context.is_main:
-            common.save_args_yaml(args, os.path.join(args.output, "args.yaml"))
-            common.trim_summary(self.summary_path, start_epoch)
+            save_args_yaml(args, os.path.join(args.output, "args.yaml"))
+            trim_summary(self.summary_path, start_epoch)
         if self.scheduler is not None:
             if args.sched_on_updates:
                 self.scheduler.step_update(self.num_updates)
             else:
                 self.scheduler.step(start_epoch)
-        self.train_model = common.wrap_ddp(self.model, context)
+        self.train_model = wrap_ddp(self.model, context)
         params = sum(p.numel() for p in self.model.parameters())
         self.logger.info(
             f"{args.model}: {params / 1e6:.2f} M parameters, {self.num_classes} classes, input "
@@ -556,11 +577,11 @@ class _Training(common.EpochTraining):
 
         best = (None, None)
         eval_metrics: Dict[str, float] = {}
-        with common.RunGuard(context, args.fail_at_step, args.fail_mode) as guard, self.log_failure():
+        with RunGuard(context, args.fail_at_step, args.fail_mode) as guard, self.log_failure():
             for epoch in range(start_epoch, self.num_epochs):
                 train_metrics = self._train_epoch(epoch, guard)
                 if train_metrics is None:  # a stop signal: final checkpoint written
-                    raise common.TrainingInterrupted(guard.received, self.saver.last_path if self.saver else None)
+                    raise TrainingInterrupted(guard.received, self.saver.last_path if self.saver else None)
                 if context.distributed and args.dist_bn:
                     distribute_bn(self.model, context.world_size, args.dist_bn == "reduce")
                 last_lr = max(group["lr"] for group in self.optimizer.param_groups)  # the epoch's last
@@ -572,16 +593,14 @@ class _Training(common.EpochTraining):
                     update_summary(epoch, train_metrics, eval_metrics, self.summary_path, lr=last_lr)
                     best = self.saver.save_checkpoint(epoch, metric=eval_metrics.get(args.eval_metric))
                     if args.plot:
-                        common.plot_summary(self.summary_path, args.output)
+                        plot_summary(self.summary_path, args.output)
                     shown = {
                         **{f"train_{k}": v for k, v in train_metrics.items()},
                         **{f"eval_{k}": v for k, v in eval_metrics.items()},
                     }
                     self.logger.info(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
         if args.rank_weights:
-            common.save_safetensors(
-                os.path.join(args.output, f"rank{context.rank}.safetensors"), self.model.state_dict()
-            )
+            save_safetensors(os.path.join(args.output, f"rank{context.rank}.safetensors"), self.model.state_dict())
         if best[0] is not None:
             self.logger.info(f"best {args.eval_metric} {best[0]:.4f} at epoch {best[1]}")
         return dict(
@@ -594,7 +613,7 @@ class _Training(common.EpochTraining):
             skipped_images=self.skipped_images,
         )
 
-    def _train_epoch(self, epoch: int, guard: common.RunGuard) -> Optional[Dict[str, float]]:
+    def _train_epoch(self, epoch: int, guard: RunGuard) -> Optional[Dict[str, float]]:
         """One epoch (from ``batches_done`` when resumed mid-epoch); None when stopped by a signal."""
         args, context = self.args, self.context
         if self.mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
@@ -607,7 +626,7 @@ class _Training(common.EpochTraining):
         if self.kd is not None:
             self.kd.train()
         total = len(self.train_loader)
-        bar = common.progress(
+        bar = progress_bar(
             total=total, initial=skip, desc=f"epoch {epoch}", enabled=context.is_main and not args.no_progress
         )
         kd_sums = [0.0, 0.0]
@@ -646,7 +665,7 @@ class _Training(common.EpochTraining):
             if context.is_main and (index + 1) % args.log_interval == 0:
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.logger.info(f"epoch {epoch} step {index + 1}/{total}: loss {loss_value:.4f}, lr {lr:.3e}")
-                common.append_jsonl(
+                append_jsonl(
                     os.path.join(args.output, "metrics.jsonl"),
                     dict(epoch=epoch, step=self.num_updates, loss=loss_value, lr=lr),
                 )
@@ -703,4 +722,4 @@ def _resolve_data_config(args: argparse.Namespace, model: nn.Module, verbose: bo
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    run_cli(main)

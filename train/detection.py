@@ -34,17 +34,35 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+from timm.utils import random_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from recurzoo.train import common
+from recurzoo.train.arguments import (
+    ArgumentParser,
+    ParseKwargs,
+    add_fault_arguments,
+    parse_args_with_config,
+    run_cli,
+    save_args_yaml,
+)
+from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
+from recurzoo.train.loops import EpochTraining
+from recurzoo.train.resume import (
+    create_checkpoint_saver,
+    load_checkpoint,
+    resolve_resume,
+    restore_training_state,
+    save_safetensors,
+)
+from recurzoo.train.run import RunGuard, TrainingInterrupted, plot_summary, progress_bar, trim_summary
 from recurzoo.train.validate import autocast
 
 __all__ = ["build_parser", "main", "CocoDetection", "coco_evaluate", "detections_to_coco", "collate"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = common.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m recurzoo.train.detection",
         description="Faster/Mask R-CNN (torchvision) with an FPN over any timm/recurzoo features_only backbone, "
         "on COCO-format data; COCO mAP from pycocotools.",
@@ -82,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--backbone-kwargs",
         nargs="*",
-        default=[],
+        default={},
+        action=ParseKwargs,
         metavar="KEY=VALUE",
         help="extra timm.create_model arguments, e.g. 'dims=(16,32,64,128)'",
     )
@@ -108,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--detector-kwargs",
         nargs="*",
-        default=[],
+        default={},
+        action=ParseKwargs,
         metavar="KEY=VALUE",
         help="further torchvision detector arguments, e.g. box_batch_size_per_image=128 rpn_post_nms_top_n_train=1000",
     )
@@ -155,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="every rank also writes its final weights to OUTPUT/rank<R>.safetensors",
     )
-    common.add_fault_arguments(parser)
+    add_fault_arguments(parser)
     return parser
 
 
@@ -313,7 +333,7 @@ def evaluate(
     model: nn.Module,
     dataset: CocoDetection,
     args: argparse.Namespace,
-    context: common.DistributedContext,
+    context: DistributedContext,
     logger: Any = None,
 ) -> Dict[str, float]:
     """COCO mAP of ``model`` on ``dataset``; each rank detects on its share, rank 0 scores, all get it."""
@@ -322,7 +342,7 @@ def evaluate(
     share = Subset(dataset, range(context.rank, len(dataset), context.world_size))
     loader = DataLoader(share, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, collate_fn=collate)
     records: List[Dict[str, Any]] = []
-    for images, targets in common.progress(loader, desc="eval", enabled=context.is_main and not args.no_progress):
+    for images, targets in progress_bar(loader, desc="eval", enabled=context.is_main and not args.no_progress):
         images = [image.to(context.device, non_blocking=True) for image in images]
         with autocast(context.device, args.amp, args.amp_dtype):
             outputs = model(images)
@@ -349,14 +369,14 @@ def evaluate(
 # --------------------------------------------------------------------------------------- training
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Train (or with ``--test-only`` evaluate); returns the best mAP and epoch, the last metrics, the output."""
-    args = common.parse_args_with_config(build_parser(), argv)
-    return common.run_distributed(lambda args, context: _Training(args, context).run(), args)
+    args = parse_args_with_config(build_parser(), argv)
+    return run_distributed(lambda args, context: _Training(args, context).run(), args)
 
 
-class _Training(common.EpochTraining):
+class _Training(EpochTraining):
     """One detection run: data, detector, optimization, checkpoints; ``run`` trains epoch by epoch."""
 
-    def __init__(self, args: argparse.Namespace, context: common.DistributedContext) -> None:
+    def __init__(self, args: argparse.Namespace, context: DistributedContext) -> None:
         super().__init__(args, context, "detection")
         self.epoch_sums: Dict[str, float] = {}  # the current epoch's loss sums and step count
 
@@ -380,8 +400,8 @@ class _Training(common.EpochTraining):
             )
             if self.train_set.category_ids != self.val_set.category_ids:
                 raise ValueError("the training and evaluation annotation files list different categories")
-        common.seed_everything(args.seed)  # the same initial weights on every rank
-        backbone_kwargs = common.parse_kwargs(args.backbone_kwargs)
+        random_seed(args.seed)  # the same initial weights on every rank
+        backbone_kwargs = dict(args.backbone_kwargs)
         if args.backbone_checkpoint:  # read safely here; timm's loader applies the family's filter to it
             from timm.models import clean_state_dict
 
@@ -406,7 +426,7 @@ class _Training(common.EpochTraining):
             anchor_scale=args.anchor_scale,
             box_score_thresh=args.box_score_thresh,
             box_detections_per_img=args.box_detections_per_img,
-            **common.parse_kwargs(args.detector_kwargs),
+            **args.detector_kwargs,
         ).to(context.device)
         self.optimizer = create_optimizer_v2(
             self.model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
@@ -449,7 +469,7 @@ class _Training(common.EpochTraining):
             self.scaler = NativeScaler(device="cuda")
         self.saver = None
         if context.is_main and not args.test_only:
-            self.saver = common.create_checkpoint_saver(
+            self.saver = create_checkpoint_saver(
                 self.model,
                 self.optimizer,
                 args.output,
@@ -465,13 +485,13 @@ class _Training(common.EpochTraining):
 
     def _resume(self) -> int:
         args = self.args
-        path = common.resolve_resume(args.resume, args.output, name="last.pth.tar")
+        path = resolve_resume(args.resume, args.output, name="last.pth.tar")
         if path is None:
             if args.test_only:
                 self.logger.warning("--test-only without --resume: evaluating untrained detection heads")
             return 0
-        state = common.load_checkpoint(path)
-        common.restore_training_state(
+        state = load_checkpoint(path)
+        restore_training_state(
             state,
             self.model,
             None if args.test_only else self.optimizer,
@@ -493,10 +513,10 @@ class _Training(common.EpochTraining):
             self.logger.info("mAP " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             return dict(eval=metrics, output=args.output)
         if context.is_main:
-            common.save_args_yaml(args, os.path.join(args.output, "args.yaml"))
-            common.trim_summary(self.summary_path, start_epoch)
+            save_args_yaml(args, os.path.join(args.output, "args.yaml"))
+            trim_summary(self.summary_path, start_epoch)
         self.scheduler.step_update(self.num_updates)
-        self.train_model = common.wrap_ddp(self.model, context)
+        self.train_model = wrap_ddp(self.model, context)
         self.logger.info(
             f"{args.detector} on {args.backbone} (pyramid strides {self.model.backbone.strides}): "
             f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M parameters, "
@@ -505,11 +525,11 @@ class _Training(common.EpochTraining):
         )
         best: Tuple[Optional[float], Optional[int]] = (None, None)
         eval_metrics: Dict[str, float] = {}
-        with common.RunGuard(context, args.fail_at_step, args.fail_mode) as guard, self.log_failure():
+        with RunGuard(context, args.fail_at_step, args.fail_mode) as guard, self.log_failure():
             for epoch in range(start_epoch, self.num_epochs):
                 train_metrics = self._train_epoch(epoch, guard)
                 if train_metrics is None:
-                    raise common.TrainingInterrupted(guard.received, self.saver.last_path if self.saver else None)
+                    raise TrainingInterrupted(guard.received, self.saver.last_path if self.saver else None)
                 if context.distributed and args.dist_bn:
                     distribute_bn(self.model, context.world_size, args.dist_bn == "reduce")
                 last_lr = max(group["lr"] for group in self.optimizer.param_groups)  # the epoch's last
@@ -522,16 +542,14 @@ class _Training(common.EpochTraining):
                     update_summary(epoch, train_metrics, eval_metrics, self.summary_path, lr=last_lr)
                     best = self.saver.save_checkpoint(epoch, metric=eval_metrics.get("map"))
                     if args.plot:
-                        common.plot_summary(self.summary_path, args.output)
+                        plot_summary(self.summary_path, args.output)
                     shown = {
                         **{f"train_{k}": v for k, v in train_metrics.items()},
                         **{f"eval_{k}": v for k, v in eval_metrics.items()},
                     }
                     self.logger.info(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
         if args.rank_weights:
-            common.save_safetensors(
-                os.path.join(args.output, f"rank{context.rank}.safetensors"), self.model.state_dict()
-            )
+            save_safetensors(os.path.join(args.output, f"rank{context.rank}.safetensors"), self.model.state_dict())
         return dict(
             best_map=best[0],
             best_epoch=best[1],
@@ -541,7 +559,7 @@ class _Training(common.EpochTraining):
             output=args.output,
         )
 
-    def _train_epoch(self, epoch: int, guard: common.RunGuard) -> Optional[Dict[str, float]]:
+    def _train_epoch(self, epoch: int, guard: RunGuard) -> Optional[Dict[str, float]]:
         args, context = self.args, self.context
         skip = self.batches_done or 0
         self.batches_done = skip
@@ -549,7 +567,7 @@ class _Training(common.EpochTraining):
             self.epoch_sums = {}
         self.train_model.train()
         total = len(self.train_loader)
-        bar = common.progress(
+        bar = progress_bar(
             total=total, initial=skip, desc=f"epoch {epoch}", enabled=context.is_main and not args.no_progress
         )
         started = time.perf_counter()
@@ -606,4 +624,4 @@ class _Training(common.EpochTraining):
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    run_cli(main)

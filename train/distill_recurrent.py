@@ -32,6 +32,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.scheduler import CosineLRScheduler
+from timm.utils import random_seed
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
@@ -43,14 +45,27 @@ from recurzoo.backbones.recurrent_vit import (
     phase_starts,
     vit_step_tokens,
 )
+from recurzoo.checkpoint import load_state_dict, read_state_dict
 from recurzoo.plots import plot_curves, save_phase_heatmap
-from recurzoo.train import common
+from recurzoo.train.arguments import ArgumentParser, ParseKwargs, add_fault_arguments, run_cli
+from recurzoo.train.data import create_image_dataset
+from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
+from recurzoo.train.resume import (
+    StepBatches,
+    gather_rng_states,
+    load_checkpoint,
+    rank_rng_state,
+    resolve_resume,
+    save_checkpoint,
+    save_safetensors,
+)
+from recurzoo.train.run import RunGuard, append_jsonl, progress_bar, setup_logging
 
-__all__ = ["build_parser", "main", "TokenLoss", "PhaseObjective", "SequenceObjective", "step_errors"]
+__all__ = ["build_parser", "main", "TokenLoss", "PhaseObjective", "SequenceObjective", "step_errors", "cosine_schedule"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = common.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m recurzoo.train.distill_recurrent",
         description="Distil a timm ViT teacher into a recurrent ViT with k shared blocks.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -65,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--teacher-kwargs",
         nargs="*",
-        default=[],
+        default={},
+        action=ParseKwargs,
         metavar="KEY=VALUE",
         help="extra timm.create_model arguments of the teacher, e.g. img_size=32 depth=4",
     )
@@ -150,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
-    common.add_fault_arguments(parser)
+    add_fault_arguments(parser)
     return parser
 
 
@@ -259,14 +275,10 @@ def _load_teacher(args: argparse.Namespace) -> nn.Module:
     import timm
 
     pretrained = args.pretrained if args.pretrained is not None else args.teacher_checkpoint is None
-    teacher = timm.create_model(args.teacher, pretrained=pretrained, **common.parse_kwargs(args.teacher_kwargs))
+    teacher = timm.create_model(args.teacher, pretrained=pretrained, **args.teacher_kwargs)
     if args.teacher_checkpoint:
-        from timm.models import clean_state_dict
-
-        from recurzoo.checkpoint import read_state_dict
-
-        state_dict = clean_state_dict(read_state_dict(args.teacher_checkpoint))  # DDP prefixes removed
-        common.load_fitting_state_dict(teacher, state_dict, f"--teacher-checkpoint {args.teacher_checkpoint}")
+        source = f"--teacher-checkpoint {args.teacher_checkpoint}"
+        load_state_dict(teacher, read_state_dict(args.teacher_checkpoint), source, use_family_filter=False)
     return teacher.eval().requires_grad_(False)
 
 
@@ -281,10 +293,10 @@ def _datasets(args: argparse.Namespace, teacher: nn.Module):
         **data_config, is_training=True, scale=(args.min_crop, 1.0), hflip=0.5, color_jitter=None
     )
     eval_transform = create_transform(**data_config, is_training=False)
-    train_set = common.create_image_dataset(
+    train_set = create_image_dataset(
         "", args.data_dir, args.split, skip_unreadable="training set", is_training=True, transform=train_transform
     )
-    eval_set = common.create_image_dataset("", args.data_dir, args.split, transform=eval_transform)
+    eval_set = create_image_dataset("", args.data_dir, args.split, transform=eval_transform)
     eval_set = Subset(eval_set, range(min(args.eval_images, len(eval_set))))
     return train_set, eval_set
 
@@ -297,6 +309,24 @@ def _random_blocks(student: RecurrentViT) -> None:
                 module.reset_parameters()
         block.apply(RecurrentViT._init_linear)
         block.reset_step_parameters()
+
+
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.01
+) -> CosineLRScheduler:
+    """timm's cosine schedule counted in updates (``step_update(n)`` after ``n`` of them): a linear
+    warm-up from ``1 / warmup_steps`` of the rate to the rate over ``warmup_steps`` updates, then a
+    cosine decay to ``min_ratio`` of it at ``total_steps``."""
+    lr = optimizer.param_groups[0]["lr"]
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, total_steps - warmup_steps),
+        lr_min=min_ratio * lr,
+        warmup_t=warmup_steps,
+        warmup_lr_init=lr / max(1, warmup_steps),
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
 
 
 def _optimizer(model: RecurrentViT, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -313,7 +343,7 @@ def _train_stage(
     teacher: nn.Module,
     loader: DataLoader,
     args: argparse.Namespace,
-    context: common.DistributedContext,
+    context: DistributedContext,
     logger: Any,
     state: Dict[str, Any],
     start_step: int,
@@ -323,20 +353,21 @@ def _train_stage(
     total = args.stage1_steps if stage == 1 else args.stage2_steps
     lr = args.lr1 if stage == 1 else args.lr2
     optimizer = _optimizer(student, lr, args.weight_decay)
-    scheduler = common.cosine_schedule(optimizer, total, int(args.warmup_frac * total))
+    scheduler = cosine_schedule(optimizer, total, int(args.warmup_frac * total))
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
-    wrapped = common.wrap_ddp(objective, context)
+        scheduler.step_update(start_step)
+    wrapped = wrap_ddp(objective, context)
     parameters = [p for p in student.parameters() if p.requires_grad]
     history = state["history"].setdefault(f"stage{stage}", [])
     use_amp = args.amp and context.device.type == "cuda"
-    resume_rng = common.rank_rng_state(resume_state.get("rng"), context, logger) if resume_state is not None else None
-    batches = common.StepBatches(loader, args.seed, context.rank, start_step, resume_rng)
+    resume_rng = rank_rng_state(resume_state.get("rng"), context, logger) if resume_state is not None else None
+    batches = StepBatches(loader, args.seed, context.rank, start_step, resume_rng)
     last_path = os.path.join(args.output, "last.pt")
 
     def save(done: int, pending: bool = False) -> None:
-        rng = common.gather_rng_states(context, batches.resume_rng_state(pending))  # a collective: every rank
+        rng = gather_rng_states(context, batches.resume_rng_state(pending))  # a collective: every rank
         if context.is_main:
             state.update(
                 stage=stage,
@@ -346,14 +377,14 @@ def _train_stage(
                 scheduler=scheduler.state_dict(),
                 rng=rng,
             )
-            common.save_checkpoint(last_path, state)
+            save_checkpoint(last_path, state)
 
-    bar = common.progress(
+    bar = progress_bar(
         total=total, initial=start_step, desc=f"stage {stage}", enabled=context.is_main and not args.no_progress
     )
     steps_before = args.stage1_steps if stage == 2 else 0  # the guard counts steps over the whole run
     student.train()
-    with common.RunGuard(context, args.fail_at_step, args.fail_mode) as guard:
+    with RunGuard(context, args.fail_at_step, args.fail_mode) as guard:
         for step in range(start_step, total):
             images = next(batches)[0].to(context.device, non_blocking=True)
             autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
@@ -380,7 +411,7 @@ def _train_stage(
             if args.clip_grad:
                 torch.nn.utils.clip_grad_norm_(parameters, args.clip_grad)
             optimizer.step()
-            scheduler.step()
+            scheduler.step_update(step + 1)
             history.append(float(loss.detach()))
             bar.update(1)
             done = step + 1
@@ -388,11 +419,11 @@ def _train_stage(
                 recent = history[-args.log_every :]
                 logger.info(
                     f"stage {stage} step {done}/{total} loss {sum(recent) / len(recent):.5f} "
-                    f"lr {scheduler.get_last_lr()[0]:.2e}"
+                    f"lr {optimizer.param_groups[0]['lr']:.2e}"
                 )
-                common.append_jsonl(
+                append_jsonl(
                     os.path.join(args.output, "metrics.jsonl"),
-                    dict(stage=stage, step=done, loss=history[-1], lr=scheduler.get_last_lr()[0]),
+                    dict(stage=stage, step=done, loss=history[-1], lr=optimizer.param_groups[0]["lr"]),
                 )
             if done % args.save_every == 0 or done == total:
                 save(done)
@@ -402,14 +433,14 @@ def _train_stage(
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run the distillation; returns the phases, per-step errors and loss history."""
     args = build_parser().parse_args(argv)
-    return common.run_distributed(_run, args)
+    return run_distributed(_run, args)
 
 
-def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[str, Any]:
-    common.seed_everything(args.seed, context.rank)
-    logger = common.setup_logging(args.output, context.is_main, name="recurzoo.distill_recurrent")
-    resume_path = common.resolve_resume(args.resume, args.output)
-    resumed = common.load_checkpoint(resume_path) if resume_path else None
+def _run(args: argparse.Namespace, context: DistributedContext) -> Dict[str, Any]:
+    random_seed(args.seed, context.rank)
+    logger = setup_logging(args.output, context.is_main, name="recurzoo.distill_recurrent")
+    resume_path = resolve_resume(args.resume, args.output)
+    resumed = load_checkpoint(resume_path) if resume_path else None
     if resumed is not None and not {"phases", "student", "stage", "step", "history", "errors"} <= set(resumed):
         raise ValueError(
             f"--resume {resume_path}: not a checkpoint of this script (needs phases, student, stage, "
@@ -467,7 +498,7 @@ def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[s
     state: Dict[str, Any] = dict(phases=phases, history={}, errors={}, args=vars(args))
     start_stage, start_step = 1, 0
     if resumed is not None:
-        common.load_fitting_state_dict(student, resumed["student"], f"--resume {resume_path}")
+        load_state_dict(student, resumed["student"], f"--resume {resume_path}", use_family_filter=False)
         state.update(history=resumed["history"], errors=resumed["errors"])
         start_stage, start_step = resumed["stage"], resumed["step"]
         if start_stage == 1 and start_step >= args.stage1_steps:
@@ -529,10 +560,10 @@ def _format(values: Sequence[float]) -> str:
 
 
 def _write_results(args: argparse.Namespace, student: RecurrentViT, state: Dict[str, Any], logger: Any) -> None:
-    common.save_safetensors(os.path.join(args.output, "student.safetensors"), student.state_dict())
+    save_safetensors(os.path.join(args.output, "student.safetensors"), student.state_dict())
     config = dict(
         teacher=args.teacher,
-        teacher_kwargs=common.parse_kwargs(args.teacher_kwargs),
+        teacher_kwargs=args.teacher_kwargs,
         phases=state["phases"],
         depth_conditioning=args.depth_conditioning,
         lora_rank=args.lora_rank,
@@ -563,4 +594,4 @@ def _write_results(args: argparse.Namespace, student: RecurrentViT, state: Dict[
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    run_cli(main)

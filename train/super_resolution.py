@@ -49,13 +49,34 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from timm.utils import random_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from recurzoo.checkpoint import family_filter, load_state_dict, load_weights
 from recurzoo.heads.super_resolution import SuperResolutionModel, create_sr_model, image_to_tensor, tensor_to_image
 from recurzoo.images import IMAGE_SUFFIXES, read_image, write_png
 from recurzoo.plots import plot_curves
-from recurzoo.train import common
+from recurzoo.train.arguments import ArgumentParser, ParseKwargs, add_fault_arguments, run_cli
+from recurzoo.train.data import (
+    DatasetWarning,
+    SkipUnreadable,
+    UnreadableImageError,
+    image_size,
+    seed_albumentations,
+    summarize,
+)
+from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
+from recurzoo.train.resume import (
+    StepBatches,
+    gather_rng_states,
+    load_checkpoint,
+    rank_rng_state,
+    resolve_resume,
+    save_checkpoint,
+    save_safetensors,
+)
+from recurzoo.train.run import RunGuard, append_jsonl, progress_bar, setup_logging
 
 __all__ = [
     "rgb_to_y",
@@ -147,13 +168,13 @@ def _without_unreadable(
     name: str, hr_files: Sequence[Path], lr_files: Optional[Sequence[Path]]
 ) -> Tuple[Tuple[Path, ...], Optional[Tuple[Path, ...]]]:
     """The (HR, LR) files whose headers are readable images; the others are dropped with one counted
-    :class:`~recurzoo.train.common.DatasetWarning`. (Truncated files pass this check; training skips them.)"""
+    :class:`~recurzoo.train.DatasetWarning`. (Truncated files pass this check; training skips them.)"""
     kept_hr, kept_lr, unreadable = [], [], []
     for hr, lr in zip(hr_files, lr_files or hr_files):
         try:
             for path in dict.fromkeys((hr, lr)):  # HR first; once when unpaired
-                common.image_size(str(path))
-        except common.UnreadableImageError as error:
+                image_size(str(path))
+        except UnreadableImageError as error:
             unreadable.append(str(error))
             continue
         kept_hr.append(hr)
@@ -161,8 +182,8 @@ def _without_unreadable(
     if unreadable:
         warnings.warn(
             f"dataset {name!r}: skipped {len(unreadable)} of {len(hr_files)} images with unreadable files: "
-            f"{common.summarize(unreadable)}",
-            common.DatasetWarning,
+            f"{summarize(unreadable)}",
+            DatasetWarning,
             stacklevel=3,
         )
     return tuple(kept_hr), (tuple(kept_lr) if lr_files is not None else None)
@@ -243,7 +264,7 @@ def _read_training_image(path: Path) -> np.ndarray:
     try:
         return read_image(path)
     except (ValueError, OSError) as error:
-        raise common.UnreadableImageError(str(error)) from None
+        raise UnreadableImageError(str(error)) from None
 
 
 class SRTrainDataset(Dataset):
@@ -278,13 +299,13 @@ class SRTrainDataset(Dataset):
                 A.Transpose(p=0.5),
             ]
         )
-        self.skip_unreadable = common.SkipUnreadable("training set")
+        self.skip_unreadable = SkipUnreadable("training set")
 
     def _large_enough(self, items: Sequence[Tuple[Path, Optional[Path]]]) -> List[Tuple[Path, Optional[Path]]]:
         kept, small = [], []
         for hr, lr in items:
             path, side = (hr, self.patch * self.scale) if lr is None else (lr, self.patch)
-            height, width = common.image_size(str(path))
+            height, width = image_size(str(path))
             if min(height, width) < side:
                 small.append(f"{path} ({width}x{height})")
             else:
@@ -293,8 +314,8 @@ class SRTrainDataset(Dataset):
             warnings.warn(
                 f"{len(small)} of {len(items)} training images are too small for the "
                 f"{self.patch}x{self.patch} LR patch (x{self.scale}) and are left out: "
-                f"{common.summarize(small)}",
-                common.DatasetWarning,
+                f"{summarize(small)}",
+                DatasetWarning,
                 stacklevel=3,
             )
         if not kept:
@@ -313,7 +334,7 @@ class SRTrainDataset(Dataset):
         hr_path, lr_path = self.items[index % len(self.items)]
         hr = _read_training_image(hr_path)
         if lr_path is None:
-            common.seed_albumentations(self.hr_crop, int(np.random.randint(2**31)))
+            seed_albumentations(self.hr_crop, int(np.random.randint(2**31)))
             hr = self.hr_crop(image=hr)["image"]
             lr = bicubic_downscale(hr, self.scale)
         else:
@@ -323,7 +344,7 @@ class SRTrainDataset(Dataset):
             lr = lr[top : top + self.patch, left : left + self.patch]
             s = self.scale
             hr = hr[top * s : (top + self.patch) * s, left * s : (left + self.patch) * s]
-            common.seed_albumentations(self.symmetries, int(np.random.randint(2**31)))
+            seed_albumentations(self.symmetries, int(np.random.randint(2**31)))
             augmented = self.symmetries(image=lr, hr=hr)
             lr, hr = augmented["image"], augmented["hr"]
         return image_to_tensor(lr)[0], image_to_tensor(hr)[0]
@@ -375,7 +396,7 @@ def evaluate(
         for spec in specs:
             dataset = SREvalDataset(spec, scale)
             per_image = {}
-            for index in common.progress(range(len(dataset)), desc=f"eval {spec.name}", enabled=progress):
+            for index in progress_bar(range(len(dataset)), desc=f"eval {spec.name}", enabled=progress):
                 lr, hr, stem = dataset[index]
                 lr = lr[None] if tile is not None else lr[None].to(device)
                 output = tensor_to_image(model.super_resolve(lr, tile=tile, tile_overlap=tile_overlap))
@@ -426,7 +447,7 @@ def _write_report(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = common.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m recurzoo.train.super_resolution",
         description="Train and evaluate super-resolution models (BasicSR recipe and metrics).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -443,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--model-kwargs",
         nargs="*",
-        default=[],
+        default={},
+        action=ParseKwargs,
         metavar="KEY=VALUE",
         help="extra timm.create_model arguments, e.g. embed_dim=60 blocks_per_group=2",
     )
@@ -496,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     group.add_argument("--seed", type=int, default=10, help="random seed (the official one)")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
-    common.add_fault_arguments(parser)
+    add_fault_arguments(parser)
     return parser
 
 
@@ -507,9 +529,8 @@ def build_model(args: argparse.Namespace) -> Tuple[SuperResolutionModel, str]:
     ``weights_only`` torch file; official BasicSR layouts converted by the family's filter).
     """
     import recurzoo
-    from recurzoo.checkpoint import load_weights
 
-    kwargs = common.parse_kwargs(args.model_kwargs)
+    kwargs = dict(args.model_kwargs)
     if bool(args.model) == bool(args.backbone):
         raise ValueError("give either --model (a registered SR model) or --backbone with --scale")
     if args.model:
@@ -526,7 +547,7 @@ def build_model(args: argparse.Namespace) -> Tuple[SuperResolutionModel, str]:
     if not isinstance(model, SuperResolutionModel):
         raise ValueError(f"{name} is not a super-resolution model")
     if args.checkpoint:
-        load_weights(model, args.checkpoint, filter_fn=common.registered_filter_fn(args.model) if args.model else None)
+        load_weights(model, args.checkpoint, filter_fn=family_filter(args.model) if args.model else None)
     return model, name
 
 
@@ -540,7 +561,7 @@ def _multistep(
 def _log_eval(logger: Any, results: Dict[str, Dict[str, Any]], step: int, output: str) -> None:
     for name, r in results.items():
         logger.info(f"step {step} {name}: PSNR {r['psnr']:.3f} dB, SSIM {r['ssim']:.4f} ({r['images']} images)")
-        common.append_jsonl(
+        append_jsonl(
             os.path.join(output, "metrics.jsonl"), dict(step=step, dataset=name, psnr=r["psnr"], ssim=r["ssim"])
         )
 
@@ -552,13 +573,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raise ValueError("--eval-only needs --val-data")
     if not args.eval_only and not args.train_data:
         raise ValueError("training needs --train-data (or use --eval-only)")
-    return common.run_distributed(_run, args)
+    return run_distributed(_run, args)
 
 
-def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[str, Any]:
-    common.seed_everything(args.seed, context.rank)
+def _run(args: argparse.Namespace, context: DistributedContext) -> Dict[str, Any]:
+    random_seed(args.seed, context.rank)
     os.makedirs(args.output, exist_ok=True)
-    logger = common.setup_logging(args.output, context.is_main, name="recurzoo.sr")
+    logger = setup_logging(args.output, context.is_main, name="recurzoo.sr")
     show = context.is_main and not args.no_progress
 
     model, name = build_model(args)
@@ -591,7 +612,7 @@ def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[s
 
 def _train(
     args: argparse.Namespace,
-    context: common.DistributedContext,
+    context: DistributedContext,
     logger: Any,
     model: SuperResolutionModel,
     name: str,
@@ -621,32 +642,32 @@ def _train(
     scheduler = _multistep(optimizer, args.steps, args.milestones, args.gamma)
     ema = ModelEmaV3(model, decay=args.ema_decay) if args.ema_decay > 0 else None
     start_step, resume_rng = 0, None
-    resume = common.resolve_resume(args.resume, args.output)
+    resume = resolve_resume(args.resume, args.output)
     if resume:
-        state = common.load_checkpoint(resume, map_location=context.device)
+        state = load_checkpoint(resume, map_location=context.device)
         if not {"model", "optimizer", "scheduler", "step"} <= set(state):
             raise ValueError(
                 f"--resume {resume}: not a checkpoint of this script (needs model, optimizer, "
                 f"scheduler and step entries)"
             )
-        common.load_fitting_state_dict(model, state["model"], f"--resume {resume}")
+        load_state_dict(model, state["model"], f"--resume {resume}", use_family_filter=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None and state.get("ema") is not None:
             ema.module.load_state_dict(state["ema"])
         start_step = int(state["step"])
-        resume_rng = common.rank_rng_state(state.get("rng"), context, logger)
+        resume_rng = rank_rng_state(state.get("rng"), context, logger)
         logger.info(f"resumed from {resume} at step {start_step}")
-    batches = common.StepBatches(loader, args.seed, context.rank, start_step, resume_rng)
-    train_model = common.wrap_ddp(model, context)
+    batches = StepBatches(loader, args.seed, context.rank, start_step, resume_rng)
+    train_model = wrap_ddp(model, context)
     loss_fn = nn.L1Loss()
     eval_model = ema.module if ema is not None else model
     last_path = os.path.join(args.output, "last.pt")
 
     def save(step: int, pending: bool = False) -> None:
-        rng = common.gather_rng_states(context, batches.resume_rng_state(pending))  # a collective: every rank
+        rng = gather_rng_states(context, batches.resume_rng_state(pending))  # a collective: every rank
         if context.is_main:
-            common.save_checkpoint(
+            save_checkpoint(
                 last_path,
                 dict(
                     model=model.state_dict(),
@@ -673,9 +694,9 @@ def _train(
     losses: List[float] = []
     skipped = 0  # unreadable training images, all ranks
     started = time.perf_counter()
-    bar = common.progress(total=args.steps, initial=start_step, desc="train", enabled=show)
+    bar = progress_bar(total=args.steps, initial=start_step, desc="train", enabled=show)
     model.train()
-    with common.RunGuard(context, args.fail_at_step, args.fail_mode) as guard:
+    with RunGuard(context, args.fail_at_step, args.fail_mode) as guard:
         for step in range(start_step + 1, args.steps + 1):
             lr, hr = next(batches)
             lr, hr = lr.to(context.device, non_blocking=True), hr.to(context.device, non_blocking=True)
@@ -702,7 +723,7 @@ def _train(
                         f"step {step}: L1 {np.mean(losses[-args.log_every :]):.5f}, "
                         f"lr {scheduler.get_last_lr()[0]:.3e}, {time.perf_counter() - started:.0f} s"
                     )
-                    common.append_jsonl(
+                    append_jsonl(
                         os.path.join(args.output, "metrics.jsonl"),
                         dict(step=step, loss=float(np.mean(losses[-args.log_every :]))),
                     )
@@ -715,7 +736,7 @@ def _train(
     bar.close()
     skipped += dataset.skip_unreadable.report(logger, "training", context)
     if context.is_main:
-        common.save_safetensors(
+        save_safetensors(
             os.path.join(args.output, "model.safetensors"),
             eval_model.state_dict(),
             metadata=dict(model=name, step=str(args.steps)),
@@ -726,4 +747,4 @@ def _train(
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    run_cli(main)
