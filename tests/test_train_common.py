@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import pytest
 import torch
 
 from recurzoo.plots import plot_curves, save_heatmap
-from recurzoo.train import arguments, resume
+from recurzoo.train import arguments, loops, resume, run
+from recurzoo.train.distributed import DistributedContext
 
 
 class _NotATensor:
@@ -121,3 +123,70 @@ def test_plots_are_png(tmp_path):
     save_heatmap([[1.0, 0.5], [0.5, 1.0]], str(tmp_path / "map.png"), lines=[1])
     for name in ("loss.png", "map.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------------- the step-based skeleton
+
+
+class _NoisyRange(torch.utils.data.Dataset):
+    """Ten samples with fresh noise at every draw: resuming must restore the random streams."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, index):
+        return torch.full((4,), float(index)) + torch.randn(4), torch.tensor(float(index % 3))
+
+
+class _ToyTraining(loops.StepTraining):
+    """A StepTraining as the scripts build one: BatchNorm, dropout, a schedule, 2 updates an epoch."""
+
+    def __init__(self, args):
+        super().__init__(args, DistributedContext(), "toy")
+        torch.manual_seed(0)
+        self.model = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 1)
+        )
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=3, gamma=0.5)
+
+    def run(self, total):
+        loader = torch.utils.data.DataLoader(_NoisyRange(), batch_size=4, shuffle=True, drop_last=True)
+        path, state = self.load_resume(("model", "optimizer", "scheduler", "step", "history"))
+        start_step, resume_rng = 0, None
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            start_step, self.history = state["step"], list(state["history"])
+            resume_rng = self.restore_optimization(state, start_step)
+        self.model.train()
+        self.train_steps(loader, start_step, total, save_every=2, resume_rng=resume_rng)
+        return self.history
+
+    def training_loss(self, batch, step):
+        inputs, targets = batch
+        return torch.nn.functional.mse_loss(self.model(inputs).squeeze(-1), targets), {}
+
+    def checkpoint_state(self, updates):
+        return dict(super().checkpoint_state(updates), model=self.model.state_dict(), history=self.history)
+
+
+def _toy_args(output, **overrides):
+    values = dict(output=str(output), seed=0, resume=None, no_progress=True, fail_at_step=None, fail_mode="sigkill")
+    return argparse.Namespace(**dict(values, **overrides))
+
+
+@pytest.mark.parametrize("stop, fail_at, kept", [("sigterm", 4, 4), ("nan", 5, 4)])
+def test_step_training_stopped_and_resumed_repeats_the_uninterrupted_losses(tmp_path, stop, fail_at, kept):
+    once = _ToyTraining(_toy_args(tmp_path / "once")).run(total=7)
+    stopped = tmp_path / "stopped"
+    error = run.TrainingInterrupted if stop == "sigterm" else run.NonFiniteLossError
+    with pytest.raises(error):
+        _ToyTraining(_toy_args(stopped, fail_at_step=fail_at, fail_mode=stop)).run(total=7)
+    assert resume.load_checkpoint(str(stopped / "last.pt"))["step"] == kept
+    if stop == "nan":
+        assert f"the last good checkpoint is {stopped / 'last.pt'}" in (stopped / "log.txt").read_text()
+    again = _ToyTraining(_toy_args(stopped, resume="auto")).run(total=7)
+    assert len(once) == 7 and again == once  # steps 5 to 7 computed again, to the bit
+    final, reference = (resume.load_checkpoint(str(path / "last.pt")) for path in (stopped, tmp_path / "once"))
+    for key, value in reference["model"].items():  # BatchNorm statistics included
+        assert torch.equal(final["model"][key], value), key

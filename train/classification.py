@@ -48,12 +48,14 @@ from timm.utils import random_seed
 from torch import nn
 
 from recurzoo.train.arguments import (
-    ArgumentParser,
     ParseKwargs,
+    add_epoch_arguments,
     add_fault_arguments,
+    add_run_arguments,
     parse_args_with_config,
     run_cli,
     save_args_yaml,
+    training_parser,
 )
 from recurzoo.train.data import create_image_dataset
 from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
@@ -63,9 +65,8 @@ from recurzoo.train.resume import (
     load_checkpoint,
     resolve_resume,
     restore_training_state,
-    save_safetensors,
 )
-from recurzoo.train.run import RunGuard, TrainingInterrupted, append_jsonl, plot_summary, progress_bar, trim_summary
+from recurzoo.train.run import RunGuard, append_jsonl, progress_bar, trim_summary
 from recurzoo.train.validate import (
     add_preprocessing_arguments,
     autocast,
@@ -81,16 +82,9 @@ __all__ = ["build_parser", "main", "KnowledgeDistillationLoss", "create_teacher"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="python -m recurzoo.train.classification",
-        description="Train or fine-tune a timm/recurzoo classifier with timm's components.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument(
-        "--config",
-        default=None,
-        metavar="YAML",
-        help="YAML file of option defaults, keys as the flags' names (command-line flags win)",
+    parser = training_parser(
+        "python -m recurzoo.train.classification",
+        "Train or fine-tune a timm/recurzoo classifier with timm's components.",
     )
     group = parser.add_argument_group("model")
     group.add_argument("--model", required=True, help="timm model name, e.g. sret_small or hornet_tiny_7x7")
@@ -206,36 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--kd-weight", type=float, default=1.0, help="weight W of the soft-label loss; the task loss gets 1 - W"
     )
-    group = parser.add_argument_group("run")
-    group.add_argument("--output", default="output/classification", help="folder for checkpoints, logs, plots")
-    group.add_argument("--resume", default=None, help="checkpoint to resume, or 'auto' for OUTPUT/last.pth.tar")
+    group = add_run_arguments(parser, output="output/classification", seed=42, checkpoint="last.pth.tar")
     group.add_argument("--eval-metric", default="top1", help="metric ranking the checkpoints (top1, top5, loss)")
-    group.add_argument("--checkpoint-hist", type=int, default=3, help="ranked epoch checkpoints to keep")
-    group.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=0,
-        help="also write last.pth.tar every N steps within an epoch (0: at epoch ends only)",
-    )
-    group.add_argument(
-        "--dist-bn",
-        default="reduce",
-        choices=("reduce", "broadcast", ""),
-        help="sync BatchNorm statistics across ranks at epoch ends",
-    )
-    group.add_argument("--amp", action="store_true", help="mixed precision (autocast; GradScaler for float16)")
-    group.add_argument("--amp-dtype", choices=("bfloat16", "float16"), default="bfloat16")
-    group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    group.add_argument("--seed", type=int, default=42)
-    group.add_argument("--log-interval", type=int, default=50, help="log the training loss every N steps")
-    group.add_argument("--plot", action="store_true", help="write loss.png and metrics.png after every epoch")
-    group.add_argument("--no-progress", action="store_true", help="no progress bars")
-    group.add_argument(
-        "--rank-weights",
-        action="store_true",
-        help="every rank also writes its final weights to OUTPUT/rank<R>.safetensors "
-        "(to check that data-parallel replicas agree)",
-    )
+    add_epoch_arguments(group, log_interval=50, amp_dtype="bfloat16")
     add_fault_arguments(parser)
     return parser
 
@@ -342,7 +309,7 @@ class _Training(EpochTraining):
 
     def __init__(self, args: argparse.Namespace, context: DistributedContext) -> None:
         super().__init__(args, context, "classification")
-        self.epoch_sums = [0.0, 0]  # the current epoch's loss sum and step count
+        self.eval_metric = args.eval_metric
         self.skipped_images = 0
 
     # ----------------------------------------------------------------------------------- set-up
@@ -573,34 +540,7 @@ class _Training(EpochTraining):
             f"{tuple(self.data_config['input_size'])}, {len(self.train_loader)} steps per epoch "
             f"on {context.world_size} process(es)"
         )
-        from timm.utils import distribute_bn, update_summary
-
-        best = (None, None)
-        eval_metrics: Dict[str, float] = {}
-        with RunGuard(context, args.fail_at_step, args.fail_mode) as guard, self.log_failure():
-            for epoch in range(start_epoch, self.num_epochs):
-                train_metrics = self._train_epoch(epoch, guard)
-                if train_metrics is None:  # a stop signal: final checkpoint written
-                    raise TrainingInterrupted(guard.received, self.saver.last_path if self.saver else None)
-                if context.distributed and args.dist_bn:
-                    distribute_bn(self.model, context.world_size, args.dist_bn == "reduce")
-                last_lr = max(group["lr"] for group in self.optimizer.param_groups)  # the epoch's last
-                eval_metrics = self._evaluate(epoch)
-                if self.scheduler is not None:
-                    self.scheduler.step(epoch + 1, eval_metrics.get(args.eval_metric))
-                self.batches_done, self.epoch_sums = None, [0.0, 0]
-                if context.is_main:
-                    update_summary(epoch, train_metrics, eval_metrics, self.summary_path, lr=last_lr)
-                    best = self.saver.save_checkpoint(epoch, metric=eval_metrics.get(args.eval_metric))
-                    if args.plot:
-                        plot_summary(self.summary_path, args.output)
-                    shown = {
-                        **{f"train_{k}": v for k, v in train_metrics.items()},
-                        **{f"eval_{k}": v for k, v in eval_metrics.items()},
-                    }
-                    self.logger.info(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
-        if args.rank_weights:
-            save_safetensors(os.path.join(args.output, f"rank{context.rank}.safetensors"), self.model.state_dict())
+        best, eval_metrics = self.train_epochs(start_epoch)
         if best[0] is not None:
             self.logger.info(f"best {args.eval_metric} {best[0]:.4f} at epoch {best[1]}")
         return dict(
@@ -613,8 +553,7 @@ class _Training(EpochTraining):
             skipped_images=self.skipped_images,
         )
 
-    def _train_epoch(self, epoch: int, guard: RunGuard) -> Optional[Dict[str, float]]:
-        """One epoch (from ``batches_done`` when resumed mid-epoch); None when stopped by a signal."""
+    def train_epoch(self, epoch: int, guard: RunGuard) -> Optional[Dict[str, float]]:
         args, context = self.args, self.context
         if self.mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
             self.mixup.mixup_enabled = False
@@ -648,7 +587,7 @@ class _Training(EpochTraining):
                 self.save_last(epoch, batches, pending=True)  # this batch is trained again on resume
                 bar.close()
                 return None
-            self.optimizer_step(loss, args.clip_mode)
+            self.optimizer_step(loss, args.clip_grad, args.clip_mode)
             self.num_updates += 1
             self.batches_done = index + 1
             loss_value = loss.detach().float().item()
@@ -690,7 +629,7 @@ class _Training(EpochTraining):
             torch.distributed.all_reduce(sums)
         return (sums[0] / sums[1].clamp_min(1)).item()
 
-    def _evaluate(self, epoch: int) -> Dict[str, float]:
+    def evaluate_epoch(self, epoch: int) -> Dict[str, float]:
         if self.eval_loader is None:
             return {}
         args = self.args

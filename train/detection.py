@@ -39,12 +39,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from recurzoo.train.arguments import (
-    ArgumentParser,
     ParseKwargs,
+    add_epoch_arguments,
     add_fault_arguments,
+    add_run_arguments,
     parse_args_with_config,
     run_cli,
     save_args_yaml,
+    training_parser,
 )
 from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
 from recurzoo.train.loops import EpochTraining
@@ -53,26 +55,18 @@ from recurzoo.train.resume import (
     load_checkpoint,
     resolve_resume,
     restore_training_state,
-    save_safetensors,
 )
-from recurzoo.train.run import RunGuard, TrainingInterrupted, plot_summary, progress_bar, trim_summary
+from recurzoo.train.run import RunGuard, progress_bar, trim_summary
 from recurzoo.train.validate import autocast
 
 __all__ = ["build_parser", "main", "CocoDetection", "coco_evaluate", "detections_to_coco", "collate"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="python -m recurzoo.train.detection",
-        description="Faster/Mask R-CNN (torchvision) with an FPN over any timm/recurzoo features_only backbone, "
+    parser = training_parser(
+        "python -m recurzoo.train.detection",
+        "Faster/Mask R-CNN (torchvision) with an FPN over any timm/recurzoo features_only backbone, "
         "on COCO-format data; COCO mAP from pycocotools.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument(
-        "--config",
-        default=None,
-        metavar="YAML",
-        help="YAML file of option defaults, keys as the flags' names (command-line flags win)",
     )
     group = parser.add_argument_group("data (COCO format)")
     group.add_argument(
@@ -145,36 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--warmup-epochs", type=int, default=1, help="linear warm-up, updated every step")
     group.add_argument("--warmup-lr", type=float, default=2e-5, help="learning rate the warm-up starts from")
     group.add_argument("--min-lr", type=float, default=0.0, help="floor of the cosine schedule")
-    group = parser.add_argument_group("run")
-    group.add_argument("--output", default="output/detection", help="folder for checkpoints, logs, plots")
-    group.add_argument("--resume", default=None, help="checkpoint to resume, or 'auto' for OUTPUT/last.pth.tar")
+    group = add_run_arguments(parser, output="output/detection", seed=42, checkpoint="last.pth.tar")
     group.add_argument("--test-only", action="store_true", help="only evaluate (the --resume weights)")
     group.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
-    group.add_argument("--checkpoint-hist", type=int, default=3, help="ranked epoch checkpoints to keep")
-    group.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=0,
-        help="also write last.pth.tar every N steps within an epoch (0: at epoch ends only)",
-    )
-    group.add_argument(
-        "--dist-bn",
-        default="reduce",
-        choices=("reduce", "broadcast", ""),
-        help="sync the backbone's BatchNorm statistics across ranks at epoch ends",
-    )
-    group.add_argument("--amp", action="store_true", help="mixed precision (autocast; GradScaler for float16)")
-    group.add_argument("--amp-dtype", choices=("bfloat16", "float16"), default="float16")
-    group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    group.add_argument("--seed", type=int, default=42)
-    group.add_argument("--log-interval", type=int, default=20, help="log the losses every N steps")
-    group.add_argument("--plot", action="store_true", help="write loss.png and metrics.png after every epoch")
-    group.add_argument("--no-progress", action="store_true", help="no progress bars")
-    group.add_argument(
-        "--rank-weights",
-        action="store_true",
-        help="every rank also writes its final weights to OUTPUT/rank<R>.safetensors",
-    )
+    add_epoch_arguments(group, log_interval=20, amp_dtype="float16")
     add_fault_arguments(parser)
     return parser
 
@@ -378,7 +346,7 @@ class _Training(EpochTraining):
 
     def __init__(self, args: argparse.Namespace, context: DistributedContext) -> None:
         super().__init__(args, context, "detection")
-        self.epoch_sums: Dict[str, float] = {}  # the current epoch's loss sums and step count
+        self.eval_metric = "map"
 
     def _setup(self) -> None:
         from timm.optim import create_optimizer_v2
@@ -503,8 +471,6 @@ class _Training(EpochTraining):
         return self.restore_position(state, path)
 
     def run(self) -> Dict[str, Any]:
-        from timm.utils import distribute_bn, update_summary
-
         args, context = self.args, self.context
         self._setup()
         start_epoch = self._resume()
@@ -523,33 +489,7 @@ class _Training(EpochTraining):
             f"{self.val_set.num_classes - 1} classes, {len(self.train_loader)} steps per epoch on "
             f"{context.world_size} process(es)"
         )
-        best: Tuple[Optional[float], Optional[int]] = (None, None)
-        eval_metrics: Dict[str, float] = {}
-        with RunGuard(context, args.fail_at_step, args.fail_mode) as guard, self.log_failure():
-            for epoch in range(start_epoch, self.num_epochs):
-                train_metrics = self._train_epoch(epoch, guard)
-                if train_metrics is None:
-                    raise TrainingInterrupted(guard.received, self.saver.last_path if self.saver else None)
-                if context.distributed and args.dist_bn:
-                    distribute_bn(self.model, context.world_size, args.dist_bn == "reduce")
-                last_lr = max(group["lr"] for group in self.optimizer.param_groups)  # the epoch's last
-                eval_metrics = {}
-                if (epoch + 1) % args.eval_every == 0 or epoch + 1 == self.num_epochs:
-                    eval_metrics = evaluate(self.model, self.val_set, args, context, self.logger)
-                self.scheduler.step(epoch + 1)
-                self.batches_done, self.epoch_sums = None, {}
-                if context.is_main:
-                    update_summary(epoch, train_metrics, eval_metrics, self.summary_path, lr=last_lr)
-                    best = self.saver.save_checkpoint(epoch, metric=eval_metrics.get("map"))
-                    if args.plot:
-                        plot_summary(self.summary_path, args.output)
-                    shown = {
-                        **{f"train_{k}": v for k, v in train_metrics.items()},
-                        **{f"eval_{k}": v for k, v in eval_metrics.items()},
-                    }
-                    self.logger.info(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
-        if args.rank_weights:
-            save_safetensors(os.path.join(args.output, f"rank{context.rank}.safetensors"), self.model.state_dict())
+        best, eval_metrics = self.train_epochs(start_epoch)
         return dict(
             best_map=best[0],
             best_epoch=best[1],
@@ -559,7 +499,12 @@ class _Training(EpochTraining):
             output=args.output,
         )
 
-    def _train_epoch(self, epoch: int, guard: RunGuard) -> Optional[Dict[str, float]]:
+    def evaluate_epoch(self, epoch: int) -> Dict[str, float]:
+        if (epoch + 1) % self.args.eval_every == 0 or epoch + 1 == self.num_epochs:
+            return evaluate(self.model, self.val_set, self.args, self.context, self.logger)
+        return {}
+
+    def train_epoch(self, epoch: int, guard: RunGuard) -> Optional[Dict[str, float]]:
         args, context = self.args, self.context
         skip = self.batches_done or 0
         self.batches_done = skip
@@ -586,7 +531,7 @@ class _Training(EpochTraining):
                 self.save_last(epoch, batches, pending=True)  # this batch is trained again on resume
                 bar.close()
                 return None
-            self.optimizer_step(loss)
+            self.optimizer_step(loss, self.args.clip_grad)
             self.num_updates += 1
             self.batches_done = index + 1
             values = {

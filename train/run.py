@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -169,26 +169,6 @@ class RunGuard:
         if signum and not self.received:
             self.received = int(signum)
         return bool(signum)
-
-    def stop_on_signal(
-        self,
-        loss: torch.Tensor,
-        step: int,
-        save_pending: Callable[[], None],
-        checkpoint: str,
-        where: str = "",
-        bar: Any = None,
-    ) -> None:
-        """:meth:`check`; after a stop signal, write the final checkpoint and raise :class:`TrainingInterrupted`.
-
-        ``save_pending`` saves the state from before the step in flight (trained again on resume); it
-        runs on every rank, since gathering the RNG states is a collective.
-        """
-        if self.check(loss, step, where):
-            save_pending()
-            if bar is not None:
-                bar.close()
-            raise TrainingInterrupted(self.received, checkpoint if self.context.is_main else None)
 
 
 def trim_summary(path: str, start_epoch: int) -> None:
