@@ -387,3 +387,39 @@ def test_checkpoint_of_another_width_is_one_line_naming_the_mismatch(data, tmp_p
         r"model\): .*\(32, 16, 1, 1\) vs \(16, 8, 1, 1\)",
         line,
     ), line
+
+
+# ------------------------------------------------------------------------- options every script shares
+
+_REQUIRED = {  # what each script needs on top of the shared options, given here by the config file
+    "classification": "model: hornet_tiny_7x7\ndata_dir: data\n",
+    "detection": "data-dir: coco\n",
+    "camouflage": "",
+    "super_resolution": "",
+    "distill_recurrent": "teacher: vit_tiny_patch16_224\ndata_dir: data\nteacher_kwargs: [img_size=32, depth=2]\n",
+}
+
+
+@pytest.mark.parametrize("module", sorted(_REQUIRED))
+def test_every_training_script_reads_the_shared_options_from_a_config_file(module, tmp_path):
+    from recurzoo.train.arguments import parse_args_with_config
+
+    script = importlib.import_module(f"recurzoo.train.{module}")
+    config = tmp_path / "recipe.yaml"
+    config.write_text(
+        _REQUIRED[module] + "seed: 7\nfail-at-step: 3\nfail_mode: nan\nno_progress: true\noutput: there\n"
+    )
+    args = parse_args_with_config(script.build_parser(), ["--config", str(config), "--seed", "8", "--resume", "auto"])
+    assert (args.seed, args.fail_at_step, args.fail_mode, args.no_progress) == (8, 3, "nan", True)  # the flag wins
+    assert (args.output, args.resume, args.device) == ("there", "auto", None)
+    interval = (
+        ("log_every", "save_every")
+        if module in ("camouflage", "super_resolution", "distill_recurrent")
+        else (
+            "log_interval",
+            "checkpoint_every",
+        )
+    )
+    assert all(isinstance(getattr(args, name), int) for name in interval)
+    if module == "distill_recurrent":
+        assert args.teacher_kwargs == dict(img_size=32, depth=2)

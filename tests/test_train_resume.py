@@ -171,7 +171,7 @@ def test_grad_scaler_state_round_trips_through_the_training_checkpoint(tmp_path)
     scaler = NativeScaler(device="cpu")
     scaler._scaler.scale(torch.ones(()))  # the scale is created lazily
     scaler._scaler.update(new_scale=512.0)  # as after overflows: not the initial 65536
-    saver = resume.create_checkpoint_saver(model, optimizer, str(tmp_path), arch="linear", amp_scaler=scaler)
+    saver = resume.TrainCheckpointSaver(model, optimizer, str(tmp_path), arch="linear", amp_scaler=scaler)
     saver.save_last(0)
     saved = resume.load_checkpoint(saver.last_path)
     assert saved[scaler.state_dict_key]["scale"] == 512.0

@@ -19,7 +19,10 @@ is BCE plus the uncertainty-aware loss ``mean(1 - |2p - 1|^2)`` weighted by a co
 to 1 over training. Evaluation reports the metrics COD papers use (S-measure, weighted F-measure,
 mean/max/adaptive E-measure, mean/max/adaptive F-measure, MAE), computed by PySODMetrics, per
 dataset as ``metrics.json`` and ``metrics.md``, and writes each predicted mask as a PNG at its
-image's original size. Runs under ``torchrun``; ``--resume auto`` continues from ``OUTPUT/last.pt``.
+image's original size. Runs under ``torchrun``; ``--config`` reads option defaults from YAML. The
+run control is :class:`~recurzoo.train.loops.StepTraining`'s: ``last.pt`` every ``--save-every`` steps
+(atomic, with every rank's RNG state), ``--resume auto`` continues from it exactly, SIGTERM/SIGINT write
+a final checkpoint and a NaN/inf loss stops the run keeping the last one.
 """
 
 from __future__ import annotations

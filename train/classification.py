@@ -61,7 +61,7 @@ from recurzoo.train.data import create_image_dataset
 from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
 from recurzoo.train.loops import EpochTraining
 from recurzoo.train.resume import (
-    create_checkpoint_saver,
+    TrainCheckpointSaver,
     load_checkpoint,
     resolve_resume,
     restore_training_state,
@@ -486,7 +486,7 @@ class _Training(EpochTraining):
             )
         self.saver = None
         if self.context.is_main:
-            self.saver = create_checkpoint_saver(
+            self.saver = TrainCheckpointSaver(
                 self.model,
                 self.optimizer,
                 args.output,

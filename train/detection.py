@@ -51,7 +51,7 @@ from recurzoo.train.arguments import (
 from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
 from recurzoo.train.loops import EpochTraining
 from recurzoo.train.resume import (
-    create_checkpoint_saver,
+    TrainCheckpointSaver,
     load_checkpoint,
     resolve_resume,
     restore_training_state,
@@ -437,7 +437,7 @@ class _Training(EpochTraining):
             self.scaler = NativeScaler(device="cuda")
         self.saver = None
         if context.is_main and not args.test_only:
-            self.saver = create_checkpoint_saver(
+            self.saver = TrainCheckpointSaver(
                 self.model,
                 self.optimizer,
                 args.output,

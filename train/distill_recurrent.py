@@ -18,8 +18,11 @@
 The per-step error of the student (``||student - teacher||^2 / ||teacher - channel mean||^2`` on a
 fixed set of images) is logged before, between and after the stages. Any ImageFolder-style data (a
 folder of class folders, or one with a ``train`` sub-folder) works. Runs under ``torchrun`` for
-data-parallel training; checkpoints (``last.pt``) are written atomically, ``--resume auto`` picks
-them up. The student ends in ``student.safetensors`` with ``student_config.json``.
+data-parallel training; ``--config`` reads option defaults from YAML. Both stages are loops of
+:class:`~recurzoo.train.loops.StepTraining` sharing one ``last.pt`` (atomic, with every rank's RNG
+state): ``--resume auto`` continues exactly, SIGTERM/SIGINT write a final checkpoint, a NaN/inf loss
+stops the run keeping the last one. The student ends in ``student.safetensors`` with
+``student_config.json``.
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ class EpochTraining(Training):
     resume, and :meth:`train_epochs`: epochs with BatchNorm sync, evaluation, schedule, summary, ranked
     checkpoints and plots.
 
-    A subclass sets ``saver`` (a :func:`~recurzoo.train.resume.create_checkpoint_saver`, main process
+    A subclass sets ``saver`` (a :class:`~recurzoo.train.resume.TrainCheckpointSaver`, main process
     only, whose ``extra_state`` includes :meth:`position_state`), ``scheduler`` (timm's or None),
     ``num_epochs`` and ``eval_metric`` (the evaluation metric that ranks checkpoints), and implements
     :meth:`train_epoch` (over :meth:`epoch_batches`, calling :meth:`save_last` for mid-epoch checkpoints)

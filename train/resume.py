@@ -7,7 +7,7 @@ never stopped.
   ``gather_rng_states`` collects every rank's for the main process's checkpoint.
 * ``EpochBatches``/``StepBatches`` give the batches of an epoch (or endlessly) in an order that a
   resumed run reproduces; ``BufferSnapshot`` undoes the normalization statistics of a step in flight.
-* ``create_checkpoint_saver`` is timm's ``CheckpointSaver`` writing such checkpoints with resume state;
+* ``TrainCheckpointSaver`` is timm's ``CheckpointSaver`` writing such checkpoints with resume state;
   ``restore_training_state`` loads them back.
 """
 
@@ -21,7 +21,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 
 import torch
 import torch.distributed as dist
-from timm.utils import random_seed
+from timm.utils import CheckpointSaver, random_seed
+from timm.utils.model import get_state_dict
 from torch import nn
 
 from recurzoo.checkpoint import atomic_write, load_state_dict, read_checkpoint
@@ -39,7 +40,7 @@ __all__ = [
     "EpochBatches",
     "StepBatches",
     "BufferSnapshot",
-    "create_checkpoint_saver",
+    "TrainCheckpointSaver",
     "restore_training_state",
 ]
 
@@ -289,83 +290,70 @@ class BufferSnapshot:
                 buffer.copy_(saved)
 
 
-def _checkpoint_saver_class():
-    from timm.utils import CheckpointSaver
-    from timm.utils.model import get_state_dict
+class TrainCheckpointSaver(CheckpointSaver):
+    """timm's ``CheckpointSaver`` (``last``, ranked ``checkpoint-<epoch>`` files, ``model_best``) whose
+    files are written by :func:`save_checkpoint` (atomic, loadable with ``weights_only=True``) and
+    carry the resume state ``extra_state()`` returns (position in the epoch, scheduler, ...).
+    """
 
-    class TrainCheckpointSaver(CheckpointSaver):
-        """timm's ``CheckpointSaver`` (``last``, ranked ``checkpoint-<epoch>`` files, ``model_best``) whose
-        files are written by :func:`save_checkpoint` (atomic, loadable with ``weights_only=True``) and
-        carry the resume state ``extra_state()`` returns (position in the epoch, scheduler, ...).
-        """
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        output_dir: str,
+        arch: str,
+        run_args: Optional[Mapping[str, Any]] = None,
+        model_ema: Optional[nn.Module] = None,
+        amp_scaler: Any = None,
+        extra_state: Optional[Any] = None,
+        decreasing: bool = False,
+        max_history: int = 3,
+    ) -> None:
+        super().__init__(
+            model,
+            optimizer,
+            model_ema=model_ema,
+            amp_scaler=amp_scaler,
+            checkpoint_dir=output_dir,
+            recovery_dir=output_dir,
+            decreasing=decreasing,
+            max_history=max_history,
+        )  # timm's unwrap_fn: DDP, compiled and EMA wrappers
+        self.arch = arch
+        self.run_args = dict(run_args or {})
+        self.extra_state = extra_state
 
-        def __init__(
-            self,
-            model: nn.Module,
-            optimizer: torch.optim.Optimizer,
-            output_dir: str,
-            arch: str,
-            run_args: Optional[Mapping[str, Any]] = None,
-            model_ema: Optional[nn.Module] = None,
-            amp_scaler: Any = None,
-            extra_state: Optional[Any] = None,
-            decreasing: bool = False,
-            max_history: int = 3,
-        ) -> None:
-            super().__init__(
-                model,
-                optimizer,
-                model_ema=model_ema,
-                amp_scaler=amp_scaler,
-                checkpoint_dir=output_dir,
-                recovery_dir=output_dir,
-                decreasing=decreasing,
-                max_history=max_history,
-            )  # timm's unwrap_fn: DDP, compiled and EMA wrappers
-            self.arch = arch
-            self.run_args = dict(run_args or {})
-            self.extra_state = extra_state
+    def _save(self, save_path: str, epoch: int, metric: Optional[float] = None) -> None:
+        state: Dict[str, Any] = dict(
+            epoch=epoch,
+            arch=self.arch,
+            version=2,
+            args=self.run_args,
+            state_dict=get_state_dict(self.model, self.unwrap_fn),
+            optimizer=self.optimizer.state_dict(),
+        )
+        if self.amp_scaler is not None:
+            state[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
+        if self.model_ema is not None:
+            state["state_dict_ema"] = get_state_dict(self.model_ema, self.unwrap_fn)
+        if metric is not None:
+            state["metric"] = metric
+        if hasattr(self, "state_dict"):  # ranked-checkpoint bookkeeping (newer timm)
+            state["saver"] = self.state_dict(epoch, metric)
+        if self.extra_state is not None:
+            state.update(self.extra_state())
+        save_checkpoint(save_path, state)
 
-        def _save(self, save_path: str, epoch: int, metric: Optional[float] = None) -> None:
-            state: Dict[str, Any] = dict(
-                epoch=epoch,
-                arch=self.arch,
-                version=2,
-                args=self.run_args,
-                state_dict=get_state_dict(self.model, self.unwrap_fn),
-                optimizer=self.optimizer.state_dict(),
-            )
-            if self.amp_scaler is not None:
-                state[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
-            if self.model_ema is not None:
-                state["state_dict_ema"] = get_state_dict(self.model_ema, self.unwrap_fn)
-            if metric is not None:
-                state["metric"] = metric
-            if hasattr(self, "state_dict"):  # ranked-checkpoint bookkeeping (newer timm)
-                state["saver"] = self.state_dict(epoch, metric)
-            if self.extra_state is not None:
-                state.update(self.extra_state())
-            save_checkpoint(save_path, state)
+    @property
+    def last_path(self) -> str:
+        return os.path.join(self.checkpoint_dir, "last" + self.extension)
 
-        @property
-        def last_path(self) -> str:
-            return os.path.join(self.checkpoint_dir, "last" + self.extension)
-
-        def save_last(self, epoch: int) -> str:
-            """Write the current (e.g. mid-epoch) state to ``last`` only, atomically; returns its path."""
-            temporary = os.path.join(self.checkpoint_dir, "tmp" + self.extension)
-            self._save(temporary, epoch)
-            self._replace(temporary, self.last_path)
-            return self.last_path
-
-    return TrainCheckpointSaver
-
-
-def create_checkpoint_saver(
-    model: nn.Module, optimizer: torch.optim.Optimizer, output_dir: str, arch: str, **kwargs: Any
-):
-    """A ``TrainCheckpointSaver`` (timm's ``CheckpointSaver`` writing atomic, weights-only checkpoints)."""
-    return _checkpoint_saver_class()(model, optimizer, output_dir, arch, **kwargs)
+    def save_last(self, epoch: int) -> str:
+        """Write the current (e.g. mid-epoch) state to ``last`` only, atomically; returns its path."""
+        temporary = os.path.join(self.checkpoint_dir, "tmp" + self.extension)
+        self._save(temporary, epoch)
+        self._replace(temporary, self.last_path)
+        return self.last_path
 
 
 def restore_training_state(

@@ -39,42 +39,6 @@ __all__ = [
 ]
 
 
-def setup_logging(output_dir: Optional[str], is_main: bool = True, name: str = "recurzoo") -> logging.Logger:
-    """A logger printing to stderr and appending to ``output_dir/log.txt`` (main process; others warn only)."""
-    logger = logging.getLogger(name)
-    logger.handlers.clear()
-    logger.propagate = False
-    logger.setLevel(logging.INFO if is_main else logging.WARNING)
-    formatter = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-    handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if output_dir and is_main:
-        os.makedirs(output_dir, exist_ok=True)
-        handlers.append(logging.FileHandler(os.path.join(output_dir, "log.txt")))
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        logger.addHandler(handler)
-    return logger
-
-
-def progress_bar(
-    iterable: Optional[Iterable[Any]] = None,
-    total: Optional[int] = None,
-    desc: str = "",
-    enabled: bool = True,
-    initial: int = 0,
-):
-    """A tqdm progress bar (silent when ``enabled`` is False, e.g. on non-main ranks)."""
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, disable=not enabled, initial=initial, dynamic_ncols=True, leave=False)
-
-
-def append_jsonl(path: str, record: Mapping[str, Any]) -> None:
-    """Append one JSON record as a line of ``path`` (a metrics log that survives interruption)."""
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
 EXIT_NON_FINITE = 3
 FAULT_MODES = ("sigterm", "sigint", "sigkill", "nan")
 
@@ -169,6 +133,42 @@ class RunGuard:
         if signum and not self.received:
             self.received = int(signum)
         return bool(signum)
+
+
+def setup_logging(output_dir: Optional[str], is_main: bool = True, name: str = "recurzoo") -> logging.Logger:
+    """A logger printing to stderr and appending to ``output_dir/log.txt`` (main process; others warn only)."""
+    logger = logging.getLogger(name)
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    formatter = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if output_dir and is_main:
+        os.makedirs(output_dir, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(output_dir, "log.txt")))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+    return logger
+
+
+def progress_bar(
+    iterable: Optional[Iterable[Any]] = None,
+    total: Optional[int] = None,
+    desc: str = "",
+    enabled: bool = True,
+    initial: int = 0,
+):
+    """A tqdm progress bar (silent when ``enabled`` is False, e.g. on non-main ranks)."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, initial=initial, dynamic_ncols=True, leave=False)
+
+
+def append_jsonl(path: str, record: Mapping[str, Any]) -> None:
+    """Append one JSON record as a line of ``path`` (a metrics log that survives interruption)."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
 
 
 def trim_summary(path: str, start_epoch: int) -> None:

@@ -22,8 +22,9 @@ both), L1 loss, Adam (2e-4, betas 0.9/0.99), learning rate halved at 50/80/90/95
 (the official 250k/400k/450k/475k of 500k), EMA of the weights (``timm.utils.ModelEmaV3``).
 Checkpoints (``last.pt``) are written atomically, with every rank's RNG states, and ``--resume auto``
 continues from them exactly (the resumed run repeats an uninterrupted run's losses); SIGTERM/SIGINT
-write a final checkpoint, a NaN/inf loss stops the run keeping the last one. The final weights (EMA if
-used) are saved as ``model.safetensors``, loadable with
+write a final checkpoint, a NaN/inf loss stops the run keeping the last one (the run control of
+:class:`~recurzoo.train.loops.StepTraining`); ``--config`` reads option defaults from YAML. The final
+weights (EMA if used) are saved as ``model.safetensors``, loadable with
 ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))``. Files that are
 not readable images are left out with one counted warning; images smaller than the patch are left out
 with a warning naming them; a truncated image met during training is replaced by the next one and
@@ -171,7 +172,7 @@ def _without_unreadable(
     name: str, hr_files: Sequence[Path], lr_files: Optional[Sequence[Path]]
 ) -> Tuple[Tuple[Path, ...], Optional[Tuple[Path, ...]]]:
     """The (HR, LR) files whose headers are readable images; the others are dropped with one counted
-    :class:`~recurzoo.train.DatasetWarning`. (Truncated files pass this check; training skips them.)"""
+    :class:`~recurzoo.train.data.DatasetWarning`. (Truncated files pass this check; training skips them.)"""
     kept_hr, kept_lr, unreadable = [], [], []
     for hr, lr in zip(hr_files, lr_files or hr_files):
         try:
