@@ -170,14 +170,12 @@ def cmd_cod(args: argparse.Namespace) -> int:
     if missing:
         raise UsageError(f"cod: no such image, folder or dataset: {', '.join(missing)}")
     try:
-        from recurzoo.train.common import parse_kwargs
-
         results = camouflage.predict(
             args.inputs,
             args.out,
             args.checkpoint,
             model=args.model,
-            model_kwargs=parse_kwargs(args.model_kwargs),
+            model_kwargs=args.model_kwargs,
             data_config=args.data_config,
             base_size=args.base_size,
             batch_size=args.batch_size,
@@ -194,7 +192,6 @@ def cmd_cod(args: argparse.Namespace) -> int:
 def cmd_sr(args: argparse.Namespace) -> int:
     """Super-resolve PNG/JPEG files or folders with an SR model; PNGs are written to ``--out``."""
     from recurzoo.apps import super_resolve_files
-    from recurzoo.train.common import parse_kwargs
 
     _resolve_model(args.model)
     try:
@@ -206,7 +203,7 @@ def cmd_sr(args: argparse.Namespace) -> int:
             tile=args.tile,
             tile_overlap=args.tile_overlap,
             device=args.device,
-            model_kwargs=parse_kwargs(args.model_kwargs),
+            model_kwargs=args.model_kwargs,
         )
     except (ValueError, FileNotFoundError) as error:
         raise UsageError(f"sr: {error}") from None
@@ -228,7 +225,7 @@ def cmd_training(args: argparse.Namespace) -> int:
     """Run a training script with the rest of the command line (exit codes as ``python -m`` gives them)."""
     import importlib
 
-    from recurzoo.train.common import run_cli
+    from recurzoo.train.arguments import run_cli
 
     module = importlib.import_module(TRAINING_COMMANDS[args.command][0])
     try:
@@ -257,6 +254,8 @@ def _input_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from recurzoo.train.arguments import ParseKwargs  # timm's KEY=VALUE action
+
     parser = _Parser(prog="recurzoo", description="Recursive and recurrent vision backbones for timm.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -331,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="image files, folders of images, dataset folders (image + mask folders) or dataset names",
     )
     cod.add_argument("--model", default=None, help="registered COD model (default: recorded in the checkpoint)")
-    cod.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE", help="extra model arguments")
+    cod.add_argument(
+        "--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE", help="extra model arguments"
+    )
     cod.add_argument("--checkpoint", required=True, help="weights: recurzoo's or an official MSRNet checkpoint")
     cod.add_argument("--out", required=True, help="output folder (masks per input, metrics.json, metrics.md)")
     cod.add_argument("--data-config", default=None, help="YAML of named datasets (the official dataset.yaml layout)")
@@ -343,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     sr = commands.add_parser("sr", help="super-resolve PNG/JPEG images with an SR model (e.g. rgt_small_x4)")
     sr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
     sr.add_argument("--model", default="rgt_small_x4", help="registered SR model")
-    sr.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE", help="extra model arguments")
+    sr.add_argument(
+        "--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE", help="extra model arguments"
+    )
     sr.add_argument("--checkpoint", default=None, help="weights: an official RGT (BasicSR) file or one of ours")
     sr.add_argument("--tile", type=_input_size, default=None, help="process tiles of this many input pixels")
     sr.add_argument("--tile-overlap", type=int, default=32, help="overlap of neighbouring tiles (input pixels)")

@@ -328,7 +328,7 @@ def test_distillation_drives_every_step_error_well_below_its_start_and_resumes(t
 
 
 def test_distillation_stops_on_a_signal_or_a_nan_keeping_a_checkpoint_it_resumes_from(tmp_path):
-    from recurzoo.train import common
+    from recurzoo.train import run
 
     _write_image_folder(tmp_path / "data")
     teacher_kwargs = _block_recurrent_teacher(tmp_path / "teacher.pth")
@@ -367,14 +367,14 @@ def test_distillation_stops_on_a_signal_or_a_nan_keeping_a_checkpoint_it_resumes
             *extra,
         ]
 
-    with pytest.raises(common.TrainingInterrupted):  # SIGTERM at the second step of stage 2
+    with pytest.raises(run.TrainingInterrupted):  # SIGTERM at the second step of stage 2
         distill_recurrent.main(argv("signal", "--fail-at-step", "5", "--fail-mode", "sigterm"))
     state = torch.load(tmp_path / "signal/last.pt", weights_only=True)
     assert (state["stage"], state["step"]) == (2, 1)  # the step in flight is trained again on resume
     resumed = distill_recurrent.main(argv("signal", "--resume", "auto"))
     assert len(resumed["history"]["stage2"]) == 4
 
-    with pytest.raises(common.NonFiniteLossError):  # a NaN at stage 1's fourth step: the step-2 checkpoint stays
+    with pytest.raises(run.NonFiniteLossError):  # a NaN at stage 1's fourth step: the step-2 checkpoint stays
         distill_recurrent.main(argv("nan", "--fail-at-step", "3", "--fail-mode", "nan"))
     state = torch.load(tmp_path / "nan/last.pt", weights_only=True)
     assert (state["stage"], state["step"]) == (1, 2)

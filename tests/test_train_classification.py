@@ -15,9 +15,10 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.utils import random_seed
 
 import recurzoo  # noqa: F401
-from recurzoo.train import classification, common, validate
+from recurzoo.train import arguments, classification, resume, validate
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _train_data import make_image_folder  # noqa: E402
@@ -113,12 +114,12 @@ def test_cli_fine_tunes_from_a_checkpoint_to_a_new_class_count_above_chance(imag
         assert (output / file).exists(), file
     for file in ("loss.png", "metrics.png"):
         assert (output / file).read_bytes()[:4] == b"\x89PNG"
-    state = common.load_checkpoint(str(output / "last.pth.tar"))  # weights_only=True
+    state = resume.load_checkpoint(str(output / "last.pth.tar"))  # weights_only=True
     assert state["epoch"] == 1 and state["batches_done"] is None and state["num_updates"] == 18  # 2 x 72 / 8
     assert state["state_dict"]["head.fc.weight"].shape[0] == 3
     # the backbone started from the checkpoint: 18 AdamW steps of 2e-3 moved it a little from there, while
     # the fresh init the run would otherwise have used (seed 1) lies far away
-    common.seed_everything(1)
+    random_seed(1)
     fresh = recurzoo.create_model(name, num_classes=3, **kwargs).state_dict()
     keys = [key for key, value in fresh.items() if value.dim() > 1 and not key.startswith("head.")]
     for key in (keys[0], keys[-1]):
@@ -138,7 +139,7 @@ def test_sret_fine_tunes_above_chance_with_ema_and_layer_decay(image_folder, tmp
     assert float(rows[-1]["eval_top1"]) > CHANCE + 25, rows
     assert "eval_ema_top1" in rows[-1]
     assert result["best_metric"] == max(float(row["eval_top1"]) for row in rows)
-    state = common.load_checkpoint(str(output / "model_best.pth.tar"))
+    state = resume.load_checkpoint(str(output / "model_best.pth.tar"))
     assert "state_dict_ema" in state and state["epoch"] == result["best_epoch"]
     scales = sorted({group["lr_scale"] for group in state["optimizer"]["param_groups"]})
     assert len(scales) > 3 and scales[-1] == pytest.approx(1.0) and scales[0] < 0.8**3  # layer-wise decay
@@ -275,11 +276,11 @@ def test_validate_matches_a_hand_computed_top1_and_top5(image_folder, tmp_path, 
 def test_config_yaml_gives_defaults_and_flags_win(tmp_path):
     config = tmp_path / "recipe.yaml"
     config.write_text("model: sret_tiny\ndata-dir: /data\nlr: 0.001\nbatch_size: 16\nmixup: 0.8\n")
-    args = common.parse_args_with_config(classification.build_parser(), ["--config", str(config), "--lr", "0.01"])
+    args = arguments.parse_args_with_config(classification.build_parser(), ["--config", str(config), "--lr", "0.01"])
     assert (args.model, args.data_dir, args.lr, args.batch_size, args.mixup) == ("sret_tiny", "/data", 0.01, 16, 0.8)
     config.write_text("learning_rate: 0.1\n")
     with pytest.raises(SystemExit):
-        common.parse_args_with_config(
+        arguments.parse_args_with_config(
             classification.build_parser(), ["--config", str(config), "--model", "x", "--data-dir", "y"]
         )
 

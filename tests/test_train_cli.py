@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import recurzoo  # noqa: F401
-from recurzoo.train import common
+from recurzoo.train.arguments import run_cli
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _train_data import make_coco, make_image_folder, write_code_running_checkpoints  # noqa: E402
@@ -292,7 +292,7 @@ def test_every_checkpoint_flag_refuses_a_crafted_pickle_in_one_line(data, tmp_pa
     for evil in (data["evil"], data["evil_zip"]):
         argv = _fill(arguments, root=data["root"], out=tmp_path / "out", evil=evil)
         with pytest.raises(SystemExit) as exited:
-            common.run_cli(script.main, argv)
+            run_cli(script.main, argv)
         assert exited.value.code == 2
         line = _one_error_line(capsys.readouterr().err, f"recurzoo.train.{module}")
         assert f"{os.path.basename(evil)}: refused to load" in line
@@ -348,7 +348,7 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, module, arg
     if module != "validate":  # validate writes nothing
         argv += ["--output", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as exited:
-        common.run_cli(script.main, argv)
+        run_cli(script.main, argv)
     assert exited.value.code == 2
     stderr = capsys.readouterr().err
     line = [line for line in stderr.splitlines() if ": error: " in line]
@@ -379,7 +379,7 @@ def test_checkpoint_of_another_width_is_one_line_naming_the_mismatch(data, tmp_p
         str(tmp_path / "wide.pth"),
     ]
     with pytest.raises(SystemExit) as exited:
-        common.run_cli(classification.main, argv)
+        run_cli(classification.main, argv)
     assert exited.value.code == 2
     line = _one_error_line(capsys.readouterr().err, "recurzoo.train.classification")
     assert re.search(
@@ -387,3 +387,39 @@ def test_checkpoint_of_another_width_is_one_line_naming_the_mismatch(data, tmp_p
         r"model\): .*\(32, 16, 1, 1\) vs \(16, 8, 1, 1\)",
         line,
     ), line
+
+
+# ------------------------------------------------------------------------- options every script shares
+
+_REQUIRED = {  # what each script needs on top of the shared options, given here by the config file
+    "classification": "model: hornet_tiny_7x7\ndata_dir: data\n",
+    "detection": "data-dir: coco\n",
+    "camouflage": "",
+    "super_resolution": "",
+    "distill_recurrent": "teacher: vit_tiny_patch16_224\ndata_dir: data\nteacher_kwargs: [img_size=32, depth=2]\n",
+}
+
+
+@pytest.mark.parametrize("module", sorted(_REQUIRED))
+def test_every_training_script_reads_the_shared_options_from_a_config_file(module, tmp_path):
+    from recurzoo.train.arguments import parse_args_with_config
+
+    script = importlib.import_module(f"recurzoo.train.{module}")
+    config = tmp_path / "recipe.yaml"
+    config.write_text(
+        _REQUIRED[module] + "seed: 7\nfail-at-step: 3\nfail_mode: nan\nno_progress: true\noutput: there\n"
+    )
+    args = parse_args_with_config(script.build_parser(), ["--config", str(config), "--seed", "8", "--resume", "auto"])
+    assert (args.seed, args.fail_at_step, args.fail_mode, args.no_progress) == (8, 3, "nan", True)  # the flag wins
+    assert (args.output, args.resume, args.device) == ("there", "auto", None)
+    interval = (
+        ("log_every", "save_every")
+        if module in ("camouflage", "super_resolution", "distill_recurrent")
+        else (
+            "log_interval",
+            "checkpoint_every",
+        )
+    )
+    assert all(isinstance(getattr(args, name), int) for name in interval)
+    if module == "distill_recurrent":
+        assert args.teacher_kwargs == dict(img_size=32, depth=2)

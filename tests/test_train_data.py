@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import recurzoo  # noqa: F401
-from recurzoo.train import classification, common
+from recurzoo.train import classification, data
 from recurzoo.train import super_resolution as sr_train
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -57,7 +57,7 @@ def test_classification_epoch_skips_a_truncated_jpeg_and_a_non_image_and_counts_
     for path in (text_in_red, truncated_in_green):  # one broken file per class: 3 x 2 good + 2 = 2 batches of 4
         os.remove(path)
     output = tmp_path / "run"
-    with pytest.warns(common.DatasetWarning) as caught:
+    with pytest.warns(data.DatasetWarning) as caught:
         result = classification.main(_classification_args(root, output))
     named = " ".join(str(w.message) for w in caught)
     assert os.path.basename(truncated) in named and os.path.basename(not_an_image) in named
@@ -110,7 +110,7 @@ def test_super_resolution_drops_non_images_up_front_and_skips_truncated_ones_whi
         train_dir.mkdir(exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(train_dir / f"{index}.png")
     truncated, not_an_image = write_unreadable_images(str(train_dir))
-    with pytest.warns(common.DatasetWarning) as caught:
+    with pytest.warns(data.DatasetWarning) as caught:
         result = sr_train.main(_sr_args(train_dir, tmp_path / "run"))  # 5 readable headers: 1 batch an epoch
     messages = [str(w.message) for w in caught]
     assert any("skipped 1 of 6 images" in m and os.path.basename(not_an_image) in m for m in messages)
@@ -126,14 +126,14 @@ def test_super_resolution_fails_before_training_without_usable_images(tmp_path):
     truncated, _ = write_unreadable_images(str(tmp_path / "broken"))
     os.remove(truncated)  # its header reads: only the text file named .png is left
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", common.DatasetWarning)
+        warnings.simplefilter("ignore", data.DatasetWarning)
         with pytest.raises(ValueError, match="no readable images in .*broken"):
             sr_train.main(_sr_args(tmp_path / "broken", tmp_path / "run"))
     small = tmp_path / "small"
     small.mkdir()
     Image.new("RGB", (16, 16)).save(small / "tiny.png")
     with (
-        pytest.warns(common.DatasetWarning, match="too small"),
+        pytest.warns(data.DatasetWarning, match="too small"),
         pytest.raises(ValueError, match="no training image is large enough for --patch-size 12"),
     ):
         sr_train.main(_sr_args(small, tmp_path / "run"))
@@ -145,14 +145,14 @@ class _HalfBroken(torch.utils.data.Dataset):
 
     def __init__(self, broken=(1, 3)):
         self.broken = set(broken)
-        self.skip_unreadable = common.SkipUnreadable("test set")
+        self.skip_unreadable = data.SkipUnreadable("test set")
 
     def __len__(self):
         return 8
 
     def _load(self, index):
         if index in self.broken:
-            raise common.UnreadableImageError(f"image{index}.png (OSError)")
+            raise data.UnreadableImageError(f"image{index}.png (OSError)")
         return torch.tensor(index)
 
     def __getitem__(self, index):
@@ -162,7 +162,7 @@ class _HalfBroken(torch.utils.data.Dataset):
 def test_skips_are_counted_across_loader_workers_and_replaced_by_the_next_sample():
     dataset = _HalfBroken()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", common.DatasetWarning)
+        warnings.simplefilter("ignore", data.DatasetWarning)
         loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2)
         values = torch.cat(list(loader)).tolist()
     assert values == [0, 2, 2, 4, 4, 5, 6, 7]
@@ -172,7 +172,7 @@ def test_skips_are_counted_across_loader_workers_and_replaced_by_the_next_sample
 def test_a_run_of_unreadable_samples_ends_with_a_clear_error():
     dataset = _HalfBroken(broken=range(8))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", common.DatasetWarning)
+        warnings.simplefilter("ignore", data.DatasetWarning)
         with pytest.raises(ValueError, match="test set: 8 samples in a row from index 5 cannot be read"):
             dataset[5]
 
@@ -183,7 +183,7 @@ def test_seeded_augmentations_draw_their_transforms_independently():
     from recurzoo.train.camouflage import train_augmentation
 
     image = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
-    flips = common.seed_albumentations(
+    flips = data.seed_albumentations(
         A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.Transpose(p=0.5)]), seed=0
     )
     assert len({flips(image=image)["image"].tobytes() for _ in range(100)}) == 8  # all symmetries of the square
@@ -196,10 +196,10 @@ def test_seeded_augmentations_draw_their_transforms_independently():
         combinations.add(tuple(sorted(name for name, _ in applied["applied_transforms"])))
     assert len(combinations) == 16
     # the same seed gives the same stream (a run is reproducible)
-    again = common.seed_albumentations(
+    again = data.seed_albumentations(
         A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.Transpose(p=0.5)]), seed=0
     )
-    first = common.seed_albumentations(flips, seed=0)
+    first = data.seed_albumentations(flips, seed=0)
     assert [first(image=image)["image"].tobytes() for _ in range(20)] == [
         again(image=image)["image"].tobytes() for _ in range(20)
     ]

@@ -17,7 +17,7 @@ import torch
 
 import recurzoo  # noqa: F401
 from recurzoo.heads.detection import create_detector, create_fpn_backbone
-from recurzoo.train import common, detection
+from recurzoo.train import detection, resume
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _train_data import make_coco  # noqa: E402
@@ -25,6 +25,7 @@ from _train_data import make_coco  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools")  # numpy 2 notice
 
 HORNET = ["dims=(16,32,64,128)", "depths=(1,1,1,1)"]
+HORNET_KWARGS = dict(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1))
 SRET = ["embed_dims=(16,32,64)", "num_heads=(1,2,4)", "num_shared_blocks=(1,1,1)"]
 SMALL_DETECTOR = [
     "rpn_pre_nms_top_n_train=200",
@@ -148,7 +149,7 @@ def test_coco_evaluation_scores_perfect_detections_one_and_worse_ones_lower(coco
 
 
 def test_fpn_backbone_loads_a_classification_checkpoint(tmp_path):
-    kwargs = common.parse_kwargs(HORNET)
+    kwargs = HORNET_KWARGS
     classifier = recurzoo.create_model("hornet_tiny_7x7", num_classes=7, **kwargs)
     torch.save(dict(state_dict=classifier.state_dict()), tmp_path / "classifier.pth")
     backbone = create_fpn_backbone(
@@ -201,7 +202,7 @@ def test_maskrcnn_on_sret_reports_box_and_mask_map(coco_root, tmp_path):
     (row,) = _summary(output)
     for key in ("eval_map", "eval_map50", "eval_mask_map", "eval_mask_map50", "train_loss_mask"):
         assert key in row and 0.0 <= float(row[key]) < 10, key
-    state = common.load_checkpoint(str(output / "last.pth.tar"))
+    state = resume.load_checkpoint(str(output / "last.pth.tar"))
     assert any(key.startswith("roi_heads.mask_predictor") for key in state["state_dict"])
     assert state["category_ids"] == [1, 3, 5]
 
@@ -242,7 +243,7 @@ def test_backbone_checkpoint_flag_starts_the_backbone_from_a_classifier(coco_roo
     filter; with a learning rate of 0 the trained backbone still equals the classifier."""
     from safetensors.torch import load_file
 
-    classifier = recurzoo.create_model("hornet_tiny_7x7", num_classes=7, **common.parse_kwargs(HORNET))
+    classifier = recurzoo.create_model("hornet_tiny_7x7", num_classes=7, **HORNET_KWARGS)
     torch.save(dict(state_dict_ema=classifier.state_dict(), epoch=3), tmp_path / "classifier.pth")
     detection.main(
         _args(coco_root, tmp_path / "run", epochs=1)

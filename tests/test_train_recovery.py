@@ -14,15 +14,17 @@ import sys
 
 import pytest
 import torch
+from timm.utils import random_seed
 
 import recurzoo  # noqa: F401
-from recurzoo.train import classification, common
+from recurzoo.train import arguments, classification, resume, run
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _train_data import make_image_folder  # noqa: E402
 
 HORNET = ["dims=(8,16,32,64)", "depths=(1,1,1,1)"]
 SRET = ["embed_dims=(16,32,64)", "num_heads=(1,2,4)", "num_shared_blocks=(1,1,1)"]  # BatchNorm in its stem
+SRET_KWARGS = dict(embed_dims=(16, 32, 64), num_heads=(1, 2, 4), num_shared_blocks=(1, 1, 1))
 STEPS_PER_EPOCH = 4
 
 
@@ -84,7 +86,7 @@ def test_killed_mid_epoch_run_resumes_and_records_every_epoch(image_folder, tmp_
     killed = _run_cli(_args(image_folder, output) + ["--fail-at-step", "6", "--fail-mode", "sigkill"])
     assert killed.returncode == -signal.SIGKILL  # died in epoch 1, at its third step
     assert _epochs(output) == [0]
-    last = common.load_checkpoint(str(output / "last.pth.tar"))
+    last = resume.load_checkpoint(str(output / "last.pth.tar"))
     assert (last["epoch"], last["batches_done"], last["num_updates"]) == (0, None, STEPS_PER_EPOCH)
     assert not [name for name in os.listdir(output) if name.endswith(".tmp") or name.startswith("tmp")]
 
@@ -92,17 +94,17 @@ def test_killed_mid_epoch_run_resumes_and_records_every_epoch(image_folder, tmp_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed" in resumed.stderr
     assert _epochs(output) == [0, 1, 2]
-    final = common.load_checkpoint(str(output / "last.pth.tar"))
+    final = resume.load_checkpoint(str(output / "last.pth.tar"))
     assert (final["epoch"], final["num_updates"]) == (2, 3 * STEPS_PER_EPOCH)
 
 
 def test_sigterm_writes_a_final_checkpoint_and_resume_finishes_that_epoch(image_folder, tmp_path):
     output = tmp_path / "run"
-    with pytest.raises(common.TrainingInterrupted) as stopped:
+    with pytest.raises(run.TrainingInterrupted) as stopped:
         classification.main(_args(image_folder, output) + ["--fail-at-step", "6", "--fail-mode", "sigterm"])
     assert stopped.value.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again
-    last = common.load_checkpoint(str(output / "last.pth.tar"))
+    last = resume.load_checkpoint(str(output / "last.pth.tar"))
     # stopped before the update of step 6: epoch 1 has 2 of its 4 batches done
     assert (last["epoch"], last["batches_done"], last["num_updates"]) == (1, 2, 6)
     assert _epochs(output) == [0]
@@ -114,9 +116,9 @@ def test_sigterm_writes_a_final_checkpoint_and_resume_finishes_that_epoch(image_
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(image_folder, tmp_path):
     output = tmp_path / "run"
-    with pytest.raises(common.NonFiniteLossError, match="non-finite loss.*step 5"):
+    with pytest.raises(run.NonFiniteLossError, match="non-finite loss.*step 5"):
         classification.main(_args(image_folder, output) + ["--fail-at-step", "5", "--fail-mode", "nan"])
-    last = common.load_checkpoint(str(output / "last.pth.tar"))
+    last = resume.load_checkpoint(str(output / "last.pth.tar"))
     assert (last["epoch"], last["batches_done"], last["num_updates"]) == (0, None, STEPS_PER_EPOCH)
     assert all(torch.isfinite(value).all() for value in last["state_dict"].values() if value.is_floating_point())
     assert _epochs(output) == [0]
@@ -137,13 +139,13 @@ def test_resuming_an_earlier_checkpoint_rewrites_the_later_summary_rows(image_fo
 
 
 def test_nan_loss_exits_with_code_3_and_a_message_from_the_command_line(image_folder, tmp_path, capsys):
-    # ``python -m recurzoo.train.classification`` runs ``common.run_cli(main)``
+    # ``python -m recurzoo.train.classification`` runs ``arguments.run_cli(main)``
     with pytest.raises(SystemExit) as exited:
-        common.run_cli(
+        arguments.run_cli(
             classification.main,
             _args(image_folder, tmp_path / "run", epochs=1) + ["--fail-at-step", "1", "--fail-mode", "nan"],
         )
-    assert exited.value.code == common.EXIT_NON_FINITE == 3
+    assert exited.value.code == run.EXIT_NON_FINITE == 3
     message = capsys.readouterr().err
     assert "non-finite loss" in message and "last good checkpoint" in message
 
@@ -162,12 +164,12 @@ def test_two_torchrun_processes_end_with_identical_weights(image_folder, tmp_pat
     assert any("running_var" in key for key in rank0)  # BatchNorm statistics are compared too
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
-    last = common.load_checkpoint(str(output / "last.pth.tar"))
+    last = resume.load_checkpoint(str(output / "last.pth.tar"))
     assert last["num_updates"] == 2 * STEPS_PER_EPOCH and _epochs(output) == [0, 1]
     for key, value in last["state_dict"].items():  # rank 0 wrote the checkpoint of the same weights
         assert torch.equal(value, rank0[key]), key
     # trained: the ranks moved away from their common starting point
-    common.seed_everything(42)
+    random_seed(42)
 
-    start = recurzoo.create_model("sret_tiny", num_classes=3, **common.parse_kwargs(SRET)).state_dict()
+    start = recurzoo.create_model("sret_tiny", num_classes=3, **SRET_KWARGS).state_dict()
     assert not torch.equal(start["stem.0.conv.weight"], rank0["stem.0.conv.weight"])

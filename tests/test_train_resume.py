@@ -15,9 +15,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from timm.utils import random_seed
 
 import recurzoo  # noqa: F401
-from recurzoo.train import classification, common
+from recurzoo.train import classification, resume, run
 from recurzoo.train import super_resolution as sr_train
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -109,8 +110,8 @@ def _assert_identical(ours, theirs, where=""):
 
 
 def _assert_same_final_state(resumed_dir, reference_dir):
-    resumed = common.load_checkpoint(str(resumed_dir / "last.pth.tar"))
-    reference = common.load_checkpoint(str(reference_dir / "last.pth.tar"))
+    resumed = resume.load_checkpoint(str(resumed_dir / "last.pth.tar"))
+    reference = resume.load_checkpoint(str(reference_dir / "last.pth.tar"))
     assert resumed["num_updates"] == reference["num_updates"] == 2 * STEPS_PER_EPOCH
     for part in ("state_dict", "state_dict_ema", "optimizer"):
         _assert_identical(resumed[part], reference[part], part)
@@ -123,20 +124,20 @@ def test_resumed_classification_run_repeats_the_uninterrupted_losses_and_weights
     output = tmp_path / "run"
     if stop == "sigterm":
         # stopped before the update of step 6 (the second of epoch 1): that batch is trained again
-        with pytest.raises(common.TrainingInterrupted):
+        with pytest.raises(run.TrainingInterrupted):
             classification.main(
                 _classification_args(image_folder, output) + ["--fail-at-step", "5", "--fail-mode", "sigterm"]
             )
         expected = (1, 1, 5)
     else:
         # checkpoints after steps 2 and 6 (mid-epoch); the NaN at step 8 keeps the one after step 6
-        with pytest.raises(common.NonFiniteLossError):
+        with pytest.raises(run.NonFiniteLossError):
             classification.main(
                 _classification_args(image_folder, output)
                 + ["--checkpoint-every", "2", "--fail-at-step", "7", "--fail-mode", "nan"]
             )
         expected = (1, 2, 6)
-    last = common.load_checkpoint(str(output / "last.pth.tar"))
+    last = resume.load_checkpoint(str(output / "last.pth.tar"))
     assert (last["epoch"], last["batches_done"], last["num_updates"]) == expected
     assert "rng" in last
 
@@ -152,12 +153,12 @@ def test_resumed_classification_run_repeats_the_uninterrupted_losses_and_weights
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     import random
 
-    common.seed_everything(3)
-    state = common.rng_state()
-    common.save_checkpoint(str(tmp_path / "rng.pt"), dict(rng=state))
+    random_seed(3)
+    state = resume.rng_state()
+    resume.save_checkpoint(str(tmp_path / "rng.pt"), dict(rng=state))
     expected = (random.random(), float(np.random.rand()), float(np.random.randn()), torch.rand(3))
-    common.seed_everything(99)
-    common.set_rng_state(common.load_checkpoint(str(tmp_path / "rng.pt"))["rng"])
+    random_seed(99)
+    resume.set_rng_state(resume.load_checkpoint(str(tmp_path / "rng.pt"))["rng"])
     again = (random.random(), float(np.random.rand()), float(np.random.randn()), torch.rand(3))
     assert expected[:3] == again[:3] and torch.equal(expected[3], again[3])
 
@@ -170,12 +171,12 @@ def test_grad_scaler_state_round_trips_through_the_training_checkpoint(tmp_path)
     scaler = NativeScaler(device="cpu")
     scaler._scaler.scale(torch.ones(()))  # the scale is created lazily
     scaler._scaler.update(new_scale=512.0)  # as after overflows: not the initial 65536
-    saver = common.create_checkpoint_saver(model, optimizer, str(tmp_path), arch="linear", amp_scaler=scaler)
+    saver = resume.TrainCheckpointSaver(model, optimizer, str(tmp_path), arch="linear", amp_scaler=scaler)
     saver.save_last(0)
-    saved = common.load_checkpoint(saver.last_path)
+    saved = resume.load_checkpoint(saver.last_path)
     assert saved[scaler.state_dict_key]["scale"] == 512.0
     restored = NativeScaler(device="cpu")
-    common.restore_training_state(
+    resume.restore_training_state(
         saved, torch.nn.Linear(3, 2), torch.optim.SGD(model.parameters(), lr=0.1), amp_scaler=restored
     )
     assert restored.state_dict() == scaler.state_dict() and restored._scaler.get_scale() == 512.0
@@ -238,10 +239,10 @@ def test_resumed_super_resolution_run_repeats_the_uninterrupted_losses_and_weigh
     sr_train.main(_sr_args(train_dir, tmp_path / "once"))
     stopped = tmp_path / "stopped"
     if stop == "sigterm":  # before the update of step 5 (the second of epoch 1): that batch is trained again
-        with pytest.raises(common.TrainingInterrupted):
+        with pytest.raises(run.TrainingInterrupted):
             sr_train.main(_sr_args(train_dir, stopped) + ["--fail-at-step", "4", "--fail-mode", "sigterm"])
     else:  # the NaN at step 6 keeps the checkpoint written after step 4
-        with pytest.raises(common.NonFiniteLossError):
+        with pytest.raises(run.NonFiniteLossError):
             sr_train.main(_sr_args(train_dir, stopped) + ["--fail-at-step", "5", "--fail-mode", "nan"])
     assert torch.load(stopped / "last.pt", weights_only=True)["step"] == 4
     sr_train.main(_sr_args(train_dir, stopped) + ["--resume", "auto"])
@@ -309,12 +310,12 @@ def test_resumed_detection_run_ends_with_the_uninterrupted_weights(tmp_path):
         ]
 
     detection.main(args(tmp_path / "once"))
-    with pytest.raises(common.TrainingInterrupted):  # before the update of step 5 (the second of epoch 1)
+    with pytest.raises(run.TrainingInterrupted):  # before the update of step 5 (the second of epoch 1)
         detection.main(args(tmp_path / "twice") + ["--fail-at-step", "4", "--fail-mode", "sigterm"])
-    assert common.load_checkpoint(str(tmp_path / "twice" / "last.pth.tar"))["batches_done"] == 1
+    assert resume.load_checkpoint(str(tmp_path / "twice" / "last.pth.tar"))["batches_done"] == 1
     detection.main(args(tmp_path / "twice") + ["--resume", "auto"])
-    once = common.load_checkpoint(str(tmp_path / "once" / "last.pth.tar"))
-    twice = common.load_checkpoint(str(tmp_path / "twice" / "last.pth.tar"))
+    once = resume.load_checkpoint(str(tmp_path / "once" / "last.pth.tar"))
+    twice = resume.load_checkpoint(str(tmp_path / "twice" / "last.pth.tar"))
     assert once["num_updates"] == twice["num_updates"] == 6
     for part in ("state_dict", "optimizer"):
         _assert_identical(twice[part], once[part], part)
@@ -376,10 +377,10 @@ def test_resumed_camouflage_run_repeats_the_uninterrupted_losses_and_weights(tmp
     once = cod.main(args(tmp_path / "once"))
     stopped = tmp_path / "stopped"
     if stop == "sigterm":  # before the update of step 5: the final checkpoint holds 4 steps
-        with pytest.raises(common.TrainingInterrupted):
+        with pytest.raises(run.TrainingInterrupted):
             cod.main(args(stopped, "--fail-at-step", "4", "--fail-mode", "sigterm"))
     else:  # the NaN at step 6 keeps the checkpoint written after step 4
-        with pytest.raises(common.NonFiniteLossError):
+        with pytest.raises(run.NonFiniteLossError):
             cod.main(args(stopped, "--fail-at-step", "5", "--fail-mode", "nan"))
     assert torch.load(stopped / "last.pt", weights_only=True)["step"] == 4
     resumed = cod.main(args(stopped, "--resume", "auto"))

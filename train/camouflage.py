@@ -19,7 +19,10 @@ is BCE plus the uncertainty-aware loss ``mean(1 - |2p - 1|^2)`` weighted by a co
 to 1 over training. Evaluation reports the metrics COD papers use (S-measure, weighted F-measure,
 mean/max/adaptive E-measure, mean/max/adaptive F-measure, MAE), computed by PySODMetrics, per
 dataset as ``metrics.json`` and ``metrics.md``, and writes each predicted mask as a PNG at its
-image's original size. Runs under ``torchrun``; ``--resume auto`` continues from ``OUTPUT/last.pt``.
+image's original size. Runs under ``torchrun``; ``--config`` reads option defaults from YAML. The
+run control is :class:`~recurzoo.train.loops.StepTraining`'s: ``last.pt`` every ``--save-every`` steps
+(atomic, with every rank's RNG state), ``--resume auto`` continues from it exactly, SIGTERM/SIGINT write
+a final checkpoint and a NaN/inf loss stops the run keeping the last one.
 """
 
 from __future__ import annotations
@@ -36,12 +39,35 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.utils import NativeScaler, random_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from recurzoo.checkpoint import unwrap_state_dict
+from recurzoo.checkpoint import load_state_dict, read_checkpoint, read_safetensors_metadata, unwrap_state_dict
 from recurzoo.plots import plot_curves
-from recurzoo.train import common
+from recurzoo.train.arguments import (
+    ParseKwargs,
+    add_fault_arguments,
+    add_run_arguments,
+    add_step_arguments,
+    parse_args_with_config,
+    run_cli,
+    training_parser,
+)
+from recurzoo.train.data import (
+    DatasetWarning,
+    SkipUnreadable,
+    UnreadableImageError,
+    image_size,
+    seed_albumentations,
+    summarize,
+)
+from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
+from recurzoo.train.loops import StepTraining
+from recurzoo.train.resume import (
+    save_safetensors,
+)
+from recurzoo.train.run import append_jsonl, progress_bar
 
 __all__ = [
     "DatasetSpec",
@@ -77,9 +103,6 @@ KNOWN_LAYOUTS = (
     ("img", "gt"),
 )
 SCALE_NAMES = ("image_s", "image_m", "image_l")
-
-
-DatasetWarning = common.DatasetWarning  # files of a dataset that are skipped or adjusted
 
 
 @dataclass(frozen=True)
@@ -183,27 +206,27 @@ def find_pairs(spec: DatasetSpec, require_masks: bool = True) -> List[Sample]:
     for name in names:
         mask_path = masks.get(name)
         try:
-            image_size = common.image_size(images[name], verify=True)
-            mask_size = common.image_size(mask_path, verify=True) if mask_path is not None else image_size
-        except common.UnreadableImageError as error:
+            image_shape = image_size(images[name], verify=True)
+            mask_shape = image_size(mask_path, verify=True) if mask_path is not None else image_shape
+        except UnreadableImageError as error:
             unreadable.append(str(error))
             continue
-        if mask_size != image_size:
+        if mask_shape != image_shape:
             mismatched.append(
-                f"{images[name]} ({image_size[1]}x{image_size[0]}) vs {mask_path} ({mask_size[1]}x{mask_size[0]})"
+                f"{images[name]} ({image_shape[1]}x{image_shape[0]}) vs {mask_path} ({mask_shape[1]}x{mask_shape[0]})"
             )
         samples.append(Sample(name, images[name], mask_path))
     if unreadable:
         warnings.warn(
             f"dataset {spec.name!r}: skipped {len(unreadable)} of {len(names)} samples with unreadable "
-            f"files: {common.summarize(unreadable)}",
+            f"files: {summarize(unreadable)}",
             DatasetWarning,
             stacklevel=2,
         )
     if mismatched:
         warnings.warn(
             f"dataset {spec.name!r}: {len(mismatched)} images differ in size from their masks and are "
-            f"resized to the mask: {common.summarize(mismatched)}",
+            f"resized to the mask: {summarize(mismatched)}",
             DatasetWarning,
             stacklevel=2,
         )
@@ -258,7 +281,7 @@ def train_augmentation(seed: Optional[int] = None):
     import albumentations as A
     import cv2
 
-    return common.seed_albumentations(
+    return seed_albumentations(
         A.Compose(
             [
                 A.HorizontalFlip(p=0.5),
@@ -292,7 +315,7 @@ class CamouflageTrainSet(Dataset):
         self.base_size = base_size
         self.scales = tuple(scales)
         self.augment = train_augmentation() if augment else None
-        self.skip_unreadable = common.SkipUnreadable("training set")
+        self.skip_unreadable = SkipUnreadable("training set")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -302,7 +325,7 @@ class CamouflageTrainSet(Dataset):
         image, mask = read_rgb(sample.image_path), read_mask(sample.mask_path)
         if image is None or mask is None:
             unreadable = sample.image_path if image is None else sample.mask_path
-            raise common.UnreadableImageError(f"cannot decode {unreadable}")
+            raise UnreadableImageError(f"cannot decode {unreadable}")
         if image.shape[:2] != mask.shape:
             image = resize_array(image, *mask.shape)
         return image, mask
@@ -310,7 +333,7 @@ class CamouflageTrainSet(Dataset):
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
         image, mask = self.skip_unreadable(self._load, index, len(self.samples))
         if self.augment is not None:
-            common.seed_albumentations(self.augment, int(np.random.randint(2**31)))
+            seed_albumentations(self.augment, int(np.random.randint(2**31)))
             transformed = self.augment(image=image, mask=mask)
             image, mask = transformed["image"], transformed["mask"]
         item = image_scales(image, self.base_size, self.scales)
@@ -511,7 +534,7 @@ def evaluate(
             CamouflageTestSet(samples, base_size, scales), batch_size=batch_size, shuffle=False, num_workers=workers
         )
         metrics = CODMetrics() if all(s.mask_path for s in samples) else None
-        for batch in common.progress(loader, desc=f"eval {dataset_name}", enabled=show_progress):
+        for batch in progress_bar(loader, desc=f"eval {dataset_name}", enabled=show_progress):
             autocast = torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda" else nullcontext()
             with autocast:
                 logits = model.forward_multiscale(*(batch[n].to(device, non_blocking=True) for n in SCALE_NAMES))
@@ -580,17 +603,12 @@ def _read_state(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, 
     Read through :mod:`recurzoo.checkpoint` (safetensors, or ``weights_only=True``): a file that would
     run code, or a truncated one, is refused with a one-line ``ValueError``.
     """
-    from recurzoo.checkpoint import read_checkpoint
-
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     checkpoint = read_checkpoint(path)
     config = checkpoint.get("model_config") if isinstance(checkpoint, dict) else None
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        metadata = read_safetensors_metadata(path)
         config = json.loads(metadata["model_config"]) if "model_config" in metadata else None
     return unwrap_state_dict(checkpoint), config
 
@@ -623,10 +641,8 @@ def load_model(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = common.ArgumentParser(
-        prog="python -m recurzoo.train.camouflage",
-        description="Train and evaluate MSRNet camouflaged-object detectors.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = training_parser(
+        "python -m recurzoo.train.camouflage", "Train and evaluate MSRNet camouflaged-object detectors."
     )
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None, help="registered COD model, e.g. msrnet_pvt_v2_b2")
@@ -634,7 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--model-kwargs",
         nargs="*",
-        default=[],
+        default={},
+        action=ParseKwargs,
         metavar="KEY=VALUE",
         help="model arguments, e.g. mid_dim=32 backbone_kwargs=\"{'depths': (1, 1, 1, 1)}\"",
     )
@@ -667,9 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="float16 autocast with loss scaling (default: on CUDA)",
     )
-    group = parser.add_argument_group("run")
-    group.add_argument("--output", default="output/camouflage", help="folder for checkpoints, logs, predictions")
-    group.add_argument("--resume", default=None, help="checkpoint to resume, or 'auto' for OUTPUT/last.pt")
+    group = add_run_arguments(parser, output="output/camouflage", seed=112358)
     group.add_argument("--evaluate", action="store_true", help="evaluate only (no training)")
     group.add_argument("--eval-at-start", action="store_true", help="also evaluate before training")
     group.add_argument(
@@ -678,12 +693,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="write the predicted masks of the test sets as PNGs",
     )
-    group.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: every epoch)")
-    group.add_argument("--log-every", type=int, default=20, help="log the loss every N steps")
-    group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    group.add_argument("--seed", type=int, default=112358)
-    group.add_argument("--no-progress", action="store_true", help="no progress bars")
-    common.add_fault_arguments(parser)
+    add_step_arguments(
+        group, save_every=0, log_every=20, save_help="checkpoint OUTPUT/last.pt every N steps (0: every epoch)"
+    )
+    add_fault_arguments(parser)
     return parser
 
 
@@ -698,56 +711,8 @@ def _datasets(names: Sequence[str], config: Optional[Mapping[str, DatasetSpec]])
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Train (unless ``--evaluate``) and evaluate; returns the loss history and the metrics."""
-    args = build_parser().parse_args(argv)
-    return common.run_distributed(_run, args)
-
-
-def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[str, Any]:
-    common.seed_everything(args.seed, context.rank)
-    logger = common.setup_logging(args.output, context.is_main, name="recurzoo.camouflage")
-    config = load_dataset_config(args.data_config) if args.data_config else None
-    # every dataset is checked before the model is built or anything trained
-    train_sets = _datasets(args.train_sets, config) if not args.evaluate else {}
-    test_sets = _datasets(args.test_sets, config)
-    if args.evaluate and not test_sets:
-        raise ValueError("--evaluate needs --test-sets")
-    if not args.evaluate:
-        _check_batches(sum(len(samples) for samples in train_sets.values()), args.batch_size, context.world_size)
-
-    kwargs = common.parse_kwargs(args.model_kwargs)
-    if args.checkpoint:
-        model = load_model(
-            args.checkpoint, args.model, args.backbone, pretrained_backbone=args.pretrained_backbone, **kwargs
-        )
-    else:
-        model = build_model(args.model, args.backbone, pretrained_backbone=args.pretrained_backbone, **kwargs)
-    model.to(context.device)
-    use_amp = (context.device.type == "cuda") if args.amp is None else (args.amp and context.device.type == "cuda")
-    results: Dict[str, Any] = dict(output=args.output, history=[], metrics={})
-    evaluate_kwargs = dict(
-        device=context.device,
-        base_size=args.base_size,
-        batch_size=args.batch_size,
-        amp=use_amp,
-        show_progress=context.is_main and not args.no_progress,
-    )
-    if test_sets and context.is_main and (args.evaluate or args.eval_at_start):
-        start = evaluate(
-            model, test_sets, out_dir=os.path.join(args.output, "eval_start"), save_masks=False, **evaluate_kwargs
-        )
-        results["initial_metrics"] = start
-        for name, values in start.items():
-            logger.info(f"before training, {name}: " + _format_metrics(values))
-    if not args.evaluate:
-        results["history"] = _train(model, train_sets, args, context, logger, use_amp)
-    if test_sets and context.is_main:
-        final = evaluate(
-            model, test_sets, out_dir=os.path.join(args.output, "eval"), save_masks=args.save_masks, **evaluate_kwargs
-        )
-        results["metrics"] = final
-        for name, values in final.items():
-            logger.info(f"{name}: " + _format_metrics(values))
-    return results
+    args = parse_args_with_config(build_parser(), argv)
+    return run_distributed(lambda args, context: _Training(args, context).run(), args)
 
 
 def _format_metrics(values: Mapping[str, float]) -> str:
@@ -765,140 +730,147 @@ def _check_batches(num_samples: int, batch_size: int, world_size: int) -> None:
         )
 
 
-def _train(
-    model: nn.Module,
-    train_sets: Mapping[str, Sequence[Sample]],
-    args: argparse.Namespace,
-    context: common.DistributedContext,
-    logger: Any,
-    use_amp: bool,
-) -> List[float]:
-    samples = [sample for dataset in train_sets.values() for sample in dataset]
-    for name, dataset in train_sets.items():
-        logger.info(f"training set {name}: {len(dataset)} pairs")
-    dataset = CamouflageTrainSet(
-        samples, args.base_size, getattr(model, "scales", (1.5, 1.0, 2.0)), augment=not args.no_augment
-    )
-    sampler = DistributedSampler(dataset, seed=args.seed, drop_last=True) if context.distributed else None
-    loader = DataLoader(
-        dataset,
-        batch_size=args.batch_size,
-        sampler=sampler,
-        shuffle=sampler is None,
-        num_workers=args.workers,
-        drop_last=True,
-        pin_memory=context.device.type == "cuda",
-    )
-    # (workers are not persistent: seeded afresh each epoch, as a resumed run seeds them)
-    steps_per_epoch = len(loader)
-    total = args.steps or args.epochs * steps_per_epoch
-    save_every = args.save_every or steps_per_epoch
+class _Training(StepTraining):
+    """One COD run: datasets checked up front, the model, evaluation before and after, and the official
+    recipe's training steps (Adam, step decay, float16 autocast on CUDA, the UAL-weighted loss)."""
 
-    optimizer = build_optimizer(
-        model,
-        args.lr,
-        args.backbone_lr_factor,
-        freeze_patch_embed=not args.train_patch_embed,
-        freeze_bn_affine=not args.train_backbone_bn,
-    )
-    scheduler = step_schedule(optimizer, total, args.milestone, args.gamma)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    history: List[float] = []
-    start_step, resume_rng = 0, None
-    resume_path = common.resolve_resume(args.resume, args.output)
-    if resume_path:
-        state = common.load_checkpoint(resume_path)
-        if not {"model", "optimizer", "scheduler", "scaler", "step", "history"} <= set(state):
-            raise ValueError(
-                f"--resume {resume_path}: not a checkpoint of this script (needs model, optimizer, "
-                f"scheduler, scaler, step and history entries)"
+    zero_grad_to_none = False  # the official loop keeps zeroed gradients
+
+    def __init__(self, args: argparse.Namespace, context: DistributedContext) -> None:
+        super().__init__(args, context, "camouflage")
+        device = context.device.type
+        self.use_amp = device == "cuda" if args.amp is None else bool(args.amp and device == "cuda")
+
+    def run(self) -> Dict[str, Any]:
+        args, context = self.args, self.context
+        random_seed(args.seed, context.rank)
+        config = load_dataset_config(args.data_config) if args.data_config else None
+        # every dataset is checked before the model is built or anything trained
+        train_sets = _datasets(args.train_sets, config) if not args.evaluate else {}
+        test_sets = _datasets(args.test_sets, config)
+        if args.evaluate and not test_sets:
+            raise ValueError("--evaluate needs --test-sets")
+        if not args.evaluate:
+            _check_batches(sum(len(samples) for samples in train_sets.values()), args.batch_size, context.world_size)
+        kwargs = dict(args.model_kwargs, pretrained_backbone=args.pretrained_backbone)
+        if args.checkpoint:
+            self.model = load_model(args.checkpoint, args.model, args.backbone, **kwargs)
+        else:
+            self.model = build_model(args.model, args.backbone, **kwargs)
+        self.model.to(context.device)
+        results: Dict[str, Any] = dict(output=args.output, history=[], metrics={})
+        if test_sets and context.is_main and (args.evaluate or args.eval_at_start):
+            results["initial_metrics"] = self.run_evaluation(
+                test_sets, "eval_start", save_masks=False, when="before training, "
             )
-        common.load_fitting_state_dict(model, state["model"], f"--resume {resume_path}")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_step, history = int(state["step"]), list(state["history"])
-        resume_rng = common.rank_rng_state(state.get("rng"), context, logger)
-        logger.info(f"resumed {resume_path} at step {start_step}/{total}")
+        if not args.evaluate:
+            results["history"] = self.train(train_sets)
+        if test_sets and context.is_main:
+            results["metrics"] = self.run_evaluation(test_sets, "eval", save_masks=args.save_masks)
+        return results
 
-    wrapped = common.wrap_ddp(_MultiscaleForward(model), context)
-    model.train()
-    if not args.train_backbone_bn:
-        freeze_backbone_batchnorm(model)
-    batches = common.StepBatches(loader, args.seed, context.rank, start_step, resume_rng)
-    last_path = os.path.join(args.output, "last.pt")
-
-    buffers_before_step = common.BufferSnapshot(model)
-
-    def save(done: int, pending: bool = False) -> None:
-        rng = common.gather_rng_states(context, batches.resume_rng_state(pending))  # a collective: every rank
-        if pending:  # the forward of the step in flight moved the BatchNorm statistics
-            buffers_before_step.restore()
-        if context.is_main:
-            common.save_checkpoint(
-                last_path,
-                dict(
-                    model=model.state_dict(),
-                    optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(),
-                    scaler=scaler.state_dict(),
-                    step=done,
-                    history=history,
-                    rng=rng,
-                    model_config=model.cod_config,
-                    args=vars(args),
-                ),
-            )
-
-    bar = common.progress(
-        total=total, initial=start_step, desc="train", enabled=context.is_main and not args.no_progress
-    )
-    with common.RunGuard(context, args.fail_at_step, args.fail_mode) as guard:
-        for step in range(start_step, total):
-            batch = next(batches)
-            images = [batch[name].to(context.device, non_blocking=True) for name in SCALE_NAMES]
-            mask = batch["mask"].to(context.device, non_blocking=True)
-            autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext()
-            buffers_before_step.take()
-            with autocast:
-                logits = wrapped(*images)
-            loss, parts = cod_loss(logits, mask, progress=step / total)
-            guard.stop_on_signal(
-                loss, step, lambda step=step: save(step, pending=True), last_path, f"step {step + 1}", bar
-            )
-            optimizer.zero_grad(set_to_none=False)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            history.append(float(loss.detach()))
-            bar.update(1)
-            done = step + 1
-            if context.is_main and (done % args.log_every == 0 or done == total):
-                recent = history[-args.log_every :]
-                logger.info(
-                    f"step {done}/{total} loss {sum(recent) / len(recent):.5f} (bce {parts['bce']:.4f}, "
-                    f"ual {parts['ual']:.4f} x {parts['ual_weight']:.3f}) "
-                    f"lr {scheduler.get_last_lr()[-1]:.2e}"
-                )
-                common.append_jsonl(
-                    os.path.join(args.output, "metrics.jsonl"),
-                    dict(step=done, loss=history[-1], lr=scheduler.get_last_lr()[-1], **parts),
-                )
-            if done % save_every == 0 or done == total:
-                save(done)
-    bar.close()
-    if context.is_main:
-        common.save_safetensors(
-            os.path.join(args.output, "model.safetensors"),
-            model.state_dict(),
-            metadata=dict(model_config=json.dumps(model.cod_config)),
+    def run_evaluation(
+        self, test_sets: Mapping[str, Sequence[Sample]], folder: str, save_masks: bool, when: str = ""
+    ) -> Dict[str, Dict[str, float]]:
+        args = self.args
+        metrics = evaluate(
+            self.model,
+            test_sets,
+            self.context.device,
+            args.base_size,
+            os.path.join(args.output, folder),
+            save_masks,
+            args.batch_size,
+            amp=self.use_amp,
+            show_progress=self.show_progress,
         )
-        try:
-            plot_curves(dict(loss=history), os.path.join(args.output, "loss.png"), ylabel="loss")
-        except ImportError:
-            logger.warning("matplotlib is not installed: loss.png not written")
-    return history
+        for name, values in metrics.items():
+            self.logger.info(f"{when}{name}: " + _format_metrics(values))
+        return metrics
+
+    def train(self, train_sets: Mapping[str, Sequence[Sample]]) -> List[float]:
+        """The training steps on the union of ``train_sets``; returns the loss of every step of the run."""
+        args, context, model = self.args, self.context, self.model
+        for name, samples in train_sets.items():
+            self.logger.info(f"training set {name}: {len(samples)} pairs")
+        dataset = CamouflageTrainSet(
+            [sample for samples in train_sets.values() for sample in samples],
+            args.base_size,
+            getattr(model, "scales", (1.5, 1.0, 2.0)),
+            augment=not args.no_augment,
+        )
+        sampler = DistributedSampler(dataset, seed=args.seed, drop_last=True) if context.distributed else None
+        loader = DataLoader(
+            dataset,
+            batch_size=args.batch_size,
+            sampler=sampler,
+            shuffle=sampler is None,
+            num_workers=args.workers,
+            drop_last=True,
+            pin_memory=context.device.type == "cuda",
+        )  # workers are not persistent: seeded afresh each epoch, as a resumed run seeds them
+        self.total = args.steps or args.epochs * len(loader)
+        self.optimizer = build_optimizer(
+            model,
+            args.lr,
+            args.backbone_lr_factor,
+            freeze_patch_embed=not args.train_patch_embed,
+            freeze_bn_affine=not args.train_backbone_bn,
+        )
+        self.scheduler = step_schedule(self.optimizer, self.total, args.milestone, args.gamma)
+        self.scaler = NativeScaler(device="cuda") if self.use_amp else None
+        path, state = self.load_resume(("model", "optimizer", "scheduler", "scaler", "step", "history"))
+        start_step, resume_rng = 0, None
+        if state is not None:
+            load_state_dict(model, state["model"], f"--resume {path}", use_family_filter=False)
+            start_step, self.history = int(state["step"]), list(state["history"])
+            resume_rng = self.restore_optimization(state, start_step)
+            self.logger.info(f"resumed {path} at step {start_step}/{self.total}")
+        self.forward = wrap_ddp(_MultiscaleForward(model), context)
+        model.train()
+        if not args.train_backbone_bn:
+            freeze_backbone_batchnorm(model)
+        self.train_steps(loader, start_step, self.total, args.save_every or len(loader), resume_rng)
+        if context.is_main:
+            save_safetensors(
+                os.path.join(args.output, "model.safetensors"),
+                model.state_dict(),
+                metadata=dict(model_config=json.dumps(model.cod_config)),
+            )
+            try:
+                plot_curves(dict(loss=self.history), os.path.join(args.output, "loss.png"), ylabel="loss")
+            except ImportError:
+                self.logger.warning("matplotlib is not installed: loss.png not written")
+        return self.history
+
+    def training_loss(self, batch: Mapping[str, torch.Tensor], step: int) -> Tuple[torch.Tensor, Dict[str, float]]:
+        device = self.context.device
+        images = [batch[name].to(device, non_blocking=True) for name in SCALE_NAMES]
+        with torch.autocast("cuda", dtype=torch.float16) if self.use_amp else nullcontext():
+            logits = self.forward(*images)
+        return cod_loss(logits, batch["mask"].to(device, non_blocking=True), progress=step / self.total)
+
+    def checkpoint_state(self, updates: int) -> Dict[str, Any]:
+        return dict(
+            super().checkpoint_state(updates),
+            model=self.model.state_dict(),
+            history=self.history,
+            model_config=self.model.cod_config,
+        )
+
+    def after_update(self, updates: int, total: int, parts: Mapping[str, float]) -> None:
+        log_every = self.args.log_every
+        if self.context.is_main and (updates % log_every == 0 or updates == total):
+            recent = self.history[-log_every:]
+            lr = self.scheduler.get_last_lr()[-1]
+            self.logger.info(
+                f"step {updates}/{total} loss {sum(recent) / len(recent):.5f} (bce {parts['bce']:.4f}, "
+                f"ual {parts['ual']:.4f} x {parts['ual_weight']:.3f}) lr {lr:.2e}"
+            )
+            append_jsonl(
+                os.path.join(self.args.output, "metrics.jsonl"),
+                dict(step=updates, loss=self.history[-1], lr=lr, **parts),
+            )
 
 
 class _MultiscaleForward(nn.Module):
@@ -951,4 +923,4 @@ def predict(
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    run_cli(main)

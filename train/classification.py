@@ -44,9 +44,29 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.utils import random_seed
 from torch import nn
 
-from recurzoo.train import common
+from recurzoo.train.arguments import (
+    ParseKwargs,
+    add_epoch_arguments,
+    add_fault_arguments,
+    add_run_arguments,
+    parse_args_with_config,
+    run_cli,
+    save_args_yaml,
+    training_parser,
+)
+from recurzoo.train.data import create_image_dataset
+from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
+from recurzoo.train.loops import EpochTraining
+from recurzoo.train.resume import (
+    TrainCheckpointSaver,
+    load_checkpoint,
+    resolve_resume,
+    restore_training_state,
+)
+from recurzoo.train.run import RunGuard, append_jsonl, progress_bar, trim_summary
 from recurzoo.train.validate import (
     add_preprocessing_arguments,
     autocast,
@@ -62,16 +82,9 @@ __all__ = ["build_parser", "main", "KnowledgeDistillationLoss", "create_teacher"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = common.ArgumentParser(
-        prog="python -m recurzoo.train.classification",
-        description="Train or fine-tune a timm/recurzoo classifier with timm's components.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument(
-        "--config",
-        default=None,
-        metavar="YAML",
-        help="YAML file of option defaults, keys as the flags' names (command-line flags win)",
+    parser = training_parser(
+        "python -m recurzoo.train.classification",
+        "Train or fine-tune a timm/recurzoo classifier with timm's components.",
     )
     group = parser.add_argument_group("model")
     group.add_argument("--model", required=True, help="timm model name, e.g. sret_small or hornet_tiny_7x7")
@@ -91,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--model-kwargs",
         nargs="*",
-        default=[],
+        default={},
+        action=ParseKwargs,
         metavar="KEY=VALUE",
         help="extra timm.create_model arguments, e.g. 'dims=(16,32,64,128)' 'depths=(1,1,2,1)'",
     )
@@ -177,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--teacher-kwargs",
         nargs="*",
-        default=[],
+        default={},
+        action=ParseKwargs,
         metavar="KEY=VALUE",
         help="extra timm.create_model arguments of the teacher",
     )
@@ -185,37 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--kd-weight", type=float, default=1.0, help="weight W of the soft-label loss; the task loss gets 1 - W"
     )
-    group = parser.add_argument_group("run")
-    group.add_argument("--output", default="output/classification", help="folder for checkpoints, logs, plots")
-    group.add_argument("--resume", default=None, help="checkpoint to resume, or 'auto' for OUTPUT/last.pth.tar")
+    group = add_run_arguments(parser, output="output/classification", seed=42, checkpoint="last.pth.tar")
     group.add_argument("--eval-metric", default="top1", help="metric ranking the checkpoints (top1, top5, loss)")
-    group.add_argument("--checkpoint-hist", type=int, default=3, help="ranked epoch checkpoints to keep")
-    group.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=0,
-        help="also write last.pth.tar every N steps within an epoch (0: at epoch ends only)",
-    )
-    group.add_argument(
-        "--dist-bn",
-        default="reduce",
-        choices=("reduce", "broadcast", ""),
-        help="sync BatchNorm statistics across ranks at epoch ends",
-    )
-    group.add_argument("--amp", action="store_true", help="mixed precision (autocast; GradScaler for float16)")
-    group.add_argument("--amp-dtype", choices=("bfloat16", "float16"), default="bfloat16")
-    group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    group.add_argument("--seed", type=int, default=42)
-    group.add_argument("--log-interval", type=int, default=50, help="log the training loss every N steps")
-    group.add_argument("--plot", action="store_true", help="write loss.png and metrics.png after every epoch")
-    group.add_argument("--no-progress", action="store_true", help="no progress bars")
-    group.add_argument(
-        "--rank-weights",
-        action="store_true",
-        help="every rank also writes its final weights to OUTPUT/rank<R>.safetensors "
-        "(to check that data-parallel replicas agree)",
-    )
-    common.add_fault_arguments(parser)
+    add_epoch_arguments(group, log_interval=50, amp_dtype="bfloat16")
+    add_fault_arguments(parser)
     return parser
 
 
@@ -292,7 +280,7 @@ def create_teacher(args: argparse.Namespace, num_classes: int) -> nn.Module:
     import timm
 
     pretrained = args.teacher_pretrained if args.teacher_pretrained is not None else not args.teacher_checkpoint
-    kwargs = common.parse_kwargs(args.teacher_kwargs)
+    kwargs = dict(args.teacher_kwargs)
     teacher = timm.create_model(args.teacher, pretrained=pretrained, num_classes=num_classes, **kwargs)
     if args.teacher_checkpoint:
         fresh = load_weights(teacher, read_weights(args.teacher_checkpoint), source=args.teacher_checkpoint)
@@ -312,16 +300,16 @@ def create_teacher(args: argparse.Namespace, num_classes: int) -> nn.Module:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Train; returns the best metric and epoch, the last epoch's metrics and the output folder."""
-    args = common.parse_args_with_config(build_parser(), argv)
-    return common.run_distributed(lambda args, context: _Training(args, context).run(), args)
+    args = parse_args_with_config(build_parser(), argv)
+    return run_distributed(lambda args, context: _Training(args, context).run(), args)
 
 
-class _Training(common.EpochTraining):
+class _Training(EpochTraining):
     """The state of one run: data, model, optimization, checkpoints; ``run`` trains epoch by epoch."""
 
-    def __init__(self, args: argparse.Namespace, context: common.DistributedContext) -> None:
+    def __init__(self, args: argparse.Namespace, context: DistributedContext) -> None:
         super().__init__(args, context, "classification")
-        self.epoch_sums = [0.0, 0]  # the current epoch's loss sum and step count
+        self.eval_metric = args.eval_metric
         self.skipped_images = 0
 
     # ----------------------------------------------------------------------------------- set-up
@@ -330,7 +318,7 @@ class _Training(common.EpochTraining):
         common_kwargs = dict(
             class_map=args.class_map or None, download=args.dataset_download, batch_size=args.batch_size, seed=args.seed
         )
-        self.train_set = common.create_image_dataset(
+        self.train_set = create_image_dataset(
             args.dataset,
             args.data_dir,
             args.train_split,
@@ -340,7 +328,7 @@ class _Training(common.EpochTraining):
         )
         self.eval_set = None
         if args.val_split:
-            self.eval_set = common.create_image_dataset(
+            self.eval_set = create_image_dataset(
                 args.dataset, args.data_dir, args.val_split, is_training=False, **common_kwargs
             )
 
@@ -362,8 +350,8 @@ class _Training(common.EpochTraining):
         kwargs = dict(num_classes=self.num_classes, drop_rate=args.drop)
         if args.drop_path is not None:
             kwargs["drop_path_rate"] = args.drop_path
-        kwargs.update(common.parse_kwargs(args.model_kwargs))
-        common.seed_everything(args.seed)  # the same initial weights on every rank
+        kwargs.update(args.model_kwargs)
+        random_seed(args.seed)  # the same initial weights on every rank
         model = recurzoo.create_model(args.model, pretrained=args.pretrained, **kwargs)
         if weights is not None:
             fresh = load_weights(model, weights, source=args.initial_checkpoint)
@@ -498,7 +486,7 @@ class _Training(common.EpochTraining):
             )
         self.saver = None
         if self.context.is_main:
-            self.saver = common.create_checkpoint_saver(
+            self.saver = TrainCheckpointSaver(
                 self.model,
                 self.optimizer,
                 args.output,
@@ -517,11 +505,11 @@ class _Training(common.EpochTraining):
     def _resume(self) -> int:
         """Restore ``--resume``'s state; returns the first epoch to run (``batches_done`` set if mid-epoch)."""
         args = self.args
-        path = common.resolve_resume(args.resume, args.output, name="last.pth.tar")
+        path = resolve_resume(args.resume, args.output, name="last.pth.tar")
         if path is None:
             return 0
-        state = common.load_checkpoint(path)
-        common.restore_training_state(
+        state = load_checkpoint(path)
+        restore_training_state(
             state, self.model, self.optimizer, self.model_ema, self.scaler, self.saver, source=f"--resume {path}"
         )
         return self.restore_position(state, path)
@@ -538,50 +526,21 @@ class _Training(common.EpochTraining):
         self._optimization()
         start_epoch = self._resume()
         if context.is_main:
-            common.save_args_yaml(args, os.path.join(args.output, "args.yaml"))
-            common.trim_summary(self.summary_path, start_epoch)
+            save_args_yaml(args, os.path.join(args.output, "args.yaml"))
+            trim_summary(self.summary_path, start_epoch)
         if self.scheduler is not None:
             if args.sched_on_updates:
                 self.scheduler.step_update(self.num_updates)
             else:
                 self.scheduler.step(start_epoch)
-        self.train_model = common.wrap_ddp(self.model, context)
+        self.train_model = wrap_ddp(self.model, context)
         params = sum(p.numel() for p in self.model.parameters())
         self.logger.info(
             f"{args.model}: {params / 1e6:.2f} M parameters, {self.num_classes} classes, input "
             f"{tuple(self.data_config['input_size'])}, {len(self.train_loader)} steps per epoch "
             f"on {context.world_size} process(es)"
         )
-        from timm.utils import distribute_bn, update_summary
-
-        best = (None, None)
-        eval_metrics: Dict[str, float] = {}
-        with common.RunGuard(context, args.fail_at_step, args.fail_mode) as guard, self.log_failure():
-            for epoch in range(start_epoch, self.num_epochs):
-                train_metrics = self._train_epoch(epoch, guard)
-                if train_metrics is None:  # a stop signal: final checkpoint written
-                    raise common.TrainingInterrupted(guard.received, self.saver.last_path if self.saver else None)
-                if context.distributed and args.dist_bn:
-                    distribute_bn(self.model, context.world_size, args.dist_bn == "reduce")
-                last_lr = max(group["lr"] for group in self.optimizer.param_groups)  # the epoch's last
-                eval_metrics = self._evaluate(epoch)
-                if self.scheduler is not None:
-                    self.scheduler.step(epoch + 1, eval_metrics.get(args.eval_metric))
-                self.batches_done, self.epoch_sums = None, [0.0, 0]
-                if context.is_main:
-                    update_summary(epoch, train_metrics, eval_metrics, self.summary_path, lr=last_lr)
-                    best = self.saver.save_checkpoint(epoch, metric=eval_metrics.get(args.eval_metric))
-                    if args.plot:
-                        common.plot_summary(self.summary_path, args.output)
-                    shown = {
-                        **{f"train_{k}": v for k, v in train_metrics.items()},
-                        **{f"eval_{k}": v for k, v in eval_metrics.items()},
-                    }
-                    self.logger.info(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
-        if args.rank_weights:
-            common.save_safetensors(
-                os.path.join(args.output, f"rank{context.rank}.safetensors"), self.model.state_dict()
-            )
+        best, eval_metrics = self.train_epochs(start_epoch)
         if best[0] is not None:
             self.logger.info(f"best {args.eval_metric} {best[0]:.4f} at epoch {best[1]}")
         return dict(
@@ -594,8 +553,7 @@ class _Training(common.EpochTraining):
             skipped_images=self.skipped_images,
         )
 
-    def _train_epoch(self, epoch: int, guard: common.RunGuard) -> Optional[Dict[str, float]]:
-        """One epoch (from ``batches_done`` when resumed mid-epoch); None when stopped by a signal."""
+    def train_epoch(self, epoch: int, guard: RunGuard) -> Optional[Dict[str, float]]:
         args, context = self.args, self.context
         if self.mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
             self.mixup.mixup_enabled = False
@@ -607,7 +565,7 @@ class _Training(common.EpochTraining):
         if self.kd is not None:
             self.kd.train()
         total = len(self.train_loader)
-        bar = common.progress(
+        bar = progress_bar(
             total=total, initial=skip, desc=f"epoch {epoch}", enabled=context.is_main and not args.no_progress
         )
         kd_sums = [0.0, 0.0]
@@ -629,7 +587,7 @@ class _Training(common.EpochTraining):
                 self.save_last(epoch, batches, pending=True)  # this batch is trained again on resume
                 bar.close()
                 return None
-            self.optimizer_step(loss, args.clip_mode)
+            self.optimizer_step(loss, args.clip_grad, args.clip_mode)
             self.num_updates += 1
             self.batches_done = index + 1
             loss_value = loss.detach().float().item()
@@ -646,7 +604,7 @@ class _Training(common.EpochTraining):
             if context.is_main and (index + 1) % args.log_interval == 0:
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.logger.info(f"epoch {epoch} step {index + 1}/{total}: loss {loss_value:.4f}, lr {lr:.3e}")
-                common.append_jsonl(
+                append_jsonl(
                     os.path.join(args.output, "metrics.jsonl"),
                     dict(epoch=epoch, step=self.num_updates, loss=loss_value, lr=lr),
                 )
@@ -671,7 +629,7 @@ class _Training(common.EpochTraining):
             torch.distributed.all_reduce(sums)
         return (sums[0] / sums[1].clamp_min(1)).item()
 
-    def _evaluate(self, epoch: int) -> Dict[str, float]:
+    def evaluate_epoch(self, epoch: int) -> Dict[str, float]:
         if self.eval_loader is None:
             return {}
         args = self.args
@@ -703,4 +661,4 @@ def _resolve_data_config(args: argparse.Namespace, model: nn.Module, verbose: bo
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    run_cli(main)

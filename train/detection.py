@@ -34,27 +34,39 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+from timm.utils import random_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from recurzoo.train import common
+from recurzoo.train.arguments import (
+    ParseKwargs,
+    add_epoch_arguments,
+    add_fault_arguments,
+    add_run_arguments,
+    parse_args_with_config,
+    run_cli,
+    save_args_yaml,
+    training_parser,
+)
+from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
+from recurzoo.train.loops import EpochTraining
+from recurzoo.train.resume import (
+    TrainCheckpointSaver,
+    load_checkpoint,
+    resolve_resume,
+    restore_training_state,
+)
+from recurzoo.train.run import RunGuard, progress_bar, trim_summary
 from recurzoo.train.validate import autocast
 
 __all__ = ["build_parser", "main", "CocoDetection", "coco_evaluate", "detections_to_coco", "collate"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = common.ArgumentParser(
-        prog="python -m recurzoo.train.detection",
-        description="Faster/Mask R-CNN (torchvision) with an FPN over any timm/recurzoo features_only backbone, "
+    parser = training_parser(
+        "python -m recurzoo.train.detection",
+        "Faster/Mask R-CNN (torchvision) with an FPN over any timm/recurzoo features_only backbone, "
         "on COCO-format data; COCO mAP from pycocotools.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument(
-        "--config",
-        default=None,
-        metavar="YAML",
-        help="YAML file of option defaults, keys as the flags' names (command-line flags win)",
     )
     group = parser.add_argument_group("data (COCO format)")
     group.add_argument(
@@ -82,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--backbone-kwargs",
         nargs="*",
-        default=[],
+        default={},
+        action=ParseKwargs,
         metavar="KEY=VALUE",
         help="extra timm.create_model arguments, e.g. 'dims=(16,32,64,128)'",
     )
@@ -108,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--detector-kwargs",
         nargs="*",
-        default=[],
+        default={},
+        action=ParseKwargs,
         metavar="KEY=VALUE",
         help="further torchvision detector arguments, e.g. box_batch_size_per_image=128 rpn_post_nms_top_n_train=1000",
     )
@@ -125,37 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--warmup-epochs", type=int, default=1, help="linear warm-up, updated every step")
     group.add_argument("--warmup-lr", type=float, default=2e-5, help="learning rate the warm-up starts from")
     group.add_argument("--min-lr", type=float, default=0.0, help="floor of the cosine schedule")
-    group = parser.add_argument_group("run")
-    group.add_argument("--output", default="output/detection", help="folder for checkpoints, logs, plots")
-    group.add_argument("--resume", default=None, help="checkpoint to resume, or 'auto' for OUTPUT/last.pth.tar")
+    group = add_run_arguments(parser, output="output/detection", seed=42, checkpoint="last.pth.tar")
     group.add_argument("--test-only", action="store_true", help="only evaluate (the --resume weights)")
     group.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
-    group.add_argument("--checkpoint-hist", type=int, default=3, help="ranked epoch checkpoints to keep")
-    group.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=0,
-        help="also write last.pth.tar every N steps within an epoch (0: at epoch ends only)",
-    )
-    group.add_argument(
-        "--dist-bn",
-        default="reduce",
-        choices=("reduce", "broadcast", ""),
-        help="sync the backbone's BatchNorm statistics across ranks at epoch ends",
-    )
-    group.add_argument("--amp", action="store_true", help="mixed precision (autocast; GradScaler for float16)")
-    group.add_argument("--amp-dtype", choices=("bfloat16", "float16"), default="float16")
-    group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    group.add_argument("--seed", type=int, default=42)
-    group.add_argument("--log-interval", type=int, default=20, help="log the losses every N steps")
-    group.add_argument("--plot", action="store_true", help="write loss.png and metrics.png after every epoch")
-    group.add_argument("--no-progress", action="store_true", help="no progress bars")
-    group.add_argument(
-        "--rank-weights",
-        action="store_true",
-        help="every rank also writes its final weights to OUTPUT/rank<R>.safetensors",
-    )
-    common.add_fault_arguments(parser)
+    add_epoch_arguments(group, log_interval=20, amp_dtype="float16")
+    add_fault_arguments(parser)
     return parser
 
 
@@ -313,7 +301,7 @@ def evaluate(
     model: nn.Module,
     dataset: CocoDetection,
     args: argparse.Namespace,
-    context: common.DistributedContext,
+    context: DistributedContext,
     logger: Any = None,
 ) -> Dict[str, float]:
     """COCO mAP of ``model`` on ``dataset``; each rank detects on its share, rank 0 scores, all get it."""
@@ -322,7 +310,7 @@ def evaluate(
     share = Subset(dataset, range(context.rank, len(dataset), context.world_size))
     loader = DataLoader(share, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, collate_fn=collate)
     records: List[Dict[str, Any]] = []
-    for images, targets in common.progress(loader, desc="eval", enabled=context.is_main and not args.no_progress):
+    for images, targets in progress_bar(loader, desc="eval", enabled=context.is_main and not args.no_progress):
         images = [image.to(context.device, non_blocking=True) for image in images]
         with autocast(context.device, args.amp, args.amp_dtype):
             outputs = model(images)
@@ -349,16 +337,16 @@ def evaluate(
 # --------------------------------------------------------------------------------------- training
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Train (or with ``--test-only`` evaluate); returns the best mAP and epoch, the last metrics, the output."""
-    args = common.parse_args_with_config(build_parser(), argv)
-    return common.run_distributed(lambda args, context: _Training(args, context).run(), args)
+    args = parse_args_with_config(build_parser(), argv)
+    return run_distributed(lambda args, context: _Training(args, context).run(), args)
 
 
-class _Training(common.EpochTraining):
+class _Training(EpochTraining):
     """One detection run: data, detector, optimization, checkpoints; ``run`` trains epoch by epoch."""
 
-    def __init__(self, args: argparse.Namespace, context: common.DistributedContext) -> None:
+    def __init__(self, args: argparse.Namespace, context: DistributedContext) -> None:
         super().__init__(args, context, "detection")
-        self.epoch_sums: Dict[str, float] = {}  # the current epoch's loss sums and step count
+        self.eval_metric = "map"
 
     def _setup(self) -> None:
         from timm.optim import create_optimizer_v2
@@ -380,8 +368,8 @@ class _Training(common.EpochTraining):
             )
             if self.train_set.category_ids != self.val_set.category_ids:
                 raise ValueError("the training and evaluation annotation files list different categories")
-        common.seed_everything(args.seed)  # the same initial weights on every rank
-        backbone_kwargs = common.parse_kwargs(args.backbone_kwargs)
+        random_seed(args.seed)  # the same initial weights on every rank
+        backbone_kwargs = dict(args.backbone_kwargs)
         if args.backbone_checkpoint:  # read safely here; timm's loader applies the family's filter to it
             from timm.models import clean_state_dict
 
@@ -406,7 +394,7 @@ class _Training(common.EpochTraining):
             anchor_scale=args.anchor_scale,
             box_score_thresh=args.box_score_thresh,
             box_detections_per_img=args.box_detections_per_img,
-            **common.parse_kwargs(args.detector_kwargs),
+            **args.detector_kwargs,
         ).to(context.device)
         self.optimizer = create_optimizer_v2(
             self.model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
@@ -449,7 +437,7 @@ class _Training(common.EpochTraining):
             self.scaler = NativeScaler(device="cuda")
         self.saver = None
         if context.is_main and not args.test_only:
-            self.saver = common.create_checkpoint_saver(
+            self.saver = TrainCheckpointSaver(
                 self.model,
                 self.optimizer,
                 args.output,
@@ -465,13 +453,13 @@ class _Training(common.EpochTraining):
 
     def _resume(self) -> int:
         args = self.args
-        path = common.resolve_resume(args.resume, args.output, name="last.pth.tar")
+        path = resolve_resume(args.resume, args.output, name="last.pth.tar")
         if path is None:
             if args.test_only:
                 self.logger.warning("--test-only without --resume: evaluating untrained detection heads")
             return 0
-        state = common.load_checkpoint(path)
-        common.restore_training_state(
+        state = load_checkpoint(path)
+        restore_training_state(
             state,
             self.model,
             None if args.test_only else self.optimizer,
@@ -483,8 +471,6 @@ class _Training(common.EpochTraining):
         return self.restore_position(state, path)
 
     def run(self) -> Dict[str, Any]:
-        from timm.utils import distribute_bn, update_summary
-
         args, context = self.args, self.context
         self._setup()
         start_epoch = self._resume()
@@ -493,45 +479,17 @@ class _Training(common.EpochTraining):
             self.logger.info("mAP " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             return dict(eval=metrics, output=args.output)
         if context.is_main:
-            common.save_args_yaml(args, os.path.join(args.output, "args.yaml"))
-            common.trim_summary(self.summary_path, start_epoch)
+            save_args_yaml(args, os.path.join(args.output, "args.yaml"))
+            trim_summary(self.summary_path, start_epoch)
         self.scheduler.step_update(self.num_updates)
-        self.train_model = common.wrap_ddp(self.model, context)
+        self.train_model = wrap_ddp(self.model, context)
         self.logger.info(
             f"{args.detector} on {args.backbone} (pyramid strides {self.model.backbone.strides}): "
             f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M parameters, "
             f"{self.val_set.num_classes - 1} classes, {len(self.train_loader)} steps per epoch on "
             f"{context.world_size} process(es)"
         )
-        best: Tuple[Optional[float], Optional[int]] = (None, None)
-        eval_metrics: Dict[str, float] = {}
-        with common.RunGuard(context, args.fail_at_step, args.fail_mode) as guard, self.log_failure():
-            for epoch in range(start_epoch, self.num_epochs):
-                train_metrics = self._train_epoch(epoch, guard)
-                if train_metrics is None:
-                    raise common.TrainingInterrupted(guard.received, self.saver.last_path if self.saver else None)
-                if context.distributed and args.dist_bn:
-                    distribute_bn(self.model, context.world_size, args.dist_bn == "reduce")
-                last_lr = max(group["lr"] for group in self.optimizer.param_groups)  # the epoch's last
-                eval_metrics = {}
-                if (epoch + 1) % args.eval_every == 0 or epoch + 1 == self.num_epochs:
-                    eval_metrics = evaluate(self.model, self.val_set, args, context, self.logger)
-                self.scheduler.step(epoch + 1)
-                self.batches_done, self.epoch_sums = None, {}
-                if context.is_main:
-                    update_summary(epoch, train_metrics, eval_metrics, self.summary_path, lr=last_lr)
-                    best = self.saver.save_checkpoint(epoch, metric=eval_metrics.get("map"))
-                    if args.plot:
-                        common.plot_summary(self.summary_path, args.output)
-                    shown = {
-                        **{f"train_{k}": v for k, v in train_metrics.items()},
-                        **{f"eval_{k}": v for k, v in eval_metrics.items()},
-                    }
-                    self.logger.info(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
-        if args.rank_weights:
-            common.save_safetensors(
-                os.path.join(args.output, f"rank{context.rank}.safetensors"), self.model.state_dict()
-            )
+        best, eval_metrics = self.train_epochs(start_epoch)
         return dict(
             best_map=best[0],
             best_epoch=best[1],
@@ -541,7 +499,12 @@ class _Training(common.EpochTraining):
             output=args.output,
         )
 
-    def _train_epoch(self, epoch: int, guard: common.RunGuard) -> Optional[Dict[str, float]]:
+    def evaluate_epoch(self, epoch: int) -> Dict[str, float]:
+        if (epoch + 1) % self.args.eval_every == 0 or epoch + 1 == self.num_epochs:
+            return evaluate(self.model, self.val_set, self.args, self.context, self.logger)
+        return {}
+
+    def train_epoch(self, epoch: int, guard: RunGuard) -> Optional[Dict[str, float]]:
         args, context = self.args, self.context
         skip = self.batches_done or 0
         self.batches_done = skip
@@ -549,7 +512,7 @@ class _Training(common.EpochTraining):
             self.epoch_sums = {}
         self.train_model.train()
         total = len(self.train_loader)
-        bar = common.progress(
+        bar = progress_bar(
             total=total, initial=skip, desc=f"epoch {epoch}", enabled=context.is_main and not args.no_progress
         )
         started = time.perf_counter()
@@ -568,7 +531,7 @@ class _Training(common.EpochTraining):
                 self.save_last(epoch, batches, pending=True)  # this batch is trained again on resume
                 bar.close()
                 return None
-            self.optimizer_step(loss)
+            self.optimizer_step(loss, self.args.clip_grad)
             self.num_updates += 1
             self.batches_done = index + 1
             values = {
@@ -606,4 +569,4 @@ class _Training(common.EpochTraining):
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    run_cli(main)

@@ -18,8 +18,11 @@
 The per-step error of the student (``||student - teacher||^2 / ||teacher - channel mean||^2`` on a
 fixed set of images) is logged before, between and after the stages. Any ImageFolder-style data (a
 folder of class folders, or one with a ``train`` sub-folder) works. Runs under ``torchrun`` for
-data-parallel training; checkpoints (``last.pt``) are written atomically, ``--resume auto`` picks
-them up. The student ends in ``student.safetensors`` with ``student_config.json``.
+data-parallel training; ``--config`` reads option defaults from YAML. Both stages are loops of
+:class:`~recurzoo.train.loops.StepTraining` sharing one ``last.pt`` (atomic, with every rank's RNG
+state): ``--resume auto`` continues exactly, SIGTERM/SIGINT write a final checkpoint, a NaN/inf loss
+stops the run keeping the last one. The student ends in ``student.safetensors`` with
+``student_config.json``.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from contextlib import nullcontext
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from timm.scheduler import CosineLRScheduler
+from timm.utils import random_seed
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
@@ -43,17 +47,32 @@ from recurzoo.backbones.recurrent_vit import (
     phase_starts,
     vit_step_tokens,
 )
+from recurzoo.checkpoint import load_state_dict, read_state_dict
 from recurzoo.plots import plot_curves, save_phase_heatmap
-from recurzoo.train import common
+from recurzoo.train.arguments import (
+    ParseKwargs,
+    add_fault_arguments,
+    add_run_arguments,
+    add_step_arguments,
+    parse_args_with_config,
+    run_cli,
+    training_parser,
+)
+from recurzoo.train.data import create_image_dataset
+from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
+from recurzoo.train.loops import StepTraining
+from recurzoo.train.resume import (
+    save_safetensors,
+)
+from recurzoo.train.run import append_jsonl
 
-__all__ = ["build_parser", "main", "TokenLoss", "PhaseObjective", "SequenceObjective", "step_errors"]
+__all__ = ["build_parser", "main", "TokenLoss", "PhaseObjective", "SequenceObjective", "step_errors", "cosine_schedule"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = common.ArgumentParser(
-        prog="python -m recurzoo.train.distill_recurrent",
-        description="Distil a timm ViT teacher into a recurrent ViT with k shared blocks.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = training_parser(
+        "python -m recurzoo.train.distill_recurrent",
+        "Distil a timm ViT teacher into a recurrent ViT with k shared blocks.",
     )
     group = parser.add_argument_group("teacher")
     group.add_argument("--teacher", required=True, help="timm model name of the ViT teacher")
@@ -65,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--teacher-kwargs",
         nargs="*",
-        default=[],
+        default={},
+        action=ParseKwargs,
         metavar="KEY=VALUE",
         help="extra timm.create_model arguments of the teacher, e.g. img_size=32 depth=4",
     )
@@ -142,15 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--final-weight", type=float, default=1.0, help="stage-2 weight of the final features")
     group.add_argument("--grad-checkpointing", action="store_true", help="recompute steps in stage 2's backward")
     group.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
-    group = parser.add_argument_group("run")
-    group.add_argument("--output", default="output/distill_recurrent", help="folder for checkpoints, logs, plots")
-    group.add_argument("--resume", default=None, help="checkpoint to resume, or 'auto' for OUTPUT/last.pt")
-    group.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps")
-    group.add_argument("--log-every", type=int, default=50, help="log the loss every N steps")
-    group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--no-progress", action="store_true", help="no progress bars")
-    common.add_fault_arguments(parser)
+    group = add_run_arguments(parser, output="output/distill_recurrent", seed=0)
+    add_step_arguments(group, save_every=1000, log_every=50)
+    add_fault_arguments(parser)
     return parser
 
 
@@ -259,14 +273,10 @@ def _load_teacher(args: argparse.Namespace) -> nn.Module:
     import timm
 
     pretrained = args.pretrained if args.pretrained is not None else args.teacher_checkpoint is None
-    teacher = timm.create_model(args.teacher, pretrained=pretrained, **common.parse_kwargs(args.teacher_kwargs))
+    teacher = timm.create_model(args.teacher, pretrained=pretrained, **args.teacher_kwargs)
     if args.teacher_checkpoint:
-        from timm.models import clean_state_dict
-
-        from recurzoo.checkpoint import read_state_dict
-
-        state_dict = clean_state_dict(read_state_dict(args.teacher_checkpoint))  # DDP prefixes removed
-        common.load_fitting_state_dict(teacher, state_dict, f"--teacher-checkpoint {args.teacher_checkpoint}")
+        source = f"--teacher-checkpoint {args.teacher_checkpoint}"
+        load_state_dict(teacher, read_state_dict(args.teacher_checkpoint), source, use_family_filter=False)
     return teacher.eval().requires_grad_(False)
 
 
@@ -281,10 +291,10 @@ def _datasets(args: argparse.Namespace, teacher: nn.Module):
         **data_config, is_training=True, scale=(args.min_crop, 1.0), hflip=0.5, color_jitter=None
     )
     eval_transform = create_transform(**data_config, is_training=False)
-    train_set = common.create_image_dataset(
+    train_set = create_image_dataset(
         "", args.data_dir, args.split, skip_unreadable="training set", is_training=True, transform=train_transform
     )
-    eval_set = common.create_image_dataset("", args.data_dir, args.split, transform=eval_transform)
+    eval_set = create_image_dataset("", args.data_dir, args.split, transform=eval_transform)
     eval_set = Subset(eval_set, range(min(args.eval_images, len(eval_set))))
     return train_set, eval_set
 
@@ -299,6 +309,24 @@ def _random_blocks(student: RecurrentViT) -> None:
         block.reset_step_parameters()
 
 
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.01
+) -> CosineLRScheduler:
+    """timm's cosine schedule counted in updates (``step_update(n)`` after ``n`` of them): a linear
+    warm-up from ``1 / warmup_steps`` of the rate to the rate over ``warmup_steps`` updates, then a
+    cosine decay to ``min_ratio`` of it at ``total_steps``."""
+    lr = optimizer.param_groups[0]["lr"]
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, total_steps - warmup_steps),
+        lr_min=min_ratio * lr,
+        warmup_t=warmup_steps,
+        warmup_lr_init=lr / max(1, warmup_steps),
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+
+
 def _optimizer(model: RecurrentViT, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     from timm.optim import param_groups_weight_decay
 
@@ -306,222 +334,159 @@ def _optimizer(model: RecurrentViT, lr: float, weight_decay: float) -> torch.opt
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def _train_stage(
-    stage: int,
-    objective: nn.Module,
-    student: RecurrentViT,
-    teacher: nn.Module,
-    loader: DataLoader,
-    args: argparse.Namespace,
-    context: common.DistributedContext,
-    logger: Any,
-    state: Dict[str, Any],
-    start_step: int,
-    resume_state: Optional[Dict[str, Any]],
-) -> None:
-    """Run one stage's optimization loop from ``start_step``, checkpointing into ``state``."""
-    total = args.stage1_steps if stage == 1 else args.stage2_steps
-    lr = args.lr1 if stage == 1 else args.lr2
-    optimizer = _optimizer(student, lr, args.weight_decay)
-    scheduler = common.cosine_schedule(optimizer, total, int(args.warmup_frac * total))
-    if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-    wrapped = common.wrap_ddp(objective, context)
-    parameters = [p for p in student.parameters() if p.requires_grad]
-    history = state["history"].setdefault(f"stage{stage}", [])
-    use_amp = args.amp and context.device.type == "cuda"
-    resume_rng = common.rank_rng_state(resume_state.get("rng"), context, logger) if resume_state is not None else None
-    batches = common.StepBatches(loader, args.seed, context.rank, start_step, resume_rng)
-    last_path = os.path.join(args.output, "last.pt")
-
-    def save(done: int, pending: bool = False) -> None:
-        rng = common.gather_rng_states(context, batches.resume_rng_state(pending))  # a collective: every rank
-        if context.is_main:
-            state.update(
-                stage=stage,
-                step=done,
-                student=student.state_dict(),
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(),
-                rng=rng,
-            )
-            common.save_checkpoint(last_path, state)
-
-    bar = common.progress(
-        total=total, initial=start_step, desc=f"stage {stage}", enabled=context.is_main and not args.no_progress
-    )
-    steps_before = args.stage1_steps if stage == 2 else 0  # the guard counts steps over the whole run
-    student.train()
-    with common.RunGuard(context, args.fail_at_step, args.fail_mode) as guard:
-        for step in range(start_step, total):
-            images = next(batches)[0].to(context.device, non_blocking=True)
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
-            with torch.no_grad(), autocast:
-                teacher_tokens = vit_step_tokens(teacher, images)
-            with autocast:
-                if stage == 1:
-                    forcing = (
-                        max(0.0, 1.0 - step / max(1.0, args.forcing_frac * total)) if args.forcing_frac > 0 else 0.0
-                    )
-                    loss = wrapped(teacher_tokens, forcing)
-                else:
-                    loss = wrapped(images, teacher_tokens, teacher.norm(teacher_tokens[-1]))
-            guard.stop_on_signal(
-                loss,
-                steps_before + step,
-                lambda step=step: save(step, pending=True),
-                last_path,
-                f"stage {stage} step {step + 1}",
-                bar,
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip_grad:
-                torch.nn.utils.clip_grad_norm_(parameters, args.clip_grad)
-            optimizer.step()
-            scheduler.step()
-            history.append(float(loss.detach()))
-            bar.update(1)
-            done = step + 1
-            if context.is_main and (done % args.log_every == 0 or done == total):
-                recent = history[-args.log_every :]
-                logger.info(
-                    f"stage {stage} step {done}/{total} loss {sum(recent) / len(recent):.5f} "
-                    f"lr {scheduler.get_last_lr()[0]:.2e}"
-                )
-                common.append_jsonl(
-                    os.path.join(args.output, "metrics.jsonl"),
-                    dict(stage=stage, step=done, loss=history[-1], lr=scheduler.get_last_lr()[0]),
-                )
-            if done % args.save_every == 0 or done == total:
-                save(done)
-    bar.close()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run the distillation; returns the phases, per-step errors and loss history."""
-    args = build_parser().parse_args(argv)
-    return common.run_distributed(_run, args)
+    args = parse_args_with_config(build_parser(), argv)
+    return run_distributed(lambda args, context: _Distillation(args, context).run(), args)
 
 
-def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[str, Any]:
-    common.seed_everything(args.seed, context.rank)
-    logger = common.setup_logging(args.output, context.is_main, name="recurzoo.distill_recurrent")
-    resume_path = common.resolve_resume(args.resume, args.output)
-    resumed = common.load_checkpoint(resume_path) if resume_path else None
-    if resumed is not None and not {"phases", "student", "stage", "step", "history", "errors"} <= set(resumed):
-        raise ValueError(
-            f"--resume {resume_path}: not a checkpoint of this script (needs phases, student, stage, "
-            f"step, history and errors entries)"
+class _Distillation(StepTraining):
+    """One distillation run: the teacher, its phases, the student, stage 1 and stage 2 (each a loop of
+    :class:`StepTraining`, checkpointed in one ``last.pt`` with the phases, losses and per-step errors)."""
+
+    def __init__(self, args: argparse.Namespace, context: DistributedContext) -> None:
+        super().__init__(args, context, "distill_recurrent")
+        self.clip_grad = args.clip_grad or None
+        self.state: Dict[str, Any] = dict(phases=[], history={}, errors={})  # what every checkpoint carries
+        self.stage = 1
+
+    def run(self) -> Dict[str, Any]:
+        args, context = self.args, self.context
+        random_seed(args.seed, context.rank)
+        path, resumed = self.load_resume(("phases", "student", "stage", "step", "history", "errors"))
+        self.teacher = _load_teacher(args).to(context.device)
+        train_set, eval_set = _datasets(args, self.teacher)
+        sampler = DistributedSampler(train_set, seed=args.seed, drop_last=True) if context.distributed else None
+        loader = DataLoader(
+            train_set,
+            batch_size=args.batch_size,
+            sampler=sampler,
+            shuffle=sampler is None,
+            num_workers=args.workers,
+            drop_last=len(train_set) >= args.batch_size,
+            pin_memory=context.device.type == "cuda",
+        )  # workers seeded afresh each epoch (exact resume)
+        self.eval_batches = [
+            images.to(context.device)
+            for images, _ in DataLoader(eval_set, batch_size=args.batch_size, shuffle=False, num_workers=0)
+        ]
+        phases = list(resumed["phases"]) if resumed is not None else self._phases()
+        self.logger.info(f"teacher {args.teacher}: depth {len(self.teacher.blocks)}, phases {phases}")
+        student = from_vit(
+            self.teacher,
+            phases,
+            depth_conditioning=args.depth_conditioning,
+            lora_rank=args.lora_rank,
+            lora_init=args.lora_init,
+            source_block=args.source_block,
         )
+        if args.init == "random":
+            _random_blocks(student)
+        self.model = student.requires_grad_(True).to(context.device)
+        token_loss = TokenLoss(
+            int(student.has_class_token), student.num_reg_tokens, args.cls_weight, args.reg_weight, args.patch_weight
+        )
+        self.state["phases"] = phases
+        start_stage, start_step = 1, 0
+        if resumed is not None:
+            load_state_dict(student, resumed["student"], f"--resume {path}", use_family_filter=False)
+            self.state.update(history=resumed["history"], errors=resumed["errors"])
+            start_stage, start_step = resumed["stage"], resumed["step"]
+            if start_stage == 1 and start_step >= args.stage1_steps:
+                start_stage, start_step = 2, 0
+            self.logger.info(f"resumed {path} at stage {start_stage}, step {start_step}")
+        else:
+            self._record_errors("initial", "at start")
 
-    teacher = _load_teacher(args).to(context.device)
-    depth = len(teacher.blocks)
-    train_set, eval_set = _datasets(args, teacher)
-    sampler = DistributedSampler(train_set, seed=args.seed, drop_last=True) if context.distributed else None
-    loader = DataLoader(
-        train_set,
-        batch_size=args.batch_size,
-        sampler=sampler,
-        shuffle=sampler is None,
-        num_workers=args.workers,
-        drop_last=len(train_set) >= args.batch_size,
-        pin_memory=context.device.type == "cuda",
-    )  # workers seeded afresh each epoch (exact resume)
-    eval_batches = [
-        images.to(context.device)
-        for images, _ in DataLoader(eval_set, batch_size=args.batch_size, shuffle=False, num_workers=0)
-    ]
+        if start_stage == 1:
+            for name, parameter in student.named_parameters():
+                parameter.requires_grad_(name.startswith("blocks."))
+            resume_stage1 = resumed if resumed is not None and resumed["stage"] == 1 else None
+            self.train_stage(1, PhaseObjective(student, token_loss), loader, start_step, resume_stage1)
+            self._record_errors("stage1", "after stage 1")
+            start_step = 0
 
-    if resumed is not None:
-        phases = list(resumed["phases"])
-    elif args.phases:
-        phases = list(args.phases)
-    elif args.phase_split == "even":
-        phases = even_phases(depth, args.k)
-    else:
-        split = find_phases(teacher, eval_batches, args.k)
-        phases = split.phases
-        if context.is_main:
-            save_phase_heatmap(split, os.path.join(args.output, "similarity.png"))
-            torch.save(split.similarity, os.path.join(args.output, "similarity.pt"))
-    logger.info(f"teacher {args.teacher}: depth {depth}, phases {phases}")
-
-    student = from_vit(
-        teacher,
-        phases,
-        depth_conditioning=args.depth_conditioning,
-        lora_rank=args.lora_rank,
-        lora_init=args.lora_init,
-        source_block=args.source_block,
-    )
-    if args.init == "random":
-        _random_blocks(student)
-    student.requires_grad_(True)
-    student.to(context.device)
-    token_loss = TokenLoss(
-        int(student.has_class_token), student.num_reg_tokens, args.cls_weight, args.reg_weight, args.patch_weight
-    )
-
-    state: Dict[str, Any] = dict(phases=phases, history={}, errors={}, args=vars(args))
-    start_stage, start_step = 1, 0
-    if resumed is not None:
-        common.load_fitting_state_dict(student, resumed["student"], f"--resume {resume_path}")
-        state.update(history=resumed["history"], errors=resumed["errors"])
-        start_stage, start_step = resumed["stage"], resumed["step"]
-        if start_stage == 1 and start_step >= args.stage1_steps:
-            start_stage, start_step = 2, 0
-        logger.info(f"resumed {resume_path} at stage {start_stage}, step {start_step}")
-    else:
-        state["errors"]["initial"] = step_errors(student, teacher, eval_batches)
-        logger.info(f"per-step error at start: {_format(state['errors']['initial'])}")
-
-    if start_stage == 1:
+        frozen = ("head.", "fc_norm.", "attn_pool.")
         for name, parameter in student.named_parameters():
-            parameter.requires_grad_(name.startswith("blocks."))
-        _train_stage(
-            1,
-            PhaseObjective(student, token_loss),
-            student,
-            teacher,
-            loader,
-            args,
-            context,
-            logger,
-            state,
-            start_step,
-            resumed if resumed is not None and resumed["stage"] == 1 else None,
+            parameter.requires_grad_(not name.startswith(frozen))
+        student.set_grad_checkpointing(args.grad_checkpointing)
+        resume_stage2 = resumed if resumed is not None and resumed["stage"] == 2 and start_stage == 2 else None
+        self.train_stage(
+            2, SequenceObjective(student, token_loss, args.final_weight), loader, start_step, resume_stage2
         )
-        state["errors"]["stage1"] = step_errors(student, teacher, eval_batches)
-        logger.info(f"per-step error after stage 1: {_format(state['errors']['stage1'])}")
-        start_step = 0
+        student.set_grad_checkpointing(False)
+        self._record_errors("final", "at the end")
 
-    frozen = ("head.", "fc_norm.", "attn_pool.")
-    for name, parameter in student.named_parameters():
-        parameter.requires_grad_(not name.startswith(frozen))
-    student.set_grad_checkpointing(args.grad_checkpointing)
-    resume_stage2 = resumed if resumed is not None and resumed["stage"] == 2 and start_stage == 2 else None
-    _train_stage(
-        2,
-        SequenceObjective(student, token_loss, args.final_weight),
-        student,
-        teacher,
-        loader,
-        args,
-        context,
-        logger,
-        state,
-        start_step,
-        resume_stage2,
-    )
-    student.set_grad_checkpointing(False)
-    state["errors"]["final"] = step_errors(student, teacher, eval_batches)
-    logger.info(f"per-step error at the end: {_format(state['errors']['final'])}")
+        if context.is_main:
+            _write_results(args, student, self.state, self.logger)
+        return dict(phases=phases, step_errors=self.state["errors"], history=self.state["history"], output=args.output)
 
-    if context.is_main:
-        _write_results(args, student, state, logger)
-    return dict(phases=phases, step_errors=state["errors"], history=state["history"], output=args.output)
+    def _phases(self) -> List[int]:
+        """``--phases``, or phases of the teacher split evenly or by its token similarity (heat map saved)."""
+        args, depth = self.args, len(self.teacher.blocks)
+        if args.phases:
+            phases = list(args.phases)
+        elif args.phase_split == "even":
+            phases = even_phases(depth, args.k)
+        else:
+            split = find_phases(self.teacher, self.eval_batches, args.k)
+            phases = split.phases
+            if self.context.is_main:
+                save_phase_heatmap(split, os.path.join(args.output, "similarity.png"))
+                torch.save(split.similarity, os.path.join(args.output, "similarity.pt"))
+        return phases
+
+    def _record_errors(self, key: str, when: str) -> None:
+        self.state["errors"][key] = step_errors(self.model, self.teacher, self.eval_batches)
+        self.logger.info(f"per-step error {when}: {_format(self.state['errors'][key])}")
+
+    def train_stage(
+        self, stage: int, objective: nn.Module, loader: DataLoader, start_step: int, resumed: Optional[Dict[str, Any]]
+    ) -> None:
+        """Stage ``stage``'s updates from ``start_step`` (with ``resumed``, the checkpoint of this stage)."""
+        args = self.args
+        self.stage = stage
+        total = args.stage1_steps if stage == 1 else args.stage2_steps
+        self.optimizer = _optimizer(self.model, args.lr1 if stage == 1 else args.lr2, args.weight_decay)
+        self.scheduler = cosine_schedule(self.optimizer, total, int(args.warmup_frac * total))
+        resume_rng = self.restore_optimization(resumed, start_step) if resumed is not None else None
+        self.objective = wrap_ddp(objective, self.context)
+        self.history = self.state["history"].setdefault(f"stage{stage}", [])
+        self.model.train()
+        steps_before = args.stage1_steps if stage == 2 else 0  # the guard counts steps over the whole run
+        self.train_steps(loader, start_step, total, args.save_every, resume_rng, steps_before, f"stage {stage}")
+
+    def training_loss(self, batch: Sequence[torch.Tensor], step: int) -> Tuple[torch.Tensor, Dict[str, float]]:
+        args, device = self.args, self.context.device
+        images = batch[0].to(device, non_blocking=True)
+        use_amp = args.amp and device.type == "cuda"
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            teacher_tokens = vit_step_tokens(self.teacher, images)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            if self.stage == 1:
+                total = args.stage1_steps
+                forcing = max(0.0, 1.0 - step / max(1.0, args.forcing_frac * total)) if args.forcing_frac > 0 else 0.0
+                return self.objective(teacher_tokens, forcing), {}
+            return self.objective(images, teacher_tokens, self.teacher.norm(teacher_tokens[-1])), {}
+
+    def trained_parameters(self) -> List[nn.Parameter]:
+        return [parameter for parameter in self.model.parameters() if parameter.requires_grad]
+
+    def checkpoint_state(self, updates: int) -> Dict[str, Any]:
+        return dict(super().checkpoint_state(updates), **self.state, stage=self.stage, student=self.model.state_dict())
+
+    def after_update(self, updates: int, total: int, parts: Mapping[str, float]) -> None:
+        log_every = self.args.log_every
+        if self.context.is_main and (updates % log_every == 0 or updates == total):
+            recent = self.history[-log_every:]
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.logger.info(
+                f"stage {self.stage} step {updates}/{total} loss {sum(recent) / len(recent):.5f} lr {lr:.2e}"
+            )
+            append_jsonl(
+                os.path.join(self.args.output, "metrics.jsonl"),
+                dict(stage=self.stage, step=updates, loss=self.history[-1], lr=lr),
+            )
 
 
 def _format(values: Sequence[float]) -> str:
@@ -529,10 +494,10 @@ def _format(values: Sequence[float]) -> str:
 
 
 def _write_results(args: argparse.Namespace, student: RecurrentViT, state: Dict[str, Any], logger: Any) -> None:
-    common.save_safetensors(os.path.join(args.output, "student.safetensors"), student.state_dict())
+    save_safetensors(os.path.join(args.output, "student.safetensors"), student.state_dict())
     config = dict(
         teacher=args.teacher,
-        teacher_kwargs=common.parse_kwargs(args.teacher_kwargs),
+        teacher_kwargs=args.teacher_kwargs,
         phases=state["phases"],
         depth_conditioning=args.depth_conditioning,
         lora_rank=args.lora_rank,
@@ -563,4 +528,4 @@ def _write_results(args: argparse.Namespace, student: RecurrentViT, state: Dict[
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    run_cli(main)

@@ -22,8 +22,9 @@ both), L1 loss, Adam (2e-4, betas 0.9/0.99), learning rate halved at 50/80/90/95
 (the official 250k/400k/450k/475k of 500k), EMA of the weights (``timm.utils.ModelEmaV3``).
 Checkpoints (``last.pt``) are written atomically, with every rank's RNG states, and ``--resume auto``
 continues from them exactly (the resumed run repeats an uninterrupted run's losses); SIGTERM/SIGINT
-write a final checkpoint, a NaN/inf loss stops the run keeping the last one. The final weights (EMA if
-used) are saved as ``model.safetensors``, loadable with
+write a final checkpoint, a NaN/inf loss stops the run keeping the last one (the run control of
+:class:`~recurzoo.train.loops.StepTraining`); ``--config`` reads option defaults from YAML. The final
+weights (EMA if used) are saved as ``model.safetensors``, loadable with
 ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))``. Files that are
 not readable images are left out with one counted warning; images smaller than the patch are left out
 with a warning naming them; a truncated image met during training is replaced by the next one and
@@ -45,17 +46,41 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from timm.utils import random_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from recurzoo.checkpoint import family_filter, load_state_dict, load_weights
 from recurzoo.heads.super_resolution import SuperResolutionModel, create_sr_model, image_to_tensor, tensor_to_image
 from recurzoo.images import IMAGE_SUFFIXES, read_image, write_png
 from recurzoo.plots import plot_curves
-from recurzoo.train import common
+from recurzoo.train.arguments import (
+    ParseKwargs,
+    add_fault_arguments,
+    add_run_arguments,
+    add_step_arguments,
+    parse_args_with_config,
+    run_cli,
+    training_parser,
+)
+from recurzoo.train.data import (
+    DatasetWarning,
+    SkipUnreadable,
+    UnreadableImageError,
+    image_size,
+    seed_albumentations,
+    summarize,
+)
+from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
+from recurzoo.train.loops import StepTraining
+from recurzoo.train.resume import (
+    save_safetensors,
+)
+from recurzoo.train.run import append_jsonl, progress_bar
 
 __all__ = [
     "rgb_to_y",
@@ -147,13 +172,13 @@ def _without_unreadable(
     name: str, hr_files: Sequence[Path], lr_files: Optional[Sequence[Path]]
 ) -> Tuple[Tuple[Path, ...], Optional[Tuple[Path, ...]]]:
     """The (HR, LR) files whose headers are readable images; the others are dropped with one counted
-    :class:`~recurzoo.train.common.DatasetWarning`. (Truncated files pass this check; training skips them.)"""
+    :class:`~recurzoo.train.data.DatasetWarning`. (Truncated files pass this check; training skips them.)"""
     kept_hr, kept_lr, unreadable = [], [], []
     for hr, lr in zip(hr_files, lr_files or hr_files):
         try:
             for path in dict.fromkeys((hr, lr)):  # HR first; once when unpaired
-                common.image_size(str(path))
-        except common.UnreadableImageError as error:
+                image_size(str(path))
+        except UnreadableImageError as error:
             unreadable.append(str(error))
             continue
         kept_hr.append(hr)
@@ -161,8 +186,8 @@ def _without_unreadable(
     if unreadable:
         warnings.warn(
             f"dataset {name!r}: skipped {len(unreadable)} of {len(hr_files)} images with unreadable files: "
-            f"{common.summarize(unreadable)}",
-            common.DatasetWarning,
+            f"{summarize(unreadable)}",
+            DatasetWarning,
             stacklevel=3,
         )
     return tuple(kept_hr), (tuple(kept_lr) if lr_files is not None else None)
@@ -243,7 +268,7 @@ def _read_training_image(path: Path) -> np.ndarray:
     try:
         return read_image(path)
     except (ValueError, OSError) as error:
-        raise common.UnreadableImageError(str(error)) from None
+        raise UnreadableImageError(str(error)) from None
 
 
 class SRTrainDataset(Dataset):
@@ -278,13 +303,13 @@ class SRTrainDataset(Dataset):
                 A.Transpose(p=0.5),
             ]
         )
-        self.skip_unreadable = common.SkipUnreadable("training set")
+        self.skip_unreadable = SkipUnreadable("training set")
 
     def _large_enough(self, items: Sequence[Tuple[Path, Optional[Path]]]) -> List[Tuple[Path, Optional[Path]]]:
         kept, small = [], []
         for hr, lr in items:
             path, side = (hr, self.patch * self.scale) if lr is None else (lr, self.patch)
-            height, width = common.image_size(str(path))
+            height, width = image_size(str(path))
             if min(height, width) < side:
                 small.append(f"{path} ({width}x{height})")
             else:
@@ -293,8 +318,8 @@ class SRTrainDataset(Dataset):
             warnings.warn(
                 f"{len(small)} of {len(items)} training images are too small for the "
                 f"{self.patch}x{self.patch} LR patch (x{self.scale}) and are left out: "
-                f"{common.summarize(small)}",
-                common.DatasetWarning,
+                f"{summarize(small)}",
+                DatasetWarning,
                 stacklevel=3,
             )
         if not kept:
@@ -313,7 +338,7 @@ class SRTrainDataset(Dataset):
         hr_path, lr_path = self.items[index % len(self.items)]
         hr = _read_training_image(hr_path)
         if lr_path is None:
-            common.seed_albumentations(self.hr_crop, int(np.random.randint(2**31)))
+            seed_albumentations(self.hr_crop, int(np.random.randint(2**31)))
             hr = self.hr_crop(image=hr)["image"]
             lr = bicubic_downscale(hr, self.scale)
         else:
@@ -323,7 +348,7 @@ class SRTrainDataset(Dataset):
             lr = lr[top : top + self.patch, left : left + self.patch]
             s = self.scale
             hr = hr[top * s : (top + self.patch) * s, left * s : (left + self.patch) * s]
-            common.seed_albumentations(self.symmetries, int(np.random.randint(2**31)))
+            seed_albumentations(self.symmetries, int(np.random.randint(2**31)))
             augmented = self.symmetries(image=lr, hr=hr)
             lr, hr = augmented["image"], augmented["hr"]
         return image_to_tensor(lr)[0], image_to_tensor(hr)[0]
@@ -375,7 +400,7 @@ def evaluate(
         for spec in specs:
             dataset = SREvalDataset(spec, scale)
             per_image = {}
-            for index in common.progress(range(len(dataset)), desc=f"eval {spec.name}", enabled=progress):
+            for index in progress_bar(range(len(dataset)), desc=f"eval {spec.name}", enabled=progress):
                 lr, hr, stem = dataset[index]
                 lr = lr[None] if tile is not None else lr[None].to(device)
                 output = tensor_to_image(model.super_resolve(lr, tile=tile, tile_overlap=tile_overlap))
@@ -426,10 +451,9 @@ def _write_report(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = common.ArgumentParser(
-        prog="python -m recurzoo.train.super_resolution",
-        description="Train and evaluate super-resolution models (BasicSR recipe and metrics).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = training_parser(
+        "python -m recurzoo.train.super_resolution",
+        "Train and evaluate super-resolution models (BasicSR recipe and metrics).",
     )
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None, help="registered SR model, e.g. rgt_small_x2")
@@ -443,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--model-kwargs",
         nargs="*",
-        default=[],
+        default={},
+        action=ParseKwargs,
         metavar="KEY=VALUE",
         help="extra timm.create_model arguments, e.g. embed_dim=60 blocks_per_group=2",
     )
@@ -487,16 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--tile", type=int, default=None, help="evaluate tile by tile (input pixels)")
     group.add_argument("--tile-overlap", type=int, default=32, help="overlap of the tiles (input pixels)")
     group.add_argument("--save-images", action="store_true", help="write the evaluated outputs as PNGs")
-    group = parser.add_argument_group("run")
-    group.add_argument("--output", default="output/super_resolution", help="folder for checkpoints, logs, reports")
-    group.add_argument("--resume", default=None, help="checkpoint to resume, or 'auto' for OUTPUT/last.pt")
+    group = add_run_arguments(parser, output="output/super_resolution", seed=10)
     group.add_argument("--val-every", type=int, default=5000, help="evaluate every N steps")
-    group.add_argument("--save-every", type=int, default=5000, help="checkpoint every N steps")
-    group.add_argument("--log-every", type=int, default=200, help="log the loss every N steps")
-    group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    group.add_argument("--seed", type=int, default=10, help="random seed (the official one)")
-    group.add_argument("--no-progress", action="store_true", help="no progress bars")
-    common.add_fault_arguments(parser)
+    add_step_arguments(group, save_every=5000, log_every=200)
+    add_fault_arguments(parser)
     return parser
 
 
@@ -507,9 +526,8 @@ def build_model(args: argparse.Namespace) -> Tuple[SuperResolutionModel, str]:
     ``weights_only`` torch file; official BasicSR layouts converted by the family's filter).
     """
     import recurzoo
-    from recurzoo.checkpoint import load_weights
 
-    kwargs = common.parse_kwargs(args.model_kwargs)
+    kwargs = dict(args.model_kwargs)
     if bool(args.model) == bool(args.backbone):
         raise ValueError("give either --model (a registered SR model) or --backbone with --scale")
     if args.model:
@@ -526,7 +544,7 @@ def build_model(args: argparse.Namespace) -> Tuple[SuperResolutionModel, str]:
     if not isinstance(model, SuperResolutionModel):
         raise ValueError(f"{name} is not a super-resolution model")
     if args.checkpoint:
-        load_weights(model, args.checkpoint, filter_fn=common.registered_filter_fn(args.model) if args.model else None)
+        load_weights(model, args.checkpoint, filter_fn=family_filter(args.model) if args.model else None)
     return model, name
 
 
@@ -540,190 +558,156 @@ def _multistep(
 def _log_eval(logger: Any, results: Dict[str, Dict[str, Any]], step: int, output: str) -> None:
     for name, r in results.items():
         logger.info(f"step {step} {name}: PSNR {r['psnr']:.3f} dB, SSIM {r['ssim']:.4f} ({r['images']} images)")
-        common.append_jsonl(
+        append_jsonl(
             os.path.join(output, "metrics.jsonl"), dict(step=step, dataset=name, psnr=r["psnr"], ssim=r["ssim"])
         )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run training and/or evaluation; returns the last evaluation results and the output folder."""
-    args = build_parser().parse_args(argv)
+    args = parse_args_with_config(build_parser(), argv)
     if args.eval_only and not args.val_data:
         raise ValueError("--eval-only needs --val-data")
     if not args.eval_only and not args.train_data:
         raise ValueError("training needs --train-data (or use --eval-only)")
-    return common.run_distributed(_run, args)
+    return run_distributed(lambda args, context: _Training(args, context).run(), args)
 
 
-def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[str, Any]:
-    common.seed_everything(args.seed, context.rank)
-    os.makedirs(args.output, exist_ok=True)
-    logger = common.setup_logging(args.output, context.is_main, name="recurzoo.sr")
-    show = context.is_main and not args.no_progress
+class _Training(StepTraining):
+    """One SR run: the model, ``--eval-only`` or the official recipe (L1, Adam, multistep decay, EMA) with
+    evaluation every ``--val-every`` steps; ``model.safetensors`` holds the final (EMA) weights."""
 
-    model, name = build_model(args)
-    scale = model.upscale
-    val_specs = [resolve_dataset(spec, scale) for spec in args.val_data]
-    model = model.to(context.device)
-    results: Dict[str, Dict[str, Any]] = {}
-    if args.eval_only:
-        if context.is_main:
-            results = evaluate(
-                model,
-                val_specs,
-                scale,
-                context.device,
-                args.tile,
-                args.tile_overlap,
-                show,
-                os.path.join(args.output, "images") if args.save_images else None,
-            )
-            _log_eval(logger, results, 0, args.output)
-            _write_report(results, args.output, name, scale)
-            print(format_markdown(results, name, scale))
-        return dict(results=results, output=args.output)
-    # every training image is checked before anything is trained
-    dataset = SRTrainDataset(
-        [resolve_dataset(spec, scale) for spec in args.train_data], scale, args.patch_size, args.repeat
-    )
-    return _train(args, context, logger, model, name, dataset, val_specs)
+    def __init__(self, args: argparse.Namespace, context: DistributedContext) -> None:
+        super().__init__(args, context, "sr")
+        self.clip_grad = args.clip_grad or None
+        self.results: Dict[str, Dict[str, Any]] = {}
+        self.skipped = 0  # unreadable training images, all ranks
 
-
-def _train(
-    args: argparse.Namespace,
-    context: common.DistributedContext,
-    logger: Any,
-    model: SuperResolutionModel,
-    name: str,
-    dataset: SRTrainDataset,
-    val_specs: Sequence[SRDataSpec],
-) -> Dict[str, Any]:
-    """The training loop: checkpoints with every RNG state (exact resume), stop signals and the NaN guard."""
-    from timm.utils import ModelEmaV3
-
-    scale, show = model.upscale, context.is_main and not args.no_progress
-    sampler = DistributedSampler(dataset, shuffle=True) if context.distributed else None
-    loader = DataLoader(
-        dataset,
-        batch_size=args.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        num_workers=args.workers,
-        pin_memory=context.device.type == "cuda",
-        drop_last=True,
-        persistent_workers=False,
-    )  # workers seeded afresh each epoch, as a resumed run seeds them
-    if args.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay
-    )
-    scheduler = _multistep(optimizer, args.steps, args.milestones, args.gamma)
-    ema = ModelEmaV3(model, decay=args.ema_decay) if args.ema_decay > 0 else None
-    start_step, resume_rng = 0, None
-    resume = common.resolve_resume(args.resume, args.output)
-    if resume:
-        state = common.load_checkpoint(resume, map_location=context.device)
-        if not {"model", "optimizer", "scheduler", "step"} <= set(state):
-            raise ValueError(
-                f"--resume {resume}: not a checkpoint of this script (needs model, optimizer, "
-                f"scheduler and step entries)"
-            )
-        common.load_fitting_state_dict(model, state["model"], f"--resume {resume}")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.module.load_state_dict(state["ema"])
-        start_step = int(state["step"])
-        resume_rng = common.rank_rng_state(state.get("rng"), context, logger)
-        logger.info(f"resumed from {resume} at step {start_step}")
-    batches = common.StepBatches(loader, args.seed, context.rank, start_step, resume_rng)
-    train_model = common.wrap_ddp(model, context)
-    loss_fn = nn.L1Loss()
-    eval_model = ema.module if ema is not None else model
-    last_path = os.path.join(args.output, "last.pt")
-
-    def save(step: int, pending: bool = False) -> None:
-        rng = common.gather_rng_states(context, batches.resume_rng_state(pending))  # a collective: every rank
-        if context.is_main:
-            common.save_checkpoint(
-                last_path,
-                dict(
-                    model=model.state_dict(),
-                    optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(),
-                    ema=ema.module.state_dict() if ema is not None else None,
-                    step=step,
-                    rng=rng,
-                    model_name=name,
-                    args=vars(args),
-                ),
-            )
-
-    results: Dict[str, Dict[str, Any]] = {}
-    if args.eval_at_start and val_specs and context.is_main and start_step == 0:
-        results = evaluate(eval_model, val_specs, scale, context.device, args.tile, args.tile_overlap, show)
-        _log_eval(logger, results, 0, args.output)
-
-    logger.info(
-        f"training {name} x{scale} on {len(dataset)} images for {args.steps} steps "
-        f"({context.world_size} process(es), batch {args.batch_size} each)"
-    )
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and context.device.type == "cuda")
-    losses: List[float] = []
-    skipped = 0  # unreadable training images, all ranks
-    started = time.perf_counter()
-    bar = common.progress(total=args.steps, initial=start_step, desc="train", enabled=show)
-    model.train()
-    with common.RunGuard(context, args.fail_at_step, args.fail_mode) as guard:
-        for step in range(start_step + 1, args.steps + 1):
-            lr, hr = next(batches)
-            lr, hr = lr.to(context.device, non_blocking=True), hr.to(context.device, non_blocking=True)
-            with autocast:
-                loss = loss_fn(train_model(lr).float(), hr)
-            guard.stop_on_signal(
-                loss, step - 1, lambda step=step: save(step - 1, pending=True), last_path, f"step {step}", bar
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip_grad > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update(model, step=step)
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if step % args.log_every == 0:
-                skipped += dataset.skip_unreadable.report(logger, f"up to step {step}", context)
-                if context.is_main:
-                    logger.info(
-                        f"step {step}: L1 {np.mean(losses[-args.log_every :]):.5f}, "
-                        f"lr {scheduler.get_last_lr()[0]:.3e}, {time.perf_counter() - started:.0f} s"
-                    )
-                    common.append_jsonl(
-                        os.path.join(args.output, "metrics.jsonl"),
-                        dict(step=step, loss=float(np.mean(losses[-args.log_every :]))),
-                    )
-            if val_specs and context.is_main and (step % args.val_every == 0 or step == args.steps):
-                results = evaluate(eval_model, val_specs, scale, context.device, args.tile, args.tile_overlap, show)
-                _log_eval(logger, results, step, args.output)
-                _write_report(results, args.output, name, scale, step)
-            if step % args.save_every == 0 or step == args.steps:
-                save(step)
-    bar.close()
-    skipped += dataset.skip_unreadable.report(logger, "training", context)
-    if context.is_main:
-        common.save_safetensors(
-            os.path.join(args.output, "model.safetensors"),
-            eval_model.state_dict(),
-            metadata=dict(model=name, step=str(args.steps)),
+    def run(self) -> Dict[str, Any]:
+        args, context = self.args, self.context
+        random_seed(args.seed, context.rank)
+        os.makedirs(args.output, exist_ok=True)
+        model, self.name = build_model(args)
+        self.scale = model.upscale
+        self.val_specs = [resolve_dataset(spec, self.scale) for spec in args.val_data]
+        self.model = model.to(context.device)
+        if args.eval_only:
+            if context.is_main:
+                self.run_evaluation(
+                    model, step=0, save_dir=os.path.join(args.output, "images") if args.save_images else None
+                )
+                print(format_markdown(self.results, self.name, self.scale))
+            return dict(results=self.results, output=args.output)
+        # every training image is checked before anything is trained
+        dataset = SRTrainDataset(
+            [resolve_dataset(spec, self.scale) for spec in args.train_data], self.scale, args.patch_size, args.repeat
         )
-        if losses:
-            plot_curves({"L1": losses}, os.path.join(args.output, "loss.png"), ylabel="L1 loss", log_y=True)
-    return dict(results=results, output=args.output, skipped_images=skipped)
+        self.train(dataset)
+        return dict(results=self.results, output=args.output, skipped_images=self.skipped)
+
+    def run_evaluation(self, model: nn.Module, step: int, save_dir: Optional[str] = None, report: bool = True) -> None:
+        """PSNR/SSIM of ``model`` on ``--val-data`` (main process), logged; with ``report`` written as
+        ``eval.json`` and ``eval.md``."""
+        args = self.args
+        self.results = evaluate(
+            model,
+            self.val_specs,
+            self.scale,
+            self.context.device,
+            args.tile,
+            args.tile_overlap,
+            self.show_progress,
+            save_dir,
+        )
+        _log_eval(self.logger, self.results, step, args.output)
+        if report:
+            _write_report(self.results, args.output, self.name, self.scale, step or None)
+
+    def train(self, dataset: SRTrainDataset) -> None:
+        """The training steps, then ``model.safetensors`` (the EMA weights if used) and ``loss.png``."""
+        from timm.utils import ModelEmaV3
+
+        args, context, model = self.args, self.context, self.model
+        self.dataset = dataset
+        sampler = DistributedSampler(dataset, shuffle=True) if context.distributed else None
+        loader = DataLoader(
+            dataset,
+            batch_size=args.batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            num_workers=args.workers,
+            pin_memory=context.device.type == "cuda",
+            drop_last=True,
+            persistent_workers=False,
+        )  # workers seeded afresh each epoch, as a resumed run seeds them
+        if args.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        self.optimizer = torch.optim.Adam(
+            model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay
+        )
+        self.scheduler = _multistep(self.optimizer, args.steps, args.milestones, args.gamma)
+        self.ema = ModelEmaV3(model, decay=args.ema_decay) if args.ema_decay > 0 else None
+        path, state = self.load_resume(("model", "optimizer", "scheduler", "step"))
+        start_step, resume_rng = 0, None
+        if state is not None:
+            load_state_dict(model, state["model"], f"--resume {path}", use_family_filter=False)
+            if self.ema is not None and state.get("ema") is not None:
+                self.ema.module.load_state_dict(state["ema"])
+            start_step = int(state["step"])
+            resume_rng = self.restore_optimization(state, start_step)
+            self.logger.info(f"resumed from {path} at step {start_step}")
+        self.forward = wrap_ddp(model, context)
+        self.loss_fn = nn.L1Loss()
+        self.eval_model = self.ema.module if self.ema is not None else model
+        if args.eval_at_start and self.val_specs and context.is_main and start_step == 0:
+            self.run_evaluation(self.eval_model, step=0, report=False)
+        self.logger.info(
+            f"training {self.name} x{self.scale} on {len(dataset)} images for {args.steps} steps "
+            f"({context.world_size} process(es), batch {args.batch_size} each)"
+        )
+        self.started = time.perf_counter()
+        model.train()
+        self.train_steps(loader, start_step, args.steps, args.save_every, resume_rng)
+        self.skipped += dataset.skip_unreadable.report(self.logger, "training", context)
+        if context.is_main:
+            save_safetensors(
+                os.path.join(args.output, "model.safetensors"),
+                self.eval_model.state_dict(),
+                metadata=dict(model=self.name, step=str(args.steps)),
+            )
+            if self.history:
+                plot_curves({"L1": self.history}, os.path.join(args.output, "loss.png"), ylabel="L1 loss", log_y=True)
+
+    def training_loss(self, batch: Sequence[torch.Tensor], step: int) -> Tuple[torch.Tensor, Dict[str, float]]:
+        device = self.context.device
+        lr, hr = (tensor.to(device, non_blocking=True) for tensor in batch)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.args.amp and device.type == "cuda"):
+            return self.loss_fn(self.forward(lr).float(), hr), {}
+
+    def checkpoint_state(self, updates: int) -> Dict[str, Any]:
+        return dict(
+            super().checkpoint_state(updates),
+            model=self.model.state_dict(),
+            ema=self.ema.module.state_dict() if self.ema is not None else None,
+            model_name=self.name,
+        )
+
+    def after_update(self, updates: int, total: int, parts: Mapping[str, float]) -> None:
+        args, context = self.args, self.context
+        if self.ema is not None:
+            self.ema.update(self.model, step=updates)
+        if updates % args.log_every == 0:
+            self.skipped += self.dataset.skip_unreadable.report(self.logger, f"up to step {updates}", context)
+            if context.is_main:
+                recent = float(np.mean(self.history[-args.log_every :]))
+                self.logger.info(
+                    f"step {updates}: L1 {recent:.5f}, lr {self.scheduler.get_last_lr()[0]:.3e}, "
+                    f"{time.perf_counter() - self.started:.0f} s"
+                )
+                append_jsonl(os.path.join(args.output, "metrics.jsonl"), dict(step=updates, loss=recent))
+        if self.val_specs and context.is_main and (updates % args.val_every == 0 or updates == total):
+            self.run_evaluation(self.eval_model, updates)
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    run_cli(main)

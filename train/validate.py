@@ -24,7 +24,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from recurzoo.train import common
+from recurzoo.train.arguments import ArgumentParser, ParseKwargs, parse_args_with_config, run_cli
+from recurzoo.train.data import create_image_dataset
+from recurzoo.train.distributed import DistributedContext, run_distributed
+from recurzoo.train.run import progress_bar, setup_logging
 
 __all__ = [
     "build_parser",
@@ -40,7 +43,7 @@ __all__ = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = common.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m recurzoo.train.validate",
         description="Top-1/top-5 accuracy of a timm classifier (any recurzoo model) on an image dataset.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -70,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--model-kwargs",
         nargs="*",
-        default=[],
+        default={},
+        action=ParseKwargs,
         metavar="KEY=VALUE",
         help="extra timm.create_model arguments, e.g. dims='(16,32,64,128)'",
     )
@@ -184,7 +188,7 @@ def load_initial_checkpoint(model: nn.Module, path: str, use_ema: bool = True) -
 
 
 def create_eval_loader(
-    dataset: Any, data_config: Dict[str, Any], batch_size: int, workers: int, context: common.DistributedContext
+    dataset: Any, data_config: Dict[str, Any], batch_size: int, workers: int, context: DistributedContext
 ):
     """timm's eval loader (resize, center crop, normalize) over ``dataset``, sharded across ranks."""
     from timm.data import create_loader
@@ -212,7 +216,7 @@ def create_eval_loader(
 def evaluate(
     model: nn.Module,
     loader: Any,
-    context: common.DistributedContext,
+    context: DistributedContext,
     amp: bool = False,
     amp_dtype: str = "bfloat16",
     progress: bool = False,
@@ -227,7 +231,7 @@ def evaluate(
     valid = getattr(getattr(loader, "sampler", None), "num_valid_samples", None)
     sums = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, images
     seen = 0
-    for images, targets in common.progress(loader, total=len(loader), desc=desc, enabled=progress):
+    for images, targets in progress_bar(loader, total=len(loader), desc=desc, enabled=progress):
         images = images.to(context.device, non_blocking=True)
         targets = targets.to(context.device, non_blocking=True)
         if valid is not None:  # drop the samples that only pad this rank's share
@@ -274,16 +278,16 @@ def resolve_eval_data_config(args: argparse.Namespace, model: nn.Module, verbose
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Score the model; returns ``{'top1', 'top5', 'loss', 'images', ...}``."""
-    args = common.parse_args_with_config(build_parser(), argv)
-    return common.run_distributed(_run, args)
+    args = parse_args_with_config(build_parser(), argv)
+    return run_distributed(_run, args)
 
 
-def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[str, Any]:
+def _run(args: argparse.Namespace, context: DistributedContext) -> Dict[str, Any]:
 
     import recurzoo  # noqa: F401  (registers the zoo with timm)
 
-    logger = common.setup_logging(None, context.is_main, name="recurzoo.validate")
-    dataset = common.create_image_dataset(
+    logger = setup_logging(None, context.is_main, name="recurzoo.validate")
+    dataset = create_image_dataset(
         args.dataset,
         args.data_dir,
         args.split,
@@ -297,7 +301,7 @@ def _run(args: argparse.Namespace, context: common.DistributedContext) -> Dict[s
         or (weights is not None and checkpoint_num_classes(weights, args.model))
         or dataset_num_classes(dataset)
     )
-    kwargs = dict(common.parse_kwargs(args.model_kwargs))
+    kwargs = dict(args.model_kwargs)
     if num_classes:
         kwargs["num_classes"] = num_classes
     model = recurzoo.create_model(args.model, pretrained=args.pretrained, **kwargs)
@@ -344,4 +348,4 @@ def dataset_num_classes(dataset: Any) -> Optional[int]:
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    run_cli(main)

@@ -1,0 +1,233 @@
+"""The command line of the training scripts: the argument groups they share, ``--config`` YAML defaults,
+and the one place (:func:`run_cli`) where a user's error becomes one line on stderr with exit code 2.
+
+A script builds its parser with :func:`training_parser` (``--config`` included), adds its own groups,
+then the shared ones: :func:`add_run_arguments` (output, resume, device, seed, progress) with
+:func:`add_step_arguments` or :func:`add_epoch_arguments`, and :func:`add_fault_arguments`. It parses with
+:func:`parse_args_with_config` and its ``__main__`` is ``run_cli(main)``. Model arguments (``KEY=VALUE``
+lists) use timm's :class:`~timm.utils.ParseKwargs` through :class:`ParseKwargs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+import timm.utils
+
+from recurzoo.checkpoint import atomic_write
+from recurzoo.train.run import EXIT_NON_FINITE, FAULT_MODES, NonFiniteLossError, TrainingInterrupted
+
+__all__ = [
+    "ArgumentParser",
+    "ParseKwargs",
+    "training_parser",
+    "add_run_arguments",
+    "add_step_arguments",
+    "add_epoch_arguments",
+    "add_fault_arguments",
+    "parse_args_with_config",
+    "save_args_yaml",
+    "run_cli",
+    "one_line",
+    "EXIT_USAGE",
+    "USER_ERRORS",
+]
+
+EXIT_USAGE = 2
+# What a user's input causes (a bad option value, a missing or unreadable file or folder, a checkpoint
+# that does not fit or would run code): reported by run_cli in one line, not as a traceback.
+USER_ERRORS = (ValueError, OSError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors (an unknown flag, a bad value, a missing option) are one line on
+    stderr, ``prog: error: message``, with exit code 2 -- not the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)}\n")
+
+
+class ParseKwargs(timm.utils.ParseKwargs):
+    """timm's ``KEY=VALUE ...`` action (values are Python literals, else strings) into a dict; an item
+    without ``=`` is a parser error naming the flag, not a traceback."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string=None):
+        malformed = [item for item in values if item and ("=" not in item or item.startswith("="))]
+        if malformed:
+            raise argparse.ArgumentError(self, f"expected KEY=VALUE, received {malformed[0]!r}")
+        super().__call__(parser, namespace, values, option_string)
+
+
+def training_parser(prog: str, description: str) -> ArgumentParser:
+    """A training script's parser (one-line errors, defaults shown in ``--help``) with ``--config``."""
+    parser = ArgumentParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="YAML",
+        help="YAML file of option defaults, keys as the flags' names (command-line flags win)",
+    )
+    return parser
+
+
+def add_run_arguments(
+    parser: argparse.ArgumentParser, output: str, seed: int, checkpoint: str = "last.pt"
+) -> argparse._ArgumentGroup:
+    """The ``run`` group every training script has: ``--output``, ``--resume`` (``auto``: ``OUTPUT/checkpoint``),
+    ``--device``, ``--seed``, ``--no-progress``. Returns the group for the script's own run options."""
+    group = parser.add_argument_group("run")
+    group.add_argument("--output", default=output, help="folder for checkpoints, logs, plots and results")
+    group.add_argument("--resume", default=None, help=f"checkpoint to resume, or 'auto' for OUTPUT/{checkpoint}")
+    group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    group.add_argument("--seed", type=int, default=seed, help="random seed (each process adds its rank)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return group
+
+
+def add_step_arguments(group: argparse._ArgumentGroup, save_every: int, log_every: int, save_help: str = "") -> None:
+    """The checkpoint and log intervals of a step-based script (:class:`~recurzoo.train.loops.StepTraining`)."""
+    group.add_argument(
+        "--save-every", type=int, default=save_every, help=save_help or "checkpoint OUTPUT/last.pt every N steps"
+    )
+    group.add_argument("--log-every", type=int, default=log_every, help="log the loss every N steps")
+
+
+def add_epoch_arguments(group: argparse._ArgumentGroup, log_interval: int, amp_dtype: str) -> None:
+    """The run options of an epoch-based script (:class:`~recurzoo.train.loops.EpochTraining`): ranked
+    checkpoints, mid-epoch checkpoints, BatchNorm sync, mixed precision, logging, plots, rank weights."""
+    group.add_argument("--checkpoint-hist", type=int, default=3, help="ranked epoch checkpoints to keep")
+    group.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="also write last.pth.tar every N steps within an epoch (0: at epoch ends only)",
+    )
+    group.add_argument(
+        "--dist-bn",
+        default="reduce",
+        choices=("reduce", "broadcast", ""),
+        help="sync BatchNorm statistics across ranks at epoch ends",
+    )
+    group.add_argument("--amp", action="store_true", help="mixed precision (autocast; GradScaler for float16)")
+    group.add_argument("--amp-dtype", choices=("bfloat16", "float16"), default=amp_dtype)
+    group.add_argument("--log-interval", type=int, default=log_interval, help="log the training loss every N steps")
+    group.add_argument("--plot", action="store_true", help="write loss.png and metrics.png after every epoch")
+    group.add_argument(
+        "--rank-weights",
+        action="store_true",
+        help="every rank also writes its final weights to OUTPUT/rank<R>.safetensors "
+        "(to check that data-parallel replicas agree)",
+    )
+
+
+def add_fault_arguments(parser: argparse.ArgumentParser) -> None:
+    """The documented fault-injection options (``--fail-at-step``, ``--fail-mode``) of
+    :class:`~recurzoo.train.run.RunGuard`."""
+    group = parser.add_argument_group("fault injection (test recovery: resume, signals, the NaN guard)")
+    group.add_argument(
+        "--fail-at-step",
+        type=int,
+        default=None,
+        metavar="N",
+        help="fail when the run reaches optimizer step N (counted over the whole run)",
+    )
+    group.add_argument(
+        "--fail-mode",
+        choices=FAULT_MODES,
+        default="sigkill",
+        help="how: send this process SIGTERM/SIGINT (final checkpoint, clean stop), SIGKILL "
+        "(a hard crash: no final checkpoint), or make the loss NaN (the guard stops the run)",
+    )
+
+
+def parse_args_with_config(
+    parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None, config_flag: str = "--config"
+) -> argparse.Namespace:
+    """Parse ``argv`` with defaults taken from the YAML file named by ``--config`` (timm's scheme).
+
+    The file maps option names (``lr``, ``batch_size`` or ``batch-size``) to values; flags given on the
+    command line win over the file. Unknown names are an error; options the file sets are no longer
+    required on the command line. A ``KEY=VALUE`` option may be a mapping or a list of such strings.
+    """
+    import yaml
+
+    if not any(config_flag in action.option_strings for action in parser._actions):
+        parser.add_argument(
+            config_flag, default=None, metavar="YAML", help="YAML file of option defaults (command-line flags win)"
+        )
+    pre_parser = ArgumentParser(prog=parser.prog, add_help=False)
+    pre_parser.add_argument(config_flag, default=None)
+    known, _ = pre_parser.parse_known_args(argv)
+    path = getattr(known, config_flag.lstrip("-").replace("-", "_"))
+    if path:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                loaded = yaml.safe_load(handle) or {}
+        except (OSError, yaml.YAMLError) as error:
+            parser.error(f"{config_flag} {path}: {error}")
+        if not isinstance(loaded, dict):
+            parser.error(f"{config_flag} {path}: expected a mapping of option names to values")
+        values = {str(key).replace("-", "_"): value for key, value in loaded.items()}
+        actions = {action.dest: action for action in parser._actions}
+        unknown = sorted(set(values) - set(actions))
+        if unknown:
+            parser.error(f"{config_flag} {path}: unknown options {', '.join(unknown)}")
+        for dest, value in values.items():
+            actions[dest].required = False
+            if isinstance(actions[dest], ParseKwargs) and isinstance(value, list):
+                parsed = argparse.Namespace()
+                try:
+                    actions[dest](parser, parsed, [str(item) for item in value])
+                except argparse.ArgumentError as error:
+                    parser.error(f"{config_flag} {path}: {error}")
+                values[dest] = vars(parsed)[dest]
+        parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def save_args_yaml(args: argparse.Namespace, path: str) -> None:
+    """Write the resolved options as YAML (usable again with ``--config``)."""
+    import yaml
+
+    text = yaml.safe_dump({key: value for key, value in vars(args).items() if key != "config"}, sort_keys=True)
+
+    def write(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    atomic_write(path, write)
+
+
+def one_line(error: Any) -> str:
+    """An error (or message) as one line: its whitespace runs, newlines included, made single spaces."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None) -> None:
+    """Run a training script's ``main`` as a command.
+
+    Exit codes: 2 with one line ``<module>: error: <message>`` for a user error (:data:`USER_ERRORS`:
+    bad values, missing data, unreadable or unfit checkpoints; argparse's errors exit 2 in one line too,
+    see :class:`ArgumentParser`); 128+signal after a signal stop (final checkpoint written);
+    ``EXIT_NON_FINITE`` (3) when the loss became NaN/inf. Set ``RECURZOO_TRACEBACK=1`` to see the
+    traceback of a user error.
+    """
+    module = sys.modules.get(getattr(main, "__module__", ""), None)
+    spec = getattr(module, "__spec__", None)
+    prog = spec.name if spec is not None else getattr(main, "__module__", "recurzoo")
+    try:
+        main(argv)
+    except TrainingInterrupted as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
+    except NonFiniteLossError as error:
+        print(f"error: {error}; the last good checkpoint is kept", file=sys.stderr)
+        sys.exit(EXIT_NON_FINITE)
+    except USER_ERRORS as error:
+        if os.environ.get("RECURZOO_TRACEBACK"):
+            raise
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)

@@ -1,0 +1,203 @@
+"""Training data that is partly broken: images that cannot be read are skipped with a counted warning
+instead of ending the run, and a dataset without usable images fails before anything is trained.
+
+``SkipUnreadable`` is the policy a dataset applies in ``__getitem__``; ``ImageFolderDataset`` is timm's
+``ImageDataset`` under that policy and ``create_image_dataset`` timm's ``create_dataset`` that fails
+clearly on a missing or empty folder. ``image_size``/``summarize`` check files up front and name them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import warnings
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from timm.data import ImageDataset
+
+from recurzoo.train.arguments import one_line
+from recurzoo.train.distributed import DistributedContext
+
+__all__ = [
+    "DatasetWarning",
+    "UnreadableImageError",
+    "image_size",
+    "summarize",
+    "seed_albumentations",
+    "SkipUnreadable",
+    "ImageFolderDataset",
+    "create_image_dataset",
+]
+
+
+class DatasetWarning(UserWarning):
+    """Files of a dataset that are skipped or adjusted."""
+
+
+class UnreadableImageError(OSError):
+    """An image file that cannot be decoded (missing, truncated, not an image); the message names it."""
+
+
+def image_size(path: str, verify: bool = False) -> Tuple[int, int]:
+    """``(height, width)`` from an image file's header; ``verify`` also checks the file's integrity
+    (PIL's ``verify``, which reads it whole). Raises :class:`UnreadableImageError` naming the file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            if verify:
+                image.verify()
+            width, height = image.size
+    except Exception as error:  # PIL raises several types for broken files
+        raise UnreadableImageError(f"{path} ({type(error).__name__})") from None
+    return height, width
+
+
+def seed_albumentations(transform: Any, seed: Optional[int]) -> Any:
+    """Give an albumentations ``Compose`` one pair of generators seeded with ``seed``, shared by all its
+    transforms; returns it. (``Compose(seed=...)`` and ``set_random_seed`` give every transform its own
+    generator with the same seed, so their draws coincide: three flips of probability 0.5 then happen
+    all together or not at all.)"""
+    import numpy as np
+
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+    return transform
+
+
+def summarize(items: Sequence[str], limit: int = 5) -> str:
+    """The first ``limit`` items, comma-separated, and how many more there are."""
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+class SkipUnreadable:
+    """A dataset's policy for samples whose image cannot be decoded: use the next readable sample instead.
+
+    A dataset calls it in ``__getitem__`` with its own loading function, which raises
+    :class:`UnreadableImageError` for a bad file: ``return self.skip_unreadable(self._load, index, len(self))``.
+    Each skip is counted (one counter shared with the DataLoader's worker processes) and warned about
+    once per file and process (:class:`DatasetWarning`); :meth:`report` logs the skips since its last
+    call (once per epoch). ``max_consecutive`` unreadable samples in a row raise a ``ValueError``.
+    """
+
+    def __init__(self, name: str, max_consecutive: int = 16) -> None:
+        import multiprocessing
+
+        self.name = name
+        self.max_consecutive = max_consecutive
+        self._count = multiprocessing.Value("q", 0)  # shared memory: inherited by the loader's workers
+        self._reported = 0
+        self._warned: set = set()
+
+    def __call__(self, load: Callable[[int], Any], index: int, length: int) -> Any:
+        failures = []
+        for offset in range(min(length, self.max_consecutive)):
+            try:
+                return load((index + offset) % length)
+            except UnreadableImageError as error:
+                failures.append(str(error))
+                self._record(str(error))
+        raise ValueError(
+            f"{self.name}: {len(failures)} samples in a row from index {index} cannot be read "
+            f"(e.g. {failures[0]}); is the dataset intact?"
+        )
+
+    def _record(self, what: str) -> None:
+        with self._count.get_lock():
+            self._count.value += 1
+            count = self._count.value
+        if what not in self._warned:
+            self._warned.add(what)
+            warnings.warn(
+                f"{self.name}: skipped an unreadable image, the next sample is used instead: {what} "
+                f"({count} skipped so far)",
+                DatasetWarning,
+                stacklevel=3,
+            )
+
+    @property
+    def count(self) -> int:
+        """Samples skipped so far, in all processes of this rank."""
+        return int(self._count.value)
+
+    def report(self, logger: logging.Logger, when: str, context: Optional[DistributedContext] = None) -> int:
+        """Log how many samples were skipped since the last report (summed over ranks: call it on every
+        rank, it is a collective under torchrun); returns that number."""
+        new = self.count - self._reported
+        self._reported += new
+        if context is not None and context.distributed:
+            total = torch.tensor(new, dtype=torch.int64, device=context.device)
+            dist.all_reduce(total)
+            new = int(total.item())
+        if new:
+            logger.warning(
+                f"{when}: {new} unreadable images of the {self.name} skipped (each replaced by the next "
+                f"readable sample); remove or repair them"
+            )
+        return new
+
+
+class ImageFolderDataset(ImageDataset):
+    """timm's ``ImageDataset`` (folder or tar reader) whose undecodable images are replaced by the next
+    readable sample under :class:`SkipUnreadable`: counted and named in a warning, where timm only logs
+    the index. timm's own loading runs with a single attempt, so that every failure comes back here."""
+
+    def __init__(self, *args: Any, unreadable_name: str = "training set", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._max_retries = 1
+        self.skip_unreadable = SkipUnreadable(unreadable_name)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.skip_unreadable(self._load, index, len(self))
+
+    def _load(self, index: int) -> Any:
+        from PIL import Image
+
+        try:
+            return super().__getitem__(index)
+        except RuntimeError as error:  # timm's "Failed to load 1 consecutive samples": an OSError it logged
+            if "consecutive samples" not in str(error):
+                raise
+            reason = "cannot be decoded"
+        except (SyntaxError, Image.DecompressionBombError) as error:  # raised by PIL, not caught by timm
+            reason = f"{type(error).__name__}: {one_line(error)}"
+        raise UnreadableImageError(f"{self.filename(index, absolute=True)} ({reason})")
+
+
+def create_image_dataset(
+    name: str, root: str, split: str, skip_unreadable: Optional[str] = None, flag: str = "--data-dir", **kwargs: Any
+) -> Any:
+    """timm's ``create_dataset(name, root=root, split=split, **kwargs)`` that fails clearly before training.
+
+    A missing folder raises ``FileNotFoundError`` and a split without images ``ValueError``, both naming
+    ``flag`` and the path. With ``skip_unreadable`` (a name such as ``'training set'``) a folder or tar
+    dataset becomes an :class:`ImageFolderDataset`, whose undecodable images are skipped with a
+    counted warning (``dataset.skip_unreadable``).
+    """
+    from timm.data import create_dataset
+
+    if not name and not os.path.exists(root):
+        raise FileNotFoundError(f"{flag} {root}: no such folder or file")
+    try:
+        dataset = create_dataset(name, root=root, split=split, **kwargs)
+    except RuntimeError as error:
+        if "Found 0 images" not in str(error):
+            raise
+        raise ValueError(f"{flag} {root}: no images for split {split!r} ({one_line(error)})") from None
+    if not isinstance(dataset, torch.utils.data.IterableDataset) and len(dataset) == 0:
+        raise ValueError(f"{flag} {root}: split {split!r} holds no images")
+    if skip_unreadable and type(dataset) is ImageDataset:
+        dataset = ImageFolderDataset(
+            root,
+            reader=dataset.reader,
+            load_bytes=dataset.load_bytes,
+            input_img_mode=dataset.input_img_mode,
+            transform=dataset.transform,
+            target_transform=dataset.target_transform,
+            additional_features=dataset.additional_features,
+            unreadable_name=skip_unreadable,
+        )
+    return dataset
