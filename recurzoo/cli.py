@@ -108,7 +108,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     """The authors' checkpoints as timm Hub folders, each loaded back and checked against the checkpoint."""
     from recurzoo.export import hub
-    from recurzoo.train.common import parse_kwargs
 
     if bool(args.all) == bool(args.model):
         raise UsageError("convert: give MODEL CHECKPOINT, or --all DOWNLOAD_DIR")
@@ -119,7 +118,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             if not args.checkpoint:
                 raise UsageError("convert: give the checkpoint file after MODEL")
             name = _resolve_model(args.model if not args.tag else f"{args.model}.{args.tag}")
-            results = [hub.convert(name, args.checkpoint, args.out, parse_kwargs(args.model_kwargs), args.overwrite)]
+            results = [hub.convert(name, args.checkpoint, args.out, args.model_kwargs, args.overwrite)]
             print(
                 f"wrote {results[0].folder} ({', '.join(Path(f).name for f in results[0].files)}); loaded back "
                 f"with local-dir:, max abs difference to the checkpoint {results[0].max_abs_diff:.1e}"
@@ -316,7 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, help="parent folder of the Hub folders (one per model.tag)")
     convert.add_argument("--tag", default=None, help="pretrained tag, when MODEL has none (e.g. in1k)")
     convert.add_argument(
-        "--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE", help="architecture arguments (recorded)"
+        "--model-kwargs",
+        nargs="*",
+        default={},
+        action=ParseKwargs,
+        metavar="KEY=VALUE",
+        help="architecture arguments (recorded)",
     )
     convert.add_argument("--overwrite", action="store_true", help="replace an existing Hub folder")
     convert.add_argument("--push", metavar="ORG/NAME", help="publish the folder to the Hugging Face Hub")
