@@ -39,6 +39,8 @@ from recurzoo.plots import save_phase_heatmap
 from recurzoo.train import distill_recurrent
 
 MODELS = recurzoo.list_models("vit_recurrent_*")
+TINY = "vit_recurrent_tiny_patch16_224"
+RELAXED = dict(depth_conditioning=True, lora_rank=2)  # the step parts: every tensor kind the model has
 UNTIED = {"tiny": "vit_tiny_patch16_224", "small": "vit_small_patch16_224", "base": "vit_base_patch16_224"}
 
 
@@ -65,7 +67,20 @@ def _tiny_vit(**kwargs) -> torch.nn.Module:
 def _tiny_recurrent(**kwargs) -> RecurrentViT:
     args = dict(img_size=32, patch_size=8, depth=4, embed_dim=32, num_heads=2, num_classes=5, phases=[2, 2])
     args.update(kwargs)
-    return recurzoo.create_model("vit_recurrent_tiny_patch16_224", **args).eval()
+    return recurzoo.create_model(TINY, **args).eval()
+
+
+def _reduced(**kwargs) -> RecurrentViT:
+    """The reduced configuration of the zoo's tests: 6 steps of 2 shared blocks, width 32."""
+    return recurzoo.create_model(TINY, **REDUCED["recurrent_vit"], **kwargs)
+
+
+def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter moved off its start, so that the step conditioning and LoRA change the output."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model
 
 
 def test_registry_has_tiny_small_base_with_two_and_three_shared_blocks():
@@ -145,6 +160,17 @@ def test_checkpoint_filter_loads_an_untied_vit_state_dict_like_from_vit():
     assert own.keys() == model.state_dict().keys()
 
 
+def test_untied_vit_checkpoint_file_loads_through_pretrained_cfg_overlay(tmp_path):
+    vit = _tiny_vit(depth=6, num_classes=1000)
+    path = tmp_path / "vit.pth"
+    torch.save({"model": vit.state_dict()}, path)  # a training-checkpoint wrapper, read by recurzoo.checkpoint
+    args = dict(img_size=32, patch_size=8, depth=6, embed_dim=32, num_heads=2, phases=[4, 2])
+    model = recurzoo.create_model(TINY, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **args).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), from_vit(vit, [4, 2]).eval()(x), rtol=0, atol=1e-6)
+
+
 def test_depth_conditioning_and_lora_start_at_identity_and_receive_gradients():
     plain = _tiny_recurrent()
     relaxed = _tiny_recurrent(depth_conditioning=True, lora_rank=3)
@@ -205,21 +231,6 @@ def test_forward_intermediates_gives_one_output_per_step_with_prefix_tokens():
 # --------------------------------------------------------------------------------------------------
 # timm's model contract, on the reduced configuration (6 steps of 2 shared blocks, width 32)
 # --------------------------------------------------------------------------------------------------
-
-TINY = "vit_recurrent_tiny_patch16_224"
-RELAXED = dict(depth_conditioning=True, lora_rank=2)  # the step parts: every tensor kind the model has
-
-
-def _reduced(**kwargs) -> RecurrentViT:
-    return recurzoo.create_model(TINY, **REDUCED["recurrent_vit"], **kwargs)
-
-
-def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
-    """Every parameter moved off its start, so that the step conditioning and LoRA change the output."""
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    return model
 
 
 def test_old_rvit_names_build_the_renamed_models_with_a_warning_and_leave_the_listings():
