@@ -68,6 +68,7 @@ __all__ = [
     "RecurrentBlock",
     "DepthScale",
     "StepLoRA",
+    "UnsupportedPoolError",
     "from_vit",
     "find_phases",
     "PhaseSplit",
@@ -135,11 +136,19 @@ def source_step(start: int, length: int, choice: str = "middle") -> int:
     return start + offset
 
 
+class UnsupportedPoolError(ValueError, AssertionError):
+    """A ``global_pool`` the model cannot take. A ``ValueError``, and an ``AssertionError`` as well because
+    timm's models assert their pool type and timm's tests (and callers) expect that (cf. numpy's
+    ``AxisError``, both a ``ValueError`` and an ``IndexError``)."""
+
+
 def _check_pool(name: str, global_pool: str, has_class_token: bool) -> None:
     if global_pool not in _POOL_TYPES:
-        raise ValueError(f"{name}: global_pool must be '', 'token', 'avg', 'avgmax' or 'max', received {global_pool!r}")
+        raise UnsupportedPoolError(
+            f"{name}: global_pool must be '', 'token', 'avg', 'avgmax' or 'max', received {global_pool!r}"
+        )
     if global_pool == "token" and not has_class_token:
-        raise ValueError(f"{name}: global_pool='token' needs a class token (class_token=True)")
+        raise UnsupportedPoolError(f"{name}: global_pool='token' needs a class token (class_token=True)")
 
 
 def step_node_name(block_index: int, step_in_phase: int) -> str:
@@ -271,10 +280,11 @@ class RecurrentBlock(nn.Module):
             if not targets:
                 raise ValueError("RecurrentBlock: lora_rank > 0 needs linear qkv, proj, fc1 or fc2 layers")
             self.lora = nn.ModuleDict(targets)
-        self.init_step_times()
+        self.init_weights()
 
-    def init_step_times(self) -> None:
-        """Fill the ``step_times`` buffer, ``(step + 1) / depth`` per step (it is derived, never saved)."""
+    def init_weights(self) -> None:
+        """Fill the ``step_times`` buffer, ``(step + 1) / depth`` per step: derived from the schedule and
+        never saved, it is lost by ``to_empty`` (the block's parts initialize themselves)."""
         with torch.no_grad():
             times = torch.tensor(self.step_indices, device=self.step_times.device, dtype=torch.float32)
             self.step_times.copy_(((times + 1.0) / self.depth).unsqueeze(-1))
@@ -286,12 +296,6 @@ class RecurrentBlock(nn.Module):
         if self.lora is not None:
             for lora in self.lora.values():
                 lora.reset_parameters()
-
-    def init_weights(self) -> None:
-        """The step-time buffer recomputed and the step parameters at their start (the shared parts are
-        the model's to initialize)."""
-        self.init_step_times()
-        self.reset_step_parameters()
 
     def _sublayer(self, parent: str, x: torch.Tensor, step: int) -> torch.Tensor:
         """``self.attn(x)`` or ``self.mlp(x)`` with this step's LoRA updates merged into their linear weights."""
@@ -543,7 +547,7 @@ class RecurrentViT(nn.Module):
             nn.init.normal_(self.cls_token, std=1e-6)
         if self.reg_token is not None:
             nn.init.normal_(self.reg_token, std=1e-6)
-        named_apply(init_weights_vit_timm, self)  # children before parents: the blocks reset their step parts last
+        named_apply(init_weights_vit_timm, self)  # each layer its own init_weights or reset_parameters
 
     @staticmethod
     def _init_linear(module: nn.Module) -> None:

@@ -300,8 +300,11 @@ def test_reset_classifier_keeps_the_pooling_and_the_parent_device_dtype_and_mode
         assert model(x).shape == (2, 5)
         model.reset_classifier(5, "token")
         torch.testing.assert_close(model.forward_head(features, pre_logits=True), model.fc_norm(features[:, 0]))
-    with pytest.raises(ValueError, match="global_pool must be"):
-        model.reset_classifier(5, "map")
+    for pool in ("map", "catavgmax"):  # a ValueError, and the AssertionError timm's models raise
+        with pytest.raises(ValueError, match="global_pool must be"):
+            model.reset_classifier(5, pool)
+        with pytest.raises(AssertionError):
+            recurzoo.create_model(TINY, device="meta", global_pool=pool, **REDUCED["recurrent_vit"])
     model.to(device="meta", dtype=torch.float64)
     model.reset_classifier(0)
     model.reset_classifier(2)
