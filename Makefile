@@ -9,7 +9,7 @@ INSTALLED := $(VENV)/.installed
 # One model per family next to its timm peer (SR and COD models at their own sizes); the README's
 # benchmark sections, benchmarks/*.{md,csv} and the cards' speed tables are rewritten.
 BENCH_MODELS ?= hornet_tiny_7x7 hornet_tiny_gf convnext_tiny sret_tiny deit_tiny_patch16_224 sret_small \
-	deit_small_patch16_224 rvit_small_patch16_224 vit_small_patch16_224 rgt_small_x2@3x64x64 \
+	deit_small_patch16_224 vit_recurrent_small_patch16_224 vit_small_patch16_224 rgt_small_x2@3x64x64 \
 	msrnet_pvt_v2_b2 pvt_v2_b2
 BENCH_BACKENDS ?= eager,compile,onnxruntime
 BENCH := $(BIN)/recurzoo bench
@@ -45,7 +45,7 @@ bench: $(INSTALLED)
 	$(BENCH) $(BENCH_MODELS) --batch 1,8 --compare-batch 1 --backends $(BENCH_BACKENDS) --threads 1 --warmup 3 \
 		--max-seconds 20 --timeout 1800 --out benchmarks/cpu --readme README.md
 	$(BENCH) hornet_base_7x7 rgt@3x64x64 --train-memory --batch 4 --out benchmarks/cpu_train_memory --readme README.md
-	$(BENCH) sret_small rvit_small_patch16_224 --growth 224,384,512 --out benchmarks/cpu_growth --readme README.md
+	$(BENCH) sret_small vit_recurrent_small_patch16_224 --growth 224,384,512 --out benchmarks/cpu_growth --readme README.md
 	$(BENCH) rgt_small_x4 --growth 256,512,1024 --tile 288 --out benchmarks/cpu_growth_tiled --readme README.md
 	$(BIN)/python -m recurzoo.export.cards
 

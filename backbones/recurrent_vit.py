@@ -21,6 +21,10 @@ relaxations of the weight tying:
 ``from_vit`` turns any timm ``VisionTransformer`` into this model for a given phase schedule, and
 ``find_phases`` finds the schedule from the layer-by-layer similarity of a trained ViT's tokens.
 Distillation from a ViT teacher is ``python -m recurzoo.train.distill_recurrent``.
+
+The registered names follow timm's naming of ViT variants (``vit_recurrent_small_patch16_224``,
+like ``vit_relpos_small_patch16_224``); the first names, ``rvit_*``, still build them with a
+deprecation warning.
 """
 
 from __future__ import annotations
@@ -40,19 +44,23 @@ from timm.layers import (
     calculate_drop_path_rates,
     drop_path,
     get_act_layer,
+    get_device_dtype,
     get_norm_layer,
+    register_notrace_function,
+    register_notrace_module,
     resample_abs_pos_embed,
     trunc_normal_,
 )
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint
-from timm.models.vision_transformer import Block, VisionTransformer, global_pool_nlc
+from timm.models import checkpoint, generate_default_cfgs, named_apply, register_model, register_model_deprecations
+from timm.models._features import feature_take_indices  # timm exports no public equivalent
+from timm.models._input import update_model_input_size  # ditto: keeps resolve_data_config's size current
+from timm.models.vision_transformer import Block, VisionTransformer, global_pool_nlc, init_weights_vit_timm
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 from torch import nn
 from torch.func import functional_call
+from torch.fx.node import has_side_effect
 
-from recurzoo.backbones._helpers import check_image_input, model_name
+from recurzoo.backbones._helpers import build_with_weights, check_image_input, model_name
 from recurzoo.checkpoint import unwrap_state_dict
 
 __all__ = [
@@ -60,6 +68,7 @@ __all__ = [
     "RecurrentBlock",
     "DepthScale",
     "StepLoRA",
+    "UnsupportedPoolError",
     "from_vit",
     "find_phases",
     "PhaseSplit",
@@ -70,9 +79,9 @@ __all__ = [
 ]
 
 
-_NORM_EPS = 1e-6
 _LORA_TARGETS = (("attn", "qkv"), ("attn", "proj"), ("mlp", "fc1"), ("mlp", "fc2"))
 _SOURCE_BLOCK_CHOICES = ("first", "middle", "last")
+_POOL_TYPES = ("", "token", "avg", "avgmax", "max")
 
 
 def even_phases(depth: int, num_unique_blocks: int) -> List[int]:
@@ -127,6 +136,30 @@ def source_step(start: int, length: int, choice: str = "middle") -> int:
     return start + offset
 
 
+class UnsupportedPoolError(ValueError, AssertionError):
+    """A ``global_pool`` the model cannot take. A ``ValueError``, and an ``AssertionError`` as well because
+    timm's models assert their pool type and timm's tests (and callers) expect that (cf. numpy's
+    ``AxisError``, both a ``ValueError`` and an ``IndexError``)."""
+
+
+def _check_pool(name: str, global_pool: str, has_class_token: bool) -> None:
+    if global_pool not in _POOL_TYPES:
+        raise UnsupportedPoolError(
+            f"{name}: global_pool must be '', 'token', 'avg', 'avgmax' or 'max', received {global_pool!r}"
+        )
+    if global_pool == "token" and not has_class_token:
+        raise UnsupportedPoolError(f"{name}: global_pool='token' needs a class token (class_token=True)")
+
+
+def step_node_name(block_index: int, step_in_phase: int) -> str:
+    """The name torch.fx (torchvision's feature extraction) gives a step's call of its shared block.
+
+    A shared block is one module called once per step of its phase; the tracer names the first
+    call ``blocks.j`` and the later ones ``blocks.j_1``, ``blocks.j_2``, ...
+    """
+    return f"blocks.{block_index}" if step_in_phase == 0 else f"blocks.{block_index}_{step_in_phase}"
+
+
 class DepthScale(nn.Module):
     """Raptor's depth conditioning: three per-channel scales ``1 + f(t)`` of the normalized step ``t``.
 
@@ -134,10 +167,12 @@ class DepthScale(nn.Module):
     start at exactly one; they multiply the attention residual, the MLP residual and the block output.
     """
 
-    def __init__(self, dim: int, hidden: int = 16) -> None:
+    def __init__(self, dim: int, hidden: int = 16, device=None, dtype=None) -> None:
         super().__init__()
         self.dim = dim
-        self.mlp = Mlp(1, hidden_features=hidden, out_features=3 * dim, act_layer=nn.SiLU)
+        self.mlp = Mlp(
+            in_features=1, hidden_features=hidden, out_features=3 * dim, act_layer=nn.SiLU, device=device, dtype=dtype
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -147,8 +182,8 @@ class DepthScale(nn.Module):
 
     def forward(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scales for attention residual, MLP residual and output, each ``(dim,)``, from ``t`` of shape ``(1,)``."""
-        attn_scale, mlp_scale, out_scale = (1.0 + self.mlp(t)).view(3, self.dim).unbind(0)
-        return attn_scale, mlp_scale, out_scale
+        scales = 1.0 + self.mlp(t).view(3, self.dim)
+        return scales[0], scales[1], scales[2]
 
 
 class StepLoRA(nn.Module):
@@ -158,10 +193,11 @@ class StepLoRA(nn.Module):
     starts with the shared weight and both factors receive gradients.
     """
 
-    def __init__(self, in_features: int, out_features: int, num_steps: int, rank: int) -> None:
+    def __init__(self, in_features: int, out_features: int, num_steps: int, rank: int, device=None, dtype=None) -> None:
         super().__init__()
-        self.down = nn.Parameter(torch.empty(num_steps, rank, in_features))
-        self.up = nn.Parameter(torch.empty(num_steps, out_features, rank))
+        dd = {"device": device, "dtype": dtype}
+        self.down = nn.Parameter(torch.empty(num_steps, rank, in_features, **dd))
+        self.up = nn.Parameter(torch.empty(num_steps, out_features, rank, **dd))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -174,6 +210,9 @@ class StepLoRA(nn.Module):
         return self.up[step] @ self.down[step]
 
 
+# Traced as one call per step, so each step is a node of its own (``step_node_name``) and the
+# per-step LoRA's functional_call stays out of the symbolic trace.
+@register_notrace_module
 class RecurrentBlock(nn.Module):
     """A timm ViT ``Block`` shared by the consecutive steps of one phase.
 
@@ -189,6 +228,8 @@ class RecurrentBlock(nn.Module):
         depth_conditioning: scale residuals and output by ``1 + f(t)`` (Raptor).
         depth_hidden: hidden width of ``f``.
         lora_rank: rank of the per-step LoRA (0 for none).
+        device: where the step parameters and buffers are created (``block`` is adopted as it is).
+        dtype: their floating-point type.
     """
 
     def __init__(
@@ -200,35 +241,53 @@ class RecurrentBlock(nn.Module):
         depth_conditioning: bool = False,
         depth_hidden: int = 16,
         lora_rank: int = 0,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         for part in ("norm1", "attn", "ls1", "norm2", "mlp", "ls2"):
             if not hasattr(block, part):
                 raise ValueError(
                     f"RecurrentBlock: needs a pre-norm ViT block with `{part}`, received {type(block).__name__}"
                 )
             setattr(self, part, getattr(block, part))
-        self.num_steps = len(step_indices)
+        self.step_indices = [int(index) for index in step_indices]
+        self.depth = depth
+        self.num_steps = len(self.step_indices)
         self.drop_path_rates = [float(r) for r in (drop_path_rates or [0.0] * self.num_steps)]
         if len(self.drop_path_rates) != self.num_steps:
             raise ValueError(
                 f"RecurrentBlock: needs one drop-path rate per step ({self.num_steps}), "
                 f"received {len(self.drop_path_rates)}"
             )
-        step_times = (torch.tensor(step_indices, dtype=torch.float32) + 1.0) / depth
-        self.register_buffer("step_times", step_times.unsqueeze(-1), persistent=False)
+        self.register_buffer("step_times", torch.empty(self.num_steps, 1, **dd), persistent=False)
         dim = self.attn.qkv.in_features
-        self.depth_scale = DepthScale(dim, depth_hidden) if depth_conditioning else None
+        self.depth_scale = DepthScale(dim=dim, hidden=depth_hidden, **dd) if depth_conditioning else None
         self.lora = None
         if lora_rank:
             targets = {}
             for parent, name in _LORA_TARGETS:
                 layer = getattr(getattr(self, parent), name, None)
                 if isinstance(layer, nn.Linear):
-                    targets[name] = StepLoRA(layer.in_features, layer.out_features, self.num_steps, lora_rank)
+                    targets[name] = StepLoRA(
+                        in_features=layer.in_features,
+                        out_features=layer.out_features,
+                        num_steps=self.num_steps,
+                        rank=lora_rank,
+                        **dd,
+                    )
             if not targets:
                 raise ValueError("RecurrentBlock: lora_rank > 0 needs linear qkv, proj, fc1 or fc2 layers")
             self.lora = nn.ModuleDict(targets)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Fill the ``step_times`` buffer, ``(step + 1) / depth`` per step: derived from the schedule and
+        never saved, it is lost by ``to_empty`` (the block's parts initialize themselves)."""
+        with torch.no_grad():
+            times = torch.tensor(self.step_indices, device=self.step_times.device, dtype=torch.float32)
+            self.step_times.copy_(((times + 1.0) / self.depth).unsqueeze(-1))
 
     def reset_step_parameters(self) -> None:
         """Return depth conditioning and LoRA to their initial state (identity, zero update)."""
@@ -266,11 +325,52 @@ class RecurrentBlock(nn.Module):
         return out_scale * x
 
 
+# torch.fx records this call instead of tracing it and keeps it in the graph (it returns nothing),
+# so a traced model checks its real input too.
+@has_side_effect
+@register_notrace_function
+def check_patch_input(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    name: str,
+    in_chans: int,
+    patch_size: Tuple[int, int],
+    dynamic_pad: bool,
+    fixed_size: Optional[Tuple[int, int]],
+) -> None:
+    """Raise a ``ValueError`` naming the model when ``x`` is not an image batch its patch embedding takes.
+
+    ``weight`` is one of the model's parameters: the input must have its dtype (outside autocast).
+    Sides must be at least a patch, multiples of a square patch unless ``dynamic_pad``, and equal to
+    ``fixed_size`` when it is given (a model built without ``dynamic_img_size``).
+    """
+    check_image_input(
+        x,
+        name,
+        in_chans,
+        min_size=max(patch_size),
+        multiple_of=None if dynamic_pad or patch_size[0] != patch_size[1] else patch_size[0],
+        dtype=weight.dtype,
+    )
+    if (
+        fixed_size is not None
+        and not (torch.jit.is_tracing() or torch.compiler.is_compiling())
+        and tuple(x.shape[-2:]) != tuple(fixed_size)
+    ):
+        raise ValueError(
+            f"{name}: expects {fixed_size[0]}x{fixed_size[1]} images (create it with dynamic_img_size=True or "
+            f"img_size=... for others), received shape {tuple(x.shape)}"
+        )
+
+
 class RecurrentViT(nn.Module):
     """Vision Transformer whose ``depth`` steps are run by ``k`` shared blocks along contiguous phases.
 
     Embeddings, tokens, norms and head are timm's ViT parts with the same names and meaning as in
     ``timm.models.vision_transformer.VisionTransformer``; ``blocks`` holds the ``k`` shared blocks.
+    ``feature_info`` has one entry per step (the tokens after it, at stride ``patch_size``); its
+    ``module`` is the name torch.fx gives that step's call of its shared block (``step_node_name``),
+    so ``features_only=True, feature_cls='fx'`` returns each step's tokens.
 
     Args:
         img_size: input image size.
@@ -305,6 +405,9 @@ class RecurrentViT(nn.Module):
         drop_path_rate: stochastic depth, rising linearly over the steps.
         norm_layer: normalization layer (timm ``LayerNorm``, eps 1e-6, by default).
         act_layer: MLP activation (GELU by default).
+        device: where parameters and buffers are created (``'meta'`` allocates nothing; then
+            ``to_empty`` and ``init_weights()``).
+        dtype: their floating-point type.
     """
 
     def __init__(
@@ -341,14 +444,12 @@ class RecurrentViT(nn.Module):
         drop_path_rate: float = 0.0,
         norm_layer: Optional[Any] = None,
         act_layer: Optional[Any] = None,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
-        if global_pool not in ("", "token", "avg", "avgmax", "max"):
-            raise ValueError(
-                f"RecurrentViT: global_pool must be '', 'token', 'avg', 'avgmax' or 'max', received {global_pool!r}"
-            )
-        if global_pool == "token" and not class_token:
-            raise ValueError("RecurrentViT: global_pool='token' needs class_token=True")
+        dd = {"device": device, "dtype": dtype}
+        _check_pool("RecurrentViT", global_pool, class_token)
         phases = resolve_phases(depth, None if phases is not None else num_unique_blocks, phases)
         norm_layer = get_norm_layer(norm_layer) or LayerNorm
         act_layer = get_act_layer(act_layer) or nn.GELU
@@ -377,15 +478,16 @@ class RecurrentViT(nn.Module):
             bias=not pre_norm,
             dynamic_img_pad=dynamic_img_pad,
             **embed_args,
+            **dd,
         )
         num_patches = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim, **dd)) if class_token else None
+        self.reg_token = nn.Parameter(torch.empty(1, reg_tokens, embed_dim, **dd)) if reg_tokens else None
         embed_len = num_patches if no_embed_class else num_patches + self.num_prefix_tokens
-        self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim))
+        self.pos_embed = nn.Parameter(torch.empty(1, embed_len, embed_dim, **dd))
         self.pos_drop = nn.Dropout(p=pos_drop_rate)
         self.patch_drop = nn.Identity()
-        self.norm_pre = norm_layer(embed_dim) if pre_norm else nn.Identity()
+        self.norm_pre = norm_layer(embed_dim, **dd) if pre_norm else nn.Identity()
 
         step_drop_rates = calculate_drop_path_rates(drop_path_rate, depth)
         blocks = []
@@ -401,48 +503,51 @@ class RecurrentViT(nn.Module):
                 attn_drop=attn_drop_rate,
                 norm_layer=norm_layer,
                 act_layer=act_layer,
+                **dd,
             )
             blocks.append(
                 RecurrentBlock(
-                    block,
-                    range(start, start + length),
-                    depth,
-                    step_drop_rates[start : start + length],
+                    block=block,
+                    step_indices=range(start, start + length),
+                    depth=depth,
+                    drop_path_rates=step_drop_rates[start : start + length],
                     depth_conditioning=depth_conditioning,
                     depth_hidden=depth_hidden,
                     lora_rank=lora_rank,
+                    **dd,
                 )
             )
         self.blocks = nn.ModuleList(blocks)
-        self._set_schedule(phases, depth)
-
-        self.norm = norm_layer(embed_dim) if final_norm and not use_fc_norm else nn.Identity()
-        self.attn_pool = None  # an attention pool (global_pool 'map') is only taken over by from_vit
-        self.fc_norm = norm_layer(embed_dim) if final_norm and use_fc_norm else nn.Identity()
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.init_weights()
-
-    def _set_schedule(self, phases: Sequence[int], depth: int) -> None:
-        """Record the phases, the total depth and, per step, (shared block index, step within its phase)."""
-        self.phases = list(phases)
         self.depth = depth
-        self.schedule: List[Tuple[int, int]] = [(j, s) for j, length in enumerate(self.phases) for s in range(length)]
-        reduction = self.patch_embed.feat_ratio() if hasattr(self.patch_embed, "feat_ratio") else 16
+        self._set_schedule(phases)
+        reduction = self.patch_embed.feat_ratio()
         self.feature_info = [
-            dict(module=f"blocks.{j}", num_chs=self.embed_dim, reduction=reduction) for j, _ in self.schedule
+            dict(module=step_node_name(j, s), num_chs=embed_dim, reduction=reduction) for j, s in self.schedule
         ]
 
+        self.norm = norm_layer(embed_dim, **dd) if final_norm and not use_fc_norm else nn.Identity()
+        self.attn_pool = None  # an attention pool (global_pool 'map') is only taken over by from_vit
+        self.fc_norm = norm_layer(embed_dim, **dd) if final_norm and use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    def _set_schedule(self, phases: Sequence[int]) -> None:
+        """Record the phases and, per step, (shared block index, step within its phase)."""
+        self.phases = list(phases)
+        self.schedule: List[Tuple[int, int]] = [(j, s) for j, length in enumerate(self.phases) for s in range(length)]
+
     def init_weights(self) -> None:
-        """timm's ViT initialization (truncated normal, std 0.02); step parameters at their identity."""
-        trunc_normal_(self.pos_embed, std=0.02)
+        """timm's ViT initialization: position embedding and linear layers truncated normal (std 0.02),
+        tokens normal (std 1e-6), every other layer reset; the step parameters at their identity start
+        and the step-time buffers recomputed (all of it, as after ``to_empty``)."""
+        if self.pos_embed is not None:
+            trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
         if self.reg_token is not None:
             nn.init.normal_(self.reg_token, std=1e-6)
-        self.apply(self._init_linear)
-        for block in self.blocks:
-            block.reset_step_parameters()
+        named_apply(init_weights_vit_timm, self)  # each layer its own init_weights or reset_parameters
 
     @staticmethod
     def _init_linear(module: nn.Module) -> None:
@@ -475,74 +580,82 @@ class RecurrentViT(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new head of ``num_classes`` outputs (0 for none) on the model's device and dtype; the
+        pooling changes only when ``global_pool`` is given (an attention pool is then dropped)."""
+        dd = get_device_dtype(self)
         self.num_classes = num_classes
         if global_pool is not None:
-            if global_pool not in ("", "token", "avg", "avgmax", "max"):
-                raise ValueError(
-                    f"{model_name(self)}: global_pool must be '', 'token', 'avg', 'avgmax' or "
-                    f"'max', received {global_pool!r}"
-                )
-            if global_pool == "token" and not self.has_class_token:
-                raise ValueError(f"{model_name(self)}: global_pool='token' needs a class token")
+            _check_pool(model_name(self), global_pool, self.has_class_token)
             self.attn_pool = None
             self.global_pool = global_pool
-        device = next(self.parameters()).device
-        self.head = nn.Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        name = model_name(self)
-        patch = self.patch_embed.patch_size
-        dynamic_pad = getattr(self.patch_embed, "dynamic_img_pad", False)
-        check_image_input(
+    def set_input_size(
+        self,
+        img_size: Optional[Union[int, Tuple[int, int]]] = None,
+        patch_size: Optional[Union[int, Tuple[int, int]]] = None,
+    ) -> None:
+        """Resize the model as timm's ViT does: the patch embedding (resampled for a new ``patch_size``)
+        and the position embedding (resampled to the new grid) follow; frozen parameters stay frozen."""
+        previous_grid = self.patch_embed.grid_size
+        self.patch_embed.set_input_size(img_size=img_size, patch_size=patch_size)
+        if self.pos_embed is not None:
+            num_prefix_tokens = 0 if self.no_embed_class else self.num_prefix_tokens
+            num_tokens = self.patch_embed.num_patches + num_prefix_tokens
+            if num_tokens != self.pos_embed.shape[1] or self.patch_embed.grid_size != previous_grid:
+                with torch.no_grad():
+                    resampled = resample_abs_pos_embed(
+                        self.pos_embed,
+                        new_size=self.patch_embed.grid_size,
+                        old_size=previous_grid,
+                        num_prefix_tokens=num_prefix_tokens,
+                    )
+                self.pos_embed = nn.Parameter(resampled, requires_grad=self.pos_embed.requires_grad)
+        for info in self.feature_info:
+            info["reduction"] = self.patch_embed.feat_ratio()
+        update_model_input_size(self, self.patch_embed.img_size, patch_size=patch_size)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ``ValueError`` naming the model when ``x`` is not an image batch it takes."""
+        patch_embed = self.patch_embed
+        check_patch_input(
             x,
-            name,
+            next(self.parameters()),
+            model_name(self),
             self.in_chans,
-            min_size=max(patch),
-            multiple_of=None if dynamic_pad or patch[0] != patch[1] else patch[0],
-            dtype=next(self.parameters()).dtype,
+            tuple(patch_embed.patch_size),
+            getattr(patch_embed, "dynamic_img_pad", False),
+            tuple(patch_embed.img_size) if getattr(patch_embed, "strict_img_size", False) else None,
         )
-        img_size = self.patch_embed.img_size
-        if (
-            getattr(self.patch_embed, "strict_img_size", False)
-            and img_size is not None
-            and not (torch.jit.is_tracing() or torch.compiler.is_compiling())
-            and tuple(x.shape[-2:]) != tuple(img_size)
-        ):
-            raise ValueError(
-                f"{name}: expects {img_size[0]}x{img_size[1]} images (create it with "
-                f"dynamic_img_size=True or img_size=... for others), received shape {tuple(x.shape)}"
-            )
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Prefix tokens and position embedding (resampled to the input's grid with ``dynamic_img_size``)."""
+        pos_embed = self.pos_embed
+        if self.dynamic_img_size:  # patch tokens arrive as (B, H, W, C)
+            if pos_embed is not None:
+                pos_embed = resample_abs_pos_embed(
+                    pos_embed,
+                    new_size=x.shape[1:3],
+                    old_size=self.patch_embed.grid_size,
+                    num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
+                )
+            x = x.flatten(1, 2)
         prefix = []
         if self.cls_token is not None:
             prefix.append(self.cls_token.expand(x.shape[0], -1, -1))
         if self.reg_token is not None:
             prefix.append(self.reg_token.expand(x.shape[0], -1, -1))
-        pos_embed = self.pos_embed
-        if self.dynamic_img_size:
-            batch, height, width, dim = x.shape
-            if pos_embed is not None:
-                pos_embed = resample_abs_pos_embed(
-                    pos_embed,
-                    new_size=(height, width),
-                    old_size=self.patch_embed.grid_size,
-                    num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
-                )
-            x = x.view(batch, height * width, dim)
-        if pos_embed is None:
-            return torch.cat(prefix + [x], dim=1) if prefix else x
-        if self.no_embed_class:
+        if pos_embed is not None and self.no_embed_class:
             x = x + pos_embed
-            x = torch.cat(prefix + [x], dim=1) if prefix else x
-        else:
-            x = torch.cat(prefix + [x], dim=1) if prefix else x
+        x = torch.cat(prefix + [x], dim=1) if prefix else x
+        if pos_embed is not None and not self.no_embed_class:
             x = x + pos_embed
         return self.pos_drop(x)
 
     def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(B, C, H, W)`` -> the tokens entering step 0, ``(B, prefix + patches, C)``."""
-        self._check_input(x)
+        self.check_input(x)
         x = self._pos_embed(self.patch_embed(x))
         return self.norm_pre(self.patch_drop(x))
 
@@ -566,31 +679,31 @@ class RecurrentViT(nn.Module):
     ) -> Union[List[Any], Tuple[torch.Tensor, List[Any]]]:
         """Run the steps, returning the tokens after each step in ``indices`` (all steps by default).
 
-        ``NCHW`` intermediates are the patch tokens as a map at stride ``patch_size``; ``NLC`` keeps the
-        token sequence without prefix tokens. With ``return_prefix_tokens`` each entry is a tuple
-        ``(patch tokens, prefix tokens)``.
+        As timm's ``VisionTransformer.forward_intermediates``: ``NCHW`` intermediates are the patch
+        tokens as a map at stride ``patch_size``, ``NLC`` the patch-token sequence; with
+        ``return_prefix_tokens`` (and prefix tokens) each entry is ``(patch tokens, prefix tokens)``;
+        ``norm`` applies the final norm to them; ``stop_early`` ends at the last requested step.
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"{model_name(self)}: output_fmt must be 'NCHW' or 'NLC', received {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.schedule), indices)
-        batch, _, height, width = x.shape
-        x = self.embed_tokens(x)
-        last_step = max_index if stop_early and not torch.jit.is_scripting() else len(self.schedule) - 1
+        num_steps = max_index + 1 if stop_early else len(self.schedule)
+        tokens = self.embed_tokens(x)
         intermediates = []
-        for step in range(last_step + 1):
-            x = self.forward_step(x, step)
+        for step in range(num_steps):
+            tokens = self.forward_step(tokens, step)
             if step in take_indices:
-                intermediates.append(self.norm(x) if norm else x)
+                intermediates.append(self.norm(tokens) if norm else tokens)
         prefix_tokens = [y[:, : self.num_prefix_tokens] for y in intermediates]
         intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
         if output_fmt == "NCHW":
-            grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
-            intermediates = [y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2) for y in intermediates]
-        if return_prefix_tokens:
+            grid_h, grid_w = self.patch_embed.dynamic_feat_size(x.shape[-2:])
+            intermediates = [y.reshape(x.shape[0], grid_h, grid_w, -1).permute(0, 3, 1, 2) for y in intermediates]
+        if return_prefix_tokens and self.num_prefix_tokens:
             intermediates = list(zip(intermediates, prefix_tokens))
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        return self.norm(tokens), intermediates
 
     def prune_intermediate_layers(
         self,
@@ -602,11 +715,8 @@ class RecurrentViT(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.schedule), indices)
         kept = self.schedule[: max_index + 1]
         num_blocks = kept[-1][0] + 1
-        phases = [sum(1 for j, _ in kept if j == block) for block in range(num_blocks)]
         self.blocks = self.blocks[:num_blocks]
-        feature_info = self.feature_info
-        self._set_schedule(phases, self.depth)
-        self.feature_info = feature_info
+        self._set_schedule([sum(1 for j, _ in kept if j == block) for block in range(num_blocks)])
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
@@ -615,6 +725,7 @@ class RecurrentViT(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> normalized tokens ``(B, prefix + patches, C)`` after the last step."""
         x = self.embed_tokens(x)
         for step in range(len(self.schedule)):
             x = self.forward_step(x, step)
@@ -685,6 +796,7 @@ def from_vit(
     (index ``start + (length - 1) // 2``; ``source_block='first'`` or ``'last'`` pick the ends).
     Patch embedding, class/register tokens, position embedding, norms, pooling and head are copied.
     With ``phases=[1] * depth`` and neither conditioning nor LoRA the result computes the ViT exactly.
+    The result is on the ViT's device and dtype, in its training mode.
 
     Args:
         vit: the source model; its blocks must be timm's pre-norm ``Block``.
@@ -710,6 +822,7 @@ def from_vit(
                 "vision_transformer.Block can be shared"
             )
 
+    dd = get_device_dtype(vit)
     patch_embed = vit.patch_embed
     model = RecurrentViT(
         img_size=patch_embed.img_size or 224,
@@ -725,6 +838,7 @@ def from_vit(
         no_embed_class=vit.no_embed_class,
         phases=phases,
         dynamic_img_size=vit.dynamic_img_size,
+        **dd,
     )
     for name in ("patch_embed", "pos_drop", "patch_drop", "norm_pre", "norm", "fc_norm", "head_drop", "head"):
         setattr(model, name, copy.deepcopy(getattr(vit, name)))
@@ -744,24 +858,22 @@ def from_vit(
 
     blocks = []
     for start, length in zip(phase_starts(phases), phases):
-        source = copy.deepcopy(vit.blocks[source_step(start, length, source_block)])
         blocks.append(
             RecurrentBlock(
-                source,
-                range(start, start + length),
-                depth,
-                [_drop_path_rate(vit.blocks[i]) for i in range(start, start + length)],
+                block=copy.deepcopy(vit.blocks[source_step(start, length, source_block)]),
+                step_indices=range(start, start + length),
+                depth=depth,
+                drop_path_rates=[_drop_path_rate(vit.blocks[i]) for i in range(start, start + length)],
                 depth_conditioning=depth_conditioning,
                 depth_hidden=depth_hidden,
                 lora_rank=lora_rank,
+                **dd,
             )
         )
     model.blocks = nn.ModuleList(blocks)
-    model._set_schedule(phases, depth)
     if lora_rank and lora_init == "svd":
         _lora_from_svd(model, vit, lora_rank)
-    parameter = next(vit.parameters())
-    return model.to(device=parameter.device, dtype=parameter.dtype).train(vit.training)
+    return model.train(vit.training)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -772,17 +884,22 @@ def from_vit(
 def vit_step_tokens(vit: nn.Module, images: torch.Tensor) -> List[torch.Tensor]:
     """Tokens of a timm ViT (or a RecurrentViT) at the entry of step 0 and after each step.
 
-    Returns ``depth + 1`` tensors ``(B, N, C)`` (prefix tokens included, before the final norm).
+    Returns ``depth + 1`` tensors ``(B, N, C)`` (prefix tokens included, before the final norm). A
+    timm ViT runs its own ``forward_features``; hooks on its blocks read their input and outputs.
     """
     if isinstance(vit, RecurrentViT):
         tokens = [vit.embed_tokens(images)]
         for step in range(len(vit.schedule)):
             tokens.append(vit.forward_step(tokens[-1], step))
         return tokens
-    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
-    tokens = [x]
-    for block in vit.blocks:
-        tokens.append(block(tokens[-1]))
+    tokens: List[torch.Tensor] = []
+    hooks = [vit.blocks[0].register_forward_pre_hook(lambda block, args: tokens.append(args[0]))]
+    hooks += [block.register_forward_hook(lambda block, args, output: tokens.append(output)) for block in vit.blocks]
+    try:
+        vit.forward_features(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
     return tokens
 
 
@@ -918,7 +1035,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RecurrentViT) -> Dic
 
 def _create_recurrent_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> RecurrentViT:
     out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
+    return build_with_weights(
         RecurrentViT,
         variant,
         pretrained,
@@ -951,66 +1068,68 @@ def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
 
 default_cfgs = generate_default_cfgs(
     {
-        "rvit_tiny_patch16_224": _cfg(),
-        "rvit_tiny_patch16_224_k3": _cfg(),
-        "rvit_small_patch16_224": _cfg(),
-        "rvit_small_patch16_224_k3": _cfg(),
-        "rvit_base_patch16_224": _cfg(),
-        "rvit_base_patch16_224_k3": _cfg(),
+        "vit_recurrent_tiny_patch16_224": _cfg(),
+        "vit_recurrent_tiny_patch16_224_k3": _cfg(),
+        "vit_recurrent_small_patch16_224": _cfg(),
+        "vit_recurrent_small_patch16_224_k3": _cfg(),
+        "vit_recurrent_base_patch16_224": _cfg(),
+        "vit_recurrent_base_patch16_224_k3": _cfg(),
     }
 )
 
-_WIDTHS = dict(tiny=(192, 3), small=(384, 6), base=(768, 12))  # timm's ViT-Ti/S/B: embed_dim, num_heads
-
-
-def _rvit_args(width: str, num_unique_blocks: int) -> Dict[str, Any]:
-    embed_dim, num_heads = _WIDTHS[width]
-    return dict(
-        patch_size=16,
-        embed_dim=embed_dim,
-        depth=12,
-        num_heads=num_heads,
-        num_unique_blocks=num_unique_blocks,
-        dynamic_img_size=True,
-    )
-
-
-def _build(variant: str, width: str, k: int, pretrained: bool, kwargs: Dict[str, Any]) -> RecurrentViT:
-    """A registered width with ``k`` shared blocks; ``phases=[...]`` in ``kwargs`` replaces the even split."""
-    return _create_recurrent_vit(variant, pretrained, **dict(_rvit_args(width, k), **kwargs))
-
 
 @register_model
-def rvit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> RecurrentViT:
+def vit_recurrent_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> RecurrentViT:
     """Recurrent ViT-Ti/16: 12 steps of 2 shared ViT-Ti blocks (phases [6, 6])."""
-    return _build("rvit_tiny_patch16_224", "tiny", 2, pretrained, kwargs)
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, num_unique_blocks=2, dynamic_img_size=True)
+    return _create_recurrent_vit("vit_recurrent_tiny_patch16_224", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def rvit_tiny_patch16_224_k3(pretrained: bool = False, **kwargs: Any) -> RecurrentViT:
+def vit_recurrent_tiny_patch16_224_k3(pretrained: bool = False, **kwargs: Any) -> RecurrentViT:
     """Recurrent ViT-Ti/16: 12 steps of 3 shared ViT-Ti blocks (phases [4, 4, 4])."""
-    return _build("rvit_tiny_patch16_224_k3", "tiny", 3, pretrained, kwargs)
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, num_unique_blocks=3, dynamic_img_size=True)
+    return _create_recurrent_vit("vit_recurrent_tiny_patch16_224_k3", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def rvit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> RecurrentViT:
+def vit_recurrent_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> RecurrentViT:
     """Recurrent ViT-S/16: 12 steps of 2 shared ViT-S blocks (phases [6, 6])."""
-    return _build("rvit_small_patch16_224", "small", 2, pretrained, kwargs)
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, num_unique_blocks=2, dynamic_img_size=True)
+    return _create_recurrent_vit("vit_recurrent_small_patch16_224", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def rvit_small_patch16_224_k3(pretrained: bool = False, **kwargs: Any) -> RecurrentViT:
+def vit_recurrent_small_patch16_224_k3(pretrained: bool = False, **kwargs: Any) -> RecurrentViT:
     """Recurrent ViT-S/16: 12 steps of 3 shared ViT-S blocks (phases [4, 4, 4])."""
-    return _build("rvit_small_patch16_224_k3", "small", 3, pretrained, kwargs)
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, num_unique_blocks=3, dynamic_img_size=True)
+    return _create_recurrent_vit("vit_recurrent_small_patch16_224_k3", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def rvit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> RecurrentViT:
+def vit_recurrent_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> RecurrentViT:
     """Recurrent ViT-B/16: 12 steps of 2 shared ViT-B blocks (phases [6, 6])."""
-    return _build("rvit_base_patch16_224", "base", 2, pretrained, kwargs)
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, num_unique_blocks=2, dynamic_img_size=True)
+    return _create_recurrent_vit("vit_recurrent_base_patch16_224", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def rvit_base_patch16_224_k3(pretrained: bool = False, **kwargs: Any) -> RecurrentViT:
+def vit_recurrent_base_patch16_224_k3(pretrained: bool = False, **kwargs: Any) -> RecurrentViT:
     """Recurrent ViT-B/16: 12 steps of 3 shared ViT-B blocks (phases [4, 4, 4])."""
-    return _build("rvit_base_patch16_224_k3", "base", 3, pretrained, kwargs)
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, num_unique_blocks=3, dynamic_img_size=True)
+    return _create_recurrent_vit("vit_recurrent_base_patch16_224_k3", pretrained, **dict(model_args, **kwargs))
+
+
+# The first names, before they followed timm's naming of ViT variants (`vit_*`, which timm's own
+# tests treat as token models): they build the same models, with a deprecation warning.
+register_model_deprecations(
+    __name__,
+    {
+        "rvit_tiny_patch16_224": "vit_recurrent_tiny_patch16_224",
+        "rvit_tiny_patch16_224_k3": "vit_recurrent_tiny_patch16_224_k3",
+        "rvit_small_patch16_224": "vit_recurrent_small_patch16_224",
+        "rvit_small_patch16_224_k3": "vit_recurrent_small_patch16_224_k3",
+        "rvit_base_patch16_224": "vit_recurrent_base_patch16_224",
+        "rvit_base_patch16_224_k3": "vit_recurrent_base_patch16_224_k3",
+    },
+)

@@ -238,7 +238,7 @@ def test_wrong_channel_count_raises_value_error_naming_model():
 
 def test_recurrent_vit_gets_a_vitdet_style_pyramid():
     model = create_cod_model(
-        "rvit_tiny_patch16_224",
+        "vit_recurrent_tiny_patch16_224",
         backbone_kwargs=dict(embed_dim=48, num_heads=2, depth=3, num_unique_blocks=1),  # features: last 3 blocks
         **SMALL_HEAD,
     )

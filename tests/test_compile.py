@@ -21,7 +21,7 @@ CASES = [
     ("hornet_tiny_gf", {}),
     ("sret_tiny", {}),
     ("sret_tiny_noslice", {}),
-    ("rvit_tiny_patch16_224", dict(depth_conditioning=True, lora_rank=2)),
+    ("vit_recurrent_tiny_patch16_224", dict(depth_conditioning=True, lora_rank=2)),
     ("rgt_small_x2", {}),
     ("msrnet_pvt_v2_b2", {}),
 ]

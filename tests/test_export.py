@@ -111,7 +111,7 @@ def test_every_model_exports_and_matches_pytorch_in_onnxruntime(name, tmp_path):
     assert result.dynamic_hw == any(n.startswith("random ") and "x" in n for n in names)
 
 
-@pytest.mark.parametrize("name", ["hornet_tiny_gf", "sret_tiny", "rvit_tiny_patch16_224", "rgt_small"])
+@pytest.mark.parametrize("name", ["hornet_tiny_gf", "sret_tiny", "vit_recurrent_tiny_patch16_224", "rgt_small"])
 def test_features_only_backbones_export_one_output_per_level(name, tmp_path):
     result = _export(name, tmp_path, features_only=True)
     assert result.ok, result.parity_line()

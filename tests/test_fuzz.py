@@ -52,7 +52,7 @@ CONSTRAINTS = {
     "sret_tiny": Constraint("sret", min_size=32),
     "sret_tiny_noslice": Constraint("sret", min_size=32),
     # Recurrent ViT (dynamic_img_size): sides that are multiples of the 16-pixel patch.
-    "rvit_tiny_patch16_224": Constraint("recurrent_vit", min_size=16, multiple_of=16),
+    "vit_recurrent_tiny_patch16_224": Constraint("recurrent_vit", min_size=16, multiple_of=16),
     # RGT super-resolution: any size, returned twice as large.
     "rgt_small_x2": Constraint("rgt", min_size=1, output="sr", scale=2),
     # MSRNet: the base size at least the backbone's stride over the smallest scale (32 / 1.0).

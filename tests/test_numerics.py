@@ -33,8 +33,8 @@ CASES = {
     "hornet_tiny_gf": ("hornet", {}),
     "sret_tiny": ("sret", {}),
     "sret_tiny_noslice": ("sret", {}),
-    "rvit_tiny_patch16_224": ("recurrent_vit", {}),
-    "rvit_tiny_patch16_224-relaxed": ("recurrent_vit", dict(depth_conditioning=True, lora_rank=2)),
+    "vit_recurrent_tiny_patch16_224": ("recurrent_vit", {}),
+    "vit_recurrent_tiny_patch16_224-relaxed": ("recurrent_vit", dict(depth_conditioning=True, lora_rank=2)),
     "rgt_small_x2": ("rgt", {}),
     "msrnet_hornet_tiny_7x7": ("camouflage", dict(backbone_kwargs=REDUCED["hornet"])),
 }
@@ -42,8 +42,8 @@ GATED_CASES = ["hornet_tiny_7x7", "hornet_tiny_gf"]
 ATTENTION_CASES = [
     "sret_tiny",
     "sret_tiny_noslice",
-    "rvit_tiny_patch16_224",
-    "rvit_tiny_patch16_224-relaxed",
+    "vit_recurrent_tiny_patch16_224",
+    "vit_recurrent_tiny_patch16_224-relaxed",
     "rgt_small_x2",
 ]
 

@@ -1,14 +1,26 @@
-"""Recurrent ViT: conversion, phase discovery, relaxations, cost against the untied ViT, distillation."""
+"""Recurrent ViT: conversion, phase discovery, relaxations, cost against the untied ViT, timm's model
+contract (factory arguments, pruning, fx, grad checkpointing), distillation."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import os
 
 import numpy as np
 import pytest
+import timm
 import torch
+from _contract import (
+    assert_dtype_change_after_forward,
+    assert_factory_device_and_dtype,
+    assert_grad_checkpointing_keeps_gradients,
+    assert_meta_init_gives_a_working_model,
+    assert_torchvision_feature_extractor,
+    assert_unknown_argument_raises,
+)
+from _reduced import REDUCED
 from PIL import Image
 
 import recurzoo
@@ -20,17 +32,20 @@ from recurzoo.backbones.recurrent_vit import (
     from_vit,
     layer_similarity,
     segment_phases,
+    vit_step_tokens,
 )
 from recurzoo.export.flops import count_flops, count_params
 from recurzoo.plots import save_phase_heatmap
 from recurzoo.train import distill_recurrent
 
-MODELS = recurzoo.list_models("rvit_*")
+MODELS = recurzoo.list_models("vit_recurrent_*")
+TINY = "vit_recurrent_tiny_patch16_224"
+RELAXED = dict(depth_conditioning=True, lora_rank=2)  # the step parts: every tensor kind the model has
 UNTIED = {"tiny": "vit_tiny_patch16_224", "small": "vit_small_patch16_224", "base": "vit_base_patch16_224"}
 
 
 def _untied_name(name: str) -> str:
-    return UNTIED[name.split("_")[1]]
+    return UNTIED[name.split("_")[2]]
 
 
 def _k(name: str) -> int:
@@ -49,32 +64,45 @@ def _tiny_vit(**kwargs) -> torch.nn.Module:
     return recurzoo.create_model("vit_tiny_patch16_224", **args).eval()
 
 
-def _tiny_rvit(**kwargs) -> RecurrentViT:
+def _tiny_recurrent(**kwargs) -> RecurrentViT:
     args = dict(img_size=32, patch_size=8, depth=4, embed_dim=32, num_heads=2, num_classes=5, phases=[2, 2])
     args.update(kwargs)
-    return recurzoo.create_model("rvit_tiny_patch16_224", **args).eval()
+    return recurzoo.create_model(TINY, **args).eval()
+
+
+def _reduced(**kwargs) -> RecurrentViT:
+    """The reduced configuration of the zoo's tests: 6 steps of 2 shared blocks, width 32."""
+    return recurzoo.create_model(TINY, **REDUCED["recurrent_vit"], **kwargs)
+
+
+def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter moved off its start, so that the step conditioning and LoRA change the output."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model
 
 
 def test_registry_has_tiny_small_base_with_two_and_three_shared_blocks():
     for width in ("tiny", "small", "base"):
-        assert f"rvit_{width}_patch16_224" in MODELS and f"rvit_{width}_patch16_224_k3" in MODELS
-    assert recurzoo.create_model("rvit_small_patch16_224").phases == [6, 6]
-    assert recurzoo.create_model("rvit_tiny_patch16_224_k3").phases == [4, 4, 4]
-    assert recurzoo.create_model("rvit_tiny_patch16_224", phases=[7, 5]).schedule[6:8] == [(0, 6), (1, 0)]
+        assert f"vit_recurrent_{width}_patch16_224" in MODELS and f"vit_recurrent_{width}_patch16_224_k3" in MODELS
+    assert recurzoo.create_model("vit_recurrent_small_patch16_224").phases == [6, 6]
+    assert recurzoo.create_model("vit_recurrent_tiny_patch16_224_k3").phases == [4, 4, 4]
+    assert recurzoo.create_model("vit_recurrent_tiny_patch16_224", phases=[7, 5]).schedule[6:8] == [(0, 6), (1, 0)]
     assert even_phases(12, 5) == [3, 3, 2, 2, 2]
 
 
 def test_phases_not_summing_to_depth_raise_value_error():
     with pytest.raises(ValueError, match=r"sum.*depth=12.*\[6, 5\]"):
-        recurzoo.create_model("rvit_tiny_patch16_224", phases=[6, 5])
+        recurzoo.create_model("vit_recurrent_tiny_patch16_224", phases=[6, 5])
 
 
 def test_fixed_size_model_rejects_other_sizes_with_value_error_naming_it():
-    model = _tiny_rvit(dynamic_img_size=False)  # built for 32x32 only
-    with pytest.raises(ValueError, match=r"rvit_tiny_patch16_224: expects 32x32"):
+    model = _tiny_recurrent(dynamic_img_size=False)  # built for 32x32 only
+    with pytest.raises(ValueError, match=r"vit_recurrent_tiny_patch16_224: expects 32x32"):
         model(torch.randn(1, 3, 48, 48))
-    dynamic = _tiny_rvit()  # registered models resample their position embedding
-    with pytest.raises(ValueError, match=r"rvit_tiny_patch16_224.*multiples of 8"):
+    dynamic = _tiny_recurrent()  # registered models resample their position embedding
+    with pytest.raises(ValueError, match=r"vit_recurrent_tiny_patch16_224.*multiples of 8"):
         dynamic(torch.randn(1, 3, 44, 44))
     assert dynamic(torch.randn(1, 3, 48, 40)).shape == (1, 5)
 
@@ -122,7 +150,7 @@ def test_from_vit_copies_each_phase_middle_block():
 
 def test_checkpoint_filter_loads_an_untied_vit_state_dict_like_from_vit():
     vit = _tiny_vit(depth=6)
-    model = _tiny_rvit(depth=6, phases=[4, 2])
+    model = _tiny_recurrent(depth=6, phases=[4, 2])
     model.load_state_dict(checkpoint_filter_fn(vit.state_dict(), model))
     reference = from_vit(vit, [4, 2]).eval()
     x = torch.randn(1, 3, 32, 32)
@@ -132,9 +160,20 @@ def test_checkpoint_filter_loads_an_untied_vit_state_dict_like_from_vit():
     assert own.keys() == model.state_dict().keys()
 
 
+def test_untied_vit_checkpoint_file_loads_through_pretrained_cfg_overlay(tmp_path):
+    vit = _tiny_vit(depth=6, num_classes=1000)
+    path = tmp_path / "vit.pth"
+    torch.save({"model": vit.state_dict()}, path)  # a training-checkpoint wrapper, read by recurzoo.checkpoint
+    args = dict(img_size=32, patch_size=8, depth=6, embed_dim=32, num_heads=2, phases=[4, 2])
+    model = recurzoo.create_model(TINY, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **args).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), from_vit(vit, [4, 2]).eval()(x), rtol=0, atol=1e-6)
+
+
 def test_depth_conditioning_and_lora_start_at_identity_and_receive_gradients():
-    plain = _tiny_rvit()
-    relaxed = _tiny_rvit(depth_conditioning=True, lora_rank=3)
+    plain = _tiny_recurrent()
+    relaxed = _tiny_recurrent(depth_conditioning=True, lora_rank=3)
     missing, unexpected = relaxed.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and missing and all(".depth_scale." in k or ".lora." in k for k in missing)
     x = torch.randn(2, 3, 32, 32)
@@ -164,21 +203,9 @@ def test_lora_svd_init_with_full_rank_recovers_each_step_weights():
             torch.testing.assert_close(merged, vit.blocks[start + step].attn.qkv.weight, rtol=0, atol=1e-5)
 
 
-def test_grad_checkpointing_gives_the_same_output_and_gradients():
-    model = _tiny_rvit(depth_conditioning=True).train()
-    x = torch.randn(2, 3, 32, 32)
-    model(x).sum().backward()
-    reference = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    model.set_grad_checkpointing(True)
-    model(x).sum().backward()
-    for grad, expected in zip((p.grad for p in model.parameters()), reference):
-        torch.testing.assert_close(grad, expected)
-
-
 def test_features_only_is_single_scale_at_stride_16_one_map_per_requested_step():
-    full = recurzoo.create_model("rvit_tiny_patch16_224").eval()
-    features = recurzoo.create_model("rvit_tiny_patch16_224", features_only=True, out_indices=(1, 4)).eval()
+    full = recurzoo.create_model("vit_recurrent_tiny_patch16_224").eval()
+    features = recurzoo.create_model("vit_recurrent_tiny_patch16_224", features_only=True, out_indices=(1, 4)).eval()
     missing, _ = features.model.load_state_dict(full.state_dict(), strict=False)
     assert not missing
     assert features.feature_info.reduction() == [16, 16]
@@ -193,12 +220,252 @@ def test_features_only_is_single_scale_at_stride_16_one_map_per_requested_step()
 
 
 def test_forward_intermediates_gives_one_output_per_step_with_prefix_tokens():
-    model = _tiny_rvit(reg_tokens=2)
+    model = _tiny_recurrent(reg_tokens=2)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         final, steps = model.forward_intermediates(x, return_prefix_tokens=True)
     assert len(steps) == 4
     assert steps[0][0].shape == (1, 32, 4, 4) and steps[0][1].shape == (1, 3, 32)
+
+
+# --------------------------------------------------------------------------------------------------
+# timm's model contract, on the reduced configuration (6 steps of 2 shared blocks, width 32)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_old_rvit_names_build_the_renamed_models_with_a_warning_and_leave_the_listings():
+    for old in ("rvit_tiny_patch16_224", "rvit_base_patch16_224_k3"):
+        with pytest.warns(UserWarning, match=f"deprecated model name {old} to current vit_recurrent_"):
+            model = recurzoo.create_model(old, device="meta", **REDUCED["recurrent_vit"])
+        assert model.pretrained_cfg["architecture"] == old.replace("rvit_", "vit_recurrent_")
+    assert not recurzoo.list_models("rvit_*") and not timm.list_models("rvit_*")
+    assert len(timm.list_models("vit_recurrent_*")) == 6
+
+
+@pytest.mark.parametrize("device,dtype", [("meta", torch.float64), ("cpu", torch.bfloat16)])
+def test_factory_device_and_dtype_reach_every_parameter_and_buffer(device, dtype):
+    assert_factory_device_and_dtype(TINY, device=device, dtype=dtype, **REDUCED["recurrent_vit"], **RELAXED)
+
+
+def test_meta_built_model_initialises_its_step_times_and_computes_like_an_eager_one():
+    model = assert_meta_init_gives_a_working_model(TINY, (3, 32, 32), **REDUCED["recurrent_vit"], **RELAXED)
+    for block, start in zip(model.blocks, (0, 3)):
+        expected = (torch.arange(start, start + 3, dtype=torch.float64) + 1) / 6
+        torch.testing.assert_close(block.step_times.flatten(), expected)
+        assert not block.depth_scale.mlp.fc2.weight.any() and not any(lora.up.any() for lora in block.lora.values())
+    # the step times are not in the state dict: only right ones give the eager model's output
+    eager = _perturbed(_reduced(**RELAXED).double()).eval()
+    model.load_state_dict(eager.state_dict())
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eager(x))
+
+
+def test_unknown_argument_raises_type_error():
+    assert_unknown_argument_raises(TINY, **REDUCED["recurrent_vit"])
+
+
+def test_dtype_change_after_a_forward_gives_outputs_in_the_new_dtype():
+    model = _perturbed(_reduced(**RELAXED))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        reference = model.eval()(x)
+    assert_dtype_change_after_forward(model, x, dtype=torch.bfloat16)
+    with torch.no_grad():
+        low = model.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert (low.float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_parameter_groups_and_no_weight_decay_name_the_model_parameters():
+    from timm.models import group_parameters
+
+    for kwargs in (dict(), dict(reg_tokens=2, class_token=False, global_pool="avg")):
+        model = _reduced(device="meta", **kwargs)
+        groups = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+        assert len(set(groups.values())) > 1
+        names = {name for name, _ in model.named_parameters()}
+        for pattern in model.no_weight_decay():  # a token this configuration does not have is allowed
+            assert pattern in names or getattr(model, pattern) is None, pattern
+        assert "pos_embed" in names and ("reg_token" in names) == bool(kwargs)
+
+
+def test_reset_classifier_keeps_the_pooling_and_the_parent_device_dtype_and_mode():
+    model = _perturbed(_reduced(global_pool="avg", num_classes=4)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        expected = model.forward_head(features, pre_logits=True)
+        model.reset_classifier(5)
+        torch.testing.assert_close(model.forward_head(features, pre_logits=True), expected)
+        assert model(x).shape == (2, 5)
+        model.reset_classifier(5, "token")
+        torch.testing.assert_close(model.forward_head(features, pre_logits=True), model.fc_norm(features[:, 0]))
+    for pool in ("map", "catavgmax"):  # a ValueError, and the AssertionError timm's models raise
+        with pytest.raises(ValueError, match="global_pool must be"):
+            model.reset_classifier(5, pool)
+        with pytest.raises(AssertionError):
+            recurzoo.create_model(TINY, device="meta", global_pool=pool, **REDUCED["recurrent_vit"])
+    model.to(device="meta", dtype=torch.float64)
+    model.reset_classifier(0)
+    model.reset_classifier(2)
+    head = model.get_classifier()
+    assert (head.weight.device.type, head.weight.dtype, head.training) == ("meta", torch.float64, False)
+
+
+def test_frozen_parameters_stay_frozen_through_reset_classifier_and_set_input_size():
+    model = _reduced()
+    model.requires_grad_(False)
+    model.reset_classifier(0)
+    model.reset_classifier(0, "")
+    model.set_input_size(img_size=(64, 48), patch_size=8)
+    assert model.pos_embed.shape[1] == 1 + 8 * 6
+    assert not [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+
+def test_set_input_size_resamples_the_position_embedding_as_dynamic_sizing_does():
+    from timm.models import get_model_input_config
+
+    x = torch.randn(1, 3, 64, 64)
+    fixed = _perturbed(_reduced(img_size=32, dynamic_img_size=False)).eval()
+    dynamic = _reduced(img_size=32).eval()
+    dynamic.load_state_dict(fixed.state_dict())
+    with torch.no_grad():
+        expected = dynamic(x)  # the 2x2-patch position embedding resampled to 4x4 on the fly
+        fixed.set_input_size(img_size=64)
+        torch.testing.assert_close(fixed(x), expected)
+    assert fixed.pos_embed.shape == (1, 1 + 16, 32)
+    assert get_model_input_config(fixed)["input_size"] == (3, 64, 64)  # what timm's data config now resolves
+    with pytest.raises(ValueError, match=f"{TINY}: expects 64x64"):
+        fixed(torch.randn(1, 3, 32, 32))
+    fixed.set_input_size(patch_size=8)  # the patch embedding resampled, the feature stride follows
+    maps = fixed.forward_intermediates(x, indices=[0], intermediates_only=True)
+    assert maps[0].shape == (1, 32, 8, 8) and fixed.feature_info[0]["reduction"] == 8
+
+
+def test_forward_intermediates_are_each_steps_patch_tokens_and_end_at_forward_features():
+    model = _perturbed(_reduced(reg_tokens=1)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        steps = vit_step_tokens(model, x)[1:]
+        torch.testing.assert_close(final, model.forward_features(x), rtol=1e-5, atol=1e-8)
+        sequences = model.forward_intermediates(x, output_fmt="NLC", norm=True, intermediates_only=True)
+    assert len(maps) == len(model.feature_info) == 6
+    for feature_map, sequence, tokens in zip(maps, sequences, steps):
+        assert feature_map.shape == (2, 32, 4, 4)
+        torch.testing.assert_close(feature_map.flatten(2).transpose(1, 2), tokens[:, 2:])
+        torch.testing.assert_close(sequence, model.norm(tokens)[:, 2:])
+
+
+def test_prune_intermediate_layers_meets_timms_contract():
+    """timm's test_prune_intermediate_layers_contract, on a model whose pruned phases end mid-phase."""
+    model = _perturbed(_reduced(**RELAXED)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    last = len(model.feature_info) - 1
+    with torch.no_grad():
+        expected = model(x)
+        taps = model.forward_intermediates(x, intermediates_only=True)
+        pruned = copy.deepcopy(model)
+        pruned.prune_intermediate_layers([last], prune_head=False)
+        torch.testing.assert_close(pruned(x), expected)
+    for i in range(last + 1):
+        with torch.no_grad():
+            selected = model.forward_intermediates(x, indices=[i], stop_early=True, intermediates_only=True)
+            torch.testing.assert_close(selected[0], taps[i])
+            pruned = copy.deepcopy(model)
+            take_indices = pruned.prune_intermediate_layers([i])
+            assert (len(pruned.schedule), len(pruned.blocks)) == (i + 1, 1 if i < 3 else 2)
+            selected = pruned.forward_intermediates(x, indices=take_indices, intermediates_only=True)
+            torch.testing.assert_close(selected[0], taps[i])
+            pruned = copy.deepcopy(model)
+            take_indices = pruned.prune_intermediate_layers([i], prune_norm=True)
+        pruned.train()
+        selected = pruned.forward_intermediates(x, indices=take_indices, intermediates_only=True)
+        sum(f.sum() for f in selected + [pruned.forward_features(x)]).backward()
+        assert not [n for n, p in pruned.named_parameters() if p.requires_grad and p.grad is None], i
+
+
+def test_pruned_models_use_every_parameter_and_stay_deterministic_in_eval():
+    """timm's test_prune_intermediate_layers_params_used (DDP needs every kept parameter used)."""
+    model = _reduced(drop_rate=0.5)
+    x = torch.randn(2, 3, 32, 32)
+    last = len(model.feature_info) - 1
+    for indices, prune_norm in (([0], False), ([last], False), (list(range(last + 1)), True)):
+        pruned = copy.deepcopy(model).train()
+        take_indices = pruned.prune_intermediate_layers(indices, prune_norm=prune_norm)
+        features = pruned.forward_intermediates(x, indices=take_indices, norm=not prune_norm, intermediates_only=True)
+        sum(f.sum() for f in features).backward()
+        assert not [n for n, p in pruned.named_parameters() if p.grad is None]
+        pruned = copy.deepcopy(model).eval()
+        pruned.prune_intermediate_layers(indices, prune_norm=prune_norm)
+        with torch.no_grad():
+            assert torch.equal(pruned(x), pruned(x))
+
+
+def test_fx_traces_the_whole_model_forward_and_backward():
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    model = _perturbed(_reduced(num_classes=5, **RELAXED))
+    x = torch.randn(2, 3, 32, 32)
+    assert_torchvision_feature_extractor(model, x)
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    train_nodes, _ = get_graph_node_names(model.train(), tracer_kwargs=tracer_kwargs)
+    traced = create_feature_extractor(model, return_nodes=[train_nodes[-1]], tracer_kwargs=tracer_kwargs)
+    next(iter(traced(x).values())).mean().backward()
+    assert not [name for name, parameter in traced.named_parameters() if parameter.grad is None]
+    assert count_params(traced) == count_params(model)
+
+
+def test_fx_features_are_the_tokens_after_each_requested_step():
+    eager = _perturbed(_reduced(**RELAXED)).eval()
+    traced = recurzoo.create_model(
+        TINY, features_only=True, feature_cls="fx", out_indices=(1, 3, 5), **REDUCED["recurrent_vit"], **RELAXED
+    ).eval()
+    assert traced.feature_info.module_name() == ["blocks.0_1", "blocks.1", "blocks.1_2"]
+    missing, _ = traced.graph_module.load_state_dict(eager.state_dict(), strict=False)
+    assert not missing
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        steps = vit_step_tokens(eager, x)
+        features = traced(x)
+    assert len(features) == 3
+    for feature, step in zip(features, (1, 3, 5)):
+        torch.testing.assert_close(feature, steps[step + 1])
+    traced.train()
+    sum(feature.mean() for feature in traced(x)).backward()
+    assert all(parameter.grad is not None for parameter in traced.parameters())
+    with pytest.raises(ValueError, match=f"{TINY}: expects height and width that are multiples of 16"):
+        traced(torch.randn(1, 3, 40, 40))  # the input check is part of the traced graph
+
+
+def test_grad_checkpointing_keeps_gradients_of_the_classifier_and_of_features_only():
+    x = torch.randn(2, 3, 32, 32)
+    assert_grad_checkpointing_keeps_gradients(TINY, x, **REDUCED["recurrent_vit"], **RELAXED)
+    grads = []
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        features = recurzoo.create_model(TINY, features_only=True, out_indices=(1, 4), **REDUCED["recurrent_vit"])
+        features.train().model.set_grad_checkpointing(enabled)  # timm's FeatureGetterNet leaves it to the model
+        sum(f.pow(2).mean() for f in features(x)).backward()
+        grads.append([p.grad for p in features.parameters()])
+    assert all(grad is not None for grad in grads[0] + grads[1])
+    for without, with_checkpoints in zip(*grads):
+        torch.testing.assert_close(with_checkpoints, without, rtol=1e-4, atol=1e-6)
+
+
+def test_vit_step_tokens_of_a_timm_vit_are_its_blocks_input_and_outputs():
+    vit = _tiny_vit(reg_tokens=1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = vit_step_tokens(vit, x)
+        blocks = vit.forward_intermediates(x, output_fmt="NLC", return_prefix_tokens=True, intermediates_only=True)
+        converted = vit_step_tokens(from_vit(vit, [1] * 4), x)
+    assert len(tokens) == 5
+    for ours, (patches, prefix) in zip(tokens[1:], blocks):
+        torch.testing.assert_close(ours, torch.cat([prefix, patches], dim=1))
+    torch.testing.assert_close(tokens[0], converted[0])
+    assert not any(block._forward_hooks or block._forward_pre_hooks for block in vit.blocks)
 
 
 def test_segment_phases_is_the_exact_optimum():

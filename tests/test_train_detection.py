@@ -168,7 +168,9 @@ def test_fpn_backbone_loads_a_classification_checkpoint(tmp_path):
 
 
 def test_vit_like_backbone_feeds_one_level_per_stride():
-    backbone = create_fpn_backbone("rvit_tiny_patch16_224", fpn_channels=16, embed_dim=32, depth=4, num_heads=2)
+    backbone = create_fpn_backbone(
+        "vit_recurrent_tiny_patch16_224", fpn_channels=16, embed_dim=32, depth=4, num_heads=2
+    )
     assert backbone.strides == [16, 32]  # the deepest stride-16 map, then the max-pool level
     model = create_detector("fasterrcnn", backbone, num_classes=3, min_size=64, max_size=96).eval()
     with torch.no_grad():
