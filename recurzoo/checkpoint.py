@@ -585,7 +585,7 @@ def check_pretrained_available(
         return
     if not url:
         raise CheckpointError(
-            f"{model_name}: no published weights for this tag (timm would use random weights); load a file with "
+            f"{model_name}: no published weights for this tag; load a file with "
             f"pretrained_cfg_overlay=dict(file='/path/to/weights.pth'), or checkpoint_path= for your own"
         )
     if cached_url is not None and cached_url.is_file():
