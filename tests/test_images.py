@@ -4,9 +4,8 @@ bombs refused from the header, and writes that are atomic and never clobber unle
 from __future__ import annotations
 
 import os
-import struct
+import sys
 import time
-import zlib
 
 import numpy as np
 import pytest
@@ -14,20 +13,10 @@ from PIL import Image
 
 from recurzoo.images import ImageError, collect_images, image_size, read_image, write_png
 
+sys.path.insert(0, os.path.dirname(__file__))
+from _hostile import png_header_only  # noqa: E402
+
 RNG = np.random.default_rng(0)
-
-
-def _png_header_only(path, width, height):
-    """A PNG whose header claims ``width x height`` pixels, with (almost) no pixel data: a decompression bomb."""
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
-    )
-    return path
 
 
 # ------------------------------------------------------------------------------------------- bit depth
@@ -135,7 +124,7 @@ def test_broken_files_are_one_line_errors_naming_them(tmp_path):
 
 
 def test_decompression_bomb_is_refused_from_its_header(tmp_path):
-    bomb = _png_header_only(tmp_path / "bomb.png", 100_000, 100_000)
+    bomb = png_header_only(tmp_path / "bomb.png", 100_000, 100_000)
     limit_before = Image.MAX_IMAGE_PIXELS
     start = time.perf_counter()
     for read in (read_image, image_size):
@@ -161,7 +150,7 @@ def test_max_pixels_lowers_and_raises_the_limit(tmp_path, monkeypatch):
 def test_image_size_applies_opencvs_limit_for_opencv_readers(tmp_path, monkeypatch):
     import cv2
 
-    bomb = _png_header_only(tmp_path / "bomb.png", 40_000, 30_000)  # 1.2e9 pixels, above OpenCV's 2**30
+    bomb = png_header_only(tmp_path / "bomb.png", 40_000, 30_000)  # 1.2e9 pixels, above OpenCV's 2**30
     with pytest.raises(cv2.error):
         cv2.imread(str(bomb))  # what a dataset would get without the check: a traceback
     with pytest.raises(ImageError, match="OpenCV refuses it.*OPENCV_IO_MAX_IMAGE_PIXELS"):
