@@ -268,13 +268,27 @@ def cmd_training(args: argparse.Namespace) -> int:
 
 
 def _dataset_names(path: Optional[str]) -> List[str]:
+    """The dataset names of ``--data-config`` (a YAML mapping of names to datasets), checked."""
     if not path:
         return []
+    import yaml
+
     from recurzoo.train.camouflage import load_dataset_config
 
     try:
+        with open(path, encoding="utf-8") as handle:
+            entries = yaml.safe_load(handle)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
+        raise UsageError(f"--data-config: cannot read {path} as YAML ({reason})") from None
+    if entries is not None and not isinstance(entries, dict):
+        raise UsageError(
+            f"--data-config: {path} holds a {type(entries).__name__}, expected a mapping of dataset names to "
+            "root, image and mask entries (the official dataset.yaml layout)"
+        )
+    try:
         return list(load_dataset_config(path))
-    except (OSError, ValueError) as error:
+    except ValueError as error:
         raise UsageError(f"--data-config: {error}") from None
 
 

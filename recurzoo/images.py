@@ -290,7 +290,7 @@ def sample_photo(size: Optional[Tuple[int, int]] = None, square: bool = False) -
         top, left = (photo.shape[0] - side) // 2, (photo.shape[1] - side) // 2
         photo = photo[top : top + side, left : left + side]
     if size is not None:
-        photo = np.asarray(Image.fromarray(photo).resize((size[1], size[0]), Image.BICUBIC))
+        photo = np.array(Image.fromarray(photo).resize((size[1], size[0]), Image.BICUBIC))
     return np.ascontiguousarray(photo)
 
 
