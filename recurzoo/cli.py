@@ -19,7 +19,7 @@ from timm.utils import ParseKwargs
 
 from recurzoo.apps import UsageError
 from recurzoo.checkpoint import CheckpointError
-from recurzoo.images import ImageError
+from recurzoo.images import ImageError, default_max_pixels
 from recurzoo.registry import UnknownModelError
 
 EXIT_USAGE = 2
@@ -52,7 +52,10 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        unstated = action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in text
+        default = action.default
+        empty = default is None or default is False or default is argparse.SUPPRESS
+        empty = empty or (isinstance(default, (list, tuple, dict)) and not default)
+        unstated = empty or "%(default)" in text
         if unstated or "default" in text.lower() or action.nargs == argparse.REMAINDER:
             return text
         return f"{text} (default: %(default)s)".strip()
@@ -398,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-pixels",
         type=_input_size,
         default=None,
-        help="refuse images with more pixels, as decompression bombs (default: Pillow's limit, 178956970)",
+        help=f"refuse images with more pixels as decompression bombs (default: Pillow's limit, {default_max_pixels()})",
     )
     _add_device(sr)
     sr.set_defaults(handler=cmd_sr)
