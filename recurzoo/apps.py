@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Union
 
@@ -288,7 +289,7 @@ def _readable_inputs(
     """
     named = {Path(entry) for entry in inputs if not Path(entry).is_dir()}
     files, skipped = [], []
-    for path in collect_images(inputs):
+    for path in dict.fromkeys(collect_images(inputs)):  # a file named twice is processed once
         try:
             image_size(path, max_pixels)
         except ImageError as error:
@@ -332,8 +333,8 @@ def super_resolve_files(
     _check_tiling(tile, tile_overlap)
     files, skipped = _readable_inputs(inputs, max_pixels, warn)
     targets = {path: Path(out_dir) / f"{path.stem}.png" for path in files}
-    if len(set(targets.values())) < len(targets):
-        clashes = sorted({str(target) for target in targets.values() if list(targets.values()).count(target) > 1})
+    clashes = sorted(str(target) for target, count in Counter(targets.values()).items() if count > 1)
+    if clashes:
         raise UsageError(f"--out: several inputs would be written to the same file ({_listing(clashes)})")
     check_output_folder(out_dir)
     check_outputs(targets.values(), [*files, *([checkpoint] if checkpoint else [])], overwrite)

@@ -556,7 +556,7 @@ def check_pretrained_available(
     model_name: str, pretrained_cfg: Any, cache_dir: Optional[PathLike] = None, timeout: float = 5.0
 ) -> None:
     """Raise, within seconds, when timm's ``pretrained=True`` for this cfg would need a download that cannot
-    happen, or would silently fall back to random weights (a cfg without any source).
+    happen (where timm retries for about a minute), or when the cfg names no weights at all.
 
     Looks where timm does, in its order (``state_dict``, ``file``, the Hugging Face hub, the URL), for
     the weights in the local caches, and probes the host of a missing file's download.

@@ -110,6 +110,15 @@ def test_sixteen_bit_input_is_super_resolved_as_its_scaled_8_bit_image(tmp_path)
     np.testing.assert_array_equal(read_image(tmp_path / "a" / "deep.png"), read_image(tmp_path / "b" / "shallow.png"))
 
 
+def test_an_image_named_twice_is_written_once_and_clashing_names_are_refused(tmp_path, capsys):
+    photo = _photo(tmp_path / "in" / "photo.png")
+    assert _sr(photo, tmp_path / "in", "--out", tmp_path / "out") == 0
+    assert "1 image(s) written" in capsys.readouterr().out
+    _photo(tmp_path / "in" / "photo.jpg")
+    assert _sr(tmp_path / "in", "--out", tmp_path / "other") == 2
+    _one_error_line(capsys, "several inputs would be written to the same file", "other/photo.png")
+
+
 def test_unreadable_images_in_a_folder_are_skipped_and_counted(tmp_path, capsys):
     _photo(tmp_path / "in" / "good.png")
     (tmp_path / "in" / "broken.png").write_text("not an image")
