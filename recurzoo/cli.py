@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 
 from timm.utils import ParseKwargs
 
-from recurzoo.apps import UsageError
+from recurzoo.apps import UsageError, resolve_device
 from recurzoo.checkpoint import CheckpointError
 from recurzoo.images import ImageError, default_max_pixels
 from recurzoo.registry import UnknownModelError
@@ -100,8 +100,6 @@ def _resolve_model(name: str, option: str = "MODEL") -> str:
 
 def _device(name: Optional[str]) -> Optional[str]:
     """``--device`` checked (a known device that this machine has); None stays None (the default)."""
-    from recurzoo.apps import resolve_device
-
     return None if name is None else str(resolve_device(name))
 
 
