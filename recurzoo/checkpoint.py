@@ -16,6 +16,8 @@ is what the zoo's model builders use for ``pretrained=True``. Every failure is a
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -43,8 +45,12 @@ __all__ = [
     "load_weights",
     "save_weights",
     "atomic_write",
+    "probe_writable",
     "pretrained_state_dict",
     "timm_pretrained_overlay",
+    "check_pretrained_available",
+    "check_hub_model_available",
+    "hub_cached_path",
     "check_pretrained_fit",
 ]
 
@@ -331,26 +337,85 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: PathLike, write: Callable[[str], Any]) -> Path:
+def atomic_write(path: PathLike, write: Callable[[str], Any], overwrite: bool = True) -> Path:
     """Call ``write(temporary_path)`` and rename the result to ``path``; an interrupted write leaves nothing.
 
-    The file gets the permissions a plain ``open(path, 'w')`` would (``0o666`` less the umask), not the
-    ``0o600`` of a temporary file.
+    Missing folders are created, and removed again when the write fails. The file gets the permissions
+    a plain ``open(path, 'w')`` would (``0o666`` less the umask), not the ``0o600`` of a temporary file.
+    With ``overwrite=False`` an existing ``path`` is never replaced, even by a file that appears while
+    ``write`` runs: ``FileExistsError``.
     """
     import tempfile
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    created = _make_folders(path.parent)
     try:
-        write(temporary)
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(handle)
+        try:
+            write(temporary)
+            os.chmod(temporary, 0o666 & ~_umask())
+            if overwrite:
+                os.replace(temporary, path)
+            else:
+                _rename_without_replacing(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+    except BaseException:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):  # not empty: another writer uses it
+                folder.rmdir()
+        raise
     return path
+
+
+def probe_writable(folder: PathLike) -> None:
+    """Raise the ``OSError`` that writing a file into ``folder`` (created when missing) would raise.
+
+    Leaves nothing behind: the probe file and the folders it created are removed.
+    """
+    import tempfile
+
+    folder = Path(folder)
+    created = _make_folders(folder)
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=folder)
+        os.close(handle)
+        os.remove(probe)
+    finally:
+        for made in reversed(created):
+            with contextlib.suppress(OSError):
+                made.rmdir()
+
+
+def _make_folders(folder: Path) -> List[Path]:
+    """Create ``folder`` and its missing parents; the folders this call created, outermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    created = []
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+            created.append(folder)
+        except FileExistsError:
+            if not folder.is_dir():
+                raise
+    return created
+
+
+def _rename_without_replacing(source: str, target: Path) -> None:
+    """Move ``source`` to ``target`` unless ``target`` exists (a hard link: atomic where supported)."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "exists and is not overwritten", str(target)) from None
+    except OSError:  # a file system without hard links
+        if target.exists():
+            raise FileExistsError(errno.EEXIST, "exists and is not overwritten", str(target)) from None
+        os.replace(source, target)
 
 
 def save_weights(model: nn.Module, path: PathLike, config: Optional[Mapping[str, Any]] = None) -> Path:
@@ -402,17 +467,150 @@ def cached_weights_path(pretrained_cfg: Any) -> Optional[Path]:
     return Path(get_cache_dir()) / file_name if url and file_name else None
 
 
-def _reachable(url: str, timeout: float) -> bool:
-    import socket
+def _connect_address(url: str) -> Tuple[str, int]:
+    """The host and port a download of ``url`` connects to: its proxy's when one is configured."""
     from urllib.parse import urlparse
+    from urllib.request import getproxies, proxy_bypass
 
     parts = urlparse(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        socket.create_connection((parts.hostname, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    proxy = getproxies().get(parts.scheme)
+    if proxy and not proxy_bypass(parts.hostname or ""):
+        proxy_parts = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        return proxy_parts.hostname or "", proxy_parts.port or 8080
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def _reachable(url: str, timeout: float) -> bool:
+    """Whether ``url``'s host (or proxy) accepts a connection within ``timeout`` seconds, name lookup included."""
+    import socket
+    import threading
+
+    address = _connect_address(url)
+    answer: List[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    probe = threading.Thread(target=connect, name="recurzoo-reachable", daemon=True)
+    probe.start()
+    probe.join(timeout)  # a name lookup ignores the socket's timeout; the wait here does not
+    return bool(answer and answer[0])
+
+
+def _hub_repository(hf_hub_id: str) -> Tuple[str, Optional[str]]:
+    """``'timm/resnet18.a1_in1k@rev'`` -> ``('timm/resnet18.a1_in1k', 'rev')`` (timm's convention)."""
+    repository, _, revision = hf_hub_id.partition("@")
+    return repository, revision or None
+
+
+def _hub_file_names(pretrained_cfg: Any) -> List[str]:
+    """The files of the hub repository that timm tries for the cfg, in its order (safetensors first)."""
+    from timm.models._hub import HF_OPEN_CLIP_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    name = getattr(pretrained_cfg, "hf_hub_filename", None) or HF_WEIGHTS_NAME
+    if name.endswith(".safetensors"):
+        return [name]
+    safe = {HF_WEIGHTS_NAME: "model.safetensors", HF_OPEN_CLIP_WEIGHTS_NAME: "open_clip_model.safetensors"}
+    alternative = safe.get(name, name[: -len(".bin")] + ".safetensors" if name.endswith(".bin") else None)
+    return [alternative, name] if alternative else [name]
+
+
+def hub_cached_path(hf_hub_id: str, file_names: Sequence[str], cache_dir: Optional[PathLike] = None) -> Optional[Path]:
+    """The first of ``file_names`` of a Hugging Face hub repository found in the local cache, else None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repository, revision = _hub_repository(hf_hub_id)
+    for name in file_names:
+        found = try_to_load_from_cache(repository, name, cache_dir=cache_dir, revision=revision)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+def _hub_out_of_reach(
+    subject: str, hf_hub_id: str, file_name: str, cache_dir: Optional[PathLike], local: str, timeout: float
+) -> str:
+    """Why ``hf_hub_id``'s ``file_name`` cannot be downloaded now ('' when it can), and what to do instead."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set"
+    elif not _reachable(constants.ENDPOINT, timeout):
+        why = f"{constants.ENDPOINT} is out of reach, offline?"
+    else:
+        return ""
+    repository, revision = _hub_repository(hf_hub_id)
+    cache = Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{repository.replace('/', '--')}"
+    return (
+        f"{subject}: cannot download {file_name} of {repository} ({why}), and it is not in Hugging Face's cache "
+        f"({cache}): fetch it where there is network (hf download {repository} {file_name}) and copy that cache "
+        f"folder here, or download {constants.ENDPOINT}/{repository}/resolve/{revision or 'main'}/{file_name} by "
+        f"hand and {local}"
+    )
+
+
+def check_pretrained_available(
+    model_name: str, pretrained_cfg: Any, cache_dir: Optional[PathLike] = None, timeout: float = 5.0
+) -> None:
+    """Raise, within seconds, when timm's ``pretrained=True`` for this cfg would need a download that cannot
+    happen (where timm retries for about a minute), or when the cfg names no weights at all.
+
+    Looks where timm does, in its order (``state_dict``, ``file``, the Hugging Face hub, the URL), for
+    the weights in the local caches, and probes the host of a missing file's download.
+
+    Raises:
+        CheckpointError: the message names the file to place in which cache, and the
+            ``pretrained_cfg_overlay=dict(file=...)`` alternative.
+    """
+    cfg = pretrained_cfg
+    local = "pass pretrained_cfg_overlay=dict(file='/path/to/file') to load it from anywhere"
+    if getattr(cfg, "state_dict", None) is not None or getattr(cfg, "source", "") == "local-dir":
+        return
+    if getattr(cfg, "file", None) and getattr(cfg, "source", "") != "hf-hub":
+        if not Path(cfg.file).is_file():
+            raise CheckpointError(f"{cfg.file}: no such checkpoint file (pretrained_cfg_overlay file of {model_name})")
+        return
+    url, _ = _weights_url(cfg)
+    cached_url = cached_weights_path(cfg)
+    old_cache = os.environ.get("TIMM_USE_OLD_CACHE", "0").strip() not in ("", "0")  # timm's own switch
+    if getattr(cfg, "hf_hub_id", None) and not (old_cache and cached_url is not None and cached_url.is_file()):
+        names = _hub_file_names(cfg)
+        if hub_cached_path(cfg.hf_hub_id, names, cache_dir) is None:
+            problem = _hub_out_of_reach(model_name, cfg.hf_hub_id, names[0], cache_dir, local, timeout)
+            if problem:
+                raise CheckpointError(problem)
+        return
+    if not url:
+        raise CheckpointError(
+            f"{model_name}: no published weights for this tag; load a file with "
+            f"pretrained_cfg_overlay=dict(file='/path/to/weights.pth'), or checkpoint_path= for your own"
+        )
+    if cached_url is not None and cached_url.is_file():
+        return
+    if not _reachable(url, timeout):
+        raise CheckpointError(_url_out_of_reach(model_name, url, cached_url))
+
+
+def check_hub_model_available(hf_hub_id: str, cache_dir: Optional[PathLike] = None, timeout: float = 5.0) -> None:
+    """Raise, within seconds, when building ``hf-hub:<hf_hub_id>`` needs its ``config.json`` downloaded
+    and that cannot happen (the message names the ``local-dir:`` alternative)."""
+    if hub_cached_path(hf_hub_id, ["config.json"], cache_dir) is None:
+        local = "build from a folder that holds it and the weights: create_model('local-dir:/path/to/folder')"
+        problem = _hub_out_of_reach(f"hf-hub:{hf_hub_id}", hf_hub_id, "config.json", cache_dir, local, timeout)
+        if problem:
+            raise CheckpointError(problem)
+
+
+def _url_out_of_reach(subject: str, url: str, cached: Optional[Path]) -> str:
+    return (
+        f"{subject}: cannot download the pretrained weights ({url} is out of reach): download the file by "
+        f"hand and put it at {cached} (timm's cache), or pass "
+        f"pretrained_cfg_overlay=dict(file='/path/to/file') to load it from anywhere"
+    )
 
 
 def pretrained_state_dict(
@@ -454,11 +652,7 @@ def pretrained_state_dict(
     if cached is not None and cached.is_file():
         return read_state_dict(cached), str(cached)
     if not _reachable(url, timeout):
-        raise CheckpointError(
-            f"{variant}: cannot download the pretrained weights ({url} is out of reach): download the file by "
-            f"hand and put it at {cached} (timm's cache), or pass "
-            f"pretrained_cfg_overlay=dict(file='/path/to/file') to load it from anywhere"
-        )
+        raise CheckpointError(_url_out_of_reach(variant, url, cached))
     from timm.models._hub import download_cached_file
 
     downloaded = download_cached_file(cfg.url, progress=True)

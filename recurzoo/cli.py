@@ -1,43 +1,92 @@
-"""The ``recurzoo`` command line: list the zoo, describe a model, run the demo.
+"""The ``recurzoo`` command line: list the zoo, describe a model, super-resolve images, run the demo.
 
-Every failure the user can cause (an unknown model, a bad argument, an input the model cannot
-take) is reported as one line on stderr with exit code 2.
+Every failure the user can cause (an unknown model, a bad flag value, a missing or unreadable file,
+an output that would overwrite an input or an earlier output, an unavailable device, weights that
+would need a download offline) is reported as one line on stderr, naming the flag or the file, with
+exit code 2. Only the documented error types are caught (:data:`USER_ERRORS`): an internal bug keeps
+its traceback, and ``RECURZOO_TRACEBACK=1`` shows the traceback of a user error too.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
+import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
-if TYPE_CHECKING:
-    pass
+from recurzoo.apps import UsageError, resolve_device
+from recurzoo.checkpoint import CheckpointError
+from recurzoo.images import ImageError, default_max_pixels
+from recurzoo.registry import UnknownModelError
+from recurzoo.train.arguments import ParseKwargs
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# The errors that are the user's: each message is one line naming the flag or the file.
+USER_ERRORS = (
+    UsageError,
+    ImageError,
+    CheckpointError,
+    UnknownModelError,
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
 
 
-class UsageError(Exception):
-    """A mistake in the command line, reported in one line."""
+class _ArgumentError(UsageError):
+    """argparse's complaint about the command line, with the program (sub-command) it concerns."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds ``(default: X)`` to an argument's help, unless the help already says what its default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        empty = default is None or default is False or default is argparse.SUPPRESS
+        empty = empty or (isinstance(default, (list, tuple, dict)) and not default)
+        unstated = empty or "%(default)" in text
+        if unstated or "default" in text.lower() or action.nargs == argparse.REMAINDER:
+            return text
+        return f"{text} (default: %(default)s)".strip()
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, not argparse's usage block
-        raise UsageError(f"{self.prog}: {message}")
+        raise _ArgumentError(self.prog, message)
 
 
-def _resolve_model(name: str) -> str:
-    """``name`` (or ``name.tag``) when it is a zoo model; a one-line error otherwise."""
+def _resolve_model(name: str, option: str = "MODEL") -> str:
+    """``name`` (or ``name.tag``) when it is a zoo model; a one-line error naming ``option`` otherwise."""
     import recurzoo
     from recurzoo.registry import split_model_name
 
     base = split_model_name(name)[0]
-    if base not in recurzoo.list_models():
-        close = recurzoo.list_models(f"*{base.split('_')[0]}*")[:5]
-        hint = f"; similar: {', '.join(close)}" if close else "; run 'recurzoo list' to see them"
-        raise UsageError(f"unknown model {name!r}{hint}")
+    if not base or base not in recurzoo.list_models():
+        stem = base.split("_")[0]
+        close = recurzoo.list_models(f"*{stem}*")[:5] if stem else []
+        hint = f"; similar: {', '.join(close)}" if close else "; 'recurzoo list' shows them"
+        raise UsageError(f"{option}: unknown model {name!r}, expected one of the zoo's{hint}")
     return name
+
+
+def _device(name: Optional[str]) -> Optional[str]:
+    """``--device`` checked (a known device that this machine has); None stays None (the default)."""
+    return None if name is None else str(resolve_device(name))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -45,40 +94,31 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     names = recurzoo.list_models(args.pattern)
     if not names:
-        raise UsageError(f"no model of recurzoo matches {args.pattern!r}")
+        raise UsageError(f"PATTERN: no model of recurzoo matches {args.pattern!r}")
     print("\n".join(names))
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    import recurzoo
-    from recurzoo.export.flops import model_report
+    import json
 
-    name = _resolve_model(args.model)
-    model = recurzoo.create_model(name)
-    input_size = tuple(args.input_size or model.pretrained_cfg["input_size"])
-    try:
-        report = model_report(model, input_size)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    cfg = {k: v for k, v in model.pretrained_cfg.items() if v is not None}
-    print(f"model:           {name}")
-    print(f"input size:      {'x'.join(str(s) for s in input_size)}")
-    print(f"params:          {report['params'] / 1e6:.2f} M")
-    print(f"GFLOPs (fvcore): {report['gflops']:.2f}")
-    print(f"feature strides: {report['reductions']}")
-    print(f"feature chans:   {report['channels']}")
-    print("default cfg:     " + json.dumps(cfg, default=str, sort_keys=True))
+    from recurzoo.apps import model_info
+
+    info = model_info(_resolve_model(args.model), args.input_size)
+    print(f"model:           {info['model']}")
+    print(f"input size:      {'x'.join(str(s) for s in info['input_size'])}")
+    print(f"params:          {info['params'] / 1e6:.2f} M")
+    print(f"GFLOPs (fvcore): {info['gflops']:.2f}")
+    print(f"feature strides: {info['reductions']}")
+    print(f"feature chans:   {info['channels']}")
+    print("default cfg:     " + json.dumps(info["pretrained_cfg"], default=str, sort_keys=True))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from recurzoo.apps import run_demo
 
-    try:
-        run_demo(args.pattern, out_dir=args.out)
-    except ValueError as error:
-        raise UsageError(f"demo: {error}") from None
+    run_demo(args.pattern, out_dir=args.out, overwrite=args.overwrite)
     return 0
 
 
@@ -160,14 +200,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_cod(args: argparse.Namespace) -> int:
     """Camouflaged-object masks (PNG, original size) for images or datasets; metrics where masks exist."""
-    import os
+    from pathlib import Path
 
+    from recurzoo.apps import check_output_folder
     from recurzoo.train import camouflage
 
     names = _dataset_names(args.data_config)
     missing = [item for item in args.inputs if not os.path.exists(item) and item not in names]
     if missing:
-        raise UsageError(f"cod: no such image, folder or dataset: {', '.join(missing)}")
+        raise UsageError(f"INPUT: no such image, folder or dataset: {', '.join(missing)}")
+    if not os.path.isfile(args.checkpoint):
+        raise UsageError(f"--checkpoint: no such file: {args.checkpoint}")
+    out = check_output_folder(args.out)
+    if any(out.resolve() == Path(item).resolve() for item in args.inputs if os.path.exists(item)):
+        raise UsageError(f"--out: {args.out} is one of the inputs; choose another folder for the masks")
+    device = _device(args.device)
     try:
         results = camouflage.predict(
             args.inputs,
@@ -178,7 +225,7 @@ def cmd_cod(args: argparse.Namespace) -> int:
             data_config=args.data_config,
             base_size=args.base_size,
             batch_size=args.batch_size,
-            device=args.device,
+            device=device,
         )
     except (ValueError, FileNotFoundError) as error:
         raise UsageError(f"cod: {error}") from None
@@ -192,23 +239,23 @@ def cmd_sr(args: argparse.Namespace) -> int:
     """Super-resolve PNG/JPEG files or folders with an SR model; PNGs are written to ``--out``."""
     from recurzoo.apps import super_resolve_files
 
-    _resolve_model(args.model)
-    try:
-        written = super_resolve_files(
-            args.inputs,
-            args.out,
-            model=args.model,
-            checkpoint=args.checkpoint,
-            tile=args.tile,
-            tile_overlap=args.tile_overlap,
-            device=args.device,
-            model_kwargs=args.model_kwargs,
-        )
-    except (ValueError, FileNotFoundError) as error:
-        raise UsageError(f"sr: {error}") from None
-    if args.checkpoint is None:
-        print("recurzoo sr: no --checkpoint given: the model has random weights", file=sys.stderr)
-    print(f"{len(written)} image(s) written under {args.out}")
+    result = super_resolve_files(
+        args.inputs,
+        args.out,
+        model=_resolve_model(args.model, "--model"),
+        checkpoint=args.checkpoint,
+        tile=args.tile,
+        tile_overlap=args.tile_overlap,
+        device=args.device,
+        model_kwargs=args.model_kwargs,
+        overwrite=args.overwrite,
+        max_pixels=args.max_pixels,
+        warn=lambda message: print(f"recurzoo sr: warning: {message}", file=sys.stderr),
+    )
+    skipped = f", {len(result.skipped)} unreadable image(s) skipped" if result.skipped else ""
+    if not result.written:
+        raise UsageError(f"wrote nothing: no readable image among the inputs{skipped}")
+    print(f"{len(result.written)} image(s) written under {args.out}{skipped}")
     return 0
 
 
@@ -235,35 +282,64 @@ def cmd_training(args: argparse.Namespace) -> int:
 
 
 def _dataset_names(path: Optional[str]) -> List[str]:
+    """The dataset names of ``--data-config`` (a YAML mapping of names to datasets), checked."""
     if not path:
         return []
+    import yaml
+
     from recurzoo.train.camouflage import load_dataset_config
 
     try:
+        with open(path, encoding="utf-8") as handle:
+            entries = yaml.safe_load(handle)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
+        raise UsageError(f"--data-config: cannot read {path} as YAML ({reason})") from None
+    if entries is not None and not isinstance(entries, dict):
+        raise UsageError(
+            f"--data-config: {path} holds a {type(entries).__name__}, expected a mapping of dataset names to "
+            "root, image and mask entries (the official dataset.yaml layout)"
+        )
+    try:
         return list(load_dataset_config(path))
-    except (OSError, ValueError) as error:
-        raise UsageError(f"cod: --data-config: {error}") from None
+    except ValueError as error:
+        raise UsageError(f"--data-config: {error}") from None
 
 
 def _input_size(text: str) -> int:
-    value = int(text)
+    """argparse type: a positive integer (sizes, counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"input size entries must be positive, received {text}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, received {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, received {text!r}")
     return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from recurzoo.train.arguments import ParseKwargs  # timm's KEY=VALUE action
-
     parser = _Parser(prog="recurzoo", description="Recursive and recurrent vision backbones for timm.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     list_parser = commands.add_parser("list", help="list the registered models")
-    list_parser.add_argument("pattern", nargs="?", default="*", help="wildcard filter, e.g. 'hornet_*'")
+    list_parser.add_argument(
+        "pattern", nargs="?", default="*", metavar="PATTERN", help="wildcard filter, e.g. 'hornet_*'"
+    )
     list_parser.set_defaults(handler=cmd_list)
 
     info = commands.add_parser("info", help="params, GFLOPs, feature strides and default cfg of a model")
-    info.add_argument("model")
+    info.add_argument("model", metavar="MODEL", help="a zoo model, optionally with its pretrained tag (name.tag)")
     info.add_argument(
         "--input-size",
         nargs=3,
@@ -314,14 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--all", metavar="DOWNLOAD_DIR", help="convert every checkpoint file in this folder")
     convert.add_argument("--out", required=True, help="parent folder of the Hub folders (one per model.tag)")
     convert.add_argument("--tag", default=None, help="pretrained tag, when MODEL has none (e.g. in1k)")
-    convert.add_argument(
-        "--model-kwargs",
-        nargs="*",
-        default={},
-        action=ParseKwargs,
-        metavar="KEY=VALUE",
-        help="architecture arguments (recorded)",
-    )
+    _add_model_kwargs(convert)
     convert.add_argument("--overwrite", action="store_true", help="replace an existing Hub folder")
     convert.add_argument("--push", metavar="ORG/NAME", help="publish the folder to the Hugging Face Hub")
     convert.set_defaults(handler=cmd_convert)
@@ -334,28 +403,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="image files, folders of images, dataset folders (image + mask folders) or dataset names",
     )
     cod.add_argument("--model", default=None, help="registered COD model (default: recorded in the checkpoint)")
-    cod.add_argument(
-        "--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE", help="extra model arguments"
-    )
+    _add_model_kwargs(cod)
     cod.add_argument("--checkpoint", required=True, help="weights: recurzoo's or an official MSRNet checkpoint")
     cod.add_argument("--out", required=True, help="output folder (masks per input, metrics.json, metrics.md)")
     cod.add_argument("--data-config", default=None, help="YAML of named datasets (the official dataset.yaml layout)")
     cod.add_argument("--base-size", type=_input_size, default=384, help="side of the 1.0x image")
-    cod.add_argument("--batch-size", type=_input_size, default=8)
-    cod.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    cod.add_argument("--batch-size", type=_input_size, default=8, help="images per forward pass")
+    _add_device(cod)
     cod.set_defaults(handler=cmd_cod)
 
     sr = commands.add_parser("sr", help="super-resolve PNG/JPEG images with an SR model (e.g. rgt_small_x4)")
     sr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
-    sr.add_argument("--model", default="rgt_small_x4", help="registered SR model")
-    sr.add_argument(
-        "--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE", help="extra model arguments"
-    )
+    sr.add_argument("--model", default="rgt_small_x4", help="registered SR model, optionally name.tag")
+    _add_model_kwargs(sr)
     sr.add_argument("--checkpoint", default=None, help="weights: an official RGT (BasicSR) file or one of ours")
     sr.add_argument("--tile", type=_input_size, default=None, help="process tiles of this many input pixels")
-    sr.add_argument("--tile-overlap", type=int, default=32, help="overlap of neighbouring tiles (input pixels)")
-    sr.add_argument("--out", required=True, help="output folder (one PNG per input)")
-    sr.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    sr.add_argument("--tile-overlap", type=_non_negative_int, default=32, help="overlap of neighbouring tiles (pixels)")
+    sr.add_argument("--out", required=True, help="output folder (one PNG per input, never one of the inputs)")
+    sr.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run")
+    sr.add_argument(
+        "--max-pixels",
+        type=_input_size,
+        default=None,
+        help=f"refuse images with more pixels as decompression bombs (default: Pillow's limit, {default_max_pixels()})",
+    )
+    _add_device(sr)
     sr.set_defaults(handler=cmd_sr)
 
     for name, (_, summary) in TRAINING_COMMANDS.items():
@@ -364,20 +436,54 @@ def build_parser() -> argparse.ArgumentParser:
         script.set_defaults(handler=cmd_training)
 
     demo = commands.add_parser("demo", help="the zoo's table and one forward pass per family (no download)")
-    demo.add_argument("pattern", nargs="?", default="*", help="wildcard filter of the models in the table")
+    demo.add_argument("pattern", nargs="?", default="*", metavar="PATTERN", help="wildcard filter of the models")
     demo.add_argument("--out", default=None, help="folder for the demo's pictures (default: a temporary folder)")
+    demo.add_argument("--overwrite", action="store_true", help="replace pictures of an earlier run in --out")
     demo.set_defaults(handler=cmd_demo)
     return parser
 
 
+def _add_model_kwargs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model-kwargs",
+        nargs="*",
+        default={},
+        action=ParseKwargs,
+        metavar="KEY=VALUE",
+        help="extra model arguments (values are Python literals, else strings)",
+    )
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:N, ... (default: the accelerator if there is one, else cpu)"
+    )
+
+
+def _one_line(error: BaseException) -> str:
+    """The message of a user error on one line (an OSError as ``file: reason``)."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        text = f"{error.filename}: {error.strerror}"
+    else:
+        text = str(error.args[0]) if isinstance(error, OSError) and len(error.args) == 1 else str(error)
+    return " ".join(text.split())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``recurzoo`` console script and ``python -m recurzoo``."""
+    prog = "recurzoo"
     try:
         args = build_parser().parse_args(argv)
+        prog = f"recurzoo {args.command}"
         return args.handler(args)
-    except UsageError as error:
-        print(f"recurzoo: error: {error}".replace("recurzoo: error: recurzoo", "recurzoo"), file=sys.stderr)
+    except USER_ERRORS as error:
+        if os.environ.get("RECURZOO_TRACEBACK", "").strip() not in ("", "0"):
+            traceback.print_exc()
+        print(f"{getattr(error, 'prog', prog)}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

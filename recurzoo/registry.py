@@ -247,8 +247,10 @@ def create_model(
             those set to None are dropped, as timm does.
 
     Raises:
-        UnknownModelError: for a name neither the zoo nor timm registers.
-        ValueError: for a checkpoint that cannot be read or does not fit (one line).
+        UnknownModelError: for a name neither the zoo nor timm registers, or a tag it does not have.
+        CheckpointError: (a ``ValueError``) for a checkpoint that cannot be read or does not fit, and,
+            within seconds, for pretrained weights that would have to be downloaded without network
+            (the message names the file to place in which cache, or the option that takes a local file).
     """
     import timm
 
@@ -257,6 +259,7 @@ def create_model(
     if model_name.startswith("local-dir:") and _local_architecture(model_name) in _TASK_MODELS:
         model = _create_task_model_from_folder(model_name, pretrained, pretrained_cfg_overlay, kwargs)
     elif ":" in model_name:  # hf-hub: and local-dir: sources of timm models
+        _check_hub_source(model_name, pretrained, pretrained_cfg_overlay, kwargs.get("cache_dir"))
         model = timm.create_model(
             model_name, pretrained=pretrained, pretrained_cfg_overlay=pretrained_cfg_overlay, **kwargs
         )
@@ -267,6 +270,9 @@ def create_model(
         )
         model._model_args = {key: value for key, value in kwargs.items() if key not in ("device", "dtype")}
     elif timm.is_model(name):
+        _check_timm_tag(model_name)
+        if pretrained and model_family(name) is None:  # the zoo's builders check their own downloads
+            _check_timm_download(model_name, pretrained_cfg, pretrained_cfg_overlay, kwargs.get("cache_dir"))
         model = timm.create_model(
             model_name,
             pretrained=pretrained,
@@ -310,3 +316,56 @@ def _create_task_model_from_folder(
     )
     model._model_args = {key: value for key, value in arguments.items() if key not in ("device", "dtype")}
     return model
+
+
+def _check_timm_tag(model_name: str) -> None:
+    """An UnknownModelError naming the known tags when ``model_name``'s tag is not one of timm's."""
+    import timm
+    from timm.models import get_pretrained_cfg as timm_pretrained_cfg
+
+    name, tag = split_model_name(model_name)
+    if not tag:
+        return
+    try:
+        known_tag = timm_pretrained_cfg(model_name, allow_unregistered=False) is not None
+    except RuntimeError:  # timm: "Invalid pretrained tag"
+        known_tag = False
+    if not known_tag:
+        tags = ", ".join(timm.list_pretrained(f"{name}.*")) or "none"
+        raise UnknownModelError(f"{model_name}: no such pretrained tag (known: {tags})")
+
+
+def _check_timm_download(
+    model_name: str,
+    pretrained_cfg: Optional[Union[str, Dict[str, Any], Any]],
+    pretrained_cfg_overlay: Optional[Dict[str, Any]],
+    cache_dir: Optional[str],
+) -> None:
+    """Fail fast where ``timm.create_model(pretrained=True)`` would retry a download without network."""
+    from timm.models import resolve_pretrained_cfg
+
+    from recurzoo.checkpoint import check_pretrained_available
+
+    name, tag = split_model_name(model_name)
+    if not isinstance(pretrained_cfg, (str, dict)) and pretrained_cfg is not None:
+        pretrained_cfg = dict(pretrained_cfg.to_dict())  # a PretrainedCfg
+    cfg = resolve_pretrained_cfg(
+        name, pretrained_cfg=pretrained_cfg or tag or None, pretrained_cfg_overlay=pretrained_cfg_overlay
+    )
+    check_pretrained_available(model_name, cfg, cache_dir=cache_dir)
+
+
+def _check_hub_source(
+    model_name: str, pretrained: bool, pretrained_cfg_overlay: Optional[Dict[str, Any]], cache_dir: Optional[str]
+) -> None:
+    """Fail fast where ``timm.create_model('hf-hub:...')`` would retry downloads without network."""
+    from recurzoo.checkpoint import check_hub_model_available, check_pretrained_available
+
+    source, _, location = model_name.partition(":")
+    if source != "hf-hub":
+        return
+    check_hub_model_available(location, cache_dir=cache_dir)
+    if pretrained and not (pretrained_cfg_overlay or {}).get("file"):
+        from timm.models import PretrainedCfg
+
+        check_pretrained_available(model_name, PretrainedCfg(hf_hub_id=location, source="hf-hub"), cache_dir=cache_dir)

@@ -28,7 +28,10 @@ def test_info_prints_params_flops_and_strides(capsys):
     [
         (["info", "no_such_model"], "unknown model 'no_such_model'"),
         (["info", "hornet_tiny_7x7", "--input-size", "3", "16", "16"], "at least 32"),
-        (["info", "hornet_tiny_7x7", "--input-size", "3", "x", "16"], "invalid"),
+        (
+            ["info", "hornet_tiny_7x7", "--input-size", "3", "x", "16"],
+            "--input-size: expected a positive integer, received 'x'",
+        ),
         (["list", "zzz*"], "no model of recurzoo matches"),
         (["frobnicate"], "invalid choice"),
     ],

@@ -50,14 +50,21 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)}\n")
 
 
+def _is_key_value(item: str) -> bool:
+    key, separator, _ = item.partition("=")
+    return bool(separator) and key.isidentifier()
+
+
 class ParseKwargs(timm.utils.ParseKwargs):
     """timm's ``KEY=VALUE ...`` action (values are Python literals, else strings) into a dict; an item
     without ``=`` is a parser error naming the flag, not a traceback."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string=None):
-        malformed = [item for item in values if item and ("=" not in item or item.startswith("="))]
+        malformed = [item for item in values if item and not _is_key_value(item)]
         if malformed:
-            raise argparse.ArgumentError(self, f"expected KEY=VALUE, received {malformed[0]!r}")
+            raise argparse.ArgumentError(
+                self, f"expected KEY=VALUE with a Python name as KEY, received {malformed[0]!r}"
+            )
         super().__call__(parser, namespace, values, option_string)
 
 
