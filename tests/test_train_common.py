@@ -106,7 +106,10 @@ def test_kwargs_item_without_a_key_is_a_one_line_parser_error(item, capsys):
     with pytest.raises(SystemExit) as exited:
         _kwargs_parser().parse_args(["--model-kwargs", item])
     assert exited.value.code == 2
-    assert capsys.readouterr().err == f"train: error: argument --model-kwargs: expected KEY=VALUE, received {item!r}\n"
+    assert (
+        capsys.readouterr().err
+        == f"train: error: argument --model-kwargs: expected KEY=VALUE with a Python name as KEY, received {item!r}\n"
+    )
 
 
 @pytest.mark.parametrize("value", ["['dims=(8, 16)', 'act_layer=gelu']", "{dims: [8, 16], act_layer: gelu}"])
