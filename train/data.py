@@ -29,6 +29,8 @@ __all__ = [
     "seed_albumentations",
     "SkipUnreadable",
     "ImageFolderDataset",
+    "NO_SPLIT",
+    "split_folder",
     "create_image_dataset",
 ]
 
@@ -167,28 +169,77 @@ class ImageFolderDataset(ImageDataset):
         raise UnreadableImageError(f"{self.filename(index, absolute=True)} ({reason})")
 
 
+NO_SPLIT = ("none", "")
+# The sub-folder names timm's create_dataset also tries for a split of these names (its synonyms).
+_SPLIT_SYNONYMS = (("train", "training"), ("validation", "val", "evaluation", "eval"))
+
+
+def split_folder(root: str, split: str, flag: str = "--data-dir", split_flag: str = "--split") -> str:
+    """The folder of ``split`` under the dataset folder ``root``, never ``root`` in its place.
+
+    ``root/split`` when it exists, else the first existing synonym timm accepts for that split
+    (``val``/``eval`` for ``validation``, ``training`` for ``train``); ``split='.'`` is ``root`` itself
+    (class folders directly under it). timm's own search falls back to the whole of ``root``, so that
+    training would "evaluate" on its training images; here that is an error.
+
+    Raises:
+        FileNotFoundError: naming the folders looked for, ``split_flag`` and how to choose another split.
+    """
+    name = split.split("[")[0]
+    tried = next((group for group in _SPLIT_SYNONYMS if name in group), (name,))
+    tried = (name,) + tuple(other for other in tried if other != name)
+    for candidate in tried:
+        folder = os.path.join(root, candidate)
+        if os.path.isdir(folder):
+            return os.path.normpath(folder)
+    looked = "/, ".join(tried) + "/"
+    hint = f"give {split_flag} NAME (a sub-folder), or {split_flag} . for the class folders in {flag} itself"
+    if name in _SPLIT_SYNONYMS[1]:
+        hint += f", or {split_flag} none for no evaluation"
+    raise FileNotFoundError(f"{split_flag} {split}: {flag} {root} has no {looked} folder for this split; {hint}")
+
+
 def create_image_dataset(
-    name: str, root: str, split: str, skip_unreadable: Optional[str] = None, flag: str = "--data-dir", **kwargs: Any
+    name: str,
+    root: str,
+    split: str,
+    skip_unreadable: Optional[str] = None,
+    flag: str = "--data-dir",
+    split_flag: str = "--split",
+    **kwargs: Any,
 ) -> Any:
     """timm's ``create_dataset(name, root=root, split=split, **kwargs)`` that fails clearly before training.
 
-    A missing folder raises ``FileNotFoundError`` and a split without images ``ValueError``, both naming
-    ``flag`` and the path. With ``skip_unreadable`` (a name such as ``'training set'``) a folder or tar
-    dataset becomes an :class:`ImageFolderDataset`, whose undecodable images are skipped with a
-    counted warning (``dataset.skip_unreadable``).
+    A folder dataset reads the split's own folder (:func:`split_folder`: a missing split is a
+    ``FileNotFoundError`` naming ``split_flag``, never the whole of ``root`` in its place). A tar
+    file holds one split only: it takes ``split='.'``. A missing folder raises ``FileNotFoundError``
+    and a split without images ``ValueError``, both naming ``flag`` and the path. With
+    ``skip_unreadable`` (a name such as ``'training set'``) a folder or tar dataset becomes an
+    :class:`ImageFolderDataset`, whose undecodable images are skipped with a counted warning
+    (``dataset.skip_unreadable``).
     """
     from timm.data import create_dataset
 
-    if not name and not os.path.exists(root):
+    folder_like = not name or name.split("/")[0] in ("folder", "imagefolder", "tar")
+    given = root
+    if folder_like and not os.path.exists(root):
         raise FileNotFoundError(f"{flag} {root}: no such folder or file")
+    if folder_like and os.path.isdir(root):
+        root = split_folder(root, split, flag, split_flag)
+        kwargs["search_split"] = False
+    elif folder_like and split != ".":
+        raise ValueError(
+            f"{split_flag} {split}: {flag} {root} is a file (a tar), read whole as one split; give "
+            f"{split_flag} . for it, or a folder with one sub-folder per split"
+        )
     try:
         dataset = create_dataset(name, root=root, split=split, **kwargs)
     except RuntimeError as error:
         if "Found 0 images" not in str(error):
             raise
-        raise ValueError(f"{flag} {root}: no images for split {split!r} ({one_line(error)})") from None
+        raise ValueError(f"{flag} {given}: no images for split {split!r} ({one_line(error)})") from None
     if not isinstance(dataset, torch.utils.data.IterableDataset) and len(dataset) == 0:
-        raise ValueError(f"{flag} {root}: split {split!r} holds no images")
+        raise ValueError(f"{flag} {given}: split {split!r} holds no images")
     if skip_unreadable and type(dataset) is ImageDataset:
         dataset = ImageFolderDataset(
             root,
