@@ -168,3 +168,42 @@ def test_an_unavailable_device_is_one_line_with_exit_code_2(train_only, tmp_path
         "error: --device: expected cpu, cuda, cuda:N or another accelerator, received 'bogus'"
     )
     assert stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------- unreadable images
+
+
+def test_validate_leaves_unreadable_images_out_and_counts_them_in_its_final_line(trained_at_32, tmp_path, capsys):
+    import shutil
+    import warnings
+
+    from _train_data import write_unreadable_images
+
+    checkpoint, data_dir = trained_at_32
+    clean = validate.main(_validate_args(checkpoint, data_dir))
+    assert clean["unreadable"] == 0
+    broken = shutil.copytree(data_dir, tmp_path / "broken")
+    write_unreadable_images(str(broken / "val" / "red"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = validate.main(_validate_args(checkpoint, str(broken)))
+    assert results["unreadable"] == 2 and results["images"] == clean["images"] == 6
+    assert (results["top1"], results["loss"]) == (clean["top1"], clean["loss"])  # nothing scored twice
+    assert any("broken_text.png" in str(w.message) and "left out" in str(w.message) for w in caught)
+    assert "(6 images; 2 unreadable images left out)" in capsys.readouterr().err
+    for path in (broken / "val").rglob("[0-9].png"):
+        path.write_text("not an image either")
+    with pytest.raises(ValueError, match="--split validation: no readable image, nothing was scored"):
+        validate.main(_validate_args(checkpoint, str(broken)))
+
+
+def test_folder_datasets_read_through_recurzoo_images_16_bit_scaled_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "train" / "grey"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16)).save(folder / "sixteen.png")
+    dataset = data.create_image_dataset("", str(tmp_path), "train", skip_unreadable="training set")
+    image, label = dataset[0]
+    assert image.mode == "RGB" and np.asarray(image)[0, 0].tolist() == [128, 128, 128]  # Pillow alone: 255

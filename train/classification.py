@@ -314,6 +314,7 @@ class _Training(EpochTraining):
         super().__init__(args, context, "classification")
         self.eval_metric = args.eval_metric
         self.skipped_images = 0
+        self.skipped_eval_images = 0
 
     # ----------------------------------------------------------------------------------- set-up
     def _datasets(self) -> None:
@@ -336,6 +337,8 @@ class _Training(EpochTraining):
                 args.dataset,
                 args.data_dir,
                 args.val_split,
+                skip_unreadable="validation set",
+                leave_out=True,
                 split_flag="--val-split",
                 is_training=False,
                 **common_kwargs,
@@ -579,6 +582,11 @@ class _Training(EpochTraining):
         best, eval_metrics = self.train_epochs(start_epoch)
         if best[0] is not None:
             self.logger.info(f"best {args.eval_metric} {best[0]:.4f} at epoch {best[1]}")
+        if self.skipped_images or self.skipped_eval_images:
+            self.logger.warning(
+                f"unreadable images: {self.skipped_images} training samples skipped in all, "
+                f"{self.skipped_eval_images} validation images left out of each evaluation"
+            )
         return dict(
             best_metric=best[0],
             best_epoch=best[1],
@@ -587,6 +595,7 @@ class _Training(EpochTraining):
             summary=self.summary_path,
             output=args.output,
             skipped_images=self.skipped_images,
+            skipped_eval_images=self.skipped_eval_images,
         )
 
     def train_epoch(self, epoch: int, guard: RunGuard) -> Optional[Dict[str, float]]:
@@ -673,7 +682,11 @@ class _Training(EpochTraining):
         metrics = evaluate(
             self.model, self.eval_loader, self.context, args.amp, args.amp_dtype, show, desc=f"eval {epoch}"
         )
-        metrics.pop("images")
+        if metrics.pop("images") == 0:
+            raise ValueError(f"--val-split {args.val_split}: no readable image, nothing was evaluated")
+        skipper = getattr(self.eval_set, "skip_unreadable", None)
+        if skipper is not None:  # the same files at every evaluation: the last one's count is kept
+            self.skipped_eval_images = skipper.report(self.logger, f"eval {epoch}", self.context)
         if self.model_ema is not None:
             ema = evaluate(
                 self.model_ema.module,

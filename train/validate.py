@@ -26,7 +26,7 @@ from torch import nn
 
 from recurzoo.checkpoint import atomic_write
 from recurzoo.train.arguments import ArgumentParser, ParseKwargs, parse_args_with_config, run_cli
-from recurzoo.train.data import create_image_dataset
+from recurzoo.train.data import collate_readable, create_image_dataset
 from recurzoo.train.distributed import DistributedContext, run_distributed
 from recurzoo.train.run import progress_bar, setup_logging
 
@@ -218,6 +218,7 @@ def create_eval_loader(
         device=context.device,
         use_prefetcher=False,
         persistent_workers=False,
+        collate_fn=collate_readable,  # unreadable images left out, not scored twice
     )
 
 
@@ -240,7 +241,10 @@ def evaluate(
     valid = getattr(getattr(loader, "sampler", None), "num_valid_samples", None)
     sums = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, images
     seen = 0
-    for images, targets in progress_bar(loader, total=len(loader), desc=desc, enabled=progress):
+    for batch in progress_bar(loader, total=len(loader), desc=desc, enabled=progress):
+        if batch is None:  # every image of the batch unreadable (counted by the dataset)
+            continue
+        images, targets = batch
         images = images.to(context.device, non_blocking=True)
         targets = targets.to(context.device, non_blocking=True)
         if valid is not None:  # drop the samples that only pad this rank's share
@@ -300,6 +304,8 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> Dict[str, Any
         args.dataset,
         args.data_dir,
         args.split,
+        skip_unreadable="evaluation set",
+        leave_out=True,
         split_flag="--split",
         is_training=False,
         class_map=args.class_map or None,
@@ -339,6 +345,14 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> Dict[str, Any
         amp_dtype=args.amp_dtype,
         progress=context.is_main and not args.no_progress,
     )
+    skipper = getattr(dataset, "skip_unreadable", None)
+    skipped = skipper.count if skipper is not None else 0
+    if context.distributed:
+        total = torch.tensor(skipped, device=context.device)
+        dist.all_reduce(total)
+        skipped = int(total.item())
+    if metrics["images"] == 0:
+        raise ValueError(f"--data-dir {args.data_dir} --split {args.split}: no readable image, nothing was scored")
     results = dict(
         model=args.model,
         checkpoint=args.checkpoint,
@@ -346,12 +360,14 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> Dict[str, Any
         num_classes=num_classes,
         input_size=list(data_config["input_size"]),
         crop_pct=data_config["crop_pct"],
+        unreadable=skipped,
         **metrics,
     )
     if context.is_main:
         logger.info(
             f"{args.model}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
-            f"loss {metrics['loss']:.4f}  ({metrics['images']} images)"
+            f"loss {metrics['loss']:.4f}  ({metrics['images']} images"
+            + (f"; {skipped} unreadable images left out)" if skipped else ")")
         )
         print(json.dumps(results))
         if args.results_file:
