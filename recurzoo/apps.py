@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from recurzoo.devices import resolve_device
 from recurzoo.heads.super_resolution import SuperResolutionModel, super_resolve_image
 from recurzoo.images import ImageError, collect_images, image_size, read_image, sample_photo, write_png
 from recurzoo.registry import create_model, list_models, model_task, split_model_name
@@ -73,34 +74,6 @@ def _listing(items: Sequence[Any]) -> str:
 # --------------------------------------------------------------------------------------------------
 # Checks shared by the applications
 # --------------------------------------------------------------------------------------------------
-
-
-def resolve_device(name: Optional[str]) -> torch.device:
-    """The device ``--device name`` asks for, checked; the first accelerator (else the CPU) when None.
-
-    Raises:
-        UsageError: for a name torch does not know, a device that computes nothing (``meta``), or an
-            accelerator (or index) this machine does not have.
-    """
-    if name is None:
-        accelerator = torch.accelerator.current_accelerator(check_available=True)
-        return accelerator if accelerator is not None else torch.device("cpu")
-    try:
-        device = torch.device(name.strip())
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device: expected cpu, cuda, cuda:N or another accelerator, received {name!r}") from None
-    if device.type == "cpu":
-        return device
-    if device.type == "meta":
-        raise UsageError(f"--device: {name!r} computes nothing; expected cpu, cuda, cuda:N or another accelerator")
-    accelerator = torch.accelerator.current_accelerator(check_available=True)
-    if accelerator is None or accelerator.type != device.type:
-        have = f"only {accelerator.type} and cpu" if accelerator is not None else "only the cpu"
-        raise UsageError(f"--device: {name!r} is not available on this machine ({have})")
-    count = torch.accelerator.device_count()
-    if device.index is not None and device.index >= count:
-        raise UsageError(f"--device: {name!r} does not exist, this machine has {count} {device.type} device(s)")
-    return device
 
 
 def build_model(model_name: str, model_kwargs: Optional[Mapping[str, Any]] = None, **arguments: Any) -> nn.Module:

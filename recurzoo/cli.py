@@ -16,8 +16,9 @@ import traceback
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from recurzoo.apps import UsageError, resolve_device
+from recurzoo.apps import UsageError
 from recurzoo.checkpoint import CheckpointError
+from recurzoo.devices import DeviceError, resolve_device
 from recurzoo.images import ImageError, default_max_pixels
 from recurzoo.registry import UnknownModelError
 from recurzoo.train.arguments import ParseKwargs
@@ -28,6 +29,7 @@ EXIT_INTERRUPTED = 130
 # The errors that are the user's: each message is one line naming the flag or the file.
 USER_ERRORS = (
     UsageError,
+    DeviceError,
     ImageError,
     CheckpointError,
     UnknownModelError,
