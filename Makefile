@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test lint install cards bench clean
+.PHONY: demo test lint install cards bench clean parity-fixtures
 
 # One model per family next to its timm peer (SR and COD models at their own sizes); the README's
 # benchmark sections, benchmarks/*.{md,csv} and the cards' speed tables are rewritten.
@@ -37,6 +37,12 @@ lint: $(INSTALLED)
 
 test: lint
 	$(BIN)/python -m pytest -p no:cacheprovider -q -n 2 --dist loadfile
+
+# The parity fixtures under tests/parity/fixtures, from the authors' code checked out in OFFICIAL_ROOT
+# (HorNet, SReT, RGT, MSRNet, ZoomNeXt at the commits listed in tests/parity/generate.py).
+parity-fixtures: $(INSTALLED)
+	@test -n "$(OFFICIAL_ROOT)" || { echo "make parity-fixtures: set OFFICIAL_ROOT=DIR (the authors' checkouts)" >&2; exit 2; }
+	$(BIN)/python tests/parity/generate.py --official-root $(OFFICIAL_ROOT)
 
 cards: $(INSTALLED)
 	$(BIN)/python -m recurzoo.export.cards
