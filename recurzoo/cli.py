@@ -144,6 +144,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown model(s) {', '.join(unknown)}: neither in recurzoo nor in timm")
     if args.tile and not args.growth:
         raise UsageError("--tile applies to --growth only")
+    if args.train_variants and not args.train:
+        raise UsageError("--train-variants applies to --train only")
     return run_from_args(args)
 
 
