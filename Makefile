@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test lint install cards bench clean parity-fixtures
+.PHONY: demo test lint install cards bench clean parity-fixtures timm-suite
 
 # One model per family next to its timm peer (SR and COD models at their own sizes); the README's
 # benchmark sections, benchmarks/*.{md,csv} and the cards' speed tables are rewritten.
@@ -46,6 +46,24 @@ test: lint
 parity-fixtures: $(INSTALLED)
 	@test -n "$(OFFICIAL_ROOT)" || { echo "make parity-fixtures: set OFFICIAL_ROOT=DIR (the authors' checkouts)" >&2; exit 2; }
 	$(BIN)/python tests/parity/generate.py --official-root $(OFFICIAL_ROOT)
+
+# timm's own generic model tests (tests/test_models.py of the installed timm's source distribution, from
+# the package index) on every name the zoo adds to timm's registry; TorchScript and pretrained-download
+# tests deselected by the plugin in tests/timm_suite. Tens of minutes on 2 cores, so not part of `test`;
+# narrow it with e.g. TIMM_SUITE_ARGS='-k hornet_tiny'.
+TIMM_SDIST := build/timm-sdist
+TIMM_SUITE_ARGS ?=
+timm-suite: $(INSTALLED)
+	version=$$($(BIN)/python -c 'import timm; print(timm.__version__)') && src=$(TIMM_SDIST)/timm-$$version && \
+	if [ ! -f $$src/tests/test_models.py ]; then \
+		$(BIN)/python -m pip download --disable-pip-version-check --no-deps --no-binary :all: "timm==$$version" \
+			-d $(TIMM_SDIST) && rm -rf $$src.part && mkdir -p $$src.part && \
+		tar xzf $(TIMM_SDIST)/timm-$$version.tar.gz -C $$src.part && rm -rf $$src && \
+		mv $$src.part/timm-$$version $$src && rm -rf $$src.part; \
+	fi && \
+	TORCH_BACKEND=recurzoo PYTHONPATH=tests/timm_suite$${PYTHONPATH:+:$$PYTHONPATH} $(BIN)/python -m pytest \
+		-p recurzoo_timm_suite -p no:cacheprovider --import-mode=importlib -q -n 2 $$src/tests/test_models.py \
+		$(TIMM_SUITE_ARGS)
 
 cards: $(INSTALLED)
 	$(BIN)/python -m recurzoo.export.cards

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from pathlib import Path
 
@@ -24,7 +25,9 @@ import recurzoo  # noqa: F401  (registers the models)
 from recurzoo.backbones.hornet import GlobalLocalFilter, HorNetBlock, RecursiveGatedConv, checkpoint_filter_fn
 from recurzoo.export.flops import count_flops, count_params, create_uninitialized
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "parity" / "hornet"
+# The parity fixtures: beside the checkout, or under a folder of RECURZOO_PARITY_DIRS (as in test_parity.py).
+_PARITY_DIRS = [Path(__file__).resolve().parents[2] / "shared" / "parity"]
+_PARITY_DIRS += [Path(d) for d in os.environ.get("RECURZOO_PARITY_DIRS", "").split(os.pathsep) if d]
 SMALL = dict(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1))
 
 # Params (M) and fvcore GFLOPs of the official code with 1000 classes (measured on it; FFTs uncounted).
@@ -121,7 +124,8 @@ def test_checkpoint_at_224_loads_into_384_model_with_resized_filters():
 
 
 def _official_fixture(case: str) -> dict:
-    path = FIXTURES / f"{case}.pt"
+    path = next((d / "hornet" / f"{case}.pt" for d in _PARITY_DIRS if (d / "hornet" / f"{case}.pt").exists()), None)
+    path = path or _PARITY_DIRS[0] / "hornet" / f"{case}.pt"
     if not path.exists():
         pytest.skip(f"parity fixture {path} is not available")
     return torch.load(path, weights_only=True)
