@@ -18,6 +18,12 @@ eval mode, deterministically, token ``i`` going to slice ``i mod G`` (a reshape 
 When the token count is not a multiple of the group count, the sequence is padded to the next
 multiple and the padded keys are masked out of the attention: the groups then differ in size by
 at most one token, and nothing else changes.
+
+Every constructor takes timm's factory arguments ``device`` and ``dtype``: a model built with
+``device='meta'`` is made usable by ``to_empty()`` and :meth:`SReT.init_weights`. The slice layout
+is computed from each input's token count (no buffers, nothing to go stale after ``.to(dtype)``).
+torch.fx traces the model with the sliced attention as a leaf, so timm's ``feature_cls='fx'`` and
+torchvision's ``create_feature_extractor`` work in training and in eval.
 """
 
 from __future__ import annotations
