@@ -576,3 +576,13 @@ def test_msrnet_over_sret_builds_on_meta_and_initialises_the_backbone():
     assert isinstance(backbone, sret.SReT)
     assert all(p.eq(1).all() for key, p in backbone.named_parameters() if key.endswith("gain"))
     assert 0.015 < backbone.pos_embed.std() < 0.025
+
+
+def test_reset_classifier_of_a_pruned_model_reads_its_width_device_and_dtype():
+    model = _reduced(num_classes=4).double().eval()
+    model.prune_intermediate_layers([0])
+    assert model.num_features == model.head_hidden_size == 16
+    model.reset_classifier(3, "avg")
+    assert model.head.fc.weight.shape == (3, 16) and model.head.fc.weight.dtype == torch.float64
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32, dtype=torch.float64)).shape == (2, 3)
