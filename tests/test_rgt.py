@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -23,14 +24,17 @@ from recurzoo.export.flops import count_flops, count_params, create_uninitialize
 from recurzoo.heads.super_resolution import SuperResolutionModel
 from recurzoo.heads.super_resolution import checkpoint_filter_fn as sr_checkpoint_filter_fn
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "parity" / "rgt"
+FIXTURE_DIRS = [Path(__file__).resolve().parents[2] / "shared" / "parity"] + [
+    Path(d) for d in os.environ.get("RECURZOO_PARITY_DIRS", "").split(os.pathsep) if d
+]
 TINY = dict(embed_dim=24, num_heads=2, blocks_per_group=2)
 
 
 def _fixture(name: str) -> dict:
-    path = FIXTURES / f"{name}.pt"
-    if not path.exists():
-        pytest.skip(f"parity fixture {path} not available")
+    paths = [d / "rgt" / f"{name}.pt" for d in FIXTURE_DIRS]
+    path = next((p for p in paths if p.exists()), None)
+    if path is None:
+        pytest.skip(f"parity fixture rgt/{name}.pt not available in {[str(d) for d in FIXTURE_DIRS]}")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
