@@ -17,8 +17,10 @@ conv. Inside a group, blocks alternate two attentions:
 
 Every block adds its own input back scaled by a learnable vector (hybrid adaptive integration, HAI).
 ``rgt`` and ``rgt_small`` are the bodies (image -> full-resolution features, plus a pooled classifier
-head for timm). The complete super-resolution models ``rgt_x2`` ... ``rgt_small_x4`` (body + pixel-shuffle
-upsampler) are task models of :mod:`recurzoo.heads.super_resolution`.
+head for timm). They take timm's factory arguments (``device``, ``dtype``; ``init_weights()`` after a
+``meta`` build) and trace with torch.fx: the two attentions, which decide on the map's size in Python,
+are leaf modules. The complete super-resolution models ``rgt_x2`` ... ``rgt_small_x4`` (body +
+pixel-shuffle upsampler) are task models of :mod:`recurzoo.heads.super_resolution`.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ __all__ = [
     "GatedConvMlp",
     "DynamicPositionBias",
     "recursion_steps",
+    "shifted_window_mask",
+    "shifted_window_regions",
+    "check_rgt_input",
     "checkpoint_filter_fn",
     "rgt_args",
     "rgt_cfg",
@@ -605,6 +610,9 @@ class RGT(nn.Module):
         drop_path_rate: stochastic depth, rising linearly over all blocks (0.1 in the official training).
         resi_connection: ``'1conv'`` or ``'3conv'``, the conv ending each group and the body.
         global_pool: pooling of the classifier head.
+        device: where parameters and buffers are created (``'meta'`` allocates nothing; then
+            ``to_empty`` and :meth:`init_weights`).
+        dtype: their floating-point type.
     """
 
     def __init__(
