@@ -1,8 +1,9 @@
 """Parity with the authors' code: every fixture captured from an official implementation.
 
-Fixtures are ``*.pt`` files under ``../shared/parity`` (beside the repository) and under every
-directory listed in ``RECURZOO_PARITY_DIRS`` (``os.pathsep``-separated). Each one names the official
-constructor and its keyword arguments; the model is built from those through
+Fixtures are ``*.pt`` files under ``tests/parity/fixtures`` (committed; written by
+``tests/parity/generate.py`` from the authors' repositories), ``../shared/parity`` (beside the
+repository) and every directory listed in ``RECURZOO_PARITY_DIRS`` (``os.pathsep``-separated). Each
+one names the official constructor and its keyword arguments; the model is built from those through
 ``recurzoo.official.build``, loads the official ``state_dict`` through the family's
 ``checkpoint_filter_fn`` and must reproduce the official eval-mode output.
 """
@@ -20,10 +21,11 @@ import recurzoo
 from recurzoo import official
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+IN_REPO = REPO_ROOT / "tests" / "parity" / "fixtures"
 
 
 def parity_dirs() -> List[Path]:
-    dirs = [REPO_ROOT.parent / "shared" / "parity"]
+    dirs = [IN_REPO, REPO_ROOT.parent / "shared" / "parity"]
     dirs += [Path(d) for d in os.environ.get("RECURZOO_PARITY_DIRS", "").split(os.pathsep) if d]
     return [d for d in dirs if d.is_dir()]
 
@@ -57,24 +59,39 @@ def _assert_close(ours, theirs, where: str = "output") -> None:
 FIXTURES = fixture_files()
 
 
-def test_parity_fixtures_are_found():
-    """The shared fixture folder is beside the checkout in development and CI."""
-    if not parity_dirs():
-        pytest.skip("no parity fixture directory (../shared/parity or RECURZOO_PARITY_DIRS)")
-    assert FIXTURES, f"no *.pt fixtures under {[str(d) for d in parity_dirs()]}"
+def test_every_official_class_has_a_fixture_in_the_repository():
+    """Each clone checks faithfulness: every official class reproduced here has a committed fixture."""
+    found = {}
+    for path in sorted(IN_REPO.rglob("*.pt")):
+        fixture = torch.load(path, map_location="cpu", weights_only=True)
+        found.setdefault(fixture["official"]["constructor"], []).append(path.stem)
+    missing = sorted(set(official.registered_constructors()) - set(found))
+    assert not missing, (
+        f"no fixture under {IN_REPO} for {missing}: run `make parity-fixtures OFFICIAL_ROOT=...` "
+        f"(tests/parity/generate.py)"
+    )
 
 
 @pytest.mark.parametrize("path", FIXTURES, ids=[_fixture_id(p) for p in FIXTURES])
 def test_matches_official_implementation(path: Path):
     fixture = torch.load(path, map_location="cpu", weights_only=True)
     constructor = fixture["official"]["constructor"]
-    if constructor not in official.registered_constructors():
-        pytest.skip(
-            f"family {fixture['family']!r} is not implemented yet: "
-            f"no model reproduces the official constructor {constructor!r}"
-        )
+    assert constructor in official.registered_constructors(), f"no model reproduces the official {constructor!r}"
     assert fixture.get("mode", "eval") == "eval"
-    model = recurzoo.build_official(constructor, fixture["official"]["kwargs"], fixture["state_dict"]).eval()
+    kwargs = fixture["official"]["kwargs"]
+    model = recurzoo.build_official(constructor, kwargs, fixture["state_dict"]).eval()
     with torch.no_grad():
         output = official.run(constructor, model, fixture["inputs"])
     _assert_close(output, fixture["output"])
+
+
+@pytest.mark.parametrize("path", sorted(IN_REPO.rglob("*.pt")), ids=_fixture_id)
+def test_fixture_output_depends_on_the_weights(path: Path):
+    """A model with its own random weights misses the official output: the comparison can fail."""
+    fixture = torch.load(path, map_location="cpu", weights_only=True)
+    constructor = fixture["official"]["constructor"]
+    model = recurzoo.build_official(constructor, fixture["official"]["kwargs"]).eval()
+    with torch.no_grad():
+        output = official.run(constructor, model, fixture["inputs"])
+    with pytest.raises(AssertionError, match="max abs difference"):
+        _assert_close(output, fixture["output"])
