@@ -36,18 +36,32 @@ from recurzoo.export.flops import count_flops, count_params, create_uninitialize
 from recurzoo.heads.super_resolution import SuperResolutionModel
 from recurzoo.heads.super_resolution import checkpoint_filter_fn as sr_checkpoint_filter_fn
 
-FIXTURE_DIRS = [Path(__file__).resolve().parents[2] / "shared" / "parity"] + [
-    Path(d) for d in os.environ.get("RECURZOO_PARITY_DIRS", "").split(os.pathsep) if d
-]
+# The parity fixtures (as test_parity.py finds them): in the repository, beside it, and RECURZOO_PARITY_DIRS.
+FIXTURE_DIRS = [
+    Path(__file__).resolve().parent / "parity" / "fixtures",
+    Path(__file__).resolve().parents[2] / "shared" / "parity",
+] + [Path(d) for d in os.environ.get("RECURZOO_PARITY_DIRS", "").split(os.pathsep) if d]
 TINY = dict(embed_dim=24, num_heads=2, blocks_per_group=2)
 
 
-def _fixture(name: str) -> dict:
-    paths = [d / "rgt" / f"{name}.pt" for d in FIXTURE_DIRS]
-    path = next((p for p in paths if p.exists()), None)
-    if path is None:
-        pytest.skip(f"parity fixture rgt/{name}.pt not available in {[str(d) for d in FIXTURE_DIRS]}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _fixture(scale: int) -> dict:
+    """The first official RGT x``scale`` fixture found (``rgt/rgt_x{scale}_*.pt``)."""
+    paths = [path for d in FIXTURE_DIRS for path in sorted((d / "rgt").glob(f"rgt_x{scale}_*.pt"))]
+    if not paths:
+        pytest.skip(f"no parity fixture rgt/rgt_x{scale}_*.pt in {[str(d) for d in FIXTURE_DIRS]}")
+    return torch.load(paths[0], map_location="cpu", weights_only=True)
+
+
+def _body_kwargs(official: dict) -> dict:
+    """Our body's arguments for the official constructor's (those a fixture sets)."""
+    return dict(
+        embed_dim=official["embed_dim"],
+        depths=tuple(official["depth"]),
+        num_heads=list(official["num_heads"]),
+        mlp_ratio=official["mlp_ratio"],
+        split_size=tuple(official.get("split_size", (8, 8))),
+        c_ratio=official.get("c_ratio", 0.5),
+    )
 
 
 def test_x4_params_and_flops_match_published_within_one_percent():
@@ -67,32 +81,18 @@ def test_x4_params_and_flops_match_published_within_one_percent():
 
 @pytest.mark.parametrize("wrapper", ["params", "params_ema"])
 def test_official_basicsr_checkpoint_loads_through_timm_file_overlay(tmp_path, wrapper):
-    fixture = _fixture("rgt_x2_small_dims")
-    kwargs = fixture["official"]["kwargs"]
+    fixture = _fixture(2)
+    kwargs = _body_kwargs(fixture["official"]["kwargs"])
     path = tmp_path / "RGT_x2.pth"
     torch.save({wrapper: fixture["state_dict"]}, path)  # as BasicSR stores them, mask buffers included
     model = recurzoo.create_model(
-        "rgt_x2",
-        pretrained=True,
-        pretrained_cfg_overlay=dict(file=str(path)),
-        embed_dim=kwargs["embed_dim"],
-        depths=tuple(kwargs["depth"]),
-        num_heads=kwargs["num_heads"],
-        mlp_ratio=kwargs["mlp_ratio"],
+        "rgt_x2", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs
     ).eval()
     with torch.no_grad():
         output = model(fixture["inputs"]["x"])
     torch.testing.assert_close(output, fixture["output"], rtol=1e-4, atol=1e-4 * fixture["output"].abs().max().item())
 
-    body = recurzoo.create_model(
-        "rgt",
-        pretrained=True,
-        pretrained_cfg_overlay=dict(file=str(path)),
-        embed_dim=kwargs["embed_dim"],
-        depths=tuple(kwargs["depth"]),
-        num_heads=kwargs["num_heads"],
-        mlp_ratio=kwargs["mlp_ratio"],
-    ).eval()
+    body = recurzoo.create_model("rgt", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs).eval()
     with torch.no_grad():
         torch.testing.assert_close(
             body.forward_features(model.normalize(fixture["inputs"]["x"])),
@@ -101,7 +101,7 @@ def test_official_basicsr_checkpoint_loads_through_timm_file_overlay(tmp_path, w
 
 
 def test_checkpoint_filter_drops_derived_buffers_and_maps_every_official_key():
-    fixture = _fixture("rgt_x4_small_dims")
+    fixture = _fixture(4)
     official = fixture["state_dict"]
     model = recurzoo.build_official("rgt_arch.RGT", fixture["official"]["kwargs"])
     converted = sr_checkpoint_filter_fn(official, model)
@@ -111,7 +111,7 @@ def test_checkpoint_filter_drops_derived_buffers_and_maps_every_official_key():
     assert derived and len(converted) == len(official) - len(derived)
     assert set(converted) == set(model.state_dict())
     # our own SR checkpoint loads into the body alone, and back
-    body = RGT(embed_dim=24, depths=(2, 2), num_heads=4, mlp_ratio=2)
+    body = RGT(**_body_kwargs(fixture["official"]["kwargs"]))
     body_state = checkpoint_filter_fn(model.state_dict(), body)
     assert set(body_state) == set(body.state_dict())
     assert set(sr_checkpoint_filter_fn(body_state, model)) == {
