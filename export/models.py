@@ -32,6 +32,7 @@ __all__ = [
     "unwrap_features",
     "takes_unit_range",
     "model_input_size",
+    "normalization",
     "photo_batch",
     "random_batch",
     "time_forward",
