@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from onnxruntime.quantization import CalibrationDataReader
 from torch import nn
 
 from recurzoo.export.models import create_model, median_ms, model_input_size, normalization, takes_unit_range
@@ -225,7 +226,7 @@ def _onnx_float_ops(proto: Any) -> List[str]:
     return sorted({n.op_type for n in proto.graph.node if n.name not in quantized and n.op_type not in skip})
 
 
-class _CalibrationReader:
+class _CalibrationReader(CalibrationDataReader):
     """onnxruntime's calibration data reader over a batch of images, one image per call."""
 
     def __init__(self, images: torch.Tensor) -> None:
@@ -248,10 +249,10 @@ def quantize_onnx_int8(fp32_path: Path, out_path: Path, calibration: torch.Tenso
     Returns the operator types that stay in float.
     """
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    reader = type("Reader", (_CalibrationReader, CalibrationDataReader), {})(calibration)
+    reader = _CalibrationReader(calibration)
     prepared = out_path.with_name(out_path.stem + ".prep.onnx")
     try:
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
@@ -346,17 +347,21 @@ def lower_executorch(
                 prepared(image[None])
             program = torch.export.export(convert_pt2e(prepared), (example,))
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
-    outside = sorted(
-        {
-            str(node.target).split(".")[-2] if "." in str(node.target) else str(node.target)
-            for node in edge.exported_program().graph.nodes
-            if node.op == "call_function"
-            and "executorch_call_delegate" not in str(node.target)
-            and "getitem" not in str(node.target)
-        }
-    )
+    outside = sorted({_operator_name(node.target) for node in edge.exported_program().graph.nodes if _portable(node)})
     out_path.write_bytes(edge.to_executorch().buffer)
     return outside
+
+
+def _portable(node: Any) -> bool:
+    """A graph call the XNNPACK delegate did not take (run by ExecuTorch's portable kernels)."""
+    target = str(node.target)
+    return node.op == "call_function" and "executorch_call_delegate" not in target and "getitem" not in target
+
+
+def _operator_name(target: Any) -> str:
+    """``aten.native_layer_norm.default`` -> ``native_layer_norm``."""
+    parts = str(target).split(".")
+    return parts[-2] if len(parts) > 2 else parts[-1]
 
 
 def _pte_runner(path: Path) -> Callable[[torch.Tensor], List[np.ndarray]]:

@@ -204,6 +204,10 @@ def _export_edge(name: str, args: argparse.Namespace) -> int:
     """An int8/fp16 ONNX or ExecuTorch artifact, with its fidelity report beside it."""
     from recurzoo.export.edge import export_edge
 
+    if args.features or args.dynamic != "batch" or args.simplify:
+        raise UsageError("export: --features, --dynamic and --simplify apply to the fp32 ONNX export only")
+    if args.calibration and args.precision != "int8":
+        raise UsageError(f"export: --calibration calibrates int8, not {args.precision}")
     try:
         result = export_edge(
             name,

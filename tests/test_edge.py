@@ -124,6 +124,8 @@ def test_sliced_sret_declares_a_fixed_size_and_unsliced_sret_a_dynamic_one():
     [
         (["--format", "executorch", "--precision", "fp16"], "expected onnx with fp16|int8 or executorch"),
         (["--precision", "int8", "--calibration", "/nonexistent/photos"], "/nonexistent/photos: not a folder"),
+        (["--precision", "fp16", "--calibration", "photos"], "--calibration calibrates int8, not fp16"),
+        (["--precision", "int8", "--features"], "apply to the fp32 ONNX export only"),
     ],
 )
 def test_cli_edge_export_mistakes_are_one_line_usage_errors(flags, expected, tmp_path, capsys):
