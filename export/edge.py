@@ -554,12 +554,12 @@ def export_edge(
         model = create_model(model_name, checkpoint, **(model_kwargs or {}))
     model = model.eval()
     size = model_input_size(model, input_size)
+    calibration_set = _images(model, size, calibration, calibration_count)
+    evaluation_set = _images(model, size, evaluation, 0) if evaluation is not None else calibration_set
     out_dir = Path(out_dir)
     fp32 = export_model(model_name, out_dir, model=model, input_size=size, report=False, benchmark=False)
     if not fp32.ok:
         raise EdgeExportError(f"{model_name}: the fp32 ONNX graph does not match PyTorch: {fp32.parity_line()}")
-    calibration_set = _images(model, size, calibration, calibration_count)
-    evaluation_set = _images(model, size, evaluation, 0) if evaluation is not None else calibration_set
     meta = preprocessing(model, size)
     path = out_dir / f"{model_name}.{precision}.{'onnx' if fmt == 'onnx' else 'pte'}"
     try:
