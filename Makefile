@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test lint install cards bench clean parity-fixtures timm-suite
+.PHONY: demo test lint install cards bench clean parity-fixtures timm-suite edge-check
 
 # One model per family next to its timm peer (SR and COD models at their own sizes); the README's
 # benchmark sections, benchmarks/*.{md,csv} and the cards' speed tables are rewritten.
@@ -18,10 +18,10 @@ TRAIN_BENCH_MODELS ?= hornet_tiny_7x7 convnext_tiny sret_small deit_small_patch1
 BENCH := $(BIN)/recurzoo bench
 
 # pip installs torch and torchvision at the pinned versions (constraints.txt), which these machines
-# serve from a local cache, and the project editable, with the test extras.
+# serve from a local cache, and the project editable, with the test and edge (ExecuTorch) extras.
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install --disable-pip-version-check -c constraints.txt -e '.[test,edge]'
 	touch $@
 
 install: $(INSTALLED)
@@ -64,6 +64,11 @@ timm-suite: $(INSTALLED)
 	TORCH_BACKEND=recurzoo PYTHONPATH=tests/timm_suite$${PYTHONPATH:+:$$PYTHONPATH} $(BIN)/python -m pytest \
 		-p recurzoo_timm_suite -p no:cacheprovider --import-mode=importlib -q -n 2 $$src/tests/test_models.py \
 		$(TIMM_SUITE_ARGS)
+
+# A reduced HorNet trained on scikit-learn's handwritten digits, exported as int8 ONNX and int8 ExecuTorch:
+# held-out top-1 of each against fp32 (fails beyond 1 point). tests/test_edge.py runs the ONNX half.
+edge-check: $(INSTALLED)
+	$(BIN)/python -m recurzoo.export.digits --formats onnx,executorch
 
 cards: $(INSTALLED)
 	$(BIN)/python -m recurzoo.export.cards

@@ -116,6 +116,17 @@ class SlicedGroupAttention(nn.Module):
     follows any input size, device and dtype.
     """
 
+    # Read by recurzoo.export and the model cards: sliced attention ties an exported graph to the traced size.
+    export_static_reason = (
+        "sliced attention pads the token sequence to a multiple of the slice count and shapes the slices for the "
+        "traced token count"
+    )
+
+    @property
+    def export_dynamic_size(self) -> bool:
+        """Whether an exported graph takes other sizes than the traced one: only without slicing."""
+        return max(self.num_groups, self.recursive_num_groups) <= 1
+
     def __init__(
         self,
         dim: int,
@@ -439,6 +450,10 @@ class SReT(StagedClassifierMixin, nn.Module):
             ``to_empty()`` and :meth:`init_weights`).
         dtype: their floating-point type.
     """
+
+    # What an exported graph of the model can take (recurzoo.export reads these, the model cards show them).
+    export_dynamic_batch = True
+    export_dynamic_size = True
 
     stem_pattern = r"^stem|^pos_embed"
 

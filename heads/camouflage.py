@@ -486,6 +486,11 @@ class MSRNet(nn.Module):
         device, dtype: where and as what every parameter and buffer is created (the backbone's too).
     """
 
+    # An exported graph is tied to the traced size (recurzoo.export reads these, the model cards show them).
+    export_dynamic_batch = True
+    export_dynamic_size = False
+    export_static_reason = "the sizes of the three input scales and of the scale-merging pools are fixed when traced"
+
     def __init__(
         self,
         backbone: str = "pvt_v2_b2",
