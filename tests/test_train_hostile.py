@@ -207,3 +207,44 @@ def test_folder_datasets_read_through_recurzoo_images_16_bit_scaled_not_clipped(
     dataset = data.create_image_dataset("", str(tmp_path), "train", skip_unreadable="training set")
     image, label = dataset[0]
     assert image.mode == "RGB" and np.asarray(image)[0, 0].tolist() == [128, 128, 128]  # Pillow alone: 255
+
+
+class _Oracle(torch.nn.Module):
+    """A 'detector' that answers each image with the given outputs, in order."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.outputs = list(outputs)
+
+    def forward(self, images):
+        return [self.outputs.pop(0) for _ in images]
+
+
+def test_coco_sets_skip_an_unreadable_image_in_training_and_leave_it_out_of_the_scores(tmp_path):
+    import argparse
+    import warnings
+
+    from _train_data import make_coco
+
+    from recurzoo.train import detection
+    from recurzoo.train.distributed import DistributedContext
+
+    root = make_coco(str(tmp_path / "coco"), images=(3, 4), max_boxes=1)
+    (tmp_path / "coco" / "val2017" / "000001.png").write_text("not an image")
+    (tmp_path / "coco" / "train2017" / "000000.png").write_text("not an image")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", data.DatasetWarning)
+        train = detection.CocoDetection(
+            f"{root}/train2017", f"{root}/annotations/instances_train2017.json", train=True, hflip=0.0
+        )
+        assert train[0][1]["image_id"].item() == train.ids[1] and train.skip_unreadable.count == 1
+        val = detection.CocoDetection(f"{root}/val2017", f"{root}/annotations/instances_val2017.json")
+        readable = [val[index] for index in (0, 2, 3)]
+        perfect = [
+            dict(boxes=target["boxes"], labels=target["labels"], scores=torch.ones(len(target["labels"])))
+            for _, target in readable
+        ]
+        args = argparse.Namespace(batch_size=2, workers=0, no_progress=True, amp=False, amp_dtype="bfloat16")
+        scores = detection.evaluate(_Oracle(perfect), val, args, DistributedContext())
+    assert scores["map"] == pytest.approx(1.0)  # the unreadable image's boxes are not counted as missed
+    assert val.skip_unreadable.count == 1
