@@ -248,3 +248,31 @@ def test_coco_sets_skip_an_unreadable_image_in_training_and_leave_it_out_of_the_
         scores = detection.evaluate(_Oracle(perfect), val, args, DistributedContext())
     assert scores["map"] == pytest.approx(1.0)  # the unreadable image's boxes are not counted as missed
     assert val.skip_unreadable.count == 1
+
+
+def test_super_resolution_evaluation_leaves_a_truncated_image_out_and_counts_it(tmp_path):
+    import warnings
+
+    import numpy as np
+    from _train_data import write_unreadable_images
+    from PIL import Image
+
+    from recurzoo.train import super_resolution as sr_train
+
+    folder = tmp_path / "Set2"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(2):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+    model = recurzoo.create_model("rgt_small_x2", embed_dim=12, num_heads=2, blocks_per_group=1).eval()
+    clean = sr_train.evaluate(model, [sr_train.resolve_dataset(str(folder), 2)], 2, torch.device("cpu"), progress=False)
+    truncated, not_an_image = write_unreadable_images(str(folder), side=64)
+    os.remove(not_an_image)  # its header reads: only decoding finds the truncation
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        spec = sr_train.resolve_dataset(str(folder), 2)
+        results = sr_train.evaluate(model, [spec], 2, torch.device("cpu"), progress=False)
+    assert len(spec.hr_files) == 3 and results["Set2"]["images"] == 2 and results["Set2"]["unreadable"] == 1
+    assert results["Set2"]["psnr"] == pytest.approx(clean["Set2"]["psnr"])
+    assert any("1 of 3 images cannot be decoded" in str(w.message) for w in caught)
+    assert "| Set2 | 2 (1 unreadable left out) |" in sr_train.format_markdown(results, "rgt", 2)

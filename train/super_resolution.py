@@ -54,7 +54,7 @@ from timm.utils import random_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from recurzoo.checkpoint import family_filter, load_state_dict, load_weights
+from recurzoo.checkpoint import atomic_write, family_filter, load_state_dict, load_weights
 from recurzoo.heads.super_resolution import SuperResolutionModel, create_sr_model, image_to_tensor, tensor_to_image
 from recurzoo.images import IMAGE_SUFFIXES, read_image, write_png
 from recurzoo.plots import plot_curves
@@ -364,13 +364,14 @@ class SREvalDataset(Dataset):
         return len(self.spec.hr_files)
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, np.ndarray, str]:
+        """Raises :class:`~recurzoo.train.data.UnreadableImageError` for a file that cannot be decoded."""
         hr_path = self.spec.hr_files[index]
-        hr = read_image(hr_path)
+        hr = _read_training_image(hr_path)
         if self.spec.lr_files is None:
             hr = _mod_crop(hr, self.scale)
             lr = bicubic_downscale(hr, self.scale)
         else:
-            lr = read_image(self.spec.lr_files[index])
+            lr = _read_training_image(self.spec.lr_files[index])
             hr = hr[: lr.shape[0] * self.scale, : lr.shape[1] * self.scale]  # BasicSR's crop of unmatched GT
         return image_to_tensor(lr)[0], hr, hr_path.stem
 
@@ -391,7 +392,10 @@ def evaluate(
     progress: bool = True,
     save_dir: Optional[str] = None,
 ) -> Dict[str, Dict[str, Any]]:
-    """Mean PSNR/SSIM (Y channel, ``scale`` pixels of border cropped) per dataset, with per-image values."""
+    """Mean PSNR/SSIM (Y channel, ``scale`` pixels of border cropped) per dataset, with per-image values.
+
+    An image that cannot be decoded is left out of its dataset's means with a warning, and counted
+    (``unreadable``); a dataset without a decodable image is an error."""
 
     was_training = model.training
     model.eval()
@@ -399,9 +403,13 @@ def evaluate(
     try:
         for spec in specs:
             dataset = SREvalDataset(spec, scale)
-            per_image = {}
+            per_image, unreadable = {}, []
             for index in progress_bar(range(len(dataset)), desc=f"eval {spec.name}", enabled=progress):
-                lr, hr, stem = dataset[index]
+                try:
+                    lr, hr, stem = dataset[index]
+                except UnreadableImageError as error:
+                    unreadable.append(str(error))
+                    continue
                 lr = lr[None] if tile is not None else lr[None].to(device)
                 output = tensor_to_image(model.super_resolve(lr, tile=tile, tile_overlap=tile_overlap))
                 if output.shape != hr.shape:
@@ -409,10 +417,20 @@ def evaluate(
                 per_image[stem] = dict(psnr=psnr_y(output, hr, scale), ssim=ssim_y(output, hr, scale))
                 if save_dir:
                     write_png(Path(save_dir) / spec.name / f"{stem}.png", output)
+            if unreadable:
+                warnings.warn(
+                    f"dataset {spec.name!r}: {len(unreadable)} of {len(dataset)} images cannot be decoded and are "
+                    f"left out of its PSNR/SSIM: {summarize(unreadable)}",
+                    DatasetWarning,
+                    stacklevel=2,
+                )
+            if not per_image:
+                raise ValueError(f"dataset {spec.name!r}: no decodable image, nothing was evaluated")
             results[spec.name] = dict(
                 psnr=float(np.mean([v["psnr"] for v in per_image.values()])),
                 ssim=float(np.mean([v["ssim"] for v in per_image.values()])),
                 images=len(per_image),
+                unreadable=len(unreadable),
                 per_image=per_image,
             )
     finally:
@@ -430,7 +448,9 @@ def format_markdown(results: Dict[str, Dict[str, Any]], model_name: str, scale: 
         "| dataset | images | PSNR | SSIM |",
         "| --- | --- | --- | --- |",
     ]
-    lines += [f"| {name} | {r['images']} | {r['psnr']:.2f} | {r['ssim']:.4f} |" for name, r in results.items()]
+    for name, r in results.items():
+        left_out = f" ({r['unreadable']} unreadable left out)" if r.get("unreadable") else ""
+        lines.append(f"| {name} | {r['images']}{left_out} | {r['psnr']:.2f} | {r['ssim']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -439,10 +459,9 @@ def _write_report(
 ) -> None:
     summary = {name: {k: v for k, v in r.items()} for name, r in results.items()}
     payload = dict(model=model_name, scale=scale, step=step, results=summary)
-    with open(os.path.join(output, "eval.json"), "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-    with open(os.path.join(output, "eval.md"), "w", encoding="utf-8") as handle:
-        handle.write(format_markdown(results, model_name, scale))
+    text, table = json.dumps(payload, indent=2), format_markdown(results, model_name, scale)
+    atomic_write(os.path.join(output, "eval.json"), lambda temporary: Path(temporary).write_text(text))
+    atomic_write(os.path.join(output, "eval.md"), lambda temporary: Path(temporary).write_text(table))
 
 
 # ----------------------------------------------------------------------------------------------
