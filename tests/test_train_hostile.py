@@ -276,3 +276,79 @@ def test_super_resolution_evaluation_leaves_a_truncated_image_out_and_counts_it(
     assert results["Set2"]["psnr"] == pytest.approx(clean["Set2"]["psnr"])
     assert any("1 of 3 images cannot be decoded" in str(w.message) for w in caught)
     assert "| Set2 | 2 (1 unreadable left out) |" in sr_train.format_markdown(results, "rgt", 2)
+
+
+# ------------------------------------------------------------------------------------ offline fast-fail
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No host answers (the probe says so at once), the Hugging Face cache is empty, and any download
+    attempt fails the test; returns the probed URLs."""
+    import huggingface_hub
+    import timm.models._hub as timm_hub
+    from huggingface_hub import constants
+
+    from recurzoo import checkpoint
+
+    probes = []
+    monkeypatch.setattr(checkpoint, "_reachable", lambda url, timeout: probes.append(url) or False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    monkeypatch.setattr(timm_hub, "hf_hub_download", no_download, raising=False)
+    monkeypatch.setattr(timm_hub, "download_cached_file", no_download)
+    return probes
+
+
+def _offline_cases(root):
+    folder = _train_args(root, "<out>", "--val-split", "none")
+    return {
+        "classification-teacher": (
+            classification,
+            folder + ["--teacher", "vit_tiny_patch16_224", "--teacher-kwargs", "img_size=32", "depth=1"],
+            ("--teacher vit_tiny_patch16_224: ", "--teacher-checkpoint FILE", "huggingface.co is out of reach"),
+        ),
+        "classification-pretrained": (
+            classification,
+            _train_args(root, "<out>", "--val-split", "none", "--pretrained"),
+            ("--model hornet_tiny_7x7: ", "--initial-checkpoint FILE", "hornet_tiny_7x7"),
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", ["classification-teacher", "classification-pretrained"])
+def test_scripts_that_would_download_fail_at_once_offline_naming_the_local_option(
+    offline, train_only, tmp_path, capsys, case
+):
+    script, argv, expected = _offline_cases(train_only)[case]
+    argv = [str(tmp_path / "out") if item == "<out>" else item for item in argv]
+    with pytest.raises(SystemExit) as exited:
+        run_cli(script.main, argv)
+    assert exited.value.code == 2 and offline  # a probe, no download
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert all(text in line for text in expected), line
+
+
+def test_distillation_teacher_offline_names_teacher_checkpoint(offline, train_only, tmp_path):
+    from recurzoo.checkpoint import CheckpointError
+    from recurzoo.train import distill_recurrent
+
+    argv = ["--teacher", "vit_tiny_patch16_224", "--teacher-kwargs", "img_size=32", "depth=2"]
+    argv += ["--data-dir", train_only, "--device", "cpu", "--output", str(tmp_path / "out")]
+    with pytest.raises(CheckpointError, match=r"--teacher vit_tiny_patch16_224: .* --teacher-checkpoint FILE"):
+        distill_recurrent.main(argv)
+
+
+def test_detection_backbone_offline_names_backbone_checkpoint_and_unknown_backbones_are_one_line(offline, tmp_path):
+    from recurzoo.checkpoint import CheckpointError
+    from recurzoo.heads.detection import create_fpn_backbone
+    from recurzoo.registry import UnknownModelError
+
+    with pytest.raises(CheckpointError, match=r"backbone 'resnet18'.*out of reach"):
+        create_fpn_backbone("resnet18", pretrained=True)
+    with pytest.raises(UnknownModelError, match="unknown backbone 'nosuch'"):
+        create_fpn_backbone("nosuch")

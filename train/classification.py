@@ -72,6 +72,7 @@ from recurzoo.train.validate import (
     autocast,
     checkpoint_num_classes,
     create_eval_loader,
+    create_named_model,
     dataset_num_classes,
     evaluate,
     load_weights,
@@ -280,11 +281,9 @@ class KnowledgeDistillationLoss(nn.Module):
 
 def create_teacher(args: argparse.Namespace, num_classes: int) -> nn.Module:
     """The frozen teacher: timm's pretrained weights or ``--teacher-checkpoint``, with ``num_classes`` outputs."""
-    import timm
-
     pretrained = args.teacher_pretrained if args.teacher_pretrained is not None else not args.teacher_checkpoint
-    kwargs = dict(args.teacher_kwargs)
-    teacher = timm.create_model(args.teacher, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    kwargs = dict(args.teacher_kwargs, num_classes=num_classes)
+    teacher = create_named_model(args.teacher, pretrained, "--teacher", "--teacher-checkpoint", **kwargs)
     if args.teacher_checkpoint:
         fresh = load_weights(teacher, read_weights(args.teacher_checkpoint), source=args.teacher_checkpoint)
         if fresh:
@@ -391,7 +390,7 @@ class _Training(EpochTraining):
             kwargs["drop_path_rate"] = args.drop_path
         kwargs.update(args.model_kwargs)
         random_seed(args.seed)  # the same initial weights on every rank
-        model = recurzoo.create_model(args.model, pretrained=args.pretrained, **kwargs)
+        model = create_named_model(args.model, args.pretrained, "--model", "--initial-checkpoint", **kwargs)
         if weights is not None:
             fresh = load_weights(model, weights, source=args.initial_checkpoint)
             self.logger.info(f"loaded {args.initial_checkpoint}" + (f"; new classifier {fresh}" if fresh else ""))

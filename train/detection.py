@@ -38,6 +38,8 @@ from timm.utils import random_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from recurzoo.checkpoint import CheckpointError
+from recurzoo.registry import UnknownModelError
 from recurzoo.train.arguments import (
     ParseKwargs,
     add_epoch_arguments,
@@ -409,14 +411,22 @@ class _Training(EpochTraining):
 
             weights = clean_state_dict(read_state_dict(args.backbone_checkpoint))
             backbone_kwargs["pretrained_cfg_overlay"] = dict(state_dict=weights)
-        backbone = create_fpn_backbone(
-            args.backbone,
-            out_indices=args.out_indices,
-            fpn_channels=args.fpn_channels,
-            pretrained=args.pretrained_backbone or bool(args.backbone_checkpoint),
-            frozen_bn=args.frozen_bn,
-            **backbone_kwargs,
-        )
+        try:
+            backbone = create_fpn_backbone(
+                args.backbone,
+                out_indices=args.out_indices,
+                fpn_channels=args.fpn_channels,
+                pretrained=args.pretrained_backbone or bool(args.backbone_checkpoint),
+                frozen_bn=args.frozen_bn,
+                **backbone_kwargs,
+            )
+        except UnknownModelError as error:
+            raise UnknownModelError(f"--backbone: {error}") from None
+        except CheckpointError as error:
+            if args.backbone_checkpoint:  # its own message names the file
+                raise
+            local = "; or give its weights with --backbone-checkpoint FILE"
+            raise CheckpointError(f"--backbone {args.backbone}: {error}{local}") from None
         self.model = create_detector(
             args.detector,
             backbone,

@@ -271,10 +271,10 @@ def step_errors(student: RecurrentViT, teacher: nn.Module, batches: Sequence[tor
 
 
 def _load_teacher(args: argparse.Namespace) -> nn.Module:
-    import timm
+    from recurzoo.train.validate import create_named_model
 
     pretrained = args.pretrained if args.pretrained is not None else args.teacher_checkpoint is None
-    teacher = timm.create_model(args.teacher, pretrained=pretrained, **args.teacher_kwargs)
+    teacher = create_named_model(args.teacher, pretrained, "--teacher", "--teacher-checkpoint", **args.teacher_kwargs)
     if args.teacher_checkpoint:
         source = f"--teacher-checkpoint {args.teacher_checkpoint}"
         load_state_dict(teacher, read_state_dict(args.teacher_checkpoint), source, use_family_filter=False)

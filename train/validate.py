@@ -41,6 +41,7 @@ __all__ = [
     "create_eval_loader",
     "autocast",
     "read_weights_and_args",
+    "create_named_model",
     "apply_saved_arguments",
     "check_dataset_classes",
     "dataset_num_classes",
@@ -189,6 +190,26 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: 
         raise ValueError(f"{source}: " + Mismatch(missing, mismatch.unexpected, mismatch.shapes).describe(name))
     model.load_state_dict(state_dict, strict=False)
     return [key for key in own if is_classifier(key) and key not in state_dict]
+
+
+def create_named_model(name: str, pretrained: bool, flag: str, local_flag: str, **kwargs: Any) -> nn.Module:
+    """``recurzoo.create_model(name, pretrained=pretrained, **kwargs)`` for a script's ``flag`` (``--model``,
+    ``--teacher``): an unknown name is an ``UnknownModelError`` and pretrained weights that cannot be had
+    offline a ``CheckpointError`` within seconds (timm's cache file to fill), both one line naming
+    ``flag`` and the option that takes a local file instead (``local_flag``)."""
+    import recurzoo
+    from recurzoo.checkpoint import CheckpointError
+    from recurzoo.registry import UnknownModelError
+
+    try:
+        return recurzoo.create_model(name, pretrained=pretrained, **kwargs)
+    except UnknownModelError as error:
+        raise UnknownModelError(f"{flag}: {error}") from None
+    except CheckpointError as error:
+        if not pretrained:
+            raise
+        text = str(error).removeprefix(f"{name}: ")
+        raise CheckpointError(f"{flag} {name}: {text}; or give its weights with {local_flag} FILE") from None
 
 
 def load_initial_checkpoint(model: nn.Module, path: str, use_ema: bool = True) -> List[str]:
