@@ -352,3 +352,18 @@ def test_detection_backbone_offline_names_backbone_checkpoint_and_unknown_backbo
         create_fpn_backbone("resnet18", pretrained=True)
     with pytest.raises(UnknownModelError, match="unknown backbone 'nosuch'"):
         create_fpn_backbone("nosuch")
+
+
+def test_numeric_options_out_of_range_are_one_line_from_the_command_line_and_from_config(tmp_path, capsys):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("epochs: 0\n")
+    for argv, message in (
+        (["--epochs", "0"], "argument --epochs: expected an integer >= 1, received 0"),
+        (["--lr", "nan"], "argument --lr: expected a finite number, received nan"),
+        (["--smoothing", "1"], "argument --smoothing: expected a number in [0.0, 1.0), received 1.0"),
+        (["--config", str(config)], "argument --epochs: expected an integer >= 1, received 0"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            run_cli(classification.main, ["--model", "hornet_tiny_7x7", "--data-dir", str(tmp_path), *argv])
+        assert exited.value.code == 2
+        assert capsys.readouterr().err.strip() == f"python -m recurzoo.train.classification: error: {message}"

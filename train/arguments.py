@@ -29,6 +29,8 @@ __all__ = [
     "add_epoch_arguments",
     "add_fault_arguments",
     "parse_args_with_config",
+    "check_bounds",
+    "BOUNDS",
     "save_args_yaml",
     "run_cli",
     "one_line",
@@ -192,7 +194,66 @@ def parse_args_with_config(
                     parser.error(f"{config_flag} {path}: {error}")
                 values[dest] = vars(parsed)[dest]
         parser.set_defaults(**values)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_bounds(parser, args)
+    return args
+
+
+# The ranges of the numeric options the training scripts share by name: (kind, low, high, low excluded,
+# high excluded). A value outside (or NaN/inf) is a parser error naming the flag, from the command line
+# and from --config alike, before anything is read or built.
+_COUNT = ("int", 1, None, False, False)
+_AT_LEAST_ZERO = ("int", 0, None, False, False)
+_POSITIVE = ("float", 0.0, None, True, False)
+_NON_NEGATIVE = ("float", 0.0, None, False, False)
+_FRACTION = ("float", 0.0, 1.0, False, False)
+_NAMES = {
+    _COUNT: "batch_size validation_batch_size epochs steps stage1_steps stage2_steps patch_size img_size input_size "
+    "min_size max_size fpn_channels num_classes log_interval log_every eval_every val_every base_size eval_images "
+    "k repeat box_detections_per_img tile checkpoint_hist recount phases",
+    _AT_LEAST_ZERO: "workers warmup_epochs cooldown_epochs checkpoint_every save_every mixup_off_epoch lora_rank "
+    "tile_overlap seed fail_at_step lr_steps decay_milestones",
+    _POSITIVE: "lr lr1 lr2 kd_temperature decay_epochs anchor_scale crop_pct std gamma lr_gamma decay_rate",
+    _NON_NEGATIVE: "weight_decay wd warmup_lr min_lr clip_grad mixup cutmix color_jitter momentum backbone_lr_factor "
+    "cls_weight reg_weight patch_weight final_weight layer_decay opt_eps",
+    _FRACTION: "drop drop_path hflip vflip reprob mixup_prob mixup_switch_prob kd_weight model_ema_decay ema_decay "
+    "box_score_thresh warmup_frac forcing_frac min_crop milestone milestones betas opt_betas",
+}
+BOUNDS = {name: bounds for bounds, names in _NAMES.items() for name in names.split()}
+BOUNDS["smoothing"] = ("float", 0.0, 1.0, False, True)
+
+
+def _out_of_bounds(value: Any, bounds: tuple) -> Optional[str]:
+    """What ``value`` should have been, or None when it is within ``bounds``."""
+    import math
+
+    kind, low, high, low_open, high_open = bounds
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "int" and not (number and float(value).is_integer()):
+        return "an integer"
+    if not number or not math.isfinite(value):
+        return "a finite number"
+    below = value <= low if low_open else value < low
+    above = high is not None and (value >= high if high_open else value > high)
+    if not (below or above):
+        return None
+    what = "an integer" if kind == "int" else "a number"
+    if high is None:
+        return f"{what} {'>' if low_open else '>='} {low}"
+    return f"{what} in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def check_bounds(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A parser error (one line, exit 2) for a numeric option outside its range in :data:`BOUNDS`."""
+    for action in parser._actions:
+        bounds = BOUNDS.get(action.dest)
+        value = getattr(args, action.dest, None)
+        if bounds is None or value is None or not action.option_strings:
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            expected = _out_of_bounds(item, bounds)
+            if expected:
+                parser.error(f"argument {action.option_strings[-1]}: expected {expected}, received {item!r}")
 
 
 def save_args_yaml(args: argparse.Namespace, path: str) -> None:
