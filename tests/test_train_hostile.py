@@ -88,7 +88,6 @@ def test_split_folder_takes_timm_synonyms_and_dot_but_never_the_root(tmp_path):
     "extra, message",
     [
         (["--num-classes", "2"], "--num-classes 2: --data-dir .* --train-split train has 3 classes"),
-        (["--num-classes", "0"], "--num-classes: expected a positive class count, received 0"),
     ],
 )
 def test_a_class_count_disagreeing_with_the_data_fails_before_training(train_only, tmp_path, extra, message):
@@ -360,10 +359,50 @@ def test_numeric_options_out_of_range_are_one_line_from_the_command_line_and_fro
     for argv, message in (
         (["--epochs", "0"], "argument --epochs: expected an integer >= 1, received 0"),
         (["--lr", "nan"], "argument --lr: expected a finite number, received nan"),
+        (["--lr", "-1"], "argument --lr: expected a number >= 0.0, received -1.0"),
         (["--smoothing", "1"], "argument --smoothing: expected a number in [0.0, 1.0), received 1.0"),
+        (["--num-classes", "0"], "argument --num-classes: expected an integer >= 1, received 0"),
         (["--config", str(config)], "argument --epochs: expected an integer >= 1, received 0"),
     ):
         with pytest.raises(SystemExit) as exited:
             run_cli(classification.main, ["--model", "hornet_tiny_7x7", "--data-dir", str(tmp_path), *argv])
         assert exited.value.code == 2
         assert capsys.readouterr().err.strip() == f"python -m recurzoo.train.classification: error: {message}"
+
+
+def test_run_cli_reports_documented_user_errors_in_one_line_and_keeps_a_bugs_traceback(capsys, monkeypatch):
+    from recurzoo.train.arguments import UsageError
+
+    def refuses(argv):
+        raise UsageError("--thing: expected this, received that")
+
+    def has_a_bug(argv):
+        raise KeyError("internal")
+
+    with pytest.raises(SystemExit) as exited:
+        run_cli(refuses, [])
+    assert exited.value.code == 2 and capsys.readouterr().err.endswith("error: --thing: expected this, received that\n")
+    with pytest.raises(KeyError):
+        run_cli(has_a_bug, [])
+    monkeypatch.setenv("RECURZOO_TRACEBACK", "1")
+    with pytest.raises(UsageError):
+        run_cli(refuses, [])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--opt", "nosuch"], "--opt nosuch: Optimizer nosuch not found"),
+        (["--model-kwargs", "nosuch=1"], "--model hornet_tiny_7x7 .*nosuch"),
+        (["--teacher", "nosuch"], "--teacher: unknown model .nosuch."),
+    ],
+)
+def test_option_values_a_library_refuses_are_one_line_naming_the_flag(train_only, tmp_path, capsys, extra, message):
+    import re
+
+    with pytest.raises(SystemExit) as exited:
+        run_cli(classification.main, _train_args(train_only, tmp_path / "run", "--val-split", "none", *extra))
+    assert exited.value.code == 2
+    stderr = capsys.readouterr().err
+    line = [text for text in stderr.splitlines() if ": error: " in text]
+    assert len(line) == 1 and re.search(message, line[0]) and "Traceback" not in stderr, stderr

@@ -41,7 +41,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from recurzoo.checkpoint import CheckpointError
 from recurzoo.registry import UnknownModelError
 from recurzoo.train.arguments import (
+    MODEL_ARGUMENT_ERRORS,
     ParseKwargs,
+    UsageError,
     add_epoch_arguments,
     add_fault_arguments,
     add_run_arguments,
@@ -50,6 +52,7 @@ from recurzoo.train.arguments import (
     run_cli,
     save_args_yaml,
     training_parser,
+    user_option,
 )
 from recurzoo.train.data import SkipUnreadable, UnreadableImageError
 from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
@@ -346,7 +349,7 @@ def evaluate(
         records = [record for part, _ in gathered for record in part]
         evaluated = [image_id for _, part in gathered for image_id in part]
     if not evaluated:
-        raise ValueError(f"{dataset.image_dir}: no readable image, nothing was evaluated")
+        raise UsageError(f"{dataset.image_dir}: no readable image, nothing was evaluated")
     metrics: List[Any] = [None]
     if context.is_main:
         iou_types = ("bbox", "segm") if dataset.masks else ("bbox",)
@@ -401,7 +404,7 @@ class _Training(EpochTraining):
                 hflip=args.hflip,
             )
             if self.train_set.category_ids != self.val_set.category_ids:
-                raise ValueError("the training and evaluation annotation files list different categories")
+                raise UsageError("the training and evaluation annotation files list different categories")
         random_seed(args.seed)  # the same initial weights on every rank
         backbone_kwargs = dict(args.backbone_kwargs)
         if args.backbone_checkpoint:  # read safely here; timm's loader applies the family's filter to it
@@ -427,20 +430,22 @@ class _Training(EpochTraining):
                 raise
             local = "; or give its weights with --backbone-checkpoint FILE"
             raise CheckpointError(f"--backbone {args.backbone}: {error}{local}") from None
-        self.model = create_detector(
-            args.detector,
-            backbone,
-            self.val_set.num_classes,
-            min_size=args.min_size,
-            max_size=args.max_size,
-            anchor_scale=args.anchor_scale,
-            box_score_thresh=args.box_score_thresh,
-            box_detections_per_img=args.box_detections_per_img,
-            **args.detector_kwargs,
-        ).to(context.device)
-        self.optimizer = create_optimizer_v2(
-            self.model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
-        )
+        with user_option(f"--detector {args.detector} with --detector-kwargs", *MODEL_ARGUMENT_ERRORS):
+            self.model = create_detector(
+                args.detector,
+                backbone,
+                self.val_set.num_classes,
+                min_size=args.min_size,
+                max_size=args.max_size,
+                anchor_scale=args.anchor_scale,
+                box_score_thresh=args.box_score_thresh,
+                box_detections_per_img=args.box_detections_per_img,
+                **args.detector_kwargs,
+            ).to(context.device)
+        with user_option("--opt", ValueError, TypeError, AssertionError):
+            self.optimizer = create_optimizer_v2(
+                self.model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
+            )
         self.train_loader = None
         self.scheduler, self.num_epochs = None, args.epochs
         if self.train_set is not None:
@@ -457,7 +462,7 @@ class _Training(EpochTraining):
                 persistent_workers=args.workers > 0,
             )
             if len(self.train_loader) == 0:
-                raise ValueError(
+                raise UsageError(
                     f"{len(self.train_set)} training images make no full batch of {args.batch_size} "
                     f"per process; lower --batch-size"
                 )

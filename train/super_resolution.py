@@ -59,13 +59,16 @@ from recurzoo.heads.super_resolution import SuperResolutionModel, create_sr_mode
 from recurzoo.images import IMAGE_SUFFIXES, read_image, write_png
 from recurzoo.plots import plot_curves
 from recurzoo.train.arguments import (
+    MODEL_ARGUMENT_ERRORS,
     ParseKwargs,
+    UsageError,
     add_fault_arguments,
     add_run_arguments,
     add_step_arguments,
     parse_args_with_config,
     run_cli,
     training_parser,
+    user_option,
 )
 from recurzoo.train.data import (
     DatasetWarning,
@@ -202,7 +205,7 @@ def _match_lr(hr_files: Sequence[Path], lr_dir: Path, scale: int) -> Tuple[Path,
         (matched if found else missing).append(found or hr)
     if missing:
         names = ", ".join(p.name for p in missing[:3])
-        raise ValueError(f"{len(missing)} HR images have no LR image in {lr_dir} (e.g. {names})")
+        raise UsageError(f"{len(missing)} HR images have no LR image in {lr_dir} (e.g. {names})")
     return tuple(matched)
 
 
@@ -228,7 +231,7 @@ def resolve_dataset(spec: str, scale: int) -> SRDataSpec:
         raise FileNotFoundError(f"no such HR folder: {hr_dir}")
     hr_files = _images_in(hr_dir)
     if not hr_files:
-        raise ValueError(f"no PNG or JPEG images in {hr_dir}")
+        raise UsageError(f"no PNG or JPEG images in {hr_dir}")
     lr_files = None
     if lr_dir is not None:
         if not lr_dir.is_dir():
@@ -236,7 +239,7 @@ def resolve_dataset(spec: str, scale: int) -> SRDataSpec:
         lr_files = _match_lr(hr_files, lr_dir, scale)
     hr_kept, lr_kept = _without_unreadable(name, hr_files, lr_files)
     if not hr_kept:
-        raise ValueError(f"no readable images in {hr_dir}" + (f" and {lr_dir}" if lr_dir is not None else ""))
+        raise UsageError(f"no readable images in {hr_dir}" + (f" and {lr_dir}" if lr_dir is not None else ""))
     return SRDataSpec(name, hr_kept, lr_kept)
 
 
@@ -291,7 +294,7 @@ class SRTrainDataset(Dataset):
             for hr, lr in zip(spec.hr_files, spec.lr_files or spec.hr_files)
         ]
         if not items:
-            raise ValueError("no training images")
+            raise UsageError("no training images")
         self.scale, self.patch, self.repeat = scale, patch, max(1, repeat)
         self.items = self._large_enough(items)
         self.symmetries = _square_symmetries(hr="image")
@@ -323,7 +326,7 @@ class SRTrainDataset(Dataset):
                 stacklevel=3,
             )
         if not kept:
-            raise ValueError(
+            raise UsageError(
                 f"no training image is large enough for --patch-size {self.patch} at x{self.scale} (e.g. {small[0]})"
             )
         return kept
@@ -425,7 +428,7 @@ def evaluate(
                     stacklevel=2,
                 )
             if not per_image:
-                raise ValueError(f"dataset {spec.name!r}: no decodable image, nothing was evaluated")
+                raise UsageError(f"dataset {spec.name!r}: no decodable image, nothing was evaluated")
             results[spec.name] = dict(
                 psnr=float(np.mean([v["psnr"] for v in per_image.values()])),
                 ssim=float(np.mean([v["ssim"] for v in per_image.values()])),
@@ -548,20 +551,22 @@ def build_model(args: argparse.Namespace) -> Tuple[SuperResolutionModel, str]:
 
     kwargs = dict(args.model_kwargs)
     if bool(args.model) == bool(args.backbone):
-        raise ValueError("give either --model (a registered SR model) or --backbone with --scale")
+        raise UsageError("give either --model (a registered SR model) or --backbone with --scale")
     if args.model:
         if recurzoo.model_task(args.model) != "sr":
             known = ", ".join(recurzoo.list_models(task="sr"))
-            raise ValueError(f"--model {args.model}: not a super-resolution model of the zoo ({known})")
-        model = recurzoo.create_model(args.model, **kwargs)
+            raise UsageError(f"--model {args.model}: not a super-resolution model of the zoo ({known})")
+        with user_option("--model with --model-kwargs", *MODEL_ARGUMENT_ERRORS):
+            model = recurzoo.create_model(args.model, **kwargs)
         name = args.model
     else:
         if not args.scale:
-            raise ValueError("--backbone needs --scale")
-        model = create_sr_model(args.backbone, args.scale, head=args.head, **kwargs)
+            raise UsageError("--backbone needs --scale")
+        with user_option("--backbone/--scale/--head with --model-kwargs", *MODEL_ARGUMENT_ERRORS):
+            model = create_sr_model(args.backbone, args.scale, head=args.head, **kwargs)
         name = f"{args.backbone}_{args.head}_x{args.scale}"
     if not isinstance(model, SuperResolutionModel):
-        raise ValueError(f"{name} is not a super-resolution model")
+        raise UsageError(f"{name} is not a super-resolution model")
     if args.checkpoint:
         load_weights(model, args.checkpoint, filter_fn=family_filter(args.model) if args.model else None)
     return model, name
@@ -586,9 +591,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run training and/or evaluation; returns the last evaluation results and the output folder."""
     args = parse_args_with_config(build_parser(), argv)
     if args.eval_only and not args.val_data:
-        raise ValueError("--eval-only needs --val-data")
+        raise UsageError("--eval-only needs --val-data")
     if not args.eval_only and not args.train_data:
-        raise ValueError("training needs --train-data (or use --eval-only)")
+        raise UsageError("training needs --train-data (or use --eval-only)")
     return run_distributed(lambda args, context: _Training(args, context).run(), args)
 
 
