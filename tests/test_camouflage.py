@@ -62,15 +62,6 @@ STEPS = 40
 LR = {"pvt_v2_b0": "3e-3"}  # per backbone, default 1e-2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight the other test workers for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------ generated data set
 
 

@@ -74,15 +74,6 @@ def _reduced_kwargs(name: str) -> dict:
     return kwargs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine, small exports run fastest that way."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _export(name: str, tmp_path: Path, features_only: bool = False, **kwargs) -> ExportResult:
     model = recurzoo.create_model(name, features_only=features_only, **_reduced_kwargs(name)).eval()
     side = SIDES.get(_family(name), 64)
