@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from _parity import in_repo_fixture
 
 import recurzoo  # noqa: F401  (registers the models)
 from recurzoo.backbones.rgt import (
@@ -23,15 +23,11 @@ from recurzoo.export.flops import count_flops, count_params, create_uninitialize
 from recurzoo.heads.super_resolution import SuperResolutionModel
 from recurzoo.heads.super_resolution import checkpoint_filter_fn as sr_checkpoint_filter_fn
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "parity" / "rgt"
 TINY = dict(embed_dim=24, num_heads=2, blocks_per_group=2)
 
 
 def _fixture(name: str) -> dict:
-    path = FIXTURES / f"{name}.pt"
-    if not path.exists():
-        pytest.skip(f"parity fixture {path} not available")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return in_repo_fixture("rgt", name)
 
 
 def test_x4_params_and_flops_match_published_within_one_percent():
@@ -51,7 +47,7 @@ def test_x4_params_and_flops_match_published_within_one_percent():
 
 @pytest.mark.parametrize("wrapper", ["params", "params_ema"])
 def test_official_basicsr_checkpoint_loads_through_timm_file_overlay(tmp_path, wrapper):
-    fixture = _fixture("rgt_x2_small_dims")
+    fixture = _fixture("rgt_x2_tiny")
     kwargs = fixture["official"]["kwargs"]
     path = tmp_path / "RGT_x2.pth"
     torch.save({wrapper: fixture["state_dict"]}, path)  # as BasicSR stores them, mask buffers included
@@ -63,6 +59,7 @@ def test_official_basicsr_checkpoint_loads_through_timm_file_overlay(tmp_path, w
         depths=tuple(kwargs["depth"]),
         num_heads=kwargs["num_heads"],
         mlp_ratio=kwargs["mlp_ratio"],
+        split_size=tuple(kwargs["split_size"]),
     ).eval()
     with torch.no_grad():
         output = model(fixture["inputs"]["x"])
@@ -76,6 +73,7 @@ def test_official_basicsr_checkpoint_loads_through_timm_file_overlay(tmp_path, w
         depths=tuple(kwargs["depth"]),
         num_heads=kwargs["num_heads"],
         mlp_ratio=kwargs["mlp_ratio"],
+        split_size=tuple(kwargs["split_size"]),
     ).eval()
     with torch.no_grad():
         torch.testing.assert_close(
@@ -85,7 +83,7 @@ def test_official_basicsr_checkpoint_loads_through_timm_file_overlay(tmp_path, w
 
 
 def test_checkpoint_filter_drops_derived_buffers_and_maps_every_official_key():
-    fixture = _fixture("rgt_x4_small_dims")
+    fixture = _fixture("rgt_x4_tiny")
     official = fixture["state_dict"]
     model = recurzoo.build_official("rgt_arch.RGT", fixture["official"]["kwargs"])
     converted = sr_checkpoint_filter_fn(official, model)
@@ -95,7 +93,7 @@ def test_checkpoint_filter_drops_derived_buffers_and_maps_every_official_key():
     assert derived and len(converted) == len(official) - len(derived)
     assert set(converted) == set(model.state_dict())
     # our own SR checkpoint loads into the body alone, and back
-    body = RGT(embed_dim=24, depths=(2, 2), num_heads=4, mlp_ratio=2)
+    body = RGT(embed_dim=16, depths=(1, 1), num_heads=4, mlp_ratio=2, split_size=(2, 2))
     body_state = checkpoint_filter_fn(model.state_dict(), body)
     assert set(body_state) == set(body.state_dict())
     assert set(sr_checkpoint_filter_fn(body_state, model)) == {
