@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import math
 import re
-from pathlib import Path
 from typing import Dict, List
 
 import pytest
@@ -26,6 +25,7 @@ from _contract import (
     assert_torchvision_feature_extractor,
     assert_unknown_argument_raises,
 )
+from _parity import in_repo_fixture
 from _reduced import REDUCED
 
 import recurzoo  # noqa: F401  (registers the models)
@@ -243,13 +243,10 @@ def to_official_state_dict(model: sret.SReT) -> Dict[str, torch.Tensor]:
 
 
 def _fixture(name: str):
-    path = Path(__file__).resolve().parents[2] / "shared" / "parity" / "sret" / f"{name}.pt"
-    if not path.is_file():
-        pytest.skip(f"parity fixture {path} is not available")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return in_repo_fixture("sret", name)
 
 
-@pytest.mark.parametrize("fixture_name", ["sret_t_like", "sret_s_like_wo_slice"])
+@pytest.mark.parametrize("fixture_name", ["sret_slices_tiny", "sret_wo_slice_tiny"])
 def test_official_checkpoint_converts_and_converts_back_exactly(fixture_name):
     fixture = _fixture(fixture_name)
     official = fixture["state_dict"]
