@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test lint install cards bench clean parity-fixtures timm-suite edge-check
+.PHONY: demo test lint install cards bench bench-official clean parity-fixtures timm-suite edge-check
 
 # One model per family next to its timm peer (SR and COD models at their own sizes); the README's
 # benchmark sections, benchmarks/*.{md,csv} and the cards' speed tables are rewritten.
@@ -82,6 +82,12 @@ bench: $(INSTALLED)
 	$(BENCH) sret_small vit_recurrent_small_patch16_224 --growth 224,384,512 --out benchmarks/cpu_growth --readme README.md
 	$(BENCH) rgt_small_x4 --growth 256,512,1024 --tile 288 --out benchmarks/cpu_growth_tiled --readme README.md
 	$(BIN)/python -m recurzoo.export.cards
+
+# Ours against the authors' code (unpacked read-only under OFFICIAL_ROOT as HorNet/, SReT/, RGT/), at
+# equal weights, interleaved in one process; the outputs are checked to agree before timing.
+OFFICIAL_ROOT ?= ../official
+bench-official: $(INSTALLED)
+	$(BIN)/python benchmarks/official.py --official-root $(OFFICIAL_ROOT) --threads 2 --out benchmarks/official_cpu.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info
