@@ -12,6 +12,9 @@ BENCH_MODELS ?= hornet_tiny_7x7 hornet_tiny_gf convnext_tiny sret_tiny deit_tiny
 	deit_small_patch16_224 vit_recurrent_small_patch16_224 vit_small_patch16_224 rgt_small_x2@3x64x64 \
 	msrnet_pvt_v2_b2 pvt_v2_b2
 BENCH_BACKENDS ?= eager,compile,onnxruntime
+# Training steps (forward, backward, AdamW) at batch 16: fp32 and bf16 autocast, contiguous and channels_last.
+TRAIN_BENCH_MODELS ?= hornet_tiny_7x7 convnext_tiny sret_small deit_small_patch16_224 \
+	vit_recurrent_small_patch16_224 vit_small_patch16_224
 BENCH := $(BIN)/recurzoo bench
 
 # pip installs torch and torchvision at the pinned versions (constraints.txt), which these machines
@@ -51,6 +54,8 @@ bench: $(INSTALLED)
 	$(BENCH) $(BENCH_MODELS) --batch 1,8 --compare-batch 1 --backends $(BENCH_BACKENDS) --threads 1 --warmup 3 \
 		--max-seconds 20 --timeout 1800 --out benchmarks/cpu --readme README.md
 	$(BENCH) hornet_base_7x7 rgt@3x64x64 --train-memory --batch 4 --out benchmarks/cpu_train_memory --readme README.md
+	$(BENCH) $(TRAIN_BENCH_MODELS) --train --batch 16 --threads 1 --warmup 1 --repeats 3 --max-seconds 60 \
+		--timeout 1800 --out benchmarks/cpu_train --readme README.md
 	$(BENCH) sret_small vit_recurrent_small_patch16_224 --growth 224,384,512 --out benchmarks/cpu_growth --readme README.md
 	$(BENCH) rgt_small_x4 --growth 256,512,1024 --tile 288 --out benchmarks/cpu_growth_tiled --readme README.md
 	$(BIN)/python -m recurzoo.export.cards

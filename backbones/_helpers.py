@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
+from timm.models import register_notrace_function
 from torch import nn
+from torch.fx.node import has_side_effect
 
 
 def model_name(model: nn.Module) -> str:
@@ -19,6 +21,10 @@ def _skip_checks() -> bool:
     return torch.jit.is_scripting()
 
 
+# torch.fx records this call instead of tracing it and keeps it in the graph (it returns nothing),
+# so a traced model checks its real input too.
+@has_side_effect
+@register_notrace_function
 def check_image_input(
     x: torch.Tensor,
     name: str,

@@ -141,3 +141,38 @@ def assert_parameter_groups_match(model: torch.nn.Module) -> None:
             if owner is None:
                 break
         assert owner is None, f"no_weight_decay() entry {pattern!r} matches no parameter"
+
+
+def assert_prune_intermediate_layers_contract(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """timm's ``test_prune_intermediate_layers_contract``: pruned and ``stop_early`` taps equal the full
+    model's, pruning at the last tap without the head keeps the output, a model pruned without its norm
+    ends at the tap, and every kept parameter gets a gradient."""
+    import copy
+
+    model.eval()
+    last = len(model.feature_info) - 1
+    with torch.no_grad():
+        expected = model(x)
+        taps = model.forward_intermediates(x, intermediates_only=True)
+        pruned = copy.deepcopy(model)
+        pruned.prune_intermediate_layers([last], prune_head=False)
+        torch.testing.assert_close(pruned(x), expected, msg="prune_head=False at the last index changed the output")
+    assert len(taps) == last + 1
+    for i in range(last + 1):
+        with torch.no_grad():
+            selected = model.forward_intermediates(x, indices=[i], stop_early=True, intermediates_only=True)
+            torch.testing.assert_close(selected[0], taps[i], msg=f"stop_early tap {i}")
+            pruned = copy.deepcopy(model)
+            take_indices = pruned.prune_intermediate_layers([i])
+            selected = pruned.forward_intermediates(x, indices=take_indices, intermediates_only=True)
+            torch.testing.assert_close(selected[0], taps[i], msg=f"pruned tap {i}")
+            pruned = copy.deepcopy(model)
+            take_indices = pruned.prune_intermediate_layers([i], prune_norm=True)
+            features = pruned.forward_features(x)
+            if i < last and features.ndim == 4:
+                torch.testing.assert_close(features, taps[i], msg=f"pruned features {i}")
+        pruned.train()
+        selected = pruned.forward_intermediates(x, indices=take_indices, intermediates_only=True)
+        sum(f.sum() for f in selected + [pruned.forward_features(x)]).backward()
+        unused = [n for n, p in pruned.named_parameters() if p.requires_grad and p.grad is None]
+        assert not unused, f"pruned to {i}, unused parameters: {unused[:5]}"

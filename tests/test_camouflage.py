@@ -289,6 +289,7 @@ CONTRACT_CASES = {
     "msrnet_resnet50": dict(
         SMALL_HEAD, backbone_kwargs=dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8)
     ),
+    "msrnet_hornet_tiny_7x7": dict(SMALL_HEAD, backbone_kwargs=SMALL_BACKBONES["hornet_tiny_7x7"]),
 }
 CONTRACT_SIDE = 32  # the smallest base size: the total stride at scale 1.0
 

@@ -34,6 +34,7 @@ import os
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -43,7 +44,13 @@ from timm.utils import NativeScaler, random_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from recurzoo.checkpoint import load_state_dict, read_checkpoint, read_safetensors_metadata, unwrap_state_dict
+from recurzoo.checkpoint import (
+    atomic_write,
+    load_state_dict,
+    read_checkpoint,
+    read_safetensors_metadata,
+    unwrap_state_dict,
+)
 from recurzoo.plots import plot_curves
 from recurzoo.train.arguments import (
     ParseKwargs,
@@ -240,19 +247,26 @@ def find_pairs(spec: DatasetSpec, require_masks: bool = True) -> List[Sample]:
 
 
 def read_rgb(path: str) -> Optional[np.ndarray]:
-    """An RGB uint8 array, or ``None`` when the file cannot be decoded."""
-    import cv2
+    """An RGB uint8 array read by :func:`recurzoo.images.read_image` (EXIF orientation, 16-bit samples
+    scaled, the decompression-bomb limit), or ``None`` when the file cannot be decoded."""
+    from recurzoo.images import ImageError, read_image
 
-    bgr = cv2.imread(path, cv2.IMREAD_COLOR)
-    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    try:
+        return read_image(path)
+    except (ImageError, OSError):
+        return None
 
 
 def read_mask(path: str) -> Optional[np.ndarray]:
-    """A binary float32 mask (pixels > 0 are the object), or ``None`` when undecodable."""
-    import cv2
+    """A binary float32 mask (grey levels > 0 are the object; a colour mask by its luma, as OpenCV's
+    ``IMREAD_GRAYSCALE``) read by :func:`recurzoo.images.open_image`, or ``None`` when undecodable."""
+    from recurzoo.images import ImageError, open_image
 
-    gray = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
-    return None if gray is None else (gray > 0).astype(np.float32)
+    try:
+        gray = np.asarray(open_image(path).convert("L"))
+    except (ImageError, OSError):
+        return None
+    return (gray > 0).astype(np.float32)
 
 
 def resize_array(array: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -492,7 +506,8 @@ def metrics_markdown(results: Mapping[str, Mapping[str, float]], title: str = ""
     ]
     for name, values in results.items():
         cells = " | ".join(f"{values[key]:.3f}" for key, _ in METRIC_COLUMNS)
-        lines.append(f"| {name} | {values['images']} | {cells} |")
+        left_out = f" ({values['unreadable']} unreadable left out)" if values.get("unreadable") else ""
+        lines.append(f"| {name} | {values['images']}{left_out} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -523,7 +538,6 @@ def evaluate(
     ``out_dir/<dataset>/<name>.png`` when ``save_masks``; the metrics go to ``out_dir/metrics.json``
     and ``out_dir/metrics.md`` when ``out_dir`` is given. Returns ``{dataset: metrics}``.
     """
-    import cv2
 
     was_training = model.training
     model.eval()
@@ -534,6 +548,7 @@ def evaluate(
             CamouflageTestSet(samples, base_size, scales), batch_size=batch_size, shuffle=False, num_workers=workers
         )
         metrics = CODMetrics() if all(s.mask_path for s in samples) else None
+        unreadable = []
         for batch in progress_bar(loader, desc=f"eval {dataset_name}", enabled=show_progress):
             autocast = torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda" else nullcontext()
             with autocast:
@@ -542,27 +557,38 @@ def evaluate(
             for probability, index, height, width in zip(
                 probabilities, batch["index"].tolist(), batch["height"].tolist(), batch["width"].tolist()
             ):
-                if not height:
-                    continue  # undecodable image (warned by the dataset)
                 sample = samples[index]
+                if not height:
+                    unreadable.append(sample.image_path)  # undecodable image (warned by the dataset)
+                    continue
                 prediction = np.clip(resize_array(probability, height, width) * 255.0 + 0.5, 0, 255).astype(np.uint8)
                 if save_masks and out_dir:
                     _save_png(os.path.join(out_dir, dataset_name, sample.name + ".png"), prediction)
                 if metrics is not None:
-                    gray = cv2.imread(sample.mask_path, cv2.IMREAD_GRAYSCALE)
-                    mask = np.where(gray > 0, 255, 0).astype(np.uint8)
+                    binary = read_mask(sample.mask_path)
+                    if binary is None:
+                        unreadable.append(sample.mask_path)
+                        warnings.warn(f"cannot decode {sample.mask_path}: left out", DatasetWarning, stacklevel=2)
+                        continue
+                    mask = (binary * 255).astype(np.uint8)
                     if mask.shape != prediction.shape:
                         prediction = resize_array(probability, *mask.shape)
                         prediction = np.clip(prediction * 255.0 + 0.5, 0, 255).astype(np.uint8)
                     metrics.step(prediction, mask)
+        if unreadable:
+            warnings.warn(
+                f"dataset {dataset_name!r}: {len(unreadable)} of {len(samples)} samples unreadable during "
+                f"evaluation, left out of its metrics: {summarize(unreadable)}",
+                DatasetWarning,
+                stacklevel=2,
+            )
         if metrics is not None and metrics.count:
-            results[dataset_name] = metrics.results()
+            results[dataset_name] = dict(metrics.results(), unreadable=len(unreadable))
     if out_dir and results:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2)
-        with open(os.path.join(out_dir, "metrics.md"), "w", encoding="utf-8") as handle:
-            handle.write(metrics_markdown(results, title="Camouflaged object detection"))
+        text = json.dumps(results, indent=2)
+        table = metrics_markdown(results, title="Camouflaged object detection")
+        atomic_write(os.path.join(out_dir, "metrics.json"), lambda temporary: Path(temporary).write_text(text))
+        atomic_write(os.path.join(out_dir, "metrics.md"), lambda temporary: Path(temporary).write_text(table))
     model.train(was_training)
     return results
 

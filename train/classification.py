@@ -57,7 +57,7 @@ from recurzoo.train.arguments import (
     save_args_yaml,
     training_parser,
 )
-from recurzoo.train.data import create_image_dataset
+from recurzoo.train.data import NO_SPLIT, create_image_dataset
 from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
 from recurzoo.train.loops import EpochTraining
 from recurzoo.train.resume import (
@@ -115,11 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("data")
     group.add_argument("--data-dir", required=True, help="dataset root (e.g. an ImageFolder with train/ and val/)")
     group.add_argument("--dataset", default="", help="timm dataset type ('' = folder/tar, torch/..., hfds/...)")
-    group.add_argument("--train-split", default="train", help="training split (sub-folder for folders)")
+    group.add_argument(
+        "--train-split", default="train", help="training split: a sub-folder of --data-dir ('.' for --data-dir itself)"
+    )
     group.add_argument(
         "--val-split",
         default="validation",
-        help="evaluation split (timm also looks for val/ and eval/); '' for no evaluation",
+        help="evaluation split: a sub-folder of --data-dir (val/, eval/ are found for 'validation'); "
+        "'none' to train without evaluation. A missing split is an error, never the training images",
     )
     group.add_argument("--class-map", default="", help="file mapping class folder names to indices")
     group.add_argument("--dataset-download", action="store_true", help="let torch/ and tfds/ datasets download")
@@ -311,6 +314,7 @@ class _Training(EpochTraining):
         super().__init__(args, context, "classification")
         self.eval_metric = args.eval_metric
         self.skipped_images = 0
+        self.skipped_eval_images = 0
 
     # ----------------------------------------------------------------------------------- set-up
     def _datasets(self) -> None:
@@ -323,13 +327,48 @@ class _Training(EpochTraining):
             args.data_dir,
             args.train_split,
             skip_unreadable="training set",
+            split_flag="--train-split",
             is_training=True,
             **common_kwargs,
         )
         self.eval_set = None
-        if args.val_split:
+        if args.val_split.strip().lower() not in NO_SPLIT:
             self.eval_set = create_image_dataset(
-                args.dataset, args.data_dir, args.val_split, is_training=False, **common_kwargs
+                args.dataset,
+                args.data_dir,
+                args.val_split,
+                skip_unreadable="validation set",
+                leave_out=True,
+                split_flag="--val-split",
+                is_training=False,
+                **common_kwargs,
+            )
+        else:
+            self.logger.info("--val-split none: training without evaluation (model_best is not written)")
+        self._check_classes()
+
+    def _check_classes(self) -> None:
+        """Before anything is built: ``--num-classes`` and the evaluation split agree with the training
+        split's classes (labels of another count fall outside the classifier, or mean other classes)."""
+        args = self.args
+        if args.num_classes is not None and args.num_classes < 1:
+            raise ValueError(f"--num-classes: expected a positive class count, received {args.num_classes}")
+        found = dataset_num_classes(self.train_set)
+        where = f"--data-dir {args.data_dir} --train-split {args.train_split}"
+        if args.num_classes and found and args.num_classes != found:
+            raise ValueError(
+                f"--num-classes {args.num_classes}: {where} has {found} classes; give --num-classes {found} "
+                "(or leave it out), or a --class-map that maps the class folders to the classifier's outputs"
+            )
+        train_map = _class_to_idx(self.train_set)
+        eval_map = _class_to_idx(self.eval_set) if self.eval_set is not None else None
+        if train_map and eval_map and eval_map != train_map:
+            only_train = ", ".join(sorted(set(train_map) - set(eval_map))) or "none"
+            only_eval = ", ".join(sorted(set(eval_map) - set(train_map))) or "none"
+            raise ValueError(
+                f"--val-split {args.val_split}: its classes differ from those of {where} (only in training: "
+                f"{only_train}; only in evaluation: {only_eval}), so its labels would mean other classes; give "
+                "both splits the same class folders, or a --class-map"
             )
 
     def _model(self) -> None:
@@ -543,6 +582,11 @@ class _Training(EpochTraining):
         best, eval_metrics = self.train_epochs(start_epoch)
         if best[0] is not None:
             self.logger.info(f"best {args.eval_metric} {best[0]:.4f} at epoch {best[1]}")
+        if self.skipped_images or self.skipped_eval_images:
+            self.logger.warning(
+                f"unreadable images: {self.skipped_images} training samples skipped in all, "
+                f"{self.skipped_eval_images} validation images left out of each evaluation"
+            )
         return dict(
             best_metric=best[0],
             best_epoch=best[1],
@@ -551,6 +595,7 @@ class _Training(EpochTraining):
             summary=self.summary_path,
             output=args.output,
             skipped_images=self.skipped_images,
+            skipped_eval_images=self.skipped_eval_images,
         )
 
     def train_epoch(self, epoch: int, guard: RunGuard) -> Optional[Dict[str, float]]:
@@ -637,7 +682,11 @@ class _Training(EpochTraining):
         metrics = evaluate(
             self.model, self.eval_loader, self.context, args.amp, args.amp_dtype, show, desc=f"eval {epoch}"
         )
-        metrics.pop("images")
+        if metrics.pop("images") == 0:
+            raise ValueError(f"--val-split {args.val_split}: no readable image, nothing was evaluated")
+        skipper = getattr(self.eval_set, "skip_unreadable", None)
+        if skipper is not None:  # the same files at every evaluation: the last one's count is kept
+            self.skipped_eval_images = skipper.report(self.logger, f"eval {epoch}", self.context)
         if self.model_ema is not None:
             ema = evaluate(
                 self.model_ema.module,
@@ -652,6 +701,11 @@ class _Training(EpochTraining):
         if not all(math.isfinite(value) for value in metrics.values()):
             self.logger.warning(f"epoch {epoch}: non-finite evaluation metrics {dict(metrics)}")
         return metrics
+
+
+def _class_to_idx(dataset: Any) -> Dict[str, int]:
+    reader = getattr(dataset, "reader", None)
+    return dict(getattr(reader, "class_to_idx", None) or {})
 
 
 def _resolve_data_config(args: argparse.Namespace, model: nn.Module, verbose: bool) -> Dict[str, Any]:
