@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from recurzoo.export import bench
+from recurzoo.export import models as export_models
 from recurzoo.export.bench import bench_in_process, to_csv, to_markdown, update_readme
 
 
@@ -39,7 +40,7 @@ def result(monkeypatch):
     clock = SimpleNamespace(now=0.0)
     model = _ScriptedModel(clock, SECONDS)
     monkeypatch.setattr(bench, "create_model", lambda name: model)
-    monkeypatch.setattr(bench, "_now", lambda device: clock.now)
+    monkeypatch.setattr(export_models, "_now", lambda device: clock.now)
     monkeypatch.setattr(bench, "measure_matmul_peak", lambda device: 50.0)
     outcome = bench_in_process("scripted", backend="eager", batch=2, input_size=(3, 8, 8), warmup=1, repeats=5)
     assert model.seconds == [], "every scripted call was made"
