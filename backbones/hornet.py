@@ -26,7 +26,6 @@ from timm.layers import (
     Mlp,
     NormMlpClassifierHead,
     calculate_drop_path_rates,
-    get_device_dtype,
     trunc_normal_,
 )
 from timm.models import generate_default_cfgs, named_apply, register_model, register_notrace_function
@@ -428,18 +427,6 @@ class HorNet(StagedClassifierMixin, nn.Module):
         layer scales and the frequency weights are set again too; at construction they already are.
         """
         named_apply(partial(_init_weights, head_init_scale=self.head_init_scale, needs_reset=needs_reset), self)
-
-    @torch.jit.ignore
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
-        """A new classifier for ``num_classes`` (0 for none) on the model's device and dtype.
-
-        ``global_pool=None`` keeps the current pooling; ``reset_other`` drops the head's norm too.
-        """
-        self.num_classes = num_classes
-        self.head.reset(
-            num_classes, global_pool, reset_other=reset_other, in_features=self.num_features, **get_device_dtype(self)
-        )
-        self.head_hidden_size = self.head.num_features
 
     @torch.jit.ignore
     def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:

@@ -3,8 +3,7 @@
 The fast part of timm's own generic model tests (``make timm-suite`` runs the whole of them on the
 full-size models): factory ``device``/``dtype``, a ``meta`` build made usable by ``to_empty`` and
 ``init_weights``, and torch.fx tracing (timm's ``FeatureGraphNet`` and torchvision's feature
-extractor, forward and backward). Families still being brought to the contract are strict xfails,
-so that they fail loudly once they pass.
+extractor, forward and backward). A family or task added to the registry needs a case here.
 """
 
 from __future__ import annotations
@@ -23,39 +22,30 @@ from _reduced import REDUCED
 import recurzoo
 from recurzoo.registry import model_family, model_task
 
-
-def _not_yet(family: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(
-        strict=True, reason=f"{family}: factory device/dtype, meta init and fx are being brought to timm's contract"
-    )
-
-
-# family -> (smallest variant, test-width overrides, input side, marks)
+# family -> (smallest variant, test-width overrides, input side)
 CLASSIFIERS = {
-    "hornet": ("hornet_tiny_gf", REDUCED["hornet"], 64, ()),  # the GF variant has both spatial mixers
+    "hornet": ("hornet_tiny_gf", REDUCED["hornet"], 64),  # the GF variant has both spatial mixers
     "recurrent_vit": (
         "vit_recurrent_tiny_patch16_224",
         dict(REDUCED["recurrent_vit"], depth_conditioning=True, lora_rank=2),
         32,
-        (),
     ),
-    "sret": ("sret_tiny", REDUCED["sret"], 224, (_not_yet("SReT"),)),
-    "rgt": ("rgt_small", REDUCED["rgt"], 64, (_not_yet("RGT"),)),
+    "sret": ("sret_tiny", REDUCED["sret"], 224),
+    "rgt": ("rgt_small", REDUCED["rgt"], 64),
 }
-# task -> (smallest model, test-width overrides, input side, marks)
+# task -> (smallest model, test-width overrides, input side)
 TASK_MODELS = {
     "cod": (
         "msrnet_hornet_tiny_7x7",
         dict(REDUCED["camouflage"], backbone_kwargs=dict(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1))),
         32,
-        (),
     ),
-    "sr": ("rgt_small_x2", REDUCED["rgt"], 32, (_not_yet("RGT super-resolution"),)),
+    "sr": ("rgt_small_x2", REDUCED["rgt"], 32),
 }
 
 
 def _cases(table):
-    return [pytest.param(name, kwargs, side, id=name, marks=marks) for name, kwargs, side, marks in table.values()]
+    return [pytest.param(name, kwargs, side, id=name) for name, kwargs, side in table.values()]
 
 
 def test_every_family_and_task_has_a_case():
