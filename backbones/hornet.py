@@ -121,6 +121,12 @@ class GlobalLocalFilter(nn.Module):
     real matrix products (:meth:`global_filter_real`), which ONNX expresses for any opset.
     """
 
+    # An exported graph is tied to the traced size (recurzoo.export reads these, the model cards show them).
+    export_dynamic_size = False
+    export_static_reason = (
+        "the global filter runs as DFT matrices, and with frequency weights resized, for the traced feature-map size"
+    )
+
     def __init__(self, dim: int, filter_size: Tuple[int, int] = (14, 8), device=None, dtype=None) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
@@ -337,6 +343,10 @@ class HorNet(StagedClassifierMixin, nn.Module):
         device, dtype: where and as what every parameter is created (``meta``, then ``to_empty()`` and
             :meth:`init_weights`, gives a working model).
     """
+
+    # What an exported graph of the model can take (recurzoo.export reads these, the model cards show them).
+    export_dynamic_batch = True
+    export_dynamic_size = True
 
     def __init__(
         self,

@@ -293,6 +293,12 @@ class RectangleWindowAttention(nn.Module):
     as in the official code; a depthwise 3x3 conv of the (unpadded) values is added to the result.
     """
 
+    # An exported graph is tied to the traced size (recurzoo.export reads these, the model cards show them).
+    export_dynamic_size = False
+    export_static_reason = (
+        "the rectangle windows pad the map to a multiple of their size and mask shifted windows for the traced size"
+    )
+
     def __init__(
         self,
         dim: int,
@@ -356,6 +362,10 @@ class RecursiveGeneralizationAttention(nn.Module):
     tokens. Queries and keys have ``c_ratio * dim`` channels, values ``dim``; a depthwise 3x3 conv of
     the values over the pooled map (CPE) is added to them.
     """
+
+    # An exported graph is tied to the traced size (recurzoo.export reads these, the model cards show them).
+    export_dynamic_size = False
+    export_static_reason = "RG-SA pools the map log4(side)-many times, a count fixed when traced"
 
     def __init__(
         self,
@@ -619,6 +629,10 @@ class RGT(nn.Module):
             ``to_empty`` and :meth:`init_weights`).
         dtype: their floating-point type.
     """
+
+    # What an exported graph of the model can take (recurzoo.export reads these, the model cards show them).
+    export_dynamic_batch = True
+    export_dynamic_size = True
 
     def __init__(
         self,

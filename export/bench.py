@@ -21,12 +21,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from recurzoo.export.models import create_model, time_forward
 
 __all__ = [
     "BenchResult",
@@ -69,38 +70,8 @@ def measure_matmul_peak(device: str = "cpu", size: int = 2048, repeats: int = 5)
     """GFLOP/s of the best of ``repeats`` ``size x size`` fp32 matmuls (2 n^3 FLOPs each)."""
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        start = _now(device)
-        torch.mm(a, b)
-        best = min(best, _now(device) - start)
+    best = min(time_forward(lambda: torch.mm(a, b), device, warmup=1, repeats=repeats))
     return 2 * size**3 / best / 1e9
-
-
-def _now(device: str) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def time_forward(
-    run: Callable[[], object], device: str, warmup: int, repeats: int, max_seconds: Optional[float] = None
-) -> List[float]:
-    """Seconds of each of ``repeats`` calls of ``run`` after ``warmup`` untimed ones.
-
-    With ``max_seconds``, timing stops early once three calls are timed and the budget is spent
-    (large models keep the whole benchmark within minutes).
-    """
-    for _ in range(warmup):
-        run()
-    times: List[float] = []
-    for _ in range(repeats):
-        start = _now(device)
-        run()
-        times.append(_now(device) - start)
-        if max_seconds is not None and len(times) >= 3 and sum(times) > max_seconds:
-            break
-    return times
 
 
 def parse_model_spec(spec: str) -> Tuple[str, Optional[Tuple[int, ...]]]:
@@ -117,13 +88,6 @@ def parse_model_spec(spec: str) -> Tuple[str, Optional[Tuple[int, ...]]]:
     return name, dims
 
 
-def create_model(model_name: str) -> torch.nn.Module:
-    """A zoo model or timm peer by name, in eval mode (a clear error for an unknown name)."""
-    import recurzoo
-
-    return recurzoo.create_model(model_name).eval()
-
-
 def _runner(
     model_name: str, model: torch.nn.Module, backend: str, inputs: torch.Tensor, workdir: str
 ) -> Callable[[], object]:
@@ -133,9 +97,7 @@ def _runner(
         compiled = torch.compile(model)
         return lambda: compiled(inputs)
     if backend == "onnxruntime":
-        import onnxruntime as ort
-
-        from recurzoo.export.onnx import export_model
+        from recurzoo.export.onnx import export_model, onnx_session
 
         # the project's exporter: export-friendly eval paths (HorNet's DFT filter, ...) and a parity check
         result = export_model(
@@ -149,9 +111,7 @@ def _runner(
         )
         if not result.ok:
             raise RuntimeError(result.parity_line())
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        session = ort.InferenceSession(result.onnx_path, options, providers=["CPUExecutionProvider"])
+        session = onnx_session(result.onnx_path, torch.get_num_threads())
         feed = {session.get_inputs()[0].name: inputs.cpu().numpy()}
         return lambda: session.run(None, feed)
     raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")

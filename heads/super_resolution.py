@@ -155,6 +155,10 @@ class SuperResolutionModel(nn.Module):
         name: the name used in error messages (timm's registered name when built by timm).
     """
 
+    # What an exported graph of the model can take (recurzoo.export reads these, the model cards show them).
+    export_dynamic_batch = True
+    export_dynamic_size = True
+
     def __init__(
         self,
         backbone: nn.Module,

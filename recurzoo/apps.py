@@ -515,12 +515,13 @@ def demo_input_size(row: Mapping[str, str]) -> Tuple[int, int]:
 
 
 def _demo_forward(row: Dict[str, str], echo) -> Dict[str, Any]:
+    from recurzoo.export.models import create_model as create_eval_model
+    from recurzoo.export.models import photo_batch
+
     name = row["model"]
-    model = create_model(name).eval()
+    model = create_eval_model(name)
     height, width = demo_input_size(row)
-    photo = torch.from_numpy(sample_photo((height, width))).permute(2, 0, 1)[None].float().div(255)
-    cfg = model.pretrained_cfg
-    image = (photo - torch.tensor(cfg["mean"]).view(1, -1, 1, 1)) / torch.tensor(cfg["std"]).view(1, -1, 1, 1)
+    image = photo_batch(model, 1, height, width)
     start = time.perf_counter()
     with torch.no_grad():
         output = model(image)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 
 import pytest
 import timm
@@ -19,12 +18,12 @@ from _contract import (
     assert_torchvision_feature_extractor,
     assert_unknown_argument_raises,
 )
+from _parity import in_repo_fixture
 
 import recurzoo  # noqa: F401  (registers the models)
 from recurzoo.backbones.hornet import GlobalLocalFilter, HorNetBlock, RecursiveGatedConv, checkpoint_filter_fn
 from recurzoo.export.flops import count_flops, count_params, create_uninitialized
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "parity" / "hornet"
 SMALL = dict(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1))
 
 # Params (M) and fvcore GFLOPs of the official code with 1000 classes (measured on it; FFTs uncounted).
@@ -121,14 +120,11 @@ def test_checkpoint_at_224_loads_into_384_model_with_resized_filters():
 
 
 def _official_fixture(case: str) -> dict:
-    path = FIXTURES / f"{case}.pt"
-    if not path.exists():
-        pytest.skip(f"parity fixture {path} is not available")
-    return torch.load(path, weights_only=True)
+    return in_repo_fixture("hornet", case)
 
 
 @pytest.mark.parametrize(
-    "case, variant", [("hornet_7x7_small_dims", "hornet_tiny_7x7"), ("hornet_gf_small_dims", "hornet_tiny_gf")]
+    "case, variant", [("hornet_7x7_tiny", "hornet_tiny_7x7"), ("hornet_gf_tiny", "hornet_tiny_gf")]
 )
 def test_official_checkpoint_file_loads_through_pretrained_cfg_overlay(tmp_path, case, variant):
     fixture = _official_fixture(case)
@@ -149,7 +145,7 @@ def test_official_checkpoint_file_loads_through_pretrained_cfg_overlay(tmp_path,
 
 
 def test_fine_tuning_from_official_checkpoint_replaces_only_the_classifier(tmp_path):
-    fixture = _official_fixture("hornet_7x7_small_dims")
+    fixture = _official_fixture("hornet_7x7_tiny")
     kwargs = fixture["official"]["kwargs"]
     path = tmp_path / "official.pth"
     torch.save({"model": fixture["state_dict"]}, path)
@@ -159,7 +155,7 @@ def test_fine_tuning_from_official_checkpoint_replaces_only_the_classifier(tmp_p
         pretrained_cfg_overlay=dict(file=str(path)),
         num_classes=4,
         depths=kwargs["depths"],
-        dims=[16, 32, 64, 128],
+        dims=[kwargs["base_dim"] * 2**i for i in range(4)],
     )
     assert model.get_classifier().out_features == 4
     torch.testing.assert_close(model.stem[0].weight, fixture["state_dict"]["downsample_layers.0.0.weight"])

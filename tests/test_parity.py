@@ -10,6 +10,7 @@ one names the official constructor and its keyword arguments; the model is built
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import List
@@ -95,3 +96,40 @@ def test_fixture_output_depends_on_the_weights(path: Path):
         output = official.run(constructor, model, fixture["inputs"])
     with pytest.raises(AssertionError, match="max abs difference"):
         _assert_close(output, fixture["output"])
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("parity_generate", REPO_ROOT / "tests" / "parity" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_committed_fixtures_are_the_generators_cases_at_its_commits():
+    generate = _generator()
+    committed = {path.stem: path for path in IN_REPO.rglob("*.pt")}
+    assert sorted(committed) == sorted(generate.CASES)
+    folders = {"hornet": "HorNet", "sret": "SReT", "rgt": "RGT", "msrnet": "MSRNet"}
+    for case, path in committed.items():
+        fixture = torch.load(path, map_location="cpu", weights_only=True)
+        repo, commit = generate.COMMITS[folders[fixture["family"]]]
+        assert (fixture["case"], path.parent.name) == (case, fixture["family"])
+        assert f"{repo}@{commit[:12]}" in fixture["notes"], f"{case}: not written from {repo}@{commit[:12]}"
+
+
+@pytest.mark.skipif(
+    not os.environ.get("RECURZOO_OFFICIAL_ROOT"), reason="set RECURZOO_OFFICIAL_ROOT to the authors' checkouts"
+)
+def test_generator_rewrites_the_committed_fixtures(tmp_path):
+    """With the authors' code at hand, the generator reproduces every committed fixture."""
+    generate = _generator()
+    assert generate.main(["--official-root", os.environ["RECURZOO_OFFICIAL_ROOT"], "--out", str(tmp_path)]) == 0
+    for path in sorted(IN_REPO.rglob("*.pt")):
+        fresh = torch.load(tmp_path / path.parent.name / path.name, weights_only=True)
+        committed = torch.load(path, weights_only=True)
+        assert (
+            fresh["official"] == committed["official"] and fresh["state_dict"].keys() == committed["state_dict"].keys()
+        )
+        for key, value in committed["state_dict"].items():
+            assert torch.equal(fresh["state_dict"][key], value), f"{path.stem}: {key}"
+        _assert_close(fresh["output"], committed["output"], f"{path.stem} output")

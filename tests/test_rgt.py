@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ from _contract import (
     assert_torchvision_feature_extractor,
     assert_unknown_argument_raises,
 )
+from _parity import in_repo_fixture
 
 import recurzoo  # noqa: F401  (registers the models)
 from recurzoo.backbones.rgt import (
@@ -36,20 +35,12 @@ from recurzoo.export.flops import count_flops, count_params, create_uninitialize
 from recurzoo.heads.super_resolution import SuperResolutionModel
 from recurzoo.heads.super_resolution import checkpoint_filter_fn as sr_checkpoint_filter_fn
 
-# The parity fixtures (as test_parity.py finds them): in the repository, beside it, and RECURZOO_PARITY_DIRS.
-FIXTURE_DIRS = [
-    Path(__file__).resolve().parent / "parity" / "fixtures",
-    Path(__file__).resolve().parents[2] / "shared" / "parity",
-] + [Path(d) for d in os.environ.get("RECURZOO_PARITY_DIRS", "").split(os.pathsep) if d]
 TINY = dict(embed_dim=24, num_heads=2, blocks_per_group=2)
 
 
 def _fixture(scale: int) -> dict:
-    """The first official RGT x``scale`` fixture found (``rgt/rgt_x{scale}_*.pt``)."""
-    paths = [path for d in FIXTURE_DIRS for path in sorted((d / "rgt").glob(f"rgt_x{scale}_*.pt"))]
-    if not paths:
-        pytest.skip(f"no parity fixture rgt/rgt_x{scale}_*.pt in {[str(d) for d in FIXTURE_DIRS]}")
-    return torch.load(paths[0], map_location="cpu", weights_only=True)
+    """The official RGT x``scale`` fixture of the repository."""
+    return in_repo_fixture("rgt", f"rgt_x{scale}_tiny")
 
 
 def _body_kwargs(official: dict) -> dict:

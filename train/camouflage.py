@@ -53,13 +53,16 @@ from recurzoo.checkpoint import (
 )
 from recurzoo.plots import plot_curves
 from recurzoo.train.arguments import (
+    MODEL_ARGUMENT_ERRORS,
     ParseKwargs,
+    UsageError,
     add_fault_arguments,
     add_run_arguments,
     add_step_arguments,
     parse_args_with_config,
     run_cli,
     training_parser,
+    user_option,
 )
 from recurzoo.train.data import (
     DatasetWarning,
@@ -153,7 +156,7 @@ def load_dataset_config(path: str) -> Dict[str, DatasetSpec]:
                 mask.get("suffix") if mask else None,
             )
         except (KeyError, TypeError) as error:
-            raise ValueError(
+            raise UsageError(
                 f"{path}: dataset {name!r} needs root, image: {{path, suffix}} and mask: {{path, suffix}}"
                 f" ({error!r} missing or malformed)"
             ) from None
@@ -204,7 +207,7 @@ def find_pairs(spec: DatasetSpec, require_masks: bool = True) -> List[Sample]:
             raise FileNotFoundError(f"dataset {spec.name!r}: mask folder {spec.mask_dir} does not exist")
         masks = _list_images(spec.mask_dir, spec.mask_suffix)
     elif require_masks:
-        raise ValueError(
+        raise UsageError(
             f"dataset {spec.name!r}: no mask folder (looked for {', '.join(m for _, m in KNOWN_LAYOUTS)} "
             f"beside the images in {spec.image_dir})"
         )
@@ -239,7 +242,7 @@ def find_pairs(spec: DatasetSpec, require_masks: bool = True) -> List[Sample]:
         )
     if not samples:
         what = "image/mask pairs (files matched by name)" if require_masks else "images"
-        raise ValueError(
+        raise UsageError(
             f"dataset {spec.name!r}: no readable {what} in {spec.image_dir}"
             + (f" and {spec.mask_dir}" if spec.mask_dir else "")
         )
@@ -324,7 +327,7 @@ class CamouflageTrainSet(Dataset):
         augment: bool = True,
     ) -> None:
         if not samples:
-            raise ValueError("CamouflageTrainSet: no samples")
+            raise UsageError("CamouflageTrainSet: no samples")
         self.samples = list(samples)
         self.base_size = base_size
         self.scales = tuple(scales)
@@ -609,15 +612,17 @@ def build_model(
 
     if model:
         if model not in recurzoo.list_models("msrnet_*"):
-            raise ValueError(
+            raise UsageError(
                 f"unknown COD model {model!r}; registered: {', '.join(recurzoo.list_models('msrnet_*'))}"
                 f" (or give a timm backbone name with --backbone)"
             )
-        network = recurzoo.create_model(model, pretrained_backbone=pretrained_backbone, **kwargs)
+        with user_option("--model with --model-kwargs", *MODEL_ARGUMENT_ERRORS):
+            network = recurzoo.create_model(model, pretrained_backbone=pretrained_backbone, **kwargs)
     elif backbone:
-        network = create_cod_model(backbone, pretrained_backbone=pretrained_backbone, **kwargs)
+        with user_option("--backbone with --model-kwargs", *MODEL_ARGUMENT_ERRORS):
+            network = create_cod_model(backbone, pretrained_backbone=pretrained_backbone, **kwargs)
     else:
-        raise ValueError("give --model (a registered msrnet_* model) or --backbone (any timm backbone)")
+        raise UsageError("give --model (a registered msrnet_* model) or --backbone (any timm backbone)")
     # how to build it again: stored with the checkpoints, so that evaluation needs only the weights
     network.cod_config = dict(model=model, backbone=None if model else backbone, kwargs=kwargs)
     return network
@@ -651,7 +656,7 @@ def load_model(
     state, config = _read_state(checkpoint)
     if not model and not backbone:
         if config is None:
-            raise ValueError(f"checkpoint {checkpoint} does not record its model: give --model")
+            raise UsageError(f"checkpoint {checkpoint} does not record its model: give --model")
         model, backbone = config.get("model"), config.get("backbone")
         kwargs = dict(config.get("kwargs", {}), **kwargs)
     network = build_model(model, backbone, **kwargs)
@@ -659,7 +664,7 @@ def load_model(
         network.load_state_dict(checkpoint_filter_fn(state, network))
     except RuntimeError as error:
         name = model or backbone
-        raise ValueError(f"checkpoint {checkpoint} does not fit {name}: {str(error).splitlines()[0]}") from None
+        raise UsageError(f"checkpoint {checkpoint} does not fit {name}: {str(error).splitlines()[0]}") from None
     return network
 
 
@@ -747,11 +752,11 @@ def _format_metrics(values: Mapping[str, float]) -> str:
 
 def _check_batches(num_samples: int, batch_size: int, world_size: int) -> None:
     if batch_size < 2:
-        raise ValueError(
+        raise UsageError(
             "--batch-size must be at least 2: the decoder's global-context BatchNorm normalizes one value per image"
         )
     if num_samples < batch_size * world_size:
-        raise ValueError(
+        raise UsageError(
             f"the training data ({num_samples} pairs) is smaller than one batch ({batch_size} x {world_size} processes)"
         )
 
@@ -775,7 +780,7 @@ class _Training(StepTraining):
         train_sets = _datasets(args.train_sets, config) if not args.evaluate else {}
         test_sets = _datasets(args.test_sets, config)
         if args.evaluate and not test_sets:
-            raise ValueError("--evaluate needs --test-sets")
+            raise UsageError("--evaluate needs --test-sets")
         if not args.evaluate:
             _check_batches(sum(len(samples) for samples in train_sets.values()), args.batch_size, context.world_size)
         kwargs = dict(args.model_kwargs, pretrained_backbone=args.pretrained_backbone)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from timm.data import ImageDataset
 
-from recurzoo.train.arguments import one_line
+from recurzoo.train.arguments import UsageError, one_line, user_option
 from recurzoo.train.distributed import DistributedContext
 
 __all__ = [
@@ -111,7 +111,7 @@ class SkipUnreadable:
             except UnreadableImageError as error:
                 failures.append(str(error))
                 self.record(str(error))
-        raise ValueError(
+        raise UsageError(
             f"{self.name}: {len(failures)} samples in a row from index {index} cannot be read "
             f"(e.g. {failures[0]}); is the dataset intact?"
         )
@@ -283,18 +283,19 @@ def create_image_dataset(
         root = split_folder(root, split, flag, split_flag)
         kwargs["search_split"] = False
     elif folder_like and split != ".":
-        raise ValueError(
+        raise UsageError(
             f"{split_flag} {split}: {flag} {root} is a file (a tar), read whole as one split; give "
             f"{split_flag} . for it, or a folder with one sub-folder per split"
         )
     try:
-        dataset = create_dataset(name, root=root, split=split, **kwargs)
+        with user_option(f"--dataset {name!r}", ValueError, AssertionError, TypeError):
+            dataset = create_dataset(name, root=root, split=split, **kwargs)
     except RuntimeError as error:
         if "Found 0 images" not in str(error):
             raise
-        raise ValueError(f"{flag} {given}: no images for split {split!r} ({one_line(error)})") from None
+        raise UsageError(f"{flag} {given}: no images for split {split!r} ({one_line(error)})") from None
     if not isinstance(dataset, torch.utils.data.IterableDataset) and len(dataset) == 0:
-        raise ValueError(f"{flag} {given}: split {split!r} holds no images")
+        raise UsageError(f"{flag} {given}: split {split!r} holds no images")
     if skip_unreadable and type(dataset) is ImageDataset:
         dataset = ImageFolderDataset(
             root,

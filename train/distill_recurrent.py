@@ -52,6 +52,7 @@ from recurzoo.checkpoint import load_state_dict, read_state_dict
 from recurzoo.plots import plot_curves, save_phase_heatmap
 from recurzoo.train.arguments import (
     ParseKwargs,
+    UsageError,
     add_fault_arguments,
     add_run_arguments,
     add_step_arguments,
@@ -186,7 +187,7 @@ class TokenLoss(nn.Module):
         ]
         spans = [(start, end, weight) for start, end, weight in spans if (end is None or end > start) and weight > 0]
         if not spans:
-            raise ValueError("TokenLoss: every token kind present has weight 0")
+            raise UsageError("TokenLoss: every token kind present has weight 0")
         total = sum(weight for _, _, weight in spans)
         self.spans = [(start, end, weight / total) for start, end, weight in spans]
 
@@ -271,10 +272,10 @@ def step_errors(student: RecurrentViT, teacher: nn.Module, batches: Sequence[tor
 
 
 def _load_teacher(args: argparse.Namespace) -> nn.Module:
-    import timm
+    from recurzoo.train.validate import create_named_model
 
     pretrained = args.pretrained if args.pretrained is not None else args.teacher_checkpoint is None
-    teacher = timm.create_model(args.teacher, pretrained=pretrained, **args.teacher_kwargs)
+    teacher = create_named_model(args.teacher, pretrained, "--teacher", "--teacher-checkpoint", **args.teacher_kwargs)
     if args.teacher_checkpoint:
         source = f"--teacher-checkpoint {args.teacher_checkpoint}"
         load_state_dict(teacher, read_state_dict(args.teacher_checkpoint), source, use_family_filter=False)

@@ -25,7 +25,15 @@ import torch.distributed as dist
 from torch import nn
 
 from recurzoo.checkpoint import atomic_write
-from recurzoo.train.arguments import ArgumentParser, ParseKwargs, parse_args_with_config, run_cli
+from recurzoo.train.arguments import (
+    MODEL_ARGUMENT_ERRORS,
+    ArgumentParser,
+    ParseKwargs,
+    UsageError,
+    parse_args_with_config,
+    run_cli,
+    user_option,
+)
 from recurzoo.train.data import collate_readable, create_image_dataset
 from recurzoo.train.distributed import DistributedContext, run_distributed
 from recurzoo.train.run import progress_bar, setup_logging
@@ -41,6 +49,7 @@ __all__ = [
     "create_eval_loader",
     "autocast",
     "read_weights_and_args",
+    "create_named_model",
     "apply_saved_arguments",
     "check_dataset_classes",
     "dataset_num_classes",
@@ -166,7 +175,7 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: 
     """
     import sys
 
-    from recurzoo.checkpoint import Mismatch, compare_state_dict
+    from recurzoo.checkpoint import CheckpointError, Mismatch, compare_state_dict
 
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
@@ -186,9 +195,30 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: 
     missing = [key for key in mismatch.missing if not is_classifier(key)]
     if missing or mismatch.unexpected or mismatch.shapes:
         name = model.pretrained_cfg.get("architecture", type(model).__name__)
-        raise ValueError(f"{source}: " + Mismatch(missing, mismatch.unexpected, mismatch.shapes).describe(name))
+        raise CheckpointError(f"{source}: " + Mismatch(missing, mismatch.unexpected, mismatch.shapes).describe(name))
     model.load_state_dict(state_dict, strict=False)
     return [key for key in own if is_classifier(key) and key not in state_dict]
+
+
+def create_named_model(name: str, pretrained: bool, flag: str, local_flag: str, **kwargs: Any) -> nn.Module:
+    """``recurzoo.create_model(name, pretrained=pretrained, **kwargs)`` for a script's ``flag`` (``--model``,
+    ``--teacher``): an unknown name is an ``UnknownModelError`` and pretrained weights that cannot be had
+    offline a ``CheckpointError`` within seconds (timm's cache file to fill), both one line naming
+    ``flag`` and the option that takes a local file instead (``local_flag``)."""
+    import recurzoo
+    from recurzoo.checkpoint import CheckpointError
+    from recurzoo.registry import UnknownModelError
+
+    try:
+        with user_option(f"{flag} {name} (with --model-kwargs or --teacher-kwargs)", *MODEL_ARGUMENT_ERRORS):
+            return recurzoo.create_model(name, pretrained=pretrained, **kwargs)
+    except UnknownModelError as error:
+        raise UnknownModelError(f"{flag}: {error}") from None
+    except CheckpointError as error:
+        if not pretrained:
+            raise
+        text = str(error).removeprefix(f"{name}: ")
+        raise CheckpointError(f"{flag} {name}: {text}; or give its weights with {local_flag} FILE") from None
 
 
 def load_initial_checkpoint(model: nn.Module, path: str, use_ema: bool = True) -> List[str]:
@@ -328,7 +358,8 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> Dict[str, Any
     kwargs = dict(args.model_kwargs)
     if num_classes:
         kwargs["num_classes"] = num_classes
-    model = recurzoo.create_model(args.model, pretrained=args.pretrained, **kwargs)
+    with user_option(f"--model {args.model} with --model-kwargs", *MODEL_ARGUMENT_ERRORS):
+        model = recurzoo.create_model(args.model, pretrained=args.pretrained, **kwargs)
     check_dataset_classes(
         dataset, getattr(model, "num_classes", None), f"--data-dir {args.data_dir} --split {args.split}"
     )
@@ -336,7 +367,10 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> Dict[str, Any
         load_weights(model, weights, source=args.checkpoint)
     model.to(context.device)
     data_config = resolve_eval_data_config(args, model, verbose=context.is_main)
-    loader = create_eval_loader(dataset, data_config, args.batch_size, args.workers, context)
+    with user_option(
+        "--interpolation/--crop-mode/--mean/--std/--img-size", KeyError, ValueError, AssertionError, TypeError
+    ):
+        loader = create_eval_loader(dataset, data_config, args.batch_size, args.workers, context)
     metrics = evaluate(
         model,
         loader,
@@ -352,7 +386,7 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> Dict[str, Any
         dist.all_reduce(total)
         skipped = int(total.item())
     if metrics["images"] == 0:
-        raise ValueError(f"--data-dir {args.data_dir} --split {args.split}: no readable image, nothing was scored")
+        raise UsageError(f"--data-dir {args.data_dir} --split {args.split}: no readable image, nothing was scored")
     results = dict(
         model=args.model,
         checkpoint=args.checkpoint,
@@ -415,7 +449,7 @@ def check_dataset_classes(dataset: Any, num_classes: Optional[int], what: str) -
     another count would be scored against the wrong outputs, or fall outside them."""
     found = dataset_num_classes(dataset)
     if found is not None and num_classes is not None and found != num_classes:
-        raise ValueError(
+        raise UsageError(
             f"{what}: {found} classes in the data, the model has {num_classes} outputs; give the matching "
             f"--num-classes, or a --class-map mapping the class folders to the model's outputs"
         )
