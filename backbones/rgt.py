@@ -57,7 +57,8 @@ __all__ = [
     "DynamicPositionBias",
     "recursion_steps",
     "shifted_window_mask",
-    "shifted_window_regions",
+    "shifted_window_masks",
+    "shifted_window_kinds",
     "check_rgt_input",
     "checkpoint_filter_fn",
     "rgt_args",
@@ -91,37 +92,40 @@ def recursion_steps(height: int, width: int, training: bool) -> int:
     return min(steps, _floor_log4(min(height, width)))
 
 
-def shifted_window_regions(
-    height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int], device: torch.device
-) -> torch.Tensor:
-    """``(num_windows, N)`` region id of every token of every window, after the cyclic shift.
+def shifted_window_masks(window: Tuple[int, int], shift: Tuple[int, int], device=None, dtype=None) -> torch.Tensor:
+    """``(4, N, N)`` additive masks of the four kinds of window of a shifted-window attention.
 
-    The last window of each row/column mixes three regions of the original map (before
-    ``-window``, between ``-window`` and ``-shift``, after ``-shift``); ids are equal exactly
-    within a region. Computed with tensor ops on every call (no cache to go stale or to break
-    ``torch.compile``): a few comparisons of ``H x W`` integers.
+    After the cyclic shift, the last window of each row/column mixes regions of the original map
+    (before ``-window``, between ``-window`` and ``-shift``, after ``-shift``); tokens from different
+    regions may not attend to each other (``-100`` in the logits, as in Swin and RGT). Kind 0 is an
+    interior window (no mask), 1 one of the last row, 2 of the last column, 3 the corner.
     """
 
-    def region(length: int, size: int, offset: int) -> torch.Tensor:
-        index = torch.arange(length, device=device)
-        return (index >= length - size).long() + (index >= length - offset).long()
+    def last_window_regions(size: int, offset: int) -> torch.Tensor:
+        index = torch.arange(size, device=device)
+        return 1 + (index >= size - offset).long()
 
-    ids = region(height, window[0], shift[0])[:, None] * 3 + region(width, window[1], shift[1])[None, :]
-    ids = ids.view(height // window[0], window[0], width // window[1], window[1]).transpose(1, 2)
-    return ids.reshape(-1, window[0] * window[1])
+    rows_last, cols_last = last_window_regions(window[0], shift[0]), last_window_regions(window[1], shift[1])
+    rows_inner, cols_inner = torch.zeros_like(rows_last), torch.zeros_like(cols_last)
+    kinds = ((rows_inner, cols_inner), (rows_last, cols_inner), (rows_inner, cols_last), (rows_last, cols_last))
+    ids = torch.stack([(rows[:, None] * 3 + cols[None, :]).flatten() for rows, cols in kinds])
+    different = ids[:, None, :] != ids[:, :, None]
+    return torch.zeros(different.shape, device=device, dtype=dtype).masked_fill_(different, _MASK_VALUE)
+
+
+def shifted_window_kinds(rows: int, cols: int, device=None) -> torch.Tensor:
+    """``(rows * cols,)`` kind (:func:`shifted_window_masks`) of every window, in row-major order."""
+    last_row = (torch.arange(rows, device=device) == rows - 1).long()
+    last_col = (torch.arange(cols, device=device) == cols - 1).long()
+    return (last_row[:, None] + 2 * last_col[None, :]).flatten()
 
 
 def shifted_window_mask(
-    height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int], device: torch.device
+    height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int], device=None
 ) -> torch.Tensor:
-    """``(num_windows, N, N)`` additive mask of a shifted-window attention on a ``height x width`` map.
-
-    Tokens from different regions (:func:`shifted_window_regions`) may not attend to each other
-    (``-100`` in the logits, as in Swin and RGT).
-    """
-    ids = shifted_window_regions(height, width, window, shift, device)
-    different = ids[:, None, :] != ids[:, :, None]
-    return torch.zeros(different.shape, device=device).masked_fill_(different, _MASK_VALUE)
+    """``(num_windows, N, N)`` additive mask of a shifted-window attention on a ``height x width`` map."""
+    kinds = shifted_window_kinds(height // window[0], width // window[1], device)
+    return shifted_window_masks(window, shift, device)[kinds]
 
 
 def copy_rolled(out: torch.Tensor, source: torch.Tensor, shifts: Tuple[int, int]) -> None:
@@ -248,10 +252,11 @@ class RectangleWindowBranch(nn.Module):
         q, k, v = windows.unbind(0)
         bias = self.relative_position_bias()  # (heads, N, N)
         if self.shift_size is not None:
-            ids = shifted_window_regions(height, width, self.window_size, self.shift_size, qkv.device)
-            different = (ids[:, None, :] != ids[:, :, None])[:, None]  # (windows, 1, N, N)
-            # bias - 100 between regions, bias itself within one: the official additive mask, exactly
-            bias = torch.where(different, bias + _MASK_VALUE, bias).flatten(0, 1)  # (windows * heads, N, N)
+            # the bias plus each of the four masks, then one copy per window (no mask is cached: all of
+            # it is a few small tensor ops, for any size, device and dtype, also under torch.compile)
+            masks = shifted_window_masks(self.window_size, self.shift_size, bias.device, bias.dtype)
+            biases = bias[None] + masks[:, None]  # (4, heads, N, N)
+            bias = biases[shifted_window_kinds(rows, cols, bias.device)].flatten(0, 1)  # (windows * heads, N, N)
         else:  # one bias for every window: put the windows on the batch axis instead
             q, k, v = (t.reshape(batch * rows * cols, self.num_heads, *t.shape[2:]) for t in (q, k, v))
         # 4-D inputs with a mask broadcast over the first axis only keep SDPA on its fused kernel

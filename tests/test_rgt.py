@@ -158,15 +158,18 @@ def _reference_region_ids(height, width, window, shift):
     return ids
 
 
-def test_shifted_window_mask_separates_regions_as_the_official_loop_does():
-    height, width, window, shift = 16, 24, (4, 8), (2, 4)
+@pytest.mark.parametrize(
+    "height,width,window", [(16, 24, (4, 8)), (8, 32, (8, 32)), (64, 32, (32, 8)), (24, 8, (8, 8)), (8, 64, (8, 32))]
+)
+def test_shifted_window_mask_separates_regions_as_the_official_loop_does(height, width, window):
+    shift = (window[0] // 2, window[1] // 2)
     mask = shifted_window_mask(height, width, window, shift, torch.device("cpu"))
     ids = _reference_region_ids(height, width, window, shift)
     windows = ids.view(height // window[0], window[0], width // window[1], window[1]).permute(0, 2, 1, 3)
     windows = windows.reshape(-1, window[0] * window[1])
     expected = torch.where(windows[:, None, :] != windows[:, :, None], -100.0, 0.0)
     torch.testing.assert_close(mask, expected)
-    assert (mask[0] == 0).all() and (mask[-1] < 0).any()  # interior windows are unmasked
+    assert (mask[-1] < 0).any() and (mask[0] == 0).all() == (height > window[0] and width > window[1])
 
 
 def test_window_shifts_follow_the_official_pattern():
