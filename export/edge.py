@@ -332,7 +332,9 @@ def lower_executorch(
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    with torch.no_grad():
+    from recurzoo.export.onnx import static_adaptive_pooling
+
+    with torch.no_grad(), static_adaptive_pooling():
         program = torch.export.export(model, (example,))
         if precision == "int8":
             from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (

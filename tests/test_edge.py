@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 from _reduced import REDUCED
 from torch import nn
 
@@ -22,6 +23,7 @@ from recurzoo.cli import main
 from recurzoo.export.digits import digits_check
 from recurzoo.export.edge import ImageSet, builtin_photos, export_edge
 from recurzoo.export.models import export_support
+from recurzoo.export.onnx import static_adaptive_pooling
 
 SIDE = 32
 
@@ -132,3 +134,16 @@ def test_cli_edge_export_mistakes_are_one_line_usage_errors(flags, expected, tmp
     code = main(["export", "hornet_tiny_7x7", "--input-size", "3", "32", "32", "--out", str(tmp_path), *flags])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and expected in err[0], err
+
+
+def test_adaptive_pooling_lowers_through_torch_export_as_exact_fixed_pools():
+    class Pools(nn.Module):
+        def forward(self, x):
+            return F.adaptive_max_pool2d(x, (3, 3)) + F.adaptive_avg_pool2d(x, 1) + F.adaptive_max_pool2d(x, 1)
+
+    x = torch.randn(2, 4, 5, 7)
+    with torch.no_grad(), static_adaptive_pooling():
+        program = torch.export.export(Pools(), (x,))
+    operators = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not any("adaptive" in name for name in operators)  # not in ExecuTorch's core ATen opset
+    torch.testing.assert_close(program.module()(x), Pools()(x), rtol=0, atol=0)
