@@ -493,11 +493,10 @@ def _demo_export(name: str, folder: Path, echo) -> Any:
 
 
 def _demo_forward(row: Dict[str, str], echo) -> Dict[str, Any]:
-    from recurzoo.export.models import create_model as create_eval_model
     from recurzoo.export.models import photo_batch
 
     name = row["model"]
-    model = create_eval_model(name)
+    model = create_model(name).eval()
     channels, height, width = (int(s) for s in row["input_size"].split("x"))
     image = photo_batch(model, 1, height, width)
     start = time.perf_counter()
