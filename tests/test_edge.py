@@ -21,7 +21,7 @@ from torch import nn
 import recurzoo
 from recurzoo.cli import main
 from recurzoo.export.digits import digits_check
-from recurzoo.export.edge import ImageSet, builtin_photos, export_edge
+from recurzoo.export.edge import ImageSet, builtin_photos, export_edge, fidelity
 from recurzoo.export.models import export_support
 from recurzoo.export.onnx import static_adaptive_pooling
 
@@ -147,3 +147,13 @@ def test_adaptive_pooling_lowers_through_torch_export_as_exact_fixed_pools():
     operators = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
     assert not any("adaptive" in name for name in operators)  # not in ExecuTorch's core ATen opset
     torch.testing.assert_close(program.module()(x), Pools()(x), rtol=0, atol=0)
+
+
+def test_fidelity_measures_psnr_ssim_for_sr_and_mask_agreement_for_cod():
+    reference = np.full((2, 3, 16, 16), 0.5, dtype=np.float32)
+    sr = fidelity("sr", reference, reference + 0.01, None)
+    assert sr["psnr_vs_fp32_db"] == pytest.approx(40.0, abs=1e-3) and 0.99 < sr["ssim_vs_fp32"] <= 1.0
+    logits = np.sign(np.random.default_rng(0).standard_normal((2, 1, 16, 16))).astype(np.float32) * 20  # crisp masks
+    same, flipped = fidelity("cod", logits, logits, None), fidelity("cod", logits, -logits, None)
+    assert same["mask_mae_vs_fp32"] == 0 and same["s_measure_vs_fp32"] == pytest.approx(1.0)
+    assert flipped["mask_mae_vs_fp32"] > 0.5 and flipped["s_measure_vs_fp32"] < 0.1
