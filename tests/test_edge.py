@@ -21,7 +21,7 @@ from torch import nn
 import recurzoo
 from recurzoo.cli import main
 from recurzoo.export.digits import digits_check
-from recurzoo.export.edge import ImageSet, builtin_photos, export_edge, fidelity
+from recurzoo.export.edge import EdgeExportError, ImageSet, builtin_photos, export_edge, fidelity
 from recurzoo.export.models import export_support
 from recurzoo.export.onnx import static_adaptive_pooling
 
@@ -157,3 +157,24 @@ def test_fidelity_measures_psnr_ssim_for_sr_and_mask_agreement_for_cod():
     same, flipped = fidelity("cod", logits, logits, None), fidelity("cod", logits, -logits, None)
     assert same["mask_mae_vs_fp32"] == 0 and same["s_measure_vs_fp32"] == pytest.approx(1.0)
     assert flipped["mask_mae_vs_fp32"] > 0.5 and flipped["s_measure_vs_fp32"] < 0.1
+
+
+def test_executorch_program_runs_back_through_the_runtime_like_eager(tmp_path):
+    pytest.importorskip("executorch", reason="the recurzoo[edge] extra is not installed")
+    model = _reduced("hornet_tiny_7x7")
+    result = export_edge(
+        "hornet_tiny_7x7", tmp_path, fmt="executorch", precision="fp32", model=model, input_size=(3, SIDE, SIDE)
+    )
+    assert result.path.endswith(".fp32.pte") and result.fidelity["max_abs_diff"] < 1e-4
+    meta = json.loads(Path(result.path).with_suffix(".json").read_text())
+    assert meta["mean"] == list(model.pretrained_cfg["mean"]) and meta["precision"] == "fp32"
+
+
+def test_a_family_executorch_cannot_lower_is_one_line_with_the_lowering_reason(tmp_path):
+    pytest.importorskip("executorch", reason="the recurzoo[edge] extra is not installed")
+    model = _reduced("hornet_tiny_gf")
+    with pytest.raises(EdgeExportError, match=r"^hornet_tiny_gf: cannot be lowered to executorch fp32: \w+") as error:
+        export_edge(
+            "hornet_tiny_gf", tmp_path, fmt="executorch", precision="fp32", model=model, input_size=(3, SIDE, SIDE)
+        )
+    assert "\n" not in str(error.value)
