@@ -321,6 +321,20 @@ def _int_list(text: str) -> List[int]:
     return values
 
 
+def _variant_list(text: str) -> List[str]:
+    from recurzoo.export.train_bench import parse_variant
+
+    values = [part for part in text.split(",") if part]
+    try:
+        for value in values:
+            parse_variant(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated training variants, received {text!r}")
+    return values
+
+
 def _backend_list(text: str) -> List[str]:
     values = [part for part in text.split(",") if part]
     unknown = sorted(set(values) - set(BACKENDS))
@@ -380,6 +394,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SIDES",
         help="instead: latency and memory at these square input sides, with fitted exponents",
+    )
+    mode.add_argument(
+        "--train",
+        action="store_true",
+        help="instead: images/s and peak memory of whole training steps (forward, backward, AdamW) at each --batch",
+    )
+    parser.add_argument(
+        "--train-variants",
+        type=_variant_list,
+        default=None,
+        help="with --train: comma-separated precisions fp32, bf16, fp16 (autocast), each optionally -cl for "
+        "channels_last (default fp32,fp32-cl,bf16,bf16-cl on CPU; fp16 and fp16-cl too on CUDA)",
     )
     parser.add_argument("--tile", type=int, default=0, help="with --growth: tiled super-resolution at this tile")
     parser.add_argument("--tile-overlap", type=int, default=32)
@@ -451,6 +477,29 @@ def _run_scaling(args: argparse.Namespace, threads: int) -> int:
     return 0 if all(not row.error for row in rows) else 1
 
 
+def _run_train(args: argparse.Namespace, threads: int) -> int:
+    from recurzoo.export import scaling, train_bench
+
+    variants = args.train_variants or train_bench.default_variants(args.device)
+    rows = train_bench.bench_train(
+        _model_sizes(args),
+        args.batch,
+        variants,
+        threads,
+        args.device,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        max_seconds=args.max_seconds,
+        timeout=args.timeout,
+    )
+    markdown = train_bench.train_markdown(rows)
+    print(markdown)
+    scaling.write_outputs(markdown, scaling.to_csv_rows(rows), args.out)
+    if args.readme:
+        update_readme(args.readme, markdown, _machine_line(threads, args.device), "bench-train")
+    return 0 if all(not row.error for row in rows) else 1
+
+
 def _default_input_size(model_name: str) -> Tuple[int, ...]:
     import timm
 
@@ -466,6 +515,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     threads = args.threads or torch.get_num_threads()
     if args.train_memory or args.growth:
         return _run_scaling(args, threads)
+    if args.train:
+        return _run_train(args, threads)
     results = bench(
         args.models,
         args.backends,
@@ -501,6 +552,10 @@ def _run_worker_request(request: Dict[str, Any]) -> Dict[str, Any]:
         return asdict(scaling.train_step_memory(**request))
     if kind == "growth":
         return asdict(scaling.growth_point(**request))
+    if kind == "train":
+        from recurzoo.export.train_bench import train_in_process
+
+        return asdict(train_in_process(**request))
     raise ValueError(f"unknown benchmark kind {kind!r}")
 
 

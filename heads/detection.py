@@ -82,7 +82,8 @@ def create_fpn_backbone(
         name: timm model name (e.g. ``hornet_tiny_7x7``, ``sret_tiny``).
         out_indices: feature levels to take (default: the model's, deepest map of each stride).
         fpn_channels: width of the pyramid.
-        pretrained: load timm's pretrained weights.
+        pretrained: load timm's pretrained weights (found in timm's or the Hugging Face cache, else
+            downloaded; offline a ``CheckpointError`` within seconds names the file to place where).
         checkpoint: load these weights instead (a classification checkpoint of ``name``, a state dict,
             safetensors, or an official file), through timm's pretrained-loading path (the family's
             checkpoint filter; the classifier is dropped).
@@ -95,13 +96,25 @@ def create_fpn_backbone(
     from timm.layers import freeze_batch_norm_2d
 
     import recurzoo  # noqa: F401  (registers the zoo with timm)
+    from recurzoo.checkpoint import timm_pretrained_overlay
+    from recurzoo.registry import UnknownModelError
 
+    if not timm.is_model(name):
+        raise UnknownModelError(f"create_fpn_backbone: unknown backbone {name!r}: not a model in timm's registry")
     create_kwargs: Dict[str, Any] = dict(features_only=True, pretrained=pretrained or checkpoint is not None)
     if out_indices is not None:
         create_kwargs["out_indices"] = tuple(out_indices)
     if checkpoint is not None:
         create_kwargs["pretrained_cfg_overlay"] = dict(file=checkpoint)
     create_kwargs.update(kwargs)
+    overlay = create_kwargs.get("pretrained_cfg_overlay") or {}
+    if create_kwargs["pretrained"] and "state_dict" not in overlay:  # found (or its host probed) before timm builds
+        create_kwargs["pretrained_cfg_overlay"] = timm_pretrained_overlay(
+            name,
+            pretrained_cfg=create_kwargs.get("pretrained_cfg"),
+            pretrained_cfg_overlay=overlay,
+            label=f"create_fpn_backbone: backbone {name!r} (pass a local file with checkpoint=)",
+        )
     try:
         body = timm.create_model(name, **{"dynamic_img_size": True, **create_kwargs})
     except TypeError:  # a model without position embeddings of a fixed size

@@ -48,7 +48,7 @@ __all__ = [
     "probe_writable",
     "pretrained_state_dict",
     "timm_pretrained_overlay",
-    "check_pretrained_available",
+    "hub_state_dict",
     "check_hub_model_available",
     "hub_cached_path",
     "check_pretrained_fit",
@@ -507,18 +507,6 @@ def _hub_repository(hf_hub_id: str) -> Tuple[str, Optional[str]]:
     return repository, revision or None
 
 
-def _hub_file_names(pretrained_cfg: Any) -> List[str]:
-    """The files of the hub repository that timm tries for the cfg, in its order (safetensors first)."""
-    from timm.models._hub import HF_OPEN_CLIP_WEIGHTS_NAME, HF_WEIGHTS_NAME
-
-    name = getattr(pretrained_cfg, "hf_hub_filename", None) or HF_WEIGHTS_NAME
-    if name.endswith(".safetensors"):
-        return [name]
-    safe = {HF_WEIGHTS_NAME: "model.safetensors", HF_OPEN_CLIP_WEIGHTS_NAME: "open_clip_model.safetensors"}
-    alternative = safe.get(name, name[: -len(".bin")] + ".safetensors" if name.endswith(".bin") else None)
-    return [alternative, name] if alternative else [name]
-
-
 def hub_cached_path(hf_hub_id: str, file_names: Sequence[str], cache_dir: Optional[PathLike] = None) -> Optional[Path]:
     """The first of ``file_names`` of a Hugging Face hub repository found in the local cache, else None."""
     from huggingface_hub import try_to_load_from_cache
@@ -551,48 +539,6 @@ def _hub_out_of_reach(
         f"folder here, or download {constants.ENDPOINT}/{repository}/resolve/{revision or 'main'}/{file_name} by "
         f"hand and {local}"
     )
-
-
-def check_pretrained_available(
-    model_name: str, pretrained_cfg: Any, cache_dir: Optional[PathLike] = None, timeout: float = 5.0
-) -> None:
-    """Raise, within seconds, when timm's ``pretrained=True`` for this cfg would need a download that cannot
-    happen (where timm retries for about a minute), or when the cfg names no weights at all.
-
-    Looks where timm does, in its order (``state_dict``, ``file``, the Hugging Face hub, the URL), for
-    the weights in the local caches, and probes the host of a missing file's download.
-
-    Raises:
-        CheckpointError: the message names the file to place in which cache, and the
-            ``pretrained_cfg_overlay=dict(file=...)`` alternative.
-    """
-    cfg = pretrained_cfg
-    local = "pass pretrained_cfg_overlay=dict(file='/path/to/file') to load it from anywhere"
-    if getattr(cfg, "state_dict", None) is not None or getattr(cfg, "source", "") == "local-dir":
-        return
-    if getattr(cfg, "file", None) and getattr(cfg, "source", "") != "hf-hub":
-        if not Path(cfg.file).is_file():
-            raise CheckpointError(f"{cfg.file}: no such checkpoint file (pretrained_cfg_overlay file of {model_name})")
-        return
-    url, _ = _weights_url(cfg)
-    cached_url = cached_weights_path(cfg)
-    old_cache = os.environ.get("TIMM_USE_OLD_CACHE", "0").strip() not in ("", "0")  # timm's own switch
-    if getattr(cfg, "hf_hub_id", None) and not (old_cache and cached_url is not None and cached_url.is_file()):
-        names = _hub_file_names(cfg)
-        if hub_cached_path(cfg.hf_hub_id, names, cache_dir) is None:
-            problem = _hub_out_of_reach(model_name, cfg.hf_hub_id, names[0], cache_dir, local, timeout)
-            if problem:
-                raise CheckpointError(problem)
-        return
-    if not url:
-        raise CheckpointError(
-            f"{model_name}: no published weights for this tag; load a file with "
-            f"pretrained_cfg_overlay=dict(file='/path/to/weights.pth'), or checkpoint_path= for your own"
-        )
-    if cached_url is not None and cached_url.is_file():
-        return
-    if not _reachable(url, timeout):
-        raise CheckpointError(_url_out_of_reach(model_name, url, cached_url))
 
 
 def check_hub_model_available(hf_hub_id: str, cache_dir: Optional[PathLike] = None, timeout: float = 5.0) -> None:
@@ -717,32 +663,35 @@ def _as_sequence(value: Union[str, Sequence[str], None]) -> Tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
-def _hub_state_dict(
-    label: str, hub_location: Union[str, Sequence[str]], timeout: float, read: bool = True
+def hub_state_dict(
+    label: str,
+    hub_location: Union[str, Sequence[str]],
+    timeout: float,
+    read: bool = True,
+    cache_dir: Optional[PathLike] = None,
 ) -> Optional[Tuple[Dict[str, torch.Tensor], str]]:
     """A Hugging Face hub file (as timm names it) from the hub cache, else None after a probe of the hub.
 
-    ``read=False`` (weights that timm loads with a custom loader) only checks that the file is cached
-    or the hub is in reach.
+    ``read=False`` (weights that timm loads with a custom loader, or only a check) looks for the file in
+    the cache or probes the hub, reading nothing.
+
+    Raises:
+        CheckpointError: within ``timeout`` seconds when the file is not cached and the hub is out of
+            reach (or ``HF_HUB_OFFLINE`` is set): the message names the file, the cache folder to fill
+            and the ``pretrained_cfg_overlay=dict(file=...)`` alternative.
     """
-    from huggingface_hub import constants, try_to_load_from_cache
-    from timm.models._hub import HF_WEIGHTS_NAME, _get_safe_alternatives, hf_split
+    from timm.models._hub import HF_WEIGHTS_NAME, _get_safe_alternatives
 
     hub_id, file_name = (hub_location, HF_WEIGHTS_NAME) if isinstance(hub_location, str) else hub_location
-    repo_id, revision = hf_split(hub_id)
     names = [*_get_safe_alternatives(file_name), file_name]  # timm tries the safetensors file first
-    for name in names:
-        cached = try_to_load_from_cache(repo_id, name, revision=revision)
-        if isinstance(cached, str):
-            return (read_state_dict(cached), cached) if read else None
-    if _reachable(constants.ENDPOINT, timeout):
-        return None
-    url = f"{constants.ENDPOINT}/{repo_id}/resolve/{revision or 'main'}/{names[0]}"
-    raise CheckpointError(
-        f"{label}: cannot download the pretrained weights ({constants.ENDPOINT} is out of reach): download "
-        f"{url} by hand and pass pretrained_cfg_overlay=dict(file='/path/to/{names[0]}'), or fetch it once "
-        f"online into the Hugging Face cache ({constants.HF_HUB_CACHE})"
-    )
+    cached = hub_cached_path(hub_id, names, cache_dir)
+    if cached is not None:
+        return (read_state_dict(cached), str(cached)) if read else None
+    local = f"pass pretrained_cfg_overlay=dict(file='/path/to/{names[0]}') to load it from anywhere"
+    problem = _hub_out_of_reach(label, hub_id, names[0], cache_dir, local, timeout)
+    if problem:
+        raise CheckpointError(problem)
+    return None
 
 
 def timm_pretrained_overlay(
@@ -751,8 +700,12 @@ def timm_pretrained_overlay(
     pretrained_cfg_overlay: Optional[Mapping[str, Any]] = None,
     label: Optional[str] = None,
     timeout: float = 5.0,
+    cache_dir: Optional[PathLike] = None,
 ) -> Dict[str, Any]:
     """The ``pretrained_cfg_overlay`` that lets ``timm.create_model(model_name, pretrained=True)`` load offline.
+
+    The one offline check of pretrained weights: :func:`recurzoo.create_model` applies it to timm's
+    models, the heads to their backbones and the training scripts to their teachers.
 
     The weights timm would fetch for the model's cfg (with ``pretrained_cfg`` and the overlay applied)
     are looked for first: a ``file`` named in the cfg, the URL's file in timm's cache or the hub file in
@@ -765,6 +718,7 @@ def timm_pretrained_overlay(
         pretrained_cfg, pretrained_cfg_overlay: as ``timm.create_model`` takes them.
         label: what the message calls the model (default ``model_name``).
         timeout: seconds the probe of the weights' host may take.
+        cache_dir: the Hugging Face cache to look in (default: the hub library's).
 
     Raises:
         CheckpointError: within ``timeout`` seconds when the weights are neither local nor in reach; the
@@ -780,7 +734,7 @@ def timm_pretrained_overlay(
     source, location = _resolve_pretrained_source(cfg.to_dict())
     label = label or model_name
     if source == "hf-hub":
-        weights = _hub_state_dict(label, location, timeout, read=not cfg.custom_load)
+        weights = hub_state_dict(label, location, timeout, read=not cfg.custom_load, cache_dir=cache_dir)
     elif cfg.custom_load:  # a format only the model's own loader reads (timm's npz files): probe, don't read
         weights = None
         url, cached = _weights_url(cfg)[0], cached_weights_path(cfg)

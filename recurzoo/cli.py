@@ -16,8 +16,9 @@ import traceback
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from recurzoo.apps import UsageError, resolve_device
+from recurzoo.apps import UsageError
 from recurzoo.checkpoint import CheckpointError
+from recurzoo.devices import DeviceError, resolve_device
 from recurzoo.images import ImageError, default_max_pixels
 from recurzoo.registry import UnknownModelError
 from recurzoo.train.arguments import ParseKwargs
@@ -28,6 +29,7 @@ EXIT_INTERRUPTED = 130
 # The errors that are the user's: each message is one line naming the flag or the file.
 USER_ERRORS = (
     UsageError,
+    DeviceError,
     ImageError,
     CheckpointError,
     UnknownModelError,
@@ -142,6 +144,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown model(s) {', '.join(unknown)}: neither in recurzoo nor in timm")
     if args.tile and not args.growth:
         raise UsageError("--tile applies to --growth only")
+    if args.train_variants and not args.train:
+        raise UsageError("--train-variants applies to --train only")
     return run_from_args(args)
 
 
@@ -528,6 +532,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of stdout went away (``recurzoo info NAME | head``): nothing left to say to it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -272,7 +272,11 @@ def create_model(
     elif timm.is_model(name):
         _check_timm_tag(model_name)
         if pretrained and model_family(name) is None:  # the zoo's builders check their own downloads
-            _check_timm_download(model_name, pretrained_cfg, pretrained_cfg_overlay, kwargs.get("cache_dir"))
+            from recurzoo.checkpoint import timm_pretrained_overlay
+
+            pretrained_cfg_overlay = timm_pretrained_overlay(
+                model_name, pretrained_cfg, pretrained_cfg_overlay, cache_dir=kwargs.get("cache_dir")
+            )
         model = timm.create_model(
             model_name,
             pretrained=pretrained,
@@ -335,37 +339,15 @@ def _check_timm_tag(model_name: str) -> None:
         raise UnknownModelError(f"{model_name}: no such pretrained tag (known: {tags})")
 
 
-def _check_timm_download(
-    model_name: str,
-    pretrained_cfg: Optional[Union[str, Dict[str, Any], Any]],
-    pretrained_cfg_overlay: Optional[Dict[str, Any]],
-    cache_dir: Optional[str],
-) -> None:
-    """Fail fast where ``timm.create_model(pretrained=True)`` would retry a download without network."""
-    from timm.models import resolve_pretrained_cfg
-
-    from recurzoo.checkpoint import check_pretrained_available
-
-    name, tag = split_model_name(model_name)
-    if not isinstance(pretrained_cfg, (str, dict)) and pretrained_cfg is not None:
-        pretrained_cfg = dict(pretrained_cfg.to_dict())  # a PretrainedCfg
-    cfg = resolve_pretrained_cfg(
-        name, pretrained_cfg=pretrained_cfg or tag or None, pretrained_cfg_overlay=pretrained_cfg_overlay
-    )
-    check_pretrained_available(model_name, cfg, cache_dir=cache_dir)
-
-
 def _check_hub_source(
     model_name: str, pretrained: bool, pretrained_cfg_overlay: Optional[Dict[str, Any]], cache_dir: Optional[str]
 ) -> None:
     """Fail fast where ``timm.create_model('hf-hub:...')`` would retry downloads without network."""
-    from recurzoo.checkpoint import check_hub_model_available, check_pretrained_available
+    from recurzoo.checkpoint import check_hub_model_available, hub_state_dict
 
     source, _, location = model_name.partition(":")
     if source != "hf-hub":
         return
     check_hub_model_available(location, cache_dir=cache_dir)
     if pretrained and not (pretrained_cfg_overlay or {}).get("file"):
-        from timm.models import PretrainedCfg
-
-        check_pretrained_available(model_name, PretrainedCfg(hf_hub_id=location, source="hf-hub"), cache_dir=cache_dir)
+        hub_state_dict(model_name, location, timeout=5.0, read=False, cache_dir=cache_dir)

@@ -551,6 +551,8 @@ def test_distillation_drives_every_step_error_well_below_its_start_and_resumes(t
             "2",
             "--data-dir",
             str(tmp_path / "data"),
+            "--split",
+            ".",  # the class folders are directly in it
             "--output",
             str(output),
             "--batch-size",
@@ -612,6 +614,8 @@ def test_distillation_stops_on_a_signal_or_a_nan_keeping_a_checkpoint_it_resumes
             "2",
             "--data-dir",
             str(tmp_path / "data"),
+            "--split",
+            ".",  # the class folders are directly in it
             "--output",
             str(tmp_path / output),
             "--batch-size",

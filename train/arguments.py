@@ -11,13 +11,17 @@ lists) use timm's :class:`~timm.utils.ParseKwargs` through :class:`ParseKwargs`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, Type
 
 import timm.utils
 
-from recurzoo.checkpoint import atomic_write
+from recurzoo.checkpoint import CheckpointError, atomic_write
+from recurzoo.devices import DeviceError
+from recurzoo.images import ImageError
+from recurzoo.registry import UnknownModelError
 from recurzoo.train.run import EXIT_NON_FINITE, FAULT_MODES, NonFiniteLossError, TrainingInterrupted
 
 __all__ = [
@@ -29,17 +33,58 @@ __all__ = [
     "add_epoch_arguments",
     "add_fault_arguments",
     "parse_args_with_config",
+    "check_bounds",
+    "BOUNDS",
     "save_args_yaml",
     "run_cli",
     "one_line",
     "EXIT_USAGE",
     "USER_ERRORS",
+    "UsageError",
+    "user_option",
+    "MODEL_ARGUMENT_ERRORS",
 ]
 
 EXIT_USAGE = 2
-# What a user's input causes (a bad option value, a missing or unreadable file or folder, a checkpoint
-# that does not fit or would run code): reported by run_cli in one line, not as a traceback.
-USER_ERRORS = (ValueError, OSError)
+
+
+class UsageError(ValueError):
+    """A training script's refusal of an option value, a dataset or a file: one line naming the flag or
+    the path, what was expected and what was found."""
+
+
+# The documented errors of a user's input (a bad option value, a missing or unreadable file or folder,
+# an unknown model, a checkpoint that does not fit or would run code, an unavailable device): reported
+# by run_cli in one line. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (
+    UsageError,
+    CheckpointError,
+    ImageError,
+    UnknownModelError,
+    DeviceError,
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+
+
+# What a model's constructor (or timm's builder) raises for arguments it cannot take.
+MODEL_ARGUMENT_ERRORS = (TypeError, ValueError, RuntimeError, AssertionError, ZeroDivisionError, IndexError, KeyError)
+
+
+@contextlib.contextmanager
+def user_option(flags: str, *errors: Type[BaseException]) -> Iterator[None]:
+    """Turn the ``errors`` a library raises for the user's option values (timm's ``ValueError`` for an
+    unknown optimizer, ``KeyError`` for an unknown interpolation, a model's ``TypeError`` for an
+    unknown argument, ...) into one :class:`UsageError` naming ``flags``; documented errors pass."""
+    try:
+        yield
+    except USER_ERRORS:
+        raise
+    except errors as error:
+        raise UsageError(f"{flags}: {one_line(error)}") from None
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -192,7 +237,66 @@ def parse_args_with_config(
                     parser.error(f"{config_flag} {path}: {error}")
                 values[dest] = vars(parsed)[dest]
         parser.set_defaults(**values)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_bounds(parser, args)
+    return args
+
+
+# The ranges of the numeric options the training scripts share by name: (kind, low, high, low excluded,
+# high excluded). A value outside (or NaN/inf) is a parser error naming the flag, from the command line
+# and from --config alike, before anything is read or built.
+_COUNT = ("int", 1, None, False, False)
+_AT_LEAST_ZERO = ("int", 0, None, False, False)
+_POSITIVE = ("float", 0.0, None, True, False)
+_NON_NEGATIVE = ("float", 0.0, None, False, False)
+_FRACTION = ("float", 0.0, 1.0, False, False)
+_NAMES = {
+    _COUNT: "batch_size validation_batch_size epochs steps stage1_steps stage2_steps patch_size img_size input_size "
+    "min_size max_size fpn_channels num_classes log_interval log_every eval_every val_every base_size eval_images "
+    "k repeat box_detections_per_img tile checkpoint_hist recount phases",
+    _AT_LEAST_ZERO: "workers warmup_epochs cooldown_epochs checkpoint_every save_every mixup_off_epoch lora_rank "
+    "tile_overlap seed fail_at_step lr_steps decay_milestones",
+    _POSITIVE: "kd_temperature decay_epochs anchor_scale crop_pct std gamma lr_gamma decay_rate",
+    _NON_NEGATIVE: "lr lr1 lr2 weight_decay wd warmup_lr min_lr clip_grad mixup cutmix color_jitter momentum "
+    "backbone_lr_factor cls_weight reg_weight patch_weight final_weight layer_decay opt_eps",
+    _FRACTION: "drop drop_path hflip vflip reprob mixup_prob mixup_switch_prob kd_weight model_ema_decay ema_decay "
+    "box_score_thresh warmup_frac forcing_frac min_crop milestone milestones betas opt_betas",
+}
+BOUNDS = {name: bounds for bounds, names in _NAMES.items() for name in names.split()}
+BOUNDS["smoothing"] = ("float", 0.0, 1.0, False, True)
+
+
+def _out_of_bounds(value: Any, bounds: tuple) -> Optional[str]:
+    """What ``value`` should have been, or None when it is within ``bounds``."""
+    import math
+
+    kind, low, high, low_open, high_open = bounds
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "int" and not (number and float(value).is_integer()):
+        return "an integer"
+    if not number or not math.isfinite(value):
+        return "a finite number"
+    below = value <= low if low_open else value < low
+    above = high is not None and (value >= high if high_open else value > high)
+    if not (below or above):
+        return None
+    what = "an integer" if kind == "int" else "a number"
+    if high is None:
+        return f"{what} {'>' if low_open else '>='} {low}"
+    return f"{what} in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def check_bounds(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A parser error (one line, exit 2) for a numeric option outside its range in :data:`BOUNDS`."""
+    for action in parser._actions:
+        bounds = BOUNDS.get(action.dest)
+        value = getattr(args, action.dest, None)
+        if bounds is None or value is None or not action.option_strings:
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            expected = _out_of_bounds(item, bounds)
+            if expected:
+                parser.error(f"argument {action.option_strings[-1]}: expected {expected}, received {item!r}")
 
 
 def save_args_yaml(args: argparse.Namespace, path: str) -> None:
@@ -216,11 +320,12 @@ def one_line(error: Any) -> str:
 def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None) -> None:
     """Run a training script's ``main`` as a command.
 
-    Exit codes: 2 with one line ``<module>: error: <message>`` for a user error (:data:`USER_ERRORS`:
-    bad values, missing data, unreadable or unfit checkpoints; argparse's errors exit 2 in one line too,
-    see :class:`ArgumentParser`); 128+signal after a signal stop (final checkpoint written);
-    ``EXIT_NON_FINITE`` (3) when the loss became NaN/inf. Set ``RECURZOO_TRACEBACK=1`` to see the
-    traceback of a user error.
+    Exit codes: 2 with one line ``<module>: error: <message>`` for a user error (the documented types of
+    :data:`USER_ERRORS` only: bad values, missing data, unknown models, unavailable devices, unreadable
+    or unfit checkpoints; argparse's errors exit 2 in one line too, see :class:`ArgumentParser`);
+    128+signal after a signal stop (final checkpoint written); ``EXIT_NON_FINITE`` (3) when the loss
+    became NaN/inf. Any other exception is a bug and keeps its traceback. Set ``RECURZOO_TRACEBACK=1``
+    to see the traceback of a user error too.
     """
     module = sys.modules.get(getattr(main, "__module__", ""), None)
     spec = getattr(module, "__spec__", None)
@@ -234,7 +339,7 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Seque
         print(f"error: {error}; the last good checkpoint is kept", file=sys.stderr)
         sys.exit(EXIT_NON_FINITE)
     except USER_ERRORS as error:
-        if os.environ.get("RECURZOO_TRACEBACK"):
+        if os.environ.get("RECURZOO_TRACEBACK", "").strip() not in ("", "0"):
             raise
         print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         sys.exit(EXIT_USAGE)

@@ -34,6 +34,7 @@ import os
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -43,16 +44,25 @@ from timm.utils import NativeScaler, random_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from recurzoo.checkpoint import load_state_dict, read_checkpoint, read_safetensors_metadata, unwrap_state_dict
+from recurzoo.checkpoint import (
+    atomic_write,
+    load_state_dict,
+    read_checkpoint,
+    read_safetensors_metadata,
+    unwrap_state_dict,
+)
 from recurzoo.plots import plot_curves
 from recurzoo.train.arguments import (
+    MODEL_ARGUMENT_ERRORS,
     ParseKwargs,
+    UsageError,
     add_fault_arguments,
     add_run_arguments,
     add_step_arguments,
     parse_args_with_config,
     run_cli,
     training_parser,
+    user_option,
 )
 from recurzoo.train.data import (
     DatasetWarning,
@@ -146,7 +156,7 @@ def load_dataset_config(path: str) -> Dict[str, DatasetSpec]:
                 mask.get("suffix") if mask else None,
             )
         except (KeyError, TypeError) as error:
-            raise ValueError(
+            raise UsageError(
                 f"{path}: dataset {name!r} needs root, image: {{path, suffix}} and mask: {{path, suffix}}"
                 f" ({error!r} missing or malformed)"
             ) from None
@@ -197,7 +207,7 @@ def find_pairs(spec: DatasetSpec, require_masks: bool = True) -> List[Sample]:
             raise FileNotFoundError(f"dataset {spec.name!r}: mask folder {spec.mask_dir} does not exist")
         masks = _list_images(spec.mask_dir, spec.mask_suffix)
     elif require_masks:
-        raise ValueError(
+        raise UsageError(
             f"dataset {spec.name!r}: no mask folder (looked for {', '.join(m for _, m in KNOWN_LAYOUTS)} "
             f"beside the images in {spec.image_dir})"
         )
@@ -232,7 +242,7 @@ def find_pairs(spec: DatasetSpec, require_masks: bool = True) -> List[Sample]:
         )
     if not samples:
         what = "image/mask pairs (files matched by name)" if require_masks else "images"
-        raise ValueError(
+        raise UsageError(
             f"dataset {spec.name!r}: no readable {what} in {spec.image_dir}"
             + (f" and {spec.mask_dir}" if spec.mask_dir else "")
         )
@@ -240,19 +250,26 @@ def find_pairs(spec: DatasetSpec, require_masks: bool = True) -> List[Sample]:
 
 
 def read_rgb(path: str) -> Optional[np.ndarray]:
-    """An RGB uint8 array, or ``None`` when the file cannot be decoded."""
-    import cv2
+    """An RGB uint8 array read by :func:`recurzoo.images.read_image` (EXIF orientation, 16-bit samples
+    scaled, the decompression-bomb limit), or ``None`` when the file cannot be decoded."""
+    from recurzoo.images import ImageError, read_image
 
-    bgr = cv2.imread(path, cv2.IMREAD_COLOR)
-    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    try:
+        return read_image(path)
+    except (ImageError, OSError):
+        return None
 
 
 def read_mask(path: str) -> Optional[np.ndarray]:
-    """A binary float32 mask (pixels > 0 are the object), or ``None`` when undecodable."""
-    import cv2
+    """A binary float32 mask (grey levels > 0 are the object; a colour mask by its luma, as OpenCV's
+    ``IMREAD_GRAYSCALE``) read by :func:`recurzoo.images.open_image`, or ``None`` when undecodable."""
+    from recurzoo.images import ImageError, open_image
 
-    gray = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
-    return None if gray is None else (gray > 0).astype(np.float32)
+    try:
+        gray = np.asarray(open_image(path).convert("L"))
+    except (ImageError, OSError):
+        return None
+    return (gray > 0).astype(np.float32)
 
 
 def resize_array(array: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -310,7 +327,7 @@ class CamouflageTrainSet(Dataset):
         augment: bool = True,
     ) -> None:
         if not samples:
-            raise ValueError("CamouflageTrainSet: no samples")
+            raise UsageError("CamouflageTrainSet: no samples")
         self.samples = list(samples)
         self.base_size = base_size
         self.scales = tuple(scales)
@@ -492,7 +509,8 @@ def metrics_markdown(results: Mapping[str, Mapping[str, float]], title: str = ""
     ]
     for name, values in results.items():
         cells = " | ".join(f"{values[key]:.3f}" for key, _ in METRIC_COLUMNS)
-        lines.append(f"| {name} | {values['images']} | {cells} |")
+        left_out = f" ({values['unreadable']} unreadable left out)" if values.get("unreadable") else ""
+        lines.append(f"| {name} | {values['images']}{left_out} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -523,7 +541,6 @@ def evaluate(
     ``out_dir/<dataset>/<name>.png`` when ``save_masks``; the metrics go to ``out_dir/metrics.json``
     and ``out_dir/metrics.md`` when ``out_dir`` is given. Returns ``{dataset: metrics}``.
     """
-    import cv2
 
     was_training = model.training
     model.eval()
@@ -534,6 +551,7 @@ def evaluate(
             CamouflageTestSet(samples, base_size, scales), batch_size=batch_size, shuffle=False, num_workers=workers
         )
         metrics = CODMetrics() if all(s.mask_path for s in samples) else None
+        unreadable = []
         for batch in progress_bar(loader, desc=f"eval {dataset_name}", enabled=show_progress):
             autocast = torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda" else nullcontext()
             with autocast:
@@ -542,27 +560,38 @@ def evaluate(
             for probability, index, height, width in zip(
                 probabilities, batch["index"].tolist(), batch["height"].tolist(), batch["width"].tolist()
             ):
-                if not height:
-                    continue  # undecodable image (warned by the dataset)
                 sample = samples[index]
+                if not height:
+                    unreadable.append(sample.image_path)  # undecodable image (warned by the dataset)
+                    continue
                 prediction = np.clip(resize_array(probability, height, width) * 255.0 + 0.5, 0, 255).astype(np.uint8)
                 if save_masks and out_dir:
                     _save_png(os.path.join(out_dir, dataset_name, sample.name + ".png"), prediction)
                 if metrics is not None:
-                    gray = cv2.imread(sample.mask_path, cv2.IMREAD_GRAYSCALE)
-                    mask = np.where(gray > 0, 255, 0).astype(np.uint8)
+                    binary = read_mask(sample.mask_path)
+                    if binary is None:
+                        unreadable.append(sample.mask_path)
+                        warnings.warn(f"cannot decode {sample.mask_path}: left out", DatasetWarning, stacklevel=2)
+                        continue
+                    mask = (binary * 255).astype(np.uint8)
                     if mask.shape != prediction.shape:
                         prediction = resize_array(probability, *mask.shape)
                         prediction = np.clip(prediction * 255.0 + 0.5, 0, 255).astype(np.uint8)
                     metrics.step(prediction, mask)
+        if unreadable:
+            warnings.warn(
+                f"dataset {dataset_name!r}: {len(unreadable)} of {len(samples)} samples unreadable during "
+                f"evaluation, left out of its metrics: {summarize(unreadable)}",
+                DatasetWarning,
+                stacklevel=2,
+            )
         if metrics is not None and metrics.count:
-            results[dataset_name] = metrics.results()
+            results[dataset_name] = dict(metrics.results(), unreadable=len(unreadable))
     if out_dir and results:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2)
-        with open(os.path.join(out_dir, "metrics.md"), "w", encoding="utf-8") as handle:
-            handle.write(metrics_markdown(results, title="Camouflaged object detection"))
+        text = json.dumps(results, indent=2)
+        table = metrics_markdown(results, title="Camouflaged object detection")
+        atomic_write(os.path.join(out_dir, "metrics.json"), lambda temporary: Path(temporary).write_text(text))
+        atomic_write(os.path.join(out_dir, "metrics.md"), lambda temporary: Path(temporary).write_text(table))
     model.train(was_training)
     return results
 
@@ -583,15 +612,17 @@ def build_model(
 
     if model:
         if model not in recurzoo.list_models("msrnet_*"):
-            raise ValueError(
+            raise UsageError(
                 f"unknown COD model {model!r}; registered: {', '.join(recurzoo.list_models('msrnet_*'))}"
                 f" (or give a timm backbone name with --backbone)"
             )
-        network = recurzoo.create_model(model, pretrained_backbone=pretrained_backbone, **kwargs)
+        with user_option("--model with --model-kwargs", *MODEL_ARGUMENT_ERRORS):
+            network = recurzoo.create_model(model, pretrained_backbone=pretrained_backbone, **kwargs)
     elif backbone:
-        network = create_cod_model(backbone, pretrained_backbone=pretrained_backbone, **kwargs)
+        with user_option("--backbone with --model-kwargs", *MODEL_ARGUMENT_ERRORS):
+            network = create_cod_model(backbone, pretrained_backbone=pretrained_backbone, **kwargs)
     else:
-        raise ValueError("give --model (a registered msrnet_* model) or --backbone (any timm backbone)")
+        raise UsageError("give --model (a registered msrnet_* model) or --backbone (any timm backbone)")
     # how to build it again: stored with the checkpoints, so that evaluation needs only the weights
     network.cod_config = dict(model=model, backbone=None if model else backbone, kwargs=kwargs)
     return network
@@ -625,7 +656,7 @@ def load_model(
     state, config = _read_state(checkpoint)
     if not model and not backbone:
         if config is None:
-            raise ValueError(f"checkpoint {checkpoint} does not record its model: give --model")
+            raise UsageError(f"checkpoint {checkpoint} does not record its model: give --model")
         model, backbone = config.get("model"), config.get("backbone")
         kwargs = dict(config.get("kwargs", {}), **kwargs)
     network = build_model(model, backbone, **kwargs)
@@ -633,7 +664,7 @@ def load_model(
         network.load_state_dict(checkpoint_filter_fn(state, network))
     except RuntimeError as error:
         name = model or backbone
-        raise ValueError(f"checkpoint {checkpoint} does not fit {name}: {str(error).splitlines()[0]}") from None
+        raise UsageError(f"checkpoint {checkpoint} does not fit {name}: {str(error).splitlines()[0]}") from None
     return network
 
 
@@ -721,11 +752,11 @@ def _format_metrics(values: Mapping[str, float]) -> str:
 
 def _check_batches(num_samples: int, batch_size: int, world_size: int) -> None:
     if batch_size < 2:
-        raise ValueError(
+        raise UsageError(
             "--batch-size must be at least 2: the decoder's global-context BatchNorm normalizes one value per image"
         )
     if num_samples < batch_size * world_size:
-        raise ValueError(
+        raise UsageError(
             f"the training data ({num_samples} pairs) is smaller than one batch ({batch_size} x {world_size} processes)"
         )
 
@@ -749,7 +780,7 @@ class _Training(StepTraining):
         train_sets = _datasets(args.train_sets, config) if not args.evaluate else {}
         test_sets = _datasets(args.test_sets, config)
         if args.evaluate and not test_sets:
-            raise ValueError("--evaluate needs --test-sets")
+            raise UsageError("--evaluate needs --test-sets")
         if not args.evaluate:
             _check_batches(sum(len(samples) for samples in train_sets.values()), args.batch_size, context.world_size)
         kwargs = dict(args.model_kwargs, pretrained_backbone=args.pretrained_backbone)

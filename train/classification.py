@@ -49,6 +49,7 @@ from torch import nn
 
 from recurzoo.train.arguments import (
     ParseKwargs,
+    UsageError,
     add_epoch_arguments,
     add_fault_arguments,
     add_run_arguments,
@@ -56,8 +57,9 @@ from recurzoo.train.arguments import (
     run_cli,
     save_args_yaml,
     training_parser,
+    user_option,
 )
-from recurzoo.train.data import create_image_dataset
+from recurzoo.train.data import NO_SPLIT, create_image_dataset
 from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
 from recurzoo.train.loops import EpochTraining
 from recurzoo.train.resume import (
@@ -72,6 +74,7 @@ from recurzoo.train.validate import (
     autocast,
     checkpoint_num_classes,
     create_eval_loader,
+    create_named_model,
     dataset_num_classes,
     evaluate,
     load_weights,
@@ -115,11 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("data")
     group.add_argument("--data-dir", required=True, help="dataset root (e.g. an ImageFolder with train/ and val/)")
     group.add_argument("--dataset", default="", help="timm dataset type ('' = folder/tar, torch/..., hfds/...)")
-    group.add_argument("--train-split", default="train", help="training split (sub-folder for folders)")
+    group.add_argument(
+        "--train-split", default="train", help="training split: a sub-folder of --data-dir ('.' for --data-dir itself)"
+    )
     group.add_argument(
         "--val-split",
         default="validation",
-        help="evaluation split (timm also looks for val/ and eval/); '' for no evaluation",
+        help="evaluation split: a sub-folder of --data-dir (val/, eval/ are found for 'validation'); "
+        "'none' to train without evaluation. A missing split is an error, never the training images",
     )
     group.add_argument("--class-map", default="", help="file mapping class folder names to indices")
     group.add_argument("--dataset-download", action="store_true", help="let torch/ and tfds/ datasets download")
@@ -228,7 +234,7 @@ class KnowledgeDistillationLoss(nn.Module):
         from timm.loss import SoftTargetCrossEntropy
 
         if temperature <= 0 or not 0.0 <= weight <= 1.0:
-            raise ValueError(
+            raise UsageError(
                 f"knowledge distillation: need --kd-temperature > 0 and 0 <= --kd-weight <= 1, "
                 f"received {temperature} and {weight}"
             )
@@ -277,20 +283,18 @@ class KnowledgeDistillationLoss(nn.Module):
 
 def create_teacher(args: argparse.Namespace, num_classes: int) -> nn.Module:
     """The frozen teacher: timm's pretrained weights or ``--teacher-checkpoint``, with ``num_classes`` outputs."""
-    import timm
-
     pretrained = args.teacher_pretrained if args.teacher_pretrained is not None else not args.teacher_checkpoint
-    kwargs = dict(args.teacher_kwargs)
-    teacher = timm.create_model(args.teacher, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    kwargs = dict(args.teacher_kwargs, num_classes=num_classes)
+    teacher = create_named_model(args.teacher, pretrained, "--teacher", "--teacher-checkpoint", **kwargs)
     if args.teacher_checkpoint:
         fresh = load_weights(teacher, read_weights(args.teacher_checkpoint), source=args.teacher_checkpoint)
         if fresh:
-            raise ValueError(
+            raise UsageError(
                 f"--teacher-checkpoint {args.teacher_checkpoint}: its classifier does not have the "
                 f"{num_classes} classes of the data, so the teacher could not teach them"
             )
     elif pretrained and teacher.pretrained_cfg.get("num_classes") not in (None, num_classes):
-        raise ValueError(
+        raise UsageError(
             f"--teacher {args.teacher}: its pretrained classifier has "
             f"{teacher.pretrained_cfg['num_classes']} classes, the data {num_classes}; give a "
             f"--teacher-checkpoint fine-tuned on these classes"
@@ -311,6 +315,7 @@ class _Training(EpochTraining):
         super().__init__(args, context, "classification")
         self.eval_metric = args.eval_metric
         self.skipped_images = 0
+        self.skipped_eval_images = 0
 
     # ----------------------------------------------------------------------------------- set-up
     def _datasets(self) -> None:
@@ -323,13 +328,48 @@ class _Training(EpochTraining):
             args.data_dir,
             args.train_split,
             skip_unreadable="training set",
+            split_flag="--train-split",
             is_training=True,
             **common_kwargs,
         )
         self.eval_set = None
-        if args.val_split:
+        if args.val_split.strip().lower() not in NO_SPLIT:
             self.eval_set = create_image_dataset(
-                args.dataset, args.data_dir, args.val_split, is_training=False, **common_kwargs
+                args.dataset,
+                args.data_dir,
+                args.val_split,
+                skip_unreadable="validation set",
+                leave_out=True,
+                split_flag="--val-split",
+                is_training=False,
+                **common_kwargs,
+            )
+        else:
+            self.logger.info("--val-split none: training without evaluation (model_best is not written)")
+        self._check_classes()
+
+    def _check_classes(self) -> None:
+        """Before anything is built: ``--num-classes`` and the evaluation split agree with the training
+        split's classes (labels of another count fall outside the classifier, or mean other classes)."""
+        args = self.args
+        if args.num_classes is not None and args.num_classes < 1:
+            raise UsageError(f"--num-classes: expected a positive class count, received {args.num_classes}")
+        found = dataset_num_classes(self.train_set)
+        where = f"--data-dir {args.data_dir} --train-split {args.train_split}"
+        if args.num_classes and found and args.num_classes != found:
+            raise UsageError(
+                f"--num-classes {args.num_classes}: {where} has {found} classes; give --num-classes {found} "
+                "(or leave it out), or a --class-map that maps the class folders to the classifier's outputs"
+            )
+        train_map = _class_to_idx(self.train_set)
+        eval_map = _class_to_idx(self.eval_set) if self.eval_set is not None else None
+        if train_map and eval_map and eval_map != train_map:
+            only_train = ", ".join(sorted(set(train_map) - set(eval_map))) or "none"
+            only_eval = ", ".join(sorted(set(eval_map) - set(train_map))) or "none"
+            raise UsageError(
+                f"--val-split {args.val_split}: its classes differ from those of {where} (only in training: "
+                f"{only_train}; only in evaluation: {only_eval}), so its labels would mean other classes; give "
+                "both splits the same class folders, or a --class-map"
             )
 
     def _model(self) -> None:
@@ -345,14 +385,14 @@ class _Training(EpochTraining):
             or None
         )
         if not self.num_classes:
-            raise ValueError(f"--data-dir {args.data_dir}: cannot tell the class count, give --num-classes")
+            raise UsageError(f"--data-dir {args.data_dir}: cannot tell the class count, give --num-classes")
         args.num_classes = self.num_classes
         kwargs = dict(num_classes=self.num_classes, drop_rate=args.drop)
         if args.drop_path is not None:
             kwargs["drop_path_rate"] = args.drop_path
         kwargs.update(args.model_kwargs)
         random_seed(args.seed)  # the same initial weights on every rank
-        model = recurzoo.create_model(args.model, pretrained=args.pretrained, **kwargs)
+        model = create_named_model(args.model, args.pretrained, "--model", "--initial-checkpoint", **kwargs)
         if weights is not None:
             fresh = load_weights(model, weights, source=args.initial_checkpoint)
             self.logger.info(f"loaded {args.initial_checkpoint}" + (f"; new classifier {fresh}" if fresh else ""))
@@ -365,41 +405,51 @@ class _Training(EpochTraining):
         from timm.data import create_loader
 
         args, context, config = self.args, self.context, self.data_config
-        self.train_loader = create_loader(
-            self.train_set,
-            input_size=config["input_size"],
-            batch_size=args.batch_size,
-            is_training=True,
-            no_aug=args.no_aug,
-            re_prob=args.reprob,
-            re_mode=args.remode,
-            re_count=args.recount,
-            scale=tuple(args.scale),
-            ratio=tuple(args.ratio),
-            hflip=args.hflip,
-            vflip=args.vflip,
-            color_jitter=args.color_jitter,
-            auto_augment=args.aa,
-            interpolation=args.train_interpolation,
-            mean=config["mean"],
-            std=config["std"],
-            num_workers=args.workers,
-            distributed=context.distributed,
-            pin_memory=context.device.type == "cuda",
-            device=context.device,
-            use_prefetcher=False,
-            persistent_workers=False,
-        )  # workers seeded afresh each epoch, as a resumed run seeds them
+        with user_option(
+            "--train-interpolation/--aa/--remode/--scale/--ratio/--color-jitter",
+            KeyError,
+            ValueError,
+            AssertionError,
+            TypeError,
+        ):
+            self.train_loader = create_loader(
+                self.train_set,
+                input_size=config["input_size"],
+                batch_size=args.batch_size,
+                is_training=True,
+                no_aug=args.no_aug,
+                re_prob=args.reprob,
+                re_mode=args.remode,
+                re_count=args.recount,
+                scale=tuple(args.scale),
+                ratio=tuple(args.ratio),
+                hflip=args.hflip,
+                vflip=args.vflip,
+                color_jitter=args.color_jitter,
+                auto_augment=args.aa,
+                interpolation=args.train_interpolation,
+                mean=config["mean"],
+                std=config["std"],
+                num_workers=args.workers,
+                distributed=context.distributed,
+                pin_memory=context.device.type == "cuda",
+                device=context.device,
+                use_prefetcher=False,
+                persistent_workers=False,
+            )  # workers seeded afresh each epoch, as a resumed run seeds them
         if len(self.train_loader) == 0:
-            raise ValueError(
+            raise UsageError(
                 f"--data-dir {args.data_dir}: {len(self.train_set)} training images make no full "
                 f"batch of {args.batch_size} per process; lower --batch-size"
             )
         self.eval_loader = None
         if self.eval_set is not None:
-            self.eval_loader = create_eval_loader(
-                self.eval_set, config, args.validation_batch_size or args.batch_size, args.workers, context
-            )
+            with user_option(
+                "--interpolation/--crop-mode/--mean/--std/--img-size", KeyError, ValueError, AssertionError, TypeError
+            ):
+                self.eval_loader = create_eval_loader(
+                    self.eval_set, config, args.validation_batch_size or args.batch_size, args.workers, context
+                )
 
     def _objective(self) -> None:
         from timm.data import Mixup
@@ -409,7 +459,7 @@ class _Training(EpochTraining):
         self.mixup = None
         if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
             if args.batch_size % 2:
-                raise ValueError(f"--mixup/--cutmix need an even --batch-size, received {args.batch_size}")
+                raise UsageError(f"--mixup/--cutmix need an even --batch-size, received {args.batch_size}")
             self.mixup = Mixup(
                 mixup_alpha=args.mixup,
                 cutmix_alpha=args.cutmix,
@@ -449,30 +499,32 @@ class _Training(EpochTraining):
             extra["eps"] = args.opt_eps
         if args.opt_betas is not None:
             extra["betas"] = tuple(args.opt_betas)
-        self.optimizer = create_optimizer_v2(
-            self.model,
-            opt=args.opt,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            momentum=args.momentum,
-            layer_decay=args.layer_decay,
-            **extra,
-        )
-        self.scheduler, self.num_epochs = create_scheduler_v2(
-            self.optimizer,
-            sched=args.sched,
-            num_epochs=args.epochs,
-            decay_epochs=args.decay_epochs,
-            decay_milestones=list(args.decay_milestones),
-            cooldown_epochs=args.cooldown_epochs,
-            decay_rate=args.decay_rate,
-            min_lr=args.min_lr,
-            warmup_lr=args.warmup_lr,
-            warmup_epochs=args.warmup_epochs,
-            warmup_prefix=args.warmup_prefix,
-            step_on_epochs=not args.sched_on_updates,
-            updates_per_epoch=len(self.train_loader),
-        )
+        with user_option(f"--opt {args.opt}", ValueError, TypeError, AssertionError):
+            self.optimizer = create_optimizer_v2(
+                self.model,
+                opt=args.opt,
+                lr=args.lr,
+                weight_decay=args.weight_decay,
+                momentum=args.momentum,
+                layer_decay=args.layer_decay,
+                **extra,
+            )
+        with user_option(f"--sched {args.sched}", ValueError, TypeError, AssertionError):
+            self.scheduler, self.num_epochs = create_scheduler_v2(
+                self.optimizer,
+                sched=args.sched,
+                num_epochs=args.epochs,
+                decay_epochs=args.decay_epochs,
+                decay_milestones=list(args.decay_milestones),
+                cooldown_epochs=args.cooldown_epochs,
+                decay_rate=args.decay_rate,
+                min_lr=args.min_lr,
+                warmup_lr=args.warmup_lr,
+                warmup_epochs=args.warmup_epochs,
+                warmup_prefix=args.warmup_prefix,
+                step_on_epochs=not args.sched_on_updates,
+                updates_per_epoch=len(self.train_loader),
+            )
         self.scaler = None
         if args.amp and args.amp_dtype == "float16" and self.context.device.type == "cuda":
             self.scaler = NativeScaler(device="cuda")
@@ -543,6 +595,11 @@ class _Training(EpochTraining):
         best, eval_metrics = self.train_epochs(start_epoch)
         if best[0] is not None:
             self.logger.info(f"best {args.eval_metric} {best[0]:.4f} at epoch {best[1]}")
+        if self.skipped_images or self.skipped_eval_images:
+            self.logger.warning(
+                f"unreadable images: {self.skipped_images} training samples skipped in all, "
+                f"{self.skipped_eval_images} validation images left out of each evaluation"
+            )
         return dict(
             best_metric=best[0],
             best_epoch=best[1],
@@ -551,6 +608,7 @@ class _Training(EpochTraining):
             summary=self.summary_path,
             output=args.output,
             skipped_images=self.skipped_images,
+            skipped_eval_images=self.skipped_eval_images,
         )
 
     def train_epoch(self, epoch: int, guard: RunGuard) -> Optional[Dict[str, float]]:
@@ -637,7 +695,11 @@ class _Training(EpochTraining):
         metrics = evaluate(
             self.model, self.eval_loader, self.context, args.amp, args.amp_dtype, show, desc=f"eval {epoch}"
         )
-        metrics.pop("images")
+        if metrics.pop("images") == 0:
+            raise UsageError(f"--val-split {args.val_split}: no readable image, nothing was evaluated")
+        skipper = getattr(self.eval_set, "skip_unreadable", None)
+        if skipper is not None:  # the same files at every evaluation: the last one's count is kept
+            self.skipped_eval_images = skipper.report(self.logger, f"eval {epoch}", self.context)
         if self.model_ema is not None:
             ema = evaluate(
                 self.model_ema.module,
@@ -652,6 +714,11 @@ class _Training(EpochTraining):
         if not all(math.isfinite(value) for value in metrics.values()):
             self.logger.warning(f"epoch {epoch}: non-finite evaluation metrics {dict(metrics)}")
         return metrics
+
+
+def _class_to_idx(dataset: Any) -> Dict[str, int]:
+    reader = getattr(dataset, "reader", None)
+    return dict(getattr(reader, "class_to_idx", None) or {})
 
 
 def _resolve_data_config(args: argparse.Namespace, model: nn.Module, verbose: bool) -> Dict[str, Any]:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from timm.data import ImageDataset
 
-from recurzoo.train.arguments import one_line
+from recurzoo.train.arguments import UsageError, one_line, user_option
 from recurzoo.train.distributed import DistributedContext
 
 __all__ = [
@@ -29,6 +29,9 @@ __all__ = [
     "seed_albumentations",
     "SkipUnreadable",
     "ImageFolderDataset",
+    "collate_readable",
+    "NO_SPLIT",
+    "split_folder",
     "create_image_dataset",
 ]
 
@@ -41,19 +44,26 @@ class UnreadableImageError(OSError):
     """An image file that cannot be decoded (missing, truncated, not an image); the message names it."""
 
 
-def image_size(path: str, verify: bool = False) -> Tuple[int, int]:
-    """``(height, width)`` from an image file's header; ``verify`` also checks the file's integrity
-    (PIL's ``verify``, which reads it whole). Raises :class:`UnreadableImageError` naming the file."""
+def image_size(path: str, verify: bool = False, max_pixels: Optional[int] = None) -> Tuple[int, int]:
+    """``(height, width)`` from an image file's header, checked by :func:`recurzoo.images.image_size`
+    (decompression-bomb limit ``max_pixels``); ``verify`` also checks the file's integrity (PIL's
+    ``verify``, which reads it without decoding). Raises :class:`UnreadableImageError` naming the file."""
     from PIL import Image
 
+    from recurzoo.images import ImageError
+    from recurzoo.images import image_size as header_size
+
     try:
-        with Image.open(path) as image:
-            if verify:
+        size = header_size(path, max_pixels)
+        if verify:
+            with Image.open(path) as image:
                 image.verify()
-            width, height = image.size
-    except Exception as error:  # PIL raises several types for broken files
+    except (ImageError, OSError) as error:
+        reason = one_line(error)
+        raise UnreadableImageError(reason if str(path) in reason else f"{path} ({reason})") from None
+    except Exception as error:  # PIL's verify raises several types for broken files
         raise UnreadableImageError(f"{path} ({type(error).__name__})") from None
-    return height, width
+    return size
 
 
 def seed_albumentations(transform: Any, seed: Optional[int]) -> Any:
@@ -83,10 +93,11 @@ class SkipUnreadable:
     call (once per epoch). ``max_consecutive`` unreadable samples in a row raise a ``ValueError``.
     """
 
-    def __init__(self, name: str, max_consecutive: int = 16) -> None:
+    def __init__(self, name: str, max_consecutive: int = 16, leaves_out: bool = False) -> None:
         import multiprocessing
 
         self.name = name
+        self.leaves_out = leaves_out  # an evaluation set's policy (drop), as the report says
         self.max_consecutive = max_consecutive
         self._count = multiprocessing.Value("q", 0)  # shared memory: inherited by the loader's workers
         self._reported = 0
@@ -99,21 +110,32 @@ class SkipUnreadable:
                 return load((index + offset) % length)
             except UnreadableImageError as error:
                 failures.append(str(error))
-                self._record(str(error))
-        raise ValueError(
+                self.record(str(error))
+        raise UsageError(
             f"{self.name}: {len(failures)} samples in a row from index {index} cannot be read "
             f"(e.g. {failures[0]}); is the dataset intact?"
         )
 
-    def _record(self, what: str) -> None:
+    def drop(self, load: Callable[[int], Any], index: int) -> Any:
+        """``load(index)``, or None (counted and warned about) when its image cannot be read: for
+        evaluation sets, whose loader leaves such samples out (:func:`collate_readable`) instead of
+        scoring another sample twice."""
+        try:
+            return load(index)
+        except UnreadableImageError as error:
+            self.record(str(error), replaced=False)
+            return None
+
+    def record(self, what: str, replaced: bool = True) -> None:
+        """Count one unreadable sample (``what`` names it) and warn about it once per file and process."""
         with self._count.get_lock():
             self._count.value += 1
             count = self._count.value
         if what not in self._warned:
             self._warned.add(what)
+            instead = "the next sample is used instead" if replaced else "it is left out"
             warnings.warn(
-                f"{self.name}: skipped an unreadable image, the next sample is used instead: {what} "
-                f"({count} skipped so far)",
+                f"{self.name}: skipped an unreadable image, {instead}: {what} ({count} skipped so far)",
                 DatasetWarning,
                 stacklevel=3,
             )
@@ -133,62 +155,147 @@ class SkipUnreadable:
             dist.all_reduce(total)
             new = int(total.item())
         if new:
-            logger.warning(
-                f"{when}: {new} unreadable images of the {self.name} skipped (each replaced by the next "
-                f"readable sample); remove or repair them"
-            )
+            how = "left out" if self.leaves_out else "each replaced by the next readable sample"
+            logger.warning(f"{when}: {new} unreadable images of the {self.name} skipped ({how}); remove or repair them")
         return new
 
 
 class ImageFolderDataset(ImageDataset):
-    """timm's ``ImageDataset`` (folder or tar reader) whose undecodable images are replaced by the next
-    readable sample under :class:`SkipUnreadable`: counted and named in a warning, where timm only logs
-    the index. timm's own loading runs with a single attempt, so that every failure comes back here."""
+    """timm's ``ImageDataset`` (folder or tar reader) whose images are read by
+    :func:`recurzoo.images.open_image` (EXIF orientation, 16-bit samples scaled, every mode converted
+    explicitly, the decompression-bomb limit ``max_pixels``), and whose unreadable images are
+    counted and named in a warning (:class:`SkipUnreadable`) where timm only logs an index: in
+    training (``leave_out=False``) replaced by the next readable sample, in evaluation
+    (``leave_out=True``) returned as None, for :func:`collate_readable` to leave out."""
 
-    def __init__(self, *args: Any, unreadable_name: str = "training set", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        unreadable_name: str = "training set",
+        leave_out: bool = False,
+        max_pixels: Optional[int] = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self._max_retries = 1
-        self.skip_unreadable = SkipUnreadable(unreadable_name)
+        self.leave_out = leave_out
+        self.max_pixels = max_pixels
+        self.skip_unreadable = SkipUnreadable(unreadable_name, leaves_out=leave_out)
 
     def __getitem__(self, index: int) -> Any:
+        if self.leave_out:
+            return self.skip_unreadable.drop(self._load, index)
         return self.skip_unreadable(self._load, index, len(self))
 
-    def _load(self, index: int) -> Any:
-        from PIL import Image
+    def _read(self, handle: Any, path: str) -> Any:
+        from recurzoo.images import ImageError, open_image
 
         try:
-            return super().__getitem__(index)
-        except RuntimeError as error:  # timm's "Failed to load 1 consecutive samples": an OSError it logged
-            if "consecutive samples" not in str(error):
-                raise
-            reason = "cannot be decoded"
-        except (SyntaxError, Image.DecompressionBombError) as error:  # raised by PIL, not caught by timm
-            reason = f"{type(error).__name__}: {one_line(error)}"
-        raise UnreadableImageError(f"{self.filename(index, absolute=True)} ({reason})")
+            if self.load_bytes:
+                return handle.read()
+            image = open_image(path if os.path.isfile(path) else handle, self.max_pixels)
+        except (ImageError, OSError) as error:
+            reason = one_line(error) if os.path.isfile(path) else type(error).__name__
+            raise UnreadableImageError(reason if path in reason else f"{path} ({reason})") from None
+        finally:
+            if hasattr(handle, "close"):
+                handle.close()
+        return image.convert(self.input_img_mode) if self.input_img_mode not in (None, "", "RGB") else image
+
+    def _load(self, index: int) -> Any:
+        handle, target, *features = self.reader[index]
+        image = self._read(handle, self.filename(index, absolute=True))
+        if self.transform is not None:
+            image = self.transform(image)
+        if target is None:
+            target = -1
+        elif self.target_transform is not None:
+            target = self.target_transform(target)
+        return (image, target) if self.additional_features is None else (image, target, *features)
+
+
+def collate_readable(batch: Sequence[Any]) -> Any:
+    """torch's ``default_collate`` of the samples that are not None (unreadable images an evaluation set
+    left out); None when none is left."""
+    from torch.utils.data import default_collate
+
+    kept = [sample for sample in batch if sample is not None]
+    return default_collate(kept) if kept else None
+
+
+NO_SPLIT = ("none", "")
+# The sub-folder names timm's create_dataset also tries for a split of these names (its synonyms).
+_SPLIT_SYNONYMS = (("train", "training"), ("validation", "val", "evaluation", "eval"))
+
+
+def split_folder(root: str, split: str, flag: str = "--data-dir", split_flag: str = "--split") -> str:
+    """The folder of ``split`` under the dataset folder ``root``, never ``root`` in its place.
+
+    ``root/split`` when it exists, else the first existing synonym timm accepts for that split
+    (``val``/``eval`` for ``validation``, ``training`` for ``train``); ``split='.'`` is ``root`` itself
+    (class folders directly under it). timm's own search falls back to the whole of ``root``, so that
+    training would "evaluate" on its training images; here that is an error.
+
+    Raises:
+        FileNotFoundError: naming the folders looked for, ``split_flag`` and how to choose another split.
+    """
+    name = split.split("[")[0]
+    tried = next((group for group in _SPLIT_SYNONYMS if name in group), (name,))
+    tried = (name,) + tuple(other for other in tried if other != name)
+    for candidate in tried:
+        folder = os.path.join(root, candidate)
+        if os.path.isdir(folder):
+            return os.path.normpath(folder)
+    looked = "/, ".join(tried) + "/"
+    hint = f"give {split_flag} NAME (a sub-folder), or {split_flag} . for the class folders in {flag} itself"
+    if name in _SPLIT_SYNONYMS[1]:
+        hint += f", or {split_flag} none for no evaluation"
+    raise FileNotFoundError(f"{split_flag} {split}: {flag} {root} has no {looked} folder for this split; {hint}")
 
 
 def create_image_dataset(
-    name: str, root: str, split: str, skip_unreadable: Optional[str] = None, flag: str = "--data-dir", **kwargs: Any
+    name: str,
+    root: str,
+    split: str,
+    skip_unreadable: Optional[str] = None,
+    flag: str = "--data-dir",
+    split_flag: str = "--split",
+    leave_out: bool = False,
+    **kwargs: Any,
 ) -> Any:
     """timm's ``create_dataset(name, root=root, split=split, **kwargs)`` that fails clearly before training.
 
-    A missing folder raises ``FileNotFoundError`` and a split without images ``ValueError``, both naming
-    ``flag`` and the path. With ``skip_unreadable`` (a name such as ``'training set'``) a folder or tar
-    dataset becomes an :class:`ImageFolderDataset`, whose undecodable images are skipped with a
-    counted warning (``dataset.skip_unreadable``).
+    A folder dataset reads the split's own folder (:func:`split_folder`: a missing split is a
+    ``FileNotFoundError`` naming ``split_flag``, never the whole of ``root`` in its place). A tar
+    file holds one split only: it takes ``split='.'``. A missing folder raises ``FileNotFoundError``
+    and a split without images ``ValueError``, both naming ``flag`` and the path. With
+    ``skip_unreadable`` (a name such as ``'training set'``) a folder or tar dataset becomes an
+    :class:`ImageFolderDataset` reading through :mod:`recurzoo.images`, whose undecodable images are
+    skipped with a counted warning (``dataset.skip_unreadable``): replaced by the next readable one,
+    or with ``leave_out`` (evaluation sets) left out by the loader's :func:`collate_readable`.
     """
     from timm.data import create_dataset
 
-    if not name and not os.path.exists(root):
+    folder_like = not name or name.split("/")[0] in ("folder", "imagefolder", "tar")
+    given = root
+    if folder_like and not os.path.exists(root):
         raise FileNotFoundError(f"{flag} {root}: no such folder or file")
+    if folder_like and os.path.isdir(root):
+        root = split_folder(root, split, flag, split_flag)
+        kwargs["search_split"] = False
+    elif folder_like and split != ".":
+        raise UsageError(
+            f"{split_flag} {split}: {flag} {root} is a file (a tar), read whole as one split; give "
+            f"{split_flag} . for it, or a folder with one sub-folder per split"
+        )
     try:
-        dataset = create_dataset(name, root=root, split=split, **kwargs)
+        with user_option(f"--dataset {name!r}", ValueError, AssertionError, TypeError):
+            dataset = create_dataset(name, root=root, split=split, **kwargs)
     except RuntimeError as error:
         if "Found 0 images" not in str(error):
             raise
-        raise ValueError(f"{flag} {root}: no images for split {split!r} ({one_line(error)})") from None
+        raise UsageError(f"{flag} {given}: no images for split {split!r} ({one_line(error)})") from None
     if not isinstance(dataset, torch.utils.data.IterableDataset) and len(dataset) == 0:
-        raise ValueError(f"{flag} {root}: split {split!r} holds no images")
+        raise UsageError(f"{flag} {given}: split {split!r} holds no images")
     if skip_unreadable and type(dataset) is ImageDataset:
         dataset = ImageFolderDataset(
             root,
@@ -199,5 +306,6 @@ def create_image_dataset(
             target_transform=dataset.target_transform,
             additional_features=dataset.additional_features,
             unreadable_name=skip_unreadable,
+            leave_out=leave_out,
         )
     return dataset

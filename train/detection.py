@@ -38,16 +38,23 @@ from timm.utils import random_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from recurzoo.checkpoint import CheckpointError
+from recurzoo.registry import UnknownModelError
 from recurzoo.train.arguments import (
+    MODEL_ARGUMENT_ERRORS,
     ParseKwargs,
+    UsageError,
     add_epoch_arguments,
     add_fault_arguments,
     add_run_arguments,
+    one_line,
     parse_args_with_config,
     run_cli,
     save_args_yaml,
     training_parser,
+    user_option,
 )
+from recurzoo.train.data import SkipUnreadable, UnreadableImageError
 from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
 from recurzoo.train.loops import EpochTraining
 from recurzoo.train.resume import (
@@ -155,6 +162,9 @@ class CocoDetection(Dataset):
 
     Crowd annotations and boxes without area are left out; in training (``train=True``) so are
     images left without annotations, and images are flipped horizontally with probability ``hflip``.
+    Images are read by :func:`recurzoo.images.open_image`; one that cannot be read is counted and
+    warned about (``skip_unreadable``): in training replaced by the next image, in evaluation
+    returned as None, left out by :func:`collate` and of the COCO scores.
     """
 
     def __init__(
@@ -173,6 +183,7 @@ class CocoDetection(Dataset):
         self.ids = sorted(self.coco.getImgIds())
         if train:
             self.ids = [image_id for image_id in self.ids if self._annotations(image_id)]
+        self.skip_unreadable = SkipUnreadable("training set" if train else "validation set", leaves_out=not train)
 
     @property
     def num_classes(self) -> int:
@@ -186,14 +197,23 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        from PIL import Image
+    def __getitem__(self, index: int) -> Optional[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
+        if self.train:
+            return self.skip_unreadable(self._load, index, len(self))
+        return self.skip_unreadable.drop(self._load, index)
+
+    def _load(self, index: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         from torchvision.transforms.functional import pil_to_tensor
+
+        from recurzoo.images import ImageError, open_image
 
         image_id = self.ids[index]
         info = self.coco.loadImgs(image_id)[0]
-        with Image.open(os.path.join(self.image_dir, info["file_name"])) as handle:
-            image = pil_to_tensor(handle.convert("RGB")).float().div_(255)
+        path = os.path.join(self.image_dir, info["file_name"])
+        try:
+            image = pil_to_tensor(open_image(path)).float().div_(255)
+        except (ImageError, OSError) as error:
+            raise UnreadableImageError(one_line(error)) from None
         height, width = image.shape[-2:]
         annotations = self._annotations(image_id)
         boxes = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32).reshape(-1, 4)
@@ -221,8 +241,10 @@ class CocoDetection(Dataset):
 
 
 def collate(batch: Sequence[Any]) -> Tuple[Any, ...]:
-    """Lists of images and targets (sizes differ; the detector batches them)."""
-    return tuple(zip(*batch))
+    """Lists of images and targets (sizes differ; the detector batches them); unreadable samples (None)
+    left out, so a batch may be empty."""
+    kept = [sample for sample in batch if sample is not None]
+    return tuple(zip(*kept)) if kept else ((), ())
 
 
 def _paths(args: argparse.Namespace, split: str, images: Optional[str], annotations: Optional[str]) -> Tuple[str, str]:
@@ -310,7 +332,11 @@ def evaluate(
     share = Subset(dataset, range(context.rank, len(dataset), context.world_size))
     loader = DataLoader(share, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, collate_fn=collate)
     records: List[Dict[str, Any]] = []
+    evaluated: List[int] = []
     for images, targets in progress_bar(loader, desc="eval", enabled=context.is_main and not args.no_progress):
+        if not images:
+            continue
+        evaluated += [int(t["image_id"]) for t in targets]
         images = [image.to(context.device, non_blocking=True) for image in images]
         with autocast(context.device, args.amp, args.amp_dtype):
             outputs = model(images)
@@ -319,14 +345,24 @@ def evaluate(
         )
     if context.distributed:
         gathered: List[Any] = [None] * context.world_size
-        dist.all_gather_object(gathered, records)
-        records = [record for part in gathered for record in part]
+        dist.all_gather_object(gathered, (records, evaluated))
+        records = [record for part, _ in gathered for record in part]
+        evaluated = [image_id for _, part in gathered for image_id in part]
+    if not evaluated:
+        raise UsageError(f"{dataset.image_dir}: no readable image, nothing was evaluated")
     metrics: List[Any] = [None]
     if context.is_main:
         iou_types = ("bbox", "segm") if dataset.masks else ("bbox",)
-        scores, report = coco_evaluate(dataset.coco, records, dataset.ids, iou_types)
+        scores, report = coco_evaluate(dataset.coco, records, sorted(evaluated), iou_types)
+        left_out = len(dataset) - len(evaluated)
         if logger is not None and report:
-            logger.info("COCO evaluation (%d detections on %d images)\n%s", len(records), len(dataset), report)
+            logger.info(
+                "COCO evaluation (%d detections on %d images%s)\n%s",
+                len(records),
+                len(evaluated),
+                f"; {left_out} unreadable images left out" if left_out else "",
+                report,
+            )
         metrics = [scores]
     if context.distributed:
         dist.broadcast_object_list(metrics, src=0)
@@ -347,6 +383,7 @@ class _Training(EpochTraining):
     def __init__(self, args: argparse.Namespace, context: DistributedContext) -> None:
         super().__init__(args, context, "detection")
         self.eval_metric = "map"
+        self.skipped_images = 0
 
     def _setup(self) -> None:
         from timm.optim import create_optimizer_v2
@@ -367,7 +404,7 @@ class _Training(EpochTraining):
                 hflip=args.hflip,
             )
             if self.train_set.category_ids != self.val_set.category_ids:
-                raise ValueError("the training and evaluation annotation files list different categories")
+                raise UsageError("the training and evaluation annotation files list different categories")
         random_seed(args.seed)  # the same initial weights on every rank
         backbone_kwargs = dict(args.backbone_kwargs)
         if args.backbone_checkpoint:  # read safely here; timm's loader applies the family's filter to it
@@ -377,28 +414,38 @@ class _Training(EpochTraining):
 
             weights = clean_state_dict(read_state_dict(args.backbone_checkpoint))
             backbone_kwargs["pretrained_cfg_overlay"] = dict(state_dict=weights)
-        backbone = create_fpn_backbone(
-            args.backbone,
-            out_indices=args.out_indices,
-            fpn_channels=args.fpn_channels,
-            pretrained=args.pretrained_backbone or bool(args.backbone_checkpoint),
-            frozen_bn=args.frozen_bn,
-            **backbone_kwargs,
-        )
-        self.model = create_detector(
-            args.detector,
-            backbone,
-            self.val_set.num_classes,
-            min_size=args.min_size,
-            max_size=args.max_size,
-            anchor_scale=args.anchor_scale,
-            box_score_thresh=args.box_score_thresh,
-            box_detections_per_img=args.box_detections_per_img,
-            **args.detector_kwargs,
-        ).to(context.device)
-        self.optimizer = create_optimizer_v2(
-            self.model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
-        )
+        try:
+            backbone = create_fpn_backbone(
+                args.backbone,
+                out_indices=args.out_indices,
+                fpn_channels=args.fpn_channels,
+                pretrained=args.pretrained_backbone or bool(args.backbone_checkpoint),
+                frozen_bn=args.frozen_bn,
+                **backbone_kwargs,
+            )
+        except UnknownModelError as error:
+            raise UnknownModelError(f"--backbone: {error}") from None
+        except CheckpointError as error:
+            if args.backbone_checkpoint:  # its own message names the file
+                raise
+            local = "; or give its weights with --backbone-checkpoint FILE"
+            raise CheckpointError(f"--backbone {args.backbone}: {error}{local}") from None
+        with user_option(f"--detector {args.detector} with --detector-kwargs", *MODEL_ARGUMENT_ERRORS):
+            self.model = create_detector(
+                args.detector,
+                backbone,
+                self.val_set.num_classes,
+                min_size=args.min_size,
+                max_size=args.max_size,
+                anchor_scale=args.anchor_scale,
+                box_score_thresh=args.box_score_thresh,
+                box_detections_per_img=args.box_detections_per_img,
+                **args.detector_kwargs,
+            ).to(context.device)
+        with user_option("--opt", ValueError, TypeError, AssertionError):
+            self.optimizer = create_optimizer_v2(
+                self.model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
+            )
         self.train_loader = None
         self.scheduler, self.num_epochs = None, args.epochs
         if self.train_set is not None:
@@ -415,7 +462,7 @@ class _Training(EpochTraining):
                 persistent_workers=args.workers > 0,
             )
             if len(self.train_loader) == 0:
-                raise ValueError(
+                raise UsageError(
                     f"{len(self.train_set)} training images make no full batch of {args.batch_size} "
                     f"per process; lower --batch-size"
                 )
@@ -490,7 +537,10 @@ class _Training(EpochTraining):
             f"{context.world_size} process(es)"
         )
         best, eval_metrics = self.train_epochs(start_epoch)
+        if self.skipped_images:
+            self.logger.warning(f"unreadable images: {self.skipped_images} training samples skipped in all")
         return dict(
+            skipped_images=self.skipped_images,
             best_map=best[0],
             best_epoch=best[1],
             eval=eval_metrics,
@@ -553,6 +603,7 @@ class _Training(EpochTraining):
             if args.checkpoint_every and self.num_updates % args.checkpoint_every == 0 and index + 1 < total:
                 self.save_last(epoch, batches)
         bar.close()
+        self.skipped_images += self.train_set.skip_unreadable.report(self.logger, f"epoch {epoch}", context)
         keys = sorted(key for key in self.epoch_sums if key != "steps")
         sums = torch.tensor(
             [self.epoch_sums[key] for key in keys] + [self.epoch_sums.get("steps", 0)],

@@ -16,9 +16,10 @@
    normalized features are matched to the teacher's.
 
 The per-step error of the student (``||student - teacher||^2 / ||teacher - channel mean||^2`` on a
-fixed set of images) is logged before, between and after the stages. Any ImageFolder-style data (a
-folder of class folders, or one with a ``train`` sub-folder) works. Runs under ``torchrun`` for
-data-parallel training; ``--config`` reads option defaults from YAML. Both stages are loops of
+fixed set of images) is logged before, between and after the stages. Any ImageFolder-style data works:
+the ``--split`` sub-folder of ``--data-dir`` (``train``; ``--split .`` for class folders directly in it).
+Runs under ``torchrun`` for data-parallel training; ``--config`` reads option defaults from YAML. Both
+stages are loops of
 :class:`~recurzoo.train.loops.StepTraining` sharing one ``last.pt`` (atomic, with every rank's RNG
 state): ``--resume auto`` continues exactly, SIGTERM/SIGINT write a final checkpoint, a NaN/inf loss
 stops the run keeping the last one. The student ends in ``student.safetensors`` with
@@ -51,6 +52,7 @@ from recurzoo.checkpoint import load_state_dict, read_state_dict
 from recurzoo.plots import plot_curves, save_phase_heatmap
 from recurzoo.train.arguments import (
     ParseKwargs,
+    UsageError,
     add_fault_arguments,
     add_run_arguments,
     add_step_arguments,
@@ -131,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-step LoRA starting at zero or at the SVD of the teacher's per-step weights",
     )
     group = parser.add_argument_group("data")
-    group.add_argument("--data-dir", required=True, help="ImageFolder root (class sub-folders, or a train/ split)")
-    group.add_argument("--split", default="train", help="sub-folder of --data-dir to use if it exists")
+    group.add_argument("--data-dir", required=True, help="ImageFolder root with a --split sub-folder of class folders")
+    group.add_argument("--split", default="train", help="sub-folder of --data-dir ('.' for --data-dir itself)")
     group.add_argument("--batch-size", type=int, default=64, help="images per process and step")
     group.add_argument("--workers", type=int, default=4, help="data-loading processes")
     group.add_argument(
@@ -185,7 +187,7 @@ class TokenLoss(nn.Module):
         ]
         spans = [(start, end, weight) for start, end, weight in spans if (end is None or end > start) and weight > 0]
         if not spans:
-            raise ValueError("TokenLoss: every token kind present has weight 0")
+            raise UsageError("TokenLoss: every token kind present has weight 0")
         total = sum(weight for _, _, weight in spans)
         self.spans = [(start, end, weight / total) for start, end, weight in spans]
 
@@ -270,10 +272,10 @@ def step_errors(student: RecurrentViT, teacher: nn.Module, batches: Sequence[tor
 
 
 def _load_teacher(args: argparse.Namespace) -> nn.Module:
-    import timm
+    from recurzoo.train.validate import create_named_model
 
     pretrained = args.pretrained if args.pretrained is not None else args.teacher_checkpoint is None
-    teacher = timm.create_model(args.teacher, pretrained=pretrained, **args.teacher_kwargs)
+    teacher = create_named_model(args.teacher, pretrained, "--teacher", "--teacher-checkpoint", **args.teacher_kwargs)
     if args.teacher_checkpoint:
         source = f"--teacher-checkpoint {args.teacher_checkpoint}"
         load_state_dict(teacher, read_state_dict(args.teacher_checkpoint), source, use_family_filter=False)
@@ -292,9 +294,15 @@ def _datasets(args: argparse.Namespace, teacher: nn.Module):
     )
     eval_transform = create_transform(**data_config, is_training=False)
     train_set = create_image_dataset(
-        "", args.data_dir, args.split, skip_unreadable="training set", is_training=True, transform=train_transform
+        "",
+        args.data_dir,
+        args.split,
+        skip_unreadable="training set",
+        split_flag="--split",
+        is_training=True,
+        transform=train_transform,
     )
-    eval_set = create_image_dataset("", args.data_dir, args.split, transform=eval_transform)
+    eval_set = create_image_dataset("", args.data_dir, args.split, split_flag="--split", transform=eval_transform)
     eval_set = Subset(eval_set, range(min(args.eval_images, len(eval_set))))
     return train_set, eval_set
 

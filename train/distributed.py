@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from recurzoo.devices import resolve_device
+
 __all__ = ["DistributedContext", "init_distributed", "cleanup_distributed", "run_distributed", "wrap_ddp"]
 
 
@@ -41,14 +43,15 @@ class DistributedContext:
 def init_distributed(device: Optional[str] = None) -> DistributedContext:
     """Join the process group that ``torchrun`` describes in the environment, or run alone.
 
-    ``device`` (e.g. ``'cpu'``, ``'cuda'``) defaults to CUDA when available; under ``torchrun`` each
-    process takes GPU ``LOCAL_RANK``. The backend is NCCL on CUDA, Gloo otherwise.
+    ``device`` (e.g. ``'cpu'``, ``'cuda'``), checked by :func:`~recurzoo.devices.resolve_device`
+    (a :class:`~recurzoo.devices.DeviceError` names ``--device``), defaults to the accelerator when
+    there is one; under ``torchrun`` each process takes GPU ``LOCAL_RANK``. The backend is NCCL on
+    CUDA, Gloo otherwise.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    target = torch.device(kind)
+    target = resolve_device(device)
     if target.type == "cuda":
         target = torch.device("cuda", local_rank if target.index is None else target.index)
         torch.cuda.set_device(target)

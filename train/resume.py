@@ -26,6 +26,7 @@ from timm.utils.model import get_state_dict
 from torch import nn
 
 from recurzoo.checkpoint import atomic_write, load_state_dict, read_checkpoint
+from recurzoo.train.arguments import UsageError
 from recurzoo.train.distributed import DistributedContext
 
 __all__ = [
@@ -61,10 +62,10 @@ def load_checkpoint(
     """
     checkpoint = read_checkpoint(path, map_location=map_location)
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: not a training checkpoint (holds a {type(checkpoint).__name__}, not a mapping)")
+        raise UsageError(f"{path}: not a training checkpoint (holds a {type(checkpoint).__name__}, not a mapping)")
     if not set(required) <= set(checkpoint):
         needed = ", ".join(required[:-1]) + f" and {required[-1]}" if len(required) > 1 else required[0]
-        raise ValueError(f"{source or path}: not a checkpoint of this script (needs {needed} entries)")
+        raise UsageError(f"{source or path}: not a checkpoint of this script (needs {needed} entries)")
     return checkpoint
 
 
@@ -235,7 +236,7 @@ class StepBatches:
         self, loader: Any, seed: int, rank: int = 0, start_step: int = 0, rng_state: Optional[Mapping[str, Any]] = None
     ) -> None:
         if len(loader) == 0:
-            raise ValueError(
+            raise UsageError(
                 f"the training data ({len(loader.dataset)} samples) makes no full batch of "
                 f"{loader.batch_size}; lower the batch size"
             )
@@ -373,7 +374,7 @@ def restore_training_state(
     from timm.utils import unwrap_model  # DDP, compiled and EMA wrappers
 
     if not isinstance(checkpoint.get("state_dict"), Mapping):
-        raise ValueError(f"{source}: not a training checkpoint of this script (no 'state_dict' entry)")
+        raise UsageError(f"{source}: not a training checkpoint of this script (no 'state_dict' entry)")
     load_state_dict(unwrap_model(model), checkpoint["state_dict"], source, use_family_filter=False)
     if optimizer is not None and "optimizer" in checkpoint:
         optimizer.load_state_dict(checkpoint["optimizer"])

@@ -54,18 +54,21 @@ from timm.utils import random_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from recurzoo.checkpoint import family_filter, load_state_dict, load_weights
+from recurzoo.checkpoint import atomic_write, family_filter, load_state_dict, load_weights
 from recurzoo.heads.super_resolution import SuperResolutionModel, create_sr_model, image_to_tensor, tensor_to_image
 from recurzoo.images import IMAGE_SUFFIXES, read_image, write_png
 from recurzoo.plots import plot_curves
 from recurzoo.train.arguments import (
+    MODEL_ARGUMENT_ERRORS,
     ParseKwargs,
+    UsageError,
     add_fault_arguments,
     add_run_arguments,
     add_step_arguments,
     parse_args_with_config,
     run_cli,
     training_parser,
+    user_option,
 )
 from recurzoo.train.data import (
     DatasetWarning,
@@ -202,7 +205,7 @@ def _match_lr(hr_files: Sequence[Path], lr_dir: Path, scale: int) -> Tuple[Path,
         (matched if found else missing).append(found or hr)
     if missing:
         names = ", ".join(p.name for p in missing[:3])
-        raise ValueError(f"{len(missing)} HR images have no LR image in {lr_dir} (e.g. {names})")
+        raise UsageError(f"{len(missing)} HR images have no LR image in {lr_dir} (e.g. {names})")
     return tuple(matched)
 
 
@@ -228,7 +231,7 @@ def resolve_dataset(spec: str, scale: int) -> SRDataSpec:
         raise FileNotFoundError(f"no such HR folder: {hr_dir}")
     hr_files = _images_in(hr_dir)
     if not hr_files:
-        raise ValueError(f"no PNG or JPEG images in {hr_dir}")
+        raise UsageError(f"no PNG or JPEG images in {hr_dir}")
     lr_files = None
     if lr_dir is not None:
         if not lr_dir.is_dir():
@@ -236,7 +239,7 @@ def resolve_dataset(spec: str, scale: int) -> SRDataSpec:
         lr_files = _match_lr(hr_files, lr_dir, scale)
     hr_kept, lr_kept = _without_unreadable(name, hr_files, lr_files)
     if not hr_kept:
-        raise ValueError(f"no readable images in {hr_dir}" + (f" and {lr_dir}" if lr_dir is not None else ""))
+        raise UsageError(f"no readable images in {hr_dir}" + (f" and {lr_dir}" if lr_dir is not None else ""))
     return SRDataSpec(name, hr_kept, lr_kept)
 
 
@@ -291,7 +294,7 @@ class SRTrainDataset(Dataset):
             for hr, lr in zip(spec.hr_files, spec.lr_files or spec.hr_files)
         ]
         if not items:
-            raise ValueError("no training images")
+            raise UsageError("no training images")
         self.scale, self.patch, self.repeat = scale, patch, max(1, repeat)
         self.items = self._large_enough(items)
         self.symmetries = _square_symmetries(hr="image")
@@ -323,7 +326,7 @@ class SRTrainDataset(Dataset):
                 stacklevel=3,
             )
         if not kept:
-            raise ValueError(
+            raise UsageError(
                 f"no training image is large enough for --patch-size {self.patch} at x{self.scale} (e.g. {small[0]})"
             )
         return kept
@@ -364,13 +367,14 @@ class SREvalDataset(Dataset):
         return len(self.spec.hr_files)
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, np.ndarray, str]:
+        """Raises :class:`~recurzoo.train.data.UnreadableImageError` for a file that cannot be decoded."""
         hr_path = self.spec.hr_files[index]
-        hr = read_image(hr_path)
+        hr = _read_training_image(hr_path)
         if self.spec.lr_files is None:
             hr = _mod_crop(hr, self.scale)
             lr = bicubic_downscale(hr, self.scale)
         else:
-            lr = read_image(self.spec.lr_files[index])
+            lr = _read_training_image(self.spec.lr_files[index])
             hr = hr[: lr.shape[0] * self.scale, : lr.shape[1] * self.scale]  # BasicSR's crop of unmatched GT
         return image_to_tensor(lr)[0], hr, hr_path.stem
 
@@ -391,7 +395,10 @@ def evaluate(
     progress: bool = True,
     save_dir: Optional[str] = None,
 ) -> Dict[str, Dict[str, Any]]:
-    """Mean PSNR/SSIM (Y channel, ``scale`` pixels of border cropped) per dataset, with per-image values."""
+    """Mean PSNR/SSIM (Y channel, ``scale`` pixels of border cropped) per dataset, with per-image values.
+
+    An image that cannot be decoded is left out of its dataset's means with a warning, and counted
+    (``unreadable``); a dataset without a decodable image is an error."""
 
     was_training = model.training
     model.eval()
@@ -399,9 +406,13 @@ def evaluate(
     try:
         for spec in specs:
             dataset = SREvalDataset(spec, scale)
-            per_image = {}
+            per_image, unreadable = {}, []
             for index in progress_bar(range(len(dataset)), desc=f"eval {spec.name}", enabled=progress):
-                lr, hr, stem = dataset[index]
+                try:
+                    lr, hr, stem = dataset[index]
+                except UnreadableImageError as error:
+                    unreadable.append(str(error))
+                    continue
                 lr = lr[None] if tile is not None else lr[None].to(device)
                 output = tensor_to_image(model.super_resolve(lr, tile=tile, tile_overlap=tile_overlap))
                 if output.shape != hr.shape:
@@ -409,10 +420,20 @@ def evaluate(
                 per_image[stem] = dict(psnr=psnr_y(output, hr, scale), ssim=ssim_y(output, hr, scale))
                 if save_dir:
                     write_png(Path(save_dir) / spec.name / f"{stem}.png", output)
+            if unreadable:
+                warnings.warn(
+                    f"dataset {spec.name!r}: {len(unreadable)} of {len(dataset)} images cannot be decoded and are "
+                    f"left out of its PSNR/SSIM: {summarize(unreadable)}",
+                    DatasetWarning,
+                    stacklevel=2,
+                )
+            if not per_image:
+                raise UsageError(f"dataset {spec.name!r}: no decodable image, nothing was evaluated")
             results[spec.name] = dict(
                 psnr=float(np.mean([v["psnr"] for v in per_image.values()])),
                 ssim=float(np.mean([v["ssim"] for v in per_image.values()])),
                 images=len(per_image),
+                unreadable=len(unreadable),
                 per_image=per_image,
             )
     finally:
@@ -430,7 +451,9 @@ def format_markdown(results: Dict[str, Dict[str, Any]], model_name: str, scale: 
         "| dataset | images | PSNR | SSIM |",
         "| --- | --- | --- | --- |",
     ]
-    lines += [f"| {name} | {r['images']} | {r['psnr']:.2f} | {r['ssim']:.4f} |" for name, r in results.items()]
+    for name, r in results.items():
+        left_out = f" ({r['unreadable']} unreadable left out)" if r.get("unreadable") else ""
+        lines.append(f"| {name} | {r['images']}{left_out} | {r['psnr']:.2f} | {r['ssim']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -439,10 +462,9 @@ def _write_report(
 ) -> None:
     summary = {name: {k: v for k, v in r.items()} for name, r in results.items()}
     payload = dict(model=model_name, scale=scale, step=step, results=summary)
-    with open(os.path.join(output, "eval.json"), "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-    with open(os.path.join(output, "eval.md"), "w", encoding="utf-8") as handle:
-        handle.write(format_markdown(results, model_name, scale))
+    text, table = json.dumps(payload, indent=2), format_markdown(results, model_name, scale)
+    atomic_write(os.path.join(output, "eval.json"), lambda temporary: Path(temporary).write_text(text))
+    atomic_write(os.path.join(output, "eval.md"), lambda temporary: Path(temporary).write_text(table))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -529,20 +551,22 @@ def build_model(args: argparse.Namespace) -> Tuple[SuperResolutionModel, str]:
 
     kwargs = dict(args.model_kwargs)
     if bool(args.model) == bool(args.backbone):
-        raise ValueError("give either --model (a registered SR model) or --backbone with --scale")
+        raise UsageError("give either --model (a registered SR model) or --backbone with --scale")
     if args.model:
         if recurzoo.model_task(args.model) != "sr":
             known = ", ".join(recurzoo.list_models(task="sr"))
-            raise ValueError(f"--model {args.model}: not a super-resolution model of the zoo ({known})")
-        model = recurzoo.create_model(args.model, **kwargs)
+            raise UsageError(f"--model {args.model}: not a super-resolution model of the zoo ({known})")
+        with user_option("--model with --model-kwargs", *MODEL_ARGUMENT_ERRORS):
+            model = recurzoo.create_model(args.model, **kwargs)
         name = args.model
     else:
         if not args.scale:
-            raise ValueError("--backbone needs --scale")
-        model = create_sr_model(args.backbone, args.scale, head=args.head, **kwargs)
+            raise UsageError("--backbone needs --scale")
+        with user_option("--backbone/--scale/--head with --model-kwargs", *MODEL_ARGUMENT_ERRORS):
+            model = create_sr_model(args.backbone, args.scale, head=args.head, **kwargs)
         name = f"{args.backbone}_{args.head}_x{args.scale}"
     if not isinstance(model, SuperResolutionModel):
-        raise ValueError(f"{name} is not a super-resolution model")
+        raise UsageError(f"{name} is not a super-resolution model")
     if args.checkpoint:
         load_weights(model, args.checkpoint, filter_fn=family_filter(args.model) if args.model else None)
     return model, name
@@ -567,9 +591,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run training and/or evaluation; returns the last evaluation results and the output folder."""
     args = parse_args_with_config(build_parser(), argv)
     if args.eval_only and not args.val_data:
-        raise ValueError("--eval-only needs --val-data")
+        raise UsageError("--eval-only needs --val-data")
     if not args.eval_only and not args.train_data:
-        raise ValueError("training needs --train-data (or use --eval-only)")
+        raise UsageError("training needs --train-data (or use --eval-only)")
     return run_distributed(lambda args, context: _Training(args, context).run(), args)
 
 

@@ -15,17 +15,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections import OrderedDict
 from contextlib import nullcontext
-from typing import Any, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from recurzoo.train.arguments import ArgumentParser, ParseKwargs, parse_args_with_config, run_cli
-from recurzoo.train.data import create_image_dataset
+from recurzoo.checkpoint import atomic_write
+from recurzoo.train.arguments import (
+    MODEL_ARGUMENT_ERRORS,
+    ArgumentParser,
+    ParseKwargs,
+    UsageError,
+    parse_args_with_config,
+    run_cli,
+    user_option,
+)
+from recurzoo.train.data import collate_readable, create_image_dataset
 from recurzoo.train.distributed import DistributedContext, run_distributed
 from recurzoo.train.run import progress_bar, setup_logging
 
@@ -39,6 +48,11 @@ __all__ = [
     "load_initial_checkpoint",
     "create_eval_loader",
     "autocast",
+    "read_weights_and_args",
+    "create_named_model",
+    "apply_saved_arguments",
+    "check_dataset_classes",
+    "dataset_num_classes",
 ]
 
 
@@ -81,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("data")
     group.add_argument("--data-dir", required=True, help="dataset root")
     group.add_argument("--dataset", default="", help="timm dataset type ('' = folder/tar, torch/..., hfds/...)")
-    group.add_argument("--split", default="validation", help="split (a sub-folder name for folders)")
+    group.add_argument(
+        "--split",
+        default="validation",
+        help="split: a sub-folder of --data-dir (val/, eval/ are found for 'validation'); '.' for --data-dir itself",
+    )
     group.add_argument("--class-map", default="", help="file mapping class folder names to indices")
     group.add_argument("--batch-size", type=int, default=64, help="images per process and step")
     group.add_argument("--workers", type=int, default=4, help="data-loading processes")
@@ -157,7 +175,7 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: 
     """
     import sys
 
-    from recurzoo.checkpoint import Mismatch, compare_state_dict
+    from recurzoo.checkpoint import CheckpointError, Mismatch, compare_state_dict
 
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
@@ -177,9 +195,30 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: 
     missing = [key for key in mismatch.missing if not is_classifier(key)]
     if missing or mismatch.unexpected or mismatch.shapes:
         name = model.pretrained_cfg.get("architecture", type(model).__name__)
-        raise ValueError(f"{source}: " + Mismatch(missing, mismatch.unexpected, mismatch.shapes).describe(name))
+        raise CheckpointError(f"{source}: " + Mismatch(missing, mismatch.unexpected, mismatch.shapes).describe(name))
     model.load_state_dict(state_dict, strict=False)
     return [key for key in own if is_classifier(key) and key not in state_dict]
+
+
+def create_named_model(name: str, pretrained: bool, flag: str, local_flag: str, **kwargs: Any) -> nn.Module:
+    """``recurzoo.create_model(name, pretrained=pretrained, **kwargs)`` for a script's ``flag`` (``--model``,
+    ``--teacher``): an unknown name is an ``UnknownModelError`` and pretrained weights that cannot be had
+    offline a ``CheckpointError`` within seconds (timm's cache file to fill), both one line naming
+    ``flag`` and the option that takes a local file instead (``local_flag``)."""
+    import recurzoo
+    from recurzoo.checkpoint import CheckpointError
+    from recurzoo.registry import UnknownModelError
+
+    try:
+        with user_option(f"{flag} {name} (with --model-kwargs or --teacher-kwargs)", *MODEL_ARGUMENT_ERRORS):
+            return recurzoo.create_model(name, pretrained=pretrained, **kwargs)
+    except UnknownModelError as error:
+        raise UnknownModelError(f"{flag}: {error}") from None
+    except CheckpointError as error:
+        if not pretrained:
+            raise
+        text = str(error).removeprefix(f"{name}: ")
+        raise CheckpointError(f"{flag} {name}: {text}; or give its weights with {local_flag} FILE") from None
 
 
 def load_initial_checkpoint(model: nn.Module, path: str, use_ema: bool = True) -> List[str]:
@@ -209,6 +248,7 @@ def create_eval_loader(
         device=context.device,
         use_prefetcher=False,
         persistent_workers=False,
+        collate_fn=collate_readable,  # unreadable images left out, not scored twice
     )
 
 
@@ -231,7 +271,10 @@ def evaluate(
     valid = getattr(getattr(loader, "sampler", None), "num_valid_samples", None)
     sums = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, images
     seen = 0
-    for images, targets in progress_bar(loader, total=len(loader), desc=desc, enabled=progress):
+    for batch in progress_bar(loader, total=len(loader), desc=desc, enabled=progress):
+        if batch is None:  # every image of the batch unreadable (counted by the dataset)
+            continue
+        images, targets = batch
         images = images.to(context.device, non_blocking=True)
         targets = targets.to(context.device, non_blocking=True)
         if valid is not None:  # drop the samples that only pad this rank's share
@@ -291,11 +334,22 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> Dict[str, Any
         args.dataset,
         args.data_dir,
         args.split,
+        skip_unreadable="evaluation set",
+        leave_out=True,
+        split_flag="--split",
         is_training=False,
         class_map=args.class_map or None,
         batch_size=args.batch_size,
     )
-    weights = read_weights(args.checkpoint, args.use_ema) if args.checkpoint else None
+    weights, saved = (None, {})
+    if args.checkpoint:
+        weights, saved = read_weights_and_args(args.checkpoint, args.use_ema)
+        taken = apply_saved_arguments(args, saved)
+        if taken and context.is_main:
+            logger.info(
+                f"--checkpoint {args.checkpoint}: preprocessing and model arguments of its training run "
+                f"({', '.join(f'{key}={value}' for key, value in taken.items())}); flags override them"
+            )
     num_classes = (
         args.num_classes
         or (weights is not None and checkpoint_num_classes(weights, args.model))
@@ -304,12 +358,19 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> Dict[str, Any
     kwargs = dict(args.model_kwargs)
     if num_classes:
         kwargs["num_classes"] = num_classes
-    model = recurzoo.create_model(args.model, pretrained=args.pretrained, **kwargs)
+    with user_option(f"--model {args.model} with --model-kwargs", *MODEL_ARGUMENT_ERRORS):
+        model = recurzoo.create_model(args.model, pretrained=args.pretrained, **kwargs)
+    check_dataset_classes(
+        dataset, getattr(model, "num_classes", None), f"--data-dir {args.data_dir} --split {args.split}"
+    )
     if weights is not None:
         load_weights(model, weights, source=args.checkpoint)
     model.to(context.device)
     data_config = resolve_eval_data_config(args, model, verbose=context.is_main)
-    loader = create_eval_loader(dataset, data_config, args.batch_size, args.workers, context)
+    with user_option(
+        "--interpolation/--crop-mode/--mean/--std/--img-size", KeyError, ValueError, AssertionError, TypeError
+    ):
+        loader = create_eval_loader(dataset, data_config, args.batch_size, args.workers, context)
     metrics = evaluate(
         model,
         loader,
@@ -318,6 +379,14 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> Dict[str, Any
         amp_dtype=args.amp_dtype,
         progress=context.is_main and not args.no_progress,
     )
+    skipper = getattr(dataset, "skip_unreadable", None)
+    skipped = skipper.count if skipper is not None else 0
+    if context.distributed:
+        total = torch.tensor(skipped, device=context.device)
+        dist.all_reduce(total)
+        skipped = int(total.item())
+    if metrics["images"] == 0:
+        raise UsageError(f"--data-dir {args.data_dir} --split {args.split}: no readable image, nothing was scored")
     results = dict(
         model=args.model,
         checkpoint=args.checkpoint,
@@ -325,19 +394,65 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> Dict[str, Any
         num_classes=num_classes,
         input_size=list(data_config["input_size"]),
         crop_pct=data_config["crop_pct"],
+        unreadable=skipped,
         **metrics,
     )
     if context.is_main:
         logger.info(
             f"{args.model}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
-            f"loss {metrics['loss']:.4f}  ({metrics['images']} images)"
+            f"loss {metrics['loss']:.4f}  ({metrics['images']} images"
+            + (f"; {skipped} unreadable images left out)" if skipped else ")")
         )
         print(json.dumps(results))
         if args.results_file:
-            os.makedirs(os.path.dirname(os.path.abspath(args.results_file)), exist_ok=True)
-            with open(args.results_file, "w", encoding="utf-8") as handle:
-                json.dump(results, handle, indent=2)
+            text = json.dumps(results, indent=2)
+            atomic_write(args.results_file, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
     return results
+
+
+# The options of validate that a training checkpoint's saved arguments fill in when not given.
+PREPROCESSING_ARGUMENTS = ("img_size", "input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
+
+
+def read_weights_and_args(path: str, use_ema: bool = True) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """:func:`read_weights` and the training arguments the checkpoint saved (``{}`` when it has none)."""
+    from timm.models import clean_state_dict
+
+    from recurzoo.checkpoint import read_checkpoint, unwrap_state_dict
+
+    checkpoint = read_checkpoint(path)
+    saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    weights = clean_state_dict(unwrap_state_dict(checkpoint, source=str(path), use_ema=use_ema))
+    return weights, (dict(saved) if isinstance(saved, dict) else {})
+
+
+def apply_saved_arguments(args: argparse.Namespace, saved: Dict[str, Any]) -> Dict[str, Any]:
+    """Fill the preprocessing options not given on the command line (still at their empty default) from a
+    training run's saved arguments, and ``--model-kwargs`` too when the run trained the same ``--model``;
+    returns what was taken. The model is then scored at the input size and normalisation it was trained at."""
+    taken = {}
+    for key in PREPROCESSING_ARGUMENTS:
+        if getattr(args, key, None) in (None, "") and saved.get(key) not in (None, ""):
+            taken[key] = saved[key]
+    if args.input_size is not None:  # the full size given here wins over a saved --img-size
+        taken.pop("img_size", None)
+    if not args.model_kwargs and saved.get("model") == args.model and isinstance(saved.get("model_kwargs"), dict):
+        if saved["model_kwargs"]:
+            taken["model_kwargs"] = dict(saved["model_kwargs"])
+    for key, value in taken.items():
+        setattr(args, key, value)
+    return taken
+
+
+def check_dataset_classes(dataset: Any, num_classes: Optional[int], what: str) -> None:
+    """Raise unless the dataset's class folders (or ``--class-map``) give ``num_classes`` classes: labels of
+    another count would be scored against the wrong outputs, or fall outside them."""
+    found = dataset_num_classes(dataset)
+    if found is not None and num_classes is not None and found != num_classes:
+        raise UsageError(
+            f"{what}: {found} classes in the data, the model has {num_classes} outputs; give the matching "
+            f"--num-classes, or a --class-map mapping the class folders to the model's outputs"
+        )
 
 
 def dataset_num_classes(dataset: Any) -> Optional[int]:
