@@ -332,7 +332,9 @@ def lower_executorch(
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    with torch.no_grad():
+    from recurzoo.export.onnx import static_adaptive_pooling
+
+    with torch.no_grad(), static_adaptive_pooling():
         program = torch.export.export(model, (example,))
         if precision == "int8":
             from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
@@ -393,16 +395,43 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
+def _ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM of ``(N, C, H, W)`` images in [0, 1] (scikit-image, Gaussian weights as in the paper)."""
+    from skimage.metrics import structural_similarity
+
+    a, b = np.clip(a, 0, 1).transpose(0, 2, 3, 1), np.clip(b, 0, 1).transpose(0, 2, 3, 1)
+    scores = [
+        structural_similarity(x, y, data_range=1.0, channel_axis=-1, gaussian_weights=True, sigma=1.5)
+        for x, y in zip(a, b)
+    ]
+    return float(np.mean(scores))
+
+
+def _s_measure(masks: np.ndarray, reference: np.ndarray) -> float:
+    """S-measure of ``masks`` against the fp32 masks binarised at 0.5 (pysodmetrics); ``(N, 1, H, W)`` in [0, 1]."""
+    from py_sod_metrics import Smeasure
+
+    metric = Smeasure()
+    for mask, target in zip(masks, reference):
+        metric.step(pred=np.round(mask[0] * 255).astype(np.uint8), gt=(target[0] > 0.5).astype(np.uint8) * 255)
+    return float(metric.get_results()["sm"])
+
+
 def fidelity(
     task: Optional[str], reference: np.ndarray, output: np.ndarray, labels: Optional[torch.Tensor]
 ) -> Dict[str, float]:
-    """How close ``output`` is to the fp32 ``reference``: top-1 agreement (and accuracy), PSNR or mask MAE."""
+    """How close ``output`` is to the fp32 ``reference``.
+
+    Classifiers: top-1 agreement (and top-1 accuracy of both with ``labels``); super-resolution: PSNR
+    and SSIM; camouflage: MAE and S-measure of the masks (sigmoid of the logits).
+    """
     result: Dict[str, float] = dict(max_abs_diff=float(np.abs(output - reference).max()))
     if task == "sr":
-        result["psnr_vs_fp32_db"] = _psnr(output, reference)
+        result.update(psnr_vs_fp32_db=_psnr(output, reference), ssim_vs_fp32=_ssim(output, reference))
     elif task == "cod":
-        sigmoid = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
-        result["mask_mae_vs_fp32"] = float(np.abs(sigmoid(output) - sigmoid(reference)).mean())
+        masks, reference_masks = 1 / (1 + np.exp(-output)), 1 / (1 + np.exp(-reference))
+        result["mask_mae_vs_fp32"] = float(np.abs(masks - reference_masks).mean())
+        result["s_measure_vs_fp32"] = _s_measure(masks, reference_masks)
     else:
         top1, ref_top1 = output.reshape(len(output), -1).argmax(1), reference.reshape(len(reference), -1).argmax(1)
         result["top1_agreement"] = float((top1 == ref_top1).mean())

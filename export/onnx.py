@@ -67,6 +67,7 @@ __all__ = [
     "onnx_session",
     "export_model",
     "export_symbolics",
+    "static_adaptive_pooling",
 ]
 
 DEFAULT_OPSET = 18  # Resize with antialias (position-embedding resampling) needs opset 18
@@ -152,21 +153,29 @@ def _pool_axis(x: torch.Tensor, axis: int, size_out: int, pool: Callable[..., to
     return torch.cat(pooled, dim=axis).index_select(axis, index)
 
 
-def _static_adaptive_pool(original: Callable[..., Any], pool: Callable[..., torch.Tensor]) -> Callable[..., Any]:
-    """``F.adaptive_*_pool2d`` that, while traced for export, pools to a size fixed at the traced one.
+def _exporting() -> bool:
+    """True while the TorchScript exporter traces or ``torch.export`` exports."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
 
-    The TorchScript exporter only exports adaptive pooling to a constant size that divides the input;
-    MSRNet pools 1.5x maps to 1x (to sizes taken from another tensor's traced shape). Global pooling
-    (output 1x1) stays global, for any input size.
+
+def _static_adaptive_pool(
+    original: Callable[..., Any], pool: Callable[..., torch.Tensor], global_pool: Callable[[torch.Tensor], torch.Tensor]
+) -> Callable[..., Any]:
+    """``F.adaptive_*_pool2d`` that, while exported, pools to a size fixed at the traced one.
+
+    The TorchScript exporter only exports adaptive pooling to a constant size that divides the input,
+    and ExecuTorch's core ATen opset has no adaptive max pooling; MSRNet pools 1.5x maps to 1x (to
+    sizes taken from another tensor's traced shape). Global pooling (output 1x1) stays global, for
+    any input size (a reduction under ``torch.export``).
     """
 
     def adaptive_pool(x: torch.Tensor, output_size: Any, *args: Any, **kwargs: Any) -> Any:
-        if not torch.jit.is_tracing() or args or kwargs.get("return_indices"):
+        if not _exporting() or args or kwargs.get("return_indices"):
             return original(x, output_size, *args, **kwargs)
         sizes = [output_size] * 2 if isinstance(output_size, int) else list(output_size)
         sizes = [int(x.shape[2 + i]) if size is None else int(size) for i, size in enumerate(sizes)]
-        if sizes == [1, 1]:  # global pooling, for any input size (a constant size for the exporter)
-            return original(x, 1, *args, **kwargs)
+        if sizes == [1, 1]:
+            return original(x, 1, *args, **kwargs) if torch.jit.is_tracing() else global_pool(x)
         for axis, size in zip((2, 3), sizes):
             x = _pool_axis(x, axis, size, pool)
         return x
@@ -175,10 +184,9 @@ def _static_adaptive_pool(original: Callable[..., Any], pool: Callable[..., torc
 
 
 @contextlib.contextmanager
-def export_symbolics(opset: int) -> Iterator[None]:
-    """While the block runs: the bicubic-antialias symbolic is registered with the TorchScript
-    exporter, and adaptive pooling to sizes that do not divide the input traces as fixed pools."""
-    from torch.onnx import register_custom_op_symbolic, unregister_custom_op_symbolic
+def static_adaptive_pooling() -> Iterator[None]:
+    """While the block runs, adaptive pooling that is exported (TorchScript or ``torch.export``) runs as an
+    exact decomposition into fixed pools (:func:`_pool_axis`)."""
 
     def max_pool(x: torch.Tensor, kernel: Tuple[int, int], stride: Tuple[int, int]) -> torch.Tensor:
         return F.max_pool2d(x, kernel, stride)
@@ -187,16 +195,32 @@ def export_symbolics(opset: int) -> Iterator[None]:
         return F.avg_pool2d(x, kernel, stride)
 
     originals = dict(adaptive_max_pool2d=F.adaptive_max_pool2d, adaptive_avg_pool2d=F.adaptive_avg_pool2d)
-    F.adaptive_max_pool2d = _static_adaptive_pool(originals["adaptive_max_pool2d"], max_pool)
-    F.adaptive_avg_pool2d = _static_adaptive_pool(originals["adaptive_avg_pool2d"], avg_pool)
-    registered = opset >= 18
-    if registered:
-        register_custom_op_symbolic("aten::_upsample_bicubic2d_aa", _bicubic_antialias_symbolic, opset)
+    F.adaptive_max_pool2d = _static_adaptive_pool(
+        originals["adaptive_max_pool2d"], max_pool, lambda x: x.amax(dim=(2, 3), keepdim=True)
+    )
+    F.adaptive_avg_pool2d = _static_adaptive_pool(
+        originals["adaptive_avg_pool2d"], avg_pool, lambda x: x.mean(dim=(2, 3), keepdim=True)
+    )
     try:
         yield
     finally:
         for name, function in originals.items():
             setattr(F, name, function)
+
+
+@contextlib.contextmanager
+def export_symbolics(opset: int) -> Iterator[None]:
+    """While the block runs: the bicubic-antialias symbolic is registered with the TorchScript
+    exporter, and adaptive pooling to sizes that do not divide the input traces as fixed pools."""
+    from torch.onnx import register_custom_op_symbolic, unregister_custom_op_symbolic
+
+    registered = opset >= 18
+    if registered:
+        register_custom_op_symbolic("aten::_upsample_bicubic2d_aa", _bicubic_antialias_symbolic, opset)
+    try:
+        with static_adaptive_pooling():
+            yield
+    finally:
         if registered:
             unregister_custom_op_symbolic("aten::_upsample_bicubic2d_aa", opset)
 

@@ -23,7 +23,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from recurzoo.export.bench import create_model, run_worker
+from recurzoo.export.bench import run_worker
+from recurzoo.export.models import create_model
 
 __all__ = [
     "MemoryResult",

@@ -515,11 +515,10 @@ def demo_input_size(row: Mapping[str, str]) -> Tuple[int, int]:
 
 
 def _demo_forward(row: Dict[str, str], echo) -> Dict[str, Any]:
-    from recurzoo.export.models import create_model as create_eval_model
     from recurzoo.export.models import photo_batch
 
     name = row["model"]
-    model = create_eval_model(name)
+    model = create_model(name).eval()
     height, width = demo_input_size(row)
     image = photo_batch(model, 1, height, width)
     start = time.perf_counter()

@@ -386,7 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_arguments(bench)
     bench.set_defaults(handler=cmd_bench)
 
-    export = commands.add_parser("export", help="ONNX export checked in onnxruntime, with a FLOP/param report")
+    export = commands.add_parser(
+        "export", help="ONNX export checked in onnxruntime, or an int8/fp16 ONNX or ExecuTorch edge artifact"
+    )
     export.add_argument("model")
     export.add_argument(
         "--checkpoint",

@@ -14,14 +14,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 from _reduced import REDUCED
 from torch import nn
 
 import recurzoo
 from recurzoo.cli import main
 from recurzoo.export.digits import digits_check
-from recurzoo.export.edge import ImageSet, builtin_photos, export_edge
+from recurzoo.export.edge import EdgeExportError, ImageSet, builtin_photos, export_edge, fidelity
 from recurzoo.export.models import export_support
+from recurzoo.export.onnx import static_adaptive_pooling
 
 SIDE = 32
 
@@ -132,3 +134,47 @@ def test_cli_edge_export_mistakes_are_one_line_usage_errors(flags, expected, tmp
     code = main(["export", "hornet_tiny_7x7", "--input-size", "3", "32", "32", "--out", str(tmp_path), *flags])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and expected in err[0], err
+
+
+def test_adaptive_pooling_lowers_through_torch_export_as_exact_fixed_pools():
+    class Pools(nn.Module):
+        def forward(self, x):
+            return F.adaptive_max_pool2d(x, (3, 3)) + F.adaptive_avg_pool2d(x, 1) + F.adaptive_max_pool2d(x, 1)
+
+    x = torch.randn(2, 4, 5, 7)
+    with torch.no_grad(), static_adaptive_pooling():
+        program = torch.export.export(Pools(), (x,))
+    operators = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not any("adaptive" in name for name in operators)  # not in ExecuTorch's core ATen opset
+    torch.testing.assert_close(program.module()(x), Pools()(x), rtol=0, atol=0)
+
+
+def test_fidelity_measures_psnr_ssim_for_sr_and_mask_agreement_for_cod():
+    reference = np.full((2, 3, 16, 16), 0.5, dtype=np.float32)
+    sr = fidelity("sr", reference, reference + 0.01, None)
+    assert sr["psnr_vs_fp32_db"] == pytest.approx(40.0, abs=1e-3) and 0.99 < sr["ssim_vs_fp32"] <= 1.0
+    logits = np.sign(np.random.default_rng(0).standard_normal((2, 1, 16, 16))).astype(np.float32) * 20  # crisp masks
+    same, flipped = fidelity("cod", logits, logits, None), fidelity("cod", logits, -logits, None)
+    assert same["mask_mae_vs_fp32"] == 0 and same["s_measure_vs_fp32"] == pytest.approx(1.0)
+    assert flipped["mask_mae_vs_fp32"] > 0.5 and flipped["s_measure_vs_fp32"] < 0.1
+
+
+def test_executorch_program_runs_back_through_the_runtime_like_eager(tmp_path):
+    pytest.importorskip("executorch", reason="the recurzoo[edge] extra is not installed")
+    model = _reduced("hornet_tiny_7x7")
+    result = export_edge(
+        "hornet_tiny_7x7", tmp_path, fmt="executorch", precision="fp32", model=model, input_size=(3, SIDE, SIDE)
+    )
+    assert result.path.endswith(".fp32.pte") and result.fidelity["max_abs_diff"] < 1e-4
+    meta = json.loads(Path(result.path).with_suffix(".json").read_text())
+    assert meta["mean"] == list(model.pretrained_cfg["mean"]) and meta["precision"] == "fp32"
+
+
+def test_a_family_executorch_cannot_lower_is_one_line_with_the_lowering_reason(tmp_path):
+    pytest.importorskip("executorch", reason="the recurzoo[edge] extra is not installed")
+    model = _reduced("hornet_tiny_gf")
+    with pytest.raises(EdgeExportError, match=r"^hornet_tiny_gf: cannot be lowered to executorch fp32: \w+") as error:
+        export_edge(
+            "hornet_tiny_gf", tmp_path, fmt="executorch", precision="fp32", model=model, input_size=(3, SIDE, SIDE)
+        )
+    assert "\n" not in str(error.value)
