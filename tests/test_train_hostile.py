@@ -406,3 +406,16 @@ def test_option_values_a_library_refuses_are_one_line_naming_the_flag(train_only
     stderr = capsys.readouterr().err
     line = [text for text in stderr.splitlines() if ": error: " in text]
     assert len(line) == 1 and re.search(message, line[0]) and "Traceback" not in stderr, stderr
+
+
+def test_super_resolution_data_without_its_lr_folder_says_that_lr_images_are_made_here(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from recurzoo.train import super_resolution as sr_train
+
+    (tmp_path / "Set1" / "HR").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "Set1" / "HR" / "a.png")
+    with pytest.warns(data.DatasetWarning, match=r"has no LR_bicubic/X4 beside it, so its LR images are made here"):
+        spec = sr_train.resolve_dataset(str(tmp_path / "Set1"), 4)
+    assert not spec.paired
