@@ -419,3 +419,10 @@ def test_super_resolution_data_without_its_lr_folder_says_that_lr_images_are_mad
     with pytest.warns(data.DatasetWarning, match=r"has no LR_bicubic/X4 beside it, so its LR images are made here"):
         spec = sr_train.resolve_dataset(str(tmp_path / "Set1"), 4)
     assert not spec.paired
+
+
+def test_benchmark_device_is_checked_by_resolve_device(capsys):
+    from recurzoo.cli import main
+
+    assert main(["bench", "hornet_tiny_7x7", "--device", "bogus"]) == 2
+    assert "--device: expected cpu, cuda, cuda:N or another accelerator, received 'bogus'" in capsys.readouterr().err

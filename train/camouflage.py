@@ -51,6 +51,7 @@ from recurzoo.checkpoint import (
     read_safetensors_metadata,
     unwrap_state_dict,
 )
+from recurzoo.devices import resolve_device
 from recurzoo.plots import plot_curves
 from recurzoo.train.arguments import (
     MODEL_ARGUMENT_ERRORS,
@@ -944,7 +945,7 @@ def predict(
             continue
         spec = resolve_dataset(item, config)
         datasets[spec.name if spec.name not in datasets else item] = find_pairs(spec, require_masks=False)
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    target = resolve_device(device)
     network = load_model(checkpoint, model, **dict(model_kwargs or {})).to(target)
     with_masks = {name: samples for name, samples in datasets.items() if all(s.mask_path for s in samples)}
     without = {name: samples for name, samples in datasets.items() if name not in with_masks}
