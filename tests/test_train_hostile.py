@@ -426,3 +426,19 @@ def test_benchmark_device_is_checked_by_resolve_device(capsys):
 
     assert main(["bench", "hornet_tiny_7x7", "--device", "bogus"]) == 2
     assert "--device: expected cpu, cuda, cuda:N or another accelerator, received 'bogus'" in capsys.readouterr().err
+
+
+def test_folder_datasets_skip_a_decompression_bomb_naming_its_claimed_size(tmp_path):
+    import warnings
+
+    from _hostile import photo, png_header_only
+
+    folder = tmp_path / "train" / "cats"
+    photo(folder / "a.png")
+    png_header_only(folder / "bomb.png", 100_000, 100_000)
+    dataset = data.create_image_dataset("", str(tmp_path), "train", skip_unreadable="training set")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        samples = [dataset[index] for index in range(len(dataset))]
+    assert dataset.skip_unreadable.count == 1 and all(image.size == samples[0][0].size for image, _ in samples)
+    assert any("bomb.png: its header claims 100000 x 100000 pixels" in str(w.message) for w in caught)
