@@ -442,3 +442,16 @@ def test_folder_datasets_skip_a_decompression_bomb_naming_its_claimed_size(tmp_p
         samples = [dataset[index] for index in range(len(dataset))]
     assert dataset.skip_unreadable.count == 1 and all(image.size == samples[0][0].size for image, _ in samples)
     assert any("bomb.png: its header claims 100000 x 100000 pixels" in str(w.message) for w in caught)
+
+
+def test_a_missing_coco_split_names_its_flag(tmp_path):
+    from _train_data import make_coco
+
+    from recurzoo.train import detection
+
+    root = make_coco(str(tmp_path / "coco"), images=(2,), splits=("train2017",))
+    argv = ["--data-dir", root, "--device", "cpu", "--output", str(tmp_path / "run")]
+    with pytest.raises(
+        FileNotFoundError, match=r"--val-split val2017: --data-dir .*val2017 does not exist .*--val-images"
+    ):
+        detection.main(argv)
