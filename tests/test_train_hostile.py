@@ -455,3 +455,19 @@ def test_a_missing_coco_split_names_its_flag(tmp_path):
         FileNotFoundError, match=r"--val-split val2017: --data-dir .*val2017 does not exist .*--val-images"
     ):
         detection.main(argv)
+
+
+def test_camouflage_pretrained_backbone_offline_names_the_local_file_option(offline, tmp_path):
+    from PIL import Image
+
+    from recurzoo.checkpoint import CheckpointError
+    from recurzoo.train import camouflage
+
+    for sub, mode in (("Image", "RGB"), ("Mask", "L")):
+        (tmp_path / "cod" / sub).mkdir(parents=True)
+        Image.new(mode, (32, 32)).save(tmp_path / "cod" / sub / "a.png")
+    argv = ["--backbone", "resnet18", "--pretrained-backbone", "--evaluate", "--test-sets", str(tmp_path / "cod")]
+    with pytest.raises(
+        CheckpointError, match=r"--pretrained-backbone: .*out of reach.*backbone_kwargs=\{'pretrained_cfg"
+    ):
+        camouflage.main(argv + ["--device", "cpu", "--output", str(tmp_path / "run")])
