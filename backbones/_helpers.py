@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
+from timm.layers import get_device_dtype
+from timm.models import register_notrace_function
 from torch import nn
+from torch.fx.node import has_side_effect
 
 
 def model_name(model: nn.Module) -> str:
@@ -19,6 +22,10 @@ def _skip_checks() -> bool:
     return torch.jit.is_scripting()
 
 
+# torch.fx records this call instead of tracing it and keeps it in the graph (it returns nothing),
+# so a traced model checks its real input too.
+@has_side_effect
+@register_notrace_function
 def check_image_input(
     x: torch.Tensor,
     name: str,
@@ -157,8 +164,12 @@ class StagedClassifierMixin:
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
+        """A new classifier for ``num_classes`` (0 for none) on the model's device and dtype, reading the
+        model's current width (a pruned model's too); ``global_pool=None`` keeps the current pooling."""
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool, reset_other=reset_other)
+        self.head.reset(
+            num_classes, global_pool, reset_other=reset_other, in_features=self.num_features, **get_device_dtype(self)
+        )
         self.head_hidden_size = self.head.num_features
 
     def forward_intermediates(

@@ -26,9 +26,11 @@ from timm.layers import (
     Mlp,
     NormMlpClassifierHead,
     calculate_drop_path_rates,
+    get_device_dtype,
     trunc_normal_,
 )
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, named_apply, register_model, register_notrace_function
+from timm.models._input import update_model_input_size  # keeps resolve_data_config's size current
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
@@ -85,6 +87,31 @@ def real_dft_matrices(height: int, width: int) -> Tuple[torch.Tensor, torch.Tens
     return tuple(m.float() for m in (row_rfft, col_dft, col_idft, row_irfft))
 
 
+def resize_frequency_weight(weight: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A real ``(C, h, w, 2)`` frequency weight for a ``height x width`` map: ``(C, height, width // 2 + 1, 2)``.
+
+    Resized bilinearly with ``align_corners=True`` when the size differs, as the official code does.
+    """
+    size = (height, width // 2 + 1)
+    if tuple(weight.shape[1:3]) != size:
+        weight = F.interpolate(weight.permute(3, 0, 1, 2), size=size, mode="bilinear", align_corners=True)
+        weight = weight.permute(1, 2, 3, 0)
+    return weight
+
+
+# torch.fx records this call instead of tracing it: the weight's size depends on the map's.
+@register_notrace_function
+def fourier_filter(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Multiply ``x`` in the 2-D real Fourier domain (``norm='ortho'``, float32) by the complex ``weight``.
+
+    ``weight`` is real ``(C, h, w, 2)``, resized to the map's frequencies when its size differs.
+    """
+    height, width = x.shape[-2:]
+    weight = torch.view_as_complex(resize_frequency_weight(weight, height, width).float().contiguous())
+    spectrum = torch.fft.rfft2(x.float(), dim=(2, 3), norm="ortho")
+    return torch.fft.irfft2(spectrum * weight, s=(height, width), dim=(2, 3), norm="ortho").to(x.dtype)
+
+
 class GlobalLocalFilter(nn.Module):
     """Mixes half of the channels with a 3x3 depthwise conv and half with a learned global filter.
 
@@ -94,31 +121,44 @@ class GlobalLocalFilter(nn.Module):
     real matrix products (:meth:`global_filter_real`), which ONNX expresses for any opset.
     """
 
-    def __init__(self, dim: int, filter_size: Tuple[int, int] = (14, 8)) -> None:
+    # An exported graph is tied to the traced size (recurzoo.export reads these, the model cards show them).
+    export_dynamic_size = False
+    export_static_reason = (
+        "the global filter runs as DFT matrices, and with frequency weights resized, for the traced feature-map size"
+    )
+
+    def __init__(self, dim: int, filter_size: Tuple[int, int] = (14, 8), device=None, dtype=None) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         half = dim // 2
-        self.pre_norm = LayerNorm2d(dim, eps=_NORM_EPS)
-        self.dw = nn.Conv2d(half, half, kernel_size=3, padding=1, groups=half, bias=False)
-        self.complex_weight = nn.Parameter(torch.zeros(half, *filter_size, 2))
+        self.pre_norm = LayerNorm2d(dim, eps=_NORM_EPS, **dd)
+        self.dw = nn.Conv2d(half, half, kernel_size=3, padding=1, groups=half, bias=False, **dd)
+        self.complex_weight = nn.Parameter(torch.empty(half, *filter_size, 2, **dd))
+        self.post_norm = LayerNorm2d(dim, eps=_NORM_EPS, **dd)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The frequency weights' initialisation (the convs and norms have their own)."""
         trunc_normal_(self.complex_weight, std=0.02)
-        self.post_norm = LayerNorm2d(dim, eps=_NORM_EPS)
 
     def frequency_weight(self, height: int, width: int) -> torch.Tensor:
         """The learned weight as a real ``(C, height, width // 2 + 1, 2)`` tensor for a map of that size."""
-        weight = self.complex_weight
-        size = (height, width // 2 + 1)
-        if tuple(weight.shape[1:3]) != size:
-            weight = F.interpolate(weight.permute(3, 0, 1, 2), size=size, mode="bilinear", align_corners=True)
-            weight = weight.permute(1, 2, 3, 0)
-        return weight
+        return resize_frequency_weight(self.complex_weight, height, width)
+
+    def set_feature_size(self, height: int, width: int) -> None:
+        """Store the frequency weights resized for a ``height x width`` map, as the forward resizes them.
+
+        A model then computes at that size exactly as before, without resizing at run time; a frozen
+        weight stays frozen.
+        """
+        with torch.no_grad():
+            resized = self.frequency_weight(height, width).contiguous()
+        self.complex_weight = nn.Parameter(resized, requires_grad=self.complex_weight.requires_grad)
 
     def global_filter(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
             return self.global_filter_real(x)
-        height, width = x.shape[-2:]
-        weight = torch.view_as_complex(self.frequency_weight(height, width).float().contiguous())
-        spectrum = torch.fft.rfft2(x.float(), dim=(2, 3), norm="ortho")
-        return torch.fft.irfft2(spectrum * weight, s=(height, width), dim=(2, 3), norm="ortho").to(x.dtype)
+        return fourier_filter(x, self.complex_weight)
 
     def global_filter_real(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`global_filter` as real matmuls with the DFT matrices of this map size (eval and export).
@@ -163,9 +203,12 @@ class RecursiveGatedConv(nn.Module):
         dim: int,
         order: int = 5,
         scale: float = 1.0,
-        spatial_mixer: Optional[Callable[[int], nn.Module]] = None,
+        spatial_mixer: Optional[Callable[..., nn.Module]] = None,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         if dim % 2 ** (order - 1):
             raise ValueError(
                 f"RecursiveGatedConv: dim must be divisible by 2**(order-1) = {2 ** (order - 1)}, "
@@ -175,22 +218,24 @@ class RecursiveGatedConv(nn.Module):
         self.scale = scale
         self.widths = [dim // 2**i for i in reversed(range(order))]
         context_width = sum(self.widths)
-        self.proj_in = nn.Conv2d(dim, self.widths[0] + context_width, kernel_size=1)
+        self.proj_in = nn.Conv2d(dim, self.widths[0] + context_width, kernel_size=1, **dd)
         if spatial_mixer is None:
-            self.spatial_mixer = nn.Conv2d(context_width, context_width, kernel_size=7, padding=3, groups=context_width)
+            self.spatial_mixer = nn.Conv2d(
+                context_width, context_width, kernel_size=7, padding=3, groups=context_width, **dd
+            )
         else:
-            self.spatial_mixer = spatial_mixer(context_width)
+            self.spatial_mixer = spatial_mixer(context_width, **dd)
         self.order_projs = nn.ModuleList(
-            nn.Conv2d(self.widths[i], self.widths[i + 1], kernel_size=1) for i in range(order - 1)
+            nn.Conv2d(self.widths[i], self.widths[i + 1], kernel_size=1, **dd) for i in range(order - 1)
         )
-        self.proj_out = nn.Conv2d(dim, dim, kernel_size=1)
+        self.proj_out = nn.Conv2d(dim, dim, kernel_size=1, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, context = self.proj_in(x).split((self.widths[0], sum(self.widths)), dim=1)
         contexts = (self.spatial_mixer(context) * self.scale).split(self.widths, dim=1)
         x = gate * contexts[0]
-        for proj, context_map in zip(self.order_projs, contexts[1:]):
-            x = proj(x) * context_map
+        for i, proj in enumerate(self.order_projs):  # indexed, not zipped: torch.fx cannot iterate a split
+            x = proj(x) * contexts[i + 1]
         return self.proj_out(x)
 
 
@@ -200,22 +245,33 @@ class HorNetBlock(nn.Module):
     def __init__(
         self,
         dim: int,
-        gnconv: Callable[[int], nn.Module],
+        gnconv: Callable[..., nn.Module],
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
         ls_init_value: Optional[float] = 1e-6,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
-        self.norm1 = LayerNorm2d(dim, eps=_NORM_EPS)
-        self.gnconv = gnconv(dim)
-        self.norm2 = LayerNorm(dim, eps=_NORM_EPS)
-        self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=nn.GELU)
+        dd = {"device": device, "dtype": dtype}
+        self.norm1 = LayerNorm2d(dim, eps=_NORM_EPS, **dd)
+        self.gnconv = gnconv(dim, **dd)
+        self.norm2 = LayerNorm(dim, eps=_NORM_EPS, **dd)
+        self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=nn.GELU, **dd)
+        self.ls_init_value = ls_init_value
         if ls_init_value:
-            self.gamma1 = nn.Parameter(torch.full((dim,), float(ls_init_value)))
-            self.gamma2 = nn.Parameter(torch.full((dim,), float(ls_init_value)))
+            self.gamma1 = nn.Parameter(torch.empty(dim, **dd))
+            self.gamma2 = nn.Parameter(torch.empty(dim, **dd))
         else:
             self.gamma1 = self.gamma2 = None
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The layer scales back to ``ls_init_value`` (the layers inside have their own initialisation)."""
+        for gamma in (self.gamma1, self.gamma2):
+            if gamma is not None:
+                nn.init.constant_(gamma, float(self.ls_init_value))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.gnconv(self.norm1(x))
@@ -237,19 +293,26 @@ class HorNetStage(nn.Module):
         in_chs: int,
         out_chs: int,
         depth: int,
-        gnconv: Callable[[int], nn.Module],
+        gnconv: Callable[..., nn.Module],
         drop_path_rates: Sequence[float],
         ls_init_value: Optional[float],
         mlp_ratio: float = 4.0,
+        downsample: bool = True,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.grad_checkpointing = False
-        self.downsample = nn.Sequential(
-            LayerNorm2d(in_chs, eps=_NORM_EPS),
-            nn.Conv2d(in_chs, out_chs, kernel_size=2, stride=2),
-        )
+        if downsample:
+            self.downsample = nn.Sequential(
+                LayerNorm2d(in_chs, eps=_NORM_EPS, **dd),
+                nn.Conv2d(in_chs, out_chs, kernel_size=2, stride=2, **dd),
+            )
+        else:  # the stem downsamples for the first stage
+            self.downsample = nn.Identity()
         self.blocks = nn.Sequential(
-            *[HorNetBlock(out_chs, gnconv, mlp_ratio, drop_path_rates[i], ls_init_value) for i in range(depth)]
+            *[HorNetBlock(out_chs, gnconv, mlp_ratio, drop_path_rates[i], ls_init_value, **dd) for i in range(depth)]
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -277,7 +340,13 @@ class HorNet(StagedClassifierMixin, nn.Module):
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, rising linearly over all blocks.
         head_init_scale: multiplier of the initial classifier weights.
+        device, dtype: where and as what every parameter is created (``meta``, then ``to_empty()`` and
+            :meth:`init_weights`, gives a working model).
     """
+
+    # What an exported graph of the model can take (recurzoo.export reads these, the model cards show them).
+    export_dynamic_batch = True
+    export_dynamic_size = True
 
     def __init__(
         self,
@@ -294,8 +363,11 @@ class HorNet(StagedClassifierMixin, nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         head_init_scale: float = 1.0,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         if not len(depths) == len(dims) == len(gnconv_orders) == len(global_filter_sizes) == 4:
             raise ValueError(
                 "HorNet: depths, dims, gnconv_orders and global_filter_sizes need one entry per stage "
@@ -306,10 +378,11 @@ class HorNet(StagedClassifierMixin, nn.Module):
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
+        self.head_init_scale = head_init_scale
 
         self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4),
-            LayerNorm2d(dims[0], eps=_NORM_EPS),
+            nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4, **dd),
+            LayerNorm2d(dims[0], eps=_NORM_EPS, **dd),
         )
         drop_path_rates = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         stages: List[nn.Module] = []
@@ -321,19 +394,19 @@ class HorNet(StagedClassifierMixin, nn.Module):
             gnconv = partial(
                 RecursiveGatedConv, order=gnconv_orders[i], scale=gnconv_scale, spatial_mixer=spatial_mixer
             )
-            blocks_args = dict(
-                depth=depths[i],
-                gnconv=gnconv,
-                drop_path_rates=drop_path_rates[i],
-                ls_init_value=ls_init_value,
-                mlp_ratio=mlp_ratio,
+            stages.append(
+                HorNetStage(
+                    dims[max(i - 1, 0)],
+                    dims[i],
+                    depth=depths[i],
+                    gnconv=gnconv,
+                    drop_path_rates=drop_path_rates[i],
+                    ls_init_value=ls_init_value,
+                    mlp_ratio=mlp_ratio,
+                    downsample=i > 0,
+                    **dd,
+                )
             )
-            if i == 0:
-                stage = HorNetStage(dims[0], dims[0], **blocks_args)
-                stage.downsample = nn.Identity()  # the stem downsamples for the first stage
-            else:
-                stage = HorNetStage(dims[i - 1], dims[i], **blocks_args)
-            stages.append(stage)
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = dims[-1]
@@ -344,23 +417,65 @@ class HorNet(StagedClassifierMixin, nn.Module):
             pool_type=global_pool,
             drop_rate=drop_rate,
             norm_layer=partial(LayerNorm2d, eps=_NORM_EPS),
+            **dd,
         )
-        self.apply(self._init_weights)
-        if num_classes:
-            self.head.fc.weight.data.mul_(head_init_scale)
-            self.head.fc.bias.data.mul_(head_init_scale)
+        self.init_weights(needs_reset=False)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+    def init_weights(self, needs_reset: bool = True) -> None:
+        """The official initialisation: truncated-normal convs and linears, the classifier scaled.
+
+        With ``needs_reset`` (after ``to_empty()`` of a model built on ``meta``, say) the norms, the
+        layer scales and the frequency weights are set again too; at construction they already are.
+        """
+        named_apply(partial(_init_weights, head_init_scale=self.head_init_scale, needs_reset=needs_reset), self)
+
+    @torch.jit.ignore
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
+        """A new classifier for ``num_classes`` (0 for none) on the model's device and dtype.
+
+        ``global_pool=None`` keeps the current pooling; ``reset_other`` drops the head's norm too.
+        """
+        self.num_classes = num_classes
+        self.head.reset(
+            num_classes, global_pool, reset_other=reset_other, in_features=self.num_features, **get_device_dtype(self)
+        )
+        self.head_hidden_size = self.head.num_features
+
+    @torch.jit.ignore
+    def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
+        """Size the global filters' frequency weights for ``img_size`` input, as the forward resizes them.
+
+        The model then computes at that size as before, without resizing the weights at run time, and
+        timm's data config follows; frozen weights stay frozen. 7x7 models have nothing to resize.
+        """
+        if img_size is None:
+            return
+        height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        for info, stage in zip(self.feature_info, self.stages):
+            reduction = info["reduction"]
+            for module in stage.modules():
+                if isinstance(module, GlobalLocalFilter):
+                    module.set_feature_size(height // reduction, width // reduction)
+        update_model_input_size(self, (height, width))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         # Layer scales, norms and biases are 1-D and excluded by timm's optimizer factory already.
         return {name for name, _ in self.named_parameters() if name.endswith("complex_weight")}
+
+
+def _init_weights(module: nn.Module, name: str = "", head_init_scale: float = 1.0, needs_reset: bool = True) -> None:
+    """HorNet's initialisation of one module (for ``named_apply``): see :meth:`HorNet.init_weights`."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if name.startswith("head.fc"):
+            with torch.no_grad():
+                module.weight.mul_(head_init_scale)
+                module.bias.mul_(head_init_scale)
+    elif needs_reset and isinstance(module, (nn.LayerNorm, HorNetBlock, GlobalLocalFilter)):
+        module.reset_parameters()
 
 
 # Official names -> ours, applied in order to every key of an official checkpoint.

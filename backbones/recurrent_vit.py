@@ -410,6 +410,10 @@ class RecurrentViT(nn.Module):
         dtype: their floating-point type.
     """
 
+    # What an exported graph of the model can take (recurzoo.export reads these, the model cards show them).
+    export_dynamic_batch = True
+    export_dynamic_size = True
+
     def __init__(
         self,
         img_size: Union[int, Tuple[int, int]] = 224,

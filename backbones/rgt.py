@@ -17,24 +17,32 @@ conv. Inside a group, blocks alternate two attentions:
 
 Every block adds its own input back scaled by a learnable vector (hybrid adaptive integration, HAI).
 ``rgt`` and ``rgt_small`` are the bodies (image -> full-resolution features, plus a pooled classifier
-head for timm). The complete super-resolution models ``rgt_x2`` ... ``rgt_small_x4`` (body + pixel-shuffle
-upsampler) are task models of :mod:`recurzoo.heads.super_resolution`.
+head for timm). They take timm's factory arguments (``device``, ``dtype``; ``init_weights()`` after a
+``meta`` build) and trace with torch.fx: the two attentions, which decide on the map's size in Python,
+are leaf modules. The complete super-resolution models ``rgt_x2`` ... ``rgt_small_x4`` (body +
+pixel-shuffle upsampler) are task models of :mod:`recurzoo.heads.super_resolution`.
 """
 
 from __future__ import annotations
 
-import functools
 import re
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, get_device_dtype, trunc_normal_
+from timm.models import (
+    generate_default_cfgs,
+    named_apply,
+    register_model,
+    register_notrace_function,
+    register_notrace_module,
+)
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
+from torch.fx.node import has_side_effect
 
 from recurzoo.backbones._helpers import build_with_weights, check_image_input, model_name
 from recurzoo.checkpoint import unwrap_state_dict
@@ -48,6 +56,9 @@ __all__ = [
     "GatedConvMlp",
     "DynamicPositionBias",
     "recursion_steps",
+    "shifted_window_mask",
+    "shifted_window_regions",
+    "check_rgt_input",
     "checkpoint_filter_fn",
     "rgt_args",
     "rgt_cfg",
@@ -80,15 +91,15 @@ def recursion_steps(height: int, width: int, training: bool) -> int:
     return min(steps, _floor_log4(min(height, width)))
 
 
-@functools.lru_cache(maxsize=16)
-def shifted_window_mask(
+def shifted_window_regions(
     height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int], device: torch.device
 ) -> torch.Tensor:
-    """``(num_windows, N, N)`` additive mask of a shifted-window attention on a ``height x width`` map.
+    """``(num_windows, N)`` region id of every token of every window, after the cyclic shift.
 
-    After the cyclic shift, the last window of each row/column mixes three regions of the original
-    map (before ``-window``, between ``-window`` and ``-shift``, after ``-shift``); tokens from
-    different regions may not attend to each other (``-100`` in the logits, as in Swin and RGT).
+    The last window of each row/column mixes three regions of the original map (before
+    ``-window``, between ``-window`` and ``-shift``, after ``-shift``); ids are equal exactly
+    within a region. Computed with tensor ops on every call (no cache to go stale or to break
+    ``torch.compile``): a few comparisons of ``H x W`` integers.
     """
 
     def region(length: int, size: int, offset: int) -> torch.Tensor:
@@ -97,7 +108,18 @@ def shifted_window_mask(
 
     ids = region(height, window[0], shift[0])[:, None] * 3 + region(width, window[1], shift[1])[None, :]
     ids = ids.view(height // window[0], window[0], width // window[1], window[1]).transpose(1, 2)
-    ids = ids.reshape(-1, window[0] * window[1])
+    return ids.reshape(-1, window[0] * window[1])
+
+
+def shifted_window_mask(
+    height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    """``(num_windows, N, N)`` additive mask of a shifted-window attention on a ``height x width`` map.
+
+    Tokens from different regions (:func:`shifted_window_regions`) may not attend to each other
+    (``-100`` in the logits, as in Swin and RGT).
+    """
+    ids = shifted_window_regions(height, width, window, shift, device)
     different = ids[:, None, :] != ids[:, :, None]
     return torch.zeros(different.shape, device=device).masked_fill_(different, _MASK_VALUE)
 
@@ -124,18 +146,36 @@ class DynamicPositionBias(nn.Module):
     ``hidden`` channels, then three (LayerNorm, ReLU, Linear) stages, the last one to ``num_heads``.
     """
 
-    def __init__(self, hidden: int, num_heads: int) -> None:
+    def __init__(self, hidden: int, num_heads: int, device=None, dtype=None) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         with warnings.catch_warnings():  # a zero width (tiny models) makes torch warn that init is a no-op
             warnings.simplefilter("ignore")
-            self.proj_in = nn.Linear(2, hidden)
+            self.proj_in = nn.Linear(2, hidden, **dd)
             layers: List[nn.Module] = []
             for out_features in (hidden, hidden, num_heads):
-                layers += [nn.LayerNorm(hidden), nn.ReLU(), nn.Linear(hidden, out_features)]
+                layers += [nn.LayerNorm(hidden, **dd), nn.ReLU(), nn.Linear(hidden, out_features, **dd)]
             self.mlp = nn.Sequential(*layers)
 
     def forward(self, offsets: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.proj_in(offsets))
+
+
+def window_offsets(window_size: Tuple[int, int], device=None, dtype=None) -> torch.Tensor:
+    """``((2 * Wh - 1) * (2 * Ww - 1), 2)`` every ``(dy, dx)`` offset between two tokens of a window."""
+    offsets_h = torch.arange(1 - window_size[0], window_size[0], device=device, dtype=dtype or torch.float32)
+    offsets_w = torch.arange(1 - window_size[1], window_size[1], device=device, dtype=dtype or torch.float32)
+    return torch.stack(torch.meshgrid(offsets_h, offsets_w, indexing="ij"), dim=-1).reshape(-1, 2)
+
+
+def window_relative_index(window_size: Tuple[int, int], device=None) -> torch.Tensor:
+    """``(N, N)`` row of :func:`window_offsets` holding the offset between tokens ``i`` and ``j``."""
+    window_h, window_w = window_size
+    coords = torch.stack(
+        torch.meshgrid(torch.arange(window_h, device=device), torch.arange(window_w, device=device), indexing="ij")
+    ).flatten(1)
+    relative = coords[:, :, None] - coords[:, None, :]
+    return (relative[0] + window_h - 1) * (2 * window_w - 1) + relative[1] + window_w - 1
 
 
 class RectangleWindowBranch(nn.Module):
@@ -143,7 +183,8 @@ class RectangleWindowBranch(nn.Module):
 
     Takes the stacked ``(B, H, W, 3, C)`` queries, keys and values of a map whose sides are
     multiples of the window; with ``shifted``, the map is rolled by half a window first (and back
-    after), and tokens from different regions are masked.
+    after), and tokens from different regions are masked. The offsets and their index are
+    non-persistent buffers derived from the window size (:meth:`init_weights` recomputes them).
     """
 
     def __init__(
@@ -154,24 +195,30 @@ class RectangleWindowBranch(nn.Module):
         shifted: bool,
         qk_scale: Optional[float] = None,
         attn_drop: float = 0.0,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.num_heads = num_heads
         self.window_size = tuple(window_size)
         self.shift_size = (window_size[0] // 2, window_size[1] // 2) if shifted else None
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         self.attn_drop = attn_drop
         # The official bias MLP is a quarter of a quarter of the branch width wide.
-        self.position_bias = DynamicPositionBias((dim // 4) // 4, num_heads)
-        window_h, window_w = self.window_size
-        offsets_h = torch.arange(1 - window_h, window_h, dtype=torch.float32)
-        offsets_w = torch.arange(1 - window_w, window_w, dtype=torch.float32)
-        offsets = torch.stack(torch.meshgrid(offsets_h, offsets_w, indexing="ij"), dim=-1).reshape(-1, 2)
-        self.register_buffer("offsets", offsets, persistent=False)
-        coords = torch.stack(torch.meshgrid(torch.arange(window_h), torch.arange(window_w), indexing="ij")).flatten(1)
-        relative = coords[:, :, None] - coords[:, None, :]
-        index = (relative[0] + window_h - 1) * (2 * window_w - 1) + relative[1] + window_w - 1
-        self.register_buffer("relative_position_index", index, persistent=False)
+        self.position_bias = DynamicPositionBias((dim // 4) // 4, num_heads, **dd)
+        self.register_buffer("offsets", window_offsets(self.window_size, **dd), persistent=False)
+        self.register_buffer(
+            "relative_position_index", window_relative_index(self.window_size, device=device), persistent=False
+        )
+
+    def init_weights(self) -> None:
+        """Recompute the size-derived buffers in place (after ``to_empty``), on their device and dtype."""
+        with torch.no_grad():
+            self.offsets.copy_(window_offsets(self.window_size, self.offsets.device, self.offsets.dtype))
+            self.relative_position_index.copy_(
+                window_relative_index(self.window_size, self.relative_position_index.device)
+            )
 
     def relative_position_bias(self) -> torch.Tensor:
         """``(num_heads, N, N)`` bias of the attention logits inside one window."""
@@ -201,8 +248,10 @@ class RectangleWindowBranch(nn.Module):
         q, k, v = windows.unbind(0)
         bias = self.relative_position_bias()  # (heads, N, N)
         if self.shift_size is not None:
-            mask = shifted_window_mask(int(height), int(width), self.window_size, self.shift_size, qkv.device)
-            bias = (bias + mask[:, None]).flatten(0, 1)  # (windows * heads, N, N)
+            ids = shifted_window_regions(height, width, self.window_size, self.shift_size, qkv.device)
+            different = (ids[:, None, :] != ids[:, :, None])[:, None]  # (windows, 1, N, N)
+            # bias - 100 between regions, bias itself within one: the official additive mask, exactly
+            bias = torch.where(different, bias + _MASK_VALUE, bias).flatten(0, 1)  # (windows * heads, N, N)
         else:  # one bias for every window: put the windows on the batch axis instead
             q, k, v = (t.reshape(batch * rows * cols, self.num_heads, *t.shape[2:]) for t in (q, k, v))
         # 4-D inputs with a mask broadcast over the first axis only keep SDPA on its fused kernel
@@ -229,12 +278,21 @@ class RectangleWindowBranch(nn.Module):
         return None
 
 
+# The two attentions take Python decisions on the map's size (padding, how often RG-SA pools):
+# torch.fx keeps them as leaf modules (their parameters stay in the traced model).
+@register_notrace_module
 class RectangleWindowAttention(nn.Module):
     """L-SA: horizontal- and vertical-rectangle window attention on the two channel halves.
 
     The map is zero-padded (after the qkv projection) to a multiple of the longer window side,
     as in the official code; a depthwise 3x3 conv of the (unpadded) values is added to the result.
     """
+
+    # An exported graph is tied to the traced size (recurzoo.export reads these, the model cards show them).
+    export_dynamic_size = False
+    export_static_reason = (
+        "the rectangle windows pad the map to a multiple of their size and mask shifted windows for the traced size"
+    )
 
     def __init__(
         self,
@@ -246,8 +304,11 @@ class RectangleWindowAttention(nn.Module):
         qk_scale: Optional[float] = None,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         if dim % 2 or num_heads % 2 or dim % num_heads:
             raise ValueError(
                 f"RectangleWindowAttention: dim and num_heads must be even and dim divisible by "
@@ -255,15 +316,15 @@ class RectangleWindowAttention(nn.Module):
             )
         short, long = split_size
         self.pad_multiple = max(short, long)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
         self.branches = nn.ModuleList(
             [
-                RectangleWindowBranch(dim // 2, num_heads // 2, (short, long), shifted, qk_scale, attn_drop),
-                RectangleWindowBranch(dim // 2, num_heads // 2, (long, short), shifted, qk_scale, attn_drop),
+                RectangleWindowBranch(dim // 2, num_heads // 2, window, shifted, qk_scale, attn_drop, **dd)
+                for window in ((short, long), (long, short))
             ]
         )
-        self.local_conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
-        self.proj = nn.Linear(dim, dim)
+        self.local_conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -287,6 +348,7 @@ class RectangleWindowAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
+@register_notrace_module
 class RecursiveGeneralizationAttention(nn.Module):
     """RG-SA: cross-attention from every position to a recursively pooled summary of the map.
 
@@ -295,6 +357,10 @@ class RecursiveGeneralizationAttention(nn.Module):
     tokens. Queries and keys have ``c_ratio * dim`` channels, values ``dim``; a depthwise 3x3 conv of
     the values over the pooled map (CPE) is added to them.
     """
+
+    # An exported graph is tied to the traced size (recurzoo.export reads these, the model cards show them).
+    export_dynamic_size = False
+    export_static_reason = "RG-SA pools the map log4(side)-many times, a count fixed when traced"
 
     def __init__(
         self,
@@ -305,8 +371,11 @@ class RecursiveGeneralizationAttention(nn.Module):
         qk_scale: Optional[float] = None,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.num_heads = num_heads
         self.reduced_dim = int(dim * c_ratio)
         if dim % num_heads or self.reduced_dim % num_heads:
@@ -316,16 +385,16 @@ class RecursiveGeneralizationAttention(nn.Module):
             )
         self.scale = qk_scale or (dim // num_heads * c_ratio) ** -0.5
         self.attn_drop = attn_drop
-        self.recursive_pool = nn.Conv2d(dim, dim, kernel_size=4, stride=4, groups=dim)
-        self.pooled_dwconv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
-        self.pooled_proj = nn.Conv2d(dim, self.reduced_dim, kernel_size=1)
-        self.pooled_norm = nn.LayerNorm(self.reduced_dim)
+        self.recursive_pool = nn.Conv2d(dim, dim, kernel_size=4, stride=4, groups=dim, **dd)
+        self.pooled_dwconv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, **dd)
+        self.pooled_proj = nn.Conv2d(dim, self.reduced_dim, kernel_size=1, **dd)
+        self.pooled_norm = nn.LayerNorm(self.reduced_dim, **dd)
         self.pooled_act = nn.GELU()
-        self.q = nn.Linear(dim, self.reduced_dim, bias=qkv_bias)
-        self.k = nn.Linear(self.reduced_dim, self.reduced_dim, bias=qkv_bias)
-        self.v = nn.Linear(self.reduced_dim, dim, bias=qkv_bias)
-        self.cpe = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
-        self.proj = nn.Linear(dim, dim)
+        self.q = nn.Linear(dim, self.reduced_dim, bias=qkv_bias, **dd)
+        self.k = nn.Linear(self.reduced_dim, self.reduced_dim, bias=qkv_bias, **dd)
+        self.v = nn.Linear(self.reduced_dim, dim, bias=qkv_bias, **dd)
+        self.cpe = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -353,10 +422,11 @@ class RecursiveGeneralizationAttention(nn.Module):
 class ConvGate(nn.Module):
     """Spatial gate of the MLP: one half of the channels times a depthwise conv of the normed other half."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, device=None, dtype=None) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        dd = {"device": device, "dtype": dtype}
+        self.norm = nn.LayerNorm(dim, **dd)
+        self.conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         passthrough, gate = x.chunk(2, dim=-1)
@@ -367,12 +437,13 @@ class ConvGate(nn.Module):
 class GatedConvMlp(nn.Module):
     """Channels-last MLP with a convolutional gate: fc1, GELU, :class:`ConvGate` (halves the width), fc2."""
 
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+    def __init__(self, dim: int, hidden_dim: int, device=None, dtype=None) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        dd = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Linear(dim, hidden_dim, **dd)
         self.act = nn.GELU()
-        self.gate = ConvGate(hidden_dim // 2)
-        self.fc2 = nn.Linear(hidden_dim // 2, dim)
+        self.gate = ConvGate(hidden_dim // 2, **dd)
+        self.fc2 = nn.Linear(hidden_dim // 2, dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.gate(self.act(self.fc1(x))))
@@ -400,23 +471,32 @@ class RGTBlock(nn.Module):
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
         skip_scale_init: float = 1e-4,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        dd = {"device": device, "dtype": dtype}
+        self.norm1 = nn.LayerNorm(dim, **dd)
         if attention == "local":
             self.attn = RectangleWindowAttention(
-                dim, num_heads, split_size, shifted, qkv_bias, qk_scale, attn_drop, proj_drop
+                dim, num_heads, split_size, shifted, qkv_bias, qk_scale, attn_drop, proj_drop, **dd
             )
         elif attention == "recursive":
             self.attn = RecursiveGeneralizationAttention(
-                dim, num_heads, c_ratio, qkv_bias, qk_scale, attn_drop, proj_drop
+                dim, num_heads, c_ratio, qkv_bias, qk_scale, attn_drop, proj_drop, **dd
             )
         else:
             raise ValueError(f"RGTBlock: attention must be 'local' or 'recursive', received {attention!r}")
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = GatedConvMlp(dim, int(dim * mlp_ratio))
-        self.skip_scale = nn.Parameter(torch.full((dim,), float(skip_scale_init)))
+        self.norm2 = nn.LayerNorm(dim, **dd)
+        self.mlp = GatedConvMlp(dim, int(dim * mlp_ratio), **dd)
+        self.skip_scale_init = float(skip_scale_init)
+        self.skip_scale = nn.Parameter(torch.full((dim,), self.skip_scale_init, **dd))
+
+    def init_weights(self) -> None:
+        """The HAI scale back at its initial value (its sub-layers initialise themselves)."""
+        with torch.no_grad():
+            self.skip_scale.fill_(self.skip_scale_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
@@ -433,19 +513,41 @@ def is_shifted_block(group_index: int, block_index: int) -> bool:
     return block_index % 4 == (2 if group_index % 2 == 0 else 0)
 
 
-def _residual_conv(dim: int, kind: str) -> nn.Module:
+def _residual_conv(dim: int, kind: str, device=None, dtype=None) -> nn.Module:
     """The conv closing a residual group (and the body): ``'1conv'`` or the cheaper ``'3conv'``."""
+    dd = {"device": device, "dtype": dtype}
     if kind == "1conv":
-        return nn.Conv2d(dim, dim, 3, 1, 1)
+        return nn.Conv2d(dim, dim, 3, 1, 1, **dd)
     if kind == "3conv":
         return nn.Sequential(
-            nn.Conv2d(dim, dim // 4, 3, 1, 1),
+            nn.Conv2d(dim, dim // 4, 3, 1, 1, **dd),
             nn.LeakyReLU(negative_slope=0.2, inplace=True),
-            nn.Conv2d(dim // 4, dim // 4, 1, 1, 0),
+            nn.Conv2d(dim // 4, dim // 4, 1, 1, 0, **dd),
             nn.LeakyReLU(negative_slope=0.2, inplace=True),
-            nn.Conv2d(dim // 4, dim, 3, 1, 1),
+            nn.Conv2d(dim // 4, dim, 3, 1, 1, **dd),
         )
     raise ValueError(f"RGT: resi_connection must be '1conv' or '3conv', received {kind!r}")
+
+
+def _init_rgt_module(module: nn.Module, name: str = "") -> None:
+    """One module's share of :meth:`RGT.init_weights` (applied to every module, children first)."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (RGTBlock, RectangleWindowBranch)):
+        module.init_weights()
+    elif hasattr(module, "reset_parameters"):
+        module.reset_parameters()
+
+
+# torch.fx records this call instead of tracing it and keeps it in the graph (it returns nothing),
+# so a traced model checks its real input too.
+@has_side_effect
+@register_notrace_function
+def check_rgt_input(x: torch.Tensor, weight: torch.Tensor, name: str, in_chans: int) -> None:
+    """Raise a ``ValueError`` naming the model when ``x`` is not an image batch of ``weight``'s dtype."""
+    check_image_input(x, name, in_chans, dtype=weight.dtype)
 
 
 class ResidualGroup(nn.Module):
@@ -459,9 +561,12 @@ class ResidualGroup(nn.Module):
         group_index: int,
         drop_path_rates: Sequence[float],
         resi_connection: str = "1conv",
+        device=None,
+        dtype=None,
         **block_kwargs: Any,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.grad_checkpointing = False
         self.blocks = nn.Sequential(
             *[
@@ -472,19 +577,22 @@ class ResidualGroup(nn.Module):
                     shifted=i % 2 == 0 and is_shifted_block(group_index, i),
                     drop_path=drop_path_rates[i],
                     **block_kwargs,
+                    **dd,
                 )
                 for i in range(depth)
             ]
         )
-        self.conv = _residual_conv(dim, resi_connection)
+        self.conv = _residual_conv(dim, resi_connection, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` in and out (channels-last in memory: the permutes are views)."""
         shortcut = x
+        x = x.permute(0, 2, 3, 1)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:
             x = self.blocks(x)
-        return shortcut + self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return shortcut + self.conv(x.permute(0, 3, 1, 2))
 
 
 class RGT(nn.Module):
@@ -512,7 +620,14 @@ class RGT(nn.Module):
         drop_path_rate: stochastic depth, rising linearly over all blocks (0.1 in the official training).
         resi_connection: ``'1conv'`` or ``'3conv'``, the conv ending each group and the body.
         global_pool: pooling of the classifier head.
+        device: where parameters and buffers are created (``'meta'`` allocates nothing; then
+            ``to_empty`` and :meth:`init_weights`).
+        dtype: their floating-point type.
     """
+
+    # What an exported graph of the model can take (recurzoo.export reads these, the model cards show them).
+    export_dynamic_batch = True
+    export_dynamic_size = True
 
     def __init__(
         self,
@@ -532,8 +647,11 @@ class RGT(nn.Module):
         drop_path_rate: float = 0.1,
         resi_connection: str = "1conv",
         global_pool: str = "avg",
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         heads = [num_heads] * len(depths) if isinstance(num_heads, int) else list(num_heads)
         if len(heads) != len(depths):
             raise ValueError(f"RGT: num_heads needs one entry per group ({len(depths)}), received {len(heads)}")
@@ -544,8 +662,8 @@ class RGT(nn.Module):
         self.embed_dim = embed_dim
         self.drop_rate = drop_rate
 
-        self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
-        self.norm_pre = nn.LayerNorm(embed_dim)
+        self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1, **dd)
+        self.norm_pre = nn.LayerNorm(embed_dim, **dd)
         rates = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)  # per group, per block
         block_kwargs = dict(
             mlp_ratio=mlp_ratio,
@@ -559,21 +677,25 @@ class RGT(nn.Module):
         groups: List[nn.Module] = []
         self.feature_info: List[Dict[str, Any]] = []
         for i, depth in enumerate(depths):
-            groups.append(ResidualGroup(embed_dim, depth, heads[i], i, rates[i], resi_connection, **block_kwargs))
+            groups.append(ResidualGroup(embed_dim, depth, heads[i], i, rates[i], resi_connection, **block_kwargs, **dd))
             self.feature_info.append(dict(num_chs=embed_dim, reduction=1, module=f"groups.{i}"))
         self.groups = nn.Sequential(*groups)
-        self.norm = nn.LayerNorm(embed_dim)
-        self.conv_after_body = _residual_conv(embed_dim, resi_connection)
+        self.norm = nn.LayerNorm(embed_dim, **dd)
+        # None once prune_intermediate_layers cut the body before its last group (features end at the tap)
+        self.conv_after_body: Optional[nn.Module] = _residual_conv(embed_dim, resi_connection, **dd)
         self.num_features = self.head_hidden_size = embed_dim
-        self.head = ClassifierHead(embed_dim, num_classes, pool_type=global_pool, drop_rate=drop_rate)
-        self.apply(self._init_weights)
+        self.head = ClassifierHead(embed_dim, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
+        self.init_weights()
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+    def init_weights(self) -> None:
+        """The official initialization, also after ``create_model(device='meta')`` and ``to_empty``.
+
+        Linear layers truncated normal (std 0.02) with zero biases, every other layer its own reset,
+        HAI scales at 1e-4, and the size-derived buffers (window offsets and their index) recomputed.
+        """
+        with warnings.catch_warnings():  # zero-width position-bias layers of tiny models: init is a no-op
+            warnings.simplefilter("ignore")
+            named_apply(_init_rgt_module, self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -602,18 +724,26 @@ class RGT(nn.Module):
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new classifier of ``num_classes`` outputs (0: pooled features) on the model's device and
+        dtype; the pooling changes only when ``global_pool`` is given (``''``: none)."""
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
+        self.head.reset(num_classes, global_pool, **get_device_dtype(self))
 
     def _check_input(self, x: torch.Tensor) -> None:
-        check_image_input(x, model_name(self), self.in_chans, dtype=next(self.parameters()).dtype)
+        check_rgt_input(x, self.conv_first.weight, model_name(self), self.in_chans)
 
     def _stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         shallow = self.conv_first(x)
-        return shallow, self.norm_pre(shallow.permute(0, 2, 3, 1))
+        return shallow, self.norm_pre(shallow.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm (over channels) of a ``(B, C, H, W)`` map."""
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def _body_output(self, x: torch.Tensor, shallow: torch.Tensor) -> torch.Tensor:
-        return self.conv_after_body(self.norm(x).permute(0, 3, 1, 2)) + shallow
+        if self.conv_after_body is None:  # pruned before the last group: the features end at the tap
+            return x
+        return self.conv_after_body(self._norm(x)) + shallow
 
     def forward_intermediates(
         self,
@@ -640,8 +770,8 @@ class RGT(nn.Module):
         for index, group in enumerate(groups):
             x = group(x)
             if index in take_indices:
-                feature = self.norm(x) if norm and index == last_index else x
-                intermediates.append(feature.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feature)
+                feature = self._norm(x) if norm and index == last_index else x
+                intermediates.append(feature if output_fmt == "NCHW" else feature.permute(0, 2, 3, 1))
         if intermediates_only:
             return intermediates
         return self._body_output(x, shallow), intermediates
@@ -652,11 +782,17 @@ class RGT(nn.Module):
         prune_norm: bool = False,
         prune_head: bool = True,
     ) -> List[int]:
-        """Drop the groups (and head) that the requested intermediates do not need."""
+        """Drop the groups (and head) that the requested intermediates do not need.
+
+        Cut before the last group, the body's closing conv and skip go too: ``forward_features``
+        then ends at the last kept group's output, as timm's pruned models do.
+        """
         take_indices, max_index = feature_take_indices(len(self.groups), indices)
         prune_end = max_index < len(self.groups) - 1
         if prune_norm or prune_end:
             self.norm = nn.Identity()
+        if prune_end:
+            self.conv_after_body = None
         self.groups = self.groups[: max_index + 1]
         if prune_head or prune_end:
             self.reset_classifier(0, "")
@@ -748,7 +884,7 @@ def rgt_cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
         "url": url,
         "num_classes": 0,
         "input_size": (3, 64, 64),
-        "pool_size": None,
+        "pool_size": (64, 64),  # stride-1 features: the input's size
         "crop_pct": 1.0,
         "interpolation": "bicubic",
         "mean": DIV2K_RGB_MEAN,

@@ -18,6 +18,12 @@ eval mode, deterministically, token ``i`` going to slice ``i mod G`` (a reshape 
 When the token count is not a multiple of the group count, the sequence is padded to the next
 multiple and the padded keys are masked out of the attention: the groups then differ in size by
 at most one token, and nothing else changes.
+
+Every constructor takes timm's factory arguments ``device`` and ``dtype``: a model built with
+``device='meta'`` is made usable by ``to_empty()`` and :meth:`SReT.init_weights`. The slice layout
+is computed from each input's token count (no buffers, nothing to go stale after ``.to(dtype)``).
+torch.fx traces the model with the sliced attention as a leaf, so timm's ``feature_cls='fx'`` and
+torchvision's ``create_feature_extractor`` work in training and in eval.
 """
 
 from __future__ import annotations
@@ -36,14 +42,18 @@ from timm.layers import (
     LayerNorm2d,
     Mlp,
     NormMlpClassifierHead,
+    register_notrace_function,
+    register_notrace_module,
     resample_abs_pos_embed,
     to_2tuple,
     trunc_normal_,
 )
 from timm.models import generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
+from timm.models._input import update_model_input_size  # timm exports no public equivalent
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
+from torch.fx.node import has_side_effect
 
 from recurzoo.backbones._helpers import StagedClassifierMixin, build_with_weights, check_image_input, model_name
 from recurzoo.checkpoint import unwrap_state_dict
@@ -69,6 +79,11 @@ def stem_grid(img_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
     return math.ceil(height / _STEM_STRIDE), math.ceil(width / _STEM_STRIDE)
 
 
+# torch.fx calls this with the input's runtime size instead of tracing the shape comparison. Besides
+# timm's registry (read by its feature extraction), ``torch.fx.wrap`` makes every tracer keep it whole:
+# the model's ``forward`` lives in ``_helpers``, whose globals timm's autowrapping would patch instead.
+@torch.fx.wrap
+@register_notrace_function
 def resample_pos_embed(pos_embed: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Resample a ``(1, C, H, W)`` position embedding to ``size`` with timm's ``resample_abs_pos_embed``."""
     if tuple(pos_embed.shape[-2:]) == tuple(size):
@@ -80,6 +95,8 @@ def resample_pos_embed(pos_embed: torch.Tensor, size: Sequence[int]) -> torch.Te
     return tokens.transpose(1, 2).reshape(1, channels, *size)
 
 
+# A leaf of torch.fx traces: the slice layout (group size, padding, mask) is computed from the runtime token count.
+@register_notrace_module
 class SlicedGroupAttention(nn.Module):
     """Multi-head self-attention within groups of tokens, as one batched SDPA call over the groups.
 
@@ -92,7 +109,23 @@ class SlicedGroupAttention(nn.Module):
         random_slices: in training, slice the recursive applications after a random token
             permutation (as the paper does); otherwise token ``i`` goes to slice ``i mod G``,
             which is always the rule in eval mode.
+        device: where the parameters are created.
+        dtype: their floating-point type.
+
+    The slice layout is derived from the token count of each input, so it needs no buffer and
+    follows any input size, device and dtype.
     """
+
+    # Read by recurzoo.export and the model cards: sliced attention ties an exported graph to the traced size.
+    export_static_reason = (
+        "sliced attention pads the token sequence to a multiple of the slice count and shapes the slices for the "
+        "traced token count"
+    )
+
+    @property
+    def export_dynamic_size(self) -> bool:
+        """Whether an exported graph takes other sizes than the traced one: only without slicing."""
+        return max(self.num_groups, self.recursive_num_groups) <= 1
 
     def __init__(
         self,
@@ -104,8 +137,11 @@ class SlicedGroupAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         random_slices: bool = True,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         if dim % num_heads:
             raise ValueError(
                 f"SlicedGroupAttention: dim must be divisible by num_heads, received dim={dim}, num_heads={num_heads}"
@@ -119,9 +155,9 @@ class SlicedGroupAttention(nn.Module):
         self.num_groups = num_groups
         self.recursive_num_groups = recursive_num_groups
         self.random_slices = random_slices
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, recursive: bool = False) -> torch.Tensor:
@@ -201,9 +237,12 @@ class TransformerBlock(nn.Module):
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
         random_slices: bool = True,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=_NORM_EPS)
+        dd = {"device": device, "dtype": dtype}
+        self.norm1 = nn.LayerNorm(dim, eps=_NORM_EPS, **dd)
         self.attn = SlicedGroupAttention(
             dim,
             num_heads,
@@ -213,14 +252,21 @@ class TransformerBlock(nn.Module):
             attn_drop=attn_drop,
             proj_drop=proj_drop,
             random_slices=random_slices,
+            **dd,
         )
-        self.norm2 = nn.LayerNorm(dim, eps=_NORM_EPS)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.norm2 = nn.LayerNorm(dim, eps=_NORM_EPS, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.attn_skip_gain = nn.Parameter(torch.ones(1))
-        self.attn_gain = nn.Parameter(torch.ones(1))
-        self.mlp_skip_gain = nn.Parameter(torch.ones(1))
-        self.mlp_gain = nn.Parameter(torch.ones(1))
+        self.attn_skip_gain = nn.Parameter(torch.empty(1, **dd))
+        self.attn_gain = nn.Parameter(torch.empty(1, **dd))
+        self.mlp_skip_gain = nn.Parameter(torch.empty(1, **dd))
+        self.mlp_gain = nn.Parameter(torch.empty(1, **dd))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The block's own scalar gains back to one (its layers reset themselves)."""
+        for gain in (self.attn_skip_gain, self.attn_gain, self.mlp_skip_gain, self.mlp_gain):
+            nn.init.ones_(gain)
 
     def forward(self, x: torch.Tensor, recursive: bool = False) -> torch.Tensor:
         x = x * self.attn_skip_gain + self.drop_path(self.attn(self.norm1(x), recursive)) * self.attn_gain
@@ -231,12 +277,19 @@ class NonLinearProjection(nn.Module):
     """The light non-shared layer after each application of a shared block: a pre-norm MLP with
     learnable scalar gains on its skip and its branch."""
 
-    def __init__(self, dim: int, mlp_ratio: float = 1.0, proj_drop: float = 0.0) -> None:
+    def __init__(self, dim: int, mlp_ratio: float = 1.0, proj_drop: float = 0.0, device=None, dtype=None) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=_NORM_EPS)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
-        self.skip_gain = nn.Parameter(torch.ones(1))
-        self.mlp_gain = nn.Parameter(torch.ones(1))
+        dd = {"device": device, "dtype": dtype}
+        self.norm = nn.LayerNorm(dim, eps=_NORM_EPS, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop, **dd)
+        self.skip_gain = nn.Parameter(torch.empty(1, **dd))
+        self.mlp_gain = nn.Parameter(torch.empty(1, **dd))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The projection's own scalar gains back to one (its layers reset themselves)."""
+        nn.init.ones_(self.skip_gain)
+        nn.init.ones_(self.mlp_gain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.skip_gain + self.mlp(self.norm(x)) * self.mlp_gain
@@ -292,9 +345,12 @@ class RecursiveStage(nn.Module):
         downsample: bool = True,
         proj_drop: float = 0.0,
         drop_path_rates: Optional[Sequence[float]] = None,
+        device=None,
+        dtype=None,
         **block_kwargs: Any,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         if num_shared_blocks < 1 or recursions < 1:
             raise ValueError(
                 f"RecursiveStage: needs at least one shared block and one recursion, "
@@ -302,7 +358,7 @@ class RecursiveStage(nn.Module):
             )
         self.grad_checkpointing = False
         if downsample:
-            self.downsample = nn.Conv2d(in_chs, dim, kernel_size=3, stride=2, padding=1, groups=in_chs)
+            self.downsample = nn.Conv2d(in_chs, dim, kernel_size=3, stride=2, padding=1, groups=in_chs, **dd)
         else:
             self.downsample = nn.Identity()
         drop_path_rates = drop_path_rates or [0.0] * num_shared_blocks
@@ -317,21 +373,49 @@ class RecursiveStage(nn.Module):
                 proj_drop=proj_drop,
                 drop_path=drop_path_rates[index],
                 **block_kwargs,
+                **dd,
             )
-            projections = [NonLinearProjection(dim, projection_mlp_ratio, proj_drop) for _ in range(recursions)]
+            projections = [NonLinearProjection(dim, projection_mlp_ratio, proj_drop, **dd) for _ in range(recursions)]
             passes = [(index * recursions + r) % 2 == 1 for r in range(recursions)]
             blocks.append(RecursiveBlock(shared, projections, passes))
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        batch, channels, height, width = x.shape
+        shape = x.shape  # kept whole (no Python arithmetic on it), so torch.fx traces the stage
         x = x.flatten(2).transpose(1, 2)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:
             x = self.blocks(x)
-        return x.transpose(1, 2).reshape(batch, channels, height, width)
+        return x.transpose(1, 2).reshape(shape)
+
+
+# torch.fx records this call instead of tracing it (wrapped as ``resample_pos_embed``) and keeps it
+# in the graph (it returns nothing), so a traced model checks its real input too.
+@has_side_effect
+@torch.fx.wrap
+@register_notrace_function
+def check_sret_input(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    name: str,
+    in_chans: int,
+    min_size: int,
+    fixed_size: Optional[Tuple[int, int]],
+) -> None:
+    """Raise a ``ValueError`` naming the model when ``x`` is not an image batch SReT takes.
+
+    ``weight`` is one of the model's parameters, whose dtype a floating input must have (outside
+    autocast); sides must be at least ``min_size`` (the total stride) and equal ``fixed_size`` when
+    given (a model built with ``dynamic_img_size=False``).
+    """
+    check_image_input(x, name, in_chans, min_size=min_size, dtype=weight.dtype)
+    if fixed_size is not None and tuple(x.shape[-2:]) != tuple(fixed_size) and not torch.jit.is_tracing():
+        raise ValueError(
+            f"{name}: built with dynamic_img_size=False expects inputs of size {tuple(fixed_size)}, "
+            f"received shape {tuple(x.shape)}"
+        )
 
 
 class SReT(StagedClassifierMixin, nn.Module):
@@ -362,7 +446,14 @@ class SReT(StagedClassifierMixin, nn.Module):
             on the fly) when it differs from ``img_size``; when False, inputs must be ``img_size``.
         random_slices: random slicing of the recursive passes in training (see
             :class:`SlicedGroupAttention`).
+        device: where parameters and buffers are created (``'meta'`` allocates nothing; then
+            ``to_empty()`` and :meth:`init_weights`).
+        dtype: their floating-point type.
     """
+
+    # What an exported graph of the model can take (recurzoo.export reads these, the model cards show them).
+    export_dynamic_batch = True
+    export_dynamic_size = True
 
     stem_pattern = r"^stem|^pos_embed"
 
@@ -388,8 +479,11 @@ class SReT(StagedClassifierMixin, nn.Module):
         drop_path_rate: float = 0.0,
         dynamic_img_size: bool = True,
         random_slices: bool = True,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         num_stages = len(embed_dims)
         recursions = (recursions,) * num_stages if isinstance(recursions, int) else tuple(recursions)
         per_stage = dict(
@@ -412,7 +506,7 @@ class SReT(StagedClassifierMixin, nn.Module):
 
         self.stem = nn.Sequential(
             *[
-                ConvNormAct(chs_in, chs_out, kernel_size=3, stride=2, padding=1, bias=True, act_layer=nn.ReLU)
+                ConvNormAct(chs_in, chs_out, kernel_size=3, stride=2, padding=1, bias=True, act_layer=nn.ReLU, **dd)
                 for chs_in, chs_out in (
                     (in_chans, embed_dims[0] // 2),
                     (embed_dims[0] // 2, embed_dims[0]),
@@ -420,7 +514,7 @@ class SReT(StagedClassifierMixin, nn.Module):
                 )
             ]
         )
-        self.pos_embed = nn.Parameter(torch.zeros(1, embed_dims[0], *stem_grid(self.img_size)))
+        self.pos_embed = nn.Parameter(torch.zeros(1, embed_dims[0], *stem_grid(self.img_size), **dd))
         self.pos_drop = nn.Dropout(pos_drop_rate)
 
         depths = [blocks * loops for blocks, loops in zip(num_shared_blocks, recursions)]
@@ -447,6 +541,7 @@ class SReT(StagedClassifierMixin, nn.Module):
                     proj_drop=proj_drop_rate,
                     attn_drop=attn_drop_rate,
                     random_slices=random_slices,
+                    **dd,
                 )
             )
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=_STEM_STRIDE * 2**i, module=f"stages.{i}"))
@@ -459,8 +554,18 @@ class SReT(StagedClassifierMixin, nn.Module):
             pool_type=global_pool,
             drop_rate=drop_rate,
             norm_layer=partial(LayerNorm2d, eps=_NORM_EPS),
+            **dd,
         )
         # The official code keeps PyTorch's default initialisation except for the position embedding.
+        trunc_normal_(self.pos_embed, std=0.02)
+
+    def init_weights(self) -> None:
+        """Initialise every parameter and buffer as at construction, e.g. after ``to_empty()`` of a model
+        built on ``meta``: PyTorch's default for each layer (batch-norm statistics included), the
+        scalar gains at one, the position embedding truncated normal (std 0.02), as the official code."""
+        for module in self.modules():
+            if module is not self and callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
         trunc_normal_(self.pos_embed, std=0.02)
 
     @torch.jit.ignore
@@ -469,13 +574,24 @@ class SReT(StagedClassifierMixin, nn.Module):
         return {"pos_embed"}
 
     def check_input(self, x: torch.Tensor) -> None:
-        name = model_name(self)
-        check_image_input(x, name, self.in_chans, min_size=self.total_stride, dtype=next(self.parameters()).dtype)
-        if not self.dynamic_img_size and tuple(x.shape[-2:]) != self.img_size and not torch.jit.is_tracing():
-            raise ValueError(
-                f"{name}: built with dynamic_img_size=False expects inputs of size {self.img_size}, "
-                f"received shape {tuple(x.shape)}"
-            )
+        """Raise a ``ValueError`` naming the model when ``x`` is not an image batch it takes."""
+        fixed_size = None if self.dynamic_img_size else self.img_size
+        check_sret_input(x, next(self.parameters()), model_name(self), self.in_chans, self.total_stride, fixed_size)
+
+    def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
+        """Make ``img_size`` the model's input size, as timm's ViT does: the position embedding is
+        resampled (bicubic) to the new feature grid and keeps its ``requires_grad``; a model built with
+        ``dynamic_img_size=False`` then takes that size only. The slices follow the token count of
+        each input, so the grouping needs no change."""
+        if img_size is None:
+            return
+        self.img_size = to_2tuple(img_size)
+        grid = stem_grid(self.img_size)
+        if tuple(self.pos_embed.shape[-2:]) != grid:
+            with torch.no_grad():
+                resampled = resample_pos_embed(self.pos_embed, grid)
+            self.pos_embed = nn.Parameter(resampled, requires_grad=self.pos_embed.requires_grad)
+        update_model_input_size(self, self.img_size)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

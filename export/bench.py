@@ -21,7 +21,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -29,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from recurzoo.devices import resolve_device
+from recurzoo.export.models import create_model, time_forward
 
 __all__ = [
     "BenchResult",
@@ -71,38 +71,8 @@ def measure_matmul_peak(device: str = "cpu", size: int = 2048, repeats: int = 5)
     """GFLOP/s of the best of ``repeats`` ``size x size`` fp32 matmuls (2 n^3 FLOPs each)."""
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        start = _now(device)
-        torch.mm(a, b)
-        best = min(best, _now(device) - start)
+    best = min(time_forward(lambda: torch.mm(a, b), device, warmup=1, repeats=repeats))
     return 2 * size**3 / best / 1e9
-
-
-def _now(device: str) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def time_forward(
-    run: Callable[[], object], device: str, warmup: int, repeats: int, max_seconds: Optional[float] = None
-) -> List[float]:
-    """Seconds of each of ``repeats`` calls of ``run`` after ``warmup`` untimed ones.
-
-    With ``max_seconds``, timing stops early once three calls are timed and the budget is spent
-    (large models keep the whole benchmark within minutes).
-    """
-    for _ in range(warmup):
-        run()
-    times: List[float] = []
-    for _ in range(repeats):
-        start = _now(device)
-        run()
-        times.append(_now(device) - start)
-        if max_seconds is not None and len(times) >= 3 and sum(times) > max_seconds:
-            break
-    return times
 
 
 def parse_model_spec(spec: str) -> Tuple[str, Optional[Tuple[int, ...]]]:
@@ -119,13 +89,6 @@ def parse_model_spec(spec: str) -> Tuple[str, Optional[Tuple[int, ...]]]:
     return name, dims
 
 
-def create_model(model_name: str) -> torch.nn.Module:
-    """A zoo model or timm peer by name, in eval mode (a clear error for an unknown name)."""
-    import recurzoo
-
-    return recurzoo.create_model(model_name).eval()
-
-
 def _runner(
     model_name: str, model: torch.nn.Module, backend: str, inputs: torch.Tensor, workdir: str
 ) -> Callable[[], object]:
@@ -135,9 +98,7 @@ def _runner(
         compiled = torch.compile(model)
         return lambda: compiled(inputs)
     if backend == "onnxruntime":
-        import onnxruntime as ort
-
-        from recurzoo.export.onnx import export_model
+        from recurzoo.export.onnx import export_model, onnx_session
 
         # the project's exporter: export-friendly eval paths (HorNet's DFT filter, ...) and a parity check
         result = export_model(
@@ -151,9 +112,7 @@ def _runner(
         )
         if not result.ok:
             raise RuntimeError(result.parity_line())
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        session = ort.InferenceSession(result.onnx_path, options, providers=["CPUExecutionProvider"])
+        session = onnx_session(result.onnx_path, torch.get_num_threads())
         feed = {session.get_inputs()[0].name: inputs.cpu().numpy()}
         return lambda: session.run(None, feed)
     raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -363,6 +322,20 @@ def _int_list(text: str) -> List[int]:
     return values
 
 
+def _variant_list(text: str) -> List[str]:
+    from recurzoo.export.train_bench import parse_variant
+
+    values = [part for part in text.split(",") if part]
+    try:
+        for value in values:
+            parse_variant(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated training variants, received {text!r}")
+    return values
+
+
 def _backend_list(text: str) -> List[str]:
     values = [part for part in text.split(",") if part]
     unknown = sorted(set(values) - set(BACKENDS))
@@ -422,6 +395,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SIDES",
         help="instead: latency and memory at these square input sides, with fitted exponents",
+    )
+    mode.add_argument(
+        "--train",
+        action="store_true",
+        help="instead: images/s and peak memory of whole training steps (forward, backward, AdamW) at each --batch",
+    )
+    parser.add_argument(
+        "--train-variants",
+        type=_variant_list,
+        default=None,
+        help="with --train: comma-separated precisions fp32, bf16, fp16 (autocast), each optionally -cl for "
+        "channels_last (default fp32,fp32-cl,bf16,bf16-cl on CPU; fp16 and fp16-cl too on CUDA)",
     )
     parser.add_argument("--tile", type=int, default=0, help="with --growth: tiled super-resolution at this tile")
     parser.add_argument("--tile-overlap", type=int, default=32)
@@ -493,6 +478,29 @@ def _run_scaling(args: argparse.Namespace, threads: int) -> int:
     return 0 if all(not row.error for row in rows) else 1
 
 
+def _run_train(args: argparse.Namespace, threads: int) -> int:
+    from recurzoo.export import scaling, train_bench
+
+    variants = args.train_variants or train_bench.default_variants(args.device)
+    rows = train_bench.bench_train(
+        _model_sizes(args),
+        args.batch,
+        variants,
+        threads,
+        args.device,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        max_seconds=args.max_seconds,
+        timeout=args.timeout,
+    )
+    markdown = train_bench.train_markdown(rows)
+    print(markdown)
+    scaling.write_outputs(markdown, scaling.to_csv_rows(rows), args.out)
+    if args.readme:
+        update_readme(args.readme, markdown, _machine_line(threads, args.device), "bench-train")
+    return 0 if all(not row.error for row in rows) else 1
+
+
 def _default_input_size(model_name: str) -> Tuple[int, ...]:
     import timm
 
@@ -509,6 +517,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     threads = args.threads or torch.get_num_threads()
     if args.train_memory or args.growth:
         return _run_scaling(args, threads)
+    if args.train:
+        return _run_train(args, threads)
     results = bench(
         args.models,
         args.backends,
@@ -544,6 +554,10 @@ def _run_worker_request(request: Dict[str, Any]) -> Dict[str, Any]:
         return asdict(scaling.train_step_memory(**request))
     if kind == "growth":
         return asdict(scaling.growth_point(**request))
+    if kind == "train":
+        from recurzoo.export.train_bench import train_in_process
+
+        return asdict(train_in_process(**request))
     raise ValueError(f"unknown benchmark kind {kind!r}")
 
 

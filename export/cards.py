@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import recurzoo
-from recurzoo.export.flops import create_uninitialized, model_report
-from recurzoo.export.onnx import DEFAULT_OPSET, PARITY_TOLERANCE, ExportSupport, export_support
+from recurzoo.export.flops import model_report
+from recurzoo.export.models import ExportSupport, create_model, export_support
+from recurzoo.export.onnx import DEFAULT_OPSET, PARITY_TOLERANCE
 from recurzoo.registry import pretrained_cfgs
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "model_cards"
@@ -65,7 +66,7 @@ def _weights_cell(model_name: str) -> str:
 def variant_figures(model_name: str) -> Dict[str, str]:
     """The figures of a variant's row, counted on the full-size model with its card's settings."""
     create_kwargs, input_size = counting_settings(model_name)
-    model = create_uninitialized(model_name, **create_kwargs)
+    model = create_model(model_name, uninitialized=True, **create_kwargs)
     size = tuple(input_size or model.pretrained_cfg["input_size"])
     report = model_report(model, size)
     return {
@@ -101,7 +102,7 @@ def write_zoo_figures(rows: Sequence[Dict[str, str]], path: Path = ZOO_FIGURES) 
 
 
 def variant_export_support(model_name: str, create_kwargs: Dict[str, Any]) -> ExportSupport:
-    """What the variant's ONNX export can take (from its modules: built on the meta device, nothing counted)."""
+    """What the variant's ONNX export can take, as its classes declare it (built on the meta device)."""
     import torch
 
     with torch.device("meta"):
@@ -123,7 +124,7 @@ def export_section(
                 reasons.append(support.reason)
             cell = f"no ({reasons.index(support.reason) + 1})"
         if shown is None or name in shown:
-            rows.append(f"| `{name}` | yes | yes | {cell} |")
+            rows.append(f"| `{name}` | yes | {'yes' if support.dynamic_batch else 'no'} | {cell} |")
     lines = [
         "## ONNX export",
         "",

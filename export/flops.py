@@ -108,15 +108,9 @@ def create_uninitialized(model_name: str, **kwargs: Any) -> nn.Module:
     For counting: building on the meta device and then allocating zeros skips the weight init,
     which dominates the build time of large models. Use the result only for shapes and counts.
     """
-    from recurzoo.registry import create_model
+    from recurzoo.export.models import create_model
 
-    with torch.device("meta"):
-        model = create_model(model_name, **kwargs)
-    model = model.to_empty(device="cpu")
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            tensor.zero_()
-    return model
+    return create_model(model_name, uninitialized=True, **kwargs)
 
 
 def count_params(model: nn.Module) -> int:

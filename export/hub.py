@@ -20,7 +20,6 @@ from torch import nn
 
 import recurzoo
 from recurzoo.checkpoint import CheckpointError, compare_state_dict, family_filter, read_state_dict
-from recurzoo.images import normalized_photo_batch
 from recurzoo.registry import model_family, model_task, pretrained_cfgs, split_model_name
 
 __all__ = ["ConvertResult", "convert", "convert_all", "find_model_for", "hub_card", "push", "CHECKPOINT_SUFFIXES"]
@@ -144,11 +143,10 @@ def hub_card(model: nn.Module, full_name: str) -> str:
 
 def _example_input(model: nn.Module) -> torch.Tensor:
     """The sample photograph at the model's input size, as the model takes it (normalised or in [0, 1])."""
-    cfg = model.pretrained_cfg
-    channels, height, width = cfg["input_size"]
-    if model_task(cfg["architecture"]) in ("sr", "cod"):  # these take [0, 1] and normalise themselves
-        return normalized_photo_batch(1, height, width, channels=channels)
-    return normalized_photo_batch(1, height, width, cfg["mean"], cfg["std"], channels=channels)
+    from recurzoo.export.models import photo_batch
+
+    _, height, width = model.pretrained_cfg["input_size"]
+    return photo_batch(model, 1, height, width)
 
 
 def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

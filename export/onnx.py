@@ -10,8 +10,11 @@ inputs and on a real photograph, and compares with PyTorch: the export fails whe
 absolute difference exceeds ``1e-4`` of the output's scale (its largest magnitude). The FLOP /
 parameter report (:mod:`recurzoo.export.report`) is written beside the ``.onnx``.
 
-Dynamic axes: the batch is dynamic for every model; height and width are dynamic where the
-architecture allows it (:func:`export_support` says which models do not, and why). The ``recurzoo
+The export runs in short steps: :func:`plan_export` (sizes, dynamic axes, parity inputs),
+:func:`trace_to_onnx`, :func:`simplify_onnx` (optional), :func:`check_parity` and
+:func:`measure_latency`. Dynamic axes: the batch is dynamic for every model; height and width are
+dynamic where the model's classes declare they can be (``export_dynamic_size``; see
+:mod:`recurzoo.export.models`, which also builds, feeds and times the model). The ``recurzoo
 export`` command calls :func:`export_model`.
 
 Operators the exporter lacks, added for the duration of an export: bicubic antialiased
@@ -36,17 +39,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recurzoo.export.models import (
+    ExportSupport,
+    create_model,
+    export_support,
+    median_ms,
+    model_input_size,
+    photo_batch,
+    random_batch,
+)
+
 __all__ = [
     "DEFAULT_OPSET",
     "PARITY_TOLERANCE",
     "ExportSupport",
+    "ExportPlan",
     "ParityCheck",
     "ExportResult",
     "export_support",
-    "read_checkpoint",
-    "checkpoint_filter",
     "create_model",
     "photo_batch",
+    "plan_export",
+    "trace_to_onnx",
+    "simplify_onnx",
+    "check_parity",
+    "measure_latency",
+    "onnx_session",
     "export_model",
     "export_symbolics",
 ]
@@ -54,181 +72,7 @@ __all__ = [
 DEFAULT_OPSET = 18  # Resize with antialias (position-embedding resampling) needs opset 18
 PARITY_TOLERANCE = 1e-4  # largest |ONNX - PyTorch| allowed, relative to the largest |PyTorch output|
 _INT64 = 7  # ONNX TensorProto.INT64
-
-
-# --------------------------------------------------------------------------------------------------
-# What each architecture allows
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ExportSupport:
-    """What an exported graph of a model can take: a dynamic batch always; dynamic height/width or not, and why."""
-
-    dynamic_hw: bool
-    reason: str = ""
-
-    def describe(self) -> str:
-        return "yes" if self.dynamic_hw else f"no: {self.reason}"
-
-
-def _size_dependent_parts(model: nn.Module) -> List[str]:
-    """Why the graph of ``model`` is tied to the traced height and width (one line per cause)."""
-    from recurzoo.backbones.hornet import GlobalLocalFilter
-    from recurzoo.backbones.rgt import RectangleWindowAttention, RecursiveGeneralizationAttention
-    from recurzoo.backbones.sret import SlicedGroupAttention
-    from recurzoo.heads.camouflage import MSRNet
-
-    reasons: Dict[str, None] = {}  # ordered set
-    for module in model.modules():
-        if isinstance(module, GlobalLocalFilter):
-            reasons[
-                "the global filter runs as DFT matrices, and with frequency weights resized, for the traced "
-                "feature-map size"
-            ] = None
-        elif isinstance(module, SlicedGroupAttention) and max(module.num_groups, module.recursive_num_groups) > 1:
-            reasons[
-                "sliced attention pads the token sequence to a multiple of the slice count and shapes the "
-                "slices for the traced token count"
-            ] = None
-        elif isinstance(module, RecursiveGeneralizationAttention):
-            reasons["RG-SA pools the map log4(side)-many times, a count fixed when traced"] = None
-        elif isinstance(module, RectangleWindowAttention):
-            reasons[
-                "the rectangle windows pad the map to a multiple of their size and mask shifted windows "
-                "for the traced size"
-            ] = None
-        elif isinstance(module, MSRNet):
-            reasons["the sizes of the three input scales and of the scale-merging pools are fixed when traced"] = None
-        elif getattr(module, "dynamic_img_size", True) is False:
-            reasons["built with dynamic_img_size=False (a fixed position embedding)"] = None
-    return list(reasons)
-
-
-def export_support(model: nn.Module) -> ExportSupport:
-    """Whether ``model``'s exported graph can take other heights and widths than the traced ones.
-
-    Declared per architecture here and verified by ``tests/test_export.py``, which runs every
-    model that claims dynamic height/width at a second size in onnxruntime.
-    """
-    reasons = _size_dependent_parts(model)
-    return ExportSupport(dynamic_hw=not reasons, reason="; ".join(reasons))
-
-
-# --------------------------------------------------------------------------------------------------
-# Models and checkpoints
-# --------------------------------------------------------------------------------------------------
-
-
-def read_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
-    """A state dict from a ``.safetensors`` file or a ``torch.save`` file (loaded with ``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"checkpoint {str(path)!r} is not a file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a pickle with objects weights_only refuses, or not a checkpoint at all
-        raise ValueError(
-            f"checkpoint {str(path)!r} cannot be read as tensors only (weights_only=True): {str(error).splitlines()[0]}"
-        ) from None
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"checkpoint {str(path)!r} holds a {type(checkpoint).__name__}, not a state dict")
-    return checkpoint
-
-
-def checkpoint_filter(model_name: str) -> Optional[Callable[..., Dict[str, torch.Tensor]]]:
-    """The ``checkpoint_filter_fn`` of the family module that registers ``model_name`` (None if it has none)."""
-    from recurzoo.checkpoint import family_filter
-
-    return family_filter(model_name)
-
-
-def _checkpoint_num_classes(
-    model_name: str, state_dict: Dict[str, torch.Tensor], kwargs: Dict[str, Any]
-) -> Optional[int]:
-    """The class count of the classifier stored in ``state_dict`` (after the family's filter), if any."""
-    from recurzoo.registry import create_model as create_any
-
-    try:
-        with torch.device("meta"):
-            probe = create_any(model_name, **kwargs)
-    except Exception:  # a constructor that computes on its tensors
-        probe = create_any(model_name, **kwargs)
-    filter_fn = checkpoint_filter(model_name)
-    filtered = filter_fn(state_dict, probe) if filter_fn is not None else state_dict
-    classifier = (getattr(probe, "pretrained_cfg", None) or {}).get("classifier")
-    weight = filtered.get(f"{classifier}.weight") if classifier else None
-    if weight is None or weight.ndim < 1 or weight.shape[0] == getattr(probe, "num_classes", None):
-        return None
-    return int(weight.shape[0])
-
-
-def create_model(
-    model_name: str,
-    checkpoint: Optional[Union[str, Path]] = None,
-    features_only: bool = False,
-    **kwargs: Any,
-) -> nn.Module:
-    """``timm.create_model(model_name)`` in eval mode, with ``checkpoint``'s weights when given.
-
-    The checkpoint is a state dict saved from the model (``torch.save(model.state_dict())`` or
-    safetensors) or an official checkpoint: timm passes it through the family's pretrained filter
-    (``checkpoint_filter_fn``) and loads it strictly. A classifier stored for another class count
-    sets ``num_classes``.
-    """
-    from recurzoo.registry import create_model as create_any
-
-    if checkpoint is None:
-        return create_any(model_name, features_only=features_only, **kwargs).eval()
-    state_dict = read_checkpoint(checkpoint)
-    num_classes = kwargs.get("num_classes") or _checkpoint_num_classes(model_name, state_dict, kwargs)
-    overlay: Dict[str, Any] = dict(state_dict=state_dict)
-    if num_classes is not None:
-        overlay["num_classes"] = kwargs["num_classes"] = num_classes
-    model = create_any(
-        model_name, pretrained=True, pretrained_cfg_overlay=overlay, features_only=features_only, **kwargs
-    )
-    cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, dict):
-        cfg.pop("state_dict", None)  # the weights are in the model now; keep the cfg printable
-    return model.eval()
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside timm's ``features_only`` getter wrapper (other models as they are)."""
-    return getattr(model, "model", model) if type(model).__name__ == "FeatureGetterNet" else model
-
-
-def takes_unit_range(model: nn.Module) -> bool:
-    """True for models that take images in [0, 1] and normalise them themselves (SR and COD models)."""
-    return callable(getattr(_unwrap(model), "normalize", None))
-
-
-def photo_batch(model: nn.Module, batch: int, height: int, width: int) -> torch.Tensor:
-    """The sample photograph resized to ``height x width``, as ``model`` takes it.
-
-    Normalised with the model's pretrained cfg mean/std, or left in [0, 1] for models that
-    normalise their input themselves.
-    """
-    from recurzoo.images import normalized_photo_batch
-
-    channels = int(getattr(_unwrap(model), "in_chans", 3))
-    if takes_unit_range(model):
-        return normalized_photo_batch(batch, height, width, channels=channels)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    mean, std = cfg.get("mean") or (0.485, 0.456, 0.406), cfg.get("std") or (0.229, 0.224, 0.225)
-    return normalized_photo_batch(batch, height, width, mean, std, channels=channels)
-
-
-def _random_batch(model: nn.Module, batch: int, channels: int, height: int, width: int, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    if takes_unit_range(model):
-        return torch.rand(batch, channels, height, width, generator=generator)
-    return torch.randn(batch, channels, height, width, generator=generator)
+BENCHMARK_RUNS = 5  # timed runs of each backend in the latency comparison (the median is reported)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -381,6 +225,21 @@ class ParityCheck:
 
 
 @dataclass
+class ExportPlan:
+    """What one export traces and checks: the sizes, the dynamic axes and the parity inputs."""
+
+    model_name: str
+    stem: str
+    input_size: Tuple[int, int, int]
+    batch: int
+    dynamic_hw: bool
+    opset: int
+    features_only: bool
+    inputs: List[Tuple[str, torch.Tensor]]  # (name, input) of the parity checks; the photo first
+    example: torch.Tensor  # the traced input
+
+
+@dataclass
 class ExportResult:
     """What :func:`export_model` wrote and measured."""
 
@@ -415,18 +274,18 @@ class ExportResult:
     def parity_line(self) -> str:
         """One line: the file, its dynamic axes and the largest ONNX Runtime vs PyTorch differences."""
         axes = "batch" + (", height, width" if self.dynamic_hw else "")
-        worst = max(self.checks, key=lambda check: check.max_rel) if self.checks else None
-        photo = next((check for check in self.checks if check.name.startswith("photo")), None)
         parts = [
             f"{self.model_name}: {'OK' if self.ok else 'FAILED'} {Path(self.onnx_path).name} "
             f"(opset {self.opset}, dynamic {axes}), onnxruntime vs PyTorch"
         ]
-        if worst is not None:
+        if self.checks:
+            worst = max(self.checks, key=lambda check: check.max_rel)
             parts.append(
                 f"max abs diff {max(c.max_abs for c in self.checks):.2e}, "
                 f"max rel {worst.max_rel:.2e} over {len(self.checks)} inputs "
                 f"(tolerance {PARITY_TOLERANCE:.0e})"
             )
+        photo = next((check for check in self.checks if check.name.startswith("photo")), None)
         if photo is not None:
             parts.append(f"photo {photo.max_abs:.2e}")
         if self.speed_ratio is not None:
@@ -440,11 +299,7 @@ class ExportResult:
     def to_dict(self) -> Dict[str, Any]:
         result = asdict(self)
         result["checks"] = [dict(asdict(check), max_rel=check.max_rel, ok=check.ok) for check in self.checks]
-        result.update(
-            ok=self.ok,
-            speed_ratio=self.speed_ratio,
-            support=dict(dynamic_batch=True, dynamic_hw=self.support.dynamic_hw, reason=self.support.reason),
-        )
+        result.update(ok=self.ok, speed_ratio=self.speed_ratio)
         return result
 
 
@@ -452,11 +307,11 @@ def _as_list(output: Any) -> List[torch.Tensor]:
     if isinstance(output, torch.Tensor):
         return [output]
     if isinstance(output, dict):
-        return [value for value in output.values()]
+        return list(output.values())
     return list(output)
 
 
-def _output_names(model: nn.Module, outputs: Sequence[torch.Tensor], features_only: bool) -> List[str]:
+def _output_names(outputs: Sequence[torch.Tensor], features_only: bool) -> List[str]:
     if len(outputs) == 1 and not features_only:
         return ["output"]
     return [f"feature_{i}" if features_only else f"output_{i}" for i in range(len(outputs))]
@@ -490,34 +345,15 @@ def _compare(
     return ParityCheck(name, shape, max_abs, scale)
 
 
-def _median_ms(run: Callable[[], Any], repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1000)
-    return float(np.median(times))
-
-
-def _benchmark(model: nn.Module, onnx_path: str, x: torch.Tensor, runs: int, threads: int) -> Dict[str, float]:
-    """Median latency (ms) of onnxruntime and of eager PyTorch on ``x``, both with ``threads`` threads."""
+def onnx_session(path: Union[str, Path], threads: Optional[int] = None) -> Any:
+    """An onnxruntime CPU session of ``path`` (``threads`` intra-op threads; default: its own choice)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        feed = {"input": x.numpy()}
-        onnx_ms = _median_ms(lambda: session.run(None, feed), runs)
-        with torch.no_grad():
-            eager_ms = _median_ms(lambda: model(x), runs)
-    finally:
-        torch.set_num_threads(torch_threads)
-    return dict(onnxruntime=onnx_ms, pytorch=eager_ms, threads=threads)
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _parse_dynamic(dynamic: Union[str, Sequence[str], None]) -> bool:
@@ -536,6 +372,127 @@ def _second_size(height: int, width: int, stride: int) -> Tuple[int, int]:
     return height + stride, width + 2 * stride
 
 
+def _largest_stride(model: nn.Module) -> int:
+    info = getattr(model, "feature_info", None)
+    reductions = info.reduction() if hasattr(info, "reduction") else [level["reduction"] for level in info or []]
+    return max(max(reductions, default=1), 8)
+
+
+def plan_export(
+    model: nn.Module,
+    model_name: str,
+    input_size: Optional[Sequence[int]] = None,
+    batch: int = 1,
+    dynamic: Union[str, Sequence[str]] = "batch",
+    opset: int = DEFAULT_OPSET,
+    features_only: bool = False,
+) -> ExportPlan:
+    """The sizes and inputs of an export of ``model``, refusing axes its classes declare fixed.
+
+    The parity inputs are the photo at ``batch``, random inputs at another batch (the batch is dynamic)
+    and, for a dynamic size, at another size. The traced input has a batch of at least 2 (a batch of 1
+    can get folded into the graph) and, for a dynamic size, another size than the requested one (so
+    that size-dependent steps such as a position-embedding resampling are in the graph).
+    """
+    dynamic_hw = _parse_dynamic(dynamic)
+    if batch < 1:
+        raise ValueError(f"{model_name}: batch must be positive, received {batch}")
+    support = export_support(model)
+    if dynamic_hw and not support.dynamic_hw:
+        raise ValueError(f"{model_name}: dynamic height/width is not possible: {support.reason}")
+    channels, height, width = model_input_size(model, input_size)
+    inputs = [
+        (f"photo batch {batch}", photo_batch(model, batch, height, width)),
+        (f"random batch {batch + 1}", random_batch(model, batch + 1, channels, height, width, seed=1)),
+    ]
+    trace_hw = (height, width)
+    if dynamic_hw:
+        trace_hw = other_h, other_w = _second_size(height, width, _largest_stride(model))
+        inputs.append((f"random {other_h}x{other_w}", random_batch(model, batch, channels, other_h, other_w, seed=2)))
+    return ExportPlan(
+        model_name=model_name,
+        stem=model_name + ("_features" if features_only else ""),
+        input_size=(channels, height, width),
+        batch=batch,
+        dynamic_hw=dynamic_hw,
+        opset=opset,
+        features_only=features_only,
+        inputs=inputs,
+        example=random_batch(model, max(batch, 2), channels, *trace_hw, seed=0),
+    )
+
+
+def trace_to_onnx(model: nn.Module, plan: ExportPlan, path: Path, references: Sequence[torch.Tensor]) -> None:
+    """``torch.onnx.export`` of ``model`` at ``plan``'s example with its dynamic axes, checked by ``onnx.checker``."""
+    import onnx
+
+    output_names = _output_names(references, plan.features_only)
+    with torch.no_grad(), warnings.catch_warnings(), export_symbolics(plan.opset):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (plan.example,),
+            str(path),
+            dynamo=False,
+            opset_version=plan.opset,
+            input_names=["input"],
+            output_names=output_names,
+            dynamic_axes=_dynamic_axes(output_names, references, plan.dynamic_hw),
+            do_constant_folding=True,
+        )
+    onnx.checker.check_model(str(path))
+
+
+def simplify_onnx(path: Path) -> None:
+    """onnxscript's optimizer (constant folding, dead-code removal) on the graph at ``path``, in place."""
+    import onnx
+    from onnxscript import optimizer
+
+    onnx.save(optimizer.optimize(onnx.load(str(path))), str(path))
+    onnx.checker.check_model(str(path))
+
+
+def check_parity(
+    path: Path, plan: ExportPlan, references: Sequence[Sequence[torch.Tensor]], threads: Optional[int] = None
+) -> List[ParityCheck]:
+    """The graph at ``path`` in onnxruntime against PyTorch's ``references`` on every parity input."""
+    session = onnx_session(path, threads)
+    checks = []
+    for (name, x), reference in zip(plan.inputs, references):
+        try:
+            outputs = session.run(None, {"input": x.numpy()})
+        except Exception as error:  # onnxruntime refuses the input: the graph does not take it (a failed check)
+            warnings.warn(
+                f"{plan.model_name}: onnxruntime failed on {name}: {str(error).splitlines()[0]}", stacklevel=2
+            )
+            outputs = []
+        checks.append(_compare(reference, outputs, name, tuple(x.shape)))
+    return checks
+
+
+def measure_latency(model: nn.Module, path: Path, x: torch.Tensor, threads: int = 1) -> Dict[str, float]:
+    """Median latency (ms) of onnxruntime and of eager PyTorch on ``x``, both with ``threads`` threads."""
+    session = onnx_session(path, threads)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        feed = {"input": x.numpy()}
+        onnx_ms = median_ms(lambda: session.run(None, feed), BENCHMARK_RUNS)
+        with torch.no_grad():
+            eager_ms = median_ms(lambda: model(x), BENCHMARK_RUNS)
+    finally:
+        torch.set_num_threads(torch_threads)
+    return dict(onnxruntime=onnx_ms, pytorch=eager_ms, threads=threads)
+
+
+def _write_report(model: nn.Module, result: ExportResult, out_dir: Path, stem: str) -> List[str]:
+    from recurzoo.export.report import build_report, write_report
+
+    model_report = build_report(model, result.input_size, name=stem)
+    model_report["export"] = result.to_dict()
+    return [str(path) for path in write_report(model_report, out_dir, stem)]
+
+
 def export_model(
     model_name: str,
     out_dir: Union[str, Path] = "out",
@@ -548,8 +505,6 @@ def export_model(
     simplify: bool = False,
     report: bool = True,
     benchmark: bool = True,
-    benchmark_runs: int = 5,
-    benchmark_threads: int = 1,
     model: Optional[nn.Module] = None,
     model_kwargs: Optional[Dict[str, Any]] = None,
     num_threads: Optional[int] = None,
@@ -559,128 +514,59 @@ def export_model(
     Args:
         model_name: a registered model (``recurzoo.list_models()``).
         out_dir: folder of the ``.onnx`` and of the report (``<stem>.report.json`` / ``.md``).
-        checkpoint: weights to load (see :func:`create_model`); random weights otherwise.
+        checkpoint: weights to load (see :func:`recurzoo.export.models.create_model`); random otherwise.
         input_size: ``(C, H, W)`` to export at (default: the model's pretrained cfg).
         batch: batch of the example input and of the parity checks.
-        dynamic: ``'batch'`` or ``'batch,hw'`` (dynamic height and width, where the model allows it).
+        dynamic: ``'batch'`` or ``'batch,hw'`` (dynamic height and width, where the model declares it can).
         opset: ONNX opset (18 or later for models that resample a position embedding).
         features_only: export timm's ``features_only`` form (one output per feature level).
         simplify: run onnxscript's optimizer (constant folding, dead-code removal) on the graph.
         report: write the FLOP/parameter report of the model at ``input_size`` beside the ``.onnx``.
-        benchmark: time ONNX Runtime and eager PyTorch on the photo batch (median of ``benchmark_runs``,
-            both with ``benchmark_threads`` threads: one by default, comparable on a loaded machine).
+        benchmark: time ONNX Runtime and eager PyTorch on the photo batch (one thread each).
         model: an already built model to export instead of creating ``model_name`` (tests).
         model_kwargs: more ``timm.create_model`` arguments.
-        num_threads: onnxruntime's intra-op threads (default: its own choice, all cores).
+        num_threads: onnxruntime's intra-op threads for the parity checks (default: its own choice).
 
     Returns:
         An :class:`ExportResult`; ``result.ok`` is False when a parity check exceeds the tolerance.
     """
-    import onnx
-    import onnxruntime as ort
-
-    dynamic_hw = _parse_dynamic(dynamic)
-    if batch < 1:
-        raise ValueError(f"{model_name}: batch must be positive, received {batch}")
     if model is None:
         model = create_model(model_name, checkpoint, features_only=features_only, **(model_kwargs or {}))
     model = model.eval()
-    support = export_support(model)
-    if dynamic_hw and not support.dynamic_hw:
-        raise ValueError(f"{model_name}: dynamic height/width is not possible: {support.reason}")
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    channels, height, width = (int(v) for v in (input_size or cfg.get("input_size") or (3, 224, 224)))
-    info = getattr(model, "feature_info", None)
-    reductions = info.reduction() if hasattr(info, "reduction") else [level["reduction"] for level in info or []]
-    stride = max(max(reductions, default=1), 8)
-
+    plan = plan_export(model, model_name, input_size, batch, dynamic, opset, features_only)
+    with torch.no_grad():
+        references = [_as_list(model(x)) for _, x in plan.inputs]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = model_name + ("_features" if features_only else "")
-    onnx_path = out_dir / f"{stem}.onnx"
-
-    # The parity inputs: the photo at the requested batch, random inputs at another batch (the
-    # batch is dynamic) and, for a dynamic size, at another size.
-    inputs = [
-        (f"photo batch {batch}", photo_batch(model, batch, height, width)),
-        (f"random batch {batch + 1}", _random_batch(model, batch + 1, channels, height, width, seed=1)),
-    ]
-    if dynamic_hw:
-        other_h, other_w = _second_size(height, width, stride)
-        inputs.append((f"random {other_h}x{other_w}", _random_batch(model, batch, channels, other_h, other_w, seed=2)))
-    with torch.no_grad():
-        references = [_as_list(model(x)) for _, x in inputs]
-    output_names = _output_names(model, references[0], features_only)
-
-    # Trace with a batch of at least 2 (a batch of 1 can get folded into the graph) and, for a
-    # dynamic size, at another size than the requested one (size-dependent steps such as a
-    # position-embedding resampling are then in the graph).
-    trace_hw = _second_size(height, width, stride) if dynamic_hw else (height, width)
-    example = _random_batch(model, max(batch, 2), channels, *trace_hw, seed=0)
+    onnx_path = out_dir / f"{plan.stem}.onnx"
     start = time.perf_counter()
-    with torch.no_grad(), warnings.catch_warnings(), export_symbolics(opset):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (example,),
-            str(onnx_path),
-            dynamo=False,
-            opset_version=opset,
-            input_names=["input"],
-            output_names=output_names,
-            dynamic_axes=_dynamic_axes(output_names, references[0], dynamic_hw),
-            do_constant_folding=True,
-        )
-    onnx.checker.check_model(str(onnx_path))
+    trace_to_onnx(model, plan, onnx_path, references[0])
     if simplify:
-        from onnxscript import optimizer
-
-        proto = optimizer.optimize(onnx.load(str(onnx_path)))
-        onnx.save(proto, str(onnx_path))
-        onnx.checker.check_model(str(onnx_path))
+        simplify_onnx(onnx_path)
     export_seconds = time.perf_counter() - start
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if num_threads:
-        options.intra_op_num_threads = num_threads
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-
-    def run_onnx(x: torch.Tensor) -> List[np.ndarray]:
-        return session.run(None, {"input": x.numpy()})
-
-    checks = []
-    for (name, x), reference in zip(inputs, references):
-        try:
-            outputs = run_onnx(x)
-        except Exception as error:  # onnxruntime refuses the input: the graph does not take it
-            warnings.warn(f"{model_name}: onnxruntime failed on {name}: {str(error).splitlines()[0]}", stacklevel=2)
-            outputs = []
-        checks.append(_compare(reference, outputs, name, tuple(x.shape)))
-
-    latency = _benchmark(model, str(onnx_path), inputs[0][1], benchmark_runs, benchmark_threads) if benchmark else {}
-
     result = ExportResult(
         model_name=model_name,
         onnx_path=str(onnx_path),
-        input_size=(channels, height, width),
+        input_size=plan.input_size,
         batch=batch,
         dynamic_batch=True,
-        dynamic_hw=dynamic_hw,
-        support=support,
+        dynamic_hw=plan.dynamic_hw,
+        support=export_support(model),
         opset=opset,
         features_only=features_only,
         simplified=simplify,
-        checks=checks,
+        checks=check_parity(onnx_path, plan, references, num_threads),
         export_seconds=export_seconds,
-        onnx_nodes=len(graph.node),
-        latency_ms=latency,
+        onnx_nodes=_node_count(onnx_path),
     )
+    if benchmark:
+        result.latency_ms = measure_latency(model, onnx_path, plan.inputs[0][1])
     if report:
-        from recurzoo.export.report import build_report, write_report
-
-        model_report = build_report(model, (channels, height, width), name=stem)
-        model_report["export"] = result.to_dict()
-        result.report_paths = [str(path) for path in write_report(model_report, out_dir, stem)]
+        result.report_paths = _write_report(model, result, out_dir, plan.stem)
     return result
+
+
+def _node_count(path: Path) -> int:
+    import onnx
+
+    return len(onnx.load(str(path), load_external_data=False).graph.node)

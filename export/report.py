@@ -23,7 +23,6 @@ import argparse
 import json
 import re
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -84,12 +83,9 @@ def report_rows(model: nn.Module, max_depth: int = 2, max_block_depth: int = 4) 
 
 
 def _example_input(model: nn.Module, input_size: Sequence[int], batch: int) -> torch.Tensor:
-    from recurzoo.export.onnx import takes_unit_range
+    from recurzoo.export.models import random_batch
 
-    generator = torch.Generator().manual_seed(0)
-    if takes_unit_range(model):
-        return torch.rand(batch, *input_size, generator=generator)
-    return torch.randn(batch, *input_size, generator=generator)
+    return random_batch(model, batch, *input_size, seed=0)
 
 
 def build_report(
@@ -289,25 +285,19 @@ def zoo_report(model_name: str, latency: bool = False) -> Dict[str, Any]:
     With ``latency`` the eager PyTorch latency of one image (median of 3 runs) is measured too.
     """
     from recurzoo.export.cards import counting_settings
-    from recurzoo.export.flops import create_uninitialized
+    from recurzoo.export.models import create_model, median_ms
     from recurzoo.registry import model_family
 
     create_kwargs, input_size = counting_settings(model_name)
     family = model_family(model_name)
-    model = create_uninitialized(model_name, **create_kwargs).eval()
+    model = create_model(model_name, uninitialized=True, **create_kwargs)
     size = tuple(input_size or model.pretrained_cfg["input_size"])
     report = build_report(model, size, name=model_name)
     report["family"] = family
     if latency:
         x = _example_input(model, size, 1)
         with torch.no_grad():
-            model(x)
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                model(x)
-                times.append((time.perf_counter() - start) * 1000)
-        report["latency_ms"] = dict(pytorch=sorted(times)[1])
+            report["latency_ms"] = dict(pytorch=median_ms(lambda: model(x), repeats=3))
     return report
 
 

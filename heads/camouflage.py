@@ -486,6 +486,11 @@ class MSRNet(nn.Module):
         device, dtype: where and as what every parameter and buffer is created (the backbone's too).
     """
 
+    # An exported graph is tied to the traced size (recurzoo.export reads these, the model cards show them).
+    export_dynamic_batch = True
+    export_dynamic_size = False
+    export_static_reason = "the sizes of the three input scales and of the scale-merging pools are fixed when traced"
+
     def __init__(
         self,
         backbone: str = "pvt_v2_b2",
@@ -742,9 +747,13 @@ def _official_msrnet(
     input_norm: bool = True,
     scales: Optional[Mapping[str, float]] = None,
     num_frames: int = 1,
+    encoder_kwargs: Optional[Mapping[str, Any]] = None,
     **unused: Any,
 ) -> MSRNet:
-    """The official ``PvtV2B*_MSRNet`` arguments mapped onto :class:`MSRNet`."""
+    """The official ``PvtV2B*_MSRNet`` arguments mapped onto :class:`MSRNet`.
+
+    ``encoder_kwargs`` are ``timm.create_model`` arguments of the encoder (a narrow one, in fixtures).
+    """
     if num_frames != 1:
         raise ValueError(f"MSRNet: the video model (num_frames={num_frames}) is not reproduced; images only")
     backbone, out_indices = _official_backbone(encoder)
@@ -758,6 +767,7 @@ def _official_msrnet(
         scales=(scales["image_s"], scales["image_m"], scales["image_l"]),
         out_indices=out_indices,
         simple_pyramid=False,
+        backbone_kwargs=dict(encoder_kwargs or {}),
     )
 
 

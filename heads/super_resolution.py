@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from timm.layers import ClassifierHead
+from timm.layers import ClassifierHead, get_device_dtype
 from timm.models import generate_default_cfgs
 from torch import nn
 
@@ -59,6 +59,12 @@ def _is_power_of_two(value: int) -> bool:
     return value >= 1 and value & (value - 1) == 0
 
 
+def _reset_convs(module: nn.Module) -> None:
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            layer.reset_parameters()
+
+
 class PixelShuffleUpsampler(nn.Module):
     """The RGT/SwinIR reconstruction head (BasicSR's ``pixelshuffle`` upsampler).
 
@@ -71,21 +77,30 @@ class PixelShuffleUpsampler(nn.Module):
 
     feature_reduction = 1  # the feature map this head takes has the image's resolution
 
-    def __init__(self, in_chs: int, upscale: int, out_chans: int = 3, num_feat: int = 64) -> None:
+    def __init__(
+        self, in_chs: int, upscale: int, out_chans: int = 3, num_feat: int = 64, device=None, dtype=None
+    ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         if not (_is_power_of_two(upscale) or upscale == 3):
             raise ValueError(f"PixelShuffleUpsampler: upscale must be a power of two or 3, received {upscale}")
         self.upscale = upscale
         self.out_chans = out_chans
-        self.conv_before_upsample = nn.Sequential(nn.Conv2d(in_chs, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True))
+        self.conv_before_upsample = nn.Sequential(
+            nn.Conv2d(in_chs, num_feat, 3, 1, 1, **dd), nn.LeakyReLU(inplace=True)
+        )
         stages: List[nn.Module] = []
         if upscale == 3:
-            stages += [nn.Conv2d(num_feat, 9 * num_feat, 3, 1, 1), nn.PixelShuffle(3)]
+            stages += [nn.Conv2d(num_feat, 9 * num_feat, 3, 1, 1, **dd), nn.PixelShuffle(3)]
         else:
             for _ in range(upscale.bit_length() - 1):
-                stages += [nn.Conv2d(num_feat, 4 * num_feat, 3, 1, 1), nn.PixelShuffle(2)]
+                stages += [nn.Conv2d(num_feat, 4 * num_feat, 3, 1, 1, **dd), nn.PixelShuffle(2)]
         self.upsample = nn.Sequential(*stages)
-        self.conv_last = nn.Conv2d(num_feat, out_chans, 3, 1, 1)
+        self.conv_last = nn.Conv2d(num_feat, out_chans, 3, 1, 1, **dd)
+
+    def init_weights(self) -> None:
+        """Every conv back at PyTorch's default initialization (as when built)."""
+        _reset_convs(self)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.conv_last(self.upsample(self.conv_before_upsample(features)))
@@ -96,14 +111,18 @@ class OneStepPixelShuffle(nn.Module):
 
     feature_reduction = 1
 
-    def __init__(self, in_chs: int, upscale: int, out_chans: int = 3) -> None:
+    def __init__(self, in_chs: int, upscale: int, out_chans: int = 3, device=None, dtype=None) -> None:
         super().__init__()
         if upscale < 1:
             raise ValueError(f"OneStepPixelShuffle: upscale must be a positive integer, received {upscale}")
         self.upscale = upscale
         self.out_chans = out_chans
-        self.conv = nn.Conv2d(in_chs, out_chans * upscale**2, 3, 1, 1)
+        self.conv = nn.Conv2d(in_chs, out_chans * upscale**2, 3, 1, 1, device=device, dtype=dtype)
         self.shuffle = nn.PixelShuffle(upscale)
+
+    def init_weights(self) -> None:
+        """The conv back at PyTorch's default initialization (as when built)."""
+        _reset_convs(self)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.shuffle(self.conv(features))
@@ -135,6 +154,10 @@ class SuperResolutionModel(nn.Module):
         img_range: multiplier after the mean subtraction (1 for RGT; 255 in some BasicSR models).
         name: the name used in error messages (timm's registered name when built by timm).
     """
+
+    # What an exported graph of the model can take (recurzoo.export reads these, the model cards show them).
+    export_dynamic_batch = True
+    export_dynamic_size = True
 
     def __init__(
         self,
@@ -171,6 +194,17 @@ class SuperResolutionModel(nn.Module):
     def _name(self) -> str:
         return self.name or model_name(self)
 
+    def init_weights(self) -> None:
+        """Initialise backbone and head as when built (also after ``create_model(device='meta')`` and
+        ``to_empty``); a part without ``init_weights`` has its layers reset."""
+        for part in (self.backbone, self.head):
+            if callable(getattr(part, "init_weights", None)):
+                part.init_weights()
+            else:
+                for layer in part.modules():
+                    if callable(getattr(layer, "reset_parameters", None)):
+                        layer.reset_parameters()
+
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         inner = self.backbone.group_matcher(coarse)
@@ -196,11 +230,13 @@ class SuperResolutionModel(nn.Module):
         return self.head.fc if isinstance(self.head, ClassifierHead) else self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the upsampler by a pooled classifier (``num_classes=0``: pooled features)."""
+        """Replace the upsampler by a pooled classifier (``num_classes=0``: pooled features) on the
+        model's device and dtype; ``global_pool=None`` keeps a classifier's pooling (``'avg'`` first)."""
+        if global_pool is None:
+            global_pool = self.head.global_pool.pool_type if isinstance(self.head, ClassifierHead) else "avg"
         self.num_classes = num_classes
-        self.head = ClassifierHead(
-            self.num_features, num_classes, pool_type="avg" if global_pool is None else global_pool
-        )
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, **get_device_dtype(self))
+        self.head.train(self.training)
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_image_input(x, self._name(), self.in_chans, dtype=next(self.parameters()).dtype)
@@ -335,7 +371,11 @@ def create_sr_model(
             + f" -- backbone {name!r} lacks it"
         )
     sr_head = SR_HEADS[head](
-        int(backbone.num_features), scale, out_chans=int(getattr(backbone, "in_chans", 3)), **(head_kwargs or {})
+        int(backbone.num_features),
+        scale,
+        out_chans=int(getattr(backbone, "in_chans", 3)),
+        **get_device_dtype(backbone),  # beside the backbone (``device``/``dtype`` in backbone_kwargs)
+        **(head_kwargs or {}),
     )
     return SuperResolutionModel(
         backbone, sr_head, img_mean=img_mean, img_range=img_range, name=f"{name}+{head}_x{scale}"
@@ -410,10 +450,12 @@ def _official_rgt(
 register_official("rgt_arch.RGT", family="rgt", checkpoint_filter_fn=checkpoint_filter_fn)(_official_rgt)
 
 
-def _build_rgt_sr(upscale: int, in_chans: int = 3, img_range: float = 1.0, **body_kwargs: Any) -> SuperResolutionModel:
-    """RGT body + pixel-shuffle upsampler."""
-    body = RGT(in_chans=in_chans, **body_kwargs)
-    head = PixelShuffleUpsampler(body.num_features, upscale, out_chans=in_chans)
+def _build_rgt_sr(
+    upscale: int, in_chans: int = 3, img_range: float = 1.0, device=None, dtype=None, **body_kwargs: Any
+) -> SuperResolutionModel:
+    """RGT body + pixel-shuffle upsampler, both created on ``device`` in ``dtype``."""
+    body = RGT(in_chans=in_chans, device=device, dtype=dtype, **body_kwargs)
+    head = PixelShuffleUpsampler(body.num_features, upscale, out_chans=in_chans, device=device, dtype=dtype)
     return SuperResolutionModel(body, head, img_range=img_range)
 
 

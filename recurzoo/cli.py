@@ -144,6 +144,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown model(s) {', '.join(unknown)}: neither in recurzoo nor in timm")
     if args.tile and not args.growth:
         raise UsageError("--tile applies to --growth only")
+    if args.train_variants and not args.train:
+        raise UsageError("--train-variants applies to --train only")
     return run_from_args(args)
 
 
@@ -179,6 +181,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from recurzoo.export.onnx import export_model
 
     name = _resolve_model(args.model)
+    if args.format != "onnx" or args.precision != "fp32":
+        return _export_edge(name, args)
     try:
         result = export_model(
             name,
@@ -198,6 +202,33 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"wrote {result.onnx_path}" + "".join(f", {path}" for path in result.report_paths))
     print(result.parity_line())
     return 0 if result.ok else 1
+
+
+def _export_edge(name: str, args: argparse.Namespace) -> int:
+    """An int8/fp16 ONNX or ExecuTorch artifact, with its fidelity report beside it."""
+    from recurzoo.export.edge import export_edge
+
+    if args.features or args.dynamic != "batch" or args.simplify:
+        raise UsageError("export: --features, --dynamic and --simplify apply to the fp32 ONNX export only")
+    if args.calibration and args.precision != "int8":
+        raise UsageError(f"export: --calibration calibrates int8, not {args.precision}")
+    try:
+        result = export_edge(
+            name,
+            out_dir=args.out,
+            fmt=args.format,
+            precision=args.precision,
+            checkpoint=args.checkpoint,
+            input_size=args.input_size,
+            calibration=args.calibration,
+            calibration_count=args.calibration_count,
+            evaluation=args.eval,
+        )
+    except ValueError as error:
+        raise UsageError(f"export: {error}") from None
+    print(f"wrote {result.path}" + "".join(f", {path}" for path in result.report_paths))
+    print(result.summary())
+    return 0
 
 
 def cmd_cod(args: argparse.Namespace) -> int:
@@ -382,6 +413,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-report", action="store_true", help="skip the FLOP/parameter report")
     export.add_argument("--no-benchmark", action="store_true", help="skip the latency comparison")
     export.add_argument("--out", default="out", help="output folder (default: out)")
+    edge = export.add_argument_group(
+        "edge deployment (an int8/fp16 ONNX or ExecuTorch artifact with its fidelity report)"
+    )
+    edge.add_argument("--format", choices=("onnx", "executorch"), default="onnx", help="artifact format")
+    edge.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "int8"),
+        default="fp32",
+        help="onnx: fp32 (the checked export), fp16 or int8; executorch: fp32 or int8",
+    )
+    edge.add_argument("--calibration", metavar="DIR", help="images to calibrate int8 on (default: built-in photos)")
+    edge.add_argument("--calibration-count", type=_input_size, default=32, metavar="N", help="calibration images")
+    edge.add_argument("--eval", metavar="DIR", help="images to measure fidelity on; class subfolders give accuracy too")
     export.set_defaults(handler=cmd_export)
 
     convert = commands.add_parser(
@@ -486,6 +530,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of stdout went away (``recurzoo info NAME | head``): nothing left to say to it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ widths in ``kwargs``: the checks are meant to run in seconds.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Sequence
+from typing import Any, Callable, Sequence
 
 import pytest
 import torch
@@ -70,24 +70,17 @@ def assert_dtype_change_after_forward(model: torch.nn.Module, x: torch.Tensor, d
     model.to(torch.float32)
 
 
-def assert_fx_features_trace(name: str, x: torch.Tensor, **kwargs: Any) -> Dict[str, torch.Tensor]:
-    """``features_only`` with ``feature_cls='fx'`` traces, matches the eager features and back-propagates."""
-    eager = recurzoo.create_model(name, features_only=True, **kwargs).eval()
-    traced = recurzoo.create_model(name, features_only=True, feature_cls="fx", **kwargs).eval()
-    traced.load_state_dict(eager.state_dict())
-    with torch.no_grad():
-        expected = eager(x)
-        actual = traced(x)
-    actual = list(actual.values()) if isinstance(actual, dict) else list(actual)
-    assert len(actual) == len(expected)
-    for got, want in zip(actual, expected):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    traced.train()
+def assert_fx_features_trace(name: str, x: torch.Tensor, **kwargs: Any) -> None:
+    """``features_only`` with ``feature_cls='fx'`` (timm's ``FeatureGraphNet``) traces, gives one finite
+    output per ``feature_info`` entry and back-propagates to every parameter it keeps."""
+    traced = recurzoo.create_model(name, features_only=True, feature_cls="fx", **kwargs).train()
     outputs = traced(x)
-    outputs = outputs.values() if isinstance(outputs, dict) else outputs
-    sum(feature.float().mean() for feature in outputs).backward()
-    assert any(p.grad is not None for p in traced.parameters()), f"{name}: no gradient through the fx graph"
-    return dict(enumerate(actual))
+    outputs = list(outputs.values()) if isinstance(outputs, dict) else list(outputs)
+    assert len(outputs) == len(traced.feature_info.out_indices), f"{name}: one output per feature_info entry"
+    assert all(torch.isfinite(output).all() for output in outputs), f"{name}: non-finite fx features"
+    sum(output.float().mean() for output in outputs).backward()
+    unused = [n for n, p in traced.named_parameters() if p.grad is None]
+    assert not unused, f"{name}: no gradient through the fx graph for {unused[:5]}"
 
 
 def assert_torchvision_feature_extractor(model: torch.nn.Module, x: torch.Tensor) -> None:
@@ -141,3 +134,38 @@ def assert_parameter_groups_match(model: torch.nn.Module) -> None:
             if owner is None:
                 break
         assert owner is None, f"no_weight_decay() entry {pattern!r} matches no parameter"
+
+
+def assert_prune_intermediate_layers_contract(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """timm's ``test_prune_intermediate_layers_contract``: pruned and ``stop_early`` taps equal the full
+    model's, pruning at the last tap without the head keeps the output, a model pruned without its norm
+    ends at the tap, and every kept parameter gets a gradient."""
+    import copy
+
+    model.eval()
+    last = len(model.feature_info) - 1
+    with torch.no_grad():
+        expected = model(x)
+        taps = model.forward_intermediates(x, intermediates_only=True)
+        pruned = copy.deepcopy(model)
+        pruned.prune_intermediate_layers([last], prune_head=False)
+        torch.testing.assert_close(pruned(x), expected, msg="prune_head=False at the last index changed the output")
+    assert len(taps) == last + 1
+    for i in range(last + 1):
+        with torch.no_grad():
+            selected = model.forward_intermediates(x, indices=[i], stop_early=True, intermediates_only=True)
+            torch.testing.assert_close(selected[0], taps[i], msg=f"stop_early tap {i}")
+            pruned = copy.deepcopy(model)
+            take_indices = pruned.prune_intermediate_layers([i])
+            selected = pruned.forward_intermediates(x, indices=take_indices, intermediates_only=True)
+            torch.testing.assert_close(selected[0], taps[i], msg=f"pruned tap {i}")
+            pruned = copy.deepcopy(model)
+            take_indices = pruned.prune_intermediate_layers([i], prune_norm=True)
+            features = pruned.forward_features(x)
+            if i < last and features.ndim == 4:
+                torch.testing.assert_close(features, taps[i], msg=f"pruned features {i}")
+        pruned.train()
+        selected = pruned.forward_intermediates(x, indices=take_indices, intermediates_only=True)
+        sum(f.sum() for f in selected + [pruned.forward_features(x)]).backward()
+        unused = [n for n, p in pruned.named_parameters() if p.requires_grad and p.grad is None]
+        assert not unused, f"pruned to {i}, unused parameters: {unused[:5]}"

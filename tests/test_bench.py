@@ -2,31 +2,67 @@
 
 from __future__ import annotations
 
-import pytest
+from types import SimpleNamespace
 
+import pytest
+import torch
+from torch import nn
+
+from recurzoo.export import bench
 from recurzoo.export.bench import bench_in_process, to_csv, to_markdown, update_readme
 
 
-@pytest.fixture(scope="module")
-def result():
-    return bench_in_process("hornet_tiny_7x7", backend="eager", batch=2, input_size=(3, 64, 64), warmup=1, repeats=3)
+class _ScriptedModel(nn.Module):
+    """Flatten + Linear(192, 10): 1,920 multiply-accumulates per 3x8x8 image.
+
+    Each forward pass outside fvcore's trace advances ``clock`` by the next of ``seconds``, so the
+    benchmark's timing is checked against known durations without sleeping.
+    """
+
+    def __init__(self, clock: SimpleNamespace, seconds: list) -> None:
+        super().__init__()
+        self.linear = nn.Linear(192, 10)
+        self.clock, self.seconds = clock, list(seconds)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_tracing():
+            self.clock.now += self.seconds.pop(0)
+        return self.linear(x.flatten(1))
 
 
-def test_result_relates_latency_throughput_and_flop_rate(result):
-    assert result.latency_p25_ms <= result.latency_ms <= result.latency_p75_ms
-    assert result.images_per_s == pytest.approx(2 / (result.latency_ms / 1e3))
-    # fvcore counts 3.99 GMACs at 224; at 64 px the count scales with the pixel count
-    assert result.gmacs_per_image == pytest.approx(3.99 * (64 / 224) ** 2, rel=0.05)
-    assert result.achieved_gflops == pytest.approx(2 * result.gmacs_per_image * 2 / (result.latency_ms / 1e3))
-    assert result.peak_fraction == pytest.approx(result.achieved_gflops / result.matmul_peak_gflops)
-    assert result.peak_memory_mb > 0 and result.matmul_peak_gflops > 0
+# one warm-up call (not timed), then five timed calls
+SECONDS = [5.0, 0.010, 0.011, 0.012, 0.013, 0.100]
+
+
+@pytest.fixture
+def result(monkeypatch):
+    clock = SimpleNamespace(now=0.0)
+    model = _ScriptedModel(clock, SECONDS)
+    monkeypatch.setattr(bench, "create_model", lambda name: model)
+    monkeypatch.setattr(bench, "_now", lambda device: clock.now)
+    monkeypatch.setattr(bench, "measure_matmul_peak", lambda device: 50.0)
+    outcome = bench_in_process("scripted", backend="eager", batch=2, input_size=(3, 8, 8), warmup=1, repeats=5)
+    assert model.seconds == [], "every scripted call was made"
+    return outcome
+
+
+def test_result_states_the_timed_calls_median_spread_and_rates(result):
+    # the warm-up call is not timed; the median of 10, 11, 12, 13, 100 ms is 12 ms, not their mean
+    assert result.latency_ms == pytest.approx(12.0)
+    # statistics.quantiles' default (exclusive) quartiles of the five calls
+    assert (result.latency_p25_ms, result.latency_p75_ms) == (pytest.approx(10.5), pytest.approx(56.5))
+    assert result.images_per_s == pytest.approx(2 / 0.012)
+    assert result.gmacs_per_image == pytest.approx(1920e-9)
+    assert result.achieved_gflops == pytest.approx(2 * 1920e-9 * 2 / 0.012)
+    assert result.peak_fraction == pytest.approx(result.achieved_gflops / 50.0)
+    assert (result.batch, result.input_size, result.backend) == (2, "3x8x8", "eager")
 
 
 def test_tables_list_each_run(result):
     markdown = to_markdown([result])
-    assert "| hornet_tiny_7x7 | eager | 2 | 3x64x64 |" in markdown
-    assert "matmul peak" in markdown
-    assert to_csv([result]).splitlines()[1].startswith("hornet_tiny_7x7,eager,2,3x64x64")
+    assert "| scripted | eager | 2 | 3x8x8 |" in markdown
+    assert "matmul peak measured in the same runs: 50.0 GFLOP/s" in markdown
+    assert to_csv([result]).splitlines()[1].startswith("scripted,eager,2,3x8x8")
 
 
 def test_readme_section_is_replaced_between_markers(tmp_path, result):
@@ -34,7 +70,7 @@ def test_readme_section_is_replaced_between_markers(tmp_path, result):
     readme.write_text("intro\n<!-- bench:start -->\nold\n<!-- bench:end -->\noutro\n")
     update_readme(readme, to_markdown([result]), "machine line")
     text = readme.read_text()
-    assert "old" not in text and "machine line" in text and "| hornet_tiny_7x7 | eager |" in text
+    assert "old" not in text and "machine line" in text and "| scripted | eager |" in text
     assert text.startswith("intro\n") and text.endswith("outro\n")
 
 
@@ -47,7 +83,7 @@ def test_readme_without_markers_is_refused(tmp_path, result):
 
 def test_onnxruntime_backend_runs_the_projects_export():
     result = bench_in_process(
-        "hornet_tiny_gf", backend="onnxruntime", batch=1, input_size=(3, 64, 64), warmup=1, repeats=2
+        "test_convnext", backend="onnxruntime", batch=1, input_size=(3, 32, 32), warmup=1, repeats=2
     )
     assert result.backend == "onnxruntime" and result.latency_ms > 0 and not result.error
 
@@ -99,9 +135,9 @@ def test_memory_table_states_the_saving_of_checkpointing():
 def test_training_step_memory_and_growth_points_are_measured_in_fresh_processes():
     from recurzoo.export.scaling import measure_growth, measure_train_memory
 
-    plain, checkpointed = measure_train_memory([("hornet_tiny_7x7", (3, 64, 64))], batch=2, threads=1)
+    plain, checkpointed = measure_train_memory([("test_convnext", (3, 32, 32))], batch=2, threads=1)
     for row in (plain, checkpointed):
         assert not row.error and row.peak_memory_mb >= row.step_memory_mb > 0 and row.step_seconds > 0
     assert (plain.grad_checkpointing, checkpointed.grad_checkpointing) == (False, True)
-    (point,) = measure_growth(["sret_tiny"], [64], threads=1)
-    assert not point.error and point.latency_s > 0 and point.peak_memory_mb > 0 and point.side == 64
+    (point,) = measure_growth(["test_convnext"], [32], threads=1)
+    assert not point.error and point.latency_s > 0 and point.peak_memory_mb > 0 and point.side == 32

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from _contract import (
     assert_parameter_groups_match,
     assert_unknown_argument_raises,
 )
+from _parity import in_repo_fixture
 from _reduced import REDUCED
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN
@@ -43,12 +43,6 @@ from recurzoo.heads.camouflage import (
 from recurzoo.train import camouflage as cod
 
 # The parity fixture: beside the checkout, or under a folder of RECURZOO_PARITY_DIRS (as in test_parity.py).
-_FIXTURE_NAME = Path("msrnet") / "msrnet_pvt_v2_b0.pt"
-_PARITY_DIRS = [Path(__file__).resolve().parents[2] / "shared" / "parity"]
-_PARITY_DIRS += [Path(d) for d in os.environ.get("RECURZOO_PARITY_DIRS", "").split(os.pathsep) if d]
-FIXTURE = next(
-    (d / _FIXTURE_NAME for d in _PARITY_DIRS if (d / _FIXTURE_NAME).exists()), _PARITY_DIRS[0] / _FIXTURE_NAME
-)
 SMALL_HEAD = REDUCED["camouflage"]
 # Three backbone kinds at test width: one of this zoo, a PVTv2 and a CNN.
 SMALL_BACKBONES = {
@@ -60,15 +54,6 @@ BASE = 64
 BATCH = "2"
 STEPS = 40
 LR = {"pvt_v2_b0": "3e-3"}  # per backbone, default 1e-2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight the other test workers for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------ generated data set
@@ -304,6 +289,7 @@ CONTRACT_CASES = {
     "msrnet_resnet50": dict(
         SMALL_HEAD, backbone_kwargs=dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8)
     ),
+    "msrnet_hornet_tiny_7x7": dict(SMALL_HEAD, backbone_kwargs=SMALL_BACKBONES["hornet_tiny_7x7"]),
 }
 CONTRACT_SIDE = 32  # the smallest base size: the total stride at scale 1.0
 
@@ -505,9 +491,8 @@ def _to_official_pvt_names(key: str) -> str:
     return key.replace("mlp.dwconv.", "mlp.dwconv.dwconv.")
 
 
-@pytest.mark.skipif(not FIXTURE.exists(), reason="no MSRNet parity fixture")
 def test_checkpoint_with_the_authors_pvt_names_loads_like_the_timm_layout():
-    fixture = torch.load(FIXTURE, map_location="cpu", weights_only=True)
+    fixture = in_repo_fixture("msrnet", "msrnet_pvt_v2_tiny")
     state = fixture["state_dict"]
     official = {
         ("encoder." + _to_official_pvt_names(k[len("encoder.net.") :]) if k.startswith("encoder.net.") else k): v

@@ -62,3 +62,23 @@ def test_demo_figures_are_the_cards_figures():
                 f"{row['unrolled_params_m']} |"
             )
             assert expected in card, f"{ZOO_FIGURES} row of {name} differs from {family}.md: run make cards"
+
+
+def test_demo_runs_each_family_at_a_size_within_its_flop_budget():
+    """The demo's forward passes shrink a card's input so that its fvcore FLOPs fall near ``DEMO_GFLOPS``."""
+    import csv
+
+    from recurzoo.apps import DEMO_GFLOPS, demo_input_size
+
+    with ZOO_FIGURES.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        _, height, width = (int(side) for side in row["input_size"].split("x"))
+        stride = max(int(s) for s in row["strides"].split("/"))
+        demo_height, demo_width = demo_input_size(row)
+        assert demo_height % stride == 0 and demo_width % stride == 0, row["model"]
+        assert demo_height <= height and demo_width <= width, row["model"]
+        budget_side = max(2 * stride, (DEMO_GFLOPS / float(row["gflops"])) ** 0.5 * height)
+        assert demo_height <= budget_side or demo_height == height, row["model"]
+    msrnet = next(row for row in rows if row["model"] == "msrnet_hornet_tiny_7x7")
+    assert demo_input_size(msrnet) == (96, 96)

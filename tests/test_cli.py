@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import recurzoo
 from recurzoo.cli import main
 
 
@@ -21,6 +22,26 @@ def test_info_prints_params_flops_and_strides(capsys):
     assert "22.41 M" in out
     assert "3.99" in out  # fvcore GFLOPs, LayerNorms counted
     assert "[4, 8, 16, 32]" in out
+
+
+def test_info_at_the_card_size_reads_the_card_figures_which_equal_a_count(monkeypatch):
+    """``recurzoo info NAME`` answers from the committed figures, without tracing; they equal fvcore's count."""
+    from recurzoo import apps
+    from recurzoo.export import flops
+
+    counted = flops.model_report(recurzoo.create_model("sret_tiny"), (3, 224, 224))
+
+    def no_counting(*args, **kwargs):
+        raise AssertionError("the card's figures should have been used")
+
+    monkeypatch.setattr(flops, "model_report", no_counting)
+    info = apps.model_info("sret_tiny.in1k")
+    assert info["input_size"] == (3, 224, 224)
+    assert info["params"] / 1e6 == pytest.approx(counted["params"] / 1e6, abs=0.005)
+    assert info["gflops"] == pytest.approx(counted["gflops"], abs=0.005)
+    assert (info["reductions"], info["channels"]) == (counted["reductions"], counted["channels"])
+    with pytest.raises(AssertionError, match="figures should have been used"):
+        apps.model_info("sret_tiny", (3, 192, 192))
 
 
 @pytest.mark.parametrize(

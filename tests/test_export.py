@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from _parity import in_repo_fixture
 
 import recurzoo
 from recurzoo.backbones.hornet import GlobalLocalFilter
@@ -26,7 +27,6 @@ from recurzoo.export.onnx import PARITY_TOLERANCE, ExportResult, _pool_axis, exp
 from recurzoo.export.report import build_report, plot_zoo, render_markdown
 
 MODELS = recurzoo.list_models()
-PARITY_DIR = Path(__file__).resolve().parents[2] / "shared" / "parity"
 
 
 def _load_reduced() -> dict:
@@ -74,15 +74,6 @@ def _reduced_kwargs(name: str) -> dict:
     return kwargs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine, small exports run fastest that way."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _export(name: str, tmp_path: Path, features_only: bool = False, **kwargs) -> ExportResult:
     model = recurzoo.create_model(name, features_only=features_only, **_reduced_kwargs(name)).eval()
     side = SIDES.get(_family(name), 64)
@@ -123,18 +114,16 @@ def test_features_only_backbones_export_one_output_per_level(name, tmp_path):
 
 def test_official_checkpoint_exports_to_the_official_output(tmp_path):
     """The official HorNet-GF fixture: official keys and a 10-class head, through the filter, to ONNX."""
-    fixture_path = PARITY_DIR / "hornet" / "hornet_gf_small_dims.pt"
-    if not fixture_path.exists():
-        pytest.skip(f"{fixture_path} is not here")
-    fixture = torch.load(fixture_path, weights_only=True)
+    fixture = in_repo_fixture("hornet", "hornet_gf_tiny")
+    kwargs = fixture["official"]["kwargs"]
     checkpoint = tmp_path / "official.pth"
     torch.save(fixture["state_dict"], checkpoint)
     result = export_model(
         "hornet_tiny_gf",
         out_dir=tmp_path,
         checkpoint=checkpoint,
-        input_size=(3, 224, 224),
-        model_kwargs=REDUCED["hornet"],
+        input_size=tuple(fixture["inputs"]["x"].shape[1:]),
+        model_kwargs=dict(dims=[kwargs["base_dim"] * 2**i for i in range(4)], depths=kwargs["depths"]),
         report=False,
         benchmark=False,
         num_threads=1,

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from functools import partial
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from _contract import (
+    assert_dtype_change_after_forward,
+    assert_factory_device_and_dtype,
+    assert_grad_checkpointing_keeps_gradients,
+    assert_meta_init_gives_a_working_model,
+    assert_parameter_groups_match,
+    assert_prune_intermediate_layers_contract,
+    assert_torchvision_feature_extractor,
+    assert_unknown_argument_raises,
+)
+from _parity import in_repo_fixture
 
 import recurzoo  # noqa: F401  (registers the models)
-from recurzoo.backbones.hornet import GlobalLocalFilter, RecursiveGatedConv, checkpoint_filter_fn
+from recurzoo.backbones.hornet import GlobalLocalFilter, HorNetBlock, RecursiveGatedConv, checkpoint_filter_fn
 from recurzoo.export.flops import count_flops, count_params, create_uninitialized
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "parity" / "hornet"
 SMALL = dict(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1))
 
 # Params (M) and fvcore GFLOPs of the official code with 1000 classes (measured on it; FFTs uncounted).
@@ -110,14 +120,11 @@ def test_checkpoint_at_224_loads_into_384_model_with_resized_filters():
 
 
 def _official_fixture(case: str) -> dict:
-    path = FIXTURES / f"{case}.pt"
-    if not path.exists():
-        pytest.skip(f"parity fixture {path} is not available")
-    return torch.load(path, weights_only=True)
+    return in_repo_fixture("hornet", case)
 
 
 @pytest.mark.parametrize(
-    "case, variant", [("hornet_7x7_small_dims", "hornet_tiny_7x7"), ("hornet_gf_small_dims", "hornet_tiny_gf")]
+    "case, variant", [("hornet_7x7_tiny", "hornet_tiny_7x7"), ("hornet_gf_tiny", "hornet_tiny_gf")]
 )
 def test_official_checkpoint_file_loads_through_pretrained_cfg_overlay(tmp_path, case, variant):
     fixture = _official_fixture(case)
@@ -138,7 +145,7 @@ def test_official_checkpoint_file_loads_through_pretrained_cfg_overlay(tmp_path,
 
 
 def test_fine_tuning_from_official_checkpoint_replaces_only_the_classifier(tmp_path):
-    fixture = _official_fixture("hornet_7x7_small_dims")
+    fixture = _official_fixture("hornet_7x7_tiny")
     kwargs = fixture["official"]["kwargs"]
     path = tmp_path / "official.pth"
     torch.save({"model": fixture["state_dict"]}, path)
@@ -148,7 +155,7 @@ def test_fine_tuning_from_official_checkpoint_replaces_only_the_classifier(tmp_p
         pretrained_cfg_overlay=dict(file=str(path)),
         num_classes=4,
         depths=kwargs["depths"],
-        dims=[16, 32, 64, 128],
+        dims=[kwargs["base_dim"] * 2**i for i in range(4)],
     )
     assert model.get_classifier().out_features == 4
     torch.testing.assert_close(model.stem[0].weight, fixture["state_dict"]["downsample_layers.0.0.weight"])
@@ -205,3 +212,183 @@ def test_pretrained_without_network_fails_fast_with_instructions(monkeypatch):
         ValueError, match=r"hornet_tiny_7x7.*out of reach.*nonexistent-cache.*pretrained_cfg_overlay=dict\(file="
     ):
         recurzoo.create_model("hornet_tiny_7x7", pretrained=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# timm's model contract, at test widths (SMALL), for both spatial mixers
+# --------------------------------------------------------------------------------------------------
+
+BOTH = ["hornet_tiny_7x7", "hornet_tiny_gf"]
+
+
+def _perturbed(model):
+    """Layer scales, norms and frequency weights moved off their initial values, so that they count."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("gamma1", "gamma2")) or ".norm" in name or name.endswith("complex_weight"):
+                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+    return model
+
+
+@pytest.mark.parametrize("name", BOTH)
+@pytest.mark.parametrize("device,dtype", [("meta", torch.float64), ("cpu", torch.bfloat16)])
+def test_factory_device_and_dtype_reach_every_parameter(name, device, dtype):
+    assert_factory_device_and_dtype(name, device=device, dtype=dtype, **SMALL)
+
+
+@pytest.mark.parametrize("name", BOTH)
+def test_blocks_take_factory_device_and_dtype(name):
+    mixer = GlobalLocalFilter if name.endswith("gf") else None
+    block = HorNetBlock(16, partial(RecursiveGatedConv, order=3, spatial_mixer=mixer), device="meta", dtype=torch.half)
+    assert {(p.device.type, p.dtype) for p in block.parameters()} == {("meta", torch.half)}
+
+
+@pytest.mark.parametrize("name", BOTH)
+def test_meta_built_model_initialises_like_an_eager_one(name):
+    model = assert_meta_init_gives_a_working_model(name, (3, 64, 64), ls_init_value=0.5, **SMALL)
+    eager = recurzoo.create_model(name, ls_init_value=0.5, **SMALL).double()
+    ours, theirs = model.state_dict(), eager.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        if value.ndim == 1:  # layer scales, norms and biases start at constants: equal
+            torch.testing.assert_close(ours[key], value, msg=key)
+        else:  # timm's trunc_normal_, std 0.02 (the classifier and frequency weights included)
+            assert 0.015 < ours[key].std() < 0.025 and ours[key].mean().abs() < 0.005, key
+    weights = [k for k in ours if k.endswith("complex_weight")]
+    assert bool(weights) == name.endswith("gf")
+
+
+def test_meta_initialisation_scales_the_classifier():
+    model = recurzoo.create_model("hornet_tiny_7x7", device="meta", head_init_scale=0.001, **SMALL)
+    model = model.to_empty(device="cpu")
+    model.init_weights()
+    assert model.head.fc.weight.std().item() == pytest.approx(0.02 * 0.001, rel=0.1)
+
+
+@pytest.mark.parametrize("name", BOTH)
+def test_unknown_argument_raises_type_error(name):
+    assert_unknown_argument_raises(name, **SMALL)
+
+
+@pytest.mark.parametrize("name", BOTH)
+def test_dtype_change_after_a_forward_gives_outputs_in_the_new_dtype(name):
+    model = _perturbed(recurzoo.create_model(name, **SMALL)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        reference = model(x)
+    assert_dtype_change_after_forward(model, x, dtype=torch.bfloat16)
+    with torch.no_grad():
+        low = model.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert (low.float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+@pytest.mark.parametrize("name", BOTH)
+def test_parameter_groups_and_no_weight_decay_name_parameters(name):
+    assert_parameter_groups_match(recurzoo.create_model(name, device="meta", **SMALL))
+
+
+def test_reset_classifier_keeps_the_pooling_and_the_parent_device_dtype_and_mode():
+    model = _perturbed(recurzoo.create_model("hornet_tiny_gf", global_pool="max", num_classes=4, **SMALL)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        expected = model.forward_head(features, pre_logits=True)
+        model.reset_classifier(5)
+        torch.testing.assert_close(model.forward_head(features, pre_logits=True), expected)
+        assert model(x).shape == (2, 5)
+        model.reset_classifier(5, "avg")
+        assert not torch.allclose(model.forward_head(features, pre_logits=True), expected)
+    model.to(device="meta", dtype=torch.float64)
+    model.reset_classifier(0)
+    model.reset_classifier(2)
+    head = model.get_classifier()
+    assert (head.weight.device.type, head.weight.dtype, head.training) == ("meta", torch.float64, False)
+
+
+@pytest.mark.parametrize("name", BOTH)
+def test_frozen_parameters_stay_frozen_through_reset_classifier_and_set_input_size(name):
+    model = recurzoo.create_model(name, device="meta", **SMALL)
+    model.requires_grad_(False)
+    model.reset_classifier(0)
+    model.reset_classifier(0, "")
+    model.set_input_size(img_size=(448, 448))
+    assert not [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def test_set_input_size_resamples_the_frequency_weights_as_the_forward_does():
+    from timm.models import get_model_input_config
+
+    fixed = _perturbed(recurzoo.create_model("hornet_tiny_gf", **SMALL)).eval()
+    on_the_fly = recurzoo.create_model("hornet_tiny_gf", **SMALL).eval()
+    on_the_fly.load_state_dict(fixed.state_dict())
+    x = torch.randn(1, 3, 96, 160)
+    with torch.no_grad():
+        expected = on_the_fly(x)  # the 224-sized weights resized at run time
+        fixed.set_input_size(img_size=(96, 160))
+        torch.testing.assert_close(fixed(x), expected)
+    sizes = [block.gnconv.spatial_mixer.complex_weight.shape[1:3] for block in fixed.stages[2].blocks]
+    assert sizes == [(6, 6)] * 2 and fixed.stages[3].blocks[0].gnconv.spatial_mixer.complex_weight.shape[1:3] == (3, 3)
+    assert get_model_input_config(fixed)["input_size"] == (3, 96, 160)
+
+
+def test_forward_intermediates_are_the_stage_outputs_and_end_at_forward_features():
+    model = _perturbed(recurzoo.create_model("hornet_tiny_gf", **SMALL)).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        y, expected = model.stem(x), []
+        for stage in model.stages:
+            y = stage(y)
+            expected.append(y)
+    assert [tuple(m.shape) for m in maps] == [(2, 16, 16, 24), (2, 32, 8, 12), (2, 64, 4, 6), (2, 128, 2, 3)]
+    for ours, theirs in zip(maps, expected):
+        torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("name", BOTH)
+def test_prune_intermediate_layers_meets_timms_contract(name):
+    model = _perturbed(recurzoo.create_model(name, drop_rate=0.1, **SMALL))
+    assert_prune_intermediate_layers_contract(model, torch.randn(2, 3, 64, 64))
+
+
+@pytest.mark.parametrize("name", BOTH)
+def test_fx_traces_the_whole_model_forward_and_backward(name):
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    model = _perturbed(recurzoo.create_model(name, num_classes=5, **SMALL))
+    x = torch.randn(2, 3, 64, 64)
+    assert_torchvision_feature_extractor(model, x)
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    train_nodes, _ = get_graph_node_names(model.train(), tracer_kwargs=tracer_kwargs)
+    traced = create_feature_extractor(model, return_nodes=[train_nodes[-1]], tracer_kwargs=tracer_kwargs)
+    next(iter(traced(x).values())).mean().backward()
+    assert not [n for n, p in traced.named_parameters() if p.grad is None]
+    assert count_params(traced) == count_params(model)
+
+
+@pytest.mark.parametrize("name", BOTH)
+def test_fx_features_are_the_stage_outputs_and_check_the_input(name):
+    full = _perturbed(recurzoo.create_model(name, **SMALL)).eval()
+    traced = recurzoo.create_model(name, features_only=True, feature_cls="fx", **SMALL).eval()
+    _, unexpected = traced.graph_module.load_state_dict(full.state_dict(), strict=False)
+    assert all(key.startswith("head.") for key in unexpected)
+    x = torch.randn(2, 3, 64, 96)  # not the weights' size: the frequency weights are resized in the graph
+    with torch.no_grad():
+        expected = full.forward_intermediates(x, intermediates_only=True)
+        features = traced(x)
+    assert len(features) == 4
+    for ours, theirs in zip(features, expected):
+        torch.testing.assert_close(ours, theirs)
+    traced.train()
+    sum(feature.mean() for feature in traced(x)).backward()
+    assert all(parameter.grad is not None for parameter in traced.parameters())
+    with pytest.raises(ValueError, match=f"{name}: expects height and width of at least 32"):
+        traced(torch.randn(1, 3, 16, 16))  # the input check is part of the traced graph
+
+
+@pytest.mark.parametrize("name", BOTH)
+def test_features_only_with_grad_checkpointing_keeps_gradients(name):
+    assert_grad_checkpointing_keeps_gradients(name, torch.randn(2, 3, 64, 64), features_only=True, **SMALL)

@@ -20,45 +20,46 @@ import recurzoo
 from recurzoo.cli import main as cli_main
 from recurzoo.export import hub
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURE_DIRS = [REPO / "tests" / "parity" / "fixtures", REPO.parent / "shared" / "parity"]
+FIXTURES = Path(__file__).resolve().parent / "parity" / "fixtures"
+SRET_STRUCTURE = dict(
+    num_shared_blocks=(1, 2, 1), recursions=(2, 2, 2), num_groups=(4, 3, 1), recursive_num_groups=(2, 3, 1)
+)
 
-# family: (fixture case, zoo name with tag, architecture arguments of the fixture's width, how the authors save it)
+# family: (fixture under tests/parity/fixtures/<family>/, zoo name with tag, architecture arguments of the
+# fixture's width, how the authors save it)
 CASES = {
     "hornet": (
-        "hornet_gf_small_dims",
+        "hornet_gf_tiny",
         "hornet_tiny_gf.in1k",
-        dict(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1), num_classes=10),
+        dict(dims=(4, 8, 16, 32), depths=(1, 1, 2, 1), num_classes=10),
         "model",
     ),
     "sret": (
-        "sret_t_like",
+        "sret_slices_tiny",
         "sret_tiny.in1k",
-        dict(embed_dims=(16, 32, 64), num_heads=(2, 4, 8), img_size=64, num_classes=10),
+        dict(embed_dims=(8, 16, 32), num_heads=(2, 4, 8), img_size=48, num_classes=10, **SRET_STRUCTURE),
         "model",
     ),
     "rgt": (
-        "rgt_x2_small_dims",
+        "rgt_x2_tiny",
         "rgt_small_x2",
-        dict(embed_dim=24, depths=(2, 2), num_heads=4),
+        dict(embed_dim=64, depths=(2, 1), num_heads=2, split_size=(2, 4)),
         "params_ema",
     ),
 }
 
 
-def _fixture(case: str) -> dict:
-    for folder in FIXTURE_DIRS:
-        found = sorted(folder.rglob(f"{case}.pt")) if folder.is_dir() else []
-        if found:
-            return torch.load(found[0], weights_only=True)
-    pytest.skip(f"parity fixture {case} not found")
+def _fixture(family: str) -> dict:
+    path = FIXTURES / family / f"{CASES[family][0]}.pt"
+    assert path.is_file(), f"{path} is missing: run `make parity-fixtures OFFICIAL_ROOT=...`"
+    return torch.load(path, weights_only=True)
 
 
 def _official_file(tmp_path: Path, family: str) -> Path:
     case, _, _, wrapper = CASES[family]
     path = tmp_path / "downloads" / f"{case}.pth"
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({wrapper: _fixture(case)["state_dict"]}, path)
+    torch.save({wrapper: _fixture(family)["state_dict"]}, path)
     return path
 
 
@@ -108,7 +109,8 @@ def test_card_metadata_block_is_valid_for_the_hub(tmp_path):
 def test_cli_refuses_an_existing_folder_and_converts_a_download_folder(tmp_path, capsys):
     checkpoint = _official_file(tmp_path, "sret")
     args = ["convert", "sret_tiny", str(checkpoint), "--tag", "in1k", "--out", str(tmp_path / "hub"), "--model-kwargs"]
-    args += ["embed_dims=(16,32,64)", "num_heads=(2,4,8)", "img_size=64", "num_classes=10"]
+    args += ["embed_dims=(8,16,32)", "num_heads=(2,4,8)", "img_size=48", "num_classes=10"]
+    args += [f"{key}={value}".replace(" ", "") for key, value in SRET_STRUCTURE.items()]
     assert cli_main(args) == 0
     assert cli_main(args) == 2
     assert "exists already (pass --overwrite" in capsys.readouterr().err

@@ -1,12 +1,23 @@
-"""RGT: published figures, official checkpoints, the two attentions, HAI, any input size."""
+"""RGT: published figures, official checkpoints, the two attentions, HAI, any input size, timm's model
+contract (factory arguments, meta init, pruning, fx, grad checkpointing)."""
 
 from __future__ import annotations
 
+import copy
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from _contract import (
+    assert_dtype_change_after_forward,
+    assert_factory_device_and_dtype,
+    assert_grad_checkpointing_keeps_gradients,
+    assert_meta_init_gives_a_working_model,
+    assert_parameter_groups_match,
+    assert_torchvision_feature_extractor,
+    assert_unknown_argument_raises,
+)
+from _parity import in_repo_fixture
 
 import recurzoo  # noqa: F401  (registers the models)
 from recurzoo.backbones.rgt import (
@@ -14,6 +25,7 @@ from recurzoo.backbones.rgt import (
     RectangleWindowAttention,
     RecursiveGeneralizationAttention,
     RGTBlock,
+    check_rgt_input,
     checkpoint_filter_fn,
     is_shifted_block,
     recursion_steps,
@@ -23,15 +35,24 @@ from recurzoo.export.flops import count_flops, count_params, create_uninitialize
 from recurzoo.heads.super_resolution import SuperResolutionModel
 from recurzoo.heads.super_resolution import checkpoint_filter_fn as sr_checkpoint_filter_fn
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "parity" / "rgt"
 TINY = dict(embed_dim=24, num_heads=2, blocks_per_group=2)
 
 
-def _fixture(name: str) -> dict:
-    path = FIXTURES / f"{name}.pt"
-    if not path.exists():
-        pytest.skip(f"parity fixture {path} not available")
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _fixture(scale: int) -> dict:
+    """The official RGT x``scale`` fixture of the repository."""
+    return in_repo_fixture("rgt", f"rgt_x{scale}_tiny")
+
+
+def _body_kwargs(official: dict) -> dict:
+    """Our body's arguments for the official constructor's (those a fixture sets)."""
+    return dict(
+        embed_dim=official["embed_dim"],
+        depths=tuple(official["depth"]),
+        num_heads=list(official["num_heads"]),
+        mlp_ratio=official["mlp_ratio"],
+        split_size=tuple(official.get("split_size", (8, 8))),
+        c_ratio=official.get("c_ratio", 0.5),
+    )
 
 
 def test_x4_params_and_flops_match_published_within_one_percent():
@@ -51,32 +72,18 @@ def test_x4_params_and_flops_match_published_within_one_percent():
 
 @pytest.mark.parametrize("wrapper", ["params", "params_ema"])
 def test_official_basicsr_checkpoint_loads_through_timm_file_overlay(tmp_path, wrapper):
-    fixture = _fixture("rgt_x2_small_dims")
-    kwargs = fixture["official"]["kwargs"]
+    fixture = _fixture(2)
+    kwargs = _body_kwargs(fixture["official"]["kwargs"])
     path = tmp_path / "RGT_x2.pth"
     torch.save({wrapper: fixture["state_dict"]}, path)  # as BasicSR stores them, mask buffers included
     model = recurzoo.create_model(
-        "rgt_x2",
-        pretrained=True,
-        pretrained_cfg_overlay=dict(file=str(path)),
-        embed_dim=kwargs["embed_dim"],
-        depths=tuple(kwargs["depth"]),
-        num_heads=kwargs["num_heads"],
-        mlp_ratio=kwargs["mlp_ratio"],
+        "rgt_x2", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs
     ).eval()
     with torch.no_grad():
         output = model(fixture["inputs"]["x"])
     torch.testing.assert_close(output, fixture["output"], rtol=1e-4, atol=1e-4 * fixture["output"].abs().max().item())
 
-    body = recurzoo.create_model(
-        "rgt",
-        pretrained=True,
-        pretrained_cfg_overlay=dict(file=str(path)),
-        embed_dim=kwargs["embed_dim"],
-        depths=tuple(kwargs["depth"]),
-        num_heads=kwargs["num_heads"],
-        mlp_ratio=kwargs["mlp_ratio"],
-    ).eval()
+    body = recurzoo.create_model("rgt", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs).eval()
     with torch.no_grad():
         torch.testing.assert_close(
             body.forward_features(model.normalize(fixture["inputs"]["x"])),
@@ -85,7 +92,7 @@ def test_official_basicsr_checkpoint_loads_through_timm_file_overlay(tmp_path, w
 
 
 def test_checkpoint_filter_drops_derived_buffers_and_maps_every_official_key():
-    fixture = _fixture("rgt_x4_small_dims")
+    fixture = _fixture(4)
     official = fixture["state_dict"]
     model = recurzoo.build_official("rgt_arch.RGT", fixture["official"]["kwargs"])
     converted = sr_checkpoint_filter_fn(official, model)
@@ -95,7 +102,7 @@ def test_checkpoint_filter_drops_derived_buffers_and_maps_every_official_key():
     assert derived and len(converted) == len(official) - len(derived)
     assert set(converted) == set(model.state_dict())
     # our own SR checkpoint loads into the body alone, and back
-    body = RGT(embed_dim=24, depths=(2, 2), num_heads=4, mlp_ratio=2)
+    body = RGT(**_body_kwargs(fixture["official"]["kwargs"]))
     body_state = checkpoint_filter_fn(model.state_dict(), body)
     assert set(body_state) == set(body.state_dict())
     assert set(sr_checkpoint_filter_fn(body_state, model)) == {
@@ -238,3 +245,196 @@ def test_body_exposes_one_stride_one_level_per_group():
     features = recurzoo.create_model("rgt_small", features_only=True, out_indices=(1, 5), **TINY)
     outs = features(torch.randn(1, 3, 20, 28))
     assert [tuple(o.shape) for o in outs] == [(1, 24, 20, 28)] * 2
+
+
+# --------------------------------------------------------------------------------------------------
+# timm's model contract, on the reduced body (6 groups of 2 blocks, width 24)
+# --------------------------------------------------------------------------------------------------
+
+
+def _tiny_body(**kwargs) -> RGT:
+    """A reduced ``rgt_small`` with every weight (norms, HAI scales, biases) moved off its initial value."""
+    torch.manual_seed(0)
+    model = recurzoo.create_model("rgt_small", **TINY, **kwargs)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model
+
+
+@pytest.mark.parametrize("device,dtype", [("meta", torch.float64), ("cpu", torch.bfloat16)])
+def test_factory_device_and_dtype_reach_every_parameter_and_buffer(device, dtype):
+    assert_factory_device_and_dtype("rgt_small", device=device, dtype=dtype, num_classes=3, **TINY)
+
+
+def test_meta_built_body_recomputes_its_window_buffers_and_computes_like_an_eager_one():
+    model = assert_meta_init_gives_a_working_model("rgt_small", (3, 20, 36), num_classes=3, **TINY)
+    eager = _tiny_body(num_classes=3).double().eval()
+    branches = [m for m in model.modules() if hasattr(m, "relative_position_index")]
+    eager_branches = [m for m in eager.modules() if hasattr(m, "relative_position_index")]
+    assert len(branches) == 12 and {b.window_size for b in branches} == {(8, 32), (32, 8)}
+    for ours, reference in zip(branches, eager_branches):
+        assert torch.equal(ours.relative_position_index, reference.relative_position_index)
+        assert torch.equal(ours.offsets, reference.offsets) and ours.offsets.dtype == torch.float64
+    assert all((block.skip_scale == 1e-4).all() for block in model.modules() if isinstance(block, RGTBlock))
+    # the buffers are not in the state dict: only recomputed ones give the eager model's output
+    model.load_state_dict(eager.state_dict())
+    x = torch.rand(2, 3, 20, 36, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eager(x))
+
+
+def test_unknown_argument_raises_type_error():
+    assert_unknown_argument_raises("rgt_small", **TINY)
+
+
+def test_dtype_change_after_a_forward_leaves_no_stale_mask_or_buffer():
+    model = _tiny_body().eval()
+    x = torch.rand(1, 3, 24, 40)
+    with torch.no_grad():
+        reference = model.forward_features(x)
+    assert_dtype_change_after_forward(model, x, dtype=torch.bfloat16)
+    with torch.no_grad():
+        low = model.to(torch.bfloat16).forward_features(x.to(torch.bfloat16))
+        assert (low.float() - reference).abs().max() < 0.05 * reference.abs().max()
+        model.to(torch.float64)  # a model converted after its forwards computes as one built in float64
+        fresh = recurzoo.create_model("rgt_small", dtype=torch.float64, **TINY).eval()
+        fresh.load_state_dict(model.state_dict())
+        torch.testing.assert_close(model.forward_features(x.double()), fresh.forward_features(x.double()))
+
+
+def test_parameter_groups_and_no_weight_decay_name_the_model_parameters():
+    from timm.models import group_parameters
+
+    model = recurzoo.create_model("rgt_small", device="meta", num_classes=3, **TINY)
+    assert_parameter_groups_match(model)
+    groups = group_parameters(model, model.group_matcher(coarse=True))
+    assert len(groups) == 1 + 6 + 1  # the stem, one per residual group, the tail (norm, conv, head)
+
+
+def test_reset_classifier_keeps_the_pooling_and_the_parent_device_dtype_and_mode():
+    model = _tiny_body(num_classes=4, global_pool="max").eval()
+    x = torch.rand(2, 3, 16, 24)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        model.reset_classifier(5)
+        assert model(x).shape == (2, 5)
+        torch.testing.assert_close(model.forward_head(features, pre_logits=True), features.amax((2, 3)))
+        model.reset_classifier(0, "")
+        torch.testing.assert_close(model(x), features)
+    model.to(device="meta", dtype=torch.float64)
+    model.reset_classifier(0)
+    model.reset_classifier(2)
+    head = model.get_classifier()
+    assert (head.weight.device.type, head.weight.dtype, head.training) == ("meta", torch.float64, False)
+
+
+def test_frozen_parameters_stay_frozen_through_reset_classifier():
+    model = recurzoo.create_model("rgt_small", device="meta", num_classes=3, **TINY)
+    model.requires_grad_(False)
+    model.reset_classifier(0)
+    model.reset_classifier(0, "")
+    assert not [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+
+def test_forward_intermediates_are_the_group_outputs_and_end_at_forward_features():
+    model = _tiny_body().eval()
+    x = torch.rand(2, 3, 16, 40)
+    taps = []
+    hooks = [group.register_forward_hook(lambda m, i, o: taps.append(o)) for group in model.groups]
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        channels_last = model.forward_intermediates(
+            x, indices=[5], norm=True, output_fmt="NHWC", intermediates_only=True
+        )
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(final, model.forward_features(x))
+    assert len(maps) == 6 and all(m.shape == (2, 24, 16, 40) for m in maps)
+    for feature_map, tap in zip(maps, taps[:6]):
+        torch.testing.assert_close(feature_map, tap)
+    torch.testing.assert_close(channels_last[0], model.norm(maps[5].permute(0, 2, 3, 1)))
+
+
+def test_prune_intermediate_layers_meets_timms_contract():
+    """timm's test_prune_intermediate_layers_contract: taps, stop_early, pruned output, features end at the tap."""
+    model = _tiny_body(num_classes=3).eval()
+    x = torch.rand(2, 3, 16, 24)
+    last = len(model.feature_info) - 1
+    with torch.no_grad():
+        expected = model(x)
+        taps = model.forward_intermediates(x, intermediates_only=True)
+        pruned = copy.deepcopy(model)
+        pruned.prune_intermediate_layers([last], prune_head=False)
+        torch.testing.assert_close(pruned(x), expected)
+    for i in range(last + 1):
+        with torch.no_grad():
+            selected = model.forward_intermediates(x, indices=[i], stop_early=True, intermediates_only=True)
+            torch.testing.assert_close(selected[0], taps[i])
+            pruned = copy.deepcopy(model)
+            take_indices = pruned.prune_intermediate_layers([i])
+            assert len(pruned.groups) == i + 1 and pruned.num_classes == 0
+            selected = pruned.forward_intermediates(x, indices=take_indices, intermediates_only=True)
+            torch.testing.assert_close(selected[0], taps[i])
+            pruned = copy.deepcopy(model)
+            take_indices = pruned.prune_intermediate_layers([i], prune_norm=True)
+            features = pruned.forward_features(x)
+            if i < last:
+                torch.testing.assert_close(features, taps[i], rtol=0, atol=0)
+                final, tapped = pruned.forward_intermediates(x, indices=take_indices)
+                torch.testing.assert_close(final, tapped[0], rtol=0, atol=0)
+        pruned.train()
+        selected = pruned.forward_intermediates(x, indices=take_indices, intermediates_only=True)
+        sum(f.sum() for f in selected + [pruned.forward_features(x)]).backward()
+        assert not [n for n, p in pruned.named_parameters() if p.requires_grad and p.grad is None], i
+
+
+def test_fx_traces_the_whole_body_forward_and_backward():
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    model = _tiny_body(num_classes=5)
+    x = torch.rand(2, 3, 20, 28)
+    assert_torchvision_feature_extractor(model, x)
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    train_nodes, _ = get_graph_node_names(model.train(), tracer_kwargs=tracer_kwargs)
+    traced = create_feature_extractor(model, return_nodes=[train_nodes[-1]], tracer_kwargs=tracer_kwargs)
+    next(iter(traced(x).values())).mean().backward()
+    assert not [name for name, parameter in traced.named_parameters() if parameter.grad is None]
+    assert sum(p.numel() for p in traced.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_fx_features_are_the_group_outputs_and_check_their_input():
+    eager = _tiny_body().eval()
+    traced = recurzoo.create_model("rgt_small", features_only=True, feature_cls="fx", out_indices=(1, 4), **TINY)
+    assert traced.feature_info.module_name() == ["groups.1", "groups.4"]
+    missing, _ = traced.graph_module.load_state_dict(eager.state_dict(), strict=False)
+    assert not missing
+    x = torch.rand(2, 3, 20, 28)
+    with torch.no_grad():
+        expected = eager.forward_intermediates(x, indices=[1, 4], intermediates_only=True)
+        features = traced.eval()(x)
+    assert len(features) == 2
+    for feature, want in zip(features, expected):
+        torch.testing.assert_close(feature, want)
+    traced.train()
+    sum(feature.mean() for feature in traced(x)).backward()
+    assert all(parameter.grad is not None for parameter in traced.parameters())
+    with pytest.raises(ValueError, match="rgt_small: expects 3 input channels"):
+        traced(torch.rand(1, 4, 20, 28))  # the input check is part of the traced graph
+    assert check_rgt_input in __import__("timm").models.get_notrace_functions()
+
+
+def test_grad_checkpointing_keeps_gradients_of_the_classifier_and_of_features_only():
+    x = torch.rand(2, 3, 16, 24)
+    assert_grad_checkpointing_keeps_gradients("rgt_small", x, num_classes=3, **TINY)
+    grads = []
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        features = recurzoo.create_model("rgt_small", features_only=True, out_indices=(1, 4), **TINY)
+        features.train().model.set_grad_checkpointing(enabled)  # timm's FeatureGetterNet leaves it to the model
+        sum(f.pow(2).mean() for f in features(x)).backward()
+        grads.append([p.grad for p in features.parameters()])
+    assert all(grad is not None for grad in grads[0] + grads[1])
+    for without, with_checkpoints in zip(*grads):
+        torch.testing.assert_close(with_checkpoints, without, rtol=1e-4, atol=1e-6)

@@ -1,19 +1,32 @@
-"""SReT: published sizes, sliced attention, determinism, checkpoints and depth scaling.
+"""SReT: published sizes, sliced attention, determinism, checkpoints, depth scaling and timm's model
+contract (factory arguments, meta initialisation, fx, resizing, pruning, grad checkpointing).
 
 Parity with the official code runs through tests/test_parity.py (fixtures in shared/parity/sret).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import re
-from pathlib import Path
 from typing import Dict, List
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from _contract import (
+    assert_dtype_change_after_forward,
+    assert_factory_device_and_dtype,
+    assert_grad_checkpointing_keeps_gradients,
+    assert_meta_init_gives_a_working_model,
+    assert_parameter_groups_match,
+    assert_prune_intermediate_layers_contract,
+    assert_torchvision_feature_extractor,
+    assert_unknown_argument_raises,
+)
+from _parity import in_repo_fixture
+from _reduced import REDUCED
 
 import recurzoo  # noqa: F401  (registers the models)
 from recurzoo.backbones import sret
@@ -230,13 +243,10 @@ def to_official_state_dict(model: sret.SReT) -> Dict[str, torch.Tensor]:
 
 
 def _fixture(name: str):
-    path = Path(__file__).resolve().parents[2] / "shared" / "parity" / "sret" / f"{name}.pt"
-    if not path.is_file():
-        pytest.skip(f"parity fixture {path} is not available")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return in_repo_fixture("sret", name)
 
 
-@pytest.mark.parametrize("fixture_name", ["sret_t_like", "sret_s_like_wo_slice"])
+@pytest.mark.parametrize("fixture_name", ["sret_slices_tiny", "sret_wo_slice_tiny"])
 def test_official_checkpoint_converts_and_converts_back_exactly(fixture_name):
     fixture = _fixture(fixture_name)
     official = fixture["state_dict"]
@@ -362,3 +372,214 @@ def test_group_matcher_and_no_weight_decay():
     # the stem, every recursive block of every stage (a stage's pooling with its first block), the head
     assert len(groups) == 1 + sum(len(stage.blocks) for stage in model.stages) + 1
     assert model.no_weight_decay() == {"pos_embed"}
+
+
+# --- timm's model contract, on reduced widths (REDUCED["sret"]) -----------------------------------
+
+VARIANTS = ("sret_tiny", "sret_tiny_noslice")  # with sliced attention and without
+
+
+def _reduced(name: str = "sret_tiny", **kwargs) -> sret.SReT:
+    return recurzoo.create_model(name, **dict(REDUCED["sret"], **kwargs))
+
+
+def _trainable(model: torch.nn.Module) -> List[str]:
+    return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("device,dtype", [("meta", torch.float64), ("cpu", torch.bfloat16)])
+def test_factory_device_and_dtype_reach_every_parameter_and_buffer(name, device, dtype):
+    assert_factory_device_and_dtype(name, device=device, dtype=dtype, **REDUCED["sret"])
+
+
+def test_every_block_creates_its_parameters_on_the_given_device_and_dtype():
+    dd = dict(device="meta", dtype=torch.float64)
+    blocks = [
+        sret.SlicedGroupAttention(16, 2, num_groups=4, recursive_num_groups=2, **dd),
+        sret.TransformerBlock(16, 2, num_groups=4, recursive_num_groups=2, **dd),
+        sret.NonLinearProjection(16, **dd),
+        sret.RecursiveStage(8, 16, num_heads=2, num_shared_blocks=2, num_groups=4, **dd),
+    ]
+    for block in blocks:
+        tensors = [*block.parameters(), *block.buffers()]
+        assert tensors and all((t.device.type, t.dtype) == ("meta", torch.float64) for t in tensors), block
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_meta_built_model_initialises_as_at_construction_and_computes_like_an_eager_one(name):
+    model = assert_meta_init_gives_a_working_model(name, (3, 40, 40), **REDUCED["sret"])
+    gains = [parameter for key, parameter in model.named_parameters() if key.endswith("gain")]
+    assert len(gains) == 4 * 4 + 2 * 8 and all(gain.eq(1).all() for gain in gains)  # 4 shared blocks, 8 uses
+    statistics = model.stem[0].bn
+    assert statistics.running_mean.eq(0).all() and statistics.running_var.eq(1).all()
+    assert 0.015 < model.pos_embed.std() < 0.025  # truncated normal, std 0.02, over 28 x 28 x 16 values
+    qkv = model.stages[0].blocks[0].shared.attn.qkv.weight
+    bound = 1 / math.sqrt(qkv.shape[1])  # PyTorch's default linear initialisation
+    assert 0.5 * bound < qkv.abs().max() <= bound
+    eager = _randomize_(_reduced(name)).double().eval()
+    model.load_state_dict(eager.state_dict())
+    x = torch.randn(1, 3, 40, 40, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eager(x))
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_unknown_argument_raises_type_error_in_the_model_and_its_stages(name):
+    assert_unknown_argument_raises(name, **REDUCED["sret"])
+    with pytest.raises(TypeError):
+        sret.RecursiveStage(16, 16, num_heads=2, num_shared_blocks=1, not_a_block_arg=1)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_dtype_change_after_a_forward_gives_outputs_in_the_new_dtype(name):
+    model = _randomize_(_reduced(name, num_classes=10)).eval()
+    x = torch.randn(1, 3, 40, 40)  # 25, 9 and 4 tokens: padded slices in every stage of sret_tiny
+    with torch.no_grad():
+        reference = model(x)
+    assert_dtype_change_after_forward(model, x, dtype=torch.bfloat16)
+    with torch.no_grad():
+        low = model.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert (low.float() - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_parameter_groups_and_no_weight_decay_name_the_model_parameters(name):
+    assert_parameter_groups_match(recurzoo.create_model(name, device="meta", **REDUCED["sret"]))
+
+
+def test_reset_classifier_keeps_the_pooling_and_the_parent_device_dtype_and_mode():
+    model = _randomize_(_reduced(global_pool="max", num_classes=4)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        expected = model.forward_head(features, pre_logits=True)
+        model.reset_classifier(5)
+        torch.testing.assert_close(model.forward_head(features, pre_logits=True), expected)
+        assert model(x).shape == (2, 5)
+        model.reset_classifier(5, "avg")
+        assert not torch.allclose(model.forward_head(features, pre_logits=True), expected)
+        model.reset_classifier(0, "")
+        assert model(x).shape == features.shape == (2, 64, 2, 2)
+    model.to(device="meta", dtype=torch.float64)
+    model.reset_classifier(0)
+    model.reset_classifier(2)
+    head = model.get_classifier()
+    assert (head.weight.device.type, head.weight.dtype, head.training) == ("meta", torch.float64, False)
+
+
+def test_frozen_parameters_stay_frozen_through_reset_classifier_and_set_input_size():
+    model = recurzoo.create_model("sret_tiny", device="meta", dtype=torch.float32)  # as timm's suite: full size
+    model.requires_grad_(False)
+    model.reset_classifier(0)
+    model.reset_classifier(0, "")
+    model.set_input_size(img_size=(448, 384))
+    assert model.pos_embed.shape == (1, 64, 56, 48) and model.pos_embed.device.type == "meta"
+    assert not _trainable(model)
+
+
+@pytest.mark.parametrize("side", [64, 40])  # 40: token counts the slices do not divide, padded
+def test_set_input_size_resamples_the_position_embedding_as_dynamic_sizing_does(side):
+    from timm.models import get_model_input_config
+
+    x = torch.randn(1, 3, side, side)
+    fixed = _randomize_(_reduced(img_size=32, dynamic_img_size=False)).eval()
+    dynamic = _reduced(img_size=32).eval()
+    dynamic.load_state_dict(fixed.state_dict())
+    with torch.no_grad():
+        expected = dynamic(x)  # the 4x4 position embedding resampled on the fly
+        fixed.set_input_size(img_size=side)
+        torch.testing.assert_close(fixed(x), expected)
+    grid = math.ceil(side / 8)
+    assert fixed.pos_embed.shape == (1, 16, grid, grid) and fixed.pos_embed.requires_grad
+    assert get_model_input_config(fixed)["input_size"] == (3, side, side)  # what timm's data config resolves
+    with pytest.raises(ValueError, match=rf"sret_tiny.*\({side}, {side}\)"):
+        fixed(torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_forward_intermediates_and_pruning_meet_timms_contract(name):
+    """timm's test_prune_intermediate_layers_contract, which its suite runs on timm's own families only."""
+    model = _randomize_(_reduced(name)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        final, taps = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+    assert [tuple(tap.shape) for tap in taps] == [(2, 16, 8, 8), (2, 32, 4, 4), (2, 64, 2, 2)]
+    assert_prune_intermediate_layers_contract(model, x)
+    pruned = copy.deepcopy(model)
+    pruned.prune_intermediate_layers([0])
+    assert len(pruned.stages) == 1 and pruned.num_features == 16
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_fx_features_are_the_eager_stage_outputs_and_back_propagate(name):
+    eager = _randomize_(_reduced(name)).eval()
+    traced = recurzoo.create_model(name, features_only=True, feature_cls="fx", **REDUCED["sret"]).eval()
+    assert traced.feature_info.module_name() == ["stages.0", "stages.1", "stages.2"]
+    missing, _ = traced.graph_module.load_state_dict(eager.state_dict(), strict=False)
+    assert not missing
+    x = torch.randn(2, 3, 64, 48)  # not the 224 of the position embedding: resampled in the traced graph
+    with torch.no_grad():
+        _, expected = eager.forward_intermediates(x)
+        features = traced(x)
+    assert [tuple(f.shape) for f in features] == [(2, 16, 8, 6), (2, 32, 4, 3), (2, 64, 2, 2)]
+    for feature, tap in zip(features, expected):
+        torch.testing.assert_close(feature, tap)
+    traced.train()
+    sum(feature.mean() for feature in traced(x)).backward()
+    assert all(parameter.grad is not None for parameter in traced.parameters())
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_fx_traces_the_whole_model_forward_and_backward(name):
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    model = _randomize_(_reduced(name, num_classes=5))
+    x = torch.randn(2, 3, 40, 56)
+    assert_torchvision_feature_extractor(model, x)
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    train_nodes, _ = get_graph_node_names(model.train(), tracer_kwargs=tracer_kwargs)
+    traced = create_feature_extractor(model, return_nodes=[train_nodes[-1]], tracer_kwargs=tracer_kwargs)
+    next(iter(traced(x).values())).mean().backward()
+    assert not [key for key, parameter in traced.named_parameters() if parameter.grad is None]
+    assert count_params(traced) == count_params(model)
+    with pytest.raises(ValueError, match=f"{name}: expects height and width of at least 32"):
+        traced(torch.randn(1, 3, 16, 16))  # the input check is part of the traced graph
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_grad_checkpointing_keeps_gradients_of_the_classifier_and_of_features_only(name):
+    x = torch.randn(2, 3, 64, 64)
+    assert_grad_checkpointing_keeps_gradients(name, x, **REDUCED["sret"])
+    grads = []
+    for enabled in (False, True):
+        torch.manual_seed(0)  # the same weights, and the same random slices in training
+        features = recurzoo.create_model(name, features_only=True, out_indices=(0, 2), **REDUCED["sret"])
+        features.train().model.set_grad_checkpointing(enabled)  # timm's FeatureGetterNet leaves it to the model
+        sum(f.pow(2).mean() for f in features(x)).backward()
+        grads.append([p.grad for p in features.parameters()])
+    assert all(grad is not None for grad in grads[0] + grads[1])
+    for without, with_checkpoints in zip(*grads):
+        torch.testing.assert_close(with_checkpoints, without, rtol=1e-4, atol=1e-6)
+
+
+def test_msrnet_over_sret_builds_on_meta_and_initialises_the_backbone():
+    kwargs = dict(REDUCED["camouflage"], backbone_kwargs=REDUCED["sret"])
+    assert_factory_device_and_dtype("msrnet_sret_small", **kwargs)
+    model = assert_meta_init_gives_a_working_model("msrnet_sret_small", (3, 64, 64), **kwargs)
+    backbone = model.backbone.model
+    assert isinstance(backbone, sret.SReT)
+    assert all(p.eq(1).all() for key, p in backbone.named_parameters() if key.endswith("gain"))
+    assert 0.015 < backbone.pos_embed.std() < 0.025
+
+
+def test_reset_classifier_of_a_pruned_model_reads_its_width_device_and_dtype():
+    model = _reduced(num_classes=4).double().eval()
+    model.prune_intermediate_layers([0])
+    assert model.num_features == model.head_hidden_size == 16
+    model.reset_classifier(3, "avg")
+    assert model.head.fc.weight.shape == (3, 16) and model.head.fc.weight.dtype == torch.float64
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32, dtype=torch.float64)).shape == (2, 3)

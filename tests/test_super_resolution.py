@@ -8,6 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _contract import (
+    assert_dtype_change_after_forward,
+    assert_factory_device_and_dtype,
+    assert_grad_checkpointing_keeps_gradients,
+    assert_meta_init_gives_a_working_model,
+    assert_parameter_groups_match,
+    assert_unknown_argument_raises,
+)
 from PIL import Image
 from torch import nn
 
@@ -98,6 +106,63 @@ def test_create_sr_model_says_what_a_strided_backbone_lacks():
         create_sr_model("rgt_small", 2, head="deconv", **TINY)
     with pytest.raises(ValueError, match="feature_info"):
         create_sr_model(nn.Conv2d(3, 3, 1), 2)
+
+
+# ------------------------------------------------------------------------- the task models' contract
+
+SR_MODELS = ["rgt_x2", "rgt_small_x3", "rgt_small_x4"]
+
+
+@pytest.mark.parametrize("name", SR_MODELS)
+@pytest.mark.parametrize("device,dtype", [("meta", torch.float64), ("cpu", torch.bfloat16)])
+def test_sr_factory_device_and_dtype_reach_body_and_upsampler(name, device, dtype):
+    assert_factory_device_and_dtype(name, device=device, dtype=dtype, **TINY)
+
+
+@pytest.mark.parametrize("name", SR_MODELS)
+def test_meta_built_sr_model_initialises_and_computes_like_an_eager_one(name):
+    model = assert_meta_init_gives_a_working_model(name, (3, 12, 20), **TINY)
+    torch.manual_seed(0)
+    eager = recurzoo.create_model(name, dtype=torch.float64, **TINY).eval()
+    model.load_state_dict(eager.state_dict())
+    x = torch.rand(1, 3, 12, 20, dtype=torch.float64)
+    with torch.no_grad():
+        output = model(x)
+        torch.testing.assert_close(output, eager(x))
+    assert output.shape == (1, 3, 12 * model.upscale, 20 * model.upscale)
+
+
+def test_sr_model_rejects_unknown_arguments_and_keeps_gradients_with_checkpointing():
+    assert_unknown_argument_raises("rgt_small_x2", **TINY)
+    assert_grad_checkpointing_keeps_gradients("rgt_small_x2", torch.rand(1, 3, 12, 20), **TINY)
+
+
+def test_sr_model_dtype_change_after_a_forward_gives_outputs_in_the_new_dtype():
+    model = recurzoo.create_model("rgt_small_x2", **TINY)
+    x = torch.rand(1, 3, 12, 20)
+    with torch.no_grad():
+        reference = model.eval()(x)
+    assert_dtype_change_after_forward(model, x, dtype=torch.bfloat16)
+    with torch.no_grad():
+        low = model.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert low.shape == (1, 3, 24, 40) and (low.float() - reference).abs().max() < 0.05
+
+
+def test_sr_model_parameter_groups_and_classifier_reset_keep_device_dtype_and_pooling():
+    model = recurzoo.create_model("rgt_small_x2", device="meta", **TINY)
+    assert_parameter_groups_match(model)
+    model.to(dtype=torch.float64).eval()
+    model.reset_classifier(0)
+    model.reset_classifier(2, "max")
+    model.reset_classifier(4)  # the pooling chosen before stays
+    head = model.get_classifier()
+    assert (head.weight.device.type, head.weight.dtype, head.training) == ("meta", torch.float64, False)
+    assert model.head.global_pool.pool_type == "max" and not model.is_super_resolution
+
+
+def test_create_sr_model_puts_the_head_beside_the_backbone():
+    model = create_sr_model("rgt_small", 2, device="meta", dtype=torch.float64, **TINY)
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("meta", torch.float64)}
 
 
 # ---------------------------------------------------------------------------------------------- tiling

@@ -65,15 +65,6 @@ def _summary(output):
         return list(csv.DictReader(handle))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run far faster on one thread than on two contended ones (OpenMP barriers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 

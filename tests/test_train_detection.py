@@ -37,14 +37,6 @@ SMALL_DETECTOR = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory):
     return make_coco(str(tmp_path_factory.mktemp("coco")), images=(24, 8), max_boxes=1)

@@ -28,14 +28,6 @@ SRET_KWARGS = dict(embed_dims=(16, 32, 64), num_heads=(1, 2, 4), num_shared_bloc
 STEPS_PER_EPOCH = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     return make_image_folder(str(tmp_path_factory.mktemp("colours")))

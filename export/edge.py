@@ -1,0 +1,610 @@
+"""Edge deployment: int8 and fp16 ONNX, ExecuTorch (XNNPACK) programs, each with its measured fidelity.
+
+``export_edge('hornet_tiny_7x7', 'out', fmt='onnx', precision='int8', calibration='photos/')``:
+
+1. builds the model (:func:`recurzoo.export.models.create_model`) and exports the fp32 ONNX graph,
+   checked in onnxruntime (:func:`recurzoo.export.onnx.export_model`);
+2. reads the calibration and evaluation images with the preprocessing of the model's pretrained cfg
+   (timm's eval transform: resize, centre crop, mean/std), the built-in photographs only when no
+   folder is given (and the report says so);
+3. lowers: onnxruntime static QDQ int8 (per-channel weights; Conv/MatMul/Gemm quantized, the other
+   operators stay in float and are listed), fp16 (fp32 inputs and outputs), or ``torch.export`` to an
+   XNNPACK-delegated ExecuTorch ``.pte`` (int8 through the PT2E flow with the XNNPACK quantizer),
+   run back through ``executorch.runtime``;
+4. measures fidelity against the fp32 model on the evaluation images (classifiers: top-1 agreement,
+   and accuracy with labels; super-resolution: PSNR; camouflage: MAE of the masks), file size and
+   latency (batch 1, one thread, against fp32 eager and fp32 onnxruntime);
+5. writes the preprocessing into the artifact (ONNX ``metadata_props``; a JSON beside a ``.pte``) and
+   the report (``<stem>.fidelity.json`` and ``.md``) beside it.
+
+ExecuTorch and torchao come with the optional extra ``recurzoo[edge]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from onnxruntime.quantization import CalibrationDataReader
+from torch import nn
+
+from recurzoo.export.models import create_model, median_ms, model_input_size, normalization, takes_unit_range
+
+__all__ = [
+    "FORMATS",
+    "PRECISIONS",
+    "EdgeExportError",
+    "EdgeResult",
+    "ImageSet",
+    "preprocessing",
+    "load_images",
+    "builtin_photos",
+    "quantize_onnx_int8",
+    "convert_onnx_fp16",
+    "lower_executorch",
+    "fidelity",
+    "export_edge",
+]
+
+FORMATS = ("onnx", "executorch")
+PRECISIONS = ("fp32", "fp16", "int8")
+_QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]  # the compute; normalisation, softmax, GELU... stay in float
+_LATENCY_RUNS = 5
+_BUILTIN_PHOTOS = (
+    "chelsea",
+    "astronaut",
+    "coffee",
+    "rocket",
+    "cat",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "retina",
+)
+
+
+class EdgeExportError(ValueError):
+    """A model that cannot be lowered or quantized in the requested form (one line: the measured reason)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Preprocessing and images
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageSet:
+    """Images as the model takes them, where they came from, and their class indices when known."""
+
+    images: torch.Tensor
+    source: str
+    labels: Optional[torch.Tensor] = None
+
+
+def preprocessing(model: nn.Module, input_size: Sequence[int]) -> Dict[str, Any]:
+    """What an edge app needs to feed the model: size, interpolation, crop, mean/std (None: [0, 1]), labels."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = normalization(model)
+    meta: Dict[str, Any] = dict(
+        input_size=list(input_size),
+        interpolation=cfg.get("interpolation", "bilinear"),
+        crop_pct=cfg.get("crop_pct", 1.0),
+        mean=list(mean) if mean else None,
+        std=list(std) if std else None,
+        input_range="[0, 1]" if mean is None else "normalised with mean/std after scaling to [0, 1]",
+        layout="NCHW, RGB",
+    )
+    labels = class_labels(model)
+    if labels:
+        meta["labels"] = labels
+    return meta
+
+
+def class_labels(model: nn.Module) -> Optional[List[str]]:
+    """The class names of an ImageNet classifier (from timm's packaged ImageNet info), else None."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    num_classes = getattr(model, "num_classes", None)
+    subset = infer_imagenet_subset(model) if num_classes else None
+    if not subset:
+        return None
+    names = ImageNetInfo(subset).label_descriptions()
+    return names if len(names) == num_classes else None
+
+
+def _transform(model: nn.Module, input_size: Sequence[int]) -> Callable[..., torch.Tensor]:
+    """timm's eval transform with the model's pretrained cfg, at ``input_size`` ([0, 1] for self-normalising models)."""
+    from timm.data import create_transform, resolve_data_config
+
+    config = resolve_data_config(model=model)
+    config["input_size"] = tuple(input_size)
+    if takes_unit_range(model):
+        config.update(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    return create_transform(**config)
+
+
+def _to_pil(array: np.ndarray, channels: int) -> Any:
+    from PIL import Image
+
+    image = Image.fromarray(array)
+    return image.convert("L") if channels == 1 else image.convert("RGB")
+
+
+def load_images(model: nn.Module, input_size: Sequence[int], folder: Union[str, Path], count: int) -> ImageSet:
+    """Up to ``count`` images of ``folder`` (or its class subfolders), preprocessed for ``model``.
+
+    A folder of class subfolders (ImageFolder layout) gives labels: subfolder names that are class
+    indices, or ImageNet synsets for ImageNet classifiers.
+
+    Raises:
+        EdgeExportError: for a folder without readable images, or subfolders that name no class.
+    """
+    from recurzoo.images import ImageError, collect_images, read_image
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EdgeExportError(f"{folder}: not a folder of images")
+    classes = sorted(path for path in folder.iterdir() if path.is_dir())
+    files = [(path, None) for path in collect_images([folder])] if not classes else []
+    for index, subfolder in enumerate(classes):
+        label = _class_index(model, subfolder.name, index)
+        files += [(path, label) for path in collect_images([subfolder])]
+    transform = _transform(model, input_size)
+    images, labels, skipped = [], [], 0
+    for path, label in files[:count] if count else files:
+        try:
+            images.append(transform(_to_pil(read_image(path), int(input_size[0]))))
+        except ImageError:
+            skipped += 1
+            continue
+        labels.append(label)
+    if not images:
+        raise EdgeExportError(f"{folder}: no readable images (expected .png/.jpg files or class subfolders of them)")
+    source = f"{len(images)} images of {folder}" + (f" ({skipped} unreadable, skipped)" if skipped else "")
+    has_labels = all(label is not None for label in labels)
+    return ImageSet(torch.stack(images), source, torch.tensor(labels) if has_labels else None)
+
+
+def _class_index(model: nn.Module, name: str, position: int) -> int:
+    if name.isdigit():
+        return int(name)
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    subset = infer_imagenet_subset(model)
+    if subset:
+        synsets = ImageNetInfo(subset).label_names()
+        if name in synsets:
+            return synsets.index(name)
+    raise EdgeExportError(f"class folder {name!r}: expected a class index or an ImageNet synset (e.g. n01440764)")
+
+
+def builtin_photos(model: nn.Module, input_size: Sequence[int]) -> ImageSet:
+    """scikit-image's sample photographs (public domain), preprocessed for ``model``: the last resort."""
+    from skimage import data
+
+    transform = _transform(model, input_size)
+    images = []
+    for name in _BUILTIN_PHOTOS:
+        photo = getattr(data, name)()
+        if photo.ndim == 2:
+            photo = np.stack([photo] * 3, axis=-1)
+        images.append(transform(_to_pil(np.ascontiguousarray(photo[..., :3]), int(input_size[0]))))
+    return ImageSet(torch.stack(images), f"the {len(images)} built-in sample photographs (no folder given)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Lowering
+# --------------------------------------------------------------------------------------------------
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _write_onnx_metadata(proto: Any, meta: Dict[str, Any]) -> None:
+    import onnx
+
+    props = {f"recurzoo.{key}": json.dumps(value) for key, value in meta.items()}
+    onnx.helper.set_model_props(proto, props)
+
+
+def _onnx_float_ops(proto: Any) -> List[str]:
+    """Operator types of the graph that compute in float (not fed by a DequantizeLinear of their weights)."""
+    quantized = set()
+    produced_by = {output: node for node in proto.graph.node for output in node.output}
+    for node in proto.graph.node:
+        sources = [produced_by.get(name) for name in node.input]
+        if any(source is not None and source.op_type == "DequantizeLinear" for source in sources):
+            quantized.add(node.name)
+    skip = {"QuantizeLinear", "DequantizeLinear", "Constant", "Shape", "Reshape", "Transpose", "Gather"}
+    return sorted({n.op_type for n in proto.graph.node if n.name not in quantized and n.op_type not in skip})
+
+
+class _CalibrationReader(CalibrationDataReader):
+    """onnxruntime's calibration data reader over a batch of images, one image per call."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+        self.index = 0
+
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        if self.index >= len(self.images):
+            return None
+        self.index += 1
+        return {"input": self.images[self.index - 1 : self.index].numpy()}
+
+    def rewind(self) -> None:
+        self.index = 0
+
+
+def quantize_onnx_int8(fp32_path: Path, out_path: Path, calibration: torch.Tensor, meta: Dict[str, Any]) -> List[str]:
+    """Static QDQ int8 of the graph at ``fp32_path`` (per-channel weights, MinMax on ``calibration``).
+
+    Returns the operator types that stay in float.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    reader = _CalibrationReader(calibration)
+    prepared = out_path.with_name(out_path.stem + ".prep.onnx")
+    try:
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(out_path),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=_QUANTIZED_OPS,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+    finally:
+        prepared.unlink(missing_ok=True)
+    proto = onnx.load(str(out_path))
+    _write_onnx_metadata(proto, dict(meta, precision="int8"))
+    onnx.save(proto, str(out_path))
+    return _onnx_float_ops(proto)
+
+
+def convert_onnx_fp16(fp32_path: Path, out_path: Path, meta: Dict[str, Any]) -> List[str]:
+    """fp16 weights and compute with fp32 inputs and outputs (onnxruntime's float16 converter)."""
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    source = onnx.load(str(fp32_path))
+    _omit_empty_resize_inputs(source)
+    kept = sorted({node.op_type for node in source.graph.node} & set(DEFAULT_OP_BLOCK_LIST))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proto = convert_float_to_float16(source, keep_io_types=True)
+    _write_onnx_metadata(proto, dict(meta, precision="fp16"))
+    onnx.save(proto, str(out_path))
+    return kept
+
+
+def _omit_empty_resize_inputs(proto: Any) -> None:
+    """Empty ``roi``/``scales`` inputs of ``Resize`` as omitted inputs (``''``), as ONNX allows.
+
+    The fp16 converter casts an empty constant to another empty tensor that shape inference no longer
+    sees as empty, and onnxruntime then refuses the node (both sizes and scales given).
+    """
+    from onnx import numpy_helper
+
+    empty = {
+        output
+        for node in proto.graph.node
+        if node.op_type == "Constant" and node.attribute and numpy_helper.to_array(node.attribute[0].t).size == 0
+        for output in node.output
+    }
+    empty |= {init.name for init in proto.graph.initializer if len(init.dims) > 0 and np.prod(init.dims) == 0}
+    for node in proto.graph.node:
+        if node.op_type == "Resize":
+            for index in (1, 2):
+                if index < len(node.input) and node.input[index] in empty:
+                    node.input[index] = ""
+
+
+def _require_executorch() -> None:
+    try:
+        import executorch  # noqa: F401
+        import torchao  # noqa: F401
+    except ImportError:
+        raise EdgeExportError(
+            "--format executorch needs executorch and torchao: pip install 'recurzoo[edge]'"
+        ) from None
+
+
+def lower_executorch(
+    model: nn.Module, example: torch.Tensor, out_path: Path, precision: str, calibration: torch.Tensor
+) -> List[str]:
+    """``torch.export`` -> (PT2E int8 with the XNNPACK quantizer) -> XNNPACK-delegated ``.pte`` at ``out_path``.
+
+    Returns the operator names left outside the XNNPACK delegate (run by ExecuTorch's portable kernels).
+    """
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    with torch.no_grad():
+        program = torch.export.export(model, (example,))
+        if precision == "int8":
+            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+                XNNPACKQuantizer,
+                get_symmetric_quantization_config,
+            )
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+            quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+            prepared = prepare_pt2e(program.module(), quantizer)
+            for image in calibration:
+                prepared(image[None])
+            program = torch.export.export(convert_pt2e(prepared), (example,))
+        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    outside = sorted({_operator_name(node.target) for node in edge.exported_program().graph.nodes if _portable(node)})
+    out_path.write_bytes(edge.to_executorch().buffer)
+    return outside
+
+
+def _portable(node: Any) -> bool:
+    """A graph call the XNNPACK delegate did not take (run by ExecuTorch's portable kernels)."""
+    target = str(node.target)
+    return node.op == "call_function" and "executorch_call_delegate" not in target and "getitem" not in target
+
+
+def _operator_name(target: Any) -> str:
+    """``aten.native_layer_norm.default`` -> ``native_layer_norm``."""
+    parts = str(target).split(".")
+    return parts[-2] if len(parts) > 2 else parts[-1]
+
+
+def _pte_runner(path: Path) -> Callable[[torch.Tensor], List[np.ndarray]]:
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(str(path)).load_method("forward")
+    return lambda x: [np.asarray(t) for t in method.execute([x.contiguous()])]
+
+
+def _onnx_runner(path: Path) -> Callable[[torch.Tensor], List[np.ndarray]]:
+    from recurzoo.export.onnx import onnx_session
+
+    session = onnx_session(path, threads=1)
+    return lambda x: session.run(None, {"input": x.numpy()})
+
+
+# --------------------------------------------------------------------------------------------------
+# Fidelity
+# --------------------------------------------------------------------------------------------------
+
+
+def _run_each(run: Callable[[torch.Tensor], List[np.ndarray]], images: torch.Tensor) -> np.ndarray:
+    """The first output of ``run`` on every image (batch 1: a ``.pte`` has a fixed batch)."""
+    return np.concatenate([np.asarray(run(image[None])[0], dtype=np.float32) for image in images])
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((np.clip(a, 0, 1) - np.clip(b, 0, 1)) ** 2))
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def fidelity(
+    task: Optional[str], reference: np.ndarray, output: np.ndarray, labels: Optional[torch.Tensor]
+) -> Dict[str, float]:
+    """How close ``output`` is to the fp32 ``reference``: top-1 agreement (and accuracy), PSNR or mask MAE."""
+    result: Dict[str, float] = dict(max_abs_diff=float(np.abs(output - reference).max()))
+    if task == "sr":
+        result["psnr_vs_fp32_db"] = _psnr(output, reference)
+    elif task == "cod":
+        sigmoid = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+        result["mask_mae_vs_fp32"] = float(np.abs(sigmoid(output) - sigmoid(reference)).mean())
+    else:
+        top1, ref_top1 = output.reshape(len(output), -1).argmax(1), reference.reshape(len(reference), -1).argmax(1)
+        result["top1_agreement"] = float((top1 == ref_top1).mean())
+        if labels is not None:
+            result["top1_accuracy"] = float((top1 == labels.numpy()).mean())
+            result["fp32_top1_accuracy"] = float((ref_top1 == labels.numpy()).mean())
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole export
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EdgeResult:
+    """What :func:`export_edge` wrote and measured."""
+
+    model_name: str
+    format: str
+    precision: str
+    path: str
+    input_size: Tuple[int, int, int]
+    size_bytes: int
+    fp32_onnx_size_bytes: int
+    calibration: str
+    evaluation: str
+    fidelity: Dict[str, float]
+    latency_ms: Dict[str, float]
+    float_ops: List[str] = field(default_factory=list)
+    preprocessing: Dict[str, Any] = field(default_factory=dict)
+    report_paths: List[str] = field(default_factory=list)
+
+    @property
+    def size_ratio(self) -> float:
+        return self.size_bytes / self.fp32_onnx_size_bytes
+
+    def summary(self) -> str:
+        """One line: the file, its size against fp32, fidelity and latency."""
+        scores = ", ".join(f"{key} {value:.4g}" for key, value in self.fidelity.items())
+        latency = ", ".join(f"{key} {value:.2f} ms" for key, value in self.latency_ms.items())
+        return (
+            f"{self.model_name}: {Path(self.path).name} ({self.format} {self.precision}), "
+            f"{self.size_bytes / 2**20:.2f} MiB = {self.size_ratio:.2f}x fp32; {scores}; latency {latency}"
+        )
+
+    def to_markdown(self) -> str:
+        rows = [
+            ("artifact", f"`{Path(self.path).name}` ({self.format}, {self.precision})"),
+            ("file size", f"{self.size_bytes / 2**20:.2f} MiB ({self.size_ratio:.2f}x the fp32 ONNX)"),
+            ("calibration", self.calibration if self.precision == "int8" else "-"),
+            ("evaluated on", self.evaluation),
+            *[(key.replace("_", " "), f"{value:.4g}") for key, value in self.fidelity.items()],
+            *[(f"latency {key} (batch 1, 1 thread)", f"{value:.2f} ms") for key, value in self.latency_ms.items()],
+            ("operators left in float / outside the delegate", ", ".join(self.float_ops) or "none"),
+        ]
+        lines = [f"# {self.model_name}: {self.format} {self.precision}", "", "| | |", "| --- | --- |"]
+        return "\n".join(lines + [f"| {key} | {value} |" for key, value in rows]) + "\n"
+
+
+def _write_report(result: EdgeResult, out_dir: Path, stem: str) -> List[str]:
+    from recurzoo.checkpoint import atomic_write
+
+    data = dict(asdict(result), size_ratio=result.size_ratio)
+    json_path = atomic_write(
+        out_dir / f"{stem}.fidelity.json", lambda t: Path(t).write_text(json.dumps(data, indent=2))
+    )
+    md_path = atomic_write(out_dir / f"{stem}.fidelity.md", lambda t: Path(t).write_text(result.to_markdown()))
+    return [str(json_path), str(md_path)]
+
+
+def _images(model: nn.Module, size: Sequence[int], folder: Any, count: int) -> ImageSet:
+    if isinstance(folder, ImageSet):
+        return folder
+    return load_images(model, size, folder, count) if folder is not None else builtin_photos(model, size)
+
+
+def _lower(
+    model: nn.Module, fmt: str, precision: str, fp32_path: Path, path: Path, calibration: ImageSet, meta: Dict[str, Any]
+) -> Tuple[List[str], Callable[[torch.Tensor], List[np.ndarray]]]:
+    """Write the artifact at ``path`` (atomically); return the operators left in float and a runner of it."""
+    from recurzoo.checkpoint import atomic_write
+
+    float_ops: List[str] = []
+
+    def write(temporary: str) -> None:
+        target = Path(temporary)
+        if fmt == "onnx" and precision == "int8":
+            float_ops.extend(quantize_onnx_int8(fp32_path, target, calibration.images, meta))
+        elif fmt == "onnx":
+            float_ops.extend(convert_onnx_fp16(fp32_path, target, meta))
+        else:
+            example = calibration.images[:1]
+            float_ops.extend(lower_executorch(model, example, target, precision, calibration.images))
+
+    atomic_write(path, write)
+    if fmt == "executorch":
+        atomic_write(
+            path.with_suffix(".json"),
+            lambda t: Path(t).write_text(json.dumps(dict(meta, precision=precision), indent=2)),
+        )
+        return float_ops, _pte_runner(path)
+    return float_ops, _onnx_runner(path)
+
+
+def export_edge(
+    model_name: str,
+    out_dir: Union[str, Path] = "out",
+    fmt: str = "onnx",
+    precision: str = "int8",
+    checkpoint: Optional[Union[str, Path]] = None,
+    input_size: Optional[Sequence[int]] = None,
+    calibration: Union[str, Path, ImageSet, None] = None,
+    calibration_count: int = 32,
+    evaluation: Union[str, Path, ImageSet, None] = None,
+    model: Optional[nn.Module] = None,
+    model_kwargs: Optional[Dict[str, Any]] = None,
+) -> EdgeResult:
+    """Export ``model_name`` as an edge artifact in ``out_dir`` and measure it against the fp32 model.
+
+    Args:
+        model_name: a registered model.
+        fmt: ``'onnx'`` or ``'executorch'``.
+        precision: ``'fp16'`` or ``'int8'`` for ONNX; ``'fp32'`` or ``'int8'`` for ExecuTorch.
+        checkpoint: weights to load; random weights otherwise.
+        input_size: ``(C, H, W)`` (default: the model's pretrained cfg).
+        calibration: a folder of images (or an :class:`ImageSet`) for int8 calibration; the built-in
+            photographs otherwise.
+        calibration_count: at most this many calibration images.
+        evaluation: a folder of images, labelled by class subfolders or not (or an :class:`ImageSet`);
+            the calibration images otherwise.
+        model: an already built model (tests); model_kwargs: more ``timm.create_model`` arguments.
+
+    Raises:
+        EdgeExportError: for an unsupported format/precision, or a model that cannot be lowered (one line).
+    """
+    from recurzoo.export.onnx import export_model
+    from recurzoo.registry import model_task
+
+    allowed = {"onnx": ("fp16", "int8"), "executorch": ("fp32", "int8")}
+    if fmt not in allowed or precision not in allowed[fmt]:
+        raise EdgeExportError(
+            f"--format {fmt} --precision {precision}: expected onnx with fp16|int8 or executorch with fp32|int8 "
+            "(plain fp32 ONNX: recurzoo export NAME)"
+        )
+    if fmt == "executorch":
+        _require_executorch()
+    if model is None:
+        model = create_model(model_name, checkpoint, **(model_kwargs or {}))
+    model = model.eval()
+    size = model_input_size(model, input_size)
+    calibration_set = _images(model, size, calibration, calibration_count)
+    evaluation_set = _images(model, size, evaluation, 0) if evaluation is not None else calibration_set
+    out_dir = Path(out_dir)
+    fp32 = export_model(model_name, out_dir, model=model, input_size=size, report=False, benchmark=False)
+    if not fp32.ok:
+        raise EdgeExportError(f"{model_name}: the fp32 ONNX graph does not match PyTorch: {fp32.parity_line()}")
+    meta = preprocessing(model, size)
+    path = out_dir / f"{model_name}.{precision}.{'onnx' if fmt == 'onnx' else 'pte'}"
+    try:
+        float_ops, run = _lower(model, fmt, precision, Path(fp32.onnx_path), path, calibration_set, meta)
+    except EdgeExportError:
+        raise
+    except Exception as error:  # the lowering's own failure is the measured reason this model cannot be exported
+        raise EdgeExportError(f"{model_name}: cannot be lowered to {fmt} {precision}: {_one_line(error)}") from error
+    with torch.no_grad():
+        reference = np.concatenate([model(image[None]).float().numpy() for image in evaluation_set.images])
+    output = _run_each(run, evaluation_set.images)
+    result = EdgeResult(
+        model_name=model_name,
+        format=fmt,
+        precision=precision,
+        path=str(path),
+        input_size=size,
+        size_bytes=path.stat().st_size,
+        fp32_onnx_size_bytes=Path(fp32.onnx_path).stat().st_size,
+        calibration=calibration_set.source,
+        evaluation=evaluation_set.source
+        if evaluation is not None
+        else f"the calibration set: {calibration_set.source}",
+        fidelity=fidelity(model_task(model_name), reference, output, evaluation_set.labels),
+        latency_ms=_latency(model, Path(fp32.onnx_path), run, evaluation_set.images[:1], f"{fmt} {precision}"),
+        float_ops=float_ops,
+        preprocessing=meta,
+    )
+    result.report_paths = _write_report(result, out_dir, path.name)
+    return result
+
+
+def _latency(
+    model: nn.Module, fp32_path: Path, run: Callable[[torch.Tensor], Any], x: torch.Tensor, label: str
+) -> Dict[str, float]:
+    """Median ms at batch 1 on one thread: fp32 eager, fp32 onnxruntime and the artifact, in this process."""
+    fp32_onnx = _onnx_runner(fp32_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return {
+                "fp32 eager": median_ms(lambda: model(x), _LATENCY_RUNS),
+                "fp32 onnxruntime": median_ms(lambda: fp32_onnx(x), _LATENCY_RUNS),
+                label: median_ms(lambda: run(x), _LATENCY_RUNS),
+            }
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,240 @@
+"""Training throughput: one optimizer step (forward, backward, AdamW) per timed call.
+
+``recurzoo bench MODEL... --train --batch 16`` times, for every (model, batch, variant), whole
+training steps in train mode: the forward pass, a loss, the backward pass and an AdamW step (on
+CUDA with fp16, through a gradient scaler). A variant is a precision, ``fp32`` or autocast in
+``bf16`` / ``fp16``, optionally with ``-cl``: model and inputs in ``channels_last``. Like every
+benchmark configuration, each runs in a fresh process; peak memory is the process's high-water
+mark of resident memory during the timed steps (on CUDA, the allocator's peak): weights, gradients,
+optimizer state and the step's activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from recurzoo.export.bench import create_model, run_worker, time_forward
+
+__all__ = [
+    "TrainResult",
+    "parse_variant",
+    "default_variants",
+    "make_train_step",
+    "train_in_process",
+    "bench_train",
+    "train_markdown",
+]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainResult:
+    """One timed training configuration."""
+
+    model: str
+    variant: str
+    batch: int
+    input_size: str
+    threads: int
+    device: str
+    step_ms: float
+    step_p25_ms: float
+    step_p75_ms: float
+    images_per_s: float
+    peak_memory_mb: float
+    error: str = ""
+
+
+def parse_variant(variant: str) -> Tuple[str, bool]:
+    """``"bf16-cl"`` -> ``("bf16", True)``: the precision and whether the layout is channels_last."""
+    precision, _, layout = variant.partition("-")
+    if precision not in PRECISIONS or layout not in ("", "cl"):
+        raise ValueError(f"training variant {variant!r}: expected one of {', '.join(PRECISIONS)}, optionally + '-cl'")
+    return precision, layout == "cl"
+
+
+def default_variants(device: str) -> List[str]:
+    """fp32 and autocast (bf16 on CPU; fp16 and bf16 on CUDA), each contiguous and channels_last."""
+    precisions = ["fp32", "fp16", "bf16"] if device.startswith("cuda") else ["fp32", "bf16"]
+    return [f"{precision}{suffix}" for precision in precisions for suffix in ("", "-cl")]
+
+
+def _loss(output: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against fixed labels for logits; the mean square for dense outputs (images, masks)."""
+    output = output.float()
+    if output.ndim == 2:
+        labels = torch.arange(output.shape[0], device=output.device) % output.shape[1]
+        return F.cross_entropy(output, labels)
+    return output.square().mean()
+
+
+def make_train_step(
+    model: torch.nn.Module, inputs: torch.Tensor, variant: str = "fp32", lr: float = 1e-4
+) -> Tuple[Callable[[], torch.Tensor], torch.optim.Optimizer]:
+    """A function that runs one training step of ``model`` on ``inputs`` and returns its loss.
+
+    The model is put in train mode (and, for a ``-cl`` variant, with its inputs, in channels_last);
+    the step zeroes the gradients, runs forward and backward under the variant's autocast and steps
+    a fresh AdamW optimizer, which is returned with it.
+    """
+    precision, channels_last = parse_variant(variant)
+    device_type = inputs.device.type
+    model.train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        if inputs.ndim == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    scaler = torch.amp.GradScaler(device_type) if precision == "fp16" and device_type == "cuda" else None
+    if precision == "fp32":
+        autocast = contextlib.nullcontext
+    else:
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+
+        def autocast() -> contextlib.AbstractContextManager:
+            return torch.autocast(device_type, dtype=dtype)
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss = _loss(model(inputs))
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        return loss.detach()
+
+    return step, optimizer
+
+
+def _peak_memory(device: str, reset: bool) -> float:
+    from recurzoo.export.scaling import _peak_resident_mb, _reset_peak_resident
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.max_memory_allocated() / 2**20
+    if reset:
+        _reset_peak_resident()
+    return _peak_resident_mb()
+
+
+def train_in_process(
+    model_name: str,
+    variant: str = "fp32",
+    batch: int = 16,
+    input_size: Optional[Sequence[int]] = None,
+    threads: Optional[int] = None,
+    device: str = "cpu",
+    warmup: int = 1,
+    repeats: int = 5,
+    max_seconds: Optional[float] = None,
+) -> TrainResult:
+    """Time training steps of one configuration in this process (after ``warmup`` untimed steps)."""
+    if threads:
+        torch.set_num_threads(threads)
+    model = create_model(model_name).to(device)
+    size = tuple(input_size or model.pretrained_cfg["input_size"])
+    inputs = torch.randn(batch, *size, device=device)
+    step, _ = make_train_step(model, inputs, variant)
+    for _ in range(max(warmup, 1)):  # the first step allocates the optimizer state
+        step()
+    _peak_memory(device, reset=True)
+    times = time_forward(step, device, 0, repeats, max_seconds)
+    peak = _peak_memory(device, reset=False)
+    median = statistics.median(times)
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [median] * 3
+    return TrainResult(
+        model=model_name,
+        variant=variant,
+        batch=batch,
+        input_size="x".join(map(str, size)),
+        threads=torch.get_num_threads(),
+        device=device,
+        step_ms=median * 1e3,
+        step_p25_ms=quartiles[0] * 1e3,
+        step_p75_ms=quartiles[2] * 1e3,
+        images_per_s=batch / median,
+        peak_memory_mb=peak,
+    )
+
+
+def bench_train(
+    models: Sequence[Tuple[str, Optional[Sequence[int]]]],
+    batches: Sequence[int],
+    variants: Sequence[str],
+    threads: Optional[int] = None,
+    device: str = "cpu",
+    warmup: int = 1,
+    repeats: int = 5,
+    max_seconds: Optional[float] = None,
+    timeout: Optional[float] = None,
+) -> List[TrainResult]:
+    """Every (model and input size, batch, variant) in its own process; failures are recorded, not raised."""
+    results = []
+    for model_name, size in models:
+        for batch in batches:
+            for variant in variants:
+                request: Dict[str, object] = dict(
+                    kind="train",
+                    model_name=model_name,
+                    variant=variant,
+                    batch=batch,
+                    input_size=list(size) if size else None,
+                    threads=threads,
+                    device=device,
+                    warmup=warmup,
+                    repeats=repeats,
+                    max_seconds=max_seconds,
+                )
+                outcome = run_worker(request, timeout)
+                if set(outcome) == {"error"}:
+                    nan = float("nan")
+                    size_text = "x".join(map(str, size)) if size else ""
+                    outcome = dict(
+                        model=model_name,
+                        variant=variant,
+                        batch=batch,
+                        input_size=size_text,
+                        threads=threads or torch.get_num_threads(),
+                        device=device,
+                        step_ms=nan,
+                        step_p25_ms=nan,
+                        step_p75_ms=nan,
+                        images_per_s=nan,
+                        peak_memory_mb=nan,
+                        error=outcome["error"],
+                    )
+                results.append(TrainResult(**outcome))
+    return results
+
+
+def train_markdown(results: Sequence[TrainResult]) -> str:
+    """Markdown table of training steps; each row's speed-up is over fp32 contiguous of the same model and batch."""
+    reference = {(r.model, r.batch, r.input_size): r.step_ms for r in results if r.variant == "fp32" and not r.error}
+    lines = [
+        "| model | variant | batch | input size | threads | step ms | p25-p75 ms | images/s | peak MB | vs fp32 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        if r.error:
+            lines.append(f"| {r.model} | {r.variant} | {r.batch} | {r.input_size} | {r.threads} | failed: {r.error} |")
+            continue
+        base = reference.get((r.model, r.batch, r.input_size))
+        ratio = f"{base / r.step_ms:.2f}x" if base and r.variant != "fp32" else ""
+        lines.append(
+            f"| {r.model} | {r.variant} | {r.batch} | {r.input_size} | {r.threads} | {r.step_ms:.0f} | "
+            f"{r.step_p25_ms:.0f}-{r.step_p75_ms:.0f} | {r.images_per_s:.1f} | {r.peak_memory_mb:.0f} | {ratio} |"
+        )
+    return "\n".join(lines) + "\n"
