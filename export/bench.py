@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from recurzoo.devices import resolve_device
 from recurzoo.export.models import create_model, time_forward
 
 __all__ = [
@@ -372,7 +373,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the non-eager backends only at these batch sizes (default: every --batch)",
     )
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's default)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: the accelerator if there is one)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument(
@@ -512,6 +513,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run the benchmark described by parsed arguments; print the table and write the files."""
     for spec in args.models:
         parse_model_spec(spec)  # a malformed size fails before anything runs
+    args.device = str(resolve_device(args.device))  # checked (DeviceError names --device) and resolved
     threads = args.threads or torch.get_num_threads()
     if args.train_memory or args.growth:
         return _run_scaling(args, threads)

@@ -78,8 +78,23 @@ def _command_lines(draw, parser: argparse.ArgumentParser):
 _counter = itertools.count()
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_random_training_command_lines_end_in_exit_0_or_2_without_traceback(name, tmp_path, monkeypatch, capsys):
+def _check(argv, code, captured):
+    assert "Traceback" not in captured.err and code in (0, 2), (argv, code, captured.err)
+    if code == 2:
+        errors = [line for line in captured.err.splitlines() if ": error: " in line]
+        assert len(errors) == 1 and len(captured.err.strip().splitlines()) == 1, (argv, captured.err)
+
+
+@pytest.mark.parametrize(
+    "name, command",
+    [(name, None) for name in SCRIPTS] + [("classification", "train"), ("detection", "train-detection")],
+)
+def test_random_training_command_lines_end_in_exit_0_or_2_without_traceback(
+    name, command, tmp_path, monkeypatch, capsys
+):
+    """Through the script's run_cli (``python -m``), or with ``command`` through ``recurzoo COMMAND``."""
+    from recurzoo.cli import main as recurzoo_main
+
     script = importlib.import_module(f"recurzoo.train.{name}")
     ran = []
     monkeypatch.setattr(script, "run_distributed", lambda run, args: ran.append(resolve_device(args.device)))
@@ -96,16 +111,15 @@ def test_random_training_command_lines_end_in_exit_0_or_2_without_traceback(name
     @given(argv=_command_lines(script.build_parser()))
     def run(argv):
         argv = EXTRA.get(name, []) + argv
+        if command is not None:
+            _check(argv, recurzoo_main([command, *argv]), capsys.readouterr())
+            return
         try:
             run_cli(script.main, argv)
             code = 0
         except SystemExit as exited:
             code = exited.code
-        captured = capsys.readouterr()
-        assert "Traceback" not in captured.err and code in (0, 2), (argv, code, captured.err)
-        if code == 2:
-            errors = [line for line in captured.err.splitlines() if ": error: " in line]
-            assert len(errors) == 1 and len(captured.err.strip().splitlines()) == 1, (argv, captured.err)
+        _check(argv, code, capsys.readouterr())
 
     run()
     assert ran  # some drawn command lines passed every check (the pools are not all hostile)

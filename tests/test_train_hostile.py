@@ -406,3 +406,68 @@ def test_option_values_a_library_refuses_are_one_line_naming_the_flag(train_only
     stderr = capsys.readouterr().err
     line = [text for text in stderr.splitlines() if ": error: " in text]
     assert len(line) == 1 and re.search(message, line[0]) and "Traceback" not in stderr, stderr
+
+
+def test_super_resolution_data_without_its_lr_folder_says_that_lr_images_are_made_here(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from recurzoo.train import super_resolution as sr_train
+
+    (tmp_path / "Set1" / "HR").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "Set1" / "HR" / "a.png")
+    with pytest.warns(data.DatasetWarning, match=r"has no LR_bicubic/X4 beside it, so its LR images are made here"):
+        spec = sr_train.resolve_dataset(str(tmp_path / "Set1"), 4)
+    assert not spec.paired
+
+
+def test_benchmark_device_is_checked_by_resolve_device(capsys):
+    from recurzoo.cli import main
+
+    assert main(["bench", "hornet_tiny_7x7", "--device", "bogus"]) == 2
+    assert "--device: expected cpu, cuda, cuda:N or another accelerator, received 'bogus'" in capsys.readouterr().err
+
+
+def test_folder_datasets_skip_a_decompression_bomb_naming_its_claimed_size(tmp_path):
+    import warnings
+
+    from _hostile import photo, png_header_only
+
+    folder = tmp_path / "train" / "cats"
+    photo(folder / "a.png")
+    png_header_only(folder / "bomb.png", 100_000, 100_000)
+    dataset = data.create_image_dataset("", str(tmp_path), "train", skip_unreadable="training set")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        samples = [dataset[index] for index in range(len(dataset))]
+    assert dataset.skip_unreadable.count == 1 and all(image.size == samples[0][0].size for image, _ in samples)
+    assert any("bomb.png: its header claims 100000 x 100000 pixels" in str(w.message) for w in caught)
+
+
+def test_a_missing_coco_split_names_its_flag(tmp_path):
+    from _train_data import make_coco
+
+    from recurzoo.train import detection
+
+    root = make_coco(str(tmp_path / "coco"), images=(2,), splits=("train2017",))
+    argv = ["--data-dir", root, "--device", "cpu", "--output", str(tmp_path / "run")]
+    with pytest.raises(
+        FileNotFoundError, match=r"--val-split val2017: --data-dir .*val2017 does not exist .*--val-images"
+    ):
+        detection.main(argv)
+
+
+def test_camouflage_pretrained_backbone_offline_names_the_local_file_option(offline, tmp_path):
+    from PIL import Image
+
+    from recurzoo.checkpoint import CheckpointError
+    from recurzoo.train import camouflage
+
+    for sub, mode in (("Image", "RGB"), ("Mask", "L")):
+        (tmp_path / "cod" / sub).mkdir(parents=True)
+        Image.new(mode, (32, 32)).save(tmp_path / "cod" / sub / "a.png")
+    argv = ["--backbone", "resnet18", "--pretrained-backbone", "--evaluate", "--test-sets", str(tmp_path / "cod")]
+    with pytest.raises(
+        CheckpointError, match=r"--pretrained-backbone: .*out of reach.*backbone_kwargs=\{'pretrained_cfg"
+    ):
+        camouflage.main(argv + ["--device", "cpu", "--output", str(tmp_path / "run")])

@@ -45,12 +45,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from recurzoo.checkpoint import (
+    CheckpointError,
     atomic_write,
     load_state_dict,
     read_checkpoint,
     read_safetensors_metadata,
     unwrap_state_dict,
 )
+from recurzoo.devices import resolve_device
 from recurzoo.plots import plot_curves
 from recurzoo.train.arguments import (
     MODEL_ARGUMENT_ERRORS,
@@ -59,6 +61,7 @@ from recurzoo.train.arguments import (
     add_fault_arguments,
     add_run_arguments,
     add_step_arguments,
+    one_line,
     parse_args_with_config,
     run_cli,
     training_parser,
@@ -784,10 +787,16 @@ class _Training(StepTraining):
         if not args.evaluate:
             _check_batches(sum(len(samples) for samples in train_sets.values()), args.batch_size, context.world_size)
         kwargs = dict(args.model_kwargs, pretrained_backbone=args.pretrained_backbone)
-        if args.checkpoint:
-            self.model = load_model(args.checkpoint, args.model, args.backbone, **kwargs)
-        else:
-            self.model = build_model(args.model, args.backbone, **kwargs)
+        try:
+            if args.checkpoint:
+                self.model = load_model(args.checkpoint, args.model, args.backbone, **kwargs)
+            else:
+                self.model = build_model(args.model, args.backbone, **kwargs)
+        except CheckpointError as error:
+            if not args.pretrained_backbone or args.checkpoint:
+                raise
+            local = "--model-kwargs \"backbone_kwargs={'pretrained_cfg_overlay': {'file': 'FILE'}}\""
+            raise CheckpointError(f"--pretrained-backbone: {one_line(error)}; a local file: {local}") from None
         self.model.to(context.device)
         results: Dict[str, Any] = dict(output=args.output, history=[], metrics={})
         if test_sets and context.is_main and (args.evaluate or args.eval_at_start):
@@ -944,7 +953,7 @@ def predict(
             continue
         spec = resolve_dataset(item, config)
         datasets[spec.name if spec.name not in datasets else item] = find_pairs(spec, require_masks=False)
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    target = resolve_device(device)
     network = load_model(checkpoint, model, **dict(model_kwargs or {})).to(target)
     with_masks = {name: samples for name, samples in datasets.items() if all(s.mask_path for s in samples)}
     without = {name: samples for name, samples in datasets.items() if name not in with_masks}

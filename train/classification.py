@@ -28,9 +28,14 @@ writes checkpoints). Into ``--output``: ``last.pth.tar``, ranked ``checkpoint-<e
 exactly: model, optimizer, scheduler, EMA, grad scaler and every rank's RNG states are restored, so
 the resumed run repeats the losses of an uninterrupted one. SIGTERM/SIGINT write a final checkpoint
 and exit 128+signal; a NaN/inf loss stops the run (exit 3) before the bad update, keeping the last
-checkpoint. Training images that cannot be decoded are replaced by the next one, counted and reported
-per epoch; a missing or empty data folder, a bad option or a checkpoint that does not fit (or would
-run code) is one line on stderr with exit code 2.
+checkpoint. Data: ``--train-split`` and ``--val-split`` name sub-folders of ``--data-dir`` (timm's
+``val``/``eval`` synonyms are found); a missing one is an error, never the training images evaluated
+in its place, and ``--val-split none`` trains without evaluation. ``--num-classes`` and the validation
+classes must match the training split's. Images are read by :mod:`recurzoo.images`; training images
+that cannot be decoded are replaced by the next one, validation images left out, both counted and
+reported. A missing or empty data folder, a bad option or a checkpoint that does not fit (or would
+run code) is one line on stderr with exit code 2; ``--pretrained`` and ``--teacher`` fail within
+seconds offline, naming timm's cache file and ``--initial-checkpoint``/``--teacher-checkpoint``.
 """
 
 from __future__ import annotations

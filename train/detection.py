@@ -247,14 +247,21 @@ def collate(batch: Sequence[Any]) -> Tuple[Any, ...]:
     return tuple(zip(*kept)) if kept else ((), ())
 
 
-def _paths(args: argparse.Namespace, split: str, images: Optional[str], annotations: Optional[str]) -> Tuple[str, str]:
+def _paths(
+    args: argparse.Namespace, split: str, images: Optional[str], annotations: Optional[str], kind: str = "val"
+) -> Tuple[str, str]:
+    """The image folder and annotation file of a split (``kind`` 'train' or 'val' names its flags)."""
     image_dir = images or os.path.join(args.data_dir, split)
     annotation_file = annotations or os.path.join(args.data_dir, "annotations", f"instances_{split}.json")
-    for path in (image_dir, annotation_file):
+    for path, flag, explicit in (
+        (image_dir, f"--{kind}-images", images),
+        (annotation_file, f"--{kind}-ann", annotations),
+    ):
         if not os.path.exists(path):
+            given = f"{flag} {path}" if explicit else f"--{kind}-split {split}: --data-dir {args.data_dir}: {path}"
             raise FileNotFoundError(
-                f"--data-dir {args.data_dir}: {path} does not exist (COCO layout: <split>/ and "
-                f"annotations/instances_<split>.json)"
+                f"{given} does not exist (COCO layout: <split>/ and annotations/instances_<split>.json; "
+                f"give --{kind}-split NAME, or {flag} for one elsewhere)"
             )
     return image_dir, annotation_file
 
@@ -398,7 +405,7 @@ class _Training(EpochTraining):
         self.train_set = None
         if not args.test_only:
             self.train_set = CocoDetection(
-                *_paths(args, args.train_split, args.train_images, args.train_ann),
+                *_paths(args, args.train_split, args.train_images, args.train_ann, kind="train"),
                 train=True,
                 masks=masks,
                 hflip=args.hflip,

@@ -60,7 +60,7 @@ from recurzoo.train.arguments import (
     run_cli,
     training_parser,
 )
-from recurzoo.train.data import create_image_dataset
+from recurzoo.train.data import collate_readable, create_image_dataset
 from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
 from recurzoo.train.loops import StepTraining
 from recurzoo.train.resume import (
@@ -302,7 +302,15 @@ def _datasets(args: argparse.Namespace, teacher: nn.Module):
         is_training=True,
         transform=train_transform,
     )
-    eval_set = create_image_dataset("", args.data_dir, args.split, split_flag="--split", transform=eval_transform)
+    eval_set = create_image_dataset(
+        "",
+        args.data_dir,
+        args.split,
+        skip_unreadable="evaluation images",
+        leave_out=True,
+        split_flag="--split",
+        transform=eval_transform,
+    )
     eval_set = Subset(eval_set, range(min(args.eval_images, len(eval_set))))
     return train_set, eval_set
 
@@ -375,9 +383,14 @@ class _Distillation(StepTraining):
             pin_memory=context.device.type == "cuda",
         )  # workers seeded afresh each epoch (exact resume)
         self.eval_batches = [
-            images.to(context.device)
-            for images, _ in DataLoader(eval_set, batch_size=args.batch_size, shuffle=False, num_workers=0)
+            batch[0].to(context.device)
+            for batch in DataLoader(
+                eval_set, batch_size=args.batch_size, shuffle=False, num_workers=0, collate_fn=collate_readable
+            )
+            if batch is not None  # unreadable images are left out (counted and warned about)
         ]
+        if not self.eval_batches:
+            raise UsageError(f"--data-dir {args.data_dir} --split {args.split}: no readable image to measure on")
         phases = list(resumed["phases"]) if resumed is not None else self._phases()
         self.logger.info(f"teacher {args.teacher}: depth {len(self.teacher.blocks)}, phases {phases}")
         student = from_vit(

@@ -227,6 +227,14 @@ def resolve_dataset(spec: str, scale: int) -> SRDataSpec:
             prefix = root.name[:-3] if root.name.endswith("_HR") else None
             candidates = [root.parent / f"{prefix}_LR_bicubic" / f"X{scale}"] if prefix else []
         lr_dir = next((c for c in candidates if c.is_dir()), None)
+        if lr_dir is None and (root / "HR").is_dir():
+            warnings.warn(
+                f"dataset {name!r}: {root / 'HR'} has no LR_bicubic/X{scale} beside it, so its LR images are made "
+                f"here by bicubic downscaling (scores differ slightly from those on published LR files; "
+                f"give HR_DIR:LR_DIR to use them)",
+                DatasetWarning,
+                stacklevel=2,
+            )
     if not hr_dir.is_dir():
         raise FileNotFoundError(f"no such HR folder: {hr_dir}")
     hr_files = _images_in(hr_dir)

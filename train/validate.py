@@ -3,12 +3,16 @@
     python -m recurzoo.train.validate --data-dir DIR --model sret_tiny --checkpoint runs/x/model_best.pth.tar
     python -m recurzoo.train.validate --data-dir DIR --model hornet_tiny_7x7 --pretrained --split val
 
-Any dataset timm's ``create_dataset`` reads works: an ImageFolder (class sub-folders, or a folder
-holding a ``--split`` sub-folder), a tar of one, or ``--dataset torch/cifar10``, ``hfds/...``,
-``wds/...``. Images are resized, center-cropped and normalized as the model's pretrained cfg says
-(``input_size``, ``crop_pct``, ``interpolation``, ``mean``, ``std``); ``--img-size``,
-``--crop-pct`` and friends override it. Runs under ``torchrun`` too: each process scores its share
-and the counts are summed (the padding that evens the shares out is not counted).
+Any dataset timm's ``create_dataset`` reads works: an ImageFolder (the ``--split`` sub-folder of
+``--data-dir``, or ``--split .`` for class folders directly in it; a missing split is an error, never
+the whole folder), a tar of one, or ``--dataset torch/cifar10``, ``hfds/...``, ``wds/...``. Images
+are resized, center-cropped and normalized as the model's pretrained cfg says (``input_size``,
+``crop_pct``, ``interpolation``, ``mean``, ``std``); a training checkpoint's saved arguments replace
+that (the input size and preprocessing it was trained and evaluated at, and its ``--model-kwargs``),
+and ``--img-size``, ``--crop-pct`` and friends override both. A class count of the data that differs
+from the model's outputs is an error; unreadable images are left out, warned about and counted in
+the final line. Runs under ``torchrun`` too: each process scores its share and the counts are summed
+(the padding that evens the shares out is not counted).
 """
 
 from __future__ import annotations
