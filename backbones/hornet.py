@@ -229,9 +229,17 @@ class RecursiveGatedConv(nn.Module):
         )
         self.proj_out = nn.Conv2d(dim, dim, kernel_size=1, **dd)
 
+    def mix(self, context: torch.Tensor) -> torch.Tensor:
+        """The spatial mixer times ``scale``; a plain depthwise conv takes the scale in its weights (one pass)."""
+        mixer = self.spatial_mixer
+        if type(mixer) is nn.Conv2d:
+            bias = None if mixer.bias is None else mixer.bias * self.scale
+            return F.conv2d(context, mixer.weight * self.scale, bias, mixer.stride, mixer.padding, groups=mixer.groups)
+        return mixer(context) * self.scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, context = self.proj_in(x).split((self.widths[0], sum(self.widths)), dim=1)
-        contexts = (self.spatial_mixer(context) * self.scale).split(self.widths, dim=1)
+        contexts = self.mix(context).split(self.widths, dim=1)
         x = gate * contexts[0]
         for i, proj in enumerate(self.order_projs):  # indexed, not zipped: torch.fx cannot iterate a split
             x = proj(x) * contexts[i + 1]
@@ -272,16 +280,18 @@ class HorNetBlock(nn.Module):
             if gamma is not None:
                 nn.init.constant_(gamma, float(self.ls_init_value))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.gnconv(self.norm1(x))
-        if self.gamma1 is not None:
-            y = y * self.gamma1.view(-1, 1, 1)
-        x = x + self.drop_path(y)
+    def _residual(self, x: torch.Tensor, y: torch.Tensor, gamma: Optional[torch.Tensor]) -> torch.Tensor:
+        """``x + drop_path(gamma * y)``; without drop path, one fused multiply-add."""
+        if gamma is None:
+            return x + self.drop_path(y)
+        if isinstance(self.drop_path, nn.Identity):
+            return torch.addcmul(x, y, gamma.view(-1, 1, 1))
+        return x + self.drop_path(y * gamma.view(-1, 1, 1))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._residual(x, self.gnconv(self.norm1(x)), self.gamma1)
         y = self.mlp(self.norm2(x.permute(0, 2, 3, 1)))
-        if self.gamma2 is not None:
-            y = y * self.gamma2
-        return x + self.drop_path(y.permute(0, 3, 1, 2))
+        return self._residual(x, y.permute(0, 3, 1, 2), self.gamma2)
 
 
 class HorNetStage(nn.Module):

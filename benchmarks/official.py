@@ -314,6 +314,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         case = CASES[key](args.official_root, batch, args.train_batch > 0)
         difference = check_outputs(case)
         notes.append(f"- {case.name}: eval outputs agree (max abs difference {difference:.1e}).")
+        print(notes[-1], flush=True)
         size = "x".join(map(str, case.inputs.shape[1:]))
         ours, theirs = time_inference(case, args.rounds)
         lines.append(_row(case.name, f"inference, eager, batch {batch}, {size}", ours, theirs))
@@ -328,6 +329,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             lines.append(_row(case.name, what, ours, theirs))
             print(lines[-1], flush=True)
             notes.append(f"- {case.name} training-step peak resident MB (fresh process each): " + _memory_text(memory))
+            print(notes[-1], flush=True)
         del case
     text = "\n".join(lines + [""] + notes) + "\n"
     print(text)
