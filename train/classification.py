@@ -48,10 +48,10 @@ from timm.utils import random_seed
 from torch import nn
 
 from recurzoo.train.arguments import (
-    ParseKwargs,
     UsageError,
     add_epoch_arguments,
     add_fault_arguments,
+    add_kwargs_argument,
     add_run_arguments,
     parse_args_with_config,
     run_cli,
@@ -104,13 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="take --initial-checkpoint's EMA weights when it has them",
     )
     group.add_argument("--num-classes", type=int, default=None, help="classes (default: the dataset's)")
-    group.add_argument(
-        "--model-kwargs",
-        nargs="*",
-        default={},
-        action=ParseKwargs,
-        metavar="KEY=VALUE",
-        help="extra timm.create_model arguments, e.g. 'dims=(16,32,64,128)' 'depths=(1,1,2,1)'",
+    add_kwargs_argument(
+        group, "--model-kwargs", "extra timm.create_model arguments, e.g. 'dims=(16,32,64,128)' 'depths=(1,1,2,1)'"
     )
     group.add_argument("--drop", type=float, default=0.0, help="dropout before the classifier")
     group.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
@@ -194,14 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="timm's pretrained teacher weights (default: when no --teacher-checkpoint)",
     )
-    group.add_argument(
-        "--teacher-kwargs",
-        nargs="*",
-        default={},
-        action=ParseKwargs,
-        metavar="KEY=VALUE",
-        help="extra timm.create_model arguments of the teacher",
-    )
+    add_kwargs_argument(group, "--teacher-kwargs", "extra timm.create_model arguments of the teacher")
     group.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature T")
     group.add_argument(
         "--kd-weight", type=float, default=1.0, help="weight W of the soft-label loss; the task loss gets 1 - W"
