@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -132,3 +132,45 @@ def write_code_running_checkpoints(folder: str, marker: str) -> Tuple[str, str]:
         pickle.dump({"state_dict": {"w": torch.zeros(1)}, "payload": _RunsCode(marker)}, handle)
     torch.save({"model": {"w": torch.zeros(1)}, "payload": _RunsCode(marker)}, zipped)
     return legacy, zipped
+
+
+# Reduced widths the training tests build their models with (a few thousand parameters, a 32-pixel input).
+TINY_HORNET = dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1))
+TINY_SRET = dict(embed_dims=(16, 32, 64), num_heads=(1, 2, 4), num_shared_blocks=(1, 1, 1))  # BatchNorm in its stem
+
+
+def kwargs_flags(kwargs: dict) -> List[str]:
+    """``--model-kwargs`` items of a dict: ``dims=(8,16,32,64)`` (Python literals without spaces)."""
+    return [f"{key}={value!r}".replace(" ", "") for key, value in kwargs.items()]
+
+
+def cli_flags(**options: Any) -> List[str]:
+    """Flags of keyword options: ``img_size=32`` -> ``--img-size 32``; ``True`` is a bare flag; ``None``
+    leaves the flag out (the script's default)."""
+    flags = []
+    for name, value in options.items():
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        flags += [flag] if value is True else [flag, str(value)]
+    return flags
+
+
+def classification_args(
+    data_dir: Any, output: Any, model: str = "hornet_tiny_7x7", kwargs: Optional[dict] = None, **options: Any
+) -> List[str]:
+    """A short CPU classification run of ``model`` (default: :data:`TINY_HORNET` widths) on 32-pixel
+    images, one epoch, no warm-up, no loader workers, no progress bars; ``options`` add or override flags."""
+    defaults = dict(img_size=32, batch_size=8, epochs=1, warmup_epochs=0, workers=0, device="cpu")
+    return [
+        "--data-dir",
+        str(data_dir),
+        "--model",
+        model,
+        "--model-kwargs",
+        *kwargs_flags(TINY_HORNET if kwargs is None else kwargs),
+        "--output",
+        str(output),
+        "--no-progress",
+        *cli_flags(**{**defaults, **options}),
+    ]

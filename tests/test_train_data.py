@@ -17,37 +17,11 @@ from recurzoo.train import classification, data
 from recurzoo.train import super_resolution as sr_train
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _train_data import make_image_folder, write_unreadable_images  # noqa: E402
-
-HORNET = ["dims=(8,16,32,64)", "depths=(1,1,1,1)"]
+from _train_data import classification_args, make_image_folder, write_unreadable_images  # noqa: E402
 
 
 def _classification_args(data_dir, output):
-    return [
-        "--data-dir",
-        str(data_dir),
-        "--model",
-        "hornet_tiny_7x7",
-        "--model-kwargs",
-        *HORNET,
-        "--img-size",
-        "32",
-        "--batch-size",
-        "4",
-        "--epochs",
-        "1",
-        "--warmup-epochs",
-        "0",
-        "--val-split",
-        "",
-        "--workers",
-        "0",
-        "--output",
-        str(output),
-        "--no-progress",
-        "--device",
-        "cpu",
-    ]
+    return classification_args(data_dir, output, batch_size=4, val_split="")
 
 
 def test_classification_epoch_skips_a_truncated_jpeg_and_a_non_image_and_counts_them(tmp_path):

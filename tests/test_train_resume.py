@@ -22,9 +22,8 @@ from recurzoo.train import classification, resume, run
 from recurzoo.train import super_resolution as sr_train
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _train_data import make_image_folder  # noqa: E402
+from _train_data import TINY_HORNET, TINY_SRET, classification_args, kwargs_flags, make_image_folder  # noqa: E402
 
-HORNET = ["dims=(8,16,32,64)", "depths=(1,1,1,1)"]
 STEPS_PER_EPOCH = 4  # 36 training images, batches of 8
 
 
@@ -34,50 +33,26 @@ def image_folder(tmp_path_factory):
 
 
 # SReT: BatchNorm in its stem (running statistics a stopped step must not leave moved), random slicing
-SRET = ["embed_dims=(16,32,64)", "num_heads=(1,2,4)", "num_shared_blocks=(1,1,1)"]
 
 
 def _classification_args(data_dir, output):
-    return [
-        "--data-dir",
-        str(data_dir),
-        "--model",
+    return classification_args(
+        data_dir,
+        output,
         "sret_tiny",
-        "--model-kwargs",
-        *SRET,
-        "--img-size",
-        "32",
-        "--batch-size",
-        "8",
-        "--epochs",
-        "2",
-        "--warmup-epochs",
-        "1",
-        "--lr",
-        "2e-3",
-        "--drop-path",
-        "0.3",
-        "--mixup",
-        "0.8",
-        "--cutmix",
-        "1.0",
-        "--reprob",
-        "0.5",
-        "--model-ema",
-        "--model-ema-decay",
-        "0.8",
-        "--val-split",
-        "",
-        "--workers",
-        "0",
-        "--log-interval",
-        "1",
-        "--output",
-        str(output),
-        "--no-progress",
-        "--device",
-        "cpu",
-    ]
+        TINY_SRET,
+        epochs=2,
+        warmup_epochs=1,
+        lr="2e-3",
+        drop_path=0.3,
+        mixup=0.8,
+        cutmix=1.0,
+        reprob=0.5,
+        model_ema=True,
+        model_ema_decay=0.8,
+        val_split="",
+        log_interval=1,
+    )
 
 
 def _step_losses(output):
@@ -275,7 +250,7 @@ def test_resumed_detection_run_ends_with_the_uninterrupted_weights(tmp_path):
             "--backbone",
             "hornet_tiny_7x7",
             "--backbone-kwargs",
-            *HORNET,
+            *kwargs_flags(TINY_HORNET),
             "--min-size",
             "64",
             "--max-size",
