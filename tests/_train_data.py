@@ -137,6 +137,7 @@ def write_code_running_checkpoints(folder: str, marker: str) -> Tuple[str, str]:
 # Reduced widths the training tests build their models with (a few thousand parameters, a 32-pixel input).
 TINY_HORNET = dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1))
 TINY_SRET = dict(embed_dims=(16, 32, 64), num_heads=(1, 2, 4), num_shared_blocks=(1, 1, 1))  # BatchNorm in its stem
+TINY_RGT = dict(embed_dim=12, num_heads=2, blocks_per_group=1)
 
 
 def kwargs_flags(kwargs: dict) -> List[str]:
@@ -161,7 +162,7 @@ def classification_args(
 ) -> List[str]:
     """A short CPU classification run of ``model`` (default: :data:`TINY_HORNET` widths) on 32-pixel
     images, one epoch, no warm-up, no loader workers, no progress bars; ``options`` add or override flags."""
-    defaults = dict(img_size=32, batch_size=8, epochs=1, warmup_epochs=0, workers=0, device="cpu")
+    defaults = dict(img_size=32, batch_size=8, epochs=1, warmup_epochs=0, workers=0, device="cpu", no_progress=True)
     return [
         "--data-dir",
         str(data_dir),
@@ -171,6 +172,22 @@ def classification_args(
         *kwargs_flags(TINY_HORNET if kwargs is None else kwargs),
         "--output",
         str(output),
-        "--no-progress",
+        *cli_flags(**{**defaults, **options}),
+    ]
+
+
+def sr_args(train_dir: Any, output: Any, **options: Any) -> List[str]:
+    """A short CPU super-resolution run of ``rgt_small_x2`` at :data:`TINY_RGT` widths on 12-pixel LR
+    patches, no loader workers, no progress bars; ``options`` add or override flags."""
+    defaults = dict(patch_size=12, batch_size=2, workers=0, device="cpu", no_progress=True)
+    return [
+        "--model",
+        "rgt_small_x2",
+        "--model-kwargs",
+        *kwargs_flags(TINY_RGT),
+        "--train-data",
+        str(train_dir),
+        "--output",
+        str(output),
         *cli_flags(**{**defaults, **options}),
     ]

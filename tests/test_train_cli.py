@@ -19,7 +19,16 @@ import recurzoo  # noqa: F401
 from recurzoo.train.arguments import run_cli
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _train_data import make_coco, make_image_folder, write_code_running_checkpoints  # noqa: E402
+from _train_data import (  # noqa: E402
+    TINY_HORNET,
+    TINY_RGT,
+    classification_args,
+    kwargs_flags,
+    make_coco,
+    make_image_folder,
+    sr_args,
+    write_code_running_checkpoints,
+)
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning:pycocotools", "ignore:Detected pickle protocol:UserWarning"
@@ -121,31 +130,14 @@ def test_crafted_checkpoint_is_refused_in_one_line_and_its_payload_never_runs(da
 
 
 def _evil_cases():
-    folder = [
-        "--data-dir",
-        "<root>/folder",
-        "--model",
-        "hornet_tiny_7x7",
-        *HORNET,
-        "--img-size",
-        "32",
-        "--batch-size",
-        "2",
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
-        "--output",
-        "<out>",
-    ]
+    folder = classification_args("<root>/folder", "<out>", batch_size=2)
     coco = [
         "--data-dir",
         "<root>/coco",
         "--backbone",
         "hornet_tiny_7x7",
         "--backbone-kwargs",
-        "dims=(8,16,32,64)",
-        "depths=(1,1,1,1)",
+        *kwargs_flags(TINY_HORNET),
         "--workers",
         "0",
         "--device",
@@ -153,26 +145,7 @@ def _evil_cases():
         "--output",
         "<out>",
     ]
-    sr = [
-        "--model",
-        "rgt_small_x2",
-        "--model-kwargs",
-        "embed_dim=12",
-        "num_heads=2",
-        "blocks_per_group=1",
-        "--train-data",
-        "<root>/sr",
-        "--patch-size",
-        "12",
-        "--batch-size",
-        "1",
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
-        "--output",
-        "<out>",
-    ]
+    sr = sr_args("<root>/sr", "<out>", batch_size=1)
     return [
         ("classification", folder + ["--initial-checkpoint", "<evil>"]),
         (
@@ -182,8 +155,7 @@ def _evil_cases():
                 "--teacher",
                 "hornet_tiny_7x7",
                 "--teacher-kwargs",
-                "dims=(8,16,32,64)",
-                "depths=(1,1,1,1)",
+                *kwargs_flags(TINY_HORNET),
                 "--teacher-checkpoint",
                 "<evil>",
             ],
@@ -314,9 +286,7 @@ def test_every_checkpoint_flag_refuses_a_crafted_pickle_in_one_line(data, tmp_pa
                 "--model",
                 "rgt_small_x2",
                 "--model-kwargs",
-                "embed_dim=12",
-                "num_heads=2",
-                "blocks_per_group=1",
+                *kwargs_flags(TINY_RGT),
                 "--train-data",
                 "<tmp>/absent",
             ],
@@ -361,20 +331,7 @@ def test_checkpoint_of_another_width_is_one_line_naming_the_mismatch(data, tmp_p
 
     wide = recurzoo.create_model("hornet_tiny_7x7", num_classes=3, dims=(16, 32, 64, 128), depths=(1, 1, 1, 1))
     torch.save(dict(state_dict=wide.state_dict()), tmp_path / "wide.pth")
-    argv = [
-        "--data-dir",
-        str(data["root"] / "folder"),
-        "--model",
-        "hornet_tiny_7x7",
-        *HORNET,
-        "--img-size",
-        "32",
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
-        "--output",
-        str(tmp_path / "out"),
+    argv = classification_args(data["root"] / "folder", tmp_path / "out") + [
         "--initial-checkpoint",
         str(tmp_path / "wide.pth"),
     ]

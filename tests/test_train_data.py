@@ -17,7 +17,7 @@ from recurzoo.train import classification, data
 from recurzoo.train import super_resolution as sr_train
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _train_data import classification_args, make_image_folder, write_unreadable_images  # noqa: E402
+from _train_data import classification_args, make_image_folder, sr_args, write_unreadable_images  # noqa: E402
 
 
 def _classification_args(data_dir, output):
@@ -50,31 +50,7 @@ def test_classification_fails_before_training_on_a_missing_or_empty_folder(tmp_p
 
 
 def _sr_args(train_dir, output, steps=2):
-    return [
-        "--model",
-        "rgt_small_x2",
-        "--model-kwargs",
-        "embed_dim=12",
-        "num_heads=2",
-        "blocks_per_group=1",
-        "--train-data",
-        str(train_dir),
-        "--output",
-        str(output),
-        "--batch-size",
-        "5",
-        "--patch-size",
-        "12",
-        "--steps",
-        str(steps),
-        "--ema-decay",
-        "0",
-        "--workers",
-        "0",
-        "--no-progress",
-        "--device",
-        "cpu",
-    ]
+    return sr_args(train_dir, output, batch_size=5, steps=steps, ema_decay=0)
 
 
 def test_super_resolution_drops_non_images_up_front_and_skips_truncated_ones_while_training(tmp_path):

@@ -22,7 +22,7 @@ from recurzoo.train import classification, resume, run
 from recurzoo.train import super_resolution as sr_train
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _train_data import TINY_HORNET, TINY_SRET, classification_args, kwargs_flags, make_image_folder  # noqa: E402
+from _train_data import TINY_HORNET, TINY_SRET, classification_args, kwargs_flags, make_image_folder, sr_args  # noqa: E402
 
 STEPS_PER_EPOCH = 4  # 36 training images, batches of 8
 
@@ -171,39 +171,7 @@ def _photos(root):
 
 def _sr_args(train_dir, output):
     # 2 photos x repeat 3 = 6 patches a pass, batches of 2: 3 steps an epoch
-    return [
-        "--model",
-        "rgt_small_x2",
-        "--model-kwargs",
-        "embed_dim=12",
-        "num_heads=2",
-        "blocks_per_group=1",
-        "--train-data",
-        str(train_dir),
-        "--output",
-        str(output),
-        "--batch-size",
-        "2",
-        "--patch-size",
-        "12",
-        "--repeat",
-        "3",
-        "--steps",
-        "7",
-        "--milestones",
-        "0.5",
-        "--ema-decay",
-        "0.5",
-        "--workers",
-        "0",
-        "--save-every",
-        "2",
-        "--log-every",
-        "1",
-        "--no-progress",
-        "--device",
-        "cpu",
-    ]
+    return sr_args(train_dir, output, repeat=3, steps=7, milestones=0.5, ema_decay=0.5, save_every=2, log_every=1)
 
 
 @pytest.mark.parametrize("stop", ["sigterm", "nan"])
