@@ -191,3 +191,29 @@ def sr_args(train_dir: Any, output: Any, **options: Any) -> List[str]:
         str(output),
         *cli_flags(**{**defaults, **options}),
     ]
+
+
+def detection_args(
+    data_dir: Any,
+    output: Any,
+    backbone: str = "hornet_tiny_7x7",
+    kwargs: Optional[dict] = None,
+    detector_kwargs: Optional[dict] = None,
+    **options: Any,
+) -> List[str]:
+    """A short CPU detection run on 64-pixel COCO images with ``backbone`` (default: :data:`TINY_HORNET`
+    widths), batches of 4, no warm-up, no loader workers, no progress bars; ``options`` add or override flags."""
+    defaults = dict(min_size=64, max_size=64, batch_size=4, warmup_epochs=0, workers=0, device="cpu", no_progress=True)
+    return [
+        "--data-dir",
+        str(data_dir),
+        "--backbone",
+        backbone,
+        "--backbone-kwargs",
+        *kwargs_flags(TINY_HORNET if kwargs is None else kwargs),
+        "--output",
+        str(output),
+        *cli_flags(**{**defaults, **options}),
+        "--detector-kwargs",
+        *kwargs_flags(detector_kwargs or {}),
+    ]

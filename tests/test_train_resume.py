@@ -22,7 +22,7 @@ from recurzoo.train import classification, resume, run
 from recurzoo.train import super_resolution as sr_train
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _train_data import TINY_HORNET, TINY_SRET, classification_args, kwargs_flags, make_image_folder, sr_args  # noqa: E402
+from _train_data import TINY_SRET, classification_args, detection_args, make_image_folder, sr_args  # noqa: E402
 
 STEPS_PER_EPOCH = 4  # 36 training images, batches of 8
 
@@ -212,45 +212,17 @@ def test_resumed_detection_run_ends_with_the_uninterrupted_weights(tmp_path):
     root = make_coco(str(tmp_path / "coco"), images=(12, 2), max_boxes=1)  # batches of 4: 3 steps an epoch
 
     def args(output):
-        return [
-            "--data-dir",
+        return detection_args(
             root,
-            "--backbone",
-            "hornet_tiny_7x7",
-            "--backbone-kwargs",
-            *kwargs_flags(TINY_HORNET),
-            "--min-size",
-            "64",
-            "--max-size",
-            "64",
-            "--fpn-channels",
-            "16",
-            "--batch-size",
-            "4",
-            "--epochs",
-            "2",
-            "--opt",
-            "adamw",
-            "--lr",
-            "1e-3",
-            "--sched",
-            "cosine",
-            "--warmup-epochs",
-            "0",
-            "--eval-every",
-            "5",
-            "--workers",
-            "0",
-            "--no-progress",
-            "--device",
-            "cpu",
-            "--output",
-            str(output),
-            "--detector-kwargs",
-            "rpn_batch_size_per_image=32",
-            "box_batch_size_per_image=32",
-            "rpn_post_nms_top_n_train=50",
-        ]
+            output,
+            detector_kwargs=dict(rpn_batch_size_per_image=32, box_batch_size_per_image=32, rpn_post_nms_top_n_train=50),
+            fpn_channels=16,
+            epochs=2,
+            opt="adamw",
+            lr="1e-3",
+            sched="cosine",
+            eval_every=5,
+        )
 
     detection.main(args(tmp_path / "once"))
     with pytest.raises(run.TrainingInterrupted):  # before the update of step 5 (the second of epoch 1)
