@@ -478,7 +478,7 @@ class _Training(EpochTraining):
 
     def _optimization(self) -> None:
         from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
+        from timm.scheduler import create_scheduler_v2, scheduler_kwargs
         from timm.utils import ModelEmaV3, NativeScaler
 
         args = self.args
@@ -499,19 +499,7 @@ class _Training(EpochTraining):
             )
         with user_option(f"--sched {args.sched}", ValueError, TypeError, AssertionError):
             self.scheduler, self.num_epochs = create_scheduler_v2(
-                self.optimizer,
-                sched=args.sched,
-                num_epochs=args.epochs,
-                decay_epochs=args.decay_epochs,
-                decay_milestones=list(args.decay_milestones),
-                cooldown_epochs=args.cooldown_epochs,
-                decay_rate=args.decay_rate,
-                min_lr=args.min_lr,
-                warmup_lr=args.warmup_lr,
-                warmup_epochs=args.warmup_epochs,
-                warmup_prefix=args.warmup_prefix,
-                step_on_epochs=not args.sched_on_updates,
-                updates_per_epoch=len(self.train_loader),
+                self.optimizer, **scheduler_kwargs(args), updates_per_epoch=len(self.train_loader)
             )
         self.scaler = None
         if args.amp and args.amp_dtype == "float16" and self.context.device.type == "cuda":
