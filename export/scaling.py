@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from recurzoo.export.bench import create_model, run_worker
+from recurzoo.export.bench import create_model, worker_result
 
 __all__ = [
     "MemoryResult",
@@ -194,20 +194,8 @@ def measure_train_memory(
                 threads=threads,
                 device=device,
             )
-            outcome = run_worker(request, timeout)
-            if set(outcome) == {"error"}:
-                nan = float("nan")
-                outcome = dict(
-                    model=model_name,
-                    input_size="x".join(map(str, size)),
-                    batch=batch,
-                    grad_checkpointing=checkpointing,
-                    step_seconds=nan,
-                    peak_memory_mb=nan,
-                    step_memory_mb=nan,
-                    error=outcome["error"],
-                )
-            results.append(MemoryResult(**outcome))
+            known = dict(model=model_name, input_size="x".join(map(str, size)), batch=batch)
+            results.append(worker_result(MemoryResult, request, timeout, **known, grad_checkpointing=checkpointing))
     return results
 
 
@@ -233,19 +221,7 @@ def measure_growth(
                 threads=threads,
                 device=device,
             )
-            outcome = run_worker(request, timeout)
-            if set(outcome) == {"error"}:
-                nan = float("nan")
-                outcome = dict(
-                    model=model_name,
-                    side=side,
-                    tile=tile,
-                    latency_s=nan,
-                    peak_memory_mb=nan,
-                    step_memory_mb=nan,
-                    error=outcome["error"],
-                )
-            points.append(GrowthPoint(**outcome))
+            points.append(worker_result(GrowthPoint, request, timeout, model=model_name, side=side, tile=tile))
     return points
 
 
