@@ -136,6 +136,28 @@ def assert_parameter_groups_match(model: torch.nn.Module) -> None:
         assert owner is None, f"no_weight_decay() entry {pattern!r} matches no parameter"
 
 
+def assert_reset_classifier_keeps_the_pooling(model: torch.nn.Module, x: torch.Tensor) -> tuple:
+    """``reset_classifier(5)`` without a pool type keeps the pooling (the pre-logits do not change) and
+    gives 5 outputs. Returns the features and the pre-logits, for the family's own pooling checks."""
+    with torch.no_grad():
+        features = model.forward_features(x)
+        expected = model.forward_head(features, pre_logits=True)
+        model.reset_classifier(5)
+        torch.testing.assert_close(model.forward_head(features, pre_logits=True), expected)
+        assert model(x).shape == (x.shape[0], 5)
+    return features, expected
+
+
+def assert_reset_classifier_takes_the_parent_device_dtype_and_mode(model: torch.nn.Module) -> None:
+    """A classifier that ``reset_classifier`` creates again (after removing it) lives on the model's device
+    and dtype (moved here to meta float64) and in the model's train/eval mode."""
+    model.to(device="meta", dtype=torch.float64)
+    model.reset_classifier(0)
+    model.reset_classifier(2)
+    head = model.get_classifier()
+    assert (head.weight.device.type, head.weight.dtype, head.training) == ("meta", torch.float64, model.training)
+
+
 def assert_prune_intermediate_layers_contract(model: torch.nn.Module, x: torch.Tensor) -> None:
     """timm's ``test_prune_intermediate_layers_contract``: pruned and ``stop_early`` taps equal the full
     model's, pruning at the last tap without the head keeps the output, a model pruned without its norm

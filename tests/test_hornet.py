@@ -15,6 +15,8 @@ from _contract import (
     assert_meta_init_gives_a_working_model,
     assert_parameter_groups_match,
     assert_prune_intermediate_layers_contract,
+    assert_reset_classifier_keeps_the_pooling,
+    assert_reset_classifier_takes_the_parent_device_dtype_and_mode,
     assert_torchvision_feature_extractor,
     assert_unknown_argument_raises,
 )
@@ -291,19 +293,11 @@ def test_parameter_groups_and_no_weight_decay_name_parameters(name):
 def test_reset_classifier_keeps_the_pooling_and_the_parent_device_dtype_and_mode():
     model = _perturbed(recurzoo.create_model("hornet_tiny_gf", global_pool="max", num_classes=4, **SMALL)).eval()
     x = torch.randn(2, 3, 64, 64)
+    features, expected = assert_reset_classifier_keeps_the_pooling(model, x)
     with torch.no_grad():
-        features = model.forward_features(x)
-        expected = model.forward_head(features, pre_logits=True)
-        model.reset_classifier(5)
-        torch.testing.assert_close(model.forward_head(features, pre_logits=True), expected)
-        assert model(x).shape == (2, 5)
         model.reset_classifier(5, "avg")
         assert not torch.allclose(model.forward_head(features, pre_logits=True), expected)
-    model.to(device="meta", dtype=torch.float64)
-    model.reset_classifier(0)
-    model.reset_classifier(2)
-    head = model.get_classifier()
-    assert (head.weight.device.type, head.weight.dtype, head.training) == ("meta", torch.float64, False)
+    assert_reset_classifier_takes_the_parent_device_dtype_and_mode(model)
 
 
 @pytest.mark.parametrize("name", BOTH)

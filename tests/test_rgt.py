@@ -15,6 +15,8 @@ from _contract import (
     assert_meta_init_gives_a_working_model,
     assert_parameter_groups_match,
     assert_prune_intermediate_layers_contract,
+    assert_reset_classifier_keeps_the_pooling,
+    assert_reset_classifier_takes_the_parent_device_dtype_and_mode,
     assert_torchvision_feature_extractor,
     assert_unknown_argument_raises,
 )
@@ -316,18 +318,12 @@ def test_parameter_groups_and_no_weight_decay_name_the_model_parameters():
 def test_reset_classifier_keeps_the_pooling_and_the_parent_device_dtype_and_mode():
     model = _tiny_body(num_classes=4, global_pool="max").eval()
     x = torch.rand(2, 3, 16, 24)
+    features, pre_logits = assert_reset_classifier_keeps_the_pooling(model, x)
+    torch.testing.assert_close(pre_logits, features.amax((2, 3)))
     with torch.no_grad():
-        features = model.forward_features(x)
-        model.reset_classifier(5)
-        assert model(x).shape == (2, 5)
-        torch.testing.assert_close(model.forward_head(features, pre_logits=True), features.amax((2, 3)))
         model.reset_classifier(0, "")
         torch.testing.assert_close(model(x), features)
-    model.to(device="meta", dtype=torch.float64)
-    model.reset_classifier(0)
-    model.reset_classifier(2)
-    head = model.get_classifier()
-    assert (head.weight.device.type, head.weight.dtype, head.training) == ("meta", torch.float64, False)
+    assert_reset_classifier_takes_the_parent_device_dtype_and_mode(model)
 
 
 def test_frozen_parameters_stay_frozen_through_reset_classifier():
