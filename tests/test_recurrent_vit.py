@@ -24,6 +24,7 @@ from _contract import (
     assert_unknown_argument_raises,
 )
 from _reduced import REDUCED
+from _train_data import cli_flags
 from PIL import Image
 
 import recurzoo
@@ -512,12 +513,18 @@ def _block_recurrent_teacher(path) -> list:
     return [f"{key}={value}" for key, value in kwargs.items()]
 
 
-def test_distillation_drives_every_step_error_well_below_its_start_and_resumes(tmp_path):
+@pytest.fixture
+def distill_args(tmp_path):
+    """Writes a small image folder and a block-recurrent teacher into ``tmp_path``; returns the command line
+    of a short CPU distillation of that teacher into k=2 shared blocks, writing ``tmp_path/output``
+    (``options`` add or override flags, ``extra`` follow them)."""
     _write_image_folder(tmp_path / "data")
     teacher_kwargs = _block_recurrent_teacher(tmp_path / "teacher.pth")
-    output = tmp_path / "run"
 
-    def argv(stage2_steps: int, *extra: str) -> list:
+    def args(output: str, *extra: str, **options) -> list:
+        defaults = dict(
+            k=2, data_dir=tmp_path / "data", split=".", batch_size=8, workers=0, init="random", device="cpu"
+        )  # split ".": the class folders are directly in data/
         return [
             "--teacher",
             "vit_tiny_patch16_224",
@@ -525,38 +532,22 @@ def test_distillation_drives_every_step_error_well_below_its_start_and_resumes(t
             *teacher_kwargs,
             "--teacher-checkpoint",
             str(tmp_path / "teacher.pth"),
-            "--k",
-            "2",
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--split",
-            ".",  # the class folders are directly in it
             "--output",
-            str(output),
-            "--batch-size",
-            "8",
-            "--workers",
-            "0",
-            "--eval-images",
-            "16",
-            "--stage1-steps",
-            "30",
-            "--stage2-steps",
-            str(stage2_steps),
-            "--lr1",
-            "1e-3",
-            "--lr2",
-            "3e-4",
-            "--init",
-            "random",
-            "--depth-conditioning",
-            "--lora-rank",
-            "2",
-            "--device",
-            "cpu",
+            str(tmp_path / output),
             "--no-progress",
+            *cli_flags(**{**defaults, **options}),
             *extra,
         ]
+
+    return args
+
+
+def test_distillation_drives_every_step_error_well_below_its_start_and_resumes(tmp_path, distill_args):
+    output = tmp_path / "run"
+
+    def argv(stage2_steps: int, *extra: str) -> list:
+        recipe = dict(eval_images=16, stage1_steps=30, lr1="1e-3", lr2="3e-4", depth_conditioning=True, lora_rank=2)
+        return distill_args("run", *extra, stage2_steps=stage2_steps, **recipe)
 
     result = distill_recurrent.main(argv(30))
     assert result["phases"] == [2, 2]
@@ -574,47 +565,11 @@ def test_distillation_drives_every_step_error_well_below_its_start_and_resumes(t
     assert resumed["history"]["stage2"][:30] == result["history"]["stage2"]
 
 
-def test_distillation_stops_on_a_signal_or_a_nan_keeping_a_checkpoint_it_resumes_from(tmp_path):
+def test_distillation_stops_on_a_signal_or_a_nan_keeping_a_checkpoint_it_resumes_from(tmp_path, distill_args):
     from recurzoo.train import run
 
-    _write_image_folder(tmp_path / "data")
-    teacher_kwargs = _block_recurrent_teacher(tmp_path / "teacher.pth")
-
     def argv(output: str, *extra: str) -> list:
-        return [
-            "--teacher",
-            "vit_tiny_patch16_224",
-            "--teacher-kwargs",
-            *teacher_kwargs,
-            "--teacher-checkpoint",
-            str(tmp_path / "teacher.pth"),
-            "--k",
-            "2",
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--split",
-            ".",  # the class folders are directly in it
-            "--output",
-            str(tmp_path / output),
-            "--batch-size",
-            "8",
-            "--workers",
-            "0",
-            "--eval-images",
-            "8",
-            "--stage1-steps",
-            "4",
-            "--stage2-steps",
-            "4",
-            "--save-every",
-            "2",
-            "--init",
-            "random",
-            "--device",
-            "cpu",
-            "--no-progress",
-            *extra,
-        ]
+        return distill_args(output, *extra, eval_images=8, stage1_steps=4, stage2_steps=4, save_every=2)
 
     with pytest.raises(run.TrainingInterrupted):  # SIGTERM at the second step of stage 2
         distill_recurrent.main(argv("signal", "--fail-at-step", "5", "--fail-mode", "sigterm"))
