@@ -115,6 +115,38 @@ def assert_grad_checkpointing_keeps_gradients(name: str, x: torch.Tensor, **kwar
         torch.testing.assert_close(with_checkpoints, without, rtol=1e-4, atol=1e-6)
 
 
+def assert_features_only_grad_checkpointing_keeps_gradients(
+    name: str, x: torch.Tensor, out_indices: Sequence[int], **kwargs: Any
+) -> None:
+    """The ``features_only`` model of ``name`` at ``out_indices`` gets the same gradients, every parameter
+    one, with and without ``set_grad_checkpointing`` (which timm's FeatureGetterNet leaves to the model)."""
+    grads = []
+    for enabled in (False, True):
+        torch.manual_seed(0)  # the same weights, and the same randomness in training
+        features = recurzoo.create_model(name, features_only=True, out_indices=out_indices, **kwargs)
+        features.train().model.set_grad_checkpointing(enabled)
+        sum(f.pow(2).mean() for f in features(x)).backward()
+        grads.append([p.grad for p in features.parameters()])
+    assert all(grad is not None for grad in grads[0] + grads[1])
+    for without, with_checkpoints in zip(*grads):
+        torch.testing.assert_close(with_checkpoints, without, rtol=1e-4, atol=1e-6)
+
+
+def assert_fx_trains_the_whole_model(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    """torchvision's ``create_feature_extractor`` traces the training graph to its last node, the backward
+    pass reaches every parameter and the traced module holds all the model's parameters. Returns it."""
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    train_nodes, _ = get_graph_node_names(model.train(), tracer_kwargs=tracer_kwargs)
+    traced = create_feature_extractor(model, return_nodes=[train_nodes[-1]], tracer_kwargs=tracer_kwargs)
+    next(iter(traced(x).values())).mean().backward()
+    assert not [name for name, parameter in traced.named_parameters() if parameter.grad is None]
+    assert sum(p.numel() for p in traced.parameters()) == sum(p.numel() for p in model.parameters())
+    return traced
+
+
 def assert_parameter_groups_match(model: torch.nn.Module) -> None:
     """``group_matcher()`` splits the parameters into more than one group, and each ``no_weight_decay()``
     entry matches a parameter or names an optional one this configuration leaves unset (timm's rule)."""

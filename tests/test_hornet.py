@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from _contract import (
     assert_dtype_change_after_forward,
     assert_factory_device_and_dtype,
+    assert_fx_trains_the_whole_model,
     assert_grad_checkpointing_keeps_gradients,
     assert_meta_init_gives_a_working_model,
     assert_parameter_groups_match,
@@ -349,18 +350,10 @@ def test_prune_intermediate_layers_meets_timms_contract(name):
 
 @pytest.mark.parametrize("name", BOTH)
 def test_fx_traces_the_whole_model_forward_and_backward(name):
-    from timm.models import get_notrace_functions, get_notrace_modules
-    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
-
     model = _perturbed(recurzoo.create_model(name, num_classes=5, **SMALL))
     x = torch.randn(2, 3, 64, 64)
     assert_torchvision_feature_extractor(model, x)
-    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
-    train_nodes, _ = get_graph_node_names(model.train(), tracer_kwargs=tracer_kwargs)
-    traced = create_feature_extractor(model, return_nodes=[train_nodes[-1]], tracer_kwargs=tracer_kwargs)
-    next(iter(traced(x).values())).mean().backward()
-    assert not [n for n, p in traced.named_parameters() if p.grad is None]
-    assert count_params(traced) == count_params(model)
+    assert_fx_trains_the_whole_model(model, x)
 
 
 @pytest.mark.parametrize("name", BOTH)

@@ -15,6 +15,8 @@ import torch
 from _contract import (
     assert_dtype_change_after_forward,
     assert_factory_device_and_dtype,
+    assert_features_only_grad_checkpointing_keeps_gradients,
+    assert_fx_trains_the_whole_model,
     assert_grad_checkpointing_keeps_gradients,
     assert_meta_init_gives_a_working_model,
     assert_prune_intermediate_layers_contract,
@@ -382,18 +384,10 @@ def test_pruned_models_use_every_parameter_and_stay_deterministic_in_eval():
 
 
 def test_fx_traces_the_whole_model_forward_and_backward():
-    from timm.models import get_notrace_functions, get_notrace_modules
-    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
-
     model = _perturbed(_reduced(num_classes=5, **RELAXED))
     x = torch.randn(2, 3, 32, 32)
     assert_torchvision_feature_extractor(model, x)
-    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
-    train_nodes, _ = get_graph_node_names(model.train(), tracer_kwargs=tracer_kwargs)
-    traced = create_feature_extractor(model, return_nodes=[train_nodes[-1]], tracer_kwargs=tracer_kwargs)
-    next(iter(traced(x).values())).mean().backward()
-    assert not [name for name, parameter in traced.named_parameters() if parameter.grad is None]
-    assert count_params(traced) == count_params(model)
+    assert_fx_trains_the_whole_model(model, x)
 
 
 def test_fx_features_are_the_tokens_after_each_requested_step():
@@ -421,16 +415,7 @@ def test_fx_features_are_the_tokens_after_each_requested_step():
 def test_grad_checkpointing_keeps_gradients_of_the_classifier_and_of_features_only():
     x = torch.randn(2, 3, 32, 32)
     assert_grad_checkpointing_keeps_gradients(TINY, x, **REDUCED["recurrent_vit"], **RELAXED)
-    grads = []
-    for enabled in (False, True):
-        torch.manual_seed(0)
-        features = recurzoo.create_model(TINY, features_only=True, out_indices=(1, 4), **REDUCED["recurrent_vit"])
-        features.train().model.set_grad_checkpointing(enabled)  # timm's FeatureGetterNet leaves it to the model
-        sum(f.pow(2).mean() for f in features(x)).backward()
-        grads.append([p.grad for p in features.parameters()])
-    assert all(grad is not None for grad in grads[0] + grads[1])
-    for without, with_checkpoints in zip(*grads):
-        torch.testing.assert_close(with_checkpoints, without, rtol=1e-4, atol=1e-6)
+    assert_features_only_grad_checkpointing_keeps_gradients(TINY, x, (1, 4), **REDUCED["recurrent_vit"])
 
 
 def test_vit_step_tokens_of_a_timm_vit_are_its_blocks_input_and_outputs():

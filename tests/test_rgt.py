@@ -11,6 +11,8 @@ import torch
 from _contract import (
     assert_dtype_change_after_forward,
     assert_factory_device_and_dtype,
+    assert_features_only_grad_checkpointing_keeps_gradients,
+    assert_fx_trains_the_whole_model,
     assert_grad_checkpointing_keeps_gradients,
     assert_meta_init_gives_a_working_model,
     assert_parameter_groups_match,
@@ -375,18 +377,10 @@ def test_prune_intermediate_layers_meets_timms_contract():
 
 
 def test_fx_traces_the_whole_body_forward_and_backward():
-    from timm.models import get_notrace_functions, get_notrace_modules
-    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
-
     model = _tiny_body(num_classes=5)
     x = torch.rand(2, 3, 20, 28)
     assert_torchvision_feature_extractor(model, x)
-    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
-    train_nodes, _ = get_graph_node_names(model.train(), tracer_kwargs=tracer_kwargs)
-    traced = create_feature_extractor(model, return_nodes=[train_nodes[-1]], tracer_kwargs=tracer_kwargs)
-    next(iter(traced(x).values())).mean().backward()
-    assert not [name for name, parameter in traced.named_parameters() if parameter.grad is None]
-    assert sum(p.numel() for p in traced.parameters()) == sum(p.numel() for p in model.parameters())
+    assert_fx_trains_the_whole_model(model, x)
 
 
 def test_fx_features_are_the_group_outputs_and_check_their_input():
@@ -413,13 +407,4 @@ def test_fx_features_are_the_group_outputs_and_check_their_input():
 def test_grad_checkpointing_keeps_gradients_of_the_classifier_and_of_features_only():
     x = torch.rand(2, 3, 16, 24)
     assert_grad_checkpointing_keeps_gradients("rgt_small", x, num_classes=3, **TINY)
-    grads = []
-    for enabled in (False, True):
-        torch.manual_seed(0)
-        features = recurzoo.create_model("rgt_small", features_only=True, out_indices=(1, 4), **TINY)
-        features.train().model.set_grad_checkpointing(enabled)  # timm's FeatureGetterNet leaves it to the model
-        sum(f.pow(2).mean() for f in features(x)).backward()
-        grads.append([p.grad for p in features.parameters()])
-    assert all(grad is not None for grad in grads[0] + grads[1])
-    for without, with_checkpoints in zip(*grads):
-        torch.testing.assert_close(with_checkpoints, without, rtol=1e-4, atol=1e-6)
+    assert_features_only_grad_checkpointing_keeps_gradients("rgt_small", x, (1, 4), **TINY)

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from _contract import (
     assert_dtype_change_after_forward,
     assert_factory_device_and_dtype,
+    assert_features_only_grad_checkpointing_keeps_gradients,
+    assert_fx_trains_the_whole_model,
     assert_grad_checkpointing_keeps_gradients,
     assert_meta_init_gives_a_working_model,
     assert_parameter_groups_match,
@@ -527,18 +529,10 @@ def test_fx_features_are_the_eager_stage_outputs_and_back_propagate(name):
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_fx_traces_the_whole_model_forward_and_backward(name):
-    from timm.models import get_notrace_functions, get_notrace_modules
-    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
-
     model = _randomize_(_reduced(name, num_classes=5))
     x = torch.randn(2, 3, 40, 56)
     assert_torchvision_feature_extractor(model, x)
-    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
-    train_nodes, _ = get_graph_node_names(model.train(), tracer_kwargs=tracer_kwargs)
-    traced = create_feature_extractor(model, return_nodes=[train_nodes[-1]], tracer_kwargs=tracer_kwargs)
-    next(iter(traced(x).values())).mean().backward()
-    assert not [key for key, parameter in traced.named_parameters() if parameter.grad is None]
-    assert count_params(traced) == count_params(model)
+    traced = assert_fx_trains_the_whole_model(model, x)
     with pytest.raises(ValueError, match=f"{name}: expects height and width of at least 32"):
         traced(torch.randn(1, 3, 16, 16))  # the input check is part of the traced graph
 
@@ -547,16 +541,7 @@ def test_fx_traces_the_whole_model_forward_and_backward(name):
 def test_grad_checkpointing_keeps_gradients_of_the_classifier_and_of_features_only(name):
     x = torch.randn(2, 3, 64, 64)
     assert_grad_checkpointing_keeps_gradients(name, x, **REDUCED["sret"])
-    grads = []
-    for enabled in (False, True):
-        torch.manual_seed(0)  # the same weights, and the same random slices in training
-        features = recurzoo.create_model(name, features_only=True, out_indices=(0, 2), **REDUCED["sret"])
-        features.train().model.set_grad_checkpointing(enabled)  # timm's FeatureGetterNet leaves it to the model
-        sum(f.pow(2).mean() for f in features(x)).backward()
-        grads.append([p.grad for p in features.parameters()])
-    assert all(grad is not None for grad in grads[0] + grads[1])
-    for without, with_checkpoints in zip(*grads):
-        torch.testing.assert_close(with_checkpoints, without, rtol=1e-4, atol=1e-6)
+    assert_features_only_grad_checkpointing_keeps_gradients(name, x, (0, 2), **REDUCED["sret"])
 
 
 def test_msrnet_over_sret_builds_on_meta_and_initialises_the_backbone():
