@@ -199,24 +199,6 @@ def test_group_matcher_covers_every_parameter():
     assert sum(len(names) for names in groups.values()) == len(list(model.named_parameters()))
 
 
-def test_weight_downloads_have_distinct_named_cache_files():
-    # The Tsinghua Cloud URLs end in "/?dl=1": without a name timm would cache to a directory path.
-    urls = [timm.models.get_pretrained_cfg(name).url for name in timm.list_pretrained("hornet_*")]
-    assert urls and all(isinstance(url, tuple) and url[1].endswith(".pth") for url in urls)
-    assert len({name for _, name in urls}) == len(urls)
-
-
-def test_pretrained_without_network_fails_fast_with_instructions(monkeypatch):
-    from recurzoo import checkpoint
-
-    monkeypatch.setattr(checkpoint, "_reachable", lambda url, timeout: False)
-    monkeypatch.setenv("TORCH_HOME", "/nonexistent-cache")
-    with pytest.raises(
-        ValueError, match=r"hornet_tiny_7x7.*out of reach.*nonexistent-cache.*pretrained_cfg_overlay=dict\(file="
-    ):
-        recurzoo.create_model("hornet_tiny_7x7", pretrained=True)
-
-
 # --------------------------------------------------------------------------------------------------
 # timm's model contract, at test widths (SMALL), for both spatial mixers
 # --------------------------------------------------------------------------------------------------

@@ -269,24 +269,6 @@ def test_pretrained_file_in_official_layout_loads_through_timm(tmp_path):
     assert all(torch.equal(value, expected[key]) for key, value in model.state_dict().items())
 
 
-def test_every_drive_download_has_its_own_cache_file_name():
-    # Every Google Drive url ends in ".../uc": timm would cache all tags in one file of that name.
-    urls = [timm.models.get_pretrained_cfg(name).url for name in timm.list_pretrained("sret_*")]
-    assert urls and all(isinstance(url, tuple) for url in urls)
-    assert len({file_name for _, file_name in urls}) == len(urls)
-
-
-def test_pretrained_without_network_fails_fast_with_instructions(monkeypatch):
-    from recurzoo import checkpoint
-
-    monkeypatch.setattr(checkpoint, "_reachable", lambda url, timeout: False)
-    monkeypatch.setenv("TORCH_HOME", "/nonexistent-cache")
-    with pytest.raises(
-        ValueError, match=r"sret_tiny.*out of reach.*nonexistent-cache.*pretrained_cfg_overlay=dict\(file="
-    ):
-        recurzoo.create_model("sret_tiny.distill_in1k", pretrained=True)
-
-
 def test_pos_embed_is_resampled_on_load_and_agrees_with_dynamic_resampling(tmp_path):
     source = _randomize_(_tiny(img_size=64)).eval()
     official = to_official_state_dict(source)
