@@ -146,14 +146,19 @@ def kwargs_flags(kwargs: dict) -> List[str]:
 
 
 def cli_flags(**options: Any) -> List[str]:
-    """Flags of keyword options: ``img_size=32`` -> ``--img-size 32``; ``True`` is a bare flag; ``None``
-    leaves the flag out (the script's default)."""
+    """Flags of keyword options: ``img_size=32`` -> ``--img-size 32``; ``True`` is a bare flag; a dict is a
+    ``KEY=VALUE`` list (:func:`kwargs_flags`); ``None`` leaves the flag out (the script's default)."""
     flags = []
     for name, value in options.items():
         if value is None:
             continue
         flag = "--" + name.replace("_", "-")
-        flags += [flag] if value is True else [flag, str(value)]
+        if value is True:
+            flags.append(flag)
+        elif isinstance(value, dict):
+            flags += [flag, *kwargs_flags(value)]
+        else:
+            flags += [flag, str(value)]
     return flags
 
 
@@ -162,35 +167,17 @@ def classification_args(
 ) -> List[str]:
     """A short CPU classification run of ``model`` (default: :data:`TINY_HORNET` widths) on 32-pixel
     images, one epoch, no warm-up, no loader workers, no progress bars; ``options`` add or override flags."""
+    run = dict(data_dir=data_dir, output=output, model=model, model_kwargs=TINY_HORNET if kwargs is None else kwargs)
     defaults = dict(img_size=32, batch_size=8, epochs=1, warmup_epochs=0, workers=0, device="cpu", no_progress=True)
-    return [
-        "--data-dir",
-        str(data_dir),
-        "--model",
-        model,
-        "--model-kwargs",
-        *kwargs_flags(TINY_HORNET if kwargs is None else kwargs),
-        "--output",
-        str(output),
-        *cli_flags(**{**defaults, **options}),
-    ]
+    return cli_flags(**run, **{**defaults, **options})
 
 
 def sr_args(train_dir: Any, output: Any, **options: Any) -> List[str]:
     """A short CPU super-resolution run of ``rgt_small_x2`` at :data:`TINY_RGT` widths on 12-pixel LR
     patches, no loader workers, no progress bars; ``options`` add or override flags."""
+    run = dict(train_data=train_dir, output=output, model="rgt_small_x2", model_kwargs=TINY_RGT)
     defaults = dict(patch_size=12, batch_size=2, workers=0, device="cpu", no_progress=True)
-    return [
-        "--model",
-        "rgt_small_x2",
-        "--model-kwargs",
-        *kwargs_flags(TINY_RGT),
-        "--train-data",
-        str(train_dir),
-        "--output",
-        str(output),
-        *cli_flags(**{**defaults, **options}),
-    ]
+    return cli_flags(**run, **{**defaults, **options})
 
 
 def detection_args(
@@ -203,17 +190,7 @@ def detection_args(
 ) -> List[str]:
     """A short CPU detection run on 64-pixel COCO images with ``backbone`` (default: :data:`TINY_HORNET`
     widths), batches of 4, no warm-up, no loader workers, no progress bars; ``options`` add or override flags."""
+    run = dict(data_dir=data_dir, output=output, backbone=backbone, detector_kwargs=detector_kwargs or {})
+    run.update(backbone_kwargs=TINY_HORNET if kwargs is None else kwargs)
     defaults = dict(min_size=64, max_size=64, batch_size=4, warmup_epochs=0, workers=0, device="cpu", no_progress=True)
-    return [
-        "--data-dir",
-        str(data_dir),
-        "--backbone",
-        backbone,
-        "--backbone-kwargs",
-        *kwargs_flags(TINY_HORNET if kwargs is None else kwargs),
-        "--output",
-        str(output),
-        *cli_flags(**{**defaults, **options}),
-        "--detector-kwargs",
-        *kwargs_flags(detector_kwargs or {}),
-    ]
+    return cli_flags(**run, **{**defaults, **options})
