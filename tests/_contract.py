@@ -7,7 +7,7 @@ widths in ``kwargs``: the checks are meant to run in seconds.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import pytest
 import torch
@@ -58,15 +58,22 @@ def assert_unknown_argument_raises(name: str, **kwargs: Any) -> None:
         recurzoo.create_model(name, device="meta", not_a_model_arg=1, **kwargs)
 
 
-def assert_dtype_change_after_forward(model: torch.nn.Module, x: torch.Tensor, dtype=torch.bfloat16) -> None:
-    """A forward, then ``.to(dtype)``: the next output is in ``dtype`` (no stale float32 cache)."""
+def assert_dtype_change_after_forward(
+    model: torch.nn.Module, x: torch.Tensor, dtype=torch.bfloat16, max_relative_error: Optional[float] = None
+) -> None:
+    """A forward, then ``.to(dtype)``: the next output is in ``dtype`` (no stale float32 cache) and, with
+    ``max_relative_error``, within that fraction of the float32 output's largest magnitude of it."""
     model.eval()
     with torch.no_grad():
-        model(x)
+        reference = model(x)
         model.to(dtype)
         output = model(x.to(dtype))
-    output = output[0] if isinstance(output, (list, tuple)) else output
+    if isinstance(output, (list, tuple)):
+        reference, output = reference[0], output[0]
     assert output.dtype == dtype, f"output dtype {output.dtype} != {dtype} after .to({dtype})"
+    if max_relative_error is not None:
+        error = (output.float() - reference).abs().max()
+        assert error < max_relative_error * reference.abs().max(), f"{dtype} output off by {error:.3g}"
     model.to(torch.float32)
 
 
