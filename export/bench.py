@@ -23,7 +23,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
 
 import torch
 
@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 BACKENDS = ("eager", "compile", "onnxruntime")
+_Row = TypeVar("_Row")
 
 
 @dataclass
@@ -204,6 +205,16 @@ def run_worker(request: Dict[str, Any], timeout: Optional[float] = None) -> Dict
     if worker.returncode != 0:
         return {"error": (worker.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(worker.stdout.strip().splitlines()[-1])
+
+
+def worker_result(result_type: Type[_Row], request: Dict[str, Any], timeout: Optional[float], **known: Any) -> _Row:
+    """``result_type(**run_worker(request))``; when the worker fails, a row of the ``known`` fields (what
+    was asked for), NaN for every measured field and the worker's ``error``."""
+    outcome = run_worker(request, timeout)
+    if set(outcome) == {"error"}:
+        measured = {field.name: float("nan") for field in fields(result_type) if field.name not in known}
+        outcome = {**measured, **known, "error": outcome["error"]}
+    return result_type(**outcome)
 
 
 def bench(

@@ -1,7 +1,7 @@
 """How memory and latency scale: training-step memory with gradient checkpointing, and input-size growth.
 
 Two measurements behind ``recurzoo bench --train-memory`` and ``recurzoo bench --growth SIZES``;
-like every benchmark configuration, each point runs in a fresh process (:func:`run_worker`).
+like every benchmark configuration, each point runs in a fresh process (:func:`~recurzoo.export.bench.run_worker`).
 
 * **Training-step memory**: one forward and backward pass in train mode, with and without
   ``set_grad_checkpointing()``. Reported are the process's peak resident memory during the step
@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from recurzoo.export.bench import run_worker
+from recurzoo.export.bench import worker_result
 from recurzoo.export.models import create_model
 
 __all__ = [
@@ -195,20 +195,8 @@ def measure_train_memory(
                 threads=threads,
                 device=device,
             )
-            outcome = run_worker(request, timeout)
-            if set(outcome) == {"error"}:
-                nan = float("nan")
-                outcome = dict(
-                    model=model_name,
-                    input_size="x".join(map(str, size)),
-                    batch=batch,
-                    grad_checkpointing=checkpointing,
-                    step_seconds=nan,
-                    peak_memory_mb=nan,
-                    step_memory_mb=nan,
-                    error=outcome["error"],
-                )
-            results.append(MemoryResult(**outcome))
+            known = dict(model=model_name, input_size="x".join(map(str, size)), batch=batch)
+            results.append(worker_result(MemoryResult, request, timeout, **known, grad_checkpointing=checkpointing))
     return results
 
 
@@ -234,19 +222,7 @@ def measure_growth(
                 threads=threads,
                 device=device,
             )
-            outcome = run_worker(request, timeout)
-            if set(outcome) == {"error"}:
-                nan = float("nan")
-                outcome = dict(
-                    model=model_name,
-                    side=side,
-                    tile=tile,
-                    latency_s=nan,
-                    peak_memory_mb=nan,
-                    step_memory_mb=nan,
-                    error=outcome["error"],
-                )
-            points.append(GrowthPoint(**outcome))
+            points.append(worker_result(GrowthPoint, request, timeout, model=model_name, side=side, tile=tile))
     return points
 
 

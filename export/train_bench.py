@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from recurzoo.export.bench import create_model, run_worker, time_forward
+from recurzoo.export.bench import create_model, time_forward, worker_result
 
 __all__ = [
     "TrainResult",
@@ -198,25 +198,15 @@ def bench_train(
                     repeats=repeats,
                     max_seconds=max_seconds,
                 )
-                outcome = run_worker(request, timeout)
-                if set(outcome) == {"error"}:
-                    nan = float("nan")
-                    size_text = "x".join(map(str, size)) if size else ""
-                    outcome = dict(
-                        model=model_name,
-                        variant=variant,
-                        batch=batch,
-                        input_size=size_text,
-                        threads=threads or torch.get_num_threads(),
-                        device=device,
-                        step_ms=nan,
-                        step_p25_ms=nan,
-                        step_p75_ms=nan,
-                        images_per_s=nan,
-                        peak_memory_mb=nan,
-                        error=outcome["error"],
-                    )
-                results.append(TrainResult(**outcome))
+                known = dict(
+                    model=model_name,
+                    variant=variant,
+                    batch=batch,
+                    input_size="x".join(map(str, size)) if size else "",
+                    threads=threads or torch.get_num_threads(),
+                    device=device,
+                )
+                results.append(worker_result(TrainResult, request, timeout, **known))
     return results
 
 

@@ -21,7 +21,7 @@ from recurzoo.checkpoint import CheckpointError
 from recurzoo.devices import DeviceError, resolve_device
 from recurzoo.images import ImageError, default_max_pixels
 from recurzoo.registry import UnknownModelError
-from recurzoo.train.arguments import ParseKwargs
+from recurzoo.train.arguments import add_kwargs_argument
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -492,14 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_model_kwargs(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model-kwargs",
-        nargs="*",
-        default={},
-        action=ParseKwargs,
-        metavar="KEY=VALUE",
-        help="extra model arguments (values are Python literals, else strings)",
-    )
+    add_kwargs_argument(parser, "--model-kwargs", "extra model arguments (values are Python literals, else strings)")
 
 
 def _add_device(parser: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ widths in ``kwargs``: the checks are meant to run in seconds.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import pytest
 import torch
@@ -58,15 +58,22 @@ def assert_unknown_argument_raises(name: str, **kwargs: Any) -> None:
         recurzoo.create_model(name, device="meta", not_a_model_arg=1, **kwargs)
 
 
-def assert_dtype_change_after_forward(model: torch.nn.Module, x: torch.Tensor, dtype=torch.bfloat16) -> None:
-    """A forward, then ``.to(dtype)``: the next output is in ``dtype`` (no stale float32 cache)."""
+def assert_dtype_change_after_forward(
+    model: torch.nn.Module, x: torch.Tensor, dtype=torch.bfloat16, max_relative_error: Optional[float] = None
+) -> None:
+    """A forward, then ``.to(dtype)``: the next output is in ``dtype`` (no stale float32 cache) and, with
+    ``max_relative_error``, within that fraction of the float32 output's largest magnitude of it."""
     model.eval()
     with torch.no_grad():
-        model(x)
+        reference = model(x)
         model.to(dtype)
         output = model(x.to(dtype))
-    output = output[0] if isinstance(output, (list, tuple)) else output
+    if isinstance(output, (list, tuple)):
+        reference, output = reference[0], output[0]
     assert output.dtype == dtype, f"output dtype {output.dtype} != {dtype} after .to({dtype})"
+    if max_relative_error is not None:
+        error = (output.float() - reference).abs().max()
+        assert error < max_relative_error * reference.abs().max(), f"{dtype} output off by {error:.3g}"
     model.to(torch.float32)
 
 
@@ -115,6 +122,38 @@ def assert_grad_checkpointing_keeps_gradients(name: str, x: torch.Tensor, **kwar
         torch.testing.assert_close(with_checkpoints, without, rtol=1e-4, atol=1e-6)
 
 
+def assert_features_only_grad_checkpointing_keeps_gradients(
+    name: str, x: torch.Tensor, out_indices: Sequence[int], **kwargs: Any
+) -> None:
+    """The ``features_only`` model of ``name`` at ``out_indices`` gets the same gradients, every parameter
+    one, with and without ``set_grad_checkpointing`` (which timm's FeatureGetterNet leaves to the model)."""
+    grads = []
+    for enabled in (False, True):
+        torch.manual_seed(0)  # the same weights, and the same randomness in training
+        features = recurzoo.create_model(name, features_only=True, out_indices=out_indices, **kwargs)
+        features.train().model.set_grad_checkpointing(enabled)
+        sum(f.pow(2).mean() for f in features(x)).backward()
+        grads.append([p.grad for p in features.parameters()])
+    assert all(grad is not None for grad in grads[0] + grads[1])
+    for without, with_checkpoints in zip(*grads):
+        torch.testing.assert_close(with_checkpoints, without, rtol=1e-4, atol=1e-6)
+
+
+def assert_fx_trains_the_whole_model(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    """torchvision's ``create_feature_extractor`` traces the training graph to its last node, the backward
+    pass reaches every parameter and the traced module holds all the model's parameters. Returns it."""
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    train_nodes, _ = get_graph_node_names(model.train(), tracer_kwargs=tracer_kwargs)
+    traced = create_feature_extractor(model, return_nodes=[train_nodes[-1]], tracer_kwargs=tracer_kwargs)
+    next(iter(traced(x).values())).mean().backward()
+    assert not [name for name, parameter in traced.named_parameters() if parameter.grad is None]
+    assert sum(p.numel() for p in traced.parameters()) == sum(p.numel() for p in model.parameters())
+    return traced
+
+
 def assert_parameter_groups_match(model: torch.nn.Module) -> None:
     """``group_matcher()`` splits the parameters into more than one group, and each ``no_weight_decay()``
     entry matches a parameter or names an optional one this configuration leaves unset (timm's rule)."""
@@ -134,6 +173,28 @@ def assert_parameter_groups_match(model: torch.nn.Module) -> None:
             if owner is None:
                 break
         assert owner is None, f"no_weight_decay() entry {pattern!r} matches no parameter"
+
+
+def assert_reset_classifier_keeps_the_pooling(model: torch.nn.Module, x: torch.Tensor) -> tuple:
+    """``reset_classifier(5)`` without a pool type keeps the pooling (the pre-logits do not change) and
+    gives 5 outputs. Returns the features and the pre-logits, for the family's own pooling checks."""
+    with torch.no_grad():
+        features = model.forward_features(x)
+        expected = model.forward_head(features, pre_logits=True)
+        model.reset_classifier(5)
+        torch.testing.assert_close(model.forward_head(features, pre_logits=True), expected)
+        assert model(x).shape == (x.shape[0], 5)
+    return features, expected
+
+
+def assert_reset_classifier_takes_the_parent_device_dtype_and_mode(model: torch.nn.Module) -> None:
+    """A classifier that ``reset_classifier`` creates again (after removing it) lives on the model's device
+    and dtype (moved here to meta float64) and in the model's train/eval mode."""
+    model.to(device="meta", dtype=torch.float64)
+    model.reset_classifier(0)
+    model.reset_classifier(2)
+    head = model.get_classifier()
+    assert (head.weight.device.type, head.weight.dtype, head.training) == ("meta", torch.float64, model.training)
 
 
 def assert_prune_intermediate_layers_contract(model: torch.nn.Module, x: torch.Tensor) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -132,3 +132,65 @@ def write_code_running_checkpoints(folder: str, marker: str) -> Tuple[str, str]:
         pickle.dump({"state_dict": {"w": torch.zeros(1)}, "payload": _RunsCode(marker)}, handle)
     torch.save({"model": {"w": torch.zeros(1)}, "payload": _RunsCode(marker)}, zipped)
     return legacy, zipped
+
+
+# Reduced widths the training tests build their models with (a few thousand parameters, a 32-pixel input).
+TINY_HORNET = dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1))
+TINY_SRET = dict(embed_dims=(16, 32, 64), num_heads=(1, 2, 4), num_shared_blocks=(1, 1, 1))  # BatchNorm in its stem
+TINY_RGT = dict(embed_dim=12, num_heads=2, blocks_per_group=1)
+
+
+def kwargs_flags(kwargs: dict) -> List[str]:
+    """``--model-kwargs`` items of a dict: ``dims=(8,16,32,64)`` (Python literals without spaces)."""
+    return [f"{key}={value!r}".replace(" ", "") for key, value in kwargs.items()]
+
+
+def cli_flags(**options: Any) -> List[str]:
+    """Flags of keyword options: ``img_size=32`` -> ``--img-size 32``; ``True`` is a bare flag; a dict is a
+    ``KEY=VALUE`` list (:func:`kwargs_flags`); ``None`` leaves the flag out (the script's default)."""
+    flags = []
+    for name, value in options.items():
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif isinstance(value, dict):
+            flags += [flag, *kwargs_flags(value)]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def classification_args(
+    data_dir: Any, output: Any, model: str = "hornet_tiny_7x7", kwargs: Optional[dict] = None, **options: Any
+) -> List[str]:
+    """A short CPU classification run of ``model`` (default: :data:`TINY_HORNET` widths) on 32-pixel
+    images, one epoch, no warm-up, no loader workers, no progress bars; ``options`` add or override flags."""
+    run = dict(data_dir=data_dir, output=output, model=model, model_kwargs=TINY_HORNET if kwargs is None else kwargs)
+    defaults = dict(img_size=32, batch_size=8, epochs=1, warmup_epochs=0, workers=0, device="cpu", no_progress=True)
+    return cli_flags(**run, **{**defaults, **options})
+
+
+def sr_args(train_dir: Any, output: Any, **options: Any) -> List[str]:
+    """A short CPU super-resolution run of ``rgt_small_x2`` at :data:`TINY_RGT` widths on 12-pixel LR
+    patches, no loader workers, no progress bars; ``options`` add or override flags."""
+    run = dict(train_data=train_dir, output=output, model="rgt_small_x2", model_kwargs=TINY_RGT)
+    defaults = dict(patch_size=12, batch_size=2, workers=0, device="cpu", no_progress=True)
+    return cli_flags(**run, **{**defaults, **options})
+
+
+def detection_args(
+    data_dir: Any,
+    output: Any,
+    backbone: str = "hornet_tiny_7x7",
+    kwargs: Optional[dict] = None,
+    detector_kwargs: Optional[dict] = None,
+    **options: Any,
+) -> List[str]:
+    """A short CPU detection run on 64-pixel COCO images with ``backbone`` (default: :data:`TINY_HORNET`
+    widths), batches of 4, no warm-up, no loader workers, no progress bars; ``options`` add or override flags."""
+    run = dict(data_dir=data_dir, output=output, backbone=backbone, detector_kwargs=detector_kwargs or {})
+    run.update(backbone_kwargs=TINY_HORNET if kwargs is None else kwargs)
+    defaults = dict(min_size=64, max_size=64, batch_size=4, warmup_epochs=0, workers=0, device="cpu", no_progress=True)
+    return cli_flags(**run, **{**defaults, **options})

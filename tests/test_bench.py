@@ -142,3 +142,14 @@ def test_training_step_memory_and_growth_points_are_measured_in_fresh_processes(
     assert (plain.grad_checkpointing, checkpointed.grad_checkpointing) == (False, True)
     (point,) = measure_growth(["test_convnext"], [32], threads=1)
     assert not point.error and point.latency_s > 0 and point.peak_memory_mb > 0 and point.side == 32
+
+
+def test_a_failed_worker_is_a_row_of_what_was_asked_with_nan_measurements_and_its_error():
+    import math
+
+    from recurzoo.export.scaling import measure_growth
+
+    (point,) = measure_growth(["no_such_model"], [48], tile=16, threads=1)
+    assert (point.model, point.side, point.tile) == ("no_such_model", 48, 16)
+    assert all(math.isnan(value) for value in (point.latency_s, point.peak_memory_mb, point.step_memory_mb))
+    assert "no_such_model" in point.error

@@ -11,10 +11,13 @@ import torch.nn.functional as F
 from _contract import (
     assert_dtype_change_after_forward,
     assert_factory_device_and_dtype,
+    assert_fx_trains_the_whole_model,
     assert_grad_checkpointing_keeps_gradients,
     assert_meta_init_gives_a_working_model,
     assert_parameter_groups_match,
     assert_prune_intermediate_layers_contract,
+    assert_reset_classifier_keeps_the_pooling,
+    assert_reset_classifier_takes_the_parent_device_dtype_and_mode,
     assert_torchvision_feature_extractor,
     assert_unknown_argument_raises,
 )
@@ -196,24 +199,6 @@ def test_group_matcher_covers_every_parameter():
     assert sum(len(names) for names in groups.values()) == len(list(model.named_parameters()))
 
 
-def test_weight_downloads_have_distinct_named_cache_files():
-    # The Tsinghua Cloud URLs end in "/?dl=1": without a name timm would cache to a directory path.
-    urls = [timm.models.get_pretrained_cfg(name).url for name in timm.list_pretrained("hornet_*")]
-    assert urls and all(isinstance(url, tuple) and url[1].endswith(".pth") for url in urls)
-    assert len({name for _, name in urls}) == len(urls)
-
-
-def test_pretrained_without_network_fails_fast_with_instructions(monkeypatch):
-    from recurzoo import checkpoint
-
-    monkeypatch.setattr(checkpoint, "_reachable", lambda url, timeout: False)
-    monkeypatch.setenv("TORCH_HOME", "/nonexistent-cache")
-    with pytest.raises(
-        ValueError, match=r"hornet_tiny_7x7.*out of reach.*nonexistent-cache.*pretrained_cfg_overlay=dict\(file="
-    ):
-        recurzoo.create_model("hornet_tiny_7x7", pretrained=True)
-
-
 # --------------------------------------------------------------------------------------------------
 # timm's model contract, at test widths (SMALL), for both spatial mixers
 # --------------------------------------------------------------------------------------------------
@@ -275,12 +260,7 @@ def test_unknown_argument_raises_type_error(name):
 def test_dtype_change_after_a_forward_gives_outputs_in_the_new_dtype(name):
     model = _perturbed(recurzoo.create_model(name, **SMALL)).eval()
     x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        reference = model(x)
-    assert_dtype_change_after_forward(model, x, dtype=torch.bfloat16)
-    with torch.no_grad():
-        low = model.to(torch.bfloat16)(x.to(torch.bfloat16))
-    assert (low.float() - reference).abs().max() < 0.05 * reference.abs().max()
+    assert_dtype_change_after_forward(model, x, dtype=torch.bfloat16, max_relative_error=0.05)
 
 
 @pytest.mark.parametrize("name", BOTH)
@@ -291,19 +271,11 @@ def test_parameter_groups_and_no_weight_decay_name_parameters(name):
 def test_reset_classifier_keeps_the_pooling_and_the_parent_device_dtype_and_mode():
     model = _perturbed(recurzoo.create_model("hornet_tiny_gf", global_pool="max", num_classes=4, **SMALL)).eval()
     x = torch.randn(2, 3, 64, 64)
+    features, expected = assert_reset_classifier_keeps_the_pooling(model, x)
     with torch.no_grad():
-        features = model.forward_features(x)
-        expected = model.forward_head(features, pre_logits=True)
-        model.reset_classifier(5)
-        torch.testing.assert_close(model.forward_head(features, pre_logits=True), expected)
-        assert model(x).shape == (2, 5)
         model.reset_classifier(5, "avg")
         assert not torch.allclose(model.forward_head(features, pre_logits=True), expected)
-    model.to(device="meta", dtype=torch.float64)
-    model.reset_classifier(0)
-    model.reset_classifier(2)
-    head = model.get_classifier()
-    assert (head.weight.device.type, head.weight.dtype, head.training) == ("meta", torch.float64, False)
+    assert_reset_classifier_takes_the_parent_device_dtype_and_mode(model)
 
 
 @pytest.mark.parametrize("name", BOTH)
@@ -355,18 +327,10 @@ def test_prune_intermediate_layers_meets_timms_contract(name):
 
 @pytest.mark.parametrize("name", BOTH)
 def test_fx_traces_the_whole_model_forward_and_backward(name):
-    from timm.models import get_notrace_functions, get_notrace_modules
-    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
-
     model = _perturbed(recurzoo.create_model(name, num_classes=5, **SMALL))
     x = torch.randn(2, 3, 64, 64)
     assert_torchvision_feature_extractor(model, x)
-    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
-    train_nodes, _ = get_graph_node_names(model.train(), tracer_kwargs=tracer_kwargs)
-    traced = create_feature_extractor(model, return_nodes=[train_nodes[-1]], tracer_kwargs=tracer_kwargs)
-    next(iter(traced(x).values())).mean().backward()
-    assert not [n for n, p in traced.named_parameters() if p.grad is None]
-    assert count_params(traced) == count_params(model)
+    assert_fx_trains_the_whole_model(model, x)
 
 
 @pytest.mark.parametrize("name", BOTH)

@@ -52,6 +52,25 @@ def test_hub_weights_offline_fail_fast_naming_file_cache_and_local_option(offlin
     assert offline == ["https://huggingface.co"]
 
 
+@pytest.mark.parametrize("family", ["hornet", "sret"])
+def test_every_url_weight_of_the_zoo_has_its_own_cache_file_name(family):
+    # Tsinghua Cloud URLs end in "/?dl=1", Google Drive ones in ".../uc": without a file name of its own
+    # timm would cache every tag to the same path.
+    urls = [timm.models.get_pretrained_cfg(name).url for name in timm.list_pretrained(f"{family}_*")]
+    assert urls and all(isinstance(url, tuple) and url[1].endswith(".pth") for url in urls)
+    assert len({file_name for _, file_name in urls}) == len(urls)
+
+
+@pytest.mark.parametrize("name", ["hornet_tiny_7x7", "sret_tiny.distill_in1k"])
+def test_zoo_url_weights_offline_fail_fast_naming_cache_and_local_option(offline, monkeypatch, name):
+    monkeypatch.setenv("TORCH_HOME", "/nonexistent-cache")
+    architecture = name.split(".")[0]
+    with pytest.raises(
+        ValueError, match=rf"{architecture}.*out of reach.*nonexistent-cache.*pretrained_cfg_overlay=dict\(file="
+    ):
+        _create_timed(name, pretrained=True)
+
+
 def test_hub_offline_mode_is_named(monkeypatch, tmp_path):
     from huggingface_hub import constants
 

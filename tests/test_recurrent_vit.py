@@ -15,12 +15,18 @@ import torch
 from _contract import (
     assert_dtype_change_after_forward,
     assert_factory_device_and_dtype,
+    assert_features_only_grad_checkpointing_keeps_gradients,
+    assert_fx_trains_the_whole_model,
     assert_grad_checkpointing_keeps_gradients,
     assert_meta_init_gives_a_working_model,
+    assert_prune_intermediate_layers_contract,
+    assert_reset_classifier_keeps_the_pooling,
+    assert_reset_classifier_takes_the_parent_device_dtype_and_mode,
     assert_torchvision_feature_extractor,
     assert_unknown_argument_raises,
 )
 from _reduced import REDUCED
+from _train_data import cli_flags
 from PIL import Image
 
 import recurzoo
@@ -268,12 +274,7 @@ def test_unknown_argument_raises_type_error():
 def test_dtype_change_after_a_forward_gives_outputs_in_the_new_dtype():
     model = _perturbed(_reduced(**RELAXED))
     x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        reference = model.eval()(x)
-    assert_dtype_change_after_forward(model, x, dtype=torch.bfloat16)
-    with torch.no_grad():
-        low = model.to(torch.bfloat16)(x.to(torch.bfloat16))
-    assert (low.float() - reference).abs().max() < 0.05 * reference.abs().max()
+    assert_dtype_change_after_forward(model, x, dtype=torch.bfloat16, max_relative_error=0.05)
 
 
 def test_parameter_groups_and_no_weight_decay_name_the_model_parameters():
@@ -292,12 +293,8 @@ def test_parameter_groups_and_no_weight_decay_name_the_model_parameters():
 def test_reset_classifier_keeps_the_pooling_and_the_parent_device_dtype_and_mode():
     model = _perturbed(_reduced(global_pool="avg", num_classes=4)).eval()
     x = torch.randn(2, 3, 32, 32)
+    features, expected = assert_reset_classifier_keeps_the_pooling(model, x)
     with torch.no_grad():
-        features = model.forward_features(x)
-        expected = model.forward_head(features, pre_logits=True)
-        model.reset_classifier(5)
-        torch.testing.assert_close(model.forward_head(features, pre_logits=True), expected)
-        assert model(x).shape == (2, 5)
         model.reset_classifier(5, "token")
         torch.testing.assert_close(model.forward_head(features, pre_logits=True), model.fc_norm(features[:, 0]))
     for pool in ("map", "catavgmax"):  # a ValueError, and the AssertionError timm's models raise
@@ -305,11 +302,7 @@ def test_reset_classifier_keeps_the_pooling_and_the_parent_device_dtype_and_mode
             model.reset_classifier(5, pool)
         with pytest.raises(AssertionError):
             recurzoo.create_model(TINY, device="meta", global_pool=pool, **REDUCED["recurrent_vit"])
-    model.to(device="meta", dtype=torch.float64)
-    model.reset_classifier(0)
-    model.reset_classifier(2)
-    head = model.get_classifier()
-    assert (head.weight.device.type, head.weight.dtype, head.training) == ("meta", torch.float64, False)
+    assert_reset_classifier_takes_the_parent_device_dtype_and_mode(model)
 
 
 def test_frozen_parameters_stay_frozen_through_reset_classifier_and_set_input_size():
@@ -358,31 +351,14 @@ def test_forward_intermediates_are_each_steps_patch_tokens_and_end_at_forward_fe
 
 
 def test_prune_intermediate_layers_meets_timms_contract():
-    """timm's test_prune_intermediate_layers_contract, on a model whose pruned phases end mid-phase."""
+    """timm's test_prune_intermediate_layers_contract, on a model whose pruned phases end mid-phase: the
+    pruned model keeps the phases up to the tap and only the shared blocks they use."""
     model = _perturbed(_reduced(**RELAXED)).eval()
-    x = torch.randn(2, 3, 32, 32)
-    last = len(model.feature_info) - 1
-    with torch.no_grad():
-        expected = model(x)
-        taps = model.forward_intermediates(x, intermediates_only=True)
+    assert_prune_intermediate_layers_contract(model, torch.randn(2, 3, 32, 32))
+    for i in range(len(model.feature_info)):
         pruned = copy.deepcopy(model)
-        pruned.prune_intermediate_layers([last], prune_head=False)
-        torch.testing.assert_close(pruned(x), expected)
-    for i in range(last + 1):
-        with torch.no_grad():
-            selected = model.forward_intermediates(x, indices=[i], stop_early=True, intermediates_only=True)
-            torch.testing.assert_close(selected[0], taps[i])
-            pruned = copy.deepcopy(model)
-            take_indices = pruned.prune_intermediate_layers([i])
-            assert (len(pruned.schedule), len(pruned.blocks)) == (i + 1, 1 if i < 3 else 2)
-            selected = pruned.forward_intermediates(x, indices=take_indices, intermediates_only=True)
-            torch.testing.assert_close(selected[0], taps[i])
-            pruned = copy.deepcopy(model)
-            take_indices = pruned.prune_intermediate_layers([i], prune_norm=True)
-        pruned.train()
-        selected = pruned.forward_intermediates(x, indices=take_indices, intermediates_only=True)
-        sum(f.sum() for f in selected + [pruned.forward_features(x)]).backward()
-        assert not [n for n, p in pruned.named_parameters() if p.requires_grad and p.grad is None], i
+        pruned.prune_intermediate_layers([i])
+        assert (len(pruned.schedule), len(pruned.blocks)) == (i + 1, 1 if i < 3 else 2)
 
 
 def test_pruned_models_use_every_parameter_and_stay_deterministic_in_eval():
@@ -403,18 +379,10 @@ def test_pruned_models_use_every_parameter_and_stay_deterministic_in_eval():
 
 
 def test_fx_traces_the_whole_model_forward_and_backward():
-    from timm.models import get_notrace_functions, get_notrace_modules
-    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
-
     model = _perturbed(_reduced(num_classes=5, **RELAXED))
     x = torch.randn(2, 3, 32, 32)
     assert_torchvision_feature_extractor(model, x)
-    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
-    train_nodes, _ = get_graph_node_names(model.train(), tracer_kwargs=tracer_kwargs)
-    traced = create_feature_extractor(model, return_nodes=[train_nodes[-1]], tracer_kwargs=tracer_kwargs)
-    next(iter(traced(x).values())).mean().backward()
-    assert not [name for name, parameter in traced.named_parameters() if parameter.grad is None]
-    assert count_params(traced) == count_params(model)
+    assert_fx_trains_the_whole_model(model, x)
 
 
 def test_fx_features_are_the_tokens_after_each_requested_step():
@@ -442,16 +410,7 @@ def test_fx_features_are_the_tokens_after_each_requested_step():
 def test_grad_checkpointing_keeps_gradients_of_the_classifier_and_of_features_only():
     x = torch.randn(2, 3, 32, 32)
     assert_grad_checkpointing_keeps_gradients(TINY, x, **REDUCED["recurrent_vit"], **RELAXED)
-    grads = []
-    for enabled in (False, True):
-        torch.manual_seed(0)
-        features = recurzoo.create_model(TINY, features_only=True, out_indices=(1, 4), **REDUCED["recurrent_vit"])
-        features.train().model.set_grad_checkpointing(enabled)  # timm's FeatureGetterNet leaves it to the model
-        sum(f.pow(2).mean() for f in features(x)).backward()
-        grads.append([p.grad for p in features.parameters()])
-    assert all(grad is not None for grad in grads[0] + grads[1])
-    for without, with_checkpoints in zip(*grads):
-        torch.testing.assert_close(with_checkpoints, without, rtol=1e-4, atol=1e-6)
+    assert_features_only_grad_checkpointing_keeps_gradients(TINY, x, (1, 4), **REDUCED["recurrent_vit"])
 
 
 def test_vit_step_tokens_of_a_timm_vit_are_its_blocks_input_and_outputs():
@@ -534,12 +493,18 @@ def _block_recurrent_teacher(path) -> list:
     return [f"{key}={value}" for key, value in kwargs.items()]
 
 
-def test_distillation_drives_every_step_error_well_below_its_start_and_resumes(tmp_path):
+@pytest.fixture
+def distill_args(tmp_path):
+    """Writes a small image folder and a block-recurrent teacher into ``tmp_path``; returns the command line
+    of a short CPU distillation of that teacher into k=2 shared blocks, writing ``tmp_path/output``
+    (``options`` add or override flags, ``extra`` follow them)."""
     _write_image_folder(tmp_path / "data")
     teacher_kwargs = _block_recurrent_teacher(tmp_path / "teacher.pth")
-    output = tmp_path / "run"
 
-    def argv(stage2_steps: int, *extra: str) -> list:
+    def args(output: str, *extra: str, **options) -> list:
+        defaults = dict(
+            k=2, data_dir=tmp_path / "data", split=".", batch_size=8, workers=0, init="random", device="cpu"
+        )  # split ".": the class folders are directly in data/
         return [
             "--teacher",
             "vit_tiny_patch16_224",
@@ -547,38 +512,22 @@ def test_distillation_drives_every_step_error_well_below_its_start_and_resumes(t
             *teacher_kwargs,
             "--teacher-checkpoint",
             str(tmp_path / "teacher.pth"),
-            "--k",
-            "2",
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--split",
-            ".",  # the class folders are directly in it
             "--output",
-            str(output),
-            "--batch-size",
-            "8",
-            "--workers",
-            "0",
-            "--eval-images",
-            "16",
-            "--stage1-steps",
-            "30",
-            "--stage2-steps",
-            str(stage2_steps),
-            "--lr1",
-            "1e-3",
-            "--lr2",
-            "3e-4",
-            "--init",
-            "random",
-            "--depth-conditioning",
-            "--lora-rank",
-            "2",
-            "--device",
-            "cpu",
+            str(tmp_path / output),
             "--no-progress",
+            *cli_flags(**{**defaults, **options}),
             *extra,
         ]
+
+    return args
+
+
+def test_distillation_drives_every_step_error_well_below_its_start_and_resumes(tmp_path, distill_args):
+    output = tmp_path / "run"
+
+    def argv(stage2_steps: int, *extra: str) -> list:
+        recipe = dict(eval_images=16, stage1_steps=30, lr1="1e-3", lr2="3e-4", depth_conditioning=True, lora_rank=2)
+        return distill_args("run", *extra, stage2_steps=stage2_steps, **recipe)
 
     result = distill_recurrent.main(argv(30))
     assert result["phases"] == [2, 2]
@@ -596,47 +545,11 @@ def test_distillation_drives_every_step_error_well_below_its_start_and_resumes(t
     assert resumed["history"]["stage2"][:30] == result["history"]["stage2"]
 
 
-def test_distillation_stops_on_a_signal_or_a_nan_keeping_a_checkpoint_it_resumes_from(tmp_path):
+def test_distillation_stops_on_a_signal_or_a_nan_keeping_a_checkpoint_it_resumes_from(tmp_path, distill_args):
     from recurzoo.train import run
 
-    _write_image_folder(tmp_path / "data")
-    teacher_kwargs = _block_recurrent_teacher(tmp_path / "teacher.pth")
-
     def argv(output: str, *extra: str) -> list:
-        return [
-            "--teacher",
-            "vit_tiny_patch16_224",
-            "--teacher-kwargs",
-            *teacher_kwargs,
-            "--teacher-checkpoint",
-            str(tmp_path / "teacher.pth"),
-            "--k",
-            "2",
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--split",
-            ".",  # the class folders are directly in it
-            "--output",
-            str(tmp_path / output),
-            "--batch-size",
-            "8",
-            "--workers",
-            "0",
-            "--eval-images",
-            "8",
-            "--stage1-steps",
-            "4",
-            "--stage2-steps",
-            "4",
-            "--save-every",
-            "2",
-            "--init",
-            "random",
-            "--device",
-            "cpu",
-            "--no-progress",
-            *extra,
-        ]
+        return distill_args(output, *extra, eval_images=8, stage1_steps=4, stage2_steps=4, save_every=2)
 
     with pytest.raises(run.TrainingInterrupted):  # SIGTERM at the second step of stage 2
         distill_recurrent.main(argv("signal", "--fail-at-step", "5", "--fail-mode", "sigterm"))

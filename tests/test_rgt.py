@@ -11,9 +11,14 @@ import torch
 from _contract import (
     assert_dtype_change_after_forward,
     assert_factory_device_and_dtype,
+    assert_features_only_grad_checkpointing_keeps_gradients,
+    assert_fx_trains_the_whole_model,
     assert_grad_checkpointing_keeps_gradients,
     assert_meta_init_gives_a_working_model,
     assert_parameter_groups_match,
+    assert_prune_intermediate_layers_contract,
+    assert_reset_classifier_keeps_the_pooling,
+    assert_reset_classifier_takes_the_parent_device_dtype_and_mode,
     assert_torchvision_feature_extractor,
     assert_unknown_argument_raises,
 )
@@ -318,18 +323,12 @@ def test_parameter_groups_and_no_weight_decay_name_the_model_parameters():
 def test_reset_classifier_keeps_the_pooling_and_the_parent_device_dtype_and_mode():
     model = _tiny_body(num_classes=4, global_pool="max").eval()
     x = torch.rand(2, 3, 16, 24)
+    features, pre_logits = assert_reset_classifier_keeps_the_pooling(model, x)
+    torch.testing.assert_close(pre_logits, features.amax((2, 3)))
     with torch.no_grad():
-        features = model.forward_features(x)
-        model.reset_classifier(5)
-        assert model(x).shape == (2, 5)
-        torch.testing.assert_close(model.forward_head(features, pre_logits=True), features.amax((2, 3)))
         model.reset_classifier(0, "")
         torch.testing.assert_close(model(x), features)
-    model.to(device="meta", dtype=torch.float64)
-    model.reset_classifier(0)
-    model.reset_classifier(2)
-    head = model.get_classifier()
-    assert (head.weight.device.type, head.weight.dtype, head.training) == ("meta", torch.float64, False)
+    assert_reset_classifier_takes_the_parent_device_dtype_and_mode(model)
 
 
 def test_frozen_parameters_stay_frozen_through_reset_classifier():
@@ -360,51 +359,31 @@ def test_forward_intermediates_are_the_group_outputs_and_end_at_forward_features
 
 
 def test_prune_intermediate_layers_meets_timms_contract():
-    """timm's test_prune_intermediate_layers_contract: taps, stop_early, pruned output, features end at the tap."""
+    """timm's test_prune_intermediate_layers_contract; a pruned body keeps the groups up to the tap, drops
+    the head, and without its norm ends exactly at the tap."""
     model = _tiny_body(num_classes=3).eval()
     x = torch.rand(2, 3, 16, 24)
-    last = len(model.feature_info) - 1
+    assert_prune_intermediate_layers_contract(model, x)
     with torch.no_grad():
-        expected = model(x)
         taps = model.forward_intermediates(x, intermediates_only=True)
-        pruned = copy.deepcopy(model)
-        pruned.prune_intermediate_layers([last], prune_head=False)
-        torch.testing.assert_close(pruned(x), expected)
-    for i in range(last + 1):
-        with torch.no_grad():
-            selected = model.forward_intermediates(x, indices=[i], stop_early=True, intermediates_only=True)
-            torch.testing.assert_close(selected[0], taps[i])
+        for i in range(len(model.feature_info)):
             pruned = copy.deepcopy(model)
-            take_indices = pruned.prune_intermediate_layers([i])
+            pruned.prune_intermediate_layers([i])
             assert len(pruned.groups) == i + 1 and pruned.num_classes == 0
-            selected = pruned.forward_intermediates(x, indices=take_indices, intermediates_only=True)
-            torch.testing.assert_close(selected[0], taps[i])
+            if i == len(model.feature_info) - 1:
+                continue
             pruned = copy.deepcopy(model)
             take_indices = pruned.prune_intermediate_layers([i], prune_norm=True)
-            features = pruned.forward_features(x)
-            if i < last:
-                torch.testing.assert_close(features, taps[i], rtol=0, atol=0)
-                final, tapped = pruned.forward_intermediates(x, indices=take_indices)
-                torch.testing.assert_close(final, tapped[0], rtol=0, atol=0)
-        pruned.train()
-        selected = pruned.forward_intermediates(x, indices=take_indices, intermediates_only=True)
-        sum(f.sum() for f in selected + [pruned.forward_features(x)]).backward()
-        assert not [n for n, p in pruned.named_parameters() if p.requires_grad and p.grad is None], i
+            torch.testing.assert_close(pruned.forward_features(x), taps[i], rtol=0, atol=0)
+            final, tapped = pruned.forward_intermediates(x, indices=take_indices)
+            torch.testing.assert_close(final, tapped[0], rtol=0, atol=0)
 
 
 def test_fx_traces_the_whole_body_forward_and_backward():
-    from timm.models import get_notrace_functions, get_notrace_modules
-    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
-
     model = _tiny_body(num_classes=5)
     x = torch.rand(2, 3, 20, 28)
     assert_torchvision_feature_extractor(model, x)
-    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
-    train_nodes, _ = get_graph_node_names(model.train(), tracer_kwargs=tracer_kwargs)
-    traced = create_feature_extractor(model, return_nodes=[train_nodes[-1]], tracer_kwargs=tracer_kwargs)
-    next(iter(traced(x).values())).mean().backward()
-    assert not [name for name, parameter in traced.named_parameters() if parameter.grad is None]
-    assert sum(p.numel() for p in traced.parameters()) == sum(p.numel() for p in model.parameters())
+    assert_fx_trains_the_whole_model(model, x)
 
 
 def test_fx_features_are_the_group_outputs_and_check_their_input():
@@ -431,13 +410,4 @@ def test_fx_features_are_the_group_outputs_and_check_their_input():
 def test_grad_checkpointing_keeps_gradients_of_the_classifier_and_of_features_only():
     x = torch.rand(2, 3, 16, 24)
     assert_grad_checkpointing_keeps_gradients("rgt_small", x, num_classes=3, **TINY)
-    grads = []
-    for enabled in (False, True):
-        torch.manual_seed(0)
-        features = recurzoo.create_model("rgt_small", features_only=True, out_indices=(1, 4), **TINY)
-        features.train().model.set_grad_checkpointing(enabled)  # timm's FeatureGetterNet leaves it to the model
-        sum(f.pow(2).mean() for f in features(x)).backward()
-        grads.append([p.grad for p in features.parameters()])
-    assert all(grad is not None for grad in grads[0] + grads[1])
-    for without, with_checkpoints in zip(*grads):
-        torch.testing.assert_close(with_checkpoints, without, rtol=1e-4, atol=1e-6)
+    assert_features_only_grad_checkpointing_keeps_gradients("rgt_small", x, (1, 4), **TINY)

@@ -18,10 +18,14 @@ import torch.nn.functional as F
 from _contract import (
     assert_dtype_change_after_forward,
     assert_factory_device_and_dtype,
+    assert_features_only_grad_checkpointing_keeps_gradients,
+    assert_fx_trains_the_whole_model,
     assert_grad_checkpointing_keeps_gradients,
     assert_meta_init_gives_a_working_model,
     assert_parameter_groups_match,
     assert_prune_intermediate_layers_contract,
+    assert_reset_classifier_keeps_the_pooling,
+    assert_reset_classifier_takes_the_parent_device_dtype_and_mode,
     assert_torchvision_feature_extractor,
     assert_unknown_argument_raises,
 )
@@ -265,24 +269,6 @@ def test_pretrained_file_in_official_layout_loads_through_timm(tmp_path):
     assert all(torch.equal(value, expected[key]) for key, value in model.state_dict().items())
 
 
-def test_every_drive_download_has_its_own_cache_file_name():
-    # Every Google Drive url ends in ".../uc": timm would cache all tags in one file of that name.
-    urls = [timm.models.get_pretrained_cfg(name).url for name in timm.list_pretrained("sret_*")]
-    assert urls and all(isinstance(url, tuple) for url in urls)
-    assert len({file_name for _, file_name in urls}) == len(urls)
-
-
-def test_pretrained_without_network_fails_fast_with_instructions(monkeypatch):
-    from recurzoo import checkpoint
-
-    monkeypatch.setattr(checkpoint, "_reachable", lambda url, timeout: False)
-    monkeypatch.setenv("TORCH_HOME", "/nonexistent-cache")
-    with pytest.raises(
-        ValueError, match=r"sret_tiny.*out of reach.*nonexistent-cache.*pretrained_cfg_overlay=dict\(file="
-    ):
-        recurzoo.create_model("sret_tiny.distill_in1k", pretrained=True)
-
-
 def test_pos_embed_is_resampled_on_load_and_agrees_with_dynamic_resampling(tmp_path):
     source = _randomize_(_tiny(img_size=64)).eval()
     official = to_official_state_dict(source)
@@ -435,12 +421,7 @@ def test_unknown_argument_raises_type_error_in_the_model_and_its_stages(name):
 def test_dtype_change_after_a_forward_gives_outputs_in_the_new_dtype(name):
     model = _randomize_(_reduced(name, num_classes=10)).eval()
     x = torch.randn(1, 3, 40, 40)  # 25, 9 and 4 tokens: padded slices in every stage of sret_tiny
-    with torch.no_grad():
-        reference = model(x)
-    assert_dtype_change_after_forward(model, x, dtype=torch.bfloat16)
-    with torch.no_grad():
-        low = model.to(torch.bfloat16)(x.to(torch.bfloat16))
-    assert (low.float() - reference).abs().max() < 0.1 * reference.abs().max()
+    assert_dtype_change_after_forward(model, x, dtype=torch.bfloat16, max_relative_error=0.1)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -451,21 +432,13 @@ def test_parameter_groups_and_no_weight_decay_name_the_model_parameters(name):
 def test_reset_classifier_keeps_the_pooling_and_the_parent_device_dtype_and_mode():
     model = _randomize_(_reduced(global_pool="max", num_classes=4)).eval()
     x = torch.randn(2, 3, 64, 64)
+    features, expected = assert_reset_classifier_keeps_the_pooling(model, x)
     with torch.no_grad():
-        features = model.forward_features(x)
-        expected = model.forward_head(features, pre_logits=True)
-        model.reset_classifier(5)
-        torch.testing.assert_close(model.forward_head(features, pre_logits=True), expected)
-        assert model(x).shape == (2, 5)
         model.reset_classifier(5, "avg")
         assert not torch.allclose(model.forward_head(features, pre_logits=True), expected)
         model.reset_classifier(0, "")
         assert model(x).shape == features.shape == (2, 64, 2, 2)
-    model.to(device="meta", dtype=torch.float64)
-    model.reset_classifier(0)
-    model.reset_classifier(2)
-    head = model.get_classifier()
-    assert (head.weight.device.type, head.weight.dtype, head.training) == ("meta", torch.float64, False)
+    assert_reset_classifier_takes_the_parent_device_dtype_and_mode(model)
 
 
 def test_frozen_parameters_stay_frozen_through_reset_classifier_and_set_input_size():
@@ -533,18 +506,10 @@ def test_fx_features_are_the_eager_stage_outputs_and_back_propagate(name):
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_fx_traces_the_whole_model_forward_and_backward(name):
-    from timm.models import get_notrace_functions, get_notrace_modules
-    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
-
     model = _randomize_(_reduced(name, num_classes=5))
     x = torch.randn(2, 3, 40, 56)
     assert_torchvision_feature_extractor(model, x)
-    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
-    train_nodes, _ = get_graph_node_names(model.train(), tracer_kwargs=tracer_kwargs)
-    traced = create_feature_extractor(model, return_nodes=[train_nodes[-1]], tracer_kwargs=tracer_kwargs)
-    next(iter(traced(x).values())).mean().backward()
-    assert not [key for key, parameter in traced.named_parameters() if parameter.grad is None]
-    assert count_params(traced) == count_params(model)
+    traced = assert_fx_trains_the_whole_model(model, x)
     with pytest.raises(ValueError, match=f"{name}: expects height and width of at least 32"):
         traced(torch.randn(1, 3, 16, 16))  # the input check is part of the traced graph
 
@@ -553,16 +518,7 @@ def test_fx_traces_the_whole_model_forward_and_backward(name):
 def test_grad_checkpointing_keeps_gradients_of_the_classifier_and_of_features_only(name):
     x = torch.randn(2, 3, 64, 64)
     assert_grad_checkpointing_keeps_gradients(name, x, **REDUCED["sret"])
-    grads = []
-    for enabled in (False, True):
-        torch.manual_seed(0)  # the same weights, and the same random slices in training
-        features = recurzoo.create_model(name, features_only=True, out_indices=(0, 2), **REDUCED["sret"])
-        features.train().model.set_grad_checkpointing(enabled)  # timm's FeatureGetterNet leaves it to the model
-        sum(f.pow(2).mean() for f in features(x)).backward()
-        grads.append([p.grad for p in features.parameters()])
-    assert all(grad is not None for grad in grads[0] + grads[1])
-    for without, with_checkpoints in zip(*grads):
-        torch.testing.assert_close(with_checkpoints, without, rtol=1e-4, atol=1e-6)
+    assert_features_only_grad_checkpointing_keeps_gradients(name, x, (0, 2), **REDUCED["sret"])
 
 
 def test_msrnet_over_sret_builds_on_meta_and_initialises_the_backbone():

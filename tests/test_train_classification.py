@@ -21,43 +21,15 @@ import recurzoo  # noqa: F401
 from recurzoo.train import arguments, classification, resume, validate
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _train_data import make_image_folder  # noqa: E402
+from _train_data import classification_args, kwargs_flags, make_image_folder  # noqa: E402
 
 HORNET = dict(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1))
 SRET = dict(embed_dims=(32, 64, 128), num_heads=(1, 2, 4), num_shared_blocks=(1, 1, 1))
 CHANCE = 100.0 / 3
 
 
-def _kwargs_flags(kwargs):
-    return [f"{key}={value!r}".replace(" ", "") for key, value in kwargs.items()]
-
-
 def _base_args(data_dir, output, model, kwargs, epochs=2):
-    return [
-        "--data-dir",
-        str(data_dir),
-        "--model",
-        model,
-        "--model-kwargs",
-        *_kwargs_flags(kwargs),
-        "--img-size",
-        "32",
-        "--batch-size",
-        "8",
-        "--epochs",
-        str(epochs),
-        "--warmup-epochs",
-        "0",
-        "--lr",
-        "2e-3",
-        "--workers",
-        "0",
-        "--output",
-        str(output),
-        "--no-progress",
-        "--seed",
-        "1",
-    ]
+    return classification_args(data_dir, output, model, kwargs, epochs=epochs, lr="2e-3", seed=1, device=None)
 
 
 def _summary(output):
@@ -192,7 +164,7 @@ def test_distillation_run_with_mixup_from_a_frozen_teacher_checkpoint(image_fold
         "--teacher",
         "hornet_tiny_7x7",
         "--teacher-kwargs",
-        *_kwargs_flags(HORNET),
+        *kwargs_flags(HORNET),
         "--kd-temperature",
         "2",
         "--kd-weight",
@@ -227,7 +199,7 @@ def test_validate_matches_a_hand_computed_top1_and_top5(image_folder, tmp_path, 
             "--model",
             "hornet_tiny_7x7",
             "--model-kwargs",
-            *_kwargs_flags(HORNET),
+            *kwargs_flags(HORNET),
             "--checkpoint",
             str(tmp_path / "model.pth"),
             "--img-size",

@@ -19,7 +19,16 @@ import recurzoo  # noqa: F401
 from recurzoo.train.arguments import run_cli
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _train_data import make_coco, make_image_folder, write_code_running_checkpoints  # noqa: E402
+from _train_data import (  # noqa: E402
+    TINY_HORNET,
+    TINY_RGT,
+    classification_args,
+    kwargs_flags,
+    make_coco,
+    make_image_folder,
+    sr_args,
+    write_code_running_checkpoints,
+)
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning:pycocotools", "ignore:Detected pickle protocol:UserWarning"
@@ -121,31 +130,14 @@ def test_crafted_checkpoint_is_refused_in_one_line_and_its_payload_never_runs(da
 
 
 def _evil_cases():
-    folder = [
-        "--data-dir",
-        "<root>/folder",
-        "--model",
-        "hornet_tiny_7x7",
-        *HORNET,
-        "--img-size",
-        "32",
-        "--batch-size",
-        "2",
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
-        "--output",
-        "<out>",
-    ]
+    folder = classification_args("<root>/folder", "<out>", batch_size=2)
     coco = [
         "--data-dir",
         "<root>/coco",
         "--backbone",
         "hornet_tiny_7x7",
         "--backbone-kwargs",
-        "dims=(8,16,32,64)",
-        "depths=(1,1,1,1)",
+        *kwargs_flags(TINY_HORNET),
         "--workers",
         "0",
         "--device",
@@ -153,21 +145,22 @@ def _evil_cases():
         "--output",
         "<out>",
     ]
-    sr = [
-        "--model",
-        "rgt_small_x2",
+    sr = sr_args("<root>/sr", "<out>", batch_size=1)
+    cod = [
+        "--backbone",
+        "hornet_tiny_7x7",
         "--model-kwargs",
-        "embed_dim=12",
-        "num_heads=2",
-        "blocks_per_group=1",
-        "--train-data",
-        "<root>/sr",
-        "--patch-size",
-        "12",
-        "--batch-size",
-        "1",
-        "--workers",
-        "0",
+        f"backbone_kwargs={TINY_HORNET}",
+        "--device",
+        "cpu",
+        "--output",
+        "<out>",
+    ]
+    distill = [
+        "--teacher",
+        "vit_tiny_patch16_224",
+        "--data-dir",
+        "<root>/folder",
         "--device",
         "cpu",
         "--output",
@@ -182,8 +175,7 @@ def _evil_cases():
                 "--teacher",
                 "hornet_tiny_7x7",
                 "--teacher-kwargs",
-                "dims=(8,16,32,64)",
-                "depths=(1,1,1,1)",
+                *kwargs_flags(TINY_HORNET),
                 "--teacher-checkpoint",
                 "<evil>",
             ],
@@ -211,78 +203,16 @@ def _evil_cases():
         ("detection", coco + ["--resume", "<evil>"]),
         ("super_resolution", sr + ["--checkpoint", "<evil>"]),
         ("super_resolution", sr + ["--resume", "<evil>"]),
+        ("camouflage", cod + ["--evaluate", "--test-sets", "<root>/cod", "--checkpoint", "<evil>"]),
         (
             "camouflage",
-            [
-                "--backbone",
-                "hornet_tiny_7x7",
-                "--model-kwargs",
-                "backbone_kwargs={'dims': (8, 16, 32, 64), 'depths': (1, 1, 1, 1)}",
-                "--evaluate",
-                "--test-sets",
-                "<root>/cod",
-                "--device",
-                "cpu",
-                "--output",
-                "<out>",
-                "--checkpoint",
-                "<evil>",
-            ],
-        ),
-        (
-            "camouflage",
-            [
-                "--backbone",
-                "hornet_tiny_7x7",
-                "--model-kwargs",
-                "backbone_kwargs={'dims': (8, 16, 32, 64), 'depths': (1, 1, 1, 1)}",
-                "--train-sets",
-                "<root>/cod",
-                "--batch-size",
-                "2",
-                "--workers",
-                "0",
-                "--device",
-                "cpu",
-                "--output",
-                "<out>",
-                "--resume",
-                "<evil>",
-            ],
+            cod + ["--train-sets", "<root>/cod", "--batch-size", "2", "--workers", "0", "--resume", "<evil>"],
         ),
         (
             "distill_recurrent",
-            [
-                "--teacher",
-                "vit_tiny_patch16_224",
-                "--teacher-kwargs",
-                "img_size=32",
-                "depth=2",
-                "--data-dir",
-                "<root>/folder",
-                "--device",
-                "cpu",
-                "--output",
-                "<out>",
-                "--teacher-checkpoint",
-                "<evil>",
-            ],
+            distill + ["--teacher-kwargs", "img_size=32", "depth=2", "--teacher-checkpoint", "<evil>"],
         ),
-        (
-            "distill_recurrent",
-            [
-                "--teacher",
-                "vit_tiny_patch16_224",
-                "--data-dir",
-                "<root>/folder",
-                "--device",
-                "cpu",
-                "--output",
-                "<out>",
-                "--resume",
-                "<evil>",
-            ],
-        ),
+        ("distill_recurrent", distill + ["--resume", "<evil>"]),
     ]
 
 
@@ -314,9 +244,7 @@ def test_every_checkpoint_flag_refuses_a_crafted_pickle_in_one_line(data, tmp_pa
                 "--model",
                 "rgt_small_x2",
                 "--model-kwargs",
-                "embed_dim=12",
-                "num_heads=2",
-                "blocks_per_group=1",
+                *kwargs_flags(TINY_RGT),
                 "--train-data",
                 "<tmp>/absent",
             ],
@@ -361,20 +289,7 @@ def test_checkpoint_of_another_width_is_one_line_naming_the_mismatch(data, tmp_p
 
     wide = recurzoo.create_model("hornet_tiny_7x7", num_classes=3, dims=(16, 32, 64, 128), depths=(1, 1, 1, 1))
     torch.save(dict(state_dict=wide.state_dict()), tmp_path / "wide.pth")
-    argv = [
-        "--data-dir",
-        str(data["root"] / "folder"),
-        "--model",
-        "hornet_tiny_7x7",
-        *HORNET,
-        "--img-size",
-        "32",
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
-        "--output",
-        str(tmp_path / "out"),
+    argv = classification_args(data["root"] / "folder", tmp_path / "out") + [
         "--initial-checkpoint",
         str(tmp_path / "wide.pth"),
     ]

@@ -17,37 +17,11 @@ from recurzoo.train import classification, data
 from recurzoo.train import super_resolution as sr_train
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _train_data import make_image_folder, write_unreadable_images  # noqa: E402
-
-HORNET = ["dims=(8,16,32,64)", "depths=(1,1,1,1)"]
+from _train_data import classification_args, make_image_folder, sr_args, write_unreadable_images  # noqa: E402
 
 
 def _classification_args(data_dir, output):
-    return [
-        "--data-dir",
-        str(data_dir),
-        "--model",
-        "hornet_tiny_7x7",
-        "--model-kwargs",
-        *HORNET,
-        "--img-size",
-        "32",
-        "--batch-size",
-        "4",
-        "--epochs",
-        "1",
-        "--warmup-epochs",
-        "0",
-        "--val-split",
-        "",
-        "--workers",
-        "0",
-        "--output",
-        str(output),
-        "--no-progress",
-        "--device",
-        "cpu",
-    ]
+    return classification_args(data_dir, output, batch_size=4, val_split="")
 
 
 def test_classification_epoch_skips_a_truncated_jpeg_and_a_non_image_and_counts_them(tmp_path):
@@ -76,31 +50,7 @@ def test_classification_fails_before_training_on_a_missing_or_empty_folder(tmp_p
 
 
 def _sr_args(train_dir, output, steps=2):
-    return [
-        "--model",
-        "rgt_small_x2",
-        "--model-kwargs",
-        "embed_dim=12",
-        "num_heads=2",
-        "blocks_per_group=1",
-        "--train-data",
-        str(train_dir),
-        "--output",
-        str(output),
-        "--batch-size",
-        "5",
-        "--patch-size",
-        "12",
-        "--steps",
-        str(steps),
-        "--ema-decay",
-        "0",
-        "--workers",
-        "0",
-        "--no-progress",
-        "--device",
-        "cpu",
-    ]
+    return sr_args(train_dir, output, batch_size=5, steps=steps, ema_decay=0)
 
 
 def test_super_resolution_drops_non_images_up_front_and_skips_truncated_ones_while_training(tmp_path):

@@ -20,21 +20,19 @@ from recurzoo.heads.detection import create_detector, create_fpn_backbone
 from recurzoo.train import detection, resume
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _train_data import make_coco  # noqa: E402
+from _train_data import TINY_SRET, detection_args, make_coco  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools")  # numpy 2 notice
 
-HORNET = ["dims=(16,32,64,128)", "depths=(1,1,1,1)"]
-HORNET_KWARGS = dict(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1))
-SRET = ["embed_dims=(16,32,64)", "num_heads=(1,2,4)", "num_shared_blocks=(1,1,1)"]
-SMALL_DETECTOR = [
-    "rpn_pre_nms_top_n_train=200",
-    "rpn_post_nms_top_n_train=100",
-    "rpn_pre_nms_top_n_test=100",
-    "rpn_post_nms_top_n_test=50",
-    "box_batch_size_per_image=64",
-    "rpn_batch_size_per_image=64",
-]
+HORNET = dict(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1))
+SMALL_DETECTOR = dict(
+    rpn_pre_nms_top_n_train=200,
+    rpn_post_nms_top_n_train=100,
+    rpn_pre_nms_top_n_test=100,
+    rpn_post_nms_top_n_test=50,
+    box_batch_size_per_image=64,
+    rpn_batch_size_per_image=64,
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,45 +41,20 @@ def coco_root(tmp_path_factory):
 
 
 def _args(root, output, backbone="hornet_tiny_7x7", kwargs=HORNET, epochs=3):
-    return [
-        "--data-dir",
-        str(root),
-        "--backbone",
+    return detection_args(
+        root,
+        output,
         backbone,
-        "--backbone-kwargs",
-        *kwargs,
-        "--min-size",
-        "64",
-        "--max-size",
-        "64",
-        "--fpn-channels",
-        "32",
-        "--batch-size",
-        "4",
-        "--epochs",
-        str(epochs),
-        "--opt",
-        "adamw",
-        "--lr",
-        "2e-3",
-        "--weight-decay",
-        "0.01",
-        "--sched",
-        "cosine",
-        "--warmup-epochs",
-        "0",
-        "--anchor-scale",
-        "4",
-        "--workers",
-        "0",
-        "--no-progress",
-        "--device",
-        "cpu",
-        "--output",
-        str(output),
-        "--detector-kwargs",
-        *SMALL_DETECTOR,
-    ]
+        kwargs,
+        SMALL_DETECTOR,
+        fpn_channels=32,
+        epochs=epochs,
+        opt="adamw",
+        lr="2e-3",
+        weight_decay=0.01,
+        sched="cosine",
+        anchor_scale=4,
+    )
 
 
 def _summary(output):
@@ -141,7 +114,7 @@ def test_coco_evaluation_scores_perfect_detections_one_and_worse_ones_lower(coco
 
 
 def test_fpn_backbone_loads_a_classification_checkpoint(tmp_path):
-    kwargs = HORNET_KWARGS
+    kwargs = HORNET
     classifier = recurzoo.create_model("hornet_tiny_7x7", num_classes=7, **kwargs)
     torch.save(dict(state_dict=classifier.state_dict()), tmp_path / "classifier.pth")
     backbone = create_fpn_backbone(
@@ -192,7 +165,9 @@ def test_fasterrcnn_fine_tuning_learns_and_reports_map(coco_root, tmp_path):
 
 def test_maskrcnn_on_sret_reports_box_and_mask_map(coco_root, tmp_path):
     output = tmp_path / "mrcnn"
-    detection.main(_args(coco_root, output, backbone="sret_tiny", kwargs=SRET, epochs=1) + ["--detector", "maskrcnn"])
+    detection.main(
+        _args(coco_root, output, backbone="sret_tiny", kwargs=TINY_SRET, epochs=1) + ["--detector", "maskrcnn"]
+    )
     (row,) = _summary(output)
     for key in ("eval_map", "eval_map50", "eval_mask_map", "eval_mask_map50", "train_loss_mask"):
         assert key in row and 0.0 <= float(row[key]) < 10, key
@@ -212,7 +187,7 @@ def test_two_torchrun_processes_end_with_identical_detector_weights(coco_root, t
         "2",
         "--module",
         "recurzoo.train.detection",
-        *_args(coco_root, output, backbone="sret_tiny", kwargs=SRET, epochs=1),
+        *_args(coco_root, output, backbone="sret_tiny", kwargs=TINY_SRET, epochs=1),
         "--batch-size",
         "2",
         "--rank-weights",
@@ -237,7 +212,7 @@ def test_backbone_checkpoint_flag_starts_the_backbone_from_a_classifier(coco_roo
     filter; with a learning rate of 0 the trained backbone still equals the classifier."""
     from safetensors.torch import load_file
 
-    classifier = recurzoo.create_model("hornet_tiny_7x7", num_classes=7, **HORNET_KWARGS)
+    classifier = recurzoo.create_model("hornet_tiny_7x7", num_classes=7, **HORNET)
     torch.save(dict(state_dict_ema=classifier.state_dict(), epoch=3), tmp_path / "classifier.pth")
     detection.main(
         _args(coco_root, tmp_path / "run", epochs=1)

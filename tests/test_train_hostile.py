@@ -15,36 +15,11 @@ from recurzoo.train import classification, data, validate
 from recurzoo.train.arguments import run_cli
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _train_data import make_image_folder  # noqa: E402
-
-HORNET_KWARGS = dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1))
-HORNET = ["--model-kwargs", "dims=(8,16,32,64)", "depths=(1,1,1,1)"]
+from _train_data import TINY_HORNET, classification_args, make_image_folder  # noqa: E402
 
 
 def _train_args(data_dir, output, *extra):
-    return [
-        "--data-dir",
-        str(data_dir),
-        "--model",
-        "hornet_tiny_7x7",
-        *HORNET,
-        "--img-size",
-        "32",
-        "--batch-size",
-        "3",
-        "--epochs",
-        "1",
-        "--warmup-epochs",
-        "0",
-        "--workers",
-        "0",
-        "--output",
-        str(output),
-        "--no-progress",
-        "--device",
-        "cpu",
-        *extra,
-    ]
+    return classification_args(data_dir, output, batch_size=3) + list(extra)
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +89,9 @@ def trained_at_32(tmp_path_factory):
     """A checkpoint as the classification script writes it: weights and the run's arguments (32 px)."""
     folder = tmp_path_factory.mktemp("checkpoint")
     torch.manual_seed(0)
-    model = recurzoo.create_model("hornet_tiny_7x7", num_classes=3, **HORNET_KWARGS)
+    model = recurzoo.create_model("hornet_tiny_7x7", num_classes=3, **TINY_HORNET)
     args = dict(
-        model="hornet_tiny_7x7", model_kwargs=HORNET_KWARGS, img_size=32, crop_pct=1.0, mean=[0.5] * 3, std=[0.25] * 3
+        model="hornet_tiny_7x7", model_kwargs=TINY_HORNET, img_size=32, crop_pct=1.0, mean=[0.5] * 3, std=[0.25] * 3
     )
     torch.save(dict(state_dict=model.state_dict(), args=args, epoch=0), folder / "model_best.pth.tar")
     data_dir = make_image_folder(str(folder / "data"), per_class=(1, 2))

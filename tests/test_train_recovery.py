@@ -20,11 +20,8 @@ import recurzoo  # noqa: F401
 from recurzoo.train import arguments, classification, resume, run
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _train_data import make_image_folder  # noqa: E402
+from _train_data import TINY_HORNET, TINY_SRET, classification_args, make_image_folder  # noqa: E402
 
-HORNET = ["dims=(8,16,32,64)", "depths=(1,1,1,1)"]
-SRET = ["embed_dims=(16,32,64)", "num_heads=(1,2,4)", "num_shared_blocks=(1,1,1)"]  # BatchNorm in its stem
-SRET_KWARGS = dict(embed_dims=(16, 32, 64), num_heads=(1, 2, 4), num_shared_blocks=(1, 1, 1))
 STEPS_PER_EPOCH = 4
 
 
@@ -33,32 +30,8 @@ def image_folder(tmp_path_factory):
     return make_image_folder(str(tmp_path_factory.mktemp("colours")))
 
 
-def _args(data_dir, output, epochs=3, batch_size=8, model="hornet_tiny_7x7", kwargs=HORNET):
-    return [
-        "--data-dir",
-        str(data_dir),
-        "--model",
-        model,
-        "--model-kwargs",
-        *kwargs,
-        "--img-size",
-        "32",
-        "--batch-size",
-        str(batch_size),
-        "--epochs",
-        str(epochs),
-        "--warmup-epochs",
-        "0",
-        "--lr",
-        "2e-3",
-        "--workers",
-        "0",
-        "--output",
-        str(output),
-        "--no-progress",
-        "--device",
-        "cpu",
-    ]
+def _args(data_dir, output, epochs=3, batch_size=8, model="hornet_tiny_7x7", kwargs=TINY_HORNET):
+    return classification_args(data_dir, output, model, kwargs, epochs=epochs, batch_size=batch_size, lr="2e-3")
 
 
 def _run_cli(arguments, launcher=(sys.executable, "-m")):
@@ -145,7 +118,7 @@ def test_nan_loss_exits_with_code_3_and_a_message_from_the_command_line(image_fo
 def test_two_torchrun_processes_end_with_identical_weights(image_folder, tmp_path):
     output = tmp_path / "ddp"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--module"]
-    args = _args(image_folder, output, epochs=2, batch_size=4, model="sret_tiny", kwargs=SRET)
+    args = _args(image_folder, output, epochs=2, batch_size=4, model="sret_tiny", kwargs=TINY_SRET)
     result = _run_cli(args + ["--rank-weights", "--model-ema", "--model-ema-decay", "0.9"], launcher=torchrun)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 process(es)" in result.stderr and f"{STEPS_PER_EPOCH} steps per epoch" in result.stderr
@@ -163,5 +136,5 @@ def test_two_torchrun_processes_end_with_identical_weights(image_folder, tmp_pat
     # trained: the ranks moved away from their common starting point
     random_seed(42)
 
-    start = recurzoo.create_model("sret_tiny", num_classes=3, **SRET_KWARGS).state_dict()
+    start = recurzoo.create_model("sret_tiny", num_classes=3, **TINY_SRET).state_dict()
     assert not torch.equal(start["stem.0.conv.weight"], rank0["stem.0.conv.weight"])

@@ -22,9 +22,8 @@ from recurzoo.train import classification, resume, run
 from recurzoo.train import super_resolution as sr_train
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _train_data import make_image_folder  # noqa: E402
+from _train_data import TINY_SRET, classification_args, detection_args, make_image_folder, sr_args  # noqa: E402
 
-HORNET = ["dims=(8,16,32,64)", "depths=(1,1,1,1)"]
 STEPS_PER_EPOCH = 4  # 36 training images, batches of 8
 
 
@@ -34,50 +33,26 @@ def image_folder(tmp_path_factory):
 
 
 # SReT: BatchNorm in its stem (running statistics a stopped step must not leave moved), random slicing
-SRET = ["embed_dims=(16,32,64)", "num_heads=(1,2,4)", "num_shared_blocks=(1,1,1)"]
 
 
 def _classification_args(data_dir, output):
-    return [
-        "--data-dir",
-        str(data_dir),
-        "--model",
+    return classification_args(
+        data_dir,
+        output,
         "sret_tiny",
-        "--model-kwargs",
-        *SRET,
-        "--img-size",
-        "32",
-        "--batch-size",
-        "8",
-        "--epochs",
-        "2",
-        "--warmup-epochs",
-        "1",
-        "--lr",
-        "2e-3",
-        "--drop-path",
-        "0.3",
-        "--mixup",
-        "0.8",
-        "--cutmix",
-        "1.0",
-        "--reprob",
-        "0.5",
-        "--model-ema",
-        "--model-ema-decay",
-        "0.8",
-        "--val-split",
-        "",
-        "--workers",
-        "0",
-        "--log-interval",
-        "1",
-        "--output",
-        str(output),
-        "--no-progress",
-        "--device",
-        "cpu",
-    ]
+        TINY_SRET,
+        epochs=2,
+        warmup_epochs=1,
+        lr="2e-3",
+        drop_path=0.3,
+        mixup=0.8,
+        cutmix=1.0,
+        reprob=0.5,
+        model_ema=True,
+        model_ema_decay=0.8,
+        val_split="",
+        log_interval=1,
+    )
 
 
 def _step_losses(output):
@@ -196,39 +171,7 @@ def _photos(root):
 
 def _sr_args(train_dir, output):
     # 2 photos x repeat 3 = 6 patches a pass, batches of 2: 3 steps an epoch
-    return [
-        "--model",
-        "rgt_small_x2",
-        "--model-kwargs",
-        "embed_dim=12",
-        "num_heads=2",
-        "blocks_per_group=1",
-        "--train-data",
-        str(train_dir),
-        "--output",
-        str(output),
-        "--batch-size",
-        "2",
-        "--patch-size",
-        "12",
-        "--repeat",
-        "3",
-        "--steps",
-        "7",
-        "--milestones",
-        "0.5",
-        "--ema-decay",
-        "0.5",
-        "--workers",
-        "0",
-        "--save-every",
-        "2",
-        "--log-every",
-        "1",
-        "--no-progress",
-        "--device",
-        "cpu",
-    ]
+    return sr_args(train_dir, output, repeat=3, steps=7, milestones=0.5, ema_decay=0.5, save_every=2, log_every=1)
 
 
 @pytest.mark.parametrize("stop", ["sigterm", "nan"])
@@ -269,45 +212,17 @@ def test_resumed_detection_run_ends_with_the_uninterrupted_weights(tmp_path):
     root = make_coco(str(tmp_path / "coco"), images=(12, 2), max_boxes=1)  # batches of 4: 3 steps an epoch
 
     def args(output):
-        return [
-            "--data-dir",
+        return detection_args(
             root,
-            "--backbone",
-            "hornet_tiny_7x7",
-            "--backbone-kwargs",
-            *HORNET,
-            "--min-size",
-            "64",
-            "--max-size",
-            "64",
-            "--fpn-channels",
-            "16",
-            "--batch-size",
-            "4",
-            "--epochs",
-            "2",
-            "--opt",
-            "adamw",
-            "--lr",
-            "1e-3",
-            "--sched",
-            "cosine",
-            "--warmup-epochs",
-            "0",
-            "--eval-every",
-            "5",
-            "--workers",
-            "0",
-            "--no-progress",
-            "--device",
-            "cpu",
-            "--output",
-            str(output),
-            "--detector-kwargs",
-            "rpn_batch_size_per_image=32",
-            "box_batch_size_per_image=32",
-            "rpn_post_nms_top_n_train=50",
-        ]
+            output,
+            detector_kwargs=dict(rpn_batch_size_per_image=32, box_batch_size_per_image=32, rpn_post_nms_top_n_train=50),
+            fpn_channels=16,
+            epochs=2,
+            opt="adamw",
+            lr="1e-3",
+            sched="cosine",
+            eval_every=5,
+        )
 
     detection.main(args(tmp_path / "once"))
     with pytest.raises(run.TrainingInterrupted):  # before the update of step 5 (the second of epoch 1)

@@ -5,7 +5,7 @@ A script builds its parser with :func:`training_parser` (``--config`` included),
 then the shared ones: :func:`add_run_arguments` (output, resume, device, seed, progress) with
 :func:`add_step_arguments` or :func:`add_epoch_arguments`, and :func:`add_fault_arguments`. It parses with
 :func:`parse_args_with_config` and its ``__main__`` is ``run_cli(main)``. Model arguments (``KEY=VALUE``
-lists) use timm's :class:`~timm.utils.ParseKwargs` through :class:`ParseKwargs`.
+lists) use timm's :class:`~timm.utils.ParseKwargs` through :func:`add_kwargs_argument`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from recurzoo.train.run import EXIT_NON_FINITE, FAULT_MODES, NonFiniteLossError,
 __all__ = [
     "ArgumentParser",
     "ParseKwargs",
+    "add_kwargs_argument",
     "training_parser",
     "add_run_arguments",
     "add_step_arguments",
@@ -111,6 +112,11 @@ class ParseKwargs(timm.utils.ParseKwargs):
                 self, f"expected KEY=VALUE with a Python name as KEY, received {malformed[0]!r}"
             )
         super().__call__(parser, namespace, values, option_string)
+
+
+def add_kwargs_argument(group: argparse._ActionsContainer, flag: str, help: str) -> None:
+    """Add a ``KEY=VALUE ...`` option (default ``{}``) parsed by :class:`ParseKwargs` into a dict."""
+    group.add_argument(flag, nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE", help=help)
 
 
 def training_parser(prog: str, description: str) -> ArgumentParser:

@@ -56,9 +56,9 @@ from recurzoo.devices import resolve_device
 from recurzoo.plots import plot_curves
 from recurzoo.train.arguments import (
     MODEL_ARGUMENT_ERRORS,
-    ParseKwargs,
     UsageError,
     add_fault_arguments,
+    add_kwargs_argument,
     add_run_arguments,
     add_step_arguments,
     one_line,
@@ -681,13 +681,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None, help="registered COD model, e.g. msrnet_pvt_v2_b2")
     group.add_argument("--backbone", default=None, help="any timm backbone (instead of --model): create_cod_model")
-    group.add_argument(
-        "--model-kwargs",
-        nargs="*",
-        default={},
-        action=ParseKwargs,
-        metavar="KEY=VALUE",
-        help="model arguments, e.g. mid_dim=32 backbone_kwargs=\"{'depths': (1, 1, 1, 1)}\"",
+    add_kwargs_argument(
+        group, "--model-kwargs", "model arguments, e.g. mid_dim=32 backbone_kwargs=\"{'depths': (1, 1, 1, 1)}\""
     )
     group.add_argument("--pretrained-backbone", action="store_true", help="timm's ImageNet weights (downloads them)")
     group.add_argument("--checkpoint", default=None, help="initial weights (ours or an official MSRNet checkpoint)")

@@ -53,10 +53,10 @@ from timm.utils import random_seed
 from torch import nn
 
 from recurzoo.train.arguments import (
-    ParseKwargs,
     UsageError,
     add_epoch_arguments,
     add_fault_arguments,
+    add_kwargs_argument,
     add_run_arguments,
     parse_args_with_config,
     run_cli,
@@ -109,13 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="take --initial-checkpoint's EMA weights when it has them",
     )
     group.add_argument("--num-classes", type=int, default=None, help="classes (default: the dataset's)")
-    group.add_argument(
-        "--model-kwargs",
-        nargs="*",
-        default={},
-        action=ParseKwargs,
-        metavar="KEY=VALUE",
-        help="extra timm.create_model arguments, e.g. 'dims=(16,32,64,128)' 'depths=(1,1,2,1)'",
+    add_kwargs_argument(
+        group, "--model-kwargs", "extra timm.create_model arguments, e.g. 'dims=(16,32,64,128)' 'depths=(1,1,2,1)'"
     )
     group.add_argument("--drop", type=float, default=0.0, help="dropout before the classifier")
     group.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
@@ -199,14 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="timm's pretrained teacher weights (default: when no --teacher-checkpoint)",
     )
-    group.add_argument(
-        "--teacher-kwargs",
-        nargs="*",
-        default={},
-        action=ParseKwargs,
-        metavar="KEY=VALUE",
-        help="extra timm.create_model arguments of the teacher",
-    )
+    add_kwargs_argument(group, "--teacher-kwargs", "extra timm.create_model arguments of the teacher")
     group.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature T")
     group.add_argument(
         "--kd-weight", type=float, default=1.0, help="weight W of the soft-label loss; the task loss gets 1 - W"
@@ -495,7 +483,7 @@ class _Training(EpochTraining):
 
     def _optimization(self) -> None:
         from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
+        from timm.scheduler import create_scheduler_v2, scheduler_kwargs
         from timm.utils import ModelEmaV3, NativeScaler
 
         args = self.args
@@ -516,19 +504,7 @@ class _Training(EpochTraining):
             )
         with user_option(f"--sched {args.sched}", ValueError, TypeError, AssertionError):
             self.scheduler, self.num_epochs = create_scheduler_v2(
-                self.optimizer,
-                sched=args.sched,
-                num_epochs=args.epochs,
-                decay_epochs=args.decay_epochs,
-                decay_milestones=list(args.decay_milestones),
-                cooldown_epochs=args.cooldown_epochs,
-                decay_rate=args.decay_rate,
-                min_lr=args.min_lr,
-                warmup_lr=args.warmup_lr,
-                warmup_epochs=args.warmup_epochs,
-                warmup_prefix=args.warmup_prefix,
-                step_on_epochs=not args.sched_on_updates,
-                updates_per_epoch=len(self.train_loader),
+                self.optimizer, **scheduler_kwargs(args), updates_per_epoch=len(self.train_loader)
             )
         self.scaler = None
         if args.amp and args.amp_dtype == "float16" and self.context.device.type == "cuda":

@@ -42,10 +42,10 @@ from recurzoo.checkpoint import CheckpointError
 from recurzoo.registry import UnknownModelError
 from recurzoo.train.arguments import (
     MODEL_ARGUMENT_ERRORS,
-    ParseKwargs,
     UsageError,
     add_epoch_arguments,
     add_fault_arguments,
+    add_kwargs_argument,
     add_run_arguments,
     one_line,
     parse_args_with_config,
@@ -98,14 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="torchvision detector (maskrcnn adds instance masks and mask mAP)",
     )
     group.add_argument("--backbone", default="hornet_tiny_7x7", help="timm/recurzoo model with features_only")
-    group.add_argument(
-        "--backbone-kwargs",
-        nargs="*",
-        default={},
-        action=ParseKwargs,
-        metavar="KEY=VALUE",
-        help="extra timm.create_model arguments, e.g. 'dims=(16,32,64,128)'",
-    )
+    add_kwargs_argument(group, "--backbone-kwargs", "extra timm.create_model arguments, e.g. 'dims=(16,32,64,128)'")
     group.add_argument("--pretrained-backbone", action="store_true", help="timm's pretrained backbone weights")
     group.add_argument("--backbone-checkpoint", default=None, help="backbone weights from a classification checkpoint")
     group.add_argument(
@@ -125,13 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--anchor-scale", type=float, default=8.0, help="anchor side in units of the level's stride")
     group.add_argument("--box-score-thresh", type=float, default=0.05, help="lowest score of a kept detection")
     group.add_argument("--box-detections-per-img", type=int, default=100, help="detections kept per image")
-    group.add_argument(
+    add_kwargs_argument(
+        group,
         "--detector-kwargs",
-        nargs="*",
-        default={},
-        action=ParseKwargs,
-        metavar="KEY=VALUE",
-        help="further torchvision detector arguments, e.g. box_batch_size_per_image=128 rpn_post_nms_top_n_train=1000",
+        "further torchvision detector arguments, e.g. box_batch_size_per_image=128 rpn_post_nms_top_n_train=1000",
     )
     group = parser.add_argument_group("optimizer and schedule")
     group.add_argument("--opt", default="momentum", help="timm optimizer name (momentum = SGD as torchvision's)")

@@ -51,9 +51,9 @@ from recurzoo.backbones.recurrent_vit import (
 from recurzoo.checkpoint import load_state_dict, read_state_dict
 from recurzoo.plots import plot_curves, save_phase_heatmap
 from recurzoo.train.arguments import (
-    ParseKwargs,
     UsageError,
     add_fault_arguments,
+    add_kwargs_argument,
     add_run_arguments,
     add_step_arguments,
     parse_args_with_config,
@@ -83,13 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="teacher weights (.safetensors, or a torch checkpoint read with weights_only=True)",
     )
-    group.add_argument(
-        "--teacher-kwargs",
-        nargs="*",
-        default={},
-        action=ParseKwargs,
-        metavar="KEY=VALUE",
-        help="extra timm.create_model arguments of the teacher, e.g. img_size=32 depth=4",
+    add_kwargs_argument(
+        group, "--teacher-kwargs", "extra timm.create_model arguments of the teacher, e.g. img_size=32 depth=4"
     )
     group.add_argument(
         "--pretrained",

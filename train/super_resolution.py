@@ -60,9 +60,9 @@ from recurzoo.images import IMAGE_SUFFIXES, read_image, write_png
 from recurzoo.plots import plot_curves
 from recurzoo.train.arguments import (
     MODEL_ARGUMENT_ERRORS,
-    ParseKwargs,
     UsageError,
     add_fault_arguments,
+    add_kwargs_argument,
     add_run_arguments,
     add_step_arguments,
     parse_args_with_config,
@@ -494,13 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--head", default="pixelshuffle", help="SR head for --backbone")
     group.add_argument("--scale", type=int, default=None, help="upscaling factor for --backbone")
-    group.add_argument(
-        "--model-kwargs",
-        nargs="*",
-        default={},
-        action=ParseKwargs,
-        metavar="KEY=VALUE",
-        help="extra timm.create_model arguments, e.g. embed_dim=60 blocks_per_group=2",
+    add_kwargs_argument(
+        group, "--model-kwargs", "extra timm.create_model arguments, e.g. embed_dim=60 blocks_per_group=2"
     )
     group.add_argument(
         "--checkpoint",

@@ -32,8 +32,8 @@ from recurzoo.checkpoint import atomic_write
 from recurzoo.train.arguments import (
     MODEL_ARGUMENT_ERRORS,
     ArgumentParser,
-    ParseKwargs,
     UsageError,
+    add_kwargs_argument,
     parse_args_with_config,
     run_cli,
     user_option,
@@ -88,14 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="classifier outputs (default: the checkpoint's, else the dataset's class count)",
     )
-    group.add_argument(
-        "--model-kwargs",
-        nargs="*",
-        default={},
-        action=ParseKwargs,
-        metavar="KEY=VALUE",
-        help="extra timm.create_model arguments, e.g. dims='(16,32,64,128)'",
-    )
+    add_kwargs_argument(group, "--model-kwargs", "extra timm.create_model arguments, e.g. dims='(16,32,64,128)'")
     group = parser.add_argument_group("data")
     group.add_argument("--data-dir", required=True, help="dataset root")
     group.add_argument("--dataset", default="", help="timm dataset type ('' = folder/tar, torch/..., hfds/...)")
