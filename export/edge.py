@@ -362,8 +362,8 @@ def _portable(node: Any) -> bool:
 
 def _operator_name(target: Any) -> str:
     """``aten.native_layer_norm.default`` -> ``native_layer_norm``."""
-    parts = str(target).split(".")
-    return parts[-2] if len(parts) > 2 else parts[-1]
+    parts = getattr(target, "__name__", str(target)).split(".")
+    return parts[1] if parts[0] == "aten" and len(parts) > 1 else parts[0]
 
 
 def _pte_runner(path: Path) -> Callable[[torch.Tensor], List[np.ndarray]]:
