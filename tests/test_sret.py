@@ -1,7 +1,7 @@
 """SReT: published sizes, sliced attention, determinism, checkpoints, depth scaling and timm's model
 contract (factory arguments, meta initialisation, fx, resizing, pruning, grad checkpointing).
 
-Parity with the official code runs through tests/test_parity.py (fixtures in shared/parity/sret).
+Parity with the official code runs through tests/test_parity.py (fixtures in tests/parity/fixtures/sret).
 """
 
 from __future__ import annotations
