@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import recurzoo
+from recurzoo.checkpoint import cached_weights_path
 from recurzoo.export.flops import model_report
 from recurzoo.export.models import ExportSupport, create_model, export_support
 from recurzoo.export.onnx import DEFAULT_OPSET, PARITY_TOLERANCE
@@ -59,7 +60,9 @@ def _weights_cell(model_name: str) -> str:
     for full_name, cfg in pretrained_cfgs(model_name).items():
         tag = full_name.split(".", 1)[1]
         url = cfg.url[0] if isinstance(cfg.url, (tuple, list)) else cfg.url
-        cells.append(f"[`{tag}`]({url})" if url else f"`{tag}`")
+        cached = cached_weights_path(cfg)
+        cell = f"[`{tag}`]({url})" if url else f"`{tag}`"
+        cells.append(f"{cell} as `{cached.name}`" if cached is not None else cell)
     return ", ".join(cells) or "none published"
 
 
@@ -275,6 +278,9 @@ def render_card(
         ).strip(),
         "Unrolled parameters count each parameter once per use in the forward pass (weights reused by "
         "recursion count at every use); `python -m recurzoo.export.report` gives the per-module figures.",
+        "Offline, `pretrained=True` reads an official file placed in timm's cache folder "
+        "(`~/.cache/torch/hub/checkpoints/` by default) under the name shown; the authors publish no "
+        "SHA-256 sums, so compare the file with the authors' download page.",
         "",
         "| model | params (M) | GFLOPs | input | feature strides | unrolled params (M) | official weights | "
         "CPU latency ms |",
