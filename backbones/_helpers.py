@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import get_device_dtype
 from timm.models import register_notrace_function
 from torch import nn
@@ -15,6 +16,23 @@ def model_name(model: nn.Module) -> str:
     """The registered name of a model built by timm, else its class name."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return cfg.get("architecture") or type(model).__name__
+
+
+def imagenet_cfg(url: Union[str, Tuple[str, str]] = "", **kwargs: Any) -> Dict[str, Any]:
+    """timm's pretrained cfg of an ImageNet-1k classifier with stride-32 features and its classifier at
+    ``head.fc``: 224 inputs (crop 0.875, bicubic, ImageNet mean and std); ``kwargs`` add or override."""
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "classifier": "head.fc",
+        **kwargs,
+    }
 
 
 def _skip_checks() -> bool:

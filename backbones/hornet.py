@@ -18,7 +18,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
     DropPath,
     LayerNorm,
@@ -33,7 +32,7 @@ from timm.models._input import update_model_input_size  # keeps resolve_data_con
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
-from recurzoo.backbones._helpers import StagedClassifierMixin, build_with_weights
+from recurzoo.backbones._helpers import StagedClassifierMixin, build_with_weights, imagenet_cfg
 from recurzoo.checkpoint import unwrap_state_dict
 from recurzoo.official import register_official
 
@@ -564,23 +563,14 @@ def _tsinghua(file_id: str) -> Tuple[str, str]:
 
 
 def _cfg(url: Union[str, Tuple[str, str]] = "", **kwargs: Any) -> Dict[str, Any]:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
+    family = {
         "first_conv": "stem.0",
-        "classifier": "head.fc",
         "license": "mit",
         "paper_ids": "arXiv:2207.14284",
         "paper_name": "HorNet: Efficient High-Order Spatial Interactions with Recursive Gated Convolutions",
         "origin_url": "https://github.com/raoyongming/HorNet",
-        **kwargs,
     }
+    return imagenet_cfg(url, **dict(family, **kwargs))
 
 
 _IN22K = dict(num_classes=21841)

@@ -35,7 +35,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
     ConvNormAct,
     DropPath,
@@ -55,7 +54,13 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 from torch.fx.node import has_side_effect
 
-from recurzoo.backbones._helpers import StagedClassifierMixin, build_with_weights, check_image_input, model_name
+from recurzoo.backbones._helpers import (
+    StagedClassifierMixin,
+    build_with_weights,
+    check_image_input,
+    imagenet_cfg,
+    model_name,
+)
 from recurzoo.checkpoint import unwrap_state_dict
 from recurzoo.official import register_official
 
@@ -744,23 +749,14 @@ def _drive(file_id: str) -> Tuple[str, str]:
 
 
 def _cfg(url: Union[str, Tuple[str, str]] = "", **kwargs: Any) -> Dict[str, Any]:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
+    family = {
         "first_conv": "stem.0.conv",
-        "classifier": "head.fc",
         "license": "mit",
         "paper_ids": "arXiv:2111.05297",
         "paper_name": "Sliced Recursive Transformer",
         "origin_url": "https://github.com/szq0214/SReT",
-        **kwargs,
     }
+    return imagenet_cfg(url, **dict(family, **kwargs))
 
 
 _AT_384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0)
