@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import get_device_dtype
+from timm.layers import LayerNorm2d, NormMlpClassifierHead, get_device_dtype
 from timm.models import register_notrace_function
 from torch import nn
 from torch.fx.node import has_side_effect
@@ -146,6 +147,20 @@ class StagedClassifierMixin:
     """
 
     stem_pattern = r"^stem"
+
+    def init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float, **dd: Any) -> None:
+        """Set ``num_features``, an identity ``norm_pre`` and ``head``: timm's ``NormMlpClassifierHead``,
+        pooling then a channels-first LayerNorm (eps 1e-6) before the classifier. ``dd``: device, dtype."""
+        self.num_features = self.head_hidden_size = num_features
+        self.norm_pre = nn.Identity()
+        self.head = NormMlpClassifierHead(
+            num_features,
+            num_classes,
+            pool_type=global_pool,
+            drop_rate=drop_rate,
+            norm_layer=partial(LayerNorm2d, eps=1e-6),
+            **dd,
+        )
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.stem(x)

@@ -23,7 +23,6 @@ from timm.layers import (
     LayerNorm,
     LayerNorm2d,
     Mlp,
-    NormMlpClassifierHead,
     calculate_drop_path_rates,
     trunc_normal_,
 )
@@ -417,16 +416,7 @@ class HorNet(StagedClassifierMixin, nn.Module):
             )
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
-        self.num_features = self.head_hidden_size = dims[-1]
-        self.norm_pre = nn.Identity()
-        self.head = NormMlpClassifierHead(
-            self.num_features,
-            num_classes,
-            pool_type=global_pool,
-            drop_rate=drop_rate,
-            norm_layer=partial(LayerNorm2d, eps=_NORM_EPS),
-            **dd,
-        )
+        self.init_head(dims[-1], num_classes, global_pool, drop_rate, **dd)
         self.init_weights(needs_reset=False)
 
     def init_weights(self, needs_reset: bool = True) -> None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import re
-from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -38,9 +37,7 @@ import torch.nn.functional as F
 from timm.layers import (
     ConvNormAct,
     DropPath,
-    LayerNorm2d,
     Mlp,
-    NormMlpClassifierHead,
     register_notrace_function,
     register_notrace_module,
     resample_abs_pos_embed,
@@ -556,16 +553,7 @@ class SReT(StagedClassifierMixin, nn.Module):
             )
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=_STEM_STRIDE * 2**i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
-        self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.norm_pre = nn.Identity()
-        self.head = NormMlpClassifierHead(
-            self.num_features,
-            num_classes,
-            pool_type=global_pool,
-            drop_rate=drop_rate,
-            norm_layer=partial(LayerNorm2d, eps=_NORM_EPS),
-            **dd,
-        )
+        self.init_head(embed_dims[-1], num_classes, global_pool, drop_rate, **dd)
         # The official code keeps PyTorch's default initialisation except for the position embedding.
         trunc_normal_(self.pos_embed, std=0.02)
 
