@@ -7,7 +7,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerNorm2d, NormMlpClassifierHead, get_device_dtype
+from timm.layers import LayerNorm2d, NormMlpClassifierHead, get_device_dtype, trunc_normal_
 from timm.models import register_notrace_function
 from torch import nn
 from torch.fx.node import has_side_effect
@@ -34,6 +34,15 @@ def imagenet_cfg(url: Union[str, Tuple[str, str]] = "", **kwargs: Any) -> Dict[s
         "classifier": "head.fc",
         **kwargs,
     }
+
+
+def init_linear(module: nn.Module) -> None:
+    """timm's ViT initialisation of a linear layer (for ``Module.apply``): weight truncated normal
+    (std 0.02), bias zero; other modules are left as they are."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 def _skip_checks() -> bool:

@@ -553,13 +553,6 @@ class RecurrentViT(nn.Module):
             nn.init.normal_(self.reg_token, std=1e-6)
         named_apply(init_weights_vit_timm, self)  # each layer its own init_weights or reset_parameters
 
-    @staticmethod
-    def _init_linear(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-
     @property
     def num_unique_blocks(self) -> int:
         return len(self.blocks)
