@@ -36,6 +36,12 @@ def imagenet_cfg(url: Union[str, Tuple[str, str]] = "", **kwargs: Any) -> Dict[s
     }
 
 
+def imagenet_cfg_at(size: int) -> Dict[str, Any]:
+    """:func:`imagenet_cfg` entries of weights fine-tuned on ``size`` x ``size`` inputs: that input,
+    its stride-32 feature grid, no crop."""
+    return {"input_size": (3, size, size), "pool_size": (size // 32, size // 32), "crop_pct": 1.0}
+
+
 def init_linear(module: nn.Module) -> None:
     """timm's ViT initialisation of a linear layer (for ``Module.apply``): weight truncated normal
     (std 0.02), bias zero; other modules are left as they are."""

@@ -31,7 +31,7 @@ from timm.models._input import update_model_input_size  # keeps resolve_data_con
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
-from recurzoo.backbones._helpers import StagedClassifierMixin, build_with_weights, imagenet_cfg
+from recurzoo.backbones._helpers import StagedClassifierMixin, build_with_weights, imagenet_cfg, imagenet_cfg_at
 from recurzoo.checkpoint import unwrap_state_dict
 from recurzoo.official import register_official
 
@@ -564,7 +564,6 @@ def _cfg(url: Union[str, Tuple[str, str]] = "", **kwargs: Any) -> Dict[str, Any]
 
 
 _IN22K = dict(num_classes=21841)
-_AT_384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0)
 
 default_cfgs = generate_default_cfgs(
     {
@@ -574,10 +573,10 @@ default_cfgs = generate_default_cfgs(
         "hornet_small_gf.in1k": _cfg(url=_tsinghua("959603ca287d4c09ad49")),
         "hornet_base_7x7.in1k": _cfg(url=_tsinghua("13a748487711492e9704")),
         "hornet_base_gf.in1k": _cfg(url=_tsinghua("c212d1d8a3914b47a5c1")),
-        "hornet_base_gf_384": _cfg(**_AT_384),
+        "hornet_base_gf_384": _cfg(**imagenet_cfg_at(384)),
         "hornet_large_7x7.in22k": _cfg(url=_tsinghua("c2fc23caae084a3aa73d"), **_IN22K),
         "hornet_large_gf.in22k": _cfg(url=_tsinghua("8600206ebdfa485f98d0"), **_IN22K),
-        "hornet_large_gf_384.in22k": _cfg(url=_tsinghua("eec48d5eca5a48d98fd2"), **_IN22K, **_AT_384),
+        "hornet_large_gf_384.in22k": _cfg(url=_tsinghua("eec48d5eca5a48d98fd2"), **_IN22K, **imagenet_cfg_at(384)),
     }
 )
 

@@ -56,6 +56,7 @@ from recurzoo.backbones._helpers import (
     build_with_weights,
     check_image_input,
     imagenet_cfg,
+    imagenet_cfg_at,
     model_name,
 )
 from recurzoo.checkpoint import unwrap_state_dict
@@ -747,9 +748,6 @@ def _cfg(url: Union[str, Tuple[str, str]] = "", **kwargs: Any) -> Dict[str, Any]
     return imagenet_cfg(url, **dict(family, **kwargs))
 
 
-_AT_384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0)
-_AT_512 = dict(input_size=(3, 512, 512), pool_size=(16, 16), crop_pct=1.0)
-
 default_cfgs = generate_default_cfgs(
     {
         "sret_tiny.in1k": _cfg(url=_drive("1FDTpva6y-I_bKmyVmLFDn_3BlDq3dwni")),
@@ -759,12 +757,18 @@ default_cfgs = generate_default_cfgs(
         "sret_small.in1k": _cfg(url=_drive("1y6F_bCgS1sagm7pxjAtuSPUB5HoNb8Ed")),
         "sret_tiny_noslice.in1k": _cfg(url=_drive("1wHM7NRSkz-WykCSES17xFV56h_m5RMXj")),
         "sret_tiny_noslice.distill_in1k": _cfg(url=_drive("1P1qK-j1Cac5le8-DNUFBbjmIpRThuiVp")),
-        "sret_tiny_noslice.distill_in1k_384": _cfg(url=_drive("11mWAktu6LrNa0Qt61WJGA0eTWoKYD1Be"), **_AT_384),
+        "sret_tiny_noslice.distill_in1k_384": _cfg(
+            url=_drive("11mWAktu6LrNa0Qt61WJGA0eTWoKYD1Be"), **imagenet_cfg_at(384)
+        ),
         "sret_tiny_lt_noslice.in1k": _cfg(url=_drive("1EXwfiMMa1UVQ_tmY6YQJ-Se0b3bW5NpC")),
         "sret_tiny_lt_noslice.distill_in1k": _cfg(url=_drive("1FDqkfkw5nZEuTcBmiBKg3lvPJOPQWS6i")),
         "sret_small_noslice.in1k": _cfg(url=_drive("1vlsxJieKhfnw-F6xFiwczvXBuk7ugXxm")),
-        "sret_small_noslice.distill_in1k_384": _cfg(url=_drive("1z5whJpXbbtFdjLpS1pCPvKcJhVnYCeo-"), **_AT_384),
-        "sret_small_noslice.distill_in1k_512": _cfg(url=_drive("1AZXIGMiGboI-nkoKuPnHnhDlBwZumuiB"), **_AT_512),
+        "sret_small_noslice.distill_in1k_384": _cfg(
+            url=_drive("1z5whJpXbbtFdjLpS1pCPvKcJhVnYCeo-"), **imagenet_cfg_at(384)
+        ),
+        "sret_small_noslice.distill_in1k_512": _cfg(
+            url=_drive("1AZXIGMiGboI-nkoKuPnHnhDlBwZumuiB"), **imagenet_cfg_at(512)
+        ),
     }
 )
 
