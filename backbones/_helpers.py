@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
-from timm.layers import get_device_dtype
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import LayerNorm2d, NormMlpClassifierHead, get_device_dtype, trunc_normal_
 from timm.models import register_notrace_function
 from torch import nn
 from torch.fx.node import has_side_effect
@@ -15,6 +17,38 @@ def model_name(model: nn.Module) -> str:
     """The registered name of a model built by timm, else its class name."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return cfg.get("architecture") or type(model).__name__
+
+
+def imagenet_cfg(url: Union[str, Tuple[str, str]] = "", **kwargs: Any) -> Dict[str, Any]:
+    """timm's pretrained cfg of an ImageNet-1k classifier with stride-32 features and its classifier at
+    ``head.fc``: 224 inputs (crop 0.875, bicubic, ImageNet mean and std); ``kwargs`` add or override."""
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "classifier": "head.fc",
+        **kwargs,
+    }
+
+
+def imagenet_cfg_at(size: int) -> Dict[str, Any]:
+    """:func:`imagenet_cfg` entries of weights fine-tuned on ``size`` x ``size`` inputs: that input,
+    its stride-32 feature grid, no crop."""
+    return {"input_size": (3, size, size), "pool_size": (size // 32, size // 32), "crop_pct": 1.0}
+
+
+def init_linear(module: nn.Module) -> None:
+    """timm's ViT initialisation of a linear layer (for ``Module.apply``): weight truncated normal
+    (std 0.02), bias zero; other modules are left as they are."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 def _skip_checks() -> bool:
@@ -128,6 +162,20 @@ class StagedClassifierMixin:
     """
 
     stem_pattern = r"^stem"
+
+    def init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float, **dd: Any) -> None:
+        """Set ``num_features``, an identity ``norm_pre`` and ``head``: timm's ``NormMlpClassifierHead``,
+        pooling then a channels-first LayerNorm (eps 1e-6) before the classifier. ``dd``: device, dtype."""
+        self.num_features = self.head_hidden_size = num_features
+        self.norm_pre = nn.Identity()
+        self.head = NormMlpClassifierHead(
+            num_features,
+            num_classes,
+            pool_type=global_pool,
+            drop_rate=drop_rate,
+            norm_layer=partial(LayerNorm2d, eps=1e-6),
+            **dd,
+        )
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.stem(x)

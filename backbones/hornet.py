@@ -18,13 +18,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
     DropPath,
     LayerNorm,
     LayerNorm2d,
     Mlp,
-    NormMlpClassifierHead,
     calculate_drop_path_rates,
     trunc_normal_,
 )
@@ -33,7 +31,7 @@ from timm.models._input import update_model_input_size  # keeps resolve_data_con
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
-from recurzoo.backbones._helpers import StagedClassifierMixin, build_with_weights
+from recurzoo.backbones._helpers import StagedClassifierMixin, build_with_weights, imagenet_cfg, imagenet_cfg_at
 from recurzoo.checkpoint import unwrap_state_dict
 from recurzoo.official import register_official
 
@@ -418,16 +416,7 @@ class HorNet(StagedClassifierMixin, nn.Module):
             )
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
-        self.num_features = self.head_hidden_size = dims[-1]
-        self.norm_pre = nn.Identity()
-        self.head = NormMlpClassifierHead(
-            self.num_features,
-            num_classes,
-            pool_type=global_pool,
-            drop_rate=drop_rate,
-            norm_layer=partial(LayerNorm2d, eps=_NORM_EPS),
-            **dd,
-        )
+        self.init_head(dims[-1], num_classes, global_pool, drop_rate, **dd)
         self.init_weights(needs_reset=False)
 
     def init_weights(self, needs_reset: bool = True) -> None:
@@ -564,27 +553,17 @@ def _tsinghua(file_id: str) -> Tuple[str, str]:
 
 
 def _cfg(url: Union[str, Tuple[str, str]] = "", **kwargs: Any) -> Dict[str, Any]:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
+    family = {
         "first_conv": "stem.0",
-        "classifier": "head.fc",
         "license": "mit",
         "paper_ids": "arXiv:2207.14284",
         "paper_name": "HorNet: Efficient High-Order Spatial Interactions with Recursive Gated Convolutions",
         "origin_url": "https://github.com/raoyongming/HorNet",
-        **kwargs,
     }
+    return imagenet_cfg(url, **dict(family, **kwargs))
 
 
 _IN22K = dict(num_classes=21841)
-_AT_384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0)
 
 default_cfgs = generate_default_cfgs(
     {
@@ -594,10 +573,10 @@ default_cfgs = generate_default_cfgs(
         "hornet_small_gf.in1k": _cfg(url=_tsinghua("959603ca287d4c09ad49")),
         "hornet_base_7x7.in1k": _cfg(url=_tsinghua("13a748487711492e9704")),
         "hornet_base_gf.in1k": _cfg(url=_tsinghua("c212d1d8a3914b47a5c1")),
-        "hornet_base_gf_384": _cfg(**_AT_384),
+        "hornet_base_gf_384": _cfg(**imagenet_cfg_at(384)),
         "hornet_large_7x7.in22k": _cfg(url=_tsinghua("c2fc23caae084a3aa73d"), **_IN22K),
         "hornet_large_gf.in22k": _cfg(url=_tsinghua("8600206ebdfa485f98d0"), **_IN22K),
-        "hornet_large_gf_384.in22k": _cfg(url=_tsinghua("eec48d5eca5a48d98fd2"), **_IN22K, **_AT_384),
+        "hornet_large_gf_384.in22k": _cfg(url=_tsinghua("eec48d5eca5a48d98fd2"), **_IN22K, **imagenet_cfg_at(384)),
     }
 )
 

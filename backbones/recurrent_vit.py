@@ -553,13 +553,6 @@ class RecurrentViT(nn.Module):
             nn.init.normal_(self.reg_token, std=1e-6)
         named_apply(init_weights_vit_timm, self)  # each layer its own init_weights or reset_parameters
 
-    @staticmethod
-    def _init_linear(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-
     @property
     def num_unique_blocks(self) -> int:
         return len(self.blocks)
@@ -1082,46 +1075,63 @@ default_cfgs = generate_default_cfgs(
 )
 
 
+# timm's ViT-Ti/S/B widths and head counts; every variant runs 12 steps over 16x16 patches.
+_VIT_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
+
+
+def _recurrent_vit_args(size: str, num_unique_blocks: int) -> Dict[str, Any]:
+    """The architecture of a registered variant: ViT-``size`` blocks, ``num_unique_blocks`` of them shared."""
+    embed_dim, num_heads = _VIT_SIZES[size]
+    return dict(
+        patch_size=16,
+        embed_dim=embed_dim,
+        depth=12,
+        num_heads=num_heads,
+        num_unique_blocks=num_unique_blocks,
+        dynamic_img_size=True,
+    )
+
+
 @register_model
 def vit_recurrent_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> RecurrentViT:
     """Recurrent ViT-Ti/16: 12 steps of 2 shared ViT-Ti blocks (phases [6, 6])."""
-    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, num_unique_blocks=2, dynamic_img_size=True)
-    return _create_recurrent_vit("vit_recurrent_tiny_patch16_224", pretrained, **dict(model_args, **kwargs))
+    args = _recurrent_vit_args("tiny", num_unique_blocks=2)
+    return _create_recurrent_vit("vit_recurrent_tiny_patch16_224", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vit_recurrent_tiny_patch16_224_k3(pretrained: bool = False, **kwargs: Any) -> RecurrentViT:
     """Recurrent ViT-Ti/16: 12 steps of 3 shared ViT-Ti blocks (phases [4, 4, 4])."""
-    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, num_unique_blocks=3, dynamic_img_size=True)
-    return _create_recurrent_vit("vit_recurrent_tiny_patch16_224_k3", pretrained, **dict(model_args, **kwargs))
+    args = _recurrent_vit_args("tiny", num_unique_blocks=3)
+    return _create_recurrent_vit("vit_recurrent_tiny_patch16_224_k3", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vit_recurrent_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> RecurrentViT:
     """Recurrent ViT-S/16: 12 steps of 2 shared ViT-S blocks (phases [6, 6])."""
-    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, num_unique_blocks=2, dynamic_img_size=True)
-    return _create_recurrent_vit("vit_recurrent_small_patch16_224", pretrained, **dict(model_args, **kwargs))
+    args = _recurrent_vit_args("small", num_unique_blocks=2)
+    return _create_recurrent_vit("vit_recurrent_small_patch16_224", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vit_recurrent_small_patch16_224_k3(pretrained: bool = False, **kwargs: Any) -> RecurrentViT:
     """Recurrent ViT-S/16: 12 steps of 3 shared ViT-S blocks (phases [4, 4, 4])."""
-    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, num_unique_blocks=3, dynamic_img_size=True)
-    return _create_recurrent_vit("vit_recurrent_small_patch16_224_k3", pretrained, **dict(model_args, **kwargs))
+    args = _recurrent_vit_args("small", num_unique_blocks=3)
+    return _create_recurrent_vit("vit_recurrent_small_patch16_224_k3", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vit_recurrent_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> RecurrentViT:
     """Recurrent ViT-B/16: 12 steps of 2 shared ViT-B blocks (phases [6, 6])."""
-    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, num_unique_blocks=2, dynamic_img_size=True)
-    return _create_recurrent_vit("vit_recurrent_base_patch16_224", pretrained, **dict(model_args, **kwargs))
+    args = _recurrent_vit_args("base", num_unique_blocks=2)
+    return _create_recurrent_vit("vit_recurrent_base_patch16_224", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vit_recurrent_base_patch16_224_k3(pretrained: bool = False, **kwargs: Any) -> RecurrentViT:
     """Recurrent ViT-B/16: 12 steps of 3 shared ViT-B blocks (phases [4, 4, 4])."""
-    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, num_unique_blocks=3, dynamic_img_size=True)
-    return _create_recurrent_vit("vit_recurrent_base_patch16_224_k3", pretrained, **dict(model_args, **kwargs))
+    args = _recurrent_vit_args("base", num_unique_blocks=3)
+    return _create_recurrent_vit("vit_recurrent_base_patch16_224_k3", pretrained, **dict(args, **kwargs))
 
 
 # The first names, before they followed timm's naming of ViT variants (`vit_*`, which timm's own

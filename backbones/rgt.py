@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, get_device_dtype, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, get_device_dtype
 from timm.models import (
     generate_default_cfgs,
     named_apply,
@@ -44,7 +44,7 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 from torch.fx.node import has_side_effect
 
-from recurzoo.backbones._helpers import build_with_weights, check_image_input, model_name
+from recurzoo.backbones._helpers import build_with_weights, check_image_input, init_linear, model_name
 from recurzoo.checkpoint import unwrap_state_dict
 
 __all__ = [
@@ -537,9 +537,7 @@ def _residual_conv(dim: int, kind: str, device=None, dtype=None) -> nn.Module:
 def _init_rgt_module(module: nn.Module, name: str = "") -> None:
     """One module's share of :meth:`RGT.init_weights` (applied to every module, children first)."""
     if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
+        init_linear(module)
     elif isinstance(module, (RGTBlock, RectangleWindowBranch)):
         module.init_weights()
     elif hasattr(module, "reset_parameters"):

@@ -30,18 +30,14 @@ from __future__ import annotations
 
 import math
 import re
-from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
     ConvNormAct,
     DropPath,
-    LayerNorm2d,
     Mlp,
-    NormMlpClassifierHead,
     register_notrace_function,
     register_notrace_module,
     resample_abs_pos_embed,
@@ -55,7 +51,14 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 from torch.fx.node import has_side_effect
 
-from recurzoo.backbones._helpers import StagedClassifierMixin, build_with_weights, check_image_input, model_name
+from recurzoo.backbones._helpers import (
+    StagedClassifierMixin,
+    build_with_weights,
+    check_image_input,
+    imagenet_cfg,
+    imagenet_cfg_at,
+    model_name,
+)
 from recurzoo.checkpoint import unwrap_state_dict
 from recurzoo.official import register_official
 
@@ -551,16 +554,7 @@ class SReT(StagedClassifierMixin, nn.Module):
             )
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=_STEM_STRIDE * 2**i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
-        self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.norm_pre = nn.Identity()
-        self.head = NormMlpClassifierHead(
-            self.num_features,
-            num_classes,
-            pool_type=global_pool,
-            drop_rate=drop_rate,
-            norm_layer=partial(LayerNorm2d, eps=_NORM_EPS),
-            **dd,
-        )
+        self.init_head(embed_dims[-1], num_classes, global_pool, drop_rate, **dd)
         # The official code keeps PyTorch's default initialisation except for the position embedding.
         trunc_normal_(self.pos_embed, std=0.02)
 
@@ -744,27 +738,15 @@ def _drive(file_id: str) -> Tuple[str, str]:
 
 
 def _cfg(url: Union[str, Tuple[str, str]] = "", **kwargs: Any) -> Dict[str, Any]:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
+    family = {
         "first_conv": "stem.0.conv",
-        "classifier": "head.fc",
         "license": "mit",
         "paper_ids": "arXiv:2111.05297",
         "paper_name": "Sliced Recursive Transformer",
         "origin_url": "https://github.com/szq0214/SReT",
-        **kwargs,
     }
+    return imagenet_cfg(url, **dict(family, **kwargs))
 
-
-_AT_384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0)
-_AT_512 = dict(input_size=(3, 512, 512), pool_size=(16, 16), crop_pct=1.0)
 
 default_cfgs = generate_default_cfgs(
     {
@@ -775,12 +757,18 @@ default_cfgs = generate_default_cfgs(
         "sret_small.in1k": _cfg(url=_drive("1y6F_bCgS1sagm7pxjAtuSPUB5HoNb8Ed")),
         "sret_tiny_noslice.in1k": _cfg(url=_drive("1wHM7NRSkz-WykCSES17xFV56h_m5RMXj")),
         "sret_tiny_noslice.distill_in1k": _cfg(url=_drive("1P1qK-j1Cac5le8-DNUFBbjmIpRThuiVp")),
-        "sret_tiny_noslice.distill_in1k_384": _cfg(url=_drive("11mWAktu6LrNa0Qt61WJGA0eTWoKYD1Be"), **_AT_384),
+        "sret_tiny_noslice.distill_in1k_384": _cfg(
+            url=_drive("11mWAktu6LrNa0Qt61WJGA0eTWoKYD1Be"), **imagenet_cfg_at(384)
+        ),
         "sret_tiny_lt_noslice.in1k": _cfg(url=_drive("1EXwfiMMa1UVQ_tmY6YQJ-Se0b3bW5NpC")),
         "sret_tiny_lt_noslice.distill_in1k": _cfg(url=_drive("1FDqkfkw5nZEuTcBmiBKg3lvPJOPQWS6i")),
         "sret_small_noslice.in1k": _cfg(url=_drive("1vlsxJieKhfnw-F6xFiwczvXBuk7ugXxm")),
-        "sret_small_noslice.distill_in1k_384": _cfg(url=_drive("1z5whJpXbbtFdjLpS1pCPvKcJhVnYCeo-"), **_AT_384),
-        "sret_small_noslice.distill_in1k_512": _cfg(url=_drive("1AZXIGMiGboI-nkoKuPnHnhDlBwZumuiB"), **_AT_512),
+        "sret_small_noslice.distill_in1k_384": _cfg(
+            url=_drive("1z5whJpXbbtFdjLpS1pCPvKcJhVnYCeo-"), **imagenet_cfg_at(384)
+        ),
+        "sret_small_noslice.distill_in1k_512": _cfg(
+            url=_drive("1AZXIGMiGboI-nkoKuPnHnhDlBwZumuiB"), **imagenet_cfg_at(512)
+        ),
     }
 )
 

@@ -40,6 +40,7 @@ from timm.utils import random_seed
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from recurzoo.backbones._helpers import init_linear
 from recurzoo.backbones.recurrent_vit import (
     RecurrentViT,
     even_phases,
@@ -316,7 +317,7 @@ def _random_blocks(student: RecurrentViT) -> None:
         for module in block.modules():
             if module is not block and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
-        block.apply(RecurrentViT._init_linear)
+        block.apply(init_linear)
         block.reset_step_parameters()
 
 
