@@ -227,17 +227,9 @@ class RecursiveGatedConv(nn.Module):
         )
         self.proj_out = nn.Conv2d(dim, dim, kernel_size=1, **dd)
 
-    def mix(self, context: torch.Tensor) -> torch.Tensor:
-        """The spatial mixer times ``scale``; a plain depthwise conv takes the scale in its weights (one pass)."""
-        mixer = self.spatial_mixer
-        if type(mixer) is nn.Conv2d:
-            bias = None if mixer.bias is None else mixer.bias * self.scale
-            return F.conv2d(context, mixer.weight * self.scale, bias, mixer.stride, mixer.padding, groups=mixer.groups)
-        return mixer(context) * self.scale
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, context = self.proj_in(x).split((self.widths[0], sum(self.widths)), dim=1)
-        contexts = self.mix(context).split(self.widths, dim=1)
+        contexts = (self.spatial_mixer(context) * self.scale).split(self.widths, dim=1)
         x = gate * contexts[0]
         for i, proj in enumerate(self.order_projs):  # indexed, not zipped: torch.fx cannot iterate a split
             x = proj(x) * contexts[i + 1]
