@@ -342,7 +342,9 @@ class RectangleWindowAttention(nn.Module):
         qkv = qkv.view(batch, height + pad_bottom, width + pad_right, 3, channels)
         half = channels // 2
         halves = [qkv[..., i * half : (i + 1) * half] for i in range(2)]
-        if torch.jit.is_tracing():  # the ONNX exporter needs out-of-place ops
+        # the ONNX exporter needs out-of-place ops; inductor fuses the concatenation itself (the in-place
+        # writes into slices only cost it extra copies after functionalization)
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
             x = torch.cat([branch(part) for branch, part in zip(self.branches, halves)], dim=-1)
         else:
             x = qkv.new_empty(batch, height + pad_bottom, width + pad_right, channels)
