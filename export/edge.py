@@ -135,7 +135,9 @@ def _to_pil(array: np.ndarray, channels: int) -> Any:
     return image.convert("L") if channels == 1 else image.convert("RGB")
 
 
-def load_images(model: nn.Module, input_size: Sequence[int], folder: Union[str, Path], count: int) -> ImageSet:
+def load_images(
+    model: nn.Module, input_size: Sequence[int], folder: Union[str, Path], count: int, option: str = "--calibration"
+) -> ImageSet:
     """Up to ``count`` images of ``folder`` (or its class subfolders), preprocessed for ``model``.
 
     A folder of class subfolders (ImageFolder layout) gives labels: subfolder names that are class
@@ -148,7 +150,7 @@ def load_images(model: nn.Module, input_size: Sequence[int], folder: Union[str, 
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise EdgeExportError(f"{folder}: not a folder of images")
+        raise EdgeExportError(f"{option} {folder}: not a folder of images")
     classes = sorted(path for path in folder.iterdir() if path.is_dir())
     files = [(path, None) for path in collect_images([folder])] if not classes else []
     for index, subfolder in enumerate(classes):
@@ -503,10 +505,10 @@ def _write_report(result: EdgeResult, out_dir: Path, stem: str) -> List[str]:
     return [str(json_path), str(md_path)]
 
 
-def _images(model: nn.Module, size: Sequence[int], folder: Any, count: int) -> ImageSet:
+def _images(model: nn.Module, size: Sequence[int], folder: Any, count: int, option: str) -> ImageSet:
     if isinstance(folder, ImageSet):
         return folder
-    return load_images(model, size, folder, count) if folder is not None else builtin_photos(model, size)
+    return load_images(model, size, folder, count, option) if folder is not None else builtin_photos(model, size)
 
 
 def _lower(
@@ -583,8 +585,8 @@ def export_edge(
         model = create_model(model_name, checkpoint, **(model_kwargs or {}))
     model = model.eval()
     size = model_input_size(model, input_size)
-    calibration_set = _images(model, size, calibration, calibration_count)
-    evaluation_set = _images(model, size, evaluation, 0) if evaluation is not None else calibration_set
+    calibration_set = _images(model, size, calibration, calibration_count, "--calibration")
+    evaluation_set = _images(model, size, evaluation, 0, "--eval") if evaluation is not None else calibration_set
     out_dir = Path(out_dir)
     fp32 = export_model(model_name, out_dir, model=model, input_size=size, report=False, benchmark=False)
     if not fp32.ok:

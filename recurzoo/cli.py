@@ -198,7 +198,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             benchmark=not args.no_benchmark,
         )
     except ValueError as error:
-        raise UsageError(f"export: {error}") from None
+        raise UsageError(str(error)) from None
     print(f"wrote {result.onnx_path}" + "".join(f", {path}" for path in result.report_paths))
     print(result.parity_line())
     return 0 if result.ok else 1
@@ -225,7 +225,7 @@ def _export_edge(name: str, args: argparse.Namespace) -> int:
             evaluation=args.eval,
         )
     except ValueError as error:
-        raise UsageError(f"export: {error}") from None
+        raise UsageError(str(error)) from None
     print(f"wrote {result.path}" + "".join(f", {path}" for path in result.report_paths))
     print(result.summary())
     return 0
