@@ -16,6 +16,7 @@ from __future__ import annotations
 from functools import lru_cache, partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.layers import (
@@ -64,24 +65,27 @@ def real_dft_matrices(height: int, width: int) -> Tuple[torch.Tensor, torch.Tens
       Nyquist frequencies are ignored (their sines vanish), as ``torch.fft.irfft`` does.
     """
 
-    def angles(frequencies: int, length: int) -> torch.Tensor:
-        k = torch.arange(frequencies, dtype=torch.float64, device="cpu")  # cached: never on a default device
-        n = torch.arange(length, dtype=torch.float64, device="cpu")
-        return 2 * torch.pi * torch.outer(k, n) / length  # (frequencies, length)
+    # Built in float64 with numpy, not torch: a first call while torch.export traces would otherwise
+    # cache fake tensors (and record the construction in the exported graph).
+
+    def angles(frequencies: int, length: int) -> np.ndarray:
+        return 2 * np.pi * np.outer(np.arange(frequencies), np.arange(length)) / length  # (frequencies, length)
 
     num_freq = width // 2 + 1
     row = angles(num_freq, width)
-    row_rfft = torch.cat([row.cos(), -row.sin()], dim=0).t() / width**0.5
-    twice = torch.full((num_freq, 1), 2.0, dtype=torch.float64, device="cpu")
+    row_rfft = np.concatenate([np.cos(row), -np.sin(row)], axis=0).T / width**0.5
+    twice = np.full((num_freq, 1), 2.0)
     twice[0] = 1.0
     if width % 2 == 0:
         twice[-1] = 1.0
-    row_irfft = torch.cat([twice * row.cos(), -twice * row.sin()], dim=0) / width**0.5
+    row_irfft = np.concatenate([twice * np.cos(row), -twice * np.sin(row)], axis=0) / width**0.5
     col = angles(height, height)
-    cos, sin = col.cos() / height**0.5, -col.sin() / height**0.5  # symmetric matrices
-    col_dft = torch.cat([torch.cat([cos, sin], dim=1), torch.cat([-sin, cos], dim=1)], dim=0)
-    col_idft = torch.cat([torch.cat([cos, -sin], dim=1), torch.cat([sin, cos], dim=1)], dim=0)
-    return tuple(m.float() for m in (row_rfft, col_dft, col_idft, row_irfft))
+    cos, sin = np.cos(col) / height**0.5, -np.sin(col) / height**0.5  # symmetric matrices
+    col_dft = np.block([[cos, sin], [-sin, cos]])
+    col_idft = np.block([[cos, -sin], [sin, cos]])
+    return tuple(
+        torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32)) for m in (row_rfft, col_dft, col_idft, row_irfft)
+    )
 
 
 def resize_frequency_weight(weight: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -114,8 +118,9 @@ class GlobalLocalFilter(nn.Module):
 
     The global half is multiplied, in the 2-D real Fourier domain, by a learned complex weight of
     size ``filter_size``; a feature map of another size uses the weight resized bilinearly
-    (``align_corners=True``), as the official code does. During ONNX export the filter runs as
-    real matrix products (:meth:`global_filter_real`), which ONNX expresses for any opset.
+    (``align_corners=True``), as the official code does. During ONNX export and ``torch.export``
+    the filter runs as real matrix products (:meth:`global_filter_real`), which ONNX (any opset)
+    and ExecuTorch's XNNPACK delegate express.
     """
 
     # An exported graph is tied to the traced size (recurzoo.export reads these, the model cards show them).
@@ -153,7 +158,8 @@ class GlobalLocalFilter(nn.Module):
         self.complex_weight = nn.Parameter(resized, requires_grad=self.complex_weight.requires_grad)
 
     def global_filter(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export():
+        # ONNX and torch.export (ExecuTorch) have no complex tensors: the exact real reformulation.
+        if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
             return self.global_filter_real(x)
         return fourier_filter(x, self.complex_weight)
 

@@ -588,7 +588,13 @@ def export_edge(
     calibration_set = _images(model, size, calibration, calibration_count, "--calibration")
     evaluation_set = _images(model, size, evaluation, 0, "--eval") if evaluation is not None else calibration_set
     out_dir = Path(out_dir)
-    fp32 = export_model(model_name, out_dir, model=model, input_size=size, report=False, benchmark=False)
+    try:
+        fp32 = export_model(model_name, out_dir, model=model, input_size=size, report=False, benchmark=False)
+    except Exception as error:  # the exporter's own failure is the measured reason (the fp32 graph is the reference)
+        raise EdgeExportError(
+            f"{model_name}: cannot be lowered to {fmt} {precision}: its fp32 ONNX reference does not export: "
+            f"{_one_line(error)}"
+        ) from error
     if not fp32.ok:
         raise EdgeExportError(f"{model_name}: the fp32 ONNX graph does not match PyTorch: {fp32.parity_line()}")
     meta = preprocessing(model, size)

@@ -159,14 +159,18 @@ def _exporting() -> bool:
 
 
 def _static_adaptive_pool(
-    original: Callable[..., Any], pool: Callable[..., torch.Tensor], global_pool: Callable[[torch.Tensor], torch.Tensor]
+    original: Callable[..., Any],
+    pool: Callable[..., torch.Tensor],
+    global_pool: Optional[Callable[[torch.Tensor], torch.Tensor]],
 ) -> Callable[..., Any]:
     """``F.adaptive_*_pool2d`` that, while exported, pools to a size fixed at the traced one.
 
     The TorchScript exporter only exports adaptive pooling to a constant size that divides the input,
     and ExecuTorch's core ATen opset has no adaptive max pooling; MSRNet pools 1.5x maps to 1x (to
     sizes taken from another tensor's traced shape). Global pooling (output 1x1) stays global, for
-    any input size (a reduction under ``torch.export``).
+    any input size: under ``torch.export`` a reduction (``global_pool``), or the original operator when
+    ``global_pool`` is None (global average pooling: the XNNPACK quantizer annotates
+    ``adaptive_avg_pool2d``, not the ``mean`` it lowers to, and refuses the partition otherwise).
     """
 
     def adaptive_pool(x: torch.Tensor, output_size: Any, *args: Any, **kwargs: Any) -> Any:
@@ -175,7 +179,7 @@ def _static_adaptive_pool(
         sizes = [output_size] * 2 if isinstance(output_size, int) else list(output_size)
         sizes = [int(x.shape[2 + i]) if size is None else int(size) for i, size in enumerate(sizes)]
         if sizes == [1, 1]:
-            return original(x, 1, *args, **kwargs) if torch.jit.is_tracing() else global_pool(x)
+            return original(x, 1) if torch.jit.is_tracing() or global_pool is None else global_pool(x)
         for axis, size in zip((2, 3), sizes):
             x = _pool_axis(x, axis, size, pool)
         return x
@@ -198,9 +202,7 @@ def static_adaptive_pooling() -> Iterator[None]:
     F.adaptive_max_pool2d = _static_adaptive_pool(
         originals["adaptive_max_pool2d"], max_pool, lambda x: x.amax(dim=(2, 3), keepdim=True)
     )
-    F.adaptive_avg_pool2d = _static_adaptive_pool(
-        originals["adaptive_avg_pool2d"], avg_pool, lambda x: x.mean(dim=(2, 3), keepdim=True)
-    )
+    F.adaptive_avg_pool2d = _static_adaptive_pool(originals["adaptive_avg_pool2d"], avg_pool, None)
     try:
         yield
     finally:

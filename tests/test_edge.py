@@ -144,9 +144,22 @@ def test_adaptive_pooling_lowers_through_torch_export_as_exact_fixed_pools():
     x = torch.randn(2, 4, 5, 7)
     with torch.no_grad(), static_adaptive_pooling():
         program = torch.export.export(Pools(), (x,))
-    operators = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
-    assert not any("adaptive" in name for name in operators)  # not in ExecuTorch's core ATen opset
+    operators = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    assert not any("adaptive_max" in name for name in operators)  # not in ExecuTorch's core ATen opset
+    # global average pooling stays the operator that the XNNPACK quantizer annotates
+    assert [name for name in operators if "adaptive" in name] == ["aten.adaptive_avg_pool2d.default"]
     torch.testing.assert_close(program.module()(x), Pools()(x), rtol=0, atol=0)
+
+
+def test_hornet_global_filter_exports_as_real_dft_matmuls_equal_to_the_fft():
+    model = _reduced("hornet_tiny_gf")
+    x = builtin_photos(model, (3, SIDE, SIDE)).images[:2]
+    with torch.no_grad():
+        program = torch.export.export(model, (x,))
+        expected = model(x)
+    operators = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not any("fft" in name or "complex" in name for name in operators), operators
+    torch.testing.assert_close(program.module()(x), expected, rtol=0, atol=1e-4 * expected.abs().max().item())
 
 
 def test_fidelity_measures_psnr_ssim_for_sr_and_mask_agreement_for_cod():
@@ -170,11 +183,22 @@ def test_executorch_program_runs_back_through_the_runtime_like_eager(tmp_path):
     assert meta["mean"] == list(model.pretrained_cfg["mean"]) and meta["precision"] == "fp32"
 
 
-def test_a_family_executorch_cannot_lower_is_one_line_with_the_lowering_reason(tmp_path):
+def test_a_model_executorch_cannot_lower_is_one_line_with_the_lowering_reason(tmp_path):
     pytest.importorskip("executorch", reason="the recurzoo[edge] extra is not installed")
-    model = _reduced("hornet_tiny_gf")
-    with pytest.raises(EdgeExportError, match=r"^hornet_tiny_gf: cannot be lowered to executorch fp32: \w+") as error:
+
+    class Spectral(nn.Module):  # complex tensors: no ExecuTorch kernel, no XNNPACK operator
+        num_classes = 4
+
+        def forward(self, x):
+            return torch.fft.rfft2(x).abs().mean(dim=(2, 3))[:, :1].expand(-1, 4).contiguous()
+
+    with pytest.raises(EdgeExportError, match=r"^hornet_tiny_7x7: cannot be lowered to executorch fp32: \w+") as error:
         export_edge(
-            "hornet_tiny_gf", tmp_path, fmt="executorch", precision="fp32", model=model, input_size=(3, SIDE, SIDE)
+            "hornet_tiny_7x7",
+            tmp_path,
+            fmt="executorch",
+            precision="fp32",
+            model=Spectral(),
+            input_size=(3, SIDE, SIDE),
         )
     assert "\n" not in str(error.value)
