@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test lint install cards bench bench-official clean parity-fixtures timm-suite edge-check
+.PHONY: demo test lint install cards bench bench-official clean parity-fixtures timm-suite edge-check edge-bench
 
 # One model per family next to its timm peer (SR and COD models at their own sizes); the README's
 # benchmark sections, benchmarks/*.{md,csv} and the cards' speed tables are rewritten.
@@ -69,6 +69,15 @@ timm-suite: $(INSTALLED)
 # held-out top-1 of each against fp32 (fails beyond 1 point). tests/test_edge.py runs the ONNX half.
 edge-check: $(INSTALLED)
 	$(BIN)/python -m recurzoo.export.digits --formats onnx,executorch
+
+# Every edge artifact (int8/fp16 ONNX, fp32/int8 ExecuTorch) of one model a family: size, speed against fp32
+# onnxruntime, fidelity, peak memory; rewrites benchmarks/edge.{csv,md}, the README's table and the cards.
+EDGE_BENCH_MODELS ?= sret_tiny hornet_tiny_gf vit_recurrent_small_patch16_224 rgt_small_x2@3x64x64 \
+	msrnet_hornet_tiny_7x7
+edge-bench: $(INSTALLED)
+	$(BIN)/python -m recurzoo.export.edge_bench $(EDGE_BENCH_MODELS) --timeout 1800 --out benchmarks/edge \
+		--readme README.md
+	$(BIN)/python -m recurzoo.export.cards
 
 cards: $(INSTALLED)
 	$(BIN)/python -m recurzoo.export.cards

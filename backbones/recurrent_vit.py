@@ -630,7 +630,16 @@ class RecurrentViT(nn.Module):
         """Prefix tokens and position embedding (resampled to the input's grid with ``dynamic_img_size``)."""
         pos_embed = self.pos_embed
         if self.dynamic_img_size:  # patch tokens arrive as (B, H, W, C)
-            if pos_embed is not None:
+            # timm resamples unconditionally under torch.export (for symbolic sizes); at the grid's own
+            # static size that is the identity, and its antialiased bicubic operator is not in
+            # ExecuTorch's core ATen opset. A traced ONNX graph (dynamic height/width) keeps it.
+            grid = x.shape[1:3]
+            static_same_grid = (
+                not torch.jit.is_tracing()
+                and all(isinstance(side, int) for side in grid)
+                and tuple(grid) == tuple(self.patch_embed.grid_size)
+            )
+            if pos_embed is not None and not static_same_grid:
                 pos_embed = resample_abs_pos_embed(
                     pos_embed,
                     new_size=x.shape[1:3],

@@ -212,6 +212,27 @@ def speed_section(
     return lines + [""]
 
 
+def edge_section(models: Sequence[str], note: str) -> List[str]:
+    """The family's rows of the edge benchmark (``make edge-bench``: int8/fp16 ONNX, ExecuTorch), with its note."""
+    from recurzoo.export.edge_bench import edge_markdown, load_edge_rows
+
+    rows = [row for row in load_edge_rows() if row.model in models]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Edge deployment",
+        "",
+        "Measured by `make edge-bench` (`recurzoo export NAME --precision int8|fp16`, `--format executorch`; "
+        "see the README's Edge deployment section): file size and latency (batch 1, one thread) against the "
+        "fp32 ONNX graph in onnxruntime, fidelity against the fp32 model on the built-in photographs (random "
+        "weights), and the memory that loading and one run add to a fresh process.",
+        "",
+        edge_markdown(rows).rstrip(),
+    ]
+    return lines + (["", note.strip()] if note.strip() else [])
+
+
 def default_usage(example: str) -> str:
     """The usage section of a classification family with official checkpoints."""
     return "\n".join(
@@ -289,6 +310,7 @@ def render_card(
         "",
         *speed_section(all_models, bench_rows, card.get("performance_note", ""), shown=models),
         *export_section(all_models, supports, shown=models),
+        *edge_section(all_models, card.get("edge_note", "")),
         "",
         "## Usage",
         "",

@@ -248,7 +248,10 @@ class _CalibrationReader(CalibrationDataReader):
 def quantize_onnx_int8(fp32_path: Path, out_path: Path, calibration: torch.Tensor, meta: Dict[str, Any]) -> List[str]:
     """Static QDQ int8 of the graph at ``fp32_path`` (per-channel weights, MinMax on ``calibration``).
 
-    Returns the operator types that stay in float.
+    The MatMuls that multiply attention probabilities (fed by a Softmax) stay in float: quantized,
+    onnxruntime fuses the Softmax into a QLinearSoftmax that is slower than the float one, and the
+    probabilities lose most of their 8 bits (measured on ``sret_tiny``: int8 onnxruntime went from
+    0.85x to 1.27x fp32's speed). Returns the operator types that stay in float.
     """
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
@@ -258,12 +261,14 @@ def quantize_onnx_int8(fp32_path: Path, out_path: Path, calibration: torch.Tenso
     prepared = out_path.with_name(out_path.stem + ".prep.onnx")
     try:
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        after_softmax = _matmuls_after_softmax(onnx.load(str(prepared)))
         quantize_static(
             str(prepared),
             str(out_path),
             reader,
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=_QUANTIZED_OPS,
+            nodes_to_exclude=after_softmax,
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
@@ -273,7 +278,24 @@ def quantize_onnx_int8(fp32_path: Path, out_path: Path, calibration: torch.Tenso
     proto = onnx.load(str(out_path))
     _write_onnx_metadata(proto, dict(meta, precision="int8"))
     onnx.save(proto, str(out_path))
-    return _onnx_float_ops(proto)
+    float_ops = _onnx_float_ops(proto)
+    return float_ops + ([f"MatMul after Softmax ({len(after_softmax)})"] if after_softmax else [])
+
+
+def _matmuls_after_softmax(proto: Any) -> List[str]:
+    """Names of the MatMul nodes whose input comes from a Softmax (through reshapes, casts or a Where)."""
+    passes = {"Reshape", "Transpose", "Cast", "Where", "Identity", "Dropout", "Squeeze", "Unsqueeze"}
+    produced_by = {output: node for node in proto.graph.node for output in node.output}
+
+    def from_softmax(name: str, depth: int = 0) -> bool:
+        node = produced_by.get(name)
+        if node is None or depth > 4:
+            return False
+        if node.op_type == "Softmax":
+            return True
+        return node.op_type in passes and any(from_softmax(source, depth + 1) for source in node.input if source)
+
+    return [node.name for node in proto.graph.node if node.op_type == "MatMul" and any(map(from_softmax, node.input))]
 
 
 def convert_onnx_fp16(fp32_path: Path, out_path: Path, meta: Dict[str, Any]) -> List[str]:
@@ -333,10 +355,14 @@ def lower_executorch(
     """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from recurzoo.export.onnx import static_adaptive_pooling
 
-    with torch.no_grad(), static_adaptive_pooling():
+    # The math attention kernel: the fused CPU kernel's decomposition views permuted (non-contiguous) tensors,
+    # which ExecuTorch's memory planning refuses (sliced SReT, RGT); the math one lowers to XNNPACK matmuls.
+    model = _at_size(model, example.shape[-2:])
+    with torch.no_grad(), static_adaptive_pooling(), sdpa_kernel(SDPBackend.MATH):
         program = torch.export.export(model, (example,))
         if precision == "int8":
             from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
@@ -350,10 +376,54 @@ def lower_executorch(
             for image in calibration:
                 prepared(image[None])
             program = torch.export.export(convert_pt2e(prepared), (example,))
-        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner(configs=_xnnpack_configs())])
     outside = sorted({_operator_name(node.target) for node in edge.exported_program().graph.nodes if _portable(node)})
     out_path.write_bytes(edge.to_executorch().buffer)
     return outside
+
+
+_XNNPACK_MAX_RANK = 6  # XNN_MAX_TENSOR_DIMS: a delegate holding a 7-D tensor fails to load ("error 0x1")
+
+
+def _xnnpack_configs() -> List[Any]:
+    """XNNPACK's partitioner configurations, each refusing a node with a tensor of more than 6 dimensions.
+
+    RGT's rectangle-window partition reshapes to 7-D; those views and permutes run in ExecuTorch's
+    portable kernels, the rest in the delegate.
+    """
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+
+    def rank(value: Any) -> int:
+        values = value if isinstance(value, (list, tuple)) else [value]
+        return max((len(v.shape) for v in values if isinstance(v, torch.Tensor)), default=0)
+
+    def within_rank(node: Any) -> bool:
+        sources = [arg for arg in node.all_input_nodes] + [node]
+        return all(rank(source.meta.get("val")) <= _XNNPACK_MAX_RANK for source in sources)
+
+    def limited(config: Any) -> Any:
+        def check_constraints(self: Any, node: Any, program: Any) -> bool:
+            return within_rank(node) and config.check_constraints(self, node, program)
+
+        return type(config.__name__, (config,), {"check_constraints": check_constraints})
+
+    return [limited(config) for config in ALL_PARTITIONER_CONFIGS]
+
+
+def _at_size(model: nn.Module, size: Sequence[int]) -> nn.Module:
+    """A copy of ``model`` made for ``size`` inputs with its own ``set_input_size`` (timm's ViT API), else ``model``.
+
+    The position embedding is then resampled once, eagerly, by the function the forward would call at
+    that size (the same numbers), instead of in the program: its antialiased bicubic resampling
+    (``_upsample_bicubic2d_aa``) is not in ExecuTorch's core ATen opset.
+    """
+    if not callable(getattr(model, "set_input_size", None)):
+        return model
+    import copy
+
+    resized = copy.deepcopy(model)
+    resized.set_input_size(img_size=tuple(int(side) for side in size))
+    return resized.eval()
 
 
 def _portable(node: Any) -> bool:
@@ -463,6 +533,8 @@ class EdgeResult:
     evaluation: str
     fidelity: Dict[str, float]
     latency_ms: Dict[str, float]
+    peak_memory_mib: Dict[str, float] = field(default_factory=dict)
+    time_shares: Dict[str, float] = field(default_factory=dict)
     float_ops: List[str] = field(default_factory=list)
     preprocessing: Dict[str, Any] = field(default_factory=dict)
     report_paths: List[str] = field(default_factory=list)
@@ -488,6 +560,14 @@ class EdgeResult:
             ("evaluated on", self.evaluation),
             *[(key.replace("_", " "), f"{value:.4g}") for key, value in self.fidelity.items()],
             *[(f"latency {key} (batch 1, 1 thread)", f"{value:.2f} ms") for key, value in self.latency_ms.items()],
+            *[
+                (f"peak memory {key} (load + one run, fresh process)", f"{value:.1f} MiB")
+                for key, value in self.peak_memory_mib.items()
+            ],
+            *[
+                (f"share of int8 onnxruntime kernel time: {key}", f"{value:.0%}")
+                for key, value in self.time_shares.items()
+            ],
             ("operators left in float / outside the delegate", ", ".join(self.float_ops) or "none"),
         ]
         lines = [f"# {self.model_name}: {self.format} {self.precision}", "", "| | |", "| --- | --- |"]
@@ -622,10 +702,92 @@ def export_edge(
         else f"the calibration set: {calibration_set.source}",
         fidelity=fidelity(model_task(model_name), reference, output, evaluation_set.labels),
         latency_ms=_latency(model, Path(fp32.onnx_path), run, evaluation_set.images[:1], f"{fmt} {precision}"),
+        peak_memory_mib=_peak_memory(Path(fp32.onnx_path), path, fmt, precision, (1, *size)),
+        time_shares=onnx_time_shares(path, evaluation_set.images[:1]) if fmt == "onnx" and precision == "int8" else {},
         float_ops=float_ops,
         preprocessing=meta,
     )
     result.report_paths = _write_report(result, out_dir, path.name)
+    return result
+
+
+_INT8_KERNELS = ("QLinear", "ConvInteger", "MatMulInteger", "QGemm", "DynamicQuantize")
+
+
+def onnx_time_shares(path: Path, x: torch.Tensor, runs: int = 5) -> Dict[str, float]:
+    """Where an int8 graph spends its kernel time (onnxruntime's profiler, one thread, batch 1): the shares of
+    int8 compute (the fused ``QLinear*`` kernels), quantize/dequantize, and operators left in float."""
+    import tempfile
+
+    import onnxruntime
+
+    with tempfile.TemporaryDirectory() as folder:
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(folder) / "profile")
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            session.run(None, {"input": x.numpy()})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    totals = {"int8 compute": 0.0, "quantize/dequantize": 0.0, "float operators": 0.0}
+    for event in events:
+        if event.get("cat") != "Node" or not str(event.get("name", "")).endswith("_kernel_time"):
+            continue
+        op = event.get("args", {}).get("op_name", "")
+        if op in ("QuantizeLinear", "DequantizeLinear"):
+            totals["quantize/dequantize"] += event["dur"]
+        elif op.startswith(_INT8_KERNELS):
+            totals["int8 compute"] += event["dur"]
+        else:
+            totals["float operators"] += event["dur"]
+    total = sum(totals.values())
+    return {key: value / total for key, value in totals.items()} if total else {}
+
+
+_PEAK_MEMORY_SCRIPT = """
+import json, sys
+import numpy as np
+kind, path, shape = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+if kind == "onnx":
+    import onnxruntime
+else:
+    import torch
+    from executorch.runtime import Runtime
+
+def status(field):
+    with open("/proc/self/status") as lines:
+        return next(int(line.split()[1]) / 1024 for line in lines if line.startswith(field))
+
+with open("/proc/self/clear_refs", "w") as clear:
+    clear.write("5")  # the peak resident size restarts here, after the imports
+before = status("VmRSS:")
+x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+if kind == "onnx":
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    session.run(None, {"input": x})
+else:
+    Runtime.get().load_program(path).load_method("forward").execute([torch.from_numpy(x)])
+print(json.dumps(status("VmHWM:") - before))
+"""
+
+
+def _peak_memory(fp32_path: Path, path: Path, fmt: str, precision: str, shape: Sequence[int]) -> Dict[str, float]:
+    """MiB that loading and running each artifact once (batch 1, one thread) adds to a fresh process's peak
+    resident size, measured after its runtime is imported. Empty where ``/proc`` cannot say (not Linux)."""
+    import subprocess
+    import sys
+
+    result: Dict[str, float] = {}
+    for label, kind, artifact in (("fp32 onnxruntime", "onnx", fp32_path), (f"{fmt} {precision}", fmt, path)):
+        command = [sys.executable, "-c", _PEAK_MEMORY_SCRIPT, kind, str(artifact), json.dumps(list(shape))]
+        try:
+            worker = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
+            result[label] = float(worker.stdout.strip().splitlines()[-1])
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            return {}
     return result
 
 

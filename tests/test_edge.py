@@ -202,3 +202,42 @@ def test_a_model_executorch_cannot_lower_is_one_line_with_the_lowering_reason(tm
             input_size=(3, SIDE, SIDE),
         )
     assert "\n" not in str(error.value)
+
+
+def test_edge_bench_rows_round_trip_through_csv_and_name_what_was_not_made(tmp_path):
+    from recurzoo.export.edge_bench import EdgeRow, _row_from_report, edge_markdown, load_edge_rows, write_rows
+
+    model = _reduced("hornet_tiny_7x7")
+    result = export_edge("hornet_tiny_7x7", tmp_path, precision="int8", model=model, input_size=(3, SIDE, SIDE))
+    report = json.loads(Path(result.report_paths[0]).read_text())
+    made = _row_from_report("hornet_tiny_7x7", "onnx-int8", "3x32x32", report)
+    assert made.size_ratio == pytest.approx(result.size_ratio) and made.fidelity.startswith("top-1 agreement")
+    assert made.speedup_vs_fp32_onnxruntime == pytest.approx(
+        result.latency_ms["fp32 onnxruntime"] / result.latency_ms["onnx int8"]
+    )
+    assert "int8 compute" in made.int8_time_shares and made.peak_memory_mib > 0
+    failed = EdgeRow("rgt_small_x2", "executorch-int8", "3x64x64", error="not measured: over 1800 s")
+    write_rows([made, failed], tmp_path / "edge.csv")
+    rows = load_edge_rows(tmp_path / "edge.csv")
+    assert [row.artifact for row in rows] == ["onnx-int8", "executorch-int8"]
+    assert rows[0].size_mib == pytest.approx(made.size_mib) and rows[1].error == failed.error
+    table = edge_markdown(rows)
+    assert "| `hornet_tiny_7x7` | ONNX int8 | 3x32x32 |" in table
+    assert "`rgt_small_x2` ExecuTorch int8 (XNNPACK): not measured: over 1800 s" in table
+
+
+def test_int8_onnx_keeps_the_matmul_after_softmax_in_float_and_profiles_its_kernel_time(tmp_path):
+    model = _reduced("sret_tiny_noslice")
+    result = export_edge("sret_tiny_noslice", tmp_path, precision="int8", model=model, input_size=(3, SIDE, SIDE))
+    proto = onnx.load(result.path)
+    produced_by = {output: node for node in proto.graph.node for output in node.output}
+    after_softmax = [
+        node
+        for node in proto.graph.node
+        if node.op_type == "MatMul" and any(getattr(produced_by.get(i), "op_type", "") == "Softmax" for i in node.input)
+    ]
+    assert after_softmax, "the attention's probabilities feed a float MatMul"
+    assert any(entry.startswith("MatMul after Softmax") for entry in result.float_ops)
+    assert set(result.time_shares) == {"int8 compute", "quantize/dequantize", "float operators"}
+    assert sum(result.time_shares.values()) == pytest.approx(1.0) and result.time_shares["int8 compute"] > 0
+    assert set(result.peak_memory_mib) == {"fp32 onnxruntime", "onnx int8"}
