@@ -73,7 +73,7 @@ edge-check: $(INSTALLED)
 # Every edge artifact (int8/fp16 ONNX, fp32/int8 ExecuTorch) of one model a family: size, speed against fp32
 # onnxruntime, fidelity, peak memory; rewrites benchmarks/edge.{csv,md}, the README's table and the cards.
 EDGE_BENCH_MODELS ?= sret_tiny hornet_tiny_gf vit_recurrent_small_patch16_224 rgt_small_x2@3x64x64 \
-	msrnet_hornet_tiny_7x7
+	msrnet_hornet_tiny_7x7@3x256x256
 edge-bench: $(INSTALLED)
 	$(BIN)/python -m recurzoo.export.edge_bench $(EDGE_BENCH_MODELS) --timeout 1800 --out benchmarks/edge \
 		--readme README.md

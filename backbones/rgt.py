@@ -117,7 +117,9 @@ def shifted_window_kinds(rows: int, cols: int, device=None) -> torch.Tensor:
     """``(rows * cols,)`` kind (:func:`shifted_window_masks`) of every window, in row-major order."""
     last_row = (torch.arange(rows, device=device) == rows - 1).long()
     last_col = (torch.arange(cols, device=device) == cols - 1).long()
-    return (last_row[:, None] + 2 * last_col[None, :]).flatten()
+    # last_col twice, not 2 * last_col: quantizers (PT2E) turn a scalar factor into a float constant,
+    # which would make this index a float tensor
+    return (last_row[:, None] + last_col[None, :] + last_col[None, :]).flatten()
 
 
 def shifted_window_mask(

@@ -371,15 +371,55 @@ def lower_executorch(
             )
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-            quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+            quantizer = _float_only(XNNPACKQuantizer)().set_global(
+                get_symmetric_quantization_config(is_per_channel=True)
+            )
             prepared = prepare_pt2e(program.module(), quantizer)
             for image in calibration:
                 prepared(image[None])
             program = torch.export.export(convert_pt2e(prepared), (example,))
-        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner(configs=_xnnpack_configs())])
+        notes = []
+        try:
+            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner(configs=_xnnpack_configs())])
+        except AssertionError as error:
+            if "dependency cycles" not in str(error):
+                raise
+            # Grouping every supported node into few delegates makes a cycle through a portable node
+            # (MSRNet's decoder); one delegate per operator cannot, at the cost of more calls.
+            notes.append("XNNPACK per operator (the grouped partition has a dependency cycle)")
+            partitioner = XnnpackPartitioner(configs=_xnnpack_configs(), per_op_mode=True)
+            edge = to_edge_transform_and_lower(program, partitioner=[partitioner])
     outside = sorted({_operator_name(node.target) for node in edge.exported_program().graph.nodes if _portable(node)})
     out_path.write_bytes(edge.to_executorch().buffer)
-    return outside
+    return outside + notes
+
+
+def _float_only(quantizer_class: Any) -> Any:
+    """``quantizer_class`` whose annotations leave integer tensors alone.
+
+    XNNPACK's quantizer annotates every ``add``/``mul``, also integer ones: RGT computes the kind of
+    each shifted window (an index) with them, and an observed index is no longer an integer tensor.
+    """
+
+    def floating(node: Any) -> bool:
+        value = node.meta.get("val")
+        return not isinstance(value, torch.Tensor) or value.dtype.is_floating_point
+
+    class FloatOnly(quantizer_class):  # type: ignore[misc, valid-type]
+        def annotate(self, model: Any) -> Any:
+            model = super().annotate(model)
+            for node in model.graph.nodes:
+                annotation = node.meta.get("quantization_annotation")
+                if annotation is None:
+                    continue
+                if not floating(node):
+                    del node.meta["quantization_annotation"]
+                    continue
+                for source in [source for source in annotation.input_qspec_map if not floating(source)]:
+                    del annotation.input_qspec_map[source]
+            return model
+
+    return FloatOnly
 
 
 _XNNPACK_MAX_RANK = 6  # XNN_MAX_TENSOR_DIMS: a delegate holding a 7-D tensor fails to load ("error 0x1")

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["ARTIFACTS", "EdgeRow", "bench_edge", "edge_markdown", "load_edge_rows", "main"]
+__all__ = ["ARTIFACTS", "EdgeRow", "bench_edge", "edge_markdown", "load_edge_rows", "merge_rows", "main"]
 
 ARTIFACTS = ("onnx-int8", "onnx-fp16", "executorch-fp32", "executorch-int8")
 EDGE_CSV = Path(__file__).resolve().parents[1] / "benchmarks" / "edge.csv"
@@ -218,6 +218,14 @@ def load_edge_rows(path: Path = EDGE_CSV) -> List[EdgeRow]:
 _TEXT = ("model", "artifact", "input_size", "fidelity", "int8_time_shares", "float_ops", "error")
 
 
+def merge_rows(previous: Sequence[EdgeRow], new: Sequence[EdgeRow]) -> List[EdgeRow]:
+    """``previous`` with the (model, artifact) rows of ``new`` replaced or added; models in first-seen order."""
+    merged = {(row.model, row.artifact): row for row in previous}
+    merged.update({(row.model, row.artifact): row for row in new})
+    models = list(dict.fromkeys(row.model for row in [*previous, *new]))
+    return sorted(merged.values(), key=lambda row: (models.index(row.model), ARTIFACTS.index(row.artifact)))
+
+
 def _artifact_list(text: str) -> Tuple[str, ...]:
     chosen = tuple(part.strip() for part in text.split(",") if part.strip())
     unknown = [part for part in chosen if part not in ARTIFACTS]
@@ -239,8 +247,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--calibration-count", type=int, default=8)
     parser.add_argument("--out", type=Path, default=None, help="write FILE.csv and FILE.md (suffix replaced)")
     parser.add_argument("--readme", type=Path, default=None, help="replace the <!-- edge:start --> section here")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows of --out's CSV that this run does not measure again (measure in several sittings)",
+    )
     args = parser.parse_args(argv)
     rows = bench_edge(args.models, args.artifacts, args.timeout, args.calibration_count)
+    if args.merge and args.out:
+        rows = merge_rows(load_edge_rows(args.out.with_suffix(".csv")), rows)
     markdown = edge_markdown(rows)
     print(markdown)
     if args.out:

@@ -205,7 +205,14 @@ def test_a_model_executorch_cannot_lower_is_one_line_with_the_lowering_reason(tm
 
 
 def test_edge_bench_rows_round_trip_through_csv_and_name_what_was_not_made(tmp_path):
-    from recurzoo.export.edge_bench import EdgeRow, _row_from_report, edge_markdown, load_edge_rows, write_rows
+    from recurzoo.export.edge_bench import (
+        EdgeRow,
+        _row_from_report,
+        edge_markdown,
+        load_edge_rows,
+        merge_rows,
+        write_rows,
+    )
 
     model = _reduced("hornet_tiny_7x7")
     result = export_edge("hornet_tiny_7x7", tmp_path, precision="int8", model=model, input_size=(3, SIDE, SIDE))
@@ -224,6 +231,15 @@ def test_edge_bench_rows_round_trip_through_csv_and_name_what_was_not_made(tmp_p
     table = edge_markdown(rows)
     assert "| `hornet_tiny_7x7` | ONNX int8 | 3x32x32 |" in table
     assert "`rgt_small_x2` ExecuTorch int8 (XNNPACK): not measured: over 1800 s" in table
+    remeasured = EdgeRow("rgt_small_x2", "executorch-int8", "3x64x64", size_mib=1.0, fidelity="PSNR 40.0 dB")
+    fp16 = EdgeRow("hornet_tiny_7x7", "onnx-fp16", "3x32x32", size_mib=2.0)
+    merged = merge_rows(rows, [remeasured, fp16])  # a later sitting replaces its rows and keeps the others
+    assert [(row.model, row.artifact) for row in merged] == [
+        ("hornet_tiny_7x7", "onnx-int8"),
+        ("hornet_tiny_7x7", "onnx-fp16"),
+        ("rgt_small_x2", "executorch-int8"),
+    ]
+    assert merged[2] is remeasured and merged[0].size_mib == rows[0].size_mib
 
 
 def test_int8_onnx_keeps_the_matmul_after_softmax_in_float_and_profiles_its_kernel_time(tmp_path):
