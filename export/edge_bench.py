@@ -139,11 +139,12 @@ def bench_edge(
                 try:
                     worker = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
                     lines = worker.stdout.strip().splitlines()
-                    outcome = (
-                        json.loads(lines[-1])
-                        if worker.returncode == 0 and lines
-                        else {"error": (worker.stderr.strip().splitlines() or ["failed"])[-1]}
-                    )
+                    if worker.returncode == 0 and lines:
+                        outcome = json.loads(lines[-1])
+                    elif worker.returncode < 0:
+                        outcome = {"error": f"not measured: the export was stopped (signal {-worker.returncode})"}
+                    else:
+                        outcome = {"error": (worker.stderr.strip().splitlines() or ["failed"])[-1]}
                 except subprocess.TimeoutExpired:
                     outcome = {"error": f"not measured: the export did not finish within {timeout:.0f} s"}
             row = (
