@@ -636,6 +636,7 @@ class RecurrentViT(nn.Module):
             grid = x.shape[1:3]
             static_same_grid = (
                 not torch.jit.is_tracing()
+                and isinstance(grid, torch.Size)  # not a torch.fx proxy
                 and all(isinstance(side, int) for side in grid)
                 and tuple(grid) == tuple(self.patch_embed.grid_size)
             )
