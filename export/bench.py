@@ -21,14 +21,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type, TypeVar
 
 import torch
 
 from recurzoo.devices import resolve_device
-from recurzoo.export.models import create_model, time_forward
+from recurzoo.export.models import RunSettings, median_and_quartiles, model_and_inputs, time_forward
 
 __all__ = [
     "BenchResult",
@@ -124,34 +124,28 @@ def bench_in_process(
     backend: str = "eager",
     batch: int = 1,
     input_size: Optional[Sequence[int]] = None,
-    threads: Optional[int] = None,
-    device: str = "cpu",
-    warmup: int = 3,
-    repeats: int = 10,
-    max_seconds: Optional[float] = None,
+    settings: Optional[RunSettings] = None,
 ) -> BenchResult:
     """Time one configuration in this process (peak memory is this process's high-water mark)."""
     from recurzoo.export.flops import count_flops
 
-    if threads:
-        torch.set_num_threads(threads)
-    model = create_model(model_name).to(device)
-    size = tuple(input_size or model.pretrained_cfg["input_size"])
+    settings = settings or RunSettings()
+    settings.apply_threads()
+    device = settings.device
+    model, inputs = model_and_inputs(model_name, batch, input_size, device)
+    size = tuple(inputs.shape[1:])
     macs = count_flops(model, size) / 1e9
-    inputs = torch.randn(batch, *size, device=device)
     peak_gflops = measure_matmul_peak(device)
     breaks = count_graph_breaks(model, inputs) if backend == "compile" else -1
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
-        run = _runner(model_name, model, backend, inputs, workdir)
-        times = time_forward(run, device, warmup, repeats, max_seconds)
+        times = settings.time(_runner(model_name, model, backend, inputs, workdir))
     if device.startswith("cuda"):
         peak_memory = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-    median = statistics.median(times)
-    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [median, median, median]
+    median, p25, p75 = median_and_quartiles(times)
     achieved = 2 * macs * batch / median
     return BenchResult(
         model=model_name,
@@ -161,8 +155,8 @@ def bench_in_process(
         threads=torch.get_num_threads(),
         device=device,
         latency_ms=median * 1e3,
-        latency_p25_ms=quartiles[0] * 1e3,
-        latency_p75_ms=quartiles[2] * 1e3,
+        latency_p25_ms=p25 * 1e3,
+        latency_p75_ms=p75 * 1e3,
         images_per_s=batch / median,
         peak_memory_mb=peak_memory,
         gmacs_per_image=macs,
@@ -184,13 +178,6 @@ def count_graph_breaks(model: torch.nn.Module, inputs: torch.Tensor) -> int:
     return int(explanation.graph_break_count)
 
 
-def _failed(model_name: str, backend: str, batch: int, threads: int, device: str, error: str) -> BenchResult:
-    nan = float("nan")
-    return BenchResult(
-        model_name, backend, batch, "", threads, device, nan, nan, nan, nan, nan, nan, nan, nan, nan, error=error
-    )
-
-
 def run_worker(request: Dict[str, Any], timeout: Optional[float] = None) -> Dict[str, Any]:
     """Run ``request`` (a ``kind`` and its keyword arguments) in a fresh interpreter; return its JSON.
 
@@ -207,10 +194,10 @@ def run_worker(request: Dict[str, Any], timeout: Optional[float] = None) -> Dict
     return json.loads(worker.stdout.strip().splitlines()[-1])
 
 
-def worker_result(result_type: Type[_Row], request: Dict[str, Any], timeout: Optional[float], **known: Any) -> _Row:
-    """``result_type(**run_worker(request))``; when the worker fails, a row of the ``known`` fields (what
-    was asked for), NaN for every measured field and the worker's ``error``."""
-    outcome = run_worker(request, timeout)
+def worker_result(result_type: Type[_Row], request: Dict[str, Any], settings: RunSettings, **known: Any) -> _Row:
+    """``result_type(**run_worker(request))``, run with ``settings``; when the worker fails, a row of
+    the ``known`` fields (what was asked for), NaN for every measured field and the worker's ``error``."""
+    outcome = run_worker(dict(request, settings=asdict(settings)), settings.timeout)
     if set(outcome) == {"error"}:
         measured = {field.name: float("nan") for field in fields(result_type) if field.name not in known}
         outcome = {**measured, **known, "error": outcome["error"]}
@@ -222,14 +209,9 @@ def bench(
     backends: Sequence[str] = ("eager",),
     batches: Sequence[int] = (1,),
     input_size: Optional[Sequence[int]] = None,
-    threads: Optional[int] = None,
-    device: str = "cpu",
-    warmup: int = 3,
-    repeats: int = 10,
+    settings: Optional[RunSettings] = None,
     progress: bool = True,
     compare_batches: Optional[Sequence[int]] = None,
-    max_seconds: Optional[float] = None,
-    timeout: Optional[float] = None,
 ) -> List[BenchResult]:
     """Time every (model, backend, batch) in its own process; failures are recorded, not raised.
 
@@ -238,7 +220,8 @@ def bench(
     """
     from tqdm import tqdm
 
-    threads = threads or torch.get_num_threads()
+    settings = settings or RunSettings()
+    settings = replace(settings, threads=settings.threads or torch.get_num_threads())
     configs = [
         (spec, backend, batch)
         for spec in models
@@ -250,22 +233,10 @@ def bench(
     for spec, backend, batch in tqdm(configs, desc="benchmark", unit="run", disable=not progress, file=sys.stderr):
         model_name, size = parse_model_spec(spec)
         request = dict(
-            kind="latency",
-            model_name=model_name,
-            backend=backend,
-            batch=batch,
-            input_size=size or input_size,
-            threads=threads,
-            device=device,
-            warmup=warmup,
-            repeats=repeats,
-            max_seconds=max_seconds,
+            kind="latency", model_name=model_name, backend=backend, batch=batch, input_size=size or input_size
         )
-        outcome = run_worker(request, timeout)
-        if "error" in outcome and len(outcome) == 1:
-            results.append(_failed(model_name, backend, batch, threads, device, outcome["error"]))
-        else:
-            results.append(BenchResult(**outcome))
+        known = dict(model=model_name, backend=backend, batch=batch, input_size="", graph_breaks=-1)
+        results.append(worker_result(BenchResult, request, settings, **known, **settings.where()))
     return results
 
 
@@ -297,30 +268,48 @@ def speedups_over_eager(results: Sequence[BenchResult]) -> List[Optional[float]]
     ]
 
 
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A markdown table: ``header``, its rule and one line per row (a failed run's row may be shorter)."""
+    lines = [header, ["---"] * len(header), *rows]
+    return "".join("| " + " | ".join(str(cell) for cell in line) + " |\n" for line in lines)
+
+
 def to_markdown(results: Sequence[BenchResult]) -> str:
     """A markdown table of the results (the matmul peak of the run in a line above it)."""
     peaks = [r.matmul_peak_gflops for r in results if not r.error]
     header = f"fp32 matmul peak measured in the same runs: {statistics.median(peaks):.1f} GFLOP/s\n\n" if peaks else ""
     names = [name.replace("_", " ") for name, _ in _COLUMNS] + ["speed-up vs eager", "graph breaks"]
-    lines = ["| " + " | ".join(names) + " |", "|" + " --- |" * len(names)]
+    rows = []
     for result, speedup in zip(results, speedups_over_eager(results)):
         if result.error:
-            lines.append(f"| {result.model} | {result.backend} | {result.batch} | failed: {result.error} |")
+            rows.append([result.model, result.backend, result.batch, f"failed: {result.error}"])
             continue
         values = [fmt.format(getattr(result, name)) for name, fmt in _COLUMNS]
         values.append("" if speedup is None or result.backend == "eager" else f"{speedup:.2f}x")
         values.append(str(result.graph_breaks) if result.graph_breaks >= 0 else "")
-        lines.append("| " + " | ".join(values) + " |")
-    return header + "\n".join(lines) + "\n"
+        rows.append(values)
+    return header + markdown_table(names, rows)
 
 
-def to_csv(results: Sequence[BenchResult]) -> str:
+def to_csv(rows: Sequence[Any]) -> str:
+    """CSV of dataclass rows (BenchResult, TrainResult, MemoryResult, GrowthPoint)."""
+    if not rows:
+        return ""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(BenchResult)])
+    writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(rows[0])])
     writer.writeheader()
-    for result in results:
-        writer.writerow(asdict(result))
+    for row in rows:
+        writer.writerow(asdict(row))
     return buffer.getvalue()
+
+
+def write_outputs(markdown: str, rows: Sequence[Any], out: Optional[Path]) -> None:
+    """Write ``out.md`` and ``out.csv`` (suffix replaced), each atomically, when ``out`` is given."""
+    from recurzoo.checkpoint import atomic_write
+
+    if out:
+        for suffix, text in ((".md", markdown), (".csv", to_csv(rows))):
+            atomic_write(out.with_suffix(suffix), lambda temporary, text=text: Path(temporary).write_text(text))
 
 
 def _int_list(text: str) -> List[int]:
@@ -464,52 +453,29 @@ def _model_sizes(args: argparse.Namespace) -> List[Tuple[str, Optional[Tuple[int
     return [(name, size or (tuple(args.input_size) if args.input_size else None)) for name, size in specs]
 
 
-def _run_scaling(args: argparse.Namespace, threads: int) -> int:
+def _run_scaling(args: argparse.Namespace, settings: RunSettings) -> Tuple[Sequence[Any], str, str]:
     from recurzoo.export import scaling
 
     if args.train_memory:
         models = [(name, size or _default_input_size(name)) for name, size in _model_sizes(args)]
-        rows = scaling.measure_train_memory(models, args.batch[0], threads, args.device, args.timeout)
-        markdown, section = scaling.memory_markdown(rows), "bench-memory"
-    else:
-        rows = scaling.measure_growth(
-            [name for name, _ in _model_sizes(args)],
-            args.growth,
-            args.tile,
-            args.tile_overlap,
-            threads,
-            args.device,
-            args.timeout,
-        )
-        markdown, section = scaling.growth_markdown(rows), f"bench-growth-{'tiled' if args.tile else 'whole'}"
-    print(markdown)
-    scaling.write_outputs(markdown, scaling.to_csv_rows(rows), args.out)
-    if args.readme:
-        update_readme(args.readme, markdown, _machine_line(threads, args.device), section)
-    return 0 if all(not row.error for row in rows) else 1
+        rows = scaling.measure_train_memory(models, args.batch[0], settings)
+        return rows, scaling.memory_markdown(rows), "bench-memory"
+    names = [name for name, _ in _model_sizes(args)]
+    rows = scaling.measure_growth(names, args.growth, args.tile, args.tile_overlap, settings)
+    return rows, scaling.growth_markdown(rows), f"bench-growth-{'tiled' if args.tile else 'whole'}"
 
 
-def _run_train(args: argparse.Namespace, threads: int) -> int:
-    from recurzoo.export import scaling, train_bench
+def _run_train(args: argparse.Namespace, settings: RunSettings) -> Tuple[Sequence[Any], str, str]:
+    from recurzoo.export import train_bench
 
-    variants = args.train_variants or train_bench.default_variants(args.device)
-    rows = train_bench.bench_train(
-        _model_sizes(args),
-        args.batch,
-        variants,
-        threads,
-        args.device,
-        warmup=args.warmup,
-        repeats=args.repeats,
-        max_seconds=args.max_seconds,
-        timeout=args.timeout,
-    )
-    markdown = train_bench.train_markdown(rows)
-    print(markdown)
-    scaling.write_outputs(markdown, scaling.to_csv_rows(rows), args.out)
-    if args.readme:
-        update_readme(args.readme, markdown, _machine_line(threads, args.device), "bench-train")
-    return 0 if all(not row.error for row in rows) else 1
+    variants = args.train_variants or train_bench.default_variants(settings.device)
+    rows = train_bench.bench_train(_model_sizes(args), args.batch, variants, settings)
+    return rows, train_bench.train_markdown(rows), "bench-train"
+
+
+def _run_latency(args: argparse.Namespace, settings: RunSettings) -> Tuple[Sequence[Any], str, str]:
+    rows = bench(args.models, args.backends, args.batch, args.input_size, settings, compare_batches=args.compare_batch)
+    return rows, to_markdown(rows), "bench"
 
 
 def _default_input_size(model_name: str) -> Tuple[int, ...]:
@@ -524,34 +490,25 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run the benchmark described by parsed arguments; print the table and write the files."""
     for spec in args.models:
         parse_model_spec(spec)  # a malformed size fails before anything runs
-    args.device = str(resolve_device(args.device))  # checked (DeviceError names --device) and resolved
-    threads = args.threads or torch.get_num_threads()
-    if args.train_memory or args.growth:
-        return _run_scaling(args, threads)
-    if args.train:
-        return _run_train(args, threads)
-    results = bench(
-        args.models,
-        args.backends,
-        args.batch,
-        args.input_size,
-        threads,
-        args.device,
-        args.warmup,
-        args.repeats,
-        compare_batches=args.compare_batch,
+    settings = RunSettings(
+        threads=args.threads or torch.get_num_threads(),
+        device=str(resolve_device(args.device)),  # checked (DeviceError names --device) and resolved
+        warmup=args.warmup,
+        repeats=args.repeats,
         max_seconds=args.max_seconds,
         timeout=args.timeout,
     )
-    markdown = to_markdown(results)
+    if args.train_memory or args.growth:
+        rows, markdown, section = _run_scaling(args, settings)
+    elif args.train:
+        rows, markdown, section = _run_train(args, settings)
+    else:
+        rows, markdown, section = _run_latency(args, settings)
     print(markdown)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(markdown)
-        args.out.with_suffix(".csv").write_text(to_csv(results))
+    write_outputs(markdown, rows, args.out)
     if args.readme:
-        update_readme(args.readme, markdown, _machine_line(threads, args.device))
-    return 0 if all(not r.error for r in results) else 1
+        update_readme(args.readme, markdown, _machine_line(settings.threads, settings.device), section)
+    return 0 if all(not row.error for row in rows) else 1
 
 
 def _run_worker_request(request: Dict[str, Any]) -> Dict[str, Any]:
@@ -559,6 +516,7 @@ def _run_worker_request(request: Dict[str, Any]) -> Dict[str, Any]:
     from recurzoo.export import scaling
 
     kind = request.pop("kind", "latency")
+    request["settings"] = RunSettings(**request.get("settings", {}))
     if kind == "latency":
         return asdict(bench_in_process(**request))
     if kind == "train_memory":
