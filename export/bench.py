@@ -312,6 +312,22 @@ def write_outputs(markdown: str, rows: Sequence[Any], out: Optional[Path]) -> No
             atomic_write(out.with_suffix(suffix), lambda temporary, text=text: Path(temporary).write_text(text))
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a positive integer (sizes, counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, received {text!r}")
+    return value
+
+
+def add_input_size_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--input-size C H W``, three positive integers."""
+    parser.add_argument("--input-size", nargs=3, type=positive_int, metavar=("C", "H", "W"), help=help)
+
+
 def _int_list(text: str) -> List[int]:
     try:
         values = [int(part) for part in text.split(",") if part]
@@ -353,13 +369,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "hornet_tiny_7x7 convnext_tiny rgt_small_x2@3x64x64",
     )
     parser.add_argument("--batch", type=_int_list, default=[1], help="comma-separated batch sizes (default 1)")
-    parser.add_argument(
-        "--input-size",
-        nargs=3,
-        type=int,
-        metavar=("C", "H", "W"),
-        help="input size (default: each model's default cfg)",
-    )
+    add_input_size_argument(parser, help="input size (default: each model's default cfg)")
     parser.add_argument(
         "--backends",
         type=_backend_list,

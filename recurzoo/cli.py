@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence
 from recurzoo.apps import UsageError
 from recurzoo.checkpoint import CheckpointError
 from recurzoo.devices import DeviceError, resolve_device
+from recurzoo.export.bench import add_input_size_argument, positive_int
 from recurzoo.images import ImageError, default_max_pixels
 from recurzoo.registry import UnknownModelError
 from recurzoo.train.arguments import add_kwargs_argument
@@ -177,58 +178,47 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """ONNX export checked in onnxruntime, with the FLOP/parameter report beside the ``.onnx``."""
-    from recurzoo.export.onnx import export_model
-
+    """ONNX export checked in onnxruntime, with the FLOP/parameter report beside the ``.onnx``; or an
+    int8/fp16 ONNX or ExecuTorch artifact, with its fidelity report beside it."""
     name = _resolve_model(args.model)
-    if args.format != "onnx" or args.precision != "fp32":
-        return _export_edge(name, args)
-    try:
-        result = export_model(
-            name,
-            out_dir=args.out,
-            checkpoint=args.checkpoint,
-            input_size=args.input_size,
-            batch=args.batch,
-            dynamic=args.dynamic,
-            opset=args.opset,
-            features_only=args.features,
-            simplify=args.simplify,
-            report=not args.no_report,
-            benchmark=not args.no_benchmark,
-        )
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    print(f"wrote {result.onnx_path}" + "".join(f", {path}" for path in result.report_paths))
-    print(result.parity_line())
-    return 0 if result.ok else 1
-
-
-def _export_edge(name: str, args: argparse.Namespace) -> int:
-    """An int8/fp16 ONNX or ExecuTorch artifact, with its fidelity report beside it."""
-    from recurzoo.export.edge import export_edge
-
-    if args.features or args.dynamic != "batch" or args.simplify:
+    edge = args.format != "onnx" or args.precision != "fp32"
+    if edge and (args.features or args.dynamic != "batch" or args.simplify):
         raise UsageError("export: --features, --dynamic and --simplify apply to the fp32 ONNX export only")
-    if args.calibration and args.precision != "int8":
+    if edge and args.calibration and args.precision != "int8":
         raise UsageError(f"export: --calibration calibrates int8, not {args.precision}")
+    common = dict(out_dir=args.out, checkpoint=args.checkpoint, input_size=args.input_size)
     try:
-        result = export_edge(
-            name,
-            out_dir=args.out,
-            fmt=args.format,
-            precision=args.precision,
-            checkpoint=args.checkpoint,
-            input_size=args.input_size,
-            calibration=args.calibration,
-            calibration_count=args.calibration_count,
-            evaluation=args.eval,
-        )
+        if edge:
+            from recurzoo.export.edge import export_edge
+
+            result = export_edge(
+                name,
+                fmt=args.format,
+                precision=args.precision,
+                calibration=args.calibration,
+                calibration_count=args.calibration_count,
+                evaluation=args.eval,
+                **common,
+            )
+        else:
+            from recurzoo.export.onnx import export_model
+
+            result = export_model(
+                name,
+                batch=args.batch,
+                dynamic=args.dynamic,
+                opset=args.opset,
+                features_only=args.features,
+                simplify=args.simplify,
+                report=not args.no_report,
+                benchmark=not args.no_benchmark,
+                **common,
+            )
     except ValueError as error:
         raise UsageError(str(error)) from None
-    print(f"wrote {result.path}" + "".join(f", {path}" for path in result.report_paths))
-    print(result.summary())
-    return 0
+    print(f"wrote {result.path if edge else result.onnx_path}" + "".join(f", {path}" for path in result.report_paths))
+    print(result.summary() if edge else result.parity_line())
+    return 0 if edge or result.ok else 1
 
 
 def cmd_cod(args: argparse.Namespace) -> int:
@@ -339,17 +329,6 @@ def _dataset_names(path: Optional[str]) -> List[str]:
         raise UsageError(f"--data-config: {error}") from None
 
 
-def _input_size(text: str) -> int:
-    """argparse type: a positive integer (sizes, counts)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, received {text!r}")
-    return value
-
-
 def _non_negative_int(text: str) -> int:
     """argparse type: an integer of at least 0."""
     try:
@@ -373,13 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="params, GFLOPs, feature strides and default cfg of a model")
     info.add_argument("model", metavar="MODEL", help="a zoo model, optionally with its pretrained tag (name.tag)")
-    info.add_argument(
-        "--input-size",
-        nargs=3,
-        type=_input_size,
-        metavar=("C", "H", "W"),
-        help="input size (default: the model's default cfg)",
-    )
+    add_input_size_argument(info, help="input size (default: the model's default cfg)")
     info.set_defaults(handler=cmd_info)
 
     bench = commands.add_parser("bench", help="latency, throughput, memory and FLOP rate against timm's peers")
@@ -395,21 +368,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="weights: a state_dict of the model (.pth/.safetensors) or an official checkpoint",
     )
-    export.add_argument(
-        "--input-size",
-        nargs=3,
-        type=_input_size,
-        metavar=("C", "H", "W"),
-        help="input size to export at (default: the model's default cfg)",
-    )
-    export.add_argument("--batch", type=_input_size, default=1, help="batch of the example and parity inputs")
+    add_input_size_argument(export, help="input size to export at (default: the model's default cfg)")
+    export.add_argument("--batch", type=positive_int, default=1, help="batch of the example and parity inputs")
     export.add_argument(
         "--dynamic",
         choices=("batch", "batch,hw"),
         default="batch",
         help="dynamic axes: the batch, or batch, height and width (where the model allows)",
     )
-    export.add_argument("--opset", type=_input_size, default=18, help="ONNX opset (default: 18)")
+    export.add_argument("--opset", type=positive_int, default=18, help="ONNX opset (default: 18)")
     export.add_argument("--features", action="store_true", help="export the features_only backbone")
     export.add_argument("--simplify", action="store_true", help="simplify the graph with onnxscript's optimizer")
     export.add_argument("--no-report", action="store_true", help="skip the FLOP/parameter report")
@@ -426,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="onnx: fp32 (the checked export), fp16 or int8; executorch: fp32 or int8",
     )
     edge.add_argument("--calibration", metavar="DIR", help="images to calibrate int8 on (default: built-in photos)")
-    edge.add_argument("--calibration-count", type=_input_size, default=32, metavar="N", help="calibration images")
+    edge.add_argument("--calibration-count", type=positive_int, default=32, metavar="N", help="calibration images")
     edge.add_argument("--eval", metavar="DIR", help="images to measure fidelity on; class subfolders give accuracy too")
     export.set_defaults(handler=cmd_export)
 
@@ -455,8 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     cod.add_argument("--checkpoint", required=True, help="weights: recurzoo's or an official MSRNet checkpoint")
     cod.add_argument("--out", required=True, help="output folder (masks per input, metrics.json, metrics.md)")
     cod.add_argument("--data-config", default=None, help="YAML of named datasets (the official dataset.yaml layout)")
-    cod.add_argument("--base-size", type=_input_size, default=384, help="side of the 1.0x image")
-    cod.add_argument("--batch-size", type=_input_size, default=8, help="images per forward pass")
+    cod.add_argument("--base-size", type=positive_int, default=384, help="side of the 1.0x image")
+    cod.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass")
     _add_device(cod)
     cod.set_defaults(handler=cmd_cod)
 
@@ -465,13 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--model", default="rgt_small_x4", help="registered SR model, optionally name.tag")
     _add_model_kwargs(sr)
     sr.add_argument("--checkpoint", default=None, help="weights: an official RGT (BasicSR) file or one of ours")
-    sr.add_argument("--tile", type=_input_size, default=None, help="process tiles of this many input pixels")
+    sr.add_argument("--tile", type=positive_int, default=None, help="process tiles of this many input pixels")
     sr.add_argument("--tile-overlap", type=_non_negative_int, default=32, help="overlap of neighbouring tiles (pixels)")
     sr.add_argument("--out", required=True, help="output folder (one PNG per input, never one of the inputs)")
     sr.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run")
     sr.add_argument(
         "--max-pixels",
-        type=_input_size,
+        type=positive_int,
         default=None,
         help=f"refuse images with more pixels as decompression bombs (default: Pillow's limit, {default_max_pixels()})",
     )
