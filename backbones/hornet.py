@@ -544,15 +544,15 @@ def _tsinghua(file_id: str) -> Tuple[str, str]:
     return f"https://cloud.tsinghua.edu.cn/f/{file_id}/?dl=1", f"hornet_{file_id}.pth"
 
 
-def _cfg(url: Union[str, Tuple[str, str]] = "", **kwargs: Any) -> Dict[str, Any]:
-    family = {
-        "first_conv": "stem.0",
-        "license": "mit",
-        "paper_ids": "arXiv:2207.14284",
-        "paper_name": "HorNet: Efficient High-Order Spatial Interactions with Recursive Gated Convolutions",
-        "origin_url": "https://github.com/raoyongming/HorNet",
-    }
-    return imagenet_cfg(url, **dict(family, **kwargs))
+# timm's pretrained cfg of an ImageNet classifier (imagenet_cfg), with what every weight of the family shares.
+_cfg = partial(
+    imagenet_cfg,
+    first_conv="stem.0",
+    license="mit",
+    paper_ids="arXiv:2207.14284",
+    paper_name="HorNet: Efficient High-Order Spatial Interactions with Recursive Gated Convolutions",
+    origin_url="https://github.com/raoyongming/HorNet",
+)
 
 
 _IN22K = dict(num_classes=21841)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import re
+from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -737,15 +738,15 @@ def _drive(file_id: str) -> Tuple[str, str]:
     return f"https://drive.google.com/uc?export=download&confirm=t&id={file_id}", f"sret_{file_id}.pth"
 
 
-def _cfg(url: Union[str, Tuple[str, str]] = "", **kwargs: Any) -> Dict[str, Any]:
-    family = {
-        "first_conv": "stem.0.conv",
-        "license": "mit",
-        "paper_ids": "arXiv:2111.05297",
-        "paper_name": "Sliced Recursive Transformer",
-        "origin_url": "https://github.com/szq0214/SReT",
-    }
-    return imagenet_cfg(url, **dict(family, **kwargs))
+# timm's pretrained cfg of an ImageNet classifier (imagenet_cfg), with what every weight of the family shares.
+_cfg = partial(
+    imagenet_cfg,
+    first_conv="stem.0.conv",
+    license="mit",
+    paper_ids="arXiv:2111.05297",
+    paper_name="Sliced Recursive Transformer",
+    origin_url="https://github.com/szq0214/SReT",
+)
 
 
 default_cfgs = generate_default_cfgs(
