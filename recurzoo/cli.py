@@ -14,7 +14,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from recurzoo.apps import UsageError
 from recurzoo.checkpoint import CheckpointError
@@ -177,6 +177,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0 if results and all(result.ok for result in results) else 1
 
 
+def _options(args: argparse.Namespace, *names: str, **renamed: str) -> Dict[str, Any]:
+    """Keyword arguments from parsed options: each of ``names`` under its own name, and each
+    ``parameter=option`` of ``renamed`` under the parameter's."""
+    return {
+        **{name: getattr(args, name) for name in names},
+        **{key: getattr(args, dest) for key, dest in renamed.items()},
+    }
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """ONNX export checked in onnxruntime, with the FLOP/parameter report beside the ``.onnx``; or an
     int8/fp16 ONNX or ExecuTorch artifact, with its fidelity report beside it."""
@@ -186,34 +195,18 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError("export: --features, --dynamic and --simplify apply to the fp32 ONNX export only")
     if edge and args.calibration and args.precision != "int8":
         raise UsageError(f"export: --calibration calibrates int8, not {args.precision}")
-    common = dict(out_dir=args.out, checkpoint=args.checkpoint, input_size=args.input_size)
+    common = _options(args, "checkpoint", "input_size", out_dir="out")
     try:
         if edge:
             from recurzoo.export.edge import export_edge
 
-            result = export_edge(
-                name,
-                fmt=args.format,
-                precision=args.precision,
-                calibration=args.calibration,
-                calibration_count=args.calibration_count,
-                evaluation=args.eval,
-                **common,
-            )
+            options = _options(args, "precision", "calibration", "calibration_count", fmt="format", evaluation="eval")
+            result = export_edge(name, **options, **common)
         else:
             from recurzoo.export.onnx import export_model
 
-            result = export_model(
-                name,
-                batch=args.batch,
-                dynamic=args.dynamic,
-                opset=args.opset,
-                features_only=args.features,
-                simplify=args.simplify,
-                report=not args.no_report,
-                benchmark=not args.no_benchmark,
-                **common,
-            )
+            options = _options(args, "batch", "dynamic", "opset", "simplify", features_only="features")
+            result = export_model(name, report=not args.no_report, benchmark=not args.no_benchmark, **options, **common)
     except ValueError as error:
         raise UsageError(str(error)) from None
     print(f"wrote {result.path if edge else result.onnx_path}" + "".join(f", {path}" for path in result.report_paths))
@@ -239,17 +232,8 @@ def cmd_cod(args: argparse.Namespace) -> int:
         raise UsageError(f"--out: {args.out} is one of the inputs; choose another folder for the masks")
     device = _device(args.device)
     try:
-        results = camouflage.predict(
-            args.inputs,
-            args.out,
-            args.checkpoint,
-            model=args.model,
-            model_kwargs=args.model_kwargs,
-            data_config=args.data_config,
-            base_size=args.base_size,
-            batch_size=args.batch_size,
-            device=device,
-        )
+        options = _options(args, "model", "model_kwargs", "data_config", "base_size", "batch_size")
+        results = camouflage.predict(args.inputs, args.out, args.checkpoint, device=device, **options)
     except (ValueError, FileNotFoundError) as error:
         raise UsageError(f"cod: {error}") from None
     for name, values in results.items():
@@ -266,13 +250,7 @@ def cmd_sr(args: argparse.Namespace) -> int:
         args.inputs,
         args.out,
         model=_resolve_model(args.model, "--model"),
-        checkpoint=args.checkpoint,
-        tile=args.tile,
-        tile_overlap=args.tile_overlap,
-        device=args.device,
-        model_kwargs=args.model_kwargs,
-        overwrite=args.overwrite,
-        max_pixels=args.max_pixels,
+        **_options(args, "checkpoint", "tile", "tile_overlap", "device", "model_kwargs", "overwrite", "max_pixels"),
         warn=lambda message: print(f"recurzoo sr: warning: {message}", file=sys.stderr),
     )
     skipped = f", {len(result.skipped)} unreadable image(s) skipped" if result.skipped else ""
