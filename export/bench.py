@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 
 from recurzoo.devices import resolve_device
-from recurzoo.export.models import RunSettings, median_and_quartiles, model_and_inputs, time_forward
+from recurzoo.export.models import RunSettings, median_and_quartiles, time_forward
 
 __all__ = [
     "BenchResult",
@@ -130,9 +130,8 @@ def bench_in_process(
     from recurzoo.export.flops import count_flops
 
     settings = settings or RunSettings()
-    settings.apply_threads()
     device = settings.device
-    model, inputs = model_and_inputs(model_name, batch, input_size, device)
+    model, inputs = settings.build(model_name, batch, input_size)
     size = tuple(inputs.shape[1:])
     macs = count_flops(model, size) / 1e9
     peak_gflops = measure_matmul_peak(device)

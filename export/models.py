@@ -259,10 +259,13 @@ class RunSettings:
         """The ``threads`` and ``device`` fields of a result row run with these settings."""
         return dict(threads=self.threads or torch.get_num_threads(), device=self.device)
 
-    def apply_threads(self) -> None:
-        """Set torch's intra-op threads of this process, when ``threads`` is given."""
+    def build(
+        self, model_name: str, batch: int, input_size: Optional[Sequence[int]] = None
+    ) -> Tuple[nn.Module, torch.Tensor]:
+        """Set this process to ``threads`` (when given), then :func:`model_and_inputs` on ``device``."""
         if self.threads:
             torch.set_num_threads(self.threads)
+        return model_and_inputs(model_name, batch, input_size, self.device)
 
     def time(self, run: Callable[[], object], warmup: Optional[int] = None) -> List[float]:
         """:func:`time_forward` of ``run`` with these settings (``warmup`` overrides theirs)."""

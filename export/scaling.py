@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from recurzoo.export.bench import markdown_table, worker_result
-from recurzoo.export.models import RunSettings, model_and_inputs
+from recurzoo.export.models import RunSettings
 
 __all__ = [
     "MemoryResult",
@@ -117,8 +117,7 @@ def train_step_memory(
 ) -> MemoryResult:
     """Peak memory of one forward + backward pass of ``model_name`` in train mode (in this process)."""
     settings = settings or RunSettings()
-    settings.apply_threads()
-    model, inputs = model_and_inputs(model_name, batch, input_size, settings.device)
+    model, inputs = settings.build(model_name, batch, input_size)
     model.train().set_grad_checkpointing(grad_checkpointing)
 
     def step() -> None:
@@ -141,8 +140,7 @@ def growth_point(
     One untimed pass at the smaller of ``side`` and ``tile`` warms the kernels first.
     """
     settings = settings or RunSettings()
-    settings.apply_threads()
-    model, images = model_and_inputs(model_name, 1, (in_chans, side, side), settings.device)
+    model, images = settings.build(model_name, 1, (in_chans, side, side))
     warm_side = min(side, tile) if tile else side
     if tile and not hasattr(model, "super_resolve"):
         raise ValueError(f"{model_name}: --tile needs a super-resolution model (one with super_resolve)")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from recurzoo.export.bench import markdown_table, worker_result
-from recurzoo.export.models import RunSettings, median_and_quartiles, model_and_inputs
+from recurzoo.export.models import RunSettings, median_and_quartiles
 
 __all__ = [
     "TrainResult",
@@ -144,8 +144,7 @@ def train_in_process(
 ) -> TrainResult:
     """Time training steps of one configuration in this process (after ``settings.warmup`` untimed steps)."""
     settings = _train_settings(settings)
-    settings.apply_threads()
-    model, inputs = model_and_inputs(model_name, batch, input_size, settings.device)
+    model, inputs = settings.build(model_name, batch, input_size)
     step, _ = make_train_step(model, inputs, variant)
     for _ in range(max(settings.warmup, 1)):  # the first step allocates the optimizer state
         step()
