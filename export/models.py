@@ -233,8 +233,7 @@ def model_and_inputs(
     """:func:`create_model` on ``device`` and a standard-normal batch of ``batch`` inputs for it at
     ``input_size`` (``(C, H, W)``; the model's pretrained cfg's by default)."""
     model = create_model(model_name, **kwargs).to(device)
-    size = tuple(input_size or model.pretrained_cfg["input_size"])
-    return model, torch.randn(batch, *size, device=device)
+    return model, torch.randn(batch, *model_input_size(model, input_size), device=device)
 
 
 # --------------------------------------------------------------------------------------------------

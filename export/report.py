@@ -284,16 +284,13 @@ def zoo_report(model_name: str, latency: bool = False) -> Dict[str, Any]:
 
     With ``latency`` the eager PyTorch latency of one image (median of 3 runs) is measured too.
     """
-    from recurzoo.export.cards import counting_settings
-    from recurzoo.export.models import create_model, median_ms
+    from recurzoo.export.cards import counting_model
+    from recurzoo.export.models import median_ms
     from recurzoo.registry import model_family
 
-    create_kwargs, input_size = counting_settings(model_name)
-    family = model_family(model_name)
-    model = create_model(model_name, uninitialized=True, **create_kwargs)
-    size = tuple(input_size or model.pretrained_cfg["input_size"])
+    model, size = counting_model(model_name)
     report = build_report(model, size, name=model_name)
-    report["family"] = family
+    report["family"] = model_family(model_name)
     if latency:
         x = _example_input(model, size, 1)
         with torch.no_grad():
