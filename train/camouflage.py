@@ -57,12 +57,12 @@ from recurzoo.plots import plot_curves
 from recurzoo.train.arguments import (
     MODEL_ARGUMENT_ERRORS,
     UsageError,
-    add_fault_arguments,
-    add_kwargs_argument,
+    add_loader_arguments,
+    add_model_arguments,
     add_run_arguments,
     add_step_arguments,
+    add_switch,
     one_line,
-    parse_args_with_config,
     run_cli,
     training_parser,
     user_option,
@@ -71,15 +71,13 @@ from recurzoo.train.data import (
     DatasetWarning,
     SkipUnreadable,
     UnreadableImageError,
-    image_size,
+    readable_groups,
     seed_albumentations,
     summarize,
 )
-from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
+from recurzoo.train.distributed import DistributedContext, wrap_ddp
 from recurzoo.train.loops import StepTraining
-from recurzoo.train.resume import (
-    save_safetensors,
-)
+from recurzoo.train.resume import save_safetensors
 from recurzoo.train.run import append_jsonl, progress_bar
 
 __all__ = [
@@ -215,27 +213,15 @@ def find_pairs(spec: DatasetSpec, require_masks: bool = True) -> List[Sample]:
             f"beside the images in {spec.image_dir})"
         )
     names = sorted(set(images) & set(masks)) if require_masks or masks else sorted(images)
-    unreadable, mismatched, samples = [], [], []
-    for name in names:
-        mask_path = masks.get(name)
-        try:
-            image_shape = image_size(images[name], verify=True)
-            mask_shape = image_size(mask_path, verify=True) if mask_path is not None else image_shape
-        except UnreadableImageError as error:
-            unreadable.append(str(error))
-            continue
+    mismatched, samples = [], []
+    names_of = {(images[name], masks.get(name)): name for name in names}
+    for (image_path, mask_path), sizes in readable_groups(spec.name, list(names_of), "samples", verify=True):
+        image_shape, mask_shape = sizes[0], sizes[-1]  # (the image's twice when there is no mask)
         if mask_shape != image_shape:
             mismatched.append(
-                f"{images[name]} ({image_shape[1]}x{image_shape[0]}) vs {mask_path} ({mask_shape[1]}x{mask_shape[0]})"
+                f"{image_path} ({image_shape[1]}x{image_shape[0]}) vs {mask_path} ({mask_shape[1]}x{mask_shape[0]})"
             )
-        samples.append(Sample(name, images[name], mask_path))
-    if unreadable:
-        warnings.warn(
-            f"dataset {spec.name!r}: skipped {len(unreadable)} of {len(names)} samples with unreadable "
-            f"files: {summarize(unreadable)}",
-            DatasetWarning,
-            stacklevel=2,
-        )
+        samples.append(Sample(names_of[image_path, mask_path], image_path, mask_path))
     if mismatched:
         warnings.warn(
             f"dataset {spec.name!r}: {len(mismatched)} images differ in size from their masks and are "
@@ -675,24 +661,22 @@ def load_model(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = training_parser(
-        "python -m recurzoo.train.camouflage", "Train and evaluate MSRNet camouflaged-object detectors."
+    parser = training_parser("recurzoo.train.camouflage", __doc__)
+    group = add_model_arguments(
+        parser,
+        "registered COD model, e.g. msrnet_pvt_v2_b2",
+        kwargs_help="model arguments, e.g. mid_dim=32 backbone_kwargs=\"{'depths': (1, 1, 1, 1)}\"",
+        checkpoint_help="initial weights (ours or an official MSRNet checkpoint)",
+        pretrained="--pretrained-backbone",
+        pretrained_help="timm's ImageNet weights (downloads them)",
     )
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", default=None, help="registered COD model, e.g. msrnet_pvt_v2_b2")
     group.add_argument("--backbone", default=None, help="any timm backbone (instead of --model): create_cod_model")
-    add_kwargs_argument(
-        group, "--model-kwargs", "model arguments, e.g. mid_dim=32 backbone_kwargs=\"{'depths': (1, 1, 1, 1)}\""
-    )
-    group.add_argument("--pretrained-backbone", action="store_true", help="timm's ImageNet weights (downloads them)")
-    group.add_argument("--checkpoint", default=None, help="initial weights (ours or an official MSRNet checkpoint)")
     group = parser.add_argument_group("data")
     group.add_argument("--data-config", default=None, help="YAML of the datasets (the official dataset.yaml layout)")
     group.add_argument("--train-sets", nargs="*", default=[], help="training dataset names or folders")
     group.add_argument("--test-sets", nargs="*", default=[], help="evaluation dataset names or folders")
     group.add_argument("--base-size", type=int, default=384, help="side of the 1.0x image (and the mask)")
-    group.add_argument("--batch-size", type=int, default=8, help="images per process and step")
-    group.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    add_loader_arguments(group, batch_size=8, workers=2)
     group.add_argument("--no-augment", action="store_true", help="no flips, rotations or colour jitter")
     group = parser.add_argument_group("optimization")
     group.add_argument("--epochs", type=int, default=150)
@@ -707,25 +691,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="update the backbone's BatchNorm statistics and affine parameters",
     )
-    group.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="float16 autocast with loss scaling (default: on CUDA)",
-    )
+    add_switch(group, "--amp", None, "float16 autocast with loss scaling (default: on CUDA)")
     group = add_run_arguments(parser, output="output/camouflage", seed=112358)
     group.add_argument("--evaluate", action="store_true", help="evaluate only (no training)")
     group.add_argument("--eval-at-start", action="store_true", help="also evaluate before training")
-    group.add_argument(
-        "--save-masks",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="write the predicted masks of the test sets as PNGs",
-    )
+    add_switch(group, "--save-masks", True, "write the predicted masks of the test sets as PNGs")
     add_step_arguments(
         group, save_every=0, log_every=20, save_help="checkpoint OUTPUT/last.pt every N steps (0: every epoch)"
     )
-    add_fault_arguments(parser)
     return parser
 
 
@@ -740,8 +713,7 @@ def _datasets(names: Sequence[str], config: Optional[Mapping[str, DatasetSpec]])
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Train (unless ``--evaluate``) and evaluate; returns the loss history and the metrics."""
-    args = parse_args_with_config(build_parser(), argv)
-    return run_distributed(lambda args, context: _Training(args, context).run(), args)
+    return _Training.main(build_parser(), argv)
 
 
 def _format_metrics(values: Mapping[str, float]) -> str:

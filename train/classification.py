@@ -54,26 +54,21 @@ from torch import nn
 
 from recurzoo.train.arguments import (
     UsageError,
+    add_choice,
     add_epoch_arguments,
-    add_fault_arguments,
     add_kwargs_argument,
+    add_loader_arguments,
+    add_model_arguments,
     add_run_arguments,
-    parse_args_with_config,
+    add_switch,
     run_cli,
-    save_args_yaml,
     training_parser,
     user_option,
 )
 from recurzoo.train.data import NO_SPLIT, create_image_dataset
-from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
+from recurzoo.train.distributed import DistributedContext, wrap_ddp
 from recurzoo.train.loops import EpochTraining
-from recurzoo.train.resume import (
-    TrainCheckpointSaver,
-    load_checkpoint,
-    resolve_resume,
-    restore_training_state,
-)
-from recurzoo.train.run import RunGuard, append_jsonl, progress_bar, trim_summary
+from recurzoo.train.run import RunGuard, append_jsonl, progress_bar
 from recurzoo.train.validate import (
     add_preprocessing_arguments,
     autocast,
@@ -90,28 +85,18 @@ __all__ = ["build_parser", "main", "KnowledgeDistillationLoss", "create_teacher"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = training_parser(
-        "python -m recurzoo.train.classification",
-        "Train or fine-tune a timm/recurzoo classifier with timm's components.",
+    parser = training_parser("recurzoo.train.classification", __doc__)
+    group = add_model_arguments(
+        parser,
+        "timm model name, e.g. sret_small or hornet_tiny_7x7",
+        required=True,
+        kwargs_help="extra timm.create_model arguments, e.g. 'dims=(16,32,64,128)' 'depths=(1,1,2,1)'",
+        checkpoint=("--initial-checkpoint",),
+        checkpoint_help="start from these weights (classifier re-initialized if the class count differs)",
+        pretrained_help="start from timm's pretrained weights",
     )
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", required=True, help="timm model name, e.g. sret_small or hornet_tiny_7x7")
-    group.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights")
-    group.add_argument(
-        "--initial-checkpoint",
-        default=None,
-        help="start from these weights (classifier re-initialized if the class count differs)",
-    )
-    group.add_argument(
-        "--initial-use-ema",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="take --initial-checkpoint's EMA weights when it has them",
-    )
+    add_switch(group, "--initial-use-ema", True, "take --initial-checkpoint's EMA weights when it has them")
     group.add_argument("--num-classes", type=int, default=None, help="classes (default: the dataset's)")
-    add_kwargs_argument(
-        group, "--model-kwargs", "extra timm.create_model arguments, e.g. 'dims=(16,32,64,128)' 'depths=(1,1,2,1)'"
-    )
     group.add_argument("--drop", type=float, default=0.0, help="dropout before the classifier")
     group.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
     group.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
@@ -129,9 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--class-map", default="", help="file mapping class folder names to indices")
     group.add_argument("--dataset-download", action="store_true", help="let torch/ and tfds/ datasets download")
-    group.add_argument("--batch-size", "-b", type=int, default=128, help="images per process and step")
+    add_loader_arguments(group, batch_size=128, short=True)
     group.add_argument("--validation-batch-size", type=int, default=None, help="eval batch (default: --batch-size)")
-    group.add_argument("--workers", "-j", type=int, default=4, help="data-loading processes per rank")
     add_preprocessing_arguments(group)
     group.add_argument("--train-interpolation", default="random", help="training resize interpolation")
     group = parser.add_argument_group("augmentation and regularization")
@@ -150,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--cutmix-minmax", type=float, nargs=2, default=None, help="cutmix box ratio range")
     group.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixing a batch")
     group.add_argument("--mixup-switch-prob", type=float, default=0.5, help="probability of cutmix when both on")
-    group.add_argument("--mixup-mode", default="batch", choices=("batch", "pair", "elem"))
+    add_choice(group, "--mixup-mode", ("batch", "pair", "elem"), "timm's Mixup mode: per batch, pair or element")
     group.add_argument("--mixup-off-epoch", type=int, default=0, help="turn mixup off from this epoch (0: never)")
     group.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     group.add_argument("--bce-loss", action="store_true", help="binary cross-entropy instead of softmax CE")
@@ -163,14 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--opt-betas", type=float, nargs="+", default=None, help="optimizer betas")
     group.add_argument("--layer-decay", type=float, default=None, help="layer-wise learning-rate decay, e.g. 0.75")
     group.add_argument("--clip-grad", type=float, default=None, help="gradient clipping value")
-    group.add_argument("--clip-mode", default="norm", choices=("norm", "value", "agc"))
+    add_choice(group, "--clip-mode", ("norm", "value", "agc"), "what --clip-grad bounds (timm's dispatch_clip_grad)")
     group.add_argument("--sched", default="cosine", help="timm scheduler: cosine, step, multistep, ...")
-    group.add_argument(
-        "--sched-on-updates",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="update the learning rate every step (else every epoch)",
-    )
+    add_switch(group, "--sched-on-updates", True, "update the learning rate every step (else every epoch)")
     group.add_argument("--epochs", type=int, default=300)
     group.add_argument("--warmup-epochs", type=int, default=5)
     group.add_argument("--warmup-lr", type=float, default=1e-6)
@@ -188,11 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("knowledge distillation (SReT's soft-label KD)")
     group.add_argument("--teacher", default=None, help="timm model name of a frozen teacher")
     group.add_argument("--teacher-checkpoint", default=None, help="teacher weights (same class count as the data)")
-    group.add_argument(
-        "--teacher-pretrained",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="timm's pretrained teacher weights (default: when no --teacher-checkpoint)",
+    add_switch(
+        group, "--teacher-pretrained", None, "timm's pretrained teacher weights (default: when no --teacher-checkpoint)"
     )
     add_kwargs_argument(group, "--teacher-kwargs", "extra timm.create_model arguments of the teacher")
     group.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature T")
@@ -202,7 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
     group = add_run_arguments(parser, output="output/classification", seed=42, checkpoint="last.pth.tar")
     group.add_argument("--eval-metric", default="top1", help="metric ranking the checkpoints (top1, top5, loss)")
     add_epoch_arguments(group, log_interval=50, amp_dtype="bfloat16")
-    add_fault_arguments(parser)
     return parser
 
 
@@ -297,8 +272,7 @@ def create_teacher(args: argparse.Namespace, num_classes: int) -> nn.Module:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Train; returns the best metric and epoch, the last epoch's metrics and the output folder."""
-    args = parse_args_with_config(build_parser(), argv)
-    return run_distributed(lambda args, context: _Training(args, context).run(), args)
+    return _Training.main(build_parser(), argv)
 
 
 class _Training(EpochTraining):
@@ -519,33 +493,10 @@ class _Training(EpochTraining):
             )
         self.saver = None
         if self.context.is_main:
-            self.saver = TrainCheckpointSaver(
-                self.model,
-                self.optimizer,
-                args.output,
-                arch=args.model,
-                run_args=vars(args),
-                model_ema=self.model_ema,
-                amp_scaler=self.scaler,
-                extra_state=self._position_state,
-                decreasing=args.eval_metric == "loss",
-                max_history=args.checkpoint_hist,
-            )
+            self.saver = self.create_saver(args.model, self.model_ema, decreasing=args.eval_metric == "loss")
 
-    def _position_state(self) -> Dict[str, Any]:
-        return dict(self.position_state(), num_classes=self.num_classes)
-
-    def _resume(self) -> int:
-        """Restore ``--resume``'s state; returns the first epoch to run (``batches_done`` set if mid-epoch)."""
-        args = self.args
-        path = resolve_resume(args.resume, args.output, name="last.pth.tar")
-        if path is None:
-            return 0
-        state = load_checkpoint(path)
-        restore_training_state(
-            state, self.model, self.optimizer, self.model_ema, self.scaler, self.saver, source=f"--resume {path}"
-        )
-        return self.restore_position(state, path)
+    def run_state(self) -> Dict[str, Any]:
+        return dict(num_classes=self.num_classes)
 
     # ------------------------------------------------------------------------------- training
     def run(self) -> Dict[str, Any]:
@@ -557,10 +508,8 @@ class _Training(EpochTraining):
         self._loaders()
         self._objective()
         self._optimization()
-        start_epoch = self._resume()
-        if context.is_main:
-            save_args_yaml(args, os.path.join(args.output, "args.yaml"))
-            trim_summary(self.summary_path, start_epoch)
+        start_epoch = self.resume_epoch(self.optimizer, self.model_ema) or 0
+        self.start_epochs(start_epoch)
         if self.scheduler is not None:
             if args.sched_on_updates:
                 self.scheduler.step_update(self.num_updates)

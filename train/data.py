@@ -12,7 +12,7 @@ import logging
 import os
 import random
 import warnings
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,7 @@ __all__ = [
     "UnreadableImageError",
     "image_size",
     "summarize",
+    "readable_groups",
     "seed_albumentations",
     "SkipUnreadable",
     "ImageFolderDataset",
@@ -81,6 +82,31 @@ def summarize(items: Sequence[str], limit: int = 5) -> str:
     """The first ``limit`` items, comma-separated, and how many more there are."""
     shown = ", ".join(items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def readable_groups(
+    dataset: str, groups: Sequence[Sequence[Any]], what: str, verify: bool = False, stacklevel: int = 2
+) -> List[Tuple[Sequence[Any], List[Tuple[int, int]]]]:
+    """The groups of files (an image and its mask, an HR image and its LR one; None stands for no file)
+    whose every file reads as an image, each with the ``(height, width)`` of its files (each file once);
+    the others are dropped with one :class:`DatasetWarning` that counts them as ``what`` and names them.
+    ``verify``: see :func:`image_size`; ``stacklevel`` as ``warnings.warn``'s, counted from the caller."""
+    kept, unreadable = [], []
+    for group in groups:
+        try:
+            sizes = [image_size(str(path), verify=verify) for path in dict.fromkeys(group) if path is not None]
+        except UnreadableImageError as error:
+            unreadable.append(str(error))
+            continue
+        kept.append((group, sizes))
+    if unreadable:
+        warnings.warn(
+            f"dataset {dataset!r}: skipped {len(unreadable)} of {len(groups)} {what} with unreadable files: "
+            f"{summarize(unreadable)}",
+            DatasetWarning,
+            stacklevel=stacklevel + 1,
+        )
+    return kept
 
 
 class SkipUnreadable:

@@ -53,45 +53,38 @@ from recurzoo.checkpoint import load_state_dict, read_state_dict
 from recurzoo.plots import plot_curves, save_phase_heatmap
 from recurzoo.train.arguments import (
     UsageError,
-    add_fault_arguments,
-    add_kwargs_argument,
+    add_choice,
+    add_loader_arguments,
+    add_model_arguments,
     add_run_arguments,
     add_step_arguments,
-    parse_args_with_config,
+    add_switch,
     run_cli,
     training_parser,
 )
 from recurzoo.train.data import collate_readable, create_image_dataset
-from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
+from recurzoo.train.distributed import DistributedContext, wrap_ddp
 from recurzoo.train.loops import StepTraining
-from recurzoo.train.resume import (
-    save_safetensors,
-)
+from recurzoo.train.resume import save_safetensors
 from recurzoo.train.run import append_jsonl
 
 __all__ = ["build_parser", "main", "TokenLoss", "PhaseObjective", "SequenceObjective", "step_errors", "cosine_schedule"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = training_parser(
-        "python -m recurzoo.train.distill_recurrent",
-        "Distil a timm ViT teacher into a recurrent ViT with k shared blocks.",
+    parser = training_parser("recurzoo.train.distill_recurrent", __doc__)
+    group = add_model_arguments(
+        parser,
+        "timm model name of the ViT teacher",
+        flag="--teacher",
+        title="teacher",
+        required=True,
+        kwargs_help="extra timm.create_model arguments of the teacher, e.g. img_size=32 depth=4",
+        checkpoint=("--teacher-checkpoint",),
+        checkpoint_help="teacher weights (.safetensors, or a torch checkpoint read with weights_only=True)",
     )
-    group = parser.add_argument_group("teacher")
-    group.add_argument("--teacher", required=True, help="timm model name of the ViT teacher")
-    group.add_argument(
-        "--teacher-checkpoint",
-        default=None,
-        help="teacher weights (.safetensors, or a torch checkpoint read with weights_only=True)",
-    )
-    add_kwargs_argument(
-        group, "--teacher-kwargs", "extra timm.create_model arguments of the teacher, e.g. img_size=32 depth=4"
-    )
-    group.add_argument(
-        "--pretrained",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="load timm's pretrained teacher weights (default: when no --teacher-checkpoint)",
+    add_switch(
+        group, "--pretrained", None, "load timm's pretrained teacher weights (default: when no --teacher-checkpoint)"
     )
     group = parser.add_argument_group("student")
     group.add_argument("--k", type=int, default=2, help="number of shared blocks")
@@ -102,37 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="phase lengths (sum = teacher depth); default: found by --phase-split",
     )
-    group.add_argument(
-        "--phase-split",
-        choices=("similarity", "even"),
-        default="similarity",
-        help="how phases are chosen when --phases is not given",
-    )
-    group.add_argument(
-        "--init",
-        choices=("teacher", "random"),
-        default="teacher",
-        help="shared blocks copied from the teacher or freshly initialized",
-    )
-    group.add_argument(
+    add_choice(group, "--phase-split", ("similarity", "even"), "how phases are chosen when --phases is not given")
+    add_choice(group, "--init", ("teacher", "random"), "shared blocks copied from the teacher or freshly initialized")
+    add_choice(
+        group,
         "--source-block",
-        choices=("first", "middle", "last"),
+        ("first", "middle", "last"),
+        "which teacher block of each phase the shared block is copied from",
         default="middle",
-        help="which teacher block of each phase the shared block is copied from",
     )
     group.add_argument("--depth-conditioning", action="store_true", help="Raptor's step-dependent scales")
     group.add_argument("--lora-rank", type=int, default=0, help="per-step LoRA rank (0: none)")
-    group.add_argument(
+    add_choice(
+        group,
         "--lora-init",
-        choices=("zero", "svd"),
-        default="zero",
-        help="per-step LoRA starting at zero or at the SVD of the teacher's per-step weights",
+        ("zero", "svd"),
+        "per-step LoRA starting at zero or at the SVD of the teacher's per-step weights",
     )
     group = parser.add_argument_group("data")
     group.add_argument("--data-dir", required=True, help="ImageFolder root with a --split sub-folder of class folders")
     group.add_argument("--split", default="train", help="sub-folder of --data-dir ('.' for --data-dir itself)")
-    group.add_argument("--batch-size", type=int, default=64, help="images per process and step")
-    group.add_argument("--workers", type=int, default=4, help="data-loading processes")
+    add_loader_arguments(group, batch_size=64)
     group.add_argument(
         "--eval-images",
         type=int,
@@ -162,7 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
     group = add_run_arguments(parser, output="output/distill_recurrent", seed=0)
     add_step_arguments(group, save_every=1000, log_every=50)
-    add_fault_arguments(parser)
     return parser
 
 
@@ -348,8 +330,7 @@ def _optimizer(model: RecurrentViT, lr: float, weight_decay: float) -> torch.opt
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run the distillation; returns the phases, per-step errors and loss history."""
-    args = parse_args_with_config(build_parser(), argv)
-    return run_distributed(lambda args, context: _Distillation(args, context).run(), args)
+    return _Distillation.main(build_parser(), argv)
 
 
 class _Distillation(StepTraining):

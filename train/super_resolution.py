@@ -61,8 +61,8 @@ from recurzoo.plots import plot_curves
 from recurzoo.train.arguments import (
     MODEL_ARGUMENT_ERRORS,
     UsageError,
-    add_fault_arguments,
-    add_kwargs_argument,
+    add_loader_arguments,
+    add_model_arguments,
     add_run_arguments,
     add_step_arguments,
     parse_args_with_config,
@@ -75,14 +75,13 @@ from recurzoo.train.data import (
     SkipUnreadable,
     UnreadableImageError,
     image_size,
+    readable_groups,
     seed_albumentations,
     summarize,
 )
-from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
+from recurzoo.train.distributed import DistributedContext, wrap_ddp
 from recurzoo.train.loops import StepTraining
-from recurzoo.train.resume import (
-    save_safetensors,
-)
+from recurzoo.train.resume import save_safetensors
 from recurzoo.train.run import append_jsonl, progress_bar
 
 __all__ = [
@@ -176,24 +175,10 @@ def _without_unreadable(
 ) -> Tuple[Tuple[Path, ...], Optional[Tuple[Path, ...]]]:
     """The (HR, LR) files whose headers are readable images; the others are dropped with one counted
     :class:`~recurzoo.train.data.DatasetWarning`. (Truncated files pass this check; training skips them.)"""
-    kept_hr, kept_lr, unreadable = [], [], []
-    for hr, lr in zip(hr_files, lr_files or hr_files):
-        try:
-            for path in dict.fromkeys((hr, lr)):  # HR first; once when unpaired
-                image_size(str(path))
-        except UnreadableImageError as error:
-            unreadable.append(str(error))
-            continue
-        kept_hr.append(hr)
-        kept_lr.append(lr)
-    if unreadable:
-        warnings.warn(
-            f"dataset {name!r}: skipped {len(unreadable)} of {len(hr_files)} images with unreadable files: "
-            f"{summarize(unreadable)}",
-            DatasetWarning,
-            stacklevel=3,
-        )
-    return tuple(kept_hr), (tuple(kept_lr) if lr_files is not None else None)
+    groups = list(zip(hr_files, lr_files or hr_files))  # HR first; read once when unpaired
+    kept = [group for group, _ in readable_groups(name, groups, "images", stacklevel=3)]
+    kept_hr, kept_lr = tuple(hr for hr, _ in kept), tuple(lr for _, lr in kept)
+    return kept_hr, (kept_lr if lr_files is not None else None)
 
 
 def _match_lr(hr_files: Sequence[Path], lr_dir: Path, scale: int) -> Tuple[Path, ...]:
@@ -481,12 +466,13 @@ def _write_report(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = training_parser(
-        "python -m recurzoo.train.super_resolution",
-        "Train and evaluate super-resolution models (BasicSR recipe and metrics).",
+    parser = training_parser("recurzoo.train.super_resolution", __doc__)
+    group = add_model_arguments(
+        parser,
+        "registered SR model, e.g. rgt_small_x2",
+        kwargs_help="extra timm.create_model arguments, e.g. embed_dim=60 blocks_per_group=2",
+        checkpoint_help="initial weights: an official BasicSR file or one of ours (params/params_ema unwrapped)",
     )
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", default=None, help="registered SR model, e.g. rgt_small_x2")
     group.add_argument(
         "--backbone",
         default=None,
@@ -494,20 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--head", default="pixelshuffle", help="SR head for --backbone")
     group.add_argument("--scale", type=int, default=None, help="upscaling factor for --backbone")
-    add_kwargs_argument(
-        group, "--model-kwargs", "extra timm.create_model arguments, e.g. embed_dim=60 blocks_per_group=2"
-    )
-    group.add_argument(
-        "--checkpoint",
-        default=None,
-        help="initial weights: an official BasicSR file or one of ours (params/params_ema unwrapped)",
-    )
     group = parser.add_argument_group("data")
     group.add_argument("--train-data", nargs="*", default=[], help="training datasets (see the module docstring)")
     group.add_argument("--val-data", nargs="*", default=[], help="evaluation datasets, reported one by one")
     group.add_argument("--patch-size", type=int, default=64, help="LR training patch side (HR: x scale)")
-    group.add_argument("--batch-size", type=int, default=8, help="patches per process and step")
-    group.add_argument("--workers", type=int, default=4, help="data-loading processes")
+    add_loader_arguments(group, batch_size=8, batch_help="patches per process and step")
     group.add_argument(
         "--repeat",
         type=int,
@@ -540,7 +517,6 @@ def build_parser() -> argparse.ArgumentParser:
     group = add_run_arguments(parser, output="output/super_resolution", seed=10)
     group.add_argument("--val-every", type=int, default=5000, help="evaluate every N steps")
     add_step_arguments(group, save_every=5000, log_every=200)
-    add_fault_arguments(parser)
     return parser
 
 
@@ -597,7 +573,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raise UsageError("--eval-only needs --val-data")
     if not args.eval_only and not args.train_data:
         raise UsageError("training needs --train-data (or use --eval-only)")
-    return run_distributed(lambda args, context: _Training(args, context).run(), args)
+    return _Training.launch(args)
 
 
 class _Training(StepTraining):
