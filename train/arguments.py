@@ -150,11 +150,12 @@ def add_model_arguments(
     checkpoint_help: str = "",
     pretrained: str = "--pretrained",
     pretrained_help: str = "",
+    pretrained_default: Optional[bool] = False,
 ) -> argparse._ArgumentGroup:
     """The model group: the model's name (``flag``), its ``FLAG-kwargs`` (``KEY=VALUE ...``, when
     ``kwargs_help``), its initial weights (the ``checkpoint`` flags, when ``checkpoint_help``) and a switch
-    for timm's pretrained weights (``pretrained``, when ``pretrained_help``). Returns the group for the
-    script's own model options."""
+    for timm's pretrained weights (``pretrained``, when ``pretrained_help``; ``pretrained_default`` None:
+    decided by the script). Returns the group for the script's own model options."""
     group = parser.add_argument_group(title)
     group.add_argument(flag, required=required, default=default, help=help)
     if kwargs_help:
@@ -162,7 +163,7 @@ def add_model_arguments(
     if checkpoint_help:
         group.add_argument(*checkpoint, default=None, help=checkpoint_help)
     if pretrained_help:
-        group.add_argument(pretrained, action="store_true", help=pretrained_help)
+        add_switch(group, pretrained, pretrained_default, pretrained_help)
     return group
 
 
@@ -230,12 +231,7 @@ def add_epoch_arguments(group: argparse._ArgumentGroup, log_interval: int, amp_d
     """The run options of an epoch-based script (:class:`~recurzoo.train.loops.EpochTraining`): ranked
     checkpoints, mid-epoch checkpoints, BatchNorm sync, mixed precision, logging, plots, rank weights."""
     group.add_argument("--checkpoint-hist", type=int, default=3, help="ranked epoch checkpoints to keep")
-    group.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=0,
-        help="also write last.pth.tar every N steps within an epoch (0: at epoch ends only)",
-    )
+    group.add_argument("--checkpoint-every", type=int, default=0, help="also a mid-epoch last.pth.tar every N steps")
     add_choice(group, "--dist-bn", ("reduce", "broadcast", ""), "sync BatchNorm statistics across ranks at epoch ends")
     group.add_argument("--amp", action="store_true", help="mixed precision (autocast; GradScaler for float16)")
     add_choice(group, "--amp-dtype", ("bfloat16", "float16"), "autocast's dtype", default=amp_dtype)

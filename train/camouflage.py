@@ -53,7 +53,6 @@ from recurzoo.checkpoint import (
     unwrap_state_dict,
 )
 from recurzoo.devices import resolve_device
-from recurzoo.plots import plot_curves
 from recurzoo.train.arguments import (
     MODEL_ARGUMENT_ERRORS,
     UsageError,
@@ -77,8 +76,7 @@ from recurzoo.train.data import (
 )
 from recurzoo.train.distributed import DistributedContext, wrap_ddp
 from recurzoo.train.loops import StepTraining
-from recurzoo.train.resume import save_safetensors
-from recurzoo.train.run import append_jsonl, progress_bar
+from recurzoo.train.run import progress_bar
 
 __all__ = [
     "DatasetSpec",
@@ -838,16 +836,7 @@ class _Training(StepTraining):
         if not args.train_backbone_bn:
             freeze_backbone_batchnorm(model)
         self.train_steps(loader, start_step, self.total, args.save_every or len(loader), resume_rng)
-        if context.is_main:
-            save_safetensors(
-                os.path.join(args.output, "model.safetensors"),
-                model.state_dict(),
-                metadata=dict(model_config=json.dumps(model.cod_config)),
-            )
-            try:
-                plot_curves(dict(loss=self.history), os.path.join(args.output, "loss.png"), ylabel="loss")
-            except ImportError:
-                self.logger.warning("matplotlib is not installed: loss.png not written")
+        self.save_final(model, dict(model_config=json.dumps(model.cod_config)))
         return self.history
 
     def training_loss(self, batch: Mapping[str, torch.Tensor], step: int) -> Tuple[torch.Tensor, Dict[str, float]]:
@@ -866,18 +855,8 @@ class _Training(StepTraining):
         )
 
     def after_update(self, updates: int, total: int, parts: Mapping[str, float]) -> None:
-        log_every = self.args.log_every
-        if self.context.is_main and (updates % log_every == 0 or updates == total):
-            recent = self.history[-log_every:]
-            lr = self.scheduler.get_last_lr()[-1]
-            self.logger.info(
-                f"step {updates}/{total} loss {sum(recent) / len(recent):.5f} (bce {parts['bce']:.4f}, "
-                f"ual {parts['ual']:.4f} x {parts['ual_weight']:.3f}) lr {lr:.2e}"
-            )
-            append_jsonl(
-                os.path.join(self.args.output, "metrics.jsonl"),
-                dict(step=updates, loss=self.history[-1], lr=lr, **parts),
-            )
+        detail = f" (bce {parts['bce']:.4f}, ual {parts['ual']:.4f} x {parts['ual_weight']:.3f})"
+        self.log_update(updates, total, self.scheduler.get_last_lr()[-1], detail=detail, **parts)
 
 
 class _MultiscaleForward(nn.Module):

@@ -56,7 +56,6 @@ from recurzoo.train.arguments import (
     UsageError,
     add_choice,
     add_epoch_arguments,
-    add_kwargs_argument,
     add_loader_arguments,
     add_model_arguments,
     add_run_arguments,
@@ -164,13 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--model-ema-decay", type=float, default=0.9998)
     group.add_argument("--model-ema-warmup", action="store_true", help="ramp the EMA decay up early on")
     group.add_argument("--model-ema-force-cpu", action="store_true", help="keep the EMA on the CPU")
-    group = parser.add_argument_group("knowledge distillation (SReT's soft-label KD)")
-    group.add_argument("--teacher", default=None, help="timm model name of a frozen teacher")
-    group.add_argument("--teacher-checkpoint", default=None, help="teacher weights (same class count as the data)")
-    add_switch(
-        group, "--teacher-pretrained", None, "timm's pretrained teacher weights (default: when no --teacher-checkpoint)"
+    group = add_model_arguments(
+        parser,
+        "timm model name of a frozen teacher",
+        flag="--teacher",
+        title="knowledge distillation (SReT's soft-label KD)",
+        kwargs_help="extra timm.create_model arguments of the teacher",
+        checkpoint=("--teacher-checkpoint",),
+        checkpoint_help="teacher weights (same class count as the data)",
+        pretrained="--teacher-pretrained",
+        pretrained_help="timm's pretrained teacher weights (default: when no --teacher-checkpoint)",
+        pretrained_default=None,
     )
-    add_kwargs_argument(group, "--teacher-kwargs", "extra timm.create_model arguments of the teacher")
     group.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature T")
     group.add_argument(
         "--kd-weight", type=float, default=1.0, help="weight W of the soft-label loss; the task loss gets 1 - W"
@@ -287,30 +291,25 @@ class _Training(EpochTraining):
     # ----------------------------------------------------------------------------------- set-up
     def _datasets(self) -> None:
         args = self.args
-        common_kwargs = dict(
-            class_map=args.class_map or None, download=args.dataset_download, batch_size=args.batch_size, seed=args.seed
-        )
-        self.train_set = create_image_dataset(
-            args.dataset,
-            args.data_dir,
-            args.train_split,
-            skip_unreadable="training set",
-            split_flag="--train-split",
-            is_training=True,
-            **common_kwargs,
-        )
-        self.eval_set = None
-        if args.val_split.strip().lower() not in NO_SPLIT:
-            self.eval_set = create_image_dataset(
+
+        def split_dataset(split: str, flag: str, what: str, evaluation: bool = False) -> Any:
+            return create_image_dataset(
                 args.dataset,
                 args.data_dir,
-                args.val_split,
-                skip_unreadable="validation set",
-                leave_out=True,
-                split_flag="--val-split",
-                is_training=False,
-                **common_kwargs,
+                split,
+                skip_unreadable=what,
+                split_flag=flag,
+                evaluation=evaluation,
+                class_map=args.class_map or None,
+                download=args.dataset_download,
+                batch_size=args.batch_size,
+                seed=args.seed,
             )
+
+        self.train_set = split_dataset(args.train_split, "--train-split", "training set")
+        self.eval_set = None
+        if args.val_split.strip().lower() not in NO_SPLIT:
+            self.eval_set = split_dataset(args.val_split, "--val-split", "validation set", evaluation=True)
         else:
             self.logger.info("--val-split none: training without evaluation (model_best is not written)")
         self._check_classes()
@@ -456,26 +455,13 @@ class _Training(EpochTraining):
         self.task_loss = task.to(self.context.device)
 
     def _optimization(self) -> None:
-        from timm.optim import create_optimizer_v2
+        from timm.optim import create_optimizer_v2, optimizer_kwargs
         from timm.scheduler import create_scheduler_v2, scheduler_kwargs
         from timm.utils import ModelEmaV3, NativeScaler
 
         args = self.args
-        extra = {}
-        if args.opt_eps is not None:
-            extra["eps"] = args.opt_eps
-        if args.opt_betas is not None:
-            extra["betas"] = tuple(args.opt_betas)
         with user_option(f"--opt {args.opt}", ValueError, TypeError, AssertionError):
-            self.optimizer = create_optimizer_v2(
-                self.model,
-                opt=args.opt,
-                lr=args.lr,
-                weight_decay=args.weight_decay,
-                momentum=args.momentum,
-                layer_decay=args.layer_decay,
-                **extra,
-            )
+            self.optimizer = create_optimizer_v2(self.model, **optimizer_kwargs(cfg=args))
         with user_option(f"--sched {args.sched}", ValueError, TypeError, AssertionError):
             self.scheduler, self.num_epochs = create_scheduler_v2(
                 self.optimizer, **scheduler_kwargs(args), updates_per_epoch=len(self.train_loader)

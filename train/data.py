@@ -285,7 +285,7 @@ def create_image_dataset(
     skip_unreadable: Optional[str] = None,
     flag: str = "--data-dir",
     split_flag: str = "--split",
-    leave_out: bool = False,
+    evaluation: bool = False,
     **kwargs: Any,
 ) -> Any:
     """timm's ``create_dataset(name, root=root, split=split, **kwargs)`` that fails clearly before training.
@@ -297,7 +297,8 @@ def create_image_dataset(
     ``skip_unreadable`` (a name such as ``'training set'``) a folder or tar dataset becomes an
     :class:`ImageFolderDataset` reading through :mod:`recurzoo.images`, whose undecodable images are
     skipped with a counted warning (``dataset.skip_unreadable``): replaced by the next readable one,
-    or with ``leave_out`` (evaluation sets) left out by the loader's :func:`collate_readable`.
+    or in an ``evaluation`` split left out by the loader's :func:`collate_readable`. timm's
+    ``is_training`` is ``not evaluation`` unless given.
     """
     from timm.data import create_dataset
 
@@ -313,6 +314,7 @@ def create_image_dataset(
             f"{split_flag} {split}: {flag} {root} is a file (a tar), read whole as one split; give "
             f"{split_flag} . for it, or a folder with one sub-folder per split"
         )
+    kwargs.setdefault("is_training", not evaluation)
     try:
         with user_option(f"--dataset {name!r}", ValueError, AssertionError, TypeError):
             dataset = create_dataset(name, root=root, split=split, **kwargs)
@@ -322,16 +324,12 @@ def create_image_dataset(
         raise UsageError(f"{flag} {given}: no images for split {split!r} ({one_line(error)})") from None
     if not isinstance(dataset, torch.utils.data.IterableDataset) and len(dataset) == 0:
         raise UsageError(f"{flag} {given}: split {split!r} holds no images")
-    if skip_unreadable and type(dataset) is ImageDataset:
+    if skip_unreadable and type(dataset) is ImageDataset:  # timm's reader and settings, read our way
+        settings = ("reader", "load_bytes", "input_img_mode", "transform", "target_transform", "additional_features")
         dataset = ImageFolderDataset(
             root,
-            reader=dataset.reader,
-            load_bytes=dataset.load_bytes,
-            input_img_mode=dataset.input_img_mode,
-            transform=dataset.transform,
-            target_transform=dataset.target_transform,
-            additional_features=dataset.additional_features,
             unreadable_name=skip_unreadable,
-            leave_out=leave_out,
+            leave_out=evaluation,
+            **{key: getattr(dataset, key) for key in settings},
         )
     return dataset

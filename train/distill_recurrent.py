@@ -58,7 +58,6 @@ from recurzoo.train.arguments import (
     add_model_arguments,
     add_run_arguments,
     add_step_arguments,
-    add_switch,
     run_cli,
     training_parser,
 )
@@ -66,7 +65,6 @@ from recurzoo.train.data import collate_readable, create_image_dataset
 from recurzoo.train.distributed import DistributedContext, wrap_ddp
 from recurzoo.train.loops import StepTraining
 from recurzoo.train.resume import save_safetensors
-from recurzoo.train.run import append_jsonl
 
 __all__ = ["build_parser", "main", "TokenLoss", "PhaseObjective", "SequenceObjective", "step_errors", "cosine_schedule"]
 
@@ -82,9 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         kwargs_help="extra timm.create_model arguments of the teacher, e.g. img_size=32 depth=4",
         checkpoint=("--teacher-checkpoint",),
         checkpoint_help="teacher weights (.safetensors, or a torch checkpoint read with weights_only=True)",
-    )
-    add_switch(
-        group, "--pretrained", None, "load timm's pretrained teacher weights (default: when no --teacher-checkpoint)"
+        pretrained_help="load timm's pretrained teacher weights (default: when no --teacher-checkpoint)",
+        pretrained_default=None,
     )
     group = parser.add_argument_group("student")
     group.add_argument("--k", type=int, default=2, help="number of shared blocks")
@@ -116,12 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--data-dir", required=True, help="ImageFolder root with a --split sub-folder of class folders")
     group.add_argument("--split", default="train", help="sub-folder of --data-dir ('.' for --data-dir itself)")
     add_loader_arguments(group, batch_size=64)
-    group.add_argument(
-        "--eval-images",
-        type=int,
-        default=64,
-        help="fixed images (eval transform) for phase discovery and per-step errors",
-    )
+    group.add_argument("--eval-images", type=int, default=64, help="fixed images of phase discovery and step errors")
     group.add_argument("--min-crop", type=float, default=0.25, help="smallest random-resized-crop area")
     group = parser.add_argument_group("optimization")
     group.add_argument("--stage1-steps", type=int, default=20000, help="teacher-forced phase training steps")
@@ -131,12 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--weight-decay", type=float, default=1e-4)
     group.add_argument("--warmup-frac", type=float, default=0.05, help="warm-up share of each stage")
     group.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clip (0: none)")
-    group.add_argument(
-        "--forcing-frac",
-        type=float,
-        default=0.25,
-        help="share of stage 1 over which teacher forcing anneals from 1 to 0 into phase roll-outs",
-    )
+    group.add_argument("--forcing-frac", type=float, default=0.25, help="stage-1 share where teacher forcing goes 1->0")
     group.add_argument("--cls-weight", type=float, default=0.45, help="loss weight of the class token")
     group.add_argument("--reg-weight", type=float, default=0.10, help="loss weight of register tokens")
     group.add_argument("--patch-weight", type=float, default=0.45, help="loss weight of patch tokens")
@@ -276,8 +263,6 @@ def _datasets(args: argparse.Namespace, teacher: nn.Module):
         args.data_dir,
         args.split,
         skip_unreadable="training set",
-        split_flag="--split",
-        is_training=True,
         transform=train_transform,
     )
     eval_set = create_image_dataset(
@@ -285,8 +270,7 @@ def _datasets(args: argparse.Namespace, teacher: nn.Module):
         args.data_dir,
         args.split,
         skip_unreadable="evaluation images",
-        leave_out=True,
-        split_flag="--split",
+        evaluation=True,
         transform=eval_transform,
     )
     eval_set = Subset(eval_set, range(min(args.eval_images, len(eval_set))))
@@ -474,17 +458,8 @@ class _Distillation(StepTraining):
         return dict(super().checkpoint_state(updates), **self.state, stage=self.stage, student=self.model.state_dict())
 
     def after_update(self, updates: int, total: int, parts: Mapping[str, float]) -> None:
-        log_every = self.args.log_every
-        if self.context.is_main and (updates % log_every == 0 or updates == total):
-            recent = self.history[-log_every:]
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.logger.info(
-                f"stage {self.stage} step {updates}/{total} loss {sum(recent) / len(recent):.5f} lr {lr:.2e}"
-            )
-            append_jsonl(
-                os.path.join(self.args.output, "metrics.jsonl"),
-                dict(stage=self.stage, step=updates, loss=self.history[-1], lr=lr),
-            )
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.log_update(updates, total, lr, prefix=f"stage {self.stage} ", stage=self.stage)
 
 
 def _format(values: Sequence[float]) -> str:

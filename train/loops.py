@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch import nn
 
+from recurzoo.plots import plot_curves
 from recurzoo.train.arguments import parse_args_with_config, save_args_yaml
 from recurzoo.train.distributed import DistributedContext, run_distributed
 from recurzoo.train.resume import (
@@ -40,6 +41,7 @@ from recurzoo.train.run import (
     NonFiniteLossError,
     RunGuard,
     TrainingInterrupted,
+    append_jsonl,
     plot_summary,
     progress_bar,
     setup_logging,
@@ -70,8 +72,15 @@ class Training:
 
     @classmethod
     def main(cls, parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> Any:
-        """Parse ``argv`` with ``parser`` (option defaults from ``--config``), then :meth:`launch` the run."""
-        return cls.launch(parse_args_with_config(parser, argv))
+        """Parse ``argv`` with ``parser`` (option defaults from ``--config``), :meth:`check_arguments`, then
+        :meth:`launch` the run."""
+        args = parse_args_with_config(parser, argv)
+        cls.check_arguments(args)
+        return cls.launch(args)
+
+    @classmethod
+    def check_arguments(cls, args: argparse.Namespace) -> None:
+        """Refuse (``UsageError``) options that do not go together, before any process group or device."""
 
     @classmethod
     def launch(cls, args: argparse.Namespace) -> Any:
@@ -367,6 +376,45 @@ class StepTraining(Training):
 
     def after_update(self, updates: int, total: int, parts: Mapping[str, float]) -> None:
         """Called after each update (``updates`` done of ``total``) with the parts of its loss."""
+
+    def log_metrics(self, **values: Any) -> None:
+        """One line of ``OUTPUT/metrics.jsonl`` (main process only)."""
+        if self.context.is_main:
+            append_jsonl(os.path.join(self.args.output, "metrics.jsonl"), values)
+
+    def log_update(
+        self, updates: int, total: int, lr: float, prefix: str = "", detail: str = "", **values: Any
+    ) -> None:
+        """Every ``--log-every`` updates and after the last (main process only): the mean loss since the last
+        such line and ``lr`` in the log, as ``{prefix}step U/T loss L{detail} lr R``, and the update's loss,
+        ``lr`` and ``values`` in ``OUTPUT/metrics.jsonl``."""
+        log_every = self.args.log_every
+        if not self.context.is_main or (updates % log_every and updates != total):
+            return
+        recent = self.history[-log_every:]
+        self.logger.info(f"{prefix}step {updates}/{total} loss {sum(recent) / len(recent):.5f}{detail} lr {lr:.2e}")
+        self.log_metrics(**values, step=updates, loss=self.history[-1], lr=lr)
+
+    def save_final(
+        self,
+        model: nn.Module,
+        metadata: Mapping[str, str],
+        curve: str = "loss",
+        ylabel: str = "loss",
+        log_y: bool = False,
+    ) -> None:
+        """On the main process: ``model``'s weights as ``OUTPUT/model.safetensors`` with ``metadata``, and the
+        loss of every update (named ``curve``) as ``OUTPUT/loss.png`` (left out, with a warning, without
+        matplotlib)."""
+        if not self.context.is_main:
+            return
+        output = self.args.output
+        save_safetensors(os.path.join(output, "model.safetensors"), model.state_dict(), metadata=dict(metadata))
+        if self.history:
+            try:
+                plot_curves({curve: self.history}, os.path.join(output, "loss.png"), ylabel=ylabel, log_y=log_y)
+            except ImportError:
+                self.logger.warning("matplotlib is not installed: loss.png not written")
 
     def save(self, updates: int, pending: bool = False) -> None:
         """Write ``last.pt`` after ``updates`` updates, with every rank's RNG state; ``pending``: the batch

@@ -57,7 +57,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from recurzoo.checkpoint import atomic_write, family_filter, load_state_dict, load_weights
 from recurzoo.heads.super_resolution import SuperResolutionModel, create_sr_model, image_to_tensor, tensor_to_image
 from recurzoo.images import IMAGE_SUFFIXES, read_image, write_png
-from recurzoo.plots import plot_curves
 from recurzoo.train.arguments import (
     MODEL_ARGUMENT_ERRORS,
     UsageError,
@@ -65,7 +64,6 @@ from recurzoo.train.arguments import (
     add_model_arguments,
     add_run_arguments,
     add_step_arguments,
-    parse_args_with_config,
     run_cli,
     training_parser,
     user_option,
@@ -81,8 +79,7 @@ from recurzoo.train.data import (
 )
 from recurzoo.train.distributed import DistributedContext, wrap_ddp
 from recurzoo.train.loops import StepTraining
-from recurzoo.train.resume import save_safetensors
-from recurzoo.train.run import append_jsonl, progress_bar
+from recurzoo.train.run import progress_bar
 
 __all__ = [
     "rgb_to_y",
@@ -558,27 +555,21 @@ def _multistep(
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=gamma)
 
 
-def _log_eval(logger: Any, results: Dict[str, Dict[str, Any]], step: int, output: str) -> None:
-    for name, r in results.items():
-        logger.info(f"step {step} {name}: PSNR {r['psnr']:.3f} dB, SSIM {r['ssim']:.4f} ({r['images']} images)")
-        append_jsonl(
-            os.path.join(output, "metrics.jsonl"), dict(step=step, dataset=name, psnr=r["psnr"], ssim=r["ssim"])
-        )
-
-
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run training and/or evaluation; returns the last evaluation results and the output folder."""
-    args = parse_args_with_config(build_parser(), argv)
-    if args.eval_only and not args.val_data:
-        raise UsageError("--eval-only needs --val-data")
-    if not args.eval_only and not args.train_data:
-        raise UsageError("training needs --train-data (or use --eval-only)")
-    return _Training.launch(args)
+    return _Training.main(build_parser(), argv)
 
 
 class _Training(StepTraining):
     """One SR run: the model, ``--eval-only`` or the official recipe (L1, Adam, multistep decay, EMA) with
     evaluation every ``--val-every`` steps; ``model.safetensors`` holds the final (EMA) weights."""
+
+    @classmethod
+    def check_arguments(cls, args: argparse.Namespace) -> None:
+        if args.eval_only and not args.val_data:
+            raise UsageError("--eval-only needs --val-data")
+        if not args.eval_only and not args.train_data:
+            raise UsageError("training needs --train-data (or use --eval-only)")
 
     def __init__(self, args: argparse.Namespace, context: DistributedContext) -> None:
         super().__init__(args, context, "sr")
@@ -622,7 +613,11 @@ class _Training(StepTraining):
             self.show_progress,
             save_dir,
         )
-        _log_eval(self.logger, self.results, step, args.output)
+        for name, r in self.results.items():
+            self.logger.info(
+                f"step {step} {name}: PSNR {r['psnr']:.3f} dB, SSIM {r['ssim']:.4f} ({r['images']} images)"
+            )
+            self.log_metrics(step=step, dataset=name, psnr=r["psnr"], ssim=r["ssim"])
         if report:
             _write_report(self.results, args.output, self.name, self.scale, step or None)
 
@@ -672,14 +667,7 @@ class _Training(StepTraining):
         model.train()
         self.train_steps(loader, start_step, args.steps, args.save_every, resume_rng)
         self.skipped += dataset.skip_unreadable.report(self.logger, "training", context)
-        if context.is_main:
-            save_safetensors(
-                os.path.join(args.output, "model.safetensors"),
-                self.eval_model.state_dict(),
-                metadata=dict(model=self.name, step=str(args.steps)),
-            )
-            if self.history:
-                plot_curves({"L1": self.history}, os.path.join(args.output, "loss.png"), ylabel="L1 loss", log_y=True)
+        self.save_final(self.eval_model, dict(model=self.name, step=str(args.steps)), "L1", "L1 loss", log_y=True)
 
     def training_loss(self, batch: Sequence[torch.Tensor], step: int) -> Tuple[torch.Tensor, Dict[str, float]]:
         device = self.context.device
@@ -707,7 +695,7 @@ class _Training(StepTraining):
                     f"step {updates}: L1 {recent:.5f}, lr {self.scheduler.get_last_lr()[0]:.3e}, "
                     f"{time.perf_counter() - self.started:.0f} s"
                 )
-                append_jsonl(os.path.join(args.output, "metrics.jsonl"), dict(step=updates, loss=recent))
+                self.log_metrics(step=updates, loss=recent)
         if self.val_specs and context.is_main and (updates % args.val_every == 0 or updates == total):
             self.run_evaluation(self.eval_model, updates)
 

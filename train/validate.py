@@ -323,9 +323,7 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> Dict[str, Any
         args.data_dir,
         args.split,
         skip_unreadable="evaluation set",
-        leave_out=True,
-        split_flag="--split",
-        is_training=False,
+        evaluation=True,
         class_map=args.class_map or None,
         batch_size=args.batch_size,
     )
