@@ -49,6 +49,7 @@ __all__ = [
     "USER_ERRORS",
     "UsageError",
     "user_option",
+    "model_option",
     "MODEL_ARGUMENT_ERRORS",
 ]
 
@@ -92,6 +93,12 @@ def user_option(flags: str, *errors: Type[BaseException]) -> Iterator[None]:
         raise
     except errors as error:
         raise UsageError(f"{flags}: {one_line(error)}") from None
+
+
+def model_option(flags: str) -> contextlib.AbstractContextManager:
+    """:func:`user_option` for building a model from ``flags`` (a name and its keyword arguments): what a
+    constructor or timm's builder raises for arguments it cannot take (:data:`MODEL_ARGUMENT_ERRORS`)."""
+    return user_option(flags, *MODEL_ARGUMENT_ERRORS)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -54,17 +54,16 @@ from recurzoo.checkpoint import (
 )
 from recurzoo.devices import resolve_device
 from recurzoo.train.arguments import (
-    MODEL_ARGUMENT_ERRORS,
     UsageError,
     add_loader_arguments,
     add_model_arguments,
     add_run_arguments,
     add_step_arguments,
     add_switch,
+    model_option,
     one_line,
     run_cli,
     training_parser,
-    user_option,
 )
 from recurzoo.train.data import (
     DatasetWarning,
@@ -603,10 +602,10 @@ def build_model(
                 f"unknown COD model {model!r}; registered: {', '.join(recurzoo.list_models('msrnet_*'))}"
                 f" (or give a timm backbone name with --backbone)"
             )
-        with user_option("--model with --model-kwargs", *MODEL_ARGUMENT_ERRORS):
+        with model_option("--model with --model-kwargs"):
             network = recurzoo.create_model(model, pretrained_backbone=pretrained_backbone, **kwargs)
     elif backbone:
-        with user_option("--backbone with --model-kwargs", *MODEL_ARGUMENT_ERRORS):
+        with model_option("--backbone with --model-kwargs"):
             network = create_cod_model(backbone, pretrained_backbone=pretrained_backbone, **kwargs)
     else:
         raise UsageError("give --model (a registered msrnet_* model) or --backbone (any timm backbone)")

@@ -41,7 +41,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from recurzoo.checkpoint import CheckpointError
 from recurzoo.registry import UnknownModelError
 from recurzoo.train.arguments import (
-    MODEL_ARGUMENT_ERRORS,
     UsageError,
     add_choice,
     add_epoch_arguments,
@@ -50,6 +49,7 @@ from recurzoo.train.arguments import (
     add_model_arguments,
     add_run_arguments,
     add_switch,
+    model_option,
     one_line,
     run_cli,
     training_parser,
@@ -418,7 +418,7 @@ class _Training(EpochTraining):
                 raise
             local = "; or give its weights with --backbone-checkpoint FILE"
             raise CheckpointError(f"--backbone {args.backbone}: {error}{local}") from None
-        with user_option(f"--detector {args.detector} with --detector-kwargs", *MODEL_ARGUMENT_ERRORS):
+        with model_option(f"--detector {args.detector} with --detector-kwargs"):
             self.model = create_detector(
                 args.detector,
                 backbone,

@@ -58,15 +58,14 @@ from recurzoo.checkpoint import atomic_write, family_filter, load_state_dict, lo
 from recurzoo.heads.super_resolution import SuperResolutionModel, create_sr_model, image_to_tensor, tensor_to_image
 from recurzoo.images import IMAGE_SUFFIXES, read_image, write_png
 from recurzoo.train.arguments import (
-    MODEL_ARGUMENT_ERRORS,
     UsageError,
     add_loader_arguments,
     add_model_arguments,
     add_run_arguments,
     add_step_arguments,
+    model_option,
     run_cli,
     training_parser,
-    user_option,
 )
 from recurzoo.train.data import (
     DatasetWarning,
@@ -532,13 +531,13 @@ def build_model(args: argparse.Namespace) -> Tuple[SuperResolutionModel, str]:
         if recurzoo.model_task(args.model) != "sr":
             known = ", ".join(recurzoo.list_models(task="sr"))
             raise UsageError(f"--model {args.model}: not a super-resolution model of the zoo ({known})")
-        with user_option("--model with --model-kwargs", *MODEL_ARGUMENT_ERRORS):
+        with model_option("--model with --model-kwargs"):
             model = recurzoo.create_model(args.model, **kwargs)
         name = args.model
     else:
         if not args.scale:
             raise UsageError("--backbone needs --scale")
-        with user_option("--backbone/--scale/--head with --model-kwargs", *MODEL_ARGUMENT_ERRORS):
+        with model_option("--backbone/--scale/--head with --model-kwargs"):
             model = create_sr_model(args.backbone, args.scale, head=args.head, **kwargs)
         name = f"{args.backbone}_{args.head}_x{args.scale}"
     if not isinstance(model, SuperResolutionModel):

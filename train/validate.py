@@ -30,12 +30,12 @@ from torch import nn
 
 from recurzoo.checkpoint import atomic_write
 from recurzoo.train.arguments import (
-    MODEL_ARGUMENT_ERRORS,
     UsageError,
     add_choice,
     add_loader_arguments,
     add_model_arguments,
     add_switch,
+    model_option,
     parse_args_with_config,
     run_cli,
     training_parser,
@@ -198,7 +198,7 @@ def create_named_model(name: str, pretrained: bool, flag: str, local_flag: str, 
     from recurzoo.registry import UnknownModelError
 
     try:
-        with user_option(f"{flag} {name} (with --model-kwargs or --teacher-kwargs)", *MODEL_ARGUMENT_ERRORS):
+        with model_option(f"{flag} {name} (with --model-kwargs or --teacher-kwargs)"):
             return recurzoo.create_model(name, pretrained=pretrained, **kwargs)
     except UnknownModelError as error:
         raise UnknownModelError(f"{flag}: {error}") from None
@@ -344,7 +344,7 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> Dict[str, Any
     kwargs = dict(args.model_kwargs)
     if num_classes:
         kwargs["num_classes"] = num_classes
-    with user_option(f"--model {args.model} with --model-kwargs", *MODEL_ARGUMENT_ERRORS):
+    with model_option(f"--model {args.model} with --model-kwargs"):
         model = recurzoo.create_model(args.model, pretrained=args.pretrained, **kwargs)
     check_dataset_classes(
         dataset, getattr(model, "num_classes", None), f"--data-dir {args.data_dir} --split {args.split}"
