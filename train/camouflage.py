@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from timm.utils import NativeScaler, random_seed
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from recurzoo.checkpoint import (
     CheckpointError,
@@ -72,6 +72,7 @@ from recurzoo.train.data import (
     readable_groups,
     seed_albumentations,
     summarize,
+    training_loader,
 )
 from recurzoo.train.distributed import DistributedContext, wrap_ddp
 from recurzoo.train.loops import StepTraining
@@ -803,16 +804,7 @@ class _Training(StepTraining):
             getattr(model, "scales", (1.5, 1.0, 2.0)),
             augment=not args.no_augment,
         )
-        sampler = DistributedSampler(dataset, seed=args.seed, drop_last=True) if context.distributed else None
-        loader = DataLoader(
-            dataset,
-            batch_size=args.batch_size,
-            sampler=sampler,
-            shuffle=sampler is None,
-            num_workers=args.workers,
-            drop_last=True,
-            pin_memory=context.device.type == "cuda",
-        )  # workers are not persistent: seeded afresh each epoch, as a resumed run seeds them
+        loader = training_loader(dataset, args, context)
         self.total = args.steps or args.epochs * len(loader)
         self.optimizer = build_optimizer(
             model,

@@ -27,6 +27,7 @@ __all__ = [
     "image_size",
     "summarize",
     "readable_groups",
+    "training_loader",
     "seed_albumentations",
     "SkipUnreadable",
     "ImageFolderDataset",
@@ -107,6 +108,28 @@ def readable_groups(
             stacklevel=stacklevel + 1,
         )
     return kept
+
+
+def training_loader(
+    dataset: Any, args: Any, context: DistributedContext, drop_last: bool = True, **kwargs: Any
+) -> torch.utils.data.DataLoader:
+    """The training loader of a step-based script: ``--batch-size`` images per process from ``--workers``
+    processes, shuffled (under torchrun by a ``DistributedSampler`` seeded with ``--seed``), the incomplete
+    last batch dropped unless ``drop_last`` is False. Its workers are not persistent: every pass over the
+    data seeds them afresh, as a resumed run does. ``kwargs``: more ``DataLoader`` arguments."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(dataset, seed=args.seed, drop_last=True) if context.distributed else None
+    return DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        shuffle=sampler is None,
+        num_workers=args.workers,
+        drop_last=drop_last,
+        pin_memory=context.device.type == "cuda",
+        **kwargs,
+    )
 
 
 class SkipUnreadable:

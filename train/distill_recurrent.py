@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
 from timm.utils import random_seed
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 
 from recurzoo.backbones._helpers import init_linear
 from recurzoo.backbones.recurrent_vit import (
@@ -61,7 +61,7 @@ from recurzoo.train.arguments import (
     run_cli,
     training_parser,
 )
-from recurzoo.train.data import collate_readable, create_image_dataset
+from recurzoo.train.data import collate_readable, create_image_dataset, training_loader
 from recurzoo.train.distributed import DistributedContext, wrap_ddp
 from recurzoo.train.loops import StepTraining
 from recurzoo.train.resume import save_safetensors
@@ -333,16 +333,7 @@ class _Distillation(StepTraining):
         path, resumed = self.load_resume(("phases", "student", "stage", "step", "history", "errors"))
         self.teacher = _load_teacher(args).to(context.device)
         train_set, eval_set = _datasets(args, self.teacher)
-        sampler = DistributedSampler(train_set, seed=args.seed, drop_last=True) if context.distributed else None
-        loader = DataLoader(
-            train_set,
-            batch_size=args.batch_size,
-            sampler=sampler,
-            shuffle=sampler is None,
-            num_workers=args.workers,
-            drop_last=len(train_set) >= args.batch_size,
-            pin_memory=context.device.type == "cuda",
-        )  # workers seeded afresh each epoch (exact resume)
+        loader = training_loader(train_set, args, context, drop_last=len(train_set) >= args.batch_size)
         self.eval_batches = [
             batch[0].to(context.device)
             for batch in DataLoader(

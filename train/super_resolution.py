@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from timm.utils import random_seed
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from recurzoo.checkpoint import atomic_write, family_filter, load_state_dict, load_weights
 from recurzoo.heads.super_resolution import SuperResolutionModel, create_sr_model, image_to_tensor, tensor_to_image
@@ -75,6 +75,7 @@ from recurzoo.train.data import (
     readable_groups,
     seed_albumentations,
     summarize,
+    training_loader,
 )
 from recurzoo.train.distributed import DistributedContext, wrap_ddp
 from recurzoo.train.loops import StepTraining
@@ -626,17 +627,7 @@ class _Training(StepTraining):
 
         args, context, model = self.args, self.context, self.model
         self.dataset = dataset
-        sampler = DistributedSampler(dataset, shuffle=True) if context.distributed else None
-        loader = DataLoader(
-            dataset,
-            batch_size=args.batch_size,
-            shuffle=sampler is None,
-            sampler=sampler,
-            num_workers=args.workers,
-            pin_memory=context.device.type == "cuda",
-            drop_last=True,
-            persistent_workers=False,
-        )  # workers seeded afresh each epoch, as a resumed run seeds them
+        loader = training_loader(dataset, args, context)
         if args.grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.optimizer = torch.optim.Adam(
