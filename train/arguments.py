@@ -33,6 +33,7 @@ __all__ = [
     "add_switch",
     "add_choice",
     "add_model_arguments",
+    "add_teacher_arguments",
     "add_loader_arguments",
     "training_parser",
     "add_run_arguments",
@@ -172,6 +173,26 @@ def add_model_arguments(
     if pretrained_help:
         add_switch(group, pretrained, pretrained_default, pretrained_help)
     return group
+
+
+def add_teacher_arguments(
+    parser: argparse.ArgumentParser, title: str, required: bool = False, pretrained: str = "--teacher-pretrained"
+) -> argparse._ArgumentGroup:
+    """The group of a frozen timm teacher (knowledge distillation): ``--teacher``, ``--teacher-kwargs``,
+    ``--teacher-checkpoint`` and the ``pretrained`` switch (default: timm's weights when no checkpoint)."""
+    return add_model_arguments(
+        parser,
+        "timm model name of the frozen teacher",
+        flag="--teacher",
+        title=title,
+        required=required,
+        kwargs_help="extra timm.create_model arguments of the teacher, e.g. img_size=32 depth=4",
+        checkpoint=("--teacher-checkpoint",),
+        checkpoint_help="teacher weights (.safetensors, or a torch checkpoint read with weights_only=True)",
+        pretrained=pretrained,
+        pretrained_help="timm's pretrained teacher weights (default: when no --teacher-checkpoint)",
+        pretrained_default=None,
+    )
 
 
 def add_loader_arguments(

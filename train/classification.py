@@ -60,6 +60,7 @@ from recurzoo.train.arguments import (
     add_model_arguments,
     add_run_arguments,
     add_switch,
+    add_teacher_arguments,
     run_cli,
     training_parser,
     user_option,
@@ -163,18 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--model-ema-decay", type=float, default=0.9998)
     group.add_argument("--model-ema-warmup", action="store_true", help="ramp the EMA decay up early on")
     group.add_argument("--model-ema-force-cpu", action="store_true", help="keep the EMA on the CPU")
-    group = add_model_arguments(
-        parser,
-        "timm model name of a frozen teacher",
-        flag="--teacher",
-        title="knowledge distillation (SReT's soft-label KD)",
-        kwargs_help="extra timm.create_model arguments of the teacher",
-        checkpoint=("--teacher-checkpoint",),
-        checkpoint_help="teacher weights (same class count as the data)",
-        pretrained="--teacher-pretrained",
-        pretrained_help="timm's pretrained teacher weights (default: when no --teacher-checkpoint)",
-        pretrained_default=None,
-    )
+    group = add_teacher_arguments(parser, "knowledge distillation (SReT's soft-label KD)")
     group.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature T")
     group.add_argument(
         "--kd-weight", type=float, default=1.0, help="weight W of the soft-label loss; the task loss gets 1 - W"
@@ -516,16 +506,8 @@ class _Training(EpochTraining):
                 f"unreadable images: {self.skipped_images} training samples skipped in all, "
                 f"{self.skipped_eval_images} validation images left out of each evaluation"
             )
-        return dict(
-            best_metric=best[0],
-            best_epoch=best[1],
-            eval=eval_metrics,
-            num_updates=self.num_updates,
-            summary=self.summary_path,
-            output=args.output,
-            skipped_images=self.skipped_images,
-            skipped_eval_images=self.skipped_eval_images,
-        )
+        skipped = dict(skipped_images=self.skipped_images, skipped_eval_images=self.skipped_eval_images)
+        return self.epochs_result(best, eval_metrics, "best_metric", **skipped)
 
     def train_epoch(self, epoch: int, guard: RunGuard) -> Optional[Dict[str, float]]:
         args, context = self.args, self.context

@@ -501,15 +501,7 @@ class _Training(EpochTraining):
         best, eval_metrics = self.train_epochs(start_epoch)
         if self.skipped_images:
             self.logger.warning(f"unreadable images: {self.skipped_images} training samples skipped in all")
-        return dict(
-            skipped_images=self.skipped_images,
-            best_map=best[0],
-            best_epoch=best[1],
-            eval=eval_metrics,
-            num_updates=self.num_updates,
-            summary=self.summary_path,
-            output=args.output,
-        )
+        return self.epochs_result(best, eval_metrics, "best_map", skipped_images=self.skipped_images)
 
     def evaluate_epoch(self, epoch: int) -> Dict[str, float]:
         if (epoch + 1) % self.args.eval_every == 0 or epoch + 1 == self.num_epochs:

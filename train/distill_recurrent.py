@@ -55,9 +55,9 @@ from recurzoo.train.arguments import (
     UsageError,
     add_choice,
     add_loader_arguments,
-    add_model_arguments,
     add_run_arguments,
     add_step_arguments,
+    add_teacher_arguments,
     run_cli,
     training_parser,
 )
@@ -71,18 +71,7 @@ __all__ = ["build_parser", "main", "TokenLoss", "PhaseObjective", "SequenceObjec
 
 def build_parser() -> argparse.ArgumentParser:
     parser = training_parser("recurzoo.train.distill_recurrent", __doc__)
-    group = add_model_arguments(
-        parser,
-        "timm model name of the ViT teacher",
-        flag="--teacher",
-        title="teacher",
-        required=True,
-        kwargs_help="extra timm.create_model arguments of the teacher, e.g. img_size=32 depth=4",
-        checkpoint=("--teacher-checkpoint",),
-        checkpoint_help="teacher weights (.safetensors, or a torch checkpoint read with weights_only=True)",
-        pretrained_help="load timm's pretrained teacher weights (default: when no --teacher-checkpoint)",
-        pretrained_default=None,
-    )
+    add_teacher_arguments(parser, "teacher (a timm ViT)", required=True, pretrained="--pretrained")
     group = parser.add_argument_group("student")
     group.add_argument("--k", type=int, default=2, help="number of shared blocks")
     group.add_argument(

@@ -223,6 +223,21 @@ class EpochTraining(Training):
         )
         return self.restore_position(state, path)
 
+    def epochs_result(
+        self, best: Tuple[Optional[float], Optional[int]], eval_metrics: Dict[str, float], best_key: str, **extra: Any
+    ) -> Dict[str, Any]:
+        """What ``run`` returns after :meth:`train_epochs`: the best ``eval_metric`` (as ``best_key``) and its
+        epoch, the last evaluation's metrics, the updates done, the summary and output paths, and ``extra``."""
+        return {
+            best_key: best[0],
+            "best_epoch": best[1],
+            "eval": eval_metrics,
+            "num_updates": self.num_updates,
+            "summary": self.summary_path,
+            "output": self.args.output,
+            **extra,
+        }
+
     def start_epochs(self, start_epoch: int) -> None:
         """Before the first epoch: the resolved options in ``OUTPUT/args.yaml`` and the summary rows of the
         epochs to run again dropped (main process only)."""
