@@ -475,6 +475,11 @@ class HorNet(StagedClassifierMixin, nn.Module):
         """
         named_apply(partial(_init_weights, head_init_scale=self.head_init_scale, needs_reset=needs_reset), self)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        # channels-last from the stem on (see HorNetStage.forward): converting the 3-channel input is
+        # cheaper than the stem's output, and the stem's conv and norm run faster on it
+        return self.stem(x.contiguous(memory_format=torch.channels_last))
+
     @torch.jit.ignore
     def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
         """Size the global filters' frequency weights for ``img_size`` input, as the forward resizes them.
