@@ -87,7 +87,7 @@ bench: $(INSTALLED)
 # equal weights, interleaved in one process; the outputs are checked to agree before timing.
 OFFICIAL_ROOT ?= ../official
 bench-official: $(INSTALLED)
-	$(BIN)/python benchmarks/official.py --official-root $(OFFICIAL_ROOT) --threads 2 --out benchmarks/official_cpu.md
+	$(BIN)/python benchmarks/official.py --official-root $(OFFICIAL_ROOT) --threads 1 --clock cpu --out benchmarks/official_cpu.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

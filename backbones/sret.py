@@ -594,7 +594,9 @@ class SReT(StagedClassifierMixin, nn.Module):
         update_model_input_size(self, self.img_size)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
+        # The stem's convs run channels-last (faster in oneDNN, forward and backward), and the map then
+        # becomes row-major tokens ``(B, H*W, C)`` as a view, without a copy.
+        x = self.stem(x.contiguous(memory_format=torch.channels_last))
         return self.pos_drop(x + resample_pos_embed(self.pos_embed, x.shape[-2:]))
 
 

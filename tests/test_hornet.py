@@ -12,7 +12,14 @@ import torch.nn.functional as F
 from _parity import in_repo_fixture
 
 import recurzoo  # noqa: F401  (registers the models)
-from recurzoo.backbones.hornet import GlobalLocalFilter, HorNetBlock, RecursiveGatedConv, checkpoint_filter_fn
+from recurzoo.backbones.hornet import (
+    GateContextConv,
+    GlobalLocalFilter,
+    HorNetBlock,
+    PointwiseConv2d,
+    RecursiveGatedConv,
+    checkpoint_filter_fn,
+)
 from recurzoo.export.flops import count_flops, count_params, create_uninitialized
 
 SMALL = dict(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1))
@@ -50,7 +57,7 @@ def test_fft_counting_adds_the_global_filter_cost_only_to_gf_models():
 
 def _reference_gnconv(module: RecursiveGatedConv, x: torch.Tensor) -> torch.Tensor:
     """The paper's recursion written out: p_0 = g * q_0, p_{k+1} = f_k(p_k) * q_{k+1}, out = proj(p_n)."""
-    projected = module.proj_in(x)
+    projected = F.conv2d(x, module.proj_in.weight, module.proj_in.bias)
     gate_width = module.widths[0]
     gate, context = projected[:, :gate_width], projected[:, gate_width:]
     context = module.spatial_mixer(context) * module.scale
@@ -61,7 +68,7 @@ def _reference_gnconv(module: RecursiveGatedConv, x: torch.Tensor) -> torch.Tens
     p = gate * maps[0]
     for k in range(module.order - 1):
         p = F.conv2d(p, module.order_projs[k].weight, module.order_projs[k].bias) * maps[k + 1]
-    return module.proj_out(p)
+    return F.conv2d(p, module.proj_out.weight, module.proj_out.bias)
 
 
 @pytest.mark.parametrize("order", [1, 2, 3, 5])
@@ -323,3 +330,30 @@ def test_fx_features_are_the_stage_outputs_and_check_the_input(name):
 @pytest.mark.parametrize("name", BOTH)
 def test_features_only_with_grad_checkpointing_keeps_gradients(name):
     contract.assert_grad_checkpointing_keeps_gradients(name, torch.randn(2, 3, 64, 64), features_only=True, **SMALL)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pointwise_conv_equals_a_1x1_conv_and_keeps_its_state_dict(channels_last):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(12, 20, kernel_size=1)
+    pointwise = PointwiseConv2d(12, 20)
+    assert {k: v.shape for k, v in pointwise.state_dict().items()} == {k: v.shape for k, v in conv.state_dict().items()}
+    pointwise.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 12, 5, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(pointwise(x), conv(x))
+        torch.testing.assert_close(pointwise(x, 0.25), conv(x) * 0.25)
+        assert pointwise(x).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_gate_and_context_are_the_rows_of_one_1x1_conv_with_the_gate_scaled():
+    torch.manual_seed(0)
+    projection = GateContextConv(8, 2, 6)
+    x = torch.randn(2, 8, 4, 3)
+    with torch.no_grad():
+        whole = F.conv2d(x, projection.weight, projection.bias)
+        gate, context = projection(x, 1 / 3)
+    torch.testing.assert_close(gate, whole[:, :2] / 3)
+    torch.testing.assert_close(context, whole[:, 2:])
