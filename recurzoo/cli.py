@@ -77,13 +77,26 @@ def _resolve_model(name: str, option: str = "MODEL") -> str:
     import recurzoo
     from recurzoo.registry import split_model_name
 
-    base = split_model_name(name)[0]
-    if not base or base not in recurzoo.list_models():
-        stem = base.split("_")[0]
-        close = recurzoo.list_models(f"*{stem}*")[:5] if stem else []
-        hint = f"; similar: {', '.join(close)}" if close else "; 'recurzoo list' shows them"
-        raise UsageError(f"{option}: unknown model {name!r}, expected one of the zoo's{hint}")
+    base, tag = split_model_name(name)
+    if name.endswith(".") or name.startswith("."):
+        raise UsageError(
+            f"{option}: {name!r} has an empty name or tag, expected NAME or NAME.TAG (e.g. sret_tiny.in1k)"
+        )
+    names = recurzoo.list_models()
+    if not base or base not in names:
+        raise UsageError(f"{option}: unknown model {name!r}, expected one of the zoo's{_closest_hint(base, names)}")
     return name
+
+
+def _closest_hint(name: str, names: Sequence[str]) -> str:
+    """``'; closest: a, b'``: the registered names nearest to ``name`` (spelling first, then shared prefix)."""
+    import difflib
+
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+    stem = name.split("_")[0]
+    if stem:
+        close += [other for other in names if other.startswith(stem) and other not in close][: 5 - len(close)]
+    return f"; closest: {', '.join(close)}" if close else "; 'recurzoo list' shows them"
 
 
 def _device(name: Optional[str]) -> Optional[str]:
@@ -154,13 +167,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from recurzoo.export import hub
 
     if bool(args.all) == bool(args.model):
-        raise UsageError("convert: give MODEL CHECKPOINT, or --all DOWNLOAD_DIR")
+        raise UsageError("give MODEL CHECKPOINT, or --all DOWNLOAD_DIR")
     try:
         if args.all:
             results = hub.convert_all(args.all, args.out, overwrite=args.overwrite)
         else:
             if not args.checkpoint:
-                raise UsageError("convert: give the checkpoint file after MODEL")
+                raise UsageError("give the checkpoint file after MODEL")
             name = _resolve_model(args.model if not args.tag else f"{args.model}.{args.tag}")
             results = [hub.convert(name, args.checkpoint, args.out, args.model_kwargs, args.overwrite)]
             print(
@@ -169,10 +182,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
             )
         if args.push:
             if len(results) != 1 or not results[0].ok:
-                raise UsageError("convert: --push takes one successful conversion")
+                raise UsageError("--push takes one successful conversion")
             print(f"pushed to {hub.push(results[0].folder, args.push)}")
     except ValueError as error:
-        raise UsageError(f"convert: {error}") from None
+        raise UsageError(str(error)) from None
     return 0 if results and all(result.ok for result in results) else 1
 
 
@@ -209,9 +222,9 @@ def _export_edge(name: str, args: argparse.Namespace) -> int:
     from recurzoo.export.edge import export_edge
 
     if args.features or args.dynamic != "batch" or args.simplify:
-        raise UsageError("export: --features, --dynamic and --simplify apply to the fp32 ONNX export only")
+        raise UsageError("--features, --dynamic and --simplify apply to the fp32 ONNX export only")
     if args.calibration and args.precision != "int8":
-        raise UsageError(f"export: --calibration calibrates int8, not {args.precision}")
+        raise UsageError(f"--calibration calibrates int8, not {args.precision}")
     try:
         result = export_edge(
             name,
@@ -261,7 +274,7 @@ def cmd_cod(args: argparse.Namespace) -> int:
             device=device,
         )
     except (ValueError, FileNotFoundError) as error:
-        raise UsageError(f"cod: {error}") from None
+        raise UsageError(str(error)) from None
     for name, values in results.items():
         print(f"{name}: " + ", ".join(f"{key} {values[key]:.3f}" for key, _ in camouflage.METRIC_COLUMNS))
     print(f"masks written under {args.out}")
@@ -514,8 +527,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``recurzoo`` console script and ``python -m recurzoo``."""
     prog = "recurzoo"
     try:
-        args = build_parser().parse_args(argv)
+        args, unknown = build_parser().parse_known_args(argv)
         prog = f"recurzoo {args.command}"
+        if unknown:  # argparse would blame the top-level program for a sub-command's unknown flag
+            raise _ArgumentError(
+                prog, f"unrecognized arguments: {' '.join(unknown)}; 'recurzoo {args.command} --help' lists the flags"
+            )
         return args.handler(args)
     except USER_ERRORS as error:
         if os.environ.get("RECURZOO_TRACEBACK", "").strip() not in ("", "0"):

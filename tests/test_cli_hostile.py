@@ -307,3 +307,33 @@ def _required(command):
     return {"info": ["sret_tiny"], "sr": ["a.png", "--out", "o"], "cod": ["a", "--out", "o", "--checkpoint", "w"]}.get(
         command, []
     )
+
+
+# ------------------------------------------------------------------------- names, flags, programs
+
+
+@pytest.mark.parametrize("name", ["sret_tiny.", ".in1k", "."])
+def test_info_refuses_an_empty_name_or_tag(capsys, name):
+    assert main(["info", name]) == 2
+    _one_error_line(capsys, "recurzoo info: error: MODEL:", repr(name), "expected NAME or NAME.TAG")
+
+
+@pytest.mark.parametrize("typo, closest", [("sret_tny", "sret_tiny"), ("hornet_tiny_7x7x", "hornet_tiny_7x7")])
+def test_an_unknown_model_suggests_the_closest_names_first(capsys, typo, closest):
+    assert main(["info", typo]) == 2
+    line = _one_error_line(capsys, f"unknown model {typo!r}")
+    assert line.split("closest: ")[1].startswith(closest), line
+
+
+@pytest.mark.parametrize("command", ["info sret_tiny", "export sret_tiny", "bench sret_tiny", "sr a.png --out o"])
+def test_an_unknown_flag_is_blamed_on_its_sub_command(capsys, command):
+    name = command.split()[0]
+    assert main([*command.split(), "--no-such-flag"]) == 2
+    _one_error_line(capsys, f"recurzoo {name}: error: unrecognized arguments: --no-such-flag", f"{name} --help")
+
+
+def test_the_command_is_named_once_in_an_error_line(tmp_path, capsys):
+    assert main(["export", "sret_tiny", "--precision", "int8", "--features", "--out", str(tmp_path)]) == 2
+    line = _one_error_line(capsys, "recurzoo export: error: --features")
+    assert main(["convert", "--out", str(tmp_path)]) == 2
+    _one_error_line(capsys, "recurzoo convert: error: give MODEL CHECKPOINT")
