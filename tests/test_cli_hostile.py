@@ -334,6 +334,6 @@ def test_an_unknown_flag_is_blamed_on_its_sub_command(capsys, command):
 
 def test_the_command_is_named_once_in_an_error_line(tmp_path, capsys):
     assert main(["export", "sret_tiny", "--precision", "int8", "--features", "--out", str(tmp_path)]) == 2
-    line = _one_error_line(capsys, "recurzoo export: error: --features")
+    _one_error_line(capsys, "recurzoo export: error: --features")
     assert main(["convert", "--out", str(tmp_path)]) == 2
     _one_error_line(capsys, "recurzoo convert: error: give MODEL CHECKPOINT")
