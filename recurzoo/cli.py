@@ -194,8 +194,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     from recurzoo.export.onnx import export_model
 
     name = _resolve_model(args.model)
-    if args.format != "onnx" or args.precision != "fp32":
-        return _export_edge(name, args)
+    edge = args.format != "onnx" or args.precision != "fp32"
+    if edge:
+        _check_edge_flags(args)
+    else:
+        given = [flag for flag, value in _EDGE_ONLY_FLAGS.items() if getattr(args, value) is not None]
+        if given:
+            raise UsageError(
+                f"{', '.join(given)}: expected with --precision int8/fp16 or --format executorch; the fp32 ONNX "
+                "export neither calibrates nor measures fidelity, and would ignore it"
+            )
+    paths = _export_outputs(name, args, edge)
+    if edge:
+        return _export_edge(name, args, paths)
     try:
         result = export_model(
             name,
@@ -209,6 +220,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             simplify=args.simplify,
             report=not args.no_report,
             benchmark=not args.no_benchmark,
+            overwrite=args.overwrite,
         )
     except ValueError as error:
         raise UsageError(str(error)) from None
@@ -217,26 +229,71 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-def _export_edge(name: str, args: argparse.Namespace) -> int:
-    """An int8/fp16 ONNX or ExecuTorch artifact, with its fidelity report beside it."""
-    from recurzoo.export.edge import export_edge
+_EDGE_ONLY_FLAGS = {"--calibration": "calibration", "--calibration-count": "calibration_count", "--eval": "eval"}
+DEFAULT_CALIBRATION_COUNT = 32
 
-    if args.features or args.dynamic != "batch" or args.simplify:
-        raise UsageError("--features, --dynamic and --simplify apply to the fp32 ONNX export only")
+
+def _check_edge_flags(args: argparse.Namespace) -> None:
+    """The flags of an edge export that would be ignored, refused."""
+    fp32_only = dict(
+        features=args.features,
+        dynamic=args.dynamic != "batch",
+        simplify=args.simplify,
+        batch=args.batch != 1,
+        opset=args.opset != 18,
+        no_report=args.no_report,
+        no_benchmark=args.no_benchmark,
+    )
+    given = ["--" + flag.replace("_", "-") for flag, value in fp32_only.items() if value]
+    if given:
+        raise UsageError(
+            f"{', '.join(given)}: apply to the fp32 ONNX export only, expected none with --precision "
+            f"{args.precision} --format {args.format} (it always reports fidelity and latency at batch 1)"
+        )
     if args.calibration and args.precision != "int8":
         raise UsageError(f"--calibration calibrates int8, not {args.precision}")
-    try:
-        result = export_edge(
-            name,
-            out_dir=args.out,
-            fmt=args.format,
-            precision=args.precision,
-            checkpoint=args.checkpoint,
-            input_size=args.input_size,
-            calibration=args.calibration,
-            calibration_count=args.calibration_count,
-            evaluation=args.eval,
+    if args.calibration_count is not None and not args.calibration:
+        raise UsageError(
+            f"--calibration-count {args.calibration_count}: counts the images of --calibration DIR (int8 only); "
+            "without it the built-in photographs are used, all of them"
         )
+
+
+def _export_outputs(name: str, args: argparse.Namespace, edge: bool) -> List[Path]:
+    """The files the export will write, checked before any work: a folder that takes files, no input
+    among them, and none there already unless ``--overwrite``."""
+    from recurzoo.apps import check_output_folder, check_outputs
+    from recurzoo.export.edge import edge_paths
+    from recurzoo.export.onnx import export_paths
+
+    check_output_folder(args.out)
+    if edge:
+        paths = edge_paths(name, args.out, args.format, args.precision)
+    else:
+        paths = export_paths(name, args.out, args.features, not args.no_report)
+    check_outputs(paths, inputs=[args.checkpoint] if args.checkpoint else [], overwrite=args.overwrite)
+    return paths
+
+
+def _export_edge(name: str, args: argparse.Namespace, paths: Sequence[Path]) -> int:
+    """An int8/fp16 ONNX or ExecuTorch artifact, with its fidelity report beside it; a failed or
+    interrupted export removes the files it wrote."""
+    from recurzoo.checkpoint import removed_on_failure
+    from recurzoo.export.edge import export_edge
+
+    try:
+        with removed_on_failure(args.out, paths):
+            result = export_edge(
+                name,
+                out_dir=args.out,
+                fmt=args.format,
+                precision=args.precision,
+                checkpoint=args.checkpoint,
+                input_size=args.input_size,
+                calibration=args.calibration,
+                calibration_count=args.calibration_count or DEFAULT_CALIBRATION_COUNT,
+                evaluation=args.eval,
+            )
     except ValueError as error:
         raise UsageError(str(error)) from None
     print(f"wrote {result.path}" + "".join(f", {path}" for path in result.report_paths))
@@ -428,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-report", action="store_true", help="skip the FLOP/parameter report")
     export.add_argument("--no-benchmark", action="store_true", help="skip the latency comparison")
     export.add_argument("--out", default="out", help="output folder (default: out)")
+    export.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in --out")
     edge = export.add_argument_group(
         "edge deployment (an int8/fp16 ONNX or ExecuTorch artifact with its fidelity report)"
     )
@@ -439,7 +497,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="onnx: fp32 (the checked export), fp16 or int8; executorch: fp32 or int8",
     )
     edge.add_argument("--calibration", metavar="DIR", help="images to calibrate int8 on (default: built-in photos)")
-    edge.add_argument("--calibration-count", type=_input_size, default=32, metavar="N", help="calibration images")
+    edge.add_argument(
+        "--calibration-count",
+        type=_input_size,
+        default=None,
+        metavar="N",
+        help=f"at most this many images of --calibration (default: {DEFAULT_CALIBRATION_COUNT})",
+    )
     edge.add_argument("--eval", metavar="DIR", help="images to measure fidelity on; class subfolders give accuracy too")
     export.set_defaults(handler=cmd_export)
 

@@ -337,3 +337,102 @@ def test_the_command_is_named_once_in_an_error_line(tmp_path, capsys):
     _one_error_line(capsys, "recurzoo export: error: --features")
     assert main(["convert", "--out", str(tmp_path)]) == 2
     _one_error_line(capsys, "recurzoo convert: error: give MODEL CHECKPOINT")
+
+
+# ----------------------------------------------------------------------------------------- export
+
+EXPORT = ["export", "sret_tiny", "--input-size", "3", "32", "32"]
+
+
+def _export(out, *flags):
+    return main([*EXPORT, "--out", str(out), *map(str, flags)])
+
+
+def test_export_refuses_to_overwrite_an_earlier_export_unless_told_and_checks_before_any_work(
+    tmp_path, monkeypatch, capsys
+):
+    assert _export(tmp_path) == 0
+    capsys.readouterr()
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    assert sorted(before) == ["sret_tiny.onnx", "sret_tiny.report.json", "sret_tiny.report.md"]
+    from recurzoo.export import onnx
+
+    real = onnx.create_model
+    monkeypatch.setattr(onnx, "create_model", lambda *a, **k: pytest.fail("built the model before checking --out"))
+    assert _export(tmp_path) == 2
+    _one_error_line(capsys, "--out: 3 output file(s) exist already", "sret_tiny.onnx", "--overwrite")
+    assert _export(tmp_path, "--precision", "int8") == 2  # the edge export writes the fp32 ONNX too
+    _one_error_line(capsys, "--out: 1 output file(s) exist already", "sret_tiny.onnx", "--overwrite")
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+    monkeypatch.setattr(onnx, "create_model", real)
+    assert _export(tmp_path, "--overwrite") == 0
+    assert sorted(os.listdir(tmp_path)) == sorted(before)
+
+
+@pytest.mark.parametrize("make_out", ["file", "under_a_file"])
+def test_export_output_folder_that_is_a_file_is_one_line(tmp_path, capsys, make_out):
+    (tmp_path / "taken").write_text("x")
+    assert _export(tmp_path / "taken" / ("sub" if make_out == "under_a_file" else "")) == 2
+    _one_error_line(capsys, "--out", "taken")
+    assert os.listdir(tmp_path) == ["taken"] and (tmp_path / "taken").read_text() == "x"
+
+
+@pytest.mark.parametrize("stage", ["check_parity", "_write_report"])
+def test_interrupted_or_failed_export_removes_its_files_and_keeps_earlier_ones(tmp_path, monkeypatch, capsys, stage):
+    from recurzoo.export import onnx
+
+    real = getattr(onnx, stage)
+
+    def interrupted(*args, **kwargs):
+        real(*args, **kwargs)  # the stage wrote what it writes, then the user pressed Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx, stage, interrupted)
+    assert _export(tmp_path / "new" / "deeper") == 130
+    assert "recurzoo export: interrupted" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "sret_tiny.onnx").write_bytes(b"an earlier export")
+    assert _export(tmp_path, "--overwrite") == 130
+    assert (
+        os.listdir(tmp_path) == ["sret_tiny.onnx"]
+        and (tmp_path / "sret_tiny.onnx").read_bytes() == b"an earlier export"
+    )
+    monkeypatch.setattr(onnx, stage, lambda *a, **k: (_ for _ in ()).throw(ValueError("a failed step")))
+    assert _export(tmp_path / "failed") == 2
+    _one_error_line(capsys, "a failed step")
+    assert os.listdir(tmp_path) == ["sret_tiny.onnx"]
+
+
+def test_interrupted_edge_export_removes_its_files(tmp_path, monkeypatch, capsys):
+    from recurzoo.export import edge
+
+    monkeypatch.setattr(edge, "_latency", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert _export(tmp_path / "out", "--precision", "fp16") == 130
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--eval", "."], "--eval: expected with --precision int8/fp16"),
+        (["--calibration", "."], "--calibration: expected with --precision int8/fp16"),
+        (["--calibration-count", "5"], "--calibration-count: expected with --precision int8/fp16"),
+        (["--precision", "fp16", "--calibration-count", "5"], "--calibration-count 5: counts the images of"),
+        (["--precision", "int8", "--calibration-count", "5"], "--calibration-count 5: counts the images of"),
+        (["--precision", "int8", "--batch", "2", "--no-report"], "--batch, --no-report: apply to the fp32 ONNX"),
+        (["--precision", "int8", "--calibration", "EMPTY"], "--calibration EMPTY: no PNG/JPG/JPEG images"),
+        (["--precision", "int8", "--eval", "EMPTY"], "--eval EMPTY: no PNG/JPG/JPEG images"),
+        (["--checkpoint", "NOTES"], "NOTES: a text file"),
+        (["--checkpoint", "EMPTY"], "EMPTY: is a folder, expected a checkpoint file"),
+        (["--checkpoint", "MISSING"], "MISSING: no such checkpoint file"),
+        (["--batch", "0"], "argument --batch: expected a positive integer, received '0'"),
+        (["--opset", "-1"], "argument --opset: expected a positive integer, received '-1'"),
+    ],
+)
+def test_export_flags_that_would_be_ignored_or_are_wrong_are_one_line(tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "NOTES").write_text("hello")
+    assert _export(tmp_path / "out", *flags) == 2
+    _one_error_line(capsys, message)
+    assert sorted(os.listdir(tmp_path)) == ["EMPTY", "NOTES"]
