@@ -294,8 +294,9 @@ def to_csv_rows(rows: Sequence[object]) -> str:
 
 
 def write_outputs(markdown: str, csv_text: str, out: Optional[Path]) -> None:
-    """Write ``out.md`` and ``out.csv`` (suffix replaced) when ``out`` is given."""
+    """Write ``out.md`` and ``out.csv`` (suffix replaced), each atomically, when ``out`` is given."""
+    from recurzoo.checkpoint import atomic_write
+
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".md").write_text(markdown)
-        out.with_suffix(".csv").write_text(csv_text)
+        for suffix, text in ((".md", markdown), (".csv", csv_text)):
+            atomic_write(out.with_suffix(suffix), lambda temporary, text=text: Path(temporary).write_text(text))

@@ -145,7 +145,7 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import recurzoo  # noqa: F401  (registers the zoo)
-    from recurzoo.export.bench import parse_model_spec, run_from_args
+    from recurzoo.export.bench import check_outputs, parse_model_spec, run_from_args
     from recurzoo.registry import is_model
 
     try:
@@ -159,6 +159,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("--tile applies to --growth only")
     if args.train_variants and not args.train:
         raise UsageError("--train-variants applies to --train only")
+    try:
+        check_outputs(args)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     return run_from_args(args)
 
 

@@ -436,3 +436,63 @@ def test_export_flags_that_would_be_ignored_or_are_wrong_are_one_line(tmp_path, 
     assert _export(tmp_path / "out", *flags) == 2
     _one_error_line(capsys, message)
     assert sorted(os.listdir(tmp_path)) == ["EMPTY", "NOTES"]
+
+
+# ------------------------------------------------------------------------------------------ bench
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--threads", "0"], "argument --threads: expected an integer >= 1, received '0'"),
+        (["--repeats", "0"], "argument --repeats: expected an integer >= 1"),
+        (["--warmup", "-1"], "argument --warmup: expected an integer >= 0"),
+        (["--max-seconds", "nan"], "argument --max-seconds: expected a number of seconds above 0"),
+        (["--timeout", "-1"], "argument --timeout: expected a number of seconds above 0"),
+        (["--tile", "-3"], "argument --tile: expected an integer >= 0"),
+        (["--tile-overlap", "-1"], "argument --tile-overlap: expected an integer >= 0"),
+        (["--input-size", "3", "0", "32"], "argument --input-size: expected an integer >= 1, received '0'"),
+        (["--batch", "0"], "argument --batch: expected positive integers"),
+        (["--out", "."], "--out .: expected a file name"),
+        (["--out", "FOLDER"], "--out FOLDER: expected a file name (FILE gives FILE.md and FILE.csv), found a folder"),
+        (["--out", "NOTES/table"], "--out NOTES/table: cannot write into NOTES"),
+        (["--out", "EARLIER"], "--out EARLIER: EARLIER.md exist(s) already; pass --overwrite"),
+        (["--readme", "MISSING.md"], "--readme MISSING.md: expected a text file with a <!-- bench:start -->"),
+        (
+            ["--readme", "FOLDER"],
+            "--readme FOLDER: expected a text file with a <!-- bench:start --> ... <!-- bench:end --> section, "
+            "found a folder",
+        ),
+        (["--readme", "NOTES"], "--readme NOTES: has no <!-- bench:start --> ... <!-- bench:end --> section"),
+        (["--readme", "NOTES", "--growth", "32"], "--readme NOTES: has no <!-- bench-growth-whole:start -->"),
+    ],
+)
+def test_bench_numbers_and_outputs_are_checked_before_anything_runs(tmp_path, monkeypatch, capsys, flags, message):
+    from recurzoo.export import bench
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "FOLDER").mkdir()
+    (tmp_path / "NOTES").write_text("no markers\n")
+    (tmp_path / "EARLIER.md").write_text("an earlier table")
+    for runner in ("bench", "_run_scaling", "_run_train"):
+        monkeypatch.setattr(bench, runner, lambda *a, **k: pytest.fail("ran before checking its flags"))
+    assert main(["bench", "sret_tiny", *flags]) == 2
+    _one_error_line(capsys, message)
+    assert sorted(os.listdir(tmp_path)) == ["EARLIER.md", "FOLDER", "NOTES"]
+    assert (tmp_path / "EARLIER.md").read_text() == "an earlier table" and (
+        tmp_path / "NOTES"
+    ).read_text() == "no markers\n"
+
+
+def test_bench_overwrite_replaces_its_tables_atomically(tmp_path, monkeypatch, capsys):
+    from recurzoo.export import bench
+
+    (tmp_path / "table.md").write_text("an earlier table")
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- bench:start -->\nold\n<!-- bench:end -->\nb\n")
+    monkeypatch.setattr(bench, "bench", lambda *a, **k: [])
+    flags = ["--out", str(tmp_path / "table"), "--readme", str(readme), "--device", "cpu"]
+    assert main(["bench", "sret_tiny", *flags]) == 2
+    assert main(["bench", "sret_tiny", *flags, "--overwrite"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "table.csv", "table.md"]
+    assert "old" not in readme.read_text() and readme.read_text().endswith("<!-- bench:end -->\nb\n")
