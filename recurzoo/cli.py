@@ -21,7 +21,7 @@ from recurzoo.checkpoint import CheckpointError
 from recurzoo.devices import DeviceError, resolve_device
 from recurzoo.images import ImageError, default_max_pixels
 from recurzoo.registry import UnknownModelError
-from recurzoo.train.arguments import add_kwargs_argument
+from recurzoo.train.arguments import HelpFormatter, add_kwargs_argument
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -49,23 +49,9 @@ class _ArgumentError(UsageError):
         self.prog = prog
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """Adds ``(default: X)`` to an argument's help, unless the help already says what its default is."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        empty = default is None or default is False or default is argparse.SUPPRESS
-        empty = empty or (isinstance(default, (list, tuple, dict)) and not default)
-        unstated = empty or "%(default)" in text
-        if unstated or "default" in text.lower() or action.nargs == argparse.REMAINDER:
-            return text
-        return f"{text} (default: %(default)s)".strip()
-
-
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", _HelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # one line, not argparse's usage block
@@ -382,7 +368,7 @@ def cmd_training(args: argparse.Namespace) -> int:
 
     module = importlib.import_module(TRAINING_COMMANDS[args.command][0])
     try:
-        run_cli(module.main, args.script_args)
+        run_cli(module.main, args.script_args, prog=f"recurzoo {args.command}")
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     return 0

@@ -5,6 +5,7 @@ every user error is one line naming the flag or file, with exit code 2 (internal
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import numpy as np
@@ -496,3 +497,36 @@ def test_bench_overwrite_replaces_its_tables_atomically(tmp_path, monkeypatch, c
     assert main(["bench", "sret_tiny", *flags, "--overwrite"]) == 0
     assert sorted(os.listdir(tmp_path)) == ["README.md", "table.csv", "table.md"]
     assert "old" not in readme.read_text() and readme.read_text().endswith("<!-- bench:end -->\nb\n")
+
+
+# ------------------------------------------------------------------------------- training scripts
+
+TRAINING_SCRIPTS = ("classification", "validate", "detection", "super_resolution", "camouflage", "distill_recurrent")
+
+
+@pytest.mark.parametrize("script", TRAINING_SCRIPTS)
+def test_training_script_help_states_only_defaults_that_exist_each_once(capsys, script):
+    import importlib
+
+    from recurzoo.train.arguments import run_cli
+
+    module = importlib.import_module(f"recurzoo.train.{script}")
+    with pytest.raises(SystemExit) as stop:
+        run_cli(module.main, ["--help"])
+    text = capsys.readouterr().out
+    assert stop.value.code == 0 and text.startswith(f"usage: python -m recurzoo.train.{script} ")
+    flat = " ".join(text.split())
+    for empty in ("(default: None)", "(default: False)", "(default: )", "(default: {})", "(default: [])"):
+        assert empty not in flat, (empty, flat)
+    assert not re.search(r"\(default: [^()]*\) \(default:", flat), flat  # a stated default stated again
+
+
+@pytest.mark.parametrize("command", ["train", "validate", "train-detection"])
+def test_training_commands_name_themselves_in_usage_and_errors(tmp_path, capsys, command):
+    assert main([command, "--no-such-flag"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"recurzoo {command}: error: ") and "python -m" not in err, err
+    assert main([command, "--help"]) == 0 and capsys.readouterr().out.startswith(f"usage: recurzoo {command} ")
+    (tmp_path / "notes.pth").write_text("hello")
+    assert main([command, "--model", "sret_tiny", "--data-dir", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"recurzoo {command}: error: ")

@@ -32,6 +32,7 @@ from recurzoo.checkpoint import atomic_write
 from recurzoo.train.arguments import (
     MODEL_ARGUMENT_ERRORS,
     ArgumentParser,
+    HelpFormatter,
     UsageError,
     add_kwargs_argument,
     parse_args_with_config,
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="python -m recurzoo.train.validate",
         description="Top-1/top-5 accuracy of a timm classifier (any recurzoo model) on an image dataset.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     group = parser.add_argument_group("model")
     group.add_argument("--model", required=True, help="timm model name, e.g. sret_tiny")
