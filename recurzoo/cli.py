@@ -181,9 +181,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """ONNX export checked in onnxruntime, with the FLOP/parameter report beside the ``.onnx``."""
+    from recurzoo.apps import MAX_COUNTED_SIZE
     from recurzoo.export.onnx import export_model
 
     name = _resolve_model(args.model)
+    if args.input_size and max(args.input_size) > MAX_COUNTED_SIZE:
+        raise UsageError(
+            f"--input-size: the export runs the model at it, so each entry is at most {MAX_COUNTED_SIZE}, "
+            f"received {' '.join(map(str, args.input_size))}"
+        )
     edge = args.format != "onnx" or args.precision != "fp32"
     if edge:
         _check_edge_flags(args)
@@ -214,9 +220,31 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise UsageError(str(error)) from None
+    except RuntimeError as error:
+        raise _export_error(name, args, error) from None
     print(f"wrote {result.onnx_path}" + "".join(f", {path}" for path in result.report_paths))
     print(result.parity_line())
     return 0 if result.ok else 1
+
+
+def _export_error(name: str, args: argparse.Namespace, error: RuntimeError) -> BaseException:
+    """The user's error behind an exporter's or allocator's failure (a chosen --opset, an --input-size
+    too large for this machine) as a one-line UsageError; any other failure stays as it is (a bug)."""
+    import torch
+
+    from recurzoo.apps import out_of_memory
+    from recurzoo.export.onnx import DEFAULT_OPSET
+
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    if isinstance(error, torch.onnx.errors.OnnxExporterError) and args.opset != DEFAULT_OPSET:
+        return UsageError(
+            f"--opset {args.opset}: torch.onnx cannot export {name} at this opset ({reason}); "
+            f"expected an opset it can, such as the default {DEFAULT_OPSET}"
+        )
+    if out_of_memory(error):
+        size = "x".join(map(str, args.input_size)) if args.input_size else "the default"
+        return UsageError(f"--input-size {size}, --batch {args.batch}: out of memory exporting {name} ({reason})")
+    return error
 
 
 _EDGE_ONLY_FLAGS = {"--calibration": "calibration", "--calibration-count": "calibration_count", "--eval": "eval"}
@@ -303,7 +331,8 @@ def cmd_cod(args: argparse.Namespace) -> int:
     if missing:
         raise UsageError(f"INPUT: no such image, folder or dataset: {', '.join(missing)}")
     if not os.path.isfile(args.checkpoint):
-        raise UsageError(f"--checkpoint: no such file: {args.checkpoint}")
+        found = "a folder" if os.path.isdir(args.checkpoint) else "nothing"
+        raise UsageError(f"--checkpoint {args.checkpoint}: expected a checkpoint file, found {found}")
     out = check_output_folder(args.out)
     if any(out.resolve() == Path(item).resolve() for item in args.inputs if os.path.exists(item)):
         raise UsageError(f"--out: {args.out} is one of the inputs; choose another folder for the masks")
@@ -410,6 +439,20 @@ def _input_size(text: str) -> int:
     return value
 
 
+def _opset(text: str) -> int:
+    """argparse type: an ONNX opset that torch's TorchScript exporter writes."""
+    from torch.onnx import _constants
+
+    low, high = _constants.ONNX_MIN_OPSET, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"expected an ONNX opset from {low} to {high}, received {text!r}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     """argparse type: an integer of at least 0."""
     try:
@@ -469,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="batch",
         help="dynamic axes: the batch, or batch, height and width (where the model allows)",
     )
-    export.add_argument("--opset", type=_input_size, default=18, help="ONNX opset (default: 18)")
+    export.add_argument("--opset", type=_opset, default=18, help="ONNX opset, 7 to 20 (default: 18)")
     export.add_argument("--features", action="store_true", help="export the features_only backbone")
     export.add_argument("--simplify", action="store_true", help="simplify the graph with onnxscript's optimizer")
     export.add_argument("--no-report", action="store_true", help="skip the FLOP/parameter report")

@@ -230,6 +230,7 @@ def test_cod_argument_checks_are_one_line(tmp_path, capsys):
         ([*base, "--out", str(tmp_path / "o"), "--device", "bogus"], "--device"),
         ([*base, "--out", str(tmp_path / "o"), "--model-kwargs", "x"], "--model-kwargs"),
         (["cod", str(tmp_path / "missing"), "--checkpoint", "w", "--out", "o"], "INPUT: no such image"),
+        (["cod", str(images), "--checkpoint", str(images), "--out", "o"], "expected a checkpoint file, found a folder"),
     ]
     for argv, message in cases:
         assert main(argv) == 2
@@ -427,7 +428,13 @@ def test_interrupted_edge_export_removes_its_files(tmp_path, monkeypatch, capsys
         (["--checkpoint", "EMPTY"], "EMPTY: is a folder, expected a checkpoint file"),
         (["--checkpoint", "MISSING"], "MISSING: no such checkpoint file"),
         (["--batch", "0"], "argument --batch: expected a positive integer, received '0'"),
-        (["--opset", "-1"], "argument --opset: expected a positive integer, received '-1'"),
+        (["--opset", "-1"], "argument --opset: expected an ONNX opset from 7 to 20, received '-1'"),
+        (["--opset", "99"], "argument --opset: expected an ONNX opset from 7 to 20, received '99'"),
+        (["--opset", "12"], "--opset 12: torch.onnx cannot export sret_tiny at this opset (Exporting the operator"),
+        (
+            ["--input-size", "3", "9000", "32"],
+            "--input-size: the export runs the model at it, so each entry is at most",
+        ),
     ],
 )
 def test_export_flags_that_would_be_ignored_or_are_wrong_are_one_line(tmp_path, monkeypatch, capsys, flags, message):
@@ -530,3 +537,11 @@ def test_training_commands_name_themselves_in_usage_and_errors(tmp_path, capsys,
     (tmp_path / "notes.pth").write_text("hello")
     assert main([command, "--model", "sret_tiny", "--data-dir", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"recurzoo {command}: error: ")
+
+
+def test_a_training_run_refused_before_it_starts_leaves_no_output_folder(tmp_path, capsys):
+    (tmp_path / "notes.pth").write_text("hello")
+    data = ["--data-dir", str(tmp_path / "notes.pth"), "--model", "sret_tiny", "--output", str(tmp_path / "run")]
+    assert main(["train", *data]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("recurzoo train: error: --train-split")
+    assert os.listdir(tmp_path) == ["notes.pth"]

@@ -550,15 +550,14 @@ class _Training(EpochTraining):
     # ------------------------------------------------------------------------------- training
     def run(self) -> Dict[str, Any]:
         args, context = self.args, self.context
-        if context.is_main:
-            os.makedirs(args.output, exist_ok=True)
         self._datasets()
         self._model()
         self._loaders()
         self._objective()
         self._optimization()
         start_epoch = self._resume()
-        if context.is_main:
+        if context.is_main:  # the output folder is made once the data, model and resume point are found
+            os.makedirs(args.output, exist_ok=True)
             save_args_yaml(args, os.path.join(args.output, "args.yaml"))
             trim_summary(self.summary_path, start_epoch)
         if self.scheduler is not None:
