@@ -545,3 +545,33 @@ def test_a_training_run_refused_before_it_starts_leaves_no_output_folder(tmp_pat
     assert main(["train", *data]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("recurzoo train: error: --train-split")
     assert os.listdir(tmp_path) == ["notes.pth"]
+
+
+@pytest.mark.parametrize(
+    "script, arguments, message",
+    [
+        ("super_resolution", ["--model", "rgt_small_x2", "--train-data", "MISSING"], "--train-data: no such dataset"),
+        (
+            "super_resolution",
+            ["--model", "rgt_small_x2", "--eval-only", "--val-data", "MISSING"],
+            "--val-data: no such",
+        ),
+        ("camouflage", ["--model", "msrnet_resnet50", "--train-sets", "MISSING"], "--train-sets: dataset 'MISSING'"),
+        ("camouflage", ["--model", "msrnet_resnet50", "--evaluate", "--test-sets", "MISSING"], "--test-sets: dataset"),
+    ],
+)
+def test_a_missing_dataset_names_its_flag_and_leaves_no_output_folder(
+    tmp_path, monkeypatch, capsys, script, arguments, message
+):
+    import importlib
+
+    from recurzoo.train.arguments import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    module = importlib.import_module(f"recurzoo.train.{script}")
+    with pytest.raises(SystemExit) as stop:
+        run_cli(module.main, [*arguments, "--output", "run", "--device", "cpu"])
+    assert stop.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"python -m recurzoo.train.{script}: error: {message}"), line
+    assert os.listdir(tmp_path) == []
