@@ -575,3 +575,36 @@ def test_a_missing_dataset_names_its_flag_and_leaves_no_output_folder(
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(f"python -m recurzoo.train.{script}: error: {message}"), line
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--config", "FOLDER"],
+            "--config FOLDER: expected a YAML file of option defaults, cannot read it (Is a directory)",
+        ),
+        (["--config", "BINARY"], "--config BINARY: expected a YAML file of option defaults, cannot read it ('utf-8'"),
+        (["--config", "MISSING"], "--config MISSING: expected a YAML file of option defaults, cannot read it (No such"),
+        (["--output", "NOTES"], "argument --output: expected a folder, found the file NOTES"),
+    ],
+)
+def test_training_config_and_output_mistakes_are_one_line_before_anything_is_built(
+    tmp_path, monkeypatch, capsys, extra, message
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "FOLDER").mkdir()
+    (tmp_path / "BINARY").write_bytes(b"\xcc\x80\xff binary")
+    (tmp_path / "NOTES").write_text("hello")
+    assert main(["train", "--model", "sret_tiny", "--data-dir", "FOLDER", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"recurzoo train: error: {message}") and "\n" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["BINARY", "FOLDER", "NOTES"] and (tmp_path / "NOTES").read_text() == "hello"
+
+
+def test_an_unknown_training_model_suggests_each_close_name_once(tmp_path, capsys):
+    _photo(tmp_path / "validation" / "0" / "a.png")
+    assert main(["validate", "--model", "sret_tny", "--data-dir", str(tmp_path)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    suggestions = line.split("did you mean ")[1].rstrip("?").split(", ")
+    assert suggestions[0] == "sret_tiny" and len(set(suggestions)) == len(suggestions), line

@@ -249,8 +249,9 @@ def parse_args_with_config(
         try:
             with open(path, encoding="utf-8") as handle:
                 loaded = yaml.safe_load(handle) or {}
-        except (OSError, yaml.YAMLError) as error:
-            parser.error(f"{config_flag} {path}: {error}")
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else one_line(error)
+            parser.error(f"{config_flag} {path}: expected a YAML file of option defaults, cannot read it ({reason})")
         if not isinstance(loaded, dict):
             parser.error(f"{config_flag} {path}: expected a mapping of option names to values")
         values = {str(key).replace("-", "_"): value for key, value in loaded.items()}
@@ -270,6 +271,9 @@ def parse_args_with_config(
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
     check_bounds(parser, args)
+    output = getattr(args, "output", None)
+    if output and os.path.exists(output) and not os.path.isdir(output):  # refused before anything is built
+        parser.error(f"argument --output: expected a folder, found the file {output}")
     return args
 
 
