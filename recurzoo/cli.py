@@ -154,10 +154,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """The authors' checkpoints as timm Hub folders, each loaded back and checked against the checkpoint."""
+    from recurzoo.apps import check_output_folder
     from recurzoo.export import hub
 
     if bool(args.all) == bool(args.model):
         raise UsageError("give MODEL CHECKPOINT, or --all DOWNLOAD_DIR")
+    check_output_folder(args.out)
     try:
         if args.all:
             results = hub.convert_all(args.all, args.out, overwrite=args.overwrite)

@@ -608,3 +608,12 @@ def test_an_unknown_training_model_suggests_each_close_name_once(tmp_path, capsy
     line = capsys.readouterr().err.strip().splitlines()[-1]
     suggestions = line.split("did you mean ")[1].rstrip("?").split(", ")
     assert suggestions[0] == "sret_tiny" and len(set(suggestions)) == len(suggestions), line
+
+
+@pytest.mark.parametrize("make_out", ["file", "under_a_file"])
+def test_convert_output_folder_that_is_a_file_is_one_line(tmp_path, capsys, make_out):
+    (tmp_path / "taken").write_text("x")
+    out = tmp_path / "taken" / ("sub" if make_out == "under_a_file" else "")
+    assert main(["convert", "sret_tiny.in1k", str(tmp_path / "weights.pth"), "--out", str(out)]) == 2
+    _one_error_line(capsys, "recurzoo convert: error: --out", "taken")
+    assert os.listdir(tmp_path) == ["taken"] and (tmp_path / "taken").read_text() == "x"
