@@ -225,6 +225,19 @@ def export_symbolics(opset: int) -> Iterator[None]:
     finally:
         if registered:
             unregister_custom_op_symbolic("aten::_upsample_bicubic2d_aa", opset)
+            _drop_empty_symbolic_group("aten::_upsample_bicubic2d_aa")
+
+
+def _drop_empty_symbolic_group(name: str) -> None:
+    """Forget ``name`` in torch's symbolic registry when unregistering left it no function: torch keeps
+    an empty group, and a later export at an opset without the operator then fails inside torch
+    (``min() arg is an empty sequence``) instead of saying that the operator is not supported."""
+    with contextlib.suppress(ImportError, AttributeError):
+        from torch.onnx._internal.torchscript_exporter import registration
+
+        group = registration.registry.get_function_group(name)
+        if group is not None and not group._functions:
+            registration.registry._registry.pop(name, None)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -543,7 +543,10 @@ def test_a_training_run_refused_before_it_starts_leaves_no_output_folder(tmp_pat
     (tmp_path / "notes.pth").write_text("hello")
     data = ["--data-dir", str(tmp_path / "notes.pth"), "--model", "sret_tiny", "--output", str(tmp_path / "run")]
     assert main(["train", *data]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("recurzoo train: error: --train-split")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"recurzoo train: error: --data-dir {tmp_path / 'notes.pth'}: expected a dataset folder or a tar of one, "
+        "found a file that is not a tar"
+    )
     assert os.listdir(tmp_path) == ["notes.pth"]
 
 
@@ -617,3 +620,13 @@ def test_convert_output_folder_that_is_a_file_is_one_line(tmp_path, capsys, make
     assert main(["convert", "sret_tiny.in1k", str(tmp_path / "weights.pth"), "--out", str(out)]) == 2
     _one_error_line(capsys, "recurzoo convert: error: --out", "taken")
     assert os.listdir(tmp_path) == ["taken"] and (tmp_path / "taken").read_text() == "x"
+
+
+def test_a_second_export_at_an_opset_without_an_operator_says_so(tmp_path):
+    from recurzoo.export.onnx import export_model
+
+    size = dict(input_size=(3, 32, 32), report=False, benchmark=False)
+    assert export_model("sret_tiny", tmp_path / "a", **size).ok  # registers and unregisters the bicubic symbolic
+    with pytest.raises(torch.onnx.errors.UnsupportedOperatorError, match="_upsample_bicubic2d_aa.*opset version 12"):
+        export_model("sret_tiny", tmp_path / "b", opset=12, **size)
+    assert os.listdir(tmp_path) == ["a"]
