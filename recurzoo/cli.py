@@ -130,7 +130,7 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import recurzoo  # noqa: F401  (registers the zoo)
+    import recurzoo
     from recurzoo.export.bench import check_outputs, parse_model_spec, run_from_args
     from recurzoo.registry import is_model
 
@@ -140,7 +140,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     unknown = [name for name in names if not is_model(name)]
     if unknown:
-        raise UsageError(f"unknown model(s) {', '.join(unknown)}: neither in recurzoo nor in timm")
+        import timm
+
+        known = sorted(set(recurzoo.list_models()) | set(timm.list_models()))
+        raise UsageError(
+            f"MODELS: unknown model(s) {', '.join(unknown)}: neither in recurzoo nor in timm"
+            + _closest_hint(unknown[0], known)
+        )
     if args.tile and not args.growth:
         raise UsageError("--tile applies to --growth only")
     if args.train_variants and not args.train:

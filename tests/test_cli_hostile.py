@@ -327,6 +327,12 @@ def test_an_unknown_model_suggests_the_closest_names_first(capsys, typo, closest
     assert line.split("closest: ")[1].startswith(closest), line
 
 
+def test_bench_suggests_the_closest_names_of_an_unknown_model(capsys):
+    assert main(["bench", "sret_tny", "convnext_tny"]) == 2
+    line = _one_error_line(capsys, "recurzoo bench: error: MODELS: unknown model(s) sret_tny, convnext_tny")
+    assert line.split("closest: ")[1].startswith("sret_tiny"), line
+
+
 @pytest.mark.parametrize("command", ["info sret_tiny", "export sret_tiny", "bench sret_tiny", "sr a.png --out o"])
 def test_an_unknown_flag_is_blamed_on_its_sub_command(capsys, command):
     name = command.split()[0]
