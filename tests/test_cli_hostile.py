@@ -567,6 +567,11 @@ def test_a_training_run_refused_before_it_starts_leaves_no_output_folder(tmp_pat
         ),
         ("camouflage", ["--model", "msrnet_resnet50", "--train-sets", "MISSING"], "--train-sets: dataset 'MISSING'"),
         ("camouflage", ["--model", "msrnet_resnet50", "--evaluate", "--test-sets", "MISSING"], "--test-sets: dataset"),
+        (
+            "camouflage",
+            ["--model", "msrnet_resnet50", "--train-sets", "."],
+            "--train-sets: dataset '.*': no mask folder",
+        ),
     ],
 )
 def test_a_missing_dataset_names_its_flag_and_leaves_no_output_folder(
@@ -582,7 +587,7 @@ def test_a_missing_dataset_names_its_flag_and_leaves_no_output_folder(
         run_cli(module.main, [*arguments, "--output", "run", "--device", "cpu"])
     assert stop.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith(f"python -m recurzoo.train.{script}: error: {message}"), line
+    assert re.match(f"python -m recurzoo.train.{script}: error: {message}", line), line
     assert os.listdir(tmp_path) == []
 
 

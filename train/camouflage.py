@@ -734,10 +734,9 @@ def _datasets(names: Sequence[str], config: Optional[Mapping[str, DatasetSpec]],
     for name in names:
         try:
             spec = resolve_dataset(name, config)
-        except FileNotFoundError as error:
+            datasets[spec.name if spec.name not in datasets else name] = find_pairs(spec)
+        except (FileNotFoundError, UsageError) as error:
             raise UsageError(f"{flag}: {error}") from None
-        key = spec.name if spec.name not in datasets else name
-        datasets[key] = find_pairs(spec)
     return datasets
 
 
