@@ -311,20 +311,30 @@ def write_outputs(markdown: str, rows: Sequence[Any], out: Optional[Path]) -> No
             atomic_write(out.with_suffix(suffix), lambda temporary, text=text: Path(temporary).write_text(text))
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a positive integer (sizes, counts)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, received {text!r}")
-    return value
+def _count(minimum: int, expected: str = "") -> Callable[[str], int]:
+    """argparse type: an integer of at least ``minimum`` (the error says ``expected``, by default
+    "an integer >= minimum")."""
+
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected or f'an integer >= {minimum}'}, received {text!r}")
+        return value
+
+    return count
 
 
-def add_input_size_argument(parser: argparse.ArgumentParser, help: str) -> None:
-    """``--input-size C H W``, three positive integers."""
-    parser.add_argument("--input-size", nargs=3, type=positive_int, metavar=("C", "H", "W"), help=help)
+positive_int = _count(1, "a positive integer")  # argparse type: sizes, counts
+
+
+def add_input_size_argument(
+    parser: argparse.ArgumentParser, help: str, type: Callable[[str], int] = positive_int
+) -> None:
+    """``--input-size C H W``, three positive integers (read by ``type``)."""
+    parser.add_argument("--input-size", nargs=3, type=type, metavar=("C", "H", "W"), help=help)
 
 
 def _int_list(text: str) -> List[int]:
@@ -351,6 +361,17 @@ def _variant_list(text: str) -> List[str]:
     return values
 
 
+def _seconds(text: str) -> float:
+    """argparse type: a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, received {text!r}")
+    return value
+
+
 def _backend_list(text: str) -> List[str]:
     values = [part for part in text.split(",") if part]
     unknown = sorted(set(values) - set(BACKENDS))
@@ -368,7 +389,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "hornet_tiny_7x7 convnext_tiny rgt_small_x2@3x64x64",
     )
     parser.add_argument("--batch", type=_int_list, default=[1], help="comma-separated batch sizes (default 1)")
-    add_input_size_argument(parser, help="input size (default: each model's default cfg)")
+    add_input_size_argument(parser, type=_count(1), help="input size (default: each model's default cfg)")
     parser.add_argument(
         "--backends",
         type=_backend_list,
@@ -381,17 +402,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="run the non-eager backends only at these batch sizes (default: every --batch)",
     )
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's default)")
+    parser.add_argument("--threads", type=_count(1), default=None, help="intra-op threads (default: torch's default)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: the accelerator if there is one)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=_count(0), default=3)
+    parser.add_argument("--repeats", type=_count(1), default=10)
     parser.add_argument(
         "--max-seconds",
-        type=float,
+        type=_seconds,
         default=None,
         help="stop timing a configuration after this many seconds (at least 3 runs)",
     )
-    parser.add_argument("--timeout", type=float, default=None, help="give up on one configuration after this long")
+    parser.add_argument("--timeout", type=_seconds, default=None, help="give up on one configuration after this long")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--train-memory",
@@ -417,9 +438,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --train: comma-separated precisions fp32, bf16, fp16 (autocast), each optionally -cl for "
         "channels_last (default fp32,fp32-cl,bf16,bf16-cl on CPU; fp16 and fp16-cl too on CUDA)",
     )
-    parser.add_argument("--tile", type=int, default=0, help="with --growth: tiled super-resolution at this tile")
-    parser.add_argument("--tile-overlap", type=int, default=32)
+    parser.add_argument("--tile", type=_count(0), default=0, help="with --growth: tiled super-resolution at this tile")
+    parser.add_argument("--tile-overlap", type=_count(0), default=32)
     parser.add_argument("--out", type=Path, default=None, help="write FILE.md and FILE.csv (suffix replaced)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the FILE.md and FILE.csv of an earlier run")
     parser.add_argument(
         "--readme",
         type=Path,
@@ -436,15 +458,68 @@ def _markers(section: str) -> Tuple[str, str]:
     return f"<!-- {section}:start -->", f"<!-- {section}:end -->"
 
 
-def update_readme(path: Path, markdown: str, machine: str, section: str = "bench") -> None:
-    """Put ``markdown`` between the markers of ``section`` in ``path`` (which must contain both)."""
+def _readme_text(path: Path, section: str) -> str:
+    """The text of ``path``, which must hold the markers of ``section``; ``ValueError`` naming ``--readme``."""
     start, end = _markers(section)
-    text = path.read_text()
-    if start not in text or end not in text:
-        raise ValueError(f"{path} has no {start} ... {end} section to update")
-    head, rest = text.split(start, 1)
+    if not path.is_file():
+        found = "a folder" if path.is_dir() else "nothing"
+        raise ValueError(f"--readme {path}: expected a text file with a {start} ... {end} section, found {found}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise ValueError(f"--readme {path}: cannot read it ({reason})") from None
+    if start not in text or end not in text.split(start, 1)[1]:
+        raise ValueError(f"--readme {path}: has no {start} ... {end} section to update")
+    return text
+
+
+def update_readme(path: Path, markdown: str, machine: str, section: str = "bench") -> None:
+    """Put ``markdown`` between the markers of ``section`` in ``path`` (which must contain both), atomically."""
+    from recurzoo.checkpoint import atomic_write
+
+    start, end = _markers(section)
+    head, rest = _readme_text(path, section).split(start, 1)
     _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{start}\n{machine}\n\n{markdown}{end}{tail}")
+    text = f"{head}{start}\n{machine}\n\n{markdown}{end}{tail}"
+    atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
+
+
+def _section(args: argparse.Namespace) -> str:
+    """The README section that the mode of ``args`` updates."""
+    if args.train_memory:
+        return "bench-memory"
+    if args.growth:
+        return f"bench-growth-{'tiled' if args.tile else 'whole'}"
+    return "bench-train" if args.train else "bench"
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """``--out`` and ``--readme`` checked before anything runs: ``ValueError`` naming the flag for a
+    name that cannot take a suffix, a folder that cannot be written, earlier tables (unless
+    ``--overwrite``), or a README without the mode's section."""
+    if args.out is not None:
+        if not args.out.name or args.out.name in (".", "..") or args.out.is_dir():
+            found = "a folder" if args.out.is_dir() else "no name"
+            raise ValueError(f"--out {args.out}: expected a file name (FILE gives FILE.md and FILE.csv), found {found}")
+        from recurzoo.checkpoint import probe_writable
+
+        try:
+            probe_writable(args.out.parent)
+        except OSError as error:
+            raise ValueError(f"--out {args.out}: cannot write into {args.out.parent} ({error.strerror})") from None
+        outputs = [args.out.with_suffix(suffix) for suffix in (".md", ".csv")]
+        folders = [str(path) for path in outputs if path.is_dir()]
+        if folders:
+            raise ValueError(f"--out {args.out}: {folders[0]} is a folder, expected a file name")
+        existing = [str(path) for path in outputs if path.exists()]
+        if existing and not getattr(args, "overwrite", False):
+            raise ValueError(
+                f"--out {args.out}: {', '.join(existing)} exist(s) already; pass --overwrite to replace, or "
+                "choose another --out"
+            )
+    if args.readme is not None:
+        _readme_text(args.readme, _section(args))
 
 
 def _machine_line(threads: int, device: str) -> str:
@@ -462,29 +537,29 @@ def _model_sizes(args: argparse.Namespace) -> List[Tuple[str, Optional[Tuple[int
     return [(name, size or (tuple(args.input_size) if args.input_size else None)) for name, size in specs]
 
 
-def _run_scaling(args: argparse.Namespace, settings: RunSettings) -> Tuple[Sequence[Any], str, str]:
+def _run_scaling(args: argparse.Namespace, settings: RunSettings) -> Tuple[Sequence[Any], str]:
     from recurzoo.export import scaling
 
     if args.train_memory:
         models = [(name, size or _default_input_size(name)) for name, size in _model_sizes(args)]
         rows = scaling.measure_train_memory(models, args.batch[0], settings)
-        return rows, scaling.memory_markdown(rows), "bench-memory"
+        return rows, scaling.memory_markdown(rows)
     names = [name for name, _ in _model_sizes(args)]
     rows = scaling.measure_growth(names, args.growth, args.tile, args.tile_overlap, settings)
-    return rows, scaling.growth_markdown(rows), f"bench-growth-{'tiled' if args.tile else 'whole'}"
+    return rows, scaling.growth_markdown(rows)
 
 
-def _run_train(args: argparse.Namespace, settings: RunSettings) -> Tuple[Sequence[Any], str, str]:
+def _run_train(args: argparse.Namespace, settings: RunSettings) -> Tuple[Sequence[Any], str]:
     from recurzoo.export import train_bench
 
     variants = args.train_variants or train_bench.default_variants(settings.device)
     rows = train_bench.bench_train(_model_sizes(args), args.batch, variants, settings)
-    return rows, train_bench.train_markdown(rows), "bench-train"
+    return rows, train_bench.train_markdown(rows)
 
 
-def _run_latency(args: argparse.Namespace, settings: RunSettings) -> Tuple[Sequence[Any], str, str]:
+def _run_latency(args: argparse.Namespace, settings: RunSettings) -> Tuple[Sequence[Any], str]:
     rows = bench(args.models, args.backends, args.batch, args.input_size, settings, compare_batches=args.compare_batch)
-    return rows, to_markdown(rows), "bench"
+    return rows, to_markdown(rows)
 
 
 def _default_input_size(model_name: str) -> Tuple[int, ...]:
@@ -499,6 +574,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run the benchmark described by parsed arguments; print the table and write the files."""
     for spec in args.models:
         parse_model_spec(spec)  # a malformed size fails before anything runs
+    check_outputs(args)
     settings = RunSettings(
         threads=args.threads or torch.get_num_threads(),
         device=str(resolve_device(args.device)),  # checked (DeviceError names --device) and resolved
@@ -508,15 +584,15 @@ def run_from_args(args: argparse.Namespace) -> int:
         timeout=args.timeout,
     )
     if args.train_memory or args.growth:
-        rows, markdown, section = _run_scaling(args, settings)
+        rows, markdown = _run_scaling(args, settings)
     elif args.train:
-        rows, markdown, section = _run_train(args, settings)
+        rows, markdown = _run_train(args, settings)
     else:
-        rows, markdown, section = _run_latency(args, settings)
+        rows, markdown = _run_latency(args, settings)
     print(markdown)
     write_outputs(markdown, rows, args.out)
     if args.readme:
-        update_readme(args.readme, markdown, _machine_line(settings.threads, settings.device), section)
+        update_readme(args.readme, markdown, _machine_line(settings.threads, settings.device), _section(args))
     return 0 if all(not row.error for row in rows) else 1
 
 
@@ -546,7 +622,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     parser = argparse.ArgumentParser(prog="python -m recurzoo.export.bench", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        check_outputs(args)
+    except ValueError as error:
+        parser.error(str(error))
+    return run_from_args(args)
 
 
 if __name__ == "__main__":

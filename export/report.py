@@ -25,7 +25,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -264,13 +264,20 @@ def render_markdown(report: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: Dict[str, Any], directory: Path, stem: str) -> Tuple[Path, Path]:
-    """Write ``<stem>.report.json`` and ``<stem>.report.md`` in ``directory``; returns both paths."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    json_path, markdown_path = directory / f"{stem}.report.json", directory / f"{stem}.report.md"
-    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    markdown_path.write_text(render_markdown(report))
+def report_paths(directory: Union[str, Path], stem: str) -> Tuple[Path, Path]:
+    """``<stem>.report.json`` and ``<stem>.report.md`` in ``directory``."""
+    return Path(directory) / f"{stem}.report.json", Path(directory) / f"{stem}.report.md"
+
+
+def write_report(report: Dict[str, Any], directory: Path, stem: str, overwrite: bool = True) -> Tuple[Path, Path]:
+    """Write ``<stem>.report.json`` and ``<stem>.report.md`` in ``directory``, each atomically; returns both
+    paths. Without ``overwrite`` an existing report is not replaced (``FileExistsError``)."""
+    from recurzoo.checkpoint import atomic_write
+
+    json_path, markdown_path = report_paths(directory, stem)
+    text = json.dumps(report, indent=2, default=str) + "\n"
+    atomic_write(json_path, lambda temporary: Path(temporary).write_text(text), overwrite)
+    atomic_write(markdown_path, lambda temporary: Path(temporary).write_text(render_markdown(report)), overwrite)
     return json_path, markdown_path
 
 

@@ -28,6 +28,7 @@ from recurzoo.train.run import EXIT_NON_FINITE, FAULT_MODES, NonFiniteLossError,
 
 __all__ = [
     "ArgumentParser",
+    "HelpFormatter",
     "ParseKwargs",
     "add_kwargs_argument",
     "add_switch",
@@ -102,9 +103,33 @@ def model_option(flags: str) -> contextlib.AbstractContextManager:
     return user_option(flags, *MODEL_ARGUMENT_ERRORS)
 
 
+# The program name a script runs under when a command runs it (``recurzoo train``), set by run_cli.
+_PROG: Optional[str] = None
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Adds ``(default: X)`` to an option's help unless the help already states its default, or there
+    is none to state (None, False, an empty string, list or dict)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        empty = default is None or default is False or default is argparse.SUPPRESS
+        empty = empty or (isinstance(default, (str, list, tuple, dict)) and not default)
+        if empty or "%(default)" in text or "default" in text.lower() or action.nargs == argparse.REMAINDER:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser whose errors (an unknown flag, a bad value, a missing option) are one line on
-    stderr, ``prog: error: message``, with exit code 2 -- not the usage block."""
+    stderr, ``prog: error: message``, with exit code 2 -- not the usage block. Under a command that runs
+    the script (:func:`run_cli` with ``prog``) it takes that command's name."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if _PROG is not None and kwargs.get("prog"):
+            kwargs["prog"] = _PROG
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)}\n")
@@ -219,9 +244,7 @@ def training_parser(module: str, doc: Optional[str]) -> ArgumentParser:
     """The parser of the script ``python -m module`` (one-line errors, defaults shown in ``--help``) with
     ``--config``; its description is the first paragraph of the script's docstring ``doc``."""
     description = " ".join((doc or "").strip().split("\n\n")[0].split())
-    parser = ArgumentParser(
-        prog=f"python -m {module}", description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = ArgumentParser(prog=f"python -m {module}", description=description, formatter_class=HelpFormatter)
     parser.add_argument(
         "--config",
         default=None,
@@ -316,8 +339,9 @@ def parse_args_with_config(
         try:
             with open(path, encoding="utf-8") as handle:
                 loaded = yaml.safe_load(handle) or {}
-        except (OSError, yaml.YAMLError) as error:
-            parser.error(f"{config_flag} {path}: {error}")
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else one_line(error)
+            parser.error(f"{config_flag} {path}: expected a YAML file of option defaults, cannot read it ({reason})")
         if not isinstance(loaded, dict):
             parser.error(f"{config_flag} {path}: expected a mapping of option names to values")
         values = {str(key).replace("-", "_"): value for key, value in loaded.items()}
@@ -337,6 +361,9 @@ def parse_args_with_config(
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
     check_bounds(parser, args)
+    output = getattr(args, "output", None)
+    if output and os.path.exists(output) and not os.path.isdir(output):  # refused before anything is built
+        parser.error(f"argument --output: expected a folder, found the file {output}")
     return args
 
 
@@ -415,10 +442,13 @@ def one_line(error: Any) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None) -> None:
-    """Run a training script's ``main`` as a command.
+def run_cli(
+    main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None, prog: Optional[str] = None
+) -> None:
+    """Run a training script's ``main`` as a command (``prog``, e.g. ``recurzoo train``, names it in its
+    usage and errors; by default ``python -m <module>``).
 
-    Exit codes: 2 with one line ``<module>: error: <message>`` for a user error (the documented types of
+    Exit codes: 2 with one line ``<prog>: error: <message>`` for a user error (the documented types of
     :data:`USER_ERRORS` only: bad values, missing data, unknown models, unavailable devices, unreadable
     or unfit checkpoints; argparse's errors exit 2 in one line too, see :class:`ArgumentParser`);
     128+signal after a signal stop (final checkpoint written); ``EXIT_NON_FINITE`` (3) when the loss
@@ -427,7 +457,10 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Seque
     """
     module = sys.modules.get(getattr(main, "__module__", ""), None)
     spec = getattr(module, "__spec__", None)
-    prog = spec.name if spec is not None else getattr(main, "__module__", "recurzoo")
+    global _PROG
+    outer = _PROG
+    _PROG = prog or outer
+    prog = _PROG or f"python -m {spec.name if spec is not None else getattr(main, '__module__', 'recurzoo')}"
     try:
         main(argv)
     except TrainingInterrupted as stop:
@@ -441,3 +474,5 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Seque
             raise
         print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    finally:
+        _PROG = outer

@@ -700,12 +700,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _datasets(names: Sequence[str], config: Optional[Mapping[str, DatasetSpec]]) -> Dict[str, List[Sample]]:
+def _datasets(names: Sequence[str], config: Optional[Mapping[str, DatasetSpec]], flag: str) -> Dict[str, List[Sample]]:
     datasets: Dict[str, List[Sample]] = {}
     for name in names:
-        spec = resolve_dataset(name, config)
-        key = spec.name if spec.name not in datasets else name
-        datasets[key] = find_pairs(spec)
+        try:
+            spec = resolve_dataset(name, config)
+            datasets[spec.name if spec.name not in datasets else name] = find_pairs(spec)
+        except (FileNotFoundError, UsageError) as error:
+            raise UsageError(f"{flag}: {error}") from None
     return datasets
 
 
@@ -745,8 +747,8 @@ class _Training(StepTraining):
         random_seed(args.seed, context.rank)
         config = load_dataset_config(args.data_config) if args.data_config else None
         # every dataset is checked before the model is built or anything trained
-        train_sets = _datasets(args.train_sets, config) if not args.evaluate else {}
-        test_sets = _datasets(args.test_sets, config)
+        train_sets = _datasets(args.train_sets, config, "--train-sets") if not args.evaluate else {}
+        test_sets = _datasets(args.test_sets, config, "--test-sets")
         if args.evaluate and not test_sets:
             raise UsageError("--evaluate needs --test-sets")
         if not args.evaluate:

@@ -477,8 +477,6 @@ class _Training(EpochTraining):
     # ------------------------------------------------------------------------------- training
     def run(self) -> Dict[str, Any]:
         args, context = self.args, self.context
-        if context.is_main:
-            os.makedirs(args.output, exist_ok=True)
         self._datasets()
         self._model()
         self._loaders()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import tarfile
 import warnings
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -332,6 +333,8 @@ def create_image_dataset(
     if folder_like and os.path.isdir(root):
         root = split_folder(root, split, flag, split_flag)
         kwargs["search_split"] = False
+    elif folder_like and not tarfile.is_tarfile(root):
+        raise UsageError(f"{flag} {root}: expected a dataset folder or a tar of one, found a file that is not a tar")
     elif folder_like and split != ".":
         raise UsageError(
             f"{split_flag} {split}: {flag} {root} is a file (a tar), read whole as one split; give "

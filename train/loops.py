@@ -239,9 +239,11 @@ class EpochTraining(Training):
         }
 
     def start_epochs(self, start_epoch: int) -> None:
-        """Before the first epoch: the resolved options in ``OUTPUT/args.yaml`` and the summary rows of the
-        epochs to run again dropped (main process only)."""
+        """Before the first epoch: the output folder made (only now, once the data, the model and the resume
+        point are found), the resolved options in ``OUTPUT/args.yaml`` and the summary rows of the epochs to
+        run again dropped (main process only)."""
         if self.context.is_main:
+            os.makedirs(self.args.output, exist_ok=True)
             save_args_yaml(self.args, os.path.join(self.args.output, "args.yaml"))
             trim_summary(self.summary_path, start_epoch)
 

@@ -191,6 +191,14 @@ def _match_lr(hr_files: Sequence[Path], lr_dir: Path, scale: int) -> Tuple[Path,
     return tuple(matched)
 
 
+def resolve_datasets(specs: Sequence[str], scale: int, flag: str) -> List[SRDataSpec]:
+    """:func:`resolve_dataset` of each of ``specs``; a missing folder is a UsageError naming ``flag``."""
+    try:
+        return [resolve_dataset(spec, scale) for spec in specs]
+    except FileNotFoundError as error:
+        raise UsageError(f"{flag}: {error}") from None
+
+
 def resolve_dataset(spec: str, scale: int) -> SRDataSpec:
     """Find the HR (and LR) images of a dataset given as described in the module docstring."""
     if ":" in spec and not Path(spec).exists():
@@ -580,13 +588,13 @@ class _Training(StepTraining):
     def run(self) -> Dict[str, Any]:
         args, context = self.args, self.context
         random_seed(args.seed, context.rank)
-        os.makedirs(args.output, exist_ok=True)
         model, self.name = build_model(args)
         self.scale = model.upscale
-        self.val_specs = [resolve_dataset(spec, self.scale) for spec in args.val_data]
+        self.val_specs = resolve_datasets(args.val_data, self.scale, "--val-data")
         self.model = model.to(context.device)
         if args.eval_only:
             if context.is_main:
+                os.makedirs(args.output, exist_ok=True)  # made once the model and the data are found
                 self.run_evaluation(
                     model, step=0, save_dir=os.path.join(args.output, "images") if args.save_images else None
                 )
@@ -594,8 +602,9 @@ class _Training(StepTraining):
             return dict(results=self.results, output=args.output)
         # every training image is checked before anything is trained
         dataset = SRTrainDataset(
-            [resolve_dataset(spec, self.scale) for spec in args.train_data], self.scale, args.patch_size, args.repeat
+            resolve_datasets(args.train_data, self.scale, "--train-data"), self.scale, args.patch_size, args.repeat
         )
+        os.makedirs(args.output, exist_ok=True)
         self.train(dataset)
         return dict(results=self.results, output=args.output, skipped_images=self.skipped)
 
