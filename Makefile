@@ -15,7 +15,7 @@ BENCH_BACKENDS ?= eager,compile,onnxruntime
 # Training steps (forward, backward, AdamW) at batch 16: fp32 and bf16 autocast, contiguous and channels_last.
 TRAIN_BENCH_MODELS ?= hornet_tiny_7x7 convnext_tiny sret_small deit_small_patch16_224 \
 	vit_recurrent_small_patch16_224 vit_small_patch16_224
-BENCH := $(BIN)/recurzoo bench
+BENCH := $(BIN)/recurzoo bench --overwrite
 
 # pip installs torch and torchvision at the pinned versions (constraints.txt), which these machines
 # serve from a local cache, and the project editable, with the test and edge (ExecuTorch) extras.
@@ -96,7 +96,7 @@ bench: $(INSTALLED)
 # equal weights, interleaved in one process; the outputs are checked to agree before timing.
 OFFICIAL_ROOT ?= ../official
 bench-official: $(INSTALLED)
-	$(BIN)/python benchmarks/official.py --official-root $(OFFICIAL_ROOT) --threads 2 --out benchmarks/official_cpu.md
+	$(BIN)/python benchmarks/official.py --official-root $(OFFICIAL_ROOT) --threads 1 --clock cpu --out benchmarks/official_cpu.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

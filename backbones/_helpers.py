@@ -9,6 +9,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm2d, NormMlpClassifierHead, get_device_dtype, trunc_normal_
 from timm.models import register_notrace_function
+from timm.models._features import feature_take_indices  # timm exports no public equivalent
 from torch import nn
 from torch.fx.node import has_side_effect
 
@@ -152,7 +153,90 @@ def build_with_weights(model_cls: Callable[..., nn.Module], variant: str, pretra
     return model
 
 
-class StagedClassifierMixin:
+class IntermediatesMixin:
+    """timm's ``forward_intermediates`` and ``prune_intermediate_layers``, written once for every family.
+
+    A model is a stem, then ``num_steps`` steps (stages, residual groups, recurrent steps) whose outputs
+    are the intermediates, then an ending (final norm, closing conv). It provides the hooks:
+
+    - ``num_steps``: how many steps it has now (a pruned model fewer);
+    - ``check_input(x)``: the input check, raising a ``ValueError`` naming the model;
+    - ``embed(x)``: images -> the state entering step 0 (any value: a map, tokens, a tuple);
+    - ``run_step(state, index)``: one step;
+    - ``intermediate(state, index, norm)``: step ``index``'s output, normed as ``norm`` asks;
+    - ``end_steps(state, complete)``: the final features once the steps ran (``complete``: all of them);
+    - ``keep_steps(count, prune_norm, prune_head)``: keep the first ``count`` steps and drop what
+      the rest fed (the final norm and head as timm's pruned models do);
+    - ``intermediate_formats`` (a class attribute, ``NCHW`` first) and may override
+      ``format_intermediates`` (the default turns ``NCHW`` maps into ``NHWC`` on request).
+    """
+
+    intermediate_formats: Tuple[str, ...] = ("NCHW",)
+
+    def format_intermediates(
+        self, intermediates: List[torch.Tensor], x: torch.Tensor, output_fmt: str
+    ) -> List[torch.Tensor]:
+        """The intermediates of input ``x`` in ``output_fmt`` (they arrive as ``NCHW`` maps)."""
+        if output_fmt == "NHWC":
+            return [feature.permute(0, 2, 3, 1) for feature in intermediates]
+        return intermediates
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Run the steps, returning the outputs of those in ``indices`` (all by default; an int ``n``:
+        the last ``n``; negative indices count from the end); ``stop_early`` ends at the last one asked."""
+        return self.run_intermediates(x, indices, norm, stop_early, output_fmt, intermediates_only)
+
+    def run_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]],
+        norm: bool,
+        stop_early: bool,
+        output_fmt: str,
+        intermediates_only: bool,
+        **format_kwargs: Any,
+    ) -> Union[List[Any], Tuple[torch.Tensor, List[Any]]]:
+        """:meth:`forward_intermediates`; ``format_kwargs`` go to :meth:`format_intermediates`."""
+        if output_fmt not in self.intermediate_formats:
+            expected = " or ".join(repr(fmt) for fmt in self.intermediate_formats)
+            raise ValueError(f"{model_name(self)}: output_fmt must be {expected}, received {output_fmt!r}")
+        self.check_input(x)
+        num_steps = self.num_steps
+        take_indices, max_index = feature_take_indices(num_steps, indices)
+        end = max_index + 1 if stop_early and not torch.jit.is_scripting() else num_steps
+        state = self.embed(x)
+        intermediates = []
+        for index in range(end):
+            state = self.run_step(state, index)
+            if index in take_indices:
+                intermediates.append(self.intermediate(state, index, norm))
+        intermediates = self.format_intermediates(intermediates, x, output_fmt, **format_kwargs)
+        if intermediates_only:
+            return intermediates
+        return self.end_steps(state, end == num_steps), intermediates
+
+    def prune_intermediate_layers(
+        self,
+        indices: Union[int, List[int]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the steps (and norm, head) that the requested intermediates do not need; returns the
+        indices kept, as timm's models do."""
+        take_indices, max_index = feature_take_indices(self.num_steps, indices)
+        self.keep_steps(max_index + 1, prune_norm=prune_norm, prune_head=prune_head)
+        return take_indices
+
+
+class StagedClassifierMixin(IntermediatesMixin):
     """timm's model interface for a network made of ``embed`` -> ``stages`` -> ``norm_pre`` -> ``head``.
 
     The model defines ``stages`` (an ``nn.Sequential`` of modules with a ``grad_checkpointing``
@@ -220,55 +304,28 @@ class StagedClassifierMixin:
         )
         self.head_hidden_size = self.head.num_features
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Run the stages, returning the outputs of those in ``indices`` (all by default)."""
-        from timm.models._features import feature_take_indices
+    @property
+    def num_steps(self) -> int:
+        return len(self.stages)
 
-        if output_fmt != "NCHW":
-            raise ValueError(f"{model_name(self)}: output_fmt must be 'NCHW', received {output_fmt!r}")
-        self.check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages[: max_index + 1] if stop_early and not torch.jit.is_scripting() else self.stages
-        last_index = len(self.stages) - 1
-        intermediates = []
-        x = self.embed(x)
-        for index, stage in enumerate(stages):
-            x = stage(x)
-            if index in take_indices:
-                intermediates.append(self.norm_pre(x) if norm and index == last_index else x)
-        if intermediates_only:
-            return intermediates
-        if index == last_index:
-            x = self.norm_pre(x)
-        return x, intermediates
+    def run_step(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        return self.stages[index](x)
 
-    def prune_intermediate_layers(
-        self,
-        indices: Union[int, List[int]] = 1,
-        prune_norm: bool = False,
-        prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages (and head) that the requested intermediates do not need."""
-        from timm.models._features import feature_take_indices
+    def intermediate(self, x: torch.Tensor, index: int, norm: bool) -> torch.Tensor:
+        return self.norm_pre(x) if norm and index == len(self.stages) - 1 else x
 
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        prune_end = max_index < len(self.stages) - 1
+    def end_steps(self, x: torch.Tensor, complete: bool) -> torch.Tensor:
+        return self.norm_pre(x) if complete else x
+
+    def keep_steps(self, count: int, prune_norm: bool, prune_head: bool) -> None:
+        prune_end = count < len(self.stages)
         if prune_norm or prune_end:
             self.norm_pre = nn.Identity()
-        self.stages = self.stages[: max_index + 1]
+        self.stages = self.stages[:count]
         if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+            self.num_features = self.head_hidden_size = self.feature_info[count - 1]["num_chs"]
         if prune_head or prune_end:
             self.reset_classifier(0, "", reset_other=True)
-        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

@@ -36,7 +36,15 @@ from recurzoo.backbones._helpers import StagedClassifierMixin, build_with_weight
 from recurzoo.checkpoint import unwrap_state_dict
 from recurzoo.official import register_official
 
-__all__ = ["HorNet", "RecursiveGatedConv", "GlobalLocalFilter", "HorNetBlock", "HorNetStage"]
+__all__ = [
+    "HorNet",
+    "PointwiseConv2d",
+    "GateContextConv",
+    "RecursiveGatedConv",
+    "GlobalLocalFilter",
+    "HorNetBlock",
+    "HorNetStage",
+]
 
 _NORM_EPS = 1e-6
 
@@ -193,12 +201,59 @@ class GlobalLocalFilter(nn.Module):
         return self.post_norm(x)
 
 
+class PointwiseConv2d(nn.Conv2d):
+    """A 1x1 convolution computed as a matmul over the channels of a channels-last map.
+
+    Parameters and ``state_dict`` are those of ``nn.Conv2d(in_chs, out_chs, 1)``. The input is read
+    as ``(B, H, W, C)`` through a permuted view: a channels-last map needs no copy, and the output is
+    channels-last too. ``scale`` multiplies the output through the weight and bias (one pass fewer
+    over the map than a separate multiply).
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(in_chs, out_chs, kernel_size=1, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return self.project(x, self.weight.flatten(1), self.bias, scale)
+
+    @staticmethod
+    def project(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+        """``x`` (``B, C, H, W``) times ``scale * weight`` (``out, C``) plus ``scale * bias``, channels-last out."""
+        if scale != 1.0:
+            weight, bias = weight * scale, None if bias is None else bias * scale
+        return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
+
+
+class GateContextConv(PointwiseConv2d):
+    """gnConv's input projection: one 1x1 conv whose first ``gate_width`` outputs are the gate, the rest
+    the context maps.
+
+    The two parts are computed as two matmuls (row blocks of the one weight), so that each comes out
+    contiguous for what follows it (the spatial mixer takes the context without a copy); the gate
+    carries gnConv's scale.
+    """
+
+    def __init__(self, dim: int, gate_width: int, context_width: int, device=None, dtype=None) -> None:
+        super().__init__(dim, gate_width + context_width, device=device, dtype=dtype)
+        self.gate_width = gate_width
+
+    def forward(self, x: torch.Tensor, gate_scale: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+        weight, width = self.weight.flatten(1), self.gate_width
+        gate = self.project(x, weight[:width], self.bias[:width], gate_scale)
+        return gate, self.project(x, weight[width:], self.bias[width:], 1.0)
+
+
 class RecursiveGatedConv(nn.Module):
     """gnConv: an order-``n`` recursive gated convolution.
 
     ``proj_in`` yields a gate of width ``dim / 2**(n-1)`` and context maps of widths
     ``dim / 2**(n-1), ..., dim / 2, dim``; after the spatial mixer, the gate is multiplied by the
     first context map, then, for each higher order, widened by a 1x1 conv and multiplied by the next.
+
+    Every context map is multiplied by ``scale``; the product of order ``k`` carries ``k + 1`` such
+    factors, so the scale is applied through the gate and each widening conv instead (fewer passes
+    over the maps, same products). The 1x1 convs run as matmuls on channels-last maps
+    (:class:`PointwiseConv2d`): the model keeps its maps channels-last from the first stage on.
     """
 
     def __init__(
@@ -221,7 +276,7 @@ class RecursiveGatedConv(nn.Module):
         self.scale = scale
         self.widths = [dim // 2**i for i in reversed(range(order))]
         context_width = sum(self.widths)
-        self.proj_in = nn.Conv2d(dim, self.widths[0] + context_width, kernel_size=1, **dd)
+        self.proj_in = GateContextConv(dim, self.widths[0], context_width, **dd)
         if spatial_mixer is None:
             self.spatial_mixer = nn.Conv2d(
                 context_width, context_width, kernel_size=7, padding=3, groups=context_width, **dd
@@ -229,16 +284,16 @@ class RecursiveGatedConv(nn.Module):
         else:
             self.spatial_mixer = spatial_mixer(context_width, **dd)
         self.order_projs = nn.ModuleList(
-            nn.Conv2d(self.widths[i], self.widths[i + 1], kernel_size=1, **dd) for i in range(order - 1)
+            PointwiseConv2d(self.widths[i], self.widths[i + 1], **dd) for i in range(order - 1)
         )
-        self.proj_out = nn.Conv2d(dim, dim, kernel_size=1, **dd)
+        self.proj_out = PointwiseConv2d(dim, dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, context = self.proj_in(x).split((self.widths[0], sum(self.widths)), dim=1)
-        contexts = (self.spatial_mixer(context) * self.scale).split(self.widths, dim=1)
+        gate, context = self.proj_in(x, self.scale)
+        contexts = self.spatial_mixer(context).split(self.widths, dim=1)
         x = gate * contexts[0]
         for i, proj in enumerate(self.order_projs):  # indexed, not zipped: torch.fx cannot iterate a split
-            x = proj(x) * contexts[i + 1]
+            x = proj(x, self.scale) * contexts[i + 1]
         return self.proj_out(x)
 
 
@@ -321,7 +376,8 @@ class HorNetStage(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
+        # channels-last from here on: the blocks' 1x1 convs and MLP read the maps as (B, H, W, C) views
+        x = self.downsample(x).contiguous(memory_format=torch.channels_last)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.blocks, x)
         return self.blocks(x)
@@ -424,6 +480,11 @@ class HorNet(StagedClassifierMixin, nn.Module):
         layer scales and the frequency weights are set again too; at construction they already are.
         """
         named_apply(partial(_init_weights, head_init_scale=self.head_init_scale, needs_reset=needs_reset), self)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        # channels-last from the stem on (see HorNetStage.forward): converting the 3-channel input is
+        # cheaper than the stem's output, and the stem's conv and norm run faster on it
+        return self.stem(x.contiguous(memory_format=torch.channels_last))
 
     @torch.jit.ignore
     def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
@@ -550,15 +611,15 @@ def _tsinghua(file_id: str) -> Tuple[str, str]:
     return f"https://cloud.tsinghua.edu.cn/f/{file_id}/?dl=1", f"hornet_{file_id}.pth"
 
 
-def _cfg(url: Union[str, Tuple[str, str]] = "", **kwargs: Any) -> Dict[str, Any]:
-    family = {
-        "first_conv": "stem.0",
-        "license": "mit",
-        "paper_ids": "arXiv:2207.14284",
-        "paper_name": "HorNet: Efficient High-Order Spatial Interactions with Recursive Gated Convolutions",
-        "origin_url": "https://github.com/raoyongming/HorNet",
-    }
-    return imagenet_cfg(url, **dict(family, **kwargs))
+# timm's pretrained cfg of an ImageNet classifier (imagenet_cfg), with what every weight of the family shares.
+_cfg = partial(
+    imagenet_cfg,
+    first_conv="stem.0",
+    license="mit",
+    paper_ids="arXiv:2207.14284",
+    paper_name="HorNet: Efficient High-Order Spatial Interactions with Recursive Gated Convolutions",
+    origin_url="https://github.com/raoyongming/HorNet",
+)
 
 
 _IN22K = dict(num_classes=21841)

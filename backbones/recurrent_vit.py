@@ -52,7 +52,6 @@ from timm.layers import (
     trunc_normal_,
 )
 from timm.models import checkpoint, generate_default_cfgs, named_apply, register_model, register_model_deprecations
-from timm.models._features import feature_take_indices  # timm exports no public equivalent
 from timm.models._input import update_model_input_size  # ditto: keeps resolve_data_config's size current
 from timm.models.vision_transformer import Block, VisionTransformer, global_pool_nlc, init_weights_vit_timm
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
@@ -60,7 +59,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.fx.node import has_side_effect
 
-from recurzoo.backbones._helpers import build_with_weights, check_image_input, model_name
+from recurzoo.backbones._helpers import IntermediatesMixin, build_with_weights, check_image_input, model_name
 from recurzoo.checkpoint import unwrap_state_dict
 
 __all__ = [
@@ -363,7 +362,7 @@ def check_patch_input(
         )
 
 
-class RecurrentViT(nn.Module):
+class RecurrentViT(IntermediatesMixin, nn.Module):
     """Vision Transformer whose ``depth`` steps are run by ``k`` shared blocks along contiguous phases.
 
     Embeddings, tokens, norms and head are timm's ViT parts with the same names and meaning as in
@@ -413,6 +412,7 @@ class RecurrentViT(nn.Module):
     # What an exported graph of the model can take (recurzoo.export reads these, the model cards show them).
     export_dynamic_batch = True
     export_dynamic_size = True
+    intermediate_formats = ("NCHW", "NLC")
 
     def __init__(
         self,
@@ -660,11 +660,15 @@ class RecurrentViT(nn.Module):
             x = x + pos_embed
         return self.pos_drop(x)
 
-    def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, C, H, W)`` -> the tokens entering step 0, ``(B, prefix + patches, C)``."""
-        self.check_input(x)
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` -> the tokens entering step 0, ``(B, prefix + patches, C)`` (unchecked)."""
         x = self._pos_embed(self.patch_embed(x))
         return self.norm_pre(self.patch_drop(x))
+
+    def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`embed` of a checked input."""
+        self.check_input(x)
+        return self.embed(x)
 
     def forward_step(self, x: torch.Tensor, step: int) -> torch.Tensor:
         """Apply global step ``step`` (its shared block, with that step's conditioning) to tokens ``x``."""
@@ -673,6 +677,46 @@ class RecurrentViT(nn.Module):
         if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
             return checkpoint(block, x, step_in_phase)
         return block(x, step_in_phase)
+
+    # The hooks of IntermediatesMixin: the steps are the recurrent steps, their tokens the intermediates
+    # (``norm`` applies the final norm to each, as timm's ViT does).
+    run_step = forward_step
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.schedule)
+
+    def intermediate(self, x: torch.Tensor, index: int, norm: bool) -> torch.Tensor:
+        return self.norm(x) if norm else x
+
+    def end_steps(self, x: torch.Tensor, complete: bool) -> torch.Tensor:
+        return self.norm(x)
+
+    def format_intermediates(
+        self, intermediates: List[torch.Tensor], x: torch.Tensor, output_fmt: str, return_prefix_tokens: bool = False
+    ) -> List[Any]:
+        """As timm's ViT: ``NCHW``, the patch tokens as a map at stride ``patch_size``; ``NLC``, the
+        patch-token sequence; with ``return_prefix_tokens`` (and prefix tokens) ``(patch, prefix)`` pairs."""
+        prefix_tokens = [y[:, : self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
+        if output_fmt == "NCHW":
+            grid_h, grid_w = self.patch_embed.dynamic_feat_size(x.shape[-2:])
+            intermediates = [y.reshape(x.shape[0], grid_h, grid_w, -1).permute(0, 3, 1, 2) for y in intermediates]
+        if return_prefix_tokens and self.num_prefix_tokens:
+            return list(zip(intermediates, prefix_tokens))
+        return intermediates
+
+    def keep_steps(self, count: int, prune_norm: bool, prune_head: bool) -> None:
+        """Keep the first ``count`` steps and the shared blocks they use; norm and head as timm's ViT."""
+        kept = self.schedule[:count]
+        num_blocks = kept[-1][0] + 1
+        self.blocks = self.blocks[:num_blocks]
+        self._set_schedule([sum(1 for j, _ in kept if j == block) for block in range(num_blocks)])
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
 
     def forward_intermediates(
         self,
@@ -684,52 +728,11 @@ class RecurrentViT(nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ) -> Union[List[Any], Tuple[torch.Tensor, List[Any]]]:
-        """Run the steps, returning the tokens after each step in ``indices`` (all steps by default).
-
-        As timm's ``VisionTransformer.forward_intermediates``: ``NCHW`` intermediates are the patch
-        tokens as a map at stride ``patch_size``, ``NLC`` the patch-token sequence; with
-        ``return_prefix_tokens`` (and prefix tokens) each entry is ``(patch tokens, prefix tokens)``;
-        ``norm`` applies the final norm to them; ``stop_early`` ends at the last requested step.
-        """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"{model_name(self)}: output_fmt must be 'NCHW' or 'NLC', received {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.schedule), indices)
-        num_steps = max_index + 1 if stop_early else len(self.schedule)
-        tokens = self.embed_tokens(x)
-        intermediates = []
-        for step in range(num_steps):
-            tokens = self.forward_step(tokens, step)
-            if step in take_indices:
-                intermediates.append(self.norm(tokens) if norm else tokens)
-        prefix_tokens = [y[:, : self.num_prefix_tokens] for y in intermediates]
-        intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
-        if output_fmt == "NCHW":
-            grid_h, grid_w = self.patch_embed.dynamic_feat_size(x.shape[-2:])
-            intermediates = [y.reshape(x.shape[0], grid_h, grid_w, -1).permute(0, 3, 1, 2) for y in intermediates]
-        if return_prefix_tokens and self.num_prefix_tokens:
-            intermediates = list(zip(intermediates, prefix_tokens))
-        if intermediates_only:
-            return intermediates
-        return self.norm(tokens), intermediates
-
-    def prune_intermediate_layers(
-        self,
-        indices: Union[int, List[int]] = 1,
-        prune_norm: bool = False,
-        prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the steps (and shared blocks), norm and head that the requested intermediates do not need."""
-        take_indices, max_index = feature_take_indices(len(self.schedule), indices)
-        kept = self.schedule[: max_index + 1]
-        num_blocks = kept[-1][0] + 1
-        self.blocks = self.blocks[:num_blocks]
-        self._set_schedule([sum(1 for j, _ in kept if j == block) for block in range(num_blocks)])
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.fc_norm = nn.Identity()
-            self.reset_classifier(0, "")
-        return take_indices
+        """Run the steps, returning the tokens after each step in ``indices`` (all steps by default),
+        as timm's ``VisionTransformer.forward_intermediates`` (see :meth:`format_intermediates`)."""
+        return self.run_intermediates(
+            x, indices, norm, stop_early, output_fmt, intermediates_only, return_prefix_tokens=return_prefix_tokens
+        )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> normalized tokens ``(B, prefix + patches, C)`` after the last step."""

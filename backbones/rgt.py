@@ -39,12 +39,17 @@ from timm.models import (
     register_notrace_function,
     register_notrace_module,
 )
-from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 from torch.fx.node import has_side_effect
 
-from recurzoo.backbones._helpers import build_with_weights, check_image_input, init_linear, model_name
+from recurzoo.backbones._helpers import (
+    IntermediatesMixin,
+    build_with_weights,
+    check_image_input,
+    init_linear,
+    model_name,
+)
 from recurzoo.checkpoint import unwrap_state_dict
 
 __all__ = [
@@ -602,7 +607,7 @@ class ResidualGroup(nn.Module):
         return shortcut + self.conv(x.permute(0, 3, 1, 2))
 
 
-class RGT(nn.Module):
+class RGT(IntermediatesMixin, nn.Module):
     """The RGT body (image -> full-resolution features) with timm's model interface.
 
     ``forward_features`` returns ``conv_after_body(norm(groups(norm_pre(s)))) + s`` with
@@ -635,6 +640,7 @@ class RGT(nn.Module):
     # What an exported graph of the model can take (recurzoo.export reads these, the model cards show them).
     export_dynamic_batch = True
     export_dynamic_size = True
+    intermediate_formats = ("NCHW", "NHWC")
 
     def __init__(
         self,
@@ -736,10 +742,11 @@ class RGT(nn.Module):
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool, **get_device_dtype(self))
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def check_input(self, x: torch.Tensor) -> None:
         check_rgt_input(x, self.conv_first.weight, model_name(self), self.in_chans)
 
-    def _stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Images -> (the shallow features ``conv_first(x)``, their norm entering the first group)."""
         shallow = self.conv_first(x)
         return shallow, self.norm_pre(shallow.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
@@ -752,62 +759,40 @@ class RGT(nn.Module):
             return x
         return self.conv_after_body(self._norm(x)) + shallow
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Run the groups, returning the outputs of those in ``indices`` (all by default).
+    # The hooks of IntermediatesMixin: the steps are the residual groups; their outputs are the
+    # intermediates (``norm=True`` applies the final norm to the last group's); the final output is
+    # forward_features'.
+    @property
+    def num_steps(self) -> int:
+        return len(self.groups)
 
-        Intermediates are the residual groups' outputs (``norm=True`` applies the final norm to the
-        last group's); the final output is :meth:`forward_features`'.
-        """
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"{model_name(self)}: output_fmt must be 'NCHW' or 'NHWC', received {output_fmt!r}")
-        self._check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.groups), indices)
-        groups = self.groups[: max_index + 1] if stop_early and not torch.jit.is_scripting() else self.groups
-        last_index = len(self.groups) - 1
-        shallow, x = self._stem(x)
-        intermediates = []
-        for index, group in enumerate(groups):
-            x = group(x)
-            if index in take_indices:
-                feature = self._norm(x) if norm and index == last_index else x
-                intermediates.append(feature if output_fmt == "NCHW" else feature.permute(0, 2, 3, 1))
-        if intermediates_only:
-            return intermediates
-        return self._body_output(x, shallow), intermediates
+    def run_step(self, state: Tuple[torch.Tensor, torch.Tensor], index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        shallow, x = state
+        return shallow, self.groups[index](x)
 
-    def prune_intermediate_layers(
-        self,
-        indices: Union[int, List[int]] = 1,
-        prune_norm: bool = False,
-        prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the groups (and head) that the requested intermediates do not need.
+    def intermediate(self, state: Tuple[torch.Tensor, torch.Tensor], index: int, norm: bool) -> torch.Tensor:
+        x = state[1]
+        return self._norm(x) if norm and index == len(self.groups) - 1 else x
 
-        Cut before the last group, the body's closing conv and skip go too: ``forward_features``
-        then ends at the last kept group's output, as timm's pruned models do.
-        """
-        take_indices, max_index = feature_take_indices(len(self.groups), indices)
-        prune_end = max_index < len(self.groups) - 1
+    def end_steps(self, state: Tuple[torch.Tensor, torch.Tensor], complete: bool) -> torch.Tensor:
+        shallow, x = state
+        return self._body_output(x, shallow)
+
+    def keep_steps(self, count: int, prune_norm: bool, prune_head: bool) -> None:
+        """Cut before the last group, the body's closing conv and skip go too: ``forward_features``
+        then ends at the last kept group's output, as timm's pruned models do."""
+        prune_end = count < len(self.groups)
         if prune_norm or prune_end:
             self.norm = nn.Identity()
         if prune_end:
             self.conv_after_body = None
-        self.groups = self.groups[: max_index + 1]
+        self.groups = self.groups[:count]
         if prune_head or prune_end:
             self.reset_classifier(0, "")
-        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        shallow, x = self._stem(x)
+        self.check_input(x)
+        shallow, x = self.embed(x)
         return self._body_output(self.groups(x), shallow)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

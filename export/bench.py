@@ -21,14 +21,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type, TypeVar
 
 import torch
 
 from recurzoo.devices import resolve_device
-from recurzoo.export.models import create_model, time_forward
+from recurzoo.export.models import RunSettings, median_and_quartiles, time_forward
 
 __all__ = [
     "BenchResult",
@@ -124,34 +124,27 @@ def bench_in_process(
     backend: str = "eager",
     batch: int = 1,
     input_size: Optional[Sequence[int]] = None,
-    threads: Optional[int] = None,
-    device: str = "cpu",
-    warmup: int = 3,
-    repeats: int = 10,
-    max_seconds: Optional[float] = None,
+    settings: Optional[RunSettings] = None,
 ) -> BenchResult:
     """Time one configuration in this process (peak memory is this process's high-water mark)."""
     from recurzoo.export.flops import count_flops
 
-    if threads:
-        torch.set_num_threads(threads)
-    model = create_model(model_name).to(device)
-    size = tuple(input_size or model.pretrained_cfg["input_size"])
+    settings = settings or RunSettings()
+    device = settings.device
+    model, inputs = settings.build(model_name, batch, input_size)
+    size = tuple(inputs.shape[1:])
     macs = count_flops(model, size) / 1e9
-    inputs = torch.randn(batch, *size, device=device)
     peak_gflops = measure_matmul_peak(device)
     breaks = count_graph_breaks(model, inputs) if backend == "compile" else -1
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
-        run = _runner(model_name, model, backend, inputs, workdir)
-        times = time_forward(run, device, warmup, repeats, max_seconds)
+        times = settings.time(_runner(model_name, model, backend, inputs, workdir))
     if device.startswith("cuda"):
         peak_memory = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-    median = statistics.median(times)
-    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [median, median, median]
+    median, p25, p75 = median_and_quartiles(times)
     achieved = 2 * macs * batch / median
     return BenchResult(
         model=model_name,
@@ -161,8 +154,8 @@ def bench_in_process(
         threads=torch.get_num_threads(),
         device=device,
         latency_ms=median * 1e3,
-        latency_p25_ms=quartiles[0] * 1e3,
-        latency_p75_ms=quartiles[2] * 1e3,
+        latency_p25_ms=p25 * 1e3,
+        latency_p75_ms=p75 * 1e3,
         images_per_s=batch / median,
         peak_memory_mb=peak_memory,
         gmacs_per_image=macs,
@@ -184,13 +177,6 @@ def count_graph_breaks(model: torch.nn.Module, inputs: torch.Tensor) -> int:
     return int(explanation.graph_break_count)
 
 
-def _failed(model_name: str, backend: str, batch: int, threads: int, device: str, error: str) -> BenchResult:
-    nan = float("nan")
-    return BenchResult(
-        model_name, backend, batch, "", threads, device, nan, nan, nan, nan, nan, nan, nan, nan, nan, error=error
-    )
-
-
 def run_worker(request: Dict[str, Any], timeout: Optional[float] = None) -> Dict[str, Any]:
     """Run ``request`` (a ``kind`` and its keyword arguments) in a fresh interpreter; return its JSON.
 
@@ -207,10 +193,10 @@ def run_worker(request: Dict[str, Any], timeout: Optional[float] = None) -> Dict
     return json.loads(worker.stdout.strip().splitlines()[-1])
 
 
-def worker_result(result_type: Type[_Row], request: Dict[str, Any], timeout: Optional[float], **known: Any) -> _Row:
-    """``result_type(**run_worker(request))``; when the worker fails, a row of the ``known`` fields (what
-    was asked for), NaN for every measured field and the worker's ``error``."""
-    outcome = run_worker(request, timeout)
+def worker_result(result_type: Type[_Row], request: Dict[str, Any], settings: RunSettings, **known: Any) -> _Row:
+    """``result_type(**run_worker(request))``, run with ``settings``; when the worker fails, a row of
+    the ``known`` fields (what was asked for), NaN for every measured field and the worker's ``error``."""
+    outcome = run_worker(dict(request, settings=asdict(settings)), settings.timeout)
     if set(outcome) == {"error"}:
         measured = {field.name: float("nan") for field in fields(result_type) if field.name not in known}
         outcome = {**measured, **known, "error": outcome["error"]}
@@ -222,14 +208,9 @@ def bench(
     backends: Sequence[str] = ("eager",),
     batches: Sequence[int] = (1,),
     input_size: Optional[Sequence[int]] = None,
-    threads: Optional[int] = None,
-    device: str = "cpu",
-    warmup: int = 3,
-    repeats: int = 10,
+    settings: Optional[RunSettings] = None,
     progress: bool = True,
     compare_batches: Optional[Sequence[int]] = None,
-    max_seconds: Optional[float] = None,
-    timeout: Optional[float] = None,
 ) -> List[BenchResult]:
     """Time every (model, backend, batch) in its own process; failures are recorded, not raised.
 
@@ -238,7 +219,8 @@ def bench(
     """
     from tqdm import tqdm
 
-    threads = threads or torch.get_num_threads()
+    settings = settings or RunSettings()
+    settings = replace(settings, threads=settings.threads or torch.get_num_threads())
     configs = [
         (spec, backend, batch)
         for spec in models
@@ -250,22 +232,10 @@ def bench(
     for spec, backend, batch in tqdm(configs, desc="benchmark", unit="run", disable=not progress, file=sys.stderr):
         model_name, size = parse_model_spec(spec)
         request = dict(
-            kind="latency",
-            model_name=model_name,
-            backend=backend,
-            batch=batch,
-            input_size=size or input_size,
-            threads=threads,
-            device=device,
-            warmup=warmup,
-            repeats=repeats,
-            max_seconds=max_seconds,
+            kind="latency", model_name=model_name, backend=backend, batch=batch, input_size=size or input_size
         )
-        outcome = run_worker(request, timeout)
-        if "error" in outcome and len(outcome) == 1:
-            results.append(_failed(model_name, backend, batch, threads, device, outcome["error"]))
-        else:
-            results.append(BenchResult(**outcome))
+        known = dict(model=model_name, backend=backend, batch=batch, input_size="", graph_breaks=-1)
+        results.append(worker_result(BenchResult, request, settings, **known, **settings.where()))
     return results
 
 
@@ -297,30 +267,74 @@ def speedups_over_eager(results: Sequence[BenchResult]) -> List[Optional[float]]
     ]
 
 
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A markdown table: ``header``, its rule and one line per row (a failed run's row may be shorter)."""
+    lines = [header, ["---"] * len(header), *rows]
+    return "".join("| " + " | ".join(str(cell) for cell in line) + " |\n" for line in lines)
+
+
 def to_markdown(results: Sequence[BenchResult]) -> str:
     """A markdown table of the results (the matmul peak of the run in a line above it)."""
     peaks = [r.matmul_peak_gflops for r in results if not r.error]
     header = f"fp32 matmul peak measured in the same runs: {statistics.median(peaks):.1f} GFLOP/s\n\n" if peaks else ""
     names = [name.replace("_", " ") for name, _ in _COLUMNS] + ["speed-up vs eager", "graph breaks"]
-    lines = ["| " + " | ".join(names) + " |", "|" + " --- |" * len(names)]
+    rows = []
     for result, speedup in zip(results, speedups_over_eager(results)):
         if result.error:
-            lines.append(f"| {result.model} | {result.backend} | {result.batch} | failed: {result.error} |")
+            rows.append([result.model, result.backend, result.batch, f"failed: {result.error}"])
             continue
         values = [fmt.format(getattr(result, name)) for name, fmt in _COLUMNS]
         values.append("" if speedup is None or result.backend == "eager" else f"{speedup:.2f}x")
         values.append(str(result.graph_breaks) if result.graph_breaks >= 0 else "")
-        lines.append("| " + " | ".join(values) + " |")
-    return header + "\n".join(lines) + "\n"
+        rows.append(values)
+    return header + markdown_table(names, rows)
 
 
-def to_csv(results: Sequence[BenchResult]) -> str:
+def to_csv(rows: Sequence[Any]) -> str:
+    """CSV of dataclass rows (BenchResult, TrainResult, MemoryResult, GrowthPoint)."""
+    if not rows:
+        return ""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(BenchResult)])
+    writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(rows[0])])
     writer.writeheader()
-    for result in results:
-        writer.writerow(asdict(result))
+    for row in rows:
+        writer.writerow(asdict(row))
     return buffer.getvalue()
+
+
+def write_outputs(markdown: str, rows: Sequence[Any], out: Optional[Path]) -> None:
+    """Write ``out.md`` and ``out.csv`` (suffix replaced), each atomically, when ``out`` is given."""
+    from recurzoo.checkpoint import atomic_write
+
+    if out:
+        for suffix, text in ((".md", markdown), (".csv", to_csv(rows))):
+            atomic_write(out.with_suffix(suffix), lambda temporary, text=text: Path(temporary).write_text(text))
+
+
+def _count(minimum: int, expected: str = "") -> Callable[[str], int]:
+    """argparse type: an integer of at least ``minimum`` (the error says ``expected``, by default
+    "an integer >= minimum")."""
+
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected or f'an integer >= {minimum}'}, received {text!r}")
+        return value
+
+    return count
+
+
+positive_int = _count(1, "a positive integer")  # argparse type: sizes, counts
+
+
+def add_input_size_argument(
+    parser: argparse.ArgumentParser, help: str, type: Callable[[str], int] = positive_int
+) -> None:
+    """``--input-size C H W``, three positive integers (read by ``type``)."""
+    parser.add_argument("--input-size", nargs=3, type=type, metavar=("C", "H", "W"), help=help)
 
 
 def _int_list(text: str) -> List[int]:
@@ -347,6 +361,17 @@ def _variant_list(text: str) -> List[str]:
     return values
 
 
+def _seconds(text: str) -> float:
+    """argparse type: a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, received {text!r}")
+    return value
+
+
 def _backend_list(text: str) -> List[str]:
     values = [part for part in text.split(",") if part]
     unknown = sorted(set(values) - set(BACKENDS))
@@ -364,13 +389,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "hornet_tiny_7x7 convnext_tiny rgt_small_x2@3x64x64",
     )
     parser.add_argument("--batch", type=_int_list, default=[1], help="comma-separated batch sizes (default 1)")
-    parser.add_argument(
-        "--input-size",
-        nargs=3,
-        type=int,
-        metavar=("C", "H", "W"),
-        help="input size (default: each model's default cfg)",
-    )
+    add_input_size_argument(parser, type=_count(1), help="input size (default: each model's default cfg)")
     parser.add_argument(
         "--backends",
         type=_backend_list,
@@ -383,17 +402,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="run the non-eager backends only at these batch sizes (default: every --batch)",
     )
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's default)")
+    parser.add_argument("--threads", type=_count(1), default=None, help="intra-op threads (default: torch's default)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: the accelerator if there is one)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=_count(0), default=3)
+    parser.add_argument("--repeats", type=_count(1), default=10)
     parser.add_argument(
         "--max-seconds",
-        type=float,
+        type=_seconds,
         default=None,
         help="stop timing a configuration after this many seconds (at least 3 runs)",
     )
-    parser.add_argument("--timeout", type=float, default=None, help="give up on one configuration after this long")
+    parser.add_argument("--timeout", type=_seconds, default=None, help="give up on one configuration after this long")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--train-memory",
@@ -419,9 +438,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --train: comma-separated precisions fp32, bf16, fp16 (autocast), each optionally -cl for "
         "channels_last (default fp32,fp32-cl,bf16,bf16-cl on CPU; fp16 and fp16-cl too on CUDA)",
     )
-    parser.add_argument("--tile", type=int, default=0, help="with --growth: tiled super-resolution at this tile")
-    parser.add_argument("--tile-overlap", type=int, default=32)
+    parser.add_argument("--tile", type=_count(0), default=0, help="with --growth: tiled super-resolution at this tile")
+    parser.add_argument("--tile-overlap", type=_count(0), default=32)
     parser.add_argument("--out", type=Path, default=None, help="write FILE.md and FILE.csv (suffix replaced)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the FILE.md and FILE.csv of an earlier run")
     parser.add_argument(
         "--readme",
         type=Path,
@@ -438,15 +458,68 @@ def _markers(section: str) -> Tuple[str, str]:
     return f"<!-- {section}:start -->", f"<!-- {section}:end -->"
 
 
-def update_readme(path: Path, markdown: str, machine: str, section: str = "bench") -> None:
-    """Put ``markdown`` between the markers of ``section`` in ``path`` (which must contain both)."""
+def _readme_text(path: Path, section: str) -> str:
+    """The text of ``path``, which must hold the markers of ``section``; ``ValueError`` naming ``--readme``."""
     start, end = _markers(section)
-    text = path.read_text()
-    if start not in text or end not in text:
-        raise ValueError(f"{path} has no {start} ... {end} section to update")
-    head, rest = text.split(start, 1)
+    if not path.is_file():
+        found = "a folder" if path.is_dir() else "nothing"
+        raise ValueError(f"--readme {path}: expected a text file with a {start} ... {end} section, found {found}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise ValueError(f"--readme {path}: cannot read it ({reason})") from None
+    if start not in text or end not in text.split(start, 1)[1]:
+        raise ValueError(f"--readme {path}: has no {start} ... {end} section to update")
+    return text
+
+
+def update_readme(path: Path, markdown: str, machine: str, section: str = "bench") -> None:
+    """Put ``markdown`` between the markers of ``section`` in ``path`` (which must contain both), atomically."""
+    from recurzoo.checkpoint import atomic_write
+
+    start, end = _markers(section)
+    head, rest = _readme_text(path, section).split(start, 1)
     _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{start}\n{machine}\n\n{markdown}{end}{tail}")
+    text = f"{head}{start}\n{machine}\n\n{markdown}{end}{tail}"
+    atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
+
+
+def _section(args: argparse.Namespace) -> str:
+    """The README section that the mode of ``args`` updates."""
+    if args.train_memory:
+        return "bench-memory"
+    if args.growth:
+        return f"bench-growth-{'tiled' if args.tile else 'whole'}"
+    return "bench-train" if args.train else "bench"
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """``--out`` and ``--readme`` checked before anything runs: ``ValueError`` naming the flag for a
+    name that cannot take a suffix, a folder that cannot be written, earlier tables (unless
+    ``--overwrite``), or a README without the mode's section."""
+    if args.out is not None:
+        if not args.out.name or args.out.name in (".", "..") or args.out.is_dir():
+            found = "a folder" if args.out.is_dir() else "no name"
+            raise ValueError(f"--out {args.out}: expected a file name (FILE gives FILE.md and FILE.csv), found {found}")
+        from recurzoo.checkpoint import probe_writable
+
+        try:
+            probe_writable(args.out.parent)
+        except OSError as error:
+            raise ValueError(f"--out {args.out}: cannot write into {args.out.parent} ({error.strerror})") from None
+        outputs = [args.out.with_suffix(suffix) for suffix in (".md", ".csv")]
+        folders = [str(path) for path in outputs if path.is_dir()]
+        if folders:
+            raise ValueError(f"--out {args.out}: {folders[0]} is a folder, expected a file name")
+        existing = [str(path) for path in outputs if path.exists()]
+        if existing and not getattr(args, "overwrite", False):
+            raise ValueError(
+                f"--out {args.out}: {', '.join(existing)} exist(s) already; pass --overwrite to replace, or "
+                "choose another --out"
+            )
+    if args.readme is not None:
+        _readme_text(args.readme, _section(args))
 
 
 def _machine_line(threads: int, device: str) -> str:
@@ -464,52 +537,29 @@ def _model_sizes(args: argparse.Namespace) -> List[Tuple[str, Optional[Tuple[int
     return [(name, size or (tuple(args.input_size) if args.input_size else None)) for name, size in specs]
 
 
-def _run_scaling(args: argparse.Namespace, threads: int) -> int:
+def _run_scaling(args: argparse.Namespace, settings: RunSettings) -> Tuple[Sequence[Any], str]:
     from recurzoo.export import scaling
 
     if args.train_memory:
         models = [(name, size or _default_input_size(name)) for name, size in _model_sizes(args)]
-        rows = scaling.measure_train_memory(models, args.batch[0], threads, args.device, args.timeout)
-        markdown, section = scaling.memory_markdown(rows), "bench-memory"
-    else:
-        rows = scaling.measure_growth(
-            [name for name, _ in _model_sizes(args)],
-            args.growth,
-            args.tile,
-            args.tile_overlap,
-            threads,
-            args.device,
-            args.timeout,
-        )
-        markdown, section = scaling.growth_markdown(rows), f"bench-growth-{'tiled' if args.tile else 'whole'}"
-    print(markdown)
-    scaling.write_outputs(markdown, scaling.to_csv_rows(rows), args.out)
-    if args.readme:
-        update_readme(args.readme, markdown, _machine_line(threads, args.device), section)
-    return 0 if all(not row.error for row in rows) else 1
+        rows = scaling.measure_train_memory(models, args.batch[0], settings)
+        return rows, scaling.memory_markdown(rows)
+    names = [name for name, _ in _model_sizes(args)]
+    rows = scaling.measure_growth(names, args.growth, args.tile, args.tile_overlap, settings)
+    return rows, scaling.growth_markdown(rows)
 
 
-def _run_train(args: argparse.Namespace, threads: int) -> int:
-    from recurzoo.export import scaling, train_bench
+def _run_train(args: argparse.Namespace, settings: RunSettings) -> Tuple[Sequence[Any], str]:
+    from recurzoo.export import train_bench
 
-    variants = args.train_variants or train_bench.default_variants(args.device)
-    rows = train_bench.bench_train(
-        _model_sizes(args),
-        args.batch,
-        variants,
-        threads,
-        args.device,
-        warmup=args.warmup,
-        repeats=args.repeats,
-        max_seconds=args.max_seconds,
-        timeout=args.timeout,
-    )
-    markdown = train_bench.train_markdown(rows)
-    print(markdown)
-    scaling.write_outputs(markdown, scaling.to_csv_rows(rows), args.out)
-    if args.readme:
-        update_readme(args.readme, markdown, _machine_line(threads, args.device), "bench-train")
-    return 0 if all(not row.error for row in rows) else 1
+    variants = args.train_variants or train_bench.default_variants(settings.device)
+    rows = train_bench.bench_train(_model_sizes(args), args.batch, variants, settings)
+    return rows, train_bench.train_markdown(rows)
+
+
+def _run_latency(args: argparse.Namespace, settings: RunSettings) -> Tuple[Sequence[Any], str]:
+    rows = bench(args.models, args.backends, args.batch, args.input_size, settings, compare_batches=args.compare_batch)
+    return rows, to_markdown(rows)
 
 
 def _default_input_size(model_name: str) -> Tuple[int, ...]:
@@ -524,34 +574,26 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run the benchmark described by parsed arguments; print the table and write the files."""
     for spec in args.models:
         parse_model_spec(spec)  # a malformed size fails before anything runs
-    args.device = str(resolve_device(args.device))  # checked (DeviceError names --device) and resolved
-    threads = args.threads or torch.get_num_threads()
-    if args.train_memory or args.growth:
-        return _run_scaling(args, threads)
-    if args.train:
-        return _run_train(args, threads)
-    results = bench(
-        args.models,
-        args.backends,
-        args.batch,
-        args.input_size,
-        threads,
-        args.device,
-        args.warmup,
-        args.repeats,
-        compare_batches=args.compare_batch,
+    check_outputs(args)
+    settings = RunSettings(
+        threads=args.threads or torch.get_num_threads(),
+        device=str(resolve_device(args.device)),  # checked (DeviceError names --device) and resolved
+        warmup=args.warmup,
+        repeats=args.repeats,
         max_seconds=args.max_seconds,
         timeout=args.timeout,
     )
-    markdown = to_markdown(results)
+    if args.train_memory or args.growth:
+        rows, markdown = _run_scaling(args, settings)
+    elif args.train:
+        rows, markdown = _run_train(args, settings)
+    else:
+        rows, markdown = _run_latency(args, settings)
     print(markdown)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(markdown)
-        args.out.with_suffix(".csv").write_text(to_csv(results))
+    write_outputs(markdown, rows, args.out)
     if args.readme:
-        update_readme(args.readme, markdown, _machine_line(threads, args.device))
-    return 0 if all(not r.error for r in results) else 1
+        update_readme(args.readme, markdown, _machine_line(settings.threads, settings.device), _section(args))
+    return 0 if all(not row.error for row in rows) else 1
 
 
 def _run_worker_request(request: Dict[str, Any]) -> Dict[str, Any]:
@@ -559,6 +601,7 @@ def _run_worker_request(request: Dict[str, Any]) -> Dict[str, Any]:
     from recurzoo.export import scaling
 
     kind = request.pop("kind", "latency")
+    request["settings"] = RunSettings(**request.get("settings", {}))
     if kind == "latency":
         return asdict(bench_in_process(**request))
     if kind == "train_memory":
@@ -579,7 +622,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     parser = argparse.ArgumentParser(prog="python -m recurzoo.export.bench", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        check_outputs(args)
+    except ValueError as error:
+        parser.error(str(error))
+    return run_from_args(args)
 
 
 if __name__ == "__main__":

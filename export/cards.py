@@ -15,10 +15,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from torch import nn
+
 import recurzoo
 from recurzoo.checkpoint import cached_weights_path
 from recurzoo.export.flops import model_report
-from recurzoo.export.models import ExportSupport, create_model, export_support
+from recurzoo.export.models import ExportSupport, create_model, export_support, model_input_size
 from recurzoo.export.onnx import DEFAULT_OPSET, PARITY_TOLERANCE
 from recurzoo.registry import pretrained_cfgs
 
@@ -41,13 +43,14 @@ def load_template(family: str) -> Dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
-def counting_settings(model_name: str) -> Tuple[Dict[str, Any], Optional[Tuple[int, ...]]]:
-    """The ``create_kwargs`` and input size a zoo model's card figures are counted with."""
+def counting_model(model_name: str) -> Tuple[nn.Module, Tuple[int, int, int]]:
+    """The model a zoo model's card figures are counted on (its card's ``create_kwargs``, every weight
+    zero, for counting only) and the input size they are counted at (the card's, else the cfg's)."""
     from recurzoo.registry import model_family
 
     template = load_template(model_family(model_name))
-    size = template.get("input_size")
-    return dict(template.get("create_kwargs") or {}), tuple(size) if size else None
+    model = create_model(model_name, uninitialized=True, **(template.get("create_kwargs") or {}))
+    return model, model_input_size(model, template.get("input_size"))
 
 
 def pretrained_tags(model_name: str) -> List[str]:
@@ -68,9 +71,7 @@ def _weights_cell(model_name: str) -> str:
 
 def variant_figures(model_name: str) -> Dict[str, str]:
     """The figures of a variant's row, counted on the full-size model with its card's settings."""
-    create_kwargs, input_size = counting_settings(model_name)
-    model = create_model(model_name, uninitialized=True, **create_kwargs)
-    size = tuple(input_size or model.pretrained_cfg["input_size"])
+    model, size = counting_model(model_name)
     report = model_report(model, size)
     return {
         "model": model_name,

@@ -152,10 +152,13 @@ def load_images(
     if not folder.is_dir():
         raise EdgeExportError(f"{option} {folder}: not a folder of images")
     classes = sorted(path for path in folder.iterdir() if path.is_dir())
-    files = [(path, None) for path in collect_images([folder])] if not classes else []
-    for index, subfolder in enumerate(classes):
-        label = _class_index(model, subfolder.name, index)
-        files += [(path, label) for path in collect_images([subfolder])]
+    try:
+        files = [(path, None) for path in collect_images([folder])] if not classes else []
+        for index, subfolder in enumerate(classes):
+            label = _class_index(model, subfolder.name, index)
+            files += [(path, label) for path in collect_images([subfolder])]
+    except ImageError as error:  # an empty folder or class subfolder
+        raise EdgeExportError(f"{option} {folder}: {error}, expected images or class subfolders of them") from None
     transform = _transform(model, input_size)
     images, labels, skipped = [], [], 0
     for path, label in files[:count] if count else files:
@@ -166,7 +169,9 @@ def load_images(
             continue
         labels.append(label)
     if not images:
-        raise EdgeExportError(f"{folder}: no readable images (expected .png/.jpg files or class subfolders of them)")
+        raise EdgeExportError(
+            f"{option} {folder}: no readable images (expected .png/.jpg files or class subfolders of them)"
+        )
     source = f"{len(images)} images of {folder}" + (f" ({skipped} unreadable, skipped)" if skipped else "")
     has_labels = all(label is not None for label in labels)
     return ImageSet(torch.stack(images), source, torch.tensor(labels) if has_labels else None)
@@ -625,6 +630,20 @@ def _write_report(result: EdgeResult, out_dir: Path, stem: str) -> List[str]:
     return [str(json_path), str(md_path)]
 
 
+def edge_paths(model_name: str, out_dir: Union[str, Path], fmt: str, precision: str) -> List[Path]:
+    """The files :func:`export_edge` writes: the fp32 ONNX it starts from, the artifact, the ExecuTorch
+    program's preprocessing JSON, and the fidelity report."""
+    out_dir = Path(out_dir)
+    path = out_dir / f"{model_name}.{precision}.{'onnx' if fmt == 'onnx' else 'pte'}"
+    beside = [path.with_suffix(".json")] if fmt == "executorch" else []
+    return [
+        out_dir / f"{model_name}.onnx",
+        path,
+        *beside,
+        *(out_dir / f"{path.name}.fidelity.{x}" for x in ("json", "md")),
+    ]
+
+
 def _images(model: nn.Module, size: Sequence[int], folder: Any, count: int, option: str) -> ImageSet:
     if isinstance(folder, ImageSet):
         return folder
@@ -718,7 +737,7 @@ def export_edge(
     if not fp32.ok:
         raise EdgeExportError(f"{model_name}: the fp32 ONNX graph does not match PyTorch: {fp32.parity_line()}")
     meta = preprocessing(model, size)
-    path = out_dir / f"{model_name}.{precision}.{'onnx' if fmt == 'onnx' else 'pte'}"
+    path = edge_paths(model_name, out_dir, fmt, precision)[1]
     try:
         float_ops, run = _lower(model, fmt, precision, Path(fp32.onnx_path), path, calibration_set, meta)
     except EdgeExportError:

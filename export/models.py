@@ -5,7 +5,9 @@
   counting.
 - :func:`photo_batch` / :func:`random_batch`: inputs as the model takes them (normalised with its
   pretrained cfg, or in [0, 1] for models that normalise themselves).
-- :func:`time_forward` / :func:`median_ms`: the timing loop.
+- :func:`model_and_inputs`: a model by name with a random batch for it (what the benchmarks time).
+- :func:`time_forward` / :func:`median_ms` / :func:`median_and_quartiles`: the timing loop and its
+  summary; :class:`RunSettings`: how one benchmark configuration is run.
 - :func:`export_support`: what an exported graph can take, read from what the model's classes declare.
 
 What a model declares: every module class may state, as class attributes, ``export_dynamic_batch``
@@ -20,7 +22,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -35,8 +37,11 @@ __all__ = [
     "normalization",
     "photo_batch",
     "random_batch",
+    "model_and_inputs",
+    "RunSettings",
     "time_forward",
     "median_ms",
+    "median_and_quartiles",
 ]
 
 _FIXED_POSITION_EMBEDDING = "built with dynamic_img_size=False (a fixed position embedding)"
@@ -222,9 +227,49 @@ def random_batch(model: nn.Module, batch: int, channels: int, height: int, width
     return torch.randn(batch, channels, height, width, generator=generator)
 
 
+def model_and_inputs(
+    model_name: str, batch: int, input_size: Optional[Sequence[int]] = None, device: str = "cpu", **kwargs: Any
+) -> Tuple[nn.Module, torch.Tensor]:
+    """:func:`create_model` on ``device`` and a standard-normal batch of ``batch`` inputs for it at
+    ``input_size`` (``(C, H, W)``; the model's pretrained cfg's by default)."""
+    model = create_model(model_name, **kwargs).to(device)
+    return model, torch.randn(batch, *model_input_size(model, input_size), device=device)
+
+
 # --------------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSettings:
+    """How one benchmark configuration is run: intra-op ``threads`` (None: torch's default),
+    ``device``, ``warmup`` untimed and ``repeats`` timed calls, ``max_seconds`` of timing (at least
+    three calls), and ``timeout``, after which a configuration's fresh process is given up."""
+
+    threads: Optional[int] = None
+    device: str = "cpu"
+    warmup: int = 3
+    repeats: int = 10
+    max_seconds: Optional[float] = None
+    timeout: Optional[float] = None
+
+    def where(self) -> Dict[str, Any]:
+        """The ``threads`` and ``device`` fields of a result row run with these settings."""
+        return dict(threads=self.threads or torch.get_num_threads(), device=self.device)
+
+    def build(
+        self, model_name: str, batch: int, input_size: Optional[Sequence[int]] = None
+    ) -> Tuple[nn.Module, torch.Tensor]:
+        """Set this process to ``threads`` (when given), then :func:`model_and_inputs` on ``device``."""
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        return model_and_inputs(model_name, batch, input_size, self.device)
+
+    def time(self, run: Callable[[], object], warmup: Optional[int] = None) -> List[float]:
+        """:func:`time_forward` of ``run`` with these settings (``warmup`` overrides theirs)."""
+        warmup = self.warmup if warmup is None else warmup
+        return time_forward(run, self.device, warmup, self.repeats, self.max_seconds)
 
 
 def _now(device: str) -> float:
@@ -260,3 +305,12 @@ def time_forward(
 def median_ms(run: Callable[[], object], repeats: int = 5, warmup: int = 1, device: str = "cpu") -> float:
     """Median milliseconds of ``repeats`` calls of ``run`` after ``warmup`` untimed ones."""
     return statistics.median(time_forward(run, device, warmup, repeats)) * 1e3
+
+
+def median_and_quartiles(times: Sequence[float]) -> Tuple[float, float, float]:
+    """The median, first and third quartile of ``times`` (all three the median of a single time)."""
+    median = statistics.median(times)
+    if len(times) < 2:
+        return median, median, median
+    first, _, third = statistics.quantiles(times, n=4)
+    return median, first, third

@@ -27,7 +27,9 @@ the traced size.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -225,6 +227,19 @@ def export_symbolics(opset: int) -> Iterator[None]:
     finally:
         if registered:
             unregister_custom_op_symbolic("aten::_upsample_bicubic2d_aa", opset)
+            _drop_empty_symbolic_group("aten::_upsample_bicubic2d_aa")
+
+
+def _drop_empty_symbolic_group(name: str) -> None:
+    """Forget ``name`` in torch's symbolic registry when unregistering left it no function: torch keeps
+    an empty group, and a later export at an opset without the operator then fails inside torch
+    (``min() arg is an empty sequence``) instead of saying that the operator is not supported."""
+    with contextlib.suppress(ImportError, AttributeError):
+        from torch.onnx._internal.torchscript_exporter import registration
+
+        group = registration.registry.get_function_group(name)
+        if group is not None and not group._functions:
+            registration.registry._registry.pop(name, None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -511,12 +526,31 @@ def measure_latency(model: nn.Module, path: Path, x: torch.Tensor, threads: int 
     return dict(onnxruntime=onnx_ms, pytorch=eager_ms, threads=threads)
 
 
-def _write_report(model: nn.Module, result: ExportResult, out_dir: Path, stem: str) -> List[str]:
+def _write_report(model: nn.Module, result: ExportResult, out_dir: Path, stem: str, overwrite: bool) -> List[str]:
     from recurzoo.export.report import build_report, write_report
 
     model_report = build_report(model, result.input_size, name=stem)
     model_report["export"] = result.to_dict()
-    return [str(path) for path in write_report(model_report, out_dir, stem)]
+    return [str(path) for path in write_report(model_report, out_dir, stem, overwrite)]
+
+
+def export_paths(
+    model_name: str, out_dir: Union[str, Path] = "out", features_only: bool = False, report: bool = True
+) -> List[Path]:
+    """The files :func:`export_model` writes: the ``.onnx`` and, with ``report``, its report's JSON and Markdown."""
+    from recurzoo.export.report import report_paths
+
+    stem = model_name + ("_features" if features_only else "")
+    return [Path(out_dir) / f"{stem}.onnx", *(report_paths(out_dir, stem) if report else ())]
+
+
+def refuse_existing(paths: Sequence[Path]) -> None:
+    """``FileExistsError`` naming the first of ``paths`` that exists (outputs not to be overwritten)."""
+    for path in paths:
+        if os.path.lexists(path):
+            raise FileExistsError(
+                errno.EEXIST, "exists already and is not overwritten (--overwrite replaces it)", str(path)
+            )
 
 
 def export_model(
@@ -534,6 +568,7 @@ def export_model(
     model: Optional[nn.Module] = None,
     model_kwargs: Optional[Dict[str, Any]] = None,
     num_threads: Optional[int] = None,
+    overwrite: bool = True,
 ) -> ExportResult:
     """Export ``model_name`` to ``out_dir/<model_name>.onnx`` and check it in onnxruntime.
 
@@ -552,24 +587,28 @@ def export_model(
         model: an already built model to export instead of creating ``model_name`` (tests).
         model_kwargs: more ``timm.create_model`` arguments.
         num_threads: onnxruntime's intra-op threads for the parity checks (default: its own choice).
+        overwrite: replace the files of an earlier export; without it an existing one is refused before any
+            work (``FileExistsError``).
+
+    The ``.onnx`` is traced, checked and timed under a temporary name and renamed into place last, the
+    report written atomically before it; an export that fails or is interrupted removes what it wrote
+    and the folders it created.
 
     Returns:
         An :class:`ExportResult`; ``result.ok`` is False when a parity check exceeds the tolerance.
     """
+    from recurzoo.checkpoint import atomic_write, removed_on_failure
+
+    outputs = export_paths(model_name, out_dir, features_only, report)
+    if not overwrite:
+        refuse_existing(outputs)
     if model is None:
         model = create_model(model_name, checkpoint, features_only=features_only, **(model_kwargs or {}))
     model = model.eval()
     plan = plan_export(model, model_name, input_size, batch, dynamic, opset, features_only)
     with torch.no_grad():
         references = [_as_list(model(x)) for _, x in plan.inputs]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path = out_dir / f"{plan.stem}.onnx"
-    start = time.perf_counter()
-    trace_to_onnx(model, plan, onnx_path, references[0])
-    if simplify:
-        simplify_onnx(onnx_path)
-    export_seconds = time.perf_counter() - start
+    out_dir, onnx_path = Path(out_dir), outputs[0]
     result = ExportResult(
         model_name=model_name,
         onnx_path=str(onnx_path),
@@ -581,14 +620,23 @@ def export_model(
         opset=opset,
         features_only=features_only,
         simplified=simplify,
-        checks=check_parity(onnx_path, plan, references, num_threads),
-        export_seconds=export_seconds,
-        onnx_nodes=_node_count(onnx_path),
     )
-    if benchmark:
-        result.latency_ms = measure_latency(model, onnx_path, plan.inputs[0][1])
-    if report:
-        result.report_paths = _write_report(model, result, out_dir, plan.stem)
+
+    def write(temporary: str) -> None:
+        start = time.perf_counter()
+        trace_to_onnx(model, plan, Path(temporary), references[0])
+        if simplify:
+            simplify_onnx(Path(temporary))
+        result.export_seconds = time.perf_counter() - start
+        result.checks = check_parity(Path(temporary), plan, references, num_threads)
+        result.onnx_nodes = _node_count(Path(temporary))
+        if benchmark:
+            result.latency_ms = measure_latency(model, Path(temporary), plan.inputs[0][1])
+        if report:
+            result.report_paths = _write_report(model, result, out_dir, plan.stem, overwrite)
+
+    with removed_on_failure(out_dir, outputs):
+        atomic_write(onnx_path, write, overwrite)
     return result
 
 

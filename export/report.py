@@ -25,7 +25,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -264,13 +264,20 @@ def render_markdown(report: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: Dict[str, Any], directory: Path, stem: str) -> Tuple[Path, Path]:
-    """Write ``<stem>.report.json`` and ``<stem>.report.md`` in ``directory``; returns both paths."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    json_path, markdown_path = directory / f"{stem}.report.json", directory / f"{stem}.report.md"
-    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    markdown_path.write_text(render_markdown(report))
+def report_paths(directory: Union[str, Path], stem: str) -> Tuple[Path, Path]:
+    """``<stem>.report.json`` and ``<stem>.report.md`` in ``directory``."""
+    return Path(directory) / f"{stem}.report.json", Path(directory) / f"{stem}.report.md"
+
+
+def write_report(report: Dict[str, Any], directory: Path, stem: str, overwrite: bool = True) -> Tuple[Path, Path]:
+    """Write ``<stem>.report.json`` and ``<stem>.report.md`` in ``directory``, each atomically; returns both
+    paths. Without ``overwrite`` an existing report is not replaced (``FileExistsError``)."""
+    from recurzoo.checkpoint import atomic_write
+
+    json_path, markdown_path = report_paths(directory, stem)
+    text = json.dumps(report, indent=2, default=str) + "\n"
+    atomic_write(json_path, lambda temporary: Path(temporary).write_text(text), overwrite)
+    atomic_write(markdown_path, lambda temporary: Path(temporary).write_text(render_markdown(report)), overwrite)
     return json_path, markdown_path
 
 
@@ -284,16 +291,13 @@ def zoo_report(model_name: str, latency: bool = False) -> Dict[str, Any]:
 
     With ``latency`` the eager PyTorch latency of one image (median of 3 runs) is measured too.
     """
-    from recurzoo.export.cards import counting_settings
-    from recurzoo.export.models import create_model, median_ms
+    from recurzoo.export.cards import counting_model
+    from recurzoo.export.models import median_ms
     from recurzoo.registry import model_family
 
-    create_kwargs, input_size = counting_settings(model_name)
-    family = model_family(model_name)
-    model = create_model(model_name, uninitialized=True, **create_kwargs)
-    size = tuple(input_size or model.pretrained_cfg["input_size"])
+    model, size = counting_model(model_name)
     report = build_report(model, size, name=model_name)
-    report["family"] = family
+    report["family"] = model_family(model_name)
     if latency:
         x = _example_input(model, size, 1)
         with torch.no_grad():

@@ -17,14 +17,13 @@ from __future__ import annotations
 import gc
 import math
 import time
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from recurzoo.export.bench import worker_result
-from recurzoo.export.models import create_model
+from recurzoo.export.bench import markdown_table, worker_result
+from recurzoo.export.models import RunSettings
 
 __all__ = [
     "MemoryResult",
@@ -114,20 +113,17 @@ def train_step_memory(
     input_size: Sequence[int],
     batch: int,
     grad_checkpointing: bool,
-    threads: Optional[int] = None,
-    device: str = "cpu",
+    settings: Optional[RunSettings] = None,
 ) -> MemoryResult:
     """Peak memory of one forward + backward pass of ``model_name`` in train mode (in this process)."""
-    if threads:
-        torch.set_num_threads(threads)
-    model = create_model(model_name).to(device).train()
-    model.set_grad_checkpointing(grad_checkpointing)
-    inputs = torch.randn(batch, *input_size, device=device)
+    settings = settings or RunSettings()
+    model, inputs = settings.build(model_name, batch, input_size)
+    model.train().set_grad_checkpointing(grad_checkpointing)
 
     def step() -> None:
         model(inputs).float().square().mean().backward()
 
-    seconds, peak, above = _measure_peak(device, step)
+    seconds, peak, above = _measure_peak(settings.device, step)
     return MemoryResult(model_name, "x".join(map(str, input_size)), batch, grad_checkpointing, seconds, peak, above)
 
 
@@ -136,18 +132,15 @@ def growth_point(
     side: int,
     tile: int = 0,
     tile_overlap: int = 32,
-    threads: Optional[int] = None,
-    device: str = "cpu",
     in_chans: int = 3,
+    settings: Optional[RunSettings] = None,
 ) -> GrowthPoint:
     """Latency and memory of one inference at ``side x side`` (tiled when ``tile``), in this process.
 
     One untimed pass at the smaller of ``side`` and ``tile`` warms the kernels first.
     """
-    if threads:
-        torch.set_num_threads(threads)
-    model = create_model(model_name).to(device).eval()
-    images = torch.randn(1, in_chans, side, side, device=device)
+    settings = settings or RunSettings()
+    model, images = settings.build(model_name, 1, (in_chans, side, side))
     warm_side = min(side, tile) if tile else side
     if tile and not hasattr(model, "super_resolve"):
         raise ValueError(f"{model_name}: --tile needs a super-resolution model (one with super_resolve)")
@@ -160,7 +153,7 @@ def growth_point(
 
     with torch.inference_mode():
         model(images[..., :warm_side, :warm_side])
-        seconds, peak, above = _measure_peak(device, infer)
+        seconds, peak, above = _measure_peak(settings.device, infer)
     return GrowthPoint(model_name, side, tile, seconds, peak, above)
 
 
@@ -176,27 +169,20 @@ def fit_exponent(sizes: Sequence[float], values: Sequence[float]) -> float:
 
 
 def measure_train_memory(
-    models: Sequence[Tuple[str, Sequence[int]]],
-    batch: int,
-    threads: Optional[int] = None,
-    device: str = "cpu",
-    timeout: Optional[float] = None,
+    models: Sequence[Tuple[str, Sequence[int]]], batch: int, settings: Optional[RunSettings] = None
 ) -> List[MemoryResult]:
     """Training-step memory of each (model, input size), without and with gradient checkpointing."""
+    settings = settings or RunSettings()
     results = []
     for model_name, size in models:
         for checkpointing in (False, True):
-            request = dict(
-                kind="train_memory",
-                model_name=model_name,
-                input_size=list(size),
-                batch=batch,
-                grad_checkpointing=checkpointing,
-                threads=threads,
-                device=device,
-            )
+            asked = dict(model_name=model_name, input_size=list(size), batch=batch, grad_checkpointing=checkpointing)
             known = dict(model=model_name, input_size="x".join(map(str, size)), batch=batch)
-            results.append(worker_result(MemoryResult, request, timeout, **known, grad_checkpointing=checkpointing))
+            results.append(
+                worker_result(
+                    MemoryResult, dict(asked, kind="train_memory"), settings, **known, grad_checkpointing=checkpointing
+                )
+            )
     return results
 
 
@@ -205,45 +191,32 @@ def measure_growth(
     sides: Sequence[int],
     tile: int = 0,
     tile_overlap: int = 32,
-    threads: Optional[int] = None,
-    device: str = "cpu",
-    timeout: Optional[float] = None,
+    settings: Optional[RunSettings] = None,
 ) -> List[GrowthPoint]:
     """Latency and memory of each model at each side (fresh process per point)."""
+    settings = settings or RunSettings()
     points = []
     for model_name in models:
         for side in sides:
-            request = dict(
-                kind="growth",
-                model_name=model_name,
-                side=side,
-                tile=tile,
-                tile_overlap=tile_overlap,
-                threads=threads,
-                device=device,
-            )
-            points.append(worker_result(GrowthPoint, request, timeout, model=model_name, side=side, tile=tile))
+            request = dict(kind="growth", model_name=model_name, side=side, tile=tile, tile_overlap=tile_overlap)
+            points.append(worker_result(GrowthPoint, request, settings, model=model_name, side=side, tile=tile))
     return points
 
 
 def memory_markdown(results: Sequence[MemoryResult]) -> str:
     """Markdown table of training-step memory; each checkpointed row states its saving."""
     plain = {(r.model, r.input_size, r.batch): r for r in results if not r.grad_checkpointing and not r.error}
-    lines = [
-        "| model | input size | batch | grad checkpointing | step s | peak MB | step MB | step memory saved |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    header = ["model", "input size", "batch", "grad checkpointing", "step s", "peak MB", "step MB", "step memory saved"]
+    rows = []
     for r in results:
         if r.error:
-            lines.append(f"| {r.model} | {r.input_size} | {r.batch} | {r.grad_checkpointing} | failed: {r.error} |")
+            rows.append([r.model, r.input_size, r.batch, r.grad_checkpointing, f"failed: {r.error}"])
             continue
         reference = plain.get((r.model, r.input_size, r.batch))
         saved = f"{1 - r.step_memory_mb / reference.step_memory_mb:.0%}" if r.grad_checkpointing and reference else ""
-        lines.append(
-            f"| {r.model} | {r.input_size} | {r.batch} | {'yes' if r.grad_checkpointing else 'no'} | "
-            f"{r.step_seconds:.1f} | {r.peak_memory_mb:.0f} | {r.step_memory_mb:.0f} | {saved} |"
-        )
-    return "\n".join(lines) + "\n"
+        measured = [f"{r.step_seconds:.1f}", f"{r.peak_memory_mb:.0f}", f"{r.step_memory_mb:.0f}", saved]
+        rows.append([r.model, r.input_size, r.batch, "yes" if r.grad_checkpointing else "no", *measured])
+    return markdown_table(header, rows)
 
 
 def growth_exponents(points: Sequence[GrowthPoint]) -> Dict[str, Tuple[float, float]]:
@@ -262,40 +235,16 @@ def growth_exponents(points: Sequence[GrowthPoint]) -> Dict[str, Tuple[float, fl
 
 def growth_markdown(points: Sequence[GrowthPoint]) -> str:
     """Markdown table of the growth points, then the fitted exponents per model."""
-    lines = ["| model | input | tile | latency s | peak MB | inference MB |", "| --- | --- | --- | --- | --- | --- |"]
+    rows = []
     for p in points:
-        tile = str(p.tile) if p.tile else "whole"
+        asked = [p.model, f"{p.side}x{p.side}", str(p.tile) if p.tile else "whole"]
         if p.error:
-            lines.append(f"| {p.model} | {p.side}x{p.side} | {tile} | failed: {p.error} |")
+            rows.append([*asked, f"failed: {p.error}"])
         else:
-            lines.append(
-                f"| {p.model} | {p.side}x{p.side} | {tile} | {p.latency_s:.2f} | "
-                f"{p.peak_memory_mb:.0f} | {p.step_memory_mb:.0f} |"
-            )
-    lines.append("")
-    for model, (time_exp, memory_exp) in growth_exponents(points).items():
-        lines.append(f"- `{model}`: latency ~ pixels^{time_exp:.2f}, inference memory ~ pixels^{memory_exp:.2f}")
-    return "\n".join(lines) + "\n"
-
-
-def to_csv_rows(rows: Sequence[object]) -> str:
-    """CSV of dataclass rows (MemoryResult or GrowthPoint)."""
-    import csv
-    import io
-
-    if not rows:
-        return ""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(rows[0])])
-    writer.writeheader()
-    for row in rows:
-        writer.writerow(asdict(row))
-    return buffer.getvalue()
-
-
-def write_outputs(markdown: str, csv_text: str, out: Optional[Path]) -> None:
-    """Write ``out.md`` and ``out.csv`` (suffix replaced) when ``out`` is given."""
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".md").write_text(markdown)
-        out.with_suffix(".csv").write_text(csv_text)
+            rows.append([*asked, f"{p.latency_s:.2f}", f"{p.peak_memory_mb:.0f}", f"{p.step_memory_mb:.0f}"])
+    table = markdown_table(["model", "input", "tile", "latency s", "peak MB", "inference MB"], rows)
+    fits = [
+        f"- `{model}`: latency ~ pixels^{time_exp:.2f}, inference memory ~ pixels^{memory_exp:.2f}\n"
+        for model, (time_exp, memory_exp) in growth_exponents(points).items()
+    ]
+    return table + "\n" + "".join(fits)

@@ -12,14 +12,14 @@ optimizer state and the step's activations.
 from __future__ import annotations
 
 import contextlib
-import statistics
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from recurzoo.export.bench import create_model, time_forward, worker_result
+from recurzoo.export.bench import markdown_table, worker_result
+from recurzoo.export.models import RunSettings, median_and_quartiles
 
 __all__ = [
     "TrainResult",
@@ -130,41 +130,38 @@ def _peak_memory(device: str, reset: bool) -> float:
     return _peak_resident_mb()
 
 
+def _train_settings(settings: Optional[RunSettings]) -> RunSettings:
+    """``settings``, or one warm-up and five timed training steps by default."""
+    return settings or RunSettings(warmup=1, repeats=5)
+
+
 def train_in_process(
     model_name: str,
     variant: str = "fp32",
     batch: int = 16,
     input_size: Optional[Sequence[int]] = None,
-    threads: Optional[int] = None,
-    device: str = "cpu",
-    warmup: int = 1,
-    repeats: int = 5,
-    max_seconds: Optional[float] = None,
+    settings: Optional[RunSettings] = None,
 ) -> TrainResult:
-    """Time training steps of one configuration in this process (after ``warmup`` untimed steps)."""
-    if threads:
-        torch.set_num_threads(threads)
-    model = create_model(model_name).to(device)
-    size = tuple(input_size or model.pretrained_cfg["input_size"])
-    inputs = torch.randn(batch, *size, device=device)
+    """Time training steps of one configuration in this process (after ``settings.warmup`` untimed steps)."""
+    settings = _train_settings(settings)
+    model, inputs = settings.build(model_name, batch, input_size)
     step, _ = make_train_step(model, inputs, variant)
-    for _ in range(max(warmup, 1)):  # the first step allocates the optimizer state
+    for _ in range(max(settings.warmup, 1)):  # the first step allocates the optimizer state
         step()
-    _peak_memory(device, reset=True)
-    times = time_forward(step, device, 0, repeats, max_seconds)
-    peak = _peak_memory(device, reset=False)
-    median = statistics.median(times)
-    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [median] * 3
+    _peak_memory(settings.device, reset=True)
+    times = settings.time(step, warmup=0)
+    peak = _peak_memory(settings.device, reset=False)
+    median, p25, p75 = median_and_quartiles(times)
     return TrainResult(
         model=model_name,
         variant=variant,
         batch=batch,
-        input_size="x".join(map(str, size)),
+        input_size="x".join(map(str, inputs.shape[1:])),
         threads=torch.get_num_threads(),
-        device=device,
+        device=settings.device,
         step_ms=median * 1e3,
-        step_p25_ms=quartiles[0] * 1e3,
-        step_p75_ms=quartiles[2] * 1e3,
+        step_p25_ms=p25 * 1e3,
+        step_p75_ms=p75 * 1e3,
         images_per_s=batch / median,
         peak_memory_mb=peak,
     )
@@ -174,57 +171,47 @@ def bench_train(
     models: Sequence[Tuple[str, Optional[Sequence[int]]]],
     batches: Sequence[int],
     variants: Sequence[str],
-    threads: Optional[int] = None,
-    device: str = "cpu",
-    warmup: int = 1,
-    repeats: int = 5,
-    max_seconds: Optional[float] = None,
-    timeout: Optional[float] = None,
+    settings: Optional[RunSettings] = None,
 ) -> List[TrainResult]:
     """Every (model and input size, batch, variant) in its own process; failures are recorded, not raised."""
+    settings = _train_settings(settings)
     results = []
     for model_name, size in models:
+        input_size = list(size) if size else None
         for batch in batches:
             for variant in variants:
-                request: Dict[str, object] = dict(
-                    kind="train",
-                    model_name=model_name,
-                    variant=variant,
-                    batch=batch,
-                    input_size=list(size) if size else None,
-                    threads=threads,
-                    device=device,
-                    warmup=warmup,
-                    repeats=repeats,
-                    max_seconds=max_seconds,
-                )
-                known = dict(
-                    model=model_name,
-                    variant=variant,
-                    batch=batch,
-                    input_size="x".join(map(str, size)) if size else "",
-                    threads=threads or torch.get_num_threads(),
-                    device=device,
-                )
-                results.append(worker_result(TrainResult, request, timeout, **known))
+                request = dict(kind="train", model_name=model_name, variant=variant, batch=batch, input_size=input_size)
+                size_text = "x".join(map(str, size)) if size else ""
+                known = dict(model=model_name, variant=variant, batch=batch, input_size=size_text)
+                results.append(worker_result(TrainResult, request, settings, **known, **settings.where()))
     return results
+
+
+_TRAIN_COLUMNS = [
+    "model",
+    "variant",
+    "batch",
+    "input size",
+    "threads",
+    "step ms",
+    "p25-p75 ms",
+    "images/s",
+    "peak MB",
+    "vs fp32",
+]
 
 
 def train_markdown(results: Sequence[TrainResult]) -> str:
     """Markdown table of training steps; each row's speed-up is over fp32 contiguous of the same model and batch."""
     reference = {(r.model, r.batch, r.input_size): r.step_ms for r in results if r.variant == "fp32" and not r.error}
-    lines = [
-        "| model | variant | batch | input size | threads | step ms | p25-p75 ms | images/s | peak MB | vs fp32 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    rows = []
     for r in results:
         if r.error:
-            lines.append(f"| {r.model} | {r.variant} | {r.batch} | {r.input_size} | {r.threads} | failed: {r.error} |")
+            rows.append([r.model, r.variant, r.batch, r.input_size, r.threads, f"failed: {r.error}"])
             continue
         base = reference.get((r.model, r.batch, r.input_size))
         ratio = f"{base / r.step_ms:.2f}x" if base and r.variant != "fp32" else ""
-        lines.append(
-            f"| {r.model} | {r.variant} | {r.batch} | {r.input_size} | {r.threads} | {r.step_ms:.0f} | "
-            f"{r.step_p25_ms:.0f}-{r.step_p75_ms:.0f} | {r.images_per_s:.1f} | {r.peak_memory_mb:.0f} | {ratio} |"
-        )
-    return "\n".join(lines) + "\n"
+        spread = f"{r.step_p25_ms:.0f}-{r.step_p75_ms:.0f}"
+        measured = [f"{r.step_ms:.0f}", spread, f"{r.images_per_s:.1f}", f"{r.peak_memory_mb:.0f}", ratio]
+        rows.append([r.model, r.variant, r.batch, r.input_size, r.threads, *measured])
+    return markdown_table(_TRAIN_COLUMNS, rows)

@@ -238,7 +238,7 @@ class SuperResolutionModel(nn.Module):
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, **get_device_dtype(self))
         self.head.train(self.training)
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def check_input(self, x: torch.Tensor) -> None:
         check_image_input(x, self._name(), self.in_chans, dtype=next(self.parameters()).dtype)
 
     def _mean(self, x: torch.Tensor) -> torch.Tensor:
@@ -253,7 +253,7 @@ class SuperResolutionModel(nn.Module):
         return x / self.img_range + self._mean(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        self.check_input(x)
         return self.backbone.forward_features(self.normalize(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -267,24 +267,11 @@ class SuperResolutionModel(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """The backbone's intermediates (and final features) for images in [0, 1]."""
-        self._check_input(x)
-        return self.backbone.forward_intermediates(
-            self.normalize(x),
-            indices=indices,
-            norm=norm,
-            stop_early=stop_early,
-            output_fmt=output_fmt,
-            intermediates_only=intermediates_only,
-        )
+        self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None, **kwargs: Any
+    ) -> Union[List[Any], Tuple[torch.Tensor, List[Any]]]:
+        """The backbone's ``forward_intermediates`` (same keyword arguments) for images in [0, 1]."""
+        self.check_input(x)
+        return self.backbone.forward_intermediates(self.normalize(x), indices=indices, **kwargs)
 
     def prune_intermediate_layers(
         self,

@@ -172,7 +172,8 @@ def check_outputs(
         )
 
 
-def _out_of_memory(error: BaseException) -> bool:
+def out_of_memory(error: BaseException) -> bool:
+    """True for an allocation that failed (CUDA's OutOfMemoryError, or the CPU allocator's message)."""
     return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
@@ -206,7 +207,7 @@ def model_info(model_name: str, input_size: Optional[Sequence[int]] = None) -> D
     except ValueError as error:  # the model's input checks
         raise UsageError(f"--input-size: {error}") from None
     except RuntimeError as error:
-        if not _out_of_memory(error):
+        if not out_of_memory(error):
             raise
         raise UsageError(f"--input-size {' '.join(map(str, size))}: not enough memory to count FLOPs") from None
     cfg = {key: value for key, value in model.pretrained_cfg.items() if value is not None}
@@ -357,7 +358,7 @@ def super_resolve_files(
         try:
             output = super_resolve_image(net, image, tile, tile_overlap, progress=progress)
         except RuntimeError as error:
-            if not _out_of_memory(error):
+            if not out_of_memory(error):
                 raise
             height, width = image.shape[:2]
             raise UsageError(

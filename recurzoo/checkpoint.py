@@ -26,7 +26,7 @@ import struct
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -368,6 +368,26 @@ def atomic_write(path: PathLike, write: Callable[[str], Any], overwrite: bool = 
                 folder.rmdir()
         raise
     return path
+
+
+@contextlib.contextmanager
+def removed_on_failure(folder: PathLike, outputs: Sequence[PathLike]) -> Iterator[None]:
+    """Outputs that stand or fall together: when the block raises or is interrupted, those of ``outputs``
+    that did not exist before it and the folders it created (``folder`` and missing parents) are removed.
+    Files that existed before are never removed (each output is written atomically: old or new, whole)."""
+    folder = Path(folder)
+    missing = [made for made in (folder, *folder.parents) if not made.exists()]  # innermost first
+    new = [Path(path) for path in outputs if not os.path.lexists(path)]
+    try:
+        yield
+    except BaseException:
+        for path in new:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        for made in missing:
+            with contextlib.suppress(OSError):  # not empty: something else writes there
+                made.rmdir()
+        raise
 
 
 def probe_writable(folder: PathLike) -> None:

@@ -14,14 +14,15 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from recurzoo.apps import UsageError
 from recurzoo.checkpoint import CheckpointError
 from recurzoo.devices import DeviceError, resolve_device
+from recurzoo.export.bench import add_input_size_argument, positive_int
 from recurzoo.images import ImageError, default_max_pixels
 from recurzoo.registry import UnknownModelError
-from recurzoo.train.arguments import add_kwargs_argument
+from recurzoo.train.arguments import HelpFormatter, add_kwargs_argument
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -49,23 +50,9 @@ class _ArgumentError(UsageError):
         self.prog = prog
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """Adds ``(default: X)`` to an argument's help, unless the help already says what its default is."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        empty = default is None or default is False or default is argparse.SUPPRESS
-        empty = empty or (isinstance(default, (list, tuple, dict)) and not default)
-        unstated = empty or "%(default)" in text
-        if unstated or "default" in text.lower() or action.nargs == argparse.REMAINDER:
-            return text
-        return f"{text} (default: %(default)s)".strip()
-
-
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", _HelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # one line, not argparse's usage block
@@ -77,13 +64,26 @@ def _resolve_model(name: str, option: str = "MODEL") -> str:
     import recurzoo
     from recurzoo.registry import split_model_name
 
-    base = split_model_name(name)[0]
-    if not base or base not in recurzoo.list_models():
-        stem = base.split("_")[0]
-        close = recurzoo.list_models(f"*{stem}*")[:5] if stem else []
-        hint = f"; similar: {', '.join(close)}" if close else "; 'recurzoo list' shows them"
-        raise UsageError(f"{option}: unknown model {name!r}, expected one of the zoo's{hint}")
+    base, tag = split_model_name(name)
+    if name.endswith(".") or name.startswith("."):
+        raise UsageError(
+            f"{option}: {name!r} has an empty name or tag, expected NAME or NAME.TAG (e.g. sret_tiny.in1k)"
+        )
+    names = recurzoo.list_models()
+    if not base or base not in names:
+        raise UsageError(f"{option}: unknown model {name!r}, expected one of the zoo's{_closest_hint(base, names)}")
     return name
+
+
+def _closest_hint(name: str, names: Sequence[str]) -> str:
+    """``'; closest: a, b'``: the registered names nearest to ``name`` (spelling first, then shared prefix)."""
+    import difflib
+
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+    stem = name.split("_")[0]
+    if stem:
+        close += [other for other in names if other.startswith(stem) and other not in close][: 5 - len(close)]
+    return f"; closest: {', '.join(close)}" if close else "; 'recurzoo list' shows them"
 
 
 def _device(name: Optional[str]) -> Optional[str]:
@@ -131,8 +131,8 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import recurzoo  # noqa: F401  (registers the zoo)
-    from recurzoo.export.bench import parse_model_spec, run_from_args
+    import recurzoo
+    from recurzoo.export.bench import check_outputs, parse_model_spec, run_from_args
     from recurzoo.registry import is_model
 
     try:
@@ -141,26 +141,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     unknown = [name for name in names if not is_model(name)]
     if unknown:
-        raise UsageError(f"unknown model(s) {', '.join(unknown)}: neither in recurzoo nor in timm")
+        import timm
+
+        known = sorted(set(recurzoo.list_models()) | set(timm.list_models()))
+        raise UsageError(
+            f"MODELS: unknown model(s) {', '.join(unknown)}: neither in recurzoo nor in timm"
+            + _closest_hint(unknown[0], known)
+        )
     if args.tile and not args.growth:
         raise UsageError("--tile applies to --growth only")
     if args.train_variants and not args.train:
         raise UsageError("--train-variants applies to --train only")
+    try:
+        check_outputs(args)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     return run_from_args(args)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """The authors' checkpoints as timm Hub folders, each loaded back and checked against the checkpoint."""
+    from recurzoo.apps import check_output_folder
     from recurzoo.export import hub
 
     if bool(args.all) == bool(args.model):
-        raise UsageError("convert: give MODEL CHECKPOINT, or --all DOWNLOAD_DIR")
+        raise UsageError("give MODEL CHECKPOINT, or --all DOWNLOAD_DIR")
+    check_output_folder(args.out)
     try:
         if args.all:
             results = hub.convert_all(args.all, args.out, overwrite=args.overwrite)
         else:
             if not args.checkpoint:
-                raise UsageError("convert: give the checkpoint file after MODEL")
+                raise UsageError("give the checkpoint file after MODEL")
             name = _resolve_model(args.model if not args.tag else f"{args.model}.{args.tag}")
             results = [hub.convert(name, args.checkpoint, args.out, args.model_kwargs, args.overwrite)]
             print(
@@ -169,66 +181,133 @@ def cmd_convert(args: argparse.Namespace) -> int:
             )
         if args.push:
             if len(results) != 1 or not results[0].ok:
-                raise UsageError("convert: --push takes one successful conversion")
+                raise UsageError("--push takes one successful conversion")
             print(f"pushed to {hub.push(results[0].folder, args.push)}")
     except ValueError as error:
-        raise UsageError(f"convert: {error}") from None
+        raise UsageError(str(error)) from None
     return 0 if results and all(result.ok for result in results) else 1
 
 
+def _options(args: argparse.Namespace, *names: str, **renamed: str) -> Dict[str, Any]:
+    """Keyword arguments from parsed options: each of ``names`` under its own name, and each
+    ``parameter=option`` of ``renamed`` under the parameter's."""
+    return {
+        **{name: getattr(args, name) for name in names},
+        **{key: getattr(args, dest) for key, dest in renamed.items()},
+    }
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    """ONNX export checked in onnxruntime, with the FLOP/parameter report beside the ``.onnx``."""
-    from recurzoo.export.onnx import export_model
+    """ONNX export checked in onnxruntime, with the FLOP/parameter report beside the ``.onnx``; or an
+    int8/fp16 ONNX or ExecuTorch artifact, with its fidelity report beside it. Every output is checked
+    before any work; a failed or interrupted export removes the files it wrote."""
+    from recurzoo.apps import MAX_COUNTED_SIZE
+    from recurzoo.checkpoint import removed_on_failure
 
     name = _resolve_model(args.model)
-    if args.format != "onnx" or args.precision != "fp32":
-        return _export_edge(name, args)
-    try:
-        result = export_model(
-            name,
-            out_dir=args.out,
-            checkpoint=args.checkpoint,
-            input_size=args.input_size,
-            batch=args.batch,
-            dynamic=args.dynamic,
-            opset=args.opset,
-            features_only=args.features,
-            simplify=args.simplify,
-            report=not args.no_report,
-            benchmark=not args.no_benchmark,
+    if args.input_size and max(args.input_size) > MAX_COUNTED_SIZE:
+        raise UsageError(
+            f"--input-size: the export runs the model at it, so each entry is at most {MAX_COUNTED_SIZE}, "
+            f"received {' '.join(map(str, args.input_size))}"
         )
+    edge = args.format != "onnx" or args.precision != "fp32"
+    if edge:
+        _check_edge_flags(args)
+    else:
+        given = [flag for flag, value in _EDGE_ONLY_FLAGS.items() if getattr(args, value) is not None]
+        if given:
+            raise UsageError(
+                f"{', '.join(given)}: expected with --precision int8/fp16 or --format executorch; the fp32 ONNX "
+                "export neither calibrates nor measures fidelity, and would ignore it"
+            )
+    paths = _export_outputs(name, args, edge)
+    common = _options(args, "checkpoint", "input_size", out_dir="out")
+    try:
+        if edge:
+            from recurzoo.export.edge import export_edge
+
+            options = _options(args, "precision", "calibration", fmt="format", evaluation="eval")
+            count = args.calibration_count or DEFAULT_CALIBRATION_COUNT
+            with removed_on_failure(args.out, paths):  # export_model removes its own files
+                result = export_edge(name, calibration_count=count, **options, **common)
+        else:
+            from recurzoo.export.onnx import export_model
+
+            options = _options(args, "batch", "dynamic", "opset", "simplify", "overwrite", features_only="features")
+            result = export_model(name, report=not args.no_report, benchmark=not args.no_benchmark, **options, **common)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    print(f"wrote {result.onnx_path}" + "".join(f", {path}" for path in result.report_paths))
-    print(result.parity_line())
-    return 0 if result.ok else 1
+    except RuntimeError as error:
+        raise _export_error(name, args, error) from None
+    print(f"wrote {result.path if edge else result.onnx_path}" + "".join(f", {path}" for path in result.report_paths))
+    print(result.summary() if edge else result.parity_line())
+    return 0 if edge or result.ok else 1
 
 
-def _export_edge(name: str, args: argparse.Namespace) -> int:
-    """An int8/fp16 ONNX or ExecuTorch artifact, with its fidelity report beside it."""
-    from recurzoo.export.edge import export_edge
+def _export_error(name: str, args: argparse.Namespace, error: RuntimeError) -> BaseException:
+    """The user's error behind an exporter's or allocator's failure (a chosen --opset, an --input-size
+    too large for this machine) as a one-line UsageError; any other failure stays as it is (a bug)."""
+    import torch
 
-    if args.features or args.dynamic != "batch" or args.simplify:
-        raise UsageError("export: --features, --dynamic and --simplify apply to the fp32 ONNX export only")
+    from recurzoo.apps import out_of_memory
+    from recurzoo.export.onnx import DEFAULT_OPSET
+
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    if isinstance(error, torch.onnx.errors.OnnxExporterError) and args.opset != DEFAULT_OPSET:
+        return UsageError(
+            f"--opset {args.opset}: torch.onnx cannot export {name} at this opset ({reason}); "
+            f"expected an opset it can, such as the default {DEFAULT_OPSET}"
+        )
+    if out_of_memory(error):
+        size = "x".join(map(str, args.input_size)) if args.input_size else "the default"
+        return UsageError(f"--input-size {size}, --batch {args.batch}: out of memory exporting {name} ({reason})")
+    return error
+
+
+_EDGE_ONLY_FLAGS = {"--calibration": "calibration", "--calibration-count": "calibration_count", "--eval": "eval"}
+DEFAULT_CALIBRATION_COUNT = 32
+
+
+def _check_edge_flags(args: argparse.Namespace) -> None:
+    """The flags of an edge export that would be ignored, refused."""
+    fp32_only = dict(
+        features=args.features,
+        dynamic=args.dynamic != "batch",
+        simplify=args.simplify,
+        batch=args.batch != 1,
+        opset=args.opset != 18,
+        no_report=args.no_report,
+        no_benchmark=args.no_benchmark,
+    )
+    given = ["--" + flag.replace("_", "-") for flag, value in fp32_only.items() if value]
+    if given:
+        raise UsageError(
+            f"{', '.join(given)}: apply to the fp32 ONNX export only, expected none with --precision "
+            f"{args.precision} --format {args.format} (it always reports fidelity and latency at batch 1)"
+        )
     if args.calibration and args.precision != "int8":
-        raise UsageError(f"export: --calibration calibrates int8, not {args.precision}")
-    try:
-        result = export_edge(
-            name,
-            out_dir=args.out,
-            fmt=args.format,
-            precision=args.precision,
-            checkpoint=args.checkpoint,
-            input_size=args.input_size,
-            calibration=args.calibration,
-            calibration_count=args.calibration_count,
-            evaluation=args.eval,
+        raise UsageError(f"--calibration calibrates int8, not {args.precision}")
+    if args.calibration_count is not None and not args.calibration:
+        raise UsageError(
+            f"--calibration-count {args.calibration_count}: counts the images of --calibration DIR (int8 only); "
+            "without it the built-in photographs are used, all of them"
         )
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    print(f"wrote {result.path}" + "".join(f", {path}" for path in result.report_paths))
-    print(result.summary())
-    return 0
+
+
+def _export_outputs(name: str, args: argparse.Namespace, edge: bool) -> List[Path]:
+    """The files the export will write, checked before any work: a folder that takes files, no input
+    among them, and none there already unless ``--overwrite``."""
+    from recurzoo.apps import check_output_folder, check_outputs
+    from recurzoo.export.edge import edge_paths
+    from recurzoo.export.onnx import export_paths
+
+    check_output_folder(args.out)
+    if edge:
+        paths = edge_paths(name, args.out, args.format, args.precision)
+    else:
+        paths = export_paths(name, args.out, args.features, not args.no_report)
+    check_outputs(paths, inputs=[args.checkpoint] if args.checkpoint else [], overwrite=args.overwrite)
+    return paths
 
 
 def cmd_cod(args: argparse.Namespace) -> int:
@@ -243,25 +322,17 @@ def cmd_cod(args: argparse.Namespace) -> int:
     if missing:
         raise UsageError(f"INPUT: no such image, folder or dataset: {', '.join(missing)}")
     if not os.path.isfile(args.checkpoint):
-        raise UsageError(f"--checkpoint: no such file: {args.checkpoint}")
+        found = "a folder" if os.path.isdir(args.checkpoint) else "nothing"
+        raise UsageError(f"--checkpoint {args.checkpoint}: expected a checkpoint file, found {found}")
     out = check_output_folder(args.out)
     if any(out.resolve() == Path(item).resolve() for item in args.inputs if os.path.exists(item)):
         raise UsageError(f"--out: {args.out} is one of the inputs; choose another folder for the masks")
     device = _device(args.device)
     try:
-        results = camouflage.predict(
-            args.inputs,
-            args.out,
-            args.checkpoint,
-            model=args.model,
-            model_kwargs=args.model_kwargs,
-            data_config=args.data_config,
-            base_size=args.base_size,
-            batch_size=args.batch_size,
-            device=device,
-        )
+        options = _options(args, "model", "model_kwargs", "data_config", "base_size", "batch_size")
+        results = camouflage.predict(args.inputs, args.out, args.checkpoint, device=device, **options)
     except (ValueError, FileNotFoundError) as error:
-        raise UsageError(f"cod: {error}") from None
+        raise UsageError(str(error)) from None
     for name, values in results.items():
         print(f"{name}: " + ", ".join(f"{key} {values[key]:.3f}" for key, _ in camouflage.METRIC_COLUMNS))
     print(f"masks written under {args.out}")
@@ -276,13 +347,7 @@ def cmd_sr(args: argparse.Namespace) -> int:
         args.inputs,
         args.out,
         model=_resolve_model(args.model, "--model"),
-        checkpoint=args.checkpoint,
-        tile=args.tile,
-        tile_overlap=args.tile_overlap,
-        device=args.device,
-        model_kwargs=args.model_kwargs,
-        overwrite=args.overwrite,
-        max_pixels=args.max_pixels,
+        **_options(args, "checkpoint", "tile", "tile_overlap", "device", "model_kwargs", "overwrite", "max_pixels"),
         warn=lambda message: print(f"recurzoo sr: warning: {message}", file=sys.stderr),
     )
     skipped = f", {len(result.skipped)} unreadable image(s) skipped" if result.skipped else ""
@@ -308,7 +373,7 @@ def cmd_training(args: argparse.Namespace) -> int:
 
     module = importlib.import_module(TRAINING_COMMANDS[args.command][0])
     try:
-        run_cli(module.main, args.script_args)
+        run_cli(module.main, args.script_args, prog=f"recurzoo {args.command}")
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     return 0
@@ -339,14 +404,17 @@ def _dataset_names(path: Optional[str]) -> List[str]:
         raise UsageError(f"--data-config: {error}") from None
 
 
-def _input_size(text: str) -> int:
-    """argparse type: a positive integer (sizes, counts)."""
+def _opset(text: str) -> int:
+    """argparse type: an ONNX opset that torch's TorchScript exporter writes."""
+    from torch.onnx import _constants
+
+    low, high = _constants.ONNX_MIN_OPSET, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, received {text!r}")
+        value = low - 1
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"expected an ONNX opset from {low} to {high}, received {text!r}")
     return value
 
 
@@ -373,13 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="params, GFLOPs, feature strides and default cfg of a model")
     info.add_argument("model", metavar="MODEL", help="a zoo model, optionally with its pretrained tag (name.tag)")
-    info.add_argument(
-        "--input-size",
-        nargs=3,
-        type=_input_size,
-        metavar=("C", "H", "W"),
-        help="input size (default: the model's default cfg)",
-    )
+    add_input_size_argument(info, help="input size (default: the model's default cfg)")
     info.set_defaults(handler=cmd_info)
 
     bench = commands.add_parser("bench", help="latency, throughput, memory and FLOP rate against timm's peers")
@@ -395,26 +457,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="weights: a state_dict of the model (.pth/.safetensors) or an official checkpoint",
     )
-    export.add_argument(
-        "--input-size",
-        nargs=3,
-        type=_input_size,
-        metavar=("C", "H", "W"),
-        help="input size to export at (default: the model's default cfg)",
-    )
-    export.add_argument("--batch", type=_input_size, default=1, help="batch of the example and parity inputs")
+    add_input_size_argument(export, help="input size to export at (default: the model's default cfg)")
+    export.add_argument("--batch", type=positive_int, default=1, help="batch of the example and parity inputs")
     export.add_argument(
         "--dynamic",
         choices=("batch", "batch,hw"),
         default="batch",
         help="dynamic axes: the batch, or batch, height and width (where the model allows)",
     )
-    export.add_argument("--opset", type=_input_size, default=18, help="ONNX opset (default: 18)")
+    export.add_argument("--opset", type=_opset, default=18, help="ONNX opset, 7 to 20 (default: 18)")
     export.add_argument("--features", action="store_true", help="export the features_only backbone")
     export.add_argument("--simplify", action="store_true", help="simplify the graph with onnxscript's optimizer")
     export.add_argument("--no-report", action="store_true", help="skip the FLOP/parameter report")
     export.add_argument("--no-benchmark", action="store_true", help="skip the latency comparison")
     export.add_argument("--out", default="out", help="output folder (default: out)")
+    export.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in --out")
     edge = export.add_argument_group(
         "edge deployment (an int8/fp16 ONNX or ExecuTorch artifact with its fidelity report)"
     )
@@ -426,7 +483,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="onnx: fp32 (the checked export), fp16 or int8; executorch: fp32 or int8",
     )
     edge.add_argument("--calibration", metavar="DIR", help="images to calibrate int8 on (default: built-in photos)")
-    edge.add_argument("--calibration-count", type=_input_size, default=32, metavar="N", help="calibration images")
+    edge.add_argument(
+        "--calibration-count",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=f"at most this many images of --calibration (default: {DEFAULT_CALIBRATION_COUNT})",
+    )
     edge.add_argument("--eval", metavar="DIR", help="images to measure fidelity on; class subfolders give accuracy too")
     export.set_defaults(handler=cmd_export)
 
@@ -455,8 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     cod.add_argument("--checkpoint", required=True, help="weights: recurzoo's or an official MSRNet checkpoint")
     cod.add_argument("--out", required=True, help="output folder (masks per input, metrics.json, metrics.md)")
     cod.add_argument("--data-config", default=None, help="YAML of named datasets (the official dataset.yaml layout)")
-    cod.add_argument("--base-size", type=_input_size, default=384, help="side of the 1.0x image")
-    cod.add_argument("--batch-size", type=_input_size, default=8, help="images per forward pass")
+    cod.add_argument("--base-size", type=positive_int, default=384, help="side of the 1.0x image")
+    cod.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass")
     _add_device(cod)
     cod.set_defaults(handler=cmd_cod)
 
@@ -465,13 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--model", default="rgt_small_x4", help="registered SR model, optionally name.tag")
     _add_model_kwargs(sr)
     sr.add_argument("--checkpoint", default=None, help="weights: an official RGT (BasicSR) file or one of ours")
-    sr.add_argument("--tile", type=_input_size, default=None, help="process tiles of this many input pixels")
+    sr.add_argument("--tile", type=positive_int, default=None, help="process tiles of this many input pixels")
     sr.add_argument("--tile-overlap", type=_non_negative_int, default=32, help="overlap of neighbouring tiles (pixels)")
     sr.add_argument("--out", required=True, help="output folder (one PNG per input, never one of the inputs)")
     sr.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run")
     sr.add_argument(
         "--max-pixels",
-        type=_input_size,
+        type=positive_int,
         default=None,
         help=f"refuse images with more pixels as decompression bombs (default: Pillow's limit, {default_max_pixels()})",
     )
@@ -514,8 +577,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``recurzoo`` console script and ``python -m recurzoo``."""
     prog = "recurzoo"
     try:
-        args = build_parser().parse_args(argv)
+        args, unknown = build_parser().parse_known_args(argv)
         prog = f"recurzoo {args.command}"
+        if unknown:  # argparse would blame the top-level program for a sub-command's unknown flag
+            raise _ArgumentError(
+                prog, f"unrecognized arguments: {' '.join(unknown)}; 'recurzoo {args.command} --help' lists the flags"
+            )
         return args.handler(args)
     except USER_ERRORS as error:
         if os.environ.get("RECURZOO_TRACEBACK", "").strip() not in ("", "0"):

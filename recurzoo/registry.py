@@ -216,7 +216,7 @@ def _unknown_message(model_name: str) -> str:
 
     name = split_model_name(model_name)[0]
     candidates = list(_TASK_MODELS) + list_models() + timm.list_models()
-    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
+    close = difflib.get_close_matches(name, list(dict.fromkeys(candidates)), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; 'recurzoo list' shows the zoo"
     return f"unknown model {model_name!r}: neither a recurzoo model nor in timm's registry{hint}"
 

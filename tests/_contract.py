@@ -90,6 +90,19 @@ def assert_fx_features_trace(name: str, x: torch.Tensor, **kwargs: Any) -> None:
     assert not unused, f"{name}: no gradient through the fx graph for {unused[:5]}"
 
 
+def assert_fx_features_match(traced: torch.nn.Module, x: torch.Tensor, expected: Sequence[torch.Tensor]) -> None:
+    """A ``features_only`` fx graph gives, in eval mode, the eager model's feature maps ``expected`` of ``x``,
+    and in training mode back-propagates to every parameter it keeps."""
+    with torch.no_grad():
+        features = traced.eval()(x)
+    assert len(features) == len(expected)
+    for feature, want in zip(features, expected):
+        torch.testing.assert_close(feature, want)
+    traced.train()
+    sum(feature.mean() for feature in traced(x)).backward()
+    assert all(parameter.grad is not None for parameter in traced.parameters())
+
+
 def assert_torchvision_feature_extractor(model: torch.nn.Module, x: torch.Tensor) -> None:
     """torchvision's ``create_feature_extractor`` traces the whole model (with timm's leaf modules and
     autowrapped functions) and gives the eager output."""

@@ -11,3 +11,17 @@ REDUCED = {
     "rgt": dict(embed_dim=24, num_heads=2, blocks_per_group=2),
     "camouflage": dict(mid_dim=16, scale_groups=2, fusion_groups=3, predictor_dim=8),  # decoder only
 }
+
+# Registered MSRNet variants at test size: the decoder of REDUCED over their timm backbones, narrowed.
+COD_CASES = {
+    "msrnet_pvt_v2_b2": dict(
+        REDUCED["camouflage"],
+        backbone_kwargs=dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 4)),
+    ),
+    "msrnet_resnet50": dict(
+        REDUCED["camouflage"], backbone_kwargs=dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8)
+    ),
+    "msrnet_hornet_tiny_7x7": dict(
+        REDUCED["camouflage"], backbone_kwargs=dict(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1))
+    ),
+}

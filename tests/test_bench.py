@@ -11,6 +11,7 @@ from torch import nn
 from recurzoo.export import bench
 from recurzoo.export import models as export_models
 from recurzoo.export.bench import bench_in_process, to_csv, to_markdown, update_readme
+from recurzoo.export.models import RunSettings
 
 
 class _ScriptedModel(nn.Module):
@@ -39,10 +40,12 @@ SECONDS = [5.0, 0.010, 0.011, 0.012, 0.013, 0.100]
 def result(monkeypatch):
     clock = SimpleNamespace(now=0.0)
     model = _ScriptedModel(clock, SECONDS)
-    monkeypatch.setattr(bench, "create_model", lambda name: model)
+    monkeypatch.setattr(export_models, "create_model", lambda name: model)
     monkeypatch.setattr(export_models, "_now", lambda device: clock.now)
     monkeypatch.setattr(bench, "measure_matmul_peak", lambda device: 50.0)
-    outcome = bench_in_process("scripted", backend="eager", batch=2, input_size=(3, 8, 8), warmup=1, repeats=5)
+    outcome = bench_in_process(
+        "scripted", backend="eager", batch=2, input_size=(3, 8, 8), settings=RunSettings(warmup=1, repeats=5)
+    )
     assert model.seconds == [], "every scripted call was made"
     return outcome
 
@@ -84,7 +87,11 @@ def test_readme_without_markers_is_refused(tmp_path, result):
 
 def test_onnxruntime_backend_runs_the_projects_export():
     result = bench_in_process(
-        "test_convnext", backend="onnxruntime", batch=1, input_size=(3, 32, 32), warmup=1, repeats=2
+        "test_convnext",
+        backend="onnxruntime",
+        batch=1,
+        input_size=(3, 32, 32),
+        settings=RunSettings(warmup=1, repeats=2),
     )
     assert result.backend == "onnxruntime" and result.latency_ms > 0 and not result.error
 
@@ -136,11 +143,13 @@ def test_memory_table_states_the_saving_of_checkpointing():
 def test_training_step_memory_and_growth_points_are_measured_in_fresh_processes():
     from recurzoo.export.scaling import measure_growth, measure_train_memory
 
-    plain, checkpointed = measure_train_memory([("test_convnext", (3, 32, 32))], batch=2, threads=1)
+    plain, checkpointed = measure_train_memory(
+        [("test_convnext", (3, 32, 32))], batch=2, settings=RunSettings(threads=1)
+    )
     for row in (plain, checkpointed):
         assert not row.error and row.peak_memory_mb >= row.step_memory_mb > 0 and row.step_seconds > 0
     assert (plain.grad_checkpointing, checkpointed.grad_checkpointing) == (False, True)
-    (point,) = measure_growth(["test_convnext"], [32], threads=1)
+    (point,) = measure_growth(["test_convnext"], [32], settings=RunSettings(threads=1))
     assert not point.error and point.latency_s > 0 and point.peak_memory_mb > 0 and point.side == 32
 
 
@@ -149,7 +158,7 @@ def test_a_failed_worker_is_a_row_of_what_was_asked_with_nan_measurements_and_it
 
     from recurzoo.export.scaling import measure_growth
 
-    (point,) = measure_growth(["no_such_model"], [48], tile=16, threads=1)
+    (point,) = measure_growth(["no_such_model"], [48], tile=16, settings=RunSettings(threads=1))
     assert (point.model, point.side, point.tile) == ("no_such_model", 48, 16)
     assert all(math.isnan(value) for value in (point.latency_s, point.peak_memory_mb, point.step_memory_mb))
     assert "no_such_model" in point.error

@@ -13,6 +13,7 @@ import recurzoo  # noqa: F401
 from recurzoo.checkpoint import load_weights, read_checkpoint, read_state_dict, save_weights
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _parity import in_repo_fixture  # noqa: E402
 from _train_data import write_code_running_checkpoints  # noqa: E402
 
 SMALL = dict(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1), num_classes=5)
@@ -78,31 +79,17 @@ def test_safetensors_round_trip_writes_config_beside_weights(tmp_path):
 
 
 def test_official_layout_is_converted_by_the_family_filter(tmp_path):
-    model = recurzoo.create_model("hornet_tiny_7x7", **SMALL)
+    """A file in the authors' layout (the committed HorNet fixture, wrapped as their training saves it)
+    loads through the family's filter and computes the authors' output."""
+    fixture = in_repo_fixture("hornet", "hornet_7x7_tiny")
+    kwargs = fixture["official"]["kwargs"]
     path = tmp_path / "official.pth"
-    torch.save({"model": _to_official(model.state_dict())}, path)
-    clone = load_weights(recurzoo.create_model("hornet_tiny_7x7", **SMALL), path)
-    for key, value in model.state_dict().items():
-        assert torch.equal(clone.state_dict()[key], value)
-
-
-def _to_official(state_dict):
-    """Our HorNet keys written back in the official layout (inverse of the family's renames)."""
-    import re
-
-    renames = [
-        (r"^stem\.", "downsample_layers.0."),
-        (r"^stages\.(\d+)\.downsample\.", r"downsample_layers.\1."),
-        (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2."),
-        (r"\.gnconv\.spatial_mixer\.", ".gnconv.dwconv."),
-        (r"\.gnconv\.order_projs\.", ".gnconv.pws."),
-        (r"\.mlp\.fc(\d)\.", r".pwconv\1."),
-        (r"^head\.norm\.", "norm."),
-        (r"^head\.fc\.", "head."),
-    ]
-    converted = {}
-    for key, value in state_dict.items():
-        for pattern, replacement in renames:
-            key = re.sub(pattern, replacement, key)
-        converted[key] = value
-    return converted
+    torch.save({"model": fixture["state_dict"]}, path)
+    dims = [kwargs["base_dim"] * 2**i for i in range(4)]
+    model = recurzoo.create_model(
+        "hornet_tiny_7x7", num_classes=kwargs["num_classes"], depths=kwargs["depths"], dims=dims
+    )
+    load_weights(model, path)
+    with torch.no_grad():
+        output = model.eval()(fixture["inputs"]["x"])
+    torch.testing.assert_close(output, fixture["output"], rtol=1e-4, atol=1e-4)

@@ -5,6 +5,7 @@ every user error is one line naming the flag or file, with exit code 2 (internal
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import numpy as np
@@ -229,6 +230,7 @@ def test_cod_argument_checks_are_one_line(tmp_path, capsys):
         ([*base, "--out", str(tmp_path / "o"), "--device", "bogus"], "--device"),
         ([*base, "--out", str(tmp_path / "o"), "--model-kwargs", "x"], "--model-kwargs"),
         (["cod", str(tmp_path / "missing"), "--checkpoint", "w", "--out", "o"], "INPUT: no such image"),
+        (["cod", str(images), "--checkpoint", str(images), "--out", "o"], "expected a checkpoint file, found a folder"),
     ]
     for argv, message in cases:
         assert main(argv) == 2
@@ -307,3 +309,335 @@ def _required(command):
     return {"info": ["sret_tiny"], "sr": ["a.png", "--out", "o"], "cod": ["a", "--out", "o", "--checkpoint", "w"]}.get(
         command, []
     )
+
+
+# ------------------------------------------------------------------------- names, flags, programs
+
+
+@pytest.mark.parametrize("name", ["sret_tiny.", ".in1k", "."])
+def test_info_refuses_an_empty_name_or_tag(capsys, name):
+    assert main(["info", name]) == 2
+    _one_error_line(capsys, "recurzoo info: error: MODEL:", repr(name), "expected NAME or NAME.TAG")
+
+
+@pytest.mark.parametrize("typo, closest", [("sret_tny", "sret_tiny"), ("hornet_tiny_7x7x", "hornet_tiny_7x7")])
+def test_an_unknown_model_suggests_the_closest_names_first(capsys, typo, closest):
+    assert main(["info", typo]) == 2
+    line = _one_error_line(capsys, f"unknown model {typo!r}")
+    assert line.split("closest: ")[1].startswith(closest), line
+
+
+def test_bench_suggests_the_closest_names_of_an_unknown_model(capsys):
+    assert main(["bench", "sret_tny", "convnext_tny"]) == 2
+    line = _one_error_line(capsys, "recurzoo bench: error: MODELS: unknown model(s) sret_tny, convnext_tny")
+    assert line.split("closest: ")[1].startswith("sret_tiny"), line
+
+
+@pytest.mark.parametrize("command", ["info sret_tiny", "export sret_tiny", "bench sret_tiny", "sr a.png --out o"])
+def test_an_unknown_flag_is_blamed_on_its_sub_command(capsys, command):
+    name = command.split()[0]
+    assert main([*command.split(), "--no-such-flag"]) == 2
+    _one_error_line(capsys, f"recurzoo {name}: error: unrecognized arguments: --no-such-flag", f"{name} --help")
+
+
+def test_the_command_is_named_once_in_an_error_line(tmp_path, capsys):
+    assert main(["export", "sret_tiny", "--precision", "int8", "--features", "--out", str(tmp_path)]) == 2
+    _one_error_line(capsys, "recurzoo export: error: --features")
+    assert main(["convert", "--out", str(tmp_path)]) == 2
+    _one_error_line(capsys, "recurzoo convert: error: give MODEL CHECKPOINT")
+
+
+# ----------------------------------------------------------------------------------------- export
+
+EXPORT = ["export", "sret_tiny", "--input-size", "3", "32", "32"]
+
+
+def _export(out, *flags):
+    return main([*EXPORT, "--out", str(out), *map(str, flags)])
+
+
+def test_export_refuses_to_overwrite_an_earlier_export_unless_told_and_checks_before_any_work(
+    tmp_path, monkeypatch, capsys
+):
+    assert _export(tmp_path) == 0
+    capsys.readouterr()
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    assert sorted(before) == ["sret_tiny.onnx", "sret_tiny.report.json", "sret_tiny.report.md"]
+    from recurzoo.export import onnx
+
+    real = onnx.create_model
+    monkeypatch.setattr(onnx, "create_model", lambda *a, **k: pytest.fail("built the model before checking --out"))
+    assert _export(tmp_path) == 2
+    _one_error_line(capsys, "--out: 3 output file(s) exist already", "sret_tiny.onnx", "--overwrite")
+    assert _export(tmp_path, "--precision", "int8") == 2  # the edge export writes the fp32 ONNX too
+    _one_error_line(capsys, "--out: 1 output file(s) exist already", "sret_tiny.onnx", "--overwrite")
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+    monkeypatch.setattr(onnx, "create_model", real)
+    assert _export(tmp_path, "--overwrite") == 0
+    assert sorted(os.listdir(tmp_path)) == sorted(before)
+
+
+@pytest.mark.parametrize("make_out", ["file", "under_a_file"])
+def test_export_output_folder_that_is_a_file_is_one_line(tmp_path, capsys, make_out):
+    (tmp_path / "taken").write_text("x")
+    assert _export(tmp_path / "taken" / ("sub" if make_out == "under_a_file" else "")) == 2
+    _one_error_line(capsys, "--out", "taken")
+    assert os.listdir(tmp_path) == ["taken"] and (tmp_path / "taken").read_text() == "x"
+
+
+@pytest.mark.parametrize("stage", ["check_parity", "_write_report"])
+def test_interrupted_or_failed_export_removes_its_files_and_keeps_earlier_ones(tmp_path, monkeypatch, capsys, stage):
+    from recurzoo.export import onnx
+
+    real = getattr(onnx, stage)
+
+    def interrupted(*args, **kwargs):
+        real(*args, **kwargs)  # the stage wrote what it writes, then the user pressed Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx, stage, interrupted)
+    assert _export(tmp_path / "new" / "deeper") == 130
+    assert "recurzoo export: interrupted" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "sret_tiny.onnx").write_bytes(b"an earlier export")
+    assert _export(tmp_path, "--overwrite") == 130
+    assert (
+        os.listdir(tmp_path) == ["sret_tiny.onnx"]
+        and (tmp_path / "sret_tiny.onnx").read_bytes() == b"an earlier export"
+    )
+    monkeypatch.setattr(onnx, stage, lambda *a, **k: (_ for _ in ()).throw(ValueError("a failed step")))
+    assert _export(tmp_path / "failed") == 2
+    _one_error_line(capsys, "a failed step")
+    assert os.listdir(tmp_path) == ["sret_tiny.onnx"]
+
+
+def test_interrupted_edge_export_removes_its_files(tmp_path, monkeypatch, capsys):
+    from recurzoo.export import edge
+
+    monkeypatch.setattr(edge, "_latency", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert _export(tmp_path / "out", "--precision", "fp16") == 130
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--eval", "."], "--eval: expected with --precision int8/fp16"),
+        (["--calibration", "."], "--calibration: expected with --precision int8/fp16"),
+        (["--calibration-count", "5"], "--calibration-count: expected with --precision int8/fp16"),
+        (["--precision", "fp16", "--calibration-count", "5"], "--calibration-count 5: counts the images of"),
+        (["--precision", "int8", "--calibration-count", "5"], "--calibration-count 5: counts the images of"),
+        (["--precision", "int8", "--batch", "2", "--no-report"], "--batch, --no-report: apply to the fp32 ONNX"),
+        (["--precision", "int8", "--calibration", "EMPTY"], "--calibration EMPTY: no PNG/JPG/JPEG images"),
+        (["--precision", "int8", "--eval", "EMPTY"], "--eval EMPTY: no PNG/JPG/JPEG images"),
+        (["--checkpoint", "NOTES"], "NOTES: a text file"),
+        (["--checkpoint", "EMPTY"], "EMPTY: is a folder, expected a checkpoint file"),
+        (["--checkpoint", "MISSING"], "MISSING: no such checkpoint file"),
+        (["--batch", "0"], "argument --batch: expected a positive integer, received '0'"),
+        (["--opset", "-1"], "argument --opset: expected an ONNX opset from 7 to 20, received '-1'"),
+        (["--opset", "99"], "argument --opset: expected an ONNX opset from 7 to 20, received '99'"),
+        (["--opset", "12"], "--opset 12: torch.onnx cannot export sret_tiny at this opset (Exporting the operator"),
+        (
+            ["--input-size", "3", "9000", "32"],
+            "--input-size: the export runs the model at it, so each entry is at most",
+        ),
+    ],
+)
+def test_export_flags_that_would_be_ignored_or_are_wrong_are_one_line(tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "NOTES").write_text("hello")
+    assert _export(tmp_path / "out", *flags) == 2
+    _one_error_line(capsys, message)
+    assert sorted(os.listdir(tmp_path)) == ["EMPTY", "NOTES"]
+
+
+# ------------------------------------------------------------------------------------------ bench
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ("--threads 0", "argument --threads: expected an integer >= 1, received '0'"),
+        ("--repeats 0", "argument --repeats: expected an integer >= 1"),
+        ("--warmup -1", "argument --warmup: expected an integer >= 0"),
+        ("--max-seconds nan", "argument --max-seconds: expected a number of seconds above 0"),
+        ("--timeout -1", "argument --timeout: expected a number of seconds above 0"),
+        ("--tile -3", "argument --tile: expected an integer >= 0"),
+        ("--tile-overlap -1", "argument --tile-overlap: expected an integer >= 0"),
+        ("--input-size 3 0 32", "argument --input-size: expected an integer >= 1, received '0'"),
+        ("--batch 0", "argument --batch: expected positive integers"),
+        ("--out .", "--out .: expected a file name"),
+        ("--out FOLDER", "--out FOLDER: expected a file name (FILE gives FILE.md and FILE.csv), found a folder"),
+        ("--out NOTES/table", "--out NOTES/table: cannot write into NOTES"),
+        ("--out EARLIER", "--out EARLIER: EARLIER.md exist(s) already; pass --overwrite"),
+        ("--readme MISSING.md", "--readme MISSING.md: expected a text file with a <!-- bench:start -->"),
+        (
+            "--readme FOLDER",
+            "--readme FOLDER: expected a text file with a <!-- bench:start --> ... <!-- bench:end --> section, "
+            "found a folder",
+        ),
+        ("--readme NOTES", "--readme NOTES: has no <!-- bench:start --> ... <!-- bench:end --> section"),
+        ("--readme NOTES --growth 32", "--readme NOTES: has no <!-- bench-growth-whole:start -->"),
+    ],
+)
+def test_bench_numbers_and_outputs_are_checked_before_anything_runs(tmp_path, monkeypatch, capsys, flags, message):
+    from recurzoo.export import bench
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "FOLDER").mkdir()
+    (tmp_path / "NOTES").write_text("no markers\n")
+    (tmp_path / "EARLIER.md").write_text("an earlier table")
+    for runner in ("bench", "_run_scaling", "_run_train"):
+        monkeypatch.setattr(bench, runner, lambda *a, **k: pytest.fail("ran before checking its flags"))
+    assert main(["bench", "sret_tiny", *flags.split()]) == 2
+    _one_error_line(capsys, message)
+    assert sorted(os.listdir(tmp_path)) == ["EARLIER.md", "FOLDER", "NOTES"]
+    assert (tmp_path / "EARLIER.md").read_text() == "an earlier table" and (
+        tmp_path / "NOTES"
+    ).read_text() == "no markers\n"
+
+
+def test_bench_overwrite_replaces_its_tables_atomically(tmp_path, monkeypatch, capsys):
+    from recurzoo.export import bench
+
+    (tmp_path / "table.md").write_text("an earlier table")
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- bench:start -->\nold\n<!-- bench:end -->\nb\n")
+    monkeypatch.setattr(bench, "bench", lambda *a, **k: [])
+    flags = ["--out", str(tmp_path / "table"), "--readme", str(readme), "--device", "cpu"]
+    assert main(["bench", "sret_tiny", *flags]) == 2
+    assert main(["bench", "sret_tiny", *flags, "--overwrite"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "table.csv", "table.md"]
+    assert "old" not in readme.read_text() and readme.read_text().endswith("<!-- bench:end -->\nb\n")
+
+
+# ------------------------------------------------------------------------------- training scripts
+
+TRAINING_SCRIPTS = ("classification", "validate", "detection", "super_resolution", "camouflage", "distill_recurrent")
+
+
+@pytest.mark.parametrize("script", TRAINING_SCRIPTS)
+def test_training_script_help_states_only_defaults_that_exist_each_once(capsys, script):
+    import importlib
+
+    from recurzoo.train.arguments import run_cli
+
+    module = importlib.import_module(f"recurzoo.train.{script}")
+    with pytest.raises(SystemExit) as stop:
+        run_cli(module.main, ["--help"])
+    text = capsys.readouterr().out
+    assert stop.value.code == 0 and text.startswith(f"usage: python -m recurzoo.train.{script} ")
+    flat = " ".join(text.split())
+    for empty in ("(default: None)", "(default: False)", "(default: )", "(default: {})", "(default: [])"):
+        assert empty not in flat, (empty, flat)
+    assert not re.search(r"\(default: [^()]*\) \(default:", flat), flat  # a stated default stated again
+
+
+@pytest.mark.parametrize("command", ["train", "validate", "train-detection"])
+def test_training_commands_name_themselves_in_usage_and_errors(tmp_path, capsys, command):
+    assert main([command, "--no-such-flag"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"recurzoo {command}: error: ") and "python -m" not in err, err
+    assert main([command, "--help"]) == 0 and capsys.readouterr().out.startswith(f"usage: recurzoo {command} ")
+    (tmp_path / "notes.pth").write_text("hello")
+    assert main([command, "--model", "sret_tiny", "--data-dir", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"recurzoo {command}: error: ")
+
+
+def test_a_training_run_refused_before_it_starts_leaves_no_output_folder(tmp_path, capsys):
+    (tmp_path / "notes.pth").write_text("hello")
+    data = ["--data-dir", str(tmp_path / "notes.pth"), "--model", "sret_tiny", "--output", str(tmp_path / "run")]
+    assert main(["train", *data]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"recurzoo train: error: --data-dir {tmp_path / 'notes.pth'}: expected a dataset folder or a tar of one, "
+        "found a file that is not a tar"
+    )
+    assert os.listdir(tmp_path) == ["notes.pth"]
+
+
+@pytest.mark.parametrize(
+    "script, arguments, message",
+    [
+        ("super_resolution", ["--model", "rgt_small_x2", "--train-data", "MISSING"], "--train-data: no such dataset"),
+        (
+            "super_resolution",
+            ["--model", "rgt_small_x2", "--eval-only", "--val-data", "MISSING"],
+            "--val-data: no such",
+        ),
+        ("camouflage", ["--model", "msrnet_resnet50", "--train-sets", "MISSING"], "--train-sets: dataset 'MISSING'"),
+        ("camouflage", ["--model", "msrnet_resnet50", "--evaluate", "--test-sets", "MISSING"], "--test-sets: dataset"),
+        (
+            "camouflage",
+            ["--model", "msrnet_resnet50", "--train-sets", "."],
+            "--train-sets: dataset '.*': no mask folder",
+        ),
+    ],
+)
+def test_a_missing_dataset_names_its_flag_and_leaves_no_output_folder(
+    tmp_path, monkeypatch, capsys, script, arguments, message
+):
+    import importlib
+
+    from recurzoo.train.arguments import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    module = importlib.import_module(f"recurzoo.train.{script}")
+    with pytest.raises(SystemExit) as stop:
+        run_cli(module.main, [*arguments, "--output", "run", "--device", "cpu"])
+    assert stop.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.match(f"python -m recurzoo.train.{script}: error: {message}", line), line
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--config", "FOLDER"],
+            "--config FOLDER: expected a YAML file of option defaults, cannot read it (Is a directory)",
+        ),
+        (["--config", "BINARY"], "--config BINARY: expected a YAML file of option defaults, cannot read it ('utf-8'"),
+        (["--config", "MISSING"], "--config MISSING: expected a YAML file of option defaults, cannot read it (No such"),
+        (["--output", "NOTES"], "argument --output: expected a folder, found the file NOTES"),
+    ],
+)
+def test_training_config_and_output_mistakes_are_one_line_before_anything_is_built(
+    tmp_path, monkeypatch, capsys, extra, message
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "FOLDER").mkdir()
+    (tmp_path / "BINARY").write_bytes(b"\xcc\x80\xff binary")
+    (tmp_path / "NOTES").write_text("hello")
+    assert main(["train", "--model", "sret_tiny", "--data-dir", "FOLDER", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"recurzoo train: error: {message}") and "\n" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["BINARY", "FOLDER", "NOTES"] and (tmp_path / "NOTES").read_text() == "hello"
+
+
+def test_an_unknown_training_model_suggests_each_close_name_once(tmp_path, capsys):
+    _photo(tmp_path / "validation" / "0" / "a.png")
+    assert main(["validate", "--model", "sret_tny", "--data-dir", str(tmp_path)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    suggestions = line.split("did you mean ")[1].rstrip("?").split(", ")
+    assert suggestions[0] == "sret_tiny" and len(set(suggestions)) == len(suggestions), line
+
+
+@pytest.mark.parametrize("make_out", ["file", "under_a_file"])
+def test_convert_output_folder_that_is_a_file_is_one_line(tmp_path, capsys, make_out):
+    (tmp_path / "taken").write_text("x")
+    out = tmp_path / "taken" / ("sub" if make_out == "under_a_file" else "")
+    assert main(["convert", "sret_tiny.in1k", str(tmp_path / "weights.pth"), "--out", str(out)]) == 2
+    _one_error_line(capsys, "recurzoo convert: error: --out", "taken")
+    assert os.listdir(tmp_path) == ["taken"] and (tmp_path / "taken").read_text() == "x"
+
+
+def test_a_second_export_at_an_opset_without_an_operator_says_so(tmp_path):
+    from recurzoo.export.onnx import export_model
+
+    size = dict(input_size=(3, 32, 32), report=False, benchmark=False)
+    assert export_model("sret_tiny", tmp_path / "a", **size).ok  # registers and unregisters the bicubic symbolic
+    with pytest.raises(torch.onnx.errors.UnsupportedOperatorError, match="_upsample_bicubic2d_aa.*opset version 12"):
+        export_model("sret_tiny", tmp_path / "b", opset=12, **size)
+    assert os.listdir(tmp_path) == ["a"]

@@ -14,7 +14,8 @@ import functools
 import pytest
 import timm
 import torch
-from _reduced import REDUCED  # per-family test widths, shared with other test files
+from _contract import assert_factory_device_and_dtype, assert_parameter_groups_match, assert_unknown_argument_raises
+from _reduced import COD_CASES, REDUCED  # per-family test widths, shared with other test files
 
 import recurzoo
 
@@ -39,6 +40,19 @@ def _is_backbone(name: str) -> bool:
 
 ALL_MODELS = recurzoo.list_models()
 MODELS = [name for name in ALL_MODELS if _is_backbone(name)]
+
+
+# The variants whose construction differs within each family, task models included, with their test-size
+# arguments: HorNet's two mixers, SReT with and without slices, RGT's classifier and its upscalers, the
+# recurrent ViT with every step part (depth conditioning, per-step LoRA), MSRNet over three backbone kinds.
+CONTRACT = {
+    **{name: REDUCED["hornet"] for name in ("hornet_tiny_7x7", "hornet_tiny_gf")},
+    **{name: REDUCED["sret"] for name in ("sret_tiny", "sret_tiny_noslice")},
+    "rgt_small": dict(REDUCED["rgt"], num_classes=3),
+    **{name: REDUCED["rgt"] for name in ("rgt_x2", "rgt_small_x2", "rgt_small_x3", "rgt_small_x4")},
+    "vit_recurrent_tiny_patch16_224": dict(REDUCED["recurrent_vit"], depth_conditioning=True, lora_rank=2),
+    **COD_CASES,
+}
 
 
 @functools.lru_cache(maxsize=2)
@@ -148,3 +162,22 @@ def test_input_smaller_than_total_stride_raises_value_error(name):
     x = torch.randn(1, model.in_chans, stride - 1, stride - 1)
     with pytest.raises(ValueError, match=rf"{name}.*at least {stride}"):
         model(x)
+
+
+# ------------------------------------------------------------------ timm 1.0.31's factory contract
+
+
+@pytest.mark.parametrize("name", CONTRACT)
+@pytest.mark.parametrize("device,dtype", [("meta", torch.float64), ("cpu", torch.bfloat16)])
+def test_factory_device_and_dtype_reach_every_parameter_and_buffer(name, device, dtype):
+    assert_factory_device_and_dtype(name, device=device, dtype=dtype, **CONTRACT[name])
+
+
+@pytest.mark.parametrize("name", CONTRACT)
+def test_unknown_argument_raises_type_error(name):
+    assert_unknown_argument_raises(name, **CONTRACT[name])
+
+
+@pytest.mark.parametrize("name", CONTRACT)
+def test_parameter_groups_and_no_weight_decay_name_the_model_parameters(name):
+    assert_parameter_groups_match(recurzoo.create_model(name, device="meta", **CONTRACT[name]))

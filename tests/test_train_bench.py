@@ -7,6 +7,7 @@ import torch
 from _reduced import REDUCED
 
 import recurzoo
+from recurzoo.export.models import RunSettings
 from recurzoo.export.train_bench import (
     TrainResult,
     default_variants,
@@ -55,7 +56,9 @@ def test_variants_name_a_precision_and_a_layout():
 
 
 def test_timed_configuration_reports_throughput_and_memory():
-    result = train_in_process("sret_tiny", "fp32", batch=2, input_size=(3, 32, 32), threads=1, repeats=2)
+    result = train_in_process(
+        "sret_tiny", "fp32", batch=2, input_size=(3, 32, 32), settings=RunSettings(threads=1, warmup=1, repeats=2)
+    )
     assert not result.error and result.model == "sret_tiny" and result.input_size == "3x32x32"
     assert result.step_p25_ms <= result.step_ms <= result.step_p75_ms
     assert result.images_per_s == pytest.approx(2 / (result.step_ms / 1e3))

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from recurzoo.devices import resolve_device
+from recurzoo.train import loops, validate
 from recurzoo.train.arguments import ParseKwargs, run_cli
 
 SCRIPTS = ["classification", "validate", "detection", "super_resolution", "camouflage", "distill_recurrent"]
@@ -97,7 +98,8 @@ def test_random_training_command_lines_end_in_exit_0_or_2_without_traceback(
 
     script = importlib.import_module(f"recurzoo.train.{name}")
     ran = []
-    monkeypatch.setattr(script, "run_distributed", lambda run, args: ran.append(resolve_device(args.device)))
+    for owner in (loops, validate):  # Training.launch of the training scripts, and validate's main
+        monkeypatch.setattr(owner, "run_distributed", lambda run, args: ran.append(resolve_device(args.device)))
     for file_name, text in CONFIGS.items():
         (tmp_path / file_name).write_text(text)
     monkeypatch.chdir(tmp_path)

@@ -1,9 +1,11 @@
 """The command line of the training scripts: the argument groups they share, ``--config`` YAML defaults,
 and the one place (:func:`run_cli`) where a user's error becomes one line on stderr with exit code 2.
 
-A script builds its parser with :func:`training_parser` (``--config`` included), adds its own groups,
-then the shared ones: :func:`add_run_arguments` (output, resume, device, seed, progress) with
-:func:`add_step_arguments` or :func:`add_epoch_arguments`, and :func:`add_fault_arguments`. It parses with
+A script builds its parser with :func:`training_parser` (``--config`` included), adds its own groups
+(:func:`add_model_arguments` and :func:`add_loader_arguments` for the options every script names alike,
+:func:`add_switch` for a ``--x``/``--no-x`` pair, :func:`add_choice` for a closed set of values),
+then the shared ones: :func:`add_run_arguments` (output, resume, device, seed, progress, and the fault
+injection of :func:`add_fault_arguments`) with :func:`add_step_arguments` or :func:`add_epoch_arguments`. It parses with
 :func:`parse_args_with_config` and its ``__main__`` is ``run_cli(main)``. Model arguments (``KEY=VALUE``
 lists) use timm's :class:`~timm.utils.ParseKwargs` through :func:`add_kwargs_argument`.
 """
@@ -26,8 +28,14 @@ from recurzoo.train.run import EXIT_NON_FINITE, FAULT_MODES, NonFiniteLossError,
 
 __all__ = [
     "ArgumentParser",
+    "HelpFormatter",
     "ParseKwargs",
     "add_kwargs_argument",
+    "add_switch",
+    "add_choice",
+    "add_model_arguments",
+    "add_teacher_arguments",
+    "add_loader_arguments",
     "training_parser",
     "add_run_arguments",
     "add_step_arguments",
@@ -43,6 +51,7 @@ __all__ = [
     "USER_ERRORS",
     "UsageError",
     "user_option",
+    "model_option",
     "MODEL_ARGUMENT_ERRORS",
 ]
 
@@ -88,9 +97,39 @@ def user_option(flags: str, *errors: Type[BaseException]) -> Iterator[None]:
         raise UsageError(f"{flags}: {one_line(error)}") from None
 
 
+def model_option(flags: str) -> contextlib.AbstractContextManager:
+    """:func:`user_option` for building a model from ``flags`` (a name and its keyword arguments): what a
+    constructor or timm's builder raises for arguments it cannot take (:data:`MODEL_ARGUMENT_ERRORS`)."""
+    return user_option(flags, *MODEL_ARGUMENT_ERRORS)
+
+
+# The program name a script runs under when a command runs it (``recurzoo train``), set by run_cli.
+_PROG: Optional[str] = None
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Adds ``(default: X)`` to an option's help unless the help already states its default, or there
+    is none to state (None, False, an empty string, list or dict)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        empty = default is None or default is False or default is argparse.SUPPRESS
+        empty = empty or (isinstance(default, (str, list, tuple, dict)) and not default)
+        if empty or "%(default)" in text or "default" in text.lower() or action.nargs == argparse.REMAINDER:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser whose errors (an unknown flag, a bad value, a missing option) are one line on
-    stderr, ``prog: error: message``, with exit code 2 -- not the usage block."""
+    stderr, ``prog: error: message``, with exit code 2 -- not the usage block. Under a command that runs
+    the script (:func:`run_cli` with ``prog``) it takes that command's name."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if _PROG is not None and kwargs.get("prog"):
+            kwargs["prog"] = _PROG
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)}\n")
@@ -119,9 +158,93 @@ def add_kwargs_argument(group: argparse._ActionsContainer, flag: str, help: str)
     group.add_argument(flag, nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE", help=help)
 
 
-def training_parser(prog: str, description: str) -> ArgumentParser:
-    """A training script's parser (one-line errors, defaults shown in ``--help``) with ``--config``."""
-    parser = ArgumentParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_switch(group: argparse._ActionsContainer, flag: str, default: Optional[bool], help: str) -> None:
+    """A ``--x``/``--no-x`` pair; ``default`` None leaves the choice to the script (e.g. "on CUDA")."""
+    group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
+
+
+def add_choice(
+    group: argparse._ActionsContainer, flag: str, choices: Sequence[str], help: str, default: Optional[str] = None
+) -> None:
+    """An option taking one of ``choices``; the default is ``default``, else the first choice."""
+    group.add_argument(flag, choices=tuple(choices), default=choices[0] if default is None else default, help=help)
+
+
+def add_model_arguments(
+    parser: argparse.ArgumentParser,
+    help: str,
+    *,
+    flag: str = "--model",
+    title: str = "model",
+    required: bool = False,
+    default: Optional[str] = None,
+    kwargs_help: str = "",
+    checkpoint: Sequence[str] = ("--checkpoint",),
+    checkpoint_help: str = "",
+    pretrained: str = "--pretrained",
+    pretrained_help: str = "",
+    pretrained_default: Optional[bool] = False,
+) -> argparse._ArgumentGroup:
+    """The model group: the model's name (``flag``), its ``FLAG-kwargs`` (``KEY=VALUE ...``, when
+    ``kwargs_help``), its initial weights (the ``checkpoint`` flags, when ``checkpoint_help``) and a switch
+    for timm's pretrained weights (``pretrained``, when ``pretrained_help``; ``pretrained_default`` None:
+    decided by the script). Returns the group for the script's own model options."""
+    group = parser.add_argument_group(title)
+    group.add_argument(flag, required=required, default=default, help=help)
+    if kwargs_help:
+        add_kwargs_argument(group, f"{flag}-kwargs", kwargs_help)
+    if checkpoint_help:
+        group.add_argument(*checkpoint, default=None, help=checkpoint_help)
+    if pretrained_help:
+        add_switch(group, pretrained, pretrained_default, pretrained_help)
+    return group
+
+
+def add_teacher_arguments(
+    parser: argparse.ArgumentParser, title: str, required: bool = False, pretrained: str = "--teacher-pretrained"
+) -> argparse._ArgumentGroup:
+    """The group of a frozen timm teacher (knowledge distillation): ``--teacher``, ``--teacher-kwargs``,
+    ``--teacher-checkpoint`` and the ``pretrained`` switch (default: timm's weights when no checkpoint)."""
+    return add_model_arguments(
+        parser,
+        "timm model name of the frozen teacher",
+        flag="--teacher",
+        title=title,
+        required=required,
+        kwargs_help="extra timm.create_model arguments of the teacher, e.g. img_size=32 depth=4",
+        checkpoint=("--teacher-checkpoint",),
+        checkpoint_help="teacher weights (.safetensors, or a torch checkpoint read with weights_only=True)",
+        pretrained=pretrained,
+        pretrained_help="timm's pretrained teacher weights (default: when no --teacher-checkpoint)",
+        pretrained_default=None,
+    )
+
+
+def add_loader_arguments(
+    group: argparse._ActionsContainer,
+    batch_size: int,
+    workers: int = 4,
+    batch_help: str = "images per process and step",
+    short: bool = False,
+) -> None:
+    """``--batch-size`` (per process) and ``--workers`` (data-loading processes per process); ``short``
+    adds timm's ``-b``/``-j``."""
+    group.add_argument(
+        *(("--batch-size", "-b") if short else ("--batch-size",)), type=int, default=batch_size, help=batch_help
+    )
+    group.add_argument(
+        *(("--workers", "-j") if short else ("--workers",)),
+        type=int,
+        default=workers,
+        help="data-loading processes per rank",
+    )
+
+
+def training_parser(module: str, doc: Optional[str]) -> ArgumentParser:
+    """The parser of the script ``python -m module`` (one-line errors, defaults shown in ``--help``) with
+    ``--config``; its description is the first paragraph of the script's docstring ``doc``."""
+    description = " ".join((doc or "").strip().split("\n\n")[0].split())
+    parser = ArgumentParser(prog=f"python -m {module}", description=description, formatter_class=HelpFormatter)
     parser.add_argument(
         "--config",
         default=None,
@@ -135,8 +258,10 @@ def add_run_arguments(
     parser: argparse.ArgumentParser, output: str, seed: int, checkpoint: str = "last.pt"
 ) -> argparse._ArgumentGroup:
     """The ``run`` group every training script has: ``--output``, ``--resume`` (``auto``: ``OUTPUT/checkpoint``),
-    ``--device``, ``--seed``, ``--no-progress``. Returns the group for the script's own run options."""
+    ``--device``, ``--seed``, ``--no-progress``; then the fault-injection group (:func:`add_fault_arguments`).
+    Returns the run group for the script's own run options."""
     group = parser.add_argument_group("run")
+    add_fault_arguments(parser)
     group.add_argument("--output", default=output, help="folder for checkpoints, logs, plots and results")
     group.add_argument("--resume", default=None, help=f"checkpoint to resume, or 'auto' for OUTPUT/{checkpoint}")
     group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
@@ -157,20 +282,10 @@ def add_epoch_arguments(group: argparse._ArgumentGroup, log_interval: int, amp_d
     """The run options of an epoch-based script (:class:`~recurzoo.train.loops.EpochTraining`): ranked
     checkpoints, mid-epoch checkpoints, BatchNorm sync, mixed precision, logging, plots, rank weights."""
     group.add_argument("--checkpoint-hist", type=int, default=3, help="ranked epoch checkpoints to keep")
-    group.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=0,
-        help="also write last.pth.tar every N steps within an epoch (0: at epoch ends only)",
-    )
-    group.add_argument(
-        "--dist-bn",
-        default="reduce",
-        choices=("reduce", "broadcast", ""),
-        help="sync BatchNorm statistics across ranks at epoch ends",
-    )
+    group.add_argument("--checkpoint-every", type=int, default=0, help="also a mid-epoch last.pth.tar every N steps")
+    add_choice(group, "--dist-bn", ("reduce", "broadcast", ""), "sync BatchNorm statistics across ranks at epoch ends")
     group.add_argument("--amp", action="store_true", help="mixed precision (autocast; GradScaler for float16)")
-    group.add_argument("--amp-dtype", choices=("bfloat16", "float16"), default=amp_dtype)
+    add_choice(group, "--amp-dtype", ("bfloat16", "float16"), "autocast's dtype", default=amp_dtype)
     group.add_argument("--log-interval", type=int, default=log_interval, help="log the training loss every N steps")
     group.add_argument("--plot", action="store_true", help="write loss.png and metrics.png after every epoch")
     group.add_argument(
@@ -224,8 +339,9 @@ def parse_args_with_config(
         try:
             with open(path, encoding="utf-8") as handle:
                 loaded = yaml.safe_load(handle) or {}
-        except (OSError, yaml.YAMLError) as error:
-            parser.error(f"{config_flag} {path}: {error}")
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else one_line(error)
+            parser.error(f"{config_flag} {path}: expected a YAML file of option defaults, cannot read it ({reason})")
         if not isinstance(loaded, dict):
             parser.error(f"{config_flag} {path}: expected a mapping of option names to values")
         values = {str(key).replace("-", "_"): value for key, value in loaded.items()}
@@ -245,6 +361,9 @@ def parse_args_with_config(
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
     check_bounds(parser, args)
+    output = getattr(args, "output", None)
+    if output and os.path.exists(output) and not os.path.isdir(output):  # refused before anything is built
+        parser.error(f"argument --output: expected a folder, found the file {output}")
     return args
 
 
@@ -323,10 +442,13 @@ def one_line(error: Any) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None) -> None:
-    """Run a training script's ``main`` as a command.
+def run_cli(
+    main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None, prog: Optional[str] = None
+) -> None:
+    """Run a training script's ``main`` as a command (``prog``, e.g. ``recurzoo train``, names it in its
+    usage and errors; by default ``python -m <module>``).
 
-    Exit codes: 2 with one line ``<module>: error: <message>`` for a user error (the documented types of
+    Exit codes: 2 with one line ``<prog>: error: <message>`` for a user error (the documented types of
     :data:`USER_ERRORS` only: bad values, missing data, unknown models, unavailable devices, unreadable
     or unfit checkpoints; argparse's errors exit 2 in one line too, see :class:`ArgumentParser`);
     128+signal after a signal stop (final checkpoint written); ``EXIT_NON_FINITE`` (3) when the loss
@@ -335,7 +457,10 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Seque
     """
     module = sys.modules.get(getattr(main, "__module__", ""), None)
     spec = getattr(module, "__spec__", None)
-    prog = spec.name if spec is not None else getattr(main, "__module__", "recurzoo")
+    global _PROG
+    outer = _PROG
+    _PROG = prog or outer
+    prog = _PROG or f"python -m {spec.name if spec is not None else getattr(main, '__module__', 'recurzoo')}"
     try:
         main(argv)
     except TrainingInterrupted as stop:
@@ -349,3 +474,5 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Seque
             raise
         print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    finally:
+        _PROG = outer

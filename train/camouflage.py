@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from timm.utils import NativeScaler, random_seed
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from recurzoo.checkpoint import (
     CheckpointError,
@@ -53,34 +53,30 @@ from recurzoo.checkpoint import (
     unwrap_state_dict,
 )
 from recurzoo.devices import resolve_device
-from recurzoo.plots import plot_curves
 from recurzoo.train.arguments import (
-    MODEL_ARGUMENT_ERRORS,
     UsageError,
-    add_fault_arguments,
-    add_kwargs_argument,
+    add_loader_arguments,
+    add_model_arguments,
     add_run_arguments,
     add_step_arguments,
+    add_switch,
+    model_option,
     one_line,
-    parse_args_with_config,
     run_cli,
     training_parser,
-    user_option,
 )
 from recurzoo.train.data import (
     DatasetWarning,
     SkipUnreadable,
     UnreadableImageError,
-    image_size,
+    readable_groups,
     seed_albumentations,
     summarize,
+    training_loader,
 )
-from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
+from recurzoo.train.distributed import DistributedContext, wrap_ddp
 from recurzoo.train.loops import StepTraining
-from recurzoo.train.resume import (
-    save_safetensors,
-)
-from recurzoo.train.run import append_jsonl, progress_bar
+from recurzoo.train.run import progress_bar
 
 __all__ = [
     "DatasetSpec",
@@ -215,27 +211,15 @@ def find_pairs(spec: DatasetSpec, require_masks: bool = True) -> List[Sample]:
             f"beside the images in {spec.image_dir})"
         )
     names = sorted(set(images) & set(masks)) if require_masks or masks else sorted(images)
-    unreadable, mismatched, samples = [], [], []
-    for name in names:
-        mask_path = masks.get(name)
-        try:
-            image_shape = image_size(images[name], verify=True)
-            mask_shape = image_size(mask_path, verify=True) if mask_path is not None else image_shape
-        except UnreadableImageError as error:
-            unreadable.append(str(error))
-            continue
+    mismatched, samples = [], []
+    names_of = {(images[name], masks.get(name)): name for name in names}
+    for (image_path, mask_path), sizes in readable_groups(spec.name, list(names_of), "samples", verify=True):
+        image_shape, mask_shape = sizes[0], sizes[-1]  # (the image's twice when there is no mask)
         if mask_shape != image_shape:
             mismatched.append(
-                f"{images[name]} ({image_shape[1]}x{image_shape[0]}) vs {mask_path} ({mask_shape[1]}x{mask_shape[0]})"
+                f"{image_path} ({image_shape[1]}x{image_shape[0]}) vs {mask_path} ({mask_shape[1]}x{mask_shape[0]})"
             )
-        samples.append(Sample(name, images[name], mask_path))
-    if unreadable:
-        warnings.warn(
-            f"dataset {spec.name!r}: skipped {len(unreadable)} of {len(names)} samples with unreadable "
-            f"files: {summarize(unreadable)}",
-            DatasetWarning,
-            stacklevel=2,
-        )
+        samples.append(Sample(names_of[image_path, mask_path], image_path, mask_path))
     if mismatched:
         warnings.warn(
             f"dataset {spec.name!r}: {len(mismatched)} images differ in size from their masks and are "
@@ -619,10 +603,10 @@ def build_model(
                 f"unknown COD model {model!r}; registered: {', '.join(recurzoo.list_models('msrnet_*'))}"
                 f" (or give a timm backbone name with --backbone)"
             )
-        with user_option("--model with --model-kwargs", *MODEL_ARGUMENT_ERRORS):
+        with model_option("--model with --model-kwargs"):
             network = recurzoo.create_model(model, pretrained_backbone=pretrained_backbone, **kwargs)
     elif backbone:
-        with user_option("--backbone with --model-kwargs", *MODEL_ARGUMENT_ERRORS):
+        with model_option("--backbone with --model-kwargs"):
             network = create_cod_model(backbone, pretrained_backbone=pretrained_backbone, **kwargs)
     else:
         raise UsageError("give --model (a registered msrnet_* model) or --backbone (any timm backbone)")
@@ -675,24 +659,22 @@ def load_model(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = training_parser(
-        "python -m recurzoo.train.camouflage", "Train and evaluate MSRNet camouflaged-object detectors."
+    parser = training_parser("recurzoo.train.camouflage", __doc__)
+    group = add_model_arguments(
+        parser,
+        "registered COD model, e.g. msrnet_pvt_v2_b2",
+        kwargs_help="model arguments, e.g. mid_dim=32 backbone_kwargs=\"{'depths': (1, 1, 1, 1)}\"",
+        checkpoint_help="initial weights (ours or an official MSRNet checkpoint)",
+        pretrained="--pretrained-backbone",
+        pretrained_help="timm's ImageNet weights (downloads them)",
     )
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", default=None, help="registered COD model, e.g. msrnet_pvt_v2_b2")
     group.add_argument("--backbone", default=None, help="any timm backbone (instead of --model): create_cod_model")
-    add_kwargs_argument(
-        group, "--model-kwargs", "model arguments, e.g. mid_dim=32 backbone_kwargs=\"{'depths': (1, 1, 1, 1)}\""
-    )
-    group.add_argument("--pretrained-backbone", action="store_true", help="timm's ImageNet weights (downloads them)")
-    group.add_argument("--checkpoint", default=None, help="initial weights (ours or an official MSRNet checkpoint)")
     group = parser.add_argument_group("data")
     group.add_argument("--data-config", default=None, help="YAML of the datasets (the official dataset.yaml layout)")
     group.add_argument("--train-sets", nargs="*", default=[], help="training dataset names or folders")
     group.add_argument("--test-sets", nargs="*", default=[], help="evaluation dataset names or folders")
     group.add_argument("--base-size", type=int, default=384, help="side of the 1.0x image (and the mask)")
-    group.add_argument("--batch-size", type=int, default=8, help="images per process and step")
-    group.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    add_loader_arguments(group, batch_size=8, workers=2)
     group.add_argument("--no-augment", action="store_true", help="no flips, rotations or colour jitter")
     group = parser.add_argument_group("optimization")
     group.add_argument("--epochs", type=int, default=150)
@@ -707,41 +689,31 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="update the backbone's BatchNorm statistics and affine parameters",
     )
-    group.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="float16 autocast with loss scaling (default: on CUDA)",
-    )
+    add_switch(group, "--amp", None, "float16 autocast with loss scaling (default: on CUDA)")
     group = add_run_arguments(parser, output="output/camouflage", seed=112358)
     group.add_argument("--evaluate", action="store_true", help="evaluate only (no training)")
     group.add_argument("--eval-at-start", action="store_true", help="also evaluate before training")
-    group.add_argument(
-        "--save-masks",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="write the predicted masks of the test sets as PNGs",
-    )
+    add_switch(group, "--save-masks", True, "write the predicted masks of the test sets as PNGs")
     add_step_arguments(
         group, save_every=0, log_every=20, save_help="checkpoint OUTPUT/last.pt every N steps (0: every epoch)"
     )
-    add_fault_arguments(parser)
     return parser
 
 
-def _datasets(names: Sequence[str], config: Optional[Mapping[str, DatasetSpec]]) -> Dict[str, List[Sample]]:
+def _datasets(names: Sequence[str], config: Optional[Mapping[str, DatasetSpec]], flag: str) -> Dict[str, List[Sample]]:
     datasets: Dict[str, List[Sample]] = {}
     for name in names:
-        spec = resolve_dataset(name, config)
-        key = spec.name if spec.name not in datasets else name
-        datasets[key] = find_pairs(spec)
+        try:
+            spec = resolve_dataset(name, config)
+            datasets[spec.name if spec.name not in datasets else name] = find_pairs(spec)
+        except (FileNotFoundError, UsageError) as error:
+            raise UsageError(f"{flag}: {error}") from None
     return datasets
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Train (unless ``--evaluate``) and evaluate; returns the loss history and the metrics."""
-    args = parse_args_with_config(build_parser(), argv)
-    return run_distributed(lambda args, context: _Training(args, context).run(), args)
+    return _Training.main(build_parser(), argv)
 
 
 def _format_metrics(values: Mapping[str, float]) -> str:
@@ -775,8 +747,8 @@ class _Training(StepTraining):
         random_seed(args.seed, context.rank)
         config = load_dataset_config(args.data_config) if args.data_config else None
         # every dataset is checked before the model is built or anything trained
-        train_sets = _datasets(args.train_sets, config) if not args.evaluate else {}
-        test_sets = _datasets(args.test_sets, config)
+        train_sets = _datasets(args.train_sets, config, "--train-sets") if not args.evaluate else {}
+        test_sets = _datasets(args.test_sets, config, "--test-sets")
         if args.evaluate and not test_sets:
             raise UsageError("--evaluate needs --test-sets")
         if not args.evaluate:
@@ -834,16 +806,7 @@ class _Training(StepTraining):
             getattr(model, "scales", (1.5, 1.0, 2.0)),
             augment=not args.no_augment,
         )
-        sampler = DistributedSampler(dataset, seed=args.seed, drop_last=True) if context.distributed else None
-        loader = DataLoader(
-            dataset,
-            batch_size=args.batch_size,
-            sampler=sampler,
-            shuffle=sampler is None,
-            num_workers=args.workers,
-            drop_last=True,
-            pin_memory=context.device.type == "cuda",
-        )  # workers are not persistent: seeded afresh each epoch, as a resumed run seeds them
+        loader = training_loader(dataset, args, context)
         self.total = args.steps or args.epochs * len(loader)
         self.optimizer = build_optimizer(
             model,
@@ -866,16 +829,7 @@ class _Training(StepTraining):
         if not args.train_backbone_bn:
             freeze_backbone_batchnorm(model)
         self.train_steps(loader, start_step, self.total, args.save_every or len(loader), resume_rng)
-        if context.is_main:
-            save_safetensors(
-                os.path.join(args.output, "model.safetensors"),
-                model.state_dict(),
-                metadata=dict(model_config=json.dumps(model.cod_config)),
-            )
-            try:
-                plot_curves(dict(loss=self.history), os.path.join(args.output, "loss.png"), ylabel="loss")
-            except ImportError:
-                self.logger.warning("matplotlib is not installed: loss.png not written")
+        self.save_final(model, dict(model_config=json.dumps(model.cod_config)))
         return self.history
 
     def training_loss(self, batch: Mapping[str, torch.Tensor], step: int) -> Tuple[torch.Tensor, Dict[str, float]]:
@@ -894,18 +848,8 @@ class _Training(StepTraining):
         )
 
     def after_update(self, updates: int, total: int, parts: Mapping[str, float]) -> None:
-        log_every = self.args.log_every
-        if self.context.is_main and (updates % log_every == 0 or updates == total):
-            recent = self.history[-log_every:]
-            lr = self.scheduler.get_last_lr()[-1]
-            self.logger.info(
-                f"step {updates}/{total} loss {sum(recent) / len(recent):.5f} (bce {parts['bce']:.4f}, "
-                f"ual {parts['ual']:.4f} x {parts['ual_weight']:.3f}) lr {lr:.2e}"
-            )
-            append_jsonl(
-                os.path.join(self.args.output, "metrics.jsonl"),
-                dict(step=updates, loss=self.history[-1], lr=lr, **parts),
-            )
+        detail = f" (bce {parts['bce']:.4f}, ual {parts['ual']:.4f} x {parts['ual_weight']:.3f})"
+        self.log_update(updates, total, self.scheduler.get_last_lr()[-1], detail=detail, **parts)
 
 
 class _MultiscaleForward(nn.Module):

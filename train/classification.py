@@ -54,26 +54,21 @@ from torch import nn
 
 from recurzoo.train.arguments import (
     UsageError,
+    add_choice,
     add_epoch_arguments,
-    add_fault_arguments,
-    add_kwargs_argument,
+    add_loader_arguments,
+    add_model_arguments,
     add_run_arguments,
-    parse_args_with_config,
+    add_switch,
+    add_teacher_arguments,
     run_cli,
-    save_args_yaml,
     training_parser,
     user_option,
 )
 from recurzoo.train.data import NO_SPLIT, create_image_dataset
-from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
+from recurzoo.train.distributed import DistributedContext, wrap_ddp
 from recurzoo.train.loops import EpochTraining
-from recurzoo.train.resume import (
-    TrainCheckpointSaver,
-    load_checkpoint,
-    resolve_resume,
-    restore_training_state,
-)
-from recurzoo.train.run import RunGuard, append_jsonl, progress_bar, trim_summary
+from recurzoo.train.run import RunGuard, append_jsonl, progress_bar
 from recurzoo.train.validate import (
     add_preprocessing_arguments,
     autocast,
@@ -90,28 +85,18 @@ __all__ = ["build_parser", "main", "KnowledgeDistillationLoss", "create_teacher"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = training_parser(
-        "python -m recurzoo.train.classification",
-        "Train or fine-tune a timm/recurzoo classifier with timm's components.",
+    parser = training_parser("recurzoo.train.classification", __doc__)
+    group = add_model_arguments(
+        parser,
+        "timm model name, e.g. sret_small or hornet_tiny_7x7",
+        required=True,
+        kwargs_help="extra timm.create_model arguments, e.g. 'dims=(16,32,64,128)' 'depths=(1,1,2,1)'",
+        checkpoint=("--initial-checkpoint",),
+        checkpoint_help="start from these weights (classifier re-initialized if the class count differs)",
+        pretrained_help="start from timm's pretrained weights",
     )
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", required=True, help="timm model name, e.g. sret_small or hornet_tiny_7x7")
-    group.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights")
-    group.add_argument(
-        "--initial-checkpoint",
-        default=None,
-        help="start from these weights (classifier re-initialized if the class count differs)",
-    )
-    group.add_argument(
-        "--initial-use-ema",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="take --initial-checkpoint's EMA weights when it has them",
-    )
+    add_switch(group, "--initial-use-ema", True, "take --initial-checkpoint's EMA weights when it has them")
     group.add_argument("--num-classes", type=int, default=None, help="classes (default: the dataset's)")
-    add_kwargs_argument(
-        group, "--model-kwargs", "extra timm.create_model arguments, e.g. 'dims=(16,32,64,128)' 'depths=(1,1,2,1)'"
-    )
     group.add_argument("--drop", type=float, default=0.0, help="dropout before the classifier")
     group.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
     group.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
@@ -129,9 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--class-map", default="", help="file mapping class folder names to indices")
     group.add_argument("--dataset-download", action="store_true", help="let torch/ and tfds/ datasets download")
-    group.add_argument("--batch-size", "-b", type=int, default=128, help="images per process and step")
+    add_loader_arguments(group, batch_size=128, short=True)
     group.add_argument("--validation-batch-size", type=int, default=None, help="eval batch (default: --batch-size)")
-    group.add_argument("--workers", "-j", type=int, default=4, help="data-loading processes per rank")
     add_preprocessing_arguments(group)
     group.add_argument("--train-interpolation", default="random", help="training resize interpolation")
     group = parser.add_argument_group("augmentation and regularization")
@@ -150,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--cutmix-minmax", type=float, nargs=2, default=None, help="cutmix box ratio range")
     group.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixing a batch")
     group.add_argument("--mixup-switch-prob", type=float, default=0.5, help="probability of cutmix when both on")
-    group.add_argument("--mixup-mode", default="batch", choices=("batch", "pair", "elem"))
+    add_choice(group, "--mixup-mode", ("batch", "pair", "elem"), "timm's Mixup mode: per batch, pair or element")
     group.add_argument("--mixup-off-epoch", type=int, default=0, help="turn mixup off from this epoch (0: never)")
     group.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     group.add_argument("--bce-loss", action="store_true", help="binary cross-entropy instead of softmax CE")
@@ -163,14 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--opt-betas", type=float, nargs="+", default=None, help="optimizer betas")
     group.add_argument("--layer-decay", type=float, default=None, help="layer-wise learning-rate decay, e.g. 0.75")
     group.add_argument("--clip-grad", type=float, default=None, help="gradient clipping value")
-    group.add_argument("--clip-mode", default="norm", choices=("norm", "value", "agc"))
+    add_choice(group, "--clip-mode", ("norm", "value", "agc"), "what --clip-grad bounds (timm's dispatch_clip_grad)")
     group.add_argument("--sched", default="cosine", help="timm scheduler: cosine, step, multistep, ...")
-    group.add_argument(
-        "--sched-on-updates",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="update the learning rate every step (else every epoch)",
-    )
+    add_switch(group, "--sched-on-updates", True, "update the learning rate every step (else every epoch)")
     group.add_argument("--epochs", type=int, default=300)
     group.add_argument("--warmup-epochs", type=int, default=5)
     group.add_argument("--warmup-lr", type=float, default=1e-6)
@@ -185,16 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--model-ema-decay", type=float, default=0.9998)
     group.add_argument("--model-ema-warmup", action="store_true", help="ramp the EMA decay up early on")
     group.add_argument("--model-ema-force-cpu", action="store_true", help="keep the EMA on the CPU")
-    group = parser.add_argument_group("knowledge distillation (SReT's soft-label KD)")
-    group.add_argument("--teacher", default=None, help="timm model name of a frozen teacher")
-    group.add_argument("--teacher-checkpoint", default=None, help="teacher weights (same class count as the data)")
-    group.add_argument(
-        "--teacher-pretrained",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="timm's pretrained teacher weights (default: when no --teacher-checkpoint)",
-    )
-    add_kwargs_argument(group, "--teacher-kwargs", "extra timm.create_model arguments of the teacher")
+    group = add_teacher_arguments(parser, "knowledge distillation (SReT's soft-label KD)")
     group.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature T")
     group.add_argument(
         "--kd-weight", type=float, default=1.0, help="weight W of the soft-label loss; the task loss gets 1 - W"
@@ -202,7 +172,6 @@ def build_parser() -> argparse.ArgumentParser:
     group = add_run_arguments(parser, output="output/classification", seed=42, checkpoint="last.pth.tar")
     group.add_argument("--eval-metric", default="top1", help="metric ranking the checkpoints (top1, top5, loss)")
     add_epoch_arguments(group, log_interval=50, amp_dtype="bfloat16")
-    add_fault_arguments(parser)
     return parser
 
 
@@ -297,8 +266,7 @@ def create_teacher(args: argparse.Namespace, num_classes: int) -> nn.Module:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Train; returns the best metric and epoch, the last epoch's metrics and the output folder."""
-    args = parse_args_with_config(build_parser(), argv)
-    return run_distributed(lambda args, context: _Training(args, context).run(), args)
+    return _Training.main(build_parser(), argv)
 
 
 class _Training(EpochTraining):
@@ -313,30 +281,25 @@ class _Training(EpochTraining):
     # ----------------------------------------------------------------------------------- set-up
     def _datasets(self) -> None:
         args = self.args
-        common_kwargs = dict(
-            class_map=args.class_map or None, download=args.dataset_download, batch_size=args.batch_size, seed=args.seed
-        )
-        self.train_set = create_image_dataset(
-            args.dataset,
-            args.data_dir,
-            args.train_split,
-            skip_unreadable="training set",
-            split_flag="--train-split",
-            is_training=True,
-            **common_kwargs,
-        )
-        self.eval_set = None
-        if args.val_split.strip().lower() not in NO_SPLIT:
-            self.eval_set = create_image_dataset(
+
+        def split_dataset(split: str, flag: str, what: str, evaluation: bool = False) -> Any:
+            return create_image_dataset(
                 args.dataset,
                 args.data_dir,
-                args.val_split,
-                skip_unreadable="validation set",
-                leave_out=True,
-                split_flag="--val-split",
-                is_training=False,
-                **common_kwargs,
+                split,
+                skip_unreadable=what,
+                split_flag=flag,
+                evaluation=evaluation,
+                class_map=args.class_map or None,
+                download=args.dataset_download,
+                batch_size=args.batch_size,
+                seed=args.seed,
             )
+
+        self.train_set = split_dataset(args.train_split, "--train-split", "training set")
+        self.eval_set = None
+        if args.val_split.strip().lower() not in NO_SPLIT:
+            self.eval_set = split_dataset(args.val_split, "--val-split", "validation set", evaluation=True)
         else:
             self.logger.info("--val-split none: training without evaluation (model_best is not written)")
         self._check_classes()
@@ -482,26 +445,13 @@ class _Training(EpochTraining):
         self.task_loss = task.to(self.context.device)
 
     def _optimization(self) -> None:
-        from timm.optim import create_optimizer_v2
+        from timm.optim import create_optimizer_v2, optimizer_kwargs
         from timm.scheduler import create_scheduler_v2, scheduler_kwargs
         from timm.utils import ModelEmaV3, NativeScaler
 
         args = self.args
-        extra = {}
-        if args.opt_eps is not None:
-            extra["eps"] = args.opt_eps
-        if args.opt_betas is not None:
-            extra["betas"] = tuple(args.opt_betas)
         with user_option(f"--opt {args.opt}", ValueError, TypeError, AssertionError):
-            self.optimizer = create_optimizer_v2(
-                self.model,
-                opt=args.opt,
-                lr=args.lr,
-                weight_decay=args.weight_decay,
-                momentum=args.momentum,
-                layer_decay=args.layer_decay,
-                **extra,
-            )
+            self.optimizer = create_optimizer_v2(self.model, **optimizer_kwargs(cfg=args))
         with user_option(f"--sched {args.sched}", ValueError, TypeError, AssertionError):
             self.scheduler, self.num_epochs = create_scheduler_v2(
                 self.optimizer, **scheduler_kwargs(args), updates_per_epoch=len(self.train_loader)
@@ -519,48 +469,21 @@ class _Training(EpochTraining):
             )
         self.saver = None
         if self.context.is_main:
-            self.saver = TrainCheckpointSaver(
-                self.model,
-                self.optimizer,
-                args.output,
-                arch=args.model,
-                run_args=vars(args),
-                model_ema=self.model_ema,
-                amp_scaler=self.scaler,
-                extra_state=self._position_state,
-                decreasing=args.eval_metric == "loss",
-                max_history=args.checkpoint_hist,
-            )
+            self.saver = self.create_saver(args.model, self.model_ema, decreasing=args.eval_metric == "loss")
 
-    def _position_state(self) -> Dict[str, Any]:
-        return dict(self.position_state(), num_classes=self.num_classes)
-
-    def _resume(self) -> int:
-        """Restore ``--resume``'s state; returns the first epoch to run (``batches_done`` set if mid-epoch)."""
-        args = self.args
-        path = resolve_resume(args.resume, args.output, name="last.pth.tar")
-        if path is None:
-            return 0
-        state = load_checkpoint(path)
-        restore_training_state(
-            state, self.model, self.optimizer, self.model_ema, self.scaler, self.saver, source=f"--resume {path}"
-        )
-        return self.restore_position(state, path)
+    def run_state(self) -> Dict[str, Any]:
+        return dict(num_classes=self.num_classes)
 
     # ------------------------------------------------------------------------------- training
     def run(self) -> Dict[str, Any]:
         args, context = self.args, self.context
-        if context.is_main:
-            os.makedirs(args.output, exist_ok=True)
         self._datasets()
         self._model()
         self._loaders()
         self._objective()
         self._optimization()
-        start_epoch = self._resume()
-        if context.is_main:
-            save_args_yaml(args, os.path.join(args.output, "args.yaml"))
-            trim_summary(self.summary_path, start_epoch)
+        start_epoch = self.resume_epoch(self.optimizer, self.model_ema) or 0
+        self.start_epochs(start_epoch)
         if self.scheduler is not None:
             if args.sched_on_updates:
                 self.scheduler.step_update(self.num_updates)
@@ -581,16 +504,8 @@ class _Training(EpochTraining):
                 f"unreadable images: {self.skipped_images} training samples skipped in all, "
                 f"{self.skipped_eval_images} validation images left out of each evaluation"
             )
-        return dict(
-            best_metric=best[0],
-            best_epoch=best[1],
-            eval=eval_metrics,
-            num_updates=self.num_updates,
-            summary=self.summary_path,
-            output=args.output,
-            skipped_images=self.skipped_images,
-            skipped_eval_images=self.skipped_eval_images,
-        )
+        skipped = dict(skipped_images=self.skipped_images, skipped_eval_images=self.skipped_eval_images)
+        return self.epochs_result(best, eval_metrics, "best_metric", **skipped)
 
     def train_epoch(self, epoch: int, guard: RunGuard) -> Optional[Dict[str, float]]:
         args, context = self.args, self.context

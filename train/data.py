@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import random
+import tarfile
 import warnings
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,8 @@ __all__ = [
     "UnreadableImageError",
     "image_size",
     "summarize",
+    "readable_groups",
+    "training_loader",
     "seed_albumentations",
     "SkipUnreadable",
     "ImageFolderDataset",
@@ -81,6 +84,53 @@ def summarize(items: Sequence[str], limit: int = 5) -> str:
     """The first ``limit`` items, comma-separated, and how many more there are."""
     shown = ", ".join(items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def readable_groups(
+    dataset: str, groups: Sequence[Sequence[Any]], what: str, verify: bool = False, stacklevel: int = 2
+) -> List[Tuple[Sequence[Any], List[Tuple[int, int]]]]:
+    """The groups of files (an image and its mask, an HR image and its LR one; None stands for no file)
+    whose every file reads as an image, each with the ``(height, width)`` of its files (each file once);
+    the others are dropped with one :class:`DatasetWarning` that counts them as ``what`` and names them.
+    ``verify``: see :func:`image_size`; ``stacklevel`` as ``warnings.warn``'s, counted from the caller."""
+    kept, unreadable = [], []
+    for group in groups:
+        try:
+            sizes = [image_size(str(path), verify=verify) for path in dict.fromkeys(group) if path is not None]
+        except UnreadableImageError as error:
+            unreadable.append(str(error))
+            continue
+        kept.append((group, sizes))
+    if unreadable:
+        warnings.warn(
+            f"dataset {dataset!r}: skipped {len(unreadable)} of {len(groups)} {what} with unreadable files: "
+            f"{summarize(unreadable)}",
+            DatasetWarning,
+            stacklevel=stacklevel + 1,
+        )
+    return kept
+
+
+def training_loader(
+    dataset: Any, args: Any, context: DistributedContext, drop_last: bool = True, **kwargs: Any
+) -> torch.utils.data.DataLoader:
+    """The training loader of a step-based script: ``--batch-size`` images per process from ``--workers``
+    processes, shuffled (under torchrun by a ``DistributedSampler`` seeded with ``--seed``), the incomplete
+    last batch dropped unless ``drop_last`` is False. Its workers are not persistent: every pass over the
+    data seeds them afresh, as a resumed run does. ``kwargs``: more ``DataLoader`` arguments."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(dataset, seed=args.seed, drop_last=True) if context.distributed else None
+    return DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        shuffle=sampler is None,
+        num_workers=args.workers,
+        drop_last=drop_last,
+        pin_memory=context.device.type == "cuda",
+        **kwargs,
+    )
 
 
 class SkipUnreadable:
@@ -259,7 +309,7 @@ def create_image_dataset(
     skip_unreadable: Optional[str] = None,
     flag: str = "--data-dir",
     split_flag: str = "--split",
-    leave_out: bool = False,
+    evaluation: bool = False,
     **kwargs: Any,
 ) -> Any:
     """timm's ``create_dataset(name, root=root, split=split, **kwargs)`` that fails clearly before training.
@@ -271,7 +321,8 @@ def create_image_dataset(
     ``skip_unreadable`` (a name such as ``'training set'``) a folder or tar dataset becomes an
     :class:`ImageFolderDataset` reading through :mod:`recurzoo.images`, whose undecodable images are
     skipped with a counted warning (``dataset.skip_unreadable``): replaced by the next readable one,
-    or with ``leave_out`` (evaluation sets) left out by the loader's :func:`collate_readable`.
+    or in an ``evaluation`` split left out by the loader's :func:`collate_readable`. timm's
+    ``is_training`` is ``not evaluation`` unless given.
     """
     from timm.data import create_dataset
 
@@ -282,11 +333,14 @@ def create_image_dataset(
     if folder_like and os.path.isdir(root):
         root = split_folder(root, split, flag, split_flag)
         kwargs["search_split"] = False
+    elif folder_like and not tarfile.is_tarfile(root):
+        raise UsageError(f"{flag} {root}: expected a dataset folder or a tar of one, found a file that is not a tar")
     elif folder_like and split != ".":
         raise UsageError(
             f"{split_flag} {split}: {flag} {root} is a file (a tar), read whole as one split; give "
             f"{split_flag} . for it, or a folder with one sub-folder per split"
         )
+    kwargs.setdefault("is_training", not evaluation)
     try:
         with user_option(f"--dataset {name!r}", ValueError, AssertionError, TypeError):
             dataset = create_dataset(name, root=root, split=split, **kwargs)
@@ -296,16 +350,12 @@ def create_image_dataset(
         raise UsageError(f"{flag} {given}: no images for split {split!r} ({one_line(error)})") from None
     if not isinstance(dataset, torch.utils.data.IterableDataset) and len(dataset) == 0:
         raise UsageError(f"{flag} {given}: split {split!r} holds no images")
-    if skip_unreadable and type(dataset) is ImageDataset:
+    if skip_unreadable and type(dataset) is ImageDataset:  # timm's reader and settings, read our way
+        settings = ("reader", "load_bytes", "input_img_mode", "transform", "target_transform", "additional_features")
         dataset = ImageFolderDataset(
             root,
-            reader=dataset.reader,
-            load_bytes=dataset.load_bytes,
-            input_img_mode=dataset.input_img_mode,
-            transform=dataset.transform,
-            target_transform=dataset.target_transform,
-            additional_features=dataset.additional_features,
             unreadable_name=skip_unreadable,
-            leave_out=leave_out,
+            leave_out=evaluation,
+            **{key: getattr(dataset, key) for key in settings},
         )
     return dataset

@@ -41,40 +41,31 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from recurzoo.checkpoint import CheckpointError
 from recurzoo.registry import UnknownModelError
 from recurzoo.train.arguments import (
-    MODEL_ARGUMENT_ERRORS,
     UsageError,
+    add_choice,
     add_epoch_arguments,
-    add_fault_arguments,
     add_kwargs_argument,
+    add_loader_arguments,
+    add_model_arguments,
     add_run_arguments,
+    add_switch,
+    model_option,
     one_line,
-    parse_args_with_config,
     run_cli,
-    save_args_yaml,
     training_parser,
     user_option,
 )
 from recurzoo.train.data import SkipUnreadable, UnreadableImageError
-from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
+from recurzoo.train.distributed import DistributedContext, wrap_ddp
 from recurzoo.train.loops import EpochTraining
-from recurzoo.train.resume import (
-    TrainCheckpointSaver,
-    load_checkpoint,
-    resolve_resume,
-    restore_training_state,
-)
-from recurzoo.train.run import RunGuard, progress_bar, trim_summary
+from recurzoo.train.run import RunGuard, progress_bar
 from recurzoo.train.validate import autocast
 
 __all__ = ["build_parser", "main", "CocoDetection", "coco_evaluate", "detections_to_coco", "collate"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = training_parser(
-        "python -m recurzoo.train.detection",
-        "Faster/Mask R-CNN (torchvision) with an FPN over any timm/recurzoo features_only backbone, "
-        "on COCO-format data; COCO mAP from pycocotools.",
-    )
+    parser = training_parser("recurzoo.train.detection", __doc__)
     group = parser.add_argument_group("data (COCO format)")
     group.add_argument(
         "--data-dir", required=True, help="COCO root: <split>/ images and annotations/instances_<split>.json"
@@ -85,22 +76,27 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--train-ann", default=None, help="training annotation JSON (overrides --train-split)")
     group.add_argument("--val-images", default=None, help="evaluation image folder (overrides --val-split)")
     group.add_argument("--val-ann", default=None, help="evaluation annotation JSON (overrides --val-split)")
-    group.add_argument("--batch-size", "-b", type=int, default=2, help="images per process and step")
-    group.add_argument("--workers", "-j", type=int, default=4, help="data-loading processes per rank")
+    add_loader_arguments(group, batch_size=2, short=True)
     group.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability in training")
     group.add_argument("--min-size", type=int, default=800, help="shorter image side after resizing")
     group.add_argument("--max-size", type=int, default=1333, help="longest image side after resizing")
-    group = parser.add_argument_group("model")
-    group.add_argument(
-        "--detector",
-        choices=("fasterrcnn", "maskrcnn"),
-        default="fasterrcnn",
-        help="torchvision detector (maskrcnn adds instance masks and mask mAP)",
+    group = add_model_arguments(
+        parser,
+        "timm/recurzoo model with features_only",
+        flag="--backbone",
+        default="hornet_tiny_7x7",
+        kwargs_help="extra timm.create_model arguments, e.g. 'dims=(16,32,64,128)'",
+        checkpoint=("--backbone-checkpoint",),
+        checkpoint_help="backbone weights from a classification checkpoint",
+        pretrained="--pretrained-backbone",
+        pretrained_help="timm's pretrained backbone weights",
     )
-    group.add_argument("--backbone", default="hornet_tiny_7x7", help="timm/recurzoo model with features_only")
-    add_kwargs_argument(group, "--backbone-kwargs", "extra timm.create_model arguments, e.g. 'dims=(16,32,64,128)'")
-    group.add_argument("--pretrained-backbone", action="store_true", help="timm's pretrained backbone weights")
-    group.add_argument("--backbone-checkpoint", default=None, help="backbone weights from a classification checkpoint")
+    add_choice(
+        group,
+        "--detector",
+        ("fasterrcnn", "maskrcnn"),
+        "torchvision detector (maskrcnn adds instance masks and mask mAP)",
+    )
     group.add_argument(
         "--out-indices",
         type=int,
@@ -109,11 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="backbone feature levels (default: the deepest map of each stride)",
     )
     group.add_argument("--fpn-channels", type=int, default=256, help="feature-pyramid width")
-    group.add_argument(
-        "--frozen-bn",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="freeze the backbone's BatchNorm (default: when backbone weights are loaded)",
+    add_switch(
+        group, "--frozen-bn", None, "freeze the backbone's BatchNorm (default: when backbone weights are loaded)"
     )
     group.add_argument("--anchor-scale", type=float, default=8.0, help="anchor side in units of the level's stride")
     group.add_argument("--box-score-thresh", type=float, default=0.05, help="lowest score of a kept detection")
@@ -140,7 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--test-only", action="store_true", help="only evaluate (the --resume weights)")
     group.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     add_epoch_arguments(group, log_interval=20, amp_dtype="float16")
-    add_fault_arguments(parser)
     return parser
 
 
@@ -370,8 +362,7 @@ def evaluate(
 # --------------------------------------------------------------------------------------- training
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Train (or with ``--test-only`` evaluate); returns the best mAP and epoch, the last metrics, the output."""
-    args = parse_args_with_config(build_parser(), argv)
-    return run_distributed(lambda args, context: _Training(args, context).run(), args)
+    return _Training.main(build_parser(), argv)
 
 
 class _Training(EpochTraining):
@@ -427,7 +418,7 @@ class _Training(EpochTraining):
                 raise
             local = "; or give its weights with --backbone-checkpoint FILE"
             raise CheckpointError(f"--backbone {args.backbone}: {error}{local}") from None
-        with user_option(f"--detector {args.detector} with --detector-kwargs", *MODEL_ARGUMENT_ERRORS):
+        with model_option(f"--detector {args.detector} with --detector-kwargs"):
             self.model = create_detector(
                 args.detector,
                 backbone,
@@ -481,50 +472,24 @@ class _Training(EpochTraining):
             self.scaler = NativeScaler(device="cuda")
         self.saver = None
         if context.is_main and not args.test_only:
-            self.saver = TrainCheckpointSaver(
-                self.model,
-                self.optimizer,
-                args.output,
-                arch=f"{args.detector}_{args.backbone}",
-                run_args=vars(args),
-                amp_scaler=self.scaler,
-                extra_state=self._position_state,
-                max_history=args.checkpoint_hist,
-            )
+            self.saver = self.create_saver(f"{args.detector}_{args.backbone}")
 
-    def _position_state(self) -> Dict[str, Any]:
-        return dict(self.position_state(), category_ids=list(self.val_set.category_ids))
-
-    def _resume(self) -> int:
-        args = self.args
-        path = resolve_resume(args.resume, args.output, name="last.pth.tar")
-        if path is None:
-            if args.test_only:
-                self.logger.warning("--test-only without --resume: evaluating untrained detection heads")
-            return 0
-        state = load_checkpoint(path)
-        restore_training_state(
-            state,
-            self.model,
-            None if args.test_only else self.optimizer,
-            None,
-            self.scaler,
-            self.saver,
-            source=f"--resume {path}",
-        )
-        return self.restore_position(state, path)
+    def run_state(self) -> Dict[str, Any]:
+        return dict(category_ids=list(self.val_set.category_ids))
 
     def run(self) -> Dict[str, Any]:
         args, context = self.args, self.context
         self._setup()
-        start_epoch = self._resume()
+        start_epoch = self.resume_epoch(None if args.test_only else self.optimizer)
+        if start_epoch is None:
+            if args.test_only:
+                self.logger.warning("--test-only without --resume: evaluating untrained detection heads")
+            start_epoch = 0
         if args.test_only:
             metrics = evaluate(self.model, self.val_set, args, context, self.logger)
             self.logger.info("mAP " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             return dict(eval=metrics, output=args.output)
-        if context.is_main:
-            save_args_yaml(args, os.path.join(args.output, "args.yaml"))
-            trim_summary(self.summary_path, start_epoch)
+        self.start_epochs(start_epoch)
         self.scheduler.step_update(self.num_updates)
         self.train_model = wrap_ddp(self.model, context)
         self.logger.info(
@@ -536,15 +501,7 @@ class _Training(EpochTraining):
         best, eval_metrics = self.train_epochs(start_epoch)
         if self.skipped_images:
             self.logger.warning(f"unreadable images: {self.skipped_images} training samples skipped in all")
-        return dict(
-            skipped_images=self.skipped_images,
-            best_map=best[0],
-            best_epoch=best[1],
-            eval=eval_metrics,
-            num_updates=self.num_updates,
-            summary=self.summary_path,
-            output=args.output,
-        )
+        return self.epochs_result(best, eval_metrics, "best_map", skipped_images=self.skipped_images)
 
     def evaluate_epoch(self, epoch: int) -> Dict[str, float]:
         if (epoch + 1) % self.args.eval_every == 0 or epoch + 1 == self.num_epochs:

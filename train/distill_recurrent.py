@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
 from timm.utils import random_seed
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 
 from recurzoo.backbones._helpers import init_linear
 from recurzoo.backbones.recurrent_vit import (
@@ -53,46 +53,25 @@ from recurzoo.checkpoint import load_state_dict, read_state_dict
 from recurzoo.plots import plot_curves, save_phase_heatmap
 from recurzoo.train.arguments import (
     UsageError,
-    add_fault_arguments,
-    add_kwargs_argument,
+    add_choice,
+    add_loader_arguments,
     add_run_arguments,
     add_step_arguments,
-    parse_args_with_config,
+    add_teacher_arguments,
     run_cli,
     training_parser,
 )
-from recurzoo.train.data import collate_readable, create_image_dataset
-from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
+from recurzoo.train.data import collate_readable, create_image_dataset, training_loader
+from recurzoo.train.distributed import DistributedContext, wrap_ddp
 from recurzoo.train.loops import StepTraining
-from recurzoo.train.resume import (
-    save_safetensors,
-)
-from recurzoo.train.run import append_jsonl
+from recurzoo.train.resume import save_safetensors
 
 __all__ = ["build_parser", "main", "TokenLoss", "PhaseObjective", "SequenceObjective", "step_errors", "cosine_schedule"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = training_parser(
-        "python -m recurzoo.train.distill_recurrent",
-        "Distil a timm ViT teacher into a recurrent ViT with k shared blocks.",
-    )
-    group = parser.add_argument_group("teacher")
-    group.add_argument("--teacher", required=True, help="timm model name of the ViT teacher")
-    group.add_argument(
-        "--teacher-checkpoint",
-        default=None,
-        help="teacher weights (.safetensors, or a torch checkpoint read with weights_only=True)",
-    )
-    add_kwargs_argument(
-        group, "--teacher-kwargs", "extra timm.create_model arguments of the teacher, e.g. img_size=32 depth=4"
-    )
-    group.add_argument(
-        "--pretrained",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="load timm's pretrained teacher weights (default: when no --teacher-checkpoint)",
-    )
+    parser = training_parser("recurzoo.train.distill_recurrent", __doc__)
+    add_teacher_arguments(parser, "teacher (a timm ViT)", required=True, pretrained="--pretrained")
     group = parser.add_argument_group("student")
     group.add_argument("--k", type=int, default=2, help="number of shared blocks")
     group.add_argument(
@@ -102,43 +81,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="phase lengths (sum = teacher depth); default: found by --phase-split",
     )
-    group.add_argument(
-        "--phase-split",
-        choices=("similarity", "even"),
-        default="similarity",
-        help="how phases are chosen when --phases is not given",
-    )
-    group.add_argument(
-        "--init",
-        choices=("teacher", "random"),
-        default="teacher",
-        help="shared blocks copied from the teacher or freshly initialized",
-    )
-    group.add_argument(
+    add_choice(group, "--phase-split", ("similarity", "even"), "how phases are chosen when --phases is not given")
+    add_choice(group, "--init", ("teacher", "random"), "shared blocks copied from the teacher or freshly initialized")
+    add_choice(
+        group,
         "--source-block",
-        choices=("first", "middle", "last"),
+        ("first", "middle", "last"),
+        "which teacher block of each phase the shared block is copied from",
         default="middle",
-        help="which teacher block of each phase the shared block is copied from",
     )
     group.add_argument("--depth-conditioning", action="store_true", help="Raptor's step-dependent scales")
     group.add_argument("--lora-rank", type=int, default=0, help="per-step LoRA rank (0: none)")
-    group.add_argument(
+    add_choice(
+        group,
         "--lora-init",
-        choices=("zero", "svd"),
-        default="zero",
-        help="per-step LoRA starting at zero or at the SVD of the teacher's per-step weights",
+        ("zero", "svd"),
+        "per-step LoRA starting at zero or at the SVD of the teacher's per-step weights",
     )
     group = parser.add_argument_group("data")
     group.add_argument("--data-dir", required=True, help="ImageFolder root with a --split sub-folder of class folders")
     group.add_argument("--split", default="train", help="sub-folder of --data-dir ('.' for --data-dir itself)")
-    group.add_argument("--batch-size", type=int, default=64, help="images per process and step")
-    group.add_argument("--workers", type=int, default=4, help="data-loading processes")
-    group.add_argument(
-        "--eval-images",
-        type=int,
-        default=64,
-        help="fixed images (eval transform) for phase discovery and per-step errors",
-    )
+    add_loader_arguments(group, batch_size=64)
+    group.add_argument("--eval-images", type=int, default=64, help="fixed images of phase discovery and step errors")
     group.add_argument("--min-crop", type=float, default=0.25, help="smallest random-resized-crop area")
     group = parser.add_argument_group("optimization")
     group.add_argument("--stage1-steps", type=int, default=20000, help="teacher-forced phase training steps")
@@ -148,12 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--weight-decay", type=float, default=1e-4)
     group.add_argument("--warmup-frac", type=float, default=0.05, help="warm-up share of each stage")
     group.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clip (0: none)")
-    group.add_argument(
-        "--forcing-frac",
-        type=float,
-        default=0.25,
-        help="share of stage 1 over which teacher forcing anneals from 1 to 0 into phase roll-outs",
-    )
+    group.add_argument("--forcing-frac", type=float, default=0.25, help="stage-1 share where teacher forcing goes 1->0")
     group.add_argument("--cls-weight", type=float, default=0.45, help="loss weight of the class token")
     group.add_argument("--reg-weight", type=float, default=0.10, help="loss weight of register tokens")
     group.add_argument("--patch-weight", type=float, default=0.45, help="loss weight of patch tokens")
@@ -162,7 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
     group = add_run_arguments(parser, output="output/distill_recurrent", seed=0)
     add_step_arguments(group, save_every=1000, log_every=50)
-    add_fault_arguments(parser)
     return parser
 
 
@@ -294,8 +252,6 @@ def _datasets(args: argparse.Namespace, teacher: nn.Module):
         args.data_dir,
         args.split,
         skip_unreadable="training set",
-        split_flag="--split",
-        is_training=True,
         transform=train_transform,
     )
     eval_set = create_image_dataset(
@@ -303,8 +259,7 @@ def _datasets(args: argparse.Namespace, teacher: nn.Module):
         args.data_dir,
         args.split,
         skip_unreadable="evaluation images",
-        leave_out=True,
-        split_flag="--split",
+        evaluation=True,
         transform=eval_transform,
     )
     eval_set = Subset(eval_set, range(min(args.eval_images, len(eval_set))))
@@ -348,8 +303,7 @@ def _optimizer(model: RecurrentViT, lr: float, weight_decay: float) -> torch.opt
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run the distillation; returns the phases, per-step errors and loss history."""
-    args = parse_args_with_config(build_parser(), argv)
-    return run_distributed(lambda args, context: _Distillation(args, context).run(), args)
+    return _Distillation.main(build_parser(), argv)
 
 
 class _Distillation(StepTraining):
@@ -368,16 +322,7 @@ class _Distillation(StepTraining):
         path, resumed = self.load_resume(("phases", "student", "stage", "step", "history", "errors"))
         self.teacher = _load_teacher(args).to(context.device)
         train_set, eval_set = _datasets(args, self.teacher)
-        sampler = DistributedSampler(train_set, seed=args.seed, drop_last=True) if context.distributed else None
-        loader = DataLoader(
-            train_set,
-            batch_size=args.batch_size,
-            sampler=sampler,
-            shuffle=sampler is None,
-            num_workers=args.workers,
-            drop_last=len(train_set) >= args.batch_size,
-            pin_memory=context.device.type == "cuda",
-        )  # workers seeded afresh each epoch (exact resume)
+        loader = training_loader(train_set, args, context, drop_last=len(train_set) >= args.batch_size)
         self.eval_batches = [
             batch[0].to(context.device)
             for batch in DataLoader(
@@ -493,17 +438,8 @@ class _Distillation(StepTraining):
         return dict(super().checkpoint_state(updates), **self.state, stage=self.stage, student=self.model.state_dict())
 
     def after_update(self, updates: int, total: int, parts: Mapping[str, float]) -> None:
-        log_every = self.args.log_every
-        if self.context.is_main and (updates % log_every == 0 or updates == total):
-            recent = self.history[-log_every:]
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.logger.info(
-                f"stage {self.stage} step {updates}/{total} loss {sum(recent) / len(recent):.5f} lr {lr:.2e}"
-            )
-            append_jsonl(
-                os.path.join(self.args.output, "metrics.jsonl"),
-                dict(stage=self.stage, step=updates, loss=self.history[-1], lr=lr),
-            )
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.log_update(updates, total, lr, prefix=f"stage {self.stage} ", stage=self.stage)
 
 
 def _format(values: Sequence[float]) -> str:

@@ -21,15 +21,19 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch import nn
 
-from recurzoo.train.distributed import DistributedContext
+from recurzoo.plots import plot_curves
+from recurzoo.train.arguments import parse_args_with_config, save_args_yaml
+from recurzoo.train.distributed import DistributedContext, run_distributed
 from recurzoo.train.resume import (
     BufferSnapshot,
     EpochBatches,
     StepBatches,
+    TrainCheckpointSaver,
     gather_rng_states,
     load_checkpoint,
     rank_rng_state,
     resolve_resume,
+    restore_training_state,
     save_checkpoint,
     save_safetensors,
 )
@@ -37,9 +41,11 @@ from recurzoo.train.run import (
     NonFiniteLossError,
     RunGuard,
     TrainingInterrupted,
+    append_jsonl,
     plot_summary,
     progress_bar,
     setup_logging,
+    trim_summary,
 )
 
 __all__ = ["Training", "EpochTraining", "StepTraining"]
@@ -49,7 +55,8 @@ class Training:
     """What both loops share: the run's arguments, process and log, the optimizer step, the guarded loop.
 
     A subclass sets ``model``, ``optimizer`` and ``scaler`` (timm's ``NativeScaler`` for float16 autocast,
-    else None) and says where its last checkpoint is (:attr:`last_checkpoint`).
+    else None), says where its last checkpoint is (:attr:`last_checkpoint`) and implements :meth:`run`;
+    a script's ``main`` is ``Subclass.main(build_parser(), argv)`` (or ``Subclass.launch(args)``).
     """
 
     zero_grad_to_none = True  # as ``optimizer.zero_grad(set_to_none=...)`` before each backward
@@ -62,6 +69,28 @@ class Training:
         self.optimizer: torch.optim.Optimizer
         self.scaler: Any = None
         self.buffers_before_step: Optional[BufferSnapshot] = None
+
+    @classmethod
+    def main(cls, parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> Any:
+        """Parse ``argv`` with ``parser`` (option defaults from ``--config``), :meth:`check_arguments`, then
+        :meth:`launch` the run."""
+        args = parse_args_with_config(parser, argv)
+        cls.check_arguments(args)
+        return cls.launch(args)
+
+    @classmethod
+    def check_arguments(cls, args: argparse.Namespace) -> None:
+        """Refuse (``UsageError``) options that do not go together, before any process group or device."""
+
+    @classmethod
+    def launch(cls, args: argparse.Namespace) -> Any:
+        """Run a training of this class with ``args`` in the process group ``torchrun`` describes (one
+        process without it): what every script's ``main`` ends with. Returns :meth:`run`'s result."""
+        return run_distributed(lambda args, context: cls(args, context).run(), args)
+
+    def run(self) -> Any:
+        """The whole run: data, model, resume, the loop, the final weights; returns the script's result."""
+        raise NotImplementedError
 
     @property
     def last_checkpoint(self) -> Optional[str]:
@@ -128,11 +157,11 @@ class EpochTraining(Training):
     resume, and :meth:`train_epochs`: epochs with BatchNorm sync, evaluation, schedule, summary, ranked
     checkpoints and plots.
 
-    A subclass sets ``saver`` (a :class:`~recurzoo.train.resume.TrainCheckpointSaver`, main process
-    only, whose ``extra_state`` includes :meth:`position_state`), ``scheduler`` (timm's or None),
-    ``num_epochs`` and ``eval_metric`` (the evaluation metric that ranks checkpoints), and implements
+    A subclass makes its ``saver`` with :meth:`create_saver` (main process only), sets ``scheduler``
+    (timm's or None), ``num_epochs`` and ``eval_metric`` (the evaluation metric that ranks checkpoints),
+    resumes with :meth:`resume_epoch` and starts with :meth:`start_epochs`, and implements
     :meth:`train_epoch` (over :meth:`epoch_batches`, calling :meth:`save_last` for mid-epoch checkpoints)
-    and :meth:`evaluate_epoch`.
+    and :meth:`evaluate_epoch`; :meth:`run_state` adds what its checkpoints need beyond the position.
     """
 
     def __init__(self, args: argparse.Namespace, context: DistributedContext, name: str) -> None:
@@ -160,6 +189,63 @@ class EpochTraining(Training):
         if self.batches_done is not None:
             state["rng"] = self.rng_states
         return state
+
+    def run_state(self) -> Dict[str, Any]:
+        """What a subclass stores in every checkpoint beside the position (e.g. its class count)."""
+        return {}
+
+    def create_saver(self, arch: str, model_ema: Any = None, decreasing: bool = False) -> TrainCheckpointSaver:
+        """timm's checkpoint saver for this run (``last``, ``--checkpoint-hist`` ranked epochs, the best by
+        ``eval_metric``, ``decreasing`` when lower is better), each file holding the run's position."""
+        return TrainCheckpointSaver(
+            self.model,
+            self.optimizer,
+            self.args.output,
+            arch=arch,
+            run_args=vars(self.args),
+            model_ema=model_ema,
+            amp_scaler=self.scaler,
+            extra_state=lambda: dict(self.position_state(), **self.run_state()),
+            decreasing=decreasing,
+            max_history=self.args.checkpoint_hist,
+        )
+
+    def resume_epoch(self, optimizer: Optional[torch.optim.Optimizer], model_ema: Any = None) -> Optional[int]:
+        """Restore ``--resume``'s checkpoint (``auto``: ``OUTPUT/last.pth.tar`` if there is one) into the
+        model, ``optimizer``, ``model_ema``, scaler and saver; returns the epoch to start with (the run's
+        position set when mid-epoch), or None when not resuming."""
+        path = resolve_resume(self.args.resume, self.args.output, name="last.pth.tar")
+        if path is None:
+            return None
+        state = load_checkpoint(path)
+        restore_training_state(
+            state, self.model, optimizer, model_ema, self.scaler, self.saver, source=f"--resume {path}"
+        )
+        return self.restore_position(state, path)
+
+    def epochs_result(
+        self, best: Tuple[Optional[float], Optional[int]], eval_metrics: Dict[str, float], best_key: str, **extra: Any
+    ) -> Dict[str, Any]:
+        """What ``run`` returns after :meth:`train_epochs`: the best ``eval_metric`` (as ``best_key``) and its
+        epoch, the last evaluation's metrics, the updates done, the summary and output paths, and ``extra``."""
+        return {
+            best_key: best[0],
+            "best_epoch": best[1],
+            "eval": eval_metrics,
+            "num_updates": self.num_updates,
+            "summary": self.summary_path,
+            "output": self.args.output,
+            **extra,
+        }
+
+    def start_epochs(self, start_epoch: int) -> None:
+        """Before the first epoch: the output folder made (only now, once the data, the model and the resume
+        point are found), the resolved options in ``OUTPUT/args.yaml`` and the summary rows of the epochs to
+        run again dropped (main process only)."""
+        if self.context.is_main:
+            os.makedirs(self.args.output, exist_ok=True)
+            save_args_yaml(self.args, os.path.join(self.args.output, "args.yaml"))
+            trim_summary(self.summary_path, start_epoch)
 
     def restore_position(self, state: Mapping[str, Any], path: str) -> int:
         """Take the position of a checkpoint :meth:`position_state` wrote; returns the epoch to start with."""
@@ -307,6 +393,45 @@ class StepTraining(Training):
 
     def after_update(self, updates: int, total: int, parts: Mapping[str, float]) -> None:
         """Called after each update (``updates`` done of ``total``) with the parts of its loss."""
+
+    def log_metrics(self, **values: Any) -> None:
+        """One line of ``OUTPUT/metrics.jsonl`` (main process only)."""
+        if self.context.is_main:
+            append_jsonl(os.path.join(self.args.output, "metrics.jsonl"), values)
+
+    def log_update(
+        self, updates: int, total: int, lr: float, prefix: str = "", detail: str = "", **values: Any
+    ) -> None:
+        """Every ``--log-every`` updates and after the last (main process only): the mean loss since the last
+        such line and ``lr`` in the log, as ``{prefix}step U/T loss L{detail} lr R``, and the update's loss,
+        ``lr`` and ``values`` in ``OUTPUT/metrics.jsonl``."""
+        log_every = self.args.log_every
+        if not self.context.is_main or (updates % log_every and updates != total):
+            return
+        recent = self.history[-log_every:]
+        self.logger.info(f"{prefix}step {updates}/{total} loss {sum(recent) / len(recent):.5f}{detail} lr {lr:.2e}")
+        self.log_metrics(**values, step=updates, loss=self.history[-1], lr=lr)
+
+    def save_final(
+        self,
+        model: nn.Module,
+        metadata: Mapping[str, str],
+        curve: str = "loss",
+        ylabel: str = "loss",
+        log_y: bool = False,
+    ) -> None:
+        """On the main process: ``model``'s weights as ``OUTPUT/model.safetensors`` with ``metadata``, and the
+        loss of every update (named ``curve``) as ``OUTPUT/loss.png`` (left out, with a warning, without
+        matplotlib)."""
+        if not self.context.is_main:
+            return
+        output = self.args.output
+        save_safetensors(os.path.join(output, "model.safetensors"), model.state_dict(), metadata=dict(metadata))
+        if self.history:
+            try:
+                plot_curves({curve: self.history}, os.path.join(output, "loss.png"), ylabel=ylabel, log_y=log_y)
+            except ImportError:
+                self.logger.warning("matplotlib is not installed: loss.png not written")
 
     def save(self, updates: int, pending: bool = False) -> None:
         """Write ``last.pt`` after ``updates`` updates, with every rank's RNG state; ``pending``: the batch

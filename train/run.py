@@ -135,6 +135,14 @@ class RunGuard:
         return bool(signum)
 
 
+class _FolderMakingFileHandler(logging.FileHandler):
+    """A log file (and its folder) made at the first record: a run refused before it logs leaves nothing."""
+
+    def _open(self):
+        os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
+        return super()._open()
+
+
 def setup_logging(output_dir: Optional[str], is_main: bool = True, name: str = "recurzoo") -> logging.Logger:
     """A logger printing to stderr and appending to ``output_dir/log.txt`` (main process; others warn only)."""
     logger = logging.getLogger(name)
@@ -144,8 +152,7 @@ def setup_logging(output_dir: Optional[str], is_main: bool = True, name: str = "
     formatter = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if output_dir and is_main:
-        os.makedirs(output_dir, exist_ok=True)
-        handlers.append(logging.FileHandler(os.path.join(output_dir, "log.txt")))
+        handlers.append(_FolderMakingFileHandler(os.path.join(output_dir, "log.txt"), delay=True))
     for handler in handlers:
         handler.setFormatter(formatter)
         logger.addHandler(handler)

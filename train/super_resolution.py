@@ -52,38 +52,34 @@ import numpy as np
 import torch
 from timm.utils import random_seed
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from recurzoo.checkpoint import atomic_write, family_filter, load_state_dict, load_weights
 from recurzoo.heads.super_resolution import SuperResolutionModel, create_sr_model, image_to_tensor, tensor_to_image
 from recurzoo.images import IMAGE_SUFFIXES, read_image, write_png
-from recurzoo.plots import plot_curves
 from recurzoo.train.arguments import (
-    MODEL_ARGUMENT_ERRORS,
     UsageError,
-    add_fault_arguments,
-    add_kwargs_argument,
+    add_loader_arguments,
+    add_model_arguments,
     add_run_arguments,
     add_step_arguments,
-    parse_args_with_config,
+    model_option,
     run_cli,
     training_parser,
-    user_option,
 )
 from recurzoo.train.data import (
     DatasetWarning,
     SkipUnreadable,
     UnreadableImageError,
     image_size,
+    readable_groups,
     seed_albumentations,
     summarize,
+    training_loader,
 )
-from recurzoo.train.distributed import DistributedContext, run_distributed, wrap_ddp
+from recurzoo.train.distributed import DistributedContext, wrap_ddp
 from recurzoo.train.loops import StepTraining
-from recurzoo.train.resume import (
-    save_safetensors,
-)
-from recurzoo.train.run import append_jsonl, progress_bar
+from recurzoo.train.run import progress_bar
 
 __all__ = [
     "rgb_to_y",
@@ -176,24 +172,10 @@ def _without_unreadable(
 ) -> Tuple[Tuple[Path, ...], Optional[Tuple[Path, ...]]]:
     """The (HR, LR) files whose headers are readable images; the others are dropped with one counted
     :class:`~recurzoo.train.data.DatasetWarning`. (Truncated files pass this check; training skips them.)"""
-    kept_hr, kept_lr, unreadable = [], [], []
-    for hr, lr in zip(hr_files, lr_files or hr_files):
-        try:
-            for path in dict.fromkeys((hr, lr)):  # HR first; once when unpaired
-                image_size(str(path))
-        except UnreadableImageError as error:
-            unreadable.append(str(error))
-            continue
-        kept_hr.append(hr)
-        kept_lr.append(lr)
-    if unreadable:
-        warnings.warn(
-            f"dataset {name!r}: skipped {len(unreadable)} of {len(hr_files)} images with unreadable files: "
-            f"{summarize(unreadable)}",
-            DatasetWarning,
-            stacklevel=3,
-        )
-    return tuple(kept_hr), (tuple(kept_lr) if lr_files is not None else None)
+    groups = list(zip(hr_files, lr_files or hr_files))  # HR first; read once when unpaired
+    kept = [group for group, _ in readable_groups(name, groups, "images", stacklevel=3)]
+    kept_hr, kept_lr = tuple(hr for hr, _ in kept), tuple(lr for _, lr in kept)
+    return kept_hr, (kept_lr if lr_files is not None else None)
 
 
 def _match_lr(hr_files: Sequence[Path], lr_dir: Path, scale: int) -> Tuple[Path, ...]:
@@ -207,6 +189,14 @@ def _match_lr(hr_files: Sequence[Path], lr_dir: Path, scale: int) -> Tuple[Path,
         names = ", ".join(p.name for p in missing[:3])
         raise UsageError(f"{len(missing)} HR images have no LR image in {lr_dir} (e.g. {names})")
     return tuple(matched)
+
+
+def resolve_datasets(specs: Sequence[str], scale: int, flag: str) -> List[SRDataSpec]:
+    """:func:`resolve_dataset` of each of ``specs``; a missing folder is a UsageError naming ``flag``."""
+    try:
+        return [resolve_dataset(spec, scale) for spec in specs]
+    except FileNotFoundError as error:
+        raise UsageError(f"{flag}: {error}") from None
 
 
 def resolve_dataset(spec: str, scale: int) -> SRDataSpec:
@@ -481,12 +471,13 @@ def _write_report(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = training_parser(
-        "python -m recurzoo.train.super_resolution",
-        "Train and evaluate super-resolution models (BasicSR recipe and metrics).",
+    parser = training_parser("recurzoo.train.super_resolution", __doc__)
+    group = add_model_arguments(
+        parser,
+        "registered SR model, e.g. rgt_small_x2",
+        kwargs_help="extra timm.create_model arguments, e.g. embed_dim=60 blocks_per_group=2",
+        checkpoint_help="initial weights: an official BasicSR file or one of ours (params/params_ema unwrapped)",
     )
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", default=None, help="registered SR model, e.g. rgt_small_x2")
     group.add_argument(
         "--backbone",
         default=None,
@@ -494,20 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--head", default="pixelshuffle", help="SR head for --backbone")
     group.add_argument("--scale", type=int, default=None, help="upscaling factor for --backbone")
-    add_kwargs_argument(
-        group, "--model-kwargs", "extra timm.create_model arguments, e.g. embed_dim=60 blocks_per_group=2"
-    )
-    group.add_argument(
-        "--checkpoint",
-        default=None,
-        help="initial weights: an official BasicSR file or one of ours (params/params_ema unwrapped)",
-    )
     group = parser.add_argument_group("data")
     group.add_argument("--train-data", nargs="*", default=[], help="training datasets (see the module docstring)")
     group.add_argument("--val-data", nargs="*", default=[], help="evaluation datasets, reported one by one")
     group.add_argument("--patch-size", type=int, default=64, help="LR training patch side (HR: x scale)")
-    group.add_argument("--batch-size", type=int, default=8, help="patches per process and step")
-    group.add_argument("--workers", type=int, default=4, help="data-loading processes")
+    add_loader_arguments(group, batch_size=8, batch_help="patches per process and step")
     group.add_argument(
         "--repeat",
         type=int,
@@ -540,7 +522,6 @@ def build_parser() -> argparse.ArgumentParser:
     group = add_run_arguments(parser, output="output/super_resolution", seed=10)
     group.add_argument("--val-every", type=int, default=5000, help="evaluate every N steps")
     add_step_arguments(group, save_every=5000, log_every=200)
-    add_fault_arguments(parser)
     return parser
 
 
@@ -559,13 +540,13 @@ def build_model(args: argparse.Namespace) -> Tuple[SuperResolutionModel, str]:
         if recurzoo.model_task(args.model) != "sr":
             known = ", ".join(recurzoo.list_models(task="sr"))
             raise UsageError(f"--model {args.model}: not a super-resolution model of the zoo ({known})")
-        with user_option("--model with --model-kwargs", *MODEL_ARGUMENT_ERRORS):
+        with model_option("--model with --model-kwargs"):
             model = recurzoo.create_model(args.model, **kwargs)
         name = args.model
     else:
         if not args.scale:
             raise UsageError("--backbone needs --scale")
-        with user_option("--backbone/--scale/--head with --model-kwargs", *MODEL_ARGUMENT_ERRORS):
+        with model_option("--backbone/--scale/--head with --model-kwargs"):
             model = create_sr_model(args.backbone, args.scale, head=args.head, **kwargs)
         name = f"{args.backbone}_{args.head}_x{args.scale}"
     if not isinstance(model, SuperResolutionModel):
@@ -582,27 +563,21 @@ def _multistep(
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=gamma)
 
 
-def _log_eval(logger: Any, results: Dict[str, Dict[str, Any]], step: int, output: str) -> None:
-    for name, r in results.items():
-        logger.info(f"step {step} {name}: PSNR {r['psnr']:.3f} dB, SSIM {r['ssim']:.4f} ({r['images']} images)")
-        append_jsonl(
-            os.path.join(output, "metrics.jsonl"), dict(step=step, dataset=name, psnr=r["psnr"], ssim=r["ssim"])
-        )
-
-
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run training and/or evaluation; returns the last evaluation results and the output folder."""
-    args = parse_args_with_config(build_parser(), argv)
-    if args.eval_only and not args.val_data:
-        raise UsageError("--eval-only needs --val-data")
-    if not args.eval_only and not args.train_data:
-        raise UsageError("training needs --train-data (or use --eval-only)")
-    return run_distributed(lambda args, context: _Training(args, context).run(), args)
+    return _Training.main(build_parser(), argv)
 
 
 class _Training(StepTraining):
     """One SR run: the model, ``--eval-only`` or the official recipe (L1, Adam, multistep decay, EMA) with
     evaluation every ``--val-every`` steps; ``model.safetensors`` holds the final (EMA) weights."""
+
+    @classmethod
+    def check_arguments(cls, args: argparse.Namespace) -> None:
+        if args.eval_only and not args.val_data:
+            raise UsageError("--eval-only needs --val-data")
+        if not args.eval_only and not args.train_data:
+            raise UsageError("training needs --train-data (or use --eval-only)")
 
     def __init__(self, args: argparse.Namespace, context: DistributedContext) -> None:
         super().__init__(args, context, "sr")
@@ -613,13 +588,13 @@ class _Training(StepTraining):
     def run(self) -> Dict[str, Any]:
         args, context = self.args, self.context
         random_seed(args.seed, context.rank)
-        os.makedirs(args.output, exist_ok=True)
         model, self.name = build_model(args)
         self.scale = model.upscale
-        self.val_specs = [resolve_dataset(spec, self.scale) for spec in args.val_data]
+        self.val_specs = resolve_datasets(args.val_data, self.scale, "--val-data")
         self.model = model.to(context.device)
         if args.eval_only:
             if context.is_main:
+                os.makedirs(args.output, exist_ok=True)  # made once the model and the data are found
                 self.run_evaluation(
                     model, step=0, save_dir=os.path.join(args.output, "images") if args.save_images else None
                 )
@@ -627,8 +602,9 @@ class _Training(StepTraining):
             return dict(results=self.results, output=args.output)
         # every training image is checked before anything is trained
         dataset = SRTrainDataset(
-            [resolve_dataset(spec, self.scale) for spec in args.train_data], self.scale, args.patch_size, args.repeat
+            resolve_datasets(args.train_data, self.scale, "--train-data"), self.scale, args.patch_size, args.repeat
         )
+        os.makedirs(args.output, exist_ok=True)
         self.train(dataset)
         return dict(results=self.results, output=args.output, skipped_images=self.skipped)
 
@@ -646,7 +622,11 @@ class _Training(StepTraining):
             self.show_progress,
             save_dir,
         )
-        _log_eval(self.logger, self.results, step, args.output)
+        for name, r in self.results.items():
+            self.logger.info(
+                f"step {step} {name}: PSNR {r['psnr']:.3f} dB, SSIM {r['ssim']:.4f} ({r['images']} images)"
+            )
+            self.log_metrics(step=step, dataset=name, psnr=r["psnr"], ssim=r["ssim"])
         if report:
             _write_report(self.results, args.output, self.name, self.scale, step or None)
 
@@ -656,17 +636,7 @@ class _Training(StepTraining):
 
         args, context, model = self.args, self.context, self.model
         self.dataset = dataset
-        sampler = DistributedSampler(dataset, shuffle=True) if context.distributed else None
-        loader = DataLoader(
-            dataset,
-            batch_size=args.batch_size,
-            shuffle=sampler is None,
-            sampler=sampler,
-            num_workers=args.workers,
-            pin_memory=context.device.type == "cuda",
-            drop_last=True,
-            persistent_workers=False,
-        )  # workers seeded afresh each epoch, as a resumed run seeds them
+        loader = training_loader(dataset, args, context)
         if args.grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.optimizer = torch.optim.Adam(
@@ -696,14 +666,7 @@ class _Training(StepTraining):
         model.train()
         self.train_steps(loader, start_step, args.steps, args.save_every, resume_rng)
         self.skipped += dataset.skip_unreadable.report(self.logger, "training", context)
-        if context.is_main:
-            save_safetensors(
-                os.path.join(args.output, "model.safetensors"),
-                self.eval_model.state_dict(),
-                metadata=dict(model=self.name, step=str(args.steps)),
-            )
-            if self.history:
-                plot_curves({"L1": self.history}, os.path.join(args.output, "loss.png"), ylabel="L1 loss", log_y=True)
+        self.save_final(self.eval_model, dict(model=self.name, step=str(args.steps)), "L1", "L1 loss", log_y=True)
 
     def training_loss(self, batch: Sequence[torch.Tensor], step: int) -> Tuple[torch.Tensor, Dict[str, float]]:
         device = self.context.device
@@ -731,7 +694,7 @@ class _Training(StepTraining):
                     f"step {updates}: L1 {recent:.5f}, lr {self.scheduler.get_last_lr()[0]:.3e}, "
                     f"{time.perf_counter() - self.started:.0f} s"
                 )
-                append_jsonl(os.path.join(args.output, "metrics.jsonl"), dict(step=updates, loss=recent))
+                self.log_metrics(step=updates, loss=recent)
         if self.val_specs and context.is_main and (updates % args.val_every == 0 or updates == total):
             self.run_evaluation(self.eval_model, updates)
 

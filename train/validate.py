@@ -30,12 +30,15 @@ from torch import nn
 
 from recurzoo.checkpoint import atomic_write
 from recurzoo.train.arguments import (
-    MODEL_ARGUMENT_ERRORS,
-    ArgumentParser,
     UsageError,
-    add_kwargs_argument,
+    add_choice,
+    add_loader_arguments,
+    add_model_arguments,
+    add_switch,
+    model_option,
     parse_args_with_config,
     run_cli,
+    training_parser,
     user_option,
 )
 from recurzoo.train.data import collate_readable, create_image_dataset
@@ -61,34 +64,23 @@ __all__ = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="python -m recurzoo.train.validate",
-        description="Top-1/top-5 accuracy of a timm classifier (any recurzoo model) on an image dataset.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = training_parser("recurzoo.train.validate", __doc__)
+    group = add_model_arguments(
+        parser,
+        "timm model name, e.g. sret_tiny",
+        required=True,
+        kwargs_help="extra timm.create_model arguments, e.g. dims='(16,32,64,128)'",
+        checkpoint=("--checkpoint", "--initial-checkpoint"),
+        checkpoint_help="weights: a training checkpoint, a state dict, safetensors or an official file",
+        pretrained_help="timm's pretrained weights of --model",
     )
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", required=True, help="timm model name, e.g. sret_tiny")
-    group.add_argument(
-        "--checkpoint",
-        "--initial-checkpoint",
-        dest="checkpoint",
-        default=None,
-        help="weights: a training checkpoint, a state dict, safetensors or an official file",
-    )
-    group.add_argument("--pretrained", action="store_true", help="timm's pretrained weights of --model")
-    group.add_argument(
-        "--use-ema",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="take the EMA weights when the checkpoint has them",
-    )
+    add_switch(group, "--use-ema", True, "take the EMA weights when the checkpoint has them")
     group.add_argument(
         "--num-classes",
         type=int,
         default=None,
         help="classifier outputs (default: the checkpoint's, else the dataset's class count)",
     )
-    add_kwargs_argument(group, "--model-kwargs", "extra timm.create_model arguments, e.g. dims='(16,32,64,128)'")
     group = parser.add_argument_group("data")
     group.add_argument("--data-dir", required=True, help="dataset root")
     group.add_argument("--dataset", default="", help="timm dataset type ('' = folder/tar, torch/..., hfds/...)")
@@ -98,12 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="split: a sub-folder of --data-dir (val/, eval/ are found for 'validation'); '.' for --data-dir itself",
     )
     group.add_argument("--class-map", default="", help="file mapping class folder names to indices")
-    group.add_argument("--batch-size", type=int, default=64, help="images per process and step")
-    group.add_argument("--workers", type=int, default=4, help="data-loading processes")
+    add_loader_arguments(group, batch_size=64)
     add_preprocessing_arguments(group)
     group = parser.add_argument_group("run")
     group.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
-    group.add_argument("--amp-dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    add_choice(group, "--amp-dtype", ("bfloat16", "float16"), "autocast's dtype")
     group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     group.add_argument("--results-file", default=None, help="also write the results as JSON here")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -207,7 +198,7 @@ def create_named_model(name: str, pretrained: bool, flag: str, local_flag: str, 
     from recurzoo.registry import UnknownModelError
 
     try:
-        with user_option(f"{flag} {name} (with --model-kwargs or --teacher-kwargs)", *MODEL_ARGUMENT_ERRORS):
+        with model_option(f"{flag} {name} (with --model-kwargs or --teacher-kwargs)"):
             return recurzoo.create_model(name, pretrained=pretrained, **kwargs)
     except UnknownModelError as error:
         raise UnknownModelError(f"{flag}: {error}") from None
@@ -332,9 +323,7 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> Dict[str, Any
         args.data_dir,
         args.split,
         skip_unreadable="evaluation set",
-        leave_out=True,
-        split_flag="--split",
-        is_training=False,
+        evaluation=True,
         class_map=args.class_map or None,
         batch_size=args.batch_size,
     )
@@ -355,7 +344,7 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> Dict[str, Any
     kwargs = dict(args.model_kwargs)
     if num_classes:
         kwargs["num_classes"] = num_classes
-    with user_option(f"--model {args.model} with --model-kwargs", *MODEL_ARGUMENT_ERRORS):
+    with model_option(f"--model {args.model} with --model-kwargs"):
         model = recurzoo.create_model(args.model, pretrained=args.pretrained, **kwargs)
     check_dataset_classes(
         dataset, getattr(model, "num_classes", None), f"--data-dir {args.data_dir} --split {args.split}"

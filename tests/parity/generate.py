@@ -56,7 +56,7 @@ import zipfile
 import zlib
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Tuple
 
 import torch
 from torch import nn
@@ -339,85 +339,63 @@ def _msrnet(root: Path, case: str, kwargs: Dict[str, Any], input_hw: List[int]) 
 
 
 HORNET = dict(num_classes=10, gnconv_orders=[2, 3, 4, 5], gnconv_scale=1.0 / 3.0)
-SRET = dict(patch_size=16, stride=8, mlp_ratio=3.6, np_mlp_ratio=1, num_classes=10)
-RGT = dict(in_chans=3, img_range=1.0, mlp_ratio=2, resi_connection="1conv", c_ratio=0.5)
+SRET = dict(image_size=48, depth=[2, 4, 2], recursive_num=[1, 2, 1], patch_size=16, stride=8, num_classes=10)
+SRET_MLP = dict(mlp_ratio=3.6, np_mlp_ratio=1)
+RGT = dict(in_chans=3, img_range=1.0, mlp_ratio=2, resi_connection="1conv", c_ratio=0.5, img_size=64)
 MSRNET = dict(input_norm=True, scales={"image_s": 1.5, "image_m": 1.0, "image_l": 2.0})
+PVT_V2 = dict(embed_dims=[8, 16, 32, 64], num_heads=[1, 2, 4, 8], mlp_ratios=[2, 2, 2, 2], depths=[1] * 4)
 
-CASES: Dict[str, Callable[[Path], Dict[str, Any]]] = {
-    "hornet_7x7_tiny": lambda root: _hornet(
-        root,
-        "hornet_7x7_tiny",
+# Each case: its builder, the official constructor's arguments, and the builder's last argument (the input's
+# height and width; for SReT whether the model slices).
+CASES: Dict[str, Tuple[Callable[..., Dict[str, Any]], Dict[str, Any], Any]] = {
+    "hornet_7x7_tiny": (
+        _hornet,
         dict(depths=[1, 1, 2, 1], base_dim=4, global_filter=False, global_filter_hw=None, **HORNET),
         [48, 40],
     ),
     # Frequency weights stored for 224x224 inputs (14x8, 7x4), resized to the 48x40 input's 3x2 and 1x1.
-    "hornet_gf_tiny": lambda root: _hornet(
-        root,
-        "hornet_gf_tiny",
+    "hornet_gf_tiny": (
+        _hornet,
         dict(depths=[1, 1, 2, 1], base_dim=4, global_filter=True, global_filter_hw=[[14, 8], [7, 4]], **HORNET),
         [48, 40],
     ),
     # Frequency weights stored at the input's own size: no resizing.
-    "hornet_gf_native_tiny": lambda root: _hornet(
-        root,
-        "hornet_gf_native_tiny",
+    "hornet_gf_native_tiny": (
+        _hornet,
         dict(depths=[1, 1, 1, 1], base_dim=4, global_filter=True, global_filter_hw=[[3, 3], [1, 2]], **HORNET),
         [48, 64],
     ),
     # Recursive slicing in two stages, with a group count that is not a power of two.
-    "sret_slices_tiny": lambda root: _sret(
-        root,
-        "sret_slices_tiny",
-        dict(
-            image_size=48,
-            base_dims=[4, 4, 4],
-            depth=[2, 4, 2],
-            recursive_num=[1, 2, 1],
-            heads=[2, 4, 8],
-            groups1=[4, 3, 1],
-            groups2=[2, 3, 1],
-            **SRET,
-        ),
-        sliced=True,
+    "sret_slices_tiny": (
+        _sret,
+        dict(base_dims=[4, 4, 4], heads=[2, 4, 8], groups1=[4, 3, 1], groups2=[2, 3, 1], **SRET_MLP, **SRET),
+        True,
     ),
-    "sret_wo_slice_tiny": lambda root: _sret(
-        root,
-        "sret_wo_slice_tiny",
-        dict(
-            image_size=48,
-            base_dims=[8, 8, 8],
-            depth=[2, 4, 2],
-            recursive_num=[1, 2, 1],
-            heads=[1, 2, 4],
-            **dict(SRET, mlp_ratio=3.0, np_mlp_ratio=2),
-        ),
-        sliced=False,
+    "sret_wo_slice_tiny": (
+        _sret,
+        dict(base_dims=[8, 8, 8], heads=[1, 2, 4], mlp_ratio=3.0, np_mlp_ratio=2, **SRET),
+        False,
     ),
     # Windows 2x4; blocks: plain L-SA, RG-SA, then shifted L-SA (masks). Width 64 is the narrowest
     # whose dynamic position bias is not a constant (its MLP is embed_dim/32 wide). The official blocks store their
     # masks for 64x64 whatever img_size says; inputs of another padded size get masks computed for them.
-    "rgt_x2_tiny": lambda root: _rgt(
-        root,
-        "rgt_x2_tiny",
-        dict(upscale=2, img_size=64, depth=[2, 1], embed_dim=64, num_heads=[2, 2], split_size=[2, 4], **RGT),
+    "rgt_x2_tiny": (
+        _rgt,
+        dict(upscale=2, depth=[2, 1], embed_dim=64, num_heads=[2, 2], split_size=[2, 4], **RGT),
         [18, 23],
     ),
     # Two pixel-shuffle steps; square 2x2 windows; narrow (its position-bias MLP has width 0).
-    "rgt_x4_tiny": lambda root: _rgt(
-        root,
-        "rgt_x4_tiny",
-        dict(upscale=4, img_size=64, depth=[1, 1], embed_dim=16, num_heads=[4, 4], split_size=[2, 2], **RGT),
+    "rgt_x4_tiny": (
+        _rgt,
+        dict(upscale=4, depth=[1, 1], embed_dim=16, num_heads=[4, 4], split_size=[2, 2], **RGT),
         [17, 19],
     ),
     # The official encoder family (PVTv2, timm's layout) at a narrow width, with the official group counts.
-    "msrnet_pvt_v2_tiny": lambda root: _msrnet(
-        root,
-        "msrnet_pvt_v2_tiny",
+    "msrnet_pvt_v2_tiny": (
+        _msrnet,
         dict(
             encoder="timm:pvt_v2_b0 features_only out_indices=(0,1,2,3)",
-            encoder_kwargs=dict(
-                embed_dims=[8, 16, 32, 64], num_heads=[1, 2, 4, 8], mlp_ratios=[2, 2, 2, 2], depths=[1] * 4
-            ),
+            encoder_kwargs=PVT_V2,
             out_indices=[0, 1, 2, 3],
             mid_dim=8,
             siu_groups=4,
@@ -427,6 +405,12 @@ CASES: Dict[str, Callable[[Path], Dict[str, Any]]] = {
         [32, 32],
     ),
 }
+
+
+def build_case(root: Path, case: str) -> Dict[str, Any]:
+    """The official model of ``case`` with its inputs and notes (the authors' checkouts under ``root``)."""
+    builder, kwargs, last = CASES[case]
+    return builder(root, case, kwargs, last)
 
 
 # ------------------------------------------------------------------------------ running and saving
@@ -493,10 +477,10 @@ def main(argv: List[str] | None = None) -> int:
         parser.exit(2, f"generate.py: unknown cases {unknown} (known: {', '.join(CASES)})\n")
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=FutureWarning, module="timm")  # timm.models.layers etc.
-    for case, make in CASES.items():
+    for case in CASES:
         if args.cases and case not in args.cases:
             continue
-        fixture = capture(make(args.official_root), seed=zlib.crc32(case.encode()))  # a seed per case name
+        fixture = capture(build_case(args.official_root, case), seed=zlib.crc32(case.encode()))  # a seed per case name
         path = args.out / fixture["family"] / f"{case}.pt"
         save(fixture, path)
         print(f"{path}: {path.stat().st_size / 1024:.0f} KiB")
