@@ -383,20 +383,10 @@ def lower_executorch(
             for image in calibration:
                 prepared(image[None])
             program = torch.export.export(convert_pt2e(prepared), (example,))
-        notes = []
-        try:
-            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner(configs=_xnnpack_configs())])
-        except AssertionError as error:
-            if "dependency cycles" not in str(error):
-                raise
-            # Grouping every supported node into few delegates makes a cycle through a portable node
-            # (MSRNet's decoder); one delegate per operator cannot, at the cost of more calls.
-            notes.append("XNNPACK per operator (the grouped partition has a dependency cycle)")
-            partitioner = XnnpackPartitioner(configs=_xnnpack_configs(), per_op_mode=True)
-            edge = to_edge_transform_and_lower(program, partitioner=[partitioner])
+        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner(configs=_xnnpack_configs())])
     outside = sorted({_operator_name(node.target) for node in edge.exported_program().graph.nodes if _portable(node)})
     out_path.write_bytes(edge.to_executorch().buffer)
-    return outside + notes
+    return outside
 
 
 def _float_only(quantizer_class: Any) -> Any:

@@ -131,8 +131,11 @@ def _bicubic_antialias_symbolic(g: Any, x: Any, output_size: Any, align_corners:
 def _pool_axis(x: torch.Tensor, axis: int, size_out: int, pool: Callable[..., torch.Tensor]) -> torch.Tensor:
     """Adaptive pooling along one spatial axis with PyTorch's bins ``[floor(i*n/m), ceil((i+1)*n/m))``.
 
-    Uses only fixed-window pools and one ``index_select``: each distinct bin length ``k`` is pooled at
-    every position (window ``k``, stride 1) and the bins are gathered from the concatenation.
+    Uses only fixed-window pools, slices and a concatenation: each distinct bin length ``k`` is pooled at
+    every position (window ``k``, stride 1) and the bins are taken from those maps as contiguous slices
+    (one per run of consecutive bins of one length). No ``index_select``: XNNPACK does not take it,
+    and a gather left outside the delegate between delegated pools made its grouped partition cyclic
+    (MSRNet's scale merging, at 64x64 and above).
     """
     size_in = int(x.shape[axis])
     if size_in == size_out:
@@ -146,13 +149,15 @@ def _pool_axis(x: torch.Tensor, axis: int, size_out: int, pool: Callable[..., to
         return pool(x, window(k), window(k))
     starts = [i * size_in // size_out for i in range(size_out)]
     lengths = [-(-(i + 1) * size_in // size_out) - start for i, start in enumerate(starts)]
-    pooled, offsets, offset = [], {}, 0
-    for k in sorted(set(lengths)):
-        pooled.append(pool(x, window(k), (1, 1)))
-        offsets[k] = offset
-        offset += size_in - k + 1
-    index = torch.tensor([offsets[k] + start for k, start in zip(lengths, starts)], device=x.device)
-    return torch.cat(pooled, dim=axis).index_select(axis, index)
+    pooled = {k: pool(x, window(k), (1, 1)) for k in sorted(set(lengths))}
+    runs: List[List[int]] = []  # [length, first start, bins]: consecutive bins of one length, contiguous starts
+    for k, start in zip(lengths, starts):
+        if runs and runs[-1][0] == k and runs[-1][1] + runs[-1][2] == start:
+            runs[-1][2] += 1
+        else:
+            runs.append([k, start, 1])
+    parts = [pooled[k].narrow(axis, start, count) for k, start, count in runs]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
 
 
 def _exporting() -> bool:

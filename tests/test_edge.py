@@ -146,9 +146,37 @@ def test_adaptive_pooling_lowers_through_torch_export_as_exact_fixed_pools():
         program = torch.export.export(Pools(), (x,))
     operators = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
     assert not any("adaptive_max" in name for name in operators)  # not in ExecuTorch's core ATen opset
+    assert not any("index_select" in name for name in operators)  # XNNPACK does not take it
     # global average pooling stays the operator that the XNNPACK quantizer annotates
     assert [name for name in operators if "adaptive" in name] == ["aten.adaptive_avg_pool2d.default"]
     torch.testing.assert_close(program.module()(x), Pools()(x), rtol=0, atol=0)
+
+
+def test_adaptive_pooling_between_convolutions_lowers_whole_into_the_xnnpack_delegate(tmp_path):
+    # MSRNet's scale merging: a gather left in the portable kernels between delegated pools and their
+    # consumers made XNNPACK's grouped partition cyclic ("Invalid partition, found dependency cycles").
+    pytest.importorskip("executorch", reason="the recurzoo[edge] extra is not installed")
+    from executorch.runtime import Runtime
+
+    from recurzoo.export.edge import lower_executorch
+
+    class Merge(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wide, self.narrow = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            wide, narrow = self.wide(x[..., :9, :7]), self.narrow(x)  # 9x7 pooled to 6x5
+            size = narrow.shape[-2:]
+            return narrow + F.adaptive_max_pool2d(wide, size) + F.adaptive_avg_pool2d(wide, size)
+
+    model, x = Merge().eval(), torch.randn(1, 3, 12, 10)
+    outside = lower_executorch(model, x, tmp_path / "merge.pte", "fp32", x)
+    assert not {"cat", "index_select", "slice_copy", "max_pool2d", "avg_pool2d"} & set(outside), outside
+    program = Runtime.get().load_program((tmp_path / "merge.pte").read_bytes())
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(program.load_method("forward").execute([x])[0], expected, rtol=0, atol=1e-5)
 
 
 def test_hornet_global_filter_exports_as_real_dft_matmuls_equal_to_the_fft():
