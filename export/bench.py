@@ -311,23 +311,35 @@ def write_outputs(markdown: str, rows: Sequence[Any], out: Optional[Path]) -> No
             atomic_write(out.with_suffix(suffix), lambda temporary, text=text: Path(temporary).write_text(text))
 
 
+_Number = TypeVar("_Number", int, float)
+
+
+def number_type(
+    cast: Callable[[str], _Number], ok: Callable[[_Number], bool], expected: str
+) -> Callable[[str], _Number]:
+    """argparse type: ``cast(text)`` where ``ok`` holds of it; otherwise the error "expected ``expected``,
+    received 'text'"."""
+
+    def parse(text: str) -> _Number:
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, received {text!r}")
+        return value
+
+    return parse
+
+
 def _count(minimum: int, expected: str = "") -> Callable[[str], int]:
     """argparse type: an integer of at least ``minimum`` (the error says ``expected``, by default
     "an integer >= minimum")."""
-
-    def count(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected {expected or f'an integer >= {minimum}'}, received {text!r}")
-        return value
-
-    return count
+    return number_type(int, lambda value: value >= minimum, expected or f"an integer >= {minimum}")
 
 
 positive_int = _count(1, "a positive integer")  # argparse type: sizes, counts
+non_negative_int = _count(0, "a non-negative integer")  # argparse type: overlaps
 
 
 def add_input_size_argument(
@@ -361,15 +373,7 @@ def _variant_list(text: str) -> List[str]:
     return values
 
 
-def _seconds(text: str) -> float:
-    """argparse type: a finite number of seconds above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (0 < value < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, received {text!r}")
-    return value
+_seconds = number_type(float, lambda value: 0 < value < float("inf"), "a number of seconds above 0")  # finite
 
 
 def _backend_list(text: str) -> List[str]:

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from recurzoo.apps import UsageError
 from recurzoo.checkpoint import CheckpointError
 from recurzoo.devices import DeviceError, resolve_device
-from recurzoo.export.bench import add_input_size_argument, positive_int
+from recurzoo.export.bench import add_input_size_argument, non_negative_int, number_type, positive_int
 from recurzoo.images import ImageError, default_max_pixels
 from recurzoo.registry import UnknownModelError
 from recurzoo.train.arguments import HelpFormatter, add_kwargs_argument
@@ -409,24 +409,7 @@ def _opset(text: str) -> int:
     from torch.onnx import _constants
 
     low, high = _constants.ONNX_MIN_OPSET, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
-    try:
-        value = int(text)
-    except ValueError:
-        value = low - 1
-    if not low <= value <= high:
-        raise argparse.ArgumentTypeError(f"expected an ONNX opset from {low} to {high}, received {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    """argparse type: an integer of at least 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, received {text!r}")
-    return value
+    return number_type(int, lambda value: low <= value <= high, f"an ONNX opset from {low} to {high}")(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -529,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_kwargs(sr)
     sr.add_argument("--checkpoint", default=None, help="weights: an official RGT (BasicSR) file or one of ours")
     sr.add_argument("--tile", type=positive_int, default=None, help="process tiles of this many input pixels")
-    sr.add_argument("--tile-overlap", type=_non_negative_int, default=32, help="overlap of neighbouring tiles (pixels)")
+    sr.add_argument("--tile-overlap", type=non_negative_int, default=32, help="overlap of neighbouring tiles (pixels)")
     sr.add_argument("--out", required=True, help="output folder (one PNG per input, never one of the inputs)")
     sr.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run")
     sr.add_argument(

@@ -200,6 +200,13 @@ def assert_reset_classifier_keeps_the_pooling(model: torch.nn.Module, x: torch.T
     return features, expected
 
 
+def pre_logits_after_reset(model: torch.nn.Module, features: torch.Tensor, global_pool: str) -> torch.Tensor:
+    """The pre-logits of ``features`` once ``reset_classifier(5, global_pool)`` changed the pooling."""
+    with torch.no_grad():
+        model.reset_classifier(5, global_pool)
+        return model.forward_head(features, pre_logits=True)
+
+
 def assert_reset_classifier_takes_the_parent_device_dtype_and_mode(model: torch.nn.Module) -> None:
     """A classifier that ``reset_classifier`` creates again (after removing it) lives on the model's device
     and dtype (moved here to meta float64) and in the model's train/eval mode."""
