@@ -370,6 +370,9 @@ def lower_executorch(
     with torch.no_grad(), static_adaptive_pooling(), sdpa_kernel(SDPBackend.MATH):
         program = torch.export.export(model, (example,))
         if precision == "int8":
+            # Registers the out variants of quantize/dequantize for those left outside the delegate (the weight
+            # of an operator XNNPACK refuses, as HorNet's addmm): without it the program does not serialize.
+            import executorch.kernels.quantized  # noqa: F401
             from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
                 XNNPACKQuantizer,
                 get_symmetric_quantization_config,
