@@ -466,9 +466,11 @@ def run_demo(
         check_output_folder(out_dir)
         check_outputs(demo_paths(out_dir, DEMO_SR_MODEL).values(), overwrite=overwrite)
     echo("Params and fvcore GFLOPs as in the model cards (classifiers with 1000 classes):")
-    echo(f"{'model':<28} {'input':>10} {'params (M)':>11} {'GFLOPs':>8}  feature strides")
+    width = max(len(row["model"]) for row in figures)
+    echo(f"{'model':<{width}} {'input':>10} {'params (M)':>11} {'GFLOPs':>8}  feature strides")
     for row in figures:
-        echo(f"{row['model']:<28} {row['input_size']:>10} {row['params_m']:>11} {row['gflops']:>8}  {row['strides']}")
+        counts = f"{row['input_size']:>10} {row['params_m']:>11} {row['gflops']:>8}"
+        echo(f"{row['model']:<{width}} {counts}  {row['strides']}")
 
     echo(
         "\nOne forward pass of each family's smallest model on the sample photo, at most about "
@@ -527,7 +529,7 @@ def _demo_forward(row: Dict[str, str], echo) -> Dict[str, Any]:
         output = model(image)
     elapsed = (time.perf_counter() - start) * 1000
     echo(
-        f"  {row['family']:<14} {name:<28} input {tuple(image.shape)} -> output {tuple(output.shape)} "
+        f"  {row['family']:<14} {name:<31} input {tuple(image.shape)} -> output {tuple(output.shape)} "
         f"in {elapsed:.0f} ms"
     )
     return {"model": name, "output_shape": tuple(output.shape), "ms": elapsed}
