@@ -414,8 +414,11 @@ def _official_rgt(
     ``img_size`` (the size of the stored masks) and ``upsampler`` are accepted and ignored: masks
     are computed for each input and the official model always uses the pixel-shuffle upsampler.
     """
-    body = RGT(
+    model = _build_rgt_sr(
+        upscale,
         in_chans=in_chans,
+        img_range=img_range,
+        name="rgt_arch.RGT",
         embed_dim=embed_dim,
         depths=tuple(depth),
         num_heads=list(num_heads),
@@ -429,21 +432,26 @@ def _official_rgt(
         drop_path_rate=drop_path_rate,
         resi_connection=resi_connection,
     )
-    body.set_grad_checkpointing(use_chk)
-    head = PixelShuffleUpsampler(embed_dim, upscale, out_chans=in_chans)
-    return SuperResolutionModel(body, head, img_range=img_range, name="rgt_arch.RGT")
+    model.set_grad_checkpointing(use_chk)
+    return model
 
 
 register_official("rgt_arch.RGT", family="rgt", checkpoint_filter_fn=checkpoint_filter_fn)(_official_rgt)
 
 
 def _build_rgt_sr(
-    upscale: int, in_chans: int = 3, img_range: float = 1.0, device=None, dtype=None, **body_kwargs: Any
+    upscale: int,
+    in_chans: int = 3,
+    img_range: float = 1.0,
+    name: Optional[str] = None,
+    device=None,
+    dtype=None,
+    **body_kwargs: Any,
 ) -> SuperResolutionModel:
-    """RGT body + pixel-shuffle upsampler, both created on ``device`` in ``dtype``."""
+    """RGT body + pixel-shuffle upsampler, both created on ``device`` in ``dtype`` (``name``: for errors)."""
     body = RGT(in_chans=in_chans, device=device, dtype=dtype, **body_kwargs)
     head = PixelShuffleUpsampler(body.num_features, upscale, out_chans=in_chans, device=device, dtype=dtype)
-    return SuperResolutionModel(body, head, img_range=img_range)
+    return SuperResolutionModel(body, head, img_range=img_range, name=name)
 
 
 def _create_rgt_sr(variant: str, upscale: int, pretrained: bool = False, **kwargs: Any) -> SuperResolutionModel:
