@@ -418,7 +418,6 @@ def _official_rgt(
         upscale,
         in_chans=in_chans,
         img_range=img_range,
-        name="rgt_arch.RGT",
         embed_dim=embed_dim,
         depths=tuple(depth),
         num_heads=list(num_heads),
@@ -432,6 +431,7 @@ def _official_rgt(
         drop_path_rate=drop_path_rate,
         resi_connection=resi_connection,
     )
+    model.name = "rgt_arch.RGT"  # errors name the official constructor
     model.set_grad_checkpointing(use_chk)
     return model
 
@@ -440,18 +440,12 @@ register_official("rgt_arch.RGT", family="rgt", checkpoint_filter_fn=checkpoint_
 
 
 def _build_rgt_sr(
-    upscale: int,
-    in_chans: int = 3,
-    img_range: float = 1.0,
-    name: Optional[str] = None,
-    device=None,
-    dtype=None,
-    **body_kwargs: Any,
+    upscale: int, in_chans: int = 3, img_range: float = 1.0, device=None, dtype=None, **body_kwargs: Any
 ) -> SuperResolutionModel:
-    """RGT body + pixel-shuffle upsampler, both created on ``device`` in ``dtype`` (``name``: for errors)."""
+    """RGT body + pixel-shuffle upsampler, both created on ``device`` in ``dtype``."""
     body = RGT(in_chans=in_chans, device=device, dtype=dtype, **body_kwargs)
     head = PixelShuffleUpsampler(body.num_features, upscale, out_chans=in_chans, device=device, dtype=dtype)
-    return SuperResolutionModel(body, head, img_range=img_range, name=name)
+    return SuperResolutionModel(body, head, img_range=img_range)
 
 
 def _create_rgt_sr(variant: str, upscale: int, pretrained: bool = False, **kwargs: Any) -> SuperResolutionModel:
