@@ -225,7 +225,8 @@ def build_with_weights(model_cls: Callable[..., nn.Module], variant: str, pretra
 
 
 class IntermediatesMixin:
-    """timm's ``forward_intermediates`` and ``prune_intermediate_layers``, written once for every family.
+    """timm's ``forward_intermediates``, ``prune_intermediate_layers`` and ``set_grad_checkpointing``,
+    written once for every family.
 
     A model is a stem, then ``num_steps`` steps (stages, residual groups, recurrent steps) whose outputs
     are the intermediates, then an ending (final norm, closing conv). It provides the hooks:
@@ -238,6 +239,8 @@ class IntermediatesMixin:
     - ``end_steps(state, complete)``: the final features once the steps ran (``complete``: all of them);
     - ``keep_steps(count, prune_norm, prune_head)``: keep the first ``count`` steps and drop what
       the rest fed (the final norm and head as timm's pruned models do);
+    - ``checkpointed_modules()``: the modules whose ``grad_checkpointing`` flag
+      :meth:`set_grad_checkpointing` sets (a model that checkpoints otherwise overrides that method);
     - ``intermediate_formats`` (a class attribute, ``NCHW`` first) and may override
       ``format_intermediates`` (the default turns ``NCHW`` maps into ``NHWC`` on request).
     """
@@ -306,6 +309,12 @@ class IntermediatesMixin:
         self.keep_steps(max_index + 1, prune_norm=prune_norm, prune_head=prune_head)
         return take_indices
 
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the activations of each of :meth:`checkpointed_modules` in the backward pass."""
+        for module in self.checkpointed_modules():
+            module.grad_checkpointing = enable
+
 
 class StagedClassifierMixin(IntermediatesMixin):
     """timm's model interface for a network made of ``embed`` -> ``stages`` -> ``norm_pre`` -> ``head``.
@@ -358,11 +367,6 @@ class StagedClassifierMixin(IntermediatesMixin):
         )
 
     @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
@@ -381,6 +385,9 @@ class StagedClassifierMixin(IntermediatesMixin):
 
     def run_step(self, x: torch.Tensor, index: int) -> torch.Tensor:
         return self.stages[index](x)
+
+    def checkpointed_modules(self) -> nn.Sequential:
+        return self.stages
 
     def intermediate(self, x: torch.Tensor, index: int, norm: bool) -> torch.Tensor:
         return self.norm_pre(x) if norm and index == len(self.stages) - 1 else x
