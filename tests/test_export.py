@@ -186,6 +186,46 @@ def test_adaptive_pooling_decomposition_is_exact(size_in, size_out):
     torch.testing.assert_close(pooled_avg, F.adaptive_avg_pool2d(x, size_out))
 
 
+class _Attention(torch.nn.Module):
+    """SDPA over the (batch, heads, tokens, head size) input, keys and values derived from it."""
+
+    def __init__(self, mask=None, scale=None):
+        super().__init__()
+        self.mask, self.scale = mask, scale
+
+    def forward(self, x):
+        return F.scaled_dot_product_attention(x, x.flip(2), x + 1, attn_mask=self.mask, scale=self.scale)
+
+
+@pytest.mark.parametrize(
+    "mask, scale, own",
+    [
+        (None, None, True),
+        (None, 0.3, True),
+        ("float", None, True),
+        ("bool", None, False),  # torch's symbolic (the -inf fill and its NaN guard)
+    ],
+)
+def test_attention_exports_with_a_constant_scale_after_the_matmul(mask, scale, own, tmp_path):
+    import onnx
+
+    from recurzoo.export.onnx import export_symbolics
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 10, 8, generator=generator)
+    masks = {None: None, "float": torch.randn(10, 10, generator=generator), "bool": torch.rand(10, 10) > 0.3}
+    model = _Attention(masks[mask], scale)
+    path = tmp_path / "attention.onnx"
+    with export_symbolics(18):
+        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=18, input_names=["input"])
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ("Sqrt" not in ops and ops.count("Mul") == 1) is own  # one scaling, of the scores
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], expected, rtol=0, atol=1e-5)
+
+
 def test_dynamic_size_is_refused_with_the_reason_for_fixed_size_models(tmp_path):
     model = recurzoo.create_model("hornet_tiny_gf", **REDUCED["hornet"])
     with pytest.raises(ValueError, match="hornet_tiny_gf: dynamic height/width is not possible: the global filter"):
