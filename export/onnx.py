@@ -52,6 +52,7 @@ from recurzoo.export.models import (
     photo_batch,
     random_batch,
 )
+from recurzoo.export.onnx_rewrite import rewrite_graph
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -546,6 +547,9 @@ def trace_to_onnx(model: nn.Module, plan: ExportPlan, path: Path, references: Se
             dynamic_axes=_dynamic_axes(output_names, references, plan.dynamic_hw),
             do_constant_folding=True,
         )
+    graph = onnx.load(str(path))
+    if any(rewrite_graph(graph).values()):
+        onnx.save(graph, str(path))
     onnx.checker.check_model(str(path))
 
 
