@@ -270,17 +270,37 @@ def static_adaptive_pooling() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def traced_attention_scale() -> Iterator[None]:
+    """While the block runs, ``F.scaled_dot_product_attention`` traced by the TorchScript exporter without a
+    ``scale`` gets its default, ``head_size ** -0.5``, as a constant: the head size is fixed by the model,
+    but the exporter's shape inference loses it where the heads come out of a reshape to traced sizes
+    (SReT's groups), and :func:`_attention_symbolic` needs the scale as a constant."""
+    original = F.scaled_dot_product_attention
+
+    def attention(query: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if torch.jit.is_tracing() and len(args) < 6 and kwargs.get("scale") is None:
+            kwargs["scale"] = float(int(query.shape[-1]) ** -0.5)
+        return original(query, *args, **kwargs)
+
+    F.scaled_dot_product_attention = attention
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+@contextlib.contextmanager
 def export_symbolics(opset: int) -> Iterator[None]:
     """While the block runs: the symbolics of :data:`_SYMBOLICS` (bicubic antialias, attention) are
-    registered with the TorchScript exporter, and adaptive pooling to sizes that do not divide the input
-    traces as fixed pools."""
+    registered with the TorchScript exporter, adaptive pooling to sizes that do not divide the input
+    traces as fixed pools, and attention without a scale traces with its default one as a constant."""
     from torch.onnx import register_custom_op_symbolic, unregister_custom_op_symbolic
 
     registered = [(name, symbolic) for name, symbolic, minimum in _SYMBOLICS if opset >= minimum]
     for name, symbolic in registered:
         register_custom_op_symbolic(name, symbolic, opset)
     try:
-        with static_adaptive_pooling():
+        with static_adaptive_pooling(), traced_attention_scale():
             yield
     finally:
         for name, _ in registered:

@@ -187,14 +187,17 @@ def test_adaptive_pooling_decomposition_is_exact(size_in, size_out):
 
 
 class _Attention(torch.nn.Module):
-    """SDPA over the (batch, heads, tokens, head size) input, keys and values derived from it."""
+    """SDPA of queries, keys and values split from the input as in timm's attention."""
 
     def __init__(self, mask=None, scale=None):
         super().__init__()
         self.mask, self.scale = mask, scale
 
-    def forward(self, x):
-        return F.scaled_dot_product_attention(x, x.flip(2), x + 1, attn_mask=self.mask, scale=self.scale)
+    def forward(self, x):  # (batch, tokens, 3 x 3 heads x 8)
+        batch, tokens, channels = x.shape
+        x = F.pad(x, (0, 0, 0, 2))  # padded tokens (as SReT's groups): the exporter's shapes lose the head size
+        q, k, v = x.reshape(batch, tokens + 2, 3, 3, channels // 9).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=self.scale)
 
 
 @pytest.mark.parametrize(
@@ -212,12 +215,14 @@ def test_attention_exports_with_a_constant_scale_after_the_matmul(mask, scale, o
     from recurzoo.export.onnx import export_symbolics
 
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 10, 8, generator=generator)
-    masks = {None: None, "float": torch.randn(10, 10, generator=generator), "bool": torch.rand(10, 10) > 0.3}
+    x = torch.randn(2, 10, 72, generator=generator)
+    masks = {None: None, "float": torch.randn(12, 12, generator=generator), "bool": torch.rand(12, 12) > 0.3}
     model = _Attention(masks[mask], scale)
     path = tmp_path / "attention.onnx"
     with export_symbolics(18):
-        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=18, input_names=["input"])
+        torch.onnx.export(
+            model, (x,), str(path), dynamo=False, opset_version=18, input_names=["input"], dynamic_axes={"input": [0, 1]}
+        )
     ops = [node.op_type for node in onnx.load(str(path)).graph.node]
     assert ("Sqrt" not in ops and ops.count("Mul") == 1) is own  # one scaling, of the scores
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
