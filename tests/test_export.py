@@ -221,7 +221,9 @@ def test_attention_exports_with_a_constant_scale_after_the_matmul(mask, scale, o
     path = tmp_path / "attention.onnx"
     with export_symbolics(18):
         axes = {"input": [0, 1]}
-        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=18, input_names=["input"], dynamic_axes=axes)
+        torch.onnx.export(
+            model, (x,), str(path), dynamo=False, opset_version=18, input_names=["input"], dynamic_axes=axes
+        )
     ops = [node.op_type for node in onnx.load(str(path)).graph.node]
     assert ("Sqrt" not in ops and ops.count("Mul") == 1) is own  # one scaling, of the scores
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
