@@ -87,3 +87,12 @@ def test_switching_onednn_off_takes_the_plain_path():
     mlp, x = _mlp(), torch.randn(2, 4, 16)
     with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
         assert not _ran_fused(lambda: mlp(x))
+
+
+def test_functorch_gradients_match_autograd():
+    mlp, x = _mlp(), torch.randn(2, 4, 16)
+    with torch.no_grad():  # torch.func.grad records its own graph even here
+        functorch_grad = torch.func.grad(lambda t: mlp(t).sum())(x)
+    leaf = x.clone().requires_grad_()
+    mlp(leaf).sum().backward()
+    torch.testing.assert_close(functorch_grad, leaf.grad)
