@@ -135,19 +135,46 @@ def shifted_window_mask(
     return shifted_window_masks(window, shift, device)[kinds]
 
 
-def copy_rolled(out: torch.Tensor, source: torch.Tensor, shifts: Tuple[int, int]) -> None:
-    """``out[:] = torch.roll(source, shifts, dims=(1, 2))`` in one pass: four block copies, no temporary."""
-    height, width = source.shape[1:3]
-    shift_h, shift_w = shifts[0] % height, shifts[1] % width
-    for rows_out, rows_in in (
-        (slice(shift_h, None), slice(None, height - shift_h)),
-        (slice(None, shift_h), slice(height - shift_h, None)),
-    ):
-        for cols_out, cols_in in (
-            (slice(shift_w, None), slice(None, width - shift_w)),
-            (slice(None, shift_w), slice(width - shift_w, None)),
-        ):
-            out[:, rows_out, cols_out].copy_(source[:, rows_in, cols_in])
+# One side of a window grid, as the in-place window path reads it: a group is ``(last, count, pieces)``,
+# ``count`` windows that share a mask (``last``: the group of the last window of a shifted map), and a
+# piece ``(map_start, first_window, window_stop, offset_start, offset_stop)`` is a block of the map
+# (from ``map_start``) holding those windows' rows (or columns) ``offset_start:offset_stop``.
+WindowPiece = Tuple[int, int, int, int, int]
+WindowGroup = Tuple[int, int, List[WindowPiece]]
+
+
+def window_groups(size: int, window: int, shift: int) -> List[WindowGroup]:
+    """How a side of ``size`` (a multiple of ``window``) is cut into windows after rolling it by ``-shift``.
+
+    Unshifted: one group, one piece. Shifted: the windows before the last one read the map from
+    ``shift`` on (one piece), the last one wraps around (two pieces, the map's end then its start).
+    """
+    count = size // window
+    if not shift:
+        return [(0, count, [(0, 0, count, 0, window)])]
+    groups: List[WindowGroup] = []
+    if count > 1:
+        groups.append((0, count - 1, [(shift, 0, count - 1, 0, window)]))
+    last = [(shift + (count - 1) * window, 0, 1, 0, window - shift), (0, 0, 1, window - shift, window)]
+    groups.append((1, 1, last))
+    return groups
+
+
+def _map_block(tensor: torch.Tensor, rows: WindowPiece, cols: WindowPiece) -> torch.Tensor:
+    """The block of a ``(B, H, W, ...)`` map that ``rows`` x ``cols`` pieces cover, as ``(B, wr, r, wc, c, ...)``."""
+    (row_start, row_first, row_stop, row_in_start, row_in_stop) = rows
+    (col_start, col_first, col_stop, col_in_start, col_in_stop) = cols
+    row_counts = (row_stop - row_first, row_in_stop - row_in_start)
+    col_counts = (col_stop - col_first, col_in_stop - col_in_start)
+    block = tensor[
+        :, row_start : row_start + row_counts[0] * row_counts[1], col_start : col_start + col_counts[0] * col_counts[1]
+    ]
+    return block.unflatten(1, row_counts).unflatten(3, col_counts)
+
+
+def _window_block(windows: torch.Tensor, rows: WindowPiece, cols: WindowPiece) -> torch.Tensor:
+    """The same block in a ``(B, rows, Wh, cols, Ww, ...)`` view of windows."""
+    return windows[:, rows[1] : rows[2], rows[3] : rows[4], cols[1] : cols[2], cols[3] : cols[4]]
 
 
 class DynamicPositionBias(nn.Module):
@@ -233,17 +260,63 @@ class RectangleWindowBranch(nn.Module):
 
     def relative_position_bias(self) -> torch.Tensor:
         """``(num_heads, N, N)`` bias of the attention logits inside one window."""
-        table = self.position_bias(self.offsets)
+        table = self.position_bias(self.offsets).t()  # (heads, offsets): the gather below is then contiguous
         tokens = self.relative_position_index.shape[0]
-        return table[self.relative_position_index.view(-1)].view(tokens, tokens, -1).permute(2, 0, 1)
+        return table[:, self.relative_position_index.view(-1)].view(-1, tokens, tokens)
+
+    def window_biases(self, dtype: torch.dtype) -> torch.Tensor:
+        """``(kinds, num_heads, N, N)`` additive logits of each kind of window (one kind unshifted, the
+        four of :func:`shifted_window_masks` shifted)."""
+        bias = self.relative_position_bias()
+        if self.shift_size is None:
+            return bias[None].to(dtype)
+        masks = shifted_window_masks(self.window_size, self.shift_size, bias.device, bias.dtype)
+        return (bias[None] + masks[:, None]).to(dtype)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        # 4-D inputs with a mask broadcast over the first axis keep SDPA on its fused kernel
+        dropout = self.attn_drop if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=self.scale)
 
     def forward(self, qkv: torch.Tensor, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """Attend within windows of ``qkv`` ``(B, H, W, 3, C)``; the result is ``(B, H, W, C)``.
 
-        With ``out`` (a channel slice of the caller's tensor) the result is written there, which
-        fuses the window reversal (and the roll back of a shifted branch) with the concatenation of
-        the two branches; without it (the exporters' path) the result is returned.
+        With ``out`` (a channel slice of the caller's tensor) the result is written there: each group
+        of windows that shares a mask is gathered from the map in one pass (the roll of a shifted
+        branch included), attended with its mask broadcast over the windows, and written back in one
+        pass (window reversal, roll back and the concatenation of the branches). Without it (the
+        exporters' and the compiler's path) the result is returned, computed out of place.
         """
+        if out is None:
+            return self.forward_out_of_place(qkv)
+        batch, height, width, _, channels = qkv.shape
+        window_h, window_w = self.window_size
+        heads, head_dim = self.num_heads, channels // self.num_heads
+        shift_h, shift_w = self.shift_size or (0, 0)
+        biases = self.window_biases(qkv.dtype)
+        source, target = qkv.unflatten(-1, (heads, head_dim)), out.unflatten(-1, (heads, head_dim))
+        for last_row, rows, row_pieces in window_groups(height, window_h, shift_h):
+            for last_col, cols, col_pieces in window_groups(width, window_w, shift_w):
+                windows = qkv.new_empty(3, batch, rows, cols, heads, window_h, window_w, head_dim)
+                windows_as_map = windows.permute(1, 2, 5, 3, 6, 0, 4, 7)  # (B, rows, Wh, cols, Ww, 3, heads, d)
+                for row_piece in row_pieces:
+                    for col_piece in col_pieces:
+                        _window_block(windows_as_map, row_piece, col_piece).copy_(
+                            _map_block(source, row_piece, col_piece)
+                        )
+                q, k, v = windows.view(3, batch * rows * cols, heads, window_h * window_w, head_dim).unbind(0)
+                bias = biases[last_row + 2 * last_col if self.shift_size is not None else 0]
+                attended = self.attend(q, k, v, bias[None])
+                # (B, rows, Wh, cols, Ww, heads, d): the window order of the map
+                attended = attended.view(batch, rows, cols, heads, window_h, window_w, head_dim)
+                attended = attended.permute(0, 1, 4, 2, 5, 3, 6)
+                for row_piece in row_pieces:
+                    for col_piece in col_pieces:
+                        _map_block(target, row_piece, col_piece).copy_(_window_block(attended, row_piece, col_piece))
+        return None
+
+    def forward_out_of_place(self, qkv: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` without ``out``: roll, partition, one attention over all windows, reverse, roll back."""
         batch, height, width, _, channels = qkv.shape
         window_h, window_w = self.window_size
         if self.shift_size is not None:
@@ -257,37 +330,17 @@ class RectangleWindowBranch(nn.Module):
             3, batch, rows * cols * self.num_heads, window_h * window_w, head_dim
         )
         q, k, v = windows.unbind(0)
-        bias = self.relative_position_bias()  # (heads, N, N)
-        if self.shift_size is not None:
-            # the bias plus each of the four masks, then one copy per window (no mask is cached: all of
-            # it is a few small tensor ops, for any size, device and dtype, also under torch.compile)
-            masks = shifted_window_masks(self.window_size, self.shift_size, bias.device, bias.dtype)
-            biases = bias[None] + masks[:, None]  # (4, heads, N, N)
-            bias = biases[shifted_window_kinds(rows, cols, bias.device)].flatten(0, 1)  # (windows * heads, N, N)
+        biases = self.window_biases(q.dtype)
+        if self.shift_size is not None:  # one copy of the bias of its kind per window
+            bias = biases[shifted_window_kinds(rows, cols, biases.device)].flatten(0, 1)  # (windows * heads, N, N)
         else:  # one bias for every window: put the windows on the batch axis instead
+            bias = biases[0]
             q, k, v = (t.reshape(batch * rows * cols, self.num_heads, *t.shape[2:]) for t in (q, k, v))
-        # 4-D inputs with a mask broadcast over the first axis only keep SDPA on its fused kernel
-        attended = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=bias[None].to(q.dtype),
-            dropout_p=self.attn_drop if self.training else 0.0,
-            scale=self.scale,
-        )
+        attended = self.attend(q, k, v, bias[None])
         # (B, rows, window_h, cols, window_w, heads, head_dim): the window order of the map
         attended = attended.view(batch, rows, cols, self.num_heads, window_h, window_w, head_dim)
-        attended = attended.permute(0, 1, 4, 2, 5, 3, 6)
-        if out is None:
-            attended = attended.reshape(batch, height, width, channels)
-            return attended if self.shift_size is None else torch.roll(attended, self.shift_size, dims=(1, 2))
-        if self.shift_size is None:
-            out.unflatten(1, (rows, window_h)).unflatten(3, (cols, window_w)).unflatten(
-                5, (self.num_heads, head_dim)
-            ).copy_(attended)
-        else:
-            copy_rolled(out, attended.reshape(batch, height, width, channels), self.shift_size)
-        return None
+        attended = attended.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, height, width, channels)
+        return attended if self.shift_size is None else torch.roll(attended, self.shift_size, dims=(1, 2))
 
 
 # The two attentions take Python decisions on the map's size (padding, how often RG-SA pools):

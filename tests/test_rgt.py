@@ -15,6 +15,7 @@ import recurzoo  # noqa: F401  (registers the models)
 from recurzoo.backbones.rgt import (
     RGT,
     RectangleWindowAttention,
+    RectangleWindowBranch,
     RecursiveGeneralizationAttention,
     RGTBlock,
     check_rgt_input,
@@ -162,6 +163,25 @@ def test_shifted_window_mask_separates_regions_as_the_official_loop_does(height,
     expected = torch.where(windows[:, None, :] != windows[:, :, None], -100.0, 0.0)
     torch.testing.assert_close(mask, expected)
     assert (mask[-1] < 0).any() and (mask[0] == 0).all() == (height > window[0] and width > window[1])
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+@pytest.mark.parametrize(
+    "height,width,window", [(16, 24, (4, 8)), (64, 64, (8, 32)), (64, 32, (32, 8)), (8, 8, (8, 8)), (24, 8, (4, 8))]
+)
+def test_window_groups_write_what_the_rolled_out_of_place_path_returns(height, width, window, shifted):
+    # the eager path gathers each group of same-mask windows (the roll included) and writes into a slice
+    torch.manual_seed(0)
+    branch = RectangleWindowBranch(12, 2, window, shifted).double()
+    with torch.no_grad():
+        for parameter in branch.parameters():
+            parameter.normal_()
+    qkv = torch.randn(2, height, width, 3, 12, dtype=torch.float64)
+    expected = branch(qkv)
+    out = torch.full((2, height, width, 20), float("nan"), dtype=torch.float64)
+    branch(qkv, out=out[..., 4:16])
+    torch.testing.assert_close(out[..., 4:16], expected, rtol=1e-12, atol=1e-12)
+    assert out[..., :4].isnan().all() and out[..., 16:].isnan().all()
 
 
 def test_window_shifts_follow_the_official_pattern():
