@@ -475,14 +475,15 @@ class RecursiveGeneralizationAttention(nn.Module):
 
         heads = self.num_heads
         q = self.q(x).reshape(batch, height * width, heads, -1).transpose(1, 2)
-        k = self.k(tokens).reshape(batch, -1, heads, self.reduced_dim // heads).transpose(1, 2)
+        # (B, heads, head_dim, tokens), the scale applied to the few keys instead of the many logits
+        k = (self.k(tokens) * self.scale).reshape(batch, -1, heads, self.reduced_dim // heads).permute(0, 2, 3, 1)
         v = self.v(tokens)
         v = v + self.cpe(v.transpose(1, 2).reshape(batch, channels, pooled_h, pooled_w)).flatten(2).transpose(1, 2)
         v = v.reshape(batch, -1, heads, channels // heads).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
-        )
-        out = out.transpose(1, 2).reshape(batch, height, width, channels)
+        # explicit attention: the values are wider than the queries, which sends SDPA to its
+        # unfused path (a masked-row-safe softmax and extra scaling passes over the logits)
+        attn = F.dropout(torch.matmul(q, k).softmax(-1), self.attn_drop, self.training)
+        out = torch.matmul(attn, v).transpose(1, 2).reshape(batch, height, width, channels)
         return self.proj_drop(self.proj(out))
 
 
