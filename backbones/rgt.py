@@ -249,6 +249,8 @@ class RectangleWindowBranch(nn.Module):
         self.register_buffer(
             "relative_position_index", window_relative_index(self.window_size, device=device), persistent=False
         )
+        # (table, biases) of the last call without autograd (see window_biases)
+        self._bias_cache: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def init_weights(self) -> None:
         """Recompute the size-derived buffers in place (after ``to_empty``), on their device and dtype."""
@@ -258,20 +260,41 @@ class RectangleWindowBranch(nn.Module):
                 window_relative_index(self.window_size, self.relative_position_index.device)
             )
 
-    def relative_position_bias(self) -> torch.Tensor:
-        """``(num_heads, N, N)`` bias of the attention logits inside one window."""
-        table = self.position_bias(self.offsets).t()  # (heads, offsets): the gather below is then contiguous
+    def relative_position_bias(self, table: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(num_heads, N, N)`` bias of the attention logits inside one window, from the position-bias
+        MLP's ``(offsets, num_heads)`` ``table`` (computed when not given)."""
+        if table is None:
+            table = self.position_bias(self.offsets)
         tokens = self.relative_position_index.shape[0]
-        return table[:, self.relative_position_index.view(-1)].view(-1, tokens, tokens)
+        # (heads, offsets) first: the gather is then contiguous
+        return table.t()[:, self.relative_position_index.view(-1)].view(-1, tokens, tokens)
 
     def window_biases(self, dtype: torch.dtype) -> torch.Tensor:
         """``(kinds, num_heads, N, N)`` additive logits of each kind of window (one kind unshifted, the
-        four of :func:`shifted_window_masks` shifted)."""
-        bias = self.relative_position_bias()
+        four of :func:`shifted_window_masks` shifted).
+
+        Without autograd (inference), the biases of the last call are reused while the MLP's table
+        equals, value for value, the one they were built from: only the small MLP runs again, and no
+        change of the weights (in place, through ``.data``, by loading) can leave a stale bias.
+        """
+        table = self.position_bias(self.offsets)
+        reuse = not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling())
+        cached = self._bias_cache if reuse else None
+        if (
+            cached is not None
+            and cached[1].dtype == dtype
+            and (cached[0].device, cached[0].dtype) == (table.device, table.dtype)
+            and torch.equal(cached[0], table)
+        ):
+            return cached[1]
+        bias = self.relative_position_bias(table)
         if self.shift_size is None:
-            return bias[None].to(dtype)
-        masks = shifted_window_masks(self.window_size, self.shift_size, bias.device, bias.dtype)
-        return (bias[None] + masks[:, None]).to(dtype)
+            biases = bias[None].to(dtype)
+        else:
+            masks = shifted_window_masks(self.window_size, self.shift_size, bias.device, bias.dtype)
+            biases = (bias[None] + masks[:, None]).to(dtype)
+        self._bias_cache = (table, biases) if reuse else None
+        return biases
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         # 4-D inputs with a mask broadcast over the first axis keep SDPA on its fused kernel

@@ -184,6 +184,23 @@ def test_window_groups_write_what_the_rolled_out_of_place_path_returns(height, w
     assert out[..., :4].isnan().all() and out[..., 16:].isnan().all()
 
 
+def test_window_biases_are_reused_only_without_autograd_and_while_the_weights_give_the_same_table():
+    torch.manual_seed(0)
+    branch = RectangleWindowBranch(32, 2, (4, 8), shifted=True).eval()
+    with torch.no_grad():
+        first = branch.window_biases(torch.float32)
+        assert branch.window_biases(torch.float32) is first  # reused
+        assert branch.window_biases(torch.float64).dtype == torch.float64
+        # a change that bumps no version counter (through .data) still rebuilds them
+        branch.position_bias.mlp[-1].bias.data += 0.5
+        changed = branch.window_biases(torch.float32)
+    assert changed is not first
+    torch.testing.assert_close(changed, first + 0.5)  # the last layer adds its bias to every logit
+    with_grad = branch.window_biases(torch.float32)  # with autograd: built for the graph, nothing kept
+    assert with_grad.requires_grad and branch._bias_cache is None
+    torch.testing.assert_close(with_grad.detach(), changed)
+
+
 def test_window_shifts_follow_the_official_pattern():
     assert [i for i in range(6) if is_shifted_block(0, i)] == [2]
     assert [i for i in range(0, 6, 2) if is_shifted_block(1, i)] == [0, 4]
