@@ -45,6 +45,8 @@ from torch.fx.node import has_side_effect
 
 from recurzoo.backbones._helpers import (
     IntermediatesMixin,
+    apply_linear,
+    apply_linear_act,
     build_with_weights,
     check_image_input,
     init_linear,
@@ -417,7 +419,7 @@ class RectangleWindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, channels = x.shape
-        qkv = self.qkv(x)
+        qkv = apply_linear(self.qkv, x)
         values = qkv[..., 2 * channels :]
         pad_bottom, pad_right = -height % self.pad_multiple, -width % self.pad_multiple
         if pad_bottom or pad_right:
@@ -435,7 +437,7 @@ class RectangleWindowAttention(nn.Module):
                 branch(part, out=x[..., i * half : (i + 1) * half])
         x = x[:, :height, :width]
         x = x + self.local_conv(values.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(apply_linear(self.proj, x))
 
 
 @register_notrace_module
@@ -497,7 +499,7 @@ class RecursiveGeneralizationAttention(nn.Module):
         tokens = self.pooled_act(self.pooled_norm(pooled.flatten(2).transpose(1, 2)))
 
         heads = self.num_heads
-        q = self.q(x).reshape(batch, height * width, heads, -1).transpose(1, 2)
+        q = apply_linear(self.q, x).reshape(batch, height * width, heads, -1).transpose(1, 2)
         # (B, heads, head_dim, tokens), the scale applied to the few keys instead of the many logits
         k = (self.k(tokens) * self.scale).reshape(batch, -1, heads, self.reduced_dim // heads).permute(0, 2, 3, 1)
         v = self.v(tokens)
@@ -507,7 +509,7 @@ class RecursiveGeneralizationAttention(nn.Module):
         # unfused path (a masked-row-safe softmax and extra scaling passes over the logits)
         attn = F.dropout(torch.matmul(q, k).softmax(-1), self.attn_drop, self.training)
         out = torch.matmul(attn, v).transpose(1, 2).reshape(batch, height, width, channels)
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(apply_linear(self.proj, out))
 
 
 class ConvGate(nn.Module):
@@ -537,7 +539,7 @@ class GatedConvMlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim // 2, dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.gate(self.act(self.fc1(x))))
+        return apply_linear(self.fc2, self.gate(apply_linear_act(self.fc1, self.act, x)))
 
 
 class RGTBlock(nn.Module):
