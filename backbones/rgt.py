@@ -151,6 +151,7 @@ def window_groups(size: int, window: int, shift: int) -> List[WindowGroup]:
     Unshifted: one group, one piece. Shifted: the windows before the last one read the map from
     ``shift`` on (one piece), the last one wraps around (two pieces, the map's end then its start).
     """
+    size, window, shift = int(size), int(window), int(shift)  # plain ints, also when traced
     count = size // window
     if not shift:
         return [(0, count, [(0, 0, count, 0, window)])]
@@ -306,66 +307,52 @@ class RectangleWindowBranch(nn.Module):
     def forward(self, qkv: torch.Tensor, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """Attend within windows of ``qkv`` ``(B, H, W, 3, C)``; the result is ``(B, H, W, C)``.
 
-        With ``out`` (a channel slice of the caller's tensor) the result is written there: each group
-        of windows that shares a mask is gathered from the map in one pass (the roll of a shifted
-        branch included), attended with its mask broadcast over the windows, and written back in one
-        pass (window reversal, roll back and the concatenation of the branches). Without it (the
-        exporters' and the compiler's path) the result is returned, computed out of place.
+        The windows are taken in groups that share one mask (all of them unshifted; shifted, the
+        interior ones, the last row, the last column and the corner), each attended with its mask
+        broadcast over its windows, so no per-window mask is built. A group is gathered from the map
+        in one pass, the roll of a shifted branch included. With ``out`` (a channel slice of the
+        caller's tensor; eager mode) each group is written there in one pass (window reversal, roll
+        back and the concatenation of the branches fused); without it (the exporters' and the
+        compiler's path, which need out-of-place ops) the blocks are joined and returned.
         """
-        if out is None:
-            return self.forward_out_of_place(qkv)
         batch, height, width, _, channels = qkv.shape
         window_h, window_w = self.window_size
         heads, head_dim = self.num_heads, channels // self.num_heads
         shift_h, shift_w = self.shift_size or (0, 0)
         biases = self.window_biases(qkv.dtype)
-        source, target = qkv.unflatten(-1, (heads, head_dim)), out.unflatten(-1, (heads, head_dim))
+        source = qkv.unflatten(-1, (heads, head_dim))
+        target = None if out is None else out.unflatten(-1, (heads, head_dim))
+        blocks: Dict[Tuple[int, int], torch.Tensor] = {}  # out of place: the result's blocks by position
         for last_row, rows, row_pieces in window_groups(height, window_h, shift_h):
             for last_col, cols, col_pieces in window_groups(width, window_w, shift_w):
-                windows = qkv.new_empty(3, batch, rows, cols, heads, window_h, window_w, head_dim)
-                windows_as_map = windows.permute(1, 2, 5, 3, 6, 0, 4, 7)  # (B, rows, Wh, cols, Ww, 3, heads, d)
-                for row_piece in row_pieces:
-                    for col_piece in col_pieces:
-                        _window_block(windows_as_map, row_piece, col_piece).copy_(
-                            _map_block(source, row_piece, col_piece)
-                        )
-                q, k, v = windows.view(3, batch * rows * cols, heads, window_h * window_w, head_dim).unbind(0)
+                if target is None:  # (B, rows, Wh, cols, Ww, 3, heads, d), the pieces joined
+                    windows = torch.cat(
+                        [torch.cat([_map_block(source, r, c) for c in col_pieces], dim=4) for r in row_pieces], dim=2
+                    )
+                    windows = windows.permute(5, 0, 1, 3, 6, 2, 4, 7)
+                else:  # copied piece by piece into (3, B, rows, cols, heads, Wh, Ww, d)
+                    windows = qkv.new_empty(3, batch, rows, cols, heads, window_h, window_w, head_dim)
+                    windows_as_map = windows.permute(1, 2, 5, 3, 6, 0, 4, 7)
+                    for r in row_pieces:
+                        for c in col_pieces:
+                            _window_block(windows_as_map, r, c).copy_(_map_block(source, r, c))
+                windows = windows.reshape(3, batch * rows * cols, heads, window_h * window_w, head_dim)
                 bias = biases[last_row + 2 * last_col if self.shift_size is not None else 0]
-                attended = self.attend(q, k, v, bias[None])
+                attended = self.attend(*windows.unbind(0), bias[None])
                 # (B, rows, Wh, cols, Ww, heads, d): the window order of the map
                 attended = attended.view(batch, rows, cols, heads, window_h, window_w, head_dim)
                 attended = attended.permute(0, 1, 4, 2, 5, 3, 6)
-                for row_piece in row_pieces:
-                    for col_piece in col_pieces:
-                        _map_block(target, row_piece, col_piece).copy_(_window_block(attended, row_piece, col_piece))
-        return None
-
-    def forward_out_of_place(self, qkv: torch.Tensor) -> torch.Tensor:
-        """:meth:`forward` without ``out``: roll, partition, one attention over all windows, reverse, roll back."""
-        batch, height, width, _, channels = qkv.shape
-        window_h, window_w = self.window_size
-        if self.shift_size is not None:
-            qkv = torch.roll(qkv, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
-        rows, cols = height // window_h, width // window_w
-        head_dim = channels // self.num_heads
-        windows = qkv.reshape(batch, rows, window_h, cols, window_w, 3, self.num_heads, head_dim)
-        # (3, B, windows * heads, N, head_dim): windows and heads share one axis, so the per-window
-        # shift mask broadcasts over the batch without being repeated for every image
-        windows = windows.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(
-            3, batch, rows * cols * self.num_heads, window_h * window_w, head_dim
-        )
-        q, k, v = windows.unbind(0)
-        biases = self.window_biases(q.dtype)
-        if self.shift_size is not None:  # one copy of the bias of its kind per window
-            bias = biases[shifted_window_kinds(rows, cols, biases.device)].flatten(0, 1)  # (windows * heads, N, N)
-        else:  # one bias for every window: put the windows on the batch axis instead
-            bias = biases[0]
-            q, k, v = (t.reshape(batch * rows * cols, self.num_heads, *t.shape[2:]) for t in (q, k, v))
-        attended = self.attend(q, k, v, bias[None])
-        # (B, rows, window_h, cols, window_w, heads, head_dim): the window order of the map
-        attended = attended.view(batch, rows, cols, self.num_heads, window_h, window_w, head_dim)
-        attended = attended.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, height, width, channels)
-        return attended if self.shift_size is None else torch.roll(attended, self.shift_size, dims=(1, 2))
+                for r in row_pieces:
+                    for c in col_pieces:
+                        if target is None:
+                            blocks[r[0], c[0]] = _window_block(attended, r, c).flatten(3, 4).flatten(1, 2)
+                        else:
+                            _map_block(target, r, c).copy_(_window_block(attended, r, c))
+        if target is not None:
+            return None
+        row_starts, col_starts = sorted({r for r, _ in blocks}), sorted({c for _, c in blocks})
+        joined = torch.cat([torch.cat([blocks[r, c] for c in col_starts], dim=2) for r in row_starts], dim=1)
+        return joined.flatten(3)
 
 
 # The two attentions take Python decisions on the map's size (padding, how often RG-SA pools):

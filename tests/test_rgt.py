@@ -165,22 +165,41 @@ def test_shifted_window_mask_separates_regions_as_the_official_loop_does(height,
     assert (mask[-1] < 0).any() and (mask[0] == 0).all() == (height > window[0] and width > window[1])
 
 
+def _reference_window_attention(branch, qkv):
+    """Roll, partition, attention with one mask per window (shifted_window_mask), reverse, roll back."""
+    batch, height, width, _, channels = qkv.shape
+    (wh, ww), heads = branch.window_size, branch.num_heads
+    shift = branch.shift_size
+    if shift:
+        qkv = torch.roll(qkv, (-shift[0], -shift[1]), dims=(1, 2))
+    windows = qkv.view(batch, height // wh, wh, width // ww, ww, 3, heads, channels // heads)
+    windows = windows.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, batch, -1, heads, wh * ww, channels // heads)
+    q, k, v = windows.unbind(0)
+    logits = (q * branch.scale) @ k.transpose(-1, -2) + branch.relative_position_bias()
+    if shift:
+        logits = logits + shifted_window_mask(height, width, (wh, ww), shift)[:, None].to(logits.dtype)
+    out = (logits.softmax(-1) @ v).view(batch, height // wh, width // ww, heads, wh, ww, -1)
+    out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, height, width, channels)
+    return torch.roll(out, shift, dims=(1, 2)) if shift else out
+
+
 @pytest.mark.parametrize("shifted", [False, True])
 @pytest.mark.parametrize(
     "height,width,window", [(16, 24, (4, 8)), (64, 64, (8, 32)), (64, 32, (32, 8)), (8, 8, (8, 8)), (24, 8, (4, 8))]
 )
-def test_window_groups_write_what_the_rolled_out_of_place_path_returns(height, width, window, shifted):
-    # the eager path gathers each group of same-mask windows (the roll included) and writes into a slice
+def test_window_groups_in_place_and_out_of_place_compute_the_rolled_masked_attention(height, width, window, shifted):
+    # the windows are attended in groups sharing a mask, gathered and written back piece by piece
     torch.manual_seed(0)
     branch = RectangleWindowBranch(12, 2, window, shifted).double()
     with torch.no_grad():
         for parameter in branch.parameters():
             parameter.normal_()
     qkv = torch.randn(2, height, width, 3, 12, dtype=torch.float64)
-    expected = branch(qkv)
+    expected = _reference_window_attention(branch, qkv)
+    torch.testing.assert_close(branch(qkv), expected, rtol=1e-10, atol=1e-10)
     out = torch.full((2, height, width, 20), float("nan"), dtype=torch.float64)
-    branch(qkv, out=out[..., 4:16])
-    torch.testing.assert_close(out[..., 4:16], expected, rtol=1e-12, atol=1e-12)
+    assert branch(qkv, out=out[..., 4:16]) is None
+    torch.testing.assert_close(out[..., 4:16], expected, rtol=1e-10, atol=1e-10)
     assert out[..., :4].isnan().all() and out[..., 16:].isnan().all()
 
 
