@@ -203,6 +203,27 @@ def test_window_groups_in_place_and_out_of_place_compute_the_rolled_masked_atten
     assert out[..., :4].isnan().all() and out[..., 16:].isnan().all()
 
 
+def test_window_groups_in_place_path_gives_the_reference_gradients():
+    torch.manual_seed(0)
+    branch = RectangleWindowBranch(12, 2, (4, 8), shifted=True).double()
+    qkv = torch.randn(1, 16, 24, 3, 12, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(1, 16, 24, 12, dtype=torch.float64)
+    grads = []
+    for compute in (lambda: _reference_window_attention(branch, qkv), lambda: _in_place(branch, qkv)):
+        branch.zero_grad()
+        qkv.grad = None
+        (compute() * weight).sum().backward()
+        grads.append((qkv.grad.clone(), branch.position_bias.proj_in.weight.grad.clone()))
+    for expected, actual in zip(*grads):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+def _in_place(branch, qkv):
+    out = qkv.new_empty(*qkv.shape[:3], 2 * qkv.shape[-1])
+    branch(qkv, out=out[..., 6:18])
+    return out[..., 6:18]
+
+
 def test_window_biases_are_reused_only_without_autograd_and_while_the_weights_give_the_same_table():
     torch.manual_seed(0)
     branch = RectangleWindowBranch(32, 2, (4, 8), shifted=True).eval()
