@@ -98,3 +98,12 @@ def test_linear_then_act_fuses_only_the_exact_gelu_and_computes_either(approxima
         assert _ran_fused(lambda: apply_linear_act(layer, act, x)) == fused
         layer.register_forward_hook(lambda module, args, out: None)
         assert not _ran_fused(lambda: apply_linear_act(layer, act, x))
+
+
+def test_functorch_gradients_match_autograd():
+    mlp, x = _mlp(), torch.randn(2, 4, 16)
+    with torch.no_grad():  # torch.func.grad records its own graph even here
+        functorch_grad = torch.func.grad(lambda t: mlp(t).sum())(x)
+    leaf = x.clone().requires_grad_()
+    mlp(leaf).sum().backward()
+    torch.testing.assert_close(functorch_grad, leaf.grad)
