@@ -161,6 +161,15 @@ def apply_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer(x)
 
 
+def apply_linear_act(layer: nn.Module, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``act(layer(x))``; a plain ``nn.Linear`` followed by the exact ``nn.GELU``, neither hooked, runs
+    through :func:`fused_linear` (bias and GELU fused into the matmul in CPU inference)."""
+    exact_gelu = type(act) is nn.GELU and act.approximate == "none"
+    if type(layer) is nn.Linear and exact_gelu and _unhooked(layer, act):
+        return fused_linear(x, layer.weight, layer.bias, gelu=True)
+    return act(layer(x))
+
+
 class FusedGeluMlp(Mlp):
     """timm's ``Mlp`` (same arguments, modules and ``state_dict``) whose ``fc1 -> GELU`` and ``fc2`` run
     through :func:`fused_linear` when the layers are the plain ones it was built with and no hook watches
