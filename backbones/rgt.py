@@ -51,6 +51,7 @@ from recurzoo.backbones._helpers import (
     check_image_input,
     init_linear,
     model_name,
+    plain_eager,
 )
 from recurzoo.checkpoint import unwrap_state_dict
 
@@ -283,7 +284,7 @@ class RectangleWindowBranch(nn.Module):
         8x32 branch of 3 heads in float32: about 70 MB over RGT-S); a call with autograd drops it.
         """
         table = self.position_bias(self.offsets)
-        reuse = not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling())
+        reuse = not torch.is_grad_enabled() and plain_eager(table)
         cached = self._bias_cache if reuse else None
         if (
             cached is not None

@@ -461,3 +461,18 @@ def test_grad_checkpointing_keeps_gradients_of_the_classifier_and_of_features_on
     x = torch.rand(2, 3, 16, 24)
     contract.assert_grad_checkpointing_keeps_gradients("rgt_small", x, num_classes=3, **TINY)
     contract.assert_features_only_grad_checkpointing_keeps_gradients("rgt_small", x, (1, 4), **TINY)
+
+
+def test_window_biases_made_under_a_fake_mode_are_not_kept_for_eager_calls():
+    """An exporter's fake tensors (torch.export traces without autograd too) must never enter the cache."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(0)
+    branch = RectangleWindowBranch(32, 2, (4, 8), shifted=True).eval()
+    with torch.no_grad():
+        expected = branch.window_biases(torch.float32).clone()
+        branch._bias_cache = None
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            branch.window_biases(torch.float32)
+        assert branch._bias_cache is None
+        torch.testing.assert_close(branch.window_biases(torch.float32), expected)
