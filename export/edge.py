@@ -434,8 +434,12 @@ def _annotate_shared_weights(model: Any, config: Any) -> None:
     (MSRNet runs its backbone and decoder laterals on three scales) stay unannotated: float inputs
     with the int8 weight dequantized. XNNPACK's partitioner still takes such a convolution, and the
     program then fails to load ("Failed to create convolution node ... xnn_status_invalid_parameter",
-    "error 0x1"). Each is annotated as its first one is: int8 input and output (after a single ReLU
-    when one follows), and the same observer for the weight (one int8 copy of it).
+    "error 0x1"). Each is annotated with the first one's observers: its input, its weight (one int8
+    copy) and its output (after a single ReLU when one follows). Own input/output parameters are not
+    enough: XNNPACK keys constants by the hash of their bytes and packs a weight once, with the input
+    zero point and requantization scales folded in, so a second use with other parameters computed
+    wrong values (measured on a two-scale stem: 10% RMS error against fp32, 1.3% with shared ones,
+    1.2% for the quantized PyTorch model).
     """
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils import propagate_annotation
     from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, SharedQuantizationSpec
@@ -468,7 +472,8 @@ def _annotate_shared_weights(model: Any, config: Any) -> None:
             node.meta[_ANNOTATION] = QuantizationAnnotation(input_qspec_map=inputs, _annotated=True)
             users[0].meta[_ANNOTATION] = QuantizationAnnotation(output_qspec=output, _annotated=True)
         else:
-            node.meta[_ANNOTATION] = QuantizationAnnotation(input_qspec_map=inputs, output_qspec=output, _annotated=True)
+            annotation = QuantizationAnnotation(input_qspec_map=inputs, output_qspec=output, _annotated=True)
+            node.meta[_ANNOTATION] = annotation
         added = True
     if added:  # the pools, views and slices after them take their parameters
         propagate_annotation(model)
