@@ -7,11 +7,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerNorm2d, NormMlpClassifierHead, get_device_dtype, trunc_normal_
+from timm.layers import LayerNorm2d, Mlp, NormMlpClassifierHead, get_device_dtype, trunc_normal_
 from timm.models import register_notrace_function
 from timm.models._features import feature_take_indices  # timm exports no public equivalent
 from torch import nn
 from torch.fx.node import has_side_effect
+from torch.nn import functional as F
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 
 def model_name(model: nn.Module) -> str:
@@ -107,6 +110,74 @@ def check_image_input(
         )
 
 
+def _onednn_inference(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
+    """Whether oneDNN's fused linear kernel may run: eager CPU float32 inference (no autograd graph to
+    record, nothing tracing, compiling or exporting the model, oneDNN not switched off by the user)."""
+    # Checked first: dynamo resolves it while tracing and never looks at the rest.
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    # Exporters' fake and functional tensors are subclasses; the kernel needs real memory.
+    if type(x) is not torch.Tensor or torch.compiler.is_exporting():
+        return False
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
+        return False
+    # A dispatch mode (torch.utils.flop_counter, fake tensors) must see the aten ops it knows.
+    return not is_in_torch_dispatch_mode()
+
+
+# torch.fx keeps this call as one node (its branch reads tensor properties, which fx cannot trace).
+@register_notrace_function
+def fused_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, gelu: bool = False
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, followed by the exact (erf) GELU when ``gelu`` is set.
+
+    In eager CPU float32 inference this is one oneDNN kernel (bias and GELU applied as the matmul
+    writes its output, as inductor does), which saves the separate bias and activation passes over the
+    output; otherwise, and always where gradients are recorded, it is ``F.linear`` then ``F.gelu``.
+    """
+    if _onednn_inference(x, weight, bias):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none")
+    y = F.linear(x, weight, bias)
+    return F.gelu(y) if gelu else y
+
+
+def _unhooked(*modules: nn.Module) -> bool:
+    """Whether no forward hook (the modules' own or a global one) would miss a call that bypasses them."""
+    if _global_forward_hooks or _global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def apply_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``; a plain ``nn.Linear`` (not replaced, wrapped or quantized) without hooks runs through
+    :func:`fused_linear` (bias fused into the matmul in CPU inference)."""
+    if type(layer) is nn.Linear and _unhooked(layer):
+        return fused_linear(x, layer.weight, layer.bias)
+    return layer(x)
+
+
+class FusedGeluMlp(Mlp):
+    """timm's ``Mlp`` (same arguments, modules and ``state_dict``) whose ``fc1 -> GELU`` and ``fc2`` run
+    through :func:`fused_linear` when the layers are the plain ones it was built with and no hook watches
+    them; anything else (a replaced or quantized layer, a hook, another activation) takes ``Mlp.forward``."""
+
+    def _fusable(self) -> bool:
+        plain = type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear and type(self.norm) is nn.Identity
+        exact_gelu = type(self.act) is nn.GELU and self.act.approximate == "none"
+        return plain and exact_gelu and _unhooked(self.fc1, self.act, self.fc2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fusable():
+            return super().forward(x)
+        x = self.drop1(fused_linear(x, self.fc1.weight, self.fc1.bias, gelu=True))
+        return self.drop2(fused_linear(x, self.fc2.weight, self.fc2.bias))
+
+
 def build_with_weights(model_cls: Callable[..., nn.Module], variant: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     """timm's ``build_model_with_cfg``, with pretrained weights read by :mod:`recurzoo.checkpoint`.
 
@@ -154,7 +225,8 @@ def build_with_weights(model_cls: Callable[..., nn.Module], variant: str, pretra
 
 
 class IntermediatesMixin:
-    """timm's ``forward_intermediates`` and ``prune_intermediate_layers``, written once for every family.
+    """timm's ``forward_intermediates``, ``prune_intermediate_layers`` and ``set_grad_checkpointing``,
+    written once for every family.
 
     A model is a stem, then ``num_steps`` steps (stages, residual groups, recurrent steps) whose outputs
     are the intermediates, then an ending (final norm, closing conv). It provides the hooks:
@@ -167,6 +239,8 @@ class IntermediatesMixin:
     - ``end_steps(state, complete)``: the final features once the steps ran (``complete``: all of them);
     - ``keep_steps(count, prune_norm, prune_head)``: keep the first ``count`` steps and drop what
       the rest fed (the final norm and head as timm's pruned models do);
+    - ``checkpointed_modules()``: the modules whose ``grad_checkpointing`` flag
+      :meth:`set_grad_checkpointing` sets (a model that checkpoints otherwise overrides that method);
     - ``intermediate_formats`` (a class attribute, ``NCHW`` first) and may override
       ``format_intermediates`` (the default turns ``NCHW`` maps into ``NHWC`` on request).
     """
@@ -235,6 +309,12 @@ class IntermediatesMixin:
         self.keep_steps(max_index + 1, prune_norm=prune_norm, prune_head=prune_head)
         return take_indices
 
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the activations of each of :meth:`checkpointed_modules` in the backward pass."""
+        for module in self.checkpointed_modules():
+            module.grad_checkpointing = enable
+
 
 class StagedClassifierMixin(IntermediatesMixin):
     """timm's model interface for a network made of ``embed`` -> ``stages`` -> ``norm_pre`` -> ``head``.
@@ -287,11 +367,6 @@ class StagedClassifierMixin(IntermediatesMixin):
         )
 
     @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
@@ -310,6 +385,9 @@ class StagedClassifierMixin(IntermediatesMixin):
 
     def run_step(self, x: torch.Tensor, index: int) -> torch.Tensor:
         return self.stages[index](x)
+
+    def checkpointed_modules(self) -> nn.Sequential:
+        return self.stages
 
     def intermediate(self, x: torch.Tensor, index: int, norm: bool) -> torch.Tensor:
         return self.norm_pre(x) if norm and index == len(self.stages) - 1 else x

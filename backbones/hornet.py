@@ -23,7 +23,6 @@ from timm.layers import (
     DropPath,
     LayerNorm,
     LayerNorm2d,
-    Mlp,
     calculate_drop_path_rates,
     trunc_normal_,
 )
@@ -32,7 +31,14 @@ from timm.models._input import update_model_input_size  # keeps resolve_data_con
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
-from recurzoo.backbones._helpers import StagedClassifierMixin, build_with_weights, imagenet_cfg, imagenet_cfg_at
+from recurzoo.backbones._helpers import (
+    FusedGeluMlp,
+    StagedClassifierMixin,
+    build_with_weights,
+    fused_linear,
+    imagenet_cfg,
+    imagenet_cfg_at,
+)
 from recurzoo.checkpoint import unwrap_state_dict
 from recurzoo.official import register_official
 
@@ -221,7 +227,7 @@ class PointwiseConv2d(nn.Conv2d):
         """``x`` (``B, C, H, W``) times ``scale * weight`` (``out, C``) plus ``scale * bias``, channels-last out."""
         if scale != 1.0:
             weight, bias = weight * scale, None if bias is None else bias * scale
-        return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
+        return fused_linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
 
 
 class GateContextConv(PointwiseConv2d):
@@ -315,7 +321,7 @@ class HorNetBlock(nn.Module):
         self.norm1 = LayerNorm2d(dim, eps=_NORM_EPS, **dd)
         self.gnconv = gnconv(dim, **dd)
         self.norm2 = LayerNorm(dim, eps=_NORM_EPS, **dd)
-        self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=nn.GELU, **dd)
+        self.mlp = FusedGeluMlp(dim, int(mlp_ratio * dim), act_layer=nn.GELU, **dd)
         self.ls_init_value = ls_init_value
         if ls_init_value:
             self.gamma1 = nn.Parameter(torch.empty(dim, **dd))

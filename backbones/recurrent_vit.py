@@ -59,7 +59,13 @@ from torch import nn
 from torch.func import functional_call
 from torch.fx.node import has_side_effect
 
-from recurzoo.backbones._helpers import IntermediatesMixin, build_with_weights, check_image_input, model_name
+from recurzoo.backbones._helpers import (
+    FusedGeluMlp,
+    IntermediatesMixin,
+    build_with_weights,
+    check_image_input,
+    model_name,
+)
 from recurzoo.checkpoint import unwrap_state_dict
 
 __all__ = [
@@ -507,6 +513,7 @@ class RecurrentViT(IntermediatesMixin, nn.Module):
                 attn_drop=attn_drop_rate,
                 norm_layer=norm_layer,
                 act_layer=act_layer,
+                mlp_layer=FusedGeluMlp,
                 **dd,
             )
             blocks.append(

@@ -724,11 +724,6 @@ class RGT(IntermediatesMixin, nn.Module):
         )
 
     @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for group in self.groups:
-            group.grad_checkpointing = enable
-
-    @torch.jit.ignore
     def no_weight_decay(self) -> set:
         return set()
 
@@ -769,6 +764,9 @@ class RGT(IntermediatesMixin, nn.Module):
     def run_step(self, state: Tuple[torch.Tensor, torch.Tensor], index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         shallow, x = state
         return shallow, self.groups[index](x)
+
+    def checkpointed_modules(self) -> nn.Sequential:
+        return self.groups
 
     def intermediate(self, state: Tuple[torch.Tensor, torch.Tensor], index: int, norm: bool) -> torch.Tensor:
         x = state[1]

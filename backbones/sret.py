@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from timm.layers import (
     ConvNormAct,
     DropPath,
-    Mlp,
     register_notrace_function,
     register_notrace_module,
     resample_abs_pos_embed,
@@ -53,7 +52,9 @@ from torch import nn
 from torch.fx.node import has_side_effect
 
 from recurzoo.backbones._helpers import (
+    FusedGeluMlp,
     StagedClassifierMixin,
+    apply_linear,
     build_with_weights,
     check_image_input,
     imagenet_cfg,
@@ -189,7 +190,7 @@ class SlicedGroupAttention(nn.Module):
             x = x.view(batch, group_size, num_groups, dim).transpose(1, 2)
         x = x.reshape(batch * num_groups, group_size, dim)
         q, k, v = (
-            self.qkv(x)
+            apply_linear(self.qkv, x)
             .view(batch * num_groups, group_size, 3, self.num_heads, self.head_dim)
             .permute(2, 0, 3, 1, 4)
             .unbind(0)
@@ -201,7 +202,7 @@ class SlicedGroupAttention(nn.Module):
         x = x.reshape(batch, group_size * num_groups, dim)
         if padding:
             x = x[:, :num_tokens]
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(apply_linear(self.proj, x))
 
 
 def _slice_padding_mask(
@@ -264,7 +265,7 @@ class TransformerBlock(nn.Module):
             **dd,
         )
         self.norm2 = nn.LayerNorm(dim, eps=_NORM_EPS, **dd)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop, **dd)
+        self.mlp = FusedGeluMlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.attn_skip_gain = nn.Parameter(torch.empty(1, **dd))
         self.attn_gain = nn.Parameter(torch.empty(1, **dd))
@@ -290,7 +291,7 @@ class NonLinearProjection(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.norm = nn.LayerNorm(dim, eps=_NORM_EPS, **dd)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop, **dd)
+        self.mlp = FusedGeluMlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop, **dd)
         self.skip_gain = nn.Parameter(torch.empty(1, **dd))
         self.mlp_gain = nn.Parameter(torch.empty(1, **dd))
         self.reset_parameters()

@@ -16,7 +16,6 @@ import csv
 import io
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 
 from recurzoo.devices import resolve_device
-from recurzoo.export.models import RunSettings, median_and_quartiles, time_forward
+from recurzoo.export.models import RunSettings, median_and_quartiles, peak_memory_mb, time_forward
 
 __all__ = [
     "BenchResult",
@@ -137,13 +136,10 @@ def bench_in_process(
     peak_gflops = measure_matmul_peak(device)
     breaks = count_graph_breaks(model, inputs) if backend == "compile" else -1
     if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+        peak_memory_mb(device, reset=True)
     with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
         times = settings.time(_runner(model_name, model, backend, inputs, workdir))
-    if device.startswith("cuda"):
-        peak_memory = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    peak_memory = peak_memory_mb(device)
     median, p25, p75 = median_and_quartiles(times)
     achieved = 2 * macs * batch / median
     return BenchResult(

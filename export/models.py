@@ -272,6 +272,37 @@ class RunSettings:
         return time_forward(run, self.device, warmup, self.repeats, self.max_seconds)
 
 
+def resident_mb() -> float:
+    """This process's current resident set in MB (Linux ``/proc``)."""
+    import resource
+
+    with open("/proc/self/statm") as statm:
+        pages = int(statm.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def peak_memory_mb(device: str, reset: bool = False) -> float:
+    """The peak memory so far in MB: CUDA's allocator peak, or this process's resident high-water mark.
+
+    On CPU this reads ``VmHWM``, not ``ru_maxrss``: a process started by another inherits its parent's
+    ``ru_maxrss``, which would floor every benchmark worker's peak at the launcher's. ``reset`` starts a
+    new window (the peak is then what is resident now).
+    """
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.max_memory_allocated() / 2**20
+    if reset:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
 def _now(device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -21,7 +21,9 @@ Operators the exporter lacks, added for the duration of an export: bicubic antia
 resampling (position embeddings resized to another input size; ONNX ``Resize`` with
 ``antialias=1``, opset 18), and adaptive pooling to a size that does not divide the input (the
 scale merging of MSRNet), traced as an exact decomposition into fixed pools and a ``Gather`` for
-the traced size.
+the traced size. Replaced for speed in onnxruntime: ``scaled_dot_product_attention`` is exported as
+``softmax(q k^T * scale + mask) v`` with a constant scale, which onnxruntime folds into one
+``FusedMatMul`` (torch's own symbolic scales q and k separately by a square root computed at run time).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from recurzoo.export.models import (
     photo_batch,
     random_batch,
 )
+from recurzoo.export.onnx_rewrite import rewrite_graph
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -126,6 +129,55 @@ def _bicubic_antialias_symbolic(g: Any, x: Any, output_size: Any, align_corners:
         exclude_outside_i=1,
         coordinate_transformation_mode_s="align_corners" if corners else "half_pixel",
     )
+
+
+def _attention_symbolic(
+    g: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attn_mask: Any = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Any = None,
+    enable_gqa: bool = False,
+) -> Any:
+    """``aten::scaled_dot_product_attention`` (eval, no causal mask) as ``softmax(q k^T * scale + mask) v``.
+
+    torch's own symbolic scales q and k^T each by ``sqrt(scale)``, with the scale computed at run time from
+    ``Shape``: two extra multiplies per call, and a transpose and a multiply between ``k`` and the matmul
+    that keep onnxruntime from folding them into one ``FusedMatMul`` (``transB``, ``alpha``). Here the
+    scale is a constant (the head size is known when traced) applied after the matmul, which onnxruntime
+    folds into it. Anything else (a causal mask, dropout, grouped heads, a head size unknown when traced)
+    goes to torch's symbolic.
+    """
+    from torch.onnx import symbolic_helper as helper
+    from torch.onnx._internal.torchscript_exporter import symbolic_opset14
+
+    def constant(value: Any, kind: str) -> Any:
+        return None if value is None or helper._is_none(value) else helper._maybe_get_const(value, kind)
+
+    head_size = (helper._get_tensor_sizes(query) or [None])[-1]
+    scale_value = constant(scale, "f")
+    mask_type = None if constant(attn_mask, "v") is None else attn_mask.type().scalarType()
+    flags = [constant(dropout_p, "f"), constant(is_causal, "b"), constant(enable_gqa, "b")]
+    if (
+        any(flag is None or helper._is_value(flag) or flag for flag in flags)
+        or not isinstance(scale_value if scale_value is not None else head_size, (int, float))
+        or mask_type not in (None, "Float")
+    ):
+        return symbolic_opset14.scaled_dot_product_attention(
+            g, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+        )
+    rank = helper._get_tensor_rank(key)
+    perm = list(range(rank))
+    perm[-1], perm[-2] = perm[-2], perm[-1]
+    scores = g.op("MatMul", query, g.op("Transpose", key, perm_i=perm))
+    factor = 1.0 / math.sqrt(head_size) if scale_value is None else scale_value
+    scores = g.op("Mul", scores, g.op("Constant", value_t=torch.tensor(factor, dtype=torch.float32)))
+    if mask_type is not None:
+        scores = g.op("Add", scores, attn_mask)
+    return g.op("MatMul", g.op("Softmax", scores, axis_i=-1), value)
 
 
 def _pool_axis(x: torch.Tensor, axis: int, size_out: int, pool: Callable[..., torch.Tensor]) -> torch.Tensor:
@@ -226,21 +278,50 @@ def static_adaptive_pooling() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def traced_attention_scale() -> Iterator[None]:
+    """While the block runs, ``F.scaled_dot_product_attention`` traced by the TorchScript exporter without a
+    ``scale`` gets its default, ``head_size ** -0.5``, as a constant: the head size is fixed by the model,
+    but the exporter's shape inference loses it where the heads come out of a reshape to traced sizes
+    (SReT's groups), and :func:`_attention_symbolic` needs the scale as a constant."""
+    original = F.scaled_dot_product_attention
+
+    def attention(query: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if torch.jit.is_tracing() and len(args) < 6 and kwargs.get("scale") is None:
+            kwargs["scale"] = float(int(query.shape[-1]) ** -0.5)
+        return original(query, *args, **kwargs)
+
+    F.scaled_dot_product_attention = attention
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+@contextlib.contextmanager
 def export_symbolics(opset: int) -> Iterator[None]:
-    """While the block runs: the bicubic-antialias symbolic is registered with the TorchScript
-    exporter, and adaptive pooling to sizes that do not divide the input traces as fixed pools."""
+    """While the block runs: the symbolics of :data:`_SYMBOLICS` (bicubic antialias, attention) are
+    registered with the TorchScript exporter, adaptive pooling to sizes that do not divide the input
+    traces as fixed pools, and attention without a scale traces with its default one as a constant."""
     from torch.onnx import register_custom_op_symbolic, unregister_custom_op_symbolic
 
-    registered = opset >= 18
-    if registered:
-        register_custom_op_symbolic("aten::_upsample_bicubic2d_aa", _bicubic_antialias_symbolic, opset)
+    registered = [(name, symbolic) for name, symbolic, minimum in _SYMBOLICS if opset >= minimum]
+    for name, symbolic in registered:
+        register_custom_op_symbolic(name, symbolic, opset)
     try:
-        with static_adaptive_pooling():
+        with static_adaptive_pooling(), traced_attention_scale():
             yield
     finally:
-        if registered:
-            unregister_custom_op_symbolic("aten::_upsample_bicubic2d_aa", opset)
-            _drop_empty_symbolic_group("aten::_upsample_bicubic2d_aa")
+        for name, _ in registered:
+            unregister_custom_op_symbolic(name, opset)
+            _drop_empty_symbolic_group(name)
+
+
+# (operator, symbolic, lowest opset) registered by export_symbolics; a custom symbolic takes precedence
+# over torch's own for the same operator while registered
+_SYMBOLICS: List[Tuple[str, Callable[..., Any], int]] = [
+    ("aten::_upsample_bicubic2d_aa", _bicubic_antialias_symbolic, 18),  # Resize with antialias: opset 18
+    ("aten::scaled_dot_product_attention", _attention_symbolic, 14),  # torch's fallback needs opset 14
+]
 
 
 def _drop_empty_symbolic_group(name: str) -> None:
@@ -494,6 +575,9 @@ def trace_to_onnx(model: nn.Module, plan: ExportPlan, path: Path, references: Se
             dynamic_axes=_dynamic_axes(output_names, references, plan.dynamic_hw),
             do_constant_folding=True,
         )
+    graph = onnx.load(str(path))
+    if any(rewrite_graph(graph).values()):
+        onnx.save(graph, str(path))
     onnx.checker.check_model(str(path))
 
 

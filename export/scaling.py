@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from recurzoo.export.bench import markdown_table, worker_result
-from recurzoo.export.models import RunSettings
+from recurzoo.export.models import RunSettings, peak_memory_mb, resident_mb
 
 __all__ = [
     "MemoryResult",
@@ -65,46 +65,18 @@ class GrowthPoint:
     error: str = ""
 
 
-def _resident_mb() -> float:
-    """This process's current resident set (Linux ``/proc``)."""
-    import resource
-
-    with open("/proc/self/statm") as statm:
-        pages = int(statm.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
-
-
-def _reset_peak_resident() -> None:
-    """Reset the kernel's high-water mark of this process's resident set (VmHWM)."""
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-
-
-def _peak_resident_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("VmHWM not found in /proc/self/status")
-
-
 def _measure_peak(device: str, run: Callable[[], object]) -> Tuple[float, float, float]:
     """(seconds, peak MB, peak MB above the memory held before) of one call of ``run``."""
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated() / 2**20
-        torch.cuda.reset_peak_memory_stats()
     else:
-        before = _resident_mb()
-        _reset_peak_resident()
+        before = resident_mb()
+    peak_memory_mb(device, reset=True)
     start = time.perf_counter()
     run()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = _peak_resident_mb()
+    peak = peak_memory_mb(device)
     return time.perf_counter() - start, peak, peak - before
 
 

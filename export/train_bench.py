@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from recurzoo.export.bench import markdown_table, worker_result
-from recurzoo.export.models import RunSettings, median_and_quartiles
+from recurzoo.export.models import RunSettings, median_and_quartiles, peak_memory_mb
 
 __all__ = [
     "TrainResult",
@@ -117,19 +117,6 @@ def make_train_step(
     return step, optimizer
 
 
-def _peak_memory(device: str, reset: bool) -> float:
-    from recurzoo.export.scaling import _peak_resident_mb, _reset_peak_resident
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        if reset:
-            torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.max_memory_allocated() / 2**20
-    if reset:
-        _reset_peak_resident()
-    return _peak_resident_mb()
-
-
 def _train_settings(settings: Optional[RunSettings]) -> RunSettings:
     """``settings``, or one warm-up and five timed training steps by default."""
     return settings or RunSettings(warmup=1, repeats=5)
@@ -148,9 +135,9 @@ def train_in_process(
     step, _ = make_train_step(model, inputs, variant)
     for _ in range(max(settings.warmup, 1)):  # the first step allocates the optimizer state
         step()
-    _peak_memory(settings.device, reset=True)
+    peak_memory_mb(settings.device, reset=True)
     times = settings.time(step, warmup=0)
-    peak = _peak_memory(settings.device, reset=False)
+    peak = peak_memory_mb(settings.device)
     median, p25, p75 = median_and_quartiles(times)
     return TrainResult(
         model=model_name,

@@ -414,8 +414,10 @@ def _official_rgt(
     ``img_size`` (the size of the stored masks) and ``upsampler`` are accepted and ignored: masks
     are computed for each input and the official model always uses the pixel-shuffle upsampler.
     """
-    body = RGT(
+    model = _build_rgt_sr(
+        upscale,
         in_chans=in_chans,
+        img_range=img_range,
         embed_dim=embed_dim,
         depths=tuple(depth),
         num_heads=list(num_heads),
@@ -429,9 +431,9 @@ def _official_rgt(
         drop_path_rate=drop_path_rate,
         resi_connection=resi_connection,
     )
-    body.set_grad_checkpointing(use_chk)
-    head = PixelShuffleUpsampler(embed_dim, upscale, out_chans=in_chans)
-    return SuperResolutionModel(body, head, img_range=img_range, name="rgt_arch.RGT")
+    model.name = "rgt_arch.RGT"  # errors name the official constructor
+    model.set_grad_checkpointing(use_chk)
+    return model
 
 
 register_official("rgt_arch.RGT", family="rgt", checkpoint_filter_fn=checkpoint_filter_fn)(_official_rgt)

@@ -162,3 +162,24 @@ def test_a_failed_worker_is_a_row_of_what_was_asked_with_nan_measurements_and_it
     assert (point.model, point.side, point.tile) == ("no_such_model", 48, 16)
     assert all(math.isnan(value) for value in (point.latency_s, point.peak_memory_mb, point.step_memory_mb))
     assert "no_such_model" in point.error
+
+
+def test_a_worker_peak_memory_is_its_own_not_its_launchers(tmp_path):
+    """Linux hands ``ru_maxrss`` down to a child process; the benchmark's peak must be the child's own."""
+    import subprocess
+    import sys
+
+    ballast = bytearray(600 * 2**20)  # this process's peak rises 600 MB above anything a tiny child needs
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    child = "from recurzoo.export.models import peak_memory_mb; print(peak_memory_mb('cpu'))"
+    peak = float(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout)
+    assert peak < export_models.peak_memory_mb("cpu") - 400
+    del ballast
+
+
+def test_a_reset_peak_window_sees_what_is_allocated_after_it():
+    before = export_models.peak_memory_mb("cpu", reset=True)
+    ballast = bytearray(200 * 2**20)
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    assert export_models.peak_memory_mb("cpu") > before + 150
+    del ballast

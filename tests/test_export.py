@@ -186,6 +186,91 @@ def test_adaptive_pooling_decomposition_is_exact(size_in, size_out):
     torch.testing.assert_close(pooled_avg, F.adaptive_avg_pool2d(x, size_out))
 
 
+class _Attention(torch.nn.Module):
+    """SDPA of queries, keys and values split from the input as in timm's attention."""
+
+    def __init__(self, mask=None, scale=None):
+        super().__init__()
+        self.mask, self.scale = mask, scale
+
+    def forward(self, x):  # (batch, tokens, 3 x 3 heads x 8)
+        batch, tokens, channels = x.shape
+        x = F.pad(x, (0, 0, 0, 2))  # padded tokens (as SReT's groups): the exporter's shapes lose the head size
+        q, k, v = x.reshape(batch, tokens + 2, 3, 3, channels // 9).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=self.scale)
+
+
+@pytest.mark.parametrize(
+    "mask, scale, own",
+    [
+        (None, None, True),
+        (None, 0.3, True),
+        ("float", None, True),
+        ("bool", None, False),  # torch's symbolic (the -inf fill and its NaN guard)
+    ],
+)
+def test_attention_exports_with_a_constant_scale_after_the_matmul(mask, scale, own, tmp_path):
+    import onnx
+
+    from recurzoo.export.onnx import export_symbolics
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 10, 72, generator=generator)
+    masks = {None: None, "float": torch.randn(12, 12, generator=generator), "bool": torch.rand(12, 12) > 0.3}
+    model = _Attention(masks[mask], scale)
+    path = tmp_path / "attention.onnx"
+    with export_symbolics(18):
+        axes = {"input": [0, 1]}
+        torch.onnx.export(
+            model, (x,), str(path), dynamo=False, opset_version=18, input_names=["input"], dynamic_axes=axes
+        )
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ("Sqrt" not in ops and ops.count("Mul") == 1) is own  # one scaling, of the scores
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], expected, rtol=0, atol=1e-5)
+
+
+class _ChannelsLastMatmuls(torch.nn.Module):
+    """1x1 convolutions written as matmuls over a channels-last view (with and without a bias; the second's
+    view is read again afterwards) and a matmul by the input's own values (not a convolution)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(6, 5), torch.nn.Linear(5, 4, bias=False)
+
+    def forward(self, x):
+        y = self.first(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) * x[:, :5]  # a gate between the matmuls
+        z = y.permute(0, 2, 3, 1)
+        y = self.second(z).permute(0, 3, 1, 2) + z.sum(-1)[:, None]
+        w = x.transpose(1, 3) @ x[:1, :, 0, :4]
+        return y, w
+
+
+def test_pointwise_matmuls_become_1x1_convs_with_the_same_outputs(tmp_path):
+    import onnx
+
+    from recurzoo.export.onnx_rewrite import pointwise_convs
+
+    model = _ChannelsLastMatmuls().eval()
+    x = torch.randn(2, 6, 4, 7)
+    path = tmp_path / "pointwise.onnx"
+    with torch.no_grad():
+        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=18, input_names=["input"])
+        expected = [t.numpy() for t in model(x)]
+    graph = onnx.load(str(path))
+    assert pointwise_convs(graph) == 2  # not the matmul by the input's own values
+    onnx.checker.check_model(graph)
+    ops = [node.op_type for node in graph.graph.node]
+    assert ops.count("Conv") == 2 and ops.count("MatMul") == 1
+    # the two weights' (folded by onnxruntime), z's view (still read by the sum) and w's; the first view went
+    assert ops.count("Transpose") == 4
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    for actual, reference in zip(session.run(None, {"input": x.numpy()}), expected):
+        np.testing.assert_allclose(actual, reference, rtol=0, atol=1e-5)
+
+
 def test_dynamic_size_is_refused_with_the_reason_for_fixed_size_models(tmp_path):
     model = recurzoo.create_model("hornet_tiny_gf", **REDUCED["hornet"])
     with pytest.raises(ValueError, match="hornet_tiny_gf: dynamic height/width is not possible: the global filter"):

@@ -70,13 +70,17 @@ def test_regular_install_imports_from_any_directory(regular_install, cwd):
     assert result.stdout.strip().splitlines()[-1] == "[4, 8, 16, 32]"
 
 
-def test_import_downloads_nothing_and_is_quick():
+def test_import_downloads_nothing_and_loads_no_exporter_training_or_plotting_library():
+    """``import recurzoo`` stays about as quick as ``import timm``: the heavy optional libraries load only
+    when a command needs them (asserted by module, not timed: a timing would follow the machine's load)."""
+    heavy = ["onnx", "onnxruntime", "executorch", "torchao", "matplotlib", "fvcore", "albumentations"]
+    heavy += ["pycocotools", "py_sod_metrics", "sklearn", "cv2"]
     code = (
-        "import socket, time; start = time.perf_counter()\n"
+        "import socket, sys\n"
         "def refuse(*a, **k): raise AssertionError('network used at import')\n"
         "socket.socket.connect = refuse; socket.create_connection = refuse\n"
-        "import recurzoo; print(time.perf_counter() - start)"
+        f"import recurzoo; print(sorted(set({heavy!r}) & set(sys.modules)))"
     )
     result = _run([sys.executable, "-c", code], "/")
     assert result.returncode == 0, result.stderr
-    assert float(result.stdout.strip()) < 10.0
+    assert result.stdout.strip() == "[]"

@@ -181,3 +181,22 @@ def test_unknown_argument_raises_type_error(name):
 @pytest.mark.parametrize("name", CONTRACT)
 def test_parameter_groups_and_no_weight_decay_name_the_model_parameters(name):
     assert_parameter_groups_match(recurzoo.create_model(name, device="meta", **CONTRACT[name]))
+
+
+@pytest.mark.parametrize("name", CONTRACT)
+def test_grad_checkpointing_recomputes_layers_in_the_backward_pass_until_turned_off(name):
+    torch.manual_seed(0)
+    model = recurzoo.create_model(name, **CONTRACT[name]).train()
+    calls = []
+    for module in model.modules():
+        if not list(module.children()):
+            module.register_forward_hook(lambda *_: calls.append(1))
+    x = _small_input(model)
+    recomputed = []
+    for enabled in (True, False):
+        model.set_grad_checkpointing(enabled)
+        output = model(x)
+        calls.clear()
+        sum(o.float().pow(2).mean() for o in (output if isinstance(output, (list, tuple)) else [output])).backward()
+        recomputed.append(len(calls))
+    assert recomputed[0] > 0 and recomputed[1] == 0

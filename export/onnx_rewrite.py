@@ -1,0 +1,190 @@
+"""Rewrites of an exported ONNX graph that onnxruntime runs faster, with the same arithmetic.
+
+:func:`rewrite_graph` applies every rewrite of :data:`REWRITES` to a ``ModelProto`` in place and returns
+how many places each changed. A rewrite only reorders how the same sums are computed (results differ by
+float rounding, far inside the exporter's parity tolerance, which :mod:`recurzoo.export.onnx` checks on
+the rewritten file).
+
+- :func:`pointwise_convs`: a matmul over the channels of a channels-last view of an NCHW map,
+  ``Transpose(0,2,3,1) -> MatMul(W) [-> Add(b)] -> Transpose(0,3,1,2)`` (HorNet's ``PointwiseConv2d``,
+  a 1x1 convolution computed channels-last in eager PyTorch), becomes the 1x1 ``Conv`` it stands for:
+  onnxruntime keeps the chains of such convolutions and the gates between them in its blocked NCHWc
+  layout instead of transposing every map twice.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+__all__ = ["REWRITES", "rewrite_graph", "pointwise_convs"]
+
+_TO_CHANNELS_LAST = [0, 2, 3, 1]
+_TO_CHANNELS_FIRST = [0, 3, 1, 2]
+
+
+class _Graph:
+    """Who produces and who consumes each value of an ONNX graph, and which values are constant."""
+
+    def __init__(self, graph: Any) -> None:
+        self.graph = graph
+        self.initializers = {tensor.name for tensor in graph.initializer}
+        self.outputs = {value.name for value in graph.output}
+        self.producer: Dict[str, Any] = {}
+        self.consumers: Dict[str, List[Any]] = defaultdict(list)
+        for node in graph.node:
+            for name in node.output:
+                self.producer[name] = node
+            for name in node.input:
+                self.consumers[name].append(node)
+        self._constant: Dict[str, bool] = {}
+        self._names: Set[str] = set(self.producer) | self.initializers | {value.name for value in graph.input}
+
+    def constant(self, name: str) -> bool:
+        """Whether ``name`` is computed from initializers and ``Constant`` nodes only (onnxruntime folds it)."""
+        if name in self._constant:
+            return self._constant[name]
+        stack, order = [name], []
+        while stack:  # iterative: weight chains are short, but a graph may be deep
+            current = stack.pop()
+            if current in self._constant or current in order:
+                continue
+            order.append(current)
+            node = self.producer.get(current)
+            if node is not None:
+                stack.extend(i for i in node.input if i and i not in self._constant)
+        for current in reversed(order):
+            node = self.producer.get(current)
+            if current in self.initializers:
+                self._constant[current] = True
+            elif node is None:  # a graph input
+                self._constant[current] = False
+            else:
+                self._constant[current] = all(self._constant.get(i, False) for i in node.input if i)
+        return self._constant[name]
+
+    def only_consumer(self, name: str) -> Optional[Any]:
+        """The one node that reads ``name``, when it is one node and ``name`` is no graph output."""
+        consumers = self.consumers.get(name, [])
+        return consumers[0] if len(consumers) == 1 and name not in self.outputs else None
+
+    def fresh(self, stem: str) -> str:
+        """A value name not used in the graph."""
+        index = 0
+        while f"{stem}_{index}" in self._names:
+            index += 1
+        self._names.add(f"{stem}_{index}")
+        return f"{stem}_{index}"
+
+
+def _perm(node: Any) -> List[int]:
+    return next((list(attribute.ints) for attribute in node.attribute if attribute.name == "perm"), [])
+
+
+def _rank(shapes: Dict[str, int], name: str) -> Optional[int]:
+    return shapes.get(name)
+
+
+def _value_ranks(model: Any) -> Dict[str, int]:
+    """The rank of every value whose rank ONNX shape inference finds."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    graph = inferred.graph
+    ranks = {}
+    for value in [*graph.value_info, *graph.input, *graph.output]:
+        tensor = value.type.tensor_type
+        if tensor.HasField("shape"):
+            ranks[value.name] = len(tensor.shape.dim)
+    for tensor in graph.initializer:
+        ranks[tensor.name] = len(tensor.dims)
+    return ranks
+
+
+def pointwise_convs(model: Any) -> int:
+    """Each ``Transpose(0,2,3,1) -> MatMul(W) [-> Add(b)] -> Transpose(0,3,1,2)`` with a constant 2-D
+    ``W`` (and a constant 1-D ``b``) becomes ``Conv(x, W^T[:, :, None, None], b)``; returns how many.
+
+    The weight is rearranged by graph nodes on constants (``Transpose``, ``Unsqueeze``), which
+    onnxruntime folds when it loads the graph; a transpose left without readers is removed.
+    """
+    import onnx
+    from onnx import helper
+
+    graph = model.graph
+    view = _Graph(graph)
+    ranks = _value_ranks(model)
+    replaced: Dict[int, List[Any]] = {}  # id of the closing transpose -> the nodes that replace it
+    removed: Set[int] = set()
+    axes_name: Optional[str] = None
+    for matmul in list(graph.node):
+        if matmul.op_type != "MatMul" or matmul.domain not in ("", "ai.onnx"):
+            continue
+        opening = view.producer.get(matmul.input[0])
+        weight = matmul.input[1]
+        if (
+            opening is None
+            or opening.op_type != "Transpose"
+            or _perm(opening) != _TO_CHANNELS_LAST
+            or _rank(ranks, weight) != 2
+            or not view.constant(weight)
+        ):
+            continue
+        following, bias, chain = view.only_consumer(matmul.output[0]), None, [matmul]
+        if following is not None and following.op_type == "Add":
+            other = [name for name in following.input if name != matmul.output[0]]
+            if len(other) == 1 and _rank(ranks, other[0]) == 1 and view.constant(other[0]):
+                bias, chain = other[0], [matmul, following]
+                following = view.only_consumer(following.output[0])
+        if following is None or following.op_type != "Transpose" or _perm(following) != _TO_CHANNELS_FIRST:
+            continue
+        if axes_name is None:
+            axes_name = view.fresh("pointwise_conv_axes")
+            graph.initializer.append(onnx.numpy_helper.from_array(_int64([2, 3]), axes_name))
+        stem = view.fresh(f"{matmul.name or 'MatMul'}_conv")
+        transposed, kernel = f"{stem}_weight_t", f"{stem}_weight"
+        nodes = [
+            helper.make_node("Transpose", [weight], [transposed], name=f"{stem}_transpose_weight", perm=[1, 0]),
+            helper.make_node("Unsqueeze", [transposed, axes_name], [kernel], name=f"{stem}_kernel"),
+            helper.make_node(
+                "Conv",
+                [opening.input[0], kernel, *([bias] if bias else [])],
+                list(following.output),
+                name=stem,
+                kernel_shape=[1, 1],
+            ),
+        ]
+        replaced[id(following)] = nodes
+        removed.update(id(node) for node in chain)
+        view.consumers[opening.output[0]].remove(matmul)
+    for node in graph.node:  # openings read by nothing any more
+        if node.op_type == "Transpose" and _perm(node) == _TO_CHANNELS_LAST and node.output[0] not in view.outputs:
+            if not view.consumers.get(node.output[0]):
+                removed.add(id(node))
+    if not replaced:
+        return 0
+    kept = []
+    for node in graph.node:
+        if id(node) in replaced:
+            kept.extend(replaced[id(node)])
+        elif id(node) not in removed:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return len(replaced)
+
+
+def _int64(values: List[int]) -> Any:
+    import numpy as np
+
+    return np.asarray(values, dtype=np.int64)
+
+
+REWRITES: Tuple[Tuple[str, Callable[[Any], int]], ...] = (("pointwise convs", pointwise_convs),)
+
+
+def rewrite_graph(
+    model: Any, rewrites: Optional[Tuple[Tuple[str, Callable[[Any], int]], ...]] = None
+) -> Dict[str, int]:
+    """Apply ``rewrites`` (default :data:`REWRITES`) to ``model`` in place; how many places each changed."""
+    return {name: rewrite(model) for name, rewrite in (REWRITES if rewrites is None else rewrites)}
