@@ -157,72 +157,53 @@ def test_adaptive_pooling_lowers_through_torch_export_as_exact_fixed_pools():
     torch.testing.assert_close(up, expected_up, rtol=0, atol=1e-6)  # averages summed one axis at a time
 
 
-def test_adaptive_pooling_between_convolutions_lowers_whole_into_the_xnnpack_delegate(tmp_path):
-    # MSRNet's scale merging: a gather left in the portable kernels between delegated pools and their
-    # consumers made XNNPACK's grouped partition cyclic ("Invalid partition, found dependency cycles").
-    pytest.importorskip("executorch", reason="the recurzoo[edge] extra is not installed")
-    from executorch.runtime import Runtime
+class _ScaleMerge(nn.Module):
+    """MSRNet's scale merging in small: maps pooled down (9x7 to 6x5) and up (4x4 to 6x5) by adaptive pooling."""
 
-    from recurzoo.export.edge import lower_executorch
+    def __init__(self):
+        super().__init__()
+        self.wide, self.narrow = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.small, self.out = nn.Conv2d(3, 8, 3, stride=3, padding=1), nn.Conv2d(8, 4, 1)
 
-    class Merge(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.wide, self.narrow = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, stride=2, padding=1)
+    def forward(self, x):
+        wide, narrow, small = self.wide(x[..., :9, :7]), self.narrow(x), self.small(x)
+        size = narrow.shape[-2:]
 
-        def forward(self, x):
-            wide, narrow = self.wide(x[..., :9, :7]), self.narrow(x)  # 9x7 pooled to 6x5
-            size = narrow.shape[-2:]
-            return narrow + F.adaptive_max_pool2d(wide, size) + F.adaptive_avg_pool2d(wide, size)
+        def pool(t):
+            return F.adaptive_max_pool2d(t, size) + F.adaptive_avg_pool2d(t, size)
 
-    model, x = Merge().eval(), torch.randn(1, 3, 12, 10)
-    outside = lower_executorch(model, x, tmp_path / "merge.pte", "fp32", x)
-    assert not {"cat", "index_select", "slice_copy", "max_pool2d", "avg_pool2d"} & set(outside), outside
-    program = Runtime.get().load_program((tmp_path / "merge.pte").read_bytes())
-    with torch.no_grad():
-        expected = model(x)
-    torch.testing.assert_close(program.load_method("forward").execute([x])[0], expected, rtol=0, atol=1e-5)
+        return self.out(narrow + pool(wide) + pool(small))
 
 
 def _rms_error(output: torch.Tensor, expected: torch.Tensor) -> float:
     return ((output - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt()).item()
 
 
-def test_int8_adaptive_pooling_keeps_its_slices_in_the_xnnpack_delegate(tmp_path):
-    # MSRNet's scale merging in int8: slices taken with narrow() were not annotated by XNNPACK's quantizer,
-    # ran in float between quantize/dequantize pairs of different parameters, which XNNPACK's slice refuses;
-    # left in the portable kernels they made MSRNet's partition cyclic. A slice of a whole axis (an alias)
-    # was refused as well.
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_adaptive_pooling_between_convolutions_lowers_whole_into_the_xnnpack_delegate(precision, tmp_path):
+    # A gather left in the portable kernels between delegated pools and their consumers made XNNPACK's grouped
+    # partition of MSRNet cyclic ("Invalid partition, found dependency cycles"). In int8, slices taken with
+    # narrow() were not annotated by XNNPACK's quantizer and ran in float between quantize/dequantize pairs of
+    # different parameters, which XNNPACK's slice refuses (the partition became cyclic again); a slice of a
+    # whole axis (an alias) was refused as well.
     pytest.importorskip("executorch", reason="the recurzoo[edge] extra is not installed")
     from executorch.runtime import Runtime
 
     from recurzoo.export.edge import lower_executorch
 
-    class Merge(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.wide, self.narrow = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, stride=2, padding=1)
-            self.small, self.out = nn.Conv2d(3, 8, 3, stride=3, padding=1), nn.Conv2d(8, 4, 1)
-
-        def forward(self, x):
-            wide, narrow, small = self.wide(x[..., :9, :7]), self.narrow(x), self.small(x)
-            size = narrow.shape[-2:]  # 9x7 pooled down to 6x5, 4x4 pooled up to it
-
-            def pool(t):
-                return F.adaptive_max_pool2d(t, size) + F.adaptive_avg_pool2d(t, size)
-
-            return self.out(narrow + pool(wide) + pool(small))
-
     torch.manual_seed(0)
-    model, images = Merge().eval(), torch.randn(8, 3, 12, 10)
-    outside = lower_executorch(model, images[:1], tmp_path / "merge.pte", "int8", images)
-    assert not {"slice_copy", "alias_copy", "cat", "max_pool2d", "avg_pool2d"} & set(outside), outside
+    model, images = _ScaleMerge().eval(), torch.randn(8, 3, 12, 10)
+    outside = lower_executorch(model, images[:1], tmp_path / "merge.pte", precision, images)
+    assert not {"cat", "index_select", "slice_copy", "alias_copy", "max_pool2d", "avg_pool2d"} & set(outside), outside
     program = Runtime.get().load_program((tmp_path / "merge.pte").read_bytes())  # keeps the bytes alive
     method = program.load_method("forward")
     with torch.no_grad():
         expected = model(images[:2])
     output = torch.cat([method.execute([image[None]])[0] for image in images[:2]])
-    assert _rms_error(output, expected) < 0.05
+    if precision == "fp32":
+        torch.testing.assert_close(output, expected, rtol=0, atol=1e-5)
+    else:
+        assert _rms_error(output, expected) < 0.05
 
 
 def test_int8_weights_shared_by_several_layers_are_quantized_at_every_use_and_load(tmp_path):
