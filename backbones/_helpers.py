@@ -110,23 +110,26 @@ def check_image_input(
         )
 
 
-def _onednn_inference(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
-    """Whether oneDNN's fused linear kernel may run: eager CPU float32 inference (no autograd graph to
-    record, nothing tracing, compiling or exporting the model, oneDNN not switched off by the user)."""
+def plain_eager(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a real tensor computed eagerly: nothing traces, compiles or exports the model (torch.fx,
+    TorchScript, dynamo, torch.export, ONNX) and no dispatch mode (the FLOP counter, fake tensors) watches."""
     # Checked first: dynamo resolves it while tracing and never looks at the rest.
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return False
-    # Exporters' fake and functional tensors are subclasses; the kernel needs real memory.
+    # Exporters' fake and functional tensors, and fx's proxies, are not plain tensors.
     if type(x) is not torch.Tensor or torch.compiler.is_exporting():
         return False
-    if x.device.type != "cpu" or x.dtype != torch.float32:
+    return not is_in_torch_dispatch_mode()
+
+
+def _onednn_inference(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
+    """Whether oneDNN's fused linear kernel may run: eager CPU float32 inference (no autograd graph to
+    record, oneDNN not switched off by the user)."""
+    if not plain_eager(x) or x.device.type != "cpu" or x.dtype != torch.float32:
         return False
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
-        return False
-    # A dispatch mode (torch.utils.flop_counter, fake tensors) must see the aten ops it knows.
-    return not is_in_torch_dispatch_mode()
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)))
 
 
 # torch.fx keeps this call as one node (its branch reads tensor properties, which fx cannot trace).
@@ -159,6 +162,15 @@ def apply_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if type(layer) is nn.Linear and _unhooked(layer):
         return fused_linear(x, layer.weight, layer.bias)
     return layer(x)
+
+
+def apply_linear_act(layer: nn.Module, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``act(layer(x))``; a plain ``nn.Linear`` followed by the exact ``nn.GELU``, neither hooked, runs
+    through :func:`fused_linear` (bias and GELU fused into the matmul in CPU inference)."""
+    exact_gelu = type(act) is nn.GELU and act.approximate == "none"
+    if type(layer) is nn.Linear and exact_gelu and _unhooked(layer, act):
+        return fused_linear(x, layer.weight, layer.bias, gelu=True)
+    return act(layer(x))
 
 
 class FusedGeluMlp(Mlp):

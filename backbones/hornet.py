@@ -64,7 +64,6 @@ def global_filter_size(img_size: int, reduction: int) -> Tuple[int, int]:
     return side, side // 2 + 1
 
 
-@lru_cache(maxsize=16)
 def real_dft_matrices(height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Real matrices that compute ``rfft2``/``irfft2`` (``norm='ortho'``) of ``height x width`` maps as matmuls.
 
@@ -79,8 +78,14 @@ def real_dft_matrices(height: int, width: int) -> Tuple[torch.Tensor, torch.Tens
       Nyquist frequencies are ignored (their sines vanish), as ``torch.fft.irfft`` does.
     """
 
-    # Built in float64 with numpy, not torch: a first call while torch.export traces would otherwise
-    # cache fake tensors (and record the construction in the exported graph).
+    return tuple(torch.from_numpy(matrix) for matrix in _real_dft_arrays(height, width))
+
+
+# Cached as numpy arrays, built in float64 with numpy, not torch: a tensor made while torch.export traces
+# is a fake one (a cached one would break every later export), and its construction would be recorded.
+@lru_cache(maxsize=16)
+def _real_dft_arrays(height: int, width: int) -> Tuple[np.ndarray, ...]:
+    """The float32 arrays of :func:`real_dft_matrices`."""
 
     def angles(frequencies: int, length: int) -> np.ndarray:
         return 2 * np.pi * np.outer(np.arange(frequencies), np.arange(length)) / length  # (frequencies, length)
@@ -97,9 +102,7 @@ def real_dft_matrices(height: int, width: int) -> Tuple[torch.Tensor, torch.Tens
     cos, sin = np.cos(col) / height**0.5, -np.sin(col) / height**0.5  # symmetric matrices
     col_dft = np.block([[cos, sin], [-sin, cos]])
     col_idft = np.block([[cos, -sin], [sin, cos]])
-    return tuple(
-        torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32)) for m in (row_rfft, col_dft, col_idft, row_irfft)
-    )
+    return tuple(np.ascontiguousarray(m, dtype=np.float32) for m in (row_rfft, col_dft, col_idft, row_irfft))
 
 
 def resize_frequency_weight(weight: torch.Tensor, height: int, width: int) -> torch.Tensor:

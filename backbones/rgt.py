@@ -45,10 +45,13 @@ from torch.fx.node import has_side_effect
 
 from recurzoo.backbones._helpers import (
     IntermediatesMixin,
+    apply_linear,
+    apply_linear_act,
     build_with_weights,
     check_image_input,
     init_linear,
     model_name,
+    plain_eager,
 )
 from recurzoo.checkpoint import unwrap_state_dict
 
@@ -135,19 +138,47 @@ def shifted_window_mask(
     return shifted_window_masks(window, shift, device)[kinds]
 
 
-def copy_rolled(out: torch.Tensor, source: torch.Tensor, shifts: Tuple[int, int]) -> None:
-    """``out[:] = torch.roll(source, shifts, dims=(1, 2))`` in one pass: four block copies, no temporary."""
-    height, width = source.shape[1:3]
-    shift_h, shift_w = shifts[0] % height, shifts[1] % width
-    for rows_out, rows_in in (
-        (slice(shift_h, None), slice(None, height - shift_h)),
-        (slice(None, shift_h), slice(height - shift_h, None)),
-    ):
-        for cols_out, cols_in in (
-            (slice(shift_w, None), slice(None, width - shift_w)),
-            (slice(None, shift_w), slice(width - shift_w, None)),
-        ):
-            out[:, rows_out, cols_out].copy_(source[:, rows_in, cols_in])
+# One side of a window grid, as the in-place window path reads it: a group is ``(last, count, pieces)``,
+# ``count`` windows that share a mask (``last``: the group of the last window of a shifted map), and a
+# piece ``(map_start, first_window, window_stop, offset_start, offset_stop)`` is a block of the map
+# (from ``map_start``) holding those windows' rows (or columns) ``offset_start:offset_stop``.
+WindowPiece = Tuple[int, int, int, int, int]
+WindowGroup = Tuple[int, int, List[WindowPiece]]
+
+
+def window_groups(size: int, window: int, shift: int) -> List[WindowGroup]:
+    """How a side of ``size`` (a multiple of ``window``) is cut into windows after rolling it by ``-shift``.
+
+    Unshifted: one group, one piece. Shifted: the windows before the last one read the map from
+    ``shift`` on (one piece), the last one wraps around (two pieces, the map's end then its start).
+    """
+    size, window, shift = int(size), int(window), int(shift)  # plain ints, also when traced
+    count = size // window
+    if not shift:
+        return [(0, count, [(0, 0, count, 0, window)])]
+    groups: List[WindowGroup] = []
+    if count > 1:
+        groups.append((0, count - 1, [(shift, 0, count - 1, 0, window)]))
+    last = [(shift + (count - 1) * window, 0, 1, 0, window - shift), (0, 0, 1, window - shift, window)]
+    groups.append((1, 1, last))
+    return groups
+
+
+def _map_block(tensor: torch.Tensor, rows: WindowPiece, cols: WindowPiece) -> torch.Tensor:
+    """The block of a ``(B, H, W, ...)`` map that ``rows`` x ``cols`` pieces cover, as ``(B, wr, r, wc, c, ...)``."""
+    (row_start, row_first, row_stop, row_in_start, row_in_stop) = rows
+    (col_start, col_first, col_stop, col_in_start, col_in_stop) = cols
+    row_counts = (row_stop - row_first, row_in_stop - row_in_start)
+    col_counts = (col_stop - col_first, col_in_stop - col_in_start)
+    block = tensor[
+        :, row_start : row_start + row_counts[0] * row_counts[1], col_start : col_start + col_counts[0] * col_counts[1]
+    ]
+    return block.unflatten(1, row_counts).unflatten(3, col_counts)
+
+
+def _window_block(windows: torch.Tensor, rows: WindowPiece, cols: WindowPiece) -> torch.Tensor:
+    """The same block in a ``(B, rows, Wh, cols, Ww, ...)`` view of windows."""
+    return windows[:, rows[1] : rows[2], rows[3] : rows[4], cols[1] : cols[2], cols[3] : cols[4]]
 
 
 class DynamicPositionBias(nn.Module):
@@ -222,6 +253,8 @@ class RectangleWindowBranch(nn.Module):
         self.register_buffer(
             "relative_position_index", window_relative_index(self.window_size, device=device), persistent=False
         )
+        # (table, biases) of the last call without autograd (see window_biases)
+        self._bias_cache: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def init_weights(self) -> None:
         """Recompute the size-derived buffers in place (after ``to_empty``), on their device and dtype."""
@@ -231,63 +264,98 @@ class RectangleWindowBranch(nn.Module):
                 window_relative_index(self.window_size, self.relative_position_index.device)
             )
 
-    def relative_position_bias(self) -> torch.Tensor:
-        """``(num_heads, N, N)`` bias of the attention logits inside one window."""
-        table = self.position_bias(self.offsets)
+    def relative_position_bias(self, table: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(num_heads, N, N)`` bias of the attention logits inside one window, from the position-bias
+        MLP's ``(offsets, num_heads)`` ``table`` (computed when not given)."""
+        if table is None:
+            table = self.position_bias(self.offsets)
         tokens = self.relative_position_index.shape[0]
-        return table[self.relative_position_index.view(-1)].view(tokens, tokens, -1).permute(2, 0, 1)
+        # (heads, offsets) first: the gather is then contiguous
+        return table.t()[:, self.relative_position_index.view(-1)].view(-1, tokens, tokens)
+
+    def window_biases(self, dtype: torch.dtype) -> torch.Tensor:
+        """``(kinds, num_heads, N, N)`` additive logits of each kind of window (one kind unshifted, the
+        four of :func:`shifted_window_masks` shifted).
+
+        Without autograd (inference), the biases of the last call are reused while the MLP's table
+        equals, value for value, the one they were built from: only the small MLP runs again, and no
+        change of the weights (in place, through ``.data``, by loading) can leave a stale bias.
+        What is kept between calls is ``kinds * heads * N^2`` numbers per branch (3 MB for a shifted
+        8x32 branch of 3 heads in float32: about 70 MB over RGT-S); a call with autograd drops it.
+        """
+        table = self.position_bias(self.offsets)
+        reuse = not torch.is_grad_enabled() and plain_eager(table)
+        cached = self._bias_cache if reuse else None
+        if (
+            cached is not None
+            and cached[1].dtype == dtype
+            and (cached[0].device, cached[0].dtype) == (table.device, table.dtype)
+            and torch.equal(cached[0], table)
+        ):
+            return cached[1]
+        bias = self.relative_position_bias(table)
+        if self.shift_size is None:
+            biases = bias[None].to(dtype)
+        else:
+            masks = shifted_window_masks(self.window_size, self.shift_size, bias.device, bias.dtype)
+            biases = (bias[None] + masks[:, None]).to(dtype)
+        self._bias_cache = (table, biases) if reuse else None
+        return biases
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        # 4-D inputs with a mask broadcast over the first axis keep SDPA on its fused kernel
+        dropout = self.attn_drop if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=self.scale)
 
     def forward(self, qkv: torch.Tensor, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """Attend within windows of ``qkv`` ``(B, H, W, 3, C)``; the result is ``(B, H, W, C)``.
 
-        With ``out`` (a channel slice of the caller's tensor) the result is written there, which
-        fuses the window reversal (and the roll back of a shifted branch) with the concatenation of
-        the two branches; without it (the exporters' path) the result is returned.
+        The windows are taken in groups that share one mask (all of them unshifted; shifted, the
+        interior ones, the last row, the last column and the corner), each attended with its mask
+        broadcast over its windows, so no per-window mask is built. A group is gathered from the map
+        in one pass, the roll of a shifted branch included. With ``out`` (a channel slice of the
+        caller's tensor; eager mode) each group is written there in one pass (window reversal, roll
+        back and the concatenation of the branches fused); without it (the exporters' and the
+        compiler's path, which need out-of-place ops) the blocks are joined and returned.
         """
         batch, height, width, _, channels = qkv.shape
         window_h, window_w = self.window_size
-        if self.shift_size is not None:
-            qkv = torch.roll(qkv, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
-        rows, cols = height // window_h, width // window_w
-        head_dim = channels // self.num_heads
-        windows = qkv.reshape(batch, rows, window_h, cols, window_w, 3, self.num_heads, head_dim)
-        # (3, B, windows * heads, N, head_dim): windows and heads share one axis, so the per-window
-        # shift mask broadcasts over the batch without being repeated for every image
-        windows = windows.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(
-            3, batch, rows * cols * self.num_heads, window_h * window_w, head_dim
-        )
-        q, k, v = windows.unbind(0)
-        bias = self.relative_position_bias()  # (heads, N, N)
-        if self.shift_size is not None:
-            # the bias plus each of the four masks, then one copy per window (no mask is cached: all of
-            # it is a few small tensor ops, for any size, device and dtype, also under torch.compile)
-            masks = shifted_window_masks(self.window_size, self.shift_size, bias.device, bias.dtype)
-            biases = bias[None] + masks[:, None]  # (4, heads, N, N)
-            bias = biases[shifted_window_kinds(rows, cols, bias.device)].flatten(0, 1)  # (windows * heads, N, N)
-        else:  # one bias for every window: put the windows on the batch axis instead
-            q, k, v = (t.reshape(batch * rows * cols, self.num_heads, *t.shape[2:]) for t in (q, k, v))
-        # 4-D inputs with a mask broadcast over the first axis only keep SDPA on its fused kernel
-        attended = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=bias[None].to(q.dtype),
-            dropout_p=self.attn_drop if self.training else 0.0,
-            scale=self.scale,
-        )
-        # (B, rows, window_h, cols, window_w, heads, head_dim): the window order of the map
-        attended = attended.view(batch, rows, cols, self.num_heads, window_h, window_w, head_dim)
-        attended = attended.permute(0, 1, 4, 2, 5, 3, 6)
-        if out is None:
-            attended = attended.reshape(batch, height, width, channels)
-            return attended if self.shift_size is None else torch.roll(attended, self.shift_size, dims=(1, 2))
-        if self.shift_size is None:
-            out.unflatten(1, (rows, window_h)).unflatten(3, (cols, window_w)).unflatten(
-                5, (self.num_heads, head_dim)
-            ).copy_(attended)
-        else:
-            copy_rolled(out, attended.reshape(batch, height, width, channels), self.shift_size)
-        return None
+        heads, head_dim = self.num_heads, channels // self.num_heads
+        shift_h, shift_w = self.shift_size or (0, 0)
+        biases = self.window_biases(qkv.dtype)
+        source = qkv.unflatten(-1, (heads, head_dim))
+        target = None if out is None else out.unflatten(-1, (heads, head_dim))
+        blocks: Dict[Tuple[int, int], torch.Tensor] = {}  # out of place: the result's blocks by position
+        for last_row, rows, row_pieces in window_groups(height, window_h, shift_h):
+            for last_col, cols, col_pieces in window_groups(width, window_w, shift_w):
+                if target is None:  # (B, rows, Wh, cols, Ww, 3, heads, d), the pieces joined
+                    windows = torch.cat(
+                        [torch.cat([_map_block(source, r, c) for c in col_pieces], dim=4) for r in row_pieces], dim=2
+                    )
+                    windows = windows.permute(5, 0, 1, 3, 6, 2, 4, 7)
+                else:  # copied piece by piece into (3, B, rows, cols, heads, Wh, Ww, d)
+                    windows = qkv.new_empty(3, batch, rows, cols, heads, window_h, window_w, head_dim)
+                    windows_as_map = windows.permute(1, 2, 5, 3, 6, 0, 4, 7)
+                    for r in row_pieces:
+                        for c in col_pieces:
+                            _window_block(windows_as_map, r, c).copy_(_map_block(source, r, c))
+                windows = windows.reshape(3, batch * rows * cols, heads, window_h * window_w, head_dim)
+                bias = biases[last_row + 2 * last_col if self.shift_size is not None else 0]
+                attended = self.attend(*windows.unbind(0), bias[None])
+                # (B, rows, Wh, cols, Ww, heads, d): the window order of the map
+                attended = attended.view(batch, rows, cols, heads, window_h, window_w, head_dim)
+                attended = attended.permute(0, 1, 4, 2, 5, 3, 6)
+                for r in row_pieces:
+                    for c in col_pieces:
+                        if target is None:
+                            blocks[r[0], c[0]] = _window_block(attended, r, c).flatten(3, 4).flatten(1, 2)
+                        else:
+                            _map_block(target, r, c).copy_(_window_block(attended, r, c))
+        if target is not None:
+            return None
+        row_starts, col_starts = sorted({r for r, _ in blocks}), sorted({c for _, c in blocks})
+        joined = torch.cat([torch.cat([blocks[r, c] for c in col_starts], dim=2) for r in row_starts], dim=1)
+        return joined.flatten(3)
 
 
 # The two attentions take Python decisions on the map's size (padding, how often RG-SA pools):
@@ -341,7 +409,7 @@ class RectangleWindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, channels = x.shape
-        qkv = self.qkv(x)
+        qkv = apply_linear(self.qkv, x)
         values = qkv[..., 2 * channels :]
         pad_bottom, pad_right = -height % self.pad_multiple, -width % self.pad_multiple
         if pad_bottom or pad_right:
@@ -359,7 +427,7 @@ class RectangleWindowAttention(nn.Module):
                 branch(part, out=x[..., i * half : (i + 1) * half])
         x = x[:, :height, :width]
         x = x + self.local_conv(values.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(apply_linear(self.proj, x))
 
 
 @register_notrace_module
@@ -421,16 +489,17 @@ class RecursiveGeneralizationAttention(nn.Module):
         tokens = self.pooled_act(self.pooled_norm(pooled.flatten(2).transpose(1, 2)))
 
         heads = self.num_heads
-        q = self.q(x).reshape(batch, height * width, heads, -1).transpose(1, 2)
-        k = self.k(tokens).reshape(batch, -1, heads, self.reduced_dim // heads).transpose(1, 2)
+        q = apply_linear(self.q, x).reshape(batch, height * width, heads, -1).transpose(1, 2)
+        # (B, heads, head_dim, tokens), the scale applied to the few keys instead of the many logits
+        k = (self.k(tokens) * self.scale).reshape(batch, -1, heads, self.reduced_dim // heads).permute(0, 2, 3, 1)
         v = self.v(tokens)
         v = v + self.cpe(v.transpose(1, 2).reshape(batch, channels, pooled_h, pooled_w)).flatten(2).transpose(1, 2)
         v = v.reshape(batch, -1, heads, channels // heads).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
-        )
-        out = out.transpose(1, 2).reshape(batch, height, width, channels)
-        return self.proj_drop(self.proj(out))
+        # explicit attention: the values are wider than the queries, which sends SDPA to its
+        # unfused path (a masked-row-safe softmax and extra scaling passes over the logits)
+        attn = F.dropout(torch.matmul(q, k).softmax(-1), self.attn_drop, self.training)
+        out = torch.matmul(attn, v).transpose(1, 2).reshape(batch, height, width, channels)
+        return self.proj_drop(apply_linear(self.proj, out))
 
 
 class ConvGate(nn.Module):
@@ -460,7 +529,7 @@ class GatedConvMlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim // 2, dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.gate(self.act(self.fc1(x))))
+        return apply_linear(self.fc2, self.gate(apply_linear_act(self.fc1, self.act, x)))
 
 
 class RGTBlock(nn.Module):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from recurzoo.backbones._helpers import FusedGeluMlp, apply_linear, fused_linear
+from recurzoo.backbones._helpers import FusedGeluMlp, apply_linear, apply_linear_act, fused_linear
 
 FUSED_OP = "mkldnn::_linear_pointwise"
 
@@ -87,6 +87,17 @@ def test_switching_onednn_off_takes_the_plain_path():
     mlp, x = _mlp(), torch.randn(2, 4, 16)
     with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
         assert not _ran_fused(lambda: mlp(x))
+
+
+@pytest.mark.parametrize("approximate,fused", [("none", True), ("tanh", False)])
+def test_linear_then_act_fuses_only_the_exact_gelu_and_computes_either(approximate, fused):
+    torch.manual_seed(0)
+    layer, act, x = nn.Linear(16, 48).eval(), nn.GELU(approximate=approximate), torch.randn(2, 4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(apply_linear_act(layer, act, x), act(layer(x)))
+        assert _ran_fused(lambda: apply_linear_act(layer, act, x)) == fused
+        layer.register_forward_hook(lambda module, args, out: None)
+        assert not _ran_fused(lambda: apply_linear_act(layer, act, x))
 
 
 def test_functorch_gradients_match_autograd():

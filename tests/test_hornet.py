@@ -355,3 +355,16 @@ def test_gate_and_context_are_the_rows_of_one_1x1_conv_with_the_gate_scaled():
         gate, context = projection(x, 1 / 3)
     torch.testing.assert_close(gate, whole[:, :2] / 3)
     torch.testing.assert_close(context, whole[:, 2:])
+
+
+def test_dft_matrices_first_built_under_an_exporters_fake_mode_are_real_afterwards():
+    """A first call inside torch.export's fake mode must not leave fake tensors for every later call."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from recurzoo.backbones.hornet import real_dft_matrices
+
+    with FakeTensorMode():
+        real_dft_matrices(5, 10)
+    row_rfft = real_dft_matrices(5, 10)[0]
+    assert type(row_rfft) is torch.Tensor
+    torch.testing.assert_close(torch.ones(1, 10) @ row_rfft[:, :1], torch.full((1, 1), 10**0.5))

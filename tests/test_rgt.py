@@ -15,6 +15,7 @@ import recurzoo  # noqa: F401  (registers the models)
 from recurzoo.backbones.rgt import (
     RGT,
     RectangleWindowAttention,
+    RectangleWindowBranch,
     RecursiveGeneralizationAttention,
     RGTBlock,
     check_rgt_input,
@@ -162,6 +163,82 @@ def test_shifted_window_mask_separates_regions_as_the_official_loop_does(height,
     expected = torch.where(windows[:, None, :] != windows[:, :, None], -100.0, 0.0)
     torch.testing.assert_close(mask, expected)
     assert (mask[-1] < 0).any() and (mask[0] == 0).all() == (height > window[0] and width > window[1])
+
+
+def _reference_window_attention(branch, qkv):
+    """Roll, partition, attention with one mask per window (shifted_window_mask), reverse, roll back."""
+    batch, height, width, _, channels = qkv.shape
+    (wh, ww), heads = branch.window_size, branch.num_heads
+    shift = branch.shift_size
+    if shift:
+        qkv = torch.roll(qkv, (-shift[0], -shift[1]), dims=(1, 2))
+    windows = qkv.view(batch, height // wh, wh, width // ww, ww, 3, heads, channels // heads)
+    windows = windows.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, batch, -1, heads, wh * ww, channels // heads)
+    q, k, v = windows.unbind(0)
+    logits = (q * branch.scale) @ k.transpose(-1, -2) + branch.relative_position_bias()
+    if shift:
+        logits = logits + shifted_window_mask(height, width, (wh, ww), shift)[:, None].to(logits.dtype)
+    out = (logits.softmax(-1) @ v).view(batch, height // wh, width // ww, heads, wh, ww, -1)
+    out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, height, width, channels)
+    return torch.roll(out, shift, dims=(1, 2)) if shift else out
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+@pytest.mark.parametrize(
+    "height,width,window", [(16, 24, (4, 8)), (64, 64, (8, 32)), (64, 32, (32, 8)), (8, 8, (8, 8)), (24, 8, (4, 8))]
+)
+def test_window_groups_in_place_and_out_of_place_compute_the_rolled_masked_attention(height, width, window, shifted):
+    # the windows are attended in groups sharing a mask, gathered and written back piece by piece
+    torch.manual_seed(0)
+    branch = RectangleWindowBranch(12, 2, window, shifted).double()
+    with torch.no_grad():
+        for parameter in branch.parameters():
+            parameter.normal_()
+    qkv = torch.randn(2, height, width, 3, 12, dtype=torch.float64)
+    expected = _reference_window_attention(branch, qkv)
+    torch.testing.assert_close(branch(qkv), expected, rtol=1e-10, atol=1e-10)
+    out = torch.full((2, height, width, 20), float("nan"), dtype=torch.float64)
+    assert branch(qkv, out=out[..., 4:16]) is None
+    torch.testing.assert_close(out[..., 4:16], expected, rtol=1e-10, atol=1e-10)
+    assert out[..., :4].isnan().all() and out[..., 16:].isnan().all()
+
+
+def test_window_groups_in_place_path_gives_the_reference_gradients():
+    torch.manual_seed(0)
+    branch = RectangleWindowBranch(12, 2, (4, 8), shifted=True).double()
+    qkv = torch.randn(1, 16, 24, 3, 12, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(1, 16, 24, 12, dtype=torch.float64)
+    grads = []
+    for compute in (lambda: _reference_window_attention(branch, qkv), lambda: _in_place(branch, qkv)):
+        branch.zero_grad()
+        qkv.grad = None
+        (compute() * weight).sum().backward()
+        grads.append((qkv.grad.clone(), branch.position_bias.proj_in.weight.grad.clone()))
+    for expected, actual in zip(*grads):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+def _in_place(branch, qkv):
+    out = qkv.new_empty(*qkv.shape[:3], 2 * qkv.shape[-1])
+    branch(qkv, out=out[..., 6:18])
+    return out[..., 6:18]
+
+
+def test_window_biases_are_reused_only_without_autograd_and_while_the_weights_give_the_same_table():
+    torch.manual_seed(0)
+    branch = RectangleWindowBranch(32, 2, (4, 8), shifted=True).eval()
+    with torch.no_grad():
+        first = branch.window_biases(torch.float32)
+        assert branch.window_biases(torch.float32) is first  # reused
+        assert branch.window_biases(torch.float64).dtype == torch.float64
+        # a change that bumps no version counter (through .data) still rebuilds them
+        branch.position_bias.mlp[-1].bias.data += 0.5
+        changed = branch.window_biases(torch.float32)
+    assert changed is not first
+    torch.testing.assert_close(changed, first + 0.5)  # the last layer adds its bias to every logit
+    with_grad = branch.window_biases(torch.float32)  # with autograd: built for the graph, nothing kept
+    assert with_grad.requires_grad and branch._bias_cache is None
+    torch.testing.assert_close(with_grad.detach(), changed)
 
 
 def test_window_shifts_follow_the_official_pattern():
@@ -384,3 +461,18 @@ def test_grad_checkpointing_keeps_gradients_of_the_classifier_and_of_features_on
     x = torch.rand(2, 3, 16, 24)
     contract.assert_grad_checkpointing_keeps_gradients("rgt_small", x, num_classes=3, **TINY)
     contract.assert_features_only_grad_checkpointing_keeps_gradients("rgt_small", x, (1, 4), **TINY)
+
+
+def test_window_biases_made_under_a_fake_mode_are_not_kept_for_eager_calls():
+    """An exporter's fake tensors (torch.export traces without autograd too) must never enter the cache."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(0)
+    branch = RectangleWindowBranch(32, 2, (4, 8), shifted=True).eval()
+    with torch.no_grad():
+        expected = branch.window_biases(torch.float32).clone()
+        branch._bias_cache = None
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            branch.window_biases(torch.float32)
+        assert branch._bias_cache is None
+        torch.testing.assert_close(branch.window_biases(torch.float32), expected)

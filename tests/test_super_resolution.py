@@ -18,6 +18,7 @@ from recurzoo.apps import super_resolve_demo
 from recurzoo.cli import main as cli_main
 from recurzoo.heads.super_resolution import (
     DIV2K_RGB_MEAN,
+    ChannelsLastPixelShuffle,
     OneStepPixelShuffle,
     PixelShuffleUpsampler,
     SuperResolutionModel,
@@ -44,6 +45,15 @@ def test_pixel_shuffle_upsampler_has_one_stage_per_factor(scale, shuffles):
     head = PixelShuffleUpsampler(16, scale)
     assert sum(isinstance(m, nn.PixelShuffle) for m in head.upsample) == shuffles
     assert head(torch.randn(2, 16, 5, 7)).shape == (2, 3, 5 * scale, 7 * scale)
+
+
+@pytest.mark.parametrize("scale", [2, 3])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_channels_last_pixel_shuffle_is_pixel_shuffle_with_a_channels_last_result(scale, memory_format):
+    x = torch.randn(2, 5 * scale * scale, 4, 6).contiguous(memory_format=memory_format)
+    shuffled = ChannelsLastPixelShuffle(scale)(x)
+    assert torch.equal(shuffled, nn.functional.pixel_shuffle(x, scale))
+    assert shuffled.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_pixel_shuffle_upsampler_rejects_unsupported_scales():
