@@ -201,14 +201,22 @@ def _pool_axis(x: torch.Tensor, axis: int, size_out: int, pool: Callable[..., to
         return pool(x, window(k), window(k))
     starts = [i * size_in // size_out for i in range(size_out)]
     lengths = [-(-(i + 1) * size_in // size_out) - start for i, start in enumerate(starts)]
-    pooled = {k: pool(x, window(k), (1, 1)) for k in sorted(set(lengths))}
+    pooled = {k: pool(x, window(k), (1, 1)) if k > 1 else x for k in sorted(set(lengths))}
     runs: List[List[int]] = []  # [length, first start, bins]: consecutive bins of one length, contiguous starts
     for k, start in zip(lengths, starts):
         if runs and runs[-1][0] == k and runs[-1][1] + runs[-1][2] == start:
             runs[-1][2] += 1
         else:
             runs.append([k, start, 1])
-    parts = [pooled[k].narrow(axis, start, count) for k, start, count in runs]
+    # Indexing (``aten.slice``), not ``narrow``: XNNPACK's quantizer lets a slice share its input's
+    # quantization parameters, and its delegate takes a slice only with matching ones.
+    # A slice of a whole axis is an alias, which XNNPACK does not take: the map itself is used instead.
+    parts = [
+        pooled[k]
+        if start == 0 and count == pooled[k].shape[axis]
+        else pooled[k][(slice(None),) * axis + (slice(start, start + count),)]
+        for k, start, count in runs
+    ]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
 
 
