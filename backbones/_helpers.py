@@ -127,6 +127,8 @@ def _onednn_inference(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
     record, oneDNN not switched off by the user)."""
     if not plain_eager(x) or x.device.type != "cpu" or x.dtype != torch.float32:
         return False
+    if torch.is_autocast_enabled("cpu"):  # autocast casts F.linear's inputs; the oneDNN op it does not know
+        return False
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)))
@@ -174,20 +176,15 @@ def apply_linear_act(layer: nn.Module, act: nn.Module, x: torch.Tensor) -> torch
 
 
 class FusedGeluMlp(Mlp):
-    """timm's ``Mlp`` (same arguments, modules and ``state_dict``) whose ``fc1 -> GELU`` and ``fc2`` run
-    through :func:`fused_linear` when the layers are the plain ones it was built with and no hook watches
-    them; anything else (a replaced or quantized layer, a hook, another activation) takes ``Mlp.forward``."""
-
-    def _fusable(self) -> bool:
-        plain = type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear and type(self.norm) is nn.Identity
-        exact_gelu = type(self.act) is nn.GELU and self.act.approximate == "none"
-        return plain and exact_gelu and _unhooked(self.fc1, self.act, self.fc2)
+    """timm's ``Mlp`` (same arguments, modules and ``state_dict``) whose ``fc1 -> GELU`` and ``fc2`` go through
+    :func:`apply_linear_act` and :func:`apply_linear`: fused in CPU inference when the layers are the plain
+    ones it was built with and no hook watches them, the modules' own calls otherwise."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._fusable():
+        if type(self.norm) is not nn.Identity:
             return super().forward(x)
-        x = self.drop1(fused_linear(x, self.fc1.weight, self.fc1.bias, gelu=True))
-        return self.drop2(fused_linear(x, self.fc2.weight, self.fc2.bias))
+        x = self.drop1(apply_linear_act(self.fc1, self.act, x))
+        return self.drop2(apply_linear(self.fc2, x))
 
 
 def build_with_weights(model_cls: Callable[..., nn.Module], variant: str, pretrained: bool, **kwargs: Any) -> nn.Module:

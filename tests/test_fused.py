@@ -62,8 +62,9 @@ def test_a_hook_on_a_layer_still_fires_and_sees_the_layer_output():
     mlp, x, seen = _mlp(), torch.randn(2, 4, 16), []
     mlp.fc1.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     with torch.no_grad():
-        assert not _ran_fused(lambda: mlp(x))
-    assert seen == [torch.Size([2, 4, 48])]
+        out = mlp(x)
+    assert seen == [torch.Size([2, 4, 48])]  # fc1 ran as a module call (fc2, unhooked, may still fuse)
+    torch.testing.assert_close(out, mlp.fc2(F.gelu(mlp.fc1(x))), rtol=1e-5, atol=1e-5)
 
 
 def test_a_replaced_layer_or_activation_is_called_not_bypassed():
@@ -107,3 +108,10 @@ def test_functorch_gradients_match_autograd():
     leaf = x.clone().requires_grad_()
     mlp(leaf).sum().backward()
     torch.testing.assert_close(functorch_grad, leaf.grad)
+
+
+def test_autocast_keeps_its_lower_precision_linears():
+    mlp, x = _mlp(), torch.randn(2, 4, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _ran_fused(lambda: mlp(x))
+        assert mlp(x).dtype == torch.bfloat16
