@@ -81,10 +81,6 @@ def _perm(node: Any) -> List[int]:
     return next((list(attribute.ints) for attribute in node.attribute if attribute.name == "perm"), [])
 
 
-def _rank(shapes: Dict[str, int], name: str) -> Optional[int]:
-    return shapes.get(name)
-
-
 def _value_ranks(model: Any) -> Dict[str, int]:
     """The rank of every value whose rank ONNX shape inference finds."""
     import onnx
@@ -126,14 +122,14 @@ def pointwise_convs(model: Any) -> int:
             opening is None
             or opening.op_type != "Transpose"
             or _perm(opening) != _TO_CHANNELS_LAST
-            or _rank(ranks, weight) != 2
+            or ranks.get(weight) != 2
             or not view.constant(weight)
         ):
             continue
         following, bias, chain = view.only_consumer(matmul.output[0]), None, [matmul]
         if following is not None and following.op_type == "Add":
             other = [name for name in following.input if name != matmul.output[0]]
-            if len(other) == 1 and _rank(ranks, other[0]) == 1 and view.constant(other[0]):
+            if len(other) == 1 and ranks.get(other[0]) == 1 and view.constant(other[0]):
                 bias, chain = other[0], [matmul, following]
                 following = view.only_consumer(following.output[0])
         if following is None or following.op_type != "Transpose" or _perm(following) != _TO_CHANNELS_FIRST:
