@@ -385,7 +385,7 @@ def lower_executorch(
             prepared = prepare_pt2e(program.module(), quantizer)
             for image in calibration:
                 prepared(image[None])
-            program = torch.export.export(convert_pt2e(prepared), (example,))
+            program = torch.export.export(_one_dequantize_per_user(convert_pt2e(prepared)), (example,))
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner(configs=_xnnpack_configs())])
     outside = sorted({_operator_name(node.target) for node in edge.exported_program().graph.nodes if _portable(node)})
     out_path.write_bytes(edge.to_executorch().buffer)
@@ -488,6 +488,33 @@ def _annotated_output(node: Any) -> Any:
     if len(users) == 1 and getattr(users[0].meta.get(_ANNOTATION), "output_qspec", None) is not None:
         return users[0]
     return None
+
+
+def _one_dequantize_per_user(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``module`` with each activation's ``dequantize_per_tensor`` copied for every user (the same values).
+
+    torchao's convert gives a copy to each quantized user but leaves one dequantize shared by the
+    float users (pooling, mean and resizing, which XNNPACK runs in fp32 in an int8 graph) and by the
+    graph's output. XNNPACK runs convolutions channels-last, and its layout pass, bringing a shared
+    dequantize back to channels-first for an output or a view, moves every user of it to the
+    channels-first copy (``replace_all_uses_with``), also the channels-last pooling or resizing it had
+    already placed: that operator then reads a channels-first tensor as channels-last, and the
+    program fails when run ("Propagating input shapes failed with code: xnn_status_invalid_parameter";
+    MSRNet's decoded map, resized for every finer level and passed to the next partition). With one
+    dequantize per user, each conversion moves its own user only.
+    """
+    dequantize = torch.ops.quantized_decomposed.dequantize_per_tensor
+    targets = (dequantize.default, dequantize.tensor)
+    graph = module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in targets or len(node.users) < 2:
+            continue
+        for user in list(node.users)[1:]:
+            with graph.inserting_after(node):
+                copy = graph.node_copy(node)
+            user.replace_input_with(node, copy)
+    module.recompile()
+    return module
 
 
 _XNNPACK_MAX_RANK = 6  # XNN_MAX_TENSOR_DIMS: a delegate holding a 7-D tensor fails to load ("error 0x1")

@@ -236,6 +236,43 @@ def test_int8_weights_shared_by_several_layers_are_quantized_at_every_use_and_lo
     assert _rms_error(output, expected) < 0.05
 
 
+class _CoarseToFine(nn.Module):
+    """A coarse map resized (or average-pooled) for the next operator and also passed on, as MSRNet's decoder does."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.coarse, self.fine, self.mode = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Conv2d(3, 8, 3, padding=1), mode
+
+    def forward(self, x):
+        coarse = self.coarse(x)
+        if self.mode == "resize":
+            return self.fine(x) + F.interpolate(coarse, size=x.shape[-2:], mode="bilinear"), coarse
+        return F.avg_pool2d(coarse, 2), coarse
+
+
+@pytest.mark.parametrize("mode", ["resize", "avg_pool"])
+def test_int8_map_both_resized_and_returned_runs_with_its_channels_last_layout(mode, tmp_path):
+    # MSRNet's int8 program failed when run ("Propagating input shapes failed with code: xnn_status_invalid_parameter"):
+    # one dequantize fed a float channels-last operator (bilinear resize, average pooling) and the partition's
+    # output; XNNPACK's layout pass, converting it back to channels-first for the output, moved the resize onto
+    # the channels-first copy too. Each user now has its own dequantize.
+    pytest.importorskip("executorch", reason="the recurzoo[edge] extra is not installed")
+    from executorch.runtime import Runtime
+
+    from recurzoo.export.edge import lower_executorch
+
+    torch.manual_seed(0)
+    model, images = _CoarseToFine(mode).eval(), torch.rand(8, 3, 8, 8)
+    outside = lower_executorch(model, images[:1], tmp_path / "coarse.pte", "int8", images)
+    assert not {"upsample_bilinear2d", "avg_pool2d", "convolution"} & set(outside), outside
+    method = Runtime.get().load_program(str(tmp_path / "coarse.pte")).load_method("forward")
+    with torch.no_grad():
+        expected = model(images[:1])
+    outputs = method.execute([images[:1]])
+    assert [output.shape for output in outputs] == [e.shape for e in expected]
+    assert max(_rms_error(output, e) for output, e in zip(outputs, expected)) < 0.05
+
+
 def test_hornet_global_filter_exports_as_real_dft_matmuls_equal_to_the_fft():
     model = _reduced("hornet_tiny_gf")
     x = builtin_photos(model, (3, SIDE, SIDE)).images[:2]
