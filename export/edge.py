@@ -902,6 +902,7 @@ if kind == "onnx":
     import onnxruntime
 else:
     import torch
+    import executorch.kernels.quantized  # the quantize/dequantize out variants an int8 program may call
     from executorch.runtime import Runtime
 
 def status(field):
@@ -926,18 +927,26 @@ print(json.dumps(status("VmHWM:") - before))
 def _peak_memory(fp32_path: Path, path: Path, fmt: str, precision: str, shape: Sequence[int]) -> Dict[str, float]:
     """MiB that loading and running each artifact once (batch 1, one thread) adds to a fresh process's peak
     resident size, measured after its runtime is imported. Empty where ``/proc`` cannot say (not Linux)."""
+    result: Dict[str, float] = {}
+    for label, kind, artifact in (("fp32 onnxruntime", "onnx", fp32_path), (f"{fmt} {precision}", fmt, path)):
+        peak = _peak_memory_mib(kind, artifact, shape)
+        if peak is None:
+            return {}
+        result[label] = peak
+    return result
+
+
+def _peak_memory_mib(kind: str, artifact: Path, shape: Sequence[int]) -> Optional[float]:
+    """The peak memory of one ``'onnx'`` or ``'executorch'`` artifact (:func:`_peak_memory`); None if unmeasured."""
     import subprocess
     import sys
 
-    result: Dict[str, float] = {}
-    for label, kind, artifact in (("fp32 onnxruntime", "onnx", fp32_path), (f"{fmt} {precision}", fmt, path)):
-        command = [sys.executable, "-c", _PEAK_MEMORY_SCRIPT, kind, str(artifact), json.dumps(list(shape))]
-        try:
-            worker = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
-            result[label] = float(worker.stdout.strip().splitlines()[-1])
-        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-            return {}
-    return result
+    command = [sys.executable, "-c", _PEAK_MEMORY_SCRIPT, kind, str(artifact), json.dumps(list(shape))]
+    try:
+        worker = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
+        return float(worker.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
 
 
 def _latency(

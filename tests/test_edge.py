@@ -305,6 +305,33 @@ def test_executorch_program_runs_back_through_the_runtime_like_eager(tmp_path):
     assert meta["mean"] == list(model.pretrained_cfg["mean"]) and meta["precision"] == "fp32"
 
 
+def test_peak_memory_of_a_program_calling_quantized_kernels_outside_the_delegate_is_measured(tmp_path):
+    # An int8 program keeps some dequantize calls outside XNNPACK (HorNet's addmm with its per-channel weight): the
+    # fresh process that measures peak memory did not register the quantized kernels ("Missing operator:
+    # quantized_decomposed::dequantize_per_channel.out"), and the int8 reports had no peak memory.
+    pytest.importorskip("executorch", reason="the recurzoo[edge] extra is not installed")
+    import executorch.kernels.quantized  # noqa: F401  (serializes the dequantize)
+    from executorch.exir import to_edge
+
+    from recurzoo.export.edge import _peak_memory_mib
+
+    class PerChannelScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("weight", torch.tensor([1, -2, 3], dtype=torch.int8).view(3, 1, 1))
+            self.register_buffer("scale", torch.tensor([0.5, 0.25, 0.125]))
+            self.register_buffer("zero_point", torch.zeros(3, dtype=torch.int64))
+
+        def forward(self, x):
+            dequantize = torch.ops.quantized_decomposed.dequantize_per_channel
+            return x * dequantize(self.weight, self.scale, self.zero_point, 0, -127, 127, torch.int8)
+
+    x = torch.randn(1, 3, 4, 4)
+    (tmp_path / "scale.pte").write_bytes(to_edge(torch.export.export(PerChannelScale(), (x,))).to_executorch().buffer)
+    peak = _peak_memory_mib("executorch", tmp_path / "scale.pte", tuple(x.shape))
+    assert peak is not None and peak > 0
+
+
 def test_a_model_executorch_cannot_lower_is_one_line_with_the_lowering_reason(tmp_path):
     pytest.importorskip("executorch", reason="the recurzoo[edge] extra is not installed")
 
