@@ -71,6 +71,48 @@ def test_int8_onnx_is_quantized_per_channel_carries_its_preprocessing_and_report
     assert 0 < result.size_ratio < 0.5
 
 
+def test_int8_onnx_stores_hornet_global_filters_as_int8_close_to_their_float_values(tmp_path, monkeypatch):
+    model = _reduced("hornet_tiny_gf")
+    result = export_edge("hornet_tiny_gf", tmp_path / "int8", precision="int8", model=model, input_size=(3, SIDE, SIDE))
+    proto = onnx.load(result.path)
+    readers = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+    float_filters = [
+        init.name
+        for init in proto.graph.initializer
+        if init.data_type == onnx.TensorProto.FLOAT
+        and sum(extent > 1 for extent in init.dims) >= 2
+        and set(readers.get(init.name, [])) == {"Mul"}
+    ]
+    int8_filters = [init for init in proto.graph.initializer if init.name.endswith("_int8")]
+    assert not float_filters and len(int8_filters) == 4  # real and imaginary part of the two GF blocks
+    assert all(init.data_type == onnx.TensorProto.INT8 for init in int8_filters)
+    assert "Mul by a filter stored in int8 (4)" in result.float_ops
+
+    monkeypatch.setattr("recurzoo.export.edge._store_filter_weights_int8", lambda proto: 0)
+    reference = export_edge(
+        "hornet_tiny_gf", tmp_path / "ref", precision="int8", model=model, input_size=(3, SIDE, SIDE)
+    )
+    float_weights = {
+        init.name: onnx.numpy_helper.to_array(init) for init in onnx.load(reference.path).graph.initializer
+    }
+    stored = {init.name: onnx.numpy_helper.to_array(init) for init in proto.graph.initializer}
+    for init in int8_filters:
+        name = init.name[: -len("_int8")]
+        original, scale = float_weights[name], stored[f"{name}_int8_scale"].reshape(-1, 1, 1)
+        np.testing.assert_allclose(scale[:, 0, 0], np.abs(original).reshape(len(original), -1).max(axis=1) / 127)
+        assert (np.abs(stored[init.name] * scale - original) <= scale / 2 + 1e-9).all()  # rounded, per channel
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    x = builtin_photos(model, (3, SIDE, SIDE)).images[:1].numpy()
+    assert np.allclose(
+        session.run(None, {"input": x})[0],
+        ort.InferenceSession(str(reference.path)).run(None, {"input": x})[0],
+        atol=1e-3,
+    )
+
+
 def test_fp16_onnx_keeps_fp32_inputs_and_outputs_and_stays_close(tmp_path):
     model = _reduced("sret_tiny")
     result = export_edge("sret_tiny", tmp_path, precision="fp16", model=model, input_size=(3, SIDE, SIDE))
