@@ -411,6 +411,7 @@ def lower_executorch(
     """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir.passes.constant_prop_pass import constant_prop_pass
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from recurzoo.export.onnx import static_adaptive_pooling
@@ -419,7 +420,12 @@ def lower_executorch(
     # which ExecuTorch's memory planning refuses (sliced SReT, RGT); the math one lowers to XNNPACK matmuls.
     model = _at_size(model, example.shape[-2:])
     with torch.no_grad(), static_adaptive_pooling(), sdpa_kernel(SDPBackend.MATH):
+        # Weights computed from parameters (HorNet's scaled pointwise weights and biases, its DFT matrices'
+        # products) become constants: XNNPACK takes a matmul only with static weights, else it runs portable.
         program = torch.export.export(model, (example,))
+        program = constant_prop_pass(
+            program.run_decompositions({torch.ops.aten.scaled_dot_product_attention.default: _plain_attention})
+        )
         if precision == "int8":
             # Registers the out variants of quantize/dequantize for those left outside the delegate (the weight
             # of an operator XNNPACK refuses, as HorNet's addmm): without it the program does not serialize.
@@ -441,6 +447,37 @@ def lower_executorch(
     outside = sorted({_operator_name(node.target) for node in edge.exported_program().graph.nodes if _portable(node)})
     out_path.write_bytes(edge.to_executorch().buffer)
     return outside
+
+
+def _plain_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """``softmax(q k^T * scale + mask) v``: scaled dot-product attention as XNNPACK's matmuls and softmax.
+
+    PyTorch's own decomposition guards rows whose every key is masked (``_safe_softmax``: zeros, not NaN)
+    with ``eq``/``any``/``where`` operators XNNPACK does not take; they ran in ExecuTorch's portable kernels
+    between the delegated matmuls (recurrent ViT-S fp32 program: 129 -> 98 ms CPU). No model of the zoo
+    masks a whole row (SReT keeps a padding slice's keys, RGT masks with -100), so the guard is left out.
+    Dropout, causal masks and grouped queries keep PyTorch's decomposition.
+    """
+    if dropout_p or is_causal or enable_gqa:
+        return torch.ops.aten.scaled_dot_product_attention.default.decompose(
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+        )
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = (query * scale) @ key.transpose(-2, -1)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros_like(attn_mask, dtype=scores.dtype).masked_fill(~attn_mask, float("-inf"))
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    return scores.softmax(-1) @ value
 
 
 def _float_only(quantizer_class: Any) -> Any:

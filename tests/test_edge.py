@@ -310,6 +310,36 @@ def test_executorch_program_runs_back_through_the_runtime_like_eager(tmp_path):
     assert meta["mean"] == list(model.pretrained_cfg["mean"]) and meta["precision"] == "fp32"
 
 
+def test_executorch_attention_and_computed_weights_run_inside_the_xnnpack_delegate(tmp_path):
+    pytest.importorskip("executorch", reason="the recurzoo[edge] extra is not installed")
+    from recurzoo.export.edge import _pte_runner, lower_executorch
+
+    class MaskedAttention(nn.Module):  # SReT's pattern: boolean key mask; weights scaled at run time
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(16, 48)
+            self.gain = nn.Parameter(torch.tensor(0.5))
+            keys = torch.ones(1, 1, 1, 8, dtype=torch.bool)
+            keys[..., 5:] = False
+            self.register_buffer("keys", keys)
+
+        def forward(self, x):
+            tokens = x.flatten(2).transpose(1, 2)[:, :8, :16]  # (1, 8, 16)
+            q, k, v = F.linear(tokens, self.qkv.weight * self.gain, self.qkv.bias).view(1, 8, 3, 2, 8).unbind(2)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.keys)
+            return out.flatten(1)
+
+    model = MaskedAttention().eval()
+    x = torch.randn(1, 16, 4, 4)
+    outside = lower_executorch(model, x, tmp_path / "attention.pte", "fp32", x)
+    # PyTorch's decomposition left eq/any/logical_not/where (the masked-row guard) and the matmul with a
+    # weight computed from parameters (addmm) to the portable kernels
+    assert not {"any", "where", "logical_not", "eq", "addmm", "mm", "bmm"} & set(outside), outside
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(_pte_runner(tmp_path / "attention.pte")(x)[0], expected, atol=1e-5)
+
+
 def test_a_model_executorch_cannot_lower_is_one_line_with_the_lowering_reason(tmp_path):
     pytest.importorskip("executorch", reason="the recurzoo[edge] extra is not installed")
 
