@@ -22,12 +22,14 @@ ExecuTorch and torchao come with the optional extra ``recurzoo[edge]``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -1006,14 +1008,26 @@ def _latency(
 ) -> Dict[str, float]:
     """Median ms at batch 1 on one thread: fp32 eager, fp32 onnxruntime and the artifact, in this process."""
     fp32_onnx = _onnx_runner(fp32_path)
+    with torch.no_grad(), _one_thread():
+        return {
+            "fp32 eager": median_ms(lambda: model(x), _LATENCY_RUNS),
+            "fp32 onnxruntime": median_ms(lambda: fp32_onnx(x), _LATENCY_RUNS),
+            label: median_ms(lambda: run(x), _LATENCY_RUNS),
+        }
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """PyTorch and, when loaded, ExecuTorch's threadpool (XNNPACK's threads; one a core by default) on one thread."""
     threads = torch.get_num_threads()
+    runtime = sys.modules.get("executorch.extension.pybindings.portable_lib")
+    pool = runtime._threadpool_get_thread_count() if runtime is not None else None
     torch.set_num_threads(1)
+    if runtime is not None:
+        runtime._unsafe_reset_threadpool(1)
     try:
-        with torch.no_grad():
-            return {
-                "fp32 eager": median_ms(lambda: model(x), _LATENCY_RUNS),
-                "fp32 onnxruntime": median_ms(lambda: fp32_onnx(x), _LATENCY_RUNS),
-                label: median_ms(lambda: run(x), _LATENCY_RUNS),
-            }
+        yield
     finally:
         torch.set_num_threads(threads)
+        if runtime is not None:
+            runtime._unsafe_reset_threadpool(pool)

@@ -306,6 +306,14 @@ def test_executorch_program_runs_back_through_the_runtime_like_eager(tmp_path):
         "hornet_tiny_7x7", tmp_path, fmt="executorch", precision="fp32", model=model, input_size=(3, SIDE, SIDE)
     )
     assert result.path.endswith(".fp32.pte") and result.fidelity["max_abs_diff"] < 1e-4
+    from executorch.extension.pybindings import portable_lib
+
+    from recurzoo.export.edge import _one_thread
+
+    threads = portable_lib._threadpool_get_thread_count()
+    with _one_thread():  # latency is measured on one thread, XNNPACK's threadpool included
+        assert portable_lib._threadpool_get_thread_count() == 1 and torch.get_num_threads() == 1
+    assert portable_lib._threadpool_get_thread_count() == threads
     meta = json.loads(Path(result.path).with_suffix(".json").read_text())
     assert meta["mean"] == list(model.pretrained_cfg["mean"]) and meta["precision"] == "fp32"
 
