@@ -22,12 +22,14 @@ ExecuTorch and torchao come with the optional extra ``recurzoo[edge]``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -281,10 +283,61 @@ def quantize_onnx_int8(fp32_path: Path, out_path: Path, calibration: torch.Tenso
     finally:
         prepared.unlink(missing_ok=True)
     proto = onnx.load(str(out_path))
+    stored_int8 = _store_filter_weights_int8(proto)
     _write_onnx_metadata(proto, dict(meta, precision="int8"))
     onnx.save(proto, str(out_path))
     float_ops = _onnx_float_ops(proto)
-    return float_ops + ([f"MatMul after Softmax ({len(after_softmax)})"] if after_softmax else [])
+    if after_softmax:
+        float_ops.append(f"MatMul after Softmax ({len(after_softmax)})")
+    if stored_int8:
+        float_ops.append(f"Mul by a filter stored in int8 ({stored_int8})")
+    return float_ops
+
+
+def _store_filter_weights_int8(proto: Any) -> int:
+    """Store the float weights that only elementwise ``Mul`` nodes read and that vary along more than one
+    axis (HorNet GF's frequency filters) as int8, symmetric per channel of axis 0, read through a
+    ``DequantizeLinear``; returns how many were stored so.
+
+    onnxruntime's static quantization leaves a ``Mul`` in float and so kept these filters in fp32 (3.9 MiB of
+    ``hornet_tiny_gf``'s 26.9 MiB int8 file). The multiplication still runs in float; only the stored weight
+    changes. Per-channel scales (layer scale, one non-singleton axis) are small and stay as they are.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    readers: Dict[str, List[Any]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    graph_inputs = {value.name for value in proto.graph.input}
+    kept, count = [], 0
+    for initializer in proto.graph.initializer:
+        weight = numpy_helper.to_array(initializer)
+        varying_axes = sum(extent > 1 for extent in weight.shape)
+        only_mul = readers.get(initializer.name) and all(node.op_type == "Mul" for node in readers[initializer.name])
+        if weight.dtype != np.float32 or varying_axes < 2 or not only_mul or initializer.name in graph_inputs:
+            kept.append(initializer)
+            continue
+        peak = np.abs(weight.reshape(weight.shape[0], -1)).max(axis=1)
+        scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+        levels = np.round(weight / scale.reshape(-1, *[1] * (weight.ndim - 1)))
+        name = initializer.name
+        kept += [
+            numpy_helper.from_array(np.clip(levels, -127, 127).astype(np.int8), f"{name}_int8"),
+            numpy_helper.from_array(scale, f"{name}_int8_scale"),
+            numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), f"{name}_int8_zero_point"),
+        ]
+        dequantize = helper.make_node(
+            "DequantizeLinear", [f"{name}_int8", f"{name}_int8_scale", f"{name}_int8_zero_point"], [name], axis=0
+        )
+        proto.graph.node.insert(0, dequantize)
+        count += 1
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    if count:
+        onnx.checker.check_model(proto)
+    return count
 
 
 def _matmuls_after_softmax(proto: Any) -> List[str]:
@@ -360,6 +413,7 @@ def lower_executorch(
     """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir.passes.constant_prop_pass import constant_prop_pass
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from recurzoo.export.onnx import static_adaptive_pooling
@@ -368,7 +422,12 @@ def lower_executorch(
     # which ExecuTorch's memory planning refuses (sliced SReT, RGT); the math one lowers to XNNPACK matmuls.
     model = _at_size(model, example.shape[-2:])
     with torch.no_grad(), static_adaptive_pooling(), sdpa_kernel(SDPBackend.MATH):
+        # Weights computed from parameters (HorNet's scaled pointwise weights and biases, its DFT matrices'
+        # products) become constants: XNNPACK takes a matmul only with static weights, else it runs portable.
         program = torch.export.export(model, (example,))
+        program = constant_prop_pass(
+            program.run_decompositions({torch.ops.aten.scaled_dot_product_attention.default: _plain_attention})
+        )
         if precision == "int8":
             # Registers the out variants of quantize/dequantize for those left outside the delegate (the weight
             # of an operator XNNPACK refuses, as HorNet's addmm): without it the program does not serialize.
@@ -390,6 +449,37 @@ def lower_executorch(
     outside = sorted({_operator_name(node.target) for node in edge.exported_program().graph.nodes if _portable(node)})
     out_path.write_bytes(edge.to_executorch().buffer)
     return outside
+
+
+def _plain_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """``softmax(q k^T * scale + mask) v``: scaled dot-product attention as XNNPACK's matmuls and softmax.
+
+    PyTorch's own decomposition guards rows whose every key is masked (``_safe_softmax``: zeros, not NaN)
+    with ``eq``/``any``/``where`` operators XNNPACK does not take; they ran in ExecuTorch's portable kernels
+    between the delegated matmuls (recurrent ViT-S fp32 program: 129 -> 98 ms CPU). No model of the zoo
+    masks a whole row (SReT keeps a padding slice's keys, RGT masks with -100), so the guard is left out.
+    Dropout, causal masks and grouped queries keep PyTorch's decomposition.
+    """
+    if dropout_p or is_causal or enable_gqa:
+        return torch.ops.aten.scaled_dot_product_attention.default.decompose(
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+        )
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = (query * scale) @ key.transpose(-2, -1)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros_like(attn_mask, dtype=scores.dtype).masked_fill(~attn_mask, float("-inf"))
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    return scores.softmax(-1) @ value
 
 
 def _float_only(quantizer_class: Any) -> Any:
@@ -954,14 +1044,26 @@ def _latency(
 ) -> Dict[str, float]:
     """Median ms at batch 1 on one thread: fp32 eager, fp32 onnxruntime and the artifact, in this process."""
     fp32_onnx = _onnx_runner(fp32_path)
+    with torch.no_grad(), _one_thread():
+        return {
+            "fp32 eager": median_ms(lambda: model(x), _LATENCY_RUNS),
+            "fp32 onnxruntime": median_ms(lambda: fp32_onnx(x), _LATENCY_RUNS),
+            label: median_ms(lambda: run(x), _LATENCY_RUNS),
+        }
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """PyTorch and, when loaded, ExecuTorch's threadpool (XNNPACK's threads; one a core by default) on one thread."""
     threads = torch.get_num_threads()
+    runtime = sys.modules.get("executorch.extension.pybindings.portable_lib")
+    pool = runtime._threadpool_get_thread_count() if runtime is not None else None
     torch.set_num_threads(1)
+    if runtime is not None:
+        runtime._unsafe_reset_threadpool(1)
     try:
-        with torch.no_grad():
-            return {
-                "fp32 eager": median_ms(lambda: model(x), _LATENCY_RUNS),
-                "fp32 onnxruntime": median_ms(lambda: fp32_onnx(x), _LATENCY_RUNS),
-                label: median_ms(lambda: run(x), _LATENCY_RUNS),
-            }
+        yield
     finally:
         torch.set_num_threads(threads)
+        if runtime is not None:
+            runtime._unsafe_reset_threadpool(pool)

@@ -71,6 +71,48 @@ def test_int8_onnx_is_quantized_per_channel_carries_its_preprocessing_and_report
     assert 0 < result.size_ratio < 0.5
 
 
+def test_int8_onnx_stores_hornet_global_filters_as_int8_close_to_their_float_values(tmp_path, monkeypatch):
+    model = _reduced("hornet_tiny_gf")
+    result = export_edge("hornet_tiny_gf", tmp_path / "int8", precision="int8", model=model, input_size=(3, SIDE, SIDE))
+    proto = onnx.load(result.path)
+    readers = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+    float_filters = [
+        init.name
+        for init in proto.graph.initializer
+        if init.data_type == onnx.TensorProto.FLOAT
+        and sum(extent > 1 for extent in init.dims) >= 2
+        and set(readers.get(init.name, [])) == {"Mul"}
+    ]
+    int8_filters = [init for init in proto.graph.initializer if init.name.endswith("_int8")]
+    assert not float_filters and len(int8_filters) == 4  # real and imaginary part of the two GF blocks
+    assert all(init.data_type == onnx.TensorProto.INT8 for init in int8_filters)
+    assert "Mul by a filter stored in int8 (4)" in result.float_ops
+
+    monkeypatch.setattr("recurzoo.export.edge._store_filter_weights_int8", lambda proto: 0)
+    reference = export_edge(
+        "hornet_tiny_gf", tmp_path / "ref", precision="int8", model=model, input_size=(3, SIDE, SIDE)
+    )
+    float_weights = {
+        init.name: onnx.numpy_helper.to_array(init) for init in onnx.load(reference.path).graph.initializer
+    }
+    stored = {init.name: onnx.numpy_helper.to_array(init) for init in proto.graph.initializer}
+    for init in int8_filters:
+        name = init.name[: -len("_int8")]
+        original, scale = float_weights[name], stored[f"{name}_int8_scale"].reshape(-1, 1, 1)
+        np.testing.assert_allclose(scale[:, 0, 0], np.abs(original).reshape(len(original), -1).max(axis=1) / 127)
+        assert (np.abs(stored[init.name] * scale - original) <= scale / 2 + 1e-9).all()  # rounded, per channel
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    x = builtin_photos(model, (3, SIDE, SIDE)).images[:1].numpy()
+    assert np.allclose(
+        session.run(None, {"input": x})[0],
+        ort.InferenceSession(str(reference.path)).run(None, {"input": x})[0],
+        atol=1e-3,
+    )
+
+
 def test_fp16_onnx_keeps_fp32_inputs_and_outputs_and_stays_close(tmp_path):
     model = _reduced("sret_tiny")
     result = export_edge("sret_tiny", tmp_path, precision="fp16", model=model, input_size=(3, SIDE, SIDE))
@@ -301,14 +343,22 @@ def test_executorch_program_runs_back_through_the_runtime_like_eager(tmp_path):
         "hornet_tiny_7x7", tmp_path, fmt="executorch", precision="fp32", model=model, input_size=(3, SIDE, SIDE)
     )
     assert result.path.endswith(".fp32.pte") and result.fidelity["max_abs_diff"] < 1e-4
+    from executorch.extension.pybindings import portable_lib
+
+    from recurzoo.export.edge import _one_thread
+
+    threads = portable_lib._threadpool_get_thread_count()
+    with _one_thread():  # latency is measured on one thread, XNNPACK's threadpool included
+        assert portable_lib._threadpool_get_thread_count() == 1 and torch.get_num_threads() == 1
+    assert portable_lib._threadpool_get_thread_count() == threads
     meta = json.loads(Path(result.path).with_suffix(".json").read_text())
     assert meta["mean"] == list(model.pretrained_cfg["mean"]) and meta["precision"] == "fp32"
 
 
 def test_peak_memory_of_a_program_calling_quantized_kernels_outside_the_delegate_is_measured(tmp_path):
-    # An int8 program keeps some dequantize calls outside XNNPACK (HorNet's addmm with its per-channel weight): the
-    # fresh process that measures peak memory did not register the quantized kernels ("Missing operator:
-    # quantized_decomposed::dequantize_per_channel.out"), and the int8 reports had no peak memory.
+    # An int8 program calls a dequantize outside XNNPACK where an operator the delegate refuses takes a quantized
+    # weight (MSRNet-HorNet's addmm did): the fresh process that measures peak memory did not register the quantized
+    # kernels ("Missing operator: quantized_decomposed::dequantize_per_channel.out"), and the report had none.
     pytest.importorskip("executorch", reason="the recurzoo[edge] extra is not installed")
     import executorch.kernels.quantized  # noqa: F401  (serializes the dequantize)
     from executorch.exir import to_edge
@@ -330,6 +380,36 @@ def test_peak_memory_of_a_program_calling_quantized_kernels_outside_the_delegate
     (tmp_path / "scale.pte").write_bytes(to_edge(torch.export.export(PerChannelScale(), (x,))).to_executorch().buffer)
     peak = _peak_memory_mib("executorch", tmp_path / "scale.pte", tuple(x.shape))
     assert peak is not None and peak > 0
+
+
+def test_executorch_attention_and_computed_weights_run_inside_the_xnnpack_delegate(tmp_path):
+    pytest.importorskip("executorch", reason="the recurzoo[edge] extra is not installed")
+    from recurzoo.export.edge import _pte_runner, lower_executorch
+
+    class MaskedAttention(nn.Module):  # SReT's pattern: boolean key mask; weights scaled at run time
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(16, 48)
+            self.gain = nn.Parameter(torch.tensor(0.5))
+            keys = torch.ones(1, 1, 1, 8, dtype=torch.bool)
+            keys[..., 5:] = False
+            self.register_buffer("keys", keys)
+
+        def forward(self, x):
+            tokens = x.flatten(2).transpose(1, 2)[:, :8, :16]  # (1, 8, 16)
+            q, k, v = F.linear(tokens, self.qkv.weight * self.gain, self.qkv.bias).view(1, 8, 3, 2, 8).unbind(2)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.keys)
+            return out.flatten(1)
+
+    model = MaskedAttention().eval()
+    x = torch.randn(1, 16, 4, 4)
+    outside = lower_executorch(model, x, tmp_path / "attention.pte", "fp32", x)
+    # PyTorch's decomposition left eq/any/logical_not/where (the masked-row guard) and the matmul with a
+    # weight computed from parameters (addmm) to the portable kernels
+    assert not {"any", "where", "logical_not", "eq", "addmm", "mm", "bmm"} & set(outside), outside
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(_pte_runner(tmp_path / "attention.pte")(x)[0], expected, atol=1e-5)
 
 
 def test_a_model_executorch_cannot_lower_is_one_line_with_the_lowering_reason(tmp_path):
