@@ -940,7 +940,13 @@ def export_edge(
         if evaluation is not None
         else f"the calibration set: {calibration_set.source}",
         fidelity=fidelity(model_task(model_name), reference, output, evaluation_set.labels),
-        latency_ms=_latency(model, Path(fp32.onnx_path), run, evaluation_set.images[:1], f"{fmt} {precision}"),
+        latency_ms=_latency(
+            model,
+            Path(fp32.onnx_path),
+            (lambda: _pte_runner(path)) if fmt == "executorch" else (lambda: run),
+            evaluation_set.images[:1],
+            f"{fmt} {precision}",
+        ),
         peak_memory_mib=_peak_memory(Path(fp32.onnx_path), path, fmt, precision, (1, *size)),
         time_shares=onnx_time_shares(path, evaluation_set.images[:1]) if fmt == "onnx" and precision == "int8" else {},
         float_ops=float_ops,
@@ -1040,21 +1046,33 @@ def _peak_memory_mib(kind: str, artifact: Path, shape: Sequence[int]) -> Optiona
 
 
 def _latency(
-    model: nn.Module, fp32_path: Path, run: Callable[[torch.Tensor], Any], x: torch.Tensor, label: str
+    model: nn.Module, fp32_path: Path, load: Callable[[], Callable[[torch.Tensor], Any]], x: torch.Tensor, label: str
 ) -> Dict[str, float]:
-    """Median ms at batch 1 on one thread: fp32 eager, fp32 onnxruntime and the artifact, in this process."""
+    """Median ms at batch 1 on one thread: fp32 eager, fp32 onnxruntime and the artifact, in this process.
+
+    ``load`` gives the artifact's runner, called on one thread: an ExecuTorch program must be loaded
+    there (:func:`_one_thread`).
+    """
     fp32_onnx = _onnx_runner(fp32_path)
     with torch.no_grad(), _one_thread():
-        return {
+        runners = [load()]
+        result = {
             "fp32 eager": median_ms(lambda: model(x), _LATENCY_RUNS),
             "fp32 onnxruntime": median_ms(lambda: fp32_onnx(x), _LATENCY_RUNS),
-            label: median_ms(lambda: run(x), _LATENCY_RUNS),
+            label: median_ms(lambda: runners[0](x), _LATENCY_RUNS),
         }
+        runners.clear()  # released with the pool it was loaded with
+    return result
 
 
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
-    """PyTorch and, when loaded, ExecuTorch's threadpool (XNNPACK's threads; one a core by default) on one thread."""
+    """PyTorch and, when loaded, ExecuTorch's threadpool (XNNPACK's threads; one a core by default) on one thread.
+
+    The pool is replaced, not resized, and an XNNPACK program keeps the pool it was loaded with: one
+    loaded before runs on a freed pool inside (measured: segmentation faults and futex aborts in
+    ``execute``, two runs in four, on MSRNet's int8 program), so load programs inside.
+    """
     threads = torch.get_num_threads()
     runtime = sys.modules.get("executorch.extension.pybindings.portable_lib")
     pool = runtime._threadpool_get_thread_count() if runtime is not None else None

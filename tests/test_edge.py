@@ -355,6 +355,26 @@ def test_executorch_program_runs_back_through_the_runtime_like_eager(tmp_path):
     assert meta["mean"] == list(model.pretrained_cfg["mean"]) and meta["precision"] == "fp32"
 
 
+def test_latency_loads_the_artifact_once_the_threadpool_has_one_thread(tmp_path):
+    # ExecuTorch replaces its threadpool to change the thread count, and an XNNPACK program keeps the pool it was
+    # loaded with: MSRNet's int8 program, loaded before, crashed in execute (segmentation fault, futex abort).
+    pytest.importorskip("executorch", reason="the recurzoo[edge] extra is not installed")
+    from executorch.extension.pybindings import portable_lib
+
+    from recurzoo.export.edge import _latency
+
+    model, x = nn.Conv2d(3, 4, 3).eval(), torch.randn(1, 3, 8, 8)
+    torch.onnx.export(model, (x,), str(tmp_path / "conv.onnx"), input_names=["input"], dynamo=False)
+    pools = []
+
+    def load():
+        pools.append(portable_lib._threadpool_get_thread_count())
+        return model
+
+    latency = _latency(model, tmp_path / "conv.onnx", load, x, "artifact")
+    assert pools == [1] and set(latency) == {"fp32 eager", "fp32 onnxruntime", "artifact"}
+
+
 def test_peak_memory_of_a_program_calling_quantized_kernels_outside_the_delegate_is_measured(tmp_path):
     # An int8 program calls a dequantize outside XNNPACK where an operator the delegate refuses takes a quantized
     # weight (MSRNet-HorNet's addmm did): the fresh process that measures peak memory did not register the quantized
