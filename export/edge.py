@@ -584,8 +584,8 @@ def _one_dequantize_per_user(module: torch.fx.GraphModule) -> torch.fx.GraphModu
     """``module`` with each activation's ``dequantize_per_tensor`` copied for every user (the same values).
 
     torchao's convert gives a copy to each quantized user but leaves one dequantize shared by the
-    float users (pooling, mean and resizing, which XNNPACK runs in fp32 in an int8 graph) and by the
-    graph's output. XNNPACK runs convolutions channels-last, and its layout pass, bringing a shared
+    float users (average pooling and bilinear resizing, which XNNPACK's partitioner takes in fp32
+    only, also in an int8 graph) and by the graph's output. XNNPACK runs convolutions channels-last, and its layout pass, bringing a shared
     dequantize back to channels-first for an output or a view, moves every user of it to the
     channels-first copy (``replace_all_uses_with``), also the channels-last pooling or resizing it had
     already placed: that operator then reads a channels-first tensor as channels-last, and the
