@@ -587,11 +587,12 @@ def _one_dequantize_per_user(module: torch.fx.GraphModule) -> torch.fx.GraphModu
     float users (average pooling and bilinear resizing, which XNNPACK's partitioner takes in fp32
     only, also in an int8 graph) and by the graph's output. XNNPACK runs convolutions
     channels-last, and its layout pass, bringing a shared dequantize back to channels-first for an
-    output or a view, moves every user of it to the channels-first copy (``replace_all_uses_with``), also the channels-last pooling or resizing it had
-    already placed: that operator then reads a channels-first tensor as channels-last, and the
-    program fails when run ("Propagating input shapes failed with code: xnn_status_invalid_parameter";
-    MSRNet's decoded map, resized for every finer level and passed to the next partition). With one
-    dequantize per user, each conversion moves its own user only.
+    output or a view, moves every user of it to the channels-first copy (``replace_all_uses_with``),
+    also the channels-last pooling or resizing it had already placed: that operator then reads a
+    channels-first tensor as channels-last, and the program fails when run ("Propagating input
+    shapes failed with code: xnn_status_invalid_parameter"; MSRNet's decoded map, resized for every
+    finer level and passed to the next partition). With one dequantize per user, each conversion
+    moves its own user only.
     """
     dequantize = torch.ops.quantized_decomposed.dequantize_per_tensor
     targets = (dequantize.default, dequantize.tensor)
