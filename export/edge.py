@@ -449,7 +449,7 @@ def lower_executorch(
             prepared = prepare_pt2e(program.module(), quantizer)
             for image in calibration:
                 prepared(image[None])
-            program = torch.export.export(convert_pt2e(prepared), (example,))
+            program = torch.export.export(_one_dequantize_per_user(convert_pt2e(prepared)), (example,))
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner(configs=_xnnpack_configs())])
     outside = sorted({_operator_name(node.target) for node in edge.exported_program().graph.nodes if _portable(node)})
     out_path.write_bytes(edge.to_executorch().buffer)
@@ -583,6 +583,33 @@ def _annotated_output(node: Any) -> Any:
     if len(users) == 1 and getattr(users[0].meta.get(_ANNOTATION), "output_qspec", None) is not None:
         return users[0]
     return None
+
+
+def _one_dequantize_per_user(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``module`` with each activation's ``dequantize_per_tensor`` copied for every user (the same values).
+
+    torchao's convert gives a copy to each quantized user but leaves one dequantize shared by the
+    float users (pooling, mean and resizing, which XNNPACK runs in fp32 in an int8 graph) and by the
+    graph's output. XNNPACK runs convolutions channels-last, and its layout pass, bringing a shared
+    dequantize back to channels-first for an output or a view, moves every user of it to the
+    channels-first copy (``replace_all_uses_with``), also the channels-last pooling or resizing it had
+    already placed: that operator then reads a channels-first tensor as channels-last, and the
+    program fails when run ("Propagating input shapes failed with code: xnn_status_invalid_parameter";
+    MSRNet's decoded map, resized for every finer level and passed to the next partition). With one
+    dequantize per user, each conversion moves its own user only.
+    """
+    dequantize = torch.ops.quantized_decomposed.dequantize_per_tensor
+    targets = (dequantize.default, dequantize.tensor)
+    graph = module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in targets or len(node.users) < 2:
+            continue
+        for user in list(node.users)[1:]:
+            with graph.inserting_after(node):
+                copy = graph.node_copy(node)
+            user.replace_input_with(node, copy)
+    module.recompile()
+    return module
 
 
 _XNNPACK_MAX_RANK = 6  # XNN_MAX_TENSOR_DIMS: a delegate holding a 7-D tensor fails to load ("error 0x1")
@@ -918,7 +945,13 @@ def export_edge(
         if evaluation is not None
         else f"the calibration set: {calibration_set.source}",
         fidelity=fidelity(model_task(model_name), reference, output, evaluation_set.labels),
-        latency_ms=_latency(model, Path(fp32.onnx_path), run, evaluation_set.images[:1], f"{fmt} {precision}"),
+        latency_ms=_latency(
+            model,
+            Path(fp32.onnx_path),
+            (lambda: _pte_runner(path)) if fmt == "executorch" else (lambda: run),
+            evaluation_set.images[:1],
+            f"{fmt} {precision}",
+        ),
         peak_memory_mib=_peak_memory(Path(fp32.onnx_path), path, fmt, precision, (1, *size)),
         time_shares=onnx_time_shares(path, evaluation_set.images[:1]) if fmt == "onnx" and precision == "int8" else {},
         float_ops=float_ops,
@@ -970,6 +1003,7 @@ if kind == "onnx":
     import onnxruntime
 else:
     import torch
+    import executorch.kernels.quantized  # the quantize/dequantize out variants an int8 program may call
     from executorch.runtime import Runtime
 
 def status(field):
@@ -994,36 +1028,56 @@ print(json.dumps(status("VmHWM:") - before))
 def _peak_memory(fp32_path: Path, path: Path, fmt: str, precision: str, shape: Sequence[int]) -> Dict[str, float]:
     """MiB that loading and running each artifact once (batch 1, one thread) adds to a fresh process's peak
     resident size, measured after its runtime is imported. Empty where ``/proc`` cannot say (not Linux)."""
-    import subprocess
-    import sys
-
     result: Dict[str, float] = {}
     for label, kind, artifact in (("fp32 onnxruntime", "onnx", fp32_path), (f"{fmt} {precision}", fmt, path)):
-        command = [sys.executable, "-c", _PEAK_MEMORY_SCRIPT, kind, str(artifact), json.dumps(list(shape))]
-        try:
-            worker = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
-            result[label] = float(worker.stdout.strip().splitlines()[-1])
-        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        peak = _peak_memory_mib(kind, artifact, shape)
+        if peak is None:
             return {}
+        result[label] = peak
     return result
 
 
+def _peak_memory_mib(kind: str, artifact: Path, shape: Sequence[int]) -> Optional[float]:
+    """The peak memory of one ``'onnx'`` or ``'executorch'`` artifact (:func:`_peak_memory`); None if unmeasured."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-c", _PEAK_MEMORY_SCRIPT, kind, str(artifact), json.dumps(list(shape))]
+    try:
+        worker = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
+        return float(worker.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
 def _latency(
-    model: nn.Module, fp32_path: Path, run: Callable[[torch.Tensor], Any], x: torch.Tensor, label: str
+    model: nn.Module, fp32_path: Path, load: Callable[[], Callable[[torch.Tensor], Any]], x: torch.Tensor, label: str
 ) -> Dict[str, float]:
-    """Median ms at batch 1 on one thread: fp32 eager, fp32 onnxruntime and the artifact, in this process."""
+    """Median ms at batch 1 on one thread: fp32 eager, fp32 onnxruntime and the artifact, in this process.
+
+    ``load`` gives the artifact's runner, called on one thread: an ExecuTorch program must be loaded
+    there (:func:`_one_thread`).
+    """
     fp32_onnx = _onnx_runner(fp32_path)
     with torch.no_grad(), _one_thread():
-        return {
+        runners = [load()]
+        result = {
             "fp32 eager": median_ms(lambda: model(x), _LATENCY_RUNS),
             "fp32 onnxruntime": median_ms(lambda: fp32_onnx(x), _LATENCY_RUNS),
-            label: median_ms(lambda: run(x), _LATENCY_RUNS),
+            label: median_ms(lambda: runners[0](x), _LATENCY_RUNS),
         }
+        runners.clear()  # released with the pool it was loaded with
+    return result
 
 
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
-    """PyTorch and, when loaded, ExecuTorch's threadpool (XNNPACK's threads; one a core by default) on one thread."""
+    """PyTorch and, when loaded, ExecuTorch's threadpool (XNNPACK's threads; one a core by default) on one thread.
+
+    The pool is replaced, not resized, and an XNNPACK program keeps the pool it was loaded with: one
+    loaded before runs on a freed pool inside (measured: segmentation faults and futex aborts in
+    ``execute``, two runs in four, on MSRNet's int8 program), so load programs inside.
+    """
     threads = torch.get_num_threads()
     runtime = sys.modules.get("executorch.extension.pybindings.portable_lib")
     pool = runtime._threadpool_get_thread_count() if runtime is not None else None

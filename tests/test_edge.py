@@ -316,6 +316,43 @@ def test_int8_weights_shared_by_several_layers_are_quantized_at_every_use_and_lo
     assert _rms_error(output, expected) < 0.05
 
 
+class _CoarseToFine(nn.Module):
+    """A coarse map resized (or average-pooled) for the next operator and also passed on, as MSRNet's decoder does."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.coarse, self.fine, self.mode = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Conv2d(3, 8, 3, padding=1), mode
+
+    def forward(self, x):
+        coarse = self.coarse(x)
+        if self.mode == "resize":
+            return self.fine(x) + F.interpolate(coarse, size=x.shape[-2:], mode="bilinear"), coarse
+        return F.avg_pool2d(coarse, 2), coarse
+
+
+@pytest.mark.parametrize("mode", ["resize", "avg_pool"])
+def test_int8_map_both_resized_and_returned_runs_with_its_channels_last_layout(mode, tmp_path):
+    # MSRNet's int8 program failed when run ("Propagating input shapes failed with code: xnn_status_invalid_parameter"):
+    # one dequantize fed a float channels-last operator (bilinear resize, average pooling) and the partition's
+    # output; XNNPACK's layout pass, converting it back to channels-first for the output, moved the resize onto
+    # the channels-first copy too. Each user now has its own dequantize.
+    pytest.importorskip("executorch", reason="the recurzoo[edge] extra is not installed")
+    from executorch.runtime import Runtime
+
+    from recurzoo.export.edge import lower_executorch
+
+    torch.manual_seed(0)
+    model, images = _CoarseToFine(mode).eval(), torch.rand(8, 3, 8, 8)
+    outside = lower_executorch(model, images[:1], tmp_path / "coarse.pte", "int8", images)
+    assert not {"upsample_bilinear2d", "avg_pool2d", "convolution"} & set(outside), outside
+    method = Runtime.get().load_program(str(tmp_path / "coarse.pte")).load_method("forward")
+    with torch.no_grad():
+        expected = model(images[:1])
+    outputs = method.execute([images[:1]])
+    assert [output.shape for output in outputs] == [e.shape for e in expected]
+    assert max(_rms_error(output, e) for output, e in zip(outputs, expected)) < 0.05
+
+
 def test_hornet_global_filter_exports_as_real_dft_matmuls_equal_to_the_fft():
     model = _reduced("hornet_tiny_gf")
     x = builtin_photos(model, (3, SIDE, SIDE)).images[:2]
@@ -354,6 +391,53 @@ def test_executorch_program_runs_back_through_the_runtime_like_eager(tmp_path):
     assert portable_lib._threadpool_get_thread_count() == threads
     meta = json.loads(Path(result.path).with_suffix(".json").read_text())
     assert meta["mean"] == list(model.pretrained_cfg["mean"]) and meta["precision"] == "fp32"
+
+
+def test_latency_loads_the_artifact_once_the_threadpool_has_one_thread(tmp_path):
+    # ExecuTorch replaces its threadpool to change the thread count, and an XNNPACK program keeps the pool it was
+    # loaded with: MSRNet's int8 program, loaded before, crashed in execute (segmentation fault, futex abort).
+    pytest.importorskip("executorch", reason="the recurzoo[edge] extra is not installed")
+    from executorch.extension.pybindings import portable_lib
+
+    from recurzoo.export.edge import _latency
+
+    model, x = nn.Conv2d(3, 4, 3).eval(), torch.randn(1, 3, 8, 8)
+    torch.onnx.export(model, (x,), str(tmp_path / "conv.onnx"), input_names=["input"], dynamo=False)
+    pools = []
+
+    def load():
+        pools.append(portable_lib._threadpool_get_thread_count())
+        return model
+
+    latency = _latency(model, tmp_path / "conv.onnx", load, x, "artifact")
+    assert pools == [1] and set(latency) == {"fp32 eager", "fp32 onnxruntime", "artifact"}
+
+
+def test_peak_memory_of_a_program_calling_quantized_kernels_outside_the_delegate_is_measured(tmp_path):
+    # An int8 program calls a dequantize outside XNNPACK where an operator the delegate refuses takes a quantized
+    # weight (MSRNet-HorNet's addmm did): the fresh process that measures peak memory did not register the quantized
+    # kernels ("Missing operator: quantized_decomposed::dequantize_per_channel.out"), and the report had none.
+    pytest.importorskip("executorch", reason="the recurzoo[edge] extra is not installed")
+    import executorch.kernels.quantized  # noqa: F401  (serializes the dequantize)
+    from executorch.exir import to_edge
+
+    from recurzoo.export.edge import _peak_memory_mib
+
+    class PerChannelScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("weight", torch.tensor([1, -2, 3], dtype=torch.int8).view(3, 1, 1))
+            self.register_buffer("scale", torch.tensor([0.5, 0.25, 0.125]))
+            self.register_buffer("zero_point", torch.zeros(3, dtype=torch.int64))
+
+        def forward(self, x):
+            dequantize = torch.ops.quantized_decomposed.dequantize_per_channel
+            return x * dequantize(self.weight, self.scale, self.zero_point, 0, -127, 127, torch.int8)
+
+    x = torch.randn(1, 3, 4, 4)
+    (tmp_path / "scale.pte").write_bytes(to_edge(torch.export.export(PerChannelScale(), (x,))).to_executorch().buffer)
+    peak = _peak_memory_mib("executorch", tmp_path / "scale.pte", tuple(x.shape))
+    assert peak is not None and peak > 0
 
 
 def test_executorch_attention_and_computed_weights_run_inside_the_xnnpack_delegate(tmp_path):
