@@ -113,6 +113,44 @@ def test_int8_onnx_stores_hornet_global_filters_as_int8_close_to_their_float_val
     )
 
 
+def test_int8_onnx_does_not_store_the_biases_onnxruntime_would_fold_out_of_small_tables(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from recurzoo.export.edge import quantize_onnx_int8
+
+    # RGT's pattern: each block's bias comes from its own small table through one shared index (window x window)
+    rng = np.random.default_rng(0)
+    length, nodes = 65536, []
+    initializers = [numpy_helper.from_array(rng.integers(0, 16, length), "index")]
+    value = "input"
+    for block in range(4):
+        initializers += [
+            numpy_helper.from_array(rng.normal(size=(16, 2)).astype(np.float32), f"table{block}"),
+            numpy_helper.from_array(rng.normal(size=(2, 1)).astype(np.float32), f"mlp{block}"),
+            numpy_helper.from_array(np.array([16], dtype=np.int64), f"flat{block}"),
+        ]
+        nodes += [
+            helper.make_node("MatMul", [f"table{block}", f"mlp{block}"], [f"small{block}"]),
+            helper.make_node("Reshape", [f"small{block}", f"flat{block}"], [f"values{block}"]),
+            helper.make_node("Gather", [f"values{block}", "index"], [f"bias{block}"]),
+            helper.make_node("Add", [value, f"bias{block}"], [f"out{block}"]),
+        ]
+        value = f"out{block}"
+    graph = helper.make_graph(
+        nodes,
+        "biases",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, length])],
+        [helper.make_tensor_value_info(value, TensorProto.FLOAT, [1, length])],
+        initializers,
+    )
+    fp32_path = tmp_path / "biases.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(fp32_path))
+    quantize_onnx_int8(fp32_path, tmp_path / "biases.int8.onnx", torch.randn(2, length), {})
+    stored = onnx.load(str(tmp_path / "biases.int8.onnx")).graph.initializer
+    # folded by onnxruntime's optimizer, four float biases of 65536 values each were stored (4x the index)
+    assert not [t.name for t in stored if t.data_type == TensorProto.FLOAT and np.prod(t.dims) >= length]
+
+
 def test_fp16_onnx_keeps_fp32_inputs_and_outputs_and_stays_close(tmp_path):
     model = _reduced("sret_tiny")
     result = export_edge("sret_tiny", tmp_path, precision="fp16", model=model, input_size=(3, SIDE, SIDE))
