@@ -430,8 +430,11 @@ def lower_executorch(
         # Weights computed from parameters (HorNet's scaled pointwise weights and biases, its DFT matrices'
         # products) become constants: XNNPACK takes a matmul only with static weights, else it runs portable.
         program = torch.export.export(model, (example,))
+        # Gathers stay unfolded: folded, RGT's position biases (small tables gathered by one shared window index)
+        # were stored once a block, full size (rgt_small_x2 program 2.6x its fp32 ONNX file).
         program = constant_prop_pass(
-            program.run_decompositions({torch.ops.aten.scaled_dot_product_attention.default: _plain_attention})
+            program.run_decompositions({torch.ops.aten.scaled_dot_product_attention.default: _plain_attention}),
+            custom_skip_targets={torch.ops.aten.index.Tensor},
         )
         if precision == "int8":
             # Registers the out variants of quantize/dequantize for those left outside the delegate (the weight

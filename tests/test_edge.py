@@ -470,6 +470,31 @@ def test_executorch_attention_and_computed_weights_run_inside_the_xnnpack_delega
     np.testing.assert_allclose(_pte_runner(tmp_path / "attention.pte")(x)[0], expected, atol=1e-5)
 
 
+def test_executorch_does_not_store_biases_gathered_from_small_tables(tmp_path):
+    pytest.importorskip("executorch", reason="the recurzoo[edge] extra is not installed")
+    from recurzoo.export.edge import _pte_runner, lower_executorch
+
+    class GatheredBiases(nn.Module):  # RGT's pattern: per-block tables, one shared (window x window) index
+        def __init__(self):
+            super().__init__()
+            self.tables = nn.ParameterList([nn.Parameter(torch.randn(16, 2)) for _ in range(4)])
+            self.mix = nn.Linear(2, 1)
+            self.register_buffer("index", torch.randint(0, 16, (256, 256)), persistent=False)
+
+        def forward(self, x):
+            for table in self.tables:
+                x = (x + self.mix(table)[:, 0][self.index]).softmax(-1)
+            return x
+
+    model = GatheredBiases().eval()
+    x = torch.randn(1, 256, 256)
+    lower_executorch(model, x, tmp_path / "biases.pte", "fp32", x)
+    # folded, the four (256, 256) float biases took 1 MiB in place of the 0.5 MiB index
+    assert (tmp_path / "biases.pte").stat().st_size < 0.75 * 2**20
+    with torch.no_grad():
+        np.testing.assert_allclose(_pte_runner(tmp_path / "biases.pte")(x)[0], model(x).numpy(), atol=1e-6)
+
+
 def test_a_model_executorch_cannot_lower_is_one_line_with_the_lowering_reason(tmp_path):
     pytest.importorskip("executorch", reason="the recurzoo[edge] extra is not installed")
 
