@@ -271,6 +271,42 @@ def test_pointwise_matmuls_become_1x1_convs_with_the_same_outputs(tmp_path):
         np.testing.assert_allclose(actual, reference, rtol=0, atol=1e-5)
 
 
+class _RepeatedMasks(torch.nn.Module):
+    """Each block builds the same mask from the input's size (as RGT's shifted windows do), plus a small one."""
+
+    def forward(self, x):
+        for _ in range(3):
+            side = x.shape[-1]
+            mask = (torch.arange(side)[:, None] > torch.arange(side)).float() * -100.0  # 16x16: 1 KiB, exported 3x
+            x = (x + mask).softmax(-1) + torch.arange(4.0).repeat(side // 4)  # 64 B: left as it is
+        return x
+
+
+def test_identical_constants_are_stored_once_with_the_same_outputs(tmp_path):
+    import onnx
+
+    from recurzoo.export.onnx_rewrite import shared_constants
+
+    model, x = _RepeatedMasks().eval(), torch.randn(2, 3, 16, 16)
+    path = tmp_path / "masks.onnx"
+    with torch.no_grad():
+        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=18, input_names=["input"])
+        expected = model(x).numpy()
+    graph = onnx.load(str(path))
+
+    def big_constants(proto):
+        tensors = [node.attribute[0].t for node in proto.graph.node if node.op_type == "Constant"]
+        return [t for t in [*tensors, *proto.graph.initializer] if onnx.numpy_helper.to_array(t).nbytes >= 1024]
+
+    assert len(big_constants(graph)) == 3
+    nodes = len(graph.graph.node)
+    assert shared_constants(graph) == 2
+    onnx.checker.check_model(graph)
+    assert len(big_constants(graph)) == 1 and len(graph.graph.node) == nodes - 2  # the small constants stay
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], expected, rtol=0, atol=1e-6)
+
+
 def test_dynamic_size_is_refused_with_the_reason_for_fixed_size_models(tmp_path):
     model = recurzoo.create_model("hornet_tiny_gf", **REDUCED["hornet"])
     with pytest.raises(ValueError, match="hornet_tiny_gf: dynamic height/width is not possible: the global filter"):
