@@ -427,9 +427,9 @@ def lower_executorch(
     # which ExecuTorch's memory planning refuses (sliced SReT, RGT); the math one lowers to XNNPACK matmuls.
     model = _at_size(model, example.shape[-2:])
     with torch.no_grad(), static_adaptive_pooling(), sdpa_kernel(SDPBackend.MATH):
+        program = torch.export.export(model, (example,))
         # Weights computed from parameters (HorNet's scaled pointwise weights and biases, its DFT matrices'
         # products) become constants: XNNPACK takes a matmul only with static weights, else it runs portable.
-        program = torch.export.export(model, (example,))
         # Gathers stay unfolded: folded, RGT's position biases (small tables gathered by one shared window index)
         # were stored once a block, full size (rgt_small_x2 program 2.6x its fp32 ONNX file).
         program = constant_prop_pass(
@@ -473,7 +473,7 @@ def _plain_attention(
 
     PyTorch's own decomposition guards rows whose every key is masked (``_safe_softmax``: zeros, not NaN)
     with ``eq``/``any``/``where`` operators XNNPACK does not take; they ran in ExecuTorch's portable kernels
-    between the delegated matmuls (recurrent ViT-S fp32 program: 129 -> 98 ms CPU). No model of the zoo
+    between the delegated matmuls (SReT-T fp32 program: 63.6 -> 29.1 ms, ``edge_bench``). No model of the zoo
     masks a whole row (SReT keeps a padding slice's keys, RGT masks with -100), so the guard is left out.
     Dropout, causal masks and grouped queries keep PyTorch's decomposition.
     """
@@ -955,6 +955,7 @@ def export_edge(
             (lambda: _pte_runner(path)) if fmt == "executorch" else (lambda: run),
             evaluation_set.images[:1],
             f"{fmt} {precision}",
+            executorch=fmt == "executorch",
         ),
         peak_memory_mib=_peak_memory(Path(fp32.onnx_path), path, fmt, precision, (1, *size)),
         time_shares=onnx_time_shares(path, evaluation_set.images[:1]) if fmt == "onnx" and precision == "int8" else {},
@@ -1044,7 +1045,6 @@ def _peak_memory(fp32_path: Path, path: Path, fmt: str, precision: str, shape: S
 def _peak_memory_mib(kind: str, artifact: Path, shape: Sequence[int]) -> Optional[float]:
     """The peak memory of one ``'onnx'`` or ``'executorch'`` artifact (:func:`_peak_memory`); None if unmeasured."""
     import subprocess
-    import sys
 
     command = [sys.executable, "-c", _PEAK_MEMORY_SCRIPT, kind, str(artifact), json.dumps(list(shape))]
     try:
@@ -1055,15 +1055,20 @@ def _peak_memory_mib(kind: str, artifact: Path, shape: Sequence[int]) -> Optiona
 
 
 def _latency(
-    model: nn.Module, fp32_path: Path, load: Callable[[], Callable[[torch.Tensor], Any]], x: torch.Tensor, label: str
+    model: nn.Module,
+    fp32_path: Path,
+    load: Callable[[], Callable[[torch.Tensor], Any]],
+    x: torch.Tensor,
+    label: str,
+    executorch: bool = False,
 ) -> Dict[str, float]:
     """Median ms at batch 1 on one thread: fp32 eager, fp32 onnxruntime and the artifact, in this process.
 
     ``load`` gives the artifact's runner, called on one thread: an ExecuTorch program must be loaded
-    there (:func:`_one_thread`).
+    there (:func:`_one_thread`, with ``executorch``).
     """
     fp32_onnx = _onnx_runner(fp32_path)
-    with torch.no_grad(), _one_thread():
+    with torch.no_grad(), _one_thread(executorch):
         runners = [load()]
         result = {
             "fp32 eager": median_ms(lambda: model(x), _LATENCY_RUNS),
@@ -1075,15 +1080,18 @@ def _latency(
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """PyTorch and, when loaded, ExecuTorch's threadpool (XNNPACK's threads; one a core by default) on one thread.
+def _one_thread(executorch: bool = False) -> Iterator[None]:
+    """PyTorch and, with ``executorch``, ExecuTorch's threadpool (XNNPACK's threads; one a core by default) on
+    one thread.
 
     The pool is replaced, not resized, and an XNNPACK program keeps the pool it was loaded with: one
     loaded before runs on a freed pool inside (measured: segmentation faults and futex aborts in
     ``execute``, two runs in four, on MSRNet's int8 program), so load programs inside.
     """
     threads = torch.get_num_threads()
-    runtime = sys.modules.get("executorch.extension.pybindings.portable_lib")
+    runtime = None
+    if executorch:
+        from executorch.extension.pybindings import portable_lib as runtime
     pool = runtime._threadpool_get_thread_count() if runtime is not None else None
     torch.set_num_threads(1)
     if runtime is not None:

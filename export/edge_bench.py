@@ -235,6 +235,19 @@ def _artifact_list(text: str) -> Tuple[str, ...]:
     return chosen
 
 
+def _check_specs(specs: Sequence[str]) -> None:
+    """A ``ValueError`` naming the first spec whose size is malformed or whose model is not registered."""
+    from recurzoo.export.bench import parse_model_spec
+    from recurzoo.registry import UnknownModelError, model_builder
+
+    for spec in specs:
+        name, _ = parse_model_spec(spec)
+        try:
+            model_builder(name)
+        except UnknownModelError as error:
+            raise ValueError(f"model {spec!r}: {error}") from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--worker"]:
@@ -254,6 +267,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="keep the rows of --out's CSV that this run does not measure again (measure in several sittings)",
     )
     args = parser.parse_args(argv)
+    try:  # a misspelt name or size is a usage error before anything runs, not a "not made" row
+        _check_specs(args.models)
+    except ValueError as error:
+        parser.error(str(error))
     rows = bench_edge(args.models, args.artifacts, args.timeout, args.calibration_count)
     if args.merge and args.out:
         rows = merge_rows(load_edge_rows(args.out.with_suffix(".csv")), rows)

@@ -1,7 +1,8 @@
-"""Rewrites of an exported ONNX graph that onnxruntime runs faster, with the same arithmetic.
+"""Rewrites of an exported ONNX graph that onnxruntime runs faster or that store it smaller, with the same
+arithmetic.
 
 :func:`rewrite_graph` applies every rewrite of :data:`REWRITES` to a ``ModelProto`` in place and returns
-how many places each changed. A rewrite only reorders how the same sums are computed (results differ by
+how many places each changed. A rewrite at most reorders how the same sums are computed (results differ by
 float rounding, far inside the exporter's parity tolerance, which :mod:`recurzoo.export.onnx` checks on
 the rewritten file).
 

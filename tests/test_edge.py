@@ -386,7 +386,7 @@ def test_executorch_program_runs_back_through_the_runtime_like_eager(tmp_path):
     from recurzoo.export.edge import _one_thread
 
     threads = portable_lib._threadpool_get_thread_count()
-    with _one_thread():  # latency is measured on one thread, XNNPACK's threadpool included
+    with _one_thread(executorch=True):  # latency is measured on one thread, XNNPACK's threadpool included
         assert portable_lib._threadpool_get_thread_count() == 1 and torch.get_num_threads() == 1
     assert portable_lib._threadpool_get_thread_count() == threads
     meta = json.loads(Path(result.path).with_suffix(".json").read_text())
@@ -409,7 +409,7 @@ def test_latency_loads_the_artifact_once_the_threadpool_has_one_thread(tmp_path)
         pools.append(portable_lib._threadpool_get_thread_count())
         return model
 
-    latency = _latency(model, tmp_path / "conv.onnx", load, x, "artifact")
+    latency = _latency(model, tmp_path / "conv.onnx", load, x, "artifact", executorch=True)
     assert pools == [1] and set(latency) == {"fp32 eager", "fp32 onnxruntime", "artifact"}
 
 
@@ -514,6 +514,20 @@ def test_a_model_executorch_cannot_lower_is_one_line_with_the_lowering_reason(tm
             input_size=(3, SIDE, SIDE),
         )
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [("sret_tinyy", "model 'sret_tinyy': unknown model"), ("sret_tiny@3x0x32", "must be CxHxW")],
+)
+def test_edge_bench_refuses_a_misspelt_model_or_size_before_anything_runs(spec, expected, tmp_path, capsys):
+    from recurzoo.export.edge_bench import main as edge_bench_main
+
+    out = tmp_path / "edge"
+    with pytest.raises(SystemExit) as stop:  # not a "not made" row in the table
+        edge_bench_main([spec, "--artifacts", "onnx-int8", "--out", str(out)])
+    assert stop.value.code == 2 and expected in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_edge_bench_rows_round_trip_through_csv_and_name_what_was_not_made(tmp_path):
