@@ -11,6 +11,11 @@ the rewritten file).
   a 1x1 convolution computed channels-last in eager PyTorch), becomes the 1x1 ``Conv`` it stands for:
   onnxruntime keeps the chains of such convolutions and the gates between them in its blocked NCHWc
   layout instead of transposing every map twice.
+- :func:`folded_weights`: the weights and biases of ``Conv``/``MatMul``/``Gemm`` that the graph computes from
+  initializers (a 1x1 convolution's flattened, transposed, scaled or sliced weight, once for every scale
+  MSRNet runs its backbone on) become initializers, each distinct tensor stored once. onnxruntime folds them
+  when it loads the graph anyway; its quantizer takes only a stored weight, and its own folding stored one
+  copy for every reader.
 - :func:`shared_constants`: identical constant tensors of 1 KiB or more are stored once. The exporter writes
   a constant for every module that computes one (RGT's shifted-window masks: 18 copies of 1 MiB in
   ``rgt_small_x2`` at 64x64, the same in every residual group).
@@ -21,7 +26,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-__all__ = ["REWRITES", "rewrite_graph", "pointwise_convs", "shared_constants"]
+__all__ = ["REWRITES", "rewrite_graph", "pointwise_convs", "folded_weights", "shared_constants"]
 
 _TO_CHANNELS_LAST = [0, 2, 3, 1]
 _TO_CHANNELS_FIRST = [0, 3, 1, 2]
@@ -220,8 +225,116 @@ def shared_constants(model: Any, min_bytes: int = 1024) -> int:
     return len(renamed)
 
 
+_WEIGHTED_OPS = ("Conv", "MatMul", "Gemm")
+
+
+def folded_weights(model: Any) -> int:
+    """Store each weight or bias input of ``Conv``/``MatMul``/``Gemm`` that is computed from initializers only
+    (and is no larger than the initializers it reads) as an initializer; returns how many inputs now read one.
+
+    Equal tensors share one initializer (also with an existing one), and the nodes and initializers left
+    without readers are removed.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    view = _Graph(graph)
+    targets = sorted(
+        {
+            name
+            for node in graph.node
+            if node.op_type in _WEIGHTED_OPS and node.domain in ("", "ai.onnx")
+            for name in node.input[1:]
+            if name and name not in view.initializers and view.constant(name)
+        }
+    )
+    if not targets or any(node.op_type in ("If", "Loop", "Scan") for node in graph.node):
+        return 0
+    values = _evaluate(model, view, targets)
+    sizes = {tensor.name: numpy_helper.to_array(tensor).nbytes for tensor in graph.initializer}
+    stored: Dict[Tuple[str, Tuple[int, ...], bytes], str] = {}
+    for tensor in graph.initializer:
+        array = numpy_helper.to_array(tensor)
+        stored.setdefault((array.dtype.str, array.shape, array.tobytes()), tensor.name)
+    renamed: Dict[str, str] = {}
+    for name in targets:
+        array = values[name]
+        if array.nbytes > sum(sizes[source] for source in _initializer_sources(view, name)):
+            continue  # a broadcast or a gather materialised: left for onnxruntime
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in stored:
+            stored[key] = view.fresh(f"{name}_folded")
+            graph.initializer.append(numpy_helper.from_array(array, stored[key]))
+        renamed[name] = stored[key]
+    for node in graph.node:
+        if node.op_type in _WEIGHTED_OPS:
+            for index, name in enumerate(node.input):
+                if index and name in renamed:
+                    node.input[index] = renamed[name]
+    _drop_unread(graph)
+    return len(renamed)
+
+
+def _initializer_sources(view: _Graph, name: str) -> Set[str]:
+    """The initializers that the constant value ``name`` is computed from."""
+    sources, stack, seen = set(), [name], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current in view.initializers:
+            sources.add(current)
+        elif current in view.producer:
+            stack.extend(i for i in view.producer[current].input if i)
+    return sources
+
+
+def _evaluate(model: Any, view: _Graph, names: List[str]) -> Dict[str, Any]:
+    """The values of the constant ``names`` of ``model``'s graph, computed by ONNX's reference evaluator."""
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    needed: Set[str] = set()
+    stack = list(names)
+    while stack:
+        current = stack.pop()
+        if current in needed:
+            continue
+        needed.add(current)
+        if current in view.producer:
+            stack.extend(i for i in view.producer[current].input if i)
+    graph = model.graph
+    nodes = [node for node in graph.node if any(output in needed for output in node.output)]
+    subgraph = helper.make_graph(
+        nodes,
+        "constant_weights",
+        [],
+        [helper.make_empty_tensor_value_info(name) for name in names],
+        [tensor for tensor in graph.initializer if tensor.name in needed],
+    )
+    evaluator = ReferenceEvaluator(helper.make_model(subgraph, opset_imports=model.opset_import))
+    return dict(zip(names, evaluator.run(None, {})))
+
+
+def _drop_unread(graph: Any) -> None:
+    """Remove the nodes whose outputs nothing reads (no graph output), then the initializers nothing reads."""
+    outputs = {value.name for value in graph.output}
+    while True:
+        read = {name for node in graph.node for name in node.input} | outputs
+        unread = [node for node in graph.node if not any(output in read for output in node.output)]
+        if not unread:
+            break
+        for node in unread:
+            graph.node.remove(node)
+    read = {name for node in graph.node for name in node.input} | outputs
+    for tensor in [tensor for tensor in graph.initializer if tensor.name not in read]:
+        graph.initializer.remove(tensor)
+
+
 REWRITES: Tuple[Tuple[str, Callable[[Any], int]], ...] = (
     ("pointwise convs", pointwise_convs),
+    ("folded weights", folded_weights),
     ("shared constants", shared_constants),
 )
 

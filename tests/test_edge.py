@@ -151,6 +151,35 @@ def test_int8_onnx_does_not_store_the_biases_onnxruntime_would_fold_out_of_small
     assert not [t.name for t in stored if t.data_type == TensorProto.FLOAT and np.prod(t.dims) >= length]
 
 
+def test_int8_onnx_quantizes_1x1_conv_weights_that_several_scales_share(tmp_path):
+    from onnx import TensorProto
+
+    from recurzoo.backbones.hornet import PointwiseConv2d
+    from recurzoo.export.edge import quantize_onnx_int8
+    from recurzoo.export.onnx_rewrite import rewrite_graph
+
+    class TwoScales(nn.Module):  # MSRNet's pattern: HorNet's 1x1 convolutions on three scales, one weight each
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = PointwiseConv2d(32, 64), PointwiseConv2d(64, 32)
+
+        def forward(self, x):
+            return [self.second(self.first(scale, scale=0.5)) for scale in (x, F.avg_pool2d(x, 2), F.avg_pool2d(x, 4))]
+
+    model, x = TwoScales().eval(), torch.randn(1, 32, 16, 16)
+    fp32_path = tmp_path / "scales.onnx"
+    with torch.no_grad():
+        torch.onnx.export(model, (x,), str(fp32_path), dynamo=False, opset_version=18, input_names=["input"])
+    graph = onnx.load(str(fp32_path))
+    rewrite_graph(graph)
+    onnx.save(graph, str(fp32_path))
+    quantize_onnx_int8(fp32_path, tmp_path / "scales.int8.onnx", torch.randn(4, 32, 16, 16), {})
+    stored = onnx.load(str(tmp_path / "scales.int8.onnx")).graph.initializer
+    weights = [t for t in stored if np.prod(t.dims) == 32 * 64]
+    # each weight once, in int8 (the quantizer left a computed weight in float, one copy a scale)
+    assert sorted(t.data_type for t in weights) == [TensorProto.INT8] * 2
+
+
 def test_fp16_onnx_keeps_fp32_inputs_and_outputs_and_stays_close(tmp_path):
     model = _reduced("sret_tiny")
     result = export_edge("sret_tiny", tmp_path, precision="fp16", model=model, input_size=(3, SIDE, SIDE))

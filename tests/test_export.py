@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from _parity import in_repo_fixture
 
 import recurzoo
-from recurzoo.backbones.hornet import GlobalLocalFilter
+from recurzoo.backbones.hornet import GateContextConv, GlobalLocalFilter, PointwiseConv2d
 from recurzoo.cli import main
 from recurzoo.export.flops import create_uninitialized
 from recurzoo.export.onnx import PARITY_TOLERANCE, ExportResult, _pool_axis, export_model, export_support
@@ -266,6 +266,47 @@ def test_pointwise_matmuls_become_1x1_convs_with_the_same_outputs(tmp_path):
     assert ops.count("Conv") == 2 and ops.count("MatMul") == 1
     # the two weights' (folded by onnxruntime), z's view (still read by the sum) and w's; the first view went
     assert ops.count("Transpose") == 4
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    for actual, reference in zip(session.run(None, {"input": x.numpy()}), expected):
+        np.testing.assert_allclose(actual, reference, rtol=0, atol=1e-5)
+
+
+class _SharedPointwiseWeights(torch.nn.Module):
+    """HorNet's 1x1 convolutions run on two scales (as MSRNet runs its backbone): one weight, computed per use."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_context = GateContextConv(8, gate_width=4, context_width=8)
+        self.pointwise = PointwiseConv2d(8, 8)
+
+    def forward(self, x):
+        outputs = []
+        for scale in (x, F.avg_pool2d(x, 2)):
+            gate, context = self.gate_context(scale, gate_scale=0.5)
+            outputs.append(self.pointwise(context, scale=2.0) + gate.sum(1, keepdim=True))
+        return outputs
+
+
+def test_computed_conv_and_matmul_weights_are_stored_once_each_with_the_same_outputs(tmp_path):
+    import onnx
+
+    from recurzoo.export.onnx_rewrite import rewrite_graph
+
+    model, x = _SharedPointwiseWeights().eval(), torch.randn(1, 8, 8, 8)
+    path = tmp_path / "shared.onnx"
+    with torch.no_grad():
+        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=18, input_names=["input"])
+        expected = [t.numpy() for t in model(x)]
+    graph = onnx.load(str(path))
+    assert rewrite_graph(graph)["folded weights"] > 0
+    onnx.checker.check_model(graph)
+    stored = {tensor.name: tensor for tensor in graph.graph.initializer}
+    weighted = [node for node in graph.graph.node if node.op_type in ("Conv", "MatMul", "Gemm")]
+    assert len(weighted) == 6 and all(name in stored for node in weighted for name in node.input[1:])
+    # the scaled gate rows, the context rows and the scaled pointwise weight: each once, read on both scales
+    weights = {node.input[1] for node in weighted}
+    assert len(weights) == 3
+    assert sum(onnx.numpy_helper.to_array(stored[name]).size for name in weights) == 12 * 8 + 8 * 8
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     for actual, reference in zip(session.run(None, {"input": x.numpy()}), expected):
         np.testing.assert_allclose(actual, reference, rtol=0, atol=1e-5)
