@@ -323,22 +323,18 @@ class RectangleWindowBranch(nn.Module):
         heads, head_dim = self.num_heads, channels // self.num_heads
         shift_h, shift_w = self.shift_size or (0, 0)
         biases = self.window_biases(qkv.dtype)
+        if out is None:
+            return self._attend_out_of_place(qkv, biases)
         source = qkv.unflatten(-1, (heads, head_dim))
-        target = None if out is None else out.unflatten(-1, (heads, head_dim))
-        blocks: Dict[Tuple[int, int], torch.Tensor] = {}  # out of place: the result's blocks by position
+        target = out.unflatten(-1, (heads, head_dim))
         for last_row, rows, row_pieces in window_groups(height, window_h, shift_h):
             for last_col, cols, col_pieces in window_groups(width, window_w, shift_w):
-                if target is None:  # (B, rows, Wh, cols, Ww, 3, heads, d), the pieces joined
-                    windows = torch.cat(
-                        [torch.cat([_map_block(source, r, c) for c in col_pieces], dim=4) for r in row_pieces], dim=2
-                    )
-                    windows = windows.permute(5, 0, 1, 3, 6, 2, 4, 7)
-                else:  # copied piece by piece into (3, B, rows, cols, heads, Wh, Ww, d)
-                    windows = qkv.new_empty(3, batch, rows, cols, heads, window_h, window_w, head_dim)
-                    windows_as_map = windows.permute(1, 2, 5, 3, 6, 0, 4, 7)
-                    for r in row_pieces:
-                        for c in col_pieces:
-                            _window_block(windows_as_map, r, c).copy_(_map_block(source, r, c))
+                # copied piece by piece into (3, B, rows, cols, heads, Wh, Ww, d)
+                windows = qkv.new_empty(3, batch, rows, cols, heads, window_h, window_w, head_dim)
+                windows_as_map = windows.permute(1, 2, 5, 3, 6, 0, 4, 7)
+                for r in row_pieces:
+                    for c in col_pieces:
+                        _window_block(windows_as_map, r, c).copy_(_map_block(source, r, c))
                 windows = windows.reshape(3, batch * rows * cols, heads, window_h * window_w, head_dim)
                 bias = biases[last_row + 2 * last_col if self.shift_size is not None else 0]
                 attended = self.attend(*windows.unbind(0), bias[None])
@@ -347,15 +343,36 @@ class RectangleWindowBranch(nn.Module):
                 attended = attended.permute(0, 1, 4, 2, 5, 3, 6)
                 for r in row_pieces:
                     for c in col_pieces:
-                        if target is None:
-                            blocks[r[0], c[0]] = _window_block(attended, r, c).flatten(3, 4).flatten(1, 2)
-                        else:
-                            _map_block(target, r, c).copy_(_window_block(attended, r, c))
-        if target is not None:
-            return None
+                        _map_block(target, r, c).copy_(_window_block(attended, r, c))
+        return None
+
+    def _attend_out_of_place(self, qkv: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` without ``out``, in out-of-place operators on tensors of at most six dimensions
+        (XNNPACK's limit: the ExecuTorch program keeps its views and permutes inside the delegate)."""
+        batch, height, width, _, channels = qkv.shape
+        window_h, window_w = self.window_size
+        heads, head_dim = self.num_heads, channels // self.num_heads
+        shift_h, shift_w = self.shift_size or (0, 0)
+        source = qkv.reshape(batch, height, width, 3 * channels)
+        blocks: Dict[Tuple[int, int], torch.Tensor] = {}  # the result's blocks by position
+        for last_row, rows, row_pieces in window_groups(height, window_h, shift_h):
+            for last_col, cols, col_pieces in window_groups(width, window_w, shift_w):
+                # (B, rows, Wh, cols, Ww, 3C), the pieces joined, to (3, B * rows * cols, heads, Wh * Ww, d)
+                windows = torch.cat(
+                    [torch.cat([_map_block(source, r, c) for c in col_pieces], dim=4) for r in row_pieces], dim=2
+                )
+                windows = windows.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_h * window_w, 3, heads, head_dim)
+                windows = windows.permute(2, 0, 3, 1, 4)
+                bias = biases[last_row + 2 * last_col if self.shift_size is not None else 0]
+                attended = self.attend(*windows.unbind(0), bias[None])
+                # (B, rows, Wh, cols, Ww, C): the window order of the map
+                attended = attended.transpose(1, 2).reshape(batch, rows, cols, window_h, window_w, channels)
+                attended = attended.permute(0, 1, 3, 2, 4, 5)
+                for r in row_pieces:
+                    for c in col_pieces:
+                        blocks[r[0], c[0]] = _window_block(attended, r, c).flatten(3, 4).flatten(1, 2)
         row_starts, col_starts = sorted({r for r, _ in blocks}), sorted({c for _, c in blocks})
-        joined = torch.cat([torch.cat([blocks[r, c] for c in col_starts], dim=2) for r in row_starts], dim=1)
-        return joined.flatten(3)
+        return torch.cat([torch.cat([blocks[r, c] for c in col_starts], dim=2) for r in row_starts], dim=1)
 
 
 # The two attentions take Python decisions on the map's size (padding, how often RG-SA pools):

@@ -453,10 +453,101 @@ def lower_executorch(
             for image in calibration:
                 prepared(image[None])
             program = torch.export.export(_one_dequantize_per_user(convert_pt2e(prepared)), (example,))
-        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner(configs=_xnnpack_configs())])
+        edge = to_edge_transform_and_lower(
+            program,
+            transform_passes=[_delegable_views_pass()],
+            partitioner=[XnnpackPartitioner(configs=_xnnpack_configs())],
+        )
     outside = sorted({_operator_name(node.target) for node in edge.exported_program().graph.nodes if _portable(node)})
     out_path.write_bytes(edge.to_executorch().buffer)
     return outside
+
+
+def _delegable_views_pass() -> Any:
+    """An ExecuTorch pass that rewrites the copies XNNPACK's partitioner refuses into ones it takes, or removes them.
+
+    ``squeeze_copy`` and a leading ``unsqueeze_copy`` become ``view_copy``; ``select_copy`` and
+    ``split_with_sizes_copy`` (``unbind``, ``chunk``, ``split``) become ``slice_copy`` (and ``view_copy``);
+    ``expand_copy`` to the same shape, ``alias_copy`` and a one-tensor ``cat`` are dropped. Each refused
+    copy ran in ExecuTorch's portable kernels and cut the delegate in two: ``rgt_small_x2`` was lowered in
+    hundreds of XNNPACK partitions (a timm attention's ``qkv.unbind(0)``, RGT's no-op window slices, the
+    batch ``expand`` of every 4-D matmul).
+    """
+    from executorch.exir.dialects._ops import ops as exir_ops
+    from executorch.exir.pass_base import ExportPass, PassResult
+
+    aten = exir_ops.edge.aten
+    squeezes = (aten.squeeze_copy.dims, aten.squeeze_copy.dim, aten.squeeze_copy.default, aten.unsqueeze_copy.default)
+
+    def shape(node: Any) -> List[int]:
+        return list(node.meta["val"].shape)
+
+    def view(graph: Any, source: Any, like: Any) -> Any:
+        """A ``view_copy`` of ``source`` to the shape of the node ``like``, carrying its metadata."""
+        node = graph.call_function(aten.view_copy.default, (source, shape(like)))
+        node.meta["val"] = like.meta["val"]
+        return node
+
+    def rewrite(graph: Any, node: Any) -> bool:
+        target, source = node.target, node.args[0]
+        if target in squeezes:
+            trailing = target == aten.unsqueeze_copy.default and node.args[1] in (-1, len(shape(node)) - 1)
+            if trailing:  # XNNPACK takes it as it is
+                return False
+            with graph.inserting_before(node):
+                node.replace_all_uses_with(view(graph, source, node))
+            return True
+        if target == aten.select_copy.int:
+            dim, index = node.args[1], node.args[2] % source.meta["val"].shape[node.args[1]]
+            with graph.inserting_before(node):
+                sliced = graph.call_function(aten.slice_copy.Tensor, (source, dim, index, index + 1))
+                sliced.meta["val"] = source.meta["val"].narrow(dim, index, 1)
+                node.replace_all_uses_with(view(graph, sliced, node))
+            return True
+        if target == aten.split_with_sizes_copy.default:
+            return _split_as_slices(graph, node, aten.slice_copy.Tensor)
+        same_shape = target == aten.expand_copy.default and shape(source) == shape(node)
+        if (same_shape or target == aten.alias_copy.default) and source.op != "placeholder":
+            node.replace_all_uses_with(source)
+            return True
+        if target == aten.cat.default and len(source) == 1 and source[0].op != "placeholder":
+            node.replace_all_uses_with(source[0])
+            return True
+        return False
+
+    class DelegableViews(ExportPass):
+        def call(self, graph_module: torch.fx.GraphModule) -> Any:
+            graph = graph_module.graph
+            changed = False
+            for node in list(graph.nodes):
+                if node.op == "call_function" and "val" in node.meta:
+                    changed = rewrite(graph, node) or changed
+            if not changed:
+                return PassResult(graph_module, False)
+            graph.eliminate_dead_code()
+            graph_module.recompile()
+            return PassResult(super().call(graph_module).graph_module, True)  # traced again: fresh metadata
+
+    return DelegableViews()
+
+
+def _split_as_slices(graph: Any, node: Any, slice_op: Any) -> bool:
+    """Replace each read part (``getitem``) of the split ``node`` by a slice of its input; whether any was."""
+    import operator
+
+    source, sizes = node.args[0], node.args[1]
+    dim = node.args[2] if len(node.args) > 2 else 0
+    starts = [sum(sizes[:index]) for index in range(len(sizes))]
+    parts = [user for user in node.users if user.target is operator.getitem]
+    if len(parts) != len(node.users):
+        return False
+    for part in parts:
+        index = part.args[1]
+        with graph.inserting_before(part):
+            part.replace_all_uses_with(
+                graph.call_function(slice_op, (source, dim, starts[index], starts[index] + sizes[index]))
+            )
+    return bool(parts)
 
 
 def _plain_attention(

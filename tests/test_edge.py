@@ -499,6 +499,35 @@ def test_executorch_attention_and_computed_weights_run_inside_the_xnnpack_delega
     np.testing.assert_allclose(_pte_runner(tmp_path / "attention.pte")(x)[0], expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_executorch_views_splits_and_no_op_copies_stay_inside_the_xnnpack_delegate(precision, tmp_path):
+    pytest.importorskip("executorch", reason="the recurzoo[edge] extra is not installed")
+    from recurzoo.export.edge import _pte_runner, lower_executorch
+
+    class Views(nn.Module):  # timm's qkv.unbind(0), chunked gates, RGT's whole-map slices and one-block joins
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.gate = nn.Linear(16, 48), nn.Linear(16, 32)
+
+        def forward(self, x):
+            tokens = x.flatten(2).transpose(1, 2)  # (1, 16, 16)
+            q, k, v = self.qkv(tokens).view(1, 16, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+            attended = ((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).flatten(2)  # 4-D matmuls
+            gate, value = self.gate(attended[:, :16]).chunk(2, dim=-1)
+            first = torch.cat([(gate * value)[:, :, :16]], dim=1)  # one tensor joined; a slice of all of it
+            return first + tokens[:, 0:1, :].squeeze(1)[:, None] + tokens.select(1, 3)[:, None]
+
+    model = Views().eval()
+    x = torch.randn(1, 16, 4, 4)
+    outside = lower_executorch(model, x, tmp_path / "views.pte", precision, x)
+    refused = {"squeeze_copy", "select_copy", "split_with_sizes_copy", "unbind_copy", "expand_copy", "alias_copy", "cat"}
+    assert not refused & set(outside), outside
+    with torch.no_grad():
+        expected = model(x).numpy()
+    tolerance = 1e-5 if precision == "fp32" else 0.1 * np.abs(expected).max()
+    np.testing.assert_allclose(_pte_runner(tmp_path / "views.pte")(x)[0], expected, atol=tolerance)
+
+
 def test_executorch_does_not_store_biases_gathered_from_small_tables(tmp_path):
     pytest.importorskip("executorch", reason="the recurzoo[edge] extra is not installed")
     from recurzoo.export.edge import _pte_runner, lower_executorch
