@@ -288,6 +288,9 @@ def quantize_onnx_int8(fp32_path: Path, out_path: Path, calibration: torch.Tenso
     finally:
         prepared.unlink(missing_ok=True)
     proto = onnx.load(str(out_path))
+    # The prepared graph's inferred shapes: onnxruntime infers them again when it loads the file
+    # (2.2 MiB of rgt_small_x2's 22.6 MiB int8 file).
+    del proto.graph.value_info[:]
     stored_int8 = _store_filter_weights_int8(proto)
     _write_onnx_metadata(proto, dict(meta, precision="int8"))
     onnx.save(proto, str(out_path))
