@@ -191,10 +191,10 @@ def shared_constants(model: Any, min_bytes: int = 1024) -> int:
 
     A graph with subgraphs (``If``, ``Loop``) is left as it is: a subgraph may read a copy by name.
     """
-    from onnx import AttributeProto, numpy_helper
+    from onnx import numpy_helper
 
     graph = model.graph
-    if any(attr.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for n in graph.node for attr in n.attribute):
+    if _has_subgraphs(graph):
         return 0
     first_by_value: Dict[Tuple[int, Tuple[int, ...], bytes], str] = {}
     outputs = {value.name for value in graph.output}
@@ -226,6 +226,10 @@ def shared_constants(model: Any, min_bytes: int = 1024) -> int:
 
 
 _WEIGHTED_OPS = ("Conv", "MatMul", "Gemm")
+# operators that draw new values on every run (Dropout in training mode): what they compute is no constant
+_RANDOM_OPS = frozenset(
+    {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
+)
 
 
 def folded_weights(model: Any) -> int:
@@ -233,33 +237,36 @@ def folded_weights(model: Any) -> int:
     (and is no larger than the initializers it reads) as an initializer; returns how many inputs now read one.
 
     Equal tensors share one initializer (also with an existing one), and the nodes and initializers left
-    without readers are removed.
+    without readers are removed. A value computed with an operator outside ONNX's standard domain (the
+    reference evaluator that computes it has no implementation), with a random one, or from an initializer
+    that a graph input overrides is left to the graph; so is every value of a graph with subgraphs.
     """
     from onnx import numpy_helper
 
     graph = model.graph
     view = _Graph(graph)
-    targets = sorted(
-        {
-            name
-            for node in graph.node
-            if node.op_type in _WEIGHTED_OPS and node.domain in ("", "ai.onnx")
-            for name in node.input[1:]
-            if name and name not in view.initializers and view.constant(name)
-        }
-    )
-    if not targets or any(node.op_type in ("If", "Loop", "Scan") for node in graph.node):
+    overridable = {value.name for value in graph.input} & view.initializers
+    chains = {
+        name: _ancestors(view, [name])
+        for node in graph.node
+        if node.op_type in _WEIGHTED_OPS and node.domain in ("", "ai.onnx")
+        for name in node.input[1:]
+        if name and name not in view.initializers and view.constant(name)
+    }
+    targets = sorted(name for name, chain in chains.items() if _foldable(view, chain, overridable))
+    if not targets or _has_subgraphs(graph):
         return 0
     values = _evaluate(model, view, targets)
     sizes = {tensor.name: numpy_helper.to_array(tensor).nbytes for tensor in graph.initializer}
     stored: Dict[Tuple[str, Tuple[int, ...], bytes], str] = {}
     for tensor in graph.initializer:
-        array = numpy_helper.to_array(tensor)
-        stored.setdefault((array.dtype.str, array.shape, array.tobytes()), tensor.name)
+        if tensor.name not in overridable:
+            array = numpy_helper.to_array(tensor)
+            stored.setdefault((array.dtype.str, array.shape, array.tobytes()), tensor.name)
     renamed: Dict[str, str] = {}
     for name in targets:
         array = values[name]
-        if array.nbytes > sum(sizes[source] for source in _initializer_sources(view, name)):
+        if array.nbytes > sum(sizes[source] for source in chains[name] & view.initializers):
             continue  # a broadcast or a gather materialised: left for onnxruntime
         key = (array.dtype.str, array.shape, array.tobytes())
         if key not in stored:
@@ -275,19 +282,33 @@ def folded_weights(model: Any) -> int:
     return len(renamed)
 
 
-def _initializer_sources(view: _Graph, name: str) -> Set[str]:
-    """The initializers that the constant value ``name`` is computed from."""
-    sources, stack, seen = set(), [name], set()
+def _has_subgraphs(graph: Any) -> bool:
+    """Whether a node of ``graph`` holds a subgraph (``If``, ``Loop``, ``Scan``), which may read any value by name."""
+    from onnx import AttributeProto
+
+    return any(attr.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for n in graph.node for attr in n.attribute)
+
+
+def _ancestors(view: _Graph, names: List[str]) -> Set[str]:
+    """``names`` and every value of ``view``'s graph that they are computed from."""
+    found: Set[str] = set()
+    stack = list(names)
     while stack:
         current = stack.pop()
-        if current in seen:
+        if current in found:
             continue
-        seen.add(current)
-        if current in view.initializers:
-            sources.add(current)
-        elif current in view.producer:
+        found.add(current)
+        if current in view.producer:
             stack.extend(i for i in view.producer[current].input if i)
-    return sources
+    return found
+
+
+def _foldable(view: _Graph, chain: Set[str], overridable: Set[str]) -> bool:
+    """Whether the values ``chain`` are computed by standard, deterministic operators from initializers that
+    no graph input overrides."""
+    nodes = [view.producer[name] for name in chain if name in view.producer]
+    standard = all(node.domain in ("", "ai.onnx") and node.op_type not in _RANDOM_OPS for node in nodes)
+    return standard and not chain & overridable
 
 
 def _evaluate(model: Any, view: _Graph, names: List[str]) -> Dict[str, Any]:
@@ -295,15 +316,7 @@ def _evaluate(model: Any, view: _Graph, names: List[str]) -> Dict[str, Any]:
     from onnx import helper
     from onnx.reference import ReferenceEvaluator
 
-    needed: Set[str] = set()
-    stack = list(names)
-    while stack:
-        current = stack.pop()
-        if current in needed:
-            continue
-        needed.add(current)
-        if current in view.producer:
-            stack.extend(i for i in view.producer[current].input if i)
+    needed = _ancestors(view, names)
     graph = model.graph
     nodes = [node for node in graph.node if any(output in needed for output in node.output)]
     subgraph = helper.make_graph(
@@ -318,7 +331,8 @@ def _evaluate(model: Any, view: _Graph, names: List[str]) -> Dict[str, Any]:
 
 
 def _drop_unread(graph: Any) -> None:
-    """Remove the nodes whose outputs nothing reads (no graph output), then the initializers nothing reads."""
+    """Remove the nodes whose outputs nothing reads (no graph output), then the initializers nothing reads
+    (an initializer that is also a graph input, its default value, is kept)."""
     outputs = {value.name for value in graph.output}
     while True:
         read = {name for node in graph.node for name in node.input} | outputs
@@ -327,7 +341,7 @@ def _drop_unread(graph: Any) -> None:
             break
         for node in unread:
             graph.node.remove(node)
-    read = {name for node in graph.node for name in node.input} | outputs
+    read = {name for node in graph.node for name in node.input} | outputs | {value.name for value in graph.input}
     for tensor in [tensor for tensor in graph.initializer if tensor.name not in read]:
         graph.initializer.remove(tensor)
 

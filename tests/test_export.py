@@ -312,6 +312,38 @@ def test_computed_conv_and_matmul_weights_are_stored_once_each_with_the_same_out
         np.testing.assert_allclose(actual, reference, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("chain", ["custom operator", "random operator", "overridable initializer"])
+def test_computed_weights_that_cannot_be_stored_leave_the_graph_as_it_is(chain):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from recurzoo.export.onnx_rewrite import folded_weights
+
+    weight = numpy_helper.from_array(np.eye(4, dtype=np.float32), "weight")
+    nodes = {  # how the MatMul's weight is computed
+        "custom operator": [helper.make_node("Scaled", ["weight"], ["computed"], domain="vendor")],
+        "random operator": [
+            helper.make_node("RandomNormal", [], ["noise"], shape=[4, 4]),
+            helper.make_node("Add", ["weight", "noise"], ["computed"]),
+        ],
+        "overridable initializer": [helper.make_node("Transpose", ["weight"], ["computed"], perm=[1, 0])],
+    }[chain]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])]
+    if chain == "overridable initializer":  # the initializer is the input's default value
+        inputs.append(helper.make_tensor_value_info("weight", TensorProto.FLOAT, [4, 4]))
+    graph = helper.make_graph(
+        [*nodes, helper.make_node("MatMul", ["x", "computed"], ["y"])],
+        "computed_weight",
+        inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [weight],
+    )
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("vendor", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    before = model.SerializeToString()
+    assert folded_weights(model) == 0
+    assert model.SerializeToString() == before
+
+
 class _RepeatedMasks(torch.nn.Module):
     """Each block builds the same mask from the input's size (as RGT's shifted windows do), plus a small one."""
 
