@@ -547,9 +547,9 @@ def _split_as_slices(graph: Any, node: Any, slice_op: Any) -> bool:
     for part in parts:
         index = part.args[1]
         with graph.inserting_before(part):
-            part.replace_all_uses_with(
-                graph.call_function(slice_op, (source, dim, starts[index], starts[index] + sizes[index]))
-            )
+            sliced = graph.call_function(slice_op, (source, dim, starts[index], starts[index] + sizes[index]))
+        sliced.meta["val"] = part.meta["val"]  # read by the rewrites of the part's users
+        part.replace_all_uses_with(sliced)
     return bool(parts)
 
 

@@ -516,7 +516,8 @@ def test_executorch_views_splits_and_no_op_copies_stay_inside_the_xnnpack_delega
             attended = ((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).flatten(2)  # 4-D matmuls
             gate, value = self.gate(attended[:, :16]).chunk(2, dim=-1)
             first = torch.cat([(gate * value)[:, :, :16]], dim=1)  # one tensor joined; a slice of all of it
-            return first + tokens[:, 0:1, :].squeeze(1)[:, None] + tokens.select(1, 3)[:, None]
+            last = value.select(-2, -1)[:, None]  # a part of a split, selected from the end
+            return first + tokens[:, 0:1, :].squeeze(1)[:, None] + tokens.select(1, 3)[:, None] + last
 
     model = Views().eval()
     x = torch.randn(1, 16, 4, 4)
