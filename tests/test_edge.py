@@ -522,9 +522,9 @@ def test_executorch_views_splits_and_no_op_copies_stay_inside_the_xnnpack_delega
     model = Views().eval()
     x = torch.randn(1, 16, 4, 4)
     outside = lower_executorch(model, x, tmp_path / "views.pte", precision, x)
-    refused = {"squeeze_copy", "select_copy", "split_with_sizes_copy", "unbind_copy", "expand_copy", "alias_copy"}
-    refused.add("cat")
-    assert not refused & set(outside), outside
+    # nothing left outside; in int8 but the chunk's two slices, which requantize (each part has its own scale,
+    # and XNNPACK's static slice takes only equal ones)
+    assert set(outside) <= ({"slice_copy"} if precision == "int8" else set()), outside
     with torch.no_grad():
         expected = model(x).numpy()
     tolerance = 1e-5 if precision == "fp32" else 0.1 * np.abs(expected).max()
