@@ -501,14 +501,18 @@ def _delegable_views_pass() -> Any:
                 node.replace_all_uses_with(view(graph, source, node))
             return True
         if target == aten.select_copy.int:
-            dim, index = node.args[1], node.args[2] % source.meta["val"].shape[node.args[1]]
+            dim = node.args[1] % source.meta["val"].dim()  # XNNPACK's layout pass reads dims as non-negative
+            index = node.args[2] % source.meta["val"].shape[dim]
             with graph.inserting_before(node):
                 sliced = graph.call_function(aten.slice_copy.Tensor, (source, dim, index, index + 1))
                 sliced.meta["val"] = source.meta["val"].narrow(dim, index, 1)
                 node.replace_all_uses_with(view(graph, sliced, node))
             return True
         if target == aten.split_with_sizes_copy.default:
-            return _split_as_slices(graph, node, aten.slice_copy.Tensor)
+            # Not in int8: the program then failed to run (an XNNPACK slice of a dequantized HorNet map
+            # resized its output to zero channels, "Attempted to resize a static tensor").
+            dequantized = source.op == "call_function" and "dequantize" in str(source.target)
+            return not dequantized and _split_as_slices(graph, node, aten.slice_copy.Tensor)
         same_shape = target == aten.expand_copy.default and shape(source) == shape(node)
         if (same_shape or target == aten.alias_copy.default) and source.op != "placeholder":
             node.replace_all_uses_with(source)
@@ -539,7 +543,7 @@ def _split_as_slices(graph: Any, node: Any, slice_op: Any) -> bool:
     import operator
 
     source, sizes = node.args[0], node.args[1]
-    dim = node.args[2] if len(node.args) > 2 else 0
+    dim = (node.args[2] if len(node.args) > 2 else 0) % source.meta["val"].dim()
     starts = [sum(sizes[:index]) for index in range(len(sizes))]
     parts = [user for user in node.users if user.target is operator.getitem]
     if len(parts) != len(node.users):

@@ -423,6 +423,22 @@ def test_executorch_program_runs_back_through_the_runtime_like_eager(tmp_path):
     assert meta["mean"] == list(model.pretrained_cfg["mean"]) and meta["precision"] == "fp32"
 
 
+def test_int8_hornet_program_with_its_channel_splits_runs_like_eager(tmp_path):
+    # gnConv splits its projected map by channels; rewritten into XNNPACK slices in int8, the program failed to
+    # run ("Attempted to resize a static tensor", error 0x10): int8 splits are left as they are
+    pytest.importorskip("executorch", reason="the recurzoo[edge] extra is not installed")
+    from recurzoo.export.edge import _pte_runner, lower_executorch
+
+    torch.manual_seed(0)
+    model = recurzoo.create_model("hornet_tiny_7x7", dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), in_chans=1).eval()
+    x = torch.randn(1, 1, SIDE, SIDE)
+    lower_executorch(model, x, tmp_path / "hornet.pte", "int8", torch.randn(8, 1, SIDE, SIDE))
+    with torch.no_grad():
+        expected = model(x).numpy()
+    actual = _pte_runner(tmp_path / "hornet.pte")(x)[0]
+    assert np.abs(actual - expected).max() < 0.1 * np.abs(expected).max()
+
+
 def test_latency_loads_the_artifact_once_the_threadpool_has_one_thread(tmp_path):
     # ExecuTorch replaces its threadpool to change the thread count, and an XNNPACK program keeps the pool it was
     # loaded with: MSRNet's int8 program, loaded before, crashed in execute (segmentation fault, futex abort).
