@@ -248,18 +248,25 @@ class _ChannelsLastMatmuls(torch.nn.Module):
         return y, w
 
 
+def _traced_onnx(model, x, path):
+    """``model`` exported at ``x`` by the TorchScript exporter (as the zoo's exporter does), loaded, with the
+    eager outputs as numpy arrays."""
+    import onnx
+
+    with torch.no_grad():
+        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=18, input_names=["input"])
+        outputs = model(x)
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    return onnx.load(str(path)), [t.numpy() for t in outputs]
+
+
 def test_pointwise_matmuls_become_1x1_convs_with_the_same_outputs(tmp_path):
     import onnx
 
     from recurzoo.export.onnx_rewrite import pointwise_convs
 
-    model = _ChannelsLastMatmuls().eval()
     x = torch.randn(2, 6, 4, 7)
-    path = tmp_path / "pointwise.onnx"
-    with torch.no_grad():
-        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=18, input_names=["input"])
-        expected = [t.numpy() for t in model(x)]
-    graph = onnx.load(str(path))
+    graph, expected = _traced_onnx(_ChannelsLastMatmuls().eval(), x, tmp_path / "pointwise.onnx")
     assert pointwise_convs(graph) == 2  # not the matmul by the input's own values
     onnx.checker.check_model(graph)
     ops = [node.op_type for node in graph.graph.node]
@@ -292,12 +299,8 @@ def test_computed_conv_and_matmul_weights_are_stored_once_each_with_the_same_out
 
     from recurzoo.export.onnx_rewrite import rewrite_graph
 
-    model, x = _SharedPointwiseWeights().eval(), torch.randn(1, 8, 8, 8)
-    path = tmp_path / "shared.onnx"
-    with torch.no_grad():
-        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=18, input_names=["input"])
-        expected = [t.numpy() for t in model(x)]
-    graph = onnx.load(str(path))
+    x = torch.randn(1, 8, 8, 8)
+    graph, expected = _traced_onnx(_SharedPointwiseWeights().eval(), x, tmp_path / "shared.onnx")
     assert rewrite_graph(graph)["folded weights"] > 0
     onnx.checker.check_model(graph)
     stored = {tensor.name: tensor for tensor in graph.graph.initializer}
@@ -360,12 +363,8 @@ def test_identical_constants_are_stored_once_with_the_same_outputs(tmp_path):
 
     from recurzoo.export.onnx_rewrite import shared_constants
 
-    model, x = _RepeatedMasks().eval(), torch.randn(2, 3, 16, 16)
-    path = tmp_path / "masks.onnx"
-    with torch.no_grad():
-        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=18, input_names=["input"])
-        expected = model(x).numpy()
-    graph = onnx.load(str(path))
+    x = torch.randn(2, 3, 16, 16)
+    graph, (expected,) = _traced_onnx(_RepeatedMasks().eval(), x, tmp_path / "masks.onnx")
 
     def big_constants(proto):
         tensors = [node.attribute[0].t for node in proto.graph.node if node.op_type == "Constant"]
