@@ -446,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dynamic",
         choices=("batch", "batch,hw"),
         default="batch",
-        help="dynamic axes: the batch, or batch, height and width (where the model allows)",
+        metavar="batch|batch,hw",
+        help="dynamic axes: 'batch', or 'batch,hw' for batch, height and width (where the model allows)",
     )
     export.add_argument("--opset", type=_opset, default=18, help="ONNX opset, 7 to 20 (default: 18)")
     export.add_argument("--features", action="store_true", help="export the features_only backbone")
