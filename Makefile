@@ -74,9 +74,10 @@ edge-check: $(INSTALLED)
 # onnxruntime, fidelity, peak memory; rewrites benchmarks/edge.{csv,md}, the README's table and the cards.
 EDGE_BENCH_MODELS ?= sret_tiny hornet_tiny_gf vit_recurrent_small_patch16_224 rgt_small_x2@3x64x64 \
 	msrnet_hornet_tiny_7x7@3x256x256
+EDGE_BENCH = $(BIN)/python -m recurzoo.export.edge_bench $(EDGE_BENCH_MODELS) --timeout 1800 --out benchmarks/edge \
+	--readme README.md
 edge-bench: $(INSTALLED)
-	$(BIN)/python -m recurzoo.export.edge_bench $(EDGE_BENCH_MODELS) --timeout 1800 --out benchmarks/edge \
-		--readme README.md
+	$(EDGE_BENCH)
 	$(BIN)/python -m recurzoo.export.cards
 
 cards: $(INSTALLED)
@@ -90,6 +91,7 @@ bench: $(INSTALLED)
 		--timeout 1800 --out benchmarks/cpu_train --readme README.md
 	$(BENCH) sret_small vit_recurrent_small_patch16_224 --growth 224,384,512 --out benchmarks/cpu_growth --readme README.md
 	$(BENCH) rgt_small_x4 --growth 256,512,1024 --tile 288 --out benchmarks/cpu_growth_tiled --readme README.md
+	$(EDGE_BENCH)
 	$(BIN)/python -m recurzoo.export.cards
 
 # Ours against the authors' code (unpacked read-only under OFFICIAL_ROOT as HorNet/, SReT/, RGT/), at

@@ -538,9 +538,9 @@ def test_executorch_views_splits_and_no_op_copies_stay_inside_the_xnnpack_delega
     model = Views().eval()
     x = torch.randn(1, 16, 4, 4)
     outside = lower_executorch(model, x, tmp_path / "views.pte", precision, x)
-    # nothing left outside; in int8 but the chunk's two slices, which requantize (each part has its own scale,
-    # and XNNPACK's static slice takes only equal ones)
-    assert set(outside) <= ({"slice_copy"} if precision == "int8" else set()), outside
+    # nothing left outside; in int8 but the chunk of a dequantized map, which stays a split (rewritten into
+    # slices, a HorNet int8 program failed to run: see the channel-split test)
+    assert set(outside) <= ({"split_with_sizes_copy"} if precision == "int8" else set()), outside
     with torch.no_grad():
         expected = model(x).numpy()
     tolerance = 1e-5 if precision == "fp32" else 0.1 * np.abs(expected).max()
