@@ -318,13 +318,13 @@ class RectangleWindowBranch(nn.Module):
         back and the concatenation of the branches fused); without it (the exporters' and the
         compiler's path, which need out-of-place ops) the blocks are joined and returned.
         """
+        biases = self.window_biases(qkv.dtype)
+        if out is None:
+            return self._attend_out_of_place(qkv, biases)
         batch, height, width, _, channels = qkv.shape
         window_h, window_w = self.window_size
         heads, head_dim = self.num_heads, channels // self.num_heads
         shift_h, shift_w = self.shift_size or (0, 0)
-        biases = self.window_biases(qkv.dtype)
-        if out is None:
-            return self._attend_out_of_place(qkv, biases)
         source = qkv.unflatten(-1, (heads, head_dim))
         target = out.unflatten(-1, (heads, head_dim))
         for last_row, rows, row_pieces in window_groups(height, window_h, shift_h):

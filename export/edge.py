@@ -474,8 +474,7 @@ def _delegable_views_pass() -> Any:
     (``chunk``, ``split``) of a float map becomes ``slice_copy`` (int8 splits stay: see ``rewrite``);
     ``expand_copy`` to the same shape, ``alias_copy`` and a one-tensor ``cat`` are dropped. Each refused
     copy ran in ExecuTorch's portable kernels and cut the delegate in two (a timm attention's
-    ``qkv.unbind(0)``, RGT's whole-map window slices, the batch ``expand`` of every 4-D matmul): a 2-block
-    ``rgt_small_x2`` went from 22 to 10 XNNPACK partitions, its program from 119 to 79 ms.
+    ``qkv.unbind(0)``, RGT's whole-map window slices, the batch ``expand`` of every 4-D matmul).
     """
     from executorch.exir.dialects._ops import ops as exir_ops
     from executorch.exir.pass_base import ExportPass, PassResult

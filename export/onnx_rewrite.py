@@ -333,17 +333,18 @@ def _evaluate(model: Any, view: _Graph, names: List[str]) -> Dict[str, Any]:
 def _drop_unread(graph: Any) -> None:
     """Remove the nodes whose outputs nothing reads (no graph output), then the initializers nothing reads
     (an initializer that is also a graph input, its default value, is kept)."""
-    outputs = {value.name for value in graph.output}
-    while True:
-        read = {name for node in graph.node for name in node.input} | outputs
-        unread = [node for node in graph.node if not any(output in read for output in node.output)]
-        if not unread:
-            break
-        for node in unread:
-            graph.node.remove(node)
-    read = {name for node in graph.node for name in node.input} | outputs | {value.name for value in graph.input}
-    for tensor in [tensor for tensor in graph.initializer if tensor.name not in read]:
-        graph.initializer.remove(tensor)
+    read = {value.name for value in graph.output}
+    kept = []
+    for node in reversed(graph.node):  # topological order: a node's readers come after it
+        if any(output in read for output in node.output):
+            kept.append(node)
+            read.update(node.input)
+    read.update(value.name for value in graph.input)
+    initializers = [tensor for tensor in graph.initializer if tensor.name in read]
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
 
 
 REWRITES: Tuple[Tuple[str, Callable[[Any], int]], ...] = (
