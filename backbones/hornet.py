@@ -285,7 +285,7 @@ class RecursiveGatedConv(nn.Module):
         self.scale = scale
         self.widths = [dim // 2**i for i in reversed(range(order))]
         context_width = sum(self.widths)
-        self.proj_in = GateContextConv(dim, self.widths[0], context_width, **dd)
+        self.proj_in = GateContextConv(dim, gate_width=self.widths[0], context_width=context_width, **dd)
         if spatial_mixer is None:
             self.spatial_mixer = nn.Conv2d(
                 context_width, context_width, kernel_size=7, padding=3, groups=context_width, **dd
@@ -381,7 +381,17 @@ class HorNetStage(nn.Module):
         else:  # the stem downsamples for the first stage
             self.downsample = nn.Identity()
         self.blocks = nn.Sequential(
-            *[HorNetBlock(out_chs, gnconv, mlp_ratio, drop_path_rates[i], ls_init_value, **dd) for i in range(depth)]
+            *[
+                HorNetBlock(
+                    out_chs,
+                    gnconv=gnconv,
+                    mlp_ratio=mlp_ratio,
+                    drop_path=drop_path_rates[i],
+                    ls_init_value=ls_init_value,
+                    **dd,
+                )
+                for i in range(depth)
+            ]
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -416,7 +416,15 @@ class RectangleWindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
         self.branches = nn.ModuleList(
             [
-                RectangleWindowBranch(dim // 2, num_heads // 2, window, shifted, qk_scale, attn_drop, **dd)
+                RectangleWindowBranch(
+                    dim // 2,
+                    num_heads=num_heads // 2,
+                    window_size=window,
+                    shifted=shifted,
+                    qk_scale=qk_scale,
+                    attn_drop=attn_drop,
+                    **dd,
+                )
                 for window in ((short, long), (long, short))
             ]
         )
@@ -577,14 +585,13 @@ class RGTBlock(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.norm1 = nn.LayerNorm(dim, **dd)
+        attn_kwargs = dict(
+            num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=proj_drop, **dd
+        )
         if attention == "local":
-            self.attn = RectangleWindowAttention(
-                dim, num_heads, split_size, shifted, qkv_bias, qk_scale, attn_drop, proj_drop, **dd
-            )
+            self.attn = RectangleWindowAttention(dim, split_size=split_size, shifted=shifted, **attn_kwargs)
         elif attention == "recursive":
-            self.attn = RecursiveGeneralizationAttention(
-                dim, num_heads, c_ratio, qkv_bias, qk_scale, attn_drop, proj_drop, **dd
-            )
+            self.attn = RecursiveGeneralizationAttention(dim, c_ratio=c_ratio, **attn_kwargs)
         else:
             raise ValueError(f"RGTBlock: attention must be 'local' or 'recursive', received {attention!r}")
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
@@ -617,14 +624,14 @@ def _residual_conv(dim: int, kind: str, device=None, dtype=None) -> nn.Module:
     """The conv closing a residual group (and the body): ``'1conv'`` or the cheaper ``'3conv'``."""
     dd = {"device": device, "dtype": dtype}
     if kind == "1conv":
-        return nn.Conv2d(dim, dim, 3, 1, 1, **dd)
+        return nn.Conv2d(dim, dim, kernel_size=3, padding=1, **dd)
     if kind == "3conv":
         return nn.Sequential(
-            nn.Conv2d(dim, dim // 4, 3, 1, 1, **dd),
+            nn.Conv2d(dim, dim // 4, kernel_size=3, padding=1, **dd),
             nn.LeakyReLU(negative_slope=0.2, inplace=True),
-            nn.Conv2d(dim // 4, dim // 4, 1, 1, 0, **dd),
+            nn.Conv2d(dim // 4, dim // 4, kernel_size=1, **dd),
             nn.LeakyReLU(negative_slope=0.2, inplace=True),
-            nn.Conv2d(dim // 4, dim, 3, 1, 1, **dd),
+            nn.Conv2d(dim // 4, dim, kernel_size=3, padding=1, **dd),
         )
     raise ValueError(f"RGT: resi_connection must be '1conv' or '3conv', received {kind!r}")
 
@@ -670,8 +677,8 @@ class ResidualGroup(nn.Module):
             *[
                 RGTBlock(
                     dim,
-                    num_heads,
-                    "local" if i % 2 == 0 else "recursive",
+                    num_heads=num_heads,
+                    attention="local" if i % 2 == 0 else "recursive",
                     shifted=i % 2 == 0 and is_shifted_block(group_index, i),
                     drop_path=drop_path_rates[i],
                     **block_kwargs,
@@ -761,7 +768,7 @@ class RGT(IntermediatesMixin, nn.Module):
         self.embed_dim = embed_dim
         self.drop_rate = drop_rate
 
-        self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1, **dd)
+        self.conv_first = nn.Conv2d(in_chans, embed_dim, kernel_size=3, padding=1, **dd)
         self.norm_pre = nn.LayerNorm(embed_dim, **dd)
         rates = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)  # per group, per block
         block_kwargs = dict(
@@ -776,7 +783,17 @@ class RGT(IntermediatesMixin, nn.Module):
         groups: List[nn.Module] = []
         self.feature_info: List[Dict[str, Any]] = []
         for i, depth in enumerate(depths):
-            groups.append(ResidualGroup(embed_dim, depth, heads[i], i, rates[i], resi_connection, **block_kwargs, **dd))
+            group = ResidualGroup(
+                embed_dim,
+                depth=depth,
+                num_heads=heads[i],
+                group_index=i,
+                drop_path_rates=rates[i],
+                resi_connection=resi_connection,
+                **block_kwargs,
+                **dd,
+            )
+            groups.append(group)
             self.feature_info.append(dict(num_chs=embed_dim, reduction=1, module=f"groups.{i}"))
         self.groups = nn.Sequential(*groups)
         self.norm = nn.LayerNorm(embed_dim, **dd)

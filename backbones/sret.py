@@ -255,9 +255,9 @@ class TransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=_NORM_EPS, **dd)
         self.attn = SlicedGroupAttention(
             dim,
-            num_heads,
-            num_groups,
-            recursive_num_groups,
+            num_heads=num_heads,
+            num_groups=num_groups,
+            recursive_num_groups=recursive_num_groups,
             qkv_bias=qkv_bias,
             attn_drop=attn_drop,
             proj_drop=proj_drop,
@@ -376,18 +376,21 @@ class RecursiveStage(nn.Module):
         for index in range(num_shared_blocks):
             shared = TransformerBlock(
                 dim,
-                num_heads,
-                num_groups,
-                recursive_num_groups,
-                mlp_ratio,
+                num_heads=num_heads,
+                num_groups=num_groups,
+                recursive_num_groups=recursive_num_groups,
+                mlp_ratio=mlp_ratio,
                 proj_drop=proj_drop,
                 drop_path=drop_path_rates[index],
                 **block_kwargs,
                 **dd,
             )
-            projections = [NonLinearProjection(dim, projection_mlp_ratio, proj_drop, **dd) for _ in range(recursions)]
+            projections = [
+                NonLinearProjection(dim, mlp_ratio=projection_mlp_ratio, proj_drop=proj_drop, **dd)
+                for _ in range(recursions)
+            ]
             passes = [(index * recursions + r) % 2 == 1 for r in range(recursions)]
-            blocks.append(RecursiveBlock(shared, projections, passes))
+            blocks.append(RecursiveBlock(shared, projections=projections, recursive_passes=passes))
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -536,15 +539,15 @@ class SReT(StagedClassifierMixin, nn.Module):
             first_block += depths[i]
             stages.append(
                 RecursiveStage(
-                    embed_dims[max(i - 1, 0)],
-                    embed_dims[i],
-                    num_heads[i],
-                    num_shared_blocks[i],
-                    recursions[i],
-                    num_groups[i],
-                    recursive_num_groups[i],
-                    mlp_ratio,
-                    projection_mlp_ratio,
+                    in_chs=embed_dims[max(i - 1, 0)],
+                    dim=embed_dims[i],
+                    num_heads=num_heads[i],
+                    num_shared_blocks=num_shared_blocks[i],
+                    recursions=recursions[i],
+                    num_groups=num_groups[i],
+                    recursive_num_groups=recursive_num_groups[i],
+                    mlp_ratio=mlp_ratio,
+                    projection_mlp_ratio=projection_mlp_ratio,
                     downsample=i > 0,
                     drop_path_rates=rates,
                     qkv_bias=qkv_bias,

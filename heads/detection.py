@@ -122,7 +122,7 @@ def create_fpn_backbone(
     if frozen_bn if frozen_bn is not None else create_kwargs["pretrained"]:
         body = freeze_batch_norm_2d(body)
     positions = list(range(len(body.feature_info.reduction()))) if out_indices is not None else None
-    return FeaturePyramidBackbone(body, fpn_channels, positions)
+    return FeaturePyramidBackbone(body, out_channels=fpn_channels, positions=positions)
 
 
 def create_detector(

@@ -106,16 +106,19 @@ class PixelShuffleUpsampler(nn.Module):
         self.upscale = upscale
         self.out_chans = out_chans
         self.conv_before_upsample = nn.Sequential(
-            nn.Conv2d(in_chs, num_feat, 3, 1, 1, **dd), nn.LeakyReLU(inplace=True)
+            nn.Conv2d(in_chs, num_feat, kernel_size=3, padding=1, **dd), nn.LeakyReLU(inplace=True)
         )
         stages: List[nn.Module] = []
         if upscale == 3:
-            stages += [nn.Conv2d(num_feat, 9 * num_feat, 3, 1, 1, **dd), ChannelsLastPixelShuffle(3)]
+            stages += [nn.Conv2d(num_feat, 9 * num_feat, kernel_size=3, padding=1, **dd), ChannelsLastPixelShuffle(3)]
         else:
             for _ in range(upscale.bit_length() - 1):
-                stages += [nn.Conv2d(num_feat, 4 * num_feat, 3, 1, 1, **dd), ChannelsLastPixelShuffle(2)]
+                stages += [
+                    nn.Conv2d(num_feat, 4 * num_feat, kernel_size=3, padding=1, **dd),
+                    ChannelsLastPixelShuffle(2),
+                ]
         self.upsample = nn.Sequential(*stages)
-        self.conv_last = nn.Conv2d(num_feat, out_chans, 3, 1, 1, **dd)
+        self.conv_last = nn.Conv2d(num_feat, out_chans, kernel_size=3, padding=1, **dd)
 
     def init_weights(self) -> None:
         """Every conv back at PyTorch's default initialization (as when built)."""
@@ -136,7 +139,7 @@ class OneStepPixelShuffle(nn.Module):
             raise ValueError(f"OneStepPixelShuffle: upscale must be a positive integer, received {upscale}")
         self.upscale = upscale
         self.out_chans = out_chans
-        self.conv = nn.Conv2d(in_chs, out_chans * upscale**2, 3, 1, 1, device=device, dtype=dtype)
+        self.conv = nn.Conv2d(in_chs, out_chans * upscale**2, kernel_size=3, padding=1, device=device, dtype=dtype)
         self.shuffle = nn.PixelShuffle(upscale)
 
     def init_weights(self) -> None:
