@@ -197,8 +197,7 @@ def build_with_weights(model_cls: Callable[..., nn.Module], variant: str, pretra
     classifier a WARNING. Offline, a missing file fails within seconds and names where to put it.
     Task models (not in timm's registry) take their cfg from :mod:`recurzoo.registry`.
     """
-    from timm.models import build_model_with_cfg
-    from timm.models._builder import resolve_pretrained_cfg
+    from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
     from recurzoo import registry
     from recurzoo.checkpoint import check_pretrained_fit, pretrained_state_dict

@@ -26,9 +26,8 @@ from timm.layers import (
     calculate_drop_path_rates,
     trunc_normal_,
 )
-from timm.models import generate_default_cfgs, named_apply, register_model, register_notrace_function
+from timm.models import checkpoint_seq, generate_default_cfgs, named_apply, register_model, register_notrace_function
 from timm.models._input import update_model_input_size  # keeps resolve_data_config's size current
-from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from recurzoo.backbones._helpers import (

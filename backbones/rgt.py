@@ -33,13 +33,13 @@ import torch
 import torch.nn.functional as F
 from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, get_device_dtype
 from timm.models import (
+    checkpoint_seq,
     generate_default_cfgs,
     named_apply,
     register_model,
     register_notrace_function,
     register_notrace_module,
 )
-from timm.models._manipulate import checkpoint_seq
 from torch import nn
 from torch.fx.node import has_side_effect
 

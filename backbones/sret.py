@@ -44,10 +44,8 @@ from timm.layers import (
     to_2tuple,
     trunc_normal_,
 )
-from timm.models import generate_default_cfgs, register_model
-from timm.models._builder import resolve_pretrained_cfg
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._input import update_model_input_size  # timm exports no public equivalent
-from timm.models._manipulate import checkpoint_seq
 from torch import nn
 from torch.fx.node import has_side_effect
 

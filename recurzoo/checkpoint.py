@@ -744,8 +744,8 @@ def timm_pretrained_overlay(
         CheckpointError: within ``timeout`` seconds when the weights are neither local nor in reach; the
             message names the file to fetch and where to put it, or the ``pretrained_cfg_overlay`` to pass.
     """
-    from timm.models import split_model_name_tag
-    from timm.models._builder import _resolve_pretrained_source, resolve_pretrained_cfg
+    from timm.models import resolve_pretrained_cfg, split_model_name_tag
+    from timm.models._builder import _resolve_pretrained_source  # no public equivalent
 
     name, tag = split_model_name_tag(model_name)
     cfg = resolve_pretrained_cfg(

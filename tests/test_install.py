@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import List, Tuple
 
 import pytest
 
@@ -84,3 +87,28 @@ def test_import_downloads_nothing_and_loads_no_exporter_training_or_plotting_lib
     result = _run([sys.executable, "-c", code], "/")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def _private_timm_imports() -> List[Tuple[str, str, str]]:
+    """``(source file, private timm module, name)`` for every ``from timm.<...>._<module> import name``."""
+    found = []
+    for folder in ("recurzoo", "backbones", "heads", "train", "export"):
+        for path in sorted((REPO_ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("timm."):
+                    if any(part.startswith("_") for part in node.module.split(".")):
+                        found += [(str(path.relative_to(REPO_ROOT)), node.module, alias.name) for alias in node.names]
+    return found
+
+
+def test_timm_private_modules_are_used_only_for_names_timm_does_not_export():
+    """A name timm exports from its public package (``timm.models.checkpoint_seq``) is imported from
+    there, so a reorganisation of timm's private modules cannot break it."""
+    imports = _private_timm_imports()
+    assert imports, "the scan found no private imports at all: it is not reading the sources"
+    public_too = []
+    for source, module, name in imports:
+        public = module.split("._")[0]
+        if hasattr(importlib.import_module(public), name):
+            public_too.append(f"{source}: {name} from {module} (public in {public})")
+    assert not public_too, public_too
