@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 import traceback
+from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -329,14 +330,35 @@ def cmd_cod(args: argparse.Namespace) -> int:
         raise UsageError(f"--out: {args.out} is one of the inputs; choose another folder for the masks")
     device = _device(args.device)
     try:
-        options = _options(args, "model", "model_kwargs", "data_config", "base_size", "batch_size")
-        results = camouflage.predict(args.inputs, args.out, args.checkpoint, device=device, **options)
+        datasets = camouflage.prediction_datasets(args.inputs, args.data_config)
+        _check_mask_outputs(datasets, args)
+        options = _options(args, "model", "model_kwargs", "base_size", "batch_size")
+        results, written = camouflage.predict(datasets, args.out, args.checkpoint, device=device, **options)
     except (ValueError, FileNotFoundError) as error:
         raise UsageError(str(error)) from None
+    if not written:
+        raise UsageError("wrote nothing: no readable image among the inputs")
     for name, values in results.items():
         print(f"{name}: " + ", ".join(f"{key} {values[key]:.3f}" for key, _ in camouflage.METRIC_COLUMNS))
-    print(f"masks written under {args.out}")
+    print(f"{len(written)} mask(s) written under {args.out}")
     return 0
+
+
+def _check_mask_outputs(datasets: Dict[str, Any], args: argparse.Namespace) -> None:
+    """Before any work: no two inputs write the same mask, no output is an input (image, mask or
+    checkpoint), and none exists already unless ``--overwrite``."""
+    from recurzoo.apps import check_outputs
+    from recurzoo.train.camouflage import mask_path
+
+    masks = [mask_path(args.out, name, sample) for name, samples in datasets.items() for sample in samples]
+    clashes = sorted(path for path, count in Counter(masks).items() if count > 1)
+    if clashes:
+        raise UsageError(f"--out: several inputs would be written to the same file ({', '.join(clashes[:3])})")
+    scored = any(samples and all(sample.mask_path for sample in samples) for samples in datasets.values())
+    metrics = [os.path.join(args.out, name) for name in ("metrics.json", "metrics.md")] if scored else []
+    samples = [sample for dataset in datasets.values() for sample in dataset]
+    inputs = [path for sample in samples for path in (sample.image_path, sample.mask_path) if path]
+    check_outputs([*masks, *metrics], inputs=[*inputs, args.checkpoint], overwrite=args.overwrite)
 
 
 def cmd_sr(args: argparse.Namespace) -> int:
@@ -501,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_kwargs(cod)
     cod.add_argument("--checkpoint", required=True, help="weights: recurzoo's or an official MSRNet checkpoint")
     cod.add_argument("--out", required=True, help="output folder (masks per input, metrics.json, metrics.md)")
+    cod.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run")
     cod.add_argument("--data-config", default=None, help="YAML of named datasets (the official dataset.yaml layout)")
     cod.add_argument("--base-size", type=positive_int, default=384, help="side of the 1.0x image")
     cod.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass")

@@ -637,6 +637,59 @@ def test_cod_command_writes_masks_and_metrics(trained_hornet, camouflage_data, t
     assert Image.open(tmp_path / "images" / single.name).size == Image.open(single).size
 
 
+def test_cod_command_never_writes_over_an_input_or_an_earlier_run(trained_hornet, camouflage_data, tmp_path, capsys):
+    """Every mask is placed before the model loads: an input is never replaced (not even with
+    ``--overwrite``), an earlier mask only with ``--overwrite``, and no two inputs share a mask."""
+    from recurzoo.cli import main as cli
+
+    output, _ = trained_hornet
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    source = sorted((camouflage_data["train"] / "Image").glob("*.png"))[0]
+    (photos / "a.png").write_bytes(source.read_bytes())
+    common = ["--checkpoint", str(output / "model.safetensors"), "--base-size", str(BASE), "--device", "cpu"]
+
+    def run(*argv: str) -> str:
+        code = cli(["cod", *argv, *common])
+        lines = capsys.readouterr().err.strip().splitlines()
+        return f"{code} {lines[-1] if lines else ''}"
+
+    # the masks of folder 'photos' go to OUT/photos/: with OUT the folder's parent, onto the photos
+    for overwrite in ([], ["--overwrite"]):
+        assert "would overwrite the input" in run(str(photos), "--out", str(tmp_path), *overwrite)
+    assert (photos / "a.png").read_bytes() == source.read_bytes()
+    assert run(str(photos), "--out", str(tmp_path / "masks")).startswith("0")
+    mask = (tmp_path / "masks" / "photos" / "a.png").read_bytes()
+    (tmp_path / "masks" / "photos" / "a.png").write_bytes(b"an earlier run")
+    assert re.search("^2 .*1 output file.*--overwrite", run(str(photos), "--out", str(tmp_path / "masks")))
+    assert (tmp_path / "masks" / "photos" / "a.png").read_bytes() == b"an earlier run"
+    assert run(str(photos), "--out", str(tmp_path / "masks"), "--overwrite").startswith("0")
+    assert (tmp_path / "masks" / "photos" / "a.png").read_bytes() == mask
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a.png").write_bytes(source.read_bytes())
+    clash = run(str(photos / "a.png"), str(other / "a.png"), "--out", str(tmp_path / "clash"))
+    assert re.search("^2 .*several inputs would be written to the same file", clash)
+    (other / "a.jpg").write_bytes(source.read_bytes())
+    assert re.search("^2 .*a.jpg, a.png.*matched by name", run(str(other), "--out", str(tmp_path / "stems")))
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    assert re.search("^2 .*wrote nothing", run(str(tmp_path / "broken.png"), "--out", str(tmp_path / "none")))
+    assert not any((tmp_path / name).exists() for name in ("clash", "stems", "none"))
+
+
+def test_cod_command_names_what_another_models_checkpoint_lacks(tmp_path, capsys):
+    from recurzoo.cli import main as cli
+
+    weights = checkpoint.save_weights(timm.create_model("hornet_tiny_7x7", **REDUCED["hornet"]), tmp_path / "w.pth")
+    photo = tmp_path / "a.png"
+    Image.new("RGB", (40, 32), (90, 120, 30)).save(photo)
+    argv = ["cod", str(photo), "--model", "msrnet_resnet50", "--checkpoint", str(weights), "--out", str(tmp_path / "o")]
+    assert cli([*argv, "--base-size", "32"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(r"w.safetensors: checkpoint does not fit msrnet_resnet50 .*: \d+ missing keys: .*\(\d+ more", line)
+
+
 def test_cod_command_reports_bad_input_in_one_line(tmp_path, capsys):
     from recurzoo.cli import main as cli
 

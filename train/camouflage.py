@@ -97,6 +97,8 @@ __all__ = [
     "load_model",
     "build_parser",
     "main",
+    "prediction_datasets",
+    "mask_path",
     "predict",
 ]
 
@@ -178,16 +180,24 @@ def resolve_dataset(name_or_path: str, config: Optional[Mapping[str, DatasetSpec
 
 
 def _list_images(folder: str, suffix: Optional[str]) -> Dict[str, str]:
-    """``{stem: path}`` of the files of ``folder`` with ``suffix`` (or any image extension)."""
-    found = {}
+    """``{stem: path}`` of the files of ``folder`` with ``suffix`` (or any image extension).
+
+    Images and masks are matched by stem, so two files of one stem (``x.jpg``, ``x.png``) are an error.
+    """
+    found: Dict[str, List[str]] = {}
     for entry in sorted(os.listdir(folder)):
-        lower = entry.lower()
         if suffix is not None:
             if entry.endswith(suffix):
-                found[entry[: -len(suffix)]] = os.path.join(folder, entry)
-        elif lower.endswith(IMAGE_EXTENSIONS):
-            found.setdefault(os.path.splitext(entry)[0], os.path.join(folder, entry))
-    return found
+                found.setdefault(entry[: -len(suffix)], []).append(entry)
+        elif entry.lower().endswith(IMAGE_EXTENSIONS):
+            found.setdefault(os.path.splitext(entry)[0], []).append(entry)
+    shared = [", ".join(entries) for entries in found.values() if len(entries) > 1]
+    if shared:
+        raise UsageError(
+            f"{folder}: {len(shared)} file name(s) stand for several images ({'; '.join(shared[:3])}); "
+            "images, masks and predictions are matched by name without the extension: keep one of each"
+        )
+    return {stem: os.path.join(folder, entries[0]) for stem, entries in found.items()}
 
 
 def find_pairs(spec: DatasetSpec, require_masks: bool = True) -> List[Sample]:
@@ -501,12 +511,19 @@ def metrics_markdown(results: Mapping[str, Mapping[str, float]], title: str = ""
     return "\n".join(lines) + "\n"
 
 
+def mask_path(out_dir: str, dataset_name: str, sample: Sample) -> str:
+    """Where :func:`evaluate` writes the predicted mask of ``sample``: ``out_dir/<dataset>/<name>.png``."""
+    return os.path.join(out_dir, dataset_name, sample.name + ".png")
+
+
 def _save_png(path: str, array: np.ndarray) -> None:
+    """Write ``array`` as a PNG atomically (an interrupted run leaves no half-written mask)."""
     import cv2
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if not cv2.imwrite(path, array):
-        raise OSError(f"cannot write {path}")
+    encoded, data = cv2.imencode(".png", array)
+    if not encoded:
+        raise OSError(f"cannot encode the mask for {path}")
+    atomic_write(path, lambda temporary: Path(temporary).write_bytes(data.tobytes()))
 
 
 @torch.no_grad()
@@ -521,12 +538,14 @@ def evaluate(
     workers: int = 0,
     amp: bool = False,
     show_progress: bool = False,
+    written: Optional[List[str]] = None,
 ) -> Dict[str, Dict[str, float]]:
     """Predict every sample of each dataset; metrics for the datasets with masks.
 
     Predictions (sigmoid x 255, resized bilinearly to each image's original size) are written as
-    ``out_dir/<dataset>/<name>.png`` when ``save_masks``; the metrics go to ``out_dir/metrics.json``
-    and ``out_dir/metrics.md`` when ``out_dir`` is given. Returns ``{dataset: metrics}``.
+    ``out_dir/<dataset>/<name>.png`` (:func:`mask_path`) when ``save_masks``, and their paths appended
+    to ``written`` when given; the metrics go to ``out_dir/metrics.json`` and ``out_dir/metrics.md``
+    when ``out_dir`` is given. Returns ``{dataset: metrics}``.
     """
 
     was_training = model.training
@@ -553,7 +572,9 @@ def evaluate(
                     continue
                 prediction = np.clip(resize_array(probability, height, width) * 255.0 + 0.5, 0, 255).astype(np.uint8)
                 if save_masks and out_dir:
-                    _save_png(os.path.join(out_dir, dataset_name, sample.name + ".png"), prediction)
+                    _save_png(mask_path(out_dir, dataset_name, sample), prediction)
+                    if written is not None:
+                        written.append(mask_path(out_dir, dataset_name, sample))
                 if metrics is not None:
                     binary = read_mask(sample.mask_path)
                     if binary is None:
@@ -647,12 +668,7 @@ def load_model(
         model, backbone = config.get("model"), config.get("backbone")
         kwargs = dict(config.get("kwargs", {}), **kwargs)
     network = build_model(model, backbone, **kwargs)
-    try:
-        network.load_state_dict(checkpoint_filter_fn(state, network))
-    except RuntimeError as error:
-        name = model or backbone
-        raise UsageError(f"checkpoint {checkpoint} does not fit {name}: {str(error).splitlines()[0]}") from None
-    return network
+    return load_state_dict(network, state, source=checkpoint, filter_fn=checkpoint_filter_fn)
 
 
 # -------------------------------------------------------------------------------------- training
@@ -866,22 +882,11 @@ class _MultiscaleForward(nn.Module):
 # ------------------------------------------------------------------------------------- prediction
 
 
-def predict(
-    inputs: Sequence[str],
-    out_dir: str,
-    checkpoint: str,
-    model: Optional[str] = None,
-    model_kwargs: Optional[Mapping[str, Any]] = None,
-    data_config: Optional[str] = None,
-    base_size: int = 384,
-    batch_size: int = 8,
-    device: Optional[str] = None,
-    show_progress: bool = True,
-) -> Dict[str, Dict[str, float]]:
-    """Masks for images, folders or datasets (``recurzoo cod``); metrics for those with masks.
+def prediction_datasets(inputs: Sequence[str], data_config: Optional[str] = None) -> Dict[str, List[Sample]]:
+    """The samples :func:`predict` works on, by dataset name (what the masks' folder is called).
 
-    Each input is an image file, a folder of images, a dataset folder (image and mask
-    sub-folders) or a dataset name of ``data_config``. Masks go to ``out_dir/<input name>/``.
+    Each input is an image file (all of them go to ``images``), a folder of images, a dataset folder
+    (image and mask sub-folders) or a dataset name of ``data_config``.
     """
     config = load_dataset_config(data_config) if data_config else None
     datasets: Dict[str, List[Sample]] = {}
@@ -892,13 +897,31 @@ def predict(
             continue
         spec = resolve_dataset(item, config)
         datasets[spec.name if spec.name not in datasets else item] = find_pairs(spec, require_masks=False)
+    return datasets
+
+
+def predict(
+    datasets: Mapping[str, Sequence[Sample]],
+    out_dir: str,
+    checkpoint: str,
+    model: Optional[str] = None,
+    model_kwargs: Optional[Mapping[str, Any]] = None,
+    base_size: int = 384,
+    batch_size: int = 8,
+    device: Optional[str] = None,
+    show_progress: bool = True,
+) -> Tuple[Dict[str, Dict[str, float]], List[str]]:
+    """Masks for the samples of :func:`prediction_datasets` (``recurzoo cod``), metrics for the datasets
+    with masks; returns the metrics and the masks written (an undecodable image is warned and skipped)."""
     target = resolve_device(device)
     network = load_model(checkpoint, model, **dict(model_kwargs or {})).to(target)
     with_masks = {name: samples for name, samples in datasets.items() if all(s.mask_path for s in samples)}
     without = {name: samples for name, samples in datasets.items() if name not in with_masks}
-    results = evaluate(network, with_masks, target, base_size, out_dir, True, batch_size, show_progress=show_progress)
-    evaluate(network, without, target, base_size, out_dir, True, batch_size, show_progress=show_progress)
-    return results
+    written: List[str] = []
+    options = dict(save_masks=True, batch_size=batch_size, show_progress=show_progress, written=written)
+    results = evaluate(network, with_masks, target, base_size, out_dir, **options)
+    evaluate(network, without, target, base_size, out_dir, **options)
+    return results, written
 
 
 if __name__ == "__main__":
