@@ -10,12 +10,15 @@ its traceback, and ``RECURZOO_TRACEBACK=1`` shows the traceback of a user error 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from recurzoo.apps import UsageError
 from recurzoo.checkpoint import CheckpointError
@@ -27,6 +30,30 @@ from recurzoo.train.arguments import HelpFormatter, add_kwargs_argument
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is (like ``KeyboardInterrupt`` for SIGINT), so that its cleanup
+    runs: temporary files removed, a partial export deleted."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` inside the block (main thread only; the old handler returns after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
 
 # The errors that are the user's: each message is one line naming the flag or the file.
 USER_ERRORS = (
@@ -590,7 +617,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise _ArgumentError(
                 prog, f"unrecognized arguments: {' '.join(unknown)}; 'recurzoo {args.command} --help' lists the flags"
             )
-        return args.handler(args)
+        with _sigterm_raises():
+            return args.handler(args)
     except USER_ERRORS as error:
         if os.environ.get("RECURZOO_TRACEBACK", "").strip() not in ("", "0"):
             traceback.print_exc()
@@ -599,6 +627,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except BrokenPipeError:
         # The reader of stdout went away (``recurzoo info NAME | head``): nothing left to say to it.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -411,6 +411,29 @@ def test_interrupted_or_failed_export_removes_its_files_and_keeps_earlier_ones(t
     assert os.listdir(tmp_path) == ["sret_tiny.onnx"]
 
 
+def test_terminated_export_removes_its_files_and_gives_the_handler_back(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's or ``kill``'s stop) cleans up as Ctrl-C does, and exits 128 + 15."""
+    import signal
+    import threading
+
+    from recurzoo.export import onnx
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    real = onnx.check_parity
+
+    def terminated(*args, **kwargs):
+        real(*args, **kwargs)  # the ONNX file is written; then the process is told to stop
+        os.kill(os.getpid(), signal.SIGTERM)
+        pytest.fail("SIGTERM did not stop the export")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(onnx, "check_parity", terminated)
+    assert _export(tmp_path / "new") == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "recurzoo export: terminated"
+    assert os.listdir(tmp_path) == [] and signal.getsignal(signal.SIGTERM) is before
+
+
 def test_interrupted_edge_export_removes_its_files(tmp_path, monkeypatch, capsys):
     from recurzoo.export import edge
 
