@@ -519,7 +519,16 @@ def check_outputs(args: argparse.Namespace) -> None:
                 "choose another --out"
             )
     if args.readme is not None:
-        _readme_text(args.readme, _section(args))
+        check_readme(args.readme, _section(args), args.out)
+
+
+def check_readme(readme: Path, section: str, out: Optional[Path] = None) -> None:
+    """Before anything runs: ``readme`` holds the markers of ``section``, and neither table of ``out``
+    (``.md``, ``.csv``) is that file; ``ValueError`` naming the flag otherwise."""
+    _readme_text(readme, section)
+    tables = [out.with_suffix(suffix) for suffix in (".md", ".csv")] if out is not None else []
+    if any(table.exists() and os.path.samefile(table, readme) for table in tables):
+        raise ValueError(f"--out {out}: its tables would replace --readme {readme}; choose another --out")
 
 
 def _machine_line(threads: int, device: str) -> str:

@@ -252,7 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--worker"]:
         return _worker(json.loads(argv[1]))
-    from recurzoo.export.bench import update_readme
+    from recurzoo.export.bench import check_readme, update_readme
 
     parser = argparse.ArgumentParser(prog="python -m recurzoo.export.edge_bench", description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help="model names, optionally NAME@CxHxW")
@@ -269,6 +269,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:  # a misspelt name or size is a usage error before anything runs, not a "not made" row
         _check_specs(args.models)
+        if args.readme is not None:
+            check_readme(args.readme, "edge", args.out)
     except ValueError as error:
         parser.error(str(error))
     rows = bench_edge(args.models, args.artifacts, args.timeout, args.calibration_count)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -83,6 +84,18 @@ def test_readme_without_markers_is_refused(tmp_path, result):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="bench:start"):
         update_readme(readme, to_markdown([result]), "machine")
+
+
+def test_bench_refuses_an_out_whose_table_is_the_readme_it_updates(tmp_path, capsys):
+    from recurzoo.cli import main
+
+    readme = tmp_path / "notes.md"
+    readme.write_text("intro\n<!-- bench:start -->\nold\n<!-- bench:end -->\n")
+    argv = ["bench", "test_convnext@3x32x32", "--repeats", "1", "--readme", str(readme), "--overwrite"]
+    assert main([*argv, "--out", str(tmp_path / "notes")]) == 2
+    assert "would replace --readme" in capsys.readouterr().err
+    assert readme.read_text() == "intro\n<!-- bench:start -->\nold\n<!-- bench:end -->\n"
+    assert sorted(os.listdir(tmp_path)) == ["notes.md"]
 
 
 def test_onnxruntime_backend_runs_the_projects_export():
