@@ -267,6 +267,10 @@ def load_sr_model(
         raise UsageError(f"--checkpoint: expected a file, received {str(checkpoint)!r}")
     target = resolve_device(device)
     net = build_model(model, model_kwargs, checkpoint_path=checkpoint)
+    if net.in_chans != 3:
+        raise UsageError(
+            f"--model-kwargs: the images are read as RGB (3 channels), {model} was built for {net.in_chans}"
+        )
     return net.to(target).eval()
 
 

@@ -187,6 +187,10 @@ def test_unknown_devices_are_one_line(tmp_path, capsys, device):
         (["foo=1"], "--model-kwargs foo=1: rgt_small_x2 cannot be built with them (TypeError"),
         (["num_heads=0"], "--model-kwargs num_heads=0"),
         (["device='meta'"], "--model-kwargs: device is set by the command's own flags"),
+        (
+            ["in_chans=1", "embed_dim=24", "num_heads=2", "blocks_per_group=2"],
+            "--model-kwargs: the images are read as RGB (3 channels), rgt_small_x2 was built for 1",
+        ),
     ],
 )
 def test_model_kwargs_the_model_cannot_take_are_one_line(tmp_path, capsys, kwargs, message):
