@@ -643,6 +643,30 @@ def test_training_config_and_output_mistakes_are_one_line_before_anything_is_bui
     assert sorted(os.listdir(tmp_path)) == ["BINARY", "FOLDER", "NOTES"] and (tmp_path / "NOTES").read_text() == "hello"
 
 
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("input_size: 224", "input_size (--input-size): expected a list of 3 values, received 224"),
+        ("input_size: [3, 32]", "input_size (--input-size): expected a list of 3 values, received [3, 32]"),
+        ("mean: 0.5", "mean (--mean): expected a list of one or more values, received 0.5"),
+        ('pretrained: "no"', "pretrained (--no-pretrained): expected true or false, received 'no'"),
+        ("epochs: abc", "epochs (--epochs): expected a value that --epochs takes, received 'abc'"),
+        ("model_kwargs: 3", "model_kwargs (--model-kwargs): expected a mapping or a list of KEY=VALUE strings"),
+    ],
+)
+def test_training_config_values_are_checked_as_the_flags_would_check_them(
+    tmp_path, monkeypatch, capsys, yaml_text, message
+):
+    """argparse converts what it reads from the command line only: a file's value of the wrong form
+    is one line naming the option, not an assertion or a TypeError deep in timm."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "run.yaml").write_text(yaml_text + "\n")
+    assert main(["train", "--model", "sret_tiny", "--data-dir", "data", "--config", "run.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"recurzoo train: error: --config run.yaml: {message}") and "\n" not in err, err
+
+
 def test_an_unknown_training_model_suggests_each_close_name_once(tmp_path, capsys):
     _photo(tmp_path / "validation" / "0" / "a.png")
     assert main(["validate", "--model", "sret_tny", "--data-dir", str(tmp_path)]) == 2

@@ -351,6 +351,12 @@ def parse_args_with_config(
             parser.error(f"{config_flag} {path}: unknown options {', '.join(unknown)}")
         for dest, value in values.items():
             actions[dest].required = False
+            if isinstance(actions[dest], ParseKwargs) and isinstance(value, str):
+                value = [value]
+            problem = _config_value_problem(actions[dest], value)
+            if problem:
+                flag = actions[dest].option_strings[-1] if actions[dest].option_strings else dest
+                parser.error(f"{config_flag} {path}: {dest} ({flag}): expected {problem}, received {value!r}")
             if isinstance(actions[dest], ParseKwargs) and isinstance(value, list):
                 parsed = argparse.Namespace()
                 try:
@@ -365,6 +371,36 @@ def parse_args_with_config(
     if output and os.path.exists(output) and not os.path.isdir(output):  # refused before anything is built
         parser.error(f"argument --output: expected a folder, found the file {output}")
     return args
+
+
+def _config_value_problem(action: argparse.Action, value: Any) -> Optional[str]:
+    """What a ``--config`` value for ``action`` should have been, or None when the flag would take it.
+
+    argparse converts only what it reads from the command line, so a file's value is checked here
+    against the flag's form: on/off flags take true/false, list flags a list of the right length,
+    ``KEY=VALUE`` flags a mapping or a list of such strings, and typed flags values their type accepts.
+    """
+    if value is None:
+        return None
+    if action.nargs == 0:  # an on/off flag (store_true, store_false, --no-X)
+        return None if isinstance(value, bool) or value in (action.const, action.default) else "true or false"
+    if isinstance(action, ParseKwargs):
+        return None if isinstance(value, (dict, list)) else "a mapping or a list of KEY=VALUE strings"
+    items = [value]
+    if action.nargs not in (None, "?"):
+        count = action.nargs if isinstance(action.nargs, int) else None
+        if not isinstance(value, list) or (count is not None and len(value) != count):
+            return f"a list of {count if count is not None else 'one or more'} values"
+        items = value
+    for item in items:
+        if action.choices is not None and item not in action.choices:
+            return f"one of {', '.join(map(str, action.choices))}"
+        if callable(action.type) and not isinstance(item, bool):
+            try:
+                action.type(item if isinstance(item, str) else str(item))
+            except (TypeError, ValueError, argparse.ArgumentTypeError):
+                return f"a value that {action.option_strings[-1] if action.option_strings else action.dest} takes"
+    return None
 
 
 # The ranges of the numeric options the training scripts share by name: (kind, low, high, low excluded,
