@@ -317,6 +317,35 @@ def test_distillation_teacher_offline_names_teacher_checkpoint(offline, train_on
         distill_recurrent.main(argv)
 
 
+@pytest.mark.parametrize(
+    "teacher, flags, message",
+    [
+        ("vit_tiny_patch16_224", ["--k", "3"], "--k 3: expected between 1 and the teacher's depth 2"),
+        ("vit_tiny_patch16_224", ["--phases", "3"], "--phases 3: expected positive lengths summing to the teacher's"),
+        (
+            "vit_tiny_patch16_224",
+            ["--phases", "1", "2"],
+            "--phases 1 2: expected positive lengths summing to the teacher's depth 2",
+        ),
+        ("hornet_tiny_7x7", [], "--teacher hornet_tiny_7x7: expected a timm VisionTransformer, found HorNet"),
+    ],
+)
+def test_distillation_teacher_and_phases_that_cannot_fit_are_one_line(
+    train_only, tmp_path, capsys, teacher, flags, message
+):
+    from recurzoo.train import distill_recurrent
+
+    kwargs = ["img_size=32", "depth=2"] if teacher.startswith("vit") else ["depths=(1,1,1,1)"]
+    argv = ["--teacher", teacher, "--teacher-kwargs", *kwargs, "--no-pretrained", *flags]
+    argv += ["--data-dir", train_only, "--device", "cpu", "--output", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exited:
+        run_cli(distill_recurrent.main, argv)
+    assert exited.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("python -m recurzoo.train.distill_recurrent: error: ") and message in line, line
+    assert not (tmp_path / "out").exists()
+
+
 def test_detection_backbone_offline_names_backbone_checkpoint_and_unknown_backbones_are_one_line(offline, tmp_path):
     from recurzoo.checkpoint import CheckpointError
     from recurzoo.heads.detection import create_fpn_backbone

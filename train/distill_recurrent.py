@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 from timm.scheduler import CosineLRScheduler
 from timm.utils import random_seed
 from torch import nn
@@ -230,10 +231,24 @@ def _load_teacher(args: argparse.Namespace) -> nn.Module:
 
     pretrained = args.pretrained if args.pretrained is not None else args.teacher_checkpoint is None
     teacher = create_named_model(args.teacher, pretrained, "--teacher", "--teacher-checkpoint", **args.teacher_kwargs)
+    _check_teacher_and_phases(teacher, args)
     if args.teacher_checkpoint:
         source = f"--teacher-checkpoint {args.teacher_checkpoint}"
         load_state_dict(teacher, read_state_dict(args.teacher_checkpoint), source, use_family_filter=False)
     return teacher.eval().requires_grad_(False)
+
+
+def _check_teacher_and_phases(teacher: nn.Module, args: argparse.Namespace) -> None:
+    """The teacher is a timm ViT, and ``--k``/``--phases`` fit its depth (one line, before any data is read)."""
+    if not isinstance(teacher, VisionTransformer):
+        raise UsageError(f"--teacher {args.teacher}: expected a timm VisionTransformer, found {type(teacher).__name__}")
+    depth = len(teacher.blocks)
+    if args.phases:
+        if sum(args.phases) != depth or min(args.phases) < 1:
+            phases = " ".join(map(str, args.phases))
+            raise UsageError(f"--phases {phases}: expected positive lengths summing to the teacher's depth {depth}")
+    elif not 1 <= args.k <= depth:
+        raise UsageError(f"--k {args.k}: expected between 1 and the teacher's depth {depth}")
 
 
 def _datasets(args: argparse.Namespace, teacher: nn.Module):
