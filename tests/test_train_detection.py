@@ -85,6 +85,31 @@ def test_dataset_gives_torchvision_targets_with_contiguous_labels(coco_root):
     assert abs(int(target["masks"][0].sum()) - w * h) <= w + h + 1  # the polygon fills its box
 
 
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("garbage", "expected COCO annotations (JSON), cannot read it (Expecting value"),
+        ("[1, 2]", "expected COCO annotations, found a JSON list, not an object"),
+        ('{"images": 3}', "found 'images' is not a list of records"),
+        ('{"images": [{"file_name": "a.png"}]}', "found a record of 'images' lacks one of id"),
+        ('{"images": [], "annotations": [{"id": 1}]}', "a record of 'annotations' lacks one of id, image_id"),
+        ('{"annotations": []}', "found no 'images' list"),
+    ],
+)
+def test_annotation_files_pycocotools_cannot_index_are_one_line(tmp_path, content, message):
+    from recurzoo.train.arguments import UsageError
+
+    (tmp_path / "instances.json").write_text(content)
+    with pytest.raises(UsageError) as caught:
+        detection.read_coco(str(tmp_path / "instances.json"))
+    assert str(caught.value).startswith(f"{tmp_path / 'instances.json'}: ") and message in str(caught.value)
+
+
+def test_coco_index_of_a_checked_file_is_pycocotools_own(coco_root):
+    coco = detection.read_coco(os.path.join(coco_root, "annotations", "instances_val2017.json"))
+    assert coco.getImgIds() and coco.getCatIds() and all(coco.imgs[i]["id"] == i for i in coco.getImgIds())
+
+
 def test_coco_evaluation_scores_perfect_detections_one_and_worse_ones_lower(coco_root):
     dataset = detection.CocoDetection(
         os.path.join(coco_root, "val2017"), os.path.join(coco_root, "annotations", "instances_val2017.json"), masks=True

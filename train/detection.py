@@ -152,10 +152,7 @@ class CocoDetection(Dataset):
     def __init__(
         self, image_dir: str, annotation_file: str, train: bool = False, masks: bool = False, hflip: float = 0.5
     ) -> None:
-        from pycocotools.coco import COCO
-
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-            self.coco = COCO(annotation_file)
+        self.coco = read_coco(annotation_file)
         self.image_dir = image_dir
         self.train = train
         self.masks = masks
@@ -227,6 +224,44 @@ def collate(batch: Sequence[Any]) -> Tuple[Any, ...]:
     left out, so a batch may be empty."""
     kept = [sample for sample in batch if sample is not None]
     return tuple(zip(*kept)) if kept else ((), ())
+
+
+# What pycocotools indexes in each record of a COCO annotation file (``annotations`` and ``categories``
+# may be absent, as in an image-info file).
+_COCO_RECORD_KEYS = {"images": ("id",), "annotations": ("id", "image_id", "category_id"), "categories": ("id",)}
+
+
+def read_coco(annotation_file: str) -> Any:
+    """A pycocotools ``COCO`` index of ``annotation_file``, whose layout is checked first: a file that is
+    not JSON, or whose records lack what the index needs, is one ``UsageError`` line naming it."""
+    import json
+
+    from pycocotools.coco import COCO
+
+    try:
+        with open(annotation_file, encoding="utf-8") as handle:
+            dataset = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise UsageError(f"{annotation_file}: expected COCO annotations (JSON), cannot read it ({reason})") from None
+    problem = None if isinstance(dataset, dict) else f"a JSON {type(dataset).__name__}, not an object"
+    for field, keys in _COCO_RECORD_KEYS.items():
+        records = dataset.get(field, []) if problem is None else []
+        if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
+            problem = f"'{field}' is not a list of records"
+        elif any(key not in record for record in records for key in keys):
+            problem = f"a record of '{field}' lacks one of {', '.join(keys)}"
+        if problem:
+            break
+    if problem is None and "images" not in dataset:
+        problem = "no 'images' list"
+    if problem:
+        raise UsageError(f"{annotation_file}: expected COCO annotations, found {problem}")
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        coco.createIndex()
+    return coco
 
 
 def _paths(
