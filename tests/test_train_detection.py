@@ -110,6 +110,16 @@ def test_coco_index_of_a_checked_file_is_pycocotools_own(coco_root):
     assert coco.getImgIds() and coco.getCatIds() and all(coco.imgs[i]["id"] == i for i in coco.getImgIds())
 
 
+def test_out_indices_beyond_the_backbones_levels_are_one_line(coco_root, tmp_path, capsys):
+    from recurzoo.train.arguments import run_cli
+
+    with pytest.raises(SystemExit) as exited:
+        run_cli(detection.main, [*_args(coco_root, tmp_path / "out", epochs=1), "--out-indices", "1", "7"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exited.value.code == 2 and "error: --out-indices 1 7: not feature levels of hornet_tiny_7x7" in line, line
+    assert not (tmp_path / "out").exists()
+
+
 def test_coco_evaluation_scores_perfect_detections_one_and_worse_ones_lower(coco_root):
     dataset = detection.CocoDetection(
         os.path.join(coco_root, "val2017"), os.path.join(coco_root, "annotations", "instances_val2017.json"), masks=True

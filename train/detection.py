@@ -448,6 +448,14 @@ class _Training(EpochTraining):
             )
         except UnknownModelError as error:
             raise UnknownModelError(f"--backbone: {error}") from None
+        except IndexError:
+            if not args.out_indices:
+                raise
+            indices = " ".join(map(str, args.out_indices))
+            raise UsageError(
+                f"--out-indices {indices}: not feature levels of {args.backbone} (`recurzoo info {args.backbone}` "
+                "lists them; negative indices count from the deepest)"
+            ) from None
         except CheckpointError as error:
             if args.backbone_checkpoint:  # its own message names the file
                 raise
