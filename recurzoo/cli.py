@@ -98,9 +98,20 @@ def _resolve_model(name: str, option: str = "MODEL") -> str:
             f"{option}: {name!r} has an empty name or tag, expected NAME or NAME.TAG (e.g. sret_tiny.in1k)"
         )
     names = recurzoo.list_models()
+    renamed = _deprecated_names().get(base)
+    if renamed in names:  # timm.create_model builds it too, with the same warning
+        print(f"recurzoo: warning: {base} is deprecated, use {renamed}", file=sys.stderr)
+        return f"{renamed}.{tag}" if tag else renamed
     if not base or base not in names:
         raise UsageError(f"{option}: unknown model {name!r}, expected one of the zoo's{_closest_hint(base, names)}")
     return name
+
+
+def _deprecated_names() -> Dict[str, Optional[str]]:
+    """timm's deprecated model names and the names that replace them (the zoo's first names among them)."""
+    from timm.models import get_deprecated_models
+
+    return get_deprecated_models()
 
 
 def _closest_hint(name: str, names: Sequence[str]) -> str:

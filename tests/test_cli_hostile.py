@@ -214,6 +214,13 @@ def test_info_takes_name_dot_tag(capsys):
     _one_error_line(capsys, "sret_tiny.bogus: no such pretrained tag", "sret_tiny.in1k")
 
 
+def test_the_deprecated_first_names_work_in_every_command_as_in_timm(capsys):
+    assert main(["info", "rvit_tiny_patch16_224", "--input-size", "3", "32", "32"]) == 0
+    captured = capsys.readouterr()
+    assert "model:           vit_recurrent_tiny_patch16_224" in captured.out
+    assert "rvit_tiny_patch16_224 is deprecated, use vit_recurrent_tiny_patch16_224" in captured.err
+
+
 def test_info_refuses_input_sizes_it_cannot_count(capsys):
     assert main(["info", "sret_tiny", "--input-size", "3", "100000", "100000"]) == 2
     _one_error_line(capsys, "--input-size", "at most 8192")
