@@ -159,8 +159,12 @@ def _write_folder(model: nn.Module, full_name: str, folder: Path, model_args: Di
     """``save_for_hf`` and the card into ``folder`` (a fresh temporary folder)."""
     from timm.models import save_for_hf
 
+    from recurzoo.checkpoint import default_permissions
+
     save_for_hf(model, str(folder), model_args=model_args or None, safe_serialization=True)
     (folder / "README.md").write_text(hub_card(model, full_name))
+    for path in [folder, *folder.iterdir()]:
+        default_permissions(path)
     return [str(folder / name) for name in HUB_FILES]
 
 

@@ -337,6 +337,12 @@ def _umask() -> int:
     return mask
 
 
+def default_permissions(path: PathLike) -> None:
+    """Give ``path`` the permissions a plain ``open(path, 'w')`` or ``mkdir`` would have (``0o666`` or
+    ``0o777`` less the umask), not the ``0o600``/``0o700`` of a temporary file or folder."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
+
+
 def atomic_write(path: PathLike, write: Callable[[str], Any], overwrite: bool = True) -> Path:
     """Call ``write(temporary_path)`` and rename the result to ``path``; an interrupted write leaves nothing.
 
@@ -354,7 +360,7 @@ def atomic_write(path: PathLike, write: Callable[[str], Any], overwrite: bool = 
         os.close(handle)
         try:
             write(temporary)
-            os.chmod(temporary, 0o666 & ~_umask())
+            default_permissions(temporary)
             if overwrite:
                 os.replace(temporary, path)
             else:

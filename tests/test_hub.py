@@ -9,6 +9,8 @@ with the official checkpoint loaded through the family's filter.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,19 @@ def test_converted_folder_loads_back_to_the_official_outputs(tmp_path, family):
     fresh = recurzoo.create_model(name, **kwargs).eval()
     with torch.no_grad():
         assert not torch.allclose(fresh(x), official(x)), "the comparison would not notice unloaded weights"
+
+
+def test_converted_folder_and_files_get_the_users_umask(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        result = hub.convert(
+            "hornet_tiny_gf.in1k", _official_file(tmp_path, "hornet"), tmp_path / "hub", model_kwargs=CASES["hornet"][2]
+        )
+    finally:
+        os.umask(previous)
+    folder = Path(result.folder)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in [folder, *folder.iterdir()]}
+    assert modes == {"hornet_tiny_gf.in1k": 0o750, "README.md": 0o640, "config.json": 0o640, "model.safetensors": 0o640}
 
 
 def test_card_metadata_block_is_valid_for_the_hub(tmp_path):
