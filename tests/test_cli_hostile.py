@@ -551,6 +551,31 @@ def test_bench_overwrite_replaces_its_tables_atomically(tmp_path, monkeypatch, c
 TRAINING_SCRIPTS = ("classification", "validate", "detection", "super_resolution", "camouflage", "distill_recurrent")
 
 
+@pytest.mark.parametrize(
+    "script, arguments, message",
+    [
+        ("super_resolution", ["--model", "rgt_small_x2", "--eval-only", "--val-data", "data/Image"], "--eval-only"),
+        ("camouflage", ["--model", "msrnet_resnet50", "--evaluate", "--test-sets", "data"], "--evaluate"),
+    ],
+)
+def test_evaluating_without_a_checkpoint_is_refused_not_scored_on_random_weights(
+    tmp_path, monkeypatch, capsys, script, arguments, message
+):
+    import importlib
+
+    from recurzoo.train.arguments import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    for sub in ("Image", "Mask"):
+        _photo(tmp_path / "data" / sub / "a.png")
+    module = importlib.import_module(f"recurzoo.train.{script}")
+    with pytest.raises(SystemExit) as stop:
+        run_cli(module.main, [*arguments, "--output", "run", "--device", "cpu"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and f"error: {message} evaluates --checkpoint: give one" in line, line
+    assert os.listdir(tmp_path) == ["data"]
+
+
 @pytest.mark.parametrize("script", TRAINING_SCRIPTS)
 def test_training_script_help_states_only_defaults_that_exist_each_once(capsys, script):
     import importlib

@@ -469,8 +469,17 @@ def test_camouflage_pretrained_backbone_offline_names_the_local_file_option(offl
 
     for sub, mode in (("Image", "RGB"), ("Mask", "L")):
         (tmp_path / "cod" / sub).mkdir(parents=True)
-        Image.new(mode, (32, 32)).save(tmp_path / "cod" / sub / "a.png")
-    argv = ["--backbone", "resnet18", "--pretrained-backbone", "--evaluate", "--test-sets", str(tmp_path / "cod")]
+        for name in ("a.png", "b.png"):
+            Image.new(mode, (32, 32)).save(tmp_path / "cod" / sub / name)
+    argv = [
+        "--backbone",
+        "resnet18",
+        "--pretrained-backbone",
+        "--train-sets",
+        str(tmp_path / "cod"),
+        "--batch-size",
+        "2",
+    ]
     with pytest.raises(
         CheckpointError, match=r"--pretrained-backbone: .*out of reach.*backbone_kwargs=\{'pretrained_cfg"
     ):

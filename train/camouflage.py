@@ -767,6 +767,8 @@ class _Training(StepTraining):
         test_sets = _datasets(args.test_sets, config, "--test-sets")
         if args.evaluate and not test_sets:
             raise UsageError("--evaluate needs --test-sets")
+        if args.evaluate and not args.checkpoint:
+            raise UsageError("--evaluate evaluates --checkpoint: give one (without it the decoder has random weights)")
         if not args.evaluate:
             _check_batches(sum(len(samples) for samples in train_sets.values()), args.batch_size, context.world_size)
         kwargs = dict(args.model_kwargs, pretrained_backbone=args.pretrained_backbone)

@@ -592,6 +592,8 @@ class _Training(StepTraining):
         self.scale = model.upscale
         self.val_specs = resolve_datasets(args.val_data, self.scale, "--val-data")
         self.model = model.to(context.device)
+        if args.eval_only and not args.checkpoint:
+            raise UsageError("--eval-only evaluates --checkpoint: give one (without it the model has random weights)")
         if args.eval_only:
             if context.is_main:
                 os.makedirs(args.output, exist_ok=True)  # made once the model and the data are found

@@ -351,6 +351,8 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> Dict[str, Any
     )
     if weights is not None:
         load_weights(model, weights, source=args.checkpoint)
+    elif not args.pretrained:
+        logger.warning(f"no --checkpoint and no --pretrained: {args.model} has random weights, its scores say nothing")
     model.to(context.device)
     data_config = resolve_eval_data_config(args, model, verbose=context.is_main)
     with user_option(
