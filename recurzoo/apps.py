@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from recurzoo.devices import resolve_device
+from recurzoo.errors import UsageError
 from recurzoo.heads.super_resolution import SuperResolutionModel, super_resolve_image
 from recurzoo.images import ImageError, collect_images, image_size, read_image, sample_photo, write_png
 from recurzoo.registry import create_model, list_models, model_task, split_model_name
@@ -59,11 +60,6 @@ RESERVED_MODEL_KWARGS = (
 _MODEL_ARGUMENT_ERRORS = (TypeError, ValueError, RuntimeError, AssertionError, ZeroDivisionError, IndexError, KeyError)
 _SHOWN = 3  # paths named in a message about several
 MAX_COUNTED_SIZE = 8192  # largest input side (and channel count) that `recurzoo info` runs a model at
-
-
-class UsageError(ValueError):
-    """An option value or a path that an application refuses; the message is one line that names the
-    option by its command-line name (``--out``, ``--device``, ...)."""
 
 
 def _listing(items: Sequence[Any]) -> str:

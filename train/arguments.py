@@ -22,6 +22,7 @@ import timm.utils
 
 from recurzoo.checkpoint import CheckpointError, atomic_write
 from recurzoo.devices import DeviceError
+from recurzoo.errors import UsageError
 from recurzoo.images import ImageError
 from recurzoo.registry import UnknownModelError
 from recurzoo.train.run import EXIT_NON_FINITE, FAULT_MODES, NonFiniteLossError, TrainingInterrupted
@@ -56,11 +57,6 @@ __all__ = [
 ]
 
 EXIT_USAGE = 2
-
-
-class UsageError(ValueError):
-    """A training script's refusal of an option value, a dataset or a file: one line naming the flag or
-    the path, what was expected and what was found."""
 
 
 # The documented errors of a user's input (a bad option value, a missing or unreadable file or folder,
