@@ -604,6 +604,31 @@ def test_training_commands_name_themselves_in_usage_and_errors(tmp_path, capsys,
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"recurzoo {command}: error: ")
 
 
+@pytest.mark.parametrize("script", ["classification", "camouflage"])
+def test_a_new_training_run_does_not_mix_with_an_earlier_one_in_its_output(tmp_path, capsys, script):
+    """An --output holding an earlier run is refused before anything runs, unless the run resumes it
+    or is told to --overwrite (both then go on to the next check: here, the missing data)."""
+    import importlib
+
+    from recurzoo.train.arguments import run_cli
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.yaml").write_text("an earlier run")
+    data = ["--data-dir", str(tmp_path / "missing")] if script == "classification" else ["--train-sets", "missing"]
+    argv = ["--model", "sret_tiny" if script == "classification" else "msrnet_resnet50", *data, "--output", str(run)]
+    module = importlib.import_module(f"recurzoo.train.{script}")
+    lines = []
+    for extra in ([], ["--overwrite"], ["--resume", "auto"]):
+        with pytest.raises(SystemExit) as stop:
+            run_cli(module.main, [*argv, *extra, "--device", "cpu"])
+        assert stop.value.code == 2
+        lines.append(capsys.readouterr().err.strip().splitlines()[-1])
+    assert f"--output: {run} holds an earlier run (args.yaml); pass --resume auto" in lines[0], lines[0]
+    assert all("holds an earlier run" not in line and "missing" in line for line in lines[1:]), lines
+    assert os.listdir(run) == ["args.yaml"] and (run / "args.yaml").read_text() == "an earlier run"
+
+
 def test_a_training_run_refused_before_it_starts_leaves_no_output_folder(tmp_path, capsys):
     (tmp_path / "notes.pth").write_text("hello")
     data = ["--data-dir", str(tmp_path / "notes.pth"), "--model", "sret_tiny", "--output", str(tmp_path / "run")]

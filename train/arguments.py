@@ -16,7 +16,7 @@ import argparse
 import contextlib
 import os
 import sys
-from typing import Any, Callable, Iterator, Optional, Sequence, Type
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Type
 
 import timm.utils
 
@@ -260,6 +260,9 @@ def add_run_arguments(
     add_fault_arguments(parser)
     group.add_argument("--output", default=output, help="folder for checkpoints, logs, plots and results")
     group.add_argument("--resume", default=None, help=f"checkpoint to resume, or 'auto' for OUTPUT/{checkpoint}")
+    group.add_argument(
+        "--overwrite", action="store_true", help="start a new run in an --output that holds an earlier one"
+    )
     group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     group.add_argument("--seed", type=int, default=seed, help="random seed (each process adds its rank)")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -366,7 +369,29 @@ def parse_args_with_config(
     output = getattr(args, "output", None)
     if output and os.path.exists(output) and not os.path.isdir(output):  # refused before anything is built
         parser.error(f"argument --output: expected a folder, found the file {output}")
+    earlier = _earlier_run(args)
+    if earlier:
+        parser.error(
+            f"argument --output: {output} holds an earlier run ({', '.join(earlier)}); pass --resume auto to "
+            "continue it, --overwrite to start a new one there, or choose another --output"
+        )
     return args
+
+
+# What a training run leaves in its --output folder (a run refused before it started leaves only log.txt).
+EARLIER_RUN_FILES = ("args.yaml", "summary.csv", "metrics.jsonl", "last.pth.tar", "last.pt", "model.safetensors")
+_EVALUATION_ONLY = ("eval_only", "evaluate", "test_only")
+
+
+def _earlier_run(args: argparse.Namespace) -> List[str]:
+    """The files of an earlier run in ``--output`` that a new training run (not resumed, not told to
+    ``--overwrite``, not evaluation only) would replace or mix with its own."""
+    output = getattr(args, "output", None)
+    if not hasattr(args, "overwrite") or args.overwrite or getattr(args, "resume", None) or not output:
+        return []
+    if any(getattr(args, name, False) for name in _EVALUATION_ONLY) or not os.path.isdir(output):
+        return []
+    return [name for name in EARLIER_RUN_FILES if os.path.exists(os.path.join(output, name))]
 
 
 def _config_value_problem(action: argparse.Action, value: Any) -> Optional[str]:
