@@ -538,6 +538,14 @@ def test_dataset_skips_unreadable_images_with_a_counted_warning(tmp_path):
     assert [s.name for s in samples] == ["cam_000", "cam_003"]
 
 
+def test_images_without_a_mask_are_left_out_with_a_warning_naming_them(tmp_path):
+    root = write_camouflage_set(tmp_path / "set", 3, seed=3)
+    (root / "Mask" / "cam_001.png").unlink()
+    with pytest.warns(cod.DatasetWarning, match=r"1 images have no mask .* left out: .*Image/cam_001\.png"):
+        samples = cod.find_pairs(cod.resolve_dataset(str(root)), require_masks=False)
+    assert [s.name for s in samples] == ["cam_000", "cam_002"]
+
+
 def test_size_mismatch_warning_names_both_files(tmp_path):
     root = write_camouflage_set(tmp_path / "set", 2, seed=4)
     Image.new("L", (10, 12)).save(root / "Mask" / "cam_000.png")

@@ -221,6 +221,14 @@ def find_pairs(spec: DatasetSpec, require_masks: bool = True) -> List[Sample]:
             f"beside the images in {spec.image_dir})"
         )
     names = sorted(set(images) & set(masks)) if require_masks or masks else sorted(images)
+    unpaired = sorted(set(images) - set(names))
+    if unpaired:
+        warnings.warn(
+            f"dataset {spec.name!r}: {len(unpaired)} images have no mask of the same name and are left out: "
+            f"{summarize([images[name] for name in unpaired])}",
+            DatasetWarning,
+            stacklevel=2,
+        )
     mismatched, samples = [], []
     names_of = {(images[name], masks.get(name)): name for name in names}
     for (image_path, mask_path), sizes in readable_groups(spec.name, list(names_of), "samples", verify=True):
