@@ -205,6 +205,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     if bool(args.all) == bool(args.model):
         raise UsageError("give MODEL CHECKPOINT, or --all DOWNLOAD_DIR")
+    if args.push:
+        _check_push(args)
     check_output_folder(args.out)
     try:
         if args.all:
@@ -224,7 +226,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
             print(f"pushed to {hub.push(results[0].folder, args.push)}")
     except ValueError as error:
         raise UsageError(str(error)) from None
+    if args.all and not any(result.ok for result in results):
+        raise UsageError(f"--all {args.all}: converted nothing ({len(results)} file(s) tried; the table says why)")
     return 0 if results and all(result.ok for result in results) else 1
+
+
+def _check_push(args: argparse.Namespace) -> None:
+    """``--push`` names one conversion and a valid Hub repository, checked before any work."""
+    from huggingface_hub.utils import validate_repo_id
+
+    if args.all:
+        raise UsageError("--push takes one conversion: give MODEL CHECKPOINT, not --all")
+    try:
+        validate_repo_id(args.push)
+    except ValueError as error:
+        raise UsageError(f"--push {args.push}: expected ORG/NAME, a Hugging Face repository id ({error})") from None
 
 
 def _options(args: argparse.Namespace, *names: str, **renamed: str) -> Dict[str, Any]:

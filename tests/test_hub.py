@@ -132,6 +132,24 @@ def test_cli_refuses_an_existing_folder_and_converts_a_download_folder(tmp_path,
     assert cli_main(["convert", "sret_tiny", str(tmp_path / "absent.pth"), "--out", str(tmp_path / "x")]) == 2
 
 
+def test_cli_refuses_a_push_it_cannot_make_before_converting_and_a_download_folder_with_nothing_to_convert(
+    tmp_path, capsys
+):
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    torch.save({"w": torch.zeros(3)}, downloads / "mystery.pth")
+    base = ["convert", "--all", str(downloads), "--out", str(tmp_path / "hub")]
+    cases = [
+        (["convert", "sret_tiny", "weights.pth", "--out", str(tmp_path / "hub"), "--push", "a/b/c"], "ORG/NAME"),
+        ([*base, "--push", "someone/model"], "--push takes one conversion"),
+        (base, f"--all {downloads}: converted nothing (1 file(s) tried"),
+    ]
+    for argv, message in cases:
+        assert cli_main(argv) == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "hub").exists() or not any((tmp_path / "hub").iterdir())
+
+
 def test_download_folder_files_are_matched_to_their_models_by_name(tmp_path):
     from recurzoo.checkpoint import cached_weights_path
 
