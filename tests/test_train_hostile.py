@@ -28,6 +28,12 @@ def train_only(tmp_path_factory):
     return make_image_folder(str(tmp_path_factory.mktemp("data") / "folder"), per_class=(1,), splits=("train",))
 
 
+def test_resume_auto_with_nothing_to_resume_says_the_run_starts_anew(train_only, tmp_path):
+    classification.main(_train_args(train_only, tmp_path / "run", "--val-split", "none", "--resume", "auto"))
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert f"--resume auto: no last.pth.tar in {tmp_path / 'run'} yet, starting a new run" in log
+
+
 def test_a_missing_validation_split_is_an_error_naming_val_split_not_the_training_images(train_only, tmp_path):
     with pytest.raises(FileNotFoundError) as raised:
         classification.main(_train_args(train_only, tmp_path / "run"))

@@ -70,6 +70,11 @@ class Training:
         self.scaler: Any = None
         self.buffers_before_step: Optional[BufferSnapshot] = None
 
+    def _note_fresh_start(self, checkpoint: str) -> None:
+        """Say so when ``--resume auto`` found nothing to resume (the run starts from the beginning)."""
+        if self.args.resume == "auto":
+            self.logger.info(f"--resume auto: no {checkpoint} in {self.args.output} yet, starting a new run")
+
     @classmethod
     def main(cls, parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> Any:
         """Parse ``argv`` with ``parser`` (option defaults from ``--config``), :meth:`check_arguments`, then
@@ -216,6 +221,7 @@ class EpochTraining(Training):
         position set when mid-epoch), or None when not resuming."""
         path = resolve_resume(self.args.resume, self.args.output, name="last.pth.tar")
         if path is None:
+            self._note_fresh_start("last.pth.tar")
             return None
         state = load_checkpoint(path)
         restore_training_state(
@@ -359,6 +365,7 @@ class StepTraining(Training):
         which must hold the ``required`` entries; ``(None, None)`` when not resuming."""
         path = resolve_resume(self.args.resume, self.args.output)
         if path is None:
+            self._note_fresh_start("last.pt")
             return None, None
         return path, load_checkpoint(path, required=required, source=f"--resume {path}")
 
