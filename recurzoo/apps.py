@@ -137,19 +137,24 @@ def check_outputs(
     overwrite: bool = False,
     option: str = "--out",
 ) -> None:
-    """Refuse outputs that are one of the ``inputs`` (the same file, by any path or link), that are
-    folders, or, unless ``overwrite``, that exist already.
+    """Refuse outputs named twice (several inputs would write one file), outputs that are one of the
+    ``inputs`` (the same file, by any path or link), that are folders, or, unless ``overwrite``, that
+    exist already.
 
     Raises:
         UsageError: one line naming the files and the way out (another folder, or ``--overwrite``).
     """
+    outputs = [Path(output) for output in outputs]
+    clashes = sorted(str(output) for output, count in Counter(outputs).items() if count > 1)
+    if clashes:
+        raise UsageError(f"{option}: several inputs would be written to the same file ({_listing(clashes)})")
     inputs_by_identity = {}
     for path in inputs:
         identity = _file_identity(Path(path))
         if identity is not None:
             inputs_by_identity[identity] = path
     existing = []
-    for output in map(Path, outputs):
+    for output in outputs:
         if output.is_dir():
             raise UsageError(f"{option}: the output {output} is a folder, expected a file name")
         identity = _file_identity(output)
@@ -339,9 +344,6 @@ def super_resolve_files(
     _check_tiling(tile, tile_overlap)
     files, skipped = _readable_inputs(inputs, max_pixels, warn)
     targets = {path: Path(out_dir) / f"{path.stem}.png" for path in files}
-    clashes = sorted(str(target) for target, count in Counter(targets.values()).items() if count > 1)
-    if clashes:
-        raise UsageError(f"--out: several inputs would be written to the same file ({_listing(clashes)})")
     check_output_folder(out_dir)
     check_outputs(targets.values(), [*files, *([checkpoint] if checkpoint else [])], overwrite)
     net = load_sr_model(model, checkpoint, device, model_kwargs)

@@ -16,7 +16,6 @@ import signal
 import sys
 import threading
 import traceback
-from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
@@ -400,14 +399,11 @@ def cmd_cod(args: argparse.Namespace) -> int:
 
 def _check_mask_outputs(datasets: Dict[str, Any], args: argparse.Namespace) -> None:
     """Before any work: no two inputs write the same mask, no output is an input (image, mask or
-    checkpoint), and none exists already unless ``--overwrite``."""
+    checkpoint), and none exists already unless ``--overwrite`` (:func:`recurzoo.apps.check_outputs`)."""
     from recurzoo.apps import check_outputs
     from recurzoo.train.camouflage import mask_path
 
     masks = [mask_path(args.out, name, sample) for name, samples in datasets.items() for sample in samples]
-    clashes = sorted(path for path, count in Counter(masks).items() if count > 1)
-    if clashes:
-        raise UsageError(f"--out: several inputs would be written to the same file ({', '.join(clashes[:3])})")
     scored = any(samples and all(sample.mask_path for sample in samples) for samples in datasets.values())
     metrics = [os.path.join(args.out, name) for name in ("metrics.json", "metrics.md")] if scored else []
     samples = [sample for dataset in datasets.values() for sample in dataset]

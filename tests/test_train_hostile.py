@@ -121,6 +121,13 @@ def _validate_args(checkpoint, data_dir, *extra):
     ]
 
 
+def test_validate_of_random_weights_warns_that_its_scores_say_nothing(trained_at_32, capsys):
+    _, data_dir = trained_at_32
+    argv = ["--data-dir", data_dir, "--model", "hornet_tiny_7x7", "--model-kwargs", "dims=(16,32,64,128)"]
+    validate.main([*argv, "depths=(1,1,1,1)", "--img-size", "32", "--workers", "0", "--device", "cpu", "--no-progress"])
+    assert "no --checkpoint and no --pretrained: hornet_tiny_7x7 has random weights" in capsys.readouterr().err
+
+
 def test_validate_takes_the_training_input_size_and_preprocessing_from_the_checkpoint(trained_at_32):
     results = validate.main(_validate_args(*trained_at_32))  # no --model-kwargs: the checkpoint's
     assert results["input_size"] == [3, 32, 32] and results["crop_pct"] == 1.0 and results["images"] == 6

@@ -580,9 +580,10 @@ def evaluate(
                     continue
                 prediction = np.clip(resize_array(probability, height, width) * 255.0 + 0.5, 0, 255).astype(np.uint8)
                 if save_masks and out_dir:
-                    _save_png(mask_path(out_dir, dataset_name, sample), prediction)
+                    path = mask_path(out_dir, dataset_name, sample)
+                    _save_png(path, prediction)
                     if written is not None:
-                        written.append(mask_path(out_dir, dataset_name, sample))
+                        written.append(path)
                 if metrics is not None:
                     binary = read_mask(sample.mask_path)
                     if binary is None:

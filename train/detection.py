@@ -231,6 +231,21 @@ def collate(batch: Sequence[Any]) -> Tuple[Any, ...]:
 _COCO_RECORD_KEYS = {"images": ("id",), "annotations": ("id", "image_id", "category_id"), "categories": ("id",)}
 
 
+def _coco_layout_problem(dataset: Any) -> Optional[str]:
+    """What keeps pycocotools from indexing ``dataset`` (a parsed annotation file), or None."""
+    if not isinstance(dataset, dict):
+        return f"a JSON {type(dataset).__name__}, not an object"
+    if "images" not in dataset:
+        return "no 'images' list"
+    for field, keys in _COCO_RECORD_KEYS.items():
+        records = dataset.get(field, [])
+        if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
+            return f"'{field}' is not a list of records"
+        if any(key not in record for record in records for key in keys):
+            return f"a record of '{field}' lacks one of {', '.join(keys)}"
+    return None
+
+
 def read_coco(annotation_file: str) -> Any:
     """A pycocotools ``COCO`` index of ``annotation_file``, whose layout is checked first: a file that is
     not JSON, or whose records lack what the index needs, is one ``UsageError`` line naming it."""
@@ -244,17 +259,7 @@ def read_coco(annotation_file: str) -> Any:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error
         raise UsageError(f"{annotation_file}: expected COCO annotations (JSON), cannot read it ({reason})") from None
-    problem = None if isinstance(dataset, dict) else f"a JSON {type(dataset).__name__}, not an object"
-    for field, keys in _COCO_RECORD_KEYS.items():
-        records = dataset.get(field, []) if problem is None else []
-        if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
-            problem = f"'{field}' is not a list of records"
-        elif any(key not in record for record in records for key in keys):
-            problem = f"a record of '{field}' lacks one of {', '.join(keys)}"
-        if problem:
-            break
-    if problem is None and "images" not in dataset:
-        problem = "no 'images' list"
+    problem = _coco_layout_problem(dataset)
     if problem:
         raise UsageError(f"{annotation_file}: expected COCO annotations, found {problem}")
     coco = COCO()
